@@ -1,0 +1,51 @@
+"""NEAT's weight-space projection H = act(W^T A_n^T) (d_in, r) and its backward.
+
+The rest of NEAT is the adapted linear with A = H^T (see ``adapted_linear``), so the
+(d_out, d_in) delta is never built. Backward: dZ = dH ⊙ act'(Z), dA_n = (W dZ)^T.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from .activations import activation, check_activation
+
+
+def neat_projection_reference(weight: Tensor, a_n: Tensor, act: str = "relu") -> Tensor:
+    """H = act(W^T A_n^T): weight (d_out, d_in), a_n (r, d_out) -> (d_in, r). Autograd-differentiable."""
+    return activation(act, weight.t() @ a_n.t())
+
+
+class NeatProjectionFunction(torch.autograd.Function):
+    """H = act(W^T A_n^T) with the hand-written backward; saves Z (d_in, r)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, a_n: Tensor, act: str, backend: ModuleType) -> Tensor:
+        h, z = backend.neat_forward(weight, a_n, act)
+        ctx.save_for_backward(weight, z)
+        ctx.act, ctx.backend = act, backend
+        return h
+
+    @staticmethod
+    def backward(ctx, dh: Tensor):
+        weight, z = ctx.saved_tensors
+        da = ctx.backend.neat_backward(dh.contiguous(), weight, z, ctx.act)
+        return None, da, None, None
+
+
+def neat_projection(weight: Tensor, a_n: Tensor, act: str = "relu", backend: str = "auto") -> Tensor:
+    """H = act(W^T A_n^T) (d_in, r) for weight (d_out, d_in) frozen and a_n (r, d_out)."""
+    check_activation(act)
+    if weight.dim() != 2 or a_n.dim() != 2 or a_n.shape[1] != weight.shape[0]:
+        raise ValueError(f"a_n must have shape (r, d_out={weight.shape[0] if weight.dim() == 2 else '?'}), "
+                         f"got {tuple(a_n.shape)} for weight {tuple(weight.shape)}")
+    if a_n.device != weight.device:
+        raise RuntimeError(f"a_n is on {a_n.device} but weight is on {weight.device}")
+    if weight.requires_grad:
+        raise ValueError("weight is the frozen base weight and must have requires_grad=False")
+    a_n = a_n if a_n.dtype == weight.dtype else a_n.to(weight.dtype)
+    impl = dispatch.select_backend(backend, weight, weight.dtype)
+    return NeatProjectionFunction.apply(weight, a_n, act, impl)

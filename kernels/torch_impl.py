@@ -1,0 +1,125 @@
+"""Torch implementation of the forward and backward primitives of the adapted linear.
+
+Used on CPU and wherever Triton is not eligible. Same contract as the Triton path
+(``fastlora.kernels.triton.impl``): ``forward`` returns y and the saved
+``t = xd A^T`` (N, r); ``backward`` returns the gradients of every needed input.
+Gate off: A and B are never read in the forward; in the backward only the
+straight-through gate gradient ``scale * sum((dy B) ⊙ v)`` is formed, if asked.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .activations import activation, activation_grad
+from .spec import Grads, GradsNeeded, LowRankTerm, zeros_like_or_none
+
+
+def dropout_keep_mask(shape, p: float, seed: int, device, dtype) -> Tensor:
+    """Dropout mask regenerated from ``seed``: 1/(1-p) where kept, 0 where dropped."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    keep = torch.rand(shape, generator=generator, device=device) >= p
+    return keep.to(dtype) / (1.0 - p)
+
+
+def _dropped(x: Tensor, term: LowRankTerm) -> Tensor:
+    if term.dropout_p == 0.0:
+        return x
+    return x * dropout_keep_mask(x.shape, term.dropout_p, term.dropout_seed, x.device, x.dtype)
+
+
+def _mixed(t: Tensor, term: LowRankTerm) -> tuple[Tensor, Tensor]:
+    """u = t M^T and v = u ⊙ m (both (N, r))."""
+    u = t if term.middle is None else t @ term.middle.t()
+    v = u if term.rank_weights is None else u * term.rank_weights
+    return u, v
+
+
+def shrink(x: Tensor, weight: Tensor, term: LowRankTerm, y0: Optional[Tensor] = None) -> Tensor:
+    """t = dropout(x) A^T (N, r). With gathered rows and no dropout, t = Y0[:, I]."""
+    if term.row_index is not None and term.dropout_p == 0.0 and y0 is not None:
+        return y0.index_select(1, term.row_index)
+    return _dropped(x, term) @ term.down(weight).t()
+
+
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm,
+            keep_t: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """y = x W^T + bias + scale*gate*v B^T; returns (y, t) with t None unless computed."""
+    y = F.linear(x, weight)
+    t = None
+    if term.lowrank_on or keep_t:
+        t = shrink(x, weight, term, y0=y)
+    if bias is not None:
+        y = y + bias
+    if term.lowrank_on:
+        _, v = _mixed(t, term)
+        y = torch.addmm(y, v, term.up(weight).t(), alpha=term.scale * term.gate)
+    return y, t
+
+
+def backward(dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Optional[Tensor],
+             needs: GradsNeeded) -> Grads:
+    """Gradients of y = x W^T + bias + s*g*((xd A^T) M^T ⊙ m) B^T.
+
+    dP = dy B; dv = s g dP; dB = s g dy^T v; dm = sum_n dv ⊙ u; du = dv ⊙ m;
+    dM = du^T t; dt = du M; dA = dt^T xd; dx = dy W + dropout'(dt A); dg = s sum(dP ⊙ v).
+    """
+    grads = Grads()
+    if needs.bias:
+        grads.bias = dy.sum(0)
+    if needs.x:
+        grads.x = dy @ weight
+    if not term.lowrank_on and not needs.gate:
+        _fill_skipped(grads, term, needs)
+        return grads
+    if not needs.any_lowrank and not needs.x:
+        return grads
+    if t is None:
+        t = shrink(x, weight, term)
+    b = term.up(weight)
+    u, v = _mixed(t, term)
+    dp = dy @ b
+    if needs.gate:
+        grads.gate = term.scale * (dp * v).sum()
+    if not term.lowrank_on:
+        _fill_skipped(grads, term, needs)
+        return grads
+    sg = term.scale * term.gate
+    dv = dp * sg
+    if needs.b:
+        grads.b = (dy.t() @ v) * sg
+    if needs.rank_weights:
+        grads.rank_weights = (dv * u).sum(0)
+    du = dv if term.rank_weights is None else dv * term.rank_weights
+    if needs.middle:
+        grads.middle = du.t() @ t
+    dt = du if term.middle is None else du @ term.middle
+    if needs.a:
+        grads.a = dt.t() @ _dropped(x, term)
+    if needs.x:
+        dxd = dt @ term.down(weight)
+        grads.x = grads.x + _dropped(dxd, term)
+    return grads
+
+
+def _fill_skipped(grads: Grads, term: LowRankTerm, needs: GradsNeeded) -> None:
+    """Gate off: the factors get zero gradients (never None, for DDP)."""
+    grads.a = zeros_like_or_none(needs.a, term.a)
+    grads.b = zeros_like_or_none(needs.b, term.b)
+    grads.middle = zeros_like_or_none(needs.middle, term.middle)
+    grads.rank_weights = zeros_like_or_none(needs.rank_weights, term.rank_weights)
+
+
+
+def neat_forward(weight: Tensor, a_n: Tensor, act: str) -> tuple[Tensor, Tensor]:
+    """NEAT projection: (H, Z) with Z = W^T A_n^T (d_in, r) and H = act(Z)."""
+    z = weight.t() @ a_n.t()
+    return activation(act, z), z
+
+
+def neat_backward(dh: Tensor, weight: Tensor, z: Tensor, act: str) -> Tensor:
+    """dA_n = (W (dH ⊙ act'(Z)))^T, shape (r, d_out)."""
+    return (weight @ (dh * activation_grad(act, z))).t()

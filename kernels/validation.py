@@ -1,0 +1,77 @@
+"""Input checks of the adapted-linear operation: clear errors before any kernel runs."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_float(name: str, tensor: Optional[Tensor]) -> None:
+    if tensor is not None and tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64), got dtype {tensor.dtype}")
+
+
+def _check_shape(name: str, tensor: Optional[Tensor], expected: tuple) -> None:
+    if tensor is not None and tuple(tensor.shape) != expected:
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
+
+
+def _check_index(name: str, index: Tensor, bound: int, what: str) -> None:
+    if index.dtype not in (torch.int32, torch.int64) or index.dim() != 1:
+        raise TypeError(f"{name} must be a 1-D int32/int64 tensor, got {index.dtype} with shape {tuple(index.shape)}")
+    if index.numel() == 0:
+        raise ValueError(f"{name} must not be empty")
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= bound:
+        raise IndexError(f"{name} values must lie in [0, {bound}) ({what}), got range [{lo}, {hi}]")
+
+
+def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_weights, gate,
+                                scale, row_index, col_index, dropout) -> int:
+    """Validate every input; returns the rank r. Raises TypeError/ValueError/IndexError/RuntimeError."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (d_out, d_in), got shape {tuple(weight.shape)}")
+    d_out, d_in = weight.shape
+    if x.dim() == 0 or x.shape[-1] != d_in:
+        raise ValueError(f"x must have last dimension d_in={d_in}, got shape {tuple(x.shape)}")
+    if weight.requires_grad:
+        raise ValueError("weight is the frozen base weight and must have requires_grad=False")
+    if (lora_a is None) == (row_index is None):
+        raise ValueError("give exactly one of lora_a and row_index (rows of W gathered as A)")
+    if (lora_b is None) == (col_index is None):
+        raise ValueError("give exactly one of lora_b and col_index (columns of W gathered as B)")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b),
+                    ("middle", middle), ("rank_weights", rank_weights)):
+        _check_float(name, t)
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share one device")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x dtype {x.dtype} does not match weight dtype {weight.dtype} (as in nn.Linear)")
+    for name, idx in (("row_index", row_index), ("col_index", col_index)):
+        if idx is not None and idx.device != x.device:
+            raise RuntimeError(f"{name} is on {idx.device} but x is on {x.device}")
+    if row_index is not None:
+        _check_index("row_index", row_index, d_out, "output rows of W")
+    if col_index is not None:
+        _check_index("col_index", col_index, d_in, "input columns of W")
+    r = lora_a.shape[0] if lora_a is not None else row_index.shape[0]
+    if r <= 0:
+        raise ValueError(f"rank r must be positive, got {r}")
+    _check_shape("bias", bias, (d_out,))
+    _check_shape("lora_a", lora_a, (r, d_in))
+    _check_shape("lora_b", lora_b, (d_out, r))
+    if col_index is not None and col_index.shape[0] != r:
+        raise ValueError(f"col_index must have r={r} entries, got {col_index.shape[0]}")
+    _check_shape("middle", middle, (r, r))
+    _check_shape("rank_weights", rank_weights, (r,))
+    if isinstance(gate, Tensor) and gate.numel() != 1:
+        raise ValueError(f"gate must be a scalar, got shape {tuple(gate.shape)}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+    return r
