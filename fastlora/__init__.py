@@ -1,0 +1,21 @@
+"""fastlora: fused LoRA-family adapters that fine-tune without forgetting.
+
+    import fastlora
+    model = fastlora.inject(model, fastlora.LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
+"""
+from .checkpoint import load_adapter, read_adapter_config, save_adapter
+from .config import (AdapterConfig, CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig,
+                     RankSelectiveLoraConfig, SelectiveLoraConfig)
+from .inject import (adapter_layers, inject, merge, merge_and_unload, set_adapters_enabled,
+                     trainable_parameter_count, unmerge)
+from .layer import AdapterLinear
+from .training import TrainingHooks, attach_training_hooks, regularization_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig", "AdapterLinear", "CascadeLoraConfig", "CurLoraConfig", "LoraConfig", "NeatConfig",
+    "RankSelectiveLoraConfig", "SelectiveLoraConfig", "TrainingHooks", "adapter_layers",
+    "attach_training_hooks", "inject", "load_adapter", "merge", "merge_and_unload", "read_adapter_config",
+    "regularization_loss", "save_adapter", "set_adapters_enabled", "trainable_parameter_count", "unmerge",
+]

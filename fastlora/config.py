@@ -1,0 +1,210 @@
+"""Adapter configurations: one dataclass per method, PEFT-like fields, JSON round trip.
+
+Every config validates itself on construction, so a bad value fails where it is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+TargetModules = Optional[Union[list[str], str]]
+
+_CONFIG_TYPES: dict[str, type["AdapterConfig"]] = {}
+
+
+def _register(cls):
+    _CONFIG_TYPES[cls.method] = cls
+    return cls
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every method shares.
+
+    r: rank (> 0 and <= min(d_in, d_out) of every adapted layer).
+    target_modules: names matched like PEFT (a module whose qualified name equals an
+    entry or ends with "." + entry), a regex string (full match), "all-linear", or
+    None (= "all-linear").
+    dropout: dropout on the adapter input (PEFT's lora_dropout).
+    backend: "auto" | "torch" | "triton" for the fused op.
+    """
+
+    method: ClassVar[str] = ""
+    r: int = 8
+    target_modules: TargetModules = None
+    dropout: float = 0.0
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"{type(self).__name__}.r must be a positive int, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{type(self).__name__}.dropout must lie in [0, 1), got {self.dropout!r}")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"{type(self).__name__}.backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
+        if self.target_modules is not None and not isinstance(self.target_modules, (str, list, tuple)):
+            raise TypeError(f"target_modules must be a list of names, a regex string or None, "
+                            f"got {type(self.target_modules).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["method"] = self.method
+        return data
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "AdapterConfig":
+        data = dict(data)
+        method = data.pop("method", None)
+        if method not in _CONFIG_TYPES:
+            raise ValueError(f"unknown adapter method {method!r}; known: {sorted(_CONFIG_TYPES)}")
+        cls = _CONFIG_TYPES[method]
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown fields for {cls.__name__}: {sorted(unknown)}")
+        return cls(**data)
+
+
+def _check_positive(config: AdapterConfig, name: str, allow_zero: bool = False) -> None:
+    value = getattr(config, name)
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{type(config).__name__}.{name} must be a finite number {bound}, got {value!r}")
+
+
+@_register
+@dataclass
+class LoraConfig(AdapterConfig):
+    """Plain LoRA: y = x W^T + b + (alpha/r) (dropout(x) A^T) B^T (alpha/sqrt(r) with use_rslora)."""
+
+    method: ClassVar[str] = "lora"
+    alpha: float = 8.0
+    use_rslora: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        _check_positive(self, "alpha")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+@_register
+@dataclass
+class SelectiveLoraConfig(LoraConfig):
+    """Selective LoRA: a learnable score per layer gates the block, g = 1[score >= threshold].
+
+    score_init above threshold (all blocks on at start); sparsity_weight is the L1
+    coefficient lambda of regularization_loss.
+    """
+
+    method: ClassVar[str] = "selective_lora"
+    threshold: float = 0.1
+    score_init: float = 1.0
+    sparsity_weight: float = 1e-3
+
+    def validate(self) -> None:
+        super().validate()
+        _check_positive(self, "sparsity_weight", allow_zero=True)
+        if not math.isfinite(self.threshold) or not math.isfinite(self.score_init):
+            raise ValueError("SelectiveLoraConfig.threshold and score_init must be finite")
+
+
+@_register
+@dataclass
+class RankSelectiveLoraConfig(LoraConfig):
+    """CoDyRA: per-rank importance lambda, soft-thresholded after each optimizer step.
+
+    lambda <- sign(lambda) * max(|lambda| - lr * sparsity_strength, 0).
+    """
+
+    method: ClassVar[str] = "rank_selective_lora"
+    importance_init: float = 1.0
+    sparsity_strength: float = 1e-3
+
+    def validate(self) -> None:
+        super().validate()
+        _check_positive(self, "sparsity_strength", allow_zero=True)
+        if not math.isfinite(self.importance_init):
+            raise ValueError("RankSelectiveLoraConfig.importance_init must be finite")
+
+
+@_register
+@dataclass
+class CurLoraConfig(AdapterConfig):
+    """CURLoRA: C = W[:, J], R = W[I, :] sampled by inverted probabilities, U (r x r) trained.
+
+    y = x W^T + b + alpha (x R^T) U^T C^T. eps regularises q ∝ 1/(p + eps); seed
+    seeds each layer's sampler (offset by the layer's position in the model).
+    """
+
+    method: ClassVar[str] = "curlora"
+    alpha: float = 1.0
+    eps: float = 1e-3
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        _check_positive(self, "eps", allow_zero=True)
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"CurLoraConfig.alpha must be finite, got {self.alpha!r}")
+
+
+@_register
+@dataclass
+class NeatConfig(AdapterConfig):
+    """NEAT / PEANuT: y = x W^T + b + scale * x f(act(W^T A_n^T)) B_n^T.
+
+    depth: number of r x r encoder/decoder pairs in f (0 = identity); activation one
+    of fastlora.kernels.ACTIVATIONS.
+    """
+
+    method: ClassVar[str] = "neat"
+    depth: int = 0
+    activation: str = "relu"
+    scale: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        from fastlora.kernels import ACTIVATIONS
+        if not isinstance(self.depth, int) or self.depth < 0:
+            raise ValueError(f"NeatConfig.depth must be an int >= 0, got {self.depth!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"NeatConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"NeatConfig.scale must be finite, got {self.scale!r}")
+
+
+@_register
+@dataclass
+class CascadeLoraConfig(LoraConfig):
+    """LoRASC: cascaded LoRA pairs with slow-fast updates and noisy cascade starts.
+
+    cascade_interval: optimizer steps per cascade step; slow_momentum: EMA factor of
+    the slow adapter toward the fast one at each cascade step; noise_std: std of the
+    noise added to the fresh pair at the start of each cascade step; max_cascades:
+    how many folded pairs are kept (rank of the update grows up to r * (max_cascades+1)).
+    """
+
+    method: ClassVar[str] = "cascade_lora"
+    cascade_interval: int = 100
+    slow_momentum: float = 0.9
+    noise_std: float = 0.0
+    max_cascades: int = 4
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.cascade_interval, int) or self.cascade_interval <= 0:
+            raise ValueError(f"CascadeLoraConfig.cascade_interval must be an int > 0, got {self.cascade_interval!r}")
+        if not 0.0 <= self.slow_momentum <= 1.0:
+            raise ValueError(f"CascadeLoraConfig.slow_momentum must lie in [0, 1], got {self.slow_momentum!r}")
+        _check_positive(self, "noise_std", allow_zero=True)
+        if not isinstance(self.max_cascades, int) or self.max_cascades < 0:
+            raise ValueError(f"CascadeLoraConfig.max_cascades must be an int >= 0, got {self.max_cascades!r}")

@@ -1,0 +1,101 @@
+"""AdapterLinear: a drop-in nn.Linear whose frozen base and adapter run as one fused op."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastlora.kernels import adapted_linear
+
+from .config import AdapterConfig
+from .methods import Adapter, build_adapter
+
+
+class AdapterLinear(nn.Module):
+    """y = x W^T + b + the adapter's low-rank update, with W and b frozen.
+
+    Same ``in_features``, ``out_features``, ``weight`` (d_out, d_in) and ``bias`` as
+    nn.Linear, so code and state dicts that read them keep working. Build it like
+    nn.Linear (``AdapterLinear(d_in, d_out, config=...)``) or wrap an existing layer
+    with ``AdapterLinear.from_linear(linear, config)`` (shares its tensors).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 config: AdapterConfig, device=None, dtype=None, layer_index: int = 0) -> None:
+        super().__init__()
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._attach(base.weight, base.bias, config, layer_index)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: AdapterConfig, layer_index: int = 0) -> "AdapterLinear":
+        """Wrap ``linear``: its weight and bias become this layer's frozen base (not copied)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._attach(linear.weight, linear.bias, config, layer_index)
+        return layer
+
+    def _attach(self, weight: nn.Parameter, bias: Optional[nn.Parameter], config: AdapterConfig,
+                layer_index: int) -> None:
+        self.in_features = weight.shape[1]
+        self.out_features = weight.shape[0]
+        self.weight = weight
+        self.bias = bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.config = config
+        self.adapter: Adapter = build_adapter(config, self.in_features, self.out_features,
+                                              weight.detach(), layer_index=layer_index)
+        self.merged = False
+        self.adapter_enabled = True
+        self._weight_before_merge: Optional[Tensor] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged or not self.adapter_enabled:
+            return F.linear(x, self.weight, self.bias)
+        dropout = self.config.dropout if self.training else 0.0
+        return adapted_linear(x, self.weight, self.bias, dropout=dropout, backend=self.config.backend,
+                              **self.adapter.op_arguments(self.weight))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + ΔW. Methods whose ΔW depends on W keep W to restore it on unmerge."""
+        if self.merged:
+            return
+        delta = self.adapter.delta_weight(self.weight)
+        if self.adapter.delta_depends_on_weight:
+            self._weight_before_merge = self.weight.detach().clone()
+        self.weight.add_(delta.to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge``: subtract ΔW, or restore the kept W exactly."""
+        if not self.merged:
+            return
+        if self._weight_before_merge is not None:
+            self.weight.copy_(self._weight_before_merge)
+            self._weight_before_merge = None
+        else:
+            self.weight.sub_(self.adapter.delta_weight(self.weight).to(self.weight.dtype))
+        self.merged = False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding W + ΔW (this layer is left as it is)."""
+        weight = self.weight if self.merged else self.weight + self.adapter.delta_weight(self.weight)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        linear.weight.copy_(weight)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, method={self.config.method}, r={self.config.r}, "
+                f"merged={self.merged}")

@@ -1,0 +1,72 @@
+"""The Adapter interface every method implements.
+
+An Adapter owns its trainable tensors and turns them into the arguments of the one
+fused operation ``fastlora.kernels.adapted_linear``; its training rule (regulariser,
+post-step update) is expressed through two optional hooks.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AdapterConfig
+
+
+def adapter_factory(weight: Tensor) -> dict[str, Any]:
+    """Device and dtype of new adapter tensors: W's device; fp32 over a half-precision W
+    (as PEFT keeps adapters), W's dtype otherwise."""
+    half = weight.dtype in (torch.float16, torch.bfloat16)
+    return {"device": weight.device, "dtype": torch.float32 if half else weight.dtype}
+
+
+class Adapter(nn.Module):
+    """Base class of a method's adapter attached to one Linear (d_out x d_in).
+
+    Subclasses implement ``op_arguments``; the rest has working defaults.
+    ``delta_depends_on_weight``: True when the update is computed from W (CURLoRA,
+    NEAT), so merging keeps a copy of W and unmerging restores it exactly.
+    """
+
+    delta_depends_on_weight: bool = False
+
+    def __init__(self, config: AdapterConfig, in_features: int, out_features: int) -> None:
+        super().__init__()
+        limit = min(in_features, out_features)
+        if config.r > limit:
+            raise ValueError(f"r={config.r} exceeds min(d_in={in_features}, d_out={out_features})={limit}")
+        self.config = config
+        self.in_features = in_features
+        self.out_features = out_features
+
+    def op_arguments(self, weight: Tensor) -> dict[str, Any]:
+        """Keyword arguments of adapted_linear: lora_a, lora_b and any of middle,
+        rank_weights, gate, scale, row_index, col_index."""
+        raise NotImplementedError
+
+    def delta_weight(self, weight: Tensor) -> Tensor:
+        """The dense update ΔW (d_out, d_in) = scale * g * B diag(m) M A of the current state."""
+        args = self.op_arguments(weight)
+        a = args["lora_a"] if args.get("lora_a") is not None else weight[args["row_index"]]
+        b = args["lora_b"] if args.get("lora_b") is not None else weight[:, args["col_index"]]
+        a = a.to(weight.dtype)
+        if args.get("middle") is not None:
+            a = args["middle"].to(weight.dtype) @ a
+        if args.get("rank_weights") is not None:
+            a = args["rank_weights"].to(weight.dtype)[:, None] * a
+        gate = args.get("gate", 1.0)
+        gate = float(gate.detach()) if isinstance(gate, Tensor) else float(gate)
+        return (args.get("scale", 1.0) * gate) * (b.to(weight.dtype) @ a)
+
+    def regularization_loss(self) -> Optional[Tensor]:
+        """This adapter's term of the training loss (None when the method has none)."""
+        return None
+
+    @torch.no_grad()
+    def after_optimizer_step(self, learning_rate: float) -> None:
+        """Training rule applied after each optimizer step (proximal update, cascade...)."""
+
+    def extra_stats(self) -> dict[str, float]:
+        """Method-specific numbers for reports (active ranks, gate state...)."""
+        return {}
