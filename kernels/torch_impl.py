@@ -47,13 +47,14 @@ def shrink(x: Tensor, weight: Tensor, term: LowRankTerm, y0: Optional[Tensor] = 
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm,
             keep_t: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """y = x W^T + bias + scale*gate*v B^T; returns (y, t) with t None unless computed."""
-    y = F.linear(x, weight)
+    """y = x W^T + bias + scale*gate*v B^T; returns (y, t) with t None unless computed.
+
+    The base is F.linear itself, so a zero update reproduces nn.Linear bit for bit.
+    """
+    y = F.linear(x, weight, bias)
     t = None
     if term.lowrank_on or keep_t:
-        t = shrink(x, weight, term, y0=y)
-    if bias is not None:
-        y = y + bias
+        t = shrink(x, weight, term, y0=y if bias is None else None)
     if term.lowrank_on:
         _, v = _mixed(t, term)
         y = torch.addmm(y, v, term.up(weight).t(), alpha=term.scale * term.gate)
