@@ -32,7 +32,7 @@ class AdaptedLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, a, b, middle, rank_weights, row_index, col_index, t)
         ctx.scalars = (scale, gate_value, dropout_p, dropout_seed)
         ctx.backend = backend
-        ctx.gate_dtype = gate.dtype
+        ctx.gate_dtype, ctx.gate_shape = gate.dtype, gate.shape
         return y
 
     @staticmethod
@@ -43,6 +43,6 @@ class AdaptedLinearFunction(torch.autograd.Function):
         needs = GradsNeeded(x=flags[0], bias=flags[2], a=flags[3], b=flags[4], middle=flags[5],
                             rank_weights=flags[6], gate=flags[7])
         grads = ctx.backend.backward(dy.contiguous(), x, weight, term, t, needs)
-        gate_grad = grads.gate.to(ctx.gate_dtype).reshape(()) if grads.gate is not None else None
+        gate_grad = grads.gate.to(ctx.gate_dtype).reshape(ctx.gate_shape) if grads.gate is not None else None
         return (grads.x, None, grads.bias, grads.a, grads.b, grads.middle, grads.rank_weights,
                 gate_grad, None, None, None, None, None, None, None)

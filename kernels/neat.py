@@ -39,6 +39,9 @@ class NeatProjectionFunction(torch.autograd.Function):
 def neat_projection(weight: Tensor, a_n: Tensor, act: str = "relu", backend: str = "auto") -> Tensor:
     """H = act(W^T A_n^T) (d_in, r) for weight (d_out, d_in) frozen and a_n (r, d_out)."""
     check_activation(act)
+    for name, t in (("weight", weight), ("a_n", a_n)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
     if weight.dim() != 2 or a_n.dim() != 2 or a_n.shape[1] != weight.shape[0]:
         raise ValueError(f"a_n must have shape (r, d_out={weight.shape[0] if weight.dim() == 2 else '?'}), "
                          f"got {tuple(a_n.shape)} for weight {tuple(weight.shape)}")

@@ -13,7 +13,8 @@ from .validation import check_adapted_linear_inputs
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    # autocast leaves float64 alone (as it does for nn.Linear)
+    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 

@@ -70,6 +70,11 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
     _check_shape("rank_weights", rank_weights, (r,))
     if isinstance(gate, Tensor) and gate.numel() != 1:
         raise ValueError(f"gate must be a scalar, got shape {tuple(gate.shape)}")
+    if not math.isfinite(float(gate.detach() if isinstance(gate, Tensor) else gate)):
+        raise ValueError(f"gate must be finite, got {gate}")
+    if isinstance(scale, Tensor) and scale.requires_grad:
+        raise TypeError("scale is a host scalar and gets no gradient; pass a float or a tensor "
+                        "that does not require grad")
     if not math.isfinite(float(scale)):
         raise ValueError(f"scale must be finite, got {scale}")
     if not 0.0 <= dropout < 1.0:
