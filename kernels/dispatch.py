@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 from types import ModuleType
 
@@ -21,11 +22,13 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @functools.lru_cache(maxsize=1)
 def triton_backend() -> ModuleType | None:
-    """The Triton implementation module, or None when Triton cannot be imported."""
-    try:
-        return importlib.import_module("fastlora.kernels.triton.impl")
-    except ImportError:
+    """The Triton implementation module, or None when Triton is not installed.
+
+    Errors inside the implementation itself (e.g. a Triton API difference) propagate.
+    """
+    if importlib.util.find_spec("triton") is None:
         return None
+    return importlib.import_module("fastlora.kernels.triton.impl")
 
 
 def triton_interpreter_on() -> bool:
