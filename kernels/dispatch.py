@@ -41,16 +41,15 @@ def select_backend(backend: str, x: Tensor, dtype: torch.dtype) -> ModuleType:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return torch_impl
-    runs_here = x.is_cuda or triton_interpreter_on()
-    eligible = runs_here and dtype in TRITON_DTYPES
+    eligible = (x.is_cuda or triton_interpreter_on()) and dtype in TRITON_DTYPES
     if backend == "auto":
         impl = triton_backend() if (x.is_cuda and dtype in TRITON_DTYPES) else None
         return impl or torch_impl
-    impl = triton_backend()
-    if impl is None:
-        raise RuntimeError("backend='triton' was requested but Triton is not installed (pip install triton)")
     if not eligible:
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU) of dtype fp16/bf16/fp32; "
             f"got device {x.device} and dtype {dtype}")
+    impl = triton_backend()
+    if impl is None:
+        raise RuntimeError("backend='triton' was requested but Triton is not installed (pip install triton)")
     return impl
