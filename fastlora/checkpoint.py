@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -43,14 +43,24 @@ def save_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
     layers = list(adapter_layers(model))
     if not layers:
         raise ValueError("model has no fastlora adapters to save")
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format_version": FORMAT_VERSION, "config": layers[0][1].config.to_dict(),
             "layers": [name for name, _ in layers]}
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def write(staging: Path) -> None:
         save_file(adapter_state_dict(model), str(staging / WEIGHTS_FILE))
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+    return write_directory_atomically(directory, write)
+
+
+def write_directory_atomically(directory: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:
+    """Call ``write(staging)`` on a fresh directory beside ``directory``, then rename it into
+    place (replacing an existing directory), so a reader never sees a half-written one."""
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(staging)
         _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,201 @@
+"""PEFT interop: load PEFT LoRA checkpoints as fastlora adapters, export fastlora LoRA to PEFT.
+
+PEFT's ``save_pretrained`` layout (adapter name stripped from the keys)::
+
+    adapter_config.json         {"peft_type": "LORA", "r": ..., "lora_alpha": ..., ...}
+    adapter_model.safetensors   "base_model.model.<module path>.<tensor>" -> tensor
+
+LoRA tensors of a Linear (d_out, d_in): lora_A.weight (r, d_in), lora_B.weight (d_out, r);
+the update is (lora_alpha / r) B A (lora_alpha / sqrt(r) with use_rslora), as in fastlora.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, write_directory_atomically
+from .config import AdapterConfig, LoraConfig
+from .inject import _matches, adapter_layers, inject
+
+KEY_PREFIX = "base_model.model."
+
+# PEFT LoRA fields that change the computation in ways fastlora cannot represent, each with
+# the one value accepted (None / False also accept any empty value).
+_LORA_UNSUPPORTED = {
+    "use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
+    "modules_to_save": None, "target_parameters": None, "trainable_token_indices": None,
+    "layer_replication": None, "alora_invocation_tokens": None, "use_qalora": False,
+    "megatron_config": None, "velora_config": None, "monteclora_config": None, "use_bdlora": None,
+    "arrow_config": None, "kasa_config": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _PeftFormat:
+    """How one peft_type maps onto fastlora.
+
+    config: PEFT config dict -> fastlora config (raises on what it cannot represent).
+    tensor_shapes: (fastlora config, d_in, d_out) -> {PEFT tensor name of a layer: shape}.
+    adapter_state: {PEFT tensor name: tensor} of a layer -> the fastlora adapter's state dict.
+    """
+
+    config: Callable[[dict[str, Any]], AdapterConfig]
+    tensor_shapes: Callable[[AdapterConfig, int, int], dict[str, tuple[int, ...]]]
+    adapter_state: Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+def _check_unsupported(peft: dict[str, Any], unsupported: dict[str, Any]) -> None:
+    peft_type = peft["peft_type"]
+    for field, accepted in unsupported.items():
+        value = peft.get(field, accepted)
+        ok = not value if accepted in (None, False) else value == accepted
+        if not ok:
+            raise ValueError(f"PEFT {peft_type} config has {field}={value!r}, which fastlora cannot represent "
+                             f"(only {accepted!r} is supported)")
+
+
+def _lora_config(peft: dict[str, Any]) -> LoraConfig:
+    _check_unsupported(peft, _LORA_UNSUPPORTED)
+    r, alpha = peft.get("r", 8), peft.get("lora_alpha", 8)
+    for field, default in (("rank_pattern", r), ("alpha_pattern", alpha)):
+        differing = {k: v for k, v in (peft.get(field) or {}).items() if v != default}
+        if differing:
+            raise ValueError(f"PEFT LORA config has {field}={differing!r} differing from {default!r}; "
+                             f"fastlora uses one rank and alpha for every layer")
+    return LoraConfig(r=r, alpha=float(alpha), use_rslora=bool(peft.get("use_rslora", False)),
+                      dropout=float(peft.get("lora_dropout", 0.0)), target_modules=peft.get("target_modules"))
+
+
+_FORMATS: dict[str, _PeftFormat] = {
+    "LORA": _PeftFormat(
+        config=_lora_config,
+        tensor_shapes=lambda c, d_in, d_out: {"lora_A.weight": (c.r, d_in), "lora_B.weight": (d_out, c.r)},
+        adapter_state=lambda t: {"lora_A": t["lora_A.weight"], "lora_B": t["lora_B.weight"]},
+    ),
+}
+
+
+def _read_peft_checkpoint(directory: Union[str, os.PathLike]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    root = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (root / name).is_file():
+            raise FileNotFoundError(f"no {name} in {directory} (expected a PEFT save_pretrained directory)")
+    return json.loads((root / CONFIG_FILE).read_text()), load_file(str(root / WEIGHTS_FILE))
+
+
+def _layer_tensors(state: dict[str, Tensor], names: list[str]) -> dict[str, dict[str, Tensor]]:
+    """Group "base_model.model.<path>.<name>" keys by module path; unknown keys raise."""
+    layers: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in state.items():
+        name = next((n for n in names if key.endswith("." + n)), None)
+        if not key.startswith(KEY_PREFIX) or name is None:
+            raise ValueError(f"PEFT checkpoint tensor {key!r} is not one of {names} under {KEY_PREFIX!r}; "
+                             f"fastlora cannot represent it")
+        layers.setdefault(key[len(KEY_PREFIX):-len(name) - 1], {})[name] = tensor
+    return layers
+
+
+def _check_layers(model: nn.Module, config: AdapterConfig, fmt: _PeftFormat,
+                  layers: dict[str, dict[str, Tensor]]) -> None:
+    """Every checkpoint layer is an nn.Linear of the model holding the tensors of the expected shapes."""
+    for path, tensors in layers.items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"PEFT checkpoint adapts module {path!r}, which the model lacks") from None
+        if type(module) is not nn.Linear:
+            raise ValueError(f"PEFT checkpoint adapts {path!r}, a {type(module).__name__}; "
+                             f"fastlora adapts nn.Linear only")
+        d_out, d_in = module.weight.shape
+        if config.r > min(d_in, d_out):
+            raise ValueError(f"PEFT rank r={config.r} exceeds min(d_in={d_in}, d_out={d_out}) of {path!r}")
+        shapes = fmt.tensor_shapes(config, d_in, d_out)
+        missing = sorted(set(shapes) - set(tensors))
+        if missing:
+            raise ValueError(f"PEFT checkpoint lacks {missing} for module {path!r}")
+        for name, shape in shapes.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"PEFT tensor {path}.{name} has shape {tuple(tensors[name].shape)}, "
+                                 f"expected {shape}")
+
+
+def _fastlora_targets(model: nn.Module, targets, paths: set[str]):
+    """PEFT's target_modules when fastlora's matching selects exactly the checkpoint's layers
+    (same rule as PEFT for a list or a regex), else the list of those layers' paths
+    (exclude_modules, layers_to_transform, "all-linear" without the output layer)."""
+    if isinstance(targets, (list, str)) and targets != "all-linear":
+        linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+        if {n for n in linears if _matches(n, targets)} == paths:
+            return targets
+    return sorted(paths)
+
+
+def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Module:
+    """Load a PEFT checkpoint directory (peft_type "LORA") into ``model``, a model without
+    adapters, as fastlora adapters that compute the same outputs; returns ``model``.
+
+    Everything is checked before the model is changed. Raises ValueError naming the field
+    or tensor for what fastlora cannot represent: another peft_type, DoRA, per-layer
+    rank_pattern/alpha_pattern values, modules_to_save, bias != "none", fan_in_fan_out,
+    other LoRA variants, non-Linear targets.
+    """
+    if next(adapter_layers(model), None) is not None:
+        raise ValueError("model already has fastlora adapters; load a PEFT checkpoint into a plain model")
+    peft, state = _read_peft_checkpoint(directory)
+    peft_type = peft.get("peft_type")
+    if peft_type not in _FORMATS:
+        raise ValueError(f"unsupported peft_type {peft_type!r}; fastlora loads {sorted(_FORMATS)}")
+    fmt = _FORMATS[peft_type]
+    config = fmt.config(peft)
+    layers = _layer_tensors(state, list(fmt.tensor_shapes(config, 0, 0)))  # names do not depend on dims
+    if not layers:
+        raise ValueError(f"PEFT checkpoint in {directory} holds no adapter tensors")
+    _check_layers(model, config, fmt, layers)
+    inject(model, dataclasses.replace(config, target_modules=_fastlora_targets(model, config.target_modules,
+                                                                                set(layers))))
+    for path, layer in adapter_layers(model):
+        layer.adapter.load_state_dict(fmt.adapter_state(layers[path]))
+    return model
+
+
+def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
+                      base_model_name_or_path: Optional[str] = None) -> Path:
+    """Write the model's fastlora LoRA adapters in PEFT's format (atomically), so that
+    ``peft.PeftModel.from_pretrained(base, directory)`` computes the same outputs.
+
+    target_modules is written as the list of adapted module paths (exact under PEFT's
+    matching). Raises ValueError for other methods, merged layers or differing configs.
+    """
+    layers = list(adapter_layers(model))
+    if not layers:
+        raise ValueError("model has no fastlora adapters to export")
+    config = layers[0][1].config
+    for name, layer in layers:
+        if type(layer.config) is not LoraConfig:
+            raise ValueError(f"layer {name} has a {layer.config.method!r} adapter; PEFT export supports "
+                             f"plain LoRA (LoraConfig) only")
+        if layer.config != config:
+            raise ValueError(f"layer {name} has config {layer.config}, unlike {layers[0][0]}'s {config}")
+        if layer.merged:
+            raise ValueError(f"layer {name} is merged; unmerge before exporting")
+    meta = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True, "r": config.r, "lora_alpha": config.alpha, "use_rslora": config.use_rslora,
+        "lora_dropout": config.dropout, "target_modules": [name for name, _ in layers], "bias": "none",
+        "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+    tensors = {f"{KEY_PREFIX}{name}.{key}.weight": getattr(layer.adapter, key).detach().contiguous().cpu()
+               for name, layer in layers for key in ("lora_A", "lora_B")}
+
+    def write(staging: Path) -> None:
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+    return write_directory_atomically(directory, write)

@@ -1,0 +1,192 @@
+"""PEFT interop: PEFT checkpoints load into fastlora with PEFT's outputs, and back.
+
+A tiny random BertModel (no downloads) is adapted by peft itself, saved with
+``save_pretrained`` and loaded into a fresh copy with identical base weights.
+"""
+import copy
+import json
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import BertConfig, BertModel
+
+import fastlora
+from fastlora import load_peft_adapter, save_peft_adapter
+
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                        vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, 50, (3, 11), generator=generator)
+
+
+def output(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).last_hidden_state
+
+
+def rel_err(out, ref):
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def save_peft(base, config, directory):
+    """peft-adapted copy of ``base`` saved to ``directory``; returns it (eval mode)."""
+    torch.manual_seed(2)
+    model = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    model.save_pretrained(str(directory))
+    return model
+
+
+def lora(**kwargs):
+    fields = dict(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False)
+    return peft.LoraConfig(**{**fields, **kwargs})
+
+
+def test_peft_saves_the_layout_the_loader_reads(base, tmp_path):
+    save_peft(base, lora(), tmp_path)
+    keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight" in keys
+    assert len(keys) == 2 * 2 * 2
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_rslora": True}, {"target_modules": r".*\.(key|dense)"},
+                                   {"lora_dropout": 0.1, "lora_alpha": 5}])
+def test_load_lora_matches_peft(base, inputs, tmp_path, extra):
+    reference = output(save_peft(base, lora(**extra), tmp_path), inputs)
+    assert rel_err(reference, output(base, inputs)) > 1e-3  # the adapters change the output
+    model = load_peft_adapter(copy.deepcopy(base), tmp_path).eval()
+    assert rel_err(output(model, inputs), reference) < TOL
+    config = next(fastlora.adapter_layers(model))[1].config
+    assert type(config) is fastlora.LoraConfig and config.r == 4
+    assert config.use_rslora == extra.get("use_rslora", False)
+    assert config.dropout == extra.get("lora_dropout", 0.0) and config.alpha == extra.get("lora_alpha", 8)
+    assert config.target_modules == extra.get("target_modules", config.target_modules)
+    assert fastlora.trainable_parameter_count(model) == sum(
+        t.numel() for t in load_file(str(tmp_path / "adapter_model.safetensors")).values())
+
+
+def test_load_layers_subset_uses_the_checkpoint_paths(base, inputs, tmp_path):
+    reference = output(save_peft(base, lora(layers_to_transform=[1], layers_pattern="layer"), tmp_path), inputs)
+    model = load_peft_adapter(copy.deepcopy(base), tmp_path).eval()
+    assert [n for n, _ in fastlora.adapter_layers(model)] == [
+        "encoder.layer.1.attention.self.query", "encoder.layer.1.attention.self.value"]
+    assert rel_err(output(model, inputs), reference) < TOL
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_export_lora_loads_in_peft(base, inputs, tmp_path, use_rslora):
+    model = fastlora.inject(copy.deepcopy(base), fastlora.LoraConfig(
+        r=3, alpha=6.0, use_rslora=use_rslora, target_modules=["query", "dense"])).eval()
+    torch.manual_seed(3)
+    for _, layer in fastlora.adapter_layers(model):
+        torch.nn.init.normal_(layer.adapter.lora_B, std=0.5)
+    expected = output(model, inputs)
+    assert rel_err(expected, output(base, inputs)) > 1e-3
+    save_peft_adapter(model, tmp_path / "out", base_model_name_or_path="tiny-bert")
+    meta = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert meta["peft_type"] == "LORA" and meta["base_model_name_or_path"] == "tiny-bert"
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).eval()
+    assert rel_err(output(loaded, inputs), expected) < TOL
+    again = load_peft_adapter(copy.deepcopy(base), tmp_path / "out").eval()
+    assert rel_err(output(again, inputs), expected) < TOL
+
+
+def test_export_replaces_an_existing_directory(base, tmp_path):
+    model = fastlora.inject(copy.deepcopy(base), fastlora.LoraConfig(r=2, target_modules=["query"]))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.txt").write_text("old")
+    save_peft_adapter(model, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json",
+                                                                     "adapter_model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_export_refuses_what_peft_lora_cannot_hold(base, tmp_path):
+    with pytest.raises(ValueError, match="no fastlora adapters"):
+        save_peft_adapter(copy.deepcopy(base), tmp_path / "a")
+    mixed = fastlora.inject(copy.deepcopy(base), fastlora.LoraConfig(r=2, target_modules=["query"]))
+    layers = [layer for _, layer in fastlora.adapter_layers(mixed)]
+    layers[1].config = fastlora.LoraConfig(r=2, alpha=3.0, target_modules=["query"])
+    with pytest.raises(ValueError, match="encoder.layer.1.attention.self.query has config"):
+        save_peft_adapter(mixed, tmp_path / "b")
+    layers[1].config = fastlora.SelectiveLoraConfig(r=2, target_modules=["query"])  # stands for another method
+    with pytest.raises(ValueError, match="'selective_lora' adapter"):
+        save_peft_adapter(mixed, tmp_path / "b")
+    merged = fastlora.inject(copy.deepcopy(base), fastlora.LoraConfig(r=2, target_modules=["query"]))
+    fastlora.merge(merged)
+    with pytest.raises(ValueError, match="merged"):
+        save_peft_adapter(merged, tmp_path / "c")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("field, value", [
+    ("use_dora", True), ("fan_in_fan_out", True), ("bias", "all"), ("modules_to_save", ["pooler"]),
+    ("lora_bias", True), ("peft_type", "IA3"), ("rank_pattern", {"query": 2}), ("alpha_pattern", {"value": 3}),
+])
+def test_load_refuses_unsupported_config_fields(base, tmp_path, field, value):
+    save_peft(base, lora(), tmp_path)
+    path = tmp_path / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    meta[field] = value
+    path.write_text(json.dumps(meta))
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=field if field != "peft_type" else "unsupported peft_type 'IA3'"):
+        load_peft_adapter(model, tmp_path)
+    assert not list(fastlora.adapter_layers(model)) and all(p.requires_grad for p in model.parameters())
+
+
+def test_load_accepts_patterns_that_repeat_the_global_values(base, inputs, tmp_path):
+    reference = output(save_peft(base, lora(rank_pattern={"query": 4}, alpha_pattern={"value": 8}), tmp_path),
+                       inputs)
+    assert rel_err(output(load_peft_adapter(copy.deepcopy(base), tmp_path).eval(), inputs), reference) < TOL
+
+
+def test_load_refuses_real_dora_and_non_linear_targets(base, tmp_path):
+    save_peft(base, lora(use_dora=True), tmp_path / "dora")
+    with pytest.raises(ValueError, match="use_dora"):
+        load_peft_adapter(copy.deepcopy(base), tmp_path / "dora")
+    save_peft(base, lora(target_modules=["word_embeddings", "query"]), tmp_path / "emb")
+    with pytest.raises(ValueError, match="word_embeddings.lora_embedding_A"):
+        load_peft_adapter(copy.deepcopy(base), tmp_path / "emb")
+    convolutional = torch.nn.ModuleDict({"proj": torch.nn.Linear(8, 8), "conv": torch.nn.Conv1d(8, 8, 1)})
+    save_peft(convolutional, lora(target_modules=["proj", "conv"]), tmp_path / "conv")
+    with pytest.raises(ValueError, match="'conv', a Conv1d; fastlora adapts nn.Linear only"):
+        load_peft_adapter(copy.deepcopy(convolutional), tmp_path / "conv")
+
+
+def test_load_refuses_checkpoints_that_do_not_fit(base, tmp_path):
+    save_peft(base, lora(), tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    key = "base_model.model.encoder.layer.0.attention.self.query.lora_B.weight"
+    cases = [
+        ({**state, key: torch.zeros(32, 5)}, r"lora_B.weight has shape \(32, 5\), expected \(32, 4\)"),
+        ({k: v for k, v in state.items() if k != key}, r"lacks \['lora_B.weight'\]"),
+        ({**state, key.replace("lora_B", "lora_magnitude_vector"): torch.zeros(32)}, "lora_magnitude_vector"),
+        ({**state, key.replace("layer.0", "layer.7"): state[key].clone()}, "'encoder.layer.7.attention.self.query'"),
+    ]
+    for tensors, message in cases:
+        save_file(tensors, str(weights))
+        with pytest.raises(ValueError, match=message):
+            load_peft_adapter(copy.deepcopy(base), tmp_path)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_peft_adapter(copy.deepcopy(base), tmp_path / "nowhere")
+
+
+def test_load_refuses_a_model_that_has_adapters(base, tmp_path):
+    save_peft(base, lora(), tmp_path)
+    model = fastlora.inject(copy.deepcopy(base), fastlora.LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(ValueError, match="already has fastlora adapters"):
+        load_peft_adapter(model, tmp_path)
