@@ -1,0 +1,1 @@
+"""Benchmarks of fastlora: run from the repository root as python -m benchmarks.<name>."""

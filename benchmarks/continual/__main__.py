@@ -1,0 +1,54 @@
+"""CLI: python -m benchmarks.continual [--quick] [--scenario NAME] [--seeds N] [--out-dir DIR].
+
+Writes continual_<scenario>[_quick].json and .png under --out-dir (default benchmarks/results/)."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+from .data import SCENARIOS
+from .methods import METHODS
+from .report import format_table, save_json, save_plot
+from .runner import run_benchmark
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.continual", description=__doc__)
+    parser.add_argument("--scenario", choices=SCENARIOS, default="split")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 seed, 5 epochs, each method's single quick lr (< 30 s)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5, quick 1)")
+    parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 20, quick 5)")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", choices=[m.name for m in METHODS], default=None)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.seeds is not None and args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    seeds = tuple(range(args.seeds or (1 if args.quick else 5)))
+    epochs = args.epochs or (5 if args.quick else 20)
+    start = time.perf_counter()
+    result, runs = run_benchmark(args.scenario, seeds=seeds, epochs=epochs,
+                                 pretrain_epochs=30 if args.quick else 60, rank=args.rank,
+                                 quick_lr=args.quick, methods=args.methods, progress=not args.no_progress)
+    result["total_seconds"] = time.perf_counter() - start
+    name = f"continual_{args.scenario}" + ("_quick" if args.quick else "")
+    save_json(result, args.out_dir / f"{name}.json")
+    save_plot(result, runs, args.out_dir / f"{name}.png")
+    print(format_table(result))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print("\nVerdict (computed from the numbers above):")
+    for line in result["verdict"]:
+        print(f"- {line}")
+    print(f"\n{result['total_seconds']:.1f} s; wrote {args.out_dir / name}.json and .png")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The compared methods: one adapter config per fastlora method, plus full fine-tuning.
+
+Every adapter gets rank r on every Linear of the MLP (fc1, fc2, head) and the same
+training budget and learning-rate grid; method-specific knobs are set once here:
+- LoRA-family scale alpha = 2r (alpha/r = 2), no dropout.
+- Selective LoRA: the library's tau = 0.1, score_init = 1.0, L1 weight 1e-2 (strong enough to
+  switch blocks off within the budget when the task does not need them).
+- CoDyRA: importance_init 1.0, sparsity_strength mu = 0.5 (the per-step shrink is lr * mu).
+- CURLoRA: k = r sampled rows/columns, alpha = 1, eps = 1e-3 (authors' code), sampler seed = run seed.
+- NEAT: depth 0, ReLU, scale 1 (the defaults).
+- LoRASC: a cascade step every quarter of the budget, at most 4 folded pairs, no noise.
+A method whose config type is not registered in fastlora.methods.ADAPTER_TYPES is skipped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from fastlora import (AdapterConfig, CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig,
+                      RankSelectiveLoraConfig, SelectiveLoraConfig)
+from fastlora.methods import ADAPTER_TYPES
+
+FULL = "full_finetune"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """name; make_config(rank, total_steps, seed) -> config, or None for full fine-tuning;
+    quick_lr: the single learning rate of --quick runs."""
+
+    name: str
+    make_config: Optional[Callable[[int, int, int], AdapterConfig]]
+    quick_lr: float
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.make_config is not None
+
+
+def _lora(r, steps, seed):
+    return LoraConfig(r=r, alpha=2.0 * r)
+
+
+def _selective(r, steps, seed):
+    return SelectiveLoraConfig(r=r, alpha=2.0 * r, sparsity_weight=1e-2)
+
+
+def _rank_selective(r, steps, seed):
+    return RankSelectiveLoraConfig(r=r, alpha=2.0 * r, sparsity_strength=0.5)
+
+
+def _curlora(r, steps, seed):
+    return CurLoraConfig(r=r, seed=seed)
+
+
+def _neat(r, steps, seed):
+    return NeatConfig(r=r)
+
+
+def _cascade(r, steps, seed):
+    return CascadeLoraConfig(r=r, alpha=2.0 * r, cascade_interval=max(1, steps // 4), max_cascades=4)
+
+
+METHODS: tuple[MethodSpec, ...] = (
+    MethodSpec(FULL, None, 1e-3),
+    MethodSpec("lora", _lora, 1e-2),
+    MethodSpec("selective_lora", _selective, 1e-2),
+    MethodSpec("rank_selective_lora", _rank_selective, 1e-2),
+    MethodSpec("curlora", _curlora, 1e-2),
+    MethodSpec("neat", _neat, 1e-2),
+    MethodSpec("cascade_lora", _cascade, 1e-2),
+)
+
+
+def available_methods(names: Optional[list[str]] = None) -> tuple[list[MethodSpec], list[str]]:
+    """(specs to run, notes on skipped ones): the chosen methods whose config is registered."""
+    known = {spec.name: spec for spec in METHODS}
+    unknown = sorted(set(names or []) - set(known))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(known)}")
+    run, notes = [], []
+    for spec in METHODS:
+        if names and spec.name not in names:
+            continue
+        config_type = type(spec.make_config(8, 100, 0)) if spec.is_adapter else None
+        if config_type is not None and config_type not in ADAPTER_TYPES:
+            notes.append(f"skipped {spec.name}: {config_type.__name__} is not registered in "
+                         f"fastlora.methods.ADAPTER_TYPES")
+            continue
+        run.append(spec)
+    return run, notes
