@@ -18,17 +18,18 @@ def _stats(stats: dict) -> str:
 def format_table(result: dict) -> str:
     """The per-method table (mean±std over seeds at each seed's selected lr)."""
     pre = result["pretrained"]
-    header = (f"{'method':<21}{'task-B acc':>13}{'task-A acc':>13}{'A drop':>13}{'KL(A)':>13}"
-              f"{'rel L2(A)':>13}{'trainable':>11}{'s/run':>8}  lr / active")
+    header = (f"{'method':<20}" + "".join(f" {h:>14}" for h in ("task-B acc", "task-A acc", "A drop", "KL(A)",
+                                                                "rel L2(A)")) + f"{'trainable':>11}{'s/run':>7}  lr; stats")
     lines = [f"scenario {result['scenario']}: {result['description']}",
              f"pretrained: task-A test acc {_pm(pre['test_a'])}, task-B test acc (before fine-tuning) "
              f"{_pm(pre['test_b'])}", header, "-" * len(header)]
     for name, row in result["methods"].items():
         lrs = "/".join(f"{lr:g}" for lr in row["selected_lr"])
-        lines.append(f"{name:<21}{_pm(row['test_b']):>13}{_pm(row['test_a']):>13}{_pm(row['drop_a']):>13}"
-                     f"{_pm(row['kl']):>13}{_pm(row['rel_l2']):>13}{row['trainable']:>11,}"
-                     f"{row['seconds']['mean']:>8.2f}  lr {lrs}  {_stats(row['stats'])}")
-    return "\n".join(lines)
+        cells = "".join(f" {_pm(row[k]):>14}" for k in ("test_b", "test_a", "drop_a", "kl", "rel_l2"))
+        stats = _stats(row["stats"])
+        lines.append(f"{name:<20}{cells}{row['trainable']:>11,}{row['seconds']['mean']:>7.2f}  lr {lrs}"
+                     + (f"; {stats}" if stats else ""))
+    return "\n".join(lines + [f"protocol: {result['protocol']}"])
 
 
 def _rounded(value, digits: int = 5):

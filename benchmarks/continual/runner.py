@@ -7,13 +7,18 @@ from tqdm import tqdm
 
 from .data import load_scenario
 from .methods import FULL, available_methods
-from .metrics import lr_edge_notes, matched_comparison, mean_std, summarize, verdict_line
+from .metrics import MATCH_TOLERANCE, MIN_EFFECT, lr_edge_notes, matched_comparison, mean_std, summarize, verdict_line
 from .model import accuracy, pretrain
 from .train import fine_tune
 
 LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 VERDICT_METHODS = {"selective_lora": "Selective LoRA", "rank_selective_lora": "CoDyRA", "curlora": "CURLoRA"}
 CONTEXT_METHODS = {"neat": "NEAT", "cascade_lora": "LoRASC", FULL: "Full fine-tuning"}
+PROTOCOL = ("accuracies are test accuracies, mean±std over seeds; per seed each method's lr is the one "
+            "with the best final task-B validation accuracy; drift is measured on task-A test inputs vs "
+            "the pretrained logits; 'matched' compares task-A accuracy at the best point (any lr, any "
+            "epoch, chosen on validation) reaching the task-B validation level both methods reach, minus "
+            f"{MATCH_TOLERANCE}; a verdict needs |mean difference| > max(2 standard errors, {MIN_EFFECT}).")
 
 
 def run_benchmark(scenario: str = "split", seeds=(0, 1, 2, 3, 4), epochs: int = 20, pretrain_epochs: int = 60,
@@ -49,9 +54,10 @@ def run_benchmark(scenario: str = "split", seeds=(0, 1, 2, 3, 4), epochs: int = 
                 if name not in comparisons]
     result = {
         "scenario": scenario, "description": description, "seeds": list(seeds),
+        "protocol": PROTOCOL,
         "settings": {"epochs": epochs, "pretrain_epochs": pretrain_epochs, "rank": rank, "batch_size": 64,
-                     "optimizer": "Adam",
-                     "lr_grid": ({s.name: [s.quick_lr] for s in specs} if quick_lr else list(lr_grid)), "model": "MLP 64-128-128-10, ReLU; adapters on fc1, fc2, head"},
+                     "optimizer": "Adam", "model": "MLP 64-128-128-10, ReLU; adapters on fc1, fc2, head",
+                     "lr_grid": {s.name: [s.quick_lr] for s in specs} if quick_lr else list(lr_grid)},
         "skipped": notes,
         "notes": [] if quick_lr else lr_edge_notes(summary, lr_grid),
         "pretrained": {"test_a": mean_std([a for a, _ in pretrained_acc]),
