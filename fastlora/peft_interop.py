@@ -1,12 +1,16 @@
-"""PEFT interop: load PEFT LoRA checkpoints as fastlora adapters, export fastlora LoRA to PEFT.
+"""PEFT interop: load PEFT LoRA / PEANuT checkpoints as fastlora adapters, export fastlora LoRA to PEFT.
 
 PEFT's ``save_pretrained`` layout (adapter name stripped from the keys)::
 
-    adapter_config.json         {"peft_type": "LORA", "r": ..., "lora_alpha": ..., ...}
+    adapter_config.json         {"peft_type": "LORA" | "PEANUT", "r": ..., ...}
     adapter_model.safetensors   "base_model.model.<module path>.<tensor>" -> tensor
 
-LoRA tensors of a Linear (d_out, d_in): lora_A.weight (r, d_in), lora_B.weight (d_out, r);
-the update is (lora_alpha / r) B A (lora_alpha / sqrt(r) with use_rslora), as in fastlora.
+Tensors of a Linear (d_out, d_in), and the fastlora adapter tensors they become:
+    LORA    lora_A.weight (r, d_in) -> lora_A, lora_B.weight (d_out, r) -> lora_B;
+            update (lora_alpha / r) B A (lora_alpha / sqrt(r) with use_rslora).
+    PEANUT  peanut_A.weight (r, d_out) -> neat_A, peanut_B.weight (d_out, r) -> neat_B,
+            peanut_{encoders,decoders}.{i}.weight (r, r) -> {encoders,decoders}.{i}.weight;
+            act_fn -> activation, scaling -> scale (NeatConfig).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, write_directory_atomically
-from .config import AdapterConfig, LoraConfig
+from .config import AdapterConfig, LoraConfig, NeatConfig
 from .inject import _matches, adapter_layers, inject
 
 KEY_PREFIX = "base_model.model."
@@ -72,12 +76,39 @@ def _lora_config(peft: dict[str, Any]) -> LoraConfig:
                       dropout=float(peft.get("lora_dropout", 0.0)), target_modules=peft.get("target_modules"))
 
 
+# transformers ACT2FN names (PEANuT's act_fn) -> fastlora activations computing the same function.
+_PEANUT_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "silu", "swish": "silu", "tanh": "tanh",
+                       "sigmoid": "sigmoid", "linear": "identity"}
+
+
+def _neat_config(peft: dict[str, Any]) -> NeatConfig:
+    _check_unsupported(peft, {"modules_to_save": None})
+    act_fn = peft.get("act_fn", "relu")
+    if act_fn not in _PEANUT_ACTIVATIONS:
+        raise ValueError(f"PEFT PEANUT config has act_fn={act_fn!r}; fastlora supports {sorted(_PEANUT_ACTIVATIONS)}")
+    return NeatConfig(r=peft.get("r", 32), depth=peft.get("depth", 0), activation=_PEANUT_ACTIVATIONS[act_fn],
+                      scale=float(peft.get("scaling", 1.0)), target_modules=peft.get("target_modules"))
+
+
+def _peanut_shapes(config: NeatConfig, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"peanut_A.weight": (config.r, d_out), "peanut_B.weight": (d_out, config.r)}
+    for side in ("encoders", "decoders"):
+        shapes.update({f"peanut_{side}.{i}.weight": (config.r, config.r) for i in range(config.depth)})
+    return shapes
+
+
+def _neat_state(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    names = {"peanut_A.weight": "neat_A", "peanut_B.weight": "neat_B"}
+    return {names.get(name, name.removeprefix("peanut_")): t for name, t in tensors.items()}
+
+
 _FORMATS: dict[str, _PeftFormat] = {
     "LORA": _PeftFormat(
         config=_lora_config,
         tensor_shapes=lambda c, d_in, d_out: {"lora_A.weight": (c.r, d_in), "lora_B.weight": (d_out, c.r)},
         adapter_state=lambda t: {"lora_A": t["lora_A.weight"], "lora_B": t["lora_B.weight"]},
     ),
+    "PEANUT": _PeftFormat(config=_neat_config, tensor_shapes=_peanut_shapes, adapter_state=_neat_state),
 }
 
 
@@ -137,13 +168,14 @@ def _fastlora_targets(model: nn.Module, targets, paths: set[str]):
 
 
 def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Module:
-    """Load a PEFT checkpoint directory (peft_type "LORA") into ``model``, a model without
-    adapters, as fastlora adapters that compute the same outputs; returns ``model``.
+    """Load a PEFT checkpoint directory (peft_type "LORA" or "PEANUT") into ``model``, a model
+    without adapters, as fastlora adapters (LoraConfig / NeatConfig) that compute the same
+    outputs; returns ``model``.
 
     Everything is checked before the model is changed. Raises ValueError naming the field
     or tensor for what fastlora cannot represent: another peft_type, DoRA, per-layer
     rank_pattern/alpha_pattern values, modules_to_save, bias != "none", fan_in_fan_out,
-    other LoRA variants, non-Linear targets.
+    other LoRA variants, non-Linear targets, PEANuT activations fastlora lacks.
     """
     if next(adapter_layers(model), None) is not None:
         raise ValueError("model already has fastlora adapters; load a PEFT checkpoint into a plain model")

@@ -5,6 +5,7 @@ A tiny random BertModel (no downloads) is adapted by peft itself, saved with
 """
 import copy
 import json
+import re
 
 import peft
 import pytest
@@ -121,14 +122,47 @@ def test_export_refuses_what_peft_lora_cannot_hold(base, tmp_path):
     layers[1].config = fastlora.LoraConfig(r=2, alpha=3.0, target_modules=["query"])
     with pytest.raises(ValueError, match="encoder.layer.1.attention.self.query has config"):
         save_peft_adapter(mixed, tmp_path / "b")
-    layers[1].config = fastlora.SelectiveLoraConfig(r=2, target_modules=["query"])  # stands for another method
-    with pytest.raises(ValueError, match="'selective_lora' adapter"):
-        save_peft_adapter(mixed, tmp_path / "b")
+    neat = fastlora.inject(copy.deepcopy(base), fastlora.NeatConfig(r=2, target_modules=["query"]))
+    with pytest.raises(ValueError, match="'neat' adapter; PEFT export supports plain LoRA"):
+        save_peft_adapter(neat, tmp_path / "b")
     merged = fastlora.inject(copy.deepcopy(base), fastlora.LoraConfig(r=2, target_modules=["query"]))
     fastlora.merge(merged)
     with pytest.raises(ValueError, match="merged"):
         save_peft_adapter(merged, tmp_path / "c")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("depth, act_fn, scaling", [(0, "relu", 1.0), (1, "relu", 0.7), (2, "gelu", 1.0),
+                                                     (1, "linear", 1.3)])
+def test_load_peanut_matches_peft(base, inputs, tmp_path, depth, act_fn, scaling):
+    config = peft.PeanutConfig(r=4, depth=depth, act_fn=act_fn, scaling=scaling,
+                               target_modules=["query", "intermediate.dense"])
+    model = save_peft(base, config, tmp_path / "zero")
+    for name, param in model.named_parameters():
+        if "peanut_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    model.save_pretrained(str(tmp_path))
+    reference = output(model, inputs)
+    assert rel_err(reference, output(base, inputs)) > 1e-3
+    loaded = load_peft_adapter(copy.deepcopy(base), tmp_path).eval()
+    assert rel_err(output(loaded, inputs), reference) < TOL
+    layer = loaded.get_submodule("encoder.layer.0.intermediate.dense")
+    assert layer.config == fastlora.NeatConfig(r=4, depth=depth, activation={"linear": "identity"}.get(act_fn, act_fn),
+                                               scale=scaling, target_modules=["query", "intermediate.dense"])
+    assert layer.adapter.neat_A.shape == (4, 37)
+    assert fastlora.trainable_parameter_count(loaded) == sum(
+        t.numel() for t in load_file(str(tmp_path / "adapter_model.safetensors")).values())
+
+
+def test_load_peanut_refuses_what_neat_cannot_represent(base, tmp_path):
+    save_peft(base, peft.PeanutConfig(r=4, depth=1, target_modules=["query"]), tmp_path)
+    path = tmp_path / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    for field, value in (("act_fn", "gelu_new"), ("modules_to_save", ["pooler"]), ("depth", 2)):
+        path.write_text(json.dumps({**meta, field: value}))
+        message = "peanut_encoders.1.weight" if field == "depth" else f"{field}={value!r}"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_peft_adapter(copy.deepcopy(base), tmp_path)
 
 
 @pytest.mark.parametrize("field, value", [
