@@ -141,8 +141,9 @@ class RankSelectiveLoraConfig(LoraConfig):
 class CurLoraConfig(AdapterConfig):
     """CURLoRA: C = W[:, J], R = W[I, :] sampled by inverted probabilities, U (r x r) trained.
 
-    y = x W^T + b + alpha (x R^T) U^T C^T. eps regularises q ∝ 1/(p + eps); seed
-    seeds each layer's sampler (offset by the layer's position in the model).
+    y = x W^T + b + alpha (x R^T) U^T C^T. eps regularises q ∝ 1/(p + eps) (1e-3 as in
+    the authors' code; 0 is the paper's formula); layer k of the model samples with
+    seed + k (k = its position among adapted layers).
     """
 
     method: ClassVar[str] = "curlora"
@@ -155,6 +156,8 @@ class CurLoraConfig(AdapterConfig):
         _check_positive(self, "eps", allow_zero=True)
         if not math.isfinite(self.alpha):
             raise ValueError(f"CurLoraConfig.alpha must be finite, got {self.alpha!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"CurLoraConfig.seed must be an int >= 0, got {self.seed!r}")
 
 
 @_register
@@ -174,7 +177,7 @@ class NeatConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         from fastlora.kernels import ACTIVATIONS
-        if not isinstance(self.depth, int) or self.depth < 0:
+        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 0:
             raise ValueError(f"NeatConfig.depth must be an int >= 0, got {self.depth!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"NeatConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..config import AdapterConfig, LoraConfig
+from ..config import AdapterConfig, CurLoraConfig, LoraConfig, NeatConfig
 from .base import Adapter
+from .curlora import CurLoraAdapter
 from .lora import LoraAdapter
+from .neat import NeatAdapter
 
 ADAPTER_TYPES: dict[type, type[Adapter]] = {
     LoraConfig: LoraAdapter,
+    CurLoraConfig: CurLoraAdapter,
+    NeatConfig: NeatAdapter,
 }
 
 

@@ -1,0 +1,106 @@
+"""NEAT / PEANuT (arXiv 2410.01870; HF peft's PeanutConfig): a nonlinear update computed from W.
+
+    H  = act(W^T A_n^T)                                   (d_in, r), fastlora.kernels.neat_projection
+    H' = f(H): depth encoder/decoder pairs of r x r layers (no bias), U-Net order:
+         encoders  h_i = act(h_{i-1} E_i^T), keeping skips s_i = h_{i-1};
+         decoders  h = act(h D_i^T) + s_{depth+1-i}
+    y  = x W^T + b + scale * (x H') B_n^T                  (adapted_linear with A = H'^T, B = B_n)
+
+So ΔW = scale * B_n H'^T (d_out, d_in); the dense delta is never built on the forward path.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastlora.kernels import neat_projection
+from fastlora.kernels.activations import activation
+
+from ..config import NeatConfig
+from .base import Adapter, adapter_factory
+
+
+class NeatAdapter(Adapter):
+    """neat_A = A_n (r, d_out) kaiming-uniform(a=sqrt 5), neat_B = B_n (d_out, r) zeros,
+    encoders.{i} / decoders.{i}: nn.Linear(r, r, bias=False) kaiming-uniform(a=sqrt 5).
+
+    Names map one-to-one to peft's PEANuT layer: peanut_A.weight -> neat_A,
+    peanut_B.weight -> neat_B, peanut_encoders.{i}.weight -> encoders.{i}.weight,
+    peanut_decoders.{i}.weight -> decoders.{i}.weight.
+    In eval mode without grad, H'^T is cached and reused while W, the parameters and
+    the autocast state are unchanged (checked by tensor identity, storage and version
+    counter, which every in-place op bumps: optimizer steps, merge, load_state_dict).
+    """
+
+    delta_depends_on_weight = True
+
+    def __init__(self, config: NeatConfig, in_features: int, out_features: int,
+                 weight: Tensor, layer_index: int = 0) -> None:
+        super().__init__(config, in_features, out_features)
+        factory = adapter_factory(weight)
+        r = config.r
+        self.neat_A = nn.Parameter(torch.empty(r, out_features, **factory))
+        self.neat_B = nn.Parameter(torch.zeros(out_features, r, **factory))
+        self.encoders = nn.ModuleList(nn.Linear(r, r, bias=False, **factory) for _ in range(config.depth))
+        self.decoders = nn.ModuleList(nn.Linear(r, r, bias=False, **factory) for _ in range(config.depth))
+        self.activation = config.activation
+        self.scale = config.scale
+        self._cache_key: Optional[tuple] = None
+        self._cache_value: Optional[Tensor] = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.neat_A, a=math.sqrt(5))
+        nn.init.zeros_(self.neat_B)
+        for layer in (*self.encoders, *self.decoders):
+            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5))
+
+    def projection(self, weight: Tensor) -> Tensor:
+        """H' = f(act(W^T A_n^T)) (d_in, r), in the adapter's dtype."""
+        h = neat_projection(weight, self.neat_A, self.activation, backend=self.config.backend)
+        h = h.to(self.neat_A.dtype)
+        skips = []
+        for encoder in self.encoders:
+            skips.append(h)
+            h = activation(self.activation, encoder(h))
+        for decoder, skip in zip(self.decoders, reversed(skips)):
+            h = activation(self.activation, decoder(h)) + skip
+        return h
+
+    def _state_key(self, weight: Tensor) -> Optional[tuple]:
+        """What H' depends on, or None when it cannot be tracked (inference tensors)."""
+        tensors = (weight, *self.parameters())
+        if any(t.is_inference() for t in tensors):
+            return None
+        device = weight.device.type
+        autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+        return (autocast, *((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
+
+    def clear_cache(self) -> None:
+        """Drop the cached H'^T (needed only after in-place edits through ``.data``, which
+        tensor versions do not see; ``train()`` / ``eval()`` also clear it)."""
+        self._cache_key = self._cache_value = None
+
+    def train(self, mode: bool = True) -> "NeatAdapter":
+        self.clear_cache()
+        return super().train(mode)
+
+    def _down_factor(self, weight: Tensor) -> Tensor:
+        """A = H'^T (r, d_in); cached in eval mode without grad, recomputed otherwise."""
+        if self.training or torch.is_grad_enabled():
+            self.clear_cache()
+            return self.projection(weight).t()
+        key = self._state_key(weight)
+        if key is None:
+            return self.projection(weight).t()
+        if key != self._cache_key:
+            self._cache_value = self.projection(weight).t()
+            self._cache_key = key
+        return self._cache_value
+
+    def op_arguments(self, weight: Tensor) -> dict[str, Any]:
+        return {"lora_a": self._down_factor(weight), "lora_b": self.neat_B, "scale": self.scale}
