@@ -1,0 +1,100 @@
+"""Base GEMM with the low-rank term in its epilogue.
+
+    out = X Wkn + bias + drop(V U)        X (M, K), Wkn (K, N), V (M, r) fp32, U (r, N)
+
+Forward: X = x, Wkn = W^T, V = s*g*v, U = B^T (or W[:, J]^T gathered), no dropout.
+Input gradient: X = dy, Wkn = W, V = dt, U = A (or W[I] gathered), and drop() the
+dropout mask of x regenerated from the seed at offset m * N + n. fp32 accumulation.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import dot_precision, gemm_configs, launch_context, pad_rank
+from .dropout import keep_scale
+from .tiles import load_factor
+
+
+@triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "R_PAD", "HAS_LOWRANK", "DROPOUT"])
+@triton.jit
+def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, v_ptr, u_ptr, u_idx_ptr, out_ptr,
+                         M, N, K, R, seed, p, scale,
+                         stride_xm, stride_xk, stride_wk, stride_wn, stride_vm, stride_vr,
+                         stride_ur, stride_un, stride_om, stride_on,
+                         HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, U_GATHER: tl.constexpr,
+                         DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_m
+    pid_n = (pid % in_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (offs_m % M).to(tl.int64)  # wrapped: edge tiles read valid rows, stores are masked
+    cols = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_left = K - k0
+        xt = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        wt = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_LOWRANK:
+        offs_r = tl.arange(0, R_PAD)
+        v = tl.load(v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr,
+                    mask=offs_r[None, :] < R, other=0.0)
+        u = load_factor(u_ptr, u_idx_ptr, offs_r[:, None], cols[None, :], R, N, stride_ur, stride_un, U_GATHER)
+        low = tl.dot(v.to(u.dtype), u, input_precision=PRECISION)
+        if DROPOUT:
+            low = low * keep_scale(seed, rows[:, None] * N + cols[None, :], p, scale)
+        acc += low
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def fused_linear(x: torch.Tensor, w_kn: torch.Tensor, bias: Optional[torch.Tensor],
+                 v: Optional[torch.Tensor] = None, u: Optional[torch.Tensor] = None,
+                 u_index: Optional[torch.Tensor] = None, p: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """out (M, N) = x w_kn + bias + drop(v U) in x's dtype.
+
+    x (M, K) and w_kn (K, N) with any strides (pass W.t() or W as views); bias (N,) or None;
+    v (M, r) fp32 or None (no low-rank term); U = u (r, N), or u[u_index] for u_index (r,)
+    (rows of a frozen matrix read by index). p > 0: the low-rank term is multiplied by the
+    dropout mask drawn from ``seed`` at offset m * N + n.
+    """
+    m, k = x.shape
+    n = w_kn.shape[1]
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    has_lowrank = v is not None
+    r = v.shape[1] if has_lowrank else 1
+    dummy = out
+    u = u if has_lowrank else dummy
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    with launch_context(x.device):
+        _fused_linear_kernel[grid](
+            x, w_kn, bias if bias is not None else dummy, v if has_lowrank else dummy, u,
+            u_index if u_index is not None else dummy, out,
+            m, n, k, r, seed, p, 1.0 / (1.0 - p),
+            x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1),
+            v.stride(0) if has_lowrank else 0, v.stride(1) if has_lowrank else 0,
+            u.stride(0), u.stride(1), out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, U_GATHER=u_index is not None,
+            DROPOUT=has_lowrank and p > 0.0, R_PAD=pad_rank(r), PRECISION=dot_precision(x.dtype))
+    return out

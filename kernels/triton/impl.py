@@ -1,0 +1,137 @@
+"""Triton backend of the adapted linear and NEAT's projection (same contract as ``torch_impl``).
+
+    y = x W^T + bias + s*g*((xd A^T) M^T ⊙ m) B^T,   xd = dropout(x) drawn from the seed
+
+forward: t = xd A^T (shrink kernel, dropout in-kernel, fp32); v = (t M^T) ⊙ m on the small
+t in torch; y from the base GEMM with s*g*v B^T in its epilogue. Returns (y, t).
+backward: one pass over dy for dP = dy B, dB and dbias; the r-sized chain dv, dm, du, dM, dt
+in torch; dA = dt^T xd (xd regenerated); dx = dy W + mask ⊙ (dt A) from the fused GEMM.
+A = W[row_index] and B = W[:, col_index] are read by index inside the kernels.
+Gate off: y = x W^T + bias with no low-rank launch; the gate gradient, if asked, is
+s * sum(dP ⊙ v) from t and dP only; needed factors get zero gradients.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import torch_impl
+from ..spec import Grads, GradsNeeded, LowRankTerm, zeros_like_or_none
+from .autotune import INTERPRETED
+from .dropout import dropout_mask
+from .fused_linear import fused_linear
+from .neat_kernels import neat_backward as _neat_backward
+from .neat_kernels import neat_forward as _neat_forward
+from .shrink import shrink as _shrink_kernel
+from .skinny import down_grad, dy_pass
+
+__all__ = ["INTERPRETED", "backward", "dropout_mask", "forward", "neat_backward", "neat_forward", "shrink"]
+
+
+def _down_view(weight: Tensor, term: LowRankTerm) -> tuple[Tensor, Optional[Tensor]]:
+    """A (r, d_in) as (matrix, row index): the factor, or W with row_index."""
+    return (term.a, None) if term.a is not None else (weight, term.row_index)
+
+
+def _up_view(weight: Tensor, term: LowRankTerm) -> tuple[Tensor, Optional[Tensor]]:
+    """B^T (r, d_out) as (matrix, row index): B.t(), or W.t() with col_index."""
+    return (term.b.t(), None) if term.b is not None else (weight.t(), term.col_index)
+
+
+def shrink(x: Tensor, weight: Tensor, term: LowRankTerm) -> Tensor:
+    """t = dropout(x) A^T (N, r) in fp32."""
+    a, index = _down_view(weight, term)
+    return _shrink_kernel(x, a, index, term.dropout_p, term.dropout_seed)
+
+
+def _mixed(t: Tensor, term: LowRankTerm) -> tuple[Tensor, Tensor]:
+    """u = t M^T and v = u ⊙ m in fp32 (both (N, r))."""
+    u = t if term.middle is None else t @ term.middle.float().t()
+    v = u if term.rank_weights is None else u * term.rank_weights.float()
+    return u, v
+
+
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm,
+            keep_t: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """y = x W^T + bias + s*g*v B^T (N, d_out); returns (y, t) with t (N, r) fp32, or None when not computed."""
+    if x.shape[0] == 0:
+        return torch_impl.forward(x, weight, bias, term, keep_t)
+    if not term.lowrank_on:
+        return F.linear(x, weight, bias), (shrink(x, weight, term) if keep_t else None)
+    t = shrink(x, weight, term)
+    _, v = _mixed(t, term)
+    up, up_index = _up_view(weight, term)
+    y = fused_linear(x, weight.t(), bias, v * (term.scale * term.gate), up, up_index)
+    return y, t
+
+
+def backward(dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Optional[Tensor],
+             needs: GradsNeeded) -> Grads:
+    """Gradients of every needed input (see ``torch_impl.backward`` for the formulas)."""
+    if dy.shape[0] == 0:
+        return torch_impl.backward(dy, x, weight, term, t, needs)
+    grads = Grads()
+    if not (term.lowrank_on or needs.gate) or not (needs.any_lowrank or needs.x):
+        if needs.bias:
+            grads.bias = dy.sum(0)
+        if needs.x:
+            grads.x = dy @ weight
+        if not term.lowrank_on:
+            _fill_skipped(grads, term, needs)
+        return grads
+    if t is None:
+        t = shrink(x, weight, term)
+    u, v = _mixed(t, term)
+    sg = term.scale * term.gate
+    up, up_index = _up_view(weight, term)
+    want_db = term.lowrank_on and needs.b
+    dp, db, dbias = dy_pass(dy, up, up_index, v * sg if want_db else None, needs.bias)
+    if needs.bias:
+        grads.bias = dbias.to(dy.dtype)
+    if needs.gate:
+        grads.gate = term.scale * (dp * v).sum()
+    if not term.lowrank_on:
+        if needs.x:
+            grads.x = dy @ weight
+        _fill_skipped(grads, term, needs)
+        return grads
+    if want_db:
+        grads.b = db.to(term.b.dtype)
+    dv = dp * sg
+    if needs.rank_weights:
+        grads.rank_weights = (dv * u).sum(0).to(term.rank_weights.dtype)
+    du = dv if term.rank_weights is None else dv * term.rank_weights.float()
+    if needs.middle:
+        grads.middle = (du.t() @ t).to(term.middle.dtype)
+    dt = du if term.middle is None else du @ term.middle.float()
+    if needs.a:
+        grads.a = down_grad(dt, x, term.dropout_p, term.dropout_seed).to(term.a.dtype)
+    if needs.x:
+        down, down_index = _down_view(weight, term)
+        grads.x = fused_linear(dy, weight, None, dt, down, down_index, term.dropout_p, term.dropout_seed)
+    return grads
+
+
+def _fill_skipped(grads: Grads, term: LowRankTerm, needs: GradsNeeded) -> None:
+    """Gate off: the factors get zero gradients (never None, for DDP)."""
+    grads.a = zeros_like_or_none(needs.a, term.a)
+    grads.b = zeros_like_or_none(needs.b, term.b)
+    grads.middle = zeros_like_or_none(needs.middle, term.middle)
+    grads.rank_weights = zeros_like_or_none(needs.rank_weights, term.rank_weights)
+
+
+def neat_forward(weight: Tensor, a_n: Tensor, act: str) -> tuple[Tensor, Tensor]:
+    """NEAT projection: (H, Z) with Z = W^T A_n^T (d_in, r) and H = act(Z), in weight's dtype."""
+    if weight.numel() == 0 or a_n.shape[0] == 0:
+        return torch_impl.neat_forward(weight, a_n, act)
+    return _neat_forward(weight, a_n, act)
+
+
+def neat_backward(dh: Tensor, weight: Tensor, z: Tensor, act: str) -> Tensor:
+    """dA_n = (W (dH ⊙ act'(Z)))^T, shape (r, d_out)."""
+    if weight.numel() == 0 or z.shape[1] == 0:
+        return torch_impl.neat_backward(dh, weight, z, act)
+    return _neat_backward(dh, weight, z, act)

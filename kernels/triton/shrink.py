@@ -1,0 +1,67 @@
+"""Shrink: t = dropout(x) A^T (N, r), fp32, with the dropout mask drawn in-kernel.
+
+A is a factor (r, d_in) or rows of the frozen weight gathered by index (CURLoRA's
+R = W[I]). The reduction over d_in may be split across programs for small N; the
+partial sums are added in a fixed order (deterministic, no atomics).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks, splits
+from .dropout import keep_scale
+from .tiles import load_factor
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, a_ptr, a_idx_ptr, part_ptr, M, K, R, k_per_split, seed, p, scale,
+                   stride_xm, stride_xk, stride_ar, stride_ak,
+                   A_GATHER: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (offs_m % M).to(tl.int64)
+    offs_r = tl.arange(0, R_PAD)
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                     mask=offs_k[None, :] < k_end, other=0.0)
+        if DROPOUT:
+            keep = keep_scale(seed, rows[:, None] * K + offs_k[None, :], p, scale)
+            xt = (xt.to(tl.float32) * keep).to(xt.dtype)
+        at = load_factor(a_ptr, a_idx_ptr, offs_r[None, :], offs_k[:, None], R, k_end,
+                         stride_ar, stride_ak, A_GATHER)
+        acc = tl.dot(xt, at, acc, input_precision=PRECISION)
+    out = part_ptr + pid_s.to(tl.int64) * M * R + rows[:, None] * R + offs_r[None, :]
+    tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+
+
+def shrink(x: torch.Tensor, a: torch.Tensor, a_index: Optional[torch.Tensor], p: float, seed: int) -> torch.Tensor:
+    """t = dropout_p(x) F^T in fp32, shape (N, r); F = a (r, d_in), or a[a_index] when given.
+
+    x (N, d_in) any strides; dropout entry (n, k) drawn from ``seed`` at offset n * d_in + k.
+    """
+    m, k = x.shape
+    r = a_index.shape[0] if a_index is not None else a.shape[0]
+    r_pad = pad_rank(r)
+    cfg = skinny_blocks(r_pad)
+    m_blocks, k_blocks = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(k, cfg["BLOCK_K"])
+    n_split = splits(k_blocks, m_blocks, x.device)
+    k_per_split = triton.cdiv(k_blocks, n_split) * cfg["BLOCK_K"]
+    n_split = triton.cdiv(k, k_per_split)
+    part = torch.empty(n_split, m, r, device=x.device, dtype=torch.float32)
+    with launch_context(x.device):
+        _shrink_kernel[(m_blocks, n_split)](
+            x, a, a_index if a_index is not None else a, part, m, k, r, k_per_split,
+            seed, p, 1.0 / (1.0 - p), x.stride(0), x.stride(1), a.stride(0), a.stride(1),
+            A_GATHER=a_index is not None, DROPOUT=p > 0.0, R_PAD=r_pad, PRECISION=dot_precision(x.dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    return part[0] if n_split == 1 else part.sum(0)

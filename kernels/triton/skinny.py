@@ -1,0 +1,148 @@
+"""Skinny reductions of the backward pass, fp32 accumulation, deterministic (no atomics).
+
+- ``dy_pass``: one read of dy (N, d_out) gives dP = dy B (N, r), and optionally
+  dB = dy^T V (d_out, r) and dbias = sum_n dy (d_out,).
+- ``down_grad``: dA = dt^T xd (r, d_in) with xd = dropout(x) regenerated from the seed.
+
+Grids split the token axis (and the feature axis); each program writes its own slice of
+a partial-sum buffer that torch adds in a fixed order afterwards.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks, splits
+from .dropout import keep_scale
+from .tiles import load_factor
+
+
+@triton.jit
+def _dy_pass_kernel(dy_ptr, b_ptr, b_idx_ptr, v_ptr, dp_part_ptr, db_part_ptr, dbias_part_ptr,
+                    M, D, R, rows_per_split,
+                    stride_dym, stride_dyd, stride_br, stride_bd, stride_vm, stride_vr,
+                    B_GATHER: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DBIAS: tl.constexpr,
+                    R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    d_ok = offs_d < D
+    r_ok = offs_r < R
+    b = load_factor(b_ptr, b_idx_ptr, offs_r[None, :], offs_d[:, None], R, D, stride_br, stride_bd, B_GATHER)
+    acc_db = tl.zeros((BLOCK_K, R_PAD), dtype=tl.float32)
+    acc_dbias = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    dp_part_ptr += pid_d.to(tl.int64) * M * R
+    row0 = pid_s * rows_per_split
+    for i in range(0, rows_per_split, BLOCK_M):
+        offs_m = row0 + i + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        rows = offs_m.to(tl.int64)
+        dyt = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_d[None, :] * stride_dyd,
+                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        dp = tl.dot(dyt, b, input_precision=PRECISION)
+        tl.store(dp_part_ptr + rows[:, None] * R + offs_r[None, :], dp, mask=m_ok[:, None] & r_ok[None, :])
+        if COMPUTE_DB:
+            v = tl.load(v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr,
+                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            acc_db = tl.dot(tl.trans(dyt), v.to(dyt.dtype), acc_db, input_precision=PRECISION)
+        if COMPUTE_DBIAS:
+            acc_dbias += tl.sum(dyt.to(tl.float32), axis=0)
+    if COMPUTE_DB:
+        out = db_part_ptr + pid_s.to(tl.int64) * D * R + offs_d[:, None] * R + offs_r[None, :]
+        tl.store(out, acc_db, mask=d_ok[:, None] & r_ok[None, :])
+    if COMPUTE_DBIAS:
+        tl.store(dbias_part_ptr + pid_s.to(tl.int64) * D + offs_d, acc_dbias, mask=d_ok)
+
+
+def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], v: Optional[torch.Tensor],
+            need_bias: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """One pass over dy (N, d_out): (dP, dB, dbias) in fp32.
+
+    The up factor is given transposed, F = b (r, d_out) (pass B.t()) or b[b_index] (rows of
+    W^T, i.e. columns of W, read by index). dP = dy F^T (N, r); dB = dy^T v (d_out, r) when
+    v (N, r) is given, else None; dbias = dy.sum(0) when ``need_bias``, else None.
+    """
+    m, d = dy.shape
+    r = b_index.shape[0] if b_index is not None else b.shape[0]
+    r_pad = pad_rank(r)
+    cfg = skinny_blocks(r_pad)
+    m_blocks, d_blocks = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_K"])
+    n_split = splits(m_blocks, d_blocks, dy.device)
+    rows_per_split = triton.cdiv(m_blocks, n_split) * cfg["BLOCK_M"]
+    n_split = triton.cdiv(m, rows_per_split)
+    f32 = dict(device=dy.device, dtype=torch.float32)
+    dp_part = torch.empty(d_blocks, m, r, **f32)
+    db_part = torch.empty(n_split, d, r, **f32) if v is not None else dp_part
+    dbias_part = torch.empty(n_split, d, **f32) if need_bias else dp_part
+    with launch_context(dy.device):
+        _dy_pass_kernel[(n_split, d_blocks)](
+            dy, b, b_index if b_index is not None else b, v if v is not None else dp_part,
+            dp_part, db_part, dbias_part, m, d, r, rows_per_split,
+            dy.stride(0), dy.stride(1), b.stride(0), b.stride(1),
+            v.stride(0) if v is not None else 0, v.stride(1) if v is not None else 0,
+            B_GATHER=b_index is not None, COMPUTE_DB=v is not None, COMPUTE_DBIAS=need_bias,
+            R_PAD=r_pad, PRECISION=dot_precision(dy.dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    dp = _reduce(dp_part)
+    db = _reduce(db_part) if v is not None else None
+    dbias = _reduce(dbias_part) if need_bias else None
+    return dp, db, dbias
+
+
+@triton.jit
+def _down_grad_kernel(dt_ptr, x_ptr, part_ptr, M, K, R, rows_per_split, seed, p, scale,
+                      stride_dtm, stride_dtr, stride_xm, stride_xk,
+                      DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_s = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    k_ok = offs_k < K
+    r_ok = offs_r < R
+    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    row0 = pid_s * rows_per_split
+    for i in range(0, rows_per_split, BLOCK_M):
+        offs_m = row0 + i + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        rows = offs_m.to(tl.int64)
+        xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if DROPOUT:
+            keep = keep_scale(seed, rows[:, None] * K + offs_k[None, :], p, scale)
+            xt = (xt.to(tl.float32) * keep).to(xt.dtype)
+        dtt = tl.load(dt_ptr + rows[:, None] * stride_dtm + offs_r[None, :] * stride_dtr,
+                      mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(dtt.to(xt.dtype)), xt, acc, input_precision=PRECISION)
+    out = part_ptr + pid_s.to(tl.int64) * R * K + offs_r[:, None] * K + offs_k[None, :]
+    tl.store(out, acc, mask=r_ok[:, None] & k_ok[None, :])
+
+
+def down_grad(dt: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """dA = dt^T dropout_p(x) in fp32, shape (r, d_in); dt (N, r) fp32, x (N, d_in) any strides."""
+    m, k = x.shape
+    r = dt.shape[1]
+    r_pad = pad_rank(r)
+    cfg = skinny_blocks(r_pad)
+    m_blocks, k_blocks = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(k, cfg["BLOCK_K"])
+    n_split = splits(m_blocks, k_blocks, x.device)
+    rows_per_split = triton.cdiv(m_blocks, n_split) * cfg["BLOCK_M"]
+    n_split = triton.cdiv(m, rows_per_split)
+    part = torch.empty(n_split, r, k, device=x.device, dtype=torch.float32)
+    with launch_context(x.device):
+        _down_grad_kernel[(n_split, k_blocks)](
+            dt, x, part, m, k, r, rows_per_split, seed, p, 1.0 / (1.0 - p),
+            dt.stride(0), dt.stride(1), x.stride(0), x.stride(1),
+            DROPOUT=p > 0.0, R_PAD=r_pad, PRECISION=dot_precision(x.dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    return _reduce(part)
+
+
+def _reduce(part: torch.Tensor) -> torch.Tensor:
+    """Sum of the per-program partials along dim 0 (a fixed order: deterministic)."""
+    return part[0] if part.shape[0] == 1 else part.sum(0)
