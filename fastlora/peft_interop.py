@@ -64,6 +64,12 @@ def _check_unsupported(peft: dict[str, Any], unsupported: dict[str, Any]) -> Non
                              f"(only {accepted!r} is supported)")
 
 
+def _peft_targets(peft: dict[str, Any]):
+    """PEFT's target_modules (saved from a set, so in arbitrary order) as a sorted list, or its regex."""
+    targets = peft.get("target_modules")
+    return sorted(targets) if isinstance(targets, (list, tuple, set)) else targets
+
+
 def _lora_config(peft: dict[str, Any]) -> LoraConfig:
     _check_unsupported(peft, _LORA_UNSUPPORTED)
     r, alpha = peft.get("r", 8), peft.get("lora_alpha", 8)
@@ -73,7 +79,7 @@ def _lora_config(peft: dict[str, Any]) -> LoraConfig:
             raise ValueError(f"PEFT LORA config has {field}={differing!r} differing from {default!r}; "
                              f"fastlora uses one rank and alpha for every layer")
     return LoraConfig(r=r, alpha=float(alpha), use_rslora=bool(peft.get("use_rslora", False)),
-                      dropout=float(peft.get("lora_dropout", 0.0)), target_modules=peft.get("target_modules"))
+                      dropout=float(peft.get("lora_dropout", 0.0)), target_modules=_peft_targets(peft))
 
 
 # transformers ACT2FN names (PEANuT's act_fn) -> fastlora activations computing the same function.
@@ -87,7 +93,7 @@ def _neat_config(peft: dict[str, Any]) -> NeatConfig:
     if act_fn not in _PEANUT_ACTIVATIONS:
         raise ValueError(f"PEFT PEANUT config has act_fn={act_fn!r}; fastlora supports {sorted(_PEANUT_ACTIVATIONS)}")
     return NeatConfig(r=peft.get("r", 32), depth=peft.get("depth", 0), activation=_PEANUT_ACTIVATIONS[act_fn],
-                      scale=float(peft.get("scaling", 1.0)), target_modules=peft.get("target_modules"))
+                      scale=float(peft.get("scaling", 1.0)), target_modules=_peft_targets(peft))
 
 
 def _peanut_shapes(config: NeatConfig, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:

@@ -148,7 +148,7 @@ def test_load_peanut_matches_peft(base, inputs, tmp_path, depth, act_fn, scaling
     assert rel_err(output(loaded, inputs), reference) < TOL
     layer = loaded.get_submodule("encoder.layer.0.intermediate.dense")
     assert layer.config == fastlora.NeatConfig(r=4, depth=depth, activation={"linear": "identity"}.get(act_fn, act_fn),
-                                               scale=scaling, target_modules=["query", "intermediate.dense"])
+                                               scale=scaling, target_modules=["intermediate.dense", "query"])
     assert layer.adapter.neat_A.shape == (4, 37)
     assert fastlora.trainable_parameter_count(loaded) == sum(
         t.numel() for t in load_file(str(tmp_path / "adapter_model.safetensors")).values())
