@@ -10,9 +10,12 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 #: True when the kernels of this package were built for the Triton interpreter.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: ...and so were Triton's own library functions (tl.rand), i.e. triton was imported with it set.
+INTERPRETER_READY = INTERPRETED and type(tl.rand).__name__ == "InterpretedFunction"
 
 #: Smallest K of a ``tl.dot`` on NVIDIA GPUs; the rank is padded to at least this.
 MIN_DOT = 16
@@ -68,8 +71,8 @@ def launch_context(device: torch.device):
     """Context to launch on ``device``: its CUDA device, or the interpreter for CPU tensors."""
     if device.type == "cuda":
         return torch.cuda.device(device)
-    if not INTERPRETED:
+    if not INTERPRETER_READY:
         raise RuntimeError(
             f"the Triton kernels need CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 before "
-            "fastlora.kernels.triton is first imported (Triton reads it when the kernels are defined)")
+            "triton is first imported (Triton reads it when kernels are defined, its own included)")
     return contextlib.nullcontext()

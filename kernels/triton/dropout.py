@@ -19,9 +19,9 @@ def keep_scale(seed, offsets, p, scale):
 
 
 @triton.jit
-def _mask_kernel(out_ptr, numel, seed, p, scale, BLOCK: tl.constexpr):
+def _keep_kernel(out_ptr, numel, seed, p, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offsets, keep_scale(seed, offsets, p, scale), mask=offsets < numel)
+    tl.store(out_ptr + offsets, keep_scale(seed, offsets, p, 1.0), mask=offsets < numel)
 
 
 def dropout_mask(n: int, d_in: int, p: float, seed: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -31,11 +31,10 @@ def dropout_mask(n: int, d_in: int, p: float, seed: int, device, dtype=torch.flo
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"p must lie in [0, 1), got {p}")
-    out = torch.empty(n, d_in, device=device, dtype=torch.float32)
-    if out.numel():
+    keep = torch.empty(n, d_in, device=device, dtype=torch.float32)
+    if keep.numel():
         block = 1024
-        with launch_context(out.device):
-            _mask_kernel[(triton.cdiv(out.numel(), block),)](out, out.numel(), seed, p, 1.0 / (1.0 - p),
-                                                             BLOCK=block)
-    return out.to(dtype)
+        with launch_context(keep.device):
+            _keep_kernel[(triton.cdiv(keep.numel(), block),)](keep, keep.numel(), seed, p, BLOCK=block)
+    return keep.to(dtype) / (1.0 - p)
 

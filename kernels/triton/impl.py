@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import torch_impl
 from ..spec import Grads, GradsNeeded, LowRankTerm, zeros_like_or_none
-from .autotune import INTERPRETED
+from .autotune import INTERPRETED, INTERPRETER_READY
 from .dropout import dropout_mask
 from .fused_linear import fused_linear
 from .neat_kernels import neat_backward as _neat_backward
@@ -28,7 +28,7 @@ from .neat_kernels import neat_forward as _neat_forward
 from .shrink import shrink as _shrink_kernel
 from .skinny import down_grad, dy_pass
 
-__all__ = ["INTERPRETED", "backward", "dropout_mask", "forward", "neat_backward", "neat_forward", "shrink"]
+__all__ = ["INTERPRETED", "INTERPRETER_READY", "backward", "dropout_mask", "forward", "neat_backward", "neat_forward", "shrink"]
 
 
 def _down_view(weight: Tensor, term: LowRankTerm) -> tuple[Tensor, Optional[Tensor]]:

@@ -1,0 +1,311 @@
+"""The Triton path of the compute layer against the float64 reference, values and gradients.
+
+Without a GPU the kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1,
+read by ``@triton.jit`` when fastlora's kernel modules are imported), with small shapes.
+``||out - ref|| / ||ref||`` < 1e-5 for fp32 and < 1e-2 for fp16/bf16; the reference runs on
+float64 copies of the same (rounded) inputs. bf16 runs on CUDA only: the interpreter computes
+bf16 arithmetic, dots and stores wrongly. Every ``torch.empty`` during a test is NaN-filled, so
+an output or partial-sum entry a kernel forgets to write shows up.
+"""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from fastlora.kernels import (  # noqa: E402
+    ACTIVATIONS,
+    adapted_linear,
+    adapted_linear_reference,
+    neat_projection,
+    neat_projection_reference,
+)
+from fastlora.kernels.dispatch import select_backend, triton_backend, triton_interpreter_on  # noqa: E402
+from fastlora.kernels.spec import LowRankTerm  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+F64 = torch.float64
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+        not CUDA, reason="bf16 needs a GPU: the Triton interpreter gives wrong bf16 arithmetic, dot and stores")),
+]
+
+
+@pytest.fixture(scope="module")
+def impl():
+    """The Triton backend module; without a GPU, its kernels must be built for the interpreter."""
+    impl = triton_backend()
+    if not CUDA and not triton_interpreter_on():
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run here")
+    if not CUDA and not impl.INTERPRETER_READY:
+        pytest.skip("triton (or fastlora's kernels) was imported before TRITON_INTERPRET=1 was set, so the "
+                    "kernels were built for a GPU; run pytest with TRITON_INTERPRET=1 in the environment")
+    return impl
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch, impl):
+    """torch.empty / empty_like return NaN-filled floating tensors for the test's duration."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+def rel(out, ref):
+    out, ref = out.detach().to(F64), ref.detach().to(F64)
+    assert torch.isfinite(out).all(), "non-finite entries (unwritten output?)"
+    denom = ref.norm()
+    assert denom > 0, "reference is zero: relative error undefined"
+    return float((out - ref).norm() / denom)
+
+
+def make_inputs(dtype, n=37, d_in=53, d_out=29, r=5, *, bias=True, middle=False, rank_weights=False,
+                seed=0):
+    """Random, never-zero inputs (B random, not PEFT's zero init), scaled to O(1) outputs."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * s).to(device=DEVICE, dtype=dtype)
+
+    return dict(
+        x=rnd(n, d_in),
+        weight=rnd(d_out, d_in, s=1.0 / math.sqrt(d_in)),
+        bias=rnd(d_out) if bias else None,
+        lora_a=rnd(r, d_in, s=1.0 / math.sqrt(d_in)),
+        lora_b=rnd(d_out, r, s=1.0 / math.sqrt(r)),
+        middle=rnd(r, r, s=1.0 / math.sqrt(r)) if middle else None,
+        rank_weights=(0.5 + rnd(r).abs()) * rnd(r).sign() if rank_weights else None,
+    )
+
+
+def run_both(inputs, requires, *, x_view=None, gate=1.0, gate_grad=False, **kwargs):
+    """adapted_linear(backend="triton") and the float64 reference on the same inputs.
+
+    requires: input names that need a gradient; x_view maps the x leaf to the x passed in
+    (non-contiguous or 3-D views); gate_grad: the gate is a 0-dim tensor that needs grad.
+    Returns ((y, grads), (y_ref, grads_ref)), grads keyed by name (plus "gate").
+    """
+    x_view = x_view or (lambda t: t)
+    dy = None
+    results = []
+    for dtype in (None, F64):
+        leaves = {k: (v if dtype is None else v.to(dtype)) for k, v in inputs.items() if v is not None}
+        leaves = {k: v.detach().clone().requires_grad_(k in requires) for k, v in leaves.items()}
+        args = {k: leaves.get(k) for k in ("x", "weight", "bias", "lora_a", "lora_b")}
+        extra = {k: leaves[k] for k in ("middle", "rank_weights") if k in leaves}
+        g = torch.tensor(gate, device=DEVICE, dtype=F64 if dtype else torch.float32, requires_grad=gate_grad)
+        g = g if gate_grad else gate
+        x = x_view(args.pop("x"))
+        if dtype is None:
+            y = adapted_linear(x, *args.values(), gate=g, backend="triton", **extra, **kwargs)
+        else:
+            ref_kwargs = dict(kwargs)
+            p, seed = ref_kwargs.pop("dropout", 0.0), ref_kwargs.pop("dropout_seed", None)
+            if p > 0.0:
+                mask = triton_backend().dropout_mask(x.reshape(-1, x.shape[-1]).shape[0], x.shape[-1], p, seed,
+                                                     DEVICE, F64)
+                ref_kwargs["dropout_mask"] = mask.reshape(x.shape)
+            y = adapted_linear_reference(x, *args.values(), gate=g, **extra, **ref_kwargs)
+        if dy is None:
+            gen = torch.Generator().manual_seed(99)
+            dy = torch.randn(y.shape, generator=gen, dtype=F64).to(DEVICE)
+        names = [k for k in requires if k in leaves]
+        wrt = [leaves[k] for k in names] + ([g] if gate_grad else [])
+        grads = torch.autograd.grad(y, wrt, dy.to(y.dtype)) if wrt else ()
+        results.append((y, dict(zip(names + (["gate"] if gate_grad else []), grads))))
+    return results
+
+
+def check(results, dtype, expect, zero=()):
+    """Output and the gradients named in ``expect`` within tolerance; those in ``zero`` exactly 0."""
+    (y, grads), (y_ref, grads_ref) = results
+    tol = TOL[dtype]
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert rel(y, y_ref) < tol, "output"
+    assert sorted(grads) == sorted(list(expect) + list(zero))
+    for name in expect:
+        assert grads[name].shape == grads_ref[name].shape, name
+        assert rel(grads[name], grads_ref[name]) < tol, f"grad of {name}: {rel(grads[name], grads_ref[name])}"
+    for name in zero:
+        assert grads[name].shape == grads_ref[name].shape and torch.count_nonzero(grads_ref[name]) == 0
+        assert torch.count_nonzero(grads[name]) == 0, f"grad of {name} is not zero"
+
+
+LORA_GRADS = ["x", "bias", "lora_a", "lora_b"]
+
+
+# --------------------------------------------------------------------------- adapted linear
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plain_lora(dtype):
+    inputs = make_inputs(dtype)
+    check(run_both(inputs, LORA_GRADS, scale=0.7), dtype, LORA_GRADS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_middle_and_rank_weights(dtype):
+    inputs = make_inputs(dtype, r=7, middle=True, rank_weights=True)
+    names = LORA_GRADS + ["middle", "rank_weights"]
+    check(run_both(inputs, names, scale=1.3), dtype, names)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gate_on_with_gate_grad(dtype):
+    inputs = make_inputs(dtype, middle=True, rank_weights=True)
+    check(run_both(inputs, LORA_GRADS, gate=1.0, gate_grad=True, scale=0.5), dtype, LORA_GRADS + ["gate"])
+
+
+def _forbid(monkeypatch, impl, *names):
+    """Make the named kernel launchers of the Triton backend fail if called."""
+    def fail(*args, **kwargs):
+        raise AssertionError("low-rank kernel launched with the gate off")
+    for name in names:
+        monkeypatch.setattr(impl, name, fail)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gate_off_with_gate_grad(dtype, impl, monkeypatch):
+    """Only the shrink (t) and the dy pass (dP) run; the gate gets s*sum(dP ⊙ v), factors zeros."""
+    _forbid(monkeypatch, impl, "fused_linear", "down_grad")
+    inputs = make_inputs(dtype, rank_weights=True)
+    results = run_both(inputs, LORA_GRADS + ["rank_weights"], gate=0.0, gate_grad=True, scale=0.5)
+    check(results, dtype, ["x", "bias", "gate"], zero=["lora_a", "lora_b", "rank_weights"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gate_off_without_gate_grad(dtype, impl, monkeypatch):
+    """No low-rank launch at all; y is F.linear exactly; needed factors get zero gradients (not None)."""
+    _forbid(monkeypatch, impl, "fused_linear", "down_grad", "dy_pass", "shrink")
+    inputs = make_inputs(dtype, middle=True)
+    results = run_both(inputs, LORA_GRADS + ["middle"], gate=0.0)
+    check(results, dtype, ["x", "bias"], zero=["lora_a", "lora_b", "middle"])
+    base = torch.nn.functional.linear(inputs["x"], inputs["weight"], inputs["bias"])
+    assert torch.equal(results[0][0], base)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_curlora_gather_by_index(dtype, monkeypatch):
+    """A = W[I], B = W[:, J] read by index in the kernels; the gathered copies are never built."""
+    def no_copy(self, weight):
+        raise AssertionError("W[I] / W[:, J] materialised")
+    monkeypatch.setattr(LowRankTerm, "down", no_copy)
+    monkeypatch.setattr(LowRankTerm, "up", no_copy)
+    inputs = make_inputs(dtype, r=6, middle=True)
+    inputs["lora_a"] = inputs["lora_b"] = None
+    rows = torch.tensor([3, 0, 28, 3, 11, 7], device=DEVICE)
+    cols = torch.tensor([52, 1, 4, 4, 30, 0], device=DEVICE)
+    names = ["x", "bias", "middle"]
+    check(run_both(inputs, names, row_index=rows, col_index=cols), dtype, names)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_with_triton_mask(dtype):
+    inputs = make_inputs(dtype, middle=True)
+    names = LORA_GRADS + ["middle"]
+    check(run_both(inputs, names, dropout=0.3, dropout_seed=1234, scale=0.8), dtype, names)
+
+
+def test_dropout_mask_values(impl):
+    mask = impl.dropout_mask(64, 40, 0.25, 7, DEVICE)
+    assert mask.shape == (64, 40) and mask.dtype == torch.float32
+    assert set(mask.unique().tolist()) == {0.0, torch.tensor(1.0 / 0.75).item()}
+    assert 0.15 < float((mask == 0).float().mean()) < 0.35
+    assert torch.equal(mask, impl.dropout_mask(64, 40, 0.25, 7, DEVICE))
+    assert not torch.equal(mask, impl.dropout_mask(64, 40, 0.25, 8, DEVICE))
+    # entry (n, k) depends on n * d_in + k only: a prefix of rows is the same mask
+    assert torch.equal(mask[:10], impl.dropout_mask(10, 40, 0.25, 7, DEVICE))
+
+
+@pytest.mark.parametrize("n,d_in,d_out,r", [(1, 16, 16, 1), (70, 33, 45, 17), (19, 8, 3, 2)])
+def test_odd_shapes(n, d_in, d_out, r):
+    inputs = make_inputs(torch.float32, n, d_in, d_out, r, rank_weights=True)
+    names = LORA_GRADS + ["rank_weights"]
+    check(run_both(inputs, names, dropout=0.1, dropout_seed=5), torch.float32, names)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_x(dtype):
+    inputs = make_inputs(dtype, n=53, d_in=37)
+    inputs["x"] = inputs["x"].t().contiguous()  # leaf (37, 53): x = leaf.t() has strides (1, 53)
+    check(run_both(inputs, LORA_GRADS, x_view=lambda t: t.t(), dropout=0.2, dropout_seed=3), dtype,
+          LORA_GRADS)
+
+
+def test_strided_x_columns():
+    inputs = make_inputs(torch.float32, d_in=2 * 53)
+    inputs["lora_a"] = inputs["lora_a"][:, ::2].contiguous()
+    inputs["weight"] = inputs["weight"][:, ::2].contiguous()
+    check(run_both(inputs, LORA_GRADS, x_view=lambda t: t[:, ::2]), torch.float32, LORA_GRADS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_3d_x(dtype):
+    inputs = make_inputs(dtype, n=2 * 9)
+    inputs["x"] = inputs["x"].reshape(2, 9, -1)
+    check(run_both(inputs, LORA_GRADS, dropout=0.25, dropout_seed=11), dtype, LORA_GRADS)
+
+
+def test_backward_is_deterministic():
+    inputs = make_inputs(torch.float32, n=70, r=9, rank_weights=True)
+    names = LORA_GRADS + ["rank_weights"]
+    first = run_both(inputs, names, dropout=0.2, dropout_seed=2)[0][1]
+    second = run_both(inputs, names, dropout=0.2, dropout_seed=2)[0][1]
+    for name in names:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_only_the_input_gradient():
+    inputs = make_inputs(torch.float32)
+    check(run_both(inputs, ["x"], scale=0.7), torch.float32, ["x"])
+
+
+@pytest.mark.skipif(not CUDA, reason="backend='auto' picks Triton only for CUDA tensors")
+def test_auto_backend_picks_triton_on_cuda(impl):
+    x = torch.randn(4, 8, device=DEVICE)
+    assert select_backend("auto", x, x.dtype) is impl
+
+
+# --------------------------------------------------------------------------- NEAT projection
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_neat_projection(act, dtype):
+    g = torch.Generator().manual_seed(3)
+    d_out, d_in, r = 29, 45, 6
+    weight = (torch.randn(d_out, d_in, generator=g, dtype=F64) / math.sqrt(d_out)).to(DEVICE, dtype)
+    a_n = (torch.randn(r, d_out, generator=g, dtype=F64)).to(DEVICE, dtype)
+    dh = torch.randn(d_in, r, generator=g, dtype=F64).to(DEVICE)
+    a_leaf = a_n.clone().requires_grad_(True)
+    h = neat_projection(weight, a_leaf, act, backend="triton")
+    (da,) = torch.autograd.grad(h, a_leaf, dh.to(dtype))
+    a_ref = a_n.to(F64).requires_grad_(True)
+    h_ref = neat_projection_reference(weight.to(F64), a_ref, act)
+    (da_ref,) = torch.autograd.grad(h_ref, a_ref, dh)
+    assert h.dtype == dtype and h.shape == (d_in, r) and da.shape == (r, d_out)
+    assert rel(h, h_ref) < TOL[dtype]
+    assert rel(da, da_ref) < TOL[dtype]
+
+
+def test_neat_forward_returns_preactivation(impl):
+    weight = torch.randn(20, 33, device=DEVICE)
+    a_n = torch.randn(3, 20, device=DEVICE)
+    h, z = impl.neat_forward(weight, a_n, "relu")
+    z_ref = weight.double().t() @ a_n.double().t()
+    assert rel(z, z_ref) < 1e-5
+    assert torch.equal(h, torch.relu(z))
