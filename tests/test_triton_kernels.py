@@ -253,6 +253,26 @@ def test_strided_x_columns():
     check(run_both(inputs, LORA_GRADS, x_view=lambda t: t[:, ::2]), torch.float32, LORA_GRADS)
 
 
+def test_strided_weight_bias_factors_and_indices():
+    """Transposed weight storage and strided bias, factors and index vectors, used as given."""
+    g = torch.Generator().manual_seed(4)
+    d_in, d_out, r = 37, 29, 5
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=F64).to(DEVICE, torch.float32)
+
+    x, weight, bias, middle = rnd(23, d_in), rnd(d_in, d_out).t(), rnd(2 * d_out)[::2], rnd(r, r)
+    factors = dict(lora_a=rnd(d_in, r).t(), lora_b=rnd(d_out, 2 * r)[:, ::2])
+    gathered = dict(lora_a=None, lora_b=None, row_index=torch.arange(2 * r, device=DEVICE)[::2] * 3,
+                    col_index=torch.arange(2 * r, device=DEVICE)[1::2] * 2)
+    for kwargs in (factors, gathered):
+        y = adapted_linear(x, weight, bias, middle=middle, scale=0.5, backend="triton", **kwargs)
+        kwargs64 = {k: (v.double() if v is not None and v.is_floating_point() else v) for k, v in kwargs.items()}
+        ref = adapted_linear_reference(x.double(), weight.double(), bias.double(), middle=middle.double(),
+                                       scale=0.5, **kwargs64)
+        assert rel(y, ref) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_3d_x(dtype):
     inputs = make_inputs(dtype, n=2 * 9)

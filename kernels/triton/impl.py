@@ -33,12 +33,12 @@ __all__ = ["INTERPRETED", "INTERPRETER_READY", "backward", "dropout_mask", "forw
 
 def _down_view(weight: Tensor, term: LowRankTerm) -> tuple[Tensor, Optional[Tensor]]:
     """A (r, d_in) as (matrix, row index): the factor, or W with row_index."""
-    return (term.a, None) if term.a is not None else (weight, term.row_index)
+    return (term.a, None) if term.a is not None else (weight, term.row_index.contiguous())
 
 
 def _up_view(weight: Tensor, term: LowRankTerm) -> tuple[Tensor, Optional[Tensor]]:
     """B^T (r, d_out) as (matrix, row index): B.t(), or W.t() with col_index."""
-    return (term.b.t(), None) if term.b is not None else (weight.t(), term.col_index)
+    return (term.b.t(), None) if term.b is not None else (weight.t(), term.col_index.contiguous())
 
 
 def shrink(x: Tensor, weight: Tensor, term: LowRankTerm) -> Tensor:
@@ -64,6 +64,7 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm
     t = shrink(x, weight, term)
     _, v = _mixed(t, term)
     up, up_index = _up_view(weight, term)
+    bias = bias.contiguous() if bias is not None else None
     y = fused_linear(x, weight.t(), bias, v * (term.scale * term.gate), up, up_index)
     return y, t
 
