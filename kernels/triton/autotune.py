@@ -42,9 +42,9 @@ def pad_rank(r: int) -> int:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` of ``tl.dot``: fp32 follows torch's TF32 switch, as a torch matmul would."""
-    if dtype == torch.float32 and not (torch.backends.cuda.matmul.allow_tf32 and not INTERPRETED):
-        return "ieee"
-    return "tf32"  # Triton's default; ignored for fp16/bf16 operands
+    if dtype != torch.float32:
+        return "tf32"  # Triton's default; no effect on fp16/bf16 operands
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not INTERPRETED else "ieee"
 
 
 def target_programs(device: torch.device) -> int:

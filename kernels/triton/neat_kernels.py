@@ -105,24 +105,19 @@ def _neat_backward_kernel(w_ptr, dh_ptr, z_ptr, da_ptr, D_OUT, D_IN, R,
     tl.store(out, acc.to(da_ptr.dtype.element_ty), mask=o_ok[:, None] & r_ok[None, :])
 
 
-def _blocks(r: int) -> tuple[int, int, dict]:
-    r_pad = pad_rank(r)
-    cfg = skinny_blocks(r_pad)
-    return r_pad, cfg["BLOCK_M"], {"BLOCK_K": cfg["BLOCK_K"], "num_warps": cfg["num_warps"]}
-
-
 def neat_forward(weight: torch.Tensor, a_n: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(H, Z), both (d_in, r) in weight's dtype: Z = W^T A_n^T, H = act(Z); weight (d_out, d_in), a_n (r, d_out)."""
     d_out, d_in = weight.shape
     r = a_n.shape[0]
-    r_pad, block_rows, cfg = _blocks(r)
+    r_pad = pad_rank(r)
+    cfg = skinny_blocks(r_pad)
     h = torch.empty(d_in, r, device=weight.device, dtype=weight.dtype)
     z = torch.empty_like(h)
     with launch_context(weight.device):
-        _neat_forward_kernel[(triton.cdiv(d_in, block_rows),)](
+        _neat_forward_kernel[(triton.cdiv(d_in, cfg["BLOCK_M"]),)](
             weight, a_n, h, z, d_out, d_in, r, weight.stride(0), weight.stride(1), a_n.stride(0), a_n.stride(1),
             ACT=ACT_CODES[act], R_PAD=r_pad, PRECISION=dot_precision(weight.dtype),
-            BLOCK_I=block_rows, BLOCK_O=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+            BLOCK_I=cfg["BLOCK_M"], BLOCK_O=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     return h, z
 
 
@@ -130,12 +125,13 @@ def neat_backward(dh: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, act: 
     """dA_n = (W (dH ⊙ act'(Z)))^T, shape (r, d_out) in weight's dtype; dh, z (d_in, r)."""
     d_out, d_in = weight.shape
     r = z.shape[1]
-    r_pad, block_rows, cfg = _blocks(r)
+    r_pad = pad_rank(r)
+    cfg = skinny_blocks(r_pad)
     da = torch.empty(r, d_out, device=weight.device, dtype=weight.dtype)
     with launch_context(weight.device):
-        _neat_backward_kernel[(triton.cdiv(d_out, block_rows),)](
+        _neat_backward_kernel[(triton.cdiv(d_out, cfg["BLOCK_M"]),)](
             weight, dh, z, da, d_out, d_in, r, weight.stride(0), weight.stride(1),
             dh.stride(0), dh.stride(1), z.stride(0), z.stride(1),
             ACT=ACT_CODES[act], R_PAD=r_pad, PRECISION=dot_precision(weight.dtype),
-            BLOCK_O=block_rows, BLOCK_I=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+            BLOCK_O=cfg["BLOCK_M"], BLOCK_I=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     return da
