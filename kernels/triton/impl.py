@@ -27,7 +27,8 @@ from .neat_kernels import neat_forward as _neat_forward
 from .shrink import shrink as _shrink_kernel
 from .skinny import down_grad, dy_pass
 
-__all__ = ["INTERPRETED", "INTERPRETER_READY", "backward", "dropout_mask", "forward", "neat_backward", "neat_forward", "shrink"]
+__all__ = ["INTERPRETED", "INTERPRETER_READY", "backward", "dropout_mask", "forward", "neat_backward",
+           "neat_forward", "shrink"]
 
 
 def _down_view(weight: Tensor, term: LowRankTerm) -> tuple[Tensor, Optional[Tensor]]:
