@@ -101,8 +101,8 @@ class LoraConfig(AdapterConfig):
 class SelectiveLoraConfig(LoraConfig):
     """Selective LoRA: a learnable score per layer gates the block, g = 1[score >= threshold].
 
-    score_init above threshold (all blocks on at start); sparsity_weight is the L1
-    coefficient lambda of regularization_loss.
+    score_init >= threshold (all blocks on at start, as METHODS.md fixes); sparsity_weight
+    is the coefficient lambda of the L1 penalty lambda * |score| of regularization_loss.
     """
 
     method: ClassVar[str] = "selective_lora"
@@ -113,8 +113,13 @@ class SelectiveLoraConfig(LoraConfig):
     def validate(self) -> None:
         super().validate()
         _check_positive(self, "sparsity_weight", allow_zero=True)
-        if not math.isfinite(self.threshold) or not math.isfinite(self.score_init):
-            raise ValueError("SelectiveLoraConfig.threshold and score_init must be finite")
+        for name in ("threshold", "score_init"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"SelectiveLoraConfig.{name} must be a finite number, got {value!r}")
+        if self.score_init < self.threshold:
+            raise ValueError(f"SelectiveLoraConfig.score_init={self.score_init!r} must be >= "
+                             f"threshold={self.threshold!r} (every block starts switched on)")
 
 
 @_register
@@ -132,8 +137,10 @@ class RankSelectiveLoraConfig(LoraConfig):
     def validate(self) -> None:
         super().validate()
         _check_positive(self, "sparsity_strength", allow_zero=True)
-        if not math.isfinite(self.importance_init):
-            raise ValueError("RankSelectiveLoraConfig.importance_init must be finite")
+        value = self.importance_init
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
+            raise ValueError(f"RankSelectiveLoraConfig.importance_init must be a finite nonzero number "
+                             f"(0 would prune every rank before training), got {value!r}")
 
 
 @_register

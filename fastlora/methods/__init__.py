@@ -4,15 +4,20 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..config import AdapterConfig, CurLoraConfig, LoraConfig, NeatConfig
+from ..config import RankSelectiveLoraConfig, SelectiveLoraConfig
 from .base import Adapter
 from .curlora import CurLoraAdapter
 from .lora import LoraAdapter
 from .neat import NeatAdapter
+from .rank_selective import RankSelectiveLoraAdapter
+from .selective import SelectiveLoraAdapter
 
 ADAPTER_TYPES: dict[type, type[Adapter]] = {
     LoraConfig: LoraAdapter,
     CurLoraConfig: CurLoraAdapter,
     NeatConfig: NeatAdapter,
+    SelectiveLoraConfig: SelectiveLoraAdapter,
+    RankSelectiveLoraConfig: RankSelectiveLoraAdapter,
 }
 
 

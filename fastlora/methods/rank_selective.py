@@ -1,0 +1,98 @@
+"""CoDyRA, dynamic rank-selective LoRA (arXiv 2412.01004): a sparse importance per rank.
+
+    y = x W^T + b + s * ((dropout(x) A^T) ⊙ lambda) B^T     s = alpha / r (alpha / sqrt(r) with rsLoRA)
+    after each optimizer step (learning rate lr):
+        lambda <- sign(lambda) * max(|lambda| - lr * sparsity_strength, 0)
+
+Ranks with lambda == 0 are pruned and cost nothing: the fused op only sees the active
+ranks' factors A[act] (k, d_in), B[:, act] (d_out, k), lambda[act] (k,), gathered with
+index_select, whose backward scatters gradients back (pruned ranks get zeros). With no
+active rank the low-rank path is skipped (gate 0). ΔW = s B diag(lambda) A.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import RankSelectiveLoraConfig
+from .base import Adapter, adapter_factory
+
+
+def soft_threshold(values: Tensor, threshold: float) -> Tensor:
+    """The proximal operator of threshold * ||.||_1: sign(v) * max(|v| - threshold, 0)."""
+    return values.sign() * (values.abs() - threshold).clamp_min(0)
+
+
+def _refresh_after_load(module: "RankSelectiveLoraAdapter", incompatible_keys) -> None:
+    module.refresh_active_ranks()
+
+
+class RankSelectiveLoraAdapter(Adapter):
+    """importance = lambda (r,) filled with importance_init, lora_A (r, d_in)
+    kaiming-uniform(a=sqrt 5), lora_B (d_out, r) zeros; buffer active_index (k,) int64 of
+    the ranks with lambda != 0 (not saved: recomputed from lambda after load_state_dict
+    and after each proximal step).
+
+    Choice: a pruned rank stays pruned. It gets no gradient, so plain SGD leaves it at 0;
+    the proximal step also resets pruned ranks to 0 first, so optimizer momentum or
+    weight decay cannot revive one either, and the set of active ranks only shrinks.
+    After changing ``importance`` by hand, call ``refresh_active_ranks()``.
+    """
+
+    def __init__(self, config: RankSelectiveLoraConfig, in_features: int, out_features: int,
+                 weight: Tensor, layer_index: int = 0) -> None:
+        super().__init__(config, in_features, out_features)
+        factory = adapter_factory(weight)
+        # registered first: the training hooks pass the learning rate of an adapter's first
+        # parameter held by the optimizer, which is then lambda's own
+        self.importance = nn.Parameter(torch.full((config.r,), float(config.importance_init), **factory))
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, **factory))
+        self.register_buffer("active_index", torch.arange(config.r, device=weight.device), persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+        self.scale = config.scale
+        self.sparsity_strength = float(config.sparsity_strength)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @torch.no_grad()
+    def refresh_active_ranks(self) -> None:
+        """active_index <- the ranks whose lambda is nonzero."""
+        self.active_index = torch.nonzero(self.importance).flatten()
+
+    def op_arguments(self, weight: Tensor) -> dict[str, Any]:
+        active = self.active_index
+        if active.numel() == 0:
+            return {"lora_a": self.lora_A, "lora_b": self.lora_B, "rank_weights": self.importance,
+                    "gate": 0.0, "scale": self.scale}
+        if active.numel() == self.config.r:
+            return {"lora_a": self.lora_A, "lora_b": self.lora_B, "rank_weights": self.importance,
+                    "scale": self.scale}
+        return {"lora_a": self.lora_A.index_select(0, active), "lora_b": self.lora_B.index_select(1, active),
+                "rank_weights": self.importance.index_select(0, active), "scale": self.scale}
+
+    def delta_weight(self, weight: Tensor) -> Tensor:
+        """ΔW = s B[:, act] diag(lambda[act]) A[act]; zeros (nothing computed) with no active rank."""
+        if self.active_index.numel() == 0:
+            return torch.zeros_like(weight)
+        return super().delta_weight(weight)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, learning_rate: float) -> None:
+        """Keep pruned ranks at 0, soft-threshold lambda by lr * sparsity_strength, refresh
+        the active ranks."""
+        pruned = torch.ones_like(self.importance, dtype=torch.bool)
+        pruned[self.active_index] = False
+        self.importance.masked_fill_(pruned, 0.0)
+        self.importance.copy_(soft_threshold(self.importance, learning_rate * self.sparsity_strength))
+        self.refresh_active_ranks()
+
+    def extra_stats(self) -> dict[str, float]:
+        return {"active_ranks": float(self.active_index.numel())}

@@ -1,0 +1,272 @@
+"""Selective LoRA against METHODS.md: hard gate 1[score >= tau], straight-through score
+gradient, L1 sparsity penalty, gated-off blocks cost nothing and merge to nothing."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastlora
+from fastlora import AdapterLinear, SelectiveLoraConfig
+
+D_IN, D_OUT, N = 37, 29, 11
+
+
+def _rel(out, ref):
+    return float((out - ref).detach().norm() / ref.detach().norm())
+
+
+def _layer(r=5, alpha=3.0, bias=True, **kwargs):
+    torch.manual_seed(1)
+    return AdapterLinear(D_IN, D_OUT, bias=bias, config=SelectiveLoraConfig(r=r, alpha=alpha, **kwargs),
+                         dtype=torch.float64)
+
+
+def _randomise(layer, score=None):
+    with torch.no_grad():
+        layer.adapter.lora_A.copy_(torch.randn_like(layer.adapter.lora_A))
+        layer.adapter.lora_B.copy_(torch.randn_like(layer.adapter.lora_B))
+        if score is not None:
+            layer.adapter.score.fill_(score)
+
+
+def _formula(x, weight, bias, a, b, gate, scale):
+    """y = x W^T + b + g s (x A^T) B^T (float64)."""
+    y = x @ weight.T + gate * scale * (x @ a.T) @ b.T
+    return y if bias is None else y + bias
+
+
+def _hand_grads(x, dy, a, b, gate, scale):
+    """(dA, dB, d score) of the formula; d score is the straight-through s sum((dy B) ⊙ (x A^T))."""
+    t, dp = x @ a.T, dy @ b
+    return gate * scale * dp.T @ x, gate * scale * dy.T @ t, scale * (dp * t).sum()
+
+
+def test_initialisation_and_zero_b_reproduces_base_exactly():
+    layer = _layer(score_init=0.7)
+    adapter = layer.adapter
+    assert adapter.lora_A.shape == (5, D_IN) and adapter.lora_B.shape == (D_OUT, 5)
+    assert adapter.score.shape == () and adapter.score.item() == 0.7 and adapter.active
+    assert torch.count_nonzero(adapter.lora_B) == 0 and adapter.lora_A.abs().max() > 0
+    assert set(adapter.state_dict()) == {"lora_A", "lora_B", "score"}
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+    for mode in (True, False):
+        layer.train(mode)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gate_on_forward_and_grads_match_float64_formula(bias):
+    layer = _layer(r=6, alpha=2.0, bias=bias)
+    _randomise(layer, score=0.4)
+    adapter, scale = layer.adapter, 2.0 / 6
+    x = torch.randn(3, N, D_IN, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    xr = x.detach().clone().requires_grad_(True)
+    a, b = adapter.lora_A.detach(), adapter.lora_B.detach()
+    ref = _formula(xr, layer.weight, layer.bias, a, b, 1.0, scale)
+    assert _rel(out, ref) < 1e-10
+    base = F.linear(x, layer.weight, layer.bias).detach()
+    assert _rel(out - base, ref - base) < 1e-10
+    dy = torch.randn_like(out)
+    gx, ga, gb, gs = torch.autograd.grad(out, [x, adapter.lora_A, adapter.lora_B, adapter.score], dy)
+    (rx,) = torch.autograd.grad(ref, [xr], dy)
+    ha, hb, hs = _hand_grads(x.detach().reshape(-1, D_IN), dy.reshape(-1, D_OUT), a, b, 1.0, scale)
+    assert _rel(gx, rx) < 1e-10 and _rel(ga, ha) < 1e-10 and _rel(gb, hb) < 1e-10
+    assert abs(float(hs)) > 0 and abs(float(gs - hs)) / abs(float(hs)) < 1e-10
+
+
+def test_gate_is_a_hard_threshold_at_tau():
+    layer = _layer(threshold=0.25, score_init=0.5)
+    _randomise(layer)
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+    base = F.linear(x, layer.weight, layer.bias)
+    a, b = layer.adapter.lora_A.detach(), layer.adapter.lora_B.detach()
+    for score, gate in ((0.25, 1.0), (0.2500001, 1.0), (0.2499999, 0.0), (-3.0, 0.0), (7.0, 1.0)):
+        with torch.no_grad():
+            layer.adapter.score.fill_(score)
+        for mode in (True, False):
+            layer.train(mode)
+            out = layer(x)
+            # the output does not scale with the score: g is exactly 0 or 1
+            assert _rel(out, _formula(x, layer.weight, layer.bias, a, b, gate, 3.0 / 5)) < 1e-12
+            if gate == 0.0:
+                assert torch.equal(out, base)
+        assert layer.adapter.extra_stats()["active"] == gate
+
+
+def test_gated_off_in_training_costs_nothing_but_score_still_learns():
+    layer = _layer(r=4, alpha=1.5)
+    _randomise(layer, score=0.05)
+    adapter = layer.adapter
+    x = torch.randn(N, D_IN, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    # A and B get exact zeros (never None), x only the base gradient
+    assert torch.equal(adapter.lora_A.grad, torch.zeros_like(adapter.lora_A))
+    assert torch.equal(adapter.lora_B.grad, torch.zeros_like(adapter.lora_B))
+    assert torch.equal(x.grad, dy @ layer.weight)
+    # straight-through: the score still sees how the block would have helped
+    _, _, hs = _hand_grads(x.detach(), dy, adapter.lora_A.detach(), adapter.lora_B.detach(), 0.0, 1.5 / 4)
+    assert abs(float(hs)) > 0 and abs(float(adapter.score.grad - hs)) / abs(float(hs)) < 1e-10
+
+
+def test_gated_off_in_eval_never_reads_the_factors():
+    layer = _layer(r=4).eval()
+    adapter = layer.adapter
+    with torch.no_grad():
+        adapter.score.fill_(-1.0)
+        adapter.lora_A.fill_(float("nan"))  # any read would poison the output
+        adapter.lora_B.fill_(float("nan"))
+    assert adapter.gate() == 0.0 and isinstance(adapter.gate(), float)
+    x = torch.randn(2, N, D_IN, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and adapter.score.grad is None
+    # merging drops the block: W is untouched even with non-finite factors
+    weight = layer.weight.detach().clone()
+    layer.merge()
+    assert torch.equal(layer.weight, weight)
+    layer.unmerge()
+    assert torch.equal(layer.weight, weight)
+
+
+def test_no_grad_and_eval_pass_a_float_gate():
+    layer = _layer()
+    assert isinstance(layer.adapter.gate(), torch.Tensor) and layer.adapter.gate().requires_grad
+    with torch.no_grad():
+        assert layer.adapter.gate() == 1.0 and isinstance(layer.adapter.gate(), float)
+    assert isinstance(layer.eval().adapter.gate(), float)
+
+
+def test_regularization_loss_is_l1_of_the_scores():
+    model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT), nn.Linear(D_OUT, 13)),
+                            SelectiveLoraConfig(r=4, sparsity_weight=0.3))
+    with torch.no_grad():
+        model[0].adapter.score.fill_(0.8)
+        model[1].adapter.score.fill_(-0.5)
+    loss = fastlora.regularization_loss(model)
+    assert abs(loss.item() - 0.3 * (0.8 + 0.5)) < 1e-6
+    loss.backward()
+    assert float(model[0].adapter.score.grad) == pytest.approx(0.3)
+    assert float(model[1].adapter.score.grad) == pytest.approx(-0.3)
+
+
+def test_sgd_step_follows_task_gradient_plus_l1():
+    model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64)),
+                            SelectiveLoraConfig(r=3, alpha=6.0, sparsity_weight=0.2))
+    layer = model[0]
+    _randomise(layer)
+    lr, scale = 1e-3, 6.0 / 3
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    hooks = fastlora.attach_training_hooks(model, optimizer)
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+    for _ in range(2):
+        adapter = layer.adapter
+        a, b, score = (t.detach().clone() for t in (adapter.lora_A, adapter.lora_B, adapter.score))
+        optimizer.zero_grad()
+        loss = model(x).square().mean() + fastlora.regularization_loss(model)
+        loss.backward()
+        optimizer.step()
+        assert float(score) >= 0.1  # the block is on
+        y = _formula(x, layer.weight, layer.bias, a, b, 1.0, scale)
+        ha, hb, hs = _hand_grads(x, 2 * y / y.numel(), a, b, 1.0, scale)
+        assert _rel(adapter.lora_A.detach(), a - lr * ha) < 1e-12
+        assert _rel(adapter.lora_B.detach(), b - lr * hb) < 1e-12
+        expected = score - lr * (hs + 0.2 * torch.sign(score))
+        assert abs((adapter.score - expected).item()) < 1e-12
+    hooks.remove()
+
+
+def _train_two_layer_model(sparsity_weight, steps=10):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64), nn.Tanh(),
+                          nn.Linear(D_OUT, 13, dtype=torch.float64))
+    fastlora.inject(model, SelectiveLoraConfig(r=4, sparsity_weight=sparsity_weight))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    hooks = fastlora.attach_training_hooks(model, optimizer)
+    x, target = torch.randn(32, D_IN, dtype=torch.float64), torch.randn(32, 13, dtype=torch.float64)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(x), target) + fastlora.regularization_loss(model)
+        loss.backward()
+        optimizer.step()
+    hooks.remove()
+    return model, optimizer, x, target
+
+
+def test_l1_training_with_large_sparsity_weight_switches_blocks_off():
+    control, _, _, _ = _train_two_layer_model(0.0)
+    assert [layer.adapter.extra_stats()["active"] for _, layer in fastlora.adapter_layers(control)] == [1.0, 1.0]
+    model, optimizer, x, target = _train_two_layer_model(5.0)
+    layers = [layer for _, layer in fastlora.adapter_layers(model)]
+    assert [layer.adapter.extra_stats()["active"] for layer in layers] == [0.0, 0.0]
+    assert all(layer.adapter.score.item() < 0.1 for layer in layers)
+    assert all(torch.count_nonzero(layer.adapter.lora_B) > 0 for layer in layers)  # they had learned
+    # switched off, the model is the base model again, and the factors stay where they are
+    fastlora.set_adapters_enabled(model, False)
+    base = model(x)
+    fastlora.set_adapters_enabled(model, True)
+    assert torch.equal(model(x), base)
+    factors = [t for layer in layers for t in (layer.adapter.lora_A, layer.adapter.lora_B)]
+    before = [t.detach().clone() for t in factors]
+    optimizer.zero_grad()
+    F.mse_loss(model(x), target).backward()
+    optimizer.step()
+    assert all(torch.equal(t, f) for t, f in zip(factors, before))
+
+
+def test_merge_unmerge_round_trip():
+    layer = _layer(r=5, alpha=0.9)
+    _randomise(layer)
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+    layer.eval()
+    before, weight = layer(x), layer.weight.detach().clone()
+    delta = 0.9 / 5 * layer.adapter.lora_B.detach() @ layer.adapter.lora_A.detach()
+    layer.merge()
+    assert layer.merged and _rel(layer.weight, weight + delta) < 1e-14
+    assert _rel(layer(x), before) < 1e-12
+    layer.unmerge()
+    assert _rel(layer.weight, weight) < 1e-14 and _rel(layer(x), before) < 1e-12
+    merged = fastlora.merge_and_unload(nn.Sequential(layer))[0]
+    assert type(merged) is nn.Linear and _rel(merged(x), before) < 1e-12
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64), nn.Tanh(),
+                                 nn.Linear(D_OUT, 13, dtype=torch.float64))
+    model = make()
+    fresh = make()
+    fresh.load_state_dict(model.state_dict())
+    config = SelectiveLoraConfig(r=4, alpha=5.0, threshold=0.3, score_init=0.9, sparsity_weight=0.01)
+    fastlora.inject(model, config)
+    _randomise(model[0], score=0.6)
+    _randomise(model[2], score=0.1)  # switched off
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+    fastlora.save_adapter(model, tmp_path / "ckpt")
+    assert fastlora.read_adapter_config(tmp_path / "ckpt") == config
+    loaded = fastlora.load_adapter(fresh, tmp_path / "ckpt")
+    assert torch.equal(loaded(x), model(x))
+    assert loaded[0].adapter.score.item() == 0.6 and loaded[2].adapter.extra_stats()["active"] == 0.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"sparsity_weight": -1.0}, "sparsity_weight must be a finite number >= 0, got -1.0"),
+    ({"sparsity_weight": float("inf")}, "sparsity_weight"),
+    ({"threshold": float("nan")}, "threshold must be a finite number, got nan"),
+    ({"score_init": float("inf")}, "score_init must be a finite number, got inf"),
+    ({"score_init": 0.05}, r"score_init=0.05 must be >= threshold=0.1"),
+    ({"alpha": 0.0}, "alpha must be a finite number > 0"),
+    ({"r": 0}, "r must be a positive int"),
+])
+def test_bad_config_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SelectiveLoraConfig(**kwargs)
+
+
+def test_rank_larger_than_layer_raises():
+    with pytest.raises(ValueError, match="r=30 exceeds min"):
+        AdapterLinear(D_IN, D_OUT, config=SelectiveLoraConfig(r=30))
