@@ -197,24 +197,28 @@ class NeatConfig(AdapterConfig):
 class CascadeLoraConfig(LoraConfig):
     """LoRASC: cascaded LoRA pairs with slow-fast updates and noisy cascade starts.
 
-    cascade_interval: optimizer steps per cascade step; slow_momentum: EMA factor of
-    the slow adapter toward the fast one at each cascade step; noise_std: std of the
-    noise added to the fresh pair at the start of each cascade step; max_cascades:
-    how many folded pairs are kept (rank of the update grows up to r * (max_cascades+1)).
+    cascade_interval: optimizer steps per cascade step. slow_momentum: m of the slow-fast
+    update slow <- m * slow + (1 - m) * fast at each cascade step (the paper's pace
+    alpha = 1 - m; default 0.5, Lookahead's alpha; 0 folds the whole fast pair). noise_std:
+    std of the Gaussian noise B of each fresh pair starts from (0 = no noise). max_cascades:
+    how many folded pairs are kept (r * max_cascades folded ranks; beyond that the folded
+    update is recompressed to its best rank-(r * max_cascades) approximation).
     """
 
     method: ClassVar[str] = "cascade_lora"
     cascade_interval: int = 100
-    slow_momentum: float = 0.9
+    slow_momentum: float = 0.5
     noise_std: float = 0.0
     max_cascades: int = 4
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.cascade_interval, int) or self.cascade_interval <= 0:
-            raise ValueError(f"CascadeLoraConfig.cascade_interval must be an int > 0, got {self.cascade_interval!r}")
-        if not 0.0 <= self.slow_momentum <= 1.0:
-            raise ValueError(f"CascadeLoraConfig.slow_momentum must lie in [0, 1], got {self.slow_momentum!r}")
+        for name in ("cascade_interval", "max_cascades"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"CascadeLoraConfig.{name} must be an int > 0, got {value!r}")
+        value = self.slow_momentum
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+            raise ValueError(f"CascadeLoraConfig.slow_momentum must lie in [0, 1) (1 would discard every "
+                             f"fast pair), got {value!r}")
         _check_positive(self, "noise_std", allow_zero=True)
-        if not isinstance(self.max_cascades, int) or self.max_cascades < 0:
-            raise ValueError(f"CascadeLoraConfig.max_cascades must be an int >= 0, got {self.max_cascades!r}")

@@ -4,8 +4,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..config import AdapterConfig, CurLoraConfig, LoraConfig, NeatConfig
+from ..config import CascadeLoraConfig
 from ..config import RankSelectiveLoraConfig, SelectiveLoraConfig
 from .base import Adapter
+from .cascade import CascadeLoraAdapter
 from .curlora import CurLoraAdapter
 from .lora import LoraAdapter
 from .neat import NeatAdapter
@@ -16,6 +18,7 @@ ADAPTER_TYPES: dict[type, type[Adapter]] = {
     LoraConfig: LoraAdapter,
     CurLoraConfig: CurLoraAdapter,
     NeatConfig: NeatAdapter,
+    CascadeLoraConfig: CascadeLoraAdapter,
     SelectiveLoraConfig: SelectiveLoraAdapter,
     RankSelectiveLoraConfig: RankSelectiveLoraAdapter,
 }
