@@ -9,6 +9,8 @@ training budget and learning-rate grid; method-specific knobs are set once here:
 - CURLoRA: k = r sampled rows/columns, alpha = 1, eps = 1e-3 (authors' code), sampler seed = run seed.
 - NEAT: depth 0, ReLU, scale 1 (the defaults).
 - LoRASC: a cascade step every quarter of the budget, at most 4 folded pairs, no noise.
+Quick-mode lrs are the ones the full sweep selected most often on the split scenario (CURLoRA's
+U needs a large lr: its factors C and R are entries of W).
 A method whose config type is not registered in fastlora.methods.ADAPTER_TYPES is skipped.
 """
 from __future__ import annotations
@@ -66,7 +68,7 @@ METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("lora", _lora, 1e-2),
     MethodSpec("selective_lora", _selective, 1e-2),
     MethodSpec("rank_selective_lora", _rank_selective, 1e-2),
-    MethodSpec("curlora", _curlora, 1e-2),
+    MethodSpec("curlora", _curlora, 1e-1),
     MethodSpec("neat", _neat, 1e-2),
     MethodSpec("cascade_lora", _cascade, 1e-2),
 )
