@@ -7,7 +7,8 @@
 
 After every ``optimizer.step()`` each adapter's ``after_optimizer_step(lr)`` runs
 with the learning rate of the param group holding its parameters (CoDyRA's proximal
-step, LoRASC's cascade schedule).
+step, LoRASC's cascade schedule); parameters a rule restarts lose their optimizer
+state (Adam moments), as a freshly created parameter would have none.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ class TrainingHooks:
         for _, layer in adapter_layers(self.model):
             lr = next((rates[id(p)] for p in layer.adapter.parameters() if id(p) in rates), None)
             if lr is not None:
-                layer.adapter.after_optimizer_step(lr)
+                for restarted in layer.adapter.after_optimizer_step(lr):
+                    optimizer.state.pop(restarted, None)
 
     def remove(self) -> None:
         self._handle.remove()

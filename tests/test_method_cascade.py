@@ -306,3 +306,18 @@ def test_config_round_trip_and_rank_check():
     assert fastlora.AdapterConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="r=6"):
         AdapterLinear(5, 40, config=CascadeLoraConfig(r=6))
+
+
+def test_cascade_step_drops_the_optimizer_state_of_the_fresh_pair():
+    model, _ = _tiny_model(CascadeLoraConfig(r=2, cascade_interval=2))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    hooks = fastlora.attach_training_hooks(model, optimizer)
+    x = torch.randn(5, D_IN, dtype=torch.float64)
+    for step in (1, 2):
+        optimizer.zero_grad()
+        model(x).pow(2).sum().backward()
+        optimizer.step()
+        has_state = [p in optimizer.state for p in params]
+        assert all(has_state) if step == 1 else not any(has_state)
+    hooks.remove()

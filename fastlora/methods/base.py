@@ -64,8 +64,13 @@ class Adapter(nn.Module):
         return None
 
     @torch.no_grad()
-    def after_optimizer_step(self, learning_rate: float) -> None:
-        """Training rule applied after each optimizer step (proximal update, cascade...)."""
+    def after_optimizer_step(self, learning_rate: float) -> tuple[nn.Parameter, ...]:
+        """Training rule applied after each optimizer step (proximal update, cascade...).
+
+        Returns the parameters the rule restarted (a fresh cascade pair): the training
+        hooks drop their optimizer state so stale moments do not carry over.
+        """
+        return ()
 
     def extra_stats(self) -> dict[str, float]:
         """Method-specific numbers for reports (active ranks, gate state...)."""

@@ -143,12 +143,15 @@ class CascadeLoraAdapter(Adapter):
         self.reset_parameters()
 
     @torch.no_grad()
-    def after_optimizer_step(self, learning_rate: float) -> None:
-        """Count the step; every cascade_interval-th step runs ``cascade_step``."""
+    def after_optimizer_step(self, learning_rate: float) -> tuple[nn.Parameter, ...]:
+        """Count the step; every cascade_interval-th step runs ``cascade_step`` and returns
+        the restarted pair (its optimizer state is dropped by the training hooks)."""
         self._steps += 1
         self.optimizer_steps.fill_(self._steps)
-        if self._steps % self.interval == 0:
-            self.cascade_step()
+        if self._steps % self.interval != 0:
+            return ()
+        self.cascade_step()
+        return (self.lora_A, self.lora_B)
 
     def extra_stats(self) -> dict[str, float]:
         return {"cascades": float(self._cascades), "folded_rank": float(self.folded_rank),

@@ -85,7 +85,7 @@ class RankSelectiveLoraAdapter(Adapter):
         return super().delta_weight(weight)
 
     @torch.no_grad()
-    def after_optimizer_step(self, learning_rate: float) -> None:
+    def after_optimizer_step(self, learning_rate: float) -> tuple[nn.Parameter, ...]:
         """Keep pruned ranks at 0, soft-threshold lambda by lr * sparsity_strength, refresh
         the active ranks."""
         pruned = torch.ones_like(self.importance, dtype=torch.bool)
@@ -93,6 +93,7 @@ class RankSelectiveLoraAdapter(Adapter):
         self.importance.masked_fill_(pruned, 0.0)
         self.importance.copy_(soft_threshold(self.importance, learning_rate * self.sparsity_strength))
         self.refresh_active_ranks()
+        return ()
 
     def extra_stats(self) -> dict[str, float]:
         return {"active_ranks": float(self.active_index.numel())}
