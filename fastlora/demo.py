@@ -19,7 +19,6 @@ from torch import nn
 from .config import (AdapterConfig, CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig,
                      RankSelectiveLoraConfig, SelectiveLoraConfig)
 from .inject import adapter_layers, inject, trainable_parameter_count
-from .layer import AdapterLinear
 from .training import attach_training_hooks, regularization_loss
 
 PARAPHRASES = [

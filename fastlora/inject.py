@@ -4,7 +4,6 @@ from __future__ import annotations
 import re
 from typing import Iterator
 
-import torch
 from torch import nn
 
 from .config import AdapterConfig

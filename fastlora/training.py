@@ -6,7 +6,7 @@
     hooks.remove()
 
 After every ``optimizer.step()`` each adapter's ``after_optimizer_step(lr)`` runs
-with the learning rate of the param group holding its parameters (CoDyRA's proximal
+with the learning rate of the param group holding its ``rule_parameter()`` (CoDyRA's proximal
 step, LoRASC's cascade schedule); parameters a rule restarts lose their optimizer
 state (Adam moments), as a freshly created parameter would have none.
 """
@@ -43,7 +43,7 @@ class TrainingHooks:
     def _after_step(self, optimizer, args, kwargs) -> None:
         rates = _learning_rates(optimizer)
         for _, layer in adapter_layers(self.model):
-            lr = next((rates[id(p)] for p in layer.adapter.parameters() if id(p) in rates), None)
+            lr = rates.get(id(layer.adapter.rule_parameter()))
             if lr is not None:
                 for restarted in layer.adapter.after_optimizer_step(lr):
                     optimizer.state.pop(restarted, None)

@@ -88,3 +88,11 @@ class Grads:
 def zeros_like_or_none(needed: bool, like: Optional[Tensor]) -> Optional[Tensor]:
     """A zero gradient (never None) for a needed input whose path was skipped."""
     return torch.zeros_like(like) if needed and like is not None else None
+
+
+def fill_skipped_grads(grads: Grads, term: LowRankTerm, needs: GradsNeeded) -> None:
+    """Gate off: the factors get zero gradients (never None, for DDP)."""
+    grads.a = zeros_like_or_none(needs.a, term.a)
+    grads.b = zeros_like_or_none(needs.b, term.b)
+    grads.middle = zeros_like_or_none(needs.middle, term.middle)
+    grads.rank_weights = zeros_like_or_none(needs.rank_weights, term.rank_weights)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .activations import activation, activation_grad
-from .spec import Grads, GradsNeeded, LowRankTerm, zeros_like_or_none
+from .spec import Grads, GradsNeeded, LowRankTerm, fill_skipped_grads
 
 
 def dropout_keep_mask(shape, p: float, seed: int, device, dtype) -> Tensor:
@@ -74,7 +74,7 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Option
     if needs.x:
         grads.x = dy @ weight
     if not term.lowrank_on and not needs.gate:
-        _fill_skipped(grads, term, needs)
+        fill_skipped_grads(grads, term, needs)
         return grads
     if not needs.any_lowrank and not needs.x:
         return grads
@@ -86,7 +86,7 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Option
     if needs.gate:
         grads.gate = term.scale * (dp * v).sum()
     if not term.lowrank_on:
-        _fill_skipped(grads, term, needs)
+        fill_skipped_grads(grads, term, needs)
         return grads
     sg = term.scale * term.gate
     dv = dp * sg
@@ -104,15 +104,6 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Option
         dxd = dt @ term.down(weight)
         grads.x = grads.x + _dropped(dxd, term)
     return grads
-
-
-def _fill_skipped(grads: Grads, term: LowRankTerm, needs: GradsNeeded) -> None:
-    """Gate off: the factors get zero gradients (never None, for DDP)."""
-    grads.a = zeros_like_or_none(needs.a, term.a)
-    grads.b = zeros_like_or_none(needs.b, term.b)
-    grads.middle = zeros_like_or_none(needs.middle, term.middle)
-    grads.rank_weights = zeros_like_or_none(needs.rank_weights, term.rank_weights)
-
 
 
 def neat_forward(weight: Tensor, a_n: Tensor, act: str) -> tuple[Tensor, Tensor]:

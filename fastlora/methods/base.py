@@ -63,6 +63,10 @@ class Adapter(nn.Module):
         """This adapter's term of the training loss (None when the method has none)."""
         return None
 
+    def rule_parameter(self) -> Optional[nn.Parameter]:
+        """The parameter whose param-group learning rate drives ``after_optimizer_step``."""
+        return next(self.parameters(), None)
+
     @torch.no_grad()
     def after_optimizer_step(self, learning_rate: float) -> tuple[nn.Parameter, ...]:
         """Training rule applied after each optimizer step (proximal update, cascade...).

@@ -11,14 +11,14 @@ active rank the low-rank path is skipped (gate 0). ΔW = s B diag(lambda) A.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..config import RankSelectiveLoraConfig
-from .base import Adapter, adapter_factory
+from .base import adapter_factory
+from .lora import LoraAdapter
 
 
 def soft_threshold(values: Tensor, threshold: float) -> Tensor:
@@ -30,7 +30,7 @@ def _refresh_after_load(module: "RankSelectiveLoraAdapter", incompatible_keys) -
     module.refresh_active_ranks()
 
 
-class RankSelectiveLoraAdapter(Adapter):
+class RankSelectiveLoraAdapter(LoraAdapter):
     """importance = lambda (r,) filled with importance_init, lora_A (r, d_in)
     kaiming-uniform(a=sqrt 5), lora_B (d_out, r) zeros; buffer active_index (k,) int64 of
     the ranks with lambda != 0 (not saved: recomputed from lambda after load_state_dict
@@ -44,23 +44,16 @@ class RankSelectiveLoraAdapter(Adapter):
 
     def __init__(self, config: RankSelectiveLoraConfig, in_features: int, out_features: int,
                  weight: Tensor, layer_index: int = 0) -> None:
-        super().__init__(config, in_features, out_features)
+        super().__init__(config, in_features, out_features, weight, layer_index)
         factory = adapter_factory(weight)
-        # registered first: the training hooks pass the learning rate of an adapter's first
-        # parameter held by the optimizer, which is then lambda's own
         self.importance = nn.Parameter(torch.full((config.r,), float(config.importance_init), **factory))
-        self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, **factory))
         self.register_buffer("active_index", torch.arange(config.r, device=weight.device), persistent=False)
         self.register_load_state_dict_post_hook(_refresh_after_load)
-        self.scale = config.scale
         self.sparsity_strength = float(config.sparsity_strength)
-        self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+    def rule_parameter(self) -> nn.Parameter:
+        """The proximal step uses lambda's own learning rate."""
+        return self.importance
 
     @torch.no_grad()
     def refresh_active_ranks(self) -> None:

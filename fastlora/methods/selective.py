@@ -11,17 +11,17 @@ get zero gradients. Merging drops a gated-off block.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..config import SelectiveLoraConfig
-from .base import Adapter, adapter_factory
+from .base import adapter_factory
+from .lora import LoraAdapter
 
 
-class SelectiveLoraAdapter(Adapter):
+class SelectiveLoraAdapter(LoraAdapter):
     """lora_A (r, d_in) kaiming-uniform(a=sqrt 5), lora_B (d_out, r) zeros, score () = score_init.
 
     Choice: the L1 penalty is sparsity_weight * |score| (the L1 norm, as METHODS.md
@@ -32,20 +32,10 @@ class SelectiveLoraAdapter(Adapter):
 
     def __init__(self, config: SelectiveLoraConfig, in_features: int, out_features: int,
                  weight: Tensor, layer_index: int = 0) -> None:
-        super().__init__(config, in_features, out_features)
-        factory = adapter_factory(weight)
-        self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, **factory))
-        self.score = nn.Parameter(torch.tensor(float(config.score_init), **factory))
-        self.scale = config.scale
+        super().__init__(config, in_features, out_features, weight, layer_index)
+        self.score = nn.Parameter(torch.tensor(float(config.score_init), **adapter_factory(weight)))
         self.threshold = float(config.threshold)
         self.sparsity_weight = float(config.sparsity_weight)
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
 
     @property
     def active(self) -> bool:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import torch_impl
-from ..spec import Grads, GradsNeeded, LowRankTerm, zeros_like_or_none
+from ..spec import Grads, GradsNeeded, LowRankTerm, fill_skipped_grads
 from .autotune import INTERPRETED, INTERPRETER_READY
 from .dropout import dropout_mask
 from .fused_linear import fused_linear
@@ -81,7 +81,7 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Option
         if needs.x:
             grads.x = dy @ weight
         if not term.lowrank_on:
-            _fill_skipped(grads, term, needs)
+            fill_skipped_grads(grads, term, needs)
         return grads
     if t is None:
         t = shrink(x, weight, term)
@@ -97,7 +97,7 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Option
     if not term.lowrank_on:
         if needs.x:
             grads.x = dy @ weight
-        _fill_skipped(grads, term, needs)
+        fill_skipped_grads(grads, term, needs)
         return grads
     if want_db:
         grads.b = db.to(term.b.dtype)
@@ -114,14 +114,6 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Option
         down, down_index = _down_view(weight, term)
         grads.x = fused_linear(dy, weight, None, dt, down, down_index, term.dropout_p, term.dropout_seed)
     return grads
-
-
-def _fill_skipped(grads: Grads, term: LowRankTerm, needs: GradsNeeded) -> None:
-    """Gate off: the factors get zero gradients (never None, for DDP)."""
-    grads.a = zeros_like_or_none(needs.a, term.a)
-    grads.b = zeros_like_or_none(needs.b, term.b)
-    grads.middle = zeros_like_or_none(needs.middle, term.middle)
-    grads.rank_weights = zeros_like_or_none(needs.rank_weights, term.rank_weights)
 
 
 def neat_forward(weight: Tensor, a_n: Tensor, act: str) -> tuple[Tensor, Tensor]:
