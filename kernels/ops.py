@@ -56,8 +56,9 @@ def adapted_linear(
                                 scale, row_index, col_index, dropout)
     dtype = _compute_dtype(x)
     impl = dispatch.select_backend(backend, x, dtype)
-    gate_tensor = gate if isinstance(gate, Tensor) else torch.tensor(float(gate), device=x.device)
-    gate_value = float(gate_tensor.detach())
+    # a float gate is used as is, not read back from a device tensor (a host sync on GPU)
+    gate_value = float(gate.detach()) if isinstance(gate, Tensor) else float(gate)
+    gate_tensor = gate if isinstance(gate, Tensor) else torch.tensor(gate_value, device=x.device)
     if dropout > 0.0 and dropout_seed is None:
         dropout_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     lead_shape = x.shape[:-1]

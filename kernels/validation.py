@@ -25,6 +25,8 @@ def _check_index(name: str, index: Tensor, bound: int, what: str) -> None:
         raise TypeError(f"{name} must be a 1-D int32/int64 tensor, got {index.dtype} with shape {tuple(index.shape)}")
     if index.numel() == 0:
         raise ValueError(f"{name} must not be empty")
+    if torch.compiler.is_compiling():
+        return  # the range check reads index values on the host: eager mode only
     lo, hi = int(index.min()), int(index.max())
     if lo < 0 or hi >= bound:
         raise IndexError(f"{name} values must lie in [0, {bound}) ({what}), got range [{lo}, {hi}]")
@@ -70,7 +72,10 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
     _check_shape("rank_weights", rank_weights, (r,))
     if isinstance(gate, Tensor) and gate.numel() != 1:
         raise ValueError(f"gate must be a scalar, got shape {tuple(gate.shape)}")
-    if not math.isfinite(float(gate.detach() if isinstance(gate, Tensor) else gate)):
+    tensor_gate = isinstance(gate, Tensor)
+    # a tensor gate's value is a host read: checked in eager mode only
+    if not (tensor_gate and torch.compiler.is_compiling()) and \
+            not math.isfinite(float(gate.detach() if tensor_gate else gate)):
         raise ValueError(f"gate must be finite, got {gate}")
     if isinstance(scale, Tensor) and scale.requires_grad:
         raise TypeError("scale is a host scalar and gets no gradient; pass a float or a tensor "

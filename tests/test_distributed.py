@@ -1,0 +1,103 @@
+"""Data-parallel training gives the adapter gradients of one process on the whole batch.
+
+torchrun starts 2 CPU ranks (gloo) running tests/distributed_worker.py: each trains on its
+half of a fixed batch under DDP (find_unused_parameters=False) and under FSDP2
+(fully_shard), three SGD steps with the training hooks. Every registered method is checked
+against the single-process run in float64: the gradients of every step and the parameters
+after them (so post-step rules, gated-off blocks and pruned ranks run under the wrapper).
+"""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import distributed_worker as worker
+
+WORLD_SIZE = 2
+TOLERANCE = 1e-10  # float64; the sharded mean only reorders the reductions
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    """Per rank: {(wrapper, method): result} from one torchrun launch."""
+    out = tmp_path_factory.mktemp("distributed")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+               os.path.join(os.path.dirname(__file__), "distributed_worker.py"), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    return [torch.load(out / f"rank{k}.pt", weights_only=False) for k in range(WORLD_SIZE)]
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    scale = ref.norm()
+    return float((out - ref).norm() / scale) if scale > 0 else float(out.norm())
+
+
+def _assert_close(result: dict, reference: dict, where: str) -> None:
+    for step, (grads, ref_grads) in enumerate(zip(result["grads"], reference["grads"])):
+        assert grads.keys() == ref_grads.keys()
+        for name, ref in ref_grads.items():
+            err = _rel(grads[name], ref)
+            assert err < TOLERANCE, f"{where}: step {step + 1} grad of {name}: rel err {err:.2e}"
+    for name, ref in reference["params"].items():
+        err = _rel(result["params"][name], ref)
+        assert err < TOLERANCE, f"{where}: {name} after {worker.STEPS} steps: rel err {err:.2e}"
+
+
+# Known gaps under FSDP2 (found by this test; strict, so a fix shows up as XPASS): state
+# read or written outside the owning layer's forward meets sharded DTensor parameters.
+FSDP2_GAPS = {
+    "selective_lora": "score is a 0-dim Parameter, which fully_shard refuses; as a (1,) tensor, "
+                      "regularization_loss reads it outside the layer's forward, so the penalty is a "
+                      "DTensor added to the plain loss (mixed torch.Tensor and DTensor)",
+    "rank_selective_lora": "after_optimizer_step writes the sharded importance DTensor with a plain "
+                           "mask (index_put_ mixes torch.Tensor and DTensor)",
+    "cascade_lora": "the cascade step in after_optimizer_step copies plain tensors into sharded "
+                    "DTensor parameters (copy_ mixes torch.Tensor and DTensor)",
+}
+
+
+def _cases():
+    for method in worker.METHODS:
+        yield pytest.param(method, "ddp", id=f"{method}-ddp")
+        gap = FSDP2_GAPS.get(method)
+        marks = [pytest.mark.xfail(reason=f"FSDP2: {gap}", strict=True)] if gap else []
+        yield pytest.param(method, "fsdp2", marks=marks, id=f"{method}-fsdp2")
+
+
+@pytest.mark.parametrize("method, wrapper", list(_cases()))
+def test_data_parallel_matches_single_process(rank_results, wrapper, method):
+    if method not in worker.registered_methods():
+        pytest.skip(f"{method}: no adapter registered in fastlora.methods.ADAPTER_TYPES")
+    reference = worker.run_single(method)
+    for rank, results in enumerate(rank_results):
+        result = results[wrapper, method]
+        if "unavailable" in result:
+            pytest.skip(f"FSDP2 cannot run: {result['unavailable']}")
+        assert "error" not in result, f"{wrapper}/{method} failed on rank {rank}:\n{result['error']}"
+        _assert_close(result, reference, f"{wrapper}/{method} rank {rank}")
+
+
+def test_reference_gates_off_and_prunes_after_step_one():
+    """The configs really exercise the switched-off paths the data-parallel test relies on."""
+    for method, check in (("selective_lora", lambda a: not a.active),
+                          ("rank_selective_lora", lambda a: a.active_index.numel() == 0)):
+        if method not in worker.registered_methods():
+            continue
+        model = worker.build_model(method)
+        result = worker.train(model, model, *worker.full_batch())
+        assert check(model[2].adapter), f"{method}: layer 2 is still on after the steps"
+        for step, grads in enumerate(result["grads"][1:], start=2):
+            for name in ("2.adapter.lora_A", "2.adapter.lora_B"):
+                assert torch.count_nonzero(grads[name]) == 0, f"{method}: step {step} {name} grad nonzero while off"
