@@ -17,7 +17,11 @@ from .spec import GradsNeeded, LowRankTerm
 
 
 class AdaptedLinearFunction(torch.autograd.Function):
-    """y = x W^T + bias + scale * gate * ((dropout(x) A^T) M^T ⊙ m) B^T on 2-D x."""
+    """y = x W^T + bias + scale * gate * ((dropout(x) A^T) M^T ⊙ m) B^T for x (..., d_in).
+
+    Leading dimensions are flattened inside, so y (..., d_out) is a fresh tensor, not a
+    view (as nn.Linear returns; FSDP's hooks rely on it).
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optional[Tensor],
@@ -28,12 +32,15 @@ class AdaptedLinearFunction(torch.autograd.Function):
         term = LowRankTerm(a, b, middle, rank_weights, row_index, col_index,
                            scale, gate_value, dropout_p, dropout_seed)
         needs_gate_grad = ctx.needs_input_grad[7]
-        y, t = backend.forward(x, weight, bias, term, keep_t=needs_gate_grad)
-        ctx.save_for_backward(x, weight, a, b, middle, rank_weights, row_index, col_index, t)
+        ctx.x_shape = x.shape
+        x2d = x.reshape(-1, x.shape[-1])
+        y, t = backend.forward(x2d, weight, bias, term, keep_t=needs_gate_grad)
+        ctx.save_for_backward(x2d, weight, a, b, middle, rank_weights, row_index, col_index, t)
         ctx.scalars = (scale, gate_value, dropout_p, dropout_seed)
         ctx.backend = backend
         ctx.gate_dtype, ctx.gate_shape = gate.dtype, gate.shape
-        return y
+        # aten's _unsafe_view (as matmul uses): same storage, no view relation to y
+        return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -42,7 +49,10 @@ class AdaptedLinearFunction(torch.autograd.Function):
         flags = ctx.needs_input_grad
         needs = GradsNeeded(x=flags[0], bias=flags[2], a=flags[3], b=flags[4], middle=flags[5],
                             rank_weights=flags[6], gate=flags[7])
-        grads = ctx.backend.backward(dy.contiguous(), x, weight, term, t, needs)
+        dy2d = dy.reshape(-1, dy.shape[-1]).contiguous()
+        grads = ctx.backend.backward(dy2d, x, weight, term, t, needs)
+        if grads.x is not None:
+            grads.x = grads.x.reshape(ctx.x_shape)
         gate_grad = grads.gate.to(ctx.gate_dtype).reshape(ctx.gate_shape) if grads.gate is not None else None
         return (grads.x, None, grads.bias, grads.a, grads.b, grads.middle, grads.rank_weights,
                 gate_grad, None, None, None, None, None, None, None)

@@ -61,17 +61,12 @@ def adapted_linear(
     gate_tensor = gate if isinstance(gate, Tensor) else torch.tensor(gate_value, device=x.device)
     if dropout > 0.0 and dropout_seed is None:
         dropout_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    lead_shape = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    if x2d.dtype != dtype:
-        x2d = x2d.to(dtype)
     with torch.autocast(x.device.type, enabled=False):
-        y = AdaptedLinearFunction.apply(
-            x2d, _cast(weight, dtype), _cast(bias, dtype), _cast(lora_a, dtype), _cast(lora_b, dtype),
+        return AdaptedLinearFunction.apply(
+            _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), _cast(lora_a, dtype), _cast(lora_b, dtype),
             _cast(middle, dtype), _cast(rank_weights, dtype), gate_tensor,
             _as_long(row_index), _as_long(col_index),
             float(scale), gate_value, float(dropout), int(dropout_seed or 0), impl)
-    return y.reshape(*lead_shape, weight.shape[0])
 
 
 def _as_long(index: Optional[Tensor]) -> Optional[Tensor]:

@@ -72,9 +72,10 @@ class NeatAdapter(Adapter):
         return h
 
     def _state_key(self, weight: Tensor) -> Optional[tuple]:
-        """What H' depends on, or None when it cannot be tracked (inference tensors)."""
+        """What H' depends on, or None when it cannot be tracked (inference tensors, or
+        under torch.compile, which traces the projection instead)."""
         tensors = (weight, *self.parameters())
-        if any(t.is_inference() for t in tensors):
+        if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
             return None
         device = weight.device.type
         autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
