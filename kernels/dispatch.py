@@ -20,12 +20,17 @@ BACKENDS = ("auto", "torch", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@functools.lru_cache(maxsize=1)
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing: no import in the trace
 def triton_backend() -> ModuleType | None:
     """The Triton implementation module, or None when Triton is not installed.
 
     Errors inside the implementation itself (e.g. a Triton API difference) propagate.
     """
+    return _import_triton_backend()
+
+
+@functools.lru_cache(maxsize=1)
+def _import_triton_backend() -> ModuleType | None:
     if importlib.util.find_spec("triton") is None:
         return None
     return importlib.import_module("fastlora.kernels.triton.impl")

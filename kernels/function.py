@@ -1,19 +1,22 @@
 """The autograd Function of the adapted linear: one hand-written backward for every backend.
 
-The backend module (``torch_impl`` or ``triton.impl``) supplies ``forward`` and
-``backward`` primitives with the same contract; this Function only saves what the
-backward needs (x, the small t = xd A^T, the factors) and routes gradients.
-Dropout is regenerated from the saved seed, so no (N, d_in) mask is stored.
+The primitives are the custom ops ``fastlora::adapted_linear_fwd`` / ``_bwd``
+(``custom_ops``), which run the named backend (``torch_impl`` or ``triton.impl``); this
+Function only saves what the backward needs (x, the small t = xd A^T, the factors, the
+seed) and routes gradients. Dropout is regenerated from the saved seed, so no (N, d_in)
+mask is stored.
 """
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .spec import GradsNeeded, LowRankTerm
+from . import custom_ops
+
+#: positions in forward's inputs of the gradients in custom_ops.GRAD_FIELDS order
+_GRAD_INPUTS = (0, 2, 3, 4, 5, 6, 7)
 
 
 class AdaptedLinearFunction(torch.autograd.Function):
@@ -27,16 +30,16 @@ class AdaptedLinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optional[Tensor],
                 b: Optional[Tensor], middle: Optional[Tensor], rank_weights: Optional[Tensor],
                 gate: Tensor, row_index: Optional[Tensor], col_index: Optional[Tensor],
-                scale: float, gate_value: float, dropout_p: float, dropout_seed: int,
-                backend: ModuleType) -> Tensor:
-        term = LowRankTerm(a, b, middle, rank_weights, row_index, col_index,
-                           scale, gate_value, dropout_p, dropout_seed)
-        needs_gate_grad = ctx.needs_input_grad[7]
+                seed: Optional[Tensor], scale: float, gate_value: float, dropout_p: float,
+                backend: str) -> Tensor:
+        keep_t = ctx.needs_input_grad[7]  # the gate's gradient needs t even when the gate is 0
         ctx.x_shape = x.shape
         x2d = x.reshape(-1, x.shape[-1])
-        y, t = backend.forward(x2d, weight, bias, term, keep_t=needs_gate_grad)
-        ctx.save_for_backward(x2d, weight, a, b, middle, rank_weights, row_index, col_index, t)
-        ctx.scalars = (scale, gate_value, dropout_p, dropout_seed)
+        y, t = torch.ops.fastlora.adapted_linear_fwd(x2d, weight, bias, a, b, middle, rank_weights, row_index,
+                                                     col_index, seed, scale, gate_value, dropout_p, keep_t, backend)
+        t = t if custom_ops.t_computed(gate_value, keep_t) else None
+        ctx.save_for_backward(x2d, weight, a, b, middle, rank_weights, row_index, col_index, t, seed)
+        ctx.scalars = (scale, gate_value, dropout_p)
         ctx.backend = backend
         ctx.gate_dtype, ctx.gate_shape = gate.dtype, gate.shape
         # aten's _unsafe_view (as matmul uses): same storage, no view relation to y
@@ -44,15 +47,18 @@ class AdaptedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, weight, a, b, middle, rank_weights, row_index, col_index, t = ctx.saved_tensors
-        term = LowRankTerm(a, b, middle, rank_weights, row_index, col_index, *ctx.scalars)
+        x, weight, a, b, middle, rank_weights, row_index, col_index, t, seed = ctx.saved_tensors
         flags = ctx.needs_input_grad
-        needs = GradsNeeded(x=flags[0], bias=flags[2], a=flags[3], b=flags[4], middle=flags[5],
-                            rank_weights=flags[6], gate=flags[7])
+        needs = [flags[i] for i in _GRAD_INPUTS]
         dy2d = dy.reshape(-1, dy.shape[-1]).contiguous()
-        grads = ctx.backend.backward(dy2d, x, weight, term, t, needs)
-        if grads.x is not None:
-            grads.x = grads.x.reshape(ctx.x_shape)
-        gate_grad = grads.gate.to(ctx.gate_dtype).reshape(ctx.gate_shape) if grads.gate is not None else None
-        return (grads.x, None, grads.bias, grads.a, grads.b, grads.middle, grads.rank_weights,
-                gate_grad, None, None, None, None, None, None, None)
+        computed = iter(torch.ops.fastlora.adapted_linear_bwd(
+            dy2d, x, weight, a, b, middle, rank_weights, row_index, col_index, t, seed, *ctx.scalars,
+            needs, ctx.backend))
+        grads = [next(computed) if need else None for need in needs]
+        grad_x, grad_bias, grad_a, grad_b, grad_middle, grad_rank_weights, grad_gate = grads
+        if grad_x is not None:
+            grad_x = grad_x.reshape(ctx.x_shape)
+        if grad_gate is not None:
+            grad_gate = grad_gate.to(ctx.gate_dtype).reshape(ctx.gate_shape)
+        return (grad_x, None, grad_bias, grad_a, grad_b, grad_middle, grad_rank_weights,
+                grad_gate, None, None, None, None, None, None, None)

@@ -5,12 +5,10 @@ The rest of NEAT is the adapted linear with A = H^T (see ``adapted_linear``), so
 """
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import custom_ops, dispatch
 from .activations import activation, check_activation
 
 
@@ -20,11 +18,14 @@ def neat_projection_reference(weight: Tensor, a_n: Tensor, act: str = "relu") ->
 
 
 class NeatProjectionFunction(torch.autograd.Function):
-    """H = act(W^T A_n^T) with the hand-written backward; saves Z (d_in, r)."""
+    """H = act(W^T A_n^T) with the hand-written backward; saves Z (d_in, r).
+
+    The primitives are the custom ops ``fastlora::neat_fwd`` / ``neat_bwd`` (``custom_ops``).
+    """
 
     @staticmethod
-    def forward(ctx, weight: Tensor, a_n: Tensor, act: str, backend: ModuleType) -> Tensor:
-        h, z = backend.neat_forward(weight, a_n, act)
+    def forward(ctx, weight: Tensor, a_n: Tensor, act: str, backend: str) -> Tensor:
+        h, z = torch.ops.fastlora.neat_fwd(weight, a_n, act, backend)
         ctx.save_for_backward(weight, z)
         ctx.act, ctx.backend = act, backend
         return h
@@ -32,7 +33,7 @@ class NeatProjectionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh: Tensor):
         weight, z = ctx.saved_tensors
-        da = ctx.backend.neat_backward(dh.contiguous(), weight, z, ctx.act)
+        da = torch.ops.fastlora.neat_bwd(dh.contiguous(), weight, z, ctx.act, ctx.backend)
         return None, da, None, None
 
 
@@ -51,4 +52,4 @@ def neat_projection(weight: Tensor, a_n: Tensor, act: str = "relu", backend: str
         raise ValueError("weight is the frozen base weight and must have requires_grad=False")
     a_n = a_n if a_n.dtype == weight.dtype else a_n.to(weight.dtype)
     impl = dispatch.select_backend(backend, weight, weight.dtype)
-    return NeatProjectionFunction.apply(weight, a_n, act, impl)
+    return NeatProjectionFunction.apply(weight, a_n, act, custom_ops.backend_name(impl))

@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import custom_ops, dispatch
 from .function import AdaptedLinearFunction
 from .validation import check_adapted_linear_inputs
 
@@ -59,14 +59,27 @@ def adapted_linear(
     # a float gate is used as is, not read back from a device tensor (a host sync on GPU)
     gate_value = float(gate.detach()) if isinstance(gate, Tensor) else float(gate)
     gate_tensor = gate if isinstance(gate, Tensor) else torch.tensor(gate_value, device=x.device)
-    if dropout > 0.0 and dropout_seed is None:
-        dropout_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    seed = _seed_tensor(dropout, dropout_seed)
     with torch.autocast(x.device.type, enabled=False):
         return AdaptedLinearFunction.apply(
             _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), _cast(lora_a, dtype), _cast(lora_b, dtype),
             _cast(middle, dtype), _cast(rank_weights, dtype), gate_tensor,
             _as_long(row_index), _as_long(col_index),
-            float(scale), gate_value, float(dropout), int(dropout_seed or 0), impl)
+            seed, float(scale), gate_value, float(dropout), custom_ops.backend_name(impl))
+
+
+def _seed_tensor(dropout: float, dropout_seed: Optional[int]) -> Optional[Tensor]:
+    """The dropout seed as a (1,) int64 CPU tensor (None without dropout).
+
+    Drawn as a tensor, not read with .item(), so torch.compile keeps the draw in the graph
+    (no graph break, a fresh seed per call); the op reads it on the host, and a CPU read
+    never syncs a GPU. An explicit int seed becomes a constant of the graph.
+    """
+    if dropout == 0.0:
+        return None
+    if dropout_seed is None:
+        return torch.randint(0, 2**31 - 1, (1,))
+    return torch.tensor([dropout_seed], dtype=torch.int64)
 
 
 def _as_long(index: Optional[Tensor]) -> Optional[Tensor]:

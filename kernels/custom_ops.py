@@ -1,0 +1,162 @@
+"""The forward and backward primitives as torch custom ops: opaque nodes for torch.compile.
+
+    fastlora::adapted_linear_fwd   (y, t)                    of the adapted linear
+    fastlora::adapted_linear_bwd   [grad of each needed input]
+    fastlora::neat_fwd             (H, Z)                    of NEAT's projection
+    fastlora::neat_bwd             dA_n
+
+Each runs the backend named by ``backend`` ("torch": ``torch_impl``, "triton": the Triton
+module) and has a shape-only fake, so Dynamo/AOTAutograd record one node per call instead
+of tracing the backend's Python. ``AdaptedLinearFunction`` and ``NeatProjectionFunction``
+call them: the hand-written backward stays, the ops are its primitives (no autograd is
+registered on the ops themselves).
+
+Conventions, so a fake can state every output's metadata: outputs are fresh, contiguous
+tensors; t is fp32 on the Triton path and in x's dtype on the torch path, and an empty
+(0,) tensor when not computed; the gate gradient is 0-dim in dy's dtype (torch) or fp32
+(Triton). Scalars (scale, gate, dropout p) are floats. The dropout seed is a 1-element
+int64 CPU tensor (None without dropout) read on the host inside the op: it can be drawn
+in a compiled graph (no graph break, no recompile per seed) and its read never syncs a GPU.
+"""
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch, torch_impl
+from .spec import GradsNeeded, LowRankTerm
+
+#: GradsNeeded / Grads fields in the order of the ``needs`` flags and of the backward's outputs
+GRAD_FIELDS = ("x", "bias", "a", "b", "middle", "rank_weights", "gate")
+
+_FWD_SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, Tensor? a, Tensor? b, Tensor? middle, "
+               "Tensor? rank_weights, Tensor? row_index, Tensor? col_index, Tensor? seed, float scale, "
+               "float gate, float dropout_p, bool keep_t, str backend) -> (Tensor, Tensor)")
+_BWD_SCHEMA = ("(Tensor dy, Tensor x, Tensor weight, Tensor? a, Tensor? b, Tensor? middle, "
+               "Tensor? rank_weights, Tensor? row_index, Tensor? col_index, Tensor? t, Tensor? seed, "
+               "float scale, float gate, float dropout_p, bool[] needs, str backend) -> Tensor[]")
+
+
+def backend_name(impl: ModuleType) -> str:
+    """"torch" or "triton" for a module returned by ``dispatch.select_backend``."""
+    return "torch" if impl is torch_impl else "triton"
+
+
+def _module(backend: str) -> ModuleType:
+    if backend == "torch":
+        return torch_impl
+    if backend == "triton":
+        impl = dispatch.triton_backend()
+        if impl is not None:
+            return impl
+    raise ValueError(f"backend must be 'torch' or 'triton' (installed), got {backend!r}")
+
+
+def _t_dtype(x: Tensor, backend: str) -> torch.dtype:
+    return torch.float32 if backend == "triton" else x.dtype
+
+
+def _term(a, b, middle, rank_weights, row_index, col_index, seed, scale, gate, dropout_p) -> LowRankTerm:
+    return LowRankTerm(a, b, middle, rank_weights, row_index, col_index, scale, gate, dropout_p,
+                       int(seed) if seed is not None else 0)
+
+
+def t_computed(gate: float, keep_t: bool) -> bool:
+    """Whether the forward forms t = xd A^T: the low-rank path is on, or the gate's gradient needs it."""
+    return gate != 0.0 or keep_t
+
+
+@torch.library.custom_op("fastlora::adapted_linear_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def adapted_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optional[Tensor],
+                       b: Optional[Tensor], middle: Optional[Tensor], rank_weights: Optional[Tensor],
+                       row_index: Optional[Tensor], col_index: Optional[Tensor], seed: Optional[Tensor],
+                       scale: float, gate: float, dropout_p: float, keep_t: bool,
+                       backend: str) -> tuple[Tensor, Tensor]:
+    """(y (N, d_out), t (N, r) or empty) for x (N, d_in); see the backends' ``forward``."""
+    term = _term(a, b, middle, rank_weights, row_index, col_index, seed, scale, gate, dropout_p)
+    y, t = _module(backend).forward(x, weight, bias, term, keep_t)
+    t_dtype = _t_dtype(x, backend)
+    t = x.new_empty(0, dtype=t_dtype) if t is None else t.to(t_dtype).contiguous()
+    return y.contiguous(), t
+
+
+@adapted_linear_fwd.register_fake
+def _(x, weight, bias, a, b, middle, rank_weights, row_index, col_index, seed, scale, gate, dropout_p,
+      keep_t, backend):
+    rank = (a if a is not None else row_index).shape[0]
+    t_shape = (x.shape[0], rank) if t_computed(gate, keep_t) else (0,)
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(t_shape, dtype=_t_dtype(x, backend))
+
+
+def _gate_grad_dtype(dy: Tensor, backend: str) -> torch.dtype:
+    return torch.float32 if backend == "triton" else dy.dtype
+
+
+@torch.library.custom_op("fastlora::adapted_linear_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+def adapted_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, a: Optional[Tensor], b: Optional[Tensor],
+                       middle: Optional[Tensor], rank_weights: Optional[Tensor], row_index: Optional[Tensor],
+                       col_index: Optional[Tensor], t: Optional[Tensor], seed: Optional[Tensor], scale: float,
+                       gate: float, dropout_p: float, needs: list[bool], backend: str) -> list[Tensor]:
+    """The gradients of the inputs flagged in ``needs`` (order of GRAD_FIELDS), never None.
+
+    t: the forward's t, or None (recomputed). See the backends' ``backward``.
+    """
+    term = _term(a, b, middle, rank_weights, row_index, col_index, seed, scale, gate, dropout_p)
+    grads = _module(backend).backward(dy, x, weight, term, t, GradsNeeded(*needs))
+    out = []
+    for field, needed in zip(GRAD_FIELDS, needs):
+        if not needed:
+            continue
+        grad = getattr(grads, field)
+        if grad is None:
+            raise RuntimeError(f"backend {backend!r} returned no gradient for needed input {field!r}")
+        if field == "gate":
+            grad = grad.to(_gate_grad_dtype(dy, backend)).reshape(())
+        out.append(grad.contiguous())
+    return out
+
+
+@adapted_linear_bwd.register_fake
+def _(dy, x, weight, a, b, middle, rank_weights, row_index, col_index, t, seed, scale, gate, dropout_p,
+      needs, backend):
+    likes = {"x": x, "a": a, "b": b, "middle": middle, "rank_weights": rank_weights}
+    out = []
+    for field, needed in zip(GRAD_FIELDS, needs):
+        if not needed:
+            continue
+        if field == "gate":
+            out.append(dy.new_empty((), dtype=_gate_grad_dtype(dy, backend)))
+        elif field == "bias":
+            out.append(dy.new_empty(dy.shape[1]))
+        else:
+            out.append(dy.new_empty(likes[field].shape, dtype=likes[field].dtype))
+    return out
+
+
+@torch.library.custom_op("fastlora::neat_fwd", mutates_args=(), schema="(Tensor weight, Tensor a_n, str act, "
+                         "str backend) -> (Tensor, Tensor)")
+def neat_fwd(weight: Tensor, a_n: Tensor, act: str, backend: str) -> tuple[Tensor, Tensor]:
+    """(H, Z), both (d_in, r) in weight's dtype: Z = W^T A_n^T, H = act(Z)."""
+    h, z = _module(backend).neat_forward(weight, a_n, act)
+    if h is z:  # the identity activation: outputs must not alias each other
+        h = z.clone()
+    return h.contiguous(), z.contiguous()
+
+
+@neat_fwd.register_fake
+def _(weight, a_n, act, backend):
+    shape = (weight.shape[1], a_n.shape[0])
+    return weight.new_empty(shape), weight.new_empty(shape)
+
+
+@torch.library.custom_op("fastlora::neat_bwd", mutates_args=(), schema="(Tensor dh, Tensor weight, Tensor z, "
+                         "str act, str backend) -> Tensor")
+def neat_bwd(dh: Tensor, weight: Tensor, z: Tensor, act: str, backend: str) -> Tensor:
+    """dA_n = (W (dH ⊙ act'(Z)))^T, (r, d_out) in weight's dtype."""
+    return _module(backend).neat_backward(dh, weight, z, act).contiguous()
+
+
+@neat_bwd.register_fake
+def _(dh, weight, z, act, backend):
+    return weight.new_empty(z.shape[1], weight.shape[0])
