@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import CascadeLoraConfig
+from ..distributed import copy_full_, full_view
 from .base import Adapter, adapter_factory
 
 
@@ -72,6 +73,8 @@ class CascadeLoraAdapter(Adapter):
     - Optimizer state: the fresh pair reuses the same Parameters; an optimizer's state for
       them (Adam moments) is not reset by the adapter, which never sees the optimizer.
     - Dropout acts on the input of the whole cascade, folded pairs included (one fused call).
+    - Sharded training (FSDP2): the folded buffers are not sharded; every rank holds them
+      whole and folds the gathered fast pair, so all ranks keep the same cascade.
     """
 
     def __init__(self, config: CascadeLoraConfig, in_features: int, out_features: int,
@@ -99,12 +102,18 @@ class CascadeLoraAdapter(Adapter):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """A fresh fast pair: A kaiming-uniform(a=sqrt 5), B ~ N(0, noise_std^2)."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        """A fresh fast pair: A kaiming-uniform(a=sqrt 5), B ~ N(0, noise_std^2).
+
+        The whole pair is drawn from the default generator on every rank (the same values as
+        one process draws) and each rank keeps its shard when the pair is sharded (FSDP2).
+        """
+        new_a = nn.init.kaiming_uniform_(torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype,
+                                                     device=self.lora_A.device), a=math.sqrt(5))
+        new_b = torch.zeros(self.lora_B.shape, dtype=self.lora_B.dtype, device=self.lora_B.device)
         if self.noise_std > 0:
-            nn.init.normal_(self.lora_B, mean=0.0, std=self.noise_std)
-        else:
-            nn.init.zeros_(self.lora_B)
+            nn.init.normal_(new_b, mean=0.0, std=self.noise_std)
+        copy_full_(self.lora_A, new_a)
+        copy_full_(self.lora_B, new_b)
 
     @property
     def folded_rank(self) -> int:
@@ -129,13 +138,14 @@ class CascadeLoraAdapter(Adapter):
         """Fold (A, (1 - slow_momentum) B) into the folded pairs (slow <- m slow + (1 - m) fast),
         then start a fresh noisy pair."""
         k, r = self.folded_rank, self.config.r
-        kept_b = self.lora_B * self.keep
+        lora_a = full_view(self.lora_A)  # a sharded pair is gathered: every rank folds it whole
+        kept_b = full_view(self.lora_B) * self.keep
         if k + r <= self.capacity:
-            self.folded_A[k:k + r] = self.lora_A
+            self.folded_A[k:k + r] = lora_a
             self.folded_B[:, k:k + r] = kept_b
         else:
             new_b, new_a = truncated_factors(torch.cat([self.folded_B, kept_b], dim=1),
-                                             torch.cat([self.folded_A, self.lora_A]), self.capacity)
+                                             torch.cat([self.folded_A, lora_a]), self.capacity)
             self.folded_B.copy_(new_b)
             self.folded_A.copy_(new_a)
         self._cascades += 1

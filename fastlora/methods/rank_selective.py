@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import RankSelectiveLoraConfig
+from ..distributed import full_view, local_part, local_view
 from .base import adapter_factory
 from .lora import LoraAdapter
 
@@ -57,8 +58,8 @@ class RankSelectiveLoraAdapter(LoraAdapter):
 
     @torch.no_grad()
     def refresh_active_ranks(self) -> None:
-        """active_index <- the ranks whose lambda is nonzero."""
-        self.active_index = torch.nonzero(self.importance).flatten()
+        """active_index <- the ranks whose lambda is nonzero (a sharded lambda is gathered)."""
+        self.active_index = torch.nonzero(full_view(self.importance)).flatten()
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
         active = self.active_index
@@ -80,11 +81,12 @@ class RankSelectiveLoraAdapter(LoraAdapter):
     @torch.no_grad()
     def after_optimizer_step(self, learning_rate: float) -> tuple[nn.Parameter, ...]:
         """Keep pruned ranks at 0, soft-threshold lambda by lr * sparsity_strength, refresh
-        the active ranks."""
-        pruned = torch.ones_like(self.importance, dtype=torch.bool)
+        the active ranks. Elementwise on this rank's shard when lambda is sharded (FSDP2)."""
+        pruned = torch.ones(self.config.r, dtype=torch.bool, device=self.active_index.device)
         pruned[self.active_index] = False
-        self.importance.masked_fill_(pruned, 0.0)
-        self.importance.copy_(soft_threshold(self.importance, learning_rate * self.sparsity_strength))
+        importance = local_view(self.importance)
+        importance.masked_fill_(local_part(pruned, self.importance), 0.0)
+        importance.copy_(soft_threshold(importance, learning_rate * self.sparsity_strength))
         self.refresh_active_ranks()
         return ()
 
