@@ -55,25 +55,10 @@ def _assert_close(result: dict, reference: dict, where: str) -> None:
         assert err < TOLERANCE, f"{where}: {name} after {worker.STEPS} steps: rel err {err:.2e}"
 
 
-# Known gaps under FSDP2 (found by this test; strict, so a fix shows up as XPASS): state
-# read or written outside the owning layer's forward meets sharded DTensor parameters.
-FSDP2_GAPS = {
-    "selective_lora": "score is a 0-dim Parameter, which fully_shard refuses; as a (1,) tensor, "
-                      "regularization_loss reads it outside the layer's forward, so the penalty is a "
-                      "DTensor added to the plain loss (mixed torch.Tensor and DTensor)",
-    "rank_selective_lora": "after_optimizer_step writes the sharded importance DTensor with a plain "
-                           "mask (index_put_ mixes torch.Tensor and DTensor)",
-    "cascade_lora": "the cascade step in after_optimizer_step copies plain tensors into sharded "
-                    "DTensor parameters (copy_ mixes torch.Tensor and DTensor)",
-}
-
-
 def _cases():
     for method in worker.METHODS:
         yield pytest.param(method, "ddp", id=f"{method}-ddp")
-        gap = FSDP2_GAPS.get(method)
-        marks = [pytest.mark.xfail(reason=f"FSDP2: {gap}", strict=True)] if gap else []
-        yield pytest.param(method, "fsdp2", marks=marks, id=f"{method}-fsdp2")
+        yield pytest.param(method, "fsdp2", id=f"{method}-fsdp2")
 
 
 @pytest.mark.parametrize("method, wrapper", list(_cases()))

@@ -1,5 +1,7 @@
 """Selective LoRA against METHODS.md: hard gate 1[score >= tau], straight-through score
 gradient, L1 sparsity penalty, gated-off blocks cost nothing and merge to nothing."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,7 +47,7 @@ def test_initialisation_and_zero_b_reproduces_base_exactly():
     layer = _layer(score_init=0.7)
     adapter = layer.adapter
     assert adapter.lora_A.shape == (5, D_IN) and adapter.lora_B.shape == (D_OUT, 5)
-    assert adapter.score.shape == () and adapter.score.item() == 0.7 and adapter.active
+    assert adapter.score.shape == (1,) and adapter.score.item() == 0.7 and adapter.active  # FSDP2 shards dim 0
     assert torch.count_nonzero(adapter.lora_B) == 0 and adapter.lora_A.abs().max() > 0
     assert set(adapter.state_dict()) == {"lora_A", "lora_B", "score"}
     x = torch.randn(N, D_IN, dtype=torch.float64)
@@ -152,6 +154,77 @@ def test_regularization_loss_is_l1_of_the_scores():
     loss.backward()
     assert float(model[0].adapter.score.grad) == pytest.approx(0.3)
     assert float(model[1].adapter.score.grad) == pytest.approx(-0.3)
+
+
+def test_forward_records_the_penalty_and_regularization_loss_hands_it_over_once():
+    model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64)),
+                            SelectiveLoraConfig(r=4, sparsity_weight=0.3))
+    adapter = model[0].adapter
+    with torch.no_grad():
+        adapter.score.fill_(-0.5)
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+    with torch.no_grad():
+        model(x)  # a no_grad forward records nothing
+    assert adapter._penalty is None
+    model(x)
+    recorded = adapter._penalty
+    assert recorded is not None and recorded.shape == () and recorded.requires_grad
+    loss = adapter.regularization_loss()
+    assert loss is recorded and adapter._penalty is None and loss.item() == pytest.approx(0.15, abs=1e-15)
+    again = adapter.regularization_loss()  # no forward since: computed from the score
+    assert again is not recorded and again.item() == loss.item() and again.requires_grad
+    (loss + again).backward()
+    assert adapter.score.grad.item() == pytest.approx(-0.6, abs=1e-15)
+
+
+def _trajectory(regulariser_first, steps=3):
+    """Parameters after SGD steps of mse + regularization_loss, the regulariser called before
+    or after the forward; layer 2 is switched off by the penalty during step 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64), nn.Tanh(),
+                          nn.Linear(D_OUT, 13, dtype=torch.float64))
+    fastlora.inject(model, SelectiveLoraConfig(r=4, sparsity_weight=0.02))
+    with torch.no_grad():
+        model[2].adapter.score.fill_(0.15)
+        model[2].adapter.sparsity_weight = 20.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    hooks = fastlora.attach_training_hooks(model, optimizer)
+    x, target = torch.randn(7, D_IN, dtype=torch.float64), torch.randn(7, 13, dtype=torch.float64)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        if regulariser_first:
+            penalty = fastlora.regularization_loss(model)
+            loss = F.mse_loss(model(x), target) + penalty
+        else:
+            loss = F.mse_loss(model(x), target) + fastlora.regularization_loss(model)
+        loss.backward()
+        optimizer.step()
+    hooks.remove()
+    assert not model[2].adapter.active
+    return [p.detach().clone() for p in params]
+
+
+def test_regularization_loss_before_the_forward_gives_the_same_training():
+    """The forward's record is stale after the step: called first, the term is computed anew."""
+    for got, ref in zip(_trajectory(True), _trajectory(False)):
+        assert torch.equal(got, ref)
+
+
+def test_copies_leave_the_recorded_penalty_behind():
+    layer = _layer()
+    layer(torch.randn(N, D_IN, dtype=torch.float64))
+    assert layer.adapter._penalty is not None
+    copied = copy.deepcopy(layer)  # a non-leaf tensor would refuse deepcopy
+    assert copied.adapter._penalty is None and layer.adapter._penalty is not None
+
+
+def test_checkpoint_with_a_0_dim_score_loads():
+    layer = _layer()
+    state = {**layer.adapter.state_dict(), "score": torch.tensor(0.42, dtype=torch.float64)}
+    fresh = _layer()
+    fresh.adapter.load_state_dict(state)
+    assert fresh.adapter.score.shape == (1,) and fresh.adapter.score.item() == 0.42
 
 
 def test_sgd_step_follows_task_gradient_plus_l1():

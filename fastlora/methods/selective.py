@@ -8,6 +8,10 @@
 A gated-off block skips the low-rank path inside the fused op: in eval mode A and B are
 never read; in training only the straight-through score gradient is formed, and A and B
 get zero gradients. Merging drops a gated-off block.
+
+The penalty is formed inside the layer's forward from the score that forward sees and
+returned by ``regularization_loss``: under FSDP/ZeRO-3 a parameter is whole only inside
+its owner's forward.
 """
 from __future__ import annotations
 
@@ -17,41 +21,74 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SelectiveLoraConfig
+from ..distributed import full_view
 from .base import adapter_factory
 from .lora import LoraAdapter
 
 
-class SelectiveLoraAdapter(LoraAdapter):
-    """lora_A (r, d_in) kaiming-uniform(a=sqrt 5), lora_B (d_out, r) zeros, score () = score_init.
+def _score_as_vector(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints written while score was 0-dim load into the (1,) score."""
+    score = state_dict.get(prefix + "score")
+    if score is not None and score.dim() == 0:
+        state_dict[prefix + "score"] = score.reshape(1)
 
-    Choice: the L1 penalty is sparsity_weight * |score| (the L1 norm, as METHODS.md
-    names it); scores start above the threshold, so while a block is on this equals
-    sparsity_weight * score, and once a score falls below zero the penalty pulls it
-    back toward 0 instead of driving it to -inf.
+
+class SelectiveLoraAdapter(LoraAdapter):
+    """lora_A (r, d_in) kaiming-uniform(a=sqrt 5), lora_B (d_out, r) zeros, score (1,) = score_init.
+
+    Choices:
+    - The L1 penalty is sparsity_weight * |score| (the L1 norm, as METHODS.md names it);
+      scores start above the threshold, so while a block is on this equals
+      sparsity_weight * score, and once a score falls below zero the penalty pulls it back
+      toward 0 instead of driving it to -inf.
+    - score has shape (1,), not (): FSDP2 shards parameters along dim 0 and refuses 0-dim
+      ones. Checkpoints with a 0-dim score still load.
+    - A forward with grad enabled records its penalty term (in that forward's graph);
+      ``regularization_loss`` hands it over once. The record is dropped after an optimizer
+      step (the score moved). Without a record (no forward yet, a no_grad forward, a second
+      call, ``regularization_loss`` called before the forward) the term is computed from the
+      parameter, gathered when sharded.
     """
 
     def __init__(self, config: SelectiveLoraConfig, in_features: int, out_features: int,
                  weight: Tensor, layer_index: int = 0) -> None:
         super().__init__(config, in_features, out_features, weight, layer_index)
-        self.score = nn.Parameter(torch.tensor(float(config.score_init), **adapter_factory(weight)))
+        self.score = nn.Parameter(torch.full((1,), float(config.score_init), **adapter_factory(weight)))
         self.threshold = float(config.threshold)
         self.sparsity_weight = float(config.sparsity_weight)
+        self._penalty: Optional[Tensor] = None
+        self.register_load_state_dict_pre_hook(_score_as_vector)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the recorded penalty (part of one forward's graph) behind."""
+        return {**super().__getstate__(), "_penalty": None}
 
     @property
     def active(self) -> bool:
-        """Whether the block is switched on: score >= threshold."""
-        return bool(self.score.detach() >= self.threshold)
+        """Whether the block is switched on: score >= threshold (gathered when sharded)."""
+        return bool(full_view(self.score.detach()) >= self.threshold)
 
     def gate(self) -> Union[float, Tensor]:
         """The hard gate; a 0-dim tensor carrying the straight-through gradient to score when
         training with grad enabled, a plain float otherwise (no gradient work)."""
-        hard = (self.score.detach() >= self.threshold).to(self.score.dtype)
-        if self.training and torch.is_grad_enabled() and self.score.requires_grad:
+        score = self.score.view(())
+        hard = (score.detach() >= self.threshold).to(score.dtype)
+        if self.training and torch.is_grad_enabled() and score.requires_grad:
             # value exactly `hard`; d gate / d score = 1
-            return hard + (self.score - self.score.detach())
+            return hard + (score - score.detach())
         return float(hard)
 
+    def _l1_penalty(self, score: Tensor) -> Tensor:
+        """sparsity_weight * |score| (0-dim) as sparsity_weight * sign(score) * score: the same
+        value and (sub)gradient as abs, but autograd keeps sign(score), not score (FSDP frees a
+        gathered score after the forward)."""
+        score = score.view(())
+        return self.sparsity_weight * (score.detach().sign() * score)
+
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
+        """The fused op's arguments; with grad enabled, records this forward's penalty term."""
+        if torch.is_grad_enabled() and self.score.requires_grad:
+            self._penalty = self._l1_penalty(self.score)
         return {"lora_a": self.lora_A, "lora_b": self.lora_B, "gate": self.gate(), "scale": self.scale}
 
     def delta_weight(self, weight: Tensor) -> Tensor:
@@ -61,8 +98,20 @@ class SelectiveLoraAdapter(LoraAdapter):
         return super().delta_weight(weight)
 
     def regularization_loss(self) -> Optional[Tensor]:
-        """sparsity_weight * |score| (0-dim)."""
-        return self.sparsity_weight * self.score.abs()
+        """sparsity_weight * |score| (0-dim): the term the latest forward recorded (handed over
+        once), else computed from the score now."""
+        penalty, self._penalty = self._penalty, None
+        return penalty if penalty is not None else self._l1_penalty(full_view(self.score))
+
+    def rule_parameter(self) -> nn.Parameter:
+        """The post-step bookkeeping follows the optimizer that moves the score."""
+        return self.score
+
+    @torch.no_grad()
+    def after_optimizer_step(self, learning_rate: float) -> tuple[nn.Parameter, ...]:
+        """The step moved the score: drop the recorded penalty term."""
+        self._penalty = None
+        return ()
 
     def extra_stats(self) -> dict[str, float]:
-        return {"active": float(self.active), "score": float(self.score.detach())}
+        return {"active": float(self.active), "score": float(full_view(self.score.detach()))}
