@@ -25,7 +25,12 @@ VERDICTS = ("forgets less than lora", "forgets more than lora", "no clear differ
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("continual")
-    main(["--quick", "--seeds", "1", "--out-dir", str(out), "--no-progress"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # as the CLI does: tiny matmuls, no contention
+    try:
+        main(["--quick", "--seeds", "1", "--out-dir", str(out), "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
     return out, json.loads((out / "continual_split_quick.json").read_text())
 
 

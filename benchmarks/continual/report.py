@@ -12,7 +12,7 @@ def _pm(cell: dict, digits: int = 3) -> str:
 def _stats(stats: dict) -> str:
     layers = stats.get("layers", 0.0)
     return ", ".join(f"{k}={v:g}" for k, v in stats.items() if k != "layers") + \
-        (f" (sum over {layers:g} layers)" if layers and len(stats) > 1 else "")
+        (f" (mean per layer, {layers:g} layers)" if layers and len(stats) > 1 else "")
 
 
 def format_table(result: dict) -> str:

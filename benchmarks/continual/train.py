@@ -51,13 +51,13 @@ def _prepare(pretrained: nn.Module, spec: MethodSpec, rank: int, steps: int, see
 
 
 def adapter_stats(model: nn.Module) -> dict[str, float]:
-    """Each extra_stats() key summed over the adapted layers, plus "layers"."""
+    """Each extra_stats() key averaged over the adapted layers, plus "layers" (their count)."""
     totals: dict[str, float] = {}
     layers = list(fastlora.adapter_layers(model))
     for _, layer in layers:
         for key, value in layer.adapter.extra_stats().items():
             totals[key] = totals.get(key, 0.0) + float(value)
-    return {"layers": float(len(layers)), **totals} if layers else {}
+    return {"layers": float(len(layers)), **{k: v / len(layers) for k, v in totals.items()}} if layers else {}
 
 
 def fine_tune(pretrained: nn.Module, scenario: Scenario, spec: MethodSpec, lr: float, seed: int,
