@@ -106,8 +106,8 @@ def _dropout_model() -> nn.Module:
 
 
 def test_compiled_dropout_draws_the_eager_masks():
-    """The dropout seed is drawn at run time (a graph break), never baked into the graph:
-    each step gets a fresh mask, the one eager mode draws from the same global seed."""
+    """The dropout seed is drawn at run time inside the graph (a tensor, no graph break), never
+    baked into it: each step gets a fresh mask, the one eager mode draws from the same global seed."""
     x, target = models.full_batch(torch.float32)
     eager = _dropout_model()
     reference = _training_run(eager, eager, x, target, seed=7)
