@@ -35,7 +35,7 @@ class AdaptedLinearFunction(torch.autograd.Function):
         keep_t = ctx.needs_input_grad[7]  # the gate's gradient needs t even when the gate is 0
         ctx.x_shape = x.shape
         x2d = x.reshape(-1, x.shape[-1])
-        y, t = torch.ops.fastlora.adapted_linear_fwd(x2d, weight, bias, a, b, middle, rank_weights, row_index,
+        y, t = custom_ops.adapted_linear_fwd(x2d, weight, bias, a, b, middle, rank_weights, row_index,
                                                      col_index, seed, scale, gate_value, dropout_p, keep_t, backend)
         t = t if custom_ops.t_computed(gate_value, keep_t) else None
         ctx.save_for_backward(x2d, weight, a, b, middle, rank_weights, row_index, col_index, t, seed)
@@ -51,7 +51,7 @@ class AdaptedLinearFunction(torch.autograd.Function):
         flags = ctx.needs_input_grad
         needs = [flags[i] for i in _GRAD_INPUTS]
         dy2d = dy.reshape(-1, dy.shape[-1]).contiguous()
-        computed = iter(torch.ops.fastlora.adapted_linear_bwd(
+        computed = iter(custom_ops.adapted_linear_bwd(
             dy2d, x, weight, a, b, middle, rank_weights, row_index, col_index, t, seed, *ctx.scalars,
             needs, ctx.backend))
         grads = [next(computed) if need else None for need in needs]

@@ -25,7 +25,7 @@ class NeatProjectionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, a_n: Tensor, act: str, backend: str) -> Tensor:
-        h, z = torch.ops.fastlora.neat_fwd(weight, a_n, act, backend)
+        h, z = custom_ops.neat_fwd(weight, a_n, act, backend)
         ctx.save_for_backward(weight, z)
         ctx.act, ctx.backend = act, backend
         return h
@@ -33,7 +33,7 @@ class NeatProjectionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh: Tensor):
         weight, z = ctx.saved_tensors
-        da = torch.ops.fastlora.neat_bwd(dh.contiguous(), weight, z, ctx.act, ctx.backend)
+        da = custom_ops.neat_bwd(dh.contiguous(), weight, z, ctx.act, ctx.backend)
         return None, da, None, None
 
 

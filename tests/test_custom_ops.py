@@ -88,6 +88,14 @@ def test_opcheck_adapted_linear_fwd(backend):
 NEEDS_SUBSETS = ([False, False, True, True, True, True, False], [True] + [False] * 6, [False] * 6 + [True])
 
 
+def test_eager_calls_run_what_the_ops_run():
+    """Eager mode skips the dispatcher (custom_ops calls the op's implementation): same results bitwise."""
+    for name in FWD_CASES:
+        args = _fwd_args(torch.float64, **FWD_CASES[name])
+        for got, ref in zip(custom_ops.adapted_linear_fwd(*args), OPS.adapted_linear_fwd(*args)):
+            assert torch.equal(got, ref)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_adapted_linear_bwd(backend):
     """Every case with every gradient, and with one subset; t saved or recomputed, alternately."""
