@@ -67,6 +67,7 @@ class AdapterLinear(nn.Module):
         if self.merged or not self.adapter_enabled:
             return F.linear(x, self.weight, self.bias)
         args = {"lora_a": None, "lora_b": None, **self.adapter.op_arguments(self.weight)}
+        args.pop("gate_value", None)  # the host copy of a tensor gate: the reference reads the gate itself
         return adapted_linear_reference(x, self.weight, self.bias, **args)
 
     @torch.no_grad()

@@ -33,6 +33,7 @@ def adapted_linear(
     middle: Optional[Tensor] = None,
     rank_weights: Optional[Tensor] = None,
     gate: Union[float, Tensor] = 1.0,
+    gate_value: Optional[float] = None,
     scale: float = 1.0,
     row_index: Optional[Tensor] = None,
     col_index: Optional[Tensor] = None,
@@ -46,18 +47,19 @@ def adapted_linear(
     lora_a (r, d_in) or None with row_index (r,) (A = W[row_index]), lora_b (d_out, r)
     or None with col_index (r,) (B = W[:, col_index]), middle (r, r), rank_weights (r,).
     gate: float or 0-dim tensor; when it is 0 the low-rank path is skipped (a tensor
-    gate that requires grad still gets d gate = scale * sum((dy B) ⊙ v)). dropout acts
+    gate that requires grad still gets d gate = scale * sum((dy B) ⊙ v)). gate_value: the
+    tensor gate's value as a host float, when the caller knows it (it must equal gate): the
+    op then never reads the gate back from the device (a sync on GPU). dropout acts
     on x in the low-rank path only; its mask is drawn from ``dropout_seed`` (or from
     torch's generator when None). backend: "auto" | "torch" | "triton".
     Factors of another float dtype than x are cast to the compute dtype (autocast's
     when enabled) and receive gradients in their own dtype.
     """
-    check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_weights, gate,
+    check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_weights, gate, gate_value,
                                 scale, row_index, col_index, dropout)
     dtype = _compute_dtype(x)
     impl = dispatch.select_backend(backend, x, dtype)
-    # a float gate is used as is, not read back from a device tensor (a host sync on GPU)
-    gate_value = float(gate.detach()) if isinstance(gate, Tensor) else float(gate)
+    gate_value = _host_gate(gate, gate_value)
     gate_tensor = gate if isinstance(gate, Tensor) else torch.tensor(gate_value, device=x.device)
     seed = _seed_tensor(dropout, dropout_seed)
     with torch.autocast(x.device.type, enabled=False):
@@ -66,6 +68,14 @@ def adapted_linear(
             _cast(middle, dtype), _cast(rank_weights, dtype), gate_tensor,
             _as_long(row_index), _as_long(col_index),
             seed, float(scale), gate_value, float(dropout), custom_ops.backend_name(impl))
+
+
+def _host_gate(gate: Union[float, Tensor], gate_value: Optional[float]) -> float:
+    """The gate's value on the host: a float gate as is, a tensor gate's given ``gate_value``,
+    else the tensor read back (a device sync on GPU)."""
+    if not isinstance(gate, Tensor):
+        return float(gate)
+    return float(gate_value) if gate_value is not None else float(gate.detach())
 
 
 def _seed_tensor(dropout: float, dropout_seed: Optional[int]) -> Optional[Tensor]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -27,12 +28,54 @@ def _check_index(name: str, index: Tensor, bound: int, what: str) -> None:
         raise ValueError(f"{name} must not be empty")
     if torch.compiler.is_compiling():
         return  # the range check reads index values on the host: eager mode only
-    lo, hi = int(index.min()), int(index.max())
+    lo, hi = _value_range(index)
     if lo < 0 or hi >= bound:
         raise IndexError(f"{name} values must lie in [0, {bound}) ({what}), got range [{lo}, {hi}]")
 
 
-def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_weights, gate,
+#: id(index) -> (weak reference, storage pointer, version, (min, max)) of index tensors read before
+_RANGES: dict[int, tuple[weakref.ref, int, int, tuple[int, int]]] = {}
+
+
+def _value_range(index: Tensor) -> tuple[int, int]:
+    """(min, max) of an index tensor, read on the host (a GPU sync) only when the tensor is new
+    or changed since the last read: an adapter's index buffers are read once, not per call.
+
+    The cache holds weak references (an entry dies with its tensor) and checks the storage
+    pointer and version counter, which every in-place write bumps (writes through ``.data``
+    are not seen: make a new index tensor instead).
+    """
+    key = id(index)
+    entry = _RANGES.get(key)
+    if entry is not None and entry[0]() is index and entry[1:3] == (index.data_ptr(), index._version):
+        return entry[3]
+    value_range = (int(index.min()), int(index.max()))
+    if not index.is_inference():
+        _RANGES[key] = (weakref.ref(index, lambda _, key=key: _RANGES.pop(key, None)),
+                        index.data_ptr(), index._version, value_range)
+    return value_range
+
+
+def _check_gate(gate, gate_value) -> None:
+    """A scalar, finite gate; ``gate_value`` (the host copy of a tensor gate) only with a tensor gate."""
+    tensor_gate = isinstance(gate, Tensor)
+    if tensor_gate and gate.numel() != 1:
+        raise ValueError(f"gate must be a scalar, got shape {tuple(gate.shape)}")
+    if gate_value is not None:
+        if not tensor_gate:
+            raise TypeError("gate_value is the host copy of a tensor gate; with a float gate leave it None")
+        if isinstance(gate_value, Tensor):
+            raise TypeError("gate_value must be a Python float (the host copy of the gate), got a tensor")
+        if not math.isfinite(gate_value):
+            raise ValueError(f"gate_value must be finite, got {gate_value}")
+        return
+    # a tensor gate's value is a host read: checked in eager mode only
+    if not (tensor_gate and torch.compiler.is_compiling()) and \
+            not math.isfinite(float(gate.detach() if tensor_gate else gate)):
+        raise ValueError(f"gate must be finite, got {gate}")
+
+
+def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_weights, gate, gate_value,
                                 scale, row_index, col_index, dropout) -> int:
     """Validate every input; returns the rank r. Raises TypeError/ValueError/IndexError/RuntimeError."""
     if weight.dim() != 2:
@@ -70,13 +113,7 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
         raise ValueError(f"col_index must have r={r} entries, got {col_index.shape[0]}")
     _check_shape("middle", middle, (r, r))
     _check_shape("rank_weights", rank_weights, (r,))
-    if isinstance(gate, Tensor) and gate.numel() != 1:
-        raise ValueError(f"gate must be a scalar, got shape {tuple(gate.shape)}")
-    tensor_gate = isinstance(gate, Tensor)
-    # a tensor gate's value is a host read: checked in eager mode only
-    if not (tensor_gate and torch.compiler.is_compiling()) and \
-            not math.isfinite(float(gate.detach() if tensor_gate else gate)):
-        raise ValueError(f"gate must be finite, got {gate}")
+    _check_gate(gate, gate_value)
     if isinstance(scale, Tensor) and scale.requires_grad:
         raise TypeError("scale is a host scalar and gets no gradient; pass a float or a tensor "
                         "that does not require grad")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fastlora.kernels import ACTIVATIONS, adapted_linear, neat_projection
+from host_reads import HostReads
 
 D_IN, D_OUT, R = 7, 5, 3
 F32 = torch.float32
@@ -173,6 +174,21 @@ def test_col_index_out_of_range(index):
         call({"lora_b": None}, col_index=torch.tensor(index))
 
 
+def test_index_range_is_read_once_and_checked_again_after_a_write():
+    """Gathered factors: an index tensor's range is read on the host (a GPU sync) on its first
+    use, not on every call, and read again once the tensor is written."""
+    rows, cols = torch.tensor([4, 0, 2]), torch.tensor([6, 1, 1])
+    gathered = {"lora_a": None, "lora_b": None}
+    with HostReads() as first:
+        call(gathered, row_index=rows, col_index=cols)
+    with HostReads() as again:
+        call(gathered, row_index=rows, col_index=cols)
+    assert first.count == 4 and again.count == 0
+    rows[1] = D_OUT
+    with pytest.raises(IndexError, match=rf"row_index values must lie in \[0, {D_OUT}\)"):
+        call(gathered, row_index=rows, col_index=cols)
+
+
 @pytest.mark.parametrize("which", ["row_index", "col_index"])
 @pytest.mark.parametrize("bad", [torch.tensor([0.0, 1.0, 2.0]), torch.tensor([[0, 1, 2]]),
                                  torch.tensor([True, False, True]), torch.tensor(1)],
@@ -218,6 +234,22 @@ def test_non_scalar_gate(shape):
 def test_non_finite_gate(gate):
     with pytest.raises(ValueError, match=r"gate must be finite"):
         call(gate=gate)
+
+
+def test_gate_value_only_with_a_tensor_gate():
+    with pytest.raises(TypeError, match=r"gate_value is the host copy of a tensor gate"):
+        call(gate=1.0, gate_value=1.0)
+
+
+@pytest.mark.parametrize("gate_value", [math.nan, math.inf])
+def test_non_finite_gate_value(gate_value):
+    with pytest.raises(ValueError, match=r"gate_value must be finite"):
+        call(gate=torch.tensor(1.0), gate_value=gate_value)
+
+
+def test_gate_value_given_as_a_tensor():
+    with pytest.raises(TypeError, match=r"gate_value must be a Python float"):
+        call(gate=torch.tensor(1.0), gate_value=torch.tensor(1.0))
 
 
 def test_scale_tensor_requiring_grad_is_refused():

@@ -9,6 +9,7 @@ from torch import nn
 
 import fastlora
 from fastlora import AdapterLinear, SelectiveLoraConfig
+from host_reads import HostReads
 
 D_IN, D_OUT, N = 37, 29, 11
 
@@ -343,3 +344,87 @@ def test_bad_config_values(kwargs, match):
 def test_rank_larger_than_layer_raises():
     with pytest.raises(ValueError, match="r=30 exceeds min"):
         AdapterLinear(D_IN, D_OUT, config=SelectiveLoraConfig(r=30))
+
+
+
+def _train_step_reads(layer, x) -> int:
+    """Host reads of one forward + backward."""
+    with HostReads() as reads:
+        layer(x).sum().backward()
+    return reads.count
+
+
+def test_the_score_is_read_once_per_change_not_per_forward():
+    layer = _layer()
+    _randomise(layer)
+    x = torch.randn(N, D_IN, dtype=torch.float64, requires_grad=True)
+    assert _train_step_reads(layer, x) == 1  # the first forward reads the score
+    assert _train_step_reads(layer, x) == 0
+    assert _train_step_reads(layer.eval(), x) == 0
+    layer.train()
+    with torch.no_grad():
+        layer.adapter.score.add_(0.5)  # an in-place change bumps the score's version
+    assert _train_step_reads(layer, x) == 1 and _train_step_reads(layer, x) == 0
+
+
+def _off_by_sgd_step(layer, x, hooks: bool):
+    """One SGD step on the L1 penalty alone that drives the score from 0.15 below 0.1."""
+    optimizer = torch.optim.SGD([layer.adapter.score], lr=1.0)
+    if hooks:
+        fastlora.attach_training_hooks(layer, optimizer)
+    layer(x)
+    fastlora.regularization_loss(layer).backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("hooks", [False, True])
+def test_an_optimizer_step_that_switches_the_block_off_is_seen(hooks):
+    layer = _layer(score_init=0.15, sparsity_weight=0.1)
+    _randomise(layer)
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+    assert not torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    _off_by_sgd_step(layer, x, hooks)
+    assert float(layer.adapter.score.detach()) == pytest.approx(0.05)
+    for mode in (True, False):
+        assert torch.equal(layer.train(mode)(x), F.linear(x, layer.weight, layer.bias))
+
+
+class DataWritingSGD(torch.optim.SGD):
+    """SGD that writes through .data, which the version counter does not see (as optimizers
+    whose kernels write raw pointers)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data.sub_(group["lr"] * p.grad)
+
+
+def test_writes_the_version_counter_misses_need_the_hooks_or_refresh_gate():
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+    layer = _layer(score_init=0.15, sparsity_weight=0.1)
+    _randomise(layer)
+    optimizer = DataWritingSGD([layer.adapter.score], lr=1.0)
+    hooks = fastlora.attach_training_hooks(layer, optimizer)
+    layer(x)
+    fastlora.regularization_loss(layer).backward()
+    optimizer.step()  # the hooks run after it and refresh the gate
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    hooks.remove()
+    layer.adapter.score.data.fill_(1.0)
+    layer.adapter.refresh_gate()
+    a, b = layer.adapter.lora_A.detach(), layer.adapter.lora_B.detach()
+    assert _rel(layer(x), _formula(x, layer.weight, layer.bias, a, b, 1.0, 3.0 / 5)) < 1e-12
+
+
+def test_load_state_dict_and_copies_see_the_new_score():
+    layer = _layer()
+    _randomise(layer)
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+    on = layer(x)
+    state = {k: v.clone() for k, v in layer.adapter.state_dict().items()}
+    state["score"].fill_(-1.0)
+    twin = copy.deepcopy(layer)
+    layer.adapter.load_state_dict(state)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert torch.equal(twin(x), on)

@@ -42,7 +42,8 @@ class Adapter(nn.Module):
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
         """Keyword arguments of adapted_linear: lora_a, lora_b and any of middle,
-        rank_weights, gate, scale, row_index, col_index."""
+        rank_weights, gate (with gate_value, its host copy, for a tensor gate), scale,
+        row_index, col_index."""
         raise NotImplementedError
 
     def delta_weight(self, weight: Tensor) -> Tensor:

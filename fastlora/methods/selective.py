@@ -7,7 +7,8 @@
 
 A gated-off block skips the low-rank path inside the fused op: in eval mode A and B are
 never read; in training only the straight-through score gradient is formed, and A and B
-get zero gradients. Merging drops a gated-off block.
+get zero gradients. Merging drops a gated-off block. Whether the block is on is read from
+the device once per change of the score, not once per forward (a read is a GPU sync).
 
 The penalty is formed inside the layer's forward from the score that forward sees and
 returned by ``regularization_loss``: under FSDP/ZeRO-3 a parameter is whole only inside
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SelectiveLoraConfig
-from ..distributed import full_view
+from ..distributed import full_view, is_dtensor
 from .base import adapter_factory
 from .lora import LoraAdapter
 
@@ -43,6 +44,12 @@ class SelectiveLoraAdapter(LoraAdapter):
       toward 0 instead of driving it to -inf.
     - score has shape (1,), not (): FSDP2 shards parameters along dim 0 and refuses 0-dim
       ones. Checkpoints with a 0-dim score still load.
+    - The gate's host value is cached per score version: a change of the score through its
+      version counter (optimizer steps, ``load_state_dict``, in-place edits under no_grad),
+      a new storage (``.to()``) or an optimizer step seen by the training hooks refreshes
+      it. After writing the score in a way the version counter does not see (through
+      ``.data``, or an optimizer whose kernels write raw pointers without the training
+      hooks attached), call ``refresh_gate()``.
     - A forward with grad enabled records its penalty term (in that forward's graph);
       ``regularization_loss`` hands it over once. The record is dropped after an optimizer
       step (the score moved). Without a record (no forward yet, a no_grad forward, a second
@@ -57,6 +64,8 @@ class SelectiveLoraAdapter(LoraAdapter):
         self.threshold = float(config.threshold)
         self.sparsity_weight = float(config.sparsity_weight)
         self._penalty: Optional[Tensor] = None
+        self._gate_key: Optional[tuple] = None
+        self._gate_on = True
         self.register_load_state_dict_pre_hook(_score_as_vector)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -68,15 +77,40 @@ class SelectiveLoraAdapter(LoraAdapter):
         """Whether the block is switched on: score >= threshold (gathered when sharded)."""
         return bool(full_view(self.score.detach()) >= self.threshold)
 
+    def _score_key(self) -> Optional[tuple]:
+        """What the gate's host value depends on (the score's identity, storage and version),
+        or None when it cannot be tracked (a sharded score, an inference tensor, or under
+        torch.compile, which traces the read instead)."""
+        score = self.score
+        if torch.compiler.is_compiling() or is_dtensor(score) or score.is_inference():
+            return None
+        return (id(score), score.data_ptr(), score._version, score.device)
+
+    def refresh_gate(self) -> None:
+        """Forget the cached gate: the next forward reads the score again."""
+        self._gate_key = None
+
+    def gate_is_on(self) -> bool:
+        """``active``, read from the device only when the score changed since the last read."""
+        key = self._score_key()
+        if key is None:
+            return self.active
+        if key != self._gate_key:
+            self._gate_on = self.active
+            self._gate_key = key
+        return self._gate_on
+
     def gate(self) -> Union[float, Tensor]:
         """The hard gate; a 0-dim tensor carrying the straight-through gradient to score when
         training with grad enabled, a plain float otherwise (no gradient work)."""
+        return self._hard_gate(float(self.gate_is_on()))
+
+    def _hard_gate(self, hard: float) -> Union[float, Tensor]:
         score = self.score.view(())
-        hard = (score.detach() >= self.threshold).to(score.dtype)
         if self.training and torch.is_grad_enabled() and score.requires_grad:
-            # value exactly `hard`; d gate / d score = 1
-            return hard + (score - score.detach())
-        return float(hard)
+            # value exactly `hard` (score - score is 0 for a finite score); d gate / d score = 1
+            return (score - score.detach()) + hard
+        return hard
 
     def _l1_penalty(self, score: Tensor) -> Tensor:
         """sparsity_weight * |score| (0-dim) as sparsity_weight * sign(score) * score: the same
@@ -89,7 +123,12 @@ class SelectiveLoraAdapter(LoraAdapter):
         """The fused op's arguments; with grad enabled, records this forward's penalty term."""
         if torch.is_grad_enabled() and self.score.requires_grad:
             self._penalty = self._l1_penalty(self.score)
-        return {"lora_a": self.lora_A, "lora_b": self.lora_B, "gate": self.gate(), "scale": self.scale}
+        hard = float(self.gate_is_on())
+        gate = self._hard_gate(hard)
+        arguments = {"lora_a": self.lora_A, "lora_b": self.lora_B, "gate": gate, "scale": self.scale}
+        if isinstance(gate, Tensor):
+            arguments["gate_value"] = hard  # the op need not read the gate back from the device
+        return arguments
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         """ΔW = s B A when the block is on, zeros (nothing computed) when it is off."""
@@ -109,8 +148,9 @@ class SelectiveLoraAdapter(LoraAdapter):
 
     @torch.no_grad()
     def after_optimizer_step(self, learning_rate: float) -> tuple[nn.Parameter, ...]:
-        """The step moved the score: drop the recorded penalty term."""
+        """The step moved the score: drop the recorded penalty term and the cached gate."""
         self._penalty = None
+        self.refresh_gate()
         return ()
 
     def extra_stats(self) -> dict[str, float]:
