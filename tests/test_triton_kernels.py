@@ -289,6 +289,26 @@ def test_backward_is_deterministic():
         assert torch.equal(first[name], second[name]), name
 
 
+def test_partial_sums_have_a_handful_of_splits(monkeypatch, impl):
+    """The split reductions keep (splits, rows, r) partials with splits bounded by the programs
+    that fill the device, never one slice per block of the other axis (whose size would grow
+    with N * d_out: hundreds of MB at N = 8192, d_out = 11008)."""
+    from fastlora.kernels.triton.autotune import target_programs
+    shapes = []
+    empty = torch.empty
+
+    def recording_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        if out.dim() == 3:
+            shapes.append(tuple(out.shape))
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    inputs = make_inputs(torch.float32, n=40, d_in=70, d_out=150, r=4)
+    check(run_both(inputs, LORA_GRADS, scale=0.7), torch.float32, LORA_GRADS)
+    assert shapes and max(shape[0] for shape in shapes) <= target_programs(DEVICE)
+
+
 def test_only_the_input_gradient():
     inputs = make_inputs(torch.float32)
     check(run_both(inputs, ["x"], scale=0.7), torch.float32, ["x"])
