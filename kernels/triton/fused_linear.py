@@ -19,10 +19,12 @@ from .dropout import keep_scale
 from .tiles import load_factor
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "R_PAD", "HAS_LOWRANK", "DROPOUT"])
+# Tuned per token-count bucket (the next power of two), not per exact token count, so
+# training with varying sequence lengths does not re-tune on every new batch shape.
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "R_PAD", "HAS_LOWRANK", "DROPOUT"])
 @triton.jit
 def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, v_ptr, u_ptr, u_idx_ptr, out_ptr,
-                         M, N, K, R, seed, p, scale,
+                         M, N, K, R, M_BUCKET, seed, p, scale,
                          stride_xm, stride_xk, stride_wk, stride_wn, stride_vm, stride_vr,
                          stride_ur, stride_un, stride_om, stride_on,
                          HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, U_GATHER: tl.constexpr,
@@ -91,7 +93,7 @@ def fused_linear(x: torch.Tensor, w_kn: torch.Tensor, bias: Optional[torch.Tenso
         _fused_linear_kernel[grid](
             x, w_kn, bias if bias is not None else dummy, v if has_lowrank else dummy, u,
             u_index if u_index is not None else dummy, out,
-            m, n, k, r, seed, p, 1.0 / (1.0 - p),
+            m, n, k, r, triton.next_power_of_2(m), seed, p, 1.0 / (1.0 - p),
             x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1),
             v.stride(0) if has_lowrank else 0, v.stride(1) if has_lowrank else 0,
             u.stride(0), u.stride(1), out.stride(0), out.stride(1),
