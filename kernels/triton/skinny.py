@@ -1,14 +1,14 @@
 """Skinny reductions of the backward pass, fp32 accumulation, deterministic (no atomics).
 
-- ``dy_pass``: dP = dy B (N, r) with the shrink kernel (row blocks, the reduction over d_out
-  held in registers), and optionally dB = dy^T V (d_out, r) and dbias = sum_n dy (d_out,)
-  in one column-block pass over dy.
+- ``dy_pass``: dP = dy B (N, r), and optionally dB = dy^T V (d_out, r) and
+  dbias = sum_n dy (d_out,). dB and dbias come from a pass over column blocks of dy; dP
+  either comes from the same pass (one read of dy, one (N, r) partial per column block)
+  or from the shrink kernel (a second read of dy, partials bounded by a few splits),
+  whichever moves fewer bytes (``one_pass_is_cheaper``).
 - ``down_grad``: dA = dt^T xd (r, d_in) with xd = dropout(x) regenerated from the seed.
 
-Grids split the reduction axis only as far as needed to fill the device; each program
-writes its own slice of a small partial-sum buffer that torch adds in a fixed order.
-No buffer grows with N * d_out / block: partials are (splits, N, r) or (splits, d, r) with
-a handful of splits.
+Grids split the reduction axis; each program writes its own slice of a partial-sum buffer
+that torch adds in a fixed order afterwards.
 """
 from __future__ import annotations
 
@@ -21,22 +21,27 @@ import triton.language as tl
 from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks, splits
 from .dropout import keep_scale
 from .shrink import shrink
+from .tiles import load_factor
 
 
 @triton.jit
-def _up_grad_kernel(dy_ptr, v_ptr, db_part_ptr, dbias_part_ptr, M, D, R, rows_per_split,
-                    stride_dym, stride_dyd, stride_vm, stride_vr,
-                    COMPUTE_DB: tl.constexpr, COMPUTE_DBIAS: tl.constexpr,
-                    R_PAD: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dy_columns_kernel(dy_ptr, b_ptr, b_idx_ptr, v_ptr, dp_part_ptr, db_part_ptr, dbias_part_ptr,
+                       M, D, R, rows_per_split,
+                       stride_dym, stride_dyd, stride_br, stride_bd, stride_vm, stride_vr,
+                       B_GATHER: tl.constexpr, COMPUTE_DP: tl.constexpr, COMPUTE_DB: tl.constexpr,
+                       COMPUTE_DBIAS: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     d_ok = offs_d < D
     r_ok = offs_r < R
+    if COMPUTE_DP:
+        b = load_factor(b_ptr, b_idx_ptr, offs_r[None, :], offs_d[:, None], R, D, stride_br, stride_bd, B_GATHER)
     acc_db = tl.zeros((BLOCK_K, R_PAD), dtype=tl.float32)
     acc_dbias = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    dp_part_ptr += pid_d.to(tl.int64) * M * R
     row0 = pid_s * rows_per_split
     for i in range(0, rows_per_split, BLOCK_M):
         offs_m = row0 + i + tl.arange(0, BLOCK_M)
@@ -44,6 +49,9 @@ def _up_grad_kernel(dy_ptr, v_ptr, db_part_ptr, dbias_part_ptr, M, D, R, rows_pe
         rows = offs_m.to(tl.int64)
         dyt = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_d[None, :] * stride_dyd,
                       mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if COMPUTE_DP:
+            dp = tl.dot(dyt, b, input_precision=PRECISION)
+            tl.store(dp_part_ptr + rows[:, None] * R + offs_r[None, :], dp, mask=m_ok[:, None] & r_ok[None, :])
         if COMPUTE_DB:
             v = tl.load(v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr,
                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)
@@ -57,32 +65,13 @@ def _up_grad_kernel(dy_ptr, v_ptr, db_part_ptr, dbias_part_ptr, M, D, R, rows_pe
         tl.store(dbias_part_ptr + pid_s.to(tl.int64) * D + offs_d, acc_dbias, mask=d_ok)
 
 
-def up_grad(dy: torch.Tensor, v: Optional[torch.Tensor], need_bias: bool
-            ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """One column-block pass over dy (N, d_out): (dB = dy^T v (d_out, r) when v (N, r) is
-    given, else None; dbias = dy.sum(0) (d_out,) when ``need_bias``, else None), fp32."""
-    m, d = dy.shape
-    r = v.shape[1] if v is not None else 1
-    r_pad = pad_rank(r)
-    cfg = skinny_blocks(r_pad)
-    m_blocks, d_blocks = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_K"])
-    n_split = splits(m_blocks, d_blocks, dy.device)
-    rows_per_split = triton.cdiv(m_blocks, n_split) * cfg["BLOCK_M"]
-    n_split = triton.cdiv(m, rows_per_split)
-    f32 = dict(device=dy.device, dtype=torch.float32)
-    db_part = torch.empty(n_split, d, r, **f32) if v is not None else None
-    dbias_part = torch.empty(n_split, d, **f32) if need_bias else None
-    dummy = db_part if db_part is not None else dbias_part
-    with launch_context(dy.device):
-        _up_grad_kernel[(n_split, d_blocks)](
-            dy, v if v is not None else dummy, dummy if db_part is None else db_part,
-            dummy if dbias_part is None else dbias_part, m, d, r, rows_per_split,
-            dy.stride(0), dy.stride(1), v.stride(0) if v is not None else 0, v.stride(1) if v is not None else 0,
-            COMPUTE_DB=v is not None, COMPUTE_DBIAS=need_bias, R_PAD=r_pad, PRECISION=dot_precision(dy.dtype),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
-    db = _reduce(db_part) if v is not None else None
-    dbias = _reduce(dbias_part) if need_bias else None
-    return db, dbias
+def one_pass_is_cheaper(dy: torch.Tensor, r: int) -> bool:
+    """Whether dP should come from the column pass: its partials, one (N, r) fp32 slice per
+    column block, written and read once, cost fewer bytes than a second read of dy."""
+    block_k = skinny_blocks(pad_rank(r))["BLOCK_K"]
+    d_blocks = triton.cdiv(dy.shape[1], block_k)
+    partial_bytes = d_blocks * dy.shape[0] * r * 4
+    return 2 * partial_bytes <= dy.numel() * dy.element_size()
 
 
 def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], v: Optional[torch.Tensor],
@@ -93,10 +82,38 @@ def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], 
     W^T, i.e. columns of W, read by index). dP = dy F^T (N, r); dB = dy^T v (d_out, r) when
     v (N, r) is given, else None; dbias = dy.sum(0) when ``need_bias``, else None.
     """
-    dp = shrink(dy, b, b_index, 0.0, 0)
-    if v is None and not need_bias:
+    m, d = dy.shape
+    r = b_index.shape[0] if b_index is not None else b.shape[0]
+    columns_needed = v is not None or need_bias
+    dp_in_columns = columns_needed and one_pass_is_cheaper(dy, r)
+    dp = None if dp_in_columns else shrink(dy, b, b_index, 0.0, 0)
+    if not columns_needed:
         return dp, None, None
-    return (dp, *up_grad(dy, v, need_bias))
+    r_pad = pad_rank(r)
+    cfg = skinny_blocks(r_pad)
+    m_blocks, d_blocks = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_K"])
+    n_split = splits(m_blocks, d_blocks, dy.device)
+    rows_per_split = triton.cdiv(m_blocks, n_split) * cfg["BLOCK_M"]
+    n_split = triton.cdiv(m, rows_per_split)
+    f32 = dict(device=dy.device, dtype=torch.float32)
+    dp_part = torch.empty(d_blocks, m, r, **f32) if dp_in_columns else None
+    db_part = torch.empty(n_split, d, r, **f32) if v is not None else None
+    dbias_part = torch.empty(n_split, d, **f32) if need_bias else None
+    dummy = next(t for t in (dp_part, db_part, dbias_part) if t is not None)
+    with launch_context(dy.device):
+        _dy_columns_kernel[(n_split, d_blocks)](
+            dy, b, b_index if b_index is not None else b, v if v is not None else dummy,
+            *(t if t is not None else dummy for t in (dp_part, db_part, dbias_part)), m, d, r, rows_per_split,
+            dy.stride(0), dy.stride(1), b.stride(0), b.stride(1),
+            v.stride(0) if v is not None else 0, v.stride(1) if v is not None else 0,
+            B_GATHER=b_index is not None, COMPUTE_DP=dp_in_columns, COMPUTE_DB=v is not None,
+            COMPUTE_DBIAS=need_bias, R_PAD=r_pad, PRECISION=dot_precision(dy.dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    if dp_in_columns:
+        dp = _reduce(dp_part)
+    db = _reduce(db_part) if v is not None else None
+    dbias = _reduce(dbias_part) if need_bias else None
+    return dp, db, dbias
 
 
 @triton.jit
