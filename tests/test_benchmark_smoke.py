@@ -1,0 +1,93 @@
+"""The adapted-Linear benchmark (benchmarks/bench_adapted_linear.py) as a CPU smoke check:
+every raw variant and every method is run and reported consistently (no timing thresholds:
+timing belongs to the benchmark itself)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.bench_adapted_linear import main, peft_layer
+from benchmarks.bench_methods import METHODS
+from fastlora.kernels import adapted_linear
+
+TORCH_VARIANTS = ("base", "fastlora_torch", "fastlora_torch_gate_off", "fastlora_torch_half_masked",
+                  "fastlora_torch_dropout")
+PEFT_VARIANTS = ("peft", "peft_dropout")
+TRITON_VARIANTS = ("fastlora_triton", "fastlora_triton_gate_off", "fastlora_triton_half_masked",
+                   "fastlora_triton_dropout")
+TIMES = ("fwd_ms", "fwd_bwd_ms")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    pytest.importorskip("peft")
+    out = tmp_path_factory.mktemp("bench") / "x.json"
+    returned = main(["--device", "cpu", "--quick", "--out", str(out)])
+    stored = json.loads(out.read_text())
+    assert stored == returned
+    return stored
+
+
+def _check_ratios(ratios: dict, res: dict, base: dict, peft: dict) -> None:
+    """Every ratio equals the quotient of the stored medians; peak ratios are null on CPU."""
+    for k in TIMES:
+        assert ratios[f"{k}_vs_base"] == pytest.approx(res[k] / base[k])
+        assert ratios[f"{k}_vs_peft"] == pytest.approx(res[k] / peft[k])
+    assert ratios["fwd_bwd_peak_mib_vs_peft"] is None
+
+
+def test_report_header(report):
+    assert report["backend"] == "torch"
+    assert report["torch"] == torch.__version__
+    assert report["quick"] is True
+    assert sorted(report["skipped"]) == sorted(TRITON_VARIANTS)
+    assert len(report["cases"]) == 1
+    assert report["cases"][0]["dtype"] == "float32"
+
+
+def test_every_variant_and_method_measured(report):
+    case = report["cases"][0]
+    assert set(case["results"]) == {*TORCH_VARIANTS, *PEFT_VARIANTS}
+    assert set(case["methods"]) == set(METHODS) == {"lora", "selective_lora", "selective_lora_off",
+                                                    "rank_selective_lora", "curlora", "neat", "cascade_lora"}
+    for res in (*case["results"].values(), *case["methods"].values()):
+        for k in TIMES:
+            assert math.isfinite(res[k]) and res[k] > 0
+        assert res["fwd_bwd_peak_mib"] is None
+
+
+def test_method_ranks(report):
+    r = report["cases"][0]["r"]
+    ranks = {name: res["active_rank"] for name, res in report["cases"][0]["methods"].items()}
+    assert ranks == {"lora": r, "selective_lora": r, "selective_lora_off": 0, "rank_selective_lora": r // 2,
+                     "curlora": r, "neat": r, "cascade_lora": 2 * r}
+
+
+def test_ratios_are_quotients_of_the_medians(report):
+    case = report["cases"][0]
+    results, base = case["results"], case["results"]["base"]
+    assert set(case["ratios"]) == set(results) - {"base"}
+    for name, ratios in case["ratios"].items():
+        if name in PEFT_VARIANTS:
+            assert ratios == pytest.approx({f"{k}_vs_base": results[name][k] / base[k] for k in TIMES})
+            continue
+        peft = results["peft_dropout" if name.endswith("_dropout") else "peft"]
+        _check_ratios(ratios, results[name], base, peft)
+    assert set(case["method_ratios"]) == set(METHODS)
+    for name, ratios in case["method_ratios"].items():
+        _check_ratios(ratios, case["methods"][name], base, results["peft"])
+
+
+def test_peft_layer_computes_the_same_output():
+    """The PEFT reference gets the same W, A, B and scale as the fastlora variants."""
+    pytest.importorskip("peft")
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(16, 32, generator=gen), torch.randn(24, 32, generator=gen)
+    a, b = torch.randn(4, 32, generator=gen), torch.randn(24, 4, generator=gen)
+    layer = peft_layer(weight, a, b, 2.0, 0.0)
+    expected = adapted_linear(x, weight, None, a, b, scale=2.0, backend="torch")
+    torch.testing.assert_close(layer(x), expected)
+    assert [p.shape for p in layer.parameters() if p.requires_grad] == [a.shape, b.shape]
