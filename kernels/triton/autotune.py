@@ -61,10 +61,19 @@ def skinny_blocks(r_pad: int) -> dict:
     return {"BLOCK_M": 64, "BLOCK_K": 128 if r_pad <= 32 else 64, "num_warps": 4}
 
 
-def splits(work_blocks: int, other_programs: int, device: torch.device) -> int:
-    """How many ways to split a reduction of ``work_blocks`` tiles so the grid fills the device."""
-    want = triton.cdiv(target_programs(device), max(other_programs, 1))
-    return max(1, min(want, work_blocks))
+def split_reduction(length: int, block: int, other_programs: int, device: torch.device) -> tuple[int, int]:
+    """(splits, per_split) of a reduction over ``length`` elements in tiles of ``block``: split
+    so that splits * other_programs programs fill the device; per_split is a multiple of
+    ``block`` and every split is non-empty (splits = cdiv(length, per_split))."""
+    blocks = triton.cdiv(length, block)
+    wanted = max(1, min(triton.cdiv(target_programs(device), max(other_programs, 1)), blocks))
+    per_split = triton.cdiv(blocks, wanted) * block
+    return triton.cdiv(length, per_split), per_split
+
+
+def sum_partials(part: torch.Tensor) -> torch.Tensor:
+    """Sum of per-split partial results along dim 0, in a fixed order (deterministic)."""
+    return part[0] if part.shape[0] == 1 else part.sum(0)
 
 
 def launch_context(device: torch.device):

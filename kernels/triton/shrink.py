@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks, splits
+from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction, sum_partials
 from .dropout import keep_scale
 from .tiles import load_factor
 
@@ -53,10 +53,8 @@ def shrink(x: torch.Tensor, a: torch.Tensor, a_index: Optional[torch.Tensor], p:
     r = a_index.shape[0] if a_index is not None else a.shape[0]
     r_pad = pad_rank(r)
     cfg = skinny_blocks(r_pad)
-    m_blocks, k_blocks = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(k, cfg["BLOCK_K"])
-    n_split = splits(k_blocks, m_blocks, x.device)
-    k_per_split = triton.cdiv(k_blocks, n_split) * cfg["BLOCK_K"]
-    n_split = triton.cdiv(k, k_per_split)
+    m_blocks = triton.cdiv(m, cfg["BLOCK_M"])
+    n_split, k_per_split = split_reduction(k, cfg["BLOCK_K"], m_blocks, x.device)
     part = torch.empty(n_split, m, r, device=x.device, dtype=torch.float32)
     with launch_context(x.device):
         _shrink_kernel[(m_blocks, n_split)](
@@ -64,4 +62,4 @@ def shrink(x: torch.Tensor, a: torch.Tensor, a_index: Optional[torch.Tensor], p:
             seed, p, 1.0 / (1.0 - p), x.stride(0), x.stride(1), a.stride(0), a.stride(1),
             A_GATHER=a_index is not None, DROPOUT=p > 0.0, R_PAD=r_pad, PRECISION=dot_precision(x.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
-    return part[0] if n_split == 1 else part.sum(0)
+    return sum_partials(part)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks, splits
+from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction, sum_partials
 from .dropout import keep_scale
 from .shrink import shrink
 from .tiles import load_factor
@@ -91,10 +91,8 @@ def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], 
         return dp, None, None
     r_pad = pad_rank(r)
     cfg = skinny_blocks(r_pad)
-    m_blocks, d_blocks = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_K"])
-    n_split = splits(m_blocks, d_blocks, dy.device)
-    rows_per_split = triton.cdiv(m_blocks, n_split) * cfg["BLOCK_M"]
-    n_split = triton.cdiv(m, rows_per_split)
+    d_blocks = triton.cdiv(d, cfg["BLOCK_K"])
+    n_split, rows_per_split = split_reduction(m, cfg["BLOCK_M"], d_blocks, dy.device)
     f32 = dict(device=dy.device, dtype=torch.float32)
     dp_part = torch.empty(d_blocks, m, r, **f32) if dp_in_columns else None
     db_part = torch.empty(n_split, d, r, **f32) if v is not None else None
@@ -110,9 +108,9 @@ def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], 
             COMPUTE_DBIAS=need_bias, R_PAD=r_pad, PRECISION=dot_precision(dy.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     if dp_in_columns:
-        dp = _reduce(dp_part)
-    db = _reduce(db_part) if v is not None else None
-    dbias = _reduce(dbias_part) if need_bias else None
+        dp = sum_partials(dp_part)
+    db = sum_partials(db_part) if v is not None else None
+    dbias = sum_partials(dbias_part) if need_bias else None
     return dp, db, dbias
 
 
@@ -151,10 +149,8 @@ def down_grad(dt: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch.T
     r = dt.shape[1]
     r_pad = pad_rank(r)
     cfg = skinny_blocks(r_pad)
-    m_blocks, k_blocks = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(k, cfg["BLOCK_K"])
-    n_split = splits(m_blocks, k_blocks, x.device)
-    rows_per_split = triton.cdiv(m_blocks, n_split) * cfg["BLOCK_M"]
-    n_split = triton.cdiv(m, rows_per_split)
+    k_blocks = triton.cdiv(k, cfg["BLOCK_K"])
+    n_split, rows_per_split = split_reduction(m, cfg["BLOCK_M"], k_blocks, x.device)
     part = torch.empty(n_split, r, k, device=x.device, dtype=torch.float32)
     with launch_context(x.device):
         _down_grad_kernel[(n_split, k_blocks)](
@@ -162,9 +158,5 @@ def down_grad(dt: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch.T
             dt.stride(0), dt.stride(1), x.stride(0), x.stride(1),
             DROPOUT=p > 0.0, R_PAD=r_pad, PRECISION=dot_precision(x.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
-    return _reduce(part)
+    return sum_partials(part)
 
-
-def _reduce(part: torch.Tensor) -> torch.Tensor:
-    """Sum of the per-program partials along dim 0 (a fixed order: deterministic)."""
-    return part[0] if part.shape[0] == 1 else part.sum(0)
