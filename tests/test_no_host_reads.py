@@ -1,9 +1,12 @@
 """The fast path reads no tensor value on the host per call (on a GPU each read is a sync).
 
-For every method, once an adapted layer has run (an adapter may read its state once, e.g.
-Selective LoRA's gate or CURLoRA's index ranges), further training forwards + backwards and
-eval forwards read nothing, until the adapter's tensors change.
+For every method and backend, once an adapted layer has run (an adapter may read its state
+once, e.g. Selective LoRA's gate or CURLoRA's index ranges), further training forwards +
+backwards and eval forwards read nothing, until the adapter's tensors change. Without a GPU
+the Triton backend runs under the interpreter (tests/conftest.py).
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,12 +14,18 @@ from distributed_worker import METHODS
 from fastlora import AdapterLinear
 from host_reads import HostReads
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_repeated_calls_read_nothing_on_the_host(method):
+def test_repeated_calls_read_nothing_on_the_host(method, backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
     torch.manual_seed(0)
-    layer = AdapterLinear(23, 17, config=METHODS[method][0])
-    x = torch.randn(3, 5, 23, requires_grad=True)
+    config = dataclasses.replace(METHODS[method][0], backend=backend)
+    layer = AdapterLinear(23, 17, config=config, device=DEVICE)
+    x = torch.randn(3, 5, 23, device=DEVICE, requires_grad=True)
     layer(x).sum().backward()
     with HostReads() as training:
         layer(x).sum().backward()
