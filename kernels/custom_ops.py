@@ -16,7 +16,8 @@ mode (the same code; the dispatcher's custom-op path added ~125 us per call on t
 Conventions, so a fake can state every output's metadata: outputs are fresh, contiguous
 tensors; t is fp32 on the Triton path and in x's dtype on the torch path, and an empty
 (0,) tensor when not computed; the gate gradient is 0-dim in dy's dtype (torch) or fp32
-(Triton). Scalars (scale, gate, dropout p) are floats. The dropout seed is a 1-element
+(Triton). Scalars (scale, gate, dropout p) are floats; ``gate_tensor``, when given, is the
+gate as a 0-dim tensor whose value only the device knows (see ``LowRankTerm``). The dropout seed is a 1-element
 int64 CPU tensor (None without dropout) read on the host inside the op: it can be drawn
 in a compiled graph (no graph break, no recompile per seed) and its read never syncs a GPU.
 """
@@ -34,10 +35,11 @@ GRAD_FIELDS = ("x", "bias", "a", "b", "middle", "rank_weights", "gate")
 
 _FWD_SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, Tensor? a, Tensor? b, Tensor? middle, "
                "Tensor? rank_weights, Tensor? row_index, Tensor? col_index, Tensor? seed, float scale, "
-               "float gate, float dropout_p, bool keep_t, str backend) -> (Tensor, Tensor)")
+               "float gate, float dropout_p, bool keep_t, str backend, Tensor? gate_tensor=None) -> (Tensor, Tensor)")
 _BWD_SCHEMA = ("(Tensor dy, Tensor x, Tensor weight, Tensor? a, Tensor? b, Tensor? middle, "
                "Tensor? rank_weights, Tensor? row_index, Tensor? col_index, Tensor? t, Tensor? seed, "
-               "float scale, float gate, float dropout_p, bool[] needs, str backend) -> Tensor[]")
+               "float scale, float gate, float dropout_p, bool[] needs, str backend, Tensor? gate_tensor=None) "
+               "-> Tensor[]")
 
 
 def backend_name(impl: ModuleType) -> str:
@@ -59,9 +61,10 @@ def _t_dtype(x: Tensor, backend: str) -> torch.dtype:
     return torch.float32 if backend == "triton" else x.dtype
 
 
-def _term(a, b, middle, rank_weights, row_index, col_index, seed, scale, gate, dropout_p) -> LowRankTerm:
+def _term(a, b, middle, rank_weights, row_index, col_index, seed, scale, gate, dropout_p,
+          gate_tensor) -> LowRankTerm:
     return LowRankTerm(a, b, middle, rank_weights, row_index, col_index, scale, gate, dropout_p,
-                       int(seed) if seed is not None else 0)
+                       int(seed) if seed is not None else 0, gate_tensor)
 
 
 def t_computed(gate: float, keep_t: bool) -> bool:
@@ -73,9 +76,9 @@ def _adapted_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Op
                         b: Optional[Tensor], middle: Optional[Tensor], rank_weights: Optional[Tensor],
                         row_index: Optional[Tensor], col_index: Optional[Tensor], seed: Optional[Tensor],
                         scale: float, gate: float, dropout_p: float, keep_t: bool,
-                        backend: str) -> tuple[Tensor, Tensor]:
+                        backend: str, gate_tensor: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(y (N, d_out), t (N, r) or empty) for x (N, d_in); see the backends' ``forward``."""
-    term = _term(a, b, middle, rank_weights, row_index, col_index, seed, scale, gate, dropout_p)
+    term = _term(a, b, middle, rank_weights, row_index, col_index, seed, scale, gate, dropout_p, gate_tensor)
     y, t = _module(backend).forward(x, weight, bias, term, keep_t)
     t_dtype = _t_dtype(x, backend)
     t = x.new_empty(0, dtype=t_dtype) if t is None else t.to(t_dtype).contiguous()
@@ -83,7 +86,7 @@ def _adapted_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Op
 
 
 def _adapted_linear_fwd_fake(x, weight, bias, a, b, middle, rank_weights, row_index, col_index, seed,
-                             scale, gate, dropout_p, keep_t, backend):
+                             scale, gate, dropout_p, keep_t, backend, gate_tensor=None):
     rank = (a if a is not None else row_index).shape[0]
     t_shape = (x.shape[0], rank) if t_computed(gate, keep_t) else (0,)
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(t_shape, dtype=_t_dtype(x, backend))
@@ -96,12 +99,13 @@ def _gate_grad_dtype(dy: Tensor, backend: str) -> torch.dtype:
 def _adapted_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, a: Optional[Tensor], b: Optional[Tensor],
                         middle: Optional[Tensor], rank_weights: Optional[Tensor], row_index: Optional[Tensor],
                         col_index: Optional[Tensor], t: Optional[Tensor], seed: Optional[Tensor], scale: float,
-                        gate: float, dropout_p: float, needs: list[bool], backend: str) -> list[Tensor]:
+                        gate: float, dropout_p: float, needs: list[bool], backend: str,
+                        gate_tensor: Optional[Tensor] = None) -> list[Tensor]:
     """The gradients of the inputs flagged in ``needs`` (order of GRAD_FIELDS), never None.
 
     t: the forward's t, or None (recomputed). See the backends' ``backward``.
     """
-    term = _term(a, b, middle, rank_weights, row_index, col_index, seed, scale, gate, dropout_p)
+    term = _term(a, b, middle, rank_weights, row_index, col_index, seed, scale, gate, dropout_p, gate_tensor)
     grads = _module(backend).backward(dy, x, weight, term, t, GradsNeeded(*needs))
     out = []
     for field, needed in zip(GRAD_FIELDS, needs):
@@ -117,7 +121,7 @@ def _adapted_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, a: Optional[Tenso
 
 
 def _adapted_linear_bwd_fake(dy, x, weight, a, b, middle, rank_weights, row_index, col_index, t, seed,
-                             scale, gate, dropout_p, needs, backend):
+                             scale, gate, dropout_p, needs, backend, gate_tensor=None):
     likes = {"x": x, "a": a, "b": b, "middle": middle, "rank_weights": rank_weights}
     out = []
     for field, needed in zip(GRAD_FIELDS, needs):

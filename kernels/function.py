@@ -30,15 +30,18 @@ class AdaptedLinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optional[Tensor],
                 b: Optional[Tensor], middle: Optional[Tensor], rank_weights: Optional[Tensor],
                 gate: Tensor, row_index: Optional[Tensor], col_index: Optional[Tensor],
-                seed: Optional[Tensor], scale: float, gate_value: float, dropout_p: float,
+                seed: Optional[Tensor], scale: float, gate_value: Optional[float], dropout_p: float,
                 backend: str) -> Tensor:
+        # gate_value None: only the device knows the gate (torch.compile); the op multiplies by it
+        device_gate = gate.detach() if gate_value is None else None
+        gate_value = 1.0 if gate_value is None else gate_value
         keep_t = ctx.needs_input_grad[7]  # the gate's gradient needs t even when the gate is 0
         ctx.x_shape = x.shape
         x2d = x.reshape(-1, x.shape[-1])
-        y, t = custom_ops.adapted_linear_fwd(x2d, weight, bias, a, b, middle, rank_weights, row_index,
-                                                     col_index, seed, scale, gate_value, dropout_p, keep_t, backend)
+        y, t = custom_ops.adapted_linear_fwd(x2d, weight, bias, a, b, middle, rank_weights, row_index, col_index,
+                                             seed, scale, gate_value, dropout_p, keep_t, backend, device_gate)
         t = t if custom_ops.t_computed(gate_value, keep_t) else None
-        ctx.save_for_backward(x2d, weight, a, b, middle, rank_weights, row_index, col_index, t, seed)
+        ctx.save_for_backward(x2d, weight, a, b, middle, rank_weights, row_index, col_index, t, seed, device_gate)
         ctx.scalars = (scale, gate_value, dropout_p)
         ctx.backend = backend
         ctx.gate_dtype, ctx.gate_shape = gate.dtype, gate.shape
@@ -47,13 +50,13 @@ class AdaptedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, weight, a, b, middle, rank_weights, row_index, col_index, t, seed = ctx.saved_tensors
+        x, weight, a, b, middle, rank_weights, row_index, col_index, t, seed, device_gate = ctx.saved_tensors
         flags = ctx.needs_input_grad
         needs = [flags[i] for i in _GRAD_INPUTS]
         dy2d = dy.reshape(-1, dy.shape[-1]).contiguous()
         computed = iter(custom_ops.adapted_linear_bwd(
             dy2d, x, weight, a, b, middle, rank_weights, row_index, col_index, t, seed, *ctx.scalars,
-            needs, ctx.backend))
+            needs, ctx.backend, device_gate))
         grads = [next(computed) if need else None for need in needs]
         grad_x, grad_bias, grad_a, grad_b, grad_middle, grad_rank_weights, grad_gate = grads
         if grad_x is not None:

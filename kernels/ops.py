@@ -49,7 +49,9 @@ def adapted_linear(
     gate: float or 0-dim tensor; when it is 0 the low-rank path is skipped (a tensor
     gate that requires grad still gets d gate = scale * sum((dy B) ⊙ v)). gate_value: the
     tensor gate's value as a host float, when the caller knows it (it must equal gate): the
-    op then never reads the gate back from the device (a sync on GPU). dropout acts
+    op then never reads the gate back from the device (a sync on GPU). Under torch.compile a
+    tensor gate without gate_value is not read at all (no graph break): the low-rank path
+    runs and is multiplied by it. dropout acts
     on x in the low-rank path only; its mask is drawn from ``dropout_seed`` (or from
     torch's generator when None). backend: "auto" | "torch" | "triton".
     Factors of another float dtype than x are cast to the compute dtype (autocast's
@@ -59,7 +61,7 @@ def adapted_linear(
                                 scale, row_index, col_index, dropout)
     dtype = _compute_dtype(x)
     impl = dispatch.select_backend(backend, x, dtype)
-    gate_value = _host_gate(gate, gate_value)
+    gate_value = _host_gate(gate, gate_value)  # None: a device gate (no host read under torch.compile)
     gate_tensor = gate if isinstance(gate, Tensor) else torch.tensor(gate_value, device=x.device)
     seed = _seed_tensor(dropout, dropout_seed)
     with torch.autocast(x.device.type, enabled=False):
@@ -70,12 +72,15 @@ def adapted_linear(
             seed, float(scale), gate_value, float(dropout), custom_ops.backend_name(impl))
 
 
-def _host_gate(gate: Union[float, Tensor], gate_value: Optional[float]) -> float:
+def _host_gate(gate: Union[float, Tensor], gate_value: Optional[float]) -> Optional[float]:
     """The gate's value on the host: a float gate as is, a tensor gate's given ``gate_value``,
-    else the tensor read back (a device sync on GPU)."""
+    else, in eager mode, the tensor read back (a device sync on GPU). Under torch.compile a
+    tensor gate is not read (None): the low-rank path runs and is multiplied by it."""
     if not isinstance(gate, Tensor):
         return float(gate)
-    return float(gate_value) if gate_value is not None else float(gate.detach())
+    if gate_value is not None:
+        return float(gate_value)
+    return None if torch.compiler.is_compiling() else float(gate.detach())
 
 
 def _seed_tensor(dropout: float, dropout_seed: Optional[int]) -> Optional[Tensor]:

@@ -12,7 +12,7 @@ The operation (DESIGN.md, "One operation under every method")::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -24,7 +24,10 @@ class LowRankTerm:
 
     Exactly one of ``a`` / ``row_index`` and one of ``b`` / ``col_index`` is set.
     ``gate`` is the host value of g; ``lowrank_on`` is False when g == 0, in which
-    case neither A nor B is read in the forward pass.
+    case neither A nor B is read in the forward pass. ``gate_tensor``: g as a 0-dim
+    device tensor when its host value is not known (a tensor gate under torch.compile,
+    which would otherwise break the graph to read it); then the low-rank path always
+    runs and is multiplied by it (``gate`` is 1).
     """
 
     a: Optional[Tensor]
@@ -37,10 +40,16 @@ class LowRankTerm:
     gate: float
     dropout_p: float
     dropout_seed: int
+    gate_tensor: Optional[Tensor] = None
 
     @property
     def lowrank_on(self) -> bool:
         return self.gate != 0.0
+
+    def scaled_gate(self) -> Union[float, Tensor]:
+        """s * g: a float, or a 0-dim tensor with a device gate."""
+        gate = self.gate if self.gate_tensor is None else self.gate_tensor
+        return self.scale * gate
 
     @property
     def rank(self) -> int:

@@ -57,7 +57,9 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm
         t = shrink(x, weight, term, y0=y if bias is None else None)
     if term.lowrank_on:
         _, v = _mixed(t, term)
-        y = torch.addmm(y, v, term.up(weight).t(), alpha=term.scale * term.gate)
+        sg = term.scaled_gate()
+        up = term.up(weight).t()
+        y = torch.addmm(y, v, up, alpha=sg) if term.gate_tensor is None else torch.addmm(y, v * sg, up)
     return y, t
 
 
@@ -88,7 +90,7 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Option
     if not term.lowrank_on:
         fill_skipped_grads(grads, term, needs)
         return grads
-    sg = term.scale * term.gate
+    sg = term.scaled_gate()
     dv = dp * sg
     if needs.b:
         grads.b = (dy.t() @ v) * sg

@@ -43,7 +43,8 @@ def _rand(*shape, dtype, gen):
 
 
 def _fwd_args(dtype, *, gathered=False, bias=True, middle=False, rank_weights=False, dropout=0.0,
-              gate=0.7, keep_t=False, backend="torch", seed=0):
+              gate=0.7, keep_t=False, backend="torch", seed=0, device_gate=None):
+    """The forward op's arguments; device_gate: the gate as a trailing 0-dim tensor (host gate 1)."""
     gen = torch.Generator().manual_seed(seed)
     weight = _rand(D_OUT, D_IN, dtype=dtype, gen=gen)
     a, b, rows, cols = None, None, None, None
@@ -55,7 +56,8 @@ def _fwd_args(dtype, *, gathered=False, bias=True, middle=False, rank_weights=Fa
             a, b, _rand(R, R, dtype=dtype, gen=gen) if middle else None,
             _rand(R, dtype=dtype, gen=gen) if rank_weights else None, rows, cols,
             torch.tensor([1234], dtype=torch.int64) if dropout else None,
-            1.5, gate, dropout, keep_t, backend)
+            1.5, gate if device_gate is None else 1.0, dropout, keep_t, backend,
+            *(() if device_gate is None else (torch.tensor(device_gate, dtype=dtype),)))
 
 
 FWD_CASES = {
@@ -66,6 +68,8 @@ FWD_CASES = {
     "dropout": dict(dropout=0.3, middle=True),
     "gate_off": dict(gate=0.0),
     "gate_off_keep_t": dict(gate=0.0, keep_t=True),
+    "device_gate": dict(device_gate=0.6, rank_weights=True),
+    "device_gate_off": dict(device_gate=0.0, keep_t=True),
 }
 
 
@@ -100,17 +104,18 @@ def test_eager_calls_run_what_the_ops_run():
 def test_opcheck_adapted_linear_bwd(backend):
     """Every case with every gradient, and with one subset; t saved or recomputed, alternately."""
     for i, (name, dtype) in enumerate(_cases(backend)):
-        x, weight, bias, a, b, middle, rank_weights, rows, cols, seed, scale, gate, p, _, _ = \
-            _fwd_args(dtype, backend=backend, **FWD_CASES[name])
+        fwd = _fwd_args(dtype, backend=backend, **FWD_CASES[name])
+        x, weight, bias, a, b, middle, rank_weights, rows, cols, seed, scale, gate, p = fwd[:13]
+        device_gate = fwd[15:]  # () or (gate tensor,)
         _, t = OPS.adapted_linear_fwd(x, weight, bias, a, b, middle, rank_weights, rows, cols, seed,
-                                      scale, gate, p, True, backend)
+                                      scale, gate, p, True, backend, *device_gate)
         dy = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
         present = [True, bias is not None, a is not None, b is not None, middle is not None,
                    rank_weights is not None, True]
         for mask in ([True] * 7, NEEDS_SUBSETS[i % len(NEEDS_SUBSETS)]):
             needs = [has and wanted for has, wanted in zip(present, mask)]
             args = (dy, x, weight, a, b, middle, rank_weights, rows, cols, t if i % 2 == 0 else None, seed,
-                    scale, gate, p, needs, backend)
+                    scale, gate, p, needs, backend, *device_gate)
             torch.library.opcheck(OPS.adapted_linear_bwd, args)
             assert len(OPS.adapted_linear_bwd(*args)) == sum(needs)
 
@@ -191,6 +196,37 @@ def test_fullgraph_compile_traces_one_op_per_call(method, backend):
     assert recorder.dynamo_graphs == 1
     assert recorder.forward_ops == [["fastlora.adapted_linear_fwd.default"]]
     assert recorder.backward_ops == [["fastlora.adapted_linear_bwd.default"]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate_value", [1.0, 0.0, 0.6])
+def test_compiled_tensor_gate_multiplies_on_the_device(gate_value, backend):
+    """Under torch.compile a tensor gate is not read on the host (fullgraph, one op node): the
+    low-rank term is multiplied by it; output and every gradient (the gate's included) match
+    the float64 autograd reference, with exact zeros for A and B when the gate is 0."""
+    gen = torch.Generator().manual_seed(3)
+    x, weight, bias, a, b, *_ = _fwd_args(torch.float32, backend=backend, seed=3)
+    gate = torch.tensor(gate_value)
+    dy = torch.randn(N, D_OUT, generator=gen)
+    leaves = [t.clone().requires_grad_(True) for t in (x, a, b, gate)]
+
+    def call(x_, a_, b_, g_):
+        return fastlora.kernels.adapted_linear(x_, weight, bias, a_, b_, gate=g_, scale=1.5, backend=backend)
+
+    recorder = _Recorder()
+    out = torch.compile(call, backend=recorder, fullgraph=True)(*leaves)
+    grads = torch.autograd.grad(out, leaves, dy)
+    ref_leaves = [t.double().requires_grad_(True) for t in (x, a, b, gate)]
+    ref = fastlora.kernels.adapted_linear_reference(ref_leaves[0], weight.double(), bias.double(), ref_leaves[1],
+                                                    ref_leaves[2], gate=ref_leaves[3], scale=1.5)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dy.double())
+    assert recorder.forward_ops == [["fastlora.adapted_linear_fwd.default"]]
+    assert _rel(out.detach().double(), ref.detach()) < 1e-5
+    for name, got, want in zip(("x", "a", "b", "gate"), grads, ref_grads):
+        if gate_value == 0.0 and name in ("a", "b"):
+            assert torch.count_nonzero(got) == 0, name
+        else:
+            assert _rel(got.double(), want) < 1e-5, name
 
 
 def test_dropout_seeds_drawn_in_the_graph_cause_no_recompile():

@@ -102,15 +102,24 @@ class SelectiveLoraAdapter(LoraAdapter):
 
     def gate(self) -> Union[float, Tensor]:
         """The hard gate; a 0-dim tensor carrying the straight-through gradient to score when
-        training with grad enabled, a plain float otherwise (no gradient work)."""
-        return self._hard_gate(float(self.gate_is_on()))
+        training with grad enabled, a plain float otherwise (no gradient work). Under
+        torch.compile always a tensor, computed on the device (no host read, no graph break)."""
+        return self._gate_and_value()[0]
 
-    def _hard_gate(self, hard: float) -> Union[float, Tensor]:
+    def _gate_and_value(self) -> tuple[Union[float, Tensor], Optional[float]]:
+        """(gate, its host value when the gate is a tensor whose value the host knows, else None)."""
         score = self.score.view(())
-        if self.training and torch.is_grad_enabled() and score.requires_grad:
+        if torch.compiler.is_compiling():
+            hard = (score.detach() >= self.threshold).to(score.dtype)
+            return (score - score.detach()) + hard if self._straight_through() else hard, None
+        hard = float(self.gate_is_on())
+        if self._straight_through():
             # value exactly `hard` (score - score is 0 for a finite score); d gate / d score = 1
-            return (score - score.detach()) + hard
-        return hard
+            return (score - score.detach()) + hard, hard
+        return hard, None
+
+    def _straight_through(self) -> bool:
+        return self.training and torch.is_grad_enabled() and self.score.requires_grad
 
     def _l1_penalty(self, score: Tensor) -> Tensor:
         """sparsity_weight * |score| (0-dim) as sparsity_weight * sign(score) * score: the same
@@ -123,11 +132,10 @@ class SelectiveLoraAdapter(LoraAdapter):
         """The fused op's arguments; with grad enabled, records this forward's penalty term."""
         if torch.is_grad_enabled() and self.score.requires_grad:
             self._penalty = self._l1_penalty(self.score)
-        hard = float(self.gate_is_on())
-        gate = self._hard_gate(hard)
+        gate, gate_value = self._gate_and_value()
         arguments = {"lora_a": self.lora_A, "lora_b": self.lora_B, "gate": gate, "scale": self.scale}
-        if isinstance(gate, Tensor):
-            arguments["gate_value"] = hard  # the op need not read the gate back from the device
+        if gate_value is not None:
+            arguments["gate_value"] = gate_value  # the op need not read the gate back from the device
         return arguments
 
     def delta_weight(self, weight: Tensor) -> Tensor:

@@ -65,7 +65,7 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm
     _, v = _mixed(t, term)
     up, up_index = _up_view(weight, term)
     bias = bias.contiguous() if bias is not None else None
-    y = fused_linear(x, weight.t(), bias, v * (term.scale * term.gate), up, up_index)
+    y = fused_linear(x, weight.t(), bias, v * term.scaled_gate(), up, up_index)
     return y, t
 
 
@@ -86,7 +86,7 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Option
     if t is None:
         t = shrink(x, weight, term)
     u, v = _mixed(t, term)
-    sg = term.scale * term.gate
+    sg = term.scaled_gate()
     up, up_index = _up_view(weight, term)
     want_db = term.lowrank_on and needs.b
     dp, db, dbias = dy_pass(dy, up, up_index, v * sg if want_db else None, needs.bias)
