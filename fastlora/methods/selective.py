@@ -9,6 +9,8 @@ A gated-off block skips the low-rank path inside the fused op: in eval mode A an
 never read; in training only the straight-through score gradient is formed, and A and B
 get zero gradients. Merging drops a gated-off block. Whether the block is on is read from
 the device once per change of the score, not once per forward (a read is a GPU sync).
+Under torch.compile the gate stays on the device and multiplies the update (no skipping,
+no graph break).
 
 The penalty is formed inside the layer's forward from the score that forward sees and
 returned by ``regularization_loss``: under FSDP/ZeRO-3 a parameter is whole only inside
