@@ -1,4 +1,4 @@
-"""PEFT interop: load PEFT LoRA / PEANuT checkpoints as fastlora adapters, export fastlora LoRA to PEFT.
+"""PEFT interop: load PEFT LoRA / PEANuT checkpoints as fastlora adapters, export them back.
 
 PEFT's ``save_pretrained`` layout (adapter name stripped from the keys)::
 
@@ -47,11 +47,15 @@ class _PeftFormat:
     config: PEFT config dict -> fastlora config (raises on what it cannot represent).
     tensor_shapes: (fastlora config, d_in, d_out) -> {PEFT tensor name of a layer: shape}.
     adapter_state: {PEFT tensor name: tensor} of a layer -> the fastlora adapter's state dict.
+    peft_config: fastlora config -> the method's fields of PEFT's adapter_config.json.
+    peft_tensors: the fastlora adapter's state dict -> {PEFT tensor name: tensor} of a layer.
     """
 
     config: Callable[[dict[str, Any]], AdapterConfig]
     tensor_shapes: Callable[[AdapterConfig, int, int], dict[str, tuple[int, ...]]]
     adapter_state: Callable[[dict[str, Tensor]], dict[str, Tensor]]
+    peft_config: Callable[[AdapterConfig], dict[str, Any]]
+    peft_tensors: Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 
 def _check_unsupported(peft: dict[str, Any], unsupported: dict[str, Any]) -> None:
@@ -103,9 +107,28 @@ def _peanut_shapes(config: NeatConfig, d_in: int, d_out: int) -> dict[str, tuple
     return shapes
 
 
+_PEANUT_FACTORS = {"peanut_A.weight": "neat_A", "peanut_B.weight": "neat_B"}
+
+
 def _neat_state(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    names = {"peanut_A.weight": "neat_A", "peanut_B.weight": "neat_B"}
-    return {names.get(name, name.removeprefix("peanut_")): t for name, t in tensors.items()}
+    return {_PEANUT_FACTORS.get(name, name.removeprefix("peanut_")): t for name, t in tensors.items()}
+
+
+def _peanut_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of ``_neat_state``: neat_A -> peanut_A.weight, encoders.0.weight -> peanut_encoders.0.weight."""
+    names = {ours: theirs for theirs, ours in _PEANUT_FACTORS.items()}
+    return {names.get(key, "peanut_" + key): t for key, t in state.items()}
+
+
+def _peanut_config(config: NeatConfig) -> dict[str, Any]:
+    act_fn = next(name for name, ours in _PEANUT_ACTIVATIONS.items() if ours == config.activation)
+    return {"r": config.r, "depth": config.depth, "act_fn": act_fn, "scaling": config.scale, "init_weights": True}
+
+
+def _lora_peft_config(config: LoraConfig) -> dict[str, Any]:
+    return {"r": config.r, "lora_alpha": config.alpha, "use_rslora": config.use_rslora,
+            "lora_dropout": config.dropout, "bias": "none", "fan_in_fan_out": False, "use_dora": False,
+            "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
 
 
 _FORMATS: dict[str, _PeftFormat] = {
@@ -113,9 +136,14 @@ _FORMATS: dict[str, _PeftFormat] = {
         config=_lora_config,
         tensor_shapes=lambda c, d_in, d_out: {"lora_A.weight": (c.r, d_in), "lora_B.weight": (d_out, c.r)},
         adapter_state=lambda t: {"lora_A": t["lora_A.weight"], "lora_B": t["lora_B.weight"]},
+        peft_config=_lora_peft_config,
+        peft_tensors=lambda s: {"lora_A.weight": s["lora_A"], "lora_B.weight": s["lora_B"]},
     ),
-    "PEANUT": _PeftFormat(config=_neat_config, tensor_shapes=_peanut_shapes, adapter_state=_neat_state),
+    "PEANUT": _PeftFormat(config=_neat_config, tensor_shapes=_peanut_shapes, adapter_state=_neat_state,
+                          peft_config=_peanut_config, peft_tensors=_peanut_tensors),
 }
+#: fastlora config types PEFT can hold -> their peft_type (subclasses such as Selective LoRA excluded)
+_EXPORTS: dict[type, str] = {LoraConfig: "LORA", NeatConfig: "PEANUT"}
 
 
 def _read_peft_checkpoint(directory: Union[str, os.PathLike]) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -204,8 +232,9 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
 
 def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
                       base_model_name_or_path: Optional[str] = None) -> Path:
-    """Write the model's fastlora LoRA adapters in PEFT's format (atomically), so that
-    ``peft.PeftModel.from_pretrained(base, directory)`` computes the same outputs.
+    """Write the model's fastlora LoRA (peft_type "LORA") or NEAT (peft_type "PEANUT") adapters
+    in PEFT's format (atomically), so that ``peft.PeftModel.from_pretrained(base, directory)``
+    computes the same outputs.
 
     target_modules is written as the list of adapted module paths (exact under PEFT's
     matching). Raises ValueError for other methods, merged layers or differing configs.
@@ -215,22 +244,20 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
         raise ValueError("model has no fastlora adapters to export")
     config = layers[0][1].config
     for name, layer in layers:
-        if type(layer.config) is not LoraConfig:
+        if type(layer.config) not in _EXPORTS:
             raise ValueError(f"layer {name} has a {layer.config.method!r} adapter; PEFT export supports "
-                             f"plain LoRA (LoraConfig) only")
+                             f"plain LoRA (LoraConfig) and NEAT (NeatConfig, PEFT's PEANuT) only")
         if layer.config != config:
             raise ValueError(f"layer {name} has config {layer.config}, unlike {layers[0][0]}'s {config}")
         if layer.merged:
             raise ValueError(f"layer {name} is merged; unmerge before exporting")
-    meta = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-        "inference_mode": True, "r": config.r, "lora_alpha": config.alpha, "use_rslora": config.use_rslora,
-        "lora_dropout": config.dropout, "target_modules": [name for name, _ in layers], "bias": "none",
-        "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
-        "rank_pattern": {}, "alpha_pattern": {},
-    }
-    tensors = {f"{KEY_PREFIX}{name}.{key}.weight": getattr(layer.adapter, key).detach().contiguous().cpu()
-               for name, layer in layers for key in ("lora_A", "lora_B")}
+    peft_type = _EXPORTS[type(config)]
+    fmt = _FORMATS[peft_type]
+    meta = {"peft_type": peft_type, "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+            "inference_mode": True, "target_modules": [name for name, _ in layers], "modules_to_save": None,
+            **fmt.peft_config(config)}
+    tensors = {f"{KEY_PREFIX}{name}.{key}": tensor.detach().contiguous().cpu()
+               for name, layer in layers for key, tensor in fmt.peft_tensors(layer.adapter.state_dict()).items()}
 
     def write(staging: Path) -> None:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})

@@ -104,6 +104,25 @@ def test_export_lora_loads_in_peft(base, inputs, tmp_path, use_rslora):
     assert rel_err(output(again, inputs), expected) < TOL
 
 
+@pytest.mark.parametrize("depth,activation", [(0, "relu"), (1, "gelu"), (2, "identity")])
+def test_export_neat_loads_in_peft_as_peanut(base, inputs, tmp_path, depth, activation):
+    model = fastlora.inject(copy.deepcopy(base), fastlora.NeatConfig(
+        r=3, depth=depth, activation=activation, scale=0.8, target_modules=["key", "dense"])).eval()
+    torch.manual_seed(4)
+    for _, layer in fastlora.adapter_layers(model):
+        torch.nn.init.normal_(layer.adapter.neat_B, std=0.5)
+    expected = output(model, inputs)
+    assert rel_err(expected, output(base, inputs)) > 1e-3
+    save_peft_adapter(model, tmp_path / "out")
+    meta = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert meta["peft_type"] == "PEANUT" and meta["depth"] == depth and meta["scaling"] == 0.8
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).eval()
+    assert isinstance(loaded.peft_config["default"], peft.PeanutConfig)
+    assert rel_err(output(loaded, inputs), expected) < TOL
+    again = load_peft_adapter(copy.deepcopy(base), tmp_path / "out").eval()
+    assert rel_err(output(again, inputs), expected) < TOL
+
+
 def test_export_replaces_an_existing_directory(base, tmp_path):
     model = fastlora.inject(copy.deepcopy(base), fastlora.LoraConfig(r=2, target_modules=["query"]))
     (tmp_path / "out").mkdir()
@@ -122,9 +141,11 @@ def test_export_refuses_what_peft_lora_cannot_hold(base, tmp_path):
     layers[1].config = fastlora.LoraConfig(r=2, alpha=3.0, target_modules=["query"])
     with pytest.raises(ValueError, match="encoder.layer.1.attention.self.query has config"):
         save_peft_adapter(mixed, tmp_path / "b")
-    neat = fastlora.inject(copy.deepcopy(base), fastlora.NeatConfig(r=2, target_modules=["query"]))
-    with pytest.raises(ValueError, match="'neat' adapter; PEFT export supports plain LoRA"):
-        save_peft_adapter(neat, tmp_path / "b")
+    for config in (fastlora.CurLoraConfig(r=2, target_modules=["query"]),
+                   fastlora.SelectiveLoraConfig(r=2, target_modules=["query"])):
+        other = fastlora.inject(copy.deepcopy(base), config)
+        with pytest.raises(ValueError, match=rf"'{config.method}' adapter; PEFT export supports plain LoRA"):
+            save_peft_adapter(other, tmp_path / "b")
     merged = fastlora.inject(copy.deepcopy(base), fastlora.LoraConfig(r=2, target_modules=["query"]))
     fastlora.merge(merged)
     with pytest.raises(ValueError, match="merged"):
