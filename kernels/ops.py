@@ -57,11 +57,11 @@ def adapted_linear(
     Factors of another float dtype than x are cast to the compute dtype (autocast's
     when enabled) and receive gradients in their own dtype.
     """
-    check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_weights, gate, gate_value,
-                                scale, row_index, col_index, dropout)
+    # the gate's host value, read once; None: a device gate (no host read under torch.compile)
+    gate_value = check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_weights, gate,
+                                             gate_value, scale, row_index, col_index, dropout)
     dtype = _compute_dtype(x)
     impl = dispatch.select_backend(backend, x, dtype)
-    gate_value = _host_gate(gate, gate_value)  # None: a device gate (no host read under torch.compile)
     gate_tensor = gate if isinstance(gate, Tensor) else torch.tensor(gate_value, device=x.device)
     seed = _seed_tensor(dropout, dropout_seed)
     with torch.autocast(x.device.type, enabled=False):
@@ -70,17 +70,6 @@ def adapted_linear(
             _cast(middle, dtype), _cast(rank_weights, dtype), gate_tensor,
             _as_long(row_index), _as_long(col_index),
             seed, float(scale), gate_value, float(dropout), custom_ops.backend_name(impl))
-
-
-def _host_gate(gate: Union[float, Tensor], gate_value: Optional[float]) -> Optional[float]:
-    """The gate's value on the host: a float gate as is, a tensor gate's given ``gate_value``,
-    else, in eager mode, the tensor read back (a device sync on GPU). Under torch.compile a
-    tensor gate is not read (None): the low-rank path runs and is multiplied by it."""
-    if not isinstance(gate, Tensor):
-        return float(gate)
-    if gate_value is not None:
-        return float(gate_value)
-    return None if torch.compiler.is_compiling() else float(gate.detach())
 
 
 def _seed_tensor(dropout: float, dropout_seed: Optional[int]) -> Optional[Tensor]:

@@ -56,8 +56,11 @@ def _value_range(index: Tensor) -> tuple[int, int]:
     return value_range
 
 
-def _check_gate(gate, gate_value) -> None:
-    """A scalar, finite gate; ``gate_value`` (the host copy of a tensor gate) only with a tensor gate."""
+def _host_gate(gate, gate_value) -> Optional[float]:
+    """The gate's value on the host, checked finite: a float gate as is, a tensor gate's
+    ``gate_value`` (its host copy, only with a tensor gate), else, in eager mode, the tensor
+    read once (a device sync on GPU). None for a tensor gate under torch.compile: it is not
+    read (no graph break); the low-rank path runs and is multiplied by it."""
     tensor_gate = isinstance(gate, Tensor)
     if tensor_gate and gate.numel() != 1:
         raise ValueError(f"gate must be a scalar, got shape {tuple(gate.shape)}")
@@ -68,16 +71,19 @@ def _check_gate(gate, gate_value) -> None:
             raise TypeError("gate_value must be a Python float (the host copy of the gate), got a tensor")
         if not math.isfinite(gate_value):
             raise ValueError(f"gate_value must be finite, got {gate_value}")
-        return
-    # a tensor gate's value is a host read: checked in eager mode only
-    if not (tensor_gate and torch.compiler.is_compiling()) and \
-            not math.isfinite(float(gate.detach() if tensor_gate else gate)):
+        return float(gate_value)
+    if tensor_gate and torch.compiler.is_compiling():
+        return None
+    value = float(gate.detach() if tensor_gate else gate)
+    if not math.isfinite(value):
         raise ValueError(f"gate must be finite, got {gate}")
+    return value
 
 
 def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_weights, gate, gate_value,
-                                scale, row_index, col_index, dropout) -> int:
-    """Validate every input; returns the rank r. Raises TypeError/ValueError/IndexError/RuntimeError."""
+                                scale, row_index, col_index, dropout) -> Optional[float]:
+    """Validate every input; returns the gate's host value (see ``_host_gate``).
+    Raises TypeError/ValueError/IndexError/RuntimeError."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (d_out, d_in), got shape {tuple(weight.shape)}")
     d_out, d_in = weight.shape
@@ -113,7 +119,7 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
         raise ValueError(f"col_index must have r={r} entries, got {col_index.shape[0]}")
     _check_shape("middle", middle, (r, r))
     _check_shape("rank_weights", rank_weights, (r,))
-    _check_gate(gate, gate_value)
+    host_gate = _host_gate(gate, gate_value)
     if isinstance(scale, Tensor) and scale.requires_grad:
         raise TypeError("scale is a host scalar and gets no gradient; pass a float or a tensor "
                         "that does not require grad")
@@ -121,4 +127,4 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
         raise ValueError(f"scale must be finite, got {scale}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-    return r
+    return host_gate

@@ -35,3 +35,13 @@ def test_repeated_calls_read_nothing_on_the_host(method, backend):
         with HostReads() as inference:
             layer(x)
     assert training.count == 0 and inference.count == 0
+
+
+def test_a_tensor_gate_without_its_host_value_is_read_once():
+    """Eager mode: the gate is read once (validated and used), not once per check."""
+    from fastlora.kernels import adapted_linear
+    weight, a, b = torch.randn(7, 9), torch.randn(3, 9), torch.randn(7, 3)
+    x = torch.randn(4, 9)
+    with HostReads() as reads:
+        adapted_linear(x, weight, None, a, b, gate=torch.tensor(0.7), backend="torch")
+    assert reads.count == 1
