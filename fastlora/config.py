@@ -1,15 +1,21 @@
-"""Adapter configurations: one dataclass per method, PEFT-like fields, JSON round trip.
+"""Adapter configurations: one frozen dataclass per method, PEFT-like fields, JSON round trip.
 
-Every config validates itself on construction, so a bad value fails where it is written.
+Every config validates itself on construction, so a bad value fails where it is written,
+and cannot change afterwards (copy with ``dataclasses.replace``, which validates again).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
 
-TargetModules = Optional[Union[list[str], str]]
+TargetModules = Optional[Union[tuple[str, ...], list[str], str]]
+
+MAX_REGEX_REPETITIONS = 4
+MAX_NEAT_DEPTH = 32
+MAX_CASCADES = 64
 
 _CONFIG_TYPES: dict[str, type["AdapterConfig"]] = {}
 
@@ -19,14 +25,18 @@ def _register(cls):
     return cls
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdapterConfig:
     """Fields every method shares.
 
     r: rank (> 0 and <= min(d_in, d_out) of every adapted layer).
     target_modules: names matched like PEFT (a module whose qualified name equals an
-    entry or ends with "." + entry), a regex string (full match), "all-linear", or
-    None (= "all-linear").
+    entry or ends with "." + entry; a list, tuple or set of non-empty strings, kept as a
+    tuple), a regex string (full match), "all-linear", or None (= "all-linear").
+    A regex must compile and, so that matching cannot backtrack catastrophically, must
+    not repeat a group that itself contains a repetition or an alternation (``(a+)+``,
+    ``(a|ab)*``; a repetition is ``*``, ``+`` or ``{m,n}`` with n > 1) and may hold at
+    most MAX_REGEX_REPETITIONS repetitions in all.
     dropout: dropout on the adapter input (PEFT's lora_dropout).
     backend: "auto" | "torch" | "triton" for the fused op.
     """
@@ -43,16 +53,17 @@ class AdapterConfig:
     def validate(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"{type(self).__name__}.r must be a positive int, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{type(self).__name__}.dropout must lie in [0, 1), got {self.dropout!r}")
-        if self.backend not in ("auto", "torch", "triton"):
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{type(self).__name__}.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.backend, str) or self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"{type(self).__name__}.backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
-        if self.target_modules is not None and not isinstance(self.target_modules, (str, list, tuple)):
-            raise TypeError(f"target_modules must be a list of names, a regex string or None, "
-                            f"got {type(self.target_modules).__name__}")
+        object.__setattr__(self, "target_modules", _checked_targets(self.target_modules))
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values (target_modules as a list), plus "method"."""
         data = dataclasses.asdict(self)
+        if isinstance(self.target_modules, tuple):
+            data["target_modules"] = list(self.target_modules)
         data["method"] = self.method
         return data
 
@@ -70,16 +81,105 @@ class AdapterConfig:
         return cls(**data)
 
 
+def _is_real(value: Any) -> bool:
+    """An int or float, not a bool (True would silently read as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _checked_targets(targets: Any) -> Union[None, str, tuple[str, ...]]:
+    """target_modules validated: None, a safe compiling regex, or a tuple of names."""
+    if targets is None:
+        return None
+    if isinstance(targets, str):
+        _check_regex(targets)
+        return targets
+    if not isinstance(targets, (list, tuple, set, frozenset)):
+        raise TypeError(f"target_modules must be a list of names, a regex string or None, "
+                        f"got {type(targets).__name__}")
+    bad = [t for t in targets if not isinstance(t, str) or not t]
+    if bad:
+        raise TypeError(f"target_modules entries must be non-empty strings, got {bad!r}")
+    if not targets:
+        raise ValueError("target_modules is empty; name at least one module, or use None for all linear layers")
+    return tuple(sorted(targets) if isinstance(targets, (set, frozenset)) else targets)
+
+
+_COUNT = re.compile(r"\{(?!\})(\d*)(,?)(\d*)\}")  # {m}, {m,}, {,n}, {m,n}; "{}" is a literal
+
+
+def _check_regex(pattern: str) -> None:
+    """Refuse a pattern that does not compile or could backtrack catastrophically (see AdapterConfig)."""
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"target_modules regex {pattern!r} is invalid: {error}") from None
+    risky = [False]  # per open group: holds a repetition or an alternation
+    after_risky_group = False
+    repetitions = 0
+    i = 0
+    while i < len(pattern):
+        char, repeat_max = pattern[i], None
+        if char == "\\":
+            i += 2
+        elif char == "[":
+            i = _class_end(pattern, i)
+        elif pattern.startswith("(?#", i):
+            i = pattern.index(")", i) + 1
+        elif char == "(":
+            risky.append(False)
+            i += 2 if pattern.startswith("?", i + 1) else 1
+        elif char == ")":
+            inner = risky.pop()
+            risky[-1] = risky[-1] or inner
+            i += 1
+            after_risky_group = inner
+            continue
+        elif char == "|":
+            risky[-1] = True
+            i += 1
+        elif char in "*+?":
+            repeat_max, i = (1 if char == "?" else math.inf), i + 1
+        elif (count := _COUNT.match(pattern, i)) is not None:
+            low, comma, high = count.groups()
+            repeat_max = (int(high) if high else math.inf) if comma else int(low)
+            i = count.end()
+        else:
+            i += 1
+        if repeat_max is not None:
+            i += pattern.startswith(("?", "+"), i)  # lazy or possessive modifier
+            if repeat_max > 1:
+                if after_risky_group:
+                    raise ValueError(f"target_modules regex {pattern!r} repeats a group that itself holds a "
+                                     f"repetition or an alternation, which can backtrack catastrophically; "
+                                     f"write it without nested repetition")
+                repetitions += 1
+                risky[-1] = True
+        after_risky_group = False
+    if repetitions > MAX_REGEX_REPETITIONS:
+        raise ValueError(f"target_modules regex {pattern!r} holds {repetitions} repetitions; at most "
+                         f"{MAX_REGEX_REPETITIONS} are allowed (each one multiplies the matching time)")
+
+
+def _class_end(pattern: str, start: int) -> int:
+    """Index just past the character class opening at ``start``."""
+    i = start + 1
+    i += pattern.startswith("^", i)
+    i += pattern.startswith("]", i)  # a leading ] is a literal
+    while pattern[i] != "]":
+        i += 2 if pattern[i] == "\\" else 1
+    return i + 1
+
+
 def _check_positive(config: AdapterConfig, name: str, allow_zero: bool = False) -> None:
     value = getattr(config, name)
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    ok = _is_real(value) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{type(config).__name__}.{name} must be a finite number {bound}, got {value!r}")
 
 
 @_register
-@dataclass
+@dataclass(frozen=True)
 class LoraConfig(AdapterConfig):
     """Plain LoRA: y = x W^T + b + (alpha/r) (dropout(x) A^T) B^T (alpha/sqrt(r) with use_rslora)."""
 
@@ -90,6 +190,8 @@ class LoraConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         _check_positive(self, "alpha")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"{type(self).__name__}.use_rslora must be True or False, got {self.use_rslora!r}")
 
     @property
     def scale(self) -> float:
@@ -97,7 +199,7 @@ class LoraConfig(AdapterConfig):
 
 
 @_register
-@dataclass
+@dataclass(frozen=True)
 class SelectiveLoraConfig(LoraConfig):
     """Selective LoRA: a learnable score per layer gates the block, g = 1[score >= threshold].
 
@@ -115,7 +217,7 @@ class SelectiveLoraConfig(LoraConfig):
         _check_positive(self, "sparsity_weight", allow_zero=True)
         for name in ("threshold", "score_init"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not _is_real(value) or not math.isfinite(value):
                 raise ValueError(f"SelectiveLoraConfig.{name} must be a finite number, got {value!r}")
         if self.score_init < self.threshold:
             raise ValueError(f"SelectiveLoraConfig.score_init={self.score_init!r} must be >= "
@@ -123,7 +225,7 @@ class SelectiveLoraConfig(LoraConfig):
 
 
 @_register
-@dataclass
+@dataclass(frozen=True)
 class RankSelectiveLoraConfig(LoraConfig):
     """CoDyRA: per-rank importance lambda, soft-thresholded after each optimizer step.
 
@@ -138,19 +240,19 @@ class RankSelectiveLoraConfig(LoraConfig):
         super().validate()
         _check_positive(self, "sparsity_strength", allow_zero=True)
         value = self.importance_init
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
+        if not _is_real(value) or not math.isfinite(value) or value == 0:
             raise ValueError(f"RankSelectiveLoraConfig.importance_init must be a finite nonzero number "
                              f"(0 would prune every rank before training), got {value!r}")
 
 
 @_register
-@dataclass
+@dataclass(frozen=True)
 class CurLoraConfig(AdapterConfig):
     """CURLoRA: C = W[:, J], R = W[I, :] sampled by inverted probabilities, U (r x r) trained.
 
     y = x W^T + b + alpha (x R^T) U^T C^T. eps regularises q ∝ 1/(p + eps) (1e-3 as in
     the authors' code; 0 is the paper's formula); layer k of the model samples with
-    seed + k (k = its position among adapted layers).
+    seed + k (k = its position among adapted layers); 0 <= seed < 2**63.
     """
 
     method: ClassVar[str] = "curlora"
@@ -161,19 +263,19 @@ class CurLoraConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         _check_positive(self, "eps", allow_zero=True)
-        if not math.isfinite(self.alpha):
-            raise ValueError(f"CurLoraConfig.alpha must be finite, got {self.alpha!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"CurLoraConfig.seed must be an int >= 0, got {self.seed!r}")
+        if not _is_real(self.alpha) or not math.isfinite(self.alpha):
+            raise ValueError(f"CurLoraConfig.alpha must be finite (an int or float), got {self.alpha!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"CurLoraConfig.seed must be an int >= 0 and < 2**63, got {self.seed!r}")
 
 
 @_register
-@dataclass
+@dataclass(frozen=True)
 class NeatConfig(AdapterConfig):
     """NEAT / PEANuT: y = x W^T + b + scale * x f(act(W^T A_n^T)) B_n^T.
 
-    depth: number of r x r encoder/decoder pairs in f (0 = identity); activation one
-    of fastlora.kernels.ACTIVATIONS.
+    depth: number of r x r encoder/decoder pairs in f (0 = identity, at most MAX_NEAT_DEPTH);
+    activation one of fastlora.kernels.ACTIVATIONS.
     """
 
     method: ClassVar[str] = "neat"
@@ -184,16 +286,16 @@ class NeatConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         from fastlora.kernels import ACTIVATIONS
-        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 0:
-            raise ValueError(f"NeatConfig.depth must be an int >= 0, got {self.depth!r}")
-        if self.activation not in ACTIVATIONS:
+        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or not 0 <= self.depth <= MAX_NEAT_DEPTH:
+            raise ValueError(f"NeatConfig.depth must be an int >= 0 and <= {MAX_NEAT_DEPTH}, got {self.depth!r}")
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             raise ValueError(f"NeatConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if not math.isfinite(self.scale):
-            raise ValueError(f"NeatConfig.scale must be finite, got {self.scale!r}")
+        if not _is_real(self.scale) or not math.isfinite(self.scale):
+            raise ValueError(f"NeatConfig.scale must be finite (an int or float), got {self.scale!r}")
 
 
 @_register
-@dataclass
+@dataclass(frozen=True)
 class CascadeLoraConfig(LoraConfig):
     """LoRASC: cascaded LoRA pairs with slow-fast updates and noisy cascade starts.
 
@@ -201,8 +303,9 @@ class CascadeLoraConfig(LoraConfig):
     update slow <- m * slow + (1 - m) * fast at each cascade step (the paper's pace
     alpha = 1 - m; default 0.5, Lookahead's alpha; 0 folds the whole fast pair). noise_std:
     std of the Gaussian noise B of each fresh pair starts from (0 = no noise). max_cascades:
-    how many folded pairs are kept (r * max_cascades folded ranks; beyond that the folded
-    update is recompressed to its best rank-(r * max_cascades) approximation).
+    how many folded pairs are kept, 1 to MAX_CASCADES (r * max_cascades folded ranks,
+    preallocated; beyond that the folded update is recompressed to its best
+    rank-(r * max_cascades) approximation).
     """
 
     method: ClassVar[str] = "cascade_lora"
@@ -217,8 +320,11 @@ class CascadeLoraConfig(LoraConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"CascadeLoraConfig.{name} must be an int > 0, got {value!r}")
+        if self.max_cascades > MAX_CASCADES:
+            raise ValueError(f"CascadeLoraConfig.max_cascades must be <= {MAX_CASCADES} (r * max_cascades folded "
+                             f"ranks are preallocated per layer), got {self.max_cascades!r}")
         value = self.slow_momentum
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        if not _is_real(value) or not 0.0 <= value < 1.0:
             raise ValueError(f"CascadeLoraConfig.slow_momentum must lie in [0, 1) (1 would discard every "
                              f"fast pair), got {value!r}")
         _check_positive(self, "noise_std", allow_zero=True)
