@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Iterator
 
-from torch import nn
+from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .layer import AdapterLinear
@@ -28,26 +28,56 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Replace every nn.Linear matched by ``config.target_modules`` with an AdapterLinear
     (sharing the original weight and bias) and freeze every other parameter.
 
-    Returns ``model`` (changed in place). Raises ValueError when a listed target
-    matches no nn.Linear, or when nothing matches.
+    Returns ``model`` (changed in place). All or nothing: every target is checked and every
+    adapter built before the model changes, so on any error the model is left as it was.
+    A Linear registered under several names is adapted once, the same AdapterLinear placed
+    under each name (all of its names must be matched, or none). Raises ValueError when a
+    listed target matches no nn.Linear, when nothing matches, when ``model`` is itself an
+    nn.Linear (wrap it with ``AdapterLinear.from_linear``), or naming the layer whose rank
+    or device does not fit.
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if type(model) is nn.Linear:
+        raise ValueError("model is itself an nn.Linear: inject cannot replace the root module; "
+                         "use AdapterLinear.from_linear(model, config) instead")
     if any(isinstance(m, AdapterLinear) for m in model.modules()):
         raise ValueError("model already has fastlora adapters; merge_and_unload it first")
-    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
-    chosen = [(n, m) for n, m in linears if _matches(n, config.target_modules)]
-    _check_targets(config, linears, chosen)
+    chosen = _chosen_linears(model, config)
+    for names, linear in chosen:
+        _check_layer(names[0], linear, config)
+    layers = _build_layers(model, chosen, config)
     for param in model.parameters():
         param.requires_grad_(False)
-    for index, (name, linear) in enumerate(chosen):
-        layer = AdapterLinear.from_linear(linear, config, layer_index=index)
-        _set_submodule(model, name, layer.train(linear.training))
+    for (names, _), layer in zip(chosen, layers):
+        for name in names:
+            _set_submodule(model, name, layer)
     return model
 
 
-def _check_targets(config: AdapterConfig, linears, chosen) -> None:
-    names = [n for n, _ in linears]
+def _chosen_linears(model: nn.Module, config: AdapterConfig) -> list[tuple[list[str], nn.Linear]]:
+    """(every name, module) of each nn.Linear to adapt, in model order."""
+    linears: dict[int, tuple[list[str], nn.Linear]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if type(module) is nn.Linear:
+            linears.setdefault(id(module), ([], module))[0].append(name)
+    chosen = []
+    for names, linear in linears.values():
+        matched = [n for n in names if _matches(n, config.target_modules)]
+        if matched and len(matched) < len(names):
+            unmatched = [n for n in names if n not in matched]
+            raise ValueError(f"nn.Linear {matched[0]!r} is also registered as {unmatched}, which target_modules "
+                             f"{config.target_modules!r} does not match; a shared module is adapted under all "
+                             f"its names, so match all of them or none")
+        if matched:
+            chosen.append((names, linear))
+    _check_targets(config, [n for names, _ in linears.values() for n in names], chosen)
+    return chosen
+
+
+def _check_targets(config: AdapterConfig, names: list[str], chosen) -> None:
     if isinstance(config.target_modules, (list, tuple)):
         missing = [t for t in config.target_modules if not any(_matches(n, [t]) for n in names)]
         if missing:
@@ -57,6 +87,35 @@ def _check_targets(config: AdapterConfig, linears, chosen) -> None:
         raise ValueError(f"target_modules {config.target_modules!r} match no nn.Linear in the model")
 
 
+def _check_layer(name: str, linear: nn.Linear, config: AdapterConfig) -> None:
+    d_out, d_in = linear.weight.shape
+    if config.r > min(d_in, d_out):
+        raise ValueError(f"layer {name!r}: r={config.r} exceeds min(d_in={d_in}, d_out={d_out})={min(d_in, d_out)}")
+    if any(p is not None and p.is_meta for p in (linear.weight, linear.bias)):
+        raise ValueError(f"layer {name!r} is on the meta device (no values to build the adapter from); "
+                         f"materialise the model first (e.g. to_empty() and load its weights), then inject")
+
+
+def _build_layers(model: nn.Module, chosen, config: AdapterConfig) -> list[AdapterLinear]:
+    """One AdapterLinear per chosen Linear; on failure every requires_grad flag is restored
+    and a ValueError/TypeError is re-raised with the layer's name."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    layers = []
+    try:
+        for index, (names, linear) in enumerate(chosen):
+            try:
+                layers.append(AdapterLinear.from_linear(linear, config, layer_index=index).train(linear.training))
+            except (ValueError, TypeError) as error:
+                if type(error) not in (ValueError, TypeError):
+                    raise
+                raise type(error)(f"layer {names[0]!r}: {error}") from error
+    except BaseException:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        raise
+    return layers
+
+
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
     """(qualified name, layer) of every AdapterLinear in ``model``."""
     for name, module in model.named_modules():
@@ -64,27 +123,74 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
             yield name, module
 
 
+def _memory_span(tensor: Tensor) -> tuple[int, int, int]:
+    """(storage address, first byte, end byte) of the memory ``tensor`` can reach."""
+    size = tensor.element_size()
+    start = tensor.storage_offset() * size
+    reach = sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride())) + 1
+    return tensor.untyped_storage().data_ptr(), start, start + reach * size
+
+
+def _check_unshared_weights(model: nn.Module, layers: list[tuple[str, AdapterLinear]]) -> None:
+    """Raise ValueError naming both owners when an adapted layer's W shares memory with a tensor
+    of another module (an lm_head tied to the input embeddings, one W in two layers)."""
+    owners = []
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for key, tensor in (*module._parameters.items(), *module._buffers.items()):
+            if tensor is not None and tensor.numel() and not tensor.is_meta:
+                owners.append((module, f"{prefix}.{key}" if prefix else key, _memory_span(tensor)))
+    for name, layer in layers:
+        address, start, end = _memory_span(layer.weight)
+        others = sorted({owner for module, owner, (a, s, e) in owners
+                         if module is not layer and a == address and s < end and start < e})
+        if others:
+            raise ValueError(f"cannot merge layer {name!r}: its weight shares memory with {others} (tied or shared "
+                             f"weights), which merging would change too; untie it first (give the layer its own "
+                             f"copy of W) or use merge_and_unload, which builds new weights")
+
+
 def merge(model: nn.Module) -> None:
-    """Fold every adapter into its base weight (forward becomes the plain Linear)."""
-    for _, layer in adapter_layers(model):
-        layer.merge()
+    """Fold every adapter into its base weight (forward becomes the plain Linear); layers
+    already merged stay as they are. Refused (nothing merged) when a layer's W is shared
+    with another module's tensor."""
+    layers = [(n, layer) for n, layer in adapter_layers(model) if not layer.merged]
+    _check_unshared_weights(model, layers)
+    try:
+        for _, layer in layers:
+            layer.merge()
+    except BaseException:
+        unmerge(model)
+        raise
 
 
 def unmerge(model: nn.Module) -> None:
-    """Undo ``merge`` on every adapted layer."""
-    for _, layer in adapter_layers(model):
+    """Undo ``merge`` on every adapted layer: each W is restored bit for bit, latest merge
+    first (so a W merged twice through shared storage ends as it was before both)."""
+    merged = [layer for _, layer in adapter_layers(model) if layer.merged]
+    for layer in sorted(merged, key=lambda layer: layer.merge_order, reverse=True):
         layer.unmerge()
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every AdapterLinear by a plain nn.Linear holding W + ΔW; returns ``model``."""
-    for name, layer in list(adapter_layers(model)):
-        _set_submodule(model, name, layer.to_linear())
+    """Replace every AdapterLinear (under each of its names) by a plain nn.Linear holding
+    W + ΔW in a new weight (a merged layer's W as it is: ΔW is never added twice; a W tied to
+    another module stays with that module unchanged); returns ``model``."""
+    names: dict[AdapterLinear, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, AdapterLinear):
+            names.setdefault(module, []).append(name)
+    for layer, layer_names in names.items():
+        linear = layer.to_linear()
+        for name in layer_names:
+            _set_submodule(model, name, linear)
     return model
 
 
 def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
-    """Switch every adapter on or off (off: the layers compute the base model exactly)."""
+    """Switch every adapter on or off (off: the layers compute the base model exactly, merged
+    ones from the W kept at merge time)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
     for _, layer in adapter_layers(model):
         layer.adapter_enabled = enabled
 
