@@ -5,8 +5,8 @@
     fastlora::neat_fwd             (H, Z)                    of NEAT's projection
     fastlora::neat_bwd             dA_n
 
-Each runs the backend named by ``backend`` ("torch": ``torch_impl``, "triton": the Triton
-module) and has a shape-only fake, so Dynamo/AOTAutograd record one node per call instead
+Each runs the plan named by ``backend`` ("torch": ``torch_impl``; "triton" / "cublas": the
+Triton plans, see ``dispatch``) and has a shape-only fake, so Dynamo/AOTAutograd record one node per call instead
 of tracing the backend's Python. ``AdaptedLinearFunction`` and ``NeatProjectionFunction``
 call them through the module-level functions of the same names: the hand-written backward
 stays, the ops are its primitives (no autograd is registered on the ops themselves). Those
@@ -14,20 +14,20 @@ functions call the op while torch.compile traces and its implementation directly
 mode (the same code; the dispatcher's custom-op path added ~125 us per call on the 2-core CI CPU).
 
 Conventions, so a fake can state every output's metadata: outputs are fresh, contiguous
-tensors; t is fp32 on the Triton path and in x's dtype on the torch path, and an empty
+tensors; t is fp32 on the Triton plans and in x's dtype on the torch plan, and an empty
 (0,) tensor when not computed; the gate gradient is 0-dim in dy's dtype (torch) or fp32
-(Triton). Scalars (scale, gate, dropout p) are floats; ``gate_tensor``, when given, is the
-gate as a 0-dim tensor whose value only the device knows (see ``LowRankTerm``). The dropout seed is a 1-element
-int64 CPU tensor (None without dropout) read on the host inside the op: it can be drawn
-in a compiled graph (no graph break, no recompile per seed) and its read never syncs a GPU.
+(Triton plans). Scalars (scale, gate, dropout p) are floats; ``gate_tensor``, when given, is the
+gate as a 0-dim tensor whose value only the device knows (see ``LowRankTerm``). The dropout
+seed is a 1-element int64 tensor on the input's device (None without dropout), read only by
+the kernels: it can be drawn in a compiled graph (no graph break, no recompile per seed) or
+a captured CUDA graph, and no call reads it on the host.
 """
-from types import ModuleType
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import dispatch, torch_impl
+from . import dispatch
 from .spec import GradsNeeded, LowRankTerm
 
 #: GradsNeeded / Grads fields in the order of the ``needs`` flags and of the backward's outputs
@@ -42,29 +42,17 @@ _BWD_SCHEMA = ("(Tensor dy, Tensor x, Tensor weight, Tensor? a, Tensor? b, Tenso
                "-> Tensor[]")
 
 
-def backend_name(impl: ModuleType) -> str:
-    """"torch" or "triton" for a module returned by ``dispatch.select_backend``."""
-    return "torch" if impl is torch_impl else "triton"
-
-
-def _module(backend: str) -> ModuleType:
-    if backend == "torch":
-        return torch_impl
-    if backend == "triton":
-        impl = dispatch.triton_backend()
-        if impl is not None:
-            return impl
-    raise ValueError(f"backend must be 'torch' or 'triton' (installed), got {backend!r}")
+def _module(backend: str):
+    return dispatch.plan_implementation(backend)
 
 
 def _t_dtype(x: Tensor, backend: str) -> torch.dtype:
-    return torch.float32 if backend == "triton" else x.dtype
+    return x.dtype if backend == "torch" else torch.float32
 
 
 def _term(a, b, middle, rank_weights, row_index, col_index, seed, scale, gate, dropout_p,
           gate_tensor) -> LowRankTerm:
-    return LowRankTerm(a, b, middle, rank_weights, row_index, col_index, scale, gate, dropout_p,
-                       int(seed) if seed is not None else 0, gate_tensor)
+    return LowRankTerm(a, b, middle, rank_weights, row_index, col_index, scale, gate, dropout_p, seed, gate_tensor)
 
 
 def t_computed(gate: float, keep_t: bool) -> bool:
@@ -93,7 +81,7 @@ def _adapted_linear_fwd_fake(x, weight, bias, a, b, middle, rank_weights, row_in
 
 
 def _gate_grad_dtype(dy: Tensor, backend: str) -> torch.dtype:
-    return torch.float32 if backend == "triton" else dy.dtype
+    return dy.dtype if backend == "torch" else torch.float32
 
 
 def _adapted_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, a: Optional[Tensor], b: Optional[Tensor],

@@ -1,7 +1,16 @@
-"""Backend selection: Triton for eligible CUDA tensors, the torch path otherwise.
+"""Execution-plan selection: which implementation runs a call.
 
-One eligibility check (device, dtype, availability); ``backend`` forces a path.
-Under ``TRITON_INTERPRET=1`` a forced "triton" runs the real kernels on CPU tensors.
+Plans (each has the same forward/backward/neat_* primitives):
+
+- "triton": the fused Triton plan (base GEMMs in Triton with the low-rank term in their epilogues);
+- "cublas": torch's GEMMs (cuBLAS) for the base, Triton skinny kernels for the low-rank term;
+- "torch":  plain torch (CPU, and anywhere Triton is not eligible).
+
+``backend="auto"`` (the default) resolves in this order: the ``FASTLORA_BACKEND``
+environment variable when set; the torch plan for inputs the Triton plans cannot take
+(CPU, float64, Triton missing); otherwise the plan ``plans.choose`` measured fastest for
+this shape. A named backend forces its plan and fails clearly when it cannot run.
+Under ``TRITON_INTERPRET=1`` the Triton plans run the real kernels on CPU tensors.
 """
 from __future__ import annotations
 
@@ -10,14 +19,18 @@ import importlib
 import importlib.util
 import os
 from types import ModuleType
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from . import torch_impl
 
-BACKENDS = ("auto", "torch", "triton")
+PLANS = ("triton", "cublas", "torch")
+BACKENDS = ("auto", *PLANS)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: forces a plan wherever ``backend="auto"``
+ENV_VAR = "FASTLORA_BACKEND"
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it while tracing: no import in the trace
@@ -40,21 +53,46 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def select_backend(backend: str, x: Tensor, dtype: torch.dtype) -> ModuleType:
-    """Return the module whose forward/backward primitives run this call."""
+def plan_implementation(name: str):
+    """The object whose forward/backward/neat_forward/neat_backward run plan ``name``."""
+    if name == "torch":
+        return torch_impl
+    if name in ("triton", "cublas"):
+        module = triton_backend()
+        if module is None:
+            raise RuntimeError(f"backend={name!r} was requested but Triton is not installed (pip install triton)")
+        return module.FUSED if name == "triton" else module.CUBLAS
+    raise ValueError(f"plan must be one of {PLANS}, got {name!r}")
+
+
+def _triton_ineligibility(x: Tensor, dtype: torch.dtype) -> Optional[str]:
+    """Why the Triton plans cannot run these inputs, or None when they can."""
+    if dtype not in TRITON_DTYPES:
+        return f"dtype {dtype} (the Triton plans take fp16/bf16/fp32)"
+    if x.is_cuda:
+        return None if triton_backend() is not None else "Triton is not installed (pip install triton)"
+    if not triton_interpreter_on():
+        return f"device {x.device} (the Triton plans need CUDA tensors, or TRITON_INTERPRET=1 on CPU)"
+    if dtype == torch.bfloat16:
+        return "bf16 under the Triton interpreter (its bf16 arithmetic is wrong; use a GPU, fp16 or fp32)"
+    return None if triton_backend() is not None else "Triton is not installed (pip install triton)"
+
+
+def select_plan(backend: str, x: Tensor, dtype: torch.dtype, choose: Callable[[], str]) -> str:
+    """The plan name that runs this call; ``choose()`` measures (or recalls) the fastest Triton-eligible plan."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    forced_by_env = backend == "auto" and os.environ.get(ENV_VAR)
+    if forced_by_env:
+        backend = os.environ[ENV_VAR]
+        if backend not in BACKENDS:
+            raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
-        return torch_impl
-    eligible = (x.is_cuda or triton_interpreter_on()) and dtype in TRITON_DTYPES
+        return "torch"
+    reason = _triton_ineligibility(x, dtype)
     if backend == "auto":
-        impl = triton_backend() if (x.is_cuda and dtype in TRITON_DTYPES) else None
-        return impl or torch_impl
-    if not eligible:
-        raise RuntimeError(
-            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU) of dtype fp16/bf16/fp32; "
-            f"got device {x.device} and dtype {dtype}")
-    impl = triton_backend()
-    if impl is None:
-        raise RuntimeError("backend='triton' was requested but Triton is not installed (pip install triton)")
-    return impl
+        return "torch" if reason is not None or not x.is_cuda else choose()
+    if reason is not None:
+        source = f"{ENV_VAR}={backend!r}" if forced_by_env else f"backend={backend!r}"
+        raise RuntimeError(f"{source} cannot run this call: {reason}")
+    return backend

@@ -29,13 +29,14 @@ class AdaptedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optional[Tensor],
                 b: Optional[Tensor], middle: Optional[Tensor], rank_weights: Optional[Tensor],
-                gate: Tensor, row_index: Optional[Tensor], col_index: Optional[Tensor],
+                gate: Optional[Tensor], row_index: Optional[Tensor], col_index: Optional[Tensor],
                 seed: Optional[Tensor], scale: float, gate_value: Optional[float], dropout_p: float,
                 backend: str) -> Tensor:
         # gate_value None: only the device knows the gate (torch.compile); the op multiplies by it
         device_gate = gate.detach() if gate_value is None else None
         gate_value = 1.0 if gate_value is None else gate_value
         keep_t = ctx.needs_input_grad[7]  # the gate's gradient needs t even when the gate is 0
+        # (gate None: a host gate, gate_value; a tensor gate stays on the device)
         ctx.x_shape = x.shape
         x2d = x.reshape(-1, x.shape[-1])
         y, t = custom_ops.adapted_linear_fwd(x2d, weight, bias, a, b, middle, rank_weights, row_index, col_index,
@@ -44,7 +45,8 @@ class AdaptedLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x2d, weight, a, b, middle, rank_weights, row_index, col_index, t, seed, device_gate)
         ctx.scalars = (scale, gate_value, dropout_p)
         ctx.backend = backend
-        ctx.gate_dtype, ctx.gate_shape = gate.dtype, gate.shape
+        if gate is not None:
+            ctx.gate_dtype, ctx.gate_shape = gate.dtype, gate.shape
         # aten's _unsafe_view (as matmul uses): same storage, no view relation to y
         return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
 

@@ -51,5 +51,6 @@ def neat_projection(weight: Tensor, a_n: Tensor, act: str = "relu", backend: str
     if weight.requires_grad:
         raise ValueError("weight is the frozen base weight and must have requires_grad=False")
     a_n = a_n if a_n.dtype == weight.dtype else a_n.to(weight.dtype)
-    impl = dispatch.select_backend(backend, weight, weight.dtype)
-    return NeatProjectionFunction.apply(weight, a_n, act, custom_ops.backend_name(impl))
+    # auto on CUDA: the Triton projection kernel (activation fused into the skinny GEMM), not timed
+    plan = dispatch.select_plan(backend, weight, weight.dtype, lambda: "triton")
+    return NeatProjectionFunction.apply(weight, a_n, act, plan)

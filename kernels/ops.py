@@ -6,8 +6,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import custom_ops, dispatch
+from . import dispatch, plans
 from .function import AdaptedLinearFunction
+from .philox import draw_seed, seed_tensor
 from .validation import check_adapted_linear_inputs
 
 
@@ -38,7 +39,7 @@ def adapted_linear(
     row_index: Optional[Tensor] = None,
     col_index: Optional[Tensor] = None,
     dropout: float = 0.0,
-    dropout_seed: Optional[int] = None,
+    dropout_seed: Optional[Union[int, Tensor]] = None,
     backend: str = "auto",
 ) -> Tensor:
     """y = x W^T + bias + scale * gate * ((dropout(x) A^T) M^T ⊙ m) B^T.
@@ -52,38 +53,86 @@ def adapted_linear(
     op then never reads the gate back from the device (a sync on GPU). Under torch.compile a
     tensor gate without gate_value is not read at all (no graph break): the low-rank path
     runs and is multiplied by it. dropout acts
-    on x in the low-rank path only; its mask is drawn from ``dropout_seed`` (or from
-    torch's generator when None). backend: "auto" | "torch" | "triton".
-    Factors of another float dtype than x are cast to the compute dtype (autocast's
-    when enabled) and receive gradients in their own dtype.
+    on x in the low-rank path only; its mask (``fastlora.kernels.dropout_mask``, the same on
+    every plan) is drawn from ``dropout_seed`` (an int, or a (1,) int64 tensor on x's device),
+    or from a seed drawn on the device by torch's generator when None (no host read: a CUDA
+    graph replays with a fresh mask each time). backend: "auto" | "triton" | "cublas" |
+    "torch" (see ``dispatch``). Factors of another float dtype than x are cast to the compute
+    dtype (autocast's when enabled) and receive gradients in their own dtype.
     """
     # the gate's host value, read once; None: a device gate (no host read under torch.compile)
     gate_value = check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_weights, gate,
                                              gate_value, scale, row_index, col_index, dropout)
     dtype = _compute_dtype(x)
-    impl = dispatch.select_backend(backend, x, dtype)
-    gate_tensor = gate if isinstance(gate, Tensor) else torch.tensor(gate_value, device=x.device)
-    seed = _seed_tensor(dropout, dropout_seed)
+    gathered = row_index is not None or col_index is not None
+    rank = (lora_a if lora_a is not None else row_index).shape[0]
+    plan = dispatch.select_plan(backend, x, dtype, lambda: _auto_plan(x, weight, bias, rank, dtype, dropout, gathered))
+    gate_tensor = gate if isinstance(gate, Tensor) else None
+    seed = _seed(dropout, dropout_seed, x.device)
     with torch.autocast(x.device.type, enabled=False):
         return AdaptedLinearFunction.apply(
             _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), _cast(lora_a, dtype), _cast(lora_b, dtype),
             _cast(middle, dtype), _cast(rank_weights, dtype), gate_tensor,
             _as_long(row_index), _as_long(col_index),
-            seed, float(scale), gate_value, float(dropout), custom_ops.backend_name(impl))
+            seed, float(scale), gate_value, float(dropout), plan)
 
 
-def _seed_tensor(dropout: float, dropout_seed: Optional[int]) -> Optional[Tensor]:
-    """The dropout seed as a (1,) int64 CPU tensor (None without dropout).
+def _seed(dropout: float, dropout_seed, device: torch.device) -> Optional[Tensor]:
+    """The dropout seed as a (1,) int64 tensor on x's device (None without dropout).
 
-    Drawn as a tensor, not read with .item(), so torch.compile keeps the draw in the graph
-    (no graph break, a fresh seed per call); the op reads it on the host, and a CPU read
-    never syncs a GPU. An explicit int seed becomes a constant of the graph.
+    Drawn on the device, never read on the host: no sync, the draw stays in a torch.compile
+    graph (a fresh seed per call, no recompile) and in a captured CUDA graph (torch's
+    generator advances its offset per replay). An explicit int seed is filled on the device.
     """
     if dropout == 0.0:
         return None
     if dropout_seed is None:
-        return torch.randint(0, 2**31 - 1, (1,))
-    return torch.tensor([dropout_seed], dtype=torch.int64)
+        return draw_seed(device)
+    if isinstance(dropout_seed, Tensor):
+        if dropout_seed.dtype != torch.int64 or dropout_seed.numel() != 1 or dropout_seed.device != device:
+            raise ValueError(f"dropout_seed tensor must be one int64 element on {device}, got "
+                             f"{dropout_seed.dtype} of shape {tuple(dropout_seed.shape)} on {dropout_seed.device}")
+        return dropout_seed.reshape(1)
+    return seed_tensor(dropout_seed, device)
+
+
+def _auto_plan(x: Tensor, weight: Tensor, bias: Optional[Tensor], rank: int, dtype: torch.dtype,
+               dropout: float, gathered: bool) -> str:
+    """The fastest plan for this call's shape (timed on first use of the shape, then recalled)."""
+    n_tokens = x.numel() // x.shape[-1]
+    key = plans.PlanKey(str(x.device), str(dtype).removeprefix("torch."), plans.token_bucket(n_tokens),
+                        weight.shape[1], weight.shape[0], rank, dropout > 0.0, gathered)
+    measurable = not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+    return plans.choose(key, plans.environment_section(x.device), _timing_step(key, x.device, dtype, bias is not None),
+                        measurable=measurable)
+
+
+def _timing_step(key: "plans.PlanKey", device: torch.device, dtype: torch.dtype, has_bias: bool):
+    """run(plan): one forward + backward of ``key``'s shape on random tensors (allocated once)."""
+    inputs = {}
+
+    def run(plan: str) -> None:
+        if not inputs:
+            make = dict(device=device, dtype=dtype)
+            d_in, d_out, r = key.d_in, key.d_out, key.rank
+            inputs["x"] = torch.randn(key.token_bucket, d_in, **make, requires_grad=True)
+            inputs["weight"] = torch.randn(d_out, d_in, **make) / d_in**0.5
+            inputs["bias"] = torch.randn(d_out, **make) if has_bias else None
+            if key.gathered:
+                inputs["row_index"] = torch.randperm(d_out, device=device)[:r]
+                inputs["col_index"] = torch.randperm(d_in, device=device)[:r]
+                inputs["middle"] = torch.randn(r, r, **make, requires_grad=True)
+            else:
+                inputs["lora_a"] = torch.randn(r, d_in, **make, requires_grad=True)
+                inputs["lora_b"] = torch.randn(d_out, r, **make, requires_grad=True)
+            inputs["dy"] = torch.randn(key.token_bucket, d_out, **make)
+        args = {k: v for k, v in inputs.items() if k not in ("x", "weight", "bias", "dy")}
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            y = adapted_linear(inputs["x"], inputs["weight"], inputs["bias"], args.pop("lora_a", None),
+                               args.pop("lora_b", None), dropout=0.1 if key.dropout else 0.0, backend=plan, **args)
+            y.backward(inputs["dy"])
+
+    return run
 
 
 def _as_long(index: Optional[Tensor]) -> Optional[Tensor]:

@@ -23,6 +23,7 @@ class LowRankTerm:
     """The low-rank factors and host-side scalars of one call.
 
     Exactly one of ``a`` / ``row_index`` and one of ``b`` / ``col_index`` is set.
+    ``dropout_seed``: the (1,) int64 seed tensor on the input's device (None without dropout).
     ``gate`` is the host value of g; ``lowrank_on`` is False when g == 0, in which
     case neither A nor B is read in the forward pass. ``gate_tensor``: g as a 0-dim
     device tensor when its host value is not known (a tensor gate under torch.compile,
@@ -39,7 +40,7 @@ class LowRankTerm:
     scale: float
     gate: float
     dropout_p: float
-    dropout_seed: int
+    dropout_seed: Optional[Tensor]
     gate_tensor: Optional[Tensor] = None
 
     @property

@@ -15,20 +15,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .activations import activation, activation_grad
+from .philox import dropout_mask
 from .spec import Grads, GradsNeeded, LowRankTerm, fill_skipped_grads
 
 
-def dropout_keep_mask(shape, p: float, seed: int, device, dtype) -> Tensor:
-    """Dropout mask regenerated from ``seed``: 1/(1-p) where kept, 0 where dropped."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    keep = torch.rand(shape, generator=generator, device=device) >= p
-    return keep.to(dtype) / (1.0 - p)
-
-
 def _dropped(x: Tensor, term: LowRankTerm) -> Tensor:
+    """x (N, d_in) times the dropout mask regenerated from the term's seed (the mask of every plan)."""
     if term.dropout_p == 0.0:
         return x
-    return x * dropout_keep_mask(x.shape, term.dropout_p, term.dropout_seed, x.device, x.dtype)
+    return x * dropout_mask(x.shape[0], x.shape[1], term.dropout_p, term.dropout_seed, x.device, x.dtype)
 
 
 def _mixed(t: Tensor, term: LowRankTerm) -> tuple[Tensor, Tensor]:

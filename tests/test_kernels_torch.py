@@ -15,7 +15,7 @@ from fastlora.kernels import (
     ACTIVATIONS,
     adapted_linear,
     adapted_linear_reference,
-    dropout_keep_mask,
+    dropout_mask,
     neat_projection,
     neat_projection_reference,
 )
@@ -102,7 +102,7 @@ def run_both(inputs, requires, *, gate=1.0, scale=1.0, dropout=0.0, dropout_seed
     mask = None
     if dropout > 0.0:
         n = inputs["x"].numel() // inputs["x"].shape[-1]
-        mask = dropout_keep_mask((n, inputs["x"].shape[-1]), dropout, dropout_seed, "cpu", F64)
+        mask = dropout_mask(n, inputs["x"].shape[-1], dropout, dropout_seed, "cpu", F64)
         mask = mask.reshape(inputs["x"].shape)
     ref_y, base = formula(ref_leaves["x"], w, ref_leaves["bias"], a, b, ref_leaves["middle"],
                           ref_leaves["rank_weights"], ref_gate, scale, mask)
@@ -299,10 +299,10 @@ def test_mixed_gathered_and_given_factors():
 
 # --------------------------------------------------------------------------- dropout
 
-def test_dropout_keep_mask_properties():
-    m1 = dropout_keep_mask((64, 33), 0.3, 1234, "cpu", F64)
-    m2 = dropout_keep_mask((64, 33), 0.3, 1234, "cpu", F64)
-    m3 = dropout_keep_mask((64, 33), 0.3, 1235, "cpu", F64)
+def test_dropout_mask_properties():
+    m1 = dropout_mask(64, 33, 0.3, 1234, "cpu", F64)
+    m2 = dropout_mask(64, 33, 0.3, 1234, "cpu", F64)
+    m3 = dropout_mask(64, 33, 0.3, 1235, "cpu", F64)
     assert torch.equal(m1, m2)
     assert not torch.equal(m1, m3)
     values = set(torch.unique(m1).tolist())
@@ -310,7 +310,7 @@ def test_dropout_keep_mask_properties():
     keep = float((m1 != 0).double().mean())
     assert 0.6 < keep < 0.8
     # the keep pattern does not depend on the dtype asked for
-    m4 = dropout_keep_mask((64, 33), 0.3, 1234, "cpu", torch.float32)
+    m4 = dropout_mask(64, 33, 0.3, 1234, "cpu", torch.float32)
     assert torch.equal(m4 != 0, m1 != 0)
 
 

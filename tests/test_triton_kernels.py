@@ -26,7 +26,8 @@ from fastlora.kernels import (  # noqa: E402
     neat_projection,
     neat_projection_reference,
 )
-from fastlora.kernels.dispatch import select_backend, triton_backend, triton_interpreter_on  # noqa: E402
+from fastlora.kernels import dropout_mask  # noqa: E402
+from fastlora.kernels.dispatch import select_plan, triton_backend, triton_interpreter_on  # noqa: E402
 from fastlora.kernels.spec import LowRankTerm  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -51,6 +52,16 @@ def impl():
         pytest.skip("triton (or fastlora's kernels) was imported before TRITON_INTERPRET=1 was set, so the "
                     "kernels were built for a GPU; run pytest with TRITON_INTERPRET=1 in the environment")
     return impl
+
+
+PLAN = {"name": "triton"}
+
+
+@pytest.fixture(autouse=True, params=["triton", "cublas"])
+def plan(request):
+    """Every test runs on both Triton plans: fused base GEMMs, and cuBLAS base GEMMs + Triton low-rank kernels."""
+    PLAN["name"] = request.param
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +104,7 @@ def make_inputs(dtype, n=37, d_in=53, d_out=29, r=5, *, bias=True, middle=False,
 
 
 def run_both(inputs, requires, *, x_view=None, gate=1.0, gate_grad=False, **kwargs):
-    """adapted_linear(backend="triton") and the float64 reference on the same inputs.
+    """adapted_linear(backend=<the test's plan>) and the float64 reference on the same inputs.
 
     requires: input names that need a gradient; x_view maps the x leaf to the x passed in
     (non-contiguous or 3-D views); gate_grad: the gate is a 0-dim tensor that needs grad.
@@ -111,13 +122,12 @@ def run_both(inputs, requires, *, x_view=None, gate=1.0, gate_grad=False, **kwar
         g = g if gate_grad else gate
         x = x_view(args.pop("x"))
         if dtype is None:
-            y = adapted_linear(x, *args.values(), gate=g, backend="triton", **extra, **kwargs)
+            y = adapted_linear(x, *args.values(), gate=g, backend=PLAN["name"], **extra, **kwargs)
         else:
             ref_kwargs = dict(kwargs)
             p, seed = ref_kwargs.pop("dropout", 0.0), ref_kwargs.pop("dropout_seed", None)
             if p > 0.0:
-                mask = triton_backend().dropout_mask(x.reshape(-1, x.shape[-1]).shape[0], x.shape[-1], p, seed,
-                                                     DEVICE, F64)
+                mask = dropout_mask(x.reshape(-1, x.shape[-1]).shape[0], x.shape[-1], p, seed, DEVICE, F64)
                 ref_kwargs["dropout_mask"] = mask.reshape(x.shape)
             y = adapted_linear_reference(x, *args.values(), gate=g, **extra, **ref_kwargs)
         if dy is None:
@@ -327,7 +337,7 @@ def test_only_the_input_gradient():
 @pytest.mark.skipif(not CUDA, reason="backend='auto' picks Triton only for CUDA tensors")
 def test_auto_backend_picks_triton_on_cuda(impl):
     x = torch.randn(4, 8, device=DEVICE)
-    assert select_backend("auto", x, x.dtype) is impl
+    assert select_plan("auto", x, x.dtype, lambda: "cublas") == "cublas"
 
 
 # --------------------------------------------------------------------------- NEAT projection
@@ -355,7 +365,7 @@ def test_neat_projection(act, dtype):
 def test_neat_forward_returns_preactivation(impl):
     weight = torch.randn(20, 33, device=DEVICE)
     a_n = torch.randn(3, 20, device=DEVICE)
-    h, z = impl.neat_forward(weight, a_n, "relu")
+    h, z = impl.FUSED.neat_forward(weight, a_n, "relu")
     z_ref = weight.double().t() @ a_n.double().t()
     assert rel(z, z_ref) < 1e-5
     assert torch.equal(h, torch.relu(z))

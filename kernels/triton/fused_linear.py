@@ -1,10 +1,12 @@
 """Base GEMM with the low-rank term in its epilogue.
 
-    out = X Wkn + bias + drop(V U)        X (M, K), Wkn (K, N), V (M, r) fp32, U (r, N)
+    out (+)= X Wkn + bias + drop(c * g * V U)   X (M, K), Wkn (K, N), V (M, r) fp32, U (r, N)
 
-Forward: X = x, Wkn = W^T, V = s*g*v, U = B^T (or W[:, J]^T gathered), no dropout.
-Input gradient: X = dy, Wkn = W, V = dt, U = A (or W[I] gathered), and drop() the
-dropout mask of x regenerated from the seed at offset m * N + n. fp32 accumulation.
+Forward: X = x, Wkn = W^T, V = v, c = s (times the host gate), g a device gate or 1,
+U = B^T (or W[:, J]^T gathered), no dropout. Input gradient: X = dy, Wkn = W, V = dt,
+U = A (or W[I] gathered), and drop() the dropout mask of x regenerated from the seed.
+Without X and Wkn it is the low-rank "expand" alone, added into an existing output
+(the cuBLAS plan's input gradient with dropout). fp32 accumulation.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..philox import keep_threshold
 from .autotune import dot_precision, gemm_configs, launch_context, pad_rank
 from .dropout import keep_scale
 from .tiles import load_factor
@@ -21,13 +24,17 @@ from .tiles import load_factor
 
 # Tuned per token-count bucket (the next power of two), not per exact token count, so
 # training with varying sequence lengths does not re-tune on every new batch shape.
-@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "R_PAD", "HAS_LOWRANK", "DROPOUT"])
+# The weight's layout is in the key: the forward (W^T, k-contiguous) and the input gradient
+# (W, n-contiguous) favour different tiles. restore_value: tuning runs never accumulate twice.
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "W_LAYOUT", "R_PAD", "HAS_LOWRANK", "DROPOUT"],
+                 restore_value=["out_ptr"])
 @triton.jit
 def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, v_ptr, u_ptr, u_idx_ptr, out_ptr,
-                         M, N, K, R, M_BUCKET, seed, p, scale,
+                         seed_ptr, gate_ptr, M, N, K, R, M_BUCKET, W_LAYOUT, v_scale, threshold, scale,
                          stride_xm, stride_xk, stride_wk, stride_wn, stride_vm, stride_vr,
                          stride_ur, stride_un, stride_om, stride_on,
                          HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, U_GATHER: tl.constexpr,
+                         GATE_PTR: tl.constexpr, ACCUMULATE: tl.constexpr,
                          DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr):
@@ -61,42 +68,61 @@ def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, v_ptr, u_ptr, u_idx_ptr, out_pt
         v = tl.load(v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr,
                     mask=offs_r[None, :] < R, other=0.0)
         u = load_factor(u_ptr, u_idx_ptr, offs_r[:, None], cols[None, :], R, N, stride_ur, stride_un, U_GATHER)
-        low = tl.dot(v.to(u.dtype), u, input_precision=PRECISION)
+        low = tl.dot(v.to(u.dtype), u, input_precision=PRECISION) * v_scale
+        if GATE_PTR:
+            low = low * tl.load(gate_ptr).to(tl.float32)
         if DROPOUT:
-            low = low * keep_scale(seed, rows[:, None] * N + cols[None, :], p, scale)
+            low = low * keep_scale(tl.load(seed_ptr), rows, pid_n * BLOCK_N, threshold, scale, BLOCK_N)
         acc += low
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if ACCUMULATE:
+        acc += tl.load(out, mask=in_bounds, other=0.0).to(tl.float32)
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=in_bounds)
 
 
-def fused_linear(x: torch.Tensor, w_kn: torch.Tensor, bias: Optional[torch.Tensor],
+def fused_linear(x: Optional[torch.Tensor], w_kn: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                  v: Optional[torch.Tensor] = None, u: Optional[torch.Tensor] = None,
-                 u_index: Optional[torch.Tensor] = None, p: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """out (M, N) = x w_kn + bias + drop(v U) in x's dtype.
+                 u_index: Optional[torch.Tensor] = None, *, v_scale: float = 1.0, gate: Optional[torch.Tensor] = None,
+                 p: float = 0.0, seed: Optional[torch.Tensor] = None,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out (M, N) = x w_kn + bias + drop(v_scale * gate * v U), in x's (or ``out``'s) dtype.
 
-    x (M, K) and w_kn (K, N) with any strides (pass W.t() or W as views); bias (N,) or None;
-    v (M, r) fp32 or None (no low-rank term); U = u (r, N), or u[u_index] for u_index (r,)
-    (rows of a frozen matrix read by index). p > 0: the low-rank term is multiplied by the
-    dropout mask drawn from ``seed`` at offset m * N + n.
+    x (M, K) and w_kn (K, N) with any strides (pass W.t() or W as views), or both None: no
+    base GEMM (the low-rank "expand" alone); bias (N,) or None; v (M, r) fp32 or None (no
+    low-rank term); U = u (r, N), or u[u_index] for u_index (r,) (rows of a frozen matrix
+    read by index); gate: a 0-dim device tensor multiplied in (no host read) or None.
+    p > 0: the low-rank term is multiplied by the dropout mask of an (M, N) input drawn from
+    ``seed`` ((1,) int64 device tensor). ``out`` given: the result is added into it in place.
     """
-    m, k = x.shape
-    n = w_kn.shape[1]
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    has_base = x is not None
+    m = x.shape[0] if has_base else v.shape[0]
+    n = w_kn.shape[1] if has_base else u.shape[1]
+    k = x.shape[1] if has_base else 0
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(m, n, device=(x if has_base else v).device, dtype=x.dtype if has_base else v.dtype)
     has_lowrank = v is not None
     r = v.shape[1] if has_lowrank else 1
     dummy = out
+    x = x if has_base else dummy
+    w_kn = w_kn if has_base else dummy
     u = u if has_lowrank else dummy
+    dropout = has_lowrank and p > 0.0
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    with launch_context(x.device):
+    with launch_context(out.device):
         _fused_linear_kernel[grid](
             x, w_kn, bias if bias is not None else dummy, v if has_lowrank else dummy, u,
-            u_index if u_index is not None else dummy, out,
-            m, n, k, r, triton.next_power_of_2(m), seed, p, 1.0 / (1.0 - p),
+            u_index if u_index is not None else dummy, out, seed if dropout else dummy,
+            gate if gate is not None else dummy,
+            m, n, k, r, triton.next_power_of_2(m), int(w_kn.stride(0) == 1), float(v_scale), keep_threshold(p),
+            1.0 / (1.0 - p),
             x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1),
             v.stride(0) if has_lowrank else 0, v.stride(1) if has_lowrank else 0,
             u.stride(0), u.stride(1), out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, U_GATHER=u_index is not None,
-            DROPOUT=has_lowrank and p > 0.0, R_PAD=pad_rank(r), PRECISION=dot_precision(x.dtype))
+            GATE_PTR=has_lowrank and gate is not None, ACCUMULATE=accumulate,
+            DROPOUT=dropout, R_PAD=pad_rank(r), PRECISION=dot_precision(x.dtype if has_base else u.dtype))
     return out

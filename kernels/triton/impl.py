@@ -1,14 +1,22 @@
-"""Triton backend of the adapted linear and NEAT's projection (same contract as ``torch_impl``).
+"""Triton plans of the adapted linear and NEAT's projection (same contract as ``torch_impl``).
 
     y = x W^T + bias + s*g*((xd A^T) M^T ⊙ m) B^T,   xd = dropout(x) drawn from the seed
 
-forward: t = xd A^T (shrink kernel, dropout in-kernel, fp32); v = (t M^T) ⊙ m on the small
-t in torch; y from the base GEMM with s*g*v B^T in its epilogue. Returns (y, t).
-backward: one pass over dy for dP = dy B, dB and dbias; the r-sized chain dv, dm, du, dM, dt
-in torch; dA = dt^T xd (xd regenerated); dx = dy W + mask ⊙ (dt A) from the fused GEMM.
-A = W[row_index] and B = W[:, col_index] are read by index inside the kernels.
-Gate off: y = x W^T + bias with no low-rank launch; the gate gradient, if asked, is
-s * sum(dP ⊙ v) from t and dP only; needed factors get zero gradients.
+Two plans share the low-rank work (Triton skinny kernels, fp32) and differ in who runs the
+two base GEMMs (forward x W^T, input gradient dy W):
+
+- ``FUSED`` ("triton"): the Triton GEMM runs them with the low-rank term in its epilogue
+  (s*g*v B^T forward, mask ⊙ dt A backward): no extra pass over y or dx.
+- ``CUBLAS`` ("cublas"): torch's GEMM (cuBLAS on GPUs) runs them, the low-rank term is
+  added into the output by ``addmm(..., beta=1)`` (a second pass over y / dx, at cuBLAS
+  speed), or, where addmm cannot (gathered factors read by index, a device gate, dropout in
+  the input gradient), by the Triton expand kernel adding into the output in place.
+
+Forward: t = xd A^T (shrink kernel, dropout in-kernel); v = (t M^T) ⊙ m on the small t.
+Backward: one pass over dy for dP = dy B, dB and dbias; the r-sized chain dv, dm, du, dM,
+dt in torch; dA = dt^T xd (xd regenerated). A = W[row_index] and B = W[:, col_index] are
+read by index inside the kernels. Gate off: y = x W^T + bias with no low-rank launch; the
+gate gradient, if asked, is s * sum(dP ⊙ v) from t and dP only; needed factors get zeros.
 """
 from __future__ import annotations
 
@@ -27,8 +35,7 @@ from .neat_kernels import neat_forward as _neat_forward
 from .shrink import shrink as _shrink_kernel
 from .skinny import down_grad, dy_pass
 
-__all__ = ["INTERPRETED", "INTERPRETER_READY", "backward", "dropout_mask", "forward", "neat_backward",
-           "neat_forward", "shrink"]
+__all__ = ["CUBLAS", "FUSED", "INTERPRETED", "INTERPRETER_READY", "TritonPlan", "dropout_mask", "shrink"]
 
 
 def _down_view(weight: Tensor, term: LowRankTerm) -> tuple[Tensor, Optional[Tensor]]:
@@ -54,77 +61,112 @@ def _mixed(t: Tensor, term: LowRankTerm) -> tuple[Tensor, Tensor]:
     return u, v
 
 
-def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm,
-            keep_t: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """y = x W^T + bias + s*g*v B^T (N, d_out); returns (y, t) with t (N, r) fp32, or None when not computed."""
-    if x.shape[0] == 0:
-        return torch_impl.forward(x, weight, bias, term, keep_t)
-    if not term.lowrank_on:
-        return F.linear(x, weight, bias), (shrink(x, weight, term) if keep_t else None)
-    t = shrink(x, weight, term)
-    _, v = _mixed(t, term)
-    up, up_index = _up_view(weight, term)
-    bias = bias.contiguous() if bias is not None else None
-    y = fused_linear(x, weight.t(), bias, v * term.scaled_gate(), up, up_index)
-    return y, t
+class TritonPlan:
+    """forward / backward / neat_forward / neat_backward of one plan (see the module docstring)."""
 
+    def __init__(self, name: str, fused_base: bool) -> None:
+        self.name = name
+        self.fused_base = fused_base
 
-def backward(dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Optional[Tensor],
-             needs: GradsNeeded) -> Grads:
-    """Gradients of every needed input (see ``torch_impl.backward`` for the formulas)."""
-    if dy.shape[0] == 0:
-        return torch_impl.backward(dy, x, weight, term, t, needs)
-    grads = Grads()
-    if not (term.lowrank_on or needs.gate) or not (needs.any_lowrank or needs.x):
-        if needs.bias:
-            grads.bias = dy.sum(0)
-        if needs.x:
-            grads.x = dy @ weight
-        if not term.lowrank_on:
-            fill_skipped_grads(grads, term, needs)
-        return grads
-    if t is None:
-        t = shrink(x, weight, term)
-    u, v = _mixed(t, term)
-    sg = term.scaled_gate()
-    up, up_index = _up_view(weight, term)
-    want_db = term.lowrank_on and needs.b
-    dp, db, dbias = dy_pass(dy, up, up_index, v * sg if want_db else None, needs.bias)
-    if needs.bias:
-        grads.bias = dbias.to(dy.dtype)
-    if needs.gate:
-        grads.gate = term.scale * (dp * v).sum()
-    if not term.lowrank_on:
-        if needs.x:
-            grads.x = dy @ weight
-        fill_skipped_grads(grads, term, needs)
-        return grads
-    if want_db:
-        grads.b = db.to(term.b.dtype)
-    dv = dp * sg
-    if needs.rank_weights:
-        grads.rank_weights = (dv * u).sum(0).to(term.rank_weights.dtype)
-    du = dv if term.rank_weights is None else dv * term.rank_weights.float()
-    if needs.middle:
-        grads.middle = (du.t() @ t).to(term.middle.dtype)
-    dt = du if term.middle is None else du @ term.middle.float()
-    if needs.a:
-        grads.a = down_grad(dt, x, term.dropout_p, term.dropout_seed).to(term.a.dtype)
-    if needs.x:
+    def __repr__(self) -> str:
+        return f"TritonPlan({self.name!r})"
+
+    def _add_up(self, y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], v: Tensor,
+                term: LowRankTerm) -> Tensor:
+        """y = x W^T + bias + s*g*v B^T (N, d_out); ``y`` is F.linear's output on the cuBLAS plan."""
+        up, up_index = _up_view(weight, term)
+        if self.fused_base:
+            bias = bias.contiguous() if bias is not None else None
+            return fused_linear(x, weight.t(), bias, v, up, up_index, v_scale=term.scale * term.gate,
+                                gate=term.gate_tensor)
+        if term.gate_tensor is None and up_index is None:
+            return y.addmm_(v.to(y.dtype), up, alpha=term.scale * term.gate)
+        return fused_linear(None, None, None, v, up, up_index, v_scale=term.scale * term.gate, gate=term.gate_tensor,
+                            out=y)
+
+    def _input_grad(self, dy: Tensor, weight: Tensor, dt: Tensor, term: LowRankTerm) -> Tensor:
+        """dx = dy W + dropout'(dt A) (N, d_in)."""
         down, down_index = _down_view(weight, term)
-        grads.x = fused_linear(dy, weight, None, dt, down, down_index, term.dropout_p, term.dropout_seed)
-    return grads
+        if self.fused_base:
+            return fused_linear(dy, weight, None, dt, down, down_index, p=term.dropout_p, seed=term.dropout_seed)
+        dx = dy @ weight
+        if term.dropout_p == 0.0 and down_index is None:
+            return dx.addmm_(dt.to(dx.dtype), down)
+        return fused_linear(None, None, None, dt, down, down_index, p=term.dropout_p, seed=term.dropout_seed,
+                            out=dx)
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm,
+                keep_t: bool) -> tuple[Tensor, Optional[Tensor]]:
+        """y = x W^T + bias + s*g*v B^T (N, d_out); returns (y, t), t (N, r) fp32 or None when not computed."""
+        if x.shape[0] == 0:
+            return torch_impl.forward(x, weight, bias, term, keep_t)
+        if not term.lowrank_on:
+            return F.linear(x, weight, bias), (shrink(x, weight, term) if keep_t else None)
+        y = None if self.fused_base else F.linear(x, weight, bias)
+        t = shrink(x, weight, term)
+        _, v = _mixed(t, term)
+        return self._add_up(y, x, weight, bias, v, term), t
+
+    def backward(self, dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Optional[Tensor],
+                 needs: GradsNeeded) -> Grads:
+        """Gradients of every needed input (see ``torch_impl.backward`` for the formulas)."""
+        if dy.shape[0] == 0:
+            return torch_impl.backward(dy, x, weight, term, t, needs)
+        grads = Grads()
+        if not (term.lowrank_on or needs.gate) or not (needs.any_lowrank or needs.x):
+            if needs.bias:
+                grads.bias = dy.sum(0)
+            if needs.x:
+                grads.x = dy @ weight
+            if not term.lowrank_on:
+                fill_skipped_grads(grads, term, needs)
+            return grads
+        if t is None:
+            t = shrink(x, weight, term)
+        u, v = _mixed(t, term)
+        sg = term.scaled_gate()
+        up, up_index = _up_view(weight, term)
+        want_db = term.lowrank_on and needs.b
+        dp, db, dbias = dy_pass(dy, up, up_index, v * sg if want_db else None, needs.bias)
+        if needs.bias:
+            grads.bias = dbias.to(dy.dtype)
+        if needs.gate:
+            grads.gate = term.scale * (dp * v).sum()
+        if not term.lowrank_on:
+            if needs.x:
+                grads.x = dy @ weight
+            fill_skipped_grads(grads, term, needs)
+            return grads
+        if want_db:
+            grads.b = db.to(term.b.dtype)
+        dv = dp * sg
+        if needs.rank_weights:
+            grads.rank_weights = (dv * u).sum(0).to(term.rank_weights.dtype)
+        du = dv if term.rank_weights is None else dv * term.rank_weights.float()
+        if needs.middle:
+            grads.middle = (du.t() @ t).to(term.middle.dtype)
+        dt = du if term.middle is None else du @ term.middle.float()
+        if needs.a:
+            grads.a = down_grad(dt, x, term.dropout_p, term.dropout_seed).to(term.a.dtype)
+        if needs.x:
+            grads.x = self._input_grad(dy, weight, dt, term)
+        return grads
+
+    @staticmethod
+    def neat_forward(weight: Tensor, a_n: Tensor, act: str) -> tuple[Tensor, Tensor]:
+        """NEAT projection: (H, Z) with Z = W^T A_n^T (d_in, r) and H = act(Z), in weight's dtype."""
+        if weight.numel() == 0 or a_n.shape[0] == 0:
+            return torch_impl.neat_forward(weight, a_n, act)
+        return _neat_forward(weight, a_n, act)
+
+    @staticmethod
+    def neat_backward(dh: Tensor, weight: Tensor, z: Tensor, act: str) -> Tensor:
+        """dA_n = (W (dH ⊙ act'(Z)))^T, shape (r, d_out)."""
+        if weight.numel() == 0 or z.shape[1] == 0:
+            return torch_impl.neat_backward(dh, weight, z, act)
+        return _neat_backward(dh, weight, z, act)
 
 
-def neat_forward(weight: Tensor, a_n: Tensor, act: str) -> tuple[Tensor, Tensor]:
-    """NEAT projection: (H, Z) with Z = W^T A_n^T (d_in, r) and H = act(Z), in weight's dtype."""
-    if weight.numel() == 0 or a_n.shape[0] == 0:
-        return torch_impl.neat_forward(weight, a_n, act)
-    return _neat_forward(weight, a_n, act)
+FUSED = TritonPlan("triton", fused_base=True)
+CUBLAS = TritonPlan("cublas", fused_base=False)
 
-
-def neat_backward(dh: Tensor, weight: Tensor, z: Tensor, act: str) -> Tensor:
-    """dA_n = (W (dH ⊙ act'(Z)))^T, shape (r, d_out)."""
-    if weight.numel() == 0 or z.shape[1] == 0:
-        return torch_impl.neat_backward(dh, weight, z, act)
-    return _neat_backward(dh, weight, z, act)

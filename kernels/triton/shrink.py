@@ -13,12 +13,13 @@ import triton
 import triton.language as tl
 
 from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction, sum_partials
+from ..philox import keep_threshold
 from .dropout import keep_scale
 from .tiles import load_factor
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, a_idx_ptr, part_ptr, M, K, R, k_per_split, seed, p, scale,
+def _shrink_kernel(x_ptr, a_ptr, a_idx_ptr, part_ptr, seed_ptr, M, K, R, k_per_split, threshold, scale,
                    stride_xm, stride_xk, stride_ar, stride_ak,
                    A_GATHER: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -30,12 +31,14 @@ def _shrink_kernel(x_ptr, a_ptr, a_idx_ptr, part_ptr, M, K, R, k_per_split, seed
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                      mask=offs_k[None, :] < k_end, other=0.0)
         if DROPOUT:
-            keep = keep_scale(seed, rows[:, None] * K + offs_k[None, :], p, scale)
+            keep = keep_scale(seed, rows, k0, threshold, scale, BLOCK_K)
             xt = (xt.to(tl.float32) * keep).to(xt.dtype)
         at = load_factor(a_ptr, a_idx_ptr, offs_r[None, :], offs_k[:, None], R, k_end,
                          stride_ar, stride_ak, A_GATHER)
@@ -44,10 +47,11 @@ def _shrink_kernel(x_ptr, a_ptr, a_idx_ptr, part_ptr, M, K, R, k_per_split, seed
     tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
-def shrink(x: torch.Tensor, a: torch.Tensor, a_index: Optional[torch.Tensor], p: float, seed: int) -> torch.Tensor:
+def shrink(x: torch.Tensor, a: torch.Tensor, a_index: Optional[torch.Tensor], p: float = 0.0,
+           seed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """t = dropout_p(x) F^T in fp32, shape (N, r); F = a (r, d_in), or a[a_index] when given.
 
-    x (N, d_in) any strides; dropout entry (n, k) drawn from ``seed`` at offset n * d_in + k.
+    x (N, d_in) any strides; the dropout mask is drawn from ``seed`` ((1,) int64 on x's device).
     """
     m, k = x.shape
     r = a_index.shape[0] if a_index is not None else a.shape[0]
@@ -58,8 +62,8 @@ def shrink(x: torch.Tensor, a: torch.Tensor, a_index: Optional[torch.Tensor], p:
     part = torch.empty(n_split, m, r, device=x.device, dtype=torch.float32)
     with launch_context(x.device):
         _shrink_kernel[(m_blocks, n_split)](
-            x, a, a_index if a_index is not None else a, part, m, k, r, k_per_split,
-            seed, p, 1.0 / (1.0 - p), x.stride(0), x.stride(1), a.stride(0), a.stride(1),
+            x, a, a_index if a_index is not None else a, part, seed if p > 0.0 else part, m, k, r, k_per_split,
+            keep_threshold(p), 1.0 / (1.0 - p), x.stride(0), x.stride(1), a.stride(0), a.stride(1),
             A_GATHER=a_index is not None, DROPOUT=p > 0.0, R_PAD=r_pad, PRECISION=dot_precision(x.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     return sum_partials(part)

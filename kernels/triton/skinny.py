@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction, sum_partials
+from ..philox import keep_threshold
 from .dropout import keep_scale
 from .shrink import shrink
 from .tiles import load_factor
@@ -86,7 +87,7 @@ def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], 
     r = b_index.shape[0] if b_index is not None else b.shape[0]
     columns_needed = v is not None or need_bias
     dp_in_columns = columns_needed and one_pass_is_cheaper(dy, r)
-    dp = None if dp_in_columns else shrink(dy, b, b_index, 0.0, 0)
+    dp = None if dp_in_columns else shrink(dy, b, b_index)
     if not columns_needed:
         return dp, None, None
     r_pad = pad_rank(r)
@@ -115,7 +116,7 @@ def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], 
 
 
 @triton.jit
-def _down_grad_kernel(dt_ptr, x_ptr, part_ptr, M, K, R, rows_per_split, seed, p, scale,
+def _down_grad_kernel(dt_ptr, x_ptr, part_ptr, seed_ptr, M, K, R, rows_per_split, threshold, scale,
                       stride_dtm, stride_dtr, stride_xm, stride_xk,
                       DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -126,6 +127,8 @@ def _down_grad_kernel(dt_ptr, x_ptr, part_ptr, M, K, R, rows_per_split, seed, p,
     k_ok = offs_k < K
     r_ok = offs_r < R
     acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     row0 = pid_s * rows_per_split
     for i in range(0, rows_per_split, BLOCK_M):
         offs_m = row0 + i + tl.arange(0, BLOCK_M)
@@ -134,7 +137,7 @@ def _down_grad_kernel(dt_ptr, x_ptr, part_ptr, M, K, R, rows_per_split, seed, p,
         xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                      mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if DROPOUT:
-            keep = keep_scale(seed, rows[:, None] * K + offs_k[None, :], p, scale)
+            keep = keep_scale(seed, rows, pid_k * BLOCK_K, threshold, scale, BLOCK_K)
             xt = (xt.to(tl.float32) * keep).to(xt.dtype)
         dtt = tl.load(dt_ptr + rows[:, None] * stride_dtm + offs_r[None, :] * stride_dtr,
                       mask=m_ok[:, None] & r_ok[None, :], other=0.0)
@@ -143,8 +146,9 @@ def _down_grad_kernel(dt_ptr, x_ptr, part_ptr, M, K, R, rows_per_split, seed, p,
     tl.store(out, acc, mask=r_ok[:, None] & k_ok[None, :])
 
 
-def down_grad(dt: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """dA = dt^T dropout_p(x) in fp32, shape (r, d_in); dt (N, r) fp32, x (N, d_in) any strides."""
+def down_grad(dt: torch.Tensor, x: torch.Tensor, p: float = 0.0, seed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dA = dt^T dropout_p(x) in fp32, shape (r, d_in); dt (N, r) fp32, x (N, d_in) any strides;
+    the mask is drawn from ``seed`` ((1,) int64 on x's device)."""
     m, k = x.shape
     r = dt.shape[1]
     r_pad = pad_rank(r)
@@ -154,7 +158,7 @@ def down_grad(dt: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch.T
     part = torch.empty(n_split, r, k, device=x.device, dtype=torch.float32)
     with launch_context(x.device):
         _down_grad_kernel[(n_split, k_blocks)](
-            dt, x, part, m, k, r, rows_per_split, seed, p, 1.0 / (1.0 - p),
+            dt, x, part, seed if p > 0.0 else part, m, k, r, rows_per_split, keep_threshold(p), 1.0 / (1.0 - p),
             dt.stride(0), dt.stride(1), x.stride(0), x.stride(1),
             DROPOUT=p > 0.0, R_PAD=r_pad, PRECISION=dot_precision(x.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
