@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
 
+from fastlora.kernels import BACKENDS
+
 TargetModules = Optional[Union[tuple[str, ...], list[str], str]]
 
 MAX_REGEX_REPETITIONS = 4
@@ -38,7 +40,7 @@ class AdapterConfig:
     ``(a|ab)*``; a repetition is ``*``, ``+`` or ``{m,n}`` with n > 1) and may hold at
     most MAX_REGEX_REPETITIONS repetitions in all.
     dropout: dropout on the adapter input (PEFT's lora_dropout).
-    backend: "auto" | "torch" | "triton" for the fused op.
+    backend: the fused op's execution plan: "auto" (measured fastest) | "triton" | "cublas" | "torch".
     """
 
     method: ClassVar[str] = ""
@@ -55,8 +57,8 @@ class AdapterConfig:
             raise ValueError(f"{type(self).__name__}.r must be a positive int, got {self.r!r}")
         if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{type(self).__name__}.dropout must be a number in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.backend, str) or self.backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"{type(self).__name__}.backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
+        if not isinstance(self.backend, str) or self.backend not in BACKENDS:
+            raise ValueError(f"{type(self).__name__}.backend must be one of {BACKENDS}, got {self.backend!r}")
         object.__setattr__(self, "target_modules", _checked_targets(self.target_modules))
 
     def to_dict(self) -> dict[str, Any]:

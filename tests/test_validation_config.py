@@ -19,7 +19,7 @@ from fastlora.config import MAX_CASCADES, MAX_NEAT_DEPTH, MAX_REGEX_REPETITIONS
     (LoraConfig, {"alpha": True}, "alpha must be a finite number > 0, got True"),
     (LoraConfig, {"dropout": True}, r"dropout must be a number in \[0, 1\), got True"),
     (LoraConfig, {"dropout": "0.1"}, r"dropout must be a number in \[0, 1\), got '0.1'"),
-    (LoraConfig, {"backend": ["torch"]}, "backend must be 'auto', 'torch' or 'triton', got \\['torch'\\]"),
+    (LoraConfig, {"backend": ["torch"]}, "backend must be one of \\('auto', 'triton', 'cublas', 'torch'\\), got \\['torch'\\]"),
     (SelectiveLoraConfig, {"threshold": False}, "threshold must be a finite number, got False"),
     (SelectiveLoraConfig, {"sparsity_weight": True}, "sparsity_weight must be a finite number >= 0, got True"),
     (RankSelectiveLoraConfig, {"importance_init": True}, "importance_init must be a finite nonzero number"),
