@@ -1,35 +1,54 @@
-"""save_adapter / load_adapter: adapter tensors (safetensors) + config (JSON), written atomically.
+"""save_adapter / load_adapter: adapter tensors (safetensors) + per-layer configs (JSON).
 
-Layout of a checkpoint directory::
+Layout of a checkpoint directory (format_version 2; version 1 checkpoints, one config and a
+list of layer names, still load)::
 
-    adapter_config.json        {"fastlora_version", "config": {...}, "layers": [...]}
+    adapter_config.json        {"format_version": 2, "config": {...}, "layers": {name: {...}},
+                                "weights_sha256": "<hex digest of adapter_model.safetensors>"}
     adapter_model.safetensors  "<layer name>.adapter.<tensor name>" -> tensor
 
-The directory is written beside the target under a temporary name and renamed into
-place, so a reader never sees a half-written checkpoint.
+"config" is the first layer's config (what ``read_adapter_config`` returns), "layers" every
+layer's own config.
+
+Writing touches these two files only (``write_files_atomically``): each is written to a temp
+file in the directory, flushed and fsynced, then renamed over the old one (weights first,
+config last) and the directory is fsynced. An exception at any step puts the old files back.
+A hard crash between the two renames can leave the new weights beside the old config; the
+config records the SHA-256 of its weights file, so ``load_adapter`` refuses such a mixed pair.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+from torch import Tensor, nn
 
 from .config import AdapterConfig
-from .inject import adapter_layers, inject
+from .inject import _matches, _set_submodule, adapter_layers, inject
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+# config fields that only shape initialisation or sampling (overwritten by the loaded tensors),
+# or how the same values are computed; every other field must match the model's layers
+_NON_COMPUTATION_FIELDS = frozenset({"target_modules", "backend", "score_init", "importance_init", "seed", "eps"})
+# integer adapter tensors that index W: name -> the layer dimension bounding them
+_INDEX_BOUNDS = {"row_index": "out_features", "col_index": "in_features"}
+
+PathLike = Union[str, os.PathLike]
+Writer = Callable[[str], None]
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Every adapter tensor (parameters and persistent buffers), keyed by qualified name."""
     state = {}
     for name, layer in adapter_layers(model):
@@ -38,87 +57,316 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
-    """Write the model's adapters to ``directory`` (replaced atomically if it exists)."""
+def save_adapter(model: nn.Module, directory: PathLike) -> Path:
+    """Write the model's adapters (tensors and each layer's config) into ``directory``, created
+    when missing; other files in it are left alone. Returns the directory's path."""
     layers = list(adapter_layers(model))
     if not layers:
         raise ValueError("model has no fastlora adapters to save")
+    state = adapter_state_dict(model)
     meta = {"format_version": FORMAT_VERSION, "config": layers[0][1].config.to_dict(),
-            "layers": [name for name, _ in layers]}
+            "layers": {name: layer.config.to_dict() for name, layer in layers}}
+    digest = {}
 
-    def write(staging: Path) -> None:
-        save_file(adapter_state_dict(model), str(staging / WEIGHTS_FILE))
-        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    def write_weights(path: str) -> None:
+        digest["sha256"] = write_safetensors(path, state)
 
-    return write_directory_atomically(directory, write)
+    def write_config(path: str) -> None:
+        write_json(path, {**meta, "weights_sha256": digest["sha256"]})
+
+    return write_files_atomically(directory, [(WEIGHTS_FILE, write_weights), (CONFIG_FILE, write_config)])
 
 
-def write_directory_atomically(directory: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:
-    """Call ``write(staging)`` on a fresh directory beside ``directory``, then rename it into
-    place (replacing an existing directory), so a reader never sees a half-written one."""
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+def write_safetensors(path: str, tensors: dict[str, Tensor], metadata: Optional[dict[str, str]] = None) -> str:
+    """Write ``tensors`` as a safetensors file at ``path``; returns the file's SHA-256 (hex)."""
+    save_file(tensors, path, metadata=metadata)
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_json(path: str, data: Any) -> None:
+    """Write ``data`` as indented JSON into the existing file ``path``."""
+    view = memoryview(json.dumps(data, indent=2).encode())
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     try:
-        write(staging)
-        _replace_directory(staging, target)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def write_files_atomically(directory: PathLike, files: Sequence[tuple[str, Writer]]) -> Path:
+    """Replace the files ``files`` names in ``directory`` (``~`` expanded; created when missing,
+    an existing one keeps its mode) and touch nothing else there.
+
+    ``files``: (file name, writer) pairs; a writer writes the file at the path it is given.
+    Every file is first written to a temp file beside it (``.<name>.<random>.tmp``) and fsynced,
+    then renamed over its final name in the given order, then the directory is fsynced. The
+    old files stay hard-linked under temp names until all renames are done: an exception at any
+    step restores them, so ``directory`` holds either every old file or every new one. A
+    replaced file keeps the old file's mode.
+    """
+    target = Path(directory).expanduser()
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"cannot save into {target}: it exists and is not a directory")
+    if not target.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        _fsync_directory(target.parent)
+    staged: dict[str, Path] = {}
+    kept: dict[str, Path] = {}
+    placed: list[str] = []
+    try:
+        for name, write in files:
+            staged[name] = _write_temp(target, name, write)
+        for name, _ in files:
+            if (target / name).exists():
+                kept[name] = _keep(target / name)
+        for name, _ in files:
+            os.replace(staged[name], target / name)
+            del staged[name]
+            placed.append(name)
+        _fsync_directory(target)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _restore(target, placed, kept)
         raise
+    finally:
+        for path in (*staged.values(), *kept.values()):
+            path.unlink(missing_ok=True)
     return target
 
 
-def _replace_directory(staging: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(staging, target)
+def _temp_path(directory: Path, name: str) -> Path:
+    return directory / f".{name}.{secrets.token_hex(6)}.tmp"
+
+
+def _write_temp(directory: Path, name: str, write: Writer) -> Path:
+    """A fresh temp file beside ``name`` filled by ``write`` and fsynced (mode: the old file's,
+    else what a new file gets under the umask)."""
+    path = _temp_path(directory, name)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        write(str(path))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if (directory / name).exists():
+            os.chmod(path, (directory / name).stat().st_mode & 0o7777)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _keep(path: Path) -> Path:
+    """A second name for the existing file ``path`` (a hard link, a copy where links fail)."""
+    kept = _temp_path(path.parent, path.name)
+    try:
+        os.link(path, kept)
+    except OSError:
+        shutil.copy2(path, kept)
+    return kept
+
+
+def _restore(directory: Path, placed: list[str], kept: dict[str, Path]) -> None:
+    """Undo the renames of ``placed`` files: the kept old file goes back, a new file without an
+    old one is removed. Best effort (the original error is what the caller raises); an old file
+    that cannot be put back stays under its temp name."""
+    for name in reversed(placed):
+        try:
+            if name in kept:
+                os.replace(kept[name], directory / name)
+                del kept[name]
+            else:
+                (directory / name).unlink()
+        except OSError:
+            kept.pop(name, None)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make renames in ``directory`` durable (POSIX; elsewhere a no-op)."""
+    if os.name != "posix":
         return
-    if not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory")
-    previous = target.with_name(f".{target.name}.previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    os.replace(target, previous)
-    os.replace(staging, target)
-    shutil.rmtree(previous, ignore_errors=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def read_adapter_config(directory: Union[str, os.PathLike]) -> AdapterConfig:
-    """The AdapterConfig stored in a checkpoint directory."""
-    path = Path(directory) / CONFIG_FILE
+def _read_meta(directory: PathLike) -> tuple[Path, dict[str, Any]]:
+    path = Path(directory).expanduser() / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}")
-    meta = json.loads(path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')!r}")
-    return AdapterConfig.from_dict(meta["config"])
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format_version") not in _READABLE_VERSIONS:
+        raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')!r} "
+                         f"(this fastlora reads {list(_READABLE_VERSIONS)})")
+    return path, meta
 
 
-def load_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Module:
-    """Load adapters saved by ``save_adapter`` into ``model``.
+def _parse_config(path: Path, field: str, data: Any) -> AdapterConfig:
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: field {field!r} must be a JSON object, got {type(data).__name__}")
+    try:
+        return AdapterConfig.from_dict(data)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}: field {field!r}: {error}") from None
 
-    A model without adapters is injected first with the stored config. Missing or
-    unexpected tensors, shape mismatches, another method or merged layers raise.
-    """
-    config = read_adapter_config(directory)
-    layers = list(adapter_layers(model))
-    if not layers:
-        inject(model, config)
-        layers = list(adapter_layers(model))
-    for name, layer in layers:
-        if layer.config.method != config.method:
-            raise ValueError(f"layer {name} has a {layer.config.method!r} adapter, checkpoint is {config.method!r}")
+
+def read_adapter_config(directory: PathLike) -> AdapterConfig:
+    """The AdapterConfig stored in a checkpoint directory (its first layer's, when the layers'
+    configs differ)."""
+    path, meta = _read_meta(directory)
+    return _parse_config(path, "config", meta.get("config"))
+
+
+def _layer_configs(path: Path, meta: dict[str, Any]) -> dict[str, AdapterConfig]:
+    """Layer name -> config of every layer in the checkpoint."""
+    config = _parse_config(path, "config", meta.get("config"))
+    layers = meta.get("layers")
+    if meta["format_version"] == 1:
+        if not isinstance(layers, list) or not layers or not all(isinstance(n, str) for n in layers):
+            raise ValueError(f"{path}: field 'layers' must be a non-empty list of layer names, got {layers!r}")
+        return dict.fromkeys(layers, config)
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{path}: field 'layers' must be a non-empty object (layer name -> config), got {layers!r}")
+    return {name: _parse_config(path, f"layers.{name}", data) for name, data in layers.items()}
+
+
+def _read_checkpoint(directory: PathLike) -> tuple[dict[str, AdapterConfig], dict[str, Tensor]]:
+    """(layer configs, tensors), the weights file checked against the config's digest."""
+    path, meta = _read_meta(directory)
+    configs = _layer_configs(path, meta)
+    weights = path.with_name(WEIGHTS_FILE)
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}")
+    data = weights.read_bytes()
+    expected = meta.get("weights_sha256")
+    if meta["format_version"] >= 2:
+        if not isinstance(expected, str):
+            raise ValueError(f"{path}: field 'weights_sha256' must be a hex string, got {expected!r}")
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise ValueError(f"{weights} (SHA-256 {actual[:12]}...) is not the weights file {path.name} was saved "
+                             f"with ({expected[:12]}...): the files come from different saves (an interrupted "
+                             f"save_adapter?) or the weights file was changed")
+    try:
+        state = load_safetensors(data)
+    except Exception as error:  # safetensors raises its own error types for malformed files
+        raise ValueError(f"{weights}: not a readable safetensors file ({error})") from None
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{weights}: tensor {key!r} has {bad} non-finite values (NaN or inf)")
+    return configs, state
+
+
+def _computation_fields(config: AdapterConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if k not in _NON_COMPUTATION_FIELDS}
+
+
+def _inject_checkpoint_layers(model: nn.Module, configs: dict[str, AdapterConfig]) -> Callable[[], None]:
+    """Inject the checkpoint's config into exactly the checkpoint's layers of a model without
+    adapters (under every name of a shared Linear); returns the function that undoes it."""
+    first_name, config = next(iter(configs.items()))
+    for name, other in configs.items():
+        if {**other.to_dict(), "target_modules": None} != {**config.to_dict(), "target_modules": None}:
+            raise ValueError(f"checkpoint layers {first_name!r} and {name!r} have different configs ({config} vs "
+                             f"{other}); inject builds every layer with one config: build the model's adapter "
+                             f"layers first (AdapterLinear), then load")
+    linears: dict[int, tuple[nn.Linear, list[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if type(module) is nn.Linear:
+            linears.setdefault(id(module), (module, []))[1].append(name)
+    by_name = {name: entry for entry in linears.values() for name in entry[1]}
+    missing = sorted(set(configs) - set(by_name))
+    if missing:
+        raise ValueError(f"checkpoint layers {missing[:5]} are not nn.Linear modules of the model")
+    selected = sorted({n for name in configs for n in by_name[name][1]})
+    if sorted(n for n in by_name if _matches(n, config.target_modules)) != selected:
+        config = AdapterConfig.from_dict({**config.to_dict(), "target_modules": selected})
+    originals = {name: by_name[name][0] for name in selected}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    inject(model, config)
+
+    def undo() -> None:
+        for name, module in originals.items():
+            _set_submodule(model, name, module)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+    return undo
+
+
+def _check_tensor(key: str, tensor: Tensor, expected: Tensor, layer: nn.Module) -> None:
+    shape, want = tuple(tensor.shape), tuple(expected.shape)
+    if shape != want and not (shape == () and want == (1,)):  # (): a Selective LoRA score saved 0-dim
+        raise ValueError(f"{key}: checkpoint shape {shape} != model shape {want}")
+    if expected.is_floating_point():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{key}: checkpoint dtype {tensor.dtype} is not a floating dtype (model: {expected.dtype})")
+        return
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise ValueError(f"{key}: checkpoint dtype {tensor.dtype} is not an integer dtype (model: {expected.dtype})")
+    bound = getattr(layer, _INDEX_BOUNDS.get(key.rsplit(".", 1)[-1], ""), None)
+    low, high = (int(tensor.min()), int(tensor.max())) if tensor.numel() else (0, 0)
+    if low < 0 or (bound is not None and high >= bound):
+        limit = f"[0, {bound})" if bound is not None else ">= 0"
+        raise ValueError(f"{key}: checkpoint values span [{low}, {high}], outside {limit}")
+
+
+def _check_fits(layers: dict[str, nn.Module], configs: dict[str, AdapterConfig], state: dict[str, Tensor]) -> None:
+    """Everything ``load_adapter`` checks before changing a layer."""
+    missing, unexpected = sorted(set(configs) - set(layers)), sorted(set(layers) - set(configs))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit the model: checkpoint layers missing from the model's adapter "
+                         f"layers {missing[:5]}, model adapter layers missing from the checkpoint {unexpected[:5]}")
+    for name, layer in layers.items():
         if layer.merged:
             raise ValueError(f"layer {name} is merged; unmerge before loading adapters")
-    state = load_file(str(Path(directory) / WEIGHTS_FILE))
-    expected = {f"{name}.adapter.{key}": t for name, layer in layers
+        if layer.config.method != configs[name].method:
+            raise ValueError(f"layer {name} has a {layer.config.method!r} adapter, checkpoint is "
+                             f"{configs[name].method!r}")
+    expected = {f"{name}.adapter.{key}": (t, layer) for name, layer in layers.items()
                 for key, t in layer.adapter.state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape "
-                             f"{tuple(expected[key].shape)}")
-    for name, layer in layers:
+        _check_tensor(key, tensor, *expected[key])
+    for name, layer in layers.items():
+        ours, theirs = _computation_fields(layer.config), _computation_fields(configs[name])
+        differing = {k: (theirs.get(k), ours.get(k)) for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)}
+        if differing:
+            detail = ", ".join(f"{k}={a!r} (model: {b!r})" for k, (a, b) in sorted(differing.items()))
+            raise ValueError(f"layer {name}: checkpoint config differs from the layer's in {detail}")
+
+
+def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
+    """Load adapters saved by ``save_adapter`` into ``model``; returns ``model``.
+
+    A model without adapters is first injected with the stored config into exactly the
+    checkpoint's layers. Raises (leaving the model as it was) on: a malformed or mixed
+    checkpoint, non-finite values, missing or unexpected layers or tensors, shape or dtype
+    mismatches, indices outside W, merged layers, or a layer config that differs in a field
+    that changes the computation (all but target_modules, backend and init/sampling fields).
+    """
+    configs, state = _read_checkpoint(directory)
+    undo = None if next(adapter_layers(model), None) is not None else _inject_checkpoint_layers(model, configs)
+    try:
+        layers = dict(adapter_layers(model))
+        _check_fits(layers, configs, state)
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
+    for name, layer in layers.items():
         prefix = f"{name}.adapter."
         layer.adapter.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     return model

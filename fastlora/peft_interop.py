@@ -20,10 +20,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, write_directory_atomically
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, write_files_atomically, write_json, write_safetensors
 from .config import AdapterConfig, LoraConfig, NeatConfig
 from .inject import _matches, adapter_layers, inject
 
@@ -233,11 +233,14 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
 def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
                       base_model_name_or_path: Optional[str] = None) -> Path:
     """Write the model's fastlora LoRA (peft_type "LORA") or NEAT (peft_type "PEANUT") adapters
-    in PEFT's format (atomically), so that ``peft.PeftModel.from_pretrained(base, directory)``
+    in PEFT's format, so that ``peft.PeftModel.from_pretrained(base, directory)``
     computes the same outputs.
 
     target_modules is written as the list of adapted module paths (exact under PEFT's
-    matching). Raises ValueError for other methods, merged layers or differing configs.
+    matching). The two files are replaced as ``save_adapter`` replaces its own (created when
+    missing, nothing else in the directory touched, old files restored on an exception); PEFT's
+    format records no digest, so a hard crash between the two renames can leave new weights
+    beside the old config. Raises ValueError for other methods, merged layers or differing configs.
     """
     layers = list(adapter_layers(model))
     if not layers:
@@ -259,8 +262,7 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     tensors = {f"{KEY_PREFIX}{name}.{key}": tensor.detach().contiguous().cpu()
                for name, layer in layers for key, tensor in fmt.peft_tensors(layer.adapter.state_dict()).items()}
 
-    def write(staging: Path) -> None:
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-
-    return write_directory_atomically(directory, write)
+    return write_files_atomically(directory, [
+        (WEIGHTS_FILE, lambda path: write_safetensors(path, tensors, metadata={"format": "pt"})),
+        (CONFIG_FILE, lambda path: write_json(path, meta)),
+    ])
