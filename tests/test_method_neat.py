@@ -215,7 +215,7 @@ def test_eval_cache_reuses_h_and_is_invalidated_by_updates(monkeypatch):
         count = len(calls)
         layer(x), layer(x)
         assert len(calls) == count + 2  # training mode: never cached
-    assert adapter._cache_value is None
+    assert adapter._cache is None
 
 
 def test_optimizer_steps_update_every_factor_and_eval_sees_them():

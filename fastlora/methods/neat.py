@@ -33,6 +33,8 @@ class NeatAdapter(Adapter):
     In eval mode without grad, H'^T is cached and reused while W, the parameters and
     the autocast state are unchanged (checked by tensor identity, storage and version
     counter, which every in-place op bumps: optimizer steps, merge, load_state_dict).
+    The cache is one (key, value) pair read and replaced whole, so threads sharing the
+    layer under different grad or autocast states never get another state's value.
     """
 
     delta_depends_on_weight = True
@@ -48,8 +50,7 @@ class NeatAdapter(Adapter):
         self.decoders = nn.ModuleList(nn.Linear(r, r, bias=False, **factory) for _ in range(config.depth))
         self.activation = config.activation
         self.scale = config.scale
-        self._cache_key: Optional[tuple] = None
-        self._cache_value: Optional[Tensor] = None
+        self._cache: Optional[tuple[tuple, Tensor]] = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -84,7 +85,7 @@ class NeatAdapter(Adapter):
     def clear_cache(self) -> None:
         """Drop the cached H'^T (needed only after in-place edits through ``.data``, which
         tensor versions do not see; ``train()`` / ``eval()`` also clear it)."""
-        self._cache_key = self._cache_value = None
+        self._cache = None
 
     def train(self, mode: bool = True) -> "NeatAdapter":
         self.clear_cache()
@@ -98,10 +99,12 @@ class NeatAdapter(Adapter):
         key = self._state_key(weight)
         if key is None:
             return self.projection(weight).t()
-        if key != self._cache_key:
-            self._cache_value = self.projection(weight).t()
-            self._cache_key = key
-        return self._cache_value
+        cache = self._cache  # one read: another thread may replace the pair meanwhile
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        value = self.projection(weight).t()
+        self._cache = (key, value)
+        return value
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
         return {"lora_a": self._down_factor(weight), "lora_b": self.neat_B, "scale": self.scale}
