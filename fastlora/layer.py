@@ -1,6 +1,7 @@
 """AdapterLinear: a drop-in nn.Linear whose frozen base and adapter run as one fused op."""
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -12,6 +13,8 @@ from fastlora.kernels import adapted_linear, adapted_linear_reference
 from .config import AdapterConfig
 from .methods import Adapter, build_adapter
 
+_MERGE_COUNTER = itertools.count()
+
 
 class AdapterLinear(nn.Module):
     """y = x W^T + b + the adapter's low-rank update, with W and b frozen.
@@ -20,6 +23,13 @@ class AdapterLinear(nn.Module):
     nn.Linear, so code and state dicts that read them keep working. Build it like
     nn.Linear (``AdapterLinear(d_in, d_out, config=...)``) or wrap an existing layer
     with ``AdapterLinear.from_linear(linear, config)`` (shares its tensors).
+
+    Merging: ``merge()`` adds ΔW into W in place and keeps a copy of the W it found (a
+    non-persistent buffer on W's device: merging costs one more W of memory; ``to_linear``
+    / ``merge_and_unload`` keep none). ``unmerge()`` copies that W back, bit for bit,
+    whatever changed meanwhile (an optimizer step, a training rule, a gate flip, a hand edit
+    of the adapter, a write into the merged W itself, which is lost). While merged the layer
+    computes x W^T + b with the merged W, or with the kept W when its adapter is disabled.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -51,46 +61,56 @@ class AdapterLinear(nn.Module):
         self.adapter: Adapter = build_adapter(config, self.in_features, self.out_features,
                                               weight.detach(), layer_index=layer_index)
         self.merged = False
+        self.merge_order = -1  # position of the latest merge among all layers' merges
         self.adapter_enabled = True
-        self._weight_before_merge: Optional[Tensor] = None
+        self.register_buffer("weight_before_merge", None, persistent=False)
+
+    def _base_weight(self) -> Tensor:
+        """W without the adapter's update: the kept W while merged."""
+        return self.weight_before_merge if self.merged else self.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged or not self.adapter_enabled:
+        if self.merged and self.adapter_enabled:
             return F.linear(x, self.weight, self.bias)
+        if not self.adapter_enabled:
+            return F.linear(x, self._base_weight(), self.bias)
         dropout = self.config.dropout if self.training else 0.0
         return adapted_linear(x, self.weight, self.bias, dropout=dropout, backend=self.config.backend,
                               **self.adapter.op_arguments(self.weight))
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """The same output computed by the pure-torch reference formula (no fusion, no
-        skipping, no dropout): the specification the fused path is checked against."""
-        if self.merged or not self.adapter_enabled:
+        skipping, no dropout): the specification the fused path is checked against. Factors
+        of another float dtype than x (fp32 adapters over a half-precision W) are cast to x's
+        dtype, as the fused op does outside autocast."""
+        if self.merged and self.adapter_enabled:
             return F.linear(x, self.weight, self.bias)
+        if not self.adapter_enabled:
+            return F.linear(x, self._base_weight(), self.bias)
         args = {"lora_a": None, "lora_b": None, **self.adapter.op_arguments(self.weight)}
         args.pop("gate_value", None)  # the host copy of a tensor gate: the reference reads the gate itself
+        args = {k: v.to(x.dtype) if isinstance(v, Tensor) and v.is_floating_point() and k != "gate" else v
+                for k, v in args.items()}
         return adapted_linear_reference(x, self.weight, self.bias, **args)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W + ΔW. Methods whose ΔW depends on W keep W to restore it on unmerge."""
+        """W <- W + ΔW, keeping the W it replaces for ``unmerge`` (a no-op when merged)."""
         if self.merged:
             return
-        delta = self.adapter.delta_weight(self.weight)
-        if self.adapter.delta_depends_on_weight:
-            self._weight_before_merge = self.weight.detach().clone()
-        self.weight.add_(delta.to(self.weight.dtype))
+        delta = self.adapter.delta_weight(self.weight).to(self.weight.dtype)
+        self.weight_before_merge = self.weight.detach().clone()
+        self.weight.add_(delta)
         self.merged = True
+        self.merge_order = next(_MERGE_COUNTER)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo ``merge``: subtract ΔW, or restore the kept W exactly."""
+        """Undo ``merge``: W <- the W kept at merge time, bit for bit (a no-op when not merged)."""
         if not self.merged:
             return
-        if self._weight_before_merge is not None:
-            self.weight.copy_(self._weight_before_merge)
-            self._weight_before_merge = None
-        else:
-            self.weight.sub_(self.adapter.delta_weight(self.weight).to(self.weight.dtype))
+        self.weight.copy_(self.weight_before_merge)
+        self.weight_before_merge = None
         self.merged = False
 
     @torch.no_grad()
