@@ -102,7 +102,8 @@ def _auto_plan(x: Tensor, weight: Tensor, bias: Optional[Tensor], rank: int, dty
     n_tokens = x.numel() // x.shape[-1]
     key = plans.PlanKey(str(x.device), str(dtype).removeprefix("torch."), plans.token_bucket(n_tokens),
                         weight.shape[1], weight.shape[0], rank, dropout > 0.0, gathered)
-    measurable = not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    measurable = not torch.compiler.is_compiling() and not capturing
     return plans.choose(key, plans.environment_section(x.device), _timing_step(key, x.device, dtype, bias is not None),
                         measurable=measurable)
 

@@ -162,9 +162,10 @@ class PlanCache:
 CACHE = PlanCache()
 
 
-def measure_and_choose(key: PlanKey, run: Callable[[str], None], candidates=CANDIDATES,
+def measure_and_choose(key: PlanKey, run: Callable[[str], None], candidates: Optional[tuple[str, ...]] = None,
                        timer: Optional[Timer] = None) -> tuple[str, dict[str, float]]:
     """(fastest plan, seconds per plan): ``run(plan)`` is one forward + backward of ``key``'s shape."""
+    candidates = candidates or CANDIDATES
     timer = timer or cuda_timer
     seconds = {plan: timer(lambda plan=plan: run(plan)) for plan in candidates}
     best = min(candidates, key=lambda plan: seconds[plan])
@@ -172,8 +173,9 @@ def measure_and_choose(key: PlanKey, run: Callable[[str], None], candidates=CAND
 
 
 def choose(key: PlanKey, section: str, run: Callable[[str], None], *, measurable: bool,
-           timer: Optional[Timer] = None, cache: PlanCache = CACHE) -> str:
+           timer: Optional[Timer] = None, cache: Optional[PlanCache] = None) -> str:
     """The recorded plan for ``key``, else (when ``measurable``) the measured fastest, recorded; else DEFAULT_PLAN."""
+    cache = cache or CACHE
     plan = cache.get(section, key)
     if plan is not None:
         return plan

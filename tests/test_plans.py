@@ -1,0 +1,166 @@
+"""backend="auto": plan choice by measurement, its memory and JSON cache, and forcing a plan.
+
+Timing is injected (a timer that runs each candidate once and reports set times), so the
+selection logic is checked on CPU; the real candidates still run (Triton under the interpreter).
+"""
+import json
+import warnings
+
+import pytest
+import torch
+
+from fastlora.kernels import adapted_linear, adapted_linear_reference, ops, plans
+from fastlora.kernels.dispatch import ENV_VAR, select_plan, triton_backend, triton_interpreter_on
+
+TRITON_RUNS = triton_backend() is not None and (torch.cuda.is_available() or triton_interpreter_on())
+KEY = plans.PlanKey("cpu", "float32", 64, 24, 20, 4, False, False)
+
+
+class FakeTimer:
+    """Runs each candidate once (it must work) and reports the next of ``seconds``."""
+
+    def __init__(self, *seconds):
+        self.seconds = list(seconds)
+        self.calls = 0
+
+    def __call__(self, fn):
+        fn()
+        self.calls += 1
+        return self.seconds.pop(0)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return plans.PlanCache(tmp_path / "plans.json")
+
+
+def test_fastest_candidate_wins_and_ties_go_first():
+    ran = []
+    best, seconds = plans.measure_and_choose(KEY, ran.append, timer=FakeTimer(3.0, 1.0, 2.0))
+    assert best == "cublas" and seconds == {"triton": 3.0, "cublas": 1.0, "torch": 2.0}
+    assert ran == ["triton", "cublas", "torch"]
+    best, _ = plans.measure_and_choose(KEY, lambda plan: None, timer=FakeTimer(1.0, 1.0, 1.0))
+    assert best == "triton"
+
+
+def test_choice_is_measured_once_then_recalled_from_memory_and_disk(cache, tmp_path):
+    timer = FakeTimer(2.0, 3.0, 1.0)
+    assert plans.choose(KEY, "sec", lambda plan: None, measurable=True, timer=timer, cache=cache) == "torch"
+    assert timer.calls == 3
+    assert plans.choose(KEY, "sec", lambda plan: None, measurable=True, timer=FakeTimer(), cache=cache) == "torch"
+    on_disk = json.loads((tmp_path / "plans.json").read_text())
+    assert on_disk == {"sec": {str(KEY): "torch"}}
+    # another process (a fresh cache on the same file) recalls it without timing
+    fresh = plans.PlanCache(tmp_path / "plans.json")
+    assert plans.choose(KEY, "sec", lambda plan: None, measurable=True, timer=FakeTimer(), cache=fresh) == "torch"
+    # another environment section (device, torch or Triton version) measures again
+    other = plans.choose(KEY, "other", lambda plan: None, measurable=True, timer=FakeTimer(1.0, 2.0, 3.0),
+                         cache=fresh)
+    assert other == "triton"
+    assert json.loads((tmp_path / "plans.json").read_text()) == {"sec": {str(KEY): "torch"},
+                                                                "other": {str(KEY): "triton"}}
+
+
+def test_unmeasurable_calls_use_the_default_without_timing_or_recording(cache, tmp_path):
+    plan = plans.choose(KEY, "sec", lambda plan: None, measurable=False, timer=FakeTimer(), cache=cache)
+    assert plan == plans.DEFAULT_PLAN
+    assert not (tmp_path / "plans.json").exists()
+
+
+def test_corrupt_or_foreign_cache_entries_are_ignored(tmp_path):
+    path = tmp_path / "plans.json"
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable plan cache"):
+        assert plans.PlanCache(path).get("sec", KEY) is None
+    path.write_text(json.dumps({"sec": {str(KEY): "rm -rf"}, "bad": [1]}))
+    assert plans.PlanCache(path).get("sec", KEY) is None
+
+
+def test_cache_directory_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTLORA_CACHE_DIR", str(tmp_path / "x"))
+    assert plans.cache_directory() == tmp_path / "x"
+    monkeypatch.delenv("FASTLORA_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert plans.cache_directory() == tmp_path / "xdg" / "fastlora"
+
+
+def test_token_bucket_is_the_next_power_of_two():
+    assert [plans.token_bucket(n) for n in (1, 2, 3, 1000, 1024, 1025)] == [1, 2, 4, 1024, 1024, 2048]
+
+
+def test_environment_variable_forces_a_plan(monkeypatch):
+    x = torch.randn(3, 4)
+    monkeypatch.setenv(ENV_VAR, "torch")
+    assert select_plan("auto", x, x.dtype, lambda: pytest.fail("auto must not measure")) == "torch"
+    monkeypatch.setenv(ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match=f"{ENV_VAR} must be one of"):
+        select_plan("auto", x, x.dtype, lambda: "torch")
+    # an explicit argument wins over the environment
+    monkeypatch.setenv(ENV_VAR, "triton")
+    assert select_plan("torch", x, x.dtype, lambda: "triton") == "torch"
+
+
+def test_auto_on_cpu_is_the_torch_plan_without_measuring():
+    x = torch.randn(3, 4)
+    assert select_plan("auto", x, x.dtype, lambda: pytest.fail("no measurement on CPU")) == "torch"
+    x64 = x.double()
+    assert select_plan("auto", x64, x64.dtype, lambda: pytest.fail("no measurement for fp64")) == "torch"
+
+
+def test_forced_triton_plans_refuse_what_they_cannot_run(monkeypatch):
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="backend='cublas' cannot run this call: dtype torch.float64"):
+        select_plan("cublas", x.double(), torch.float64, lambda: "torch")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="bf16 under the Triton interpreter"):
+        select_plan("triton", x.bfloat16(), torch.bfloat16, lambda: "torch")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="need CUDA tensors"):
+        select_plan("triton", x, x.dtype, lambda: "torch")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        select_plan("fused", x, x.dtype, lambda: "torch")
+
+
+@pytest.mark.parametrize("gathered,dropout", [(False, False), (True, True)])
+def test_auto_measures_every_plan_on_the_call_shape(monkeypatch, cache, gathered, dropout):
+    """_auto_plan times each candidate on random tensors of the key's shape and keeps the winner."""
+    monkeypatch.setattr(plans, "CACHE", cache)
+    candidates = plans.CANDIDATES if TRITON_RUNS else ("torch",)
+    monkeypatch.setattr(plans, "CANDIDATES", candidates)
+    timer = FakeTimer(*[5.0 - i for i in range(len(candidates))])
+    monkeypatch.setattr(plans, "cuda_timer", timer)
+    monkeypatch.setattr(plans, "environment_section", lambda device: "test-section")
+    x = torch.randn(5, 7, 24)  # 35 tokens -> bucket 64
+    weight = torch.randn(20, 24)
+    plan = ops._auto_plan(x, weight, None, 4, torch.float32, 0.1 if dropout else 0.0, gathered)
+    assert plan == candidates[-1] and timer.calls == len(candidates)
+    key = plans.PlanKey("cpu", "float32", 64, 24, 20, 4, dropout, gathered)
+    assert cache.get("test-section", key) == plan
+    assert plans.auto_choices() == {f"test-section|{key}": plan}
+    # recalled: no more timing
+    assert ops._auto_plan(x, weight, None, 4, torch.float32, 0.1 if dropout else 0.0, gathered) == plan
+    assert timer.calls == len(candidates)
+
+
+@pytest.mark.skipif(not TRITON_RUNS, reason="the Triton plans need a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("plan", ["triton", "cublas", "torch"])
+def test_every_plan_matches_the_float64_reference(plan):
+    torch.manual_seed(3)
+    f64 = torch.float64
+    x, weight, bias = torch.randn(19, 24, dtype=f64), torch.randn(20, 24, dtype=f64), torch.randn(20, dtype=f64)
+    a, b = torch.randn(4, 24, dtype=f64) / 5, torch.randn(20, 4, dtype=f64) / 2
+    dtype = f64 if plan == "torch" else torch.float32
+    leaves = [t.to(dtype).requires_grad_() for t in (x, a, b)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = adapted_linear(leaves[0], weight.to(dtype), bias.to(dtype), leaves[1], leaves[2], scale=0.5,
+                           backend=plan)
+    dy = torch.randn(y.shape, dtype=f64)
+    grads = torch.autograd.grad(y, leaves, dy.to(dtype))
+    refs = [t.clone().requires_grad_() for t in (x, a, b)]
+    y_ref = adapted_linear_reference(refs[0], weight, bias, refs[1], refs[2], scale=0.5)
+    ref_grads = torch.autograd.grad(y_ref, refs, dy)
+    tol = 1e-12 if plan == "torch" else 1e-5
+    assert ((y.double() - y_ref).norm() / y_ref.norm()) < tol
+    for got, want in zip(grads, ref_grads):
+        assert ((got.double() - want).norm() / want.norm()) < tol
