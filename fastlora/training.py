@@ -1,21 +1,32 @@
 """The training-rule hook API: works with any torch optimizer.
 
-    hooks = attach_training_hooks(model, optimizer)   # post-step rules run automatically
+    hooks = attach_training_hooks(model, optimizer)   # or [optimizer_1, optimizer_2]
     loss = task_loss + regularization_loss(model)     # method regularisers (Selective LoRA)
     ...
     hooks.remove()
 
-After every ``optimizer.step()`` each adapter's ``after_optimizer_step(lr)`` runs
-with the learning rate of the param group holding its ``rule_parameter()`` (CoDyRA's proximal
-step, LoRASC's cascade schedule); parameters a rule restarts lose their optimizer
-state (Adam moments), as a freshly created parameter would have none.
+After every step of an attached optimizer, each adapter whose ``rule_parameter()`` that
+optimizer holds runs ``after_optimizer_step(lr)`` with that parameter's param-group learning
+rate (CoDyRA's proximal step, LoRASC's cascade schedule, Selective LoRA's gate refresh).
+Parameters a rule restarts lose their state (Adam moments) in every attached optimizer, as a
+freshly created parameter would have none. Merged layers are skipped: no rule acts on them.
 """
 from __future__ import annotations
+
+import weakref
+from typing import Iterable, Union
 
 import torch
 from torch import Tensor, nn
 
 from .inject import adapter_layers
+from .layer import AdapterLinear
+from .methods import Adapter
+from .methods.rank_selective import RankSelectiveLoraAdapter
+
+Optimizers = Union[torch.optim.Optimizer, Iterable[torch.optim.Optimizer]]
+# model -> its live TrainingHooks (weakly: the optimizers' hook registries keep them alive)
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 
 
 def regularization_loss(model: nn.Module) -> Tensor:
@@ -27,33 +38,91 @@ def regularization_loss(model: nn.Module) -> Tensor:
     return torch.stack([t.float() for t in terms]).sum()
 
 
-def _learning_rates(optimizer: torch.optim.Optimizer) -> dict[int, float]:
-    """id(parameter) -> learning rate of its param group."""
-    return {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
+def _has_rule(layer: AdapterLinear) -> bool:
+    return type(layer.adapter).after_optimizer_step is not Adapter.after_optimizer_step
+
+
+def _groups(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
+    """id(parameter) -> its param group."""
+    return {id(p): group for group in optimizer.param_groups for p in group["params"]}
+
+
+def _learning_rate(name: str, layer: AdapterLinear, group: dict) -> float:
+    """The group's lr as a float; a rule that does not use it gets 0.0 when the lr is None
+    (Adafactor's relative steps); CoDyRA's proximal step, which scales by it, raises."""
+    lr = group.get("lr")
+    if lr is not None:
+        return float(lr)
+    if isinstance(layer.adapter, RankSelectiveLoraAdapter):
+        raise ValueError(f"layer {name}: the param group holding 'importance' has lr=None, but CoDyRA's proximal "
+                         f"step is lr * sparsity_strength; give that group a learning rate")
+    return 0.0
 
 
 class TrainingHooks:
     """Handle of the hooks attached by ``attach_training_hooks``; ``remove()`` detaches them."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
         self.model = model
-        self.optimizer = optimizer
-        self._handle = optimizer.register_step_post_hook(self._after_step)
+        self.optimizers = optimizers
+        self._handles = [optimizer.register_step_post_hook(self._after_step) for optimizer in optimizers]
+        _ATTACHED[model] = weakref.ref(self)
 
-    def _after_step(self, optimizer, args, kwargs) -> None:
-        rates = _learning_rates(optimizer)
-        for _, layer in adapter_layers(self.model):
-            lr = rates.get(id(layer.adapter.rule_parameter()))
-            if lr is not None:
-                for restarted in layer.adapter.after_optimizer_step(lr):
-                    optimizer.state.pop(restarted, None)
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        groups = _groups(optimizer)
+        for name, layer in adapter_layers(self.model):
+            if layer.merged or not _has_rule(layer):
+                continue
+            group = groups.get(id(layer.adapter.rule_parameter()))
+            if group is None:
+                continue
+            for restarted in layer.adapter.after_optimizer_step(_learning_rate(name, layer, group)):
+                for other in self.optimizers:
+                    other.state.pop(restarted, None)
 
     def remove(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if _ATTACHED.get(self.model, lambda: None)() is self:
+            del _ATTACHED[self.model]
 
 
-def attach_training_hooks(model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainingHooks:
-    """Run each adapter's post-step rule after every ``optimizer.step()``."""
-    if not any(True for _ in adapter_layers(model)):
+def attach_training_hooks(model: nn.Module, optimizers: Optimizers) -> TrainingHooks:
+    """Run each adapter's post-step rule after every step of ``optimizers`` (one optimizer or
+    several: pass all of a model's optimizers in one call, so a restarted parameter loses its
+    state in each).
+
+    Raises ValueError when the model has no adapters, already has hooks attached (``remove()``
+    them first: a second set would apply every rule twice), an optimizer is given twice, or a
+    trainable rule parameter is in none of the optimizers (its rule would never run); CoDyRA's
+    with lr=None too. A rule parameter with requires_grad=False turns its rule off.
+    """
+    layers = list(adapter_layers(model))
+    if not layers:
         raise ValueError("model has no fastlora adapters; call fastlora.inject first")
-    return TrainingHooks(model, optimizer)
+    optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+    if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
+        raise TypeError(f"expected a torch optimizer or a list of them, got {optimizers!r}")
+    if len({id(o) for o in optimizers}) != len(optimizers):
+        raise ValueError("the same optimizer is given twice")
+    existing = _ATTACHED.get(model, lambda: None)()
+    if existing is not None and existing.attached:
+        raise ValueError("training hooks are already attached to this model (a second set would apply every rule "
+                         "twice); call remove() on them first, or attach all optimizers in one call")
+    all_groups = [_groups(o) for o in optimizers]
+    for name, layer in layers:
+        param = layer.adapter.rule_parameter()
+        if not _has_rule(layer) or param is None or not param.requires_grad:
+            continue
+        groups = [g[id(param)] for g in all_groups if id(param) in g]
+        if not groups:
+            raise ValueError(f"layer {name}: its {layer.config.method} rule parameter (shape {tuple(param.shape)}) is "
+                             f"in none of the optimizers, so its post-step rule would never run; add it")
+        for group in groups:
+            _learning_rate(name, layer, group)
+    return TrainingHooks(model, optimizers)

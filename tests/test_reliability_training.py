@@ -1,0 +1,122 @@
+"""Training hooks: one set per model, every rule parameter covered, state dropped in every optimizer,
+lr=None groups, no rule on merged layers."""
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+from fastlora import CascadeLoraConfig, LoraConfig, RankSelectiveLoraConfig, SelectiveLoraConfig
+from fastlora.methods.rank_selective import soft_threshold
+
+D_IN, D_OUT = 10, 8
+
+
+def _model(config):
+    torch.manual_seed(0)
+    model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64)), config)
+    with torch.no_grad():
+        for p in model[0].adapter.parameters():
+            p.copy_(torch.randn_like(p))
+    return model
+
+
+def _step(model, *optimizers):
+    x = torch.randn(6, D_IN, dtype=torch.float64)
+    loss = model(x).square().sum() + fastlora.regularization_loss(model)
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def test_attaching_twice_is_refused_until_removed():
+    model = _model(RankSelectiveLoraConfig(r=3, sparsity_strength=0.5))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    hooks = fastlora.attach_training_hooks(model, optimizer)
+    with pytest.raises(ValueError, match="already attached"):
+        fastlora.attach_training_hooks(model, optimizer)
+    with pytest.raises(ValueError, match="already attached"):
+        fastlora.attach_training_hooks(model, torch.optim.SGD([model[0].adapter.importance], lr=0.1))
+    importance = model[0].adapter.importance
+    importance.grad = torch.zeros_like(importance)
+    before = importance.detach().clone()
+    optimizer.step()  # zero gradient: only the proximal step (applied once) moves lambda
+    assert torch.equal(importance.detach(), soft_threshold(before, 0.1 * 0.5))
+    hooks.remove()
+    fastlora.attach_training_hooks(model, optimizer).remove()
+    with pytest.raises(ValueError, match="given twice"):
+        fastlora.attach_training_hooks(model, [optimizer, optimizer])
+
+
+@pytest.mark.parametrize("config, name", [(RankSelectiveLoraConfig(r=3), "rank_selective_lora"),
+                                          (SelectiveLoraConfig(r=3), "selective_lora"),
+                                          (CascadeLoraConfig(r=3), "cascade_lora")])
+def test_a_rule_parameter_missing_from_every_optimizer_is_refused(config, name):
+    model = _model(config)
+    rule = model[0].adapter.rule_parameter()
+    others = [p for p in model.parameters() if p.requires_grad and p is not rule]
+    with pytest.raises(ValueError, match=rf"layer 0: its {name} rule parameter .* in none of the optimizers"):
+        fastlora.attach_training_hooks(model, torch.optim.SGD(others, lr=0.1))
+    rule.requires_grad_(False)  # a frozen rule parameter turns its rule off
+    fastlora.attach_training_hooks(model, torch.optim.SGD(others, lr=0.1)).remove()
+    # plain LoRA has no rule: nothing is required
+    lora = _model(LoraConfig(r=3))
+    fastlora.attach_training_hooks(lora, torch.optim.SGD([lora[0].adapter.lora_B], lr=0.1)).remove()
+
+
+def test_a_restarted_pair_loses_its_state_in_every_optimizer():
+    model = _model(CascadeLoraConfig(r=3, cascade_interval=2))
+    adapter = model[0].adapter
+    first = torch.optim.Adam([adapter.lora_A], lr=0.01)
+    second = torch.optim.Adam([adapter.lora_B], lr=0.01)
+    hooks = fastlora.attach_training_hooks(model, [first, second])
+    _step(model, second, first)  # step 1: both hold Adam moments
+    assert adapter.lora_A in first.state and adapter.lora_B in second.state
+    _step(model, second, first)  # step 2 of lora_A's optimizer: a cascade restarts the pair
+    assert adapter.extra_stats()["cascades"] == 1.0
+    assert adapter.lora_A not in first.state and adapter.lora_B not in second.state
+    hooks.remove()
+
+
+class NoLrSGD(torch.optim.Optimizer):
+    """An optimizer whose groups carry lr=None (as Adafactor with relative steps)."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": None})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(0.01 * p.grad)
+
+
+def test_an_lr_none_optimizer_runs_rules_that_do_not_use_the_rate():
+    model = _model(CascadeLoraConfig(r=3, cascade_interval=1))
+    optimizer = NoLrSGD([p for p in model.parameters() if p.requires_grad])
+    hooks = fastlora.attach_training_hooks(model, optimizer)
+    _step(model, optimizer)
+    assert model[0].adapter.extra_stats()["cascades"] == 1.0
+    hooks.remove()
+    codyra = _model(RankSelectiveLoraConfig(r=3))
+    with pytest.raises(ValueError, match="layer 0: .*lr=None.*proximal"):
+        fastlora.attach_training_hooks(codyra, NoLrSGD([p for p in codyra.parameters() if p.requires_grad]))
+
+
+@pytest.mark.parametrize("config", [RankSelectiveLoraConfig(r=3, sparsity_strength=0.5),
+                                    CascadeLoraConfig(r=3, cascade_interval=1)], ids=["codyra", "cascade"])
+def test_rules_do_not_act_on_merged_layers(config):
+    model = _model(config)
+    weight = model[0].weight.detach().clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    hooks = fastlora.attach_training_hooks(model, optimizer)
+    fastlora.merge(model)
+    state = {k: v.clone() for k, v in model[0].adapter.state_dict().items()}
+    optimizer.step()  # a merged forward gives the adapter no gradient; the rule must not run either
+    assert all(torch.equal(v, state[k]) for k, v in model[0].adapter.state_dict().items())
+    fastlora.unmerge(model)
+    assert torch.equal(model[0].weight, weight)
+    _step(model, optimizer)
+    assert any(not torch.equal(v, state[k]) for k, v in model[0].adapter.state_dict().items())
+    hooks.remove()
