@@ -310,7 +310,8 @@ def _check_tensor(key: str, tensor: Tensor, expected: Tensor, layer: nn.Module) 
         raise ValueError(f"{key}: checkpoint shape {shape} != model shape {want}")
     if expected.is_floating_point():
         if not tensor.is_floating_point():
-            raise ValueError(f"{key}: checkpoint dtype {tensor.dtype} is not a floating dtype (model: {expected.dtype})")
+            raise ValueError(f"{key}: checkpoint dtype {tensor.dtype} is not a floating dtype "
+                             f"(model: {expected.dtype})")
         return
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
         raise ValueError(f"{key}: checkpoint dtype {tensor.dtype} is not an integer dtype (model: {expected.dtype})")
@@ -342,7 +343,8 @@ def _check_fits(layers: dict[str, nn.Module], configs: dict[str, AdapterConfig],
         _check_tensor(key, tensor, *expected[key])
     for name, layer in layers.items():
         ours, theirs = _computation_fields(layer.config), _computation_fields(configs[name])
-        differing = {k: (theirs.get(k), ours.get(k)) for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)}
+        differing = {k: (theirs.get(k), ours.get(k)) for k in ours.keys() | theirs.keys()
+                     if ours.get(k) != theirs.get(k)}
         if differing:
             detail = ", ".join(f"{k}={a!r} (model: {b!r})" for k, (a, b) in sorted(differing.items()))
             raise ValueError(f"layer {name}: checkpoint config differs from the layer's in {detail}")

@@ -77,7 +77,8 @@ def test_save_into_an_existing_directory_touches_only_the_adapter_files(tmp_path
     fastlora.save_peft_adapter(_adapted(LoraConfig(r=3, alpha=2.0), seed=5), target)
     again = _snapshot(target)
     assert set(again) == set(after) and all(again[k] == v for k, v in before.items())
-    assert again[checkpoint.CONFIG_FILE][1] == 0o600 and again[checkpoint.WEIGHTS_FILE] != after[checkpoint.WEIGHTS_FILE]
+    assert again[checkpoint.CONFIG_FILE][1] == 0o600
+    assert again[checkpoint.WEIGHTS_FILE] != after[checkpoint.WEIGHTS_FILE]
 
 
 def test_save_targets_missing_symlinked_home_dot_and_long_names(tmp_path, monkeypatch):
