@@ -71,11 +71,6 @@ def split_reduction(length: int, block: int, other_programs: int, device: torch.
     return triton.cdiv(length, per_split), per_split
 
 
-def sum_partials(part: torch.Tensor) -> torch.Tensor:
-    """Sum of per-split partial results along dim 0, in a fixed order (deterministic)."""
-    return part[0] if part.shape[0] == 1 else part.sum(0)
-
-
 def launch_context(device: torch.device):
     """Context to launch on ``device``: its CUDA device, or the interpreter for CPU tensors."""
     if device.type == "cuda":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -85,15 +86,15 @@ class TritonPlan:
                             out=y)
 
     def _input_grad(self, dy: Tensor, weight: Tensor, dt: Tensor, term: LowRankTerm) -> Tensor:
-        """dx = dy W + dropout'(dt A) (N, d_in)."""
+        """dx = dy W + dropout'(s*g * dt A) (N, d_in); dt without the s*g factor."""
         down, down_index = _down_view(weight, term)
+        scaled = dict(v_scale=term.scale * term.gate, gate=term.gate_tensor, p=term.dropout_p, seed=term.dropout_seed)
         if self.fused_base:
-            return fused_linear(dy, weight, None, dt, down, down_index, p=term.dropout_p, seed=term.dropout_seed)
+            return fused_linear(dy, weight, None, dt, down, down_index, **scaled)
         dx = dy @ weight
-        if term.dropout_p == 0.0 and down_index is None:
-            return dx.addmm_(dt.to(dx.dtype), down)
-        return fused_linear(None, None, None, dt, down, down_index, p=term.dropout_p, seed=term.dropout_seed,
-                            out=dx)
+        if term.dropout_p == 0.0 and down_index is None and term.gate_tensor is None:
+            return dx.addmm_(dt.to(dx.dtype), down, alpha=term.scale * term.gate)
+        return fused_linear(None, None, None, dt, down, down_index, out=dx, **scaled)
 
     def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm,
                 keep_t: bool) -> tuple[Tensor, Optional[Tensor]]:
@@ -124,12 +125,15 @@ class TritonPlan:
         if t is None:
             t = shrink(x, weight, term)
         u, v = _mixed(t, term)
-        sg = term.scaled_gate()
         up, up_index = _up_view(weight, term)
         want_db = term.lowrank_on and needs.b
-        dp, db, dbias = dy_pass(dy, up, up_index, v * sg if want_db else None, needs.bias)
+        # s*g multiplies every low-rank gradient: the kernels apply it (a host float, times the
+        # device gate when there is one); the r-sized chain below runs on the unscaled dP
+        sg_host, gate = term.scale * term.gate, term.gate_tensor
+        dp, db, dbias = dy_pass(dy, up, up_index, v if want_db else None, needs.bias, v_scale=sg_host, gate=gate,
+                                db_dtype=term.b.dtype if want_db else torch.float32, dbias_dtype=dy.dtype)
         if needs.bias:
-            grads.bias = dbias.to(dy.dtype)
+            grads.bias = dbias
         if needs.gate:
             grads.gate = term.scale * (dp * v).sum()
         if not term.lowrank_on:
@@ -138,16 +142,17 @@ class TritonPlan:
             fill_skipped_grads(grads, term, needs)
             return grads
         if want_db:
-            grads.b = db.to(term.b.dtype)
-        dv = dp * sg
+            grads.b = db
+        sg = term.scaled_gate()
         if needs.rank_weights:
-            grads.rank_weights = (dv * u).sum(0).to(term.rank_weights.dtype)
-        du = dv if term.rank_weights is None else dv * term.rank_weights.float()
+            grads.rank_weights = ((dp * u).sum(0) * sg).to(term.rank_weights.dtype)
+        du = dp if term.rank_weights is None else dp * term.rank_weights.float()
         if needs.middle:
-            grads.middle = (du.t() @ t).to(term.middle.dtype)
+            grads.middle = ((du.t() @ t) * sg).to(term.middle.dtype)
         dt = du if term.middle is None else du @ term.middle.float()
         if needs.a:
-            grads.a = down_grad(dt, x, term.dropout_p, term.dropout_seed).to(term.a.dtype)
+            grads.a = down_grad(dt, x, term.dropout_p, term.dropout_seed, dt_scale=sg_host, gate=gate,
+                                out_dtype=term.a.dtype)
         if needs.x:
             grads.x = self._input_grad(dy, weight, dt, term)
         return grads

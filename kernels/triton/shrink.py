@@ -12,9 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction, sum_partials
+from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction
 from ..philox import keep_threshold
 from .dropout import keep_scale
+from .partials import partial_buffer, sum_partials
 from .tiles import load_factor
 
 
@@ -59,11 +60,11 @@ def shrink(x: torch.Tensor, a: torch.Tensor, a_index: Optional[torch.Tensor], p:
     cfg = skinny_blocks(r_pad)
     m_blocks = triton.cdiv(m, cfg["BLOCK_M"])
     n_split, k_per_split = split_reduction(k, cfg["BLOCK_K"], m_blocks, x.device)
-    part = torch.empty(n_split, m, r, device=x.device, dtype=torch.float32)
+    part = partial_buffer(n_split, (m, r), torch.float32, x.device)
     with launch_context(x.device):
         _shrink_kernel[(m_blocks, n_split)](
             x, a, a_index if a_index is not None else a, part, seed if p > 0.0 else part, m, k, r, k_per_split,
             keep_threshold(p), 1.0 / (1.0 - p), x.stride(0), x.stride(1), a.stride(0), a.stride(1),
             A_GATHER=a_index is not None, DROPOUT=p > 0.0, R_PAD=r_pad, PRECISION=dot_precision(x.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
-    return sum_partials(part)
+    return sum_partials(part, torch.float32)

@@ -18,20 +18,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction, sum_partials
+from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction
 from ..philox import keep_threshold
 from .dropout import keep_scale
+from .partials import partial_buffer, sum_partials
 from .shrink import shrink
 from .tiles import load_factor
 
 
 @triton.jit
-def _dy_columns_kernel(dy_ptr, b_ptr, b_idx_ptr, v_ptr, dp_part_ptr, db_part_ptr, dbias_part_ptr,
-                       M, D, R, rows_per_split,
+def _dy_columns_kernel(dy_ptr, b_ptr, b_idx_ptr, v_ptr, gate_ptr, dp_part_ptr, db_part_ptr, dbias_part_ptr,
+                       M, D, R, rows_per_split, v_scale,
                        stride_dym, stride_dyd, stride_br, stride_bd, stride_vm, stride_vr,
                        B_GATHER: tl.constexpr, COMPUTE_DP: tl.constexpr, COMPUTE_DB: tl.constexpr,
-                       COMPUTE_DBIAS: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                       COMPUTE_DBIAS: tl.constexpr, GATE_PTR: tl.constexpr, R_PAD: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -60,6 +61,9 @@ def _dy_columns_kernel(dy_ptr, b_ptr, b_idx_ptr, v_ptr, dp_part_ptr, db_part_ptr
         if COMPUTE_DBIAS:
             acc_dbias += tl.sum(dyt.to(tl.float32), axis=0)
     if COMPUTE_DB:
+        acc_db = acc_db * v_scale
+        if GATE_PTR:
+            acc_db = acc_db * tl.load(gate_ptr).to(tl.float32)
         out = db_part_ptr + pid_s.to(tl.int64) * D * R + offs_d[:, None] * R + offs_r[None, :]
         tl.store(out, acc_db, mask=d_ok[:, None] & r_ok[None, :])
     if COMPUTE_DBIAS:
@@ -76,12 +80,15 @@ def one_pass_is_cheaper(dy: torch.Tensor, r: int) -> bool:
 
 
 def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], v: Optional[torch.Tensor],
-            need_bias: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(dP, dB, dbias) of dy (N, d_out), fp32.
+            need_bias: bool, *, v_scale: float = 1.0, gate: Optional[torch.Tensor] = None,
+            db_dtype: torch.dtype = torch.float32, dbias_dtype: torch.dtype = torch.float32,
+            ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dP fp32, dB in db_dtype, dbias in dbias_dtype) of dy (N, d_out).
 
     The up factor is given transposed, F = b (r, d_out) (pass B.t()) or b[b_index] (rows of
-    W^T, i.e. columns of W, read by index). dP = dy F^T (N, r); dB = dy^T v (d_out, r) when
-    v (N, r) is given, else None; dbias = dy.sum(0) when ``need_bias``, else None.
+    W^T, i.e. columns of W, read by index). dP = dy F^T (N, r); dB = v_scale * gate * dy^T v
+    (d_out, r) when v (N, r) is given, else None (gate: a 0-dim device tensor or None);
+    dbias = dy.sum(0) when ``need_bias``, else None.
     """
     m, d = dy.shape
     r = b_index.shape[0] if b_index is not None else b.shape[0]
@@ -94,31 +101,31 @@ def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], 
     cfg = skinny_blocks(r_pad)
     d_blocks = triton.cdiv(d, cfg["BLOCK_K"])
     n_split, rows_per_split = split_reduction(m, cfg["BLOCK_M"], d_blocks, dy.device)
-    f32 = dict(device=dy.device, dtype=torch.float32)
-    dp_part = torch.empty(d_blocks, m, r, **f32) if dp_in_columns else None
-    db_part = torch.empty(n_split, d, r, **f32) if v is not None else None
-    dbias_part = torch.empty(n_split, d, **f32) if need_bias else None
+    dp_part = partial_buffer(d_blocks, (m, r), torch.float32, dy.device) if dp_in_columns else None
+    db_part = partial_buffer(n_split, (d, r), db_dtype, dy.device) if v is not None else None
+    dbias_part = partial_buffer(n_split, (d,), dbias_dtype, dy.device) if need_bias else None
     dummy = next(t for t in (dp_part, db_part, dbias_part) if t is not None)
     with launch_context(dy.device):
         _dy_columns_kernel[(n_split, d_blocks)](
             dy, b, b_index if b_index is not None else b, v if v is not None else dummy,
+            gate if gate is not None else dummy,
             *(t if t is not None else dummy for t in (dp_part, db_part, dbias_part)), m, d, r, rows_per_split,
-            dy.stride(0), dy.stride(1), b.stride(0), b.stride(1),
+            float(v_scale), dy.stride(0), dy.stride(1), b.stride(0), b.stride(1),
             v.stride(0) if v is not None else 0, v.stride(1) if v is not None else 0,
             B_GATHER=b_index is not None, COMPUTE_DP=dp_in_columns, COMPUTE_DB=v is not None,
-            COMPUTE_DBIAS=need_bias, R_PAD=r_pad, PRECISION=dot_precision(dy.dtype),
+            COMPUTE_DBIAS=need_bias, GATE_PTR=gate is not None, R_PAD=r_pad, PRECISION=dot_precision(dy.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     if dp_in_columns:
-        dp = sum_partials(dp_part)
-    db = sum_partials(db_part) if v is not None else None
-    dbias = sum_partials(dbias_part) if need_bias else None
+        dp = sum_partials(dp_part, torch.float32)
+    db = sum_partials(db_part, db_dtype) if v is not None else None
+    dbias = sum_partials(dbias_part, dbias_dtype) if need_bias else None
     return dp, db, dbias
 
 
 @triton.jit
-def _down_grad_kernel(dt_ptr, x_ptr, part_ptr, seed_ptr, M, K, R, rows_per_split, threshold, scale,
+def _down_grad_kernel(dt_ptr, x_ptr, part_ptr, seed_ptr, gate_ptr, M, K, R, rows_per_split, dt_scale, threshold, scale,
                       stride_dtm, stride_dtr, stride_xm, stride_xk,
-                      DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                      DROPOUT: tl.constexpr, GATE_PTR: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -142,25 +149,31 @@ def _down_grad_kernel(dt_ptr, x_ptr, part_ptr, seed_ptr, M, K, R, rows_per_split
         dtt = tl.load(dt_ptr + rows[:, None] * stride_dtm + offs_r[None, :] * stride_dtr,
                       mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(dtt.to(xt.dtype)), xt, acc, input_precision=PRECISION)
+    acc = acc * dt_scale
+    if GATE_PTR:
+        acc = acc * tl.load(gate_ptr).to(tl.float32)
     out = part_ptr + pid_s.to(tl.int64) * R * K + offs_r[:, None] * K + offs_k[None, :]
     tl.store(out, acc, mask=r_ok[:, None] & k_ok[None, :])
 
 
-def down_grad(dt: torch.Tensor, x: torch.Tensor, p: float = 0.0, seed: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """dA = dt^T dropout_p(x) in fp32, shape (r, d_in); dt (N, r) fp32, x (N, d_in) any strides;
-    the mask is drawn from ``seed`` ((1,) int64 on x's device)."""
+def down_grad(dt: torch.Tensor, x: torch.Tensor, p: float = 0.0, seed: Optional[torch.Tensor] = None, *,
+              dt_scale: float = 1.0, gate: Optional[torch.Tensor] = None,
+              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dA = dt_scale * gate * dt^T dropout_p(x), shape (r, d_in) in ``out_dtype``; dt (N, r) fp32,
+    x (N, d_in) any strides; the mask is drawn from ``seed`` ((1,) int64 on x's device); gate:
+    a 0-dim device tensor or None."""
     m, k = x.shape
     r = dt.shape[1]
     r_pad = pad_rank(r)
     cfg = skinny_blocks(r_pad)
     k_blocks = triton.cdiv(k, cfg["BLOCK_K"])
     n_split, rows_per_split = split_reduction(m, cfg["BLOCK_M"], k_blocks, x.device)
-    part = torch.empty(n_split, r, k, device=x.device, dtype=torch.float32)
+    part = partial_buffer(n_split, (r, k), out_dtype, x.device)
     with launch_context(x.device):
         _down_grad_kernel[(n_split, k_blocks)](
-            dt, x, part, seed if p > 0.0 else part, m, k, r, rows_per_split, keep_threshold(p), 1.0 / (1.0 - p),
+            dt, x, part, seed if p > 0.0 else part, gate if gate is not None else part, m, k, r, rows_per_split,
+            float(dt_scale), keep_threshold(p), 1.0 / (1.0 - p),
             dt.stride(0), dt.stride(1), x.stride(0), x.stride(1),
-            DROPOUT=p > 0.0, R_PAD=r_pad, PRECISION=dot_precision(x.dtype),
+            DROPOUT=p > 0.0, GATE_PTR=gate is not None, R_PAD=r_pad, PRECISION=dot_precision(x.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
-    return sum_partials(part)
-
+    return sum_partials(part, out_dtype)
