@@ -194,7 +194,7 @@ def _fastlora_targets(model: nn.Module, targets, paths: set[str]):
     """PEFT's target_modules when fastlora's matching selects exactly the checkpoint's layers
     (same rule as PEFT for a list or a regex), else the list of those layers' paths
     (exclude_modules, layers_to_transform, "all-linear" without the output layer)."""
-    if isinstance(targets, (list, str)) and targets != "all-linear":
+    if isinstance(targets, (list, tuple, str)) and targets != "all-linear":
         linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
         if {n for n in linears if _matches(n, targets)} == paths:
             return targets

@@ -123,13 +123,14 @@ def test_export_neat_loads_in_peft_as_peanut(base, inputs, tmp_path, depth, acti
     assert rel_err(output(again, inputs), expected) < TOL
 
 
-def test_export_replaces_an_existing_directory(base, tmp_path):
+def test_export_into_an_existing_directory_keeps_other_files(base, tmp_path):
     model = fastlora.inject(copy.deepcopy(base), fastlora.LoraConfig(r=2, target_modules=["query"]))
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "stale.txt").write_text("old")
+    (tmp_path / "out" / "other.txt").write_text("old")
     save_peft_adapter(model, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json",
-                                                                     "adapter_model.safetensors"]
+                                                                     "adapter_model.safetensors", "other.txt"]
+    assert (tmp_path / "out" / "other.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
