@@ -13,7 +13,8 @@ from fastlora.inject import _matches
     (["--steps", "2.5"], "argument --steps: expected an int, got '2.5'"),
     (["--rank", "0"], f"argument --rank: must be an int in [1, {cli.MAX_DEMO_RANK}], got 0"),
     (["--rank", "-4"], "argument --rank: must be an int in [1, "),
-    (["--rank", str(cli.MAX_DEMO_RANK + 1)], f"must be an int in [1, {cli.MAX_DEMO_RANK}], got {cli.MAX_DEMO_RANK + 1}"),
+    (["--rank", str(cli.MAX_DEMO_RANK + 1)],
+     f"must be an int in [1, {cli.MAX_DEMO_RANK}], got {cli.MAX_DEMO_RANK + 1}"),
     (["--rank", "eight"], "argument --rank: expected an int, got 'eight'"),
 ])
 def test_bad_numeric_arguments_are_argument_errors(argv, message, capsys, monkeypatch):
