@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -22,17 +23,47 @@ MIN_DOT = 16
 
 
 def gemm_configs() -> list[triton.Config]:
-    """Tiles of the fused base GEMM (M = tokens, N = output features, K = reduction)."""
+    """Tiles of the fused base GEMM (M = tokens, N = output features, K = reduction).
+
+    The deep-pipelined 128x256 / 256x128 tiles (4 stages, ~196 KB of shared memory) suit
+    Hopper (H100/H200, 228 KB per SM); ``prune_gemm_configs`` drops what a device or a
+    token bucket cannot use, so one list serves every GPU.
+    """
     if INTERPRETED:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2})]
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    tiles = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4),
+        (128, 128, 64, 8, 4), (128, 128, 64, 4, 5), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 3), (32, 64, 64, 4, 4),
     ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in tiles]
+
+
+def _shared_memory_limit(device_index: int) -> Optional[int]:
+    """Bytes of shared memory a block may opt into on a CUDA device (None when torch does not say)."""
+    props = torch.cuda.get_device_properties(device_index)
+    return getattr(props, "shared_memory_per_block_optin", None)
+
+
+def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop tiles taller than twice the token bucket (mostly padding) and tiles whose pipeline
+    (stages x (BLOCK_M + BLOCK_N) x BLOCK_K operands) exceeds the device's shared memory.
+    Always keeps the smallest tile."""
+    m_bucket = kwargs.get("M_BUCKET", named_args.get("M_BUCKET", 1 << 30))
+    x = named_args.get("x_ptr")
+    element = x.element_size() if hasattr(x, "element_size") else 2
+    limit = _shared_memory_limit(x.device.index or 0) if getattr(x, "is_cuda", False) else None
+    kept = []
+    for config in configs:
+        meta = config.kwargs
+        if meta["BLOCK_M"] > max(2 * m_bucket, 32):
+            continue
+        staged = config.num_stages * (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * element
+        if limit is not None and staged > limit:
+            continue
+        kept.append(config)
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 def pad_rank(r: int) -> int:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..philox import keep_threshold
-from .autotune import dot_precision, gemm_configs, launch_context, pad_rank
+from .autotune import dot_precision, gemm_configs, launch_context, pad_rank, prune_gemm_configs
 from .dropout import keep_scale
 from .tiles import load_factor
 
@@ -27,7 +27,7 @@ from .tiles import load_factor
 # The weight's layout is in the key: the forward (W^T, k-contiguous) and the input gradient
 # (W, n-contiguous) favour different tiles. restore_value: tuning runs never accumulate twice.
 @triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "W_LAYOUT", "R_PAD", "HAS_LOWRANK", "DROPOUT"],
-                 restore_value=["out_ptr"])
+                 restore_value=["out_ptr"], prune_configs_by={"early_config_prune": prune_gemm_configs})
 @triton.jit
 def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, v_ptr, u_ptr, u_idx_ptr, out_ptr,
                          seed_ptr, gate_ptr, M, N, K, R, M_BUCKET, W_LAYOUT, v_scale, threshold, scale,
