@@ -17,13 +17,14 @@ from host_reads import HostReads
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no_dropout", "dropout"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cublas"])
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_repeated_calls_read_nothing_on_the_host(method, backend):
-    if backend == "triton":
+def test_repeated_calls_read_nothing_on_the_host(method, backend, dropout):
+    if backend != "torch":
         pytest.importorskip("triton")
     torch.manual_seed(0)
-    config = dataclasses.replace(METHODS[method][0], backend=backend)
+    config = dataclasses.replace(METHODS[method][0], backend=backend, dropout=dropout)
     layer = AdapterLinear(23, 17, config=config, device=DEVICE)
     x = torch.randn(3, 5, 23, device=DEVICE, requires_grad=True)
     layer(x).sum().backward()
@@ -35,6 +36,7 @@ def test_repeated_calls_read_nothing_on_the_host(method, backend):
         with HostReads() as inference:
             layer(x)
     assert training.count == 0 and inference.count == 0
+    assert training.copies == 0 and inference.copies == 0, "a tensor made from host data (a copy to the device)"
 
 
 def test_a_tensor_gate_without_its_host_value_is_read_once():
