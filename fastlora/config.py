@@ -229,22 +229,58 @@ class SelectiveLoraConfig(LoraConfig):
 @_register
 @dataclass(frozen=True)
 class RankSelectiveLoraConfig(LoraConfig):
-    """CoDyRA: per-rank importance lambda, soft-thresholded after each optimizer step.
+    """CoDyRA: per-rank importance w, soft-thresholded after each optimizer step by a scheduled kappa.
 
-    lambda <- sign(lambda) * max(|lambda| - lr * sparsity_strength, 0).
+    y = x W^T + b + s ((x A^T) ⊙ w) B^T; after optimizer step t: w <- sign(w) max(|w| - kappa(t), 0).
+    kappa(t) = 0 for t <= D = round(dense_fraction * total_steps) (dense phase), then
+    kappa_max * ceil(threshold_levels * (t - D) / (total_steps - D)) / threshold_levels, and kappa_max
+    after total_steps (when pruned ranks are dropped for good). Defaults are the authors' run:
+    r = 16, alpha = None (s = 1), 500 steps, half dense, 50 levels, kappa_max = 0.005.
+    importance_init: a nonzero constant, or "randn" (w ~ N(0, 1), the authors' code).
     """
 
     method: ClassVar[str] = "rank_selective_lora"
-    importance_init: float = 1.0
-    sparsity_strength: float = 1e-3
+    r: int = 16
+    alpha: Optional[float] = None
+    importance_init: Union[float, str] = 1.0
+    total_steps: int = 500
+    dense_fraction: float = 0.5
+    threshold_levels: int = 50
+    kappa_max: float = 0.005
 
     def validate(self) -> None:
-        super().validate()
-        _check_positive(self, "sparsity_strength", allow_zero=True)
+        if self.alpha is None:  # s = 1: LoraConfig's alpha check does not apply
+            AdapterConfig.validate(self)
+            if not isinstance(self.use_rslora, bool):
+                raise ValueError(f"RankSelectiveLoraConfig.use_rslora must be True or False, got {self.use_rslora!r}")
+        else:
+            super().validate()
         value = self.importance_init
-        if not _is_real(value) or not math.isfinite(value) or value == 0:
-            raise ValueError(f"RankSelectiveLoraConfig.importance_init must be a finite nonzero number "
+        if value != "randn" and (not _is_real(value) or not math.isfinite(value) or value == 0):
+            raise ValueError(f"RankSelectiveLoraConfig.importance_init must be a finite nonzero number or 'randn' "
                              f"(0 would prune every rank before training), got {value!r}")
+        for name in ("total_steps", "threshold_levels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"RankSelectiveLoraConfig.{name} must be an int > 0, got {value!r}")
+        if not _is_real(self.dense_fraction) or not 0.0 <= self.dense_fraction < 1.0:
+            raise ValueError(f"RankSelectiveLoraConfig.dense_fraction must be a number in [0, 1), "
+                             f"got {self.dense_fraction!r}")
+        _check_positive(self, "kappa_max", allow_zero=True)
+
+    @property
+    def scale(self) -> float:
+        """alpha / r (alpha / sqrt(r) with use_rslora); 1 when alpha is None (the authors' s)."""
+        return 1.0 if self.alpha is None else super().scale
+
+    def kappa(self, step: int) -> float:
+        """The threshold applied after optimizer step ``step`` (1-based)."""
+        dense = round(self.dense_fraction * self.total_steps)
+        if step <= dense:
+            return 0.0
+        sparse = max(self.total_steps - dense, 1)
+        level = min(self.threshold_levels, math.ceil(self.threshold_levels * (step - dense) / sparse))
+        return self.kappa_max * level / self.threshold_levels
 
 
 @_register

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from .inject import adapter_layers
 from .layer import AdapterLinear
 from .methods import Adapter
-from .methods.rank_selective import RankSelectiveLoraAdapter
 
 Optimizers = Union[torch.optim.Optimizer, Iterable[torch.optim.Optimizer]]
 # model -> its live TrainingHooks (weakly: the optimizers' hook registries keep them alive)
@@ -47,16 +46,10 @@ def _groups(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
     return {id(p): group for group in optimizer.param_groups for p in group["params"]}
 
 
-def _learning_rate(name: str, layer: AdapterLinear, group: dict) -> float:
-    """The group's lr as a float; a rule that does not use it gets 0.0 when the lr is None
-    (Adafactor's relative steps); CoDyRA's proximal step, which scales by it, raises."""
+def _learning_rate(group: dict) -> float:
+    """The group's lr as a float, 0.0 when it is None (Adafactor's relative steps): no rule needs it."""
     lr = group.get("lr")
-    if lr is not None:
-        return float(lr)
-    if isinstance(layer.adapter, RankSelectiveLoraAdapter):
-        raise ValueError(f"layer {name}: the param group holding 'importance' has lr=None, but CoDyRA's proximal "
-                         f"step is lr * sparsity_strength; give that group a learning rate")
-    return 0.0
+    return 0.0 if lr is None else float(lr)
 
 
 class TrainingHooks:
@@ -80,7 +73,7 @@ class TrainingHooks:
             group = groups.get(id(layer.adapter.rule_parameter()))
             if group is None:
                 continue
-            for restarted in layer.adapter.after_optimizer_step(_learning_rate(name, layer, group)):
+            for restarted in layer.adapter.after_optimizer_step(_learning_rate(group)):
                 for other in self.optimizers:
                     other.state.pop(restarted, None)
 
@@ -99,8 +92,8 @@ def attach_training_hooks(model: nn.Module, optimizers: Optimizers) -> TrainingH
 
     Raises ValueError when the model has no adapters, already has hooks attached (``remove()``
     them first: a second set would apply every rule twice), an optimizer is given twice, or a
-    trainable rule parameter is in none of the optimizers (its rule would never run); CoDyRA's
-    with lr=None too. A rule parameter with requires_grad=False turns its rule off.
+    trainable rule parameter is in none of the optimizers (its rule would never run). A rule
+    parameter with requires_grad=False turns its rule off.
     """
     layers = list(adapter_layers(model))
     if not layers:
@@ -119,10 +112,7 @@ def attach_training_hooks(model: nn.Module, optimizers: Optimizers) -> TrainingH
         param = layer.adapter.rule_parameter()
         if not _has_rule(layer) or param is None or not param.requires_grad:
             continue
-        groups = [g[id(param)] for g in all_groups if id(param) in g]
-        if not groups:
+        if not any(id(param) in g for g in all_groups):
             raise ValueError(f"layer {name}: its {layer.config.method} rule parameter (shape {tuple(param.shape)}) is "
                              f"in none of the optimizers, so its post-step rule would never run; add it")
-        for group in groups:
-            _learning_rate(name, layer, group)
     return TrainingHooks(model, optimizers)

@@ -1,5 +1,8 @@
-"""CoDyRA (rank-selective LoRA) against METHODS.md: per-rank importance lambda, proximal
-soft-threshold after each optimizer step, pruned ranks never computed."""
+"""CoDyRA (rank-selective LoRA) as the paper and the authors' code define it: per-rank importance w,
+a proximal soft-threshold with an absolute, scheduled kappa after each optimizer step (dense phase,
+then a staircase up to kappa_max), pruned ranks that revive until the schedule ends, then are dropped."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,7 +26,7 @@ def _layer(r=6, alpha=3.0, bias=True, **kwargs):
 
 
 def _set(layer, importance):
-    """Random A and B, the given lambda, active ranks refreshed."""
+    """Random A and B, the given w, active ranks refreshed."""
     adapter = layer.adapter
     with torch.no_grad():
         adapter.lora_A.copy_(torch.randn_like(adapter.lora_A))
@@ -32,22 +35,51 @@ def _set(layer, importance):
     adapter.refresh_active_ranks()
 
 
-def _formula(x, weight, bias, a, b, lam, scale):
-    """y = x W^T + b + s ((x A^T) ⊙ lambda) B^T (float64)."""
-    y = x @ weight.T + scale * ((x @ a.T) * lam) @ b.T
+def _formula(x, weight, bias, a, b, w, scale):
+    """y = x W^T + b + s ((x A^T) ⊙ w) B^T (float64)."""
+    y = x @ weight.T + scale * ((x @ a.T) * w) @ b.T
     return y if bias is None else y + bias
 
 
-def _hand_grads(x, dy, a, b, lam, scale):
-    """(dA, dB, dlambda) of the formula, zeroed on pruned ranks (lambda == 0)."""
+def _hand_grads(x, dy, a, b, w, scale):
+    """(dA, dB, dw) of the formula: the full gradient, nonzero for a rank at w = 0 too."""
     t, dp = x @ a.T, dy @ b
-    active = (lam != 0).to(x.dtype)
-    return (scale * (dp * lam).T @ x, scale * dy.T @ (t * lam), scale * (dp * t).sum(0) * active)
+    return scale * (dp * w).T @ x, scale * dy.T @ (t * w), scale * (dp * t).sum(0)
 
 
-def _soft_threshold(lam, threshold):
-    return torch.tensor([0.0 if abs(v) <= threshold else (v - threshold if v > 0 else v + threshold)
-                         for v in lam.tolist()], dtype=lam.dtype)
+def _kappa(step, total, dense_fraction, levels, kappa_max):
+    """The paper's schedule: 0 in the dense phase, then `levels` equal steps up to kappa_max."""
+    dense = round(dense_fraction * total)
+    if step <= dense:
+        return 0.0
+    return kappa_max * min(levels, math.ceil(levels * (step - dense) / (total - dense))) / levels
+
+
+def _prox(w, kappa):
+    """T_kappa(x) = 1(|x| > kappa) (x - sign(x) kappa), elementwise, float64."""
+    return torch.tensor([0.0 if abs(v) <= kappa else v - math.copysign(kappa, v) for v in w.tolist()],
+                        dtype=torch.float64)
+
+
+def test_defaults_are_the_authors():
+    config = RankSelectiveLoraConfig()
+    assert (config.r, config.alpha, config.scale) == (16, None, 1.0)
+    assert (config.total_steps, config.dense_fraction, config.threshold_levels, config.kappa_max) == \
+        (500, 0.5, 50, 0.005)
+    assert RankSelectiveLoraConfig(r=4, alpha=2.0).scale == 0.5
+    assert RankSelectiveLoraConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("total, fraction, levels, kappa_max", [(500, 0.5, 50, 0.005), (10, 0.5, 2, 0.1),
+                                                                  (7, 0.0, 3, 0.3), (9, 0.3, 4, 1e-3)])
+def test_threshold_schedule(total, fraction, levels, kappa_max):
+    config = RankSelectiveLoraConfig(total_steps=total, dense_fraction=fraction, threshold_levels=levels,
+                                     kappa_max=kappa_max)
+    for step in range(0, total + 5):
+        assert config.kappa(step) == pytest.approx(_kappa(step, total, fraction, levels, kappa_max), abs=1e-15)
+    assert config.kappa(total) == kappa_max and config.kappa(total + 100) == kappa_max
+    if total == 10:  # by hand: 5 dense steps, 0.05 for steps 6-7, 0.1 from step 8
+        assert [config.kappa(t) for t in range(1, 11)] == [0.0] * 5 + [0.05] * 2 + [0.1] * 3
 
 
 def test_initialisation_and_zero_b_reproduces_base_exactly():
@@ -56,69 +88,112 @@ def test_initialisation_and_zero_b_reproduces_base_exactly():
     assert torch.equal(adapter.importance, torch.full((5,), 0.7, dtype=torch.float64))
     assert adapter.lora_A.shape == (5, D_IN) and adapter.lora_A.abs().max() > 0
     assert adapter.lora_B.shape == (D_OUT, 5) and torch.count_nonzero(adapter.lora_B) == 0
-    assert torch.equal(adapter.active_index, torch.arange(5)) and adapter.extra_stats() == {"active_ranks": 5.0}
-    assert set(adapter.state_dict()) == {"importance", "lora_A", "lora_B"}
+    assert torch.equal(adapter.active_index, torch.arange(5)) and adapter.extra_stats()["active_ranks"] == 5.0
+    assert set(adapter.state_dict()) == {"importance", "lora_A", "lora_B", "optimizer_steps"}
     x = torch.randn(N, D_IN, dtype=torch.float64)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
+def test_randn_importance_init_draws_from_the_default_generator():
+    torch.manual_seed(3)
+    layer = AdapterLinear(D_IN, D_OUT, config=RankSelectiveLoraConfig(importance_init="randn"), dtype=torch.float64)
+    torch.manual_seed(3)
+    nn.Linear(D_IN, D_OUT, dtype=torch.float64)  # the base layer's init
+    nn.init.kaiming_uniform_(torch.empty(16, D_IN, dtype=torch.float64), a=math.sqrt(5))  # A
+    expected = torch.randn(16, dtype=torch.float64)
+    assert torch.equal(layer.adapter.importance.detach(), expected)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("importance", [[0.5, -1.2, 0.8, 2.0, -0.3, 1.1], [0.5, 0.0, 0.8, 0.0, 0.0, -1.1]])
-def test_forward_and_grads_match_float64_formula(bias, importance):
+def test_forward_and_full_grads_match_float64_formula(bias, importance):
     layer = _layer(r=6, alpha=2.0, bias=bias)
     _set(layer, importance)
     adapter, scale = layer.adapter, 2.0 / 6
-    lam = torch.tensor(importance, dtype=torch.float64)
+    w = torch.tensor(importance, dtype=torch.float64)
     x = torch.randn(3, N, D_IN, dtype=torch.float64, requires_grad=True)
     out = layer(x)
     xr = x.detach().clone().requires_grad_(True)
     a, b = adapter.lora_A.detach(), adapter.lora_B.detach()
-    ref = _formula(xr, layer.weight, layer.bias, a, b, lam, scale)
-    base = F.linear(x, layer.weight, layer.bias).detach()
-    assert _rel(out, ref) < 1e-10 and _rel(out - base, ref - base) < 1e-10
+    ref = _formula(xr, layer.weight, layer.bias, a, b, w, scale)
+    assert _rel(out, ref) < 1e-10
     dy = torch.randn_like(out)
-    gx, ga, gb, gl = torch.autograd.grad(out, [x, adapter.lora_A, adapter.lora_B, adapter.importance], dy)
+    gx, ga, gb, gw = torch.autograd.grad(out, [x, adapter.lora_A, adapter.lora_B, adapter.importance], dy)
     (rx,) = torch.autograd.grad(ref, [xr], dy)
-    ha, hb, hl = _hand_grads(x.detach().reshape(-1, D_IN), dy.reshape(-1, D_OUT), a, b, lam, scale)
-    assert _rel(gx, rx) < 1e-10 and _rel(ga, ha) < 1e-10 and _rel(gb, hb) < 1e-10 and _rel(gl, hl) < 1e-10
-    pruned = lam == 0
-    # pruned ranks: exact zeros (not None) for their lambda, A rows and B columns
-    assert torch.equal(gl[pruned], torch.zeros(int(pruned.sum()), dtype=torch.float64))
-    assert torch.count_nonzero(ga[pruned]) == 0 and torch.count_nonzero(gb[:, pruned]) == 0
+    ha, hb, hw = _hand_grads(x.detach().reshape(-1, D_IN), dy.reshape(-1, D_OUT), a, b, w, scale)
+    assert _rel(gx, rx) < 1e-10 and _rel(ga, ha) < 1e-10 and _rel(gb, hb) < 1e-10 and _rel(gw, hw) < 1e-10
+    pruned = w == 0
+    if pruned.any():  # a rank at 0 gets its gradient (it can revive); its A row and B column none
+        assert gw[pruned].abs().min() > 0
+        assert torch.count_nonzero(ga[pruned]) == 0 and torch.count_nonzero(gb[:, pruned]) == 0
     assert _rel(layer.reference_forward(x), ref) < 1e-10
 
 
-def test_pruned_ranks_are_never_computed(monkeypatch):
+def _poisoned(layer, pruned):
+    with torch.no_grad():  # any read of a pruned rank's factors would poison the output
+        layer.adapter.lora_A[pruned] = float("nan")
+        layer.adapter.lora_B[:, pruned] = float("nan")
+
+
+def test_forwards_without_a_gradient_for_w_skip_pruned_ranks(monkeypatch):
     layer = _layer(r=6)
     _set(layer, [0.0, 1.5, 0.0, -0.7, 0.0, 0.0])
     adapter = layer.adapter
-    with torch.no_grad():  # any read of a pruned rank's factors would poison the output
-        adapter.lora_A[[0, 2, 4, 5]] = float("nan")
-        adapter.lora_B[:, [0, 2, 4, 5]] = float("nan")
+    keep, x = [1, 3], torch.randn(N, D_IN, dtype=torch.float64)
+    ref = _formula(x, layer.weight, layer.bias, adapter.lora_A.detach()[keep], adapter.lora_B.detach()[:, keep],
+                   adapter.importance.detach()[keep], 3.0 / 6)
+    _poisoned(layer, [0, 2, 4, 5])
     seen = []
     op = fastlora.layer.adapted_linear
     monkeypatch.setattr(fastlora.layer, "adapted_linear",
                         lambda *args, **kwargs: seen.append(kwargs) or op(*args, **kwargs))
-    x = torch.randn(N, D_IN, dtype=torch.float64)
-    out = layer(x)
-    assert seen[0]["lora_a"].shape == (2, D_IN) and seen[0]["lora_b"].shape == (D_OUT, 2)
-    assert seen[0]["rank_weights"].shape == (2,) and adapter.extra_stats() == {"active_ranks": 2.0}
-    keep = [1, 3]
-    ref = _formula(x, layer.weight, layer.bias, adapter.lora_A.detach()[keep], adapter.lora_B.detach()[:, keep],
-                   adapter.importance.detach()[keep], 3.0 / 6)
+    with torch.no_grad():
+        out = layer(x)
+    assert seen[0]["lora_a"].shape == (2, D_IN) and seen[0]["rank_weights"].shape == (2,)
     assert torch.isfinite(out).all() and _rel(out, ref) < 1e-10
+    adapter.importance.requires_grad_(False)  # w frozen: no revival possible, compacted with grad on
+    out = layer(x)
     out.sum().backward()
-    assert torch.isfinite(adapter.lora_A.grad).all() and torch.isfinite(adapter.lora_B.grad).all()
+    assert _rel(out, ref) < 1e-10 and torch.isfinite(adapter.lora_A.grad).all()
+
+
+def test_after_the_schedule_pruned_ranks_are_dropped_and_never_computed():
+    model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64)),
+                            RankSelectiveLoraConfig(r=4, alpha=4.0, total_steps=2, kappa_max=0.0))
+    layer, adapter = model[0], model[0].adapter
+    _set(layer, [0.3, 0.5, -0.4, 0.5])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    hooks = fastlora.attach_training_hooks(model, optimizer)
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+
+    def step():
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+
+    step()
+    step()
+    assert adapter.schedule_done
+    with torch.no_grad():  # ranks 0 and 2 end the schedule at 0
+        adapter.importance[[0, 2]] = 0.0
+    adapter.refresh_active_ranks()
+    assert torch.count_nonzero(optimizer.state[adapter.importance]["exp_avg"][[0, 2]]) == 2  # Adam would move them
+    for _ in range(3):
+        step()
+        assert torch.equal(adapter.importance[[0, 2]].detach(), torch.zeros(2, dtype=torch.float64))
+        assert adapter.active_index.tolist() == [1, 3]
+        assert torch.count_nonzero(adapter.importance.grad[[0, 2]]) == 0  # never computed
+    hooks.remove()
 
 
 def test_no_active_rank_skips_the_low_rank_path():
     layer = _layer(r=4)
     _set(layer, [0.0] * 4)
+    _poisoned(layer, slice(None))
     adapter = layer.adapter
     with torch.no_grad():
-        adapter.lora_A.fill_(float("nan"))
-        adapter.lora_B.fill_(float("nan"))
-    assert adapter.op_arguments(layer.weight)["gate"] == 0.0 and adapter.extra_stats() == {"active_ranks": 0.0}
+        assert adapter.op_arguments(layer.weight)["gate"] == 0.0 and adapter.extra_stats()["active_ranks"] == 0.0
+    adapter._steps = adapter.config.total_steps  # schedule over: no revival, nothing computed with grad on
     x = torch.randn(N, D_IN, dtype=torch.float64, requires_grad=True)
     out = layer(x)
     assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
@@ -132,77 +207,95 @@ def test_no_active_rank_skips_the_low_rank_path():
     assert torch.equal(layer.weight, weight)
 
 
-def test_sgd_steps_apply_the_proximal_soft_threshold():
-    model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64)),
-                            RankSelectiveLoraConfig(r=5, alpha=5.0, sparsity_strength=2.0))
+def _train(config, importance, lr, steps, optimizer_type=torch.optim.SGD, x=None):
+    """Train a one-layer model with the hooks; per step check A, B, w against the float64 paper update."""
+    model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64)), config)
     layer = model[0]
-    _set(layer, [0.9, 0.004, -0.6, -0.015, 0.3])
-    adapter, scale = layer.adapter, 1.0
-    lr = 1e-2  # threshold lr * mu = 0.02 prunes ranks 1 and 3 on the first step
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    _set(layer, importance)
+    adapter = layer.adapter
+    optimizer = optimizer_type([p for p in model.parameters() if p.requires_grad], lr=lr)
     hooks = fastlora.attach_training_hooks(model, optimizer)
-    x = torch.randn(N, D_IN, dtype=torch.float64) * 0.05
-    for step in range(3):
-        a, b, lam = (t.detach().clone() for t in (adapter.lora_A, adapter.lora_B, adapter.importance))
+    x = torch.randn(N, D_IN, dtype=torch.float64) if x is None else x
+    history = []
+    for step in range(1, steps + 1):
+        a, b, w = (t.detach().clone() for t in (adapter.lora_A, adapter.lora_B, adapter.importance))
         optimizer.zero_grad()
         model(x).square().mean().backward()
         optimizer.step()
-        y = _formula(x, layer.weight, layer.bias, a, b, lam, scale)
-        ha, hb, hl = _hand_grads(x, 2 * y / y.numel(), a, b, lam, scale)
+        y = _formula(x, layer.weight, layer.bias, a, b, w, config.scale)
+        ha, hb, hw = _hand_grads(x, 2 * y / y.numel(), a, b, w, config.scale)
         assert _rel(adapter.lora_A.detach(), a - lr * ha) < 1e-12
         assert _rel(adapter.lora_B.detach(), b - lr * hb) < 1e-12
-        expected = _soft_threshold(lam - lr * hl, lr * 2.0)
-        assert _rel(adapter.importance.detach(), expected) < 1e-12
-        assert torch.equal(adapter.importance[[1, 3]].detach(), torch.zeros(2, dtype=torch.float64))
-        assert torch.equal(adapter.active_index, torch.tensor([0, 2, 4]))
-        assert adapter.extra_stats() == {"active_ranks": 3.0}
-        if step:  # pruned ranks get no gradient, so their A rows and B columns stay put
-            assert torch.equal(adapter.lora_A[[1, 3]], a[[1, 3]])
-            assert torch.equal(adapter.lora_B[:, [1, 3]], b[:, [1, 3]])
+        kappa = _kappa(step, config.total_steps, config.dense_fraction, config.threshold_levels, config.kappa_max)
+        expected = _prox(w - lr * hw, kappa)
+        assert torch.allclose(adapter.importance.detach(), expected, rtol=1e-12, atol=1e-15), step
+        assert adapter.active_index.tolist() == torch.nonzero(expected).flatten().tolist()
+        history.append((w, expected))
     hooks.remove()
+    return history
 
 
-def test_threshold_uses_lambdas_own_learning_rate():
-    model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64)),
-                            RankSelectiveLoraConfig(r=3, sparsity_strength=1.0))
-    adapter = model[0].adapter
-    optimizer = torch.optim.SGD([{"params": [adapter.lora_A, adapter.lora_B], "lr": 0.5},
-                                 {"params": [adapter.importance], "lr": 0.1}])
-    hooks = fastlora.attach_training_hooks(model, optimizer)
-    optimizer.zero_grad()
-    model(torch.randn(N, D_IN, dtype=torch.float64)).sum().backward()
-    assert torch.count_nonzero(adapter.importance.grad) == 0  # B = 0 at start
-    optimizer.step()
-    hooks.remove()
-    assert torch.allclose(adapter.importance.detach(), torch.full((3,), 0.9, dtype=torch.float64), atol=1e-15)
+def test_sgd_steps_apply_the_scheduled_proximal_step():
+    config = RankSelectiveLoraConfig(r=5, total_steps=6, dense_fraction=0.5, threshold_levels=3, kappa_max=0.06)
+    history = _train(config, [0.9, 0.004, -0.6, -0.015, 0.3], lr=1e-2, steps=8,
+                     x=torch.randn(N, D_IN, dtype=torch.float64) * 0.05)
+    assert all(torch.count_nonzero(after) == 5 for _, after in history[:3])  # dense phase: nothing pruned
+    assert torch.count_nonzero(history[-1][1]) < 5  # kappa_max prunes the small ranks
 
 
-def test_pruned_ranks_never_revive_under_adam():
-    model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64)),
-                            RankSelectiveLoraConfig(r=4, sparsity_strength=0.0))
-    adapter = model[0].adapter
-    _set(model[0], [0.3, 0.5, -0.4, 0.5])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+def test_a_pruned_rank_revives_from_its_full_gradient():
+    """A rank at 0 whose gradient step beats kappa comes back, in the dense phase and in the sparse one."""
+    config = RankSelectiveLoraConfig(r=4, alpha=4.0, total_steps=4, dense_fraction=0.5, threshold_levels=2,
+                                     kappa_max=1e-3)
+    history = _train(config, [0.0, 0.8, 0.0, -0.5], lr=0.5, steps=4)
+    before, after = history[0]
+    assert torch.equal(before[[0, 2]], torch.zeros(2, dtype=torch.float64))
+    assert after[0] != 0 and after[2] != 0  # revived on step 1
+
+
+def test_revival_after_a_prune_in_the_sparse_phase():
+    config = RankSelectiveLoraConfig(r=3, alpha=3.0, total_steps=10, dense_fraction=0.0, threshold_levels=1,
+                                     kappa_max=0.05)
+    model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64)), config)
+    layer, adapter = model[0], model[0].adapter
+    _set(layer, [0.01, 0.9, -0.7])
+    optimizer = torch.optim.SGD([adapter.importance], lr=0.5)
     hooks = fastlora.attach_training_hooks(model, optimizer)
     x = torch.randn(N, D_IN, dtype=torch.float64)
-
-    def step():
-        optimizer.zero_grad()
-        model(x).square().mean().backward()
-        optimizer.step()
-
-    step()
-    step()
-    with torch.no_grad():  # prune ranks 0 and 2, as a proximal step would
-        adapter.importance[[0, 2]] = 0.0
-    adapter.refresh_active_ranks()
-    momentum = optimizer.state[adapter.importance]["exp_avg"]
-    assert torch.count_nonzero(momentum[[0, 2]]) == 2  # Adam alone would move them off 0
-    for _ in range(3):
-        step()
-        assert torch.equal(adapter.importance[[0, 2]].detach(), torch.zeros(2, dtype=torch.float64))
-        assert adapter.active_index.tolist() == [1, 3]
+    target = torch.randn(N, D_OUT, dtype=torch.float64)
+    optimizer.zero_grad()
+    adapter.importance.grad = torch.zeros(3, dtype=torch.float64)
+    optimizer.step()  # zero gradient: only the proximal step acts; kappa 0.05 prunes rank 0
+    assert adapter.importance[0] == 0 and adapter.active_index.tolist() == [1, 2]
+    w = adapter.importance.detach().clone()
+    a, b = adapter.lora_A.detach(), adapter.lora_B.detach()
+    optimizer.zero_grad()
+    F.mse_loss(model(x), target, reduction="sum").backward()
+    y = _formula(x, layer.weight, layer.bias, a, b, w, 1.0)
+    hw = _hand_grads(x, 2 * (y - target), a, b, w, 1.0)[2]
+    assert abs(0.5 * hw[0]) > 0.05
+    optimizer.step()
+    assert torch.allclose(adapter.importance.detach(), _prox(w - 0.5 * hw, 0.05), rtol=1e-12, atol=0)
+    assert adapter.importance[0] != 0 and adapter.active_index.tolist() == [0, 1, 2]
     hooks.remove()
+
+
+def test_threshold_ignores_the_learning_rate_and_none_is_accepted():
+    class NoLrSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            for group in self.param_groups:
+                group["lr"] = None
+            return None
+
+    model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64)),
+                            RankSelectiveLoraConfig(r=3, total_steps=1, dense_fraction=0.0, threshold_levels=1,
+                                                    kappa_max=0.25))
+    adapter = model[0].adapter
+    optimizer = NoLrSGD([adapter.importance], lr=0.1)
+    hooks = fastlora.attach_training_hooks(model, optimizer)
+    optimizer.step()
+    hooks.remove()
+    assert torch.equal(adapter.importance.detach(), torch.full((3,), 0.75, dtype=torch.float64))
 
 
 def test_merge_unmerge_round_trip():
@@ -221,31 +314,39 @@ def test_merge_unmerge_round_trip():
     assert type(merged) is nn.Linear and _rel(merged(x), before) < 1e-12
 
 
-def test_save_load_round_trip_recomputes_active_ranks(tmp_path):
+def test_save_load_round_trip_resumes_the_schedule(tmp_path):
     torch.manual_seed(0)
     make = lambda: nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64), nn.Tanh(),
                                  nn.Linear(D_OUT, 13, dtype=torch.float64))
     model, fresh = make(), make()
     fresh.load_state_dict(model.state_dict())
-    config = RankSelectiveLoraConfig(r=4, alpha=5.0, importance_init=0.5, sparsity_strength=0.01)
+    config = RankSelectiveLoraConfig(r=4, alpha=5.0, importance_init=0.5, total_steps=4)
     fastlora.inject(model, config)
     _set(model[0], [0.3, 0.0, -0.2, 0.0])
     _set(model[2], [0.0, 0.0, 0.0, 0.0])
+    model[0].adapter.optimizer_steps.fill_(4)
+    model[0].adapter.refresh_active_ranks()
     x = torch.randn(N, D_IN, dtype=torch.float64)
     fastlora.save_adapter(model, tmp_path / "ckpt")
     assert fastlora.read_adapter_config(tmp_path / "ckpt") == config
     loaded = fastlora.load_adapter(fresh, tmp_path / "ckpt")
     assert torch.equal(loaded[0].adapter.active_index, torch.tensor([0, 2]))
-    assert loaded[2].adapter.extra_stats() == {"active_ranks": 0.0}
+    assert loaded[0].adapter.schedule_done and not loaded[2].adapter.schedule_done
+    assert loaded[2].adapter.extra_stats()["active_ranks"] == 0.0
     assert torch.equal(loaded(x), model(x))
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"sparsity_strength": -1e-3}, "sparsity_strength must be a finite number >= 0, got -0.001"),
-    ({"sparsity_strength": float("nan")}, "sparsity_strength"),
-    ({"importance_init": 0.0}, "importance_init must be a finite nonzero number .*got 0.0"),
+    ({"kappa_max": -1e-3}, "kappa_max must be a finite number >= 0, got -0.001"),
+    ({"kappa_max": float("nan")}, "kappa_max"),
+    ({"total_steps": 0}, "total_steps must be an int > 0, got 0"),
+    ({"threshold_levels": 2.0}, "threshold_levels must be an int > 0, got 2.0"),
+    ({"dense_fraction": 1.0}, r"dense_fraction must be a number in \[0, 1\), got 1.0"),
+    ({"importance_init": 0.0}, "importance_init must be a finite nonzero number or 'randn' .*got 0.0"),
+    ({"importance_init": "normal"}, "importance_init must be a finite nonzero number or 'randn' .*got 'normal'"),
     ({"importance_init": float("inf")}, "importance_init must be a finite nonzero number .*got inf"),
     ({"alpha": -2.0}, "alpha must be a finite number > 0"),
+    ({"use_rslora": 1}, "use_rslora must be True or False, got 1"),
     ({"r": 0}, "r must be a positive int"),
 ])
 def test_bad_config_values(kwargs, match):

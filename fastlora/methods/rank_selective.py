@@ -1,13 +1,28 @@
 """CoDyRA, dynamic rank-selective LoRA (arXiv 2412.01004): a sparse importance per rank.
 
-    y = x W^T + b + s * ((dropout(x) A^T) ⊙ lambda) B^T     s = alpha / r (alpha / sqrt(r) with rsLoRA)
-    after each optimizer step (learning rate lr):
-        lambda <- sign(lambda) * max(|lambda| - lr * sparsity_strength, 0)
+    y = x W^T + b + s * ((dropout(x) A^T) ⊙ w) B^T        s = 1 by default (alpha = None), else alpha / r
+    after optimizer step t (t = 1, 2, ...), on the value the optimizer produced from the full gradient:
+        w <- T_kappa(t)(w) = sign(w) * max(|w| - kappa(t), 0)
+    kappa(t): 0 in the dense phase, then a staircase up to kappa_max (``RankSelectiveLoraConfig.kappa``)
 
-Ranks with lambda == 0 are pruned and cost nothing: the fused op only sees the active
-ranks' factors A[act] (k, d_in), B[:, act] (d_out, k), lambda[act] (k,), gathered with
-index_select, whose backward scatters gradients back (pruned ranks get zeros). With no
-active rank the low-rank path is skipped (gate 0). ΔW = s B diag(lambda) A.
+A rank with w == 0 adds nothing to y, but while the schedule runs it still gets its gradient
+(d w_i = s * sum((dy B)_i ⊙ (x A^T)_i)), so the optimizer can move it off 0 and it revives.
+Once ``total_steps`` steps are done the ranks at 0 are dropped for good: they are reset to 0
+after every later step (optimizer momentum or weight decay cannot revive them), and the fused
+op only sees the active ranks' factors A[act] (k, d_in), B[:, act] (d_out, k), w[act] (k,),
+gathered with index_select (pruned ranks get zero gradients). Forwards without a gradient
+for w (no_grad, eval inference, w frozen) are compacted the same way during the schedule, since
+a zero rank changes no output. With no active rank the low-rank path is skipped (gate 0).
+ΔW = s B diag(w) A (pruned ranks add nothing, so merging drops them).
+
+Choices where the paper and the authors' code are silent (ours):
+- The staircase: D = round(dense_fraction * total_steps) dense steps, then level
+  ceil(levels * (t - D) / (total_steps - D)) of ``threshold_levels`` equal levels: the first
+  sparse step uses kappa_max / levels, step total_steps uses kappa_max, later steps kappa_max.
+- The step count t is the number of steps of the optimizer holding w (the training hooks), kept
+  in the persistent buffer ``optimizer_steps`` so a checkpoint resumes the schedule.
+- importance_init defaults to the constant 1.0 (every rank on, the adapter starts as LoRA with
+  scale s); "randn" draws w ~ N(0, 1) from the default generator, as the authors' code does.
 """
 from __future__ import annotations
 
@@ -32,63 +47,77 @@ def _refresh_after_load(module: "RankSelectiveLoraAdapter", incompatible_keys) -
 
 
 class RankSelectiveLoraAdapter(LoraAdapter):
-    """importance = lambda (r,) filled with importance_init, lora_A (r, d_in)
-    kaiming-uniform(a=sqrt 5), lora_B (d_out, r) zeros; buffer active_index (k,) int64 of
-    the ranks with lambda != 0 (not saved: recomputed from lambda after load_state_dict
-    and after each proximal step).
-
-    Choice: a pruned rank stays pruned. It gets no gradient, so plain SGD leaves it at 0;
-    the proximal step also resets pruned ranks to 0 first, so optimizer momentum or
-    weight decay cannot revive one either, and the set of active ranks only shrinks.
-    After changing ``importance`` by hand, call ``refresh_active_ranks()``.
+    """importance = w (r,) (importance_init, or N(0, 1) for "randn"), lora_A (r, d_in)
+    kaiming-uniform(a=sqrt 5), lora_B (d_out, r) zeros; persistent buffer optimizer_steps (int64);
+    buffer active_index (k,) int64 of the ranks with w != 0 (not saved: recomputed from w after
+    load_state_dict and after each proximal step). After changing ``importance`` by hand, call
+    ``refresh_active_ranks()``.
     """
 
     def __init__(self, config: RankSelectiveLoraConfig, in_features: int, out_features: int,
                  weight: Tensor, layer_index: int = 0) -> None:
         super().__init__(config, in_features, out_features, weight, layer_index)
         factory = adapter_factory(weight)
-        self.importance = nn.Parameter(torch.full((config.r,), float(config.importance_init), **factory))
+        if config.importance_init == "randn":
+            importance = torch.randn(config.r, **factory)
+        else:
+            importance = torch.full((config.r,), float(config.importance_init), **factory)
+        self.importance = nn.Parameter(importance)
         self.register_buffer("active_index", torch.arange(config.r, device=weight.device), persistent=False)
+        self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.int64, device=weight.device))
         self.register_load_state_dict_post_hook(_refresh_after_load)
-        self.sparsity_strength = float(config.sparsity_strength)
+        self._steps = 0  # host copy of optimizer_steps: no device read per forward
+
+    @property
+    def schedule_done(self) -> bool:
+        """Whether ``total_steps`` optimizer steps are done (pruned ranks are then dropped for good)."""
+        return self._steps >= self.config.total_steps
 
     def rule_parameter(self) -> nn.Parameter:
-        """The proximal step uses lambda's own learning rate."""
+        """The proximal step follows the optimizer that moves w."""
         return self.importance
 
     @torch.no_grad()
     def refresh_active_ranks(self) -> None:
-        """active_index <- the ranks whose lambda is nonzero (a sharded lambda is gathered)."""
+        """active_index <- the ranks whose w is nonzero (a sharded w is gathered); host step count
+        <- optimizer_steps."""
         self.active_index = torch.nonzero(full_view(self.importance)).flatten()
+        self._steps = int(self.optimizer_steps)
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
+        full = {"lora_a": self.lora_A, "lora_b": self.lora_B, "rank_weights": self.importance, "scale": self.scale}
         active = self.active_index
-        if active.numel() == 0:
-            return {"lora_a": self.lora_A, "lora_b": self.lora_B, "rank_weights": self.importance,
-                    "gate": 0.0, "scale": self.scale}
         if active.numel() == self.config.r:
-            return {"lora_a": self.lora_A, "lora_b": self.lora_B, "rank_weights": self.importance,
-                    "scale": self.scale}
+            return full
+        if not self.schedule_done and torch.is_grad_enabled() and self.importance.requires_grad:
+            return full  # every rank gets its gradient: a rank at 0 can revive
+        if active.numel() == 0:
+            return {**full, "gate": 0.0}
         return {"lora_a": self.lora_A.index_select(0, active), "lora_b": self.lora_B.index_select(1, active),
                 "rank_weights": self.importance.index_select(0, active), "scale": self.scale}
 
     def delta_weight(self, weight: Tensor) -> Tensor:
-        """ΔW = s B[:, act] diag(lambda[act]) A[act]; zeros (nothing computed) with no active rank."""
+        """ΔW = s B[:, act] diag(w[act]) A[act]; zeros (nothing computed) with no active rank."""
         if self.active_index.numel() == 0:
             return torch.zeros_like(weight)
         return super().delta_weight(weight)
 
     @torch.no_grad()
     def after_optimizer_step(self, learning_rate: float) -> tuple[nn.Parameter, ...]:
-        """Keep pruned ranks at 0, soft-threshold lambda by lr * sparsity_strength, refresh
-        the active ranks. Elementwise on this rank's shard when lambda is sharded (FSDP2)."""
-        pruned = torch.ones(self.config.r, dtype=torch.bool, device=self.active_index.device)
-        pruned[self.active_index] = False
+        """Count the step, reset dropped ranks to 0 once the schedule is done, soft-threshold w by
+        kappa(step), refresh the active ranks. Elementwise on this rank's shard when w is sharded
+        (FSDP2). The learning rate is not used: kappa is absolute."""
         importance = local_view(self.importance)
-        importance.masked_fill_(local_part(pruned, self.importance), 0.0)
-        importance.copy_(soft_threshold(importance, learning_rate * self.sparsity_strength))
+        if self.schedule_done:
+            dropped = torch.ones(self.config.r, dtype=torch.bool, device=self.active_index.device)
+            dropped[self.active_index] = False
+            importance.masked_fill_(local_part(dropped, self.importance), 0.0)
+        self._steps += 1
+        self.optimizer_steps.fill_(self._steps)
+        importance.copy_(soft_threshold(importance, self.config.kappa(self._steps)))
         self.refresh_active_ranks()
         return ()
 
     def extra_stats(self) -> dict[str, float]:
-        return {"active_ranks": float(self.active_index.numel())}
+        return {"active_ranks": float(self.active_index.numel()), "kappa": self.config.kappa(self._steps),
+                "optimizer_steps": float(self._steps)}
