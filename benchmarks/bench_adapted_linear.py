@@ -1,31 +1,33 @@
-"""Speed and memory of one adapted Linear: frozen base, fastlora (Triton, torch), PEFT LoRA, every method.
+"""Speed and memory of one adapted Linear: frozen base, every fastlora plan, PEFT LoRA, every method.
 
     python -m benchmarks.bench_adapted_linear [--device cuda|cpu] [--quick] [--out PATH]
 
 For each shape (N tokens, d_in -> d_out) and rank r: the median time of the forward
 (no grad) and of forward + backward (input gradient, plus the adapter's factor
-gradients), and the peak memory of one forward + backward above what was allocated
-before it (see benchmarks/timing.py). Raw-op variants (``adapted_linear`` on bare
-tensors, factors in the compute dtype):
+gradients, random dy), the peak memory of one forward + backward above what was
+allocated before it, and the GPU launches of one forward + backward (see
+benchmarks/timing.py). Raw-op variants (``adapted_linear`` on bare tensors, factors in
+the compute dtype):
 
 - ``base``: ``F.linear`` with the frozen weight (fwd+bwd = input gradient only);
-- ``fastlora_triton`` / ``fastlora_torch``: ``adapted_linear`` on either backend;
+- ``fastlora_<plan>``: ``adapted_linear`` forced to each execution plan the device runs
+  ("triton", "cublas", "torch" on CUDA; "torch" on CPU), and ``fastlora_auto``;
 - ``peft`` / ``peft_dropout``: ``peft.tuners.lora.Linear`` around an ``nn.Linear``
   (same W, A, B and scale; adapter kept in the compute dtype), when peft is installed;
-- ``fastlora_<backend>_gate_off``: gate 0 (the low-rank path must cost nothing);
-- ``fastlora_<backend>_half_masked``: half the ranks pruned; fastlora compacts masked
-  ranks, so the user layer passes the active half (rank r/2);
-- ``fastlora_<backend>_dropout``: dropout 0.1 on the adapter input (fastlora regenerates
-  the mask from a seed, PEFT keeps the dropped copy of x for the backward).
+- ``fastlora_auto_gate_off``: gate 0 (the low-rank path must cost nothing);
+- ``fastlora_auto_half_masked``: half the ranks pruned; fastlora compacts masked ranks,
+  so the user layer passes the active half (rank r/2);
+- ``fastlora_auto_dropout``: dropout 0.1 on the adapter input (fastlora regenerates the
+  mask from a seed, PEFT keeps the dropped copy of x for the backward).
 
-Per-method cases (``AdapterLinear`` of each method, see benchmarks/bench_methods.py) go
-under each case's "methods". Ratios (vs base, vs PEFT) come from the same run.
+Per-method cases (``AdapterLinear`` of each method with backend "auto", see
+benchmarks/bench_methods.py) go under each case's "methods", and the plans ``auto`` has
+chosen so far (this case's and earlier ones) under "auto_choices". Ratios (vs base, vs PEFT) come from the same run.
 
-CUDA (default when available): bf16, backend "triton", ``triton.testing.do_bench``
-medians. CPU (a smoke check of the script, not a measurement): float32, backend "torch"
-(the Triton variants are listed under "skipped"), ``time.perf_counter`` medians, peak
-memory null. JSON goes to benchmarks/results/<device-name-slug>[_quick].json (CPU:
-cpu[_quick].json).
+CUDA (default when available): bf16, ``triton.testing.do_bench`` medians. CPU (a smoke
+check of the script, not a measurement): float32, ``time.perf_counter`` medians, peak
+memory and launches null. JSON goes to benchmarks/results/<device-name-slug>[_quick].json
+(CPU: cpu[_quick].json).
 """
 from __future__ import annotations
 
@@ -36,20 +38,20 @@ import platform
 import re
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastlora.kernels import adapted_linear
+from fastlora.kernels import PLANS, adapted_linear
+from fastlora.kernels.plans import auto_choices
 
 from .bench_methods import bench_methods
 from .timing import measure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}
-BACKENDS = {"cuda": "triton", "cpu": "torch"}
 FULL_SHAPES = [(8192, 4096, 4096), (8192, 4096, 11008)]
 FULL_RANKS = [16, 64]
 QUICK_SHAPES = [(512, 256, 384)]
@@ -57,8 +59,24 @@ QUICK_RANKS = [8]
 DROPOUT = 0.1
 SCALE = 2.0  # alpha / r with alpha = 2 r
 MEASURES = ("fwd_ms", "fwd_bwd_ms")
-BACKEND_SUFFIXES = ("", "_gate_off", "_half_masked", "_dropout")
+AUTO_VARIANTS = {"fastlora_auto": {}, "fastlora_auto_gate_off": {"gate": 0.0},
+                 "fastlora_auto_half_masked": {"half": True}, "fastlora_auto_dropout": {"dropout": DROPOUT}}
 PEFT_VARIANTS = ("peft", "peft_dropout")
+METHOD = ("{timer}; fwd under no_grad (method layers in eval mode); fwd_bwd = forward + autograd.grad of y "
+          "with a random dy w.r.t. x and the trainable factors (method layers in train mode); peak = max allocated "
+          "during one fwd_bwd minus allocated before it (null on CPU); launches = GPU kernels, copies and memsets "
+          "of one fwd_bwd (torch.profiler; null on CPU)")
+
+
+def method_note(device: torch.device) -> str:
+    """How the numbers of ``bench_case`` are measured on ``device``."""
+    timer = "triton.testing.do_bench median" if device.type == "cuda" else "time.perf_counter median (CPU smoke check)"
+    return METHOD.format(timer=timer)
+
+
+def device_plans(device: torch.device) -> tuple[str, ...]:
+    """The plans benchmarked on ``device``: every plan on CUDA, the torch plan on CPU."""
+    return PLANS if device.type == "cuda" else ("torch",)
 
 
 def peft_layer(weight: Tensor, a: Tensor, b: Tensor, scale: float, dropout: float) -> torch.nn.Module:
@@ -81,27 +99,28 @@ def peft_layer(weight: Tensor, a: Tensor, b: Tensor, scale: float, dropout: floa
     return layer
 
 
-def _raw_variants(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, backend: str) -> dict:
-    """name -> (forward, params) of the raw-op variants for ``backend`` (plus fastlora_torch and
-    PEFT when available)."""
+def variant_names(plans: tuple[str, ...]) -> list[str]:
+    """Names of the raw variants ``raw_variants`` builds for these plans (PEFT's when installed)."""
+    peft = list(PEFT_VARIANTS) if version("peft") is not None else []
+    return ["base", *(f"fastlora_{plan}" for plan in plans), *AUTO_VARIANTS, *peft]
+
+
+def raw_variants(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, plans: tuple[str, ...]) -> dict:
+    """name -> (forward, params) of the raw-op variants (see the module docstring)."""
     half = a.shape[0] // 2
     a_half = a.detach()[:half].clone().requires_grad_(True)
     b_half = b.detach()[:, :half].clone().requires_grad_(True)
 
-    def fl(backend_, a_=a, b_=b, gate=1.0, dropout=0.0):
-        return lambda: adapted_linear(x, weight, None, a_, b_, scale=SCALE, gate=gate, dropout=dropout,
-                                      dropout_seed=1 if dropout else None, backend=backend_)
+    def fl(backend, gate=1.0, dropout=0.0, half=False):
+        a_, b_ = (a_half, b_half) if half else (a, b)
+        forward = lambda: adapted_linear(x, weight, None, a_, b_, scale=SCALE, gate=gate,  # noqa: E731
+                                         dropout=dropout, dropout_seed=1 if dropout else None, backend=backend)
+        return forward, [x, a_, b_]
 
-    fast = f"fastlora_{backend}"
-    variants = {
-        "base": (lambda: F.linear(x, weight), [x]),
-        fast: (fl(backend), [x, a, b]),
-        "fastlora_torch": (fl("torch"), [x, a, b]),  # the entry above when backend is "torch"
-        f"{fast}_gate_off": (fl(backend, gate=0.0), [x, a, b]),
-        f"{fast}_half_masked": (fl(backend, a_half, b_half), [x, a_half, b_half]),
-        f"{fast}_dropout": (fl(backend, dropout=DROPOUT), [x, a, b]),
-    }
-    if _version("peft") is not None:
+    variants = {"base": (lambda: F.linear(x, weight), [x])}
+    variants.update({f"fastlora_{plan}": fl(plan) for plan in plans})
+    variants.update({name: fl("auto", **kwargs) for name, kwargs in AUTO_VARIANTS.items()})
+    if version("peft") is not None:
         for name, p in zip(PEFT_VARIANTS, (0.0, DROPOUT)):
             layer = peft_layer(weight, a.detach(), b.detach(), SCALE, p)
             params = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
@@ -109,31 +128,46 @@ def _raw_variants(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, backend: str)
     return variants
 
 
-def bench_case(n: int, d_in: int, d_out: int, r: int, device: torch.device) -> dict:
-    """Every variant and method at one shape: x (n, d_in), W (d_out, d_in), rank r."""
-    dtype, backend = DTYPES[device.type], BACKENDS[device.type]
+def case_tensors(n: int, d_in: int, d_out: int, r: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """x (n, d_in) and factors A (r, d_in), B (d_out, r) requiring grad, frozen W (d_out, d_in),
+    random dy (n, d_out), all in ``dtype`` from a fixed seed."""
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape, s=1.0, grad=False):
         t = torch.randn(*shape, device=device, generator=gen, dtype=torch.float32) * s
         return t.to(dtype).requires_grad_(grad)
 
-    x = rnd(n, d_in, grad=True)
-    weight = rnd(d_out, d_in, s=d_in ** -0.5)
-    a = rnd(r, d_in, s=d_in ** -0.5, grad=True)
-    b = rnd(d_out, r, s=0.02, grad=True)
-    dy = torch.ones(n, d_out, device=device, dtype=dtype)  # gradient of sum(y)
-    results = {}
-    for name, (forward, params) in _raw_variants(x, weight, a, b, backend).items():
-        results[name] = measure(forward, params, dy, device)
+    return {"x": rnd(n, d_in, grad=True), "weight": rnd(d_out, d_in, s=d_in ** -0.5),
+            "a": rnd(r, d_in, s=d_in ** -0.5, grad=True), "b": rnd(d_out, r, s=0.02, grad=True),
+            "dy": rnd(n, d_out)}
+
+
+def bench_case(n: int, d_in: int, d_out: int, r: int, device: torch.device,
+               keep_going: Callable[[], bool] = lambda: True) -> dict:
+    """Every variant and method at one shape: x (n, d_in), W (d_out, d_in), rank r.
+
+    keep_going: asked before each variant and method; once it says False the rest are
+    listed under "skipped_for_time" (a time budget).
+    """
+    dtype, plans = DTYPES[device.type], device_plans(device)
+    t = case_tensors(n, d_in, d_out, r, device, dtype)
+    results, skipped = {}, []
+    for name, (forward, params) in raw_variants(t["x"], t["weight"], t["a"], t["b"], plans).items():
+        if not keep_going():
+            skipped.append(name)
+            continue
+        results[name] = measure(forward, params, t["dy"], device)
         _print_row(name, results[name])
-    methods = bench_methods(x, weight, dy, r, backend)
+    methods, skipped_methods = bench_methods(t["x"], t["weight"], t["dy"], r, "auto", keep_going)
+    skipped += skipped_methods
     for name, res in methods.items():
         _print_row(f"method {name} (rank {res['active_rank']})", res)
+    base = results.get("base")
     return {"n": n, "d_in": d_in, "d_out": d_out, "r": r, "dtype": str(dtype).replace("torch.", ""),
-            "results": results, "ratios": _ratios(results),
-            "methods": methods, "method_ratios": {name: _ratio_row(res, results["base"], results.get("peft"))
-                                                  for name, res in methods.items()}}
+            "results": results, "ratios": _ratios(results) if base else {},
+            "methods": methods, "method_ratios": {name: _ratio_row(res, base, results.get("peft"))
+                                                  for name, res in methods.items()} if base else {},
+            "auto_choices": auto_choices(), "skipped_for_time": skipped}
 
 
 def _print_row(name: str, res: dict) -> None:
@@ -168,19 +202,20 @@ def _ratios(results: dict) -> dict:
 
 
 def skipped_variants(device: torch.device) -> list[str]:
-    """Raw variants left out on this device: the Triton ones on CPU, PEFT's without peft."""
-    skipped = [f"fastlora_triton{s}" for s in BACKEND_SUFFIXES] if BACKENDS[device.type] != "triton" else []
-    return skipped + ([] if _version("peft") is not None else list(PEFT_VARIANTS))
+    """Raw variants left out on this device: plans it does not run, PEFT's without peft."""
+    plans = device_plans(device)
+    skipped = [f"fastlora_{plan}" for plan in PLANS if plan not in plans]
+    return skipped + ([] if version("peft") is not None else list(PEFT_VARIANTS))
 
 
-def _version(package: str) -> Optional[str]:
+def version(package: str) -> Optional[str]:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def _device(name: Optional[str]) -> torch.device:
+def pick_device(name: Optional[str]) -> torch.device:
     """The requested device (default cuda when available, else cpu); a clear error for a missing GPU."""
     name = name or ("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -188,7 +223,15 @@ def _device(name: Optional[str]) -> torch.device:
     return torch.device(name)
 
 
-def _slug(name: str) -> str:
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or "cpu (<processor>)"."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or 'unknown'})"
+
+
+def slug(name: str) -> str:
+    """``name`` as a file-name part: lower case, runs of other characters as one dash."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
@@ -201,24 +244,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default benchmarks/results/<device>[_quick].json, cpu[_quick].json on CPU)")
     args = parser.parse_args(argv)
-    device = _device(args.device)
+    device = pick_device(args.device)
     is_cuda = device.type == "cuda"
-    device_name = torch.cuda.get_device_name(device) if is_cuda else f"cpu ({platform.processor() or 'unknown'})"
+    name = device_name(device)
     shapes, ranks = (QUICK_SHAPES, QUICK_RANKS) if args.quick else (FULL_SHAPES, FULL_RANKS)
     cases = []
     for n, d_in, d_out in shapes:
         for r in ranks:
-            print(f"N={n} {d_in}->{d_out} r={r} {DTYPES[device.type]} on {device_name}", flush=True)
+            print(f"N={n} {d_in}->{d_out} r={r} {DTYPES[device.type]} on {name}", flush=True)
             cases.append(bench_case(n, d_in, d_out, r, device))
-    timer = "triton.testing.do_bench median" if is_cuda else "time.perf_counter median (CPU smoke check)"
-    report = {"device": device_name, "torch": torch.__version__, "triton": _version("triton"),
-              "peft": _version("peft"), "quick": args.quick, "backend": BACKENDS[device.type],
+    report = {"device": name, "torch": torch.__version__, "triton": version("triton"),
+              "peft": version("peft"), "quick": args.quick, "plans": list(device_plans(device)),
               "dropout": DROPOUT, "skipped": skipped_variants(device),
-              "method": f"{timer}; fwd under no_grad (method layers in eval mode); fwd_bwd = forward + "
-                        "autograd.grad of sum(y) w.r.t. x and the trainable factors (method layers in train "
-                        "mode); peak = max allocated during one fwd_bwd minus allocated before it (null on CPU)",
+              "method": method_note(device),
               "cases": cases}
-    out = args.out or RESULTS / f"{_slug(device_name) if is_cuda else 'cpu'}{'_quick' if args.quick else ''}.json"
+    out = args.out or RESULTS / f"{slug(name) if is_cuda else 'cpu'}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

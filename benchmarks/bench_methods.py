@@ -103,13 +103,18 @@ def active_rank(layer: AdapterLinear) -> int:
     return int(a.shape[0] if a is not None else args["row_index"].numel())
 
 
-def bench_methods(x: Tensor, weight: Tensor, dy: Tensor, r: int, backend: str) -> dict:
-    """name -> measure(...) of every method's layer on x (N, d_in), plus its "active_rank"."""
+def bench_methods(x: Tensor, weight: Tensor, dy: Tensor, r: int, backend: str,
+                  keep_going: Callable[[], bool] = lambda: True) -> tuple[dict, list[str]]:
+    """(name -> measure(...) of every method's layer on x (N, d_in) plus its "active_rank",
+    names skipped because ``keep_going()`` said False before them)."""
     gen = torch.Generator(device=x.device).manual_seed(1)
-    results = {}
+    results, skipped = {}, []
     for name in METHODS:
+        if not keep_going():
+            skipped.append(name)
+            continue
         layer = method_layer(name, weight, r, backend, gen)
         params = [x, *(p for p in layer.parameters() if p.requires_grad)]
-        results[name] = {**measure(lambda: layer(x), params, dy, x.device, module=layer),
+        results[name] = {**measure(lambda layer=layer: layer(x), params, dy, x.device, module=layer),
                          "active_rank": active_rank(layer)}
-    return results
+    return results, skipped

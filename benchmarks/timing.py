@@ -14,6 +14,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .profiling import launches
+
 CPU_REPEATS = 5
 
 
@@ -45,25 +47,34 @@ def peak_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def measure(forward: Callable[[], Tensor], params: Sequence[Tensor], dy: Tensor, device: torch.device,
-            module: Optional[nn.Module] = None) -> dict:
-    """{"fwd_ms", "fwd_bwd_ms", "fwd_bwd_peak_mib"} of ``y = forward()``.
-
-    fwd: ``forward()`` under no_grad. fwd_bwd: ``forward()`` then
-    ``autograd.grad(y, params, dy)`` (dy fixed, allocated outside the timed call).
-    module: when given, in eval mode for the fwd timing (inference) and in train mode
-    for fwd_bwd.
-    """
+def forward_only(forward: Callable[[], Tensor]) -> Callable[[], None]:
+    """``forward()`` under no_grad."""
     def fwd():
         with torch.no_grad():
             forward()
+    return fwd
 
-    def fwd_bwd():
-        torch.autograd.grad(forward(), params, dy)
 
+def forward_backward(forward: Callable[[], Tensor], params: Sequence[Tensor], dy: Tensor) -> Callable[[], object]:
+    """``forward()`` then ``autograd.grad(y, params, dy)``."""
+    return lambda: torch.autograd.grad(forward(), params, dy)
+
+
+def measure(forward: Callable[[], Tensor], params: Sequence[Tensor], dy: Tensor, device: torch.device,
+            module: Optional[nn.Module] = None) -> dict:
+    """{"fwd_ms", "fwd_bwd_ms", "fwd_bwd_peak_mib", "fwd_bwd_launches"} of ``y = forward()``.
+
+    fwd: ``forward()`` under no_grad. fwd_bwd: ``forward()`` then
+    ``autograd.grad(y, params, dy)`` (dy fixed, allocated outside the timed call).
+    launches: GPU kernels, copies and memsets of one fwd_bwd (None on CPU).
+    module: when given, in eval mode for the fwd timing (inference) and in train mode
+    for fwd_bwd.
+    """
+    fwd_bwd = forward_backward(forward, params, dy)
     if module is not None:
         module.eval()
-    fwd_ms = median_ms(fwd, device)
+    fwd_ms = median_ms(forward_only(forward), device)
     if module is not None:
         module.train()
-    return {"fwd_ms": fwd_ms, "fwd_bwd_ms": median_ms(fwd_bwd, device), "fwd_bwd_peak_mib": peak_mib(fwd_bwd, device)}
+    return {"fwd_ms": fwd_ms, "fwd_bwd_ms": median_ms(fwd_bwd, device), "fwd_bwd_peak_mib": peak_mib(fwd_bwd, device),
+            "fwd_bwd_launches": launches(fwd_bwd, device)}

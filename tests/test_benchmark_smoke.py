@@ -11,13 +11,11 @@ import torch
 
 from benchmarks.bench_adapted_linear import main, peft_layer
 from benchmarks.bench_methods import METHODS
-from fastlora.kernels import adapted_linear
+from fastlora.kernels import PLANS, adapted_linear
 
-TORCH_VARIANTS = ("base", "fastlora_torch", "fastlora_torch_gate_off", "fastlora_torch_half_masked",
-                  "fastlora_torch_dropout")
+CPU_VARIANTS = ("base", "fastlora_torch", "fastlora_auto", "fastlora_auto_gate_off", "fastlora_auto_half_masked",
+                "fastlora_auto_dropout")
 PEFT_VARIANTS = ("peft", "peft_dropout")
-TRITON_VARIANTS = ("fastlora_triton", "fastlora_triton_gate_off", "fastlora_triton_half_masked",
-                   "fastlora_triton_dropout")
 TIMES = ("fwd_ms", "fwd_bwd_ms")
 
 
@@ -40,23 +38,24 @@ def _check_ratios(ratios: dict, res: dict, base: dict, peft: dict) -> None:
 
 
 def test_report_header(report):
-    assert report["backend"] == "torch"
+    assert report["plans"] == ["torch"]
     assert report["torch"] == torch.__version__
     assert report["quick"] is True
-    assert sorted(report["skipped"]) == sorted(TRITON_VARIANTS)
+    assert sorted(report["skipped"]) == sorted(f"fastlora_{plan}" for plan in PLANS if plan != "torch")
     assert len(report["cases"]) == 1
     assert report["cases"][0]["dtype"] == "float32"
 
 
 def test_every_variant_and_method_measured(report):
     case = report["cases"][0]
-    assert set(case["results"]) == {*TORCH_VARIANTS, *PEFT_VARIANTS}
+    assert set(case["results"]) == {*CPU_VARIANTS, *PEFT_VARIANTS}
+    assert case["skipped_for_time"] == []
     assert set(case["methods"]) == set(METHODS) == {"lora", "selective_lora", "selective_lora_off",
                                                     "rank_selective_lora", "curlora", "neat", "cascade_lora"}
     for res in (*case["results"].values(), *case["methods"].values()):
         for k in TIMES:
             assert math.isfinite(res[k]) and res[k] > 0
-        assert res["fwd_bwd_peak_mib"] is None
+        assert res["fwd_bwd_peak_mib"] is None and res["fwd_bwd_launches"] is None
 
 
 def test_method_ranks(report):

@@ -1,0 +1,157 @@
+"""GPU check, sections "gemm", "skinny" and "trace": per-kernel views from torch.profiler.
+
+- gemm: the two longest kernels of one forward + backward (the base GEMMs: y and dx) of
+  the "triton" plan against those of ``F.linear`` with its input gradient (cuBLAS), at the
+  benchmark shapes, r = 16; plus forward medians of base, the triton plan with gate 0 and
+  every plan.
+- skinny: device time of each skinny kernel of a forward and a backward ("cublas" plan when
+  there is one: its other kernels are cuBLAS GEMMs) and its GB/s from a byte model, the
+  fewest bytes the kernel must move (its (N, d) operand read once, factors read once,
+  outputs written once in fp32), against the copy ceiling of section "env".
+- trace: the top kernels (GPU) or operators (CPU) of one forward + backward of each plan.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastlora.kernels import adapted_linear
+
+from .bench_adapted_linear import DTYPES, FULL_SHAPES, SCALE, case_tensors
+from .check_env import copy_gbs
+from .check_speed import QUICK_CASES
+from .profiling import cpu_ops, gpu_events, is_copy, per_name, top
+from .timing import forward_backward, forward_only, median_ms
+
+REPEATS = 5
+GEMM_RANK = 16
+SKINNY_CASES = [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (8192, 4096, 11008, 16)]
+TRACE_CASE = (8192, 4096, 4096, 16)
+TOP = 15
+ITEM_RESERVE_S = 5.0
+
+
+def _tensors(case: tuple, device: torch.device) -> dict:
+    return case_tensors(*case, device, DTYPES[device.type])
+
+
+def _plan_forward(t: dict, plan: str, gate: float = 1.0) -> Callable[[], torch.Tensor]:
+    return lambda: adapted_linear(t["x"], t["weight"], None, t["a"], t["b"], scale=SCALE, gate=gate, backend=plan)
+
+
+def _longest(events: list[tuple[str, float]], count: int) -> dict:
+    """The ``count`` longest kernels per call (of REPEATS calls): their names and mean total time."""
+    kernels = sorted((e for e in events if not is_copy(e[0])), key=lambda e: -e[1])[:count * REPEATS]
+    return {"names": sorted({name for name, _ in kernels}), "us": sum(us for _, us in kernels) / REPEATS}
+
+
+def _gemm_case(n: int, d_in: int, d_out: int, ctx) -> dict:
+    t = _tensors((n, d_in, d_out, GEMM_RANK), ctx.device)
+    base_forward = lambda: F.linear(t["x"], t["weight"])  # noqa: E731
+    cublas_gemms = _longest(gpu_events(forward_backward(base_forward, [t["x"]], t["dy"]), REPEATS), 2)
+    fused = forward_backward(_plan_forward(t, "triton"), [t["x"], t["a"], t["b"]], t["dy"])
+    triton_gemms = _longest(gpu_events(fused, REPEATS), 2)
+    fwd_ms = {"base": median_ms(forward_only(base_forward), ctx.device),
+              "triton_gate_0": median_ms(forward_only(_plan_forward(t, "triton", gate=0.0)), ctx.device)}
+    fwd_ms.update({plan: median_ms(forward_only(_plan_forward(t, plan)), ctx.device) for plan in ctx.plans})
+    return {"n": n, "d_in": d_in, "d_out": d_out, "cublas_gemms": cublas_gemms, "triton_gemms": triton_gemms,
+            "gemm_ratio": triton_gemms["us"] / cublas_gemms["us"], "fwd_ms": fwd_ms,
+            "fwd_vs_base": {k: v / fwd_ms["base"] for k, v in fwd_ms.items()}}
+
+
+def gemm_vs_cublas(ctx) -> dict:
+    result = {"rank": GEMM_RANK, "shapes": [], "skipped": []}
+    for n, d_in, d_out in FULL_SHAPES:
+        if not ctx.has(ITEM_RESERVE_S):
+            result["skipped"].append({"shape": [n, d_in, d_out], "reason": "time budget"})
+            continue
+        result["shapes"].append(_gemm_case(n, d_in, d_out, ctx))
+        ctx.partial(result)
+    result["summary"] = "Triton GEMMs / cuBLAS: " + ", ".join(
+        f"{s['d_in']}x{s['d_out']} {s['gemm_ratio']:.2f}x" for s in result["shapes"])
+    return result
+
+
+def model_bytes(kind: str, n: int, d_in: int, d_out: int, r: int, elem: int) -> int:
+    """Fewest bytes a skinny kernel of ``kind`` moves (see the module docstring)."""
+    f32 = 4
+    return {"shrink_x": n * d_in * elem + r * d_in * elem + n * r * f32,
+            "shrink_dy": n * d_out * elem + r * d_out * elem + n * r * f32,
+            "dy_columns": n * d_out * elem + r * d_out * elem + n * r * f32 + d_out * r * f32,
+            "down_grad": n * d_in * elem + n * r * f32 + r * d_in * f32}[kind]
+
+
+def kernel_kind(name: str, phase: str) -> Optional[str]:
+    """The byte model of a kernel, from its name and phase (fwd/bwd); None for others."""
+    name = name.lower()
+    if "shrink" in name:
+        return "shrink_x" if phase == "fwd" else "shrink_dy"
+    if "dy_col" in name or "dy_pass" in name:
+        return "dy_columns"
+    if "down_grad" in name:
+        return "down_grad"
+    return None
+
+
+def _ceiling(ctx) -> float:
+    env = ctx.report["sections"].get("env", {})
+    return env.get("copy_gbs") or copy_gbs(ctx.device, 2**30)
+
+
+def _skinny_case(case: tuple, plan: str, ceiling: float, device: torch.device) -> dict:
+    n, d_in, d_out, r = case
+    t = _tensors(case, device)
+    params = [t["x"], t["a"], t["b"]]
+    forward = _plan_forward(t, plan)
+    y = forward()
+    phases = {"fwd": gpu_events(forward, REPEATS),
+              "bwd": gpu_events(lambda: torch.autograd.grad(y, params, t["dy"], retain_graph=True), REPEATS)}
+    kernels = []
+    for phase, events in phases.items():
+        for name, row in per_name(events, REPEATS).items():
+            kind = kernel_kind(name, phase)
+            us = row["us"] / row["calls"]
+            gbs = model_bytes(kind, n, d_in, d_out, r, t["x"].element_size()) / (us * 1e-6) / 1e9 if kind else None
+            kernels.append({"phase": phase, "name": name, "kind": kind, "us": us, "calls": row["calls"],
+                            "gbs": gbs, "of_copy": gbs / ceiling if gbs else None})
+    return {"n": n, "d_in": d_in, "d_out": d_out, "r": r, "kernels": kernels}
+
+
+def skinny_bandwidth(ctx) -> dict:
+    plan = "cublas" if "cublas" in ctx.plans else "triton"
+    ceiling = _ceiling(ctx)
+    result = {"plan": plan, "copy_gbs": ceiling, "cases": [], "skipped": []}
+    for case in SKINNY_CASES:
+        if not ctx.has(ITEM_RESERVE_S):
+            result["skipped"].append({"case": list(case), "reason": "time budget"})
+            continue
+        result["cases"].append(_skinny_case(case, plan, ceiling, ctx.device))
+        ctx.partial(result)
+    skinny = [k["of_copy"] for c in result["cases"] for k in c["kernels"] if k["of_copy"] is not None]
+    result["summary"] = (f"{len(skinny)} skinny kernels at {min(skinny):.0%}-{max(skinny):.0%} of copy GB/s"
+                         if skinny else "no skinny kernel recognised by name")
+    return result
+
+
+def trace(ctx) -> dict:
+    case = QUICK_CASES[0] if ctx.quick else TRACE_CASE
+    t = _tensors(case, ctx.device)
+    result = {"case": list(case), "plans": {}, "skipped": []}
+    for plan in (*ctx.plans, "auto"):
+        if not ctx.has(ITEM_RESERVE_S / 2):
+            result["skipped"].append({"plan": plan, "reason": "time budget"})
+            continue
+        step = forward_backward(_plan_forward(t, plan), [t["x"], t["a"], t["b"]], t["dy"])
+        if ctx.device.type == "cuda":
+            events = gpu_events(step)
+            result["plans"][plan] = {"launches": len(events), "total_us": sum(us for _, us in events),
+                                     "top": top(per_name(events), TOP)}
+        else:
+            result["plans"][plan] = {"top_cpu_ops": cpu_ops(step, TOP)}
+        ctx.partial(result)
+    result["summary"] = ", ".join(f"{plan}: {row['launches']} launches, {row['total_us']:.0f} us"
+                                  if "launches" in row else f"{plan}: {len(row['top_cpu_ops'])} CPU ops"
+                                  for plan, row in result["plans"].items())
+    return result

@@ -1,0 +1,63 @@
+"""The compact table the GPU check prints last: one line per section, then what failed,
+then the speed cases (medians, ratios vs base and PEFT, peak memory, launches)."""
+from __future__ import annotations
+
+from typing import Optional
+
+MAX_FAILURES = 12
+
+
+def _num(value: Optional[float], fmt: str) -> str:
+    """``value`` formatted, or a dash as wide as ``fmt``'s width."""
+    width = int(fmt.split(".")[0].rstrip("df") or 0)
+    return "-".rjust(width) if value is None else format(value, fmt)
+
+
+def _failures(report: dict) -> list[str]:
+    lines = []
+    correctness = report["sections"].get("correctness", {})
+    for item in correctness.get("items", []):
+        if not item["pass"]:
+            what = " ".join(str(item[k]) for k in ("kind", "case", "method", "act", "dtype", "plan") if k in item)
+            why = item["error"].strip().splitlines()[-1] if "error" in item else \
+                f"max error {item['max_error']:.2e} >= {item['tolerance']:.0e} ({item['errors']})"
+            lines.append(f"  correctness {what}: {why}")
+    graphs = report["sections"].get("graphs", {})
+    for group in ("syncs", "method_syncs", "graphs"):
+        for name, row in graphs.get(group, {}).items():
+            if not row["pass"]:
+                why = row["error"].strip().splitlines()[-1] if "error" in row else str(row)
+                lines.append(f"  {group} {name}: {why}")
+    return lines[:MAX_FAILURES] + ([f"  ... {len(lines) - MAX_FAILURES} more"] if len(lines) > MAX_FAILURES else [])
+
+
+def _speed(report: dict) -> list[str]:
+    lines = []
+    for case in report["sections"].get("speed", {}).get("cases", []):
+        lines.append(f"speed N={case['n']} {case['d_in']}->{case['d_out']} r={case['r']} {case['dtype']}"
+                     f"  (auto chose: {case['auto_choices']})")
+        lines.append(f"  {'variant':34s} {'fwd ms':>8s} {'fwd+bwd':>8s} {'xbase':>6s} {'xpeft':>6s} "
+                     f"{'peak MiB':>9s} {'launch':>6s}")
+        ratios = {**case["ratios"], **{f"method {k}": v for k, v in case["method_ratios"].items()}}
+        rows = {**case["results"], **{f"method {k}": v for k, v in case["methods"].items()}}
+        for name, res in rows.items():
+            ratio = ratios.get(name, {})
+            vs_base, vs_peft = ratio.get("fwd_bwd_ms_vs_base"), ratio.get("fwd_bwd_ms_vs_peft")
+            lines.append(f"  {name:34s} {res['fwd_ms']:8.3f} {res['fwd_bwd_ms']:8.3f} {_num(vs_base, '6.3f')} "
+                         f"{_num(vs_peft, '6.3f')} {_num(res['fwd_bwd_peak_mib'], '9.1f')} "
+                         f"{_num(res['fwd_bwd_launches'], '6d')}")
+    return lines
+
+
+def render(report: dict) -> str:
+    """The table as text."""
+    lines = [f"gpu_check on {report['device']} (plans {', '.join(report['plans'])})",
+             f"{'section':12s} {'status':8s} {'s':>6s}  summary"]
+    for name, sec in report["sections"].items():
+        note = sec.get("summary") or sec.get("reason") or \
+            (sec["traceback"].strip().splitlines()[-1] if "traceback" in sec else "")
+        lines.append(f"{name:12s} {sec['status']:8s} {_num(sec.get('seconds'), '6.1f')}  {note}")
+    failures = _failures(report)
+    if failures:
+        lines += ["failures:", *failures]
+    return "\n".join(lines + _speed(report))

@@ -1,0 +1,166 @@
+"""One short GPU run that answers the performance questions of fastlora, in sections.
+
+    python benchmarks/gpu_check.py [--out PATH] [--budget-s 400] [--only a,b] [--device cpu --quick]
+
+Sections (each isolated: a failing one records its traceback and the others still run;
+the JSON report is rewritten to --out after every item):
+
+1. env: versions (python, torch, triton, peft, CUDA, driver), the device, copy bandwidth,
+   cuBLAS bf16 TFLOP/s;
+2. correctness: every plan and method, bf16 and fp16 (fp32 with TF32 off), output and every
+   gradient against float64 (benchmarks/check_correctness.py);
+3. graphs: host syncs under ``torch.cuda.set_sync_debug_mode("error")`` and CUDA-graph capture
+   and replay with dropout (benchmarks/check_graphs.py);
+4. gemm: the fused Triton GEMM vs cuBLAS; 5. skinny: GB/s of the skinny kernels vs the copy
+   ceiling; 7. trace: the top kernels of one step (benchmarks/check_kernels.py);
+6. speed: forward and forward + backward medians, peak memory and launches of base, every
+   plan, auto, PEFT and every method (benchmarks/bench_adapted_linear.py), run last: it takes
+   what is left of the budget.
+
+Time budget (--budget-s, counted from start): a section gets at most its share of the
+budget (the rest rolls over) and skips, with the reason, the items that no longer fit.
+The exit status is 1 when a check section (correctness, graphs) fails or errors, else 0.
+``--device cpu --quick`` runs what a CPU can (torch plan, tiny shapes; every plan under
+TRITON_INTERPRET=1) so the script itself is tested without a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+START = time.monotonic()
+if __package__ in (None, ""):  # run as a script path: import from the repository root, not benchmarks/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import torch  # noqa: E402
+
+from benchmarks import check_correctness, check_env, check_graphs, check_kernels, check_report, check_speed  # noqa: E402
+from benchmarks.bench_adapted_linear import RESULTS, device_name, pick_device, slug  # noqa: E402
+from fastlora.kernels import PLANS  # noqa: E402
+from fastlora.kernels.dispatch import triton_interpreter_on  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    run: Callable[["Context"], dict]
+    share: float  # of the budget, at most
+    check: bool  # a pass/fail section: its failure fails the run
+    needs_cuda: bool
+
+
+SECTIONS = (
+    Section("env", check_env.run, 0.08, False, False),
+    Section("correctness", check_correctness.run, 0.45, True, False),
+    Section("graphs", check_graphs.run, 0.12, True, True),
+    Section("gemm", check_kernels.gemm_vs_cublas, 0.08, False, True),
+    Section("skinny", check_kernels.skinny_bandwidth, 0.06, False, True),
+    Section("trace", check_kernels.trace, 0.05, False, False),
+    Section("speed", check_speed.run, 1.0, False, False),
+)
+MIN_SECTION_S = 5.0
+
+
+@dataclass
+class Context:
+    """What a section sees: the device, the plans to check, its own deadline, the report so far."""
+    device: torch.device
+    quick: bool
+    plans: tuple[str, ...]
+    deadline: float
+    report: dict
+    save: Callable[[], None]
+    name: str = ""
+    partial_result: dict = field(default_factory=dict)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def has(self, seconds: float) -> bool:
+        return self.left() >= seconds
+
+    def partial(self, result: dict) -> None:
+        """Record the section's result so far (rewritten to the report file)."""
+        self.report["sections"][self.name] = {**result, "status": "running"}
+        self.save()
+
+
+def check_plans(device: torch.device) -> tuple[str, ...]:
+    """Plans to check: every plan on CUDA or under the Triton interpreter, else the torch plan."""
+    return PLANS if device.type == "cuda" or triton_interpreter_on() else ("torch",)
+
+
+def run_section(section: Section, ctx: Context, budget_end: float) -> dict:
+    """The section's result with "status" (pass/fail/ok/error/skipped) and "seconds"."""
+    start = time.monotonic()
+    left = budget_end - start
+    if section.needs_cuda and ctx.device.type != "cuda":
+        return {"status": "skipped", "reason": "needs a CUDA device"}
+    if left < MIN_SECTION_S:
+        return {"status": "skipped", "reason": f"time budget ({left:.0f} s left)"}
+    ctx.name, ctx.deadline = section.name, start + min(left, section.share * (budget_end - START))
+    try:
+        result = section.run(ctx)
+        result.setdefault("status", "ok")
+    except Exception:  # noqa: BLE001 - one failing section must not stop the others
+        result = {"status": "error", "traceback": traceback.format_exc()}
+    result["seconds"] = time.monotonic() - start
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python benchmarks/gpu_check.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (a check of the script itself)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON report (default benchmarks/results/gpu_check_<device>[_quick].json)")
+    parser.add_argument("--budget-s", type=float, default=400.0, help="wall-clock budget from start (s)")
+    parser.add_argument("--only", default=None, help=f"comma-separated sections of {[s.name for s in SECTIONS]}")
+    parser.add_argument("--plans", default=None, help=f"comma-separated plans to check (default: every plan of "
+                                                      f"{list(PLANS)} the device runs)")
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    only = set(args.only.split(",")) if args.only else {s.name for s in SECTIONS}
+    unknown = only - {s.name for s in SECTIONS}
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}")
+    plans = tuple(args.plans.split(",")) if args.plans else check_plans(device)
+    if set(plans) - set(PLANS):
+        parser.error(f"unknown plans {sorted(set(plans) - set(PLANS))}")
+    name = device_name(device)
+    out = args.out or RESULTS / f"gpu_check_{slug(name) if device.type == 'cuda' else 'cpu'}" \
+                                f"{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"device": name, "quick": args.quick, "budget_s": args.budget_s, "plans": list(plans),
+              "sections": {}}
+
+    def save() -> None:
+        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+    budget_end = START + args.budget_s
+    ctx = Context(device, args.quick, plans, budget_end, report, save)
+    for section in SECTIONS:
+        if section.name not in only:
+            continue
+        print(f"== {section.name} ({budget_end - time.monotonic():.0f} s of budget left)", flush=True)
+        report["sections"][section.name] = run_section(section, ctx, budget_end)
+        save()
+    failed = [s.name for s in SECTIONS if s.check and s.name in only
+              and report["sections"][s.name]["status"] in ("fail", "error")]
+    report["failed_checks"] = failed
+    report["seconds"] = time.monotonic() - START
+    save()
+    print(check_report.render(report))
+    print(f"wrote {out} ({report['seconds']:.0f} s); failed checks: {failed or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""benchmarks/gpu_check.py run as a script on the CPU: its sections, budget, JSON report,
+table and exit status (the GPU run itself cannot be tested here; no timing is asserted)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.bench_methods import METHODS
+from benchmarks.check_correctness import CASES, QUICK_SHAPES
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ["env", "correctness", "graphs", "gemm", "skinny", "trace", "speed"]
+CUDA_SECTIONS = {"graphs", "gemm", "skinny"}
+
+
+def _run(tmp_path: Path, *args: str, interpret: bool = False) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTLORA_CACHE_DIR"] = str(tmp_path / "cache")  # auto's plan cache: not the user's
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick",
+                           "--out", str(out), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    return proc, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("gpu_check"))
+
+
+def test_every_section_is_reported(cpu_run):
+    proc, report = cpu_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert list(report["sections"]) == SECTIONS
+    assert report["plans"] == ["torch"] and report["failed_checks"] == []
+    for name, section in report["sections"].items():
+        expected = "skipped" if name in CUDA_SECTIONS else ("pass" if name == "correctness" else "ok")
+        assert section["status"] == expected, (name, section)
+    assert all(report["sections"][name]["reason"] == "needs a CUDA device" for name in CUDA_SECTIONS)
+    for name in SECTIONS:  # the table printed last names every section
+        assert name in proc.stdout.split("section")[-1]
+
+
+def test_correctness_covers_every_case_and_method(cpu_run):
+    items = cpu_run[1]["sections"]["correctness"]["items"]
+    assert all(item["pass"] for item in items)
+    quick_cases = {c for c, (shape, _) in CASES.items() if shape in QUICK_SHAPES}
+    assert {i["case"] for i in items if i["kind"] == "op"} == quick_cases
+    assert {i["method"] for i in items if i["kind"] == "method"} == set(METHODS)
+    assert {i["method"] for i in items if i["kind"] == "layer"} == set(METHODS)
+    assert {i["dtype"] for i in items} == {"bfloat16", "float32"}
+    dropout = next(i for i in items if i.get("case") == "dropout")
+    assert set(dropout["errors"]) == {"y", "d_x", "d_bias", "d_lora_a", "d_lora_b"}
+    gate = next(i for i in items if i.get("case") == "gate_0")
+    assert gate["errors"]["d_lora_a"] == 0.0 and 0 < gate["errors"]["d_gate"] < gate["tolerance"]
+
+
+def test_env_trace_and_speed(cpu_run):
+    sections = cpu_run[1]["sections"]
+    assert sections["env"]["versions"]["torch"] and sections["env"]["copy_gbs"] > 0
+    assert set(sections["trace"]["plans"]) == {"torch", "auto"}
+    case = sections["speed"]["cases"][0]
+    assert set(case["methods"]) == set(METHODS) and case["skipped_for_time"] == []
+    assert case["ratios"]["fastlora_torch"]["fwd_bwd_ms_vs_base"] == pytest.approx(
+        case["results"]["fastlora_torch"]["fwd_bwd_ms"] / case["results"]["base"]["fwd_bwd_ms"])
+
+
+def test_budget_skips_what_does_not_fit(tmp_path):
+    proc, report = _run(tmp_path, "--budget-s", "0", "--only", "env,correctness")
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # nothing failed: nothing ran
+    assert {s["status"] for s in report["sections"].values()} == {"skipped"}
+    assert report["sections"]["env"]["reason"].startswith("time budget")
+
+
+def test_failed_check_sets_the_exit_status(tmp_path):
+    """A tolerance no result can meet fails the correctness section: exit status 1."""
+    script = ("import sys, runpy; from benchmarks import check_correctness as c; "
+              "c.TOLERANCE = {k: 0.0 for k in c.TOLERANCE}; sys.argv = sys.argv[1:]; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+    out = tmp_path / "r.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu",
+                           "--quick", "--only", "correctness", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert proc.returncode == 1 and report["failed_checks"] == ["correctness"]
+    assert "failures:" in proc.stdout
+
+
+def test_triton_interpreter_plans(tmp_path):
+    """The "triton" and "cublas" plans (real Triton kernels, interpreted) pass the correctness section."""
+    pytest.importorskip("triton")
+    proc, report = _run(tmp_path, "--only", "correctness", "--plans", "triton,cublas", interpret=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    items = report["sections"]["correctness"]["items"]
+    assert {i["plan"] for i in items} == {"triton", "cublas", "auto"}
+    assert {i["dtype"] for i in items} == {"float16", "float32"}
+    assert all(i["pass"] for i in items)
