@@ -205,14 +205,19 @@ class LoraConfig(AdapterConfig):
 class SelectiveLoraConfig(LoraConfig):
     """Selective LoRA: a learnable score per layer gates the block, g = 1[score >= threshold].
 
-    score_init >= threshold (all blocks on at start, as METHODS.md fixes); sparsity_weight
-    is the coefficient lambda of the L1 penalty lambda * |score| of regularization_loss.
+    threshold tau = 0.1 and score_init = 0.15 as TAPS (score_init >= threshold: every block starts
+    on). The penalty added by ``regularization_loss`` is sparsity_weight * |score| per layer, divided
+    by the number of Selective LoRA layers of the model when normalize_penalty (TAPS, default), and
+    0 during the first sparsity_warmup_steps optimizer steps (TAPS: 2 epochs; default 0, since the
+    epoch length is the training loop's). sparsity_weight = 1 as TAPS.
     """
 
     method: ClassVar[str] = "selective_lora"
     threshold: float = 0.1
-    score_init: float = 1.0
-    sparsity_weight: float = 1e-3
+    score_init: float = 0.15
+    sparsity_weight: float = 1.0
+    normalize_penalty: bool = True
+    sparsity_warmup_steps: int = 0
 
     def validate(self) -> None:
         super().validate()
@@ -224,6 +229,12 @@ class SelectiveLoraConfig(LoraConfig):
         if self.score_init < self.threshold:
             raise ValueError(f"SelectiveLoraConfig.score_init={self.score_init!r} must be >= "
                              f"threshold={self.threshold!r} (every block starts switched on)")
+        if not isinstance(self.normalize_penalty, bool):
+            raise ValueError(f"SelectiveLoraConfig.normalize_penalty must be True or False, "
+                             f"got {self.normalize_penalty!r}")
+        value = self.sparsity_warmup_steps
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"SelectiveLoraConfig.sparsity_warmup_steps must be an int >= 0, got {value!r}")
 
 
 @_register

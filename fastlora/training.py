@@ -19,6 +19,7 @@ from typing import Iterable, Union
 import torch
 from torch import Tensor, nn
 
+from .config import SelectiveLoraConfig
 from .inject import adapter_layers
 from .layer import AdapterLinear
 from .methods import Adapter
@@ -29,12 +30,20 @@ _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKey
 
 
 def regularization_loss(model: nn.Module) -> Tensor:
-    """Sum of every adapter's regulariser (a 0-dim tensor, 0 when no method has one)."""
-    terms = [t for _, layer in adapter_layers(model) if (t := layer.adapter.regularization_loss()) is not None]
+    """Sum of every adapter's regulariser (a 0-dim tensor, 0 when no method has one); a Selective LoRA
+    term whose config sets normalize_penalty is divided by the model's number of Selective LoRA layers."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    gated = sum(isinstance(layer.config, SelectiveLoraConfig) for layer in layers)
+    terms = []
+    for layer in layers:
+        term = layer.adapter.regularization_loss()
+        if term is not None:
+            normalized = isinstance(layer.config, SelectiveLoraConfig) and layer.config.normalize_penalty
+            terms.append(term.float() / gated if normalized else term.float())
     if not terms:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         return torch.zeros((), device=device)
-    return torch.stack([t.float() for t in terms]).sum()
+    return torch.stack(terms).sum()
 
 
 def _has_rule(layer: AdapterLinear) -> bool:

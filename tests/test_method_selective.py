@@ -1,6 +1,8 @@
-"""Selective LoRA against METHODS.md: hard gate 1[score >= tau], straight-through score
-gradient, L1 sparsity penalty, gated-off blocks cost nothing and merge to nothing."""
+"""Selective LoRA as the paper and TAPS define it: hard gate 1[score >= tau] (tau 0.1, score_init 0.15),
+straight-through score gradient in train and eval mode, L1 penalty over the gated layers after a
+warm-up, gated-off blocks cost nothing and merge to nothing."""
 import copy
+import math
 
 import pytest
 import torch
@@ -50,7 +52,7 @@ def test_initialisation_and_zero_b_reproduces_base_exactly():
     assert adapter.lora_A.shape == (5, D_IN) and adapter.lora_B.shape == (D_OUT, 5)
     assert adapter.score.shape == (1,) and adapter.score.item() == 0.7 and adapter.active  # FSDP2 shards dim 0
     assert torch.count_nonzero(adapter.lora_B) == 0 and adapter.lora_A.abs().max() > 0
-    assert set(adapter.state_dict()) == {"lora_A", "lora_B", "score"}
+    assert set(adapter.state_dict()) == {"lora_A", "lora_B", "score", "optimizer_steps"}
     x = torch.randn(N, D_IN, dtype=torch.float64)
     for mode in (True, False):
         layer.train(mode)
@@ -115,17 +117,52 @@ def test_gated_off_in_training_costs_nothing_but_score_still_learns():
     assert abs(float(hs)) > 0 and abs(float(adapter.score.grad - hs)) / abs(float(hs)) < 1e-10
 
 
-def test_gated_off_in_eval_never_reads_the_factors():
+def test_defaults_are_taps():
+    config = SelectiveLoraConfig()
+    assert (config.threshold, config.score_init, config.sparsity_weight) == (0.1, 0.15, 1.0)
+    assert (config.normalize_penalty, config.sparsity_warmup_steps) == (True, 0)
+    assert SelectiveLoraConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("score", [0.6, 0.05])
+def test_eval_mode_with_grad_gets_the_straight_through_gradient(score):
+    """The estimator does not depend on the module's mode: eval with grad enabled == train."""
+    layer = _layer(r=4, alpha=1.5)
+    _randomise(layer, score=score)
+    adapter, gate = layer.adapter, float(score >= 0.1)
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+    dy = torch.randn(N, D_OUT, dtype=torch.float64)
+    a, b = adapter.lora_A.detach().clone(), adapter.lora_B.detach().clone()
+    ref = _formula(x, layer.weight, layer.bias, a, b, gate, 1.5 / 4)
+    ha, hb, hs = _hand_grads(x, dy, a, b, gate, 1.5 / 4)
+    for mode in (False, True):
+        layer.train(mode)
+        out = layer(x)
+        assert _rel(out, ref) < 1e-12
+        ga, gb, gs = torch.autograd.grad(out, [adapter.lora_A, adapter.lora_B, adapter.score], dy)
+        assert abs(float(hs)) > 0 and abs(float(gs - hs)) / abs(float(hs)) < 1e-10, mode
+        if gate:
+            assert _rel(ga, ha) < 1e-10 and _rel(gb, hb) < 1e-10
+        else:
+            assert torch.count_nonzero(ga) == 0 and torch.count_nonzero(gb) == 0
+
+
+@pytest.mark.parametrize("no_score_gradient", ["no_grad", "frozen_score"])
+def test_gated_off_without_a_score_gradient_never_reads_the_factors(no_score_gradient):
     layer = _layer(r=4).eval()
     adapter = layer.adapter
     with torch.no_grad():
         adapter.score.fill_(-1.0)
         adapter.lora_A.fill_(float("nan"))  # any read would poison the output
         adapter.lora_B.fill_(float("nan"))
-    assert adapter.gate() == 0.0 and isinstance(adapter.gate(), float)
+    adapter.score.requires_grad_(no_score_gradient == "no_grad")
     x = torch.randn(2, N, D_IN, dtype=torch.float64, requires_grad=True)
-    out = layer(x)
+    with torch.set_grad_enabled(no_score_gradient != "no_grad"):
+        assert adapter.gate() == 0.0 and isinstance(adapter.gate(), float)
+        out = layer(x)
     assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
+    if no_score_gradient == "no_grad":
+        return
     out.sum().backward()
     assert torch.isfinite(x.grad).all() and adapter.score.grad is None
     # merging drops the block: W is untouched even with non-finite factors
@@ -141,20 +178,54 @@ def test_no_grad_and_eval_pass_a_float_gate():
     assert isinstance(layer.adapter.gate(), torch.Tensor) and layer.adapter.gate().requires_grad
     with torch.no_grad():
         assert layer.adapter.gate() == 1.0 and isinstance(layer.adapter.gate(), float)
-    assert isinstance(layer.eval().adapter.gate(), float)
+        assert isinstance(layer.eval().adapter.gate(), float)
+    assert isinstance(layer.eval().adapter.gate(), torch.Tensor)  # eval with grad: straight-through
 
 
-def test_regularization_loss_is_l1_of_the_scores():
-    model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT), nn.Linear(D_OUT, 13)),
-                            SelectiveLoraConfig(r=4, sparsity_weight=0.3))
+@pytest.mark.parametrize("normalize", [True, False])
+def test_regularization_loss_is_l1_of_the_scores_over_the_gated_layers(normalize):
+    model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT), nn.Linear(D_OUT, 13), nn.Linear(13, 5)),
+                            SelectiveLoraConfig(r=4, sparsity_weight=0.3, normalize_penalty=normalize))
+    scores = [0.8, -0.5, 0.25]
     with torch.no_grad():
-        model[0].adapter.score.fill_(0.8)
-        model[1].adapter.score.fill_(-0.5)
+        for layer, score in zip(model, scores):
+            layer.adapter.score.fill_(score)
+    blocks = 3 if normalize else 1
     loss = fastlora.regularization_loss(model)
-    assert abs(loss.item() - 0.3 * (0.8 + 0.5)) < 1e-6
+    assert abs(loss.item() - 0.3 / blocks * sum(abs(s) for s in scores)) < 1e-6
     loss.backward()
-    assert float(model[0].adapter.score.grad) == pytest.approx(0.3)
-    assert float(model[1].adapter.score.grad) == pytest.approx(-0.3)
+    for layer, score in zip(model, scores):
+        assert float(layer.adapter.score.grad) == pytest.approx(0.3 / blocks * math.copysign(1, score))
+
+
+def test_penalty_starts_after_the_warm_up():
+    """SGD on task loss + penalty: the score follows the straight-through gradient alone for the
+    warm-up steps, then the penalty's sparsity_weight / L * sign(score) joins it (float64 by hand)."""
+    torch.manual_seed(0)
+    model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64), nn.Tanh(),
+                                          nn.Linear(D_OUT, 13, dtype=torch.float64)),
+                            SelectiveLoraConfig(r=3, alpha=3.0, score_init=2.0, sparsity_weight=0.4,
+                                                sparsity_warmup_steps=2))
+    layers = [model[0], model[2]]
+    for layer in layers:
+        _randomise(layer)
+    lr = 1e-2
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    hooks = fastlora.attach_training_hooks(model, optimizer)
+    x, target = torch.randn(N, D_IN, dtype=torch.float64), torch.randn(N, 13, dtype=torch.float64)
+    for step in range(4):
+        scores = [layer.adapter.score.detach().clone() for layer in layers]
+        task = torch.autograd.grad(F.mse_loss(model(x), target), [layer.adapter.score for layer in layers])
+        optimizer.zero_grad()
+        penalty = fastlora.regularization_loss(model)
+        assert penalty.item() == (0.0 if step < 2 else pytest.approx(0.4 / 2 * sum(abs(float(s)) for s in scores)))
+        (F.mse_loss(model(x), target) + penalty).backward()
+        optimizer.step()
+        for layer, score, grad in zip(layers, scores, task):
+            pull = 0.0 if step < 2 else 0.4 / 2 * float(torch.sign(score))
+            assert float(layer.adapter.score.detach()) == pytest.approx(float(score - lr * (grad + pull)), abs=1e-12)
+        assert layers[0].adapter.extra_stats()["optimizer_steps"] == step + 1
+    hooks.remove()
 
 
 def test_forward_records_the_penalty_and_regularization_loss_hands_it_over_once():
@@ -230,7 +301,7 @@ def test_checkpoint_with_a_0_dim_score_loads():
 
 def test_sgd_step_follows_task_gradient_plus_l1():
     model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64)),
-                            SelectiveLoraConfig(r=3, alpha=6.0, sparsity_weight=0.2))
+                            SelectiveLoraConfig(r=3, alpha=6.0, score_init=1.0, sparsity_weight=0.2))
     layer = model[0]
     _randomise(layer)
     lr, scale = 1e-3, 6.0 / 3

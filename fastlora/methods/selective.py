@@ -1,13 +1,17 @@
 """Selective LoRA (arXiv 2501.15377, gating as in TAPS): one learnable score gates the block.
 
-    g = 1[score >= threshold]                         forward (hard gate, 0 or 1)
+    g = 1[score >= threshold]                         forward (hard gate, 0 or 1); tau = 0.1, score_init 0.15
     y = x W^T + b + g * s * (dropout(x) A^T) B^T       s = alpha / r (alpha / sqrt(r) with rsLoRA)
-    d score = s * sum((dy B) ⊙ (dropout(x) A^T))        backward (straight-through)
-    loss += sparsity_weight * |score|                   L1 penalty, drives blocks off
+    d score = s * sum((dy B) ⊙ (dropout(x) A^T))        backward (straight-through, train and eval mode)
+    loss += sparsity_weight / L * |score|               L1 penalty over the L gated layers (TAPS), after
+                                                        sparsity_warmup_steps optimizer steps
 
-A gated-off block skips the low-rank path inside the fused op: in eval mode A and B are
-never read; in training only the straight-through score gradient is formed, and A and B
-get zero gradients. Merging drops a gated-off block. Whether the block is on is read from
+The straight-through estimator does not depend on the module's mode: whenever grad is
+enabled and the score requires it (train or eval mode), the gate is a tensor carrying it.
+A gated-off block skips the low-rank path inside the fused op: without a score gradient
+(no_grad, inference mode, a frozen score) A and B are never read; with one only the
+straight-through score gradient is formed, and A and B get zero gradients. Merging drops
+a gated-off block. Whether the block is on is read from
 the device once per change of the score, not once per forward (a read is a GPU sync).
 Under torch.compile the gate stays on the device and multiplies the update (no skipping,
 no graph break).
@@ -29,6 +33,10 @@ from .base import adapter_factory
 from .lora import LoraAdapter
 
 
+def _steps_after_load(module: "SelectiveLoraAdapter", incompatible_keys) -> None:
+    module._steps = int(module.optimizer_steps)
+
+
 def _score_as_vector(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """Checkpoints written while score was 0-dim load into the (1,) score."""
     score = state_dict.get(prefix + "score")
@@ -37,13 +45,18 @@ def _score_as_vector(module: nn.Module, state_dict: dict, prefix: str, *args) ->
 
 
 class SelectiveLoraAdapter(LoraAdapter):
-    """lora_A (r, d_in) kaiming-uniform(a=sqrt 5), lora_B (d_out, r) zeros, score (1,) = score_init.
+    """lora_A (r, d_in) kaiming-uniform(a=sqrt 5), lora_B (d_out, r) zeros, score (1,) = score_init,
+    persistent buffer optimizer_steps (int64, for the warm-up).
 
     Choices:
-    - The L1 penalty is sparsity_weight * |score| (the L1 norm, as METHODS.md names it);
-      scores start above the threshold, so while a block is on this equals
-      sparsity_weight * score, and once a score falls below zero the penalty pulls it back
-      toward 0 instead of driving it to -inf.
+    - The L1 penalty is sparsity_weight * |score|; scores start above the threshold, so while a
+      block is on this equals sparsity_weight * score, and once a score falls below zero the
+      penalty pulls it back toward 0 instead of driving it to -inf. ``regularization_loss`` of the
+      model divides it by the number L of Selective LoRA layers when normalize_penalty (TAPS).
+    - Warm-up: the penalty is 0 (its gradient too) while fewer than sparsity_warmup_steps steps of
+      the optimizer holding the score are done (counted by the training hooks in the persistent
+      buffer optimizer_steps, so a checkpoint resumes it). The default 0 turns it on at once:
+      TAPS waits 2 epochs, whose length only the training loop knows.
     - score has shape (1,), not (): FSDP2 shards parameters along dim 0 and refuses 0-dim
       ones. Checkpoints with a 0-dim score still load.
     - The gate's host value is cached per score version: a change of the score through its
@@ -65,6 +78,9 @@ class SelectiveLoraAdapter(LoraAdapter):
         self.score = nn.Parameter(torch.full((1,), float(config.score_init), **adapter_factory(weight)))
         self.threshold = float(config.threshold)
         self.sparsity_weight = float(config.sparsity_weight)
+        self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.int64, device=weight.device))
+        self.register_load_state_dict_post_hook(_steps_after_load)
+        self._steps = 0  # host copy of optimizer_steps
         self._penalty: Optional[Tensor] = None
         self._gate_key: Optional[tuple] = None
         self._gate_on = True
@@ -103,9 +119,9 @@ class SelectiveLoraAdapter(LoraAdapter):
         return self._gate_on
 
     def gate(self) -> Union[float, Tensor]:
-        """The hard gate; a 0-dim tensor carrying the straight-through gradient to score when
-        training with grad enabled, a plain float otherwise (no gradient work). Under
-        torch.compile always a tensor, computed on the device (no host read, no graph break)."""
+        """The hard gate; a 0-dim tensor carrying the straight-through gradient to score when grad
+        is enabled and the score trainable (any mode), a plain float otherwise (no gradient work).
+        Under torch.compile always a tensor, computed on the device (no host read, no graph break)."""
         return self._gate_and_value()[0]
 
     def _gate_and_value(self) -> tuple[Union[float, Tensor], Optional[float]]:
@@ -121,14 +137,17 @@ class SelectiveLoraAdapter(LoraAdapter):
         return hard, None
 
     def _straight_through(self) -> bool:
-        return self.training and torch.is_grad_enabled() and self.score.requires_grad
+        """Whether the score gets its straight-through gradient: grad enabled and the score
+        trainable, in train and eval mode alike."""
+        return torch.is_grad_enabled() and self.score.requires_grad
 
     def _l1_penalty(self, score: Tensor) -> Tensor:
-        """sparsity_weight * |score| (0-dim) as sparsity_weight * sign(score) * score: the same
-        value and (sub)gradient as abs, but autograd keeps sign(score), not score (FSDP frees a
-        gathered score after the forward)."""
+        """sparsity_weight * |score| (0-dim; 0 during the warm-up) as weight * sign(score) * score:
+        the same value and (sub)gradient as abs, but autograd keeps sign(score), not score (FSDP
+        frees a gathered score after the forward)."""
         score = score.view(())
-        return self.sparsity_weight * (score.detach().sign() * score)
+        weight = self.sparsity_weight if self._steps >= self.config.sparsity_warmup_steps else 0.0
+        return weight * (score.detach().sign() * score)
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
         """The fused op's arguments; with grad enabled, records this forward's penalty term."""
@@ -147,8 +166,8 @@ class SelectiveLoraAdapter(LoraAdapter):
         return super().delta_weight(weight)
 
     def regularization_loss(self) -> Optional[Tensor]:
-        """sparsity_weight * |score| (0-dim): the term the latest forward recorded (handed over
-        once), else computed from the score now."""
+        """sparsity_weight * |score| (0-dim, 0 during the warm-up): the term the latest forward
+        recorded (handed over once), else computed from the score now."""
         penalty, self._penalty = self._penalty, None
         return penalty if penalty is not None else self._l1_penalty(full_view(self.score))
 
@@ -158,10 +177,13 @@ class SelectiveLoraAdapter(LoraAdapter):
 
     @torch.no_grad()
     def after_optimizer_step(self, learning_rate: float) -> tuple[nn.Parameter, ...]:
-        """The step moved the score: drop the recorded penalty term and the cached gate."""
+        """The step moved the score: count it, drop the recorded penalty term and the cached gate."""
+        self._steps += 1
+        self.optimizer_steps.fill_(self._steps)
         self._penalty = None
         self.refresh_gate()
         return ()
 
     def extra_stats(self) -> dict[str, float]:
-        return {"active": float(self.active), "score": float(full_view(self.score.detach()))}
+        return {"active": float(self.active), "score": float(full_view(self.score.detach())),
+                "optimizer_steps": float(self._steps)}
