@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..philox import keep_threshold
+from . import metadata
 from .autotune import dot_precision, gemm_configs, launch_context, pad_rank, prune_gemm_configs
 from .dropout import keep_scale
 from .tiles import load_factor
@@ -28,7 +29,7 @@ from .tiles import load_factor
 # (W, n-contiguous) favour different tiles. restore_value: tuning runs never accumulate twice.
 @triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "W_LAYOUT", "R_PAD", "HAS_LOWRANK", "DROPOUT"],
                  restore_value=["out_ptr"], prune_configs_by={"early_config_prune": prune_gemm_configs})
-@triton.jit
+@triton.jit(launch_metadata=metadata.fused_linear)
 def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, v_ptr, u_ptr, u_idx_ptr, out_ptr,
                          seed_ptr, gate_ptr, M, N, K, R, M_BUCKET, W_LAYOUT, v_scale, threshold, scale,
                          stride_xm, stride_xk, stride_wk, stride_wn, stride_vm, stride_vr,
@@ -38,6 +39,15 @@ def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, v_ptr, u_ptr, u_idx_ptr, out_pt
                          DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile of out (M, N) per program.
+
+    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), program ids swizzled in groups of GROUP_M
+    row tiles so neighbouring programs share W tiles in L2. Pointers: x (M, K), w (K, N),
+    bias (N,), v (M, R) fp32, u (R, N) or the frozen matrix whose rows u_idx (R,) selects,
+    out (M, N), seed (1,) int64, gate () — each used only when its constexpr flag is set.
+    Rows and columns past the edge wrap (offs % M) so edge tiles load valid memory; their
+    stores are masked. Row and column offsets are int64: M * stride can pass 2^31.
+    """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import metadata
 from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks
 
 #: activation name -> code of the ``ACT`` constexpr
@@ -57,11 +58,16 @@ def _act_grad(z, ACT: tl.constexpr):
     return g
 
 
-@triton.jit
+@triton.jit(launch_metadata=metadata.neat_projection)
 def _neat_forward_kernel(w_ptr, a_ptr, h_ptr, z_ptr, D_OUT, D_IN, R,
                          stride_wo, stride_wi, stride_ar, stride_ao,
                          ACT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Rows [i * BLOCK_I, ...) of Z = W^T A_n^T and H = act(Z) (D_IN, R), reducing over all of D_OUT.
+
+    Grid: (cdiv(D_IN, BLOCK_I),). Pointers: w (D_OUT, D_IN), a (R, D_OUT), h and z (D_IN, R)
+    contiguous. W offsets are int64 (D_OUT * D_IN can pass 2^31).
+    """
     offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_r = tl.arange(0, R_PAD)
     i_ok = offs_i < D_IN
@@ -81,11 +87,16 @@ def _neat_forward_kernel(w_ptr, a_ptr, h_ptr, z_ptr, D_OUT, D_IN, R,
     tl.store(h_ptr + offs, _act(acc, ACT).to(h_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(launch_metadata=metadata.neat_projection)
 def _neat_backward_kernel(w_ptr, dh_ptr, z_ptr, da_ptr, D_OUT, D_IN, R,
                           stride_wo, stride_wi, stride_dhi, stride_dhr, stride_zi, stride_zr,
                           ACT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    """Columns [o * BLOCK_O, ...) of dA_n = (W (dH ⊙ act'(Z)))^T (R, D_OUT), reducing over all of D_IN.
+
+    Grid: (cdiv(D_OUT, BLOCK_O),). Pointers: w (D_OUT, D_IN), dh and z (D_IN, R), da (R, D_OUT)
+    contiguous. W offsets are int64.
+    """
     offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_r = tl.arange(0, R_PAD)
     o_ok = offs_o < D_OUT

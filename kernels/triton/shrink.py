@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import metadata
 from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction
 from ..philox import keep_threshold
 from .dropout import keep_scale
@@ -19,11 +20,19 @@ from .partials import partial_buffer, sum_partials
 from .tiles import load_factor
 
 
-@triton.jit
+@triton.jit(launch_metadata=metadata.shrink)
 def _shrink_kernel(x_ptr, a_ptr, a_idx_ptr, part_ptr, seed_ptr, M, K, R, k_per_split, threshold, scale,
                    stride_xm, stride_xk, stride_ar, stride_ak,
                    A_GATHER: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial t for one row block and one slice of the reduction.
+
+    Grid: (cdiv(M, BLOCK_M), splits); program (i, s) reduces x[rows i, k in slice s] A^T over
+    the K range [s * k_per_split, (s + 1) * k_per_split) and writes part[s, rows, :R].
+    Pointers: x (M, K), a (R, K) or the frozen W whose rows a_idx (R,) selects, part (splits,
+    M, R) fp32 (or the output dtype with one split), seed (1,) int64. Rows wrap at the edge
+    (masked stores); offsets are int64 (M * K can pass 2^31).
+    """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import metadata
 from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction
 from ..philox import keep_threshold
 from .dropout import keep_scale
@@ -26,13 +27,22 @@ from .shrink import shrink
 from .tiles import load_factor
 
 
-@triton.jit
+@triton.jit(launch_metadata=metadata.dy_columns)
 def _dy_columns_kernel(dy_ptr, b_ptr, b_idx_ptr, v_ptr, gate_ptr, dp_part_ptr, db_part_ptr, dbias_part_ptr,
                        M, D, R, rows_per_split, v_scale,
                        stride_dym, stride_dyd, stride_br, stride_bd, stride_vm, stride_vr,
                        B_GATHER: tl.constexpr, COMPUTE_DP: tl.constexpr, COMPUTE_DB: tl.constexpr,
                        COMPUTE_DBIAS: tl.constexpr, GATE_PTR: tl.constexpr, R_PAD: tl.constexpr,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One column block of dy (M, D) over one slice of its rows.
+
+    Grid: (splits, cdiv(D, BLOCK_K)); program (s, j) walks rows [s * rows_per_split, ...) of
+    columns block j. With COMPUTE_DP it writes dP's partial for its columns, dp_part[j, rows,
+    :R] = dy[rows, cols_j] F[:, cols_j]^T (one fp32 (M, R) slice per column block); with
+    COMPUTE_DB, db_part[s, cols_j, :R] = v_scale * gate * dy[rows_s, cols_j]^T v[rows_s]; with
+    COMPUTE_DBIAS, dbias_part[s, cols_j] = the column sums. Pointers: b (R, D) or the frozen
+    W^T whose rows b_idx (R,) selects, v (M, R) fp32, gate (). Offsets are int64.
+    """
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -122,11 +132,18 @@ def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], 
     return dp, db, dbias
 
 
-@triton.jit
+@triton.jit(launch_metadata=metadata.down_grad)
 def _down_grad_kernel(dt_ptr, x_ptr, part_ptr, seed_ptr, gate_ptr, M, K, R, rows_per_split, dt_scale, threshold, scale,
                       stride_dtm, stride_dtr, stride_xm, stride_xk,
                       DROPOUT: tl.constexpr, GATE_PTR: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One column block of dA (R, K) over one slice of the rows.
+
+    Grid: (splits, cdiv(K, BLOCK_K)); program (s, j) writes part[s, :R, cols_j] =
+    dt_scale * gate * dt[rows_s]^T dropout(x)[rows_s, cols_j], the mask regenerated from the
+    seed. Pointers: dt (M, R) fp32, x (M, K), part (splits, R, K) fp32 (or the output dtype
+    with one split), seed (1,) int64, gate (). Offsets are int64 (M * K can pass 2^31).
+    """
     pid_s = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
