@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .spec import GradsNeeded, LowRankTerm
+from .spec import GradsNeeded, LowRankTerm, Plan
 
 #: GradsNeeded / Grads fields in the order of the ``needs`` flags and of the backward's outputs
 GRAD_FIELDS = ("x", "bias", "a", "b", "middle", "rank_weights", "gate")
@@ -42,7 +42,7 @@ _BWD_SCHEMA = ("(Tensor dy, Tensor x, Tensor weight, Tensor? a, Tensor? b, Tenso
                "-> Tensor[]")
 
 
-def _module(backend: str):
+def _module(backend: str) -> Plan:
     return dispatch.plan_implementation(backend)
 
 

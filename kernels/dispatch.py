@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import torch_impl
+from .spec import Plan
 
 PLANS = ("triton", "cublas", "torch")
 BACKENDS = ("auto", *PLANS)
@@ -53,8 +54,8 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def plan_implementation(name: str):
-    """The object whose forward/backward/neat_forward/neat_backward run plan ``name``."""
+def plan_implementation(name: str) -> Plan:
+    """The implementation (a ``spec.Plan``) that runs plan ``name``."""
     if name == "torch":
         return torch_impl
     if name in ("triton", "cublas"):

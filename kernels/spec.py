@@ -12,7 +12,7 @@ The operation (DESIGN.md, "One operation under every method")::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Protocol, Union
 
 import torch
 from torch import Tensor
@@ -106,3 +106,32 @@ def fill_skipped_grads(grads: Grads, term: LowRankTerm, needs: GradsNeeded) -> N
     grads.b = zeros_like_or_none(needs.b, term.b)
     grads.middle = zeros_like_or_none(needs.middle, term.middle)
     grads.rank_weights = zeros_like_or_none(needs.rank_weights, term.rank_weights)
+
+
+class Plan(Protocol):
+    """What every execution plan implements (``torch_impl``, the Triton plans); ``dispatch``
+    returns one. Inputs are 2-D and already in the compute dtype; outputs are fresh tensors.
+
+    Semantics:
+      forward(x (N, d_in), weight (d_out, d_in), bias (d_out,) | None, term, keep_t)
+          -> (y (N, d_out) = x W^T + bias + s*g*((xd A^T) M^T ⊙ m) B^T,
+              t (N, r) = xd A^T, or None when neither the low-rank path (g != 0) nor keep_t needs it).
+          g == 0: A and B are not read; xd = x times the dropout mask drawn from term.dropout_seed.
+      backward(dy (N, d_out), x, weight, term, t | None (recompute), needs) -> Grads
+          with a tensor for every input flagged in ``needs`` (zeros for skipped factors, never None):
+          dx = dy W + mask ⊙ (s*g dt A), dbias = sum_n dy, dA = s*g dt^T xd, dB = s*g dy^T v,
+          dM = s*g du^T t, dm = s*g sum_n dP ⊙ u, dg = s sum(dP ⊙ v), where dP = dy B,
+          du = dP ⊙ m, dt = du M (derivation in ``torch_impl.backward``).
+      neat_forward(weight, a_n (r, d_out), act) -> (H, Z), both (d_in, r): Z = W^T A_n^T, H = act(Z).
+      neat_backward(dh (d_in, r), weight, z (d_in, r), act) -> dA_n (r, d_out) = (W (dH ⊙ act'(Z)))^T.
+    """
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm,
+                keep_t: bool) -> tuple[Tensor, Optional[Tensor]]: ...
+
+    def backward(self, dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Optional[Tensor],
+                 needs: GradsNeeded) -> Grads: ...
+
+    def neat_forward(self, weight: Tensor, a_n: Tensor, act: str) -> tuple[Tensor, Tensor]: ...
+
+    def neat_backward(self, dh: Tensor, weight: Tensor, z: Tensor, act: str) -> Tensor: ...

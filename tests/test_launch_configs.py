@@ -38,3 +38,29 @@ def test_tall_tiles_are_dropped_for_few_tokens(monkeypatch, gpu_configs):
     # nothing fits: the smallest tile is kept rather than none
     monkeypatch.setattr(autotune, "_shared_memory_limit", lambda index: 1)
     assert len(autotune.prune_gemm_configs(gpu_configs, {"x_ptr": fake_cuda_input(), "M_BUCKET": 8192})) == 1
+
+
+def test_every_plan_implements_the_plan_protocol():
+    import inspect
+
+    from fastlora.kernels.dispatch import PLANS, plan_implementation
+    from fastlora.kernels.spec import Plan
+
+    for name in PLANS:
+        impl = plan_implementation(name)
+        for method in ("forward", "backward", "neat_forward", "neat_backward"):
+            want = [p for p in inspect.signature(getattr(Plan, method)).parameters if p != "self"]
+            assert list(inspect.signature(getattr(impl, method)).parameters) == want, (name, method)
+
+
+def test_launch_metadata_counts_flops_and_bytes():
+    import torch
+
+    from fastlora.kernels.triton import metadata
+
+    bf16 = torch.empty(1, dtype=torch.bfloat16)
+    meta = metadata.fused_linear(None, None, dict(M=8192, N=4096, K=4096, R=16, HAS_LOWRANK=True,
+                                                  ACCUMULATE=False, out_ptr=bf16))
+    assert meta["flops16"] == 2 * 8192 * 4096 * (4096 + 16)
+    assert meta["bytes"] == 2 * (8192 * 4096 * 2 + 4096 * 4096) + 4 * 8192 * 16 + 2 * 16 * 4096
+    assert "M=8192 N=4096 K=4096 r=16" in meta["name"]

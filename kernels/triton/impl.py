@@ -63,7 +63,7 @@ def _mixed(t: Tensor, term: LowRankTerm) -> tuple[Tensor, Tensor]:
 
 
 class TritonPlan:
-    """forward / backward / neat_forward / neat_backward of one plan (see the module docstring)."""
+    """A ``spec.Plan`` on the Triton kernels (see the module docstring for the two variants)."""
 
     def __init__(self, name: str, fused_base: bool) -> None:
         self.name = name
