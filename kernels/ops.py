@@ -109,28 +109,35 @@ def _auto_plan(x: Tensor, weight: Tensor, bias: Optional[Tensor], rank: int, dty
 
 
 def _timing_step(key: "plans.PlanKey", device: torch.device, dtype: torch.dtype, has_bias: bool):
-    """run(plan): one forward + backward of ``key``'s shape on random tensors (allocated once)."""
+    """run(plan): one forward + backward of ``key``'s shape on random tensors (made once).
+
+    The user's random streams are left as they were, and inference mode, no_grad and
+    autocast around the call being planned do not apply to the timing.
+    """
     inputs = {}
 
+    def make_inputs() -> None:
+        make = dict(device=device, dtype=dtype)
+        d_in, d_out, r, n = key.d_in, key.d_out, key.rank, key.token_bucket
+        inputs.update(x=torch.randn(n, d_in, **make, requires_grad=True), dy=torch.randn(n, d_out, **make),
+                      weight=torch.randn(d_out, d_in, **make) / d_in**0.5,
+                      bias=torch.randn(d_out, **make) if has_bias else None)
+        if key.gathered:
+            inputs.update(lora_a=None, lora_b=None, row_index=torch.randperm(d_out, device=device)[:r],
+                          col_index=torch.randperm(d_in, device=device)[:r],
+                          middle=torch.randn(r, r, **make, requires_grad=True))
+        else:
+            inputs.update(lora_a=torch.randn(r, d_in, **make, requires_grad=True),
+                          lora_b=torch.randn(d_out, r, **make, requires_grad=True))
+
     def run(plan: str) -> None:
-        if not inputs:
-            make = dict(device=device, dtype=dtype)
-            d_in, d_out, r = key.d_in, key.d_out, key.rank
-            inputs["x"] = torch.randn(key.token_bucket, d_in, **make, requires_grad=True)
-            inputs["weight"] = torch.randn(d_out, d_in, **make) / d_in**0.5
-            inputs["bias"] = torch.randn(d_out, **make) if has_bias else None
-            if key.gathered:
-                inputs["row_index"] = torch.randperm(d_out, device=device)[:r]
-                inputs["col_index"] = torch.randperm(d_in, device=device)[:r]
-                inputs["middle"] = torch.randn(r, r, **make, requires_grad=True)
-            else:
-                inputs["lora_a"] = torch.randn(r, d_in, **make, requires_grad=True)
-                inputs["lora_b"] = torch.randn(d_out, r, **make, requires_grad=True)
-            inputs["dy"] = torch.randn(key.token_bucket, d_out, **make)
-        args = {k: v for k, v in inputs.items() if k not in ("x", "weight", "bias", "dy")}
-        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            y = adapted_linear(inputs["x"], inputs["weight"], inputs["bias"], args.pop("lora_a", None),
-                               args.pop("lora_b", None), dropout=0.1 if key.dropout else 0.0, backend=plan, **args)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            if not inputs:
+                make_inputs()
+            factors = {k: v for k, v in inputs.items() if k not in ("x", "dy", "weight", "bias")}
+            y = adapted_linear(inputs["x"], inputs["weight"], inputs["bias"], dropout=0.1 if key.dropout else 0.0,
+                               backend=plan, **factors)
             y.backward(inputs["dy"])
 
     return run

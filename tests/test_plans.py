@@ -164,3 +164,16 @@ def test_every_plan_matches_the_float64_reference(plan):
     assert ((y.double() - y_ref).norm() / y_ref.norm()) < tol
     for got, want in zip(grads, ref_grads):
         assert ((got.double() - want).norm() / want.norm()) < tol
+
+
+def test_timing_leaves_the_random_stream_and_the_callers_modes_alone():
+    run = ops._timing_step(plans.PlanKey("cpu", "float32", 8, 6, 5, 2, True, True), torch.device("cpu"),
+                           torch.float32, True)
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    with torch.inference_mode():
+        run("torch")
+    with torch.no_grad():
+        run("torch")
+    assert torch.equal(torch.rand(3), expected)
