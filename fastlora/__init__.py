@@ -9,6 +9,7 @@ from .config import (AdapterConfig, CascadeLoraConfig, CurLoraConfig, LoraConfig
 from .inject import (adapter_layers, inject, merge, merge_and_unload, set_adapters_enabled,
                      trainable_parameter_count, unmerge)
 from .layer import AdapterLinear
+from .peft_accelerate import accelerate, accelerated_layers, deaccelerate
 from .peft_interop import load_peft_adapter, save_peft_adapter
 from .training import TrainingHooks, attach_training_hooks, regularization_loss
 
@@ -16,8 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "AdapterLinear", "CascadeLoraConfig", "CurLoraConfig", "LoraConfig", "NeatConfig",
-    "RankSelectiveLoraConfig", "SelectiveLoraConfig", "TrainingHooks", "adapter_layers",
-    "attach_training_hooks", "inject", "load_adapter", "load_peft_adapter", "merge", "merge_and_unload",
-    "read_adapter_config", "regularization_loss", "save_adapter", "save_peft_adapter", "set_adapters_enabled",
-    "trainable_parameter_count", "unmerge",
+    "RankSelectiveLoraConfig", "SelectiveLoraConfig", "TrainingHooks", "accelerate", "accelerated_layers",
+    "adapter_layers", "attach_training_hooks", "deaccelerate", "inject", "load_adapter", "load_peft_adapter", "merge",
+    "merge_and_unload", "read_adapter_config", "regularization_loss", "save_adapter", "save_peft_adapter",
+    "set_adapters_enabled", "trainable_parameter_count", "unmerge",
 ]

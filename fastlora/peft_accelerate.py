@@ -1,0 +1,177 @@
+"""Run a PEFT model's LoRA and PEANuT layers through fastlora's fused op, keeping everything else PEFT's.
+
+    model = peft.get_peft_model(base, peft.LoraConfig(...))   # or PeftModel.from_pretrained(...)
+    fastlora.accelerate(model)      # same modules, parameters, state dict, save_pretrained
+    ...
+    fastlora.deaccelerate(model)    # PEFT's own forward again
+
+Only the forward of each accelerated layer changes (an instance attribute shadowing the class's
+``forward``). Per call, a layer whose state the fused op cannot compute takes PEFT's forward:
+adapters disabled or merged, several active adapters, a mixed batch (``adapter_names``), a LoRA
+variant (DoRA, ...) or ``lora_bias`` on the active adapter, hooks on the layer's submodules (ZeRO-3,
+FSDP), extra forward arguments, an input dtype the base weight does not share outside autocast.
+Layers it never computes (Conv1D or ``fan_in_fan_out``, Embedding, Conv, quantized or other tuner
+layers) are listed once in a warning at ``accelerate`` time. Layers added later (a new adapter
+targeting new modules) are accelerated by calling ``accelerate`` again.
+
+PEFT's layers mapped onto ``adapted_linear(x, W, b, A, B, scale=s, dropout=p)``:
+    lora.Linear     A = lora_A[name].weight, B = lora_B[name].weight, s = scaling[name],
+                    p = lora_dropout[name].p while that dropout module is in training mode.
+    peanut.Linear   A = f(act(W^T A_n^T))^T (encoders/decoders of depth res_num), B = peanut_B[name].weight,
+                    s = scaling[name]; H = act(W^T A_n^T) by ``neat_projection`` (no dense ΔW is built).
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from fastlora.kernels import adapted_linear, neat_projection
+from fastlora.kernels.activations import activation
+
+from .peft_interop import _PEANUT_ACTIVATIONS
+
+_MARK = "_fastlora_accelerated"
+
+
+def _peft_layer_types() -> dict[type, Callable]:
+    """PEFT layer class -> (layer, x) -> the fused output, or a str saying why PEFT's path runs."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.peanut.layer import Linear as PeanutLinear
+    return {LoraLinear: _lora_call, PeanutLinear: _peanut_call}
+
+
+def _active_adapter(layer: nn.Module, factors: nn.ModuleDict) -> tuple[Optional[str], Optional[str]]:
+    """(the single active adapter of ``layer`` holding factors here, None) or (None, why PEFT's path
+    runs; None when that path computes the base layer alone: disabled, merged, no active adapter here)."""
+    active = [name for name in layer.active_adapters if name in factors]
+    if layer.disable_adapters or layer.merged or not active:
+        return None, None
+    if len(active) > 1:
+        return None, f"{len(active)} active adapters (the fused op computes one)"
+    return active[0], None
+
+
+def _common_reason(layer: nn.Module, x: Tensor, modules: list[nn.Module], args, kwargs) -> Optional[str]:
+    """Why no PEFT layer type can take the fused path for this call, else None."""
+    if args or kwargs:
+        return f"extra forward arguments {sorted(kwargs) or len(args)}"
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear:
+        return f"base layer is a {type(base).__name__}, not an nn.Linear"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (base, *modules)):
+        return "hooks on the layer's submodules (ZeRO-3, FSDP or user hooks read them there)"
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return "base weight or bias is trainable"
+    if not x.is_floating_point():
+        return f"input dtype {x.dtype}"
+    device = x.device.type
+    if x.dtype != base.weight.dtype and not torch.is_autocast_enabled(device):
+        return f"input dtype {x.dtype} differs from the base weight's {base.weight.dtype} outside autocast"
+    return None
+
+
+def _lora_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str, None]:
+    """The fused output of a lora.Linear, else why PEFT's path runs (None: it adds nothing)."""
+    if layer.fan_in_fan_out:
+        return "fan_in_fan_out (Conv1D weight layout)"
+    name, reason = _active_adapter(layer, layer.lora_A)
+    if name is None:
+        return reason
+    if name in layer.lora_variant:
+        return f"LoRA variant {type(layer.lora_variant[name]).__name__} (DoRA, ...)"
+    if layer.lora_bias.get(name, False):
+        return "lora_bias=True"
+    lora_a, lora_b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+    scale = layer.scaling[name]
+    if isinstance(scale, Tensor):
+        return "a tensor scaling"
+    reason = _common_reason(layer, x, [lora_a, lora_b, dropout], args, kwargs)
+    if reason is not None:
+        return reason
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    base = layer.get_base_layer()
+    return adapted_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, scale=float(scale), dropout=p)
+
+
+def _peanut_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str, None]:
+    """The fused output of a peanut.Linear, else why PEFT's path runs (None: it adds nothing)."""
+    name, reason = _active_adapter(layer, layer.peanut_A)
+    if name is None:
+        return reason
+    act = _PEANUT_ACTIVATIONS.get(layer.act_fn[name])
+    if act is None:
+        return f"activation {layer.act_fn[name]!r}"
+    encoders, decoders = layer.peanut_encoders[name], layer.peanut_decoders[name]
+    modules = [layer.peanut_A[name], layer.peanut_B[name], *encoders, *decoders]
+    reason = _common_reason(layer, x, modules, args, kwargs)
+    if reason is not None:
+        return reason
+    base = layer.get_base_layer()
+    a_n = layer.peanut_A[name].weight
+    h = neat_projection(base.weight.to(a_n.dtype), a_n, act)
+    skips = []
+    for encoder in encoders[:layer.res_num[name]]:
+        skips.append(h)
+        h = activation(act, encoder(h))
+    for decoder in decoders[:layer.res_num[name]]:
+        h = activation(act, decoder(h)) + skips.pop()
+    return adapted_linear(x, base.weight, base.bias, h.t(), layer.peanut_B[name].weight,
+                          scale=float(layer.scaling[name]))
+
+
+def _fused_forward(call: Callable, layer: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """The accelerated forward: the fused op, or PEFT's forward with a one-time warning saying why."""
+    out = call(layer, x, args, kwargs)
+    if isinstance(out, Tensor):
+        return out
+    if out is not None:
+        warnings.warn(f"fastlora.accelerate: a {type(layer).__name__} layer ran on PEFT's path: {out}",
+                      stacklevel=2)
+    return type(layer).forward(layer, x, *args, **kwargs)
+
+
+def accelerated_layers(model: nn.Module) -> list[str]:
+    """Qualified names of the layers ``accelerate`` switched to the fused op."""
+    return [name for name, module in model.named_modules() if getattr(module, _MARK, False)]
+
+
+def accelerate(model: nn.Module) -> nn.Module:
+    """Make every PEFT LoRA and PEANuT ``Linear`` layer of ``model`` (a PeftModel or any module
+    holding PEFT layers) compute its forward with fastlora's fused op; returns ``model``.
+
+    Parameters, buffers, module names and PEFT's methods are untouched, so ``save_pretrained``,
+    ``load_adapter``, ``set_adapter``, ``disable_adapter``, merging and Trainer checkpoints work
+    as before. Other PEFT tuner layers stay on PEFT's path and are listed in one warning.
+    Idempotent; undone by ``deaccelerate``.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    calls = _peft_layer_types()
+    skipped = []
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer) or getattr(module, _MARK, False):
+            continue
+        call = calls.get(type(module))
+        base = module.get_base_layer()
+        if call is None or type(base) is not nn.Linear or getattr(module, "fan_in_fan_out", False):
+            skipped.append(f"{name} ({type(module).__module__.rsplit('.', 2)[-2]}.{type(module).__name__} "
+                           f"over {type(base).__name__})")
+            continue
+        module.forward = functools.partial(_fused_forward, call, module)
+        setattr(module, _MARK, True)
+    if skipped:
+        warnings.warn(f"fastlora.accelerate: {len(skipped)} PEFT layers stay on PEFT's path (the fused op computes "
+                      f"nn.Linear LoRA and PEANuT layers): {', '.join(skipped)}", stacklevel=2)
+    return model
+
+
+def deaccelerate(model: nn.Module) -> nn.Module:
+    """Give every layer ``accelerate`` switched its PEFT forward back; returns ``model``."""
+    for module in model.modules():
+        if getattr(module, _MARK, False):
+            del module.forward
+            delattr(module, _MARK)
+    return model

@@ -1,0 +1,215 @@
+"""fastlora.accelerate on PEFT models: the fused op computes what PEFT computes, PEFT's machinery keeps working.
+
+PEFT itself is the reference: the same PeftModel runs with and without acceleration (float64 for
+exact comparisons), and what the accelerated model saves loads in plain PEFT.
+"""
+import copy
+import warnings
+
+import peft
+import pytest
+import torch
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+
+import fastlora
+import fastlora.peft_accelerate as peft_accelerate
+
+TOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                        vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertModel(config).double().eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(1))
+
+
+def peft_model(base, config, seed=2):
+    torch.manual_seed(seed)
+    return peft.get_peft_model(copy.deepcopy(base), config)
+
+
+def lora(**kwargs):
+    fields = dict(r=4, lora_alpha=8, target_modules=["query", "value", "output.dense"], init_lora_weights=False)
+    return peft.LoraConfig(**{**fields, **kwargs})
+
+
+def peanut(**kwargs):
+    return peft.PeanutConfig(**{**dict(r=4, depth=1, act_fn="relu", scaling=0.5, init_weights=False,
+                                       target_modules=["query", "value"]), **kwargs})
+
+
+def hidden(model, ids):
+    return model(input_ids=ids).last_hidden_state
+
+
+def rel_err(out, ref):
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def count_fused_calls(monkeypatch):
+    """Patch the op the accelerated layers call; returns the list of dropout probabilities they passed."""
+    calls = []
+    real = peft_accelerate.adapted_linear
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("dropout", 0.0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(peft_accelerate, "adapted_linear", counting)
+    return calls
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad()
+    out = hidden(model, ids)
+    (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("config", [lora(), lora(use_rslora=True, target_modules=["key"]), peanut(),
+                                    peanut(depth=0, act_fn="gelu")], ids=["lora", "rslora", "peanut", "peanut0"])
+def test_outputs_and_gradients_equal_peft(base, ids, config, monkeypatch):
+    model = peft_model(base, config).train()
+    want_out, want_grads = loss_and_grads(model, ids)
+    calls = count_fused_calls(monkeypatch)
+    fastlora.accelerate(model)
+    assert len(fastlora.accelerated_layers(model)) == len(list(m for m in model.modules()
+                                                                if hasattr(m, "get_base_layer")))
+    out, grads = loss_and_grads(model, ids)
+    assert calls, "the fused op was not called"
+    assert rel_err(out, want_out) < TOL
+    assert grads.keys() == want_grads.keys() and grads
+    for name, grad in grads.items():
+        assert rel_err(grad, want_grads[name]) < TOL, name
+
+
+def test_training_steps_equal_peft(base, ids):
+    reference = peft_model(base, lora()).train()
+    fused = fastlora.accelerate(copy.deepcopy(reference))
+    assert fastlora.accelerated_layers(fused)
+    for model in (reference, fused):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(3):
+            loss_and_grads(model, ids)
+            optimizer.step()
+    for (name, p), (other, q) in zip(reference.named_parameters(), fused.named_parameters()):
+        assert name == other
+        assert torch.allclose(p, q, rtol=0, atol=1e-12), name
+    moved = peft_model(base, lora()).state_dict()
+    assert any(not torch.equal(t, moved[k]) for k, t in fused.state_dict().items())  # the steps trained
+
+
+def test_dropout_runs_fused_and_trains(base, ids, monkeypatch):
+    model = fastlora.accelerate(peft_model(base, lora(lora_dropout=0.2)).float().train())
+    calls = count_fused_calls(monkeypatch)
+    x = ids
+    target = torch.randn(3, 9, 32, generator=torch.Generator().manual_seed(3))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = (hidden(model, x) - target).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert calls and all(p == 0.2 for p in calls)
+    assert losses[-1] < 0.9 * losses[0]
+    model.eval()
+    calls.clear()
+    with torch.no_grad():
+        out = hidden(model, x)
+        assert set(calls) == {0.0}  # eval: no dropout, as PEFT
+        fastlora.deaccelerate(model)
+        assert rel_err(out, hidden(model, x)) < 1e-6
+
+
+def test_save_pretrained_loads_in_plain_peft(base, ids, tmp_path):
+    model = fastlora.accelerate(peft_model(base, lora()).train())
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss_and_grads(model, ids)
+    optimizer.step()
+    model.eval()
+    model.save_pretrained(str(tmp_path))
+    plain = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert rel_err(hidden(plain, ids), hidden(model, ids)) < TOL
+        assert rel_err(hidden(plain, ids), hidden(base, ids)) > 1e-3
+        reloaded = fastlora.accelerate(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)))
+        assert rel_err(hidden(reloaded, ids), hidden(plain, ids)) < TOL
+
+
+def test_adapter_switching_disabling_and_merging(base, ids, tmp_path, monkeypatch):
+    peft_model(base, lora(), seed=5).save_pretrained(str(tmp_path / "other"))
+    model = peft_model(base, lora()).eval()
+    model.load_adapter(str(tmp_path / "other"), adapter_name="other")
+    fastlora.accelerate(model)
+    calls = count_fused_calls(monkeypatch)
+    with torch.no_grad():
+        first = hidden(model, ids)
+        model.set_adapter("other")
+        second = hidden(model, ids)
+        with model.disable_adapter():
+            disabled = hidden(model, ids)
+        model.merge_adapter()
+        merged = hidden(model, ids)
+        model.unmerge_adapter()
+        assert calls
+        fastlora.deaccelerate(model)
+        assert not fastlora.accelerated_layers(model)
+        assert rel_err(second, hidden(model, ids)) < TOL
+        model.set_adapter("default")
+        assert rel_err(first, hidden(model, ids)) < TOL
+    assert rel_err(disabled, hidden(base, ids)) < TOL
+    assert rel_err(merged, second) < 1e-8
+    assert rel_err(first, second) > 1e-3
+
+
+def test_unsupported_layers_stay_on_peft_path_and_are_reported(base, ids):
+    torch.manual_seed(0)
+    gpt2 = GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)).double().eval()
+    model = peft.get_peft_model(gpt2, lora(target_modules=["c_attn"], fan_in_fan_out=True))
+    want = hidden(model, ids)
+    with pytest.warns(UserWarning, match=r"1 PEFT layers stay on PEFT's path.*c_attn \(lora.Linear over Conv1D\)"):
+        fastlora.accelerate(model)
+    assert not fastlora.accelerated_layers(model)
+    assert torch.equal(hidden(model, ids), want)
+
+    dora = peft_model(base, lora(use_dora=True)).eval()
+    want = hidden(dora, ids)
+    fastlora.accelerate(dora)
+    with pytest.warns(UserWarning, match="ran on PEFT's path: LoRA variant DoraLinearVariant"):
+        out = hidden(dora, ids)
+    assert torch.equal(out, want)
+
+
+def test_several_active_adapters_fall_back(base, ids, tmp_path):
+    peft_model(base, lora(), seed=5).save_pretrained(str(tmp_path))
+    model = peft_model(base, lora()).eval()
+    model.load_adapter(str(tmp_path), adapter_name="other")
+    model.base_model.set_adapter(["default", "other"])
+    want = hidden(model, ids)
+    fastlora.accelerate(model)
+    with pytest.warns(UserWarning, match="2 active adapters"):
+        assert torch.equal(hidden(model, ids), want)
+
+
+def test_accelerate_is_idempotent_and_deaccelerate_restores(base, ids):
+    model = peft_model(base, lora())
+    fastlora.accelerate(fastlora.accelerate(model))
+    layers = fastlora.accelerated_layers(model)
+    assert layers and all("forward" in model.get_submodule(n).__dict__ for n in layers)
+    copied = copy.deepcopy(model)
+    assert fastlora.accelerated_layers(copied) == layers
+    assert copied.get_submodule(layers[0]).forward.args[1] is copied.get_submodule(layers[0])
+    fastlora.deaccelerate(model)
+    assert all("forward" not in model.get_submodule(n).__dict__ for n in layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hidden(model, ids)
