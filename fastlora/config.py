@@ -346,34 +346,32 @@ class NeatConfig(AdapterConfig):
 @_register
 @dataclass(frozen=True)
 class CascadeLoraConfig(LoraConfig):
-    """LoRASC: cascaded LoRA pairs with slow-fast updates and noisy cascade starts.
+    """LoRASC: stages of a fast LoRA pair on a backbone that absorbs each stage and gets NoisyTune noise.
 
-    cascade_interval: optimizer steps per cascade step. slow_momentum: m of the slow-fast
-    update slow <- m * slow + (1 - m) * fast at each cascade step (the paper's pace
-    alpha = 1 - m; default 0.5, Lookahead's alpha; 0 folds the whole fast pair). noise_std:
-    std of the Gaussian noise B of each fresh pair starts from (0 = no noise). max_cascades:
-    how many folded pairs are kept, 1 to MAX_CASCADES (r * max_cascades folded ranks,
-    preallocated; beyond that the folded update is recompressed to its best
-    rank-(r * max_cascades) approximation).
+    cascade_interval: optimizer steps per stage (default 100), or None for stages only where the
+    training loop calls ``cascade_step()`` (e.g. once per epoch). slow_momentum: m of the slow-fast
+    update, the stage folds (1 - m) s B A into the backbone (the paper's pace alpha = 1 - m; default
+    0.5, Lookahead's; 0 folds the whole fast pair). noise_intensity: NoisyTune's lambda, each stage
+    starts with W_stage += U(-lambda/2, lambda/2) * std(W_stage) (default 0.15 as NoisyTune; 0 = no
+    noise), drawn from a CPU generator seeded from noise_seed, the layer index and the stage.
     """
 
     method: ClassVar[str] = "cascade_lora"
-    cascade_interval: int = 100
+    cascade_interval: Optional[int] = 100
     slow_momentum: float = 0.5
-    noise_std: float = 0.0
-    max_cascades: int = 4
+    noise_intensity: float = 0.15
+    noise_seed: int = 0
 
     def validate(self) -> None:
         super().validate()
-        for name in ("cascade_interval", "max_cascades"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"CascadeLoraConfig.{name} must be an int > 0, got {value!r}")
-        if self.max_cascades > MAX_CASCADES:
-            raise ValueError(f"CascadeLoraConfig.max_cascades must be <= {MAX_CASCADES} (r * max_cascades folded "
-                             f"ranks are preallocated per layer), got {self.max_cascades!r}")
+        value = self.cascade_interval
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"CascadeLoraConfig.cascade_interval must be an int > 0 or None, got {value!r}")
         value = self.slow_momentum
         if not _is_real(value) or not 0.0 <= value < 1.0:
             raise ValueError(f"CascadeLoraConfig.slow_momentum must lie in [0, 1) (1 would discard every "
                              f"fast pair), got {value!r}")
-        _check_positive(self, "noise_std", allow_zero=True)
+        _check_positive(self, "noise_intensity", allow_zero=True)
+        value = self.noise_seed
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
+            raise ValueError(f"CascadeLoraConfig.noise_seed must be an int >= 0 and < 2**31, got {value!r}")
