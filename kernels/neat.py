@@ -38,7 +38,8 @@ class NeatProjectionFunction(torch.autograd.Function):
 
 
 def neat_projection(weight: Tensor, a_n: Tensor, act: str = "relu", backend: str = "auto") -> Tensor:
-    """H = act(W^T A_n^T) (d_in, r) for weight (d_out, d_in) frozen and a_n (r, d_out)."""
+    """H = act(W^T A_n^T) (d_in, r) for weight (d_out, d_in) frozen and a_n (r, d_out), computed in W's
+    dtype whether or not autocast is on (the adapted linear that uses H casts it as autocast does)."""
     check_activation(act)
     for name, t in (("weight", weight), ("a_n", a_n)):
         if not t.is_floating_point():
@@ -53,4 +54,8 @@ def neat_projection(weight: Tensor, a_n: Tensor, act: str = "relu", backend: str
     a_n = a_n if a_n.dtype == weight.dtype else a_n.to(weight.dtype)
     # auto on CUDA: the Triton projection kernel (activation fused into the skinny GEMM), not timed
     plan = dispatch.select_plan(backend, weight, weight.dtype, lambda: "triton")
-    return NeatProjectionFunction.apply(weight, a_n, act, plan)
+    # in W's dtype under autocast too: an autocast GEMM here would give a half-precision Z that the
+    # backward (run outside autocast) multiplies with W; reading W once in its dtype is also cheaper
+    # than casting it (the GEMM is skinny, bound by W's bytes)
+    with torch.autocast(weight.device.type, enabled=False):
+        return NeatProjectionFunction.apply(weight, a_n, act, plan)
