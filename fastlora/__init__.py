@@ -3,6 +3,7 @@
     import fastlora
     model = fastlora.inject(model, fastlora.LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
 """
+from .adapters_api import TrainableParameters, adapter_stats, disable_adapter, trainable_parameters, unload
 from .checkpoint import load_adapter, read_adapter_config, save_adapter
 from .config import (AdapterConfig, CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig,
                      RankSelectiveLoraConfig, SelectiveLoraConfig)
@@ -16,9 +17,18 @@ from .training import TrainingHooks, attach_training_hooks, regularization_loss
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "AdapterLinear", "CascadeLoraConfig", "CurLoraConfig", "LoraConfig", "NeatConfig",
-    "RankSelectiveLoraConfig", "SelectiveLoraConfig", "TrainingHooks", "accelerate", "accelerated_layers",
-    "adapter_layers", "attach_training_hooks", "deaccelerate", "inject", "load_adapter", "load_peft_adapter", "merge",
-    "merge_and_unload", "read_adapter_config", "regularization_loss", "save_adapter", "save_peft_adapter",
-    "set_adapters_enabled", "trainable_parameter_count", "unmerge",
+    "AdapterConfig", "AdapterLinear", "CascadeLoraConfig", "CurLoraConfig", "FastLoraCallback", "FastLoraTrainer",
+    "LoraConfig", "NeatConfig", "RankSelectiveLoraConfig", "SelectiveLoraConfig", "TrainableParameters",
+    "TrainingHooks", "accelerate", "accelerated_layers", "adapter_layers", "adapter_stats", "attach_training_hooks",
+    "deaccelerate", "disable_adapter", "inject", "load_adapter", "load_peft_adapter", "merge", "merge_and_unload",
+    "read_adapter_config", "regularization_loss", "save_adapter", "save_peft_adapter", "set_adapters_enabled",
+    "trainable_parameter_count", "trainable_parameters", "unload", "unmerge",
 ]
+
+
+def __getattr__(name: str):
+    """FastLoraCallback and FastLoraTrainer import transformers, so they load on first use."""
+    if name in ("FastLoraCallback", "FastLoraTrainer"):
+        from . import trainer
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'fastlora' has no attribute {name!r}")

@@ -1,0 +1,110 @@
+"""transformers.Trainer integration: FastLoraCallback (training rules, stats, adapter checkpoints) and
+FastLoraTrainer (the callback plus ``regularization_loss`` in the training loss).
+
+    trainer = fastlora.FastLoraTrainer(model=model, args=args, train_dataset=data)   # everything
+    trainer = transformers.Trainer(..., callbacks=[fastlora.FastLoraCallback()])      # no regulariser
+
+A Trainer subclass is how transformers lets a term join the loss (``compute_loss``); with your own
+subclass, add the term the same way::
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        loss = loss + fastlora.regularization_loss(model)   # divide by the accumulation steps when
+        return (loss, outputs) if return_outputs else loss  # the loss is already scaled for them
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .adapters_api import adapter_stats
+from .checkpoint import save_adapter
+from .inject import adapter_layers
+from .training import TrainingHooks, _has_rule, attach_training_hooks, regularization_loss
+
+#: the folder of the adapter-only checkpoint inside each of Trainer's checkpoint-N folders
+ADAPTER_DIR = "fastlora_adapter"
+
+
+class FastLoraCallback(TrainerCallback):
+    """Connects a fastlora model to ``transformers.Trainer``.
+
+    - train begin: attaches the post-step training rules (CoDyRA's proximal step, LoRASC's
+      cascades, Selective LoRA's bookkeeping) to Trainer's optimizer (accelerate's wrapper
+      unwrapped), once per ``train()`` call; removed at train end.
+    - every log: each method's ``extra_stats`` over its layers ("fastlora/<method>/<stat>",
+      ``adapter_stats``) join the logged values and ``state.log_history``.
+    - every save (``save_adapters``): ``save_adapter`` writes the adapters into
+      ``<output_dir>/checkpoint-<step>/fastlora_adapter`` (``load_adapter`` reads it).
+
+    The regulariser (Selective LoRA's L1) is a term of the loss, which a callback cannot change:
+    use ``FastLoraTrainer`` (it adds this callback too) or add it in your ``compute_loss``.
+    """
+
+    def __init__(self, save_adapters: bool = True) -> None:
+        self.save_adapters = save_adapters
+        self.hooks: Optional[TrainingHooks] = None
+
+    def on_train_begin(self, args, state, control, model: Optional[nn.Module] = None, optimizer=None, **kwargs):
+        layers = list(adapter_layers(model))
+        if not layers:
+            warnings.warn("FastLoraCallback: the model has no fastlora adapters; nothing to do", stacklevel=2)
+            return
+        if self.hooks is not None:
+            self.hooks.remove()
+            self.hooks = None
+        if any(_has_rule(layer) for _, layer in layers):
+            if optimizer is None:
+                raise ValueError("FastLoraCallback: Trainer passed no optimizer; the training rules cannot be attached")
+            self.hooks = attach_training_hooks(model, getattr(optimizer, "optimizer", optimizer))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.hooks is not None:
+            self.hooks.remove()
+            self.hooks = None
+
+    def on_log(self, args, state, control, logs: Optional[dict] = None, model: Optional[nn.Module] = None,
+               **kwargs):
+        stats = adapter_stats(model)
+        if logs is not None:
+            logs.update(stats)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(stats)
+
+    def on_save(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
+        if self.save_adapters and state.is_world_process_zero and next(adapter_layers(model), None) is not None:
+            save_adapter(model, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / ADAPTER_DIR)
+
+
+class FastLoraTrainer(Trainer):
+    """``transformers.Trainer`` that adds ``fastlora.regularization_loss(model)`` to the training
+    loss (once per optimizer step across gradient accumulation) and a ``FastLoraCallback``
+    unless one is given."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not any(isinstance(c, FastLoraCallback) for c in self.callback_handler.callbacks):
+            self.add_callback(FastLoraCallback())
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            penalty = regularization_loss(self.accelerator.unwrap_model(model)).to(loss.device, loss.dtype)
+            if self._loss_scaled_for_accumulation(num_items_in_batch):
+                penalty = penalty / getattr(self, "current_gradient_accumulation_steps",
+                                            self.args.gradient_accumulation_steps)
+            loss = loss + penalty
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """Whether Trainer will not divide this loss by the accumulation steps (it is normalised
+        over the whole accumulated batch), the rule of ``Trainer.training_step``."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is not None:
+            return scaled
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None

@@ -1,0 +1,115 @@
+"""transformers.Trainer with FastLoraTrainer / FastLoraCallback: every method trains, its rule runs through
+accelerate's optimizer wrapper, stats are logged, adapter checkpoints sit in checkpoint-N and reload, and a
+run resumed from a checkpoint ends where the uninterrupted run ends."""
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+import fastlora
+from fastlora import (CascadeLoraConfig, CurLoraConfig, FastLoraCallback, FastLoraTrainer, LoraConfig, NeatConfig,
+                      RankSelectiveLoraConfig, SelectiveLoraConfig)
+
+TARGETS = ["query", "value"]
+CONFIGS = {
+    "lora": LoraConfig(r=2, alpha=4.0, target_modules=TARGETS),
+    "selective": SelectiveLoraConfig(r=2, target_modules=TARGETS, sparsity_weight=0.5),
+    "codyra": RankSelectiveLoraConfig(r=3, target_modules=TARGETS, total_steps=4, dense_fraction=0.0,
+                                      threshold_levels=1, kappa_max=10.0),
+    "curlora": CurLoraConfig(r=2, target_modules=TARGETS),
+    "neat": NeatConfig(r=2, depth=1, target_modules=TARGETS),
+    "cascade": CascadeLoraConfig(r=2, target_modules=TARGETS, cascade_interval=2),
+}
+STEPS = 4
+
+
+class Data(torch.utils.data.Dataset):
+    def __init__(self, n=16):
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 50, (n, 8), generator=generator)
+        self.labels = (self.ids[:, 0] % 2).long()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def model_with(config):
+    torch.manual_seed(0)
+    bert = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                      vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
+    return fastlora.inject(BertForSequenceClassification(bert), config)
+
+
+def arguments(output_dir, **kwargs):
+    fields = dict(output_dir=str(output_dir), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=5e-2,
+                  save_steps=2, logging_steps=1, use_cpu=True, report_to=[], seed=0, data_seed=0,
+                  disable_tqdm=True)
+    return TrainingArguments(**{**fields, **kwargs})
+
+
+def adapter_tensors(model):
+    return {k: v.clone() for k, v in fastlora.checkpoint.adapter_state_dict(model).items()}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_trains_resumes_and_reloads_every_method(name, tmp_path):
+    config = CONFIGS[name]
+    model = model_with(config)
+    before = adapter_tensors(model)
+    trainer = FastLoraTrainer(model=model, args=arguments(tmp_path / "run"), train_dataset=Data())
+    trainer.train()
+    trained = adapter_tensors(model)
+    assert any(not torch.equal(trained[k], before[k]) for k in before)
+
+    history = trainer.state.log_history
+    method = config.method
+    logged = [h for h in history if f"fastlora/{method}/layers" in h]
+    assert len(logged) >= STEPS and logged[0][f"fastlora/{method}/layers"] == 4.0
+    if name == "codyra":  # kappa_max = 10 after every step: the proximal step pruned every rank
+        assert logged[-1][f"fastlora/{method}/active_ranks"] == 0.0
+    if name == "cascade":  # cascade_interval = 2: two cascade steps in four optimizer steps
+        assert logged[-1][f"fastlora/{method}/cascades"] == 2.0
+
+    for step in (2, STEPS):
+        assert (tmp_path / "run" / f"checkpoint-{step}" / "fastlora_adapter" / "adapter_config.json").is_file()
+    reloaded = fastlora.load_adapter(model_with(config).float(), tmp_path / "run" / f"checkpoint-{STEPS}"
+                                     / "fastlora_adapter")
+    ids = Data().ids[:5]
+    with torch.no_grad():
+        want = model.eval()(input_ids=ids).logits
+        assert torch.allclose(reloaded.eval()(input_ids=ids).logits, want, atol=1e-6)
+
+    resumed_model = model_with(config)
+    resumed = FastLoraTrainer(model=resumed_model, args=arguments(tmp_path / "run2"), train_dataset=Data())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    for key, tensor in adapter_tensors(resumed_model).items():
+        assert torch.allclose(tensor, trained[key], atol=1e-6), key
+
+
+def test_regularization_joins_the_training_loss_only(tmp_path):
+    model = model_with(CONFIGS["selective"])
+    trainer = FastLoraTrainer(model=model, args=arguments(tmp_path), train_dataset=Data())
+    batch = {k: v[:4] for k, v in {"input_ids": Data().ids, "labels": Data().labels}.items()}
+    plain = Trainer(model=model, args=arguments(tmp_path), train_dataset=Data())
+    model.train()
+    penalty = fastlora.regularization_loss(model).item()
+    assert penalty > 0
+    with torch.no_grad():
+        assert trainer.compute_loss(model, batch).item() == pytest.approx(plain.compute_loss(model, batch).item()
+                                                                          + penalty, rel=1e-6)
+        model.eval()
+        assert trainer.compute_loss(model, batch).item() == pytest.approx(plain.compute_loss(model, batch).item())
+
+
+def test_plain_trainer_with_the_callback_runs_rules(tmp_path):
+    model = model_with(CONFIGS["codyra"])
+    trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=Data(),
+                      callbacks=[FastLoraCallback(save_adapters=False)])
+    trainer.train()
+    stats = fastlora.adapter_stats(model)
+    assert stats["fastlora/rank_selective_lora/active_ranks"] == 0.0
+    assert stats["fastlora/rank_selective_lora/optimizer_steps"] == STEPS
+    assert not list(tmp_path.glob("checkpoint-*/fastlora_adapter"))
+    assert any("fastlora/rank_selective_lora/kappa" in h for h in trainer.state.log_history)
