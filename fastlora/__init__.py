@@ -12,6 +12,7 @@ from .inject import (adapter_layers, inject, merge, merge_and_unload, set_adapte
 from .layer import AdapterLinear
 from .peft_accelerate import accelerate, accelerated_layers, deaccelerate
 from .peft_interop import load_peft_adapter, save_peft_adapter
+from .tasks import next_task
 from .training import TrainingHooks, attach_training_hooks, regularization_loss
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "LoraConfig", "NeatConfig", "RankSelectiveLoraConfig", "SelectiveLoraConfig", "TrainableParameters",
     "TrainingHooks", "accelerate", "accelerated_layers", "adapter_layers", "adapter_stats", "attach_training_hooks",
     "deaccelerate", "disable_adapter", "inject", "load_adapter", "load_peft_adapter", "merge", "merge_and_unload",
+    "next_task",
     "read_adapter_config", "regularization_loss", "save_adapter", "save_peft_adapter", "set_adapters_enabled",
     "trainable_parameter_count", "trainable_parameters", "unload", "unmerge",
 ]

@@ -1,0 +1,63 @@
+"""The task sequence of continual learning: after each task, fold what the adapters learned into W for
+good and start fresh adapters for the next task, in one call.
+
+    for task in tasks:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=...)
+        hooks = fastlora.attach_training_hooks(model, optimizer)
+        train(model, optimizer, task)
+        fastlora.next_task(model)        # also removes the hooks: the next task needs a new optimizer
+
+What each method keeps (its ``delta_weight``), then W <- W + ΔW and a fresh adapter:
+- LoRA: s B A.  NEAT: s B_n act(A_n W) (the fresh adapter projects the updated W).
+- Selective LoRA: s B A of blocks that are on; blocks switched off are dropped. Fresh score = score_init.
+- CoDyRA: s B diag(w) A, ranks at w = 0 dropped; the next task's adapter is a fresh increment whose
+  threshold schedule starts again.
+- CURLoRA: alpha W[:, J] U W[I, :]; the fresh adapter resamples I and J from the updated W.
+- LoRASC: the stage backbone plus the fast pair, W <- W_k + s B A (the model the task ended with); the
+  next task's stages start from it, stage 0 with its own noise.
+
+Choices (ours): the fresh adapters of task t (t = 1, 2, ... tasks done) are built with layer index
+t * L + k (L adapted layers, k the layer's position), so CURLoRA's sampler and LoRASC's noise draw new
+values per task and per layer, reproducibly; the count of tasks done is kept on each layer
+(``tasks_done``, not in checkpoints). W is updated for good: ``unmerge`` cannot go back past a
+``next_task``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .inject import adapter_layers, merge
+from .methods import build_adapter
+from .training import _ATTACHED
+
+
+@torch.no_grad()
+def next_task(model: nn.Module) -> nn.Module:
+    """End the current task: every adapted layer's W <- W + ΔW (what the method keeps), the kept copy
+    of a merged W dropped, and a fresh adapter of the same config in place of the old one (new
+    parameters: build a new optimizer and attach the training hooks again; live hooks of ``model``
+    are removed). Returns ``model``.
+
+    Raises ValueError when the model has no adapters, when adapters are disabled (what should be
+    kept is then ambiguous), or, as ``merge`` does, when a W is shared with another module.
+    """
+    layers = list(adapter_layers(model))
+    if not layers:
+        raise ValueError("model has no fastlora adapters; call fastlora.inject first")
+    disabled = [name for name, layer in layers if not layer.adapter_enabled]
+    if disabled:
+        raise ValueError(f"adapters of {disabled[:5]} are disabled; enable them (set_adapters_enabled(model, "
+                         f"True)) before next_task, which keeps what they learned")
+    merge(model)
+    hooks = _ATTACHED.get(model, lambda: None)()
+    if hooks is not None:
+        hooks.remove()
+    for position, (_, layer) in enumerate(layers):
+        task = getattr(layer, "tasks_done", 0) + 1
+        layer.weight_before_merge = None
+        layer.merged = False
+        layer.tasks_done = task
+        layer.adapter = build_adapter(layer.config, layer.in_features, layer.out_features, layer.weight.detach(),
+                                      layer_index=task * len(layers) + position).train(layer.training)
+    return model

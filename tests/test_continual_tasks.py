@@ -1,0 +1,170 @@
+"""next_task: per method, W gains what the method keeps (float64 formulas written here) and a fresh adapter
+starts the next task; a three-task sequence with real optimizers and hooks."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastlora
+from fastlora import (CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig, RankSelectiveLoraConfig,
+                      SelectiveLoraConfig)
+from fastlora.tasks import next_task
+
+D_IN, D_HID, D_OUT, N = 14, 12, 9, 10
+MIX = 1_000_003
+
+
+def _model(config):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, D_HID, dtype=torch.float64), nn.Tanh(),
+                          nn.Linear(D_HID, D_OUT, dtype=torch.float64))
+    fastlora.inject(model, config)
+    with torch.no_grad():
+        for p in (p for m in (model[0], model[2]) for p in m.adapter.parameters()):
+            p.copy_(0.5 * torch.randn_like(p))
+    return model
+
+
+def _kept(layer, weight):
+    """The float64 update each method keeps at the end of a task, from the paper's formula."""
+    adapter, config = layer.adapter, layer.config
+    t = {k: v.detach().double() if v.is_floating_point() else v for k, v in adapter.state_dict().items()}
+    if isinstance(config, SelectiveLoraConfig):
+        on = float(t["score"]) >= config.threshold
+        return config.alpha / config.r * t["lora_B"] @ t["lora_A"] * on
+    if isinstance(config, RankSelectiveLoraConfig):
+        return t["lora_B"] @ torch.diag(t["importance"]) @ t["lora_A"]  # s = 1 (alpha None)
+    if isinstance(config, CascadeLoraConfig):
+        return t["backbone"] - weight + config.alpha / config.r * t["lora_B"] @ t["lora_A"]
+    if isinstance(config, LoraConfig):
+        return config.alpha / config.r * t["lora_B"] @ t["lora_A"]
+    if isinstance(config, CurLoraConfig):
+        return config.alpha * weight[:, t["col_index"]] @ t["U"] @ weight[t["row_index"], :]
+    if isinstance(config, NeatConfig):
+        return config.scale * t["neat_B"] @ torch.relu(t["neat_A"] @ weight)
+    raise AssertionError(config)
+
+
+def _curlora_indices(weight, r, eps, seed):
+    """Inverted-probability sampling (columns, then rows) as CURLoRA's code, re-implemented."""
+    g = torch.Generator().manual_seed(seed)
+    w2 = weight.float().square()
+    col_q = 1.0 / (w2.sum(0) / w2.sum() + eps)
+    row_q = 1.0 / (w2.sum(1) / w2.sum() + eps)
+    cols = torch.multinomial(col_q / col_q.sum(), r, replacement=True, generator=g)
+    rows = torch.multinomial(row_q / row_q.sum(), r, replacement=True, generator=g)
+    return rows, cols
+
+
+CONFIGS = [LoraConfig(r=3, alpha=6.0), SelectiveLoraConfig(r=3, alpha=6.0), RankSelectiveLoraConfig(r=3),
+           CurLoraConfig(r=3, alpha=1.5, seed=4), NeatConfig(r=3, scale=0.7),
+           CascadeLoraConfig(r=3, alpha=6.0, noise_intensity=0.1, noise_seed=2)]
+IDS = [c.method for c in CONFIGS]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_next_task_keeps_what_the_method_keeps_and_starts_fresh_adapters(config):
+    model = _model(config)
+    layers = [model[0], model[2]]
+    if isinstance(config, SelectiveLoraConfig):
+        with torch.no_grad():
+            model[2].adapter.score.fill_(0.05)  # switched off: dropped
+    if isinstance(config, RankSelectiveLoraConfig):
+        for layer in layers:
+            with torch.no_grad():
+                layer.adapter.importance[1] = 0.0  # pruned: dropped
+            layer.adapter.refresh_active_ranks()
+    if isinstance(config, CascadeLoraConfig):
+        for layer in layers:
+            layer.adapter.cascade_step()
+            with torch.no_grad():
+                layer.adapter.lora_B.copy_(torch.randn_like(layer.adapter.lora_B))
+    weights = [layer.weight.detach().clone() for layer in layers]
+    expected = [w + _kept(layer, w) for layer, w in zip(layers, weights)]
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+    before = model(x).detach()
+    old = [layer.adapter for layer in layers]
+    assert next_task(model) is model
+    for k, (layer, w) in enumerate(zip(layers, expected)):
+        assert torch.allclose(layer.weight, w, rtol=0, atol=1e-12), k
+        assert not layer.merged and layer.weight_before_merge is None and layer.tasks_done == 1
+        adapter = layer.adapter
+        assert adapter is not old[k] and adapter.training
+        assert all(p.requires_grad for p in adapter.parameters())
+        if isinstance(config, SelectiveLoraConfig):
+            assert float(adapter.score.detach()) == config.score_init
+        if isinstance(config, RankSelectiveLoraConfig):
+            assert torch.equal(adapter.importance.detach(), torch.ones(3, dtype=torch.float64))
+            assert adapter.extra_stats()["optimizer_steps"] == 0
+        if isinstance(config, CurLoraConfig):
+            rows, cols = _curlora_indices(layer.weight, 3, config.eps, config.seed + 2 + k)  # task 1: 1 * L + k
+            assert torch.equal(adapter.row_index, rows) and torch.equal(adapter.col_index, cols)
+            assert torch.count_nonzero(adapter.U) == 0
+        if isinstance(config, CascadeLoraConfig):
+            g = torch.Generator().manual_seed(((2 * MIX + 2 + k) * MIX + 0) % 2**63)
+            noise = (torch.rand(w.shape, generator=g).double() - 0.5) * 0.1 * float(w.std())
+            assert torch.allclose(adapter.backbone, w + noise, rtol=0, atol=1e-12)
+            assert adapter.extra_stats() == {"cascades": 0.0, "optimizer_steps": 0.0}
+    after = model(x).detach()
+    if isinstance(config, CascadeLoraConfig):
+        fastlora.set_adapters_enabled(model, False)  # the fresh stage's noise aside, the same model
+        after = model(x).detach()
+        fastlora.set_adapters_enabled(model, True)
+    assert torch.allclose(after, before, rtol=0, atol=1e-10)  # fresh adapters start at ΔW = 0
+
+
+def test_three_task_sequence_with_optimizers_and_hooks():
+    """CoDyRA over three regression tasks: W accumulates B_t diag(w_t) A_t of every task (pruned ranks
+    dropped), each task trained by its own optimizer with a fresh schedule; next_task removes the hooks,
+    so attaching again just works."""
+    model = _model(RankSelectiveLoraConfig(r=3, total_steps=4, kappa_max=0.05))
+    torch.manual_seed(1)
+    tasks = [(torch.randn(N, D_IN, dtype=torch.float64), torch.randn(N, D_OUT, dtype=torch.float64))
+             for _ in range(3)]
+    expected = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    for t, (x, target) in enumerate(tasks):
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert len(params) == 6  # A, B, w of two layers: only the current task's adapters train
+        optimizer = torch.optim.SGD(params, lr=0.1)
+        fastlora.attach_training_hooks(model, optimizer)
+        for _ in range(6):
+            optimizer.zero_grad()
+            F.mse_loss(model(x), target).backward()
+            optimizer.step()
+        for k, layer in enumerate((model[0], model[2])):
+            assert layer.adapter.schedule_done
+            expected[k] = expected[k] + _kept(layer, expected[k])
+        fastlora.next_task(model)
+        for k, layer in enumerate((model[0], model[2])):
+            assert torch.allclose(layer.weight, expected[k], rtol=0, atol=1e-12), (t, k)
+            assert layer.tasks_done == t + 1
+
+
+def test_a_merged_model_keeps_its_merged_weight():
+    model = _model(LoraConfig(r=3, alpha=6.0))
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+    fastlora.merge(model)
+    merged = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    before = model(x).detach()
+    next_task(model)
+    assert torch.equal(model[0].weight, merged[0]) and torch.equal(model[2].weight, merged[1])
+    assert torch.equal(model(x).detach(), before)
+    fastlora.unmerge(model)  # nothing to undo: the task is folded in for good
+    assert torch.equal(model[0].weight, merged[0])
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="no fastlora adapters"):
+        next_task(nn.Sequential(nn.Linear(3, 3)))
+    model = _model(LoraConfig(r=3))
+    fastlora.set_adapters_enabled(model, False)
+    with pytest.raises(ValueError, match=r"adapters of \['0', '2'\] are disabled"):
+        next_task(model)
+    tied = nn.Sequential(nn.Linear(D_IN, D_IN, dtype=torch.float64), nn.Linear(D_IN, D_IN, dtype=torch.float64))
+    tied[1].weight = tied[0].weight
+    fastlora.inject(tied, LoraConfig(r=2, target_modules=["0"]))
+    tied[0].adapter.lora_B.data.normal_()
+    weight = tied[1].weight.detach().clone()
+    with pytest.raises(ValueError, match="shares memory"):
+        next_task(tied)
+    assert torch.equal(tied[0].weight, weight) and not tied[0].merged
