@@ -32,11 +32,13 @@ memory and launches null. JSON goes to benchmarks/results/<device-name-slug>[_qu
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import platform
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -47,7 +49,7 @@ from torch import Tensor
 from fastlora.kernels import PLANS, adapted_linear
 from fastlora.kernels.plans import auto_choices
 
-from .bench_methods import bench_methods
+from .bench_methods import method_jobs
 from .timing import measure
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -142,32 +144,47 @@ def case_tensors(n: int, d_in: int, d_out: int, r: int, device: torch.device, dt
             "dy": rnd(n, d_out)}
 
 
+def run_jobs(jobs: dict[str, Callable[[], dict]], keep_going: Callable[[], bool]) -> tuple[dict, list, dict]:
+    """(results, names skipped once ``keep_going()`` said False, name -> traceback of the jobs that
+    raised): one failing variant does not stop the others."""
+    results, skipped, errors = {}, [], {}
+    for name, job in jobs.items():
+        if not keep_going():
+            skipped.append(name)
+            continue
+        try:
+            results[name] = job()
+        except Exception:  # noqa: BLE001 - recorded in the report
+            errors[name] = traceback.format_exc(limit=-10)
+            print(f"  {name:38s} failed: {errors[name].strip().splitlines()[-1]}", flush=True)
+            continue
+        rank = f" (rank {results[name]['active_rank']})" if "active_rank" in results[name] else ""
+        _print_row(name + rank, results[name])
+    return results, skipped, errors
+
+
 def bench_case(n: int, d_in: int, d_out: int, r: int, device: torch.device,
                keep_going: Callable[[], bool] = lambda: True) -> dict:
     """Every variant and method at one shape: x (n, d_in), W (d_out, d_in), rank r.
 
     keep_going: asked before each variant and method; once it says False the rest are
-    listed under "skipped_for_time" (a time budget).
+    listed under "skipped_for_time" (a time budget). Variants that raise are listed with
+    their traceback under "errors".
     """
     dtype, plans = DTYPES[device.type], device_plans(device)
     t = case_tensors(n, d_in, d_out, r, device, dtype)
-    results, skipped = {}, []
-    for name, (forward, params) in raw_variants(t["x"], t["weight"], t["a"], t["b"], plans).items():
-        if not keep_going():
-            skipped.append(name)
-            continue
-        results[name] = measure(forward, params, t["dy"], device)
-        _print_row(name, results[name])
-    methods, skipped_methods = bench_methods(t["x"], t["weight"], t["dy"], r, "auto", keep_going)
-    skipped += skipped_methods
-    for name, res in methods.items():
-        _print_row(f"method {name} (rank {res['active_rank']})", res)
+    raw = {name: functools.partial(measure, forward, params, t["dy"], device)
+           for name, (forward, params) in raw_variants(t["x"], t["weight"], t["a"], t["b"], plans).items()}
+    results, skipped, errors = run_jobs(raw, keep_going)
+    methods, skipped_methods, method_errors = run_jobs(method_jobs(t["x"], t["weight"], t["dy"], r, "auto"),
+                                                       keep_going)
     base = results.get("base")
     return {"n": n, "d_in": d_in, "d_out": d_out, "r": r, "dtype": str(dtype).replace("torch.", ""),
             "results": results, "ratios": _ratios(results) if base else {},
             "methods": methods, "method_ratios": {name: _ratio_row(res, base, results.get("peft"))
                                                   for name, res in methods.items()} if base else {},
-            "auto_choices": auto_choices(), "skipped_for_time": skipped}
+            "auto_choices": auto_choices(), "skipped_for_time": skipped + skipped_methods,
+            "errors": {**errors, **{f"method {k}": v for k, v in method_errors.items()}}}
 
 
 def _print_row(name: str, res: dict) -> None:

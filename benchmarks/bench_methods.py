@@ -13,10 +13,12 @@ trivially zero. Cases (active rank in brackets):
   ``refresh_active_ranks()`` (half the ranks pruned) [r/2];
 - ``curlora``: U random; C, R gathered from W by index [r];
 - ``neat``: depth 0, B random [r];
-- ``cascade_lora``: after one ``cascade_step()`` (the first pair folded), fast B random [2 r].
+- ``cascade_lora``: after one ``cascade_step()`` (the first pair folded into the backbone copy
+  of W), fast B random [r].
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -103,18 +105,14 @@ def active_rank(layer: AdapterLinear) -> int:
     return int(a.shape[0] if a is not None else args["row_index"].numel())
 
 
-def bench_methods(x: Tensor, weight: Tensor, dy: Tensor, r: int, backend: str,
-                  keep_going: Callable[[], bool] = lambda: True) -> tuple[dict, list[str]]:
-    """(name -> measure(...) of every method's layer on x (N, d_in) plus its "active_rank",
-    names skipped because ``keep_going()`` said False before them)."""
+def method_jobs(x: Tensor, weight: Tensor, dy: Tensor, r: int, backend: str) -> dict[str, Callable[[], dict]]:
+    """name -> a call measuring that method's layer on x (N, d_in): ``measure(...)`` plus its
+    "active_rank" (the layer is built when the call runs)."""
     gen = torch.Generator(device=x.device).manual_seed(1)
-    results, skipped = {}, []
-    for name in METHODS:
-        if not keep_going():
-            skipped.append(name)
-            continue
+
+    def job(name: str) -> dict:
         layer = method_layer(name, weight, r, backend, gen)
         params = [x, *(p for p in layer.parameters() if p.requires_grad)]
-        results[name] = {**measure(lambda layer=layer: layer(x), params, dy, x.device, module=layer),
-                         "active_rank": active_rank(layer)}
-    return results, skipped
+        return {**measure(lambda: layer(x), params, dy, x.device, module=layer), "active_rank": active_rank(layer)}
+
+    return {name: functools.partial(job, name) for name in METHODS}

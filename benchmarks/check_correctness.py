@@ -282,7 +282,7 @@ def run(ctx) -> dict:
         try:
             desc.update(check())
         except Exception:  # noqa: BLE001 - one failing item must not stop the others
-            desc.update({"pass": False, "error": traceback.format_exc(limit=8)})
+            desc.update({"pass": False, "error": traceback.format_exc(limit=-10)})
         desc["seconds"] = time.monotonic() - start  # first calls include Triton compilation and autotuning
         result["items"].append(desc)
         ctx.partial(result)

@@ -66,8 +66,8 @@ def sync_free(fn: Callable[[], object]) -> dict:
     torch.cuda.set_sync_debug_mode("error")
     try:
         fn()
-    except RuntimeError as exc:
-        return {"pass": False, "error": str(exc).splitlines()[0]}
+    except RuntimeError:
+        return {"pass": False, "error": traceback.format_exc(limit=-10)}  # the innermost frames: where it synced
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
@@ -123,7 +123,7 @@ def _guarded(check: Callable[[], dict]) -> dict:
     try:
         return check()
     except Exception:  # noqa: BLE001 - one failing item must not stop the others
-        return {"pass": False, "error": traceback.format_exc(limit=6)}
+        return {"pass": False, "error": traceback.format_exc(limit=-10)}
 
 
 ITEM_RESERVE_S = 3.0

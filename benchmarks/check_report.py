@@ -46,6 +46,7 @@ def _speed(report: dict) -> list[str]:
             lines.append(f"  {name:34s} {res['fwd_ms']:8.3f} {res['fwd_bwd_ms']:8.3f} {_num(vs_base, '6.3f')} "
                          f"{_num(vs_peft, '6.3f')} {_num(res['fwd_bwd_peak_mib'], '9.1f')} "
                          f"{_num(res['fwd_bwd_launches'], '6d')}")
+        lines += [f"  {name:34s} failed: {tb.strip().splitlines()[-1]}" for name, tb in case["errors"].items()]
     return lines
 
 

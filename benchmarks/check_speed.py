@@ -9,8 +9,9 @@ from __future__ import annotations
 from .bench_adapted_linear import FULL_RANKS, FULL_SHAPES, bench_case, method_note
 
 QUICK_CASES = [(64, 32, 48, 4)]
-CASE_RESERVE_S = {"cuda": 20.0, "cpu": 2.0}
-VARIANT_RESERVE_S = {"cuda": 4.0, "cpu": 0.5}
+# time that must be left to start a case / a variant (a first call may compile and autotune kernels)
+CASE_RESERVE_S = {"cuda": 30.0, "cpu": 2.0}
+VARIANT_RESERVE_S = {"cuda": 12.0, "cpu": 0.5}
 
 
 def cases(quick: bool) -> list[tuple[int, int, int, int]]:
@@ -31,6 +32,7 @@ def run(ctx) -> dict:
         ctx.partial(result)
     measured = sum(len(c["results"]) + len(c["methods"]) for c in result["cases"])
     result["summary"] = (f"{len(result['cases'])} cases, {measured} variants measured, "
+                         f"{sum(len(c['errors']) for c in result['cases'])} failed, "
                          f"{sum(len(c['skipped_for_time']) for c in result['cases'])} variants and "
                          f"{len(result['skipped'])} cases skipped for time")
     return result

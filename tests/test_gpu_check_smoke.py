@@ -9,9 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.bench_methods import METHODS
 from benchmarks.check_correctness import CASES, QUICK_SHAPES
+from benchmarks.check_kernels import kernel_kind, model_bytes
+from benchmarks.check_report import render
+from benchmarks.profiling import is_copy, per_name, top
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ["env", "correctness", "graphs", "gemm", "skinny", "trace", "speed"]
@@ -67,7 +71,7 @@ def test_env_trace_and_speed(cpu_run):
     assert sections["env"]["versions"]["torch"] and sections["env"]["copy_gbs"] > 0
     assert set(sections["trace"]["plans"]) == {"torch", "auto"}
     case = sections["speed"]["cases"][0]
-    assert set(case["methods"]) == set(METHODS) and case["skipped_for_time"] == []
+    assert set(case["methods"]) == set(METHODS) and case["skipped_for_time"] == [] and case["errors"] == {}
     assert case["ratios"]["fastlora_torch"]["fwd_bwd_ms_vs_base"] == pytest.approx(
         case["results"]["fastlora_torch"]["fwd_bwd_ms"] / case["results"]["base"]["fwd_bwd_ms"])
 
@@ -103,3 +107,78 @@ def test_triton_interpreter_plans(tmp_path):
     assert {i["plan"] for i in items} == {"triton", "cublas", "auto"}
     assert {i["dtype"] for i in items} == {"float16", "float32"}
     assert all(i["pass"] for i in items)
+
+
+def test_kernel_byte_models():
+    assert kernel_kind("_shrink_kernel", "fwd") == "shrink_x" and kernel_kind("_shrink_kernel", "bwd") == "shrink_dy"
+    assert kernel_kind("_dy_columns_kernel", "bwd") == "dy_columns"
+    assert kernel_kind("_down_grad_kernel", "bwd") == "down_grad"
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16", "fwd") is None
+    # x (N, d_in) read once dominates the shrink: 8192 x 4096 bf16 plus A and the fp32 output
+    assert model_bytes("shrink_x", 8192, 4096, 11008, 16, 2) == 8192 * 4096 * 2 + 16 * 4096 * 2 + 8192 * 16 * 4
+
+
+def test_profile_tables():
+    events = [("k1", 10.0), ("k2", 30.0), ("k1", 20.0), ("Memset (Device)", 1.0)]
+    table = per_name(events, repeats=2)
+    assert table["k1"] == {"calls": 1.0, "us": 15.0}
+    rows = top(table, 2)
+    assert [r["name"] for r in rows] == ["k1", "k2"] and rows[0]["share"] == pytest.approx(15 / 30.5)
+    assert is_copy("Memset (Device)") and is_copy("Memcpy DtoD (Device -> Device)") and not is_copy("k1")
+
+
+def test_table_lists_failures():
+    report = {"device": "GPU", "plans": ["triton"], "sections": {
+        "correctness": {"status": "fail", "seconds": 1.0, "summary": "0/1", "items": [
+            {"kind": "op", "case": "plain", "dtype": "bfloat16", "plan": "triton", "pass": False,
+             "max_error": 0.5, "tolerance": 0.01, "errors": {"y": 0.5}}]},
+        "graphs": {"status": "fail", "seconds": 1.0, "syncs": {"triton/plain": {"pass": False, "error": "sync"}},
+                   "method_syncs": {}, "graphs": {}},
+        "speed": {"status": "error", "traceback": "Traceback ...\nRuntimeError: boom"}}}
+    text = render(report)
+    assert "correctness op plain bfloat16 triton: max error 5.00e-01" in text
+    assert "syncs triton/plain: sync" in text and "RuntimeError: boom" in text
+
+
+class _Ctx:
+    """The slice of gpu_check's section context the kernel sections read."""
+    device = torch.device("cpu")
+    quick = True
+    plans = ("triton", "cublas", "torch")
+    report = {"sections": {"env": {"copy_gbs": 100.0}}}
+
+    def has(self, seconds):
+        return True
+
+    def partial(self, result):
+        pass
+
+
+def test_kernel_sections_logic(monkeypatch):
+    """The CUDA-only sections "gemm" and "skinny" on tiny CPU shapes (Triton plans interpreted),
+    with the profiler replaced by fixed kernel times: their bookkeeping, not the GPU."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter on CPU")
+    from benchmarks import check_kernels
+
+    def events(fn, repeats=1):
+        fn()
+        return [("_fused_linear_kernel", 100.0), ("_shrink_kernel", 10.0), ("_dy_columns_kernel", 5.0),
+                ("_fused_linear_kernel", 90.0), ("Memset (Device)", 1.0)] * repeats
+
+    monkeypatch.setattr(check_kernels, "gpu_events", events)
+    monkeypatch.setattr(check_kernels, "FULL_SHAPES", [(32, 16, 24)])
+    monkeypatch.setattr(check_kernels, "SKINNY_CASES", [(32, 16, 24, 4)])
+    gemm = check_kernels.gemm_vs_cublas(_Ctx())
+    shape = gemm["shapes"][0]
+    assert shape["gemm_ratio"] == 1.0 and shape["triton_gemms"]["names"] == ["_fused_linear_kernel"]
+    assert set(shape["fwd_ms"]) == {"base", "triton_gate_0", "triton", "cublas", "torch"}
+    skinny = check_kernels.skinny_bandwidth(_Ctx())
+    kernels = {(k["phase"], k["name"]): k for k in skinny["cases"][0]["kernels"]}
+    shrink = kernels[("fwd", "_shrink_kernel")]
+    assert shrink["kind"] == "shrink_x" and shrink["gbs"] == pytest.approx(
+        check_kernels.model_bytes("shrink_x", 32, 16, 24, 4, 4) / 10e-6 / 1e9)
+    assert shrink["of_copy"] == pytest.approx(shrink["gbs"] / 100.0)
+    assert kernels[("bwd", "_shrink_kernel")]["kind"] == "shrink_dy"
+    assert kernels[("fwd", "_fused_linear_kernel")]["gbs"] is None
