@@ -8,7 +8,9 @@ list of layer names, still load)::
     adapter_model.safetensors  "<layer name>.adapter.<tensor name>" -> tensor
 
 "config" is the first layer's config (what ``read_adapter_config`` returns), "layers" every
-layer's own config.
+layer's own config. Trainable parameters outside the adapters (a classifier head the user
+unfroze: PEFT's ``modules_to_save``) are saved too, under their qualified names, listed in the
+optional field "saved_parameters"; ``load_adapter`` copies them back.
 
 Writing touches these two files only (``write_files_atomically``): each is written to a temp
 file in the directory, flushed and fsynced, then renamed over the old one (weights first,
@@ -57,15 +59,25 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
+def trainable_non_adapter_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """Parameters outside the adapter layers' adapters that require grad (a classifier head
+    trained with the adapters), keyed by qualified name."""
+    adapters = {id(p) for _, layer in adapter_layers(model) for p in layer.adapter.parameters()}
+    return {name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in adapters}
+
+
 def save_adapter(model: nn.Module, directory: PathLike) -> Path:
-    """Write the model's adapters (tensors and each layer's config) into ``directory``, created
-    when missing; other files in it are left alone. Returns the directory's path."""
+    """Write the model's adapters (tensors and each layer's config) and its trainable parameters
+    outside the adapters (``modules_to_save``: a classifier head) into ``directory``, created when
+    missing; other files in it are left alone. Returns the directory's path."""
     layers = list(adapter_layers(model))
     if not layers:
         raise ValueError("model has no fastlora adapters to save")
     state = adapter_state_dict(model)
+    extra = {name: p.detach().contiguous().cpu() for name, p in trainable_non_adapter_parameters(model).items()}
+    state.update(extra)
     meta = {"format_version": FORMAT_VERSION, "config": layers[0][1].config.to_dict(),
-            "layers": {name: layer.config.to_dict() for name, layer in layers}}
+            "layers": {name: layer.config.to_dict() for name, layer in layers}, "saved_parameters": sorted(extra)}
     digest = {}
 
     def write_weights(path: str) -> None:
@@ -239,10 +251,19 @@ def _layer_configs(path: Path, meta: dict[str, Any]) -> dict[str, AdapterConfig]
     return {name: _parse_config(path, f"layers.{name}", data) for name, data in layers.items()}
 
 
-def _read_checkpoint(directory: PathLike) -> tuple[dict[str, AdapterConfig], dict[str, Tensor]]:
-    """(layer configs, tensors), the weights file checked against the config's digest."""
+def _saved_parameter_names(path: Path, meta: dict[str, Any]) -> list[str]:
+    names = meta.get("saved_parameters", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{path}: field 'saved_parameters' must be a list of parameter names, got {names!r}")
+    return names
+
+
+def _read_checkpoint(directory: PathLike) -> tuple[dict[str, AdapterConfig], dict[str, Tensor], dict[str, Tensor]]:
+    """(layer configs, adapter tensors, saved non-adapter parameters), the weights file checked
+    against the config's digest."""
     path, meta = _read_meta(directory)
     configs = _layer_configs(path, meta)
+    saved_names = _saved_parameter_names(path, meta)
     weights = path.with_name(WEIGHTS_FILE)
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}")
@@ -264,7 +285,10 @@ def _read_checkpoint(directory: PathLike) -> tuple[dict[str, AdapterConfig], dic
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise ValueError(f"{weights}: tensor {key!r} has {bad} non-finite values (NaN or inf)")
-    return configs, state
+    missing = sorted(set(saved_names) - set(state))
+    if missing:
+        raise ValueError(f"{weights}: lacks the saved parameters {missing[:5]} that {path.name} lists")
+    return configs, state, {name: state.pop(name) for name in saved_names}
 
 
 def _computation_fields(config: AdapterConfig) -> dict[str, Any]:
@@ -350,20 +374,37 @@ def _check_fits(layers: dict[str, nn.Module], configs: dict[str, AdapterConfig],
             raise ValueError(f"layer {name}: checkpoint config differs from the layer's in {detail}")
 
 
+def _check_saved_parameters(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, nn.Parameter]:
+    """The model's parameters the checkpoint's saved non-adapter parameters go into (same shapes)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    targets = {}
+    for name, tensor in saved.items():
+        if name not in params:
+            raise ValueError(f"checkpoint parameter {name!r} (modules_to_save) is not a parameter of the model")
+        if tuple(tensor.shape) != tuple(params[name].shape) or not tensor.is_floating_point():
+            raise ValueError(f"checkpoint parameter {name!r}: {tensor.dtype} {tuple(tensor.shape)} does not fit the "
+                             f"model's {params[name].dtype} {tuple(params[name].shape)}")
+        targets[name] = params[name]
+    return targets
+
+
 def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     """Load adapters saved by ``save_adapter`` into ``model``; returns ``model``.
 
     A model without adapters is first injected with the stored config into exactly the
-    checkpoint's layers. Raises (leaving the model as it was) on: a malformed or mixed
-    checkpoint, non-finite values, missing or unexpected layers or tensors, shape or dtype
-    mismatches, indices outside W, merged layers, or a layer config that differs in a field
-    that changes the computation (all but target_modules, backend and init/sampling fields).
+    checkpoint's layers. Saved non-adapter parameters (``modules_to_save``: a classifier head)
+    are copied into the model's parameters of the same names, which become trainable again.
+    Raises (leaving the model as it was) on: a malformed or mixed checkpoint, non-finite values,
+    missing or unexpected layers or tensors, shape or dtype mismatches, indices outside W, merged
+    layers, or a layer config that differs in a field that changes the computation (all but
+    target_modules, backend and init/sampling fields).
     """
-    configs, state = _read_checkpoint(directory)
+    configs, state, saved = _read_checkpoint(directory)
     undo = None if next(adapter_layers(model), None) is not None else _inject_checkpoint_layers(model, configs)
     try:
         layers = dict(adapter_layers(model))
         _check_fits(layers, configs, state)
+        targets = _check_saved_parameters(model, saved)
     except BaseException:
         if undo is not None:
             undo()
@@ -371,4 +412,8 @@ def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     for name, layer in layers.items():
         prefix = f"{name}.adapter."
         layer.adapter.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    with torch.no_grad():
+        for name, param in targets.items():
+            param.copy_(saved[name])
+            param.requires_grad_(True)
     return model
