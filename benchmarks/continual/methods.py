@@ -3,15 +3,15 @@
 Every adapter gets rank r on every Linear of the MLP (fc1, fc2, head) and the same
 training budget and learning-rate grid; method-specific knobs are set once here:
 - LoRA-family scale alpha = 2r (alpha/r = 2), no dropout.
-- Selective LoRA: the library's tau = 0.1, score_init = 1.0, L1 weight lambda = 0.1.
-- CoDyRA: importance_init 1.0, sparsity_strength mu = 1.0 (the per-step shrink is lr * mu).
-  lambda and mu come from a pilot on the split scenario, seed 0, lr 1e-2, 20 epochs: the largest
-  value of {0.01, 0.1, 1} (lambda) and {0.5, 1, 2, 3, 5} (mu) that kept task-B test accuracy
-  >= 0.97 (a task-B-only criterion): lambda = 0.1 switched 1 of 3 blocks off, mu = 1 pruned 2
-  of 8 ranks per layer; lambda = 0.01 and mu = 0.5 never closed a block or a rank.
+- Selective LoRA: TAPS's settings (the library defaults): tau = 0.1, score_init = 0.15, L1 weight
+  lambda = 1 divided by the number of gated layers, switched on after a warm-up of a tenth of the
+  budget (TAPS: 2 of its epochs; here 2 of the 20 default epochs).
+- CoDyRA: the authors' settings (the library defaults): s = 1, w ~ randn, threshold 0 for the first
+  half of the budget, then 50 levels up to kappa_max = 0.005, the schedule spanning the whole budget.
 - CURLoRA: k = r sampled rows/columns, alpha = 1, eps = 1e-3 (authors' code), sampler seed = run seed.
 - NEAT: depth 0, ReLU, scale 1 (the defaults).
-- LoRASC: a cascade step every quarter of the budget, at most 4 folded pairs, no noise.
+- LoRASC: a new stage every epoch (the paper; the training loop ends the stage, see train.py), pace
+  alpha = 1 - m = 0.5, NoisyTune noise of intensity 0.15 on the backbone at each stage (the defaults).
 Quick-mode lrs are the ones the full sweep selected most often on the split scenario (CURLoRA's
 U needs a large lr: its factors C and R are entries of W).
 A method whose config type is not registered in fastlora.methods.ADAPTER_TYPES is skipped.
@@ -47,11 +47,11 @@ def _lora(r, steps, seed):
 
 
 def _selective(r, steps, seed):
-    return SelectiveLoraConfig(r=r, alpha=2.0 * r, sparsity_weight=0.1)
+    return SelectiveLoraConfig(r=r, alpha=2.0 * r, sparsity_warmup_steps=steps // 10)
 
 
 def _rank_selective(r, steps, seed):
-    return RankSelectiveLoraConfig(r=r, alpha=2.0 * r, sparsity_strength=1.0)
+    return RankSelectiveLoraConfig(r=r, importance_init="randn", total_steps=steps)
 
 
 def _curlora(r, steps, seed):
@@ -63,7 +63,7 @@ def _neat(r, steps, seed):
 
 
 def _cascade(r, steps, seed):
-    return CascadeLoraConfig(r=r, alpha=2.0 * r, cascade_interval=max(1, steps // 4), max_cascades=4)
+    return CascadeLoraConfig(r=r, alpha=2.0 * r, cascade_interval=None, noise_seed=seed)
 
 
 METHODS: tuple[MethodSpec, ...] = (

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import fastlora
+from fastlora.methods.cascade import CascadeLoraAdapter
 
 from .data import Scenario
 from .methods import MethodSpec
@@ -60,11 +61,21 @@ def adapter_stats(model: nn.Module) -> dict[str, float]:
     return {"layers": float(len(layers)), **{k: v / len(layers) for k, v in totals.items()}} if layers else {}
 
 
+def _end_cascade_stages(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """LoRASC's stage ends with the epoch (the paper): fold, fresh pair without optimizer state."""
+    for _, layer in fastlora.adapter_layers(model):
+        if isinstance(layer.adapter, CascadeLoraAdapter):
+            layer.adapter.cascade_step()
+            for param in (layer.adapter.lora_A, layer.adapter.lora_B):
+                optimizer.state.pop(param, None)
+
+
 def fine_tune(pretrained: nn.Module, scenario: Scenario, spec: MethodSpec, lr: float, seed: int,
               epochs: int, rank: int, batch_size: int = 64) -> Run:
     """Adam on task B's train split for ``epochs`` epochs (every method the same steps and
     batches), the method's regulariser added to the loss and its post-step rule attached;
-    evaluates after every epoch. Wall time counts training only."""
+    evaluates after every epoch; LoRASC's stages end with the epochs (not after the last). Wall time
+    counts training only."""
     task = scenario.task_b
     n = len(task.train.y)
     steps = epochs * -(-n // batch_size)
@@ -77,7 +88,7 @@ def fine_tune(pretrained: nn.Module, scenario: Scenario, spec: MethodSpec, lr: f
     run = Run(spec.name, lr, seed, sum(p.numel() for p in trainable), 0.0)
     run.trajectory.append(_evaluate(model, scenario, 0))
     step = 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         start = time.perf_counter()
         for index in batches(n, batch_size, generator):
             loss = task_loss(model, task, task.train.x[index], task.train.y[index])
@@ -87,6 +98,8 @@ def fine_tune(pretrained: nn.Module, scenario: Scenario, spec: MethodSpec, lr: f
             loss.backward()
             optimizer.step()
             step += 1
+        if epoch < epochs - 1:
+            _end_cascade_stages(model, optimizer)
         run.seconds += time.perf_counter() - start
         run.trajectory.append(_evaluate(model, scenario, step))
     if hooks is not None:
