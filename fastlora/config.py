@@ -41,6 +41,10 @@ class AdapterConfig:
     most MAX_REGEX_REPETITIONS repetitions in all.
     dropout: dropout on the adapter input (PEFT's lora_dropout).
     backend: the fused op's execution plan: "auto" (measured fastest) | "triton" | "cublas" | "torch".
+
+    PEFT's names are accepted as keywords when building a config (not stored): ``lora_dropout``
+    for dropout, ``lora_alpha`` for alpha (LoRA-family configs), ``task_type`` (ignored: fastlora
+    adapts the model it is given, PEFT uses it to choose a model wrapper).
     """
 
     method: ClassVar[str] = ""
@@ -48,8 +52,22 @@ class AdapterConfig:
     target_modules: TargetModules = None
     dropout: float = 0.0
     backend: str = "auto"
+    _: dataclasses.KW_ONLY
+    lora_alpha: dataclasses.InitVar[Optional[float]] = None
+    lora_dropout: dataclasses.InitVar[Optional[float]] = None
+    task_type: dataclasses.InitVar[Optional[str]] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, lora_alpha: Optional[float], lora_dropout: Optional[float], task_type: Any) -> None:
+        for alias, name, value in (("lora_alpha", "alpha", lora_alpha), ("lora_dropout", "dropout", lora_dropout)):
+            if value is None:
+                continue
+            if name not in {f.name for f in dataclasses.fields(self)} or (name == "alpha" and
+                                                                          not isinstance(self, LoraConfig)):
+                raise ValueError(f"{type(self).__name__} has no {alias} (PEFT's LoRA field); its fields are "
+                                 f"{sorted(f.name for f in dataclasses.fields(self))}")
+            if getattr(self, name) != getattr(type(self), name):
+                raise ValueError(f"{type(self).__name__}: give {name} or PEFT's {alias}, not both")
+            object.__setattr__(self, name, value)
         self.validate()
 
     def validate(self) -> None:
