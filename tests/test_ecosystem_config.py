@@ -1,0 +1,54 @@
+"""Configs built with PEFT's field names mean what PEFT means: the same keywords give PEFT's outputs."""
+import copy
+import dataclasses
+
+import peft
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+import fastlora
+from fastlora import CurLoraConfig, LoraConfig, NeatConfig, RankSelectiveLoraConfig
+
+PEFT_KWARGS = dict(r=4, lora_alpha=16, lora_dropout=0.1, task_type="FEATURE_EXTRACTION",
+                   target_modules={"query", "value"})
+
+
+def test_peft_keywords_give_peft_outputs():
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                                vocab_size=50)).double().eval()
+    reference = peft.get_peft_model(copy.deepcopy(bert), peft.LoraConfig(**PEFT_KWARGS, init_lora_weights=False))
+    config = LoraConfig(**PEFT_KWARGS)
+    assert (config.alpha, config.dropout, config.target_modules) == (16, 0.1, ("query", "value"))
+    model = fastlora.inject(bert, config).eval()
+    peft_layers = {n.removeprefix("base_model.model."): m for n, m in reference.named_modules() if hasattr(m, "lora_A")}
+    for name, layer in fastlora.adapter_layers(model):
+        layer.adapter.lora_A.data.copy_(peft_layers[name].lora_A["default"].weight)
+        layer.adapter.lora_B.data.copy_(peft_layers[name].lora_B["default"].weight)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = reference.eval()(input_ids=ids).last_hidden_state
+        got = model(input_ids=ids).last_hidden_state
+    assert ((got - want).norm() / want.norm()).item() < 1e-12
+
+
+def test_aliases_are_not_stored_and_survive_replace_and_json():
+    config = LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1)
+    assert "lora_alpha" not in config.to_dict() and "task_type" not in config.to_dict()
+    assert fastlora.AdapterConfig.from_dict(config.to_dict()) == config
+    assert dataclasses.replace(config, r=8).alpha == 16
+    assert RankSelectiveLoraConfig(lora_alpha=4.0).scale == 4.0 / 16
+    assert NeatConfig(lora_dropout=0.2).dropout == 0.2
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: LoraConfig(alpha=4.0, lora_alpha=16), "give alpha or PEFT's lora_alpha, not both"),
+    (lambda: LoraConfig(dropout=0.2, lora_dropout=0.1), "give dropout or PEFT's lora_dropout, not both"),
+    (lambda: NeatConfig(lora_alpha=16), "NeatConfig has no lora_alpha"),
+    (lambda: CurLoraConfig(lora_alpha=16), "CurLoraConfig has no lora_alpha"),
+    (lambda: LoraConfig(lora_dropout=1.5), r"LoraConfig.dropout must be a number in \[0, 1\), got 1.5"),
+])
+def test_bad_aliases_are_refused_with_the_field_named(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
