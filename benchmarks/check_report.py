@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 MAX_FAILURES = 12
+MAX_WIDTH = 200  # characters of a failure line
 
 
 def _num(value: Optional[float], fmt: str) -> str:
@@ -21,13 +22,13 @@ def _failures(report: dict) -> list[str]:
             what = " ".join(str(item[k]) for k in ("kind", "case", "method", "act", "dtype", "plan") if k in item)
             why = item["error"].strip().splitlines()[-1] if "error" in item else \
                 f"max error {item['max_error']:.2e} >= {item['tolerance']:.0e} ({item['errors']})"
-            lines.append(f"  correctness {what}: {why}")
+            lines.append(f"  correctness {what}: {why}"[:MAX_WIDTH])
     graphs = report["sections"].get("graphs", {})
     for group in ("syncs", "method_syncs", "graphs"):
         for name, row in graphs.get(group, {}).items():
             if not row["pass"]:
                 why = row["error"].strip().splitlines()[-1] if "error" in row else str(row)
-                lines.append(f"  {group} {name}: {why}")
+                lines.append(f"  {group} {name}: {why}"[:MAX_WIDTH])
     return lines[:MAX_FAILURES] + ([f"  ... {len(lines) - MAX_FAILURES} more"] if len(lines) > MAX_FAILURES else [])
 
 
@@ -36,17 +37,20 @@ def _speed(report: dict) -> list[str]:
     for case in report["sections"].get("speed", {}).get("cases", []):
         lines.append(f"speed N={case['n']} {case['d_in']}->{case['d_out']} r={case['r']} {case['dtype']}"
                      f"  (auto chose: {case['auto_choices']})")
-        lines.append(f"  {'variant':34s} {'fwd ms':>8s} {'fwd+bwd':>8s} {'xbase':>6s} {'xpeft':>6s} "
-                     f"{'peak MiB':>9s} {'launch':>6s}")
+        lines.append(f"  {'variant':28s} {'fwd ms':>8s} {'fwd+bwd':>8s} {'xbase':>6s} {'xpeft':>6s} "
+                     f"{'peak MiB':>8s} {'launch':>6s}")
         ratios = {**case["ratios"], **{f"method {k}": v for k, v in case["method_ratios"].items()}}
         rows = {**case["results"], **{f"method {k}": v for k, v in case["methods"].items()}}
         for name, res in rows.items():
             ratio = ratios.get(name, {})
             vs_base, vs_peft = ratio.get("fwd_bwd_ms_vs_base"), ratio.get("fwd_bwd_ms_vs_peft")
-            lines.append(f"  {name:34s} {res['fwd_ms']:8.3f} {res['fwd_bwd_ms']:8.3f} {_num(vs_base, '6.3f')} "
-                         f"{_num(vs_peft, '6.3f')} {_num(res['fwd_bwd_peak_mib'], '9.1f')} "
+            lines.append(f"  {name:28s} {res['fwd_ms']:8.3f} {res['fwd_bwd_ms']:8.3f} {_num(vs_base, '6.3f')} "
+                         f"{_num(vs_peft, '6.3f')} {_num(res['fwd_bwd_peak_mib'], '8.1f')} "
                          f"{_num(res['fwd_bwd_launches'], '6d')}")
-        lines += [f"  {name:34s} failed: {tb.strip().splitlines()[-1]}" for name, tb in case["errors"].items()]
+        lines += [f"  {name:28s} failed: {tb.strip().splitlines()[-1][:100]}" for name, tb in case["errors"].items()]
+        lines += [f"  target {t['target']}: {_num(t['value'], '.3f')} vs limit {t['limit']:.3f} "
+                  f"{'met' if t['met'] else 'NOT met' if t['met'] is False else 'not measured'}"
+                  for t in case.get("targets", [])]
     return lines
 
 
@@ -57,7 +61,7 @@ def render(report: dict) -> str:
     for name, sec in report["sections"].items():
         note = sec.get("summary") or sec.get("reason") or \
             (sec["traceback"].strip().splitlines()[-1] if "traceback" in sec else "")
-        lines.append(f"{name:12s} {sec['status']:8s} {_num(sec.get('seconds'), '6.1f')}  {note}")
+        lines.append(f"{name:12s} {sec['status']:8s} {_num(sec.get('seconds'), '6.1f')}  {note}"[:MAX_WIDTH])
     failures = _failures(report)
     if failures:
         lines += ["failures:", *failures]

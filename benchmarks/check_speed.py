@@ -3,10 +3,12 @@
 Each case is ``bench_case`` of benchmarks/bench_adapted_linear.py (base, every plan, auto,
 PEFT, gate off, half the ranks pruned, dropout, every method; ratios from the same run);
 variants that no longer fit the budget are listed under the case's "skipped_for_time".
+Each case also gets its "targets" (benchmarks/speed_targets.py).
 """
 from __future__ import annotations
 
-from .bench_adapted_linear import FULL_RANKS, FULL_SHAPES, bench_case, method_note
+from .bench_adapted_linear import FULL_RANKS, FULL_SHAPES, bench_case, device_plans, method_note
+from .speed_targets import targets
 
 QUICK_CASES = [(64, 32, 48, 4)]
 # time that must be left to start a case / a variant (a first call may compile and autotune kernels)
@@ -27,12 +29,15 @@ def run(ctx) -> dict:
             result["skipped"].append({"n": n, "d_in": d_in, "d_out": d_out, "r": r, "reason": "time budget"})
             continue
         print(f"N={n} {d_in}->{d_out} r={r}", flush=True)
-        result["cases"].append(bench_case(n, d_in, d_out, r, ctx.device,
-                                          keep_going=lambda: ctx.has(VARIANT_RESERVE_S[kind])))
+        case = bench_case(n, d_in, d_out, r, ctx.device, keep_going=lambda: ctx.has(VARIANT_RESERVE_S[kind]))
+        case["targets"] = targets(case, device_plans(ctx.device))
+        result["cases"].append(case)
         ctx.partial(result)
     measured = sum(len(c["results"]) + len(c["methods"]) for c in result["cases"])
+    verdicts = [t["met"] for c in result["cases"] for t in c["targets"] if t["met"] is not None]
     result["summary"] = (f"{len(result['cases'])} cases, {measured} variants measured, "
                          f"{sum(len(c['errors']) for c in result['cases'])} failed, "
                          f"{sum(len(c['skipped_for_time']) for c in result['cases'])} variants and "
-                         f"{len(result['skipped'])} cases skipped for time")
+                         f"{len(result['skipped'])} cases skipped for time; "
+                         f"targets met {sum(verdicts)}/{len(verdicts)}")
     return result

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import sysconfig
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -35,8 +37,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 START = time.monotonic()
+ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a script path: import from the repository root, not benchmarks/
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+    sys.path[0] = str(ROOT)
 
 import torch  # noqa: E402
 
@@ -141,8 +144,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     report = {"device": name, "quick": args.quick, "budget_s": args.budget_s, "plans": list(plans),
               "sections": {}}
 
-    def save() -> None:
-        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    def save() -> None:  # file paths in tracebacks relative to the repository / site-packages
+        text = json.dumps(report, indent=2, default=str) + "\n"
+        for prefix in (str(ROOT) + os.sep, sysconfig.get_paths()["purelib"] + os.sep):
+            text = text.replace(json.dumps(prefix)[1:-1], "")
+        out.write_text(text)
 
     budget_end = START + args.budget_s
     ctx = Context(device, args.quick, plans, budget_end, report, save)
