@@ -374,7 +374,7 @@ def _check_fits(layers: dict[str, nn.Module], configs: dict[str, AdapterConfig],
             raise ValueError(f"layer {name}: checkpoint config differs from the layer's in {detail}")
 
 
-def _check_saved_parameters(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, nn.Parameter]:
+def check_saved_parameters(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, nn.Parameter]:
     """The model's parameters the checkpoint's saved non-adapter parameters go into (same shapes)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     targets = {}
@@ -404,7 +404,7 @@ def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     try:
         layers = dict(adapter_layers(model))
         _check_fits(layers, configs, state)
-        targets = _check_saved_parameters(model, saved)
+        targets = check_saved_parameters(model, saved)
     except BaseException:
         if undo is not None:
             undo()
@@ -412,8 +412,14 @@ def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     for name, layer in layers.items():
         prefix = f"{name}.adapter."
         layer.adapter.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    with torch.no_grad():
-        for name, param in targets.items():
-            param.copy_(saved[name])
-            param.requires_grad_(True)
+    restore_saved_parameters(targets, saved)
     return model
+
+
+@torch.no_grad()
+def restore_saved_parameters(targets: dict[str, nn.Parameter], saved: dict[str, Tensor]) -> None:
+    """Copy each saved tensor into its parameter (checked by ``check_saved_parameters``), which
+    becomes trainable, as it was when saved."""
+    for name, param in targets.items():
+        param.copy_(saved[name])
+        param.requires_grad_(True)

@@ -11,6 +11,9 @@ Tensors of a Linear (d_out, d_in), and the fastlora adapter tensors they become:
     PEANUT  peanut_A.weight (r, d_out) -> neat_A, peanut_B.weight (d_out, r) -> neat_B,
             peanut_{encoders,decoders}.{i}.weight (r, r) -> {encoders,decoders}.{i}.weight;
             act_fn -> activation, scaling -> scale (NeatConfig).
+
+modules_to_save (a SEQ_CLS classifier head): "base_model.model.<module path>.<parameter>" -> the
+model's parameter of that name, trainable (fastlora's save_adapter keeps such parameters too).
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from typing import Any, Callable, Optional, Union
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, write_files_atomically, write_json, write_safetensors
+from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, check_saved_parameters, restore_saved_parameters,
+                         trainable_non_adapter_parameters, write_files_atomically, write_json, write_safetensors)
 from .config import AdapterConfig, LoraConfig, NeatConfig
 from .inject import _matches, adapter_layers, inject
 
@@ -33,7 +37,7 @@ KEY_PREFIX = "base_model.model."
 # the one value accepted (None / False also accept any empty value).
 _LORA_UNSUPPORTED = {
     "use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
-    "modules_to_save": None, "target_parameters": None, "trainable_token_indices": None,
+    "target_parameters": None, "trainable_token_indices": None,
     "layer_replication": None, "alora_invocation_tokens": None, "use_qalora": False,
     "megatron_config": None, "velora_config": None, "monteclora_config": None, "use_bdlora": None,
     "arrow_config": None, "kasa_config": None,
@@ -92,7 +96,6 @@ _PEANUT_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "silu", "swish": 
 
 
 def _neat_config(peft: dict[str, Any]) -> NeatConfig:
-    _check_unsupported(peft, {"modules_to_save": None})
     act_fn = peft.get("act_fn", "relu")
     if act_fn not in _PEANUT_ACTIVATIONS:
         raise ValueError(f"PEFT PEANUT config has act_fn={act_fn!r}; fastlora supports {sorted(_PEANUT_ACTIVATIONS)}")
@@ -154,6 +157,18 @@ def _read_peft_checkpoint(directory: Union[str, os.PathLike]) -> tuple[dict[str,
     return json.loads((root / CONFIG_FILE).read_text()), load_file(str(root / WEIGHTS_FILE))
 
 
+def _saved_module_tensors(peft: dict[str, Any], state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Take the tensors of PEFT's modules_to_save out of ``state``: parameter name -> tensor."""
+    modules = peft.get("modules_to_save") or []
+    saved = {}
+    for key in list(state):
+        parts = key[len(KEY_PREFIX):].split(".")[:-1]
+        paths = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]  # the module and those holding it
+        if key.startswith(KEY_PREFIX) and any(p == m or p.endswith("." + m) for p in paths for m in modules):
+            saved[key[len(KEY_PREFIX):]] = state.pop(key)
+    return saved
+
+
 def _layer_tensors(state: dict[str, Tensor], names: list[str]) -> dict[str, dict[str, Tensor]]:
     """Group "base_model.model.<path>.<name>" keys by module path; unknown keys raise."""
     layers: dict[str, dict[str, Tensor]] = {}
@@ -204,11 +219,12 @@ def _fastlora_targets(model: nn.Module, targets, paths: set[str]):
 def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Module:
     """Load a PEFT checkpoint directory (peft_type "LORA" or "PEANUT") into ``model``, a model
     without adapters, as fastlora adapters (LoraConfig / NeatConfig) that compute the same
-    outputs; returns ``model``.
+    outputs; returns ``model``. Tensors of modules_to_save (a classifier head) are copied into the
+    model's parameters of those names, which become trainable.
 
     Everything is checked before the model is changed. Raises ValueError naming the field
     or tensor for what fastlora cannot represent: another peft_type, DoRA, per-layer
-    rank_pattern/alpha_pattern values, modules_to_save, bias != "none", fan_in_fan_out,
+    rank_pattern/alpha_pattern values, bias != "none", fan_in_fan_out,
     other LoRA variants, non-Linear targets, PEANuT activations fastlora lacks.
     """
     if next(adapter_layers(model), None) is not None:
@@ -219,14 +235,17 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
         raise ValueError(f"unsupported peft_type {peft_type!r}; fastlora loads {sorted(_FORMATS)}")
     fmt = _FORMATS[peft_type]
     config = fmt.config(peft)
+    saved = _saved_module_tensors(peft, state)
     layers = _layer_tensors(state, list(fmt.tensor_shapes(config, 0, 0)))  # names do not depend on dims
     if not layers:
         raise ValueError(f"PEFT checkpoint in {directory} holds no adapter tensors")
     _check_layers(model, config, fmt, layers)
+    targets = check_saved_parameters(model, saved)
     inject(model, dataclasses.replace(config, target_modules=_fastlora_targets(model, config.target_modules,
                                                                                 set(layers))))
     for path, layer in adapter_layers(model):
         layer.adapter.load_state_dict(fmt.adapter_state(layers[path]))
+    restore_saved_parameters(targets, saved)
     return model
 
 
@@ -237,8 +256,9 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     computes the same outputs.
 
     target_modules is written as the list of adapted module paths (exact under PEFT's
-    matching). The two files are replaced as ``save_adapter`` replaces its own (created when
-    missing, nothing else in the directory touched, old files restored on an exception); PEFT's
+    matching); trainable parameters outside the adapters (a classifier head) as modules_to_save.
+    The two files are replaced as ``save_adapter`` replaces its own (created when missing,
+    nothing else in the directory touched, old files restored on an exception); PEFT's
     format records no digest, so a hard crash between the two renames can leave new weights
     beside the old config. Raises ValueError for other methods, merged layers or differing configs.
     """
@@ -256,11 +276,14 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
             raise ValueError(f"layer {name} is merged; unmerge before exporting")
     peft_type = _EXPORTS[type(config)]
     fmt = _FORMATS[peft_type]
+    extra = trainable_non_adapter_parameters(model)
+    modules_to_save = sorted({name.rpartition(".")[0] for name in extra}) or None
     meta = {"peft_type": peft_type, "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-            "inference_mode": True, "target_modules": [name for name, _ in layers], "modules_to_save": None,
-            **fmt.peft_config(config)}
+            "inference_mode": True, "target_modules": [name for name, _ in layers],
+            "modules_to_save": modules_to_save, **fmt.peft_config(config)}
     tensors = {f"{KEY_PREFIX}{name}.{key}": tensor.detach().contiguous().cpu()
                for name, layer in layers for key, tensor in fmt.peft_tensors(layer.adapter.state_dict()).items()}
+    tensors.update({f"{KEY_PREFIX}{name}": p.detach().contiguous().cpu() for name, p in extra.items()})
 
     return write_files_atomically(directory, [
         (WEIGHTS_FILE, lambda path: write_safetensors(path, tensors, metadata={"format": "pt"})),

@@ -115,3 +115,22 @@ def test_adapter_stats_count_active_blocks():
     assert stats["fastlora/selective_lora/layers"] == 4.0
     assert stats["fastlora/selective_lora/active"] == 3.0
     assert stats["fastlora/selective_lora/score"] == pytest.approx((3 * 0.15 - 1.0) / 4)
+
+
+def test_a_peft_seq_cls_checkpoint_loads_with_its_head(tmp_path):
+    reference = peft.get_peft_model(classifier(), peft.LoraConfig(task_type="SEQ_CLS", r=2, init_lora_weights=False,
+                                                                  target_modules=["query", "value"])).eval()
+    with torch.no_grad():
+        reference.base_model.model.classifier.modules_to_save["default"].weight.normal_()
+    reference.save_pretrained(str(tmp_path))
+    model = fastlora.load_peft_adapter(classifier(), tmp_path).eval()
+    assert torch.allclose(logits(model), logits(reference), atol=1e-6)
+    assert not torch.allclose(logits(classifier()), logits(reference), atol=1e-3)
+    assert model.classifier.weight.requires_grad
+
+
+def test_an_exported_head_loads_in_plain_peft(tmp_path):
+    model = trained_classifier()
+    fastlora.save_peft_adapter(model, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(classifier(), str(tmp_path)).eval()
+    assert torch.allclose(logits(loaded), logits(model), atol=1e-6)

@@ -180,7 +180,7 @@ def test_load_peanut_refuses_what_neat_cannot_represent(base, tmp_path):
     save_peft(base, peft.PeanutConfig(r=4, depth=1, target_modules=["query"]), tmp_path)
     path = tmp_path / "adapter_config.json"
     meta = json.loads(path.read_text())
-    for field, value in (("act_fn", "gelu_new"), ("modules_to_save", ["pooler"]), ("depth", 2)):
+    for field, value in (("act_fn", "gelu_new"), ("depth", 2)):
         path.write_text(json.dumps({**meta, field: value}))
         message = "peanut_encoders.1.weight" if field == "depth" else f"{field}={value!r}"
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -188,7 +188,7 @@ def test_load_peanut_refuses_what_neat_cannot_represent(base, tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("use_dora", True), ("fan_in_fan_out", True), ("bias", "all"), ("modules_to_save", ["pooler"]),
+    ("use_dora", True), ("fan_in_fan_out", True), ("bias", "all"),
     ("lora_bias", True), ("peft_type", "IA3"), ("rank_pattern", {"query": 2}), ("alpha_pattern", {"value": 3}),
 ])
 def test_load_refuses_unsupported_config_fields(base, tmp_path, field, value):
