@@ -16,8 +16,8 @@ Items, in priority order (the time budget may cut the tail, listed as skipped):
 - NEAT's projection ``neat_projection`` vs ``neat_projection_reference`` (H and dA_n).
 
 Error: ||out - ref|| / ||ref|| (||out|| when ref is zero, e.g. factor gradients at gate 0).
-With a tensor gate (op cases) and in every layer check, dy gets the reference low-rank term
-(gate on) added: a gate's gradient is then a sum dominated by its coherent part, not a
+With a tensor gate (op cases; fp32, as a method's score) and in every layer check, dy gets
+the reference low-rank term (gate on, scaled to unit RMS) added: a gate's gradient is then a sum dominated by its coherent part, not a
 cancellation of random terms (whose relative rounding error has a heavy tail).
 Tolerance: 1e-2 in bf16/fp16, 1e-4 in fp32 (TF32 off).
 """
@@ -101,7 +101,7 @@ def _case_inputs(features: set, shape: tuple, dtype: torch.dtype, device: torch.
         t["rank_weights"] = None
     for value in (1.0, 0.0):
         if f"gate_{value:.0f}" in features:
-            t["gate"] = torch.tensor(value, device=device, dtype=dtype, requires_grad=True)
+            t["gate"] = torch.tensor(value, device=device, requires_grad=True)  # fp32, as a method's score
             kw["gate_value"] = value
     if "dropout" in features:
         kw.update(dropout=DROPOUT, dropout_seed=SEED)
@@ -126,7 +126,7 @@ def compare(tensors: dict, kw: dict, dy: Tensor, plan: str, tol: float) -> dict:
     y_ref = reference()
     if "gate" in leaves:
         with torch.no_grad():
-            dy = dy + (reference(gate=1.0) - reference(gate=0.0)).to(dy.dtype)
+            dy = dy + _unit_rms(reference(gate=1.0) - reference(gate=0.0)).to(dy.dtype)
     ref_grads = torch.autograd.grad(y_ref, [ref_t[k] for k in leaves], dy.double(), allow_unused=True)
     y = adapted_linear(tensors["x"], tensors["weight"], tensors.get("bias"), tensors.get("lora_a"),
                        tensors.get("lora_b"), **{k: v for k, v in tensors.items() if k in OPTIONAL},
@@ -135,6 +135,12 @@ def compare(tensors: dict, kw: dict, dy: Tensor, plan: str, tol: float) -> dict:
     errors = {"y": rel_error(y, y_ref)}
     errors.update({f"d_{k}": rel_error(g, g_ref) for k, g, g_ref in zip(leaves, grads, ref_grads)})
     return _verdict(errors, tol)
+
+
+def _unit_rms(t: Tensor) -> Tensor:
+    """``t`` scaled to root-mean-square 1 (zeros stay zeros)."""
+    rms = t.pow(2).mean().sqrt()
+    return t / rms if rms > 0 else t
 
 
 def _verdict(errors: dict, tol: float) -> dict:
@@ -156,8 +162,8 @@ def _method_inputs(name: str, shape: tuple, dtype: torch.dtype, device: torch.de
     for k, v in args.items():
         if k in ("lora_a", "lora_b") and v is None:
             tensors[k] = None
-        elif isinstance(v, Tensor) and v.is_floating_point():
-            tensors[k] = v.detach().to(dtype).clone().requires_grad_(True)
+        elif isinstance(v, Tensor) and v.is_floating_point():  # factors in the compute dtype, a gate as it is
+            tensors[k] = v.detach().to(v.dtype if k == "gate" else dtype).clone().requires_grad_(True)
         else:
             kw[k] = v
     return tensors, kw
@@ -182,7 +188,7 @@ def layer_check(name: str, shape: tuple, dtype: torch.dtype, device: torch.devic
     with torch.no_grad():  # the low-rank term with the gate on, added to dy (see the module docstring)
         args = {"lora_a": None, "lora_b": None, **ref.adapter.op_arguments(ref.weight), "gate": 1.0}
         args.pop("gate_value", None)
-        dy = dy + (adapted_linear_reference(x64, ref.weight, None, **args) - x64 @ ref.weight.t()).to(dtype)
+        dy = dy + _unit_rms(adapted_linear_reference(x64, ref.weight, None, **args) - x64 @ ref.weight.t()).to(dtype)
     y = layer(x)
     grads = torch.autograd.grad(y, [x, *params.values()], dy, allow_unused=True)
     y_ref = ref.reference_forward(x64)

@@ -32,7 +32,7 @@ import sys
 import sysconfig
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -80,7 +80,6 @@ class Context:
     report: dict
     save: Callable[[], None]
     name: str = ""
-    partial_result: dict = field(default_factory=dict)
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
