@@ -24,7 +24,9 @@ from .check_correctness import QUICK_SHAPES, SHAPES, rel_error
 
 DROPOUT, SEED, SCALE = 0.1, 77, 2.0
 GRAPHED = ("plain", "dropout_seeded", "dropout")  # the sync variants a graph check captures
-EAGER_MATCH = 1e-3  # a replay runs the same kernels as the eager call: equal up to reduction order
+# a replay runs the same computation as the eager call: equal up to a library's choice of reduction
+# order (bf16 rounding, ~4e-3); another dropout mask moves the output by tens of percent
+EAGER_MATCH = 1e-2
 SYNC_VARIANTS = {"plain": {}, "tensor_gate": {"gate": 1.0}, "gathered": {"gathered": True},
                  "dropout_seeded": {"dropout": DROPOUT, "dropout_seed": SEED}, "dropout": {"dropout": DROPOUT}}
 
@@ -84,11 +86,10 @@ def _method_step(name: str, t: dict, r: int) -> Callable[[], object]:
 def graph_check(t: dict, plan: str) -> dict:
     """Capture and replay of forward + backward with and without dropout (see the module docstring)."""
     out = {}
-    clean = Captured(_step(t, plan))
-    out["no_dropout_replay_vs_eager"] = max(rel_error(a, b) for a, b in zip(clean.replay(), _step(t, plan)()))
-    seeded = Captured(_step(t, plan, dropout=DROPOUT, dropout_seed=SEED))
-    eager = _step(t, plan, dropout=DROPOUT, dropout_seed=SEED)()
-    out["seeded_replay_vs_eager"] = max(rel_error(a, b) for a, b in zip(seeded.replay(), eager))
+    for name, kw in (("no_dropout", {}), ("seeded", {"dropout": DROPOUT, "dropout_seed": SEED})):
+        replayed, eager = Captured(_step(t, plan, **kw)).replay(), _step(t, plan, **kw)()
+        out[f"{name}_replay_vs_eager"] = max(rel_error(a, b) for a, b in zip(replayed, eager))
+        out[f"{name}_replay_bitwise_equal"] = all(torch.equal(a, b) for a, b in zip(replayed, eager))
     drawn = Captured(_step(t, plan, dropout=DROPOUT))
     first, second = drawn.replay(), drawn.replay()
     out["finite"] = all(bool(torch.isfinite(o).all()) for o in (*first, *second))
