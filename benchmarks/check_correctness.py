@@ -17,8 +17,9 @@ Items, in priority order (the time budget may cut the tail, listed as skipped):
 
 Error: ||out - ref|| / ||ref|| (||out|| when ref is zero, e.g. factor gradients at gate 0).
 With a tensor gate (op cases; fp32, as a method's score) and in every layer check, dy gets
-the reference low-rank term (gate on, scaled to unit RMS) added: a gate's gradient is then a sum dominated by its coherent part, not a
-cancellation of random terms (whose relative rounding error has a heavy tail).
+the reference low-rank term (gate on, scaled to unit RMS) added: a gate's gradient is then a
+sum dominated by its coherent part, not a cancellation of random terms (whose relative
+rounding error has a heavy tail).
 Tolerance: 1e-2 in bf16/fp16, 1e-4 in fp32 (TF32 off).
 """
 from __future__ import annotations
