@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("pytest_benchmark")
-
-from benchmarks.bench_adapted_linear import case_tensors, raw_variants, variant_names  # noqa: E402
-from benchmarks.conftest import CASES, DEVICE, DTYPE, PLANS, case_id  # noqa: E402
-from benchmarks.timing import forward_backward, forward_only  # noqa: E402
+from benchmarks.bench_adapted_linear import case_tensors, raw_variants, variant_names
+from benchmarks.conftest import CASES, DEVICE, DTYPE, PLANS, case_id
+from benchmarks.timing import forward_backward, forward_only
 
 
 @pytest.fixture(scope="module", params=CASES, ids=case_id)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("pytest_benchmark")
-
-from benchmarks.bench_adapted_linear import case_tensors  # noqa: E402
-from benchmarks.bench_methods import METHODS, method_layer  # noqa: E402
-from benchmarks.conftest import CASES, DEVICE, DTYPE, case_id  # noqa: E402
-from benchmarks.timing import forward_backward, forward_only  # noqa: E402
+from benchmarks.bench_adapted_linear import case_tensors
+from benchmarks.bench_methods import METHODS, method_layer
+from benchmarks.conftest import CASES, DEVICE, DTYPE, case_id
+from benchmarks.timing import forward_backward, forward_only
 
 
 @pytest.fixture(scope="module", params=CASES, ids=case_id)
