@@ -196,3 +196,30 @@ def test_speed_targets():
     assert rows["peak memory vs PEFT"]["met"] is None and rows["gate off fwd+bwd vs base"]["value"] is None
     best = next(row for name, row in rows.items() if name.startswith("auto fwd+bwd vs the fastest plan"))
     assert best["value"] == pytest.approx(1.05) and best["met"] is False
+
+
+def test_graph_section_logic(monkeypatch):
+    """The CUDA-only section "graphs" on CPU with the torch plan: device syncs are no-ops and a
+    "captured graph" re-runs its step on each replay, so the bookkeeping (sync items, replay
+    comparisons, fresh dropout masks, verdicts) runs without a GPU."""
+    from benchmarks import check_graphs
+
+    class Rerun:
+        def __init__(self, step):
+            self.step = step
+
+        def replay(self):
+            return [o.clone() for o in self.step()]
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    monkeypatch.setattr(check_graphs, "Captured", Rerun)
+    ctx = _Ctx()
+    ctx.plans = ("torch",)
+    result = check_graphs.run(ctx)
+    assert result["status"] == "pass", result
+    assert set(result["syncs"]) == {f"{p}/{v}" for p in ("torch", "auto") for v in check_graphs.SYNC_VARIANTS}
+    assert set(result["method_syncs"]) == set(METHODS)
+    graph = result["graphs"]["torch"]
+    assert graph["unseeded_replays_differ"] and graph["seeded_replay_bitwise_equal"]
+    assert graph["no_dropout_replay_vs_eager"] == 0.0
