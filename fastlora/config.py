@@ -17,7 +17,6 @@ TargetModules = Optional[Union[tuple[str, ...], list[str], str]]
 
 MAX_REGEX_REPETITIONS = 4
 MAX_NEAT_DEPTH = 32
-MAX_CASCADES = 64
 
 _CONFIG_TYPES: dict[str, type["AdapterConfig"]] = {}
 

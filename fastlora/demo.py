@@ -43,13 +43,14 @@ TARGETS = ["query", "key", "value", "dense"]
 PEFT_METHODS = ("lora", "neat")
 
 
-def method_configs(r: int, backend: str) -> dict[str, AdapterConfig]:
-    """One config per method, all on the attention and MLP projections of every layer."""
+def method_configs(r: int, backend: str, steps: int) -> dict[str, AdapterConfig]:
+    """One config per method, all on the attention and MLP projections of every layer; CoDyRA's
+    threshold schedule spans the ``steps`` of the run (dense first half, then the staircase)."""
     common = {"r": r, "target_modules": TARGETS, "backend": backend}
     return {
         "lora": LoraConfig(alpha=2 * r, dropout=0.05, **common),
         "selective_lora": SelectiveLoraConfig(alpha=2 * r, sparsity_weight=1e-2, **common),
-        "rank_selective_lora": RankSelectiveLoraConfig(alpha=2 * r, sparsity_strength=1e-1, **common),
+        "rank_selective_lora": RankSelectiveLoraConfig(alpha=2 * r, total_steps=steps, **common),
         "curlora": CurLoraConfig(**common),
         "neat": NeatConfig(**common),
         "cascade_lora": CascadeLoraConfig(alpha=2 * r, cascade_interval=2, **common),
@@ -170,7 +171,7 @@ def run_demo(methods: list[str], r: int, steps: int, backend: str) -> list[Metho
         p.requires_grad_(False)
     sentences = [a for a, _ in PARAPHRASES] + [b for _, b in PARAPHRASES]
     batch = tokenizer(sentences, padding=True, return_tensors="pt")
-    configs = method_configs(r, backend)
+    configs = method_configs(r, backend, steps)
     unknown = sorted(set(methods) - set(configs))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(configs)}")

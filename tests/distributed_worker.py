@@ -41,13 +41,15 @@ METHODS = {
     # score 0.15 >= threshold 0.1; the penalty's step lr * 50 = 5 pushes it far below
     "selective_lora": (SelectiveLoraConfig(r=4, alpha=6.0),
                        SelectiveLoraConfig(r=4, alpha=6.0, score_init=0.15, sparsity_weight=50.0)),
-    # proximal threshold lr * 100 = 10 prunes every rank of layer 2 after step 1
-    "rank_selective_lora": (RankSelectiveLoraConfig(r=4, alpha=6.0, sparsity_strength=0.5),
-                            RankSelectiveLoraConfig(r=4, alpha=6.0, sparsity_strength=100.0)),
+    # no dense phase, one threshold level: kappa = kappa_max from step 1; 100 prunes every rank of layer 2
+    "rank_selective_lora": (RankSelectiveLoraConfig(r=4, alpha=6.0, total_steps=STEPS, dense_fraction=0.0,
+                                                    threshold_levels=1, kappa_max=0.05),
+                            RankSelectiveLoraConfig(r=4, alpha=6.0, total_steps=STEPS, dense_fraction=0.0,
+                                                    threshold_levels=1, kappa_max=100.0)),
     "curlora": (CurLoraConfig(r=4, alpha=1.5, seed=3), CurLoraConfig(r=3, alpha=0.5, seed=3)),
     "neat": (NeatConfig(r=4, depth=1, scale=0.7), NeatConfig(r=3, activation="gelu", scale=1.3)),
     # a cascade step (fold + noisy fresh pair) after every step
-    "cascade_lora": (CascadeLoraConfig(r=4, cascade_interval=1, noise_std=0.05),
+    "cascade_lora": (CascadeLoraConfig(r=4, cascade_interval=1, noise_intensity=0.05),
                      CascadeLoraConfig(r=3, cascade_interval=1, slow_momentum=0.5)),
 }
 

@@ -58,14 +58,16 @@ def test_accuracies_and_pretraining_are_sane(quick):
 
 
 def test_every_method_starts_from_the_pretrained_model(quick):
-    """Step 0 (before any update) scores exactly as the pretrained model: adapters start at zero."""
+    """Step 0 (before any update) scores exactly as the pretrained model: adapters start at zero.
+    LoRASC starts on its NoisyTune-perturbed backbone: close to the pretrained scores, not equal."""
     _, result = quick
     pre = result["pretrained"]
     for run in result["runs"]:
         start = run["trajectory"][0]
         assert start["step"] == 0
-        assert start["test_a"] == pytest.approx(pre["test_a"]["mean"], abs=1e-5)
-        assert start["test_b"] == pytest.approx(pre["test_b"]["mean"], abs=1e-5)
+        tolerance = 0.05 if run["method"] == "cascade_lora" else 1e-5
+        assert start["test_a"] == pytest.approx(pre["test_a"]["mean"], abs=tolerance)
+        assert start["test_b"] == pytest.approx(pre["test_b"]["mean"], abs=tolerance)
 
 
 def test_training_changes_outputs_and_parameter_counts(quick):

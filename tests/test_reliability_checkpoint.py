@@ -241,7 +241,7 @@ def test_per_layer_configs_are_saved_and_must_match_the_model(tmp_path):
     (LoraConfig(r=3, alpha=2.0), {"alpha": 3.0}, r"alpha=2.0 \(model: 3.0\)"),
     (LoraConfig(r=3, alpha=2.0), {"use_rslora": True}, r"use_rslora=False \(model: True\)"),
     (NeatConfig(r=3, activation="relu"), {"activation": "tanh"}, r"activation='relu' \(model: 'tanh'\)"),
-    (SelectiveLoraConfig(r=3, threshold=0.1), {"threshold": 0.2}, r"threshold=0.1 \(model: 0.2\)"),
+    (SelectiveLoraConfig(r=3, threshold=0.1, score_init=0.3), {"threshold": 0.2}, r"threshold=0.1 \(model: 0.2\)"),
 ])
 def test_load_refuses_a_config_that_changes_the_computation(tmp_path, config, field, match):
     fastlora.save_adapter(_adapted(config), tmp_path / "ckpt")

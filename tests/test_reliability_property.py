@@ -13,8 +13,9 @@ from fastlora import (CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig, 
 
 OPERATIONS = ["inject", "merge", "unmerge", "train", "save", "load", "enable", "disable"]
 CONFIGS = [LoraConfig(r=2, alpha=3.0), SelectiveLoraConfig(r=2, sparsity_weight=0.5),
-           RankSelectiveLoraConfig(r=3, sparsity_strength=0.5), CurLoraConfig(r=2, alpha=2.0),
-           NeatConfig(r=2, depth=1), CascadeLoraConfig(r=2, cascade_interval=3, noise_std=0.1)]
+           RankSelectiveLoraConfig(r=3, total_steps=10, dense_fraction=0.2, threshold_levels=2, kappa_max=0.5),
+           CurLoraConfig(r=2, alpha=2.0), NeatConfig(r=2, depth=1),
+           CascadeLoraConfig(r=2, cascade_interval=3, noise_intensity=0.1)]
 STEPS = 30
 
 

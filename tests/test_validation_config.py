@@ -10,7 +10,7 @@ from torch import nn
 import fastlora
 from fastlora import (AdapterConfig, CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig,
                       RankSelectiveLoraConfig, SelectiveLoraConfig)
-from fastlora.config import MAX_CASCADES, MAX_NEAT_DEPTH, MAX_REGEX_REPETITIONS
+from fastlora.config import MAX_NEAT_DEPTH, MAX_REGEX_REPETITIONS
 
 
 @pytest.mark.parametrize("config_type, kwargs, match", [
@@ -20,7 +20,7 @@ from fastlora.config import MAX_CASCADES, MAX_NEAT_DEPTH, MAX_REGEX_REPETITIONS
     (LoraConfig, {"dropout": True}, r"dropout must be a number in \[0, 1\), got True"),
     (LoraConfig, {"dropout": "0.1"}, r"dropout must be a number in \[0, 1\), got '0.1'"),
     (LoraConfig, {"backend": ["torch"]},
-     "backend must be one of \\('auto', 'triton', 'cublas', 'torch'\\), got \\['torch'\\]"),
+     r"backend must be one of \('auto', 'triton', .*\), got \['torch'\]"),
     (SelectiveLoraConfig, {"threshold": False}, "threshold must be a finite number, got False"),
     (SelectiveLoraConfig, {"sparsity_weight": True}, "sparsity_weight must be a finite number >= 0, got True"),
     (RankSelectiveLoraConfig, {"importance_init": True}, "importance_init must be a finite nonzero number"),
@@ -32,10 +32,9 @@ from fastlora.config import MAX_CASCADES, MAX_NEAT_DEPTH, MAX_REGEX_REPETITIONS
     (NeatConfig, {"activation": ["relu"]}, r"activation must be one of .*got \['relu'\]"),
     (NeatConfig, {"depth": MAX_NEAT_DEPTH + 1}, f"depth must be an int >= 0 and <= {MAX_NEAT_DEPTH}, got"),
     (NeatConfig, {"depth": 10**9}, f"depth must be an int >= 0 and <= {MAX_NEAT_DEPTH}, got 1000000000"),
-    (CascadeLoraConfig, {"max_cascades": MAX_CASCADES + 1}, f"max_cascades must be <= {MAX_CASCADES}"),
-    (CascadeLoraConfig, {"max_cascades": 10**12}, f"max_cascades must be <= {MAX_CASCADES}"),
-    (CascadeLoraConfig, {"noise_std": True}, "noise_std must be a finite number >= 0, got True"),
     (CascadeLoraConfig, {"slow_momentum": False}, r"slow_momentum must lie in \[0, 1\)"),
+    (CascadeLoraConfig, {"noise_intensity": True}, "noise_intensity"),
+    (CascadeLoraConfig, {"noise_seed": 2**40}, r"noise_seed must be an int >= 0 and < 2\*\*31"),
 ])
 def test_wrong_types_and_unbounded_sizes_are_refused(config_type, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -44,7 +43,6 @@ def test_wrong_types_and_unbounded_sizes_are_refused(config_type, kwargs, match)
 
 def test_bounds_themselves_are_accepted():
     assert NeatConfig(depth=MAX_NEAT_DEPTH).depth == MAX_NEAT_DEPTH
-    assert CascadeLoraConfig(max_cascades=MAX_CASCADES).max_cascades == MAX_CASCADES
     assert CurLoraConfig(seed=2**63 - 1).seed == 2**63 - 1
     assert LoraConfig(r=4, alpha=8.0, use_rslora=True).scale == 4.0
     assert LoraConfig(r=4, alpha=8.0, use_rslora=False).scale == 2.0
