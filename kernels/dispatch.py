@@ -4,7 +4,8 @@ Plans (each has the same forward/backward/neat_* primitives):
 
 - "triton": the fused Triton plan (base GEMMs in Triton with the low-rank term in their epilogues);
 - "cublas": torch's GEMMs (cuBLAS) for the base, Triton skinny kernels for the low-rank term;
-- "torch":  plain torch (CPU, and anywhere Triton is not eligible).
+- "torch":  plain torch (CPU, and anywhere Triton is not eligible);
+- "onepass": the low-rank work inside the Triton base GEMMs' K loops (x and dy read once there).
 
 ``backend="auto"`` (the default) resolves in this order: the ``FASTLORA_BACKEND``
 environment variable when set; the torch plan for inputs the Triton plans cannot take
@@ -27,7 +28,7 @@ from torch import Tensor
 from . import torch_impl
 from .spec import Plan
 
-PLANS = ("triton", "cublas", "torch")
+PLANS = ("triton", "cublas", "torch", "onepass")
 BACKENDS = ("auto", *PLANS)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: forces a plan wherever ``backend="auto"``
@@ -58,10 +59,12 @@ def plan_implementation(name: str) -> Plan:
     """The implementation (a ``spec.Plan``) that runs plan ``name``."""
     if name == "torch":
         return torch_impl
-    if name in ("triton", "cublas"):
+    if name in ("triton", "cublas", "onepass"):
         module = triton_backend()
         if module is None:
             raise RuntimeError(f"backend={name!r} was requested but Triton is not installed (pip install triton)")
+        if name == "onepass":
+            return importlib.import_module("fastlora.kernels.triton.onepass").ONEPASS
         return module.FUSED if name == "triton" else module.CUBLAS
     raise ValueError(f"plan must be one of {PLANS}, got {name!r}")
 

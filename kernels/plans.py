@@ -2,7 +2,7 @@
 
 A shape is a ``PlanKey``: device, dtype, token bucket (next power of two of N), d_in, d_out,
 r, dropout on/off, gathered factors. On first use of a key the candidates ("triton",
-"cublas", "torch") each run forward + backward on random tensors of that shape; the
+"cublas", "torch", "onepass") each run forward + backward on random tensors of that shape; the
 fastest median wins (ties go to the earlier candidate). Winners are kept in memory and in
 ``plans.json`` under the cache directory (``FASTLORA_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/fastlora``, else ``~/.cache/fastlora``), in a section per device name and
@@ -28,7 +28,7 @@ import torch
 
 #: plan used without a measurement (torch.compile tracing, CUDA-graph capture)
 DEFAULT_PLAN = "cublas"
-CANDIDATES = ("triton", "cublas", "torch")
+CANDIDATES = ("triton", "cublas", "torch", "onepass")
 CACHE_FILE = "plans.json"
 
 #: timer(fn) -> seconds per call of fn; replaceable (tests inject a deterministic one)

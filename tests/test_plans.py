@@ -36,17 +36,17 @@ def cache(tmp_path):
 
 def test_fastest_candidate_wins_and_ties_go_first():
     ran = []
-    best, seconds = plans.measure_and_choose(KEY, ran.append, timer=FakeTimer(3.0, 1.0, 2.0))
-    assert best == "cublas" and seconds == {"triton": 3.0, "cublas": 1.0, "torch": 2.0}
-    assert ran == ["triton", "cublas", "torch"]
-    best, _ = plans.measure_and_choose(KEY, lambda plan: None, timer=FakeTimer(1.0, 1.0, 1.0))
+    best, seconds = plans.measure_and_choose(KEY, ran.append, timer=FakeTimer(3.0, 1.0, 2.0, 4.0))
+    assert best == "cublas" and seconds == {"triton": 3.0, "cublas": 1.0, "torch": 2.0, "onepass": 4.0}
+    assert ran == ["triton", "cublas", "torch", "onepass"]
+    best, _ = plans.measure_and_choose(KEY, lambda plan: None, timer=FakeTimer(1.0, 1.0, 1.0, 1.0))
     assert best == "triton"
 
 
 def test_choice_is_measured_once_then_recalled_from_memory_and_disk(cache, tmp_path):
-    timer = FakeTimer(2.0, 3.0, 1.0)
+    timer = FakeTimer(2.0, 3.0, 1.0, 4.0)
     assert plans.choose(KEY, "sec", lambda plan: None, measurable=True, timer=timer, cache=cache) == "torch"
-    assert timer.calls == 3
+    assert timer.calls == 4
     assert plans.choose(KEY, "sec", lambda plan: None, measurable=True, timer=FakeTimer(), cache=cache) == "torch"
     on_disk = json.loads((tmp_path / "plans.json").read_text())
     assert on_disk == {"sec": {str(KEY): "torch"}}
@@ -54,7 +54,7 @@ def test_choice_is_measured_once_then_recalled_from_memory_and_disk(cache, tmp_p
     fresh = plans.PlanCache(tmp_path / "plans.json")
     assert plans.choose(KEY, "sec", lambda plan: None, measurable=True, timer=FakeTimer(), cache=fresh) == "torch"
     # another environment section (device, torch or Triton version) measures again
-    other = plans.choose(KEY, "other", lambda plan: None, measurable=True, timer=FakeTimer(1.0, 2.0, 3.0),
+    other = plans.choose(KEY, "other", lambda plan: None, measurable=True, timer=FakeTimer(1.0, 2.0, 3.0, 4.0),
                          cache=fresh)
     assert other == "triton"
     assert json.loads((tmp_path / "plans.json").read_text()) == {"sec": {str(KEY): "torch"},
@@ -143,7 +143,7 @@ def test_auto_measures_every_plan_on_the_call_shape(monkeypatch, cache, gathered
 
 
 @pytest.mark.skipif(not TRITON_RUNS, reason="the Triton plans need a GPU or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("plan", ["triton", "cublas", "torch"])
+@pytest.mark.parametrize("plan", plans.CANDIDATES)
 def test_every_plan_matches_the_float64_reference(plan):
     torch.manual_seed(3)
     f64 = torch.float64

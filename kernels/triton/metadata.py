@@ -52,3 +52,21 @@ def neat_projection(grid, kernel, args: dict) -> dict:
     elem = _size(args, "w_ptr")
     return {"name": f"fastlora.neat D_OUT={d_out} D_IN={d_in} r={r}", _flops_key(args, "w_ptr"): 2 * d_out * d_in * r,
             "bytes": elem * (d_out * d_in + 2 * d_in * r + d_out * r)}
+
+
+def onepass_forward(grid, kernel, args: dict) -> dict:
+    m, n, k, r = args["M"], args["N"], args["K"], args["R"]
+    elem = _size(args, "out_ptr")
+    moved = elem * (m * k + k * n + m * n + r * (k + n)) + 4 * m * r
+    return {"name": f"fastlora.onepass_forward M={m} N={n} K={k} r={r}",
+            _flops_key(args, "out_ptr"): 2 * m * n * (k + r) + 2 * m * k * r, "bytes": moved}
+
+
+def onepass_input_grad(grid, kernel, args: dict) -> dict:
+    m, n, k, r = args["M"], args["N"], args["K"], args["R"]
+    elem = _size(args, "out_ptr")
+    column_sums = 4 * -(-m // args["BLOCK_M"]) * k * (r * args["COMPUTE_DB"] + args["COMPUTE_DBIAS"])
+    moved = elem * (m * k + k * n + m * n + r * (k + n)) + 4 * m * r * (1 + args["COMPUTE_DB"]) + column_sums
+    flops = 2 * m * n * (k + r) + 2 * m * k * r * (1 + args["COMPUTE_DB"])
+    return {"name": f"fastlora.onepass_input_grad M={m} N={n} K={k} r={r}", _flops_key(args, "out_ptr"): flops,
+            "bytes": moved}

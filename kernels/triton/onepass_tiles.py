@@ -1,0 +1,137 @@
+"""Tiles of the one-pass kernels: launch configurations and the jit helpers both kernels share.
+
+Each one-pass kernel is a base GEMM whose K loop also multiplies the operand tile it already
+holds by a rank factor (``gemm_with_side``), and whose epilogue pushes that (BLOCK_M, R_PAD)
+side product through the r-sized chain (``times_middle``, ``times_weights``) and adds its
+expansion to the output tile (``add_expand``).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import autotune
+from .dropout import keep_scale
+from .tiles import load_factor
+
+#: Row tile of the input-gradient kernel: fixed, because its dB / dbias partials hold one slice
+#: per row block and are allocated before the launch (the autotuner only varies the other tiles).
+BACKWARD_BLOCK_M = 16 if autotune.INTERPRETED else 128
+#: fp32 accumulator registers per thread a configuration may plan for (255 is the hardware limit;
+#: the rest holds operand fragments, pointers and masks).
+ACCUMULATOR_REGISTERS = 160
+
+
+def backward_configs(block_m: int = BACKWARD_BLOCK_M) -> list[triton.Config]:
+    """The GEMM tiles whose BLOCK_M is ``block_m``."""
+    return [c for c in autotune.gemm_configs() if c.kwargs["BLOCK_M"] == block_m]
+
+
+def prune_onepass_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop tiles taller than twice the token bucket, tiles whose pipeline (stages x (BLOCK_M +
+    BLOCK_N + R_PAD) x BLOCK_K operands) exceeds the device's shared memory, and tiles whose
+    fp32 accumulators (the output tile, the side product and, in the backward, the scaled v)
+    pass ACCUMULATOR_REGISTERS per thread. Always keeps the smallest tile."""
+    r_pad = kwargs.get("R_PAD", 16)
+    m_bucket = named_args.get("M_BUCKET", 1 << 30)
+    x = named_args["x_ptr"] if "x_ptr" in named_args else named_args["dy_ptr"]
+    element = x.element_size()
+    limit = autotune._shared_memory_limit(x.device.index or 0) if x.is_cuda else None
+    side_tiles = 2 if kwargs.get("COMPUTE_DB", False) else 1
+    kept = []
+    for config in configs:
+        bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+        staged = config.num_stages * (bm + bn + r_pad) * bk * element
+        registers = (bm * bn + side_tiles * bm * r_pad) // (32 * config.num_warps)
+        if bm > max(2 * m_bucket, 32) or (limit is not None and staged > limit) or registers > ACCUMULATOR_REGISTERS:
+            continue
+        kept.append(config)
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+@triton.jit
+def gemm_with_side(x_ptr, w_ptr, f_ptr, f_idx_ptr, rows, cols, K, R,
+                   stride_xm, stride_xk, stride_wk, stride_wn, stride_fr, stride_fk,
+                   seed, threshold, scale, row_ok, v, db_ptr, dbias_ptr,
+                   F_GATHER: tl.constexpr, DROPOUT: tl.constexpr, DB: tl.constexpr, DBIAS: tl.constexpr,
+                   R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(acc, side) over all of K: acc = X[rows] Wkn[:, cols] (BLOCK_M, BLOCK_N) and
+    side = drop(X[rows]) F^T (BLOCK_M, R_PAD), both fp32, from the same X tiles.
+
+    X (M, K), Wkn (K, N), F (R, K) or the frozen matrix whose rows f_idx (R,) selects; rows and
+    cols int64 (wrapped at the edges). DROPOUT: the X tile of the side product only is multiplied
+    by the dropout mask of (rows, k) (``keep_scale``). DB: for each K tile, db_ptr[k, :R] =
+    X[rows, k]^T v (v (BLOCK_M, R_PAD) in X's dtype, zero on rows past M and ranks past R;
+    db_ptr: this row block's (K, R) slice). DBIAS: dbias_ptr[k] = sum of X[rows, k] over the rows where
+    row_ok (BLOCK_M,) holds (rows past M wrap onto valid rows and must not count twice).
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    if F_GATHER:
+        f_rows = tl.load(f_idx_ptr + offs_r, mask=offs_r < R, other=0).to(tl.int64)
+    else:
+        f_rows = offs_r.to(tl.int64)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+    f_ptrs = f_ptr + f_rows[None, :] * stride_fr + offs_k[:, None] * stride_fk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    side = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        ft = tl.load(f_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        if DROPOUT:
+            xd = (xt.to(tl.float32) * keep_scale(seed, rows, k0, threshold, scale, BLOCK_K)).to(xt.dtype)
+            side = tl.dot(xd, ft.to(xt.dtype), side, input_precision=PRECISION)
+        else:
+            side = tl.dot(xt, ft.to(xt.dtype), side, input_precision=PRECISION)
+        if DB:
+            part = tl.dot(tl.trans(xt), v, input_precision=PRECISION)
+            tl.store(db_ptr + (k0 + offs_k)[:, None] * R + offs_r[None, :], part.to(db_ptr.dtype.element_ty),
+                     mask=k_ok[:, None] & (offs_r[None, :] < R))
+        if DBIAS:
+            sums = tl.sum(tl.where(row_ok[:, None], xt.to(tl.float32), 0.0), axis=0)
+            tl.store(dbias_ptr + k0 + offs_k, sums.to(dbias_ptr.dtype.element_ty), mask=k_ok)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+        f_ptrs += BLOCK_K * stride_fk
+    return acc, side
+
+
+@triton.jit
+def times_middle(vec, mid_ptr, R, stride_i, stride_j, R_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """vec G (BLOCK_M, R_PAD) fp32 for vec (BLOCK_M, R_PAD) fp32 and G[i, j] = mid[i * stride_i + j * stride_j]
+    (R, R), zero-padded: pass M's strides swapped for t M^T, as they are for du M."""
+    offs_r = tl.arange(0, R_PAD)
+    ok = (offs_r[:, None] < R) & (offs_r[None, :] < R)
+    g = tl.load(mid_ptr + offs_r[:, None] * stride_i + offs_r[None, :] * stride_j, mask=ok, other=0.0)
+    return tl.dot(vec.to(g.dtype), g, input_precision=PRECISION)
+
+
+@triton.jit
+def times_weights(vec, rw_ptr, R, stride, R_PAD: tl.constexpr):
+    """vec ⊙ m (BLOCK_M, R_PAD) fp32 for the rank weights m (R,), zero past R."""
+    offs_r = tl.arange(0, R_PAD)
+    return vec * tl.load(rw_ptr + offs_r * stride, mask=offs_r < R, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def add_expand(acc, vec, g_ptr, g_idx_ptr, gate_ptr, seed, rows, cols, col_start, N, R, stride_gr, stride_gn,
+               v_scale, threshold, scale, G_GATHER: tl.constexpr, GATE_PTR: tl.constexpr, DROPOUT: tl.constexpr,
+               R_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc + drop(v_scale * gate * vec G[:, cols]) (BLOCK_M, BLOCK_N) fp32.
+
+    vec (BLOCK_M, R_PAD) fp32; G (R, N) or the frozen matrix whose rows g_idx (R,) selects;
+    gate read from gate_ptr when GATE_PTR; DROPOUT: times the mask of (rows, col_start + j).
+    """
+    offs_r = tl.arange(0, R_PAD)
+    g = load_factor(g_ptr, g_idx_ptr, offs_r[:, None], cols[None, :], R, N, stride_gr, stride_gn, G_GATHER)
+    low = tl.dot(vec.to(g.dtype), g, input_precision=PRECISION) * v_scale
+    if GATE_PTR:
+        low = low * tl.load(gate_ptr).to(tl.float32)
+    if DROPOUT:
+        low = low * keep_scale(seed, rows, col_start, threshold, scale, BLOCK_N)
+    return acc + low

@@ -1,0 +1,279 @@
+"""The "onepass" plan (kernels/triton/onepass*.py) against the float64 reference, values and every gradient.
+
+Under the Triton interpreter on CPU (fp32, fp16; bf16 on a GPU only): odd shapes that cross the
+16-wide interpreter tiles, ranks that are not powers of two, strided x, every optional factor,
+gathered factors (CURLoRA), dropout (the reference uses the mask of every plan), a host or a
+device gate, gate 0. The other plans' code paths are made to fail where the one-pass kernels
+must run, and every ``torch.empty`` is NaN-filled so an unwritten output or partial shows up.
+"""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from fastlora.kernels import adapted_linear_reference, dropout_mask  # noqa: E402
+from fastlora.kernels.dispatch import plan_implementation, triton_backend  # noqa: E402
+from fastlora.kernels.function import AdaptedLinearFunction  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+F64 = torch.float64
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not CUDA, reason="bf16 needs a GPU: the Triton interpreter gives wrong bf16 arithmetic, dot and stores"))]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+NAMES = ("x", "bias", "a", "b", "middle", "rank_weights", "gate")
+TENSORS = ("x", "weight", "bias", "a", "b", "middle", "rank_weights")
+
+
+@pytest.fixture(scope="module")
+def impl():
+    impl = triton_backend()
+    if not CUDA and not impl.INTERPRETER_READY:
+        pytest.skip("no GPU and the kernels were not built for TRITON_INTERPRET=1")
+    return impl
+
+
+@pytest.fixture(scope="module")
+def onepass(impl):
+    from fastlora.kernels.triton import onepass
+    return onepass
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch, impl):
+    """torch.empty / empty_like return NaN-filled floating tensors for the test's duration."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+@pytest.fixture
+def one_pass_only(monkeypatch, impl, onepass):
+    """The fused plan's base GEMM and dy pass fail if called: the one-pass kernels must do that work."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a two-pass kernel ran on the onepass plan")
+    monkeypatch.setattr(impl, "fused_linear", fail)
+    monkeypatch.setattr(impl, "dy_pass", fail)
+
+
+def make_case(dtype, n=37, d_in=53, d_out=29, r=5, *, bias=True, middle=False, rank_weights=False,
+              gathered=False, seed=0):
+    """Random, never-zero inputs (B random, not zero), scaled to O(1) outputs, in float64."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * s).to(dtype).to(F64)
+
+    case = dict(x=rnd(n, d_in), weight=rnd(d_out, d_in, s=1 / math.sqrt(d_in)), bias=rnd(d_out) if bias else None,
+                a=None if gathered else rnd(r, d_in, s=1 / math.sqrt(d_in)),
+                b=None if gathered else rnd(d_out, r, s=1 / math.sqrt(r)),
+                middle=rnd(r, r, s=1 / math.sqrt(r)) if middle else None,
+                rank_weights=(0.5 + rnd(r).abs()) * rnd(r).sign() if rank_weights else None)
+    if gathered:
+        case["row_index"] = torch.randint(0, d_out, (r,), generator=g)
+        case["col_index"] = torch.randint(0, d_in, (r,), generator=g)
+    return case
+
+
+def run(case, dtype, *, plan="onepass", gate=1.0, device_gate=False, gate_grad=True, dropout=0.0,
+        x_layout=None, needs=NAMES):
+    """Outputs and gradients {name: tensor} of ``plan`` in ``dtype`` (float64 inputs: the reference).
+
+    device_gate: the gate is a tensor whose value the op does not read on the host (as under
+    torch.compile); x_layout "transposed" or "strided": x is a non-contiguous view.
+    """
+    ref = dtype == F64
+    leaves = {k: v.to(DEVICE, dtype).requires_grad_(k in needs) for k, v in case.items()
+              if k in TENSORS and v is not None}
+    g = torch.tensor(gate, device=DEVICE, dtype=dtype if ref else torch.float32, requires_grad=gate_grad)
+    x = leaves["x"]
+    if x_layout == "transposed":
+        x = x.t().contiguous().t()
+    elif x_layout == "strided":
+        x = torch.stack([x, x.detach() + 1], dim=2)[:, :, 0]
+    assert x_layout is None or not x.is_contiguous()
+    index = {k: case[k].to(DEVICE) if k in case else None for k in ("row_index", "col_index")}
+    seed = torch.tensor([4321], dtype=torch.int64, device=DEVICE)
+    if ref:
+        mask = dropout_mask(x.shape[0], x.shape[1], dropout, seed, DEVICE, F64) if dropout else None
+        y = adapted_linear_reference(x, leaves["weight"], leaves.get("bias"), leaves.get("a"), leaves.get("b"),
+                                     middle=leaves.get("middle"), rank_weights=leaves.get("rank_weights"), gate=g,
+                                     scale=0.7, dropout_mask=mask, **index)
+    else:
+        y = AdaptedLinearFunction.apply(
+            x, leaves["weight"], leaves.get("bias"), leaves.get("a"), leaves.get("b"), leaves.get("middle"),
+            leaves.get("rank_weights"), g if device_gate or gate_grad else None, index["row_index"],
+            index["col_index"], seed if dropout else None, 0.7, None if device_gate else gate, dropout, plan)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=F64).to(DEVICE, dtype)
+    wrt = {k: v for k, v in leaves.items() if v.requires_grad}
+    if gate_grad:
+        wrt["gate"] = g
+    grads = torch.autograd.grad(y, list(wrt.values()), dy)
+    return y, dict(zip(wrt, grads))
+
+
+def rel(out, ref):
+    out, ref = out.detach().to(F64), ref.detach().to(F64)
+    assert torch.isfinite(out).all(), "non-finite entries (unwritten output?)"
+    return float((out - ref).norm() / ref.norm())
+
+
+def gate_scale(case, **kwargs):
+    """sum |dy ⊙ s v B^T|: the size of the terms of dg = sum(dy ⊙ s v B^T), whose sum may cancel."""
+    kwargs.update(device_gate=False, gate_grad=False)
+    (y1, _), (y0, _) = (run(case, F64, **{**kwargs, "gate": g}) for g in (1.0, 0.0))
+    dy = torch.randn(y1.shape, generator=torch.Generator().manual_seed(9), dtype=F64).to(DEVICE)
+    return float((dy * (y1 - y0)).abs().sum().detach())
+
+
+def check(case, dtype, **kwargs):
+    """The plan in ``dtype`` against float64: relative error below TOL (for the scalar gate gradient,
+    relative to the size of its terms), exact zeros where the reference is 0."""
+    y, grads = run(case, dtype, **kwargs)
+    y_ref, grads_ref = run(case, F64, **kwargs)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert rel(y, y_ref) < TOL[dtype], "output"
+    assert sorted(grads) == sorted(grads_ref)
+    for name, want in grads_ref.items():
+        got = grads[name]
+        assert got.shape == want.shape, name
+        assert torch.isfinite(got).all(), name
+        if torch.count_nonzero(want) == 0:
+            assert torch.count_nonzero(got) == 0, f"grad of {name} is not zero"
+        elif name == "gate":
+            assert abs(float(got) - float(want)) < TOL[dtype] * gate_scale(case, **kwargs), "grad of gate"
+        else:
+            assert rel(got, want) < TOL[dtype], f"grad of {name}: {rel(got, want)}"
+    return y, grads
+
+
+CASES = {
+    "lora": dict(),
+    "middle_rank_weights": dict(case=dict(r=7, middle=True, rank_weights=True)),
+    "gathered_middle": dict(case=dict(r=6, gathered=True, middle=True)),
+    "dropout": dict(case=dict(middle=True, rank_weights=True), dropout=0.3),
+    "gathered_dropout_no_bias": dict(case=dict(r=3, gathered=True, middle=True, bias=False), dropout=0.2),
+    "device_gate": dict(case=dict(rank_weights=True), gate=0.6, device_gate=True, dropout=0.1),
+    "transposed_x": dict(case=dict(n=53, d_in=37), x_layout="transposed", dropout=0.2),
+    "strided_x": dict(case=dict(middle=True), x_layout="strided"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_matches_float64(name, dtype, one_pass_only):
+    spec = dict(CASES[name])
+    check(make_case(dtype, **spec.pop("case", {})), dtype, **spec)
+
+
+@pytest.mark.parametrize("n,d_in,d_out,r", [(1, 16, 16, 1), (70, 33, 45, 17), (19, 8, 3, 2), (40, 70, 150, 12)])
+def test_odd_shapes(n, d_in, d_out, r, one_pass_only):
+    case = make_case(torch.float32, n, d_in, d_out, r, rank_weights=True, middle=r > 2)
+    check(case, torch.float32, dropout=0.1)
+
+
+@pytest.mark.parametrize("in_kernel", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_db_from_row_block_partials_or_one_gemm(in_kernel, dtype, monkeypatch, onepass, one_pass_only):
+    """dB (and the gate's device value in it) either from the input-gradient kernel's partials or from dy^T v."""
+    decided = []
+
+    def decide(dy, r):
+        decided.append(r)
+        return in_kernel
+
+    monkeypatch.setattr(onepass, "db_partials_are_cheaper", decide)
+    check(make_case(dtype, n=45, r=9, rank_weights=True), dtype, gate=0.8, device_gate=True)
+    assert decided == [9]
+
+
+def test_db_partials_are_chosen_by_bytes(onepass):
+    from fastlora.kernels.triton.onepass_backward import db_partials_are_cheaper
+    from fastlora.kernels.triton.onepass_tiles import BACKWARD_BLOCK_M
+    n = 64 * BACKWARD_BLOCK_M
+    dy = torch.empty(n, 10, dtype=torch.float16)  # partials 2 * 64 * r * 4 bytes a column, dy n * 2
+    assert db_partials_are_cheaper(dy, BACKWARD_BLOCK_M // 4)
+    assert not db_partials_are_cheaper(dy, BACKWARD_BLOCK_M // 4 + 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gate_off_with_gate_grad(dtype, monkeypatch, onepass):
+    """Host gate 0: the base GEMM alone (no one-pass kernel); the gate gets s * sum(dP ⊙ v), factors exact zeros."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a one-pass kernel ran with the gate off")
+    monkeypatch.setattr(onepass, "onepass_forward", fail)
+    monkeypatch.setattr(onepass, "onepass_input_grad", fail)
+    case = make_case(dtype, rank_weights=True, middle=True)
+    y, grads = check(case, dtype, gate=0.0)
+    assert torch.count_nonzero(grads["gate"]) == 1
+    base = torch.nn.functional.linear(*(case[k].to(DEVICE, dtype) for k in ("x", "weight", "bias")))
+    assert torch.equal(y, base)
+
+
+def test_device_gate_zero_runs_the_kernels_and_zeroes_the_factors(one_pass_only):
+    """A device gate of 0 is unknown on the host: the kernels run, multiplied by it."""
+    check(make_case(torch.float32, middle=True), torch.float32, gate=0.0, device_gate=True)
+
+
+def test_only_some_gradients(one_pass_only):
+    check(make_case(torch.float32, middle=True), torch.float32, needs=("x",), gate_grad=False)
+
+
+def test_factor_gradients_without_input_gradient_use_the_fused_plan():
+    check(make_case(torch.float32, rank_weights=True), torch.float32, needs=("a", "b", "rank_weights"), dropout=0.2)
+
+
+def test_backward_is_deterministic():
+    case = make_case(torch.float32, n=70, r=3, rank_weights=True)
+    first, second = (run(case, torch.float32, dropout=0.2)[1] for _ in range(2))
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_forward_keeps_t_and_matches_the_fused_plan(impl):
+    """t = xd A^T (N, r) fp32 from the first column tile's programs, as the fused plan's shrink gives it."""
+    case = make_case(torch.float32, n=33, d_out=40, r=5, middle=True)
+    plans = {name: plan_implementation(name) for name in ("onepass", "triton")}
+    from fastlora.kernels.spec import LowRankTerm
+    seed = torch.tensor([7], dtype=torch.int64)
+    term = LowRankTerm(case["a"].float(), case["b"].float(), case["middle"].float(), None, None, None, 0.5, 1.0,
+                       0.25, seed)
+    (y1, t1), (y2, t2) = (plans[k].forward(case["x"].float(), case["weight"].float(), case["bias"].float(), term,
+                                           False) for k in ("onepass", "triton"))
+    assert t1.dtype == torch.float32 and t1.shape == (33, 5)
+    assert rel(t1, t2) < 1e-6 and rel(y1, y2) < 1e-6
+
+
+def test_tiles_fit_registers_and_shared_memory(monkeypatch, onepass):
+    from types import SimpleNamespace
+
+    from fastlora.kernels.triton import autotune, onepass_tiles
+    monkeypatch.setattr(autotune, "INTERPRETED", False)
+    monkeypatch.setattr(autotune, "_shared_memory_limit", lambda index: 227 * 1024)
+    x = SimpleNamespace(element_size=lambda: 2, is_cuda=True, device=SimpleNamespace(index=0))
+    configs = autotune.gemm_configs()
+    backward = onepass_tiles.backward_configs(128)
+    assert backward and all(c.kwargs["BLOCK_M"] == 128 for c in backward)
+    for r_pad, compute_db in ((16, False), (64, False), (64, True)):
+        for listed in (configs, backward):
+            kept = onepass_tiles.prune_onepass_configs(listed, {"x_ptr": x, "M_BUCKET": 8192}, R_PAD=r_pad,
+                                                       COMPUTE_DB=compute_db)
+            assert kept
+            for c in kept:
+                bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                assert c.num_stages * (bm + bn + r_pad) * bk * 2 <= 227 * 1024
+                assert bm * bn + (1 + compute_db) * bm * r_pad <= onepass_tiles.ACCUMULATOR_REGISTERS * 32 * c.num_warps
+    wide = onepass_tiles.prune_onepass_configs(configs, {"x_ptr": x, "M_BUCKET": 8192}, R_PAD=16)
+    assert any(c.kwargs["BLOCK_N"] == 256 for c in wide)
