@@ -19,7 +19,8 @@ the JSON report is rewritten to --out after every item):
 
 Time budget (--budget-s, counted from start): a section gets at most its share of the
 budget (the rest rolls over) and skips, with the reason, the items that no longer fit.
-The exit status is 1 when a check section (correctness, graphs) fails or errors, else 0.
+The exit status is 1 when a check section (correctness, graphs) fails or errors, 2 when the run
+was stopped (SIGTERM or Ctrl-C: the report and table still cover what finished), else 0.
 ``--device cpu --quick`` runs what a CPU can (torch plan, tiny shapes; every plan under
 TRITON_INTERPRET=1) so the script itself is tested without a GPU.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import sysconfig
 import time
@@ -68,6 +70,7 @@ SECTIONS = (
     Section("speed", check_speed.run, 1.0, False, False),
 )
 MIN_SECTION_S = 5.0
+CHECKS = {s.name for s in SECTIONS if s.check}
 
 
 @dataclass
@@ -151,20 +154,33 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     budget_end = START + args.budget_s
     ctx = Context(device, args.quick, plans, budget_end, report, save)
-    for section in SECTIONS:
-        if section.name not in only:
-            continue
-        print(f"== {section.name} ({budget_end - time.monotonic():.0f} s of budget left)", flush=True)
-        report["sections"][section.name] = run_section(section, ctx, budget_end)
-        save()
-    failed = [s.name for s in SECTIONS if s.check and s.name in only
-              and report["sections"][s.name]["status"] in ("fail", "error")]
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        for section in SECTIONS:
+            if section.name not in only:
+                continue
+            print(f"== {section.name} ({budget_end - time.monotonic():.0f} s of budget left)", flush=True)
+            report["sections"][section.name] = run_section(section, ctx, budget_end)
+            save()
+    except (Terminated, KeyboardInterrupt) as stop:  # keep what finished: the running section stays "running"
+        report["terminated"] = f"{type(stop).__name__} {stop} in section {ctx.name}"
+    failed = [name for name, sec in report["sections"].items()
+              if name in CHECKS and sec["status"] in ("fail", "error")]
     report["failed_checks"] = failed
     report["seconds"] = time.monotonic() - START
     save()
     print(check_report.render(report))
-    print(f"wrote {out} ({report['seconds']:.0f} s); failed checks: {failed or 'none'}")
-    return 1 if failed else 0
+    print(f"wrote {out} ({report['seconds']:.0f} s); failed checks: {failed or 'none'}"
+          + (f"; {report['terminated']}" if "terminated" in report else ""))
+    return 1 if failed else 2 if "terminated" in report else 0
+
+
+class Terminated(BaseException):
+    """SIGTERM (e.g. a time limit) stops the run; the report and table are still written."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -223,3 +224,27 @@ def test_graph_section_logic(monkeypatch):
     graph = result["graphs"]["torch"]
     assert graph["unseeded_replays_differ"] and graph["seeded_replay_bitwise_equal"]
     assert graph["no_dropout_replay_vs_eager"] == 0.0
+
+
+def test_stopped_run_keeps_its_report(tmp_path, monkeypatch):
+    """SIGTERM (a time limit) inside a section: the report keeps what finished, the running
+    section stays "running" with its partial result, the table is printed, exit status 2."""
+    from benchmarks import gpu_check
+
+    def stopped(ctx):
+        ctx.partial({"items": [{"kind": "op", "pass": True}]})
+        gpu_check._terminate(signal.SIGTERM, None)
+
+    sections = (gpu_check.Section("env", lambda ctx: {"summary": "ok"}, 0.1, False, False),
+                gpu_check.Section("correctness", stopped, 0.5, True, False))
+    monkeypatch.setattr(gpu_check, "SECTIONS", sections)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        code = gpu_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path / "r.json")])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert code == 2 and report["failed_checks"] == []
+    assert report["sections"]["env"]["status"] == "ok"
+    assert report["sections"]["correctness"] == {"items": [{"kind": "op", "pass": True}], "status": "running"}
+    assert report["terminated"] == "Terminated SIGTERM in section correctness"
