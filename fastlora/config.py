@@ -13,18 +13,12 @@ from typing import Any, ClassVar, Optional, Union
 
 from fastlora.kernels import BACKENDS
 
+from .registry import method_named
+
 TargetModules = Optional[Union[tuple[str, ...], list[str], str]]
 
 MAX_REGEX_REPETITIONS = 4
 MAX_NEAT_DEPTH = 32
-
-_CONFIG_TYPES: dict[str, type["AdapterConfig"]] = {}
-
-
-def _register(cls):
-    _CONFIG_TYPES[cls.method] = cls
-    return cls
-
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -33,13 +27,25 @@ class AdapterConfig:
     r: rank (> 0 and <= min(d_in, d_out) of every adapted layer).
     target_modules: names matched like PEFT (a module whose qualified name equals an
     entry or ends with "." + entry; a list, tuple or set of non-empty strings, kept as a
-    tuple), a regex string (full match), "all-linear", or None (= "all-linear").
+    tuple), a regex string (full match), "all-linear" (every nn.Linear but a transformers model's
+    output layer: its output embeddings or classifier/score head), or None (PEFT's default
+    targets for the transformers model's architecture; every nn.Linear in any other model).
     A regex must compile and, so that matching cannot backtrack catastrophically, must
     not repeat a group that itself contains a repetition or an alternation (``(a+)+``,
     ``(a|ab)*``; a repetition is ``*``, ``+`` or ``{m,n}`` with n > 1) and may hold at
     most MAX_REGEX_REPETITIONS repetitions in all.
     dropout: dropout on the adapter input (PEFT's lora_dropout).
     backend: the fused op's execution plan: "auto" (measured fastest) | "triton" | "cublas" | "torch".
+
+    PEFT's selection fields (keyword-only, same meaning as in PEFT):
+    exclude_modules: names (exact or "." + suffix) or a full-match regex never adapted.
+    layers_to_transform: an int or ints: only modules of those layers, the layer index being the
+    first number after a module named by layers_pattern (a name or regex, or several), or, without
+    layers_pattern, the first dotted number after at least two name parts ("model.layers.3.mlp").
+    Needs target_modules given as names (not a regex or "all-linear").
+    rank_pattern / alpha_pattern: {key: r} / {key: alpha}, the rank or alpha of the modules whose
+    name is ``key`` or ends with "." + ``key`` (``key`` a regex; the first matching key wins).
+    Both are kept as tuples of (key, value) pairs; alpha_pattern needs a config with an alpha.
 
     PEFT's names are accepted as keywords when building a config (not stored): ``lora_dropout``
     for dropout, ``lora_alpha`` for alpha (LoRA-family configs), ``task_type`` (ignored: fastlora
@@ -52,6 +58,11 @@ class AdapterConfig:
     dropout: float = 0.0
     backend: str = "auto"
     _: dataclasses.KW_ONLY
+    exclude_modules: TargetModules = None
+    layers_to_transform: Optional[Union[int, tuple[int, ...], list[int]]] = None
+    layers_pattern: Optional[Union[str, tuple[str, ...], list[str]]] = None
+    rank_pattern: Union[dict[str, int], tuple[tuple[str, int], ...]] = ()
+    alpha_pattern: Union[dict[str, float], tuple[tuple[str, float], ...]] = ()
     lora_alpha: dataclasses.InitVar[Optional[float]] = None
     lora_dropout: dataclasses.InitVar[Optional[float]] = None
     task_type: dataclasses.InitVar[Optional[str]] = None
@@ -77,22 +88,24 @@ class AdapterConfig:
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
             raise ValueError(f"{type(self).__name__}.backend must be one of {BACKENDS}, got {self.backend!r}")
         object.__setattr__(self, "target_modules", _checked_targets(self.target_modules))
+        _check_selection(self)
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as JSON values (target_modules as a list), plus "method"."""
+        """The fields as JSON values (tuples as lists, rank/alpha patterns as objects), plus "method"."""
         data = dataclasses.asdict(self)
-        if isinstance(self.target_modules, tuple):
-            data["target_modules"] = list(self.target_modules)
+        for name, value in data.items():
+            if name in ("rank_pattern", "alpha_pattern"):
+                data[name] = dict(value)
+            elif isinstance(value, tuple):
+                data[name] = list(value)
         data["method"] = self.method
         return data
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "AdapterConfig":
+        """The config of the registered method ``data["method"]`` with the other fields of ``data``."""
         data = dict(data)
-        method = data.pop("method", None)
-        if method not in _CONFIG_TYPES:
-            raise ValueError(f"unknown adapter method {method!r}; known: {sorted(_CONFIG_TYPES)}")
-        cls = _CONFIG_TYPES[method]
+        cls = method_named(data.pop("method", None)).config
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
@@ -105,33 +118,82 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _checked_targets(targets: Any) -> Union[None, str, tuple[str, ...]]:
-    """target_modules validated: None, a safe compiling regex, or a tuple of names."""
+def _checked_targets(targets: Any, field: str = "target_modules") -> Union[None, str, tuple[str, ...]]:
+    """target_modules (or ``field``) validated: None, a safe compiling regex, or a tuple of names."""
     if targets is None:
         return None
     if isinstance(targets, str):
-        _check_regex(targets)
+        _check_regex(targets, field)
         return targets
     if not isinstance(targets, (list, tuple, set, frozenset)):
-        raise TypeError(f"target_modules must be a list of names, a regex string or None, "
-                        f"got {type(targets).__name__}")
+        raise TypeError(f"{field} must be a list of names, a regex string or None, got {type(targets).__name__}")
     bad = [t for t in targets if not isinstance(t, str) or not t]
     if bad:
-        raise TypeError(f"target_modules entries must be non-empty strings, got {bad!r}")
+        raise TypeError(f"{field} entries must be non-empty strings, got {bad!r}")
     if not targets:
-        raise ValueError("target_modules is empty; name at least one module, or use None for all linear layers")
+        raise ValueError(f"{field} is empty; name at least one module, or use None")
     return tuple(sorted(targets) if isinstance(targets, (set, frozenset)) else targets)
 
 
 _COUNT = re.compile(r"\{(?!\})(\d*)(,?)(\d*)\}")  # {m}, {m,}, {,n}, {m,n}; "{}" is a literal
 
 
-def _check_regex(pattern: str) -> None:
+def _check_selection(config: AdapterConfig) -> None:
+    """Validate and normalise PEFT's selection fields (see AdapterConfig); empty values mean none, as in PEFT."""
+    name = type(config).__name__
+    exclude = config.exclude_modules
+    exclude = None if isinstance(exclude, (list, tuple, set, frozenset)) and not exclude else exclude
+    object.__setattr__(config, "exclude_modules", _checked_targets(exclude, f"{name}.exclude_modules"))
+    layers = config.layers_to_transform
+    layers = (layers,) if _is_index(layers) else layers
+    if layers is not None:
+        if not isinstance(layers, (list, tuple)) or not all(_is_index(i) for i in layers):
+            raise ValueError(f"{name}.layers_to_transform must be an int >= 0 or a list of them, "
+                             f"got {config.layers_to_transform!r}")
+        layers = tuple(layers) or None
+    object.__setattr__(config, "layers_to_transform", layers)
+    patterns = config.layers_pattern
+    patterns = (patterns,) if isinstance(patterns, str) else patterns
+    if patterns is not None:
+        if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+            raise ValueError(f"{name}.layers_pattern must be a name, a regex or a list of them, got {patterns!r}")
+        for pattern in patterns:
+            _check_regex(pattern, f"{name}.layers_pattern")
+        patterns = tuple(p for p in patterns if p) or None
+    object.__setattr__(config, "layers_pattern", patterns)
+    if (layers or patterns) and isinstance(config.target_modules, str):
+        raise ValueError(f"{name}: layers_to_transform and layers_pattern need target_modules given as names, "
+                         f"not the regex or shorthand {config.target_modules!r} (as in PEFT)")
+    if patterns and not layers:
+        raise ValueError(f"{name}: layers_pattern {list(patterns)} needs layers_to_transform (as in PEFT)")
+    if config.alpha_pattern and "alpha" not in {f.name for f in dataclasses.fields(config)}:
+        raise ValueError(f"{name} has no alpha, so no alpha_pattern")
+    for field, check in (("rank_pattern", _is_index), ("alpha_pattern", _is_real)):
+        pairs = getattr(config, field)
+        pairs = tuple(pairs.items()) if isinstance(pairs, dict) else pairs
+        if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+            raise ValueError(f"{name}.{field} must map module names or regexes to values, got {pairs!r}")
+        for key, value in pairs:
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"{name}.{field} keys must be non-empty strings, got {key!r}")
+            _check_regex(key, f"{name}.{field}")
+            if not check(value) or value <= 0 or not math.isfinite(value):
+                raise ValueError(f"{name}.{field}[{key!r}] must be a positive "
+                                 f"{'int' if field == 'rank_pattern' else 'number'}, got {value!r}")
+        object.__setattr__(config, field, tuple((key, value) for key, value in pairs))
+
+
+def _is_index(value: Any) -> bool:
+    """An int >= 0, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_regex(pattern: str, field: str = "target_modules") -> None:
     """Refuse a pattern that does not compile or could backtrack catastrophically (see AdapterConfig)."""
     try:
         re.compile(pattern)
     except re.error as error:
-        raise ValueError(f"target_modules regex {pattern!r} is invalid: {error}") from None
+        raise ValueError(f"{field} regex {pattern!r} is invalid: {error}") from None
     risky = [False]  # per open group: holds a repetition or an alternation
     after_risky_group = False
     repetitions = 0
@@ -168,14 +230,14 @@ def _check_regex(pattern: str) -> None:
             i += pattern.startswith(("?", "+"), i)  # lazy or possessive modifier
             if repeat_max > 1:
                 if after_risky_group:
-                    raise ValueError(f"target_modules regex {pattern!r} repeats a group that itself holds a "
+                    raise ValueError(f"{field} regex {pattern!r} repeats a group that itself holds a "
                                      f"repetition or an alternation, which can backtrack catastrophically; "
                                      f"write it without nested repetition")
                 repetitions += 1
                 risky[-1] = True
         after_risky_group = False
     if repetitions > MAX_REGEX_REPETITIONS:
-        raise ValueError(f"target_modules regex {pattern!r} holds {repetitions} repetitions; at most "
+        raise ValueError(f"{field} regex {pattern!r} holds {repetitions} repetitions; at most "
                          f"{MAX_REGEX_REPETITIONS} are allowed (each one multiplies the matching time)")
 
 
@@ -197,7 +259,6 @@ def _check_positive(config: AdapterConfig, name: str, allow_zero: bool = False) 
         raise ValueError(f"{type(config).__name__}.{name} must be a finite number {bound}, got {value!r}")
 
 
-@_register
 @dataclass(frozen=True)
 class LoraConfig(AdapterConfig):
     """Plain LoRA: y = x W^T + b + (alpha/r) (dropout(x) A^T) B^T (alpha/sqrt(r) with use_rslora)."""
@@ -217,7 +278,6 @@ class LoraConfig(AdapterConfig):
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-@_register
 @dataclass(frozen=True)
 class SelectiveLoraConfig(LoraConfig):
     """Selective LoRA: a learnable score per layer gates the block, g = 1[score >= threshold].
@@ -254,7 +314,6 @@ class SelectiveLoraConfig(LoraConfig):
             raise ValueError(f"SelectiveLoraConfig.sparsity_warmup_steps must be an int >= 0, got {value!r}")
 
 
-@_register
 @dataclass(frozen=True)
 class RankSelectiveLoraConfig(LoraConfig):
     """CoDyRA: per-rank importance w, soft-thresholded after each optimizer step by a scheduled kappa.
@@ -311,7 +370,6 @@ class RankSelectiveLoraConfig(LoraConfig):
         return self.kappa_max * level / self.threshold_levels
 
 
-@_register
 @dataclass(frozen=True)
 class CurLoraConfig(AdapterConfig):
     """CURLoRA: C = W[:, J], R = W[I, :] sampled by inverted probabilities, U (r x r) trained.
@@ -335,7 +393,6 @@ class CurLoraConfig(AdapterConfig):
             raise ValueError(f"CurLoraConfig.seed must be an int >= 0 and < 2**63, got {self.seed!r}")
 
 
-@_register
 @dataclass(frozen=True)
 class NeatConfig(AdapterConfig):
     """NEAT / PEANuT: y = x W^T + b + scale * x f(act(W^T A_n^T)) B_n^T.
@@ -360,7 +417,6 @@ class NeatConfig(AdapterConfig):
             raise ValueError(f"NeatConfig.scale must be finite (an int or float), got {self.scale!r}")
 
 
-@_register
 @dataclass(frozen=True)
 class CascadeLoraConfig(LoraConfig):
     """LoRASC: stages of a fast LoRA pair on a backbone that absorbs each stage and gets NoisyTune noise.

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from fastlora.kernels import adapted_linear, neat_projection
 from fastlora.kernels.activations import activation
 
-from .peft_interop import _PEANUT_ACTIVATIONS
+from .peft_formats import PEANUT_ACTIVATIONS
 
 _MARK = "_fastlora_accelerated"
 
@@ -102,7 +102,7 @@ def _peanut_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str
     name, reason = _active_adapter(layer, layer.peanut_A)
     if name is None:
         return reason
-    act = _PEANUT_ACTIVATIONS.get(layer.act_fn[name])
+    act = PEANUT_ACTIVATIONS.get(layer.act_fn[name])
     if act is None:
         return f"activation {layer.act_fn[name]!r}"
     encoders, decoders = layer.peanut_encoders[name], layer.peanut_decoders[name]

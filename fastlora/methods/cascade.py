@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import CascadeLoraConfig
+from ..registry import register_method
 from ..distributed import copy_full_, full_view
 from .base import Adapter, adapter_factory
 
@@ -160,3 +161,6 @@ class CascadeLoraAdapter(Adapter):
 
     def extra_stats(self) -> dict[str, float]:
         return {"cascades": float(self._cascades), "optimizer_steps": float(self._steps)}
+
+
+register_method(CascadeLoraConfig, CascadeLoraAdapter)

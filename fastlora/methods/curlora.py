@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import CurLoraConfig
+from ..registry import register_method
 from .base import Adapter, adapter_factory
 
 
@@ -72,3 +73,6 @@ class CurLoraAdapter(Adapter):
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
         return {"lora_a": None, "row_index": self.row_index, "lora_b": None, "col_index": self.col_index,
                 "middle": self.U, "scale": self.scale}
+
+
+register_method(CurLoraConfig, CurLoraAdapter)

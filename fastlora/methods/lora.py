@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import LoraConfig
+from ..peft_formats import LORA_FORMAT
+from ..registry import register_method
 from .base import Adapter, adapter_factory
 
 
@@ -30,3 +32,6 @@ class LoraAdapter(Adapter):
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
         return {"lora_a": self.lora_A, "lora_b": self.lora_B, "scale": self.scale}
+
+
+register_method(LoraConfig, LoraAdapter, peft_format=LORA_FORMAT)

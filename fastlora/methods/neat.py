@@ -20,6 +20,8 @@ from fastlora.kernels import neat_projection
 from fastlora.kernels.activations import activation
 
 from ..config import NeatConfig
+from ..peft_formats import PEANUT_FORMAT
+from ..registry import register_method
 from .base import Adapter, adapter_factory
 
 
@@ -108,3 +110,6 @@ class NeatAdapter(Adapter):
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
         return {"lora_a": self._down_factor(weight), "lora_b": self.neat_B, "scale": self.scale}
+
+
+register_method(NeatConfig, NeatAdapter, peft_format=PEANUT_FORMAT)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import RankSelectiveLoraConfig
+from ..registry import register_method
 from ..distributed import full_view, local_part, local_view
 from .base import adapter_factory
 from .lora import LoraAdapter
@@ -121,3 +122,6 @@ class RankSelectiveLoraAdapter(LoraAdapter):
     def extra_stats(self) -> dict[str, float]:
         return {"active_ranks": float(self.active_index.numel()), "kappa": self.config.kappa(self._steps),
                 "optimizer_steps": float(self._steps)}
+
+
+register_method(RankSelectiveLoraConfig, RankSelectiveLoraAdapter)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SelectiveLoraConfig
+from ..registry import register_method
 from ..distributed import full_view, is_dtensor
 from .base import adapter_factory
 from .lora import LoraAdapter
@@ -187,3 +188,6 @@ class SelectiveLoraAdapter(LoraAdapter):
     def extra_stats(self) -> dict[str, float]:
         return {"active": float(self.active), "score": float(full_view(self.score.detach())),
                 "optimizer_steps": float(self._steps)}
+
+
+register_method(SelectiveLoraConfig, SelectiveLoraAdapter)
