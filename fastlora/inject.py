@@ -1,16 +1,20 @@
 """Model-level operations: inject adapters, merge/unmerge, unload, inspect."""
 from __future__ import annotations
 
+import dataclasses
 import re
+import warnings
 from typing import Iterator
 
 from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .layer import AdapterLinear
+from .targets import is_selected, layer_config, output_layer_names, resolved_targets
 
 
 def _matches(name: str, target_modules) -> bool:
+    """Whether ``name`` is one of ``target_modules`` (name or suffix), its full-match regex, or None/"all-linear"."""
     if target_modules is None or target_modules == "all-linear":
         return True
     if isinstance(target_modules, str):
@@ -25,8 +29,14 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    """Replace every nn.Linear matched by ``config.target_modules`` with an AdapterLinear
-    (sharing the original weight and bias) and freeze every other parameter.
+    """Replace every nn.Linear the config selects with an AdapterLinear (sharing the original
+    weight and bias) and freeze every other parameter.
+
+    Selection and per-layer rank/alpha follow PEFT (``fastlora.targets``): target_modules
+    (None: PEFT's default for a transformers model's architecture, every nn.Linear in another
+    model; "all-linear": every nn.Linear but a transformers model's output layer),
+    exclude_modules, layers_to_transform/layers_pattern, rank_pattern and alpha_pattern. Each
+    layer's ``config`` holds its own r and alpha, without the selection fields.
 
     Returns ``model`` (changed in place). All or nothing: every target is checked and every
     adapter built before the model changes, so on any error the model is left as it was.
@@ -46,8 +56,6 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if any(isinstance(m, AdapterLinear) for m in model.modules()):
         raise ValueError("model already has fastlora adapters; merge_and_unload it first")
     chosen = _chosen_linears(model, config)
-    for names, linear in chosen:
-        _check_layer(names[0], linear, config)
     layers = _build_layers(model, chosen, config)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -63,31 +71,44 @@ def _chosen_linears(model: nn.Module, config: AdapterConfig) -> list[tuple[list[
     for name, module in model.named_modules(remove_duplicate=False):
         if type(module) is nn.Linear:
             linears.setdefault(id(module), ([], module))[0].append(name)
+    targets = resolved_targets(model, config)
+    output_layers = output_layer_names(model) if targets == "all-linear" else set()
     chosen = []
     for names, linear in linears.values():
-        matched = [n for n in names if _matches(n, config.target_modules)]
+        matched = [n for n in names if is_selected(n, targets, config, output_layers)]
         if matched and len(matched) < len(names):
             unmatched = [n for n in names if n not in matched]
             raise ValueError(f"nn.Linear {matched[0]!r} is also registered as {unmatched}, which target_modules "
-                             f"{config.target_modules!r} does not match; a shared module is adapted under all "
-                             f"its names, so match all of them or none")
+                             f"{targets!r} does not match (or the selection fields leave out); a shared module is "
+                             f"adapted under all its names, so match all of them or none")
         if matched:
             chosen.append((names, linear))
-    _check_targets(config, [n for names, _ in linears.values() for n in names], chosen)
+    _check_targets(config, targets, [n for names, _ in linears.values() for n in names], chosen)
     return chosen
 
 
-def _check_targets(config: AdapterConfig, names: list[str], chosen) -> None:
-    if isinstance(config.target_modules, (list, tuple)):
-        missing = [t for t in config.target_modules if not any(_matches(n, [t]) for n in names)]
+def _check_targets(config: AdapterConfig, targets, names: list[str], chosen) -> None:
+    """Refuse listed targets that name no nn.Linear and a selection of nothing; warn when
+    exclude_modules left nothing out (PEFT warns too)."""
+    given = "target_modules" if config.target_modules is not None else f"PEFT's default target_modules {targets}"
+    if isinstance(targets, tuple):
+        missing = [t for t in targets if not any(_matches(n, [t]) for n in names)]
         if missing:
-            raise ValueError(f"target_modules {missing} match no nn.Linear in the model; "
+            raise ValueError(f"{given}: {missing} match no nn.Linear in the model; "
                              f"linear modules are: {sorted({n.rsplit('.', 1)[-1] for n in names})}")
     if not chosen:
-        raise ValueError(f"target_modules {config.target_modules!r} match no nn.Linear in the model")
+        raise ValueError(f"{given} {targets!r} with exclude_modules {config.exclude_modules!r}, layers_to_transform "
+                         f"{config.layers_to_transform!r} select no nn.Linear in the model")
+    if config.exclude_modules is not None:
+        kept = {n for names, _ in chosen for n in names}
+        if not any(is_selected(n, targets, dataclasses.replace(config, exclude_modules=None), set()) and n not in kept
+                   for n in names):
+            warnings.warn(f"exclude_modules {config.exclude_modules!r} left out no module the config selects; "
+                          f"check its names", stacklevel=4)
 
 
 def _check_layer(name: str, linear: nn.Linear, config: AdapterConfig) -> None:
+    """Refuse a rank the layer cannot hold and a layer without values (meta device), naming the layer."""
     d_out, d_in = linear.weight.shape
     if config.r > min(d_in, d_out):
         raise ValueError(f"layer {name!r}: r={config.r} exceeds min(d_in={d_in}, d_out={d_out})={min(d_in, d_out)}")
@@ -97,14 +118,22 @@ def _check_layer(name: str, linear: nn.Linear, config: AdapterConfig) -> None:
 
 
 def _build_layers(model: nn.Module, chosen, config: AdapterConfig) -> list[AdapterLinear]:
-    """One AdapterLinear per chosen Linear; on failure every requires_grad flag is restored
-    and a ValueError/TypeError is re-raised with the layer's name."""
+    """One AdapterLinear per chosen Linear, built with its own config (``layer_config``); every
+    layer is checked first. On failure every requires_grad flag is restored and a
+    ValueError/TypeError is re-raised with the layer's name."""
+    configs = []
+    for names, linear in chosen:
+        try:
+            configs.append(layer_config(config, names[0]))
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"layer {names[0]!r}: {error}") from error
+        _check_layer(names[0], linear, configs[-1])
     flags = [(p, p.requires_grad) for p in model.parameters()]
     layers = []
     try:
-        for index, (names, linear) in enumerate(chosen):
+        for index, ((names, linear), layer_cfg) in enumerate(zip(chosen, configs)):
             try:
-                layers.append(AdapterLinear.from_linear(linear, config, layer_index=index).train(linear.training))
+                layers.append(AdapterLinear.from_linear(linear, layer_cfg, layer_index=index).train(linear.training))
             except (ValueError, TypeError) as error:
                 if type(error) not in (ValueError, TypeError):
                     raise

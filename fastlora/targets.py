@@ -1,0 +1,130 @@
+"""Which nn.Linear layers ``inject`` adapts, and each one's rank and alpha: PEFT's selection rules.
+
+A config's target_modules, exclude_modules, layers_to_transform/layers_pattern, rank_pattern and
+alpha_pattern select and size layers as PEFT's LoraConfig does; "all-linear" leaves out a
+transformers model's output layer and a missing target_modules means PEFT's default targets
+for the model's architecture.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional, Union
+
+from torch import nn
+
+from .config import AdapterConfig
+
+# PEFT's LoRA targets when target_modules is missing, by transformers model_type
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "xlm-roberta": ("query", "value"),
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"),
+    "t5": ("q", "v"),
+    "opt": ("q_proj", "v_proj"),
+    "gpt2": ("c_attn",),
+}
+# attributes holding a classification head, left out by "all-linear" (PEFT's SEQ_CLS rule)
+HEAD_ATTRIBUTES = ("classifier", "score")
+_SELECTION_FIELDS = ("exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern")
+
+Targets = Union[None, str, tuple[str, ...]]  # None: every nn.Linear
+
+
+def model_type(model: nn.Module) -> Optional[str]:
+    """``model.config.model_type`` of a transformers model, else None."""
+    value = getattr(getattr(model, "config", None), "model_type", None)
+    return value if isinstance(value, str) and value else None
+
+
+def resolved_targets(model: nn.Module, config: AdapterConfig) -> Targets:
+    """config.target_modules with None replaced by PEFT's default for the model's architecture
+    (a model that is not a transformers model: None, every nn.Linear)."""
+    targets = config.target_modules
+    if targets is not None:
+        return targets
+    kind = model_type(model)
+    if kind is None:
+        return None
+    if kind not in DEFAULT_TARGETS:
+        raise ValueError(f"{type(config).__name__}.target_modules is missing and there is no default for "
+                         f"model_type {kind!r} (defaults: {sorted(DEFAULT_TARGETS)}); name the modules to adapt "
+                         f"or use target_modules='all-linear'")
+    return DEFAULT_TARGETS[kind]
+
+
+def output_layer_names(model: nn.Module) -> set[str]:
+    """Every name of the output layer "all-linear" leaves out (with its submodules): a transformers
+    model's output embeddings, else its classification head; nothing in another model."""
+    if model_type(model) is None:
+        return set()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        head = next((getattr(model, a) for a in HEAD_ATTRIBUTES if isinstance(getattr(model, a, None), nn.Module)),
+                    None)
+    if head is None:
+        return set()
+    roots = [name for name, module in model.named_modules(remove_duplicate=False) if module is head]
+    return {f"{root}.{sub}" if sub else root for root in roots for sub, _ in head.named_modules()}
+
+
+def _name_matches(name: str, entry: str) -> bool:
+    return name == entry or name.endswith("." + entry)
+
+
+def _layer_index(name: str, patterns: Optional[tuple[str, ...]]) -> Optional[int]:
+    """The layer index in ``name``: the first number after a layers_pattern part, or without
+    patterns the first number preceded by at least two dotted parts (PEFT's rule)."""
+    if not patterns:
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+        return int(found.group(1)) if found else None
+    for pattern in patterns:
+        found = re.match(rf"(?:^|.*?\.)(?:{pattern})\.(\d+)\.", name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def is_selected(name: str, targets: Targets, config: AdapterConfig, output_layers: set[str]) -> bool:
+    """Whether the nn.Linear called ``name`` is adapted (``targets``: from ``resolved_targets``)."""
+    exclude = config.exclude_modules
+    if isinstance(exclude, str) and re.fullmatch(exclude, name):
+        return False
+    if isinstance(exclude, tuple) and any(_name_matches(name, e) for e in exclude):
+        return False
+    if targets == "all-linear":
+        return name not in output_layers
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    if targets is not None:
+        if name in targets:
+            return True  # an exact name is adapted whatever its layer (PEFT)
+        if not any(name.endswith("." + t) for t in targets):
+            return False
+    if config.layers_to_transform is None:
+        return True
+    return _layer_index(name, config.layers_pattern) in config.layers_to_transform
+
+
+def _pattern_value(pairs: tuple, name: str, default):
+    """The value of the first key of ``pairs`` that ``name`` equals or ends with ("." + key, key a regex)."""
+    for key, value in pairs:
+        if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
+            return value
+    return default
+
+
+def layer_config(config: AdapterConfig, name: str) -> AdapterConfig:
+    """The config the layer ``name`` is built with: rank_pattern's r and alpha_pattern's alpha
+    resolved, PEFT's selection fields dropped (they chose the layer; the layer keeps what it computes)."""
+    if not any(getattr(config, field) for field in _SELECTION_FIELDS):
+        return config
+    changes = {"r": _pattern_value(config.rank_pattern, name, config.r), "exclude_modules": None,
+               "layers_to_transform": None, "layers_pattern": None, "rank_pattern": (), "alpha_pattern": ()}
+    if config.alpha_pattern:
+        changes["alpha"] = _pattern_value(config.alpha_pattern, name, config.alpha)
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,174 @@
+"""PEFT's target selection on fastlora configs: the same fields pick the same layers, with the same ranks and
+alphas, as PEFT itself on tiny BERT and Llama models built from configs."""
+import copy
+import types
+import warnings
+
+import peft
+import pytest
+import torch
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+from transformers import (BertConfig, BertForSequenceClassification, BertModel, LlamaConfig, LlamaForCausalLM)
+
+import fastlora
+from fastlora import LoraConfig
+from fastlora.targets import DEFAULT_TARGETS
+
+BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=50)
+LLAMA = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=60)
+
+
+def bert():
+    torch.manual_seed(0)
+    return BertModel(BertConfig(**BERT)).double().eval()
+
+
+def bert_classifier():
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(**BERT, num_labels=3)).double().eval()
+
+
+def llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**LLAMA)).double().eval()
+
+
+def peft_adapted(model, **fields):
+    """PEFT's LoRA model on a copy of ``model`` and the names of the layers it adapted."""
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(init_lora_weights=False, **fields)).eval()
+    names = {n.removeprefix("base_model.model."): m for n, m in reference.named_modules()
+             if isinstance(m, peft.tuners.lora.LoraLayer)}
+    return reference, names
+
+
+CASES = {
+    "bert default": (bert, {}),
+    "bert all-linear (pooler kept, as PEFT)": (bert, {"target_modules": "all-linear"}),
+    "classifier all-linear": (bert_classifier, {"target_modules": "all-linear", "task_type": "SEQ_CLS"}),
+    "bert layer 1 by index": (bert, {"target_modules": ["query", "dense"], "layers_to_transform": 1}),
+    "bert layer 0 by pattern": (bert, {"target_modules": ["key", "output.dense"], "layers_to_transform": [0],
+                                       "layers_pattern": "layer"}),
+    "llama default": (llama, {}),
+    "llama all-linear (lm_head left out)": (llama, {"target_modules": "all-linear"}),
+    "llama exclude names": (llama, {"target_modules": ["q_proj", "down_proj"],
+                                    "exclude_modules": ["model.layers.1.self_attn.q_proj", "down_proj"]}),
+    "llama exclude regex": (llama, {"target_modules": "all-linear", "exclude_modules": r".*\.1\.mlp\..*"}),
+    "llama layers 0 and 2": (llama, {"target_modules": ["v_proj", "up_proj"], "layers_to_transform": [0, 2],
+                                     "layers_pattern": ["layers"]}),
+    "llama exact name beats layers": (llama, {"target_modules": ["model.layers.1.mlp.up_proj", "o_proj"],
+                                              "layers_to_transform": [2]}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_selection_is_peft_selection(case):
+    make, fields = CASES[case]
+    model = make()
+    _, expected = peft_adapted(model, r=2, **fields)
+    injected = fastlora.inject(model, LoraConfig(r=2, **fields))
+    assert {name for name, _ in fastlora.adapter_layers(injected)} == set(expected)
+
+
+def test_default_targets_are_peft_defaults():
+    for model_type, targets in DEFAULT_TARGETS.items():
+        assert sorted(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type]) == sorted(targets)
+
+
+def test_rank_and_alpha_patterns_give_peft_outputs():
+    fields = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                  rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 3, "up_proj": 1},
+                  alpha_pattern={r"layers\.[02]\.mlp\.up_proj": 3.0, "v_proj": 5})
+    model = llama()
+    reference, peft_layers = peft_adapted(model, **fields)
+    injected = fastlora.inject(model, LoraConfig(**fields)).eval()
+    layers = dict(fastlora.adapter_layers(injected))
+    assert set(layers) == set(peft_layers)
+    for name, layer in layers.items():
+        assert layer.config.r == peft_layers[name].r["default"]
+        assert layer.config.scale == peft_layers[name].scaling["default"]
+        assert layer.config.rank_pattern == () and layer.config.alpha_pattern == ()
+        layer.adapter.lora_A.data.copy_(peft_layers[name].lora_A["default"].weight)
+        layer.adapter.lora_B.data.copy_(peft_layers[name].lora_B["default"].weight)
+    assert sorted({layer.config.r for layer in layers.values()}) == [1, 2, 3, 4]
+    ids = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = reference(input_ids=ids).logits, injected(input_ids=ids).logits
+    assert ((got - want).norm() / want.norm()).item() < 1e-12
+
+
+def test_patterned_adapter_saves_and_loads(tmp_path):
+    config = LoraConfig(r=4, target_modules=["query", "value"], rank_pattern={"value": 2}, alpha_pattern={"query": 3})
+    model = fastlora.inject(bert(), config)
+    for _, layer in fastlora.adapter_layers(model):
+        nn.init.normal_(layer.adapter.lora_B)
+    fastlora.save_adapter(model, tmp_path)
+    loaded = fastlora.load_adapter(fastlora.inject(bert(), config), tmp_path)
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state,
+                                   rtol=0, atol=0)
+
+
+def test_rank_pattern_too_large_names_the_layer_and_leaves_the_model_alone():
+    model = bert()
+    with pytest.raises(ValueError, match=r"layer 'encoder.layer.0.attention.self.value': r=40 exceeds "
+                                         r"min\(d_in=32, d_out=32\)"):
+        fastlora.inject(model, LoraConfig(r=2, target_modules=["query", "value"], rank_pattern={"value": 40}))
+    assert not list(fastlora.adapter_layers(model)) and all(p.requires_grad for p in model.parameters())
+
+
+def test_missing_targets_without_a_default_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.config = types.SimpleNamespace(model_type="mystery")
+    with pytest.raises(ValueError, match="no default for model_type 'mystery'.*target_modules='all-linear'"):
+        fastlora.inject(model, LoraConfig(r=2))
+
+
+def test_plain_module_keeps_every_linear_for_missing_targets():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    assert len(list(fastlora.adapter_layers(fastlora.inject(model, LoraConfig(r=2))))) == 2
+
+
+def test_selection_that_selects_nothing_names_the_fields():
+    with pytest.raises(ValueError, match=r"target_modules \('query',\) with exclude_modules \('query',\).*select no"):
+        fastlora.inject(bert(), LoraConfig(r=2, target_modules=["query"], exclude_modules=["query"]))
+
+
+def test_exclude_that_excludes_nothing_warns():
+    with pytest.warns(UserWarning, match=r"exclude_modules \('nothing_here',\) left out no module"):
+        fastlora.inject(bert(), LoraConfig(r=2, target_modules=["query"], exclude_modules=["nothing_here"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastlora.inject(bert(), LoraConfig(r=2, target_modules=["query"], exclude_modules=["0.attention.self.query"]))
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(target_modules=r".*query", layers_to_transform=0), "need target_modules given as names"),
+    (dict(target_modules="all-linear", layers_pattern="layer", layers_to_transform=0), "need target_modules given"),
+    (dict(target_modules=["query"], layers_pattern="layer"), r"layers_pattern \['layer'\] needs layers_to_transform"),
+    (dict(layers_to_transform=[0, -1]), r"LoraConfig.layers_to_transform must be an int >= 0"),
+    (dict(rank_pattern={"query": 0}), r"LoraConfig.rank_pattern\['query'\] must be a positive int, got 0"),
+    (dict(alpha_pattern={"query": float("nan")}), r"LoraConfig.alpha_pattern\['query'\] must be a positive number"),
+    (dict(rank_pattern={"(a+)+": 2}), r"LoraConfig.rank_pattern regex '\(a\+\)\+' repeats a group"),
+    (dict(exclude_modules="("), r"LoraConfig.exclude_modules regex '\(' is invalid"),
+])
+def test_bad_selection_fields_are_refused_with_the_field_named(fields, match):
+    with pytest.raises(ValueError, match=match):
+        LoraConfig(r=2, **fields)
+
+
+def test_alpha_pattern_needs_an_alpha():
+    with pytest.raises(ValueError, match="NeatConfig has no alpha, so no alpha_pattern"):
+        fastlora.NeatConfig(r=2, alpha_pattern={"query": 2.0})
+
+
+def test_selection_fields_round_trip_as_json_values():
+    config = LoraConfig(r=2, target_modules={"q_proj"}, exclude_modules=["model.layers.0.self_attn.q_proj"],
+                        layers_to_transform=[0, 1], layers_pattern="layers", rank_pattern={"q_proj": 1},
+                        alpha_pattern={"q_proj": 4.0})
+    data = config.to_dict()
+    assert (data["rank_pattern"], data["layers_to_transform"], data["exclude_modules"]) == (
+        {"q_proj": 1}, [0, 1], ["model.layers.0.self_attn.q_proj"])
+    assert fastlora.AdapterConfig.from_dict(data) == config and hash(fastlora.AdapterConfig.from_dict(data))
