@@ -126,12 +126,17 @@ def add_expand(acc, vec, g_ptr, g_idx_ptr, gate_ptr, seed, rows, cols, col_start
 
     vec (BLOCK_M, R_PAD) fp32; G (R, N) or the frozen matrix whose rows g_idx (R,) selects;
     gate read from gate_ptr when GATE_PTR; DROPOUT: times the mask of (rows, col_start + j).
+    The scalars scale the small vec; without dropout the product accumulates into acc itself
+    (no second (BLOCK_M, BLOCK_N) fp32 tile in registers).
     """
     offs_r = tl.arange(0, R_PAD)
     g = load_factor(g_ptr, g_idx_ptr, offs_r[:, None], cols[None, :], R, N, stride_gr, stride_gn, G_GATHER)
-    low = tl.dot(vec.to(g.dtype), g, input_precision=PRECISION) * v_scale
+    vec = vec * v_scale
     if GATE_PTR:
-        low = low * tl.load(gate_ptr).to(tl.float32)
+        vec = vec * tl.load(gate_ptr).to(tl.float32)
     if DROPOUT:
-        low = low * keep_scale(seed, rows, col_start, threshold, scale, BLOCK_N)
-    return acc + low
+        low = tl.dot(vec.to(g.dtype), g, input_precision=PRECISION)
+        acc = acc + low * keep_scale(seed, rows, col_start, threshold, scale, BLOCK_N)
+    else:
+        acc = tl.dot(vec.to(g.dtype), g, acc, input_precision=PRECISION)
+    return acc
