@@ -16,6 +16,7 @@ from torch._dynamo.backends.common import aot_autograd
 import fastlora
 from fastlora import AdapterLinear, CurLoraConfig, LoraConfig
 from fastlora.kernels import custom_ops, dispatch  # noqa: F401  (registers the ops)
+from utils import rel
 
 OPS = torch.ops.fastlora
 N, D_IN, D_OUT, R = 7, 13, 11, 3  # odd on purpose
@@ -170,10 +171,6 @@ def _out_and_grads(layer, call, x, dy):
     return [out.detach(), x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
 
 
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
 CONFIGS = {"lora": LoraConfig(r=R, alpha=4.5), "curlora": CurLoraConfig(r=R, alpha=2.0, seed=5)}
 
 
@@ -192,7 +189,7 @@ def test_fullgraph_compile_traces_one_op_per_call(method, backend):
     for _ in range(2):  # the second call reuses the compiled graphs
         got = _out_and_grads(layer, compiled, x, dy)
         for g, e in zip(got, eager):
-            assert _rel(g, e) < TOLERANCE
+            assert rel(g, e) < TOLERANCE
     assert recorder.dynamo_graphs == 1
     assert recorder.forward_ops == [["fastlora.adapted_linear_fwd.default"]]
     assert recorder.backward_ops == [["fastlora.adapted_linear_bwd.default"]]
@@ -221,12 +218,12 @@ def test_compiled_tensor_gate_multiplies_on_the_device(gate_value, backend):
                                                     ref_leaves[2], gate=ref_leaves[3], scale=1.5)
     ref_grads = torch.autograd.grad(ref, ref_leaves, dy.double())
     assert recorder.forward_ops == [["fastlora.adapted_linear_fwd.default"]]
-    assert _rel(out.detach().double(), ref.detach()) < 1e-5
+    assert rel(out.detach().double(), ref.detach()) < 1e-5
     for name, got, want in zip(("x", "a", "b", "gate"), grads, ref_grads):
         if gate_value == 0.0 and name in ("a", "b"):
             assert torch.count_nonzero(got) == 0, name
         else:
-            assert _rel(got.double(), want) < 1e-5, name
+            assert rel(got.double(), want) < 1e-5, name
 
 
 def test_dropout_seeds_drawn_in_the_graph_cause_no_recompile():
@@ -253,7 +250,7 @@ def test_neat_projection_compiles_to_its_ops():
     dh = torch.randn(D_IN, R)
     (grad,) = torch.autograd.grad(fn(a_n), a_n, dh)
     (ref,) = torch.autograd.grad(fastlora.kernels.neat_projection(weight, a_n, "gelu", backend="torch"), a_n, dh)
-    assert _rel(grad, ref) < TOLERANCE
+    assert rel(grad, ref) < TOLERANCE
     assert recorder.forward_ops == [["fastlora.neat_fwd.default"]]
     assert recorder.backward_ops == [["fastlora.neat_bwd.default"]]
 
@@ -265,4 +262,4 @@ def test_eager_matches_the_reference_through_the_ops():
     got = _out_and_grads(layer, layer, x, dy)
     ref = _out_and_grads(layer, layer.reference_forward, x, dy)
     for g, e in zip(got, ref):
-        assert _rel(g, e) < 1e-5
+        assert rel(g, e) < 1e-5

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import distributed_worker as worker
+from utils import rel
 
 WORLD_SIZE = 2
 TOLERANCE = 1e-10  # float64; the sharded mean only reorders the reductions
@@ -39,19 +40,14 @@ def rank_results(tmp_path_factory):
     return [torch.load(out / f"rank{k}.pt", weights_only=False) for k in range(WORLD_SIZE)]
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    scale = ref.norm()
-    return float((out - ref).norm() / scale) if scale > 0 else float(out.norm())
-
-
 def _assert_close(result: dict, reference: dict, where: str) -> None:
     for step, (grads, ref_grads) in enumerate(zip(result["grads"], reference["grads"])):
         assert grads.keys() == ref_grads.keys()
         for name, ref in ref_grads.items():
-            err = _rel(grads[name], ref)
+            err = rel(grads[name], ref, zero_ref_ok=True)
             assert err < TOLERANCE, f"{where}: step {step + 1} grad of {name}: rel err {err:.2e}"
     for name, ref in reference["params"].items():
-        err = _rel(result["params"][name], ref)
+        err = rel(result["params"][name], ref, zero_ref_ok=True)
         assert err < TOLERANCE, f"{where}: {name} after {worker.STEPS} steps: rel err {err:.2e}"
 
 

@@ -13,6 +13,7 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
 import fastlora
 import fastlora.peft_accelerate as peft_accelerate
+from utils import rel
 
 TOL = 1e-10
 
@@ -49,10 +50,6 @@ def hidden(model, ids):
     return model(input_ids=ids).last_hidden_state
 
 
-def rel_err(out, ref):
-    return ((out - ref).norm() / ref.norm()).item()
-
-
 def count_fused_calls(monkeypatch):
     """Patch the op the accelerated layers call; returns the list of dropout probabilities they passed."""
     calls = []
@@ -84,10 +81,10 @@ def test_outputs_and_gradients_equal_peft(base, ids, config, monkeypatch):
                                                                 if hasattr(m, "get_base_layer")))
     out, grads = loss_and_grads(model, ids)
     assert calls, "the fused op was not called"
-    assert rel_err(out, want_out) < TOL
+    assert rel(out, want_out) < TOL
     assert grads.keys() == want_grads.keys() and grads
     for name, grad in grads.items():
-        assert rel_err(grad, want_grads[name]) < TOL, name
+        assert rel(grad, want_grads[name]) < TOL, name
 
 
 def test_training_steps_equal_peft(base, ids):
@@ -127,7 +124,7 @@ def test_dropout_runs_fused_and_trains(base, ids, monkeypatch):
         out = hidden(model, x)
         assert set(calls) == {0.0}  # eval: no dropout, as PEFT
         fastlora.deaccelerate(model)
-        assert rel_err(out, hidden(model, x)) < 1e-6
+        assert rel(out, hidden(model, x)) < 1e-6
 
 
 def test_save_pretrained_loads_in_plain_peft(base, ids, tmp_path):
@@ -139,10 +136,10 @@ def test_save_pretrained_loads_in_plain_peft(base, ids, tmp_path):
     model.save_pretrained(str(tmp_path))
     plain = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     with torch.no_grad():
-        assert rel_err(hidden(plain, ids), hidden(model, ids)) < TOL
-        assert rel_err(hidden(plain, ids), hidden(base, ids)) > 1e-3
+        assert rel(hidden(plain, ids), hidden(model, ids)) < TOL
+        assert rel(hidden(plain, ids), hidden(base, ids)) > 1e-3
         reloaded = fastlora.accelerate(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)))
-        assert rel_err(hidden(reloaded, ids), hidden(plain, ids)) < TOL
+        assert rel(hidden(reloaded, ids), hidden(plain, ids)) < TOL
 
 
 def test_adapter_switching_disabling_and_merging(base, ids, tmp_path, monkeypatch):
@@ -163,12 +160,12 @@ def test_adapter_switching_disabling_and_merging(base, ids, tmp_path, monkeypatc
         assert calls
         fastlora.deaccelerate(model)
         assert not fastlora.accelerated_layers(model)
-        assert rel_err(second, hidden(model, ids)) < TOL
+        assert rel(second, hidden(model, ids)) < TOL
         model.set_adapter("default")
-        assert rel_err(first, hidden(model, ids)) < TOL
-    assert rel_err(disabled, hidden(base, ids)) < TOL
-    assert rel_err(merged, second) < 1e-8
-    assert rel_err(first, second) > 1e-3
+        assert rel(first, hidden(model, ids)) < TOL
+    assert rel(disabled, hidden(base, ids)) < TOL
+    assert rel(merged, second) < 1e-8
+    assert rel(first, second) > 1e-3
 
 
 def test_unsupported_layers_stay_on_peft_path_and_are_reported(base, ids):

@@ -19,6 +19,7 @@ from fastlora.kernels import (
     neat_projection,
     neat_projection_reference,
 )
+from utils import rel
 
 D_IN, D_OUT, R = 37, 29, 5
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -26,13 +27,6 @@ F64 = torch.float64
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def rel(out, ref):
-    out, ref = out.detach().to(F64), ref.detach().to(F64)
-    denom = ref.norm()
-    assert denom > 0, "reference is zero: relative error undefined"
-    return float((out - ref).norm() / denom)
 
 
 def formula(x, w, bias, a, b, middle=None, rank_weights=None, gate=1.0, scale=1.0, mask=None):

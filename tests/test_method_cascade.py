@@ -14,13 +14,10 @@ from torch import nn
 import fastlora
 import fastlora.layer
 from fastlora import AdapterLinear, CascadeLoraConfig
+from utils import rel
 
 D_IN, D_OUT, N = 37, 29, 11
 MIX = 1_000_003
-
-
-def _rel(out, ref):
-    return float((out - ref).detach().norm() / ref.detach().norm())
 
 
 def _layer(r=4, alpha=3.0, bias=True, d_in=D_IN, d_out=D_OUT, dtype=torch.float64, **kwargs):
@@ -75,9 +72,9 @@ def test_initialisation_is_the_noisy_backbone_and_zero_noise_reproduces_base_exa
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     noisy = _layer(noise_intensity=0.2, noise_seed=7)
     expected = noisy.weight.double() + _noise(noisy.weight, 0.2, 7, 0, 0)
-    assert _rel(noisy.adapter.backbone, expected) < 1e-12 and not torch.equal(noisy.adapter.backbone, noisy.weight)
+    assert rel(noisy.adapter.backbone, expected) < 1e-12 and not torch.equal(noisy.adapter.backbone, noisy.weight)
     assert noisy.adapter.noise_stds == [pytest.approx(float(noisy.weight.std()), rel=1e-6)]
-    assert _rel(noisy(x), F.linear(x, expected, noisy.bias)) < 1e-12
+    assert rel(noisy(x), F.linear(x, expected, noisy.bias)) < 1e-12
     fastlora.set_adapters_enabled(nn.Sequential(noisy), False)  # disabled: the pretrained layer, no noise
     assert torch.equal(noisy(x), F.linear(x, noisy.weight, noisy.bias))
 
@@ -90,7 +87,7 @@ def test_effective_weight_after_several_stages_matches_float64(intensity, moment
     expected = _stages(layer, 5, intensity, seed=3, momentum=momentum)
     adapter = layer.adapter
     assert adapter.extra_stats()["cascades"] == 5.0 and torch.count_nonzero(adapter.lora_B) == 0
-    assert _rel(adapter.backbone, expected) < 1e-12
+    assert rel(adapter.backbone, expected) < 1e-12
     assert len(adapter.noise_stds) == (6 if intensity else 0)
     _randomise_pair(adapter)
     x = torch.randn(2, N, D_IN, dtype=torch.float64, requires_grad=True)
@@ -99,11 +96,11 @@ def test_effective_weight_after_several_stages_matches_float64(intensity, moment
     b = adapter.lora_B.detach().clone().requires_grad_(True)
     xr = x.detach().clone().requires_grad_(True)
     ref = xr @ expected.T + layer.bias + (2.0 / 3) * (xr @ a.T) @ b.T
-    assert _rel(out, ref) < 1e-12
+    assert rel(out, ref) < 1e-12
     dy = torch.randn_like(out)
     grads = torch.autograd.grad(out, [x, adapter.lora_A, adapter.lora_B], dy)
     refs = torch.autograd.grad(ref, [xr, a, b], dy)
-    assert all(_rel(g, r) < 1e-12 for g, r in zip(grads, refs))
+    assert all(rel(g, r) < 1e-12 for g, r in zip(grads, refs))
     assert layer.weight.grad is None and not adapter.backbone.requires_grad
 
 
@@ -127,7 +124,7 @@ def test_dropout_acts_on_the_fast_pair_only():
     with torch.no_grad():
         layer.adapter.lora_B.zero_()  # no fast term: the output must be exactly the clean backbone's
     x = torch.randn(N, D_IN, dtype=torch.float64)
-    assert _rel(layer.train()(x), F.linear(x, backbone, layer.bias)) < 1e-12
+    assert rel(layer.train()(x), F.linear(x, backbone, layer.bias)) < 1e-12
 
 
 def test_triton_backend_serves_the_backbone():
@@ -146,8 +143,8 @@ def test_triton_backend_serves_the_backbone():
     xr = x.detach().double().requires_grad_(True)
     ref = xr @ expected.T + layer.bias.double() + layer.adapter.scale * (xr @ a.T) @ b.T
     rx, ra, rb = torch.autograd.grad(ref, [xr, a, b], dy.double())
-    assert _rel(out.double(), ref) < 1e-5
-    assert _rel(gx.double(), rx) < 1e-5 and _rel(ga.double(), ra) < 1e-5 and _rel(gb.double(), rb) < 1e-5
+    assert rel(out.double(), ref) < 1e-5
+    assert rel(gx.double(), rx) < 1e-5 and rel(ga.double(), ra) < 1e-5 and rel(gb.double(), rb) < 1e-5
 
 
 def _tiny_model(config):
@@ -185,12 +182,12 @@ def test_stage_schedule_with_real_optimizer_and_hooks():
             adapter = layer.adapter
             assert int(adapter.optimizer_steps) == step and int(adapter.cascades) == step // 3
             if step % 3:
-                assert _rel(adapter.lora_A, a) < 1e-14 and _rel(adapter.lora_B, b) < 1e-14
+                assert rel(adapter.lora_A, a) < 1e-14 and rel(adapter.lora_B, b) < 1e-14
             else:
                 backbones[i] = backbones[i] + 0.75 * 1.0 * b.detach() @ a.detach()
                 backbones[i] = backbones[i] + _noise(backbones[i], 0.1, 11, i, step // 3)
                 assert torch.count_nonzero(adapter.lora_B) == 0
-            assert _rel(adapter.backbone, backbones[i]) < 1e-12, (step, i)
+            assert rel(adapter.backbone, backbones[i]) < 1e-12, (step, i)
     assert [layer.adapter.extra_stats()["cascades"] for layer in layers] == [3.0, 3.0]
     assert torch.equal(model.up.weight, base.up.weight) and torch.equal(model.down.weight, base.down.weight)
     hooks.remove()
@@ -230,11 +227,11 @@ def test_merge_unmerge_and_disable_keep_the_pretrained_weight():
     before = layer(x).detach()
     weight = layer.weight.detach().clone()
     layer.merge()
-    assert layer.merged and _rel(layer(x), before) < 1e-12
+    assert layer.merged and rel(layer(x), before) < 1e-12
     layer.unmerge()
-    assert not layer.merged and torch.equal(layer.weight, weight) and _rel(layer(x), before) < 1e-12
+    assert not layer.merged and torch.equal(layer.weight, weight) and rel(layer(x), before) < 1e-12
     merged = fastlora.merge_and_unload(nn.Sequential(layer))[0]
-    assert type(merged) is nn.Linear and _rel(merged(x), before) < 1e-12
+    assert type(merged) is nn.Linear and rel(merged(x), before) < 1e-12
 
 
 def test_bf16_backbone_folds_in_its_own_dtype():
@@ -245,7 +242,7 @@ def test_bf16_backbone_folds_in_its_own_dtype():
     expected = (layer.weight.float() + 0.5 * layer.adapter.scale * b @ a).bfloat16()
     layer.adapter.cascade_step()
     assert torch.equal(layer.adapter.backbone, (layer.weight + (0.5 * layer.adapter.scale * b @ a).bfloat16()))
-    assert _rel(layer.adapter.backbone.double(), expected.double()) < 1e-2
+    assert rel(layer.adapter.backbone.double(), expected.double()) < 1e-2
 
 
 def _train(model, steps, seed):

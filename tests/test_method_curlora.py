@@ -7,12 +7,9 @@ from torch import nn
 import fastlora
 from fastlora import AdapterLinear, CurLoraConfig
 from fastlora.methods.curlora import CurLoraAdapter, inverted_probabilities, sample_cur_indices
+from utils import rel
 
 D_IN, D_OUT, N = 37, 29, 11
-
-
-def _rel(out, ref):
-    return float((out - ref).detach().norm() / ref.detach().norm())
 
 
 def _tiny_model(dtype=torch.float64):
@@ -49,7 +46,7 @@ def test_inverted_probabilities_follow_the_formula():
         sq = (weight ** 2).sum(dim)
         expected = 1.0 / (sq / (weight ** 2).sum() + eps)
         assert q.dtype == torch.float32 and q.shape == ((D_IN,) if dim == 0 else (D_OUT,))
-        assert _rel(q.double(), expected / expected.sum()) < 1e-6
+        assert rel(q.double(), expected / expected.sum()) < 1e-6
 
 
 def test_eps_zero_favours_low_norm_columns_and_rows():
@@ -126,7 +123,7 @@ def test_du_at_zero_is_nonzero_and_matches_formula(bias):
     w, rows, cols = layer.weight, layer.adapter.row_index, layer.adapter.col_index
     expected = 1.7 * (dy @ w[:, cols]).T @ (x @ w[rows, :].T)
     grad = layer.adapter.U.grad
-    assert grad.norm() > 0 and _rel(grad, expected) < 1e-12
+    assert grad.norm() > 0 and rel(grad, expected) < 1e-12
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -139,13 +136,13 @@ def test_forward_and_grads_with_nonzero_u_match_float64_formula(bias):
     u = adapter.U.detach().clone().requires_grad_(True)
     xr = x.detach().clone().requires_grad_(True)
     ref = _formula(xr, layer.weight, layer.bias, adapter.row_index, adapter.col_index, u, 0.6)
-    assert _rel(out, ref) < 1e-10
-    assert _rel(out - F.linear(x, layer.weight, layer.bias), ref - F.linear(xr, layer.weight, layer.bias)) < 1e-10
+    assert rel(out, ref) < 1e-10
+    assert rel(out - F.linear(x, layer.weight, layer.bias), ref - F.linear(xr, layer.weight, layer.bias)) < 1e-10
     dy = torch.randn_like(out)
     gx, gu = torch.autograd.grad(out, [x, adapter.U], dy)
     rx, ru = torch.autograd.grad(ref, [xr, u], dy)
-    assert _rel(gx, rx) < 1e-10 and _rel(gu, ru) < 1e-10
-    assert _rel(layer.reference_forward(x), ref) < 1e-10
+    assert rel(gx, rx) < 1e-10 and rel(gu, ru) < 1e-10
+    assert rel(layer.reference_forward(x), ref) < 1e-10
 
 
 def test_sgd_steps_update_only_u_by_its_gradient():
@@ -167,7 +164,7 @@ def test_sgd_steps_update_only_u_by_its_gradient():
         y = _formula(h, down.weight, None, down.adapter.row_index, down.adapter.col_index, down.adapter.U.detach(), 2.0)
         (hand,) = torch.autograd.grad(y.square().mean(), [u])
         optimizer.step()
-        assert hand.norm() > 0 and _rel(up.adapter.U.detach(), before - 0.05 * hand) < 1e-12
+        assert hand.norm() > 0 and rel(up.adapter.U.detach(), before - 0.05 * hand) < 1e-12
     hooks.remove()
     assert float(fastlora.regularization_loss(model)) == 0.0
     for key, value in model.state_dict().items():
@@ -183,8 +180,8 @@ def test_merge_unmerge_round_trip_restores_w_exactly():
     adapter = layer.adapter
     delta = 0.9 * weight[:, adapter.col_index] @ adapter.U.detach() @ weight[adapter.row_index, :]
     layer.merge()
-    assert layer.merged and _rel(layer.weight, weight + delta) < 1e-14
-    assert _rel(layer(x), before) < 1e-12
+    assert layer.merged and rel(layer.weight, weight + delta) < 1e-14
+    assert rel(layer(x), before) < 1e-12
     layer.unmerge()
     assert torch.equal(layer.weight, weight)
     assert torch.equal(layer(x), before)

@@ -11,12 +11,9 @@ from torch import nn
 import fastlora
 import fastlora.layer
 from fastlora import AdapterLinear, RankSelectiveLoraConfig
+from utils import rel
 
 D_IN, D_OUT, N = 37, 29, 11
-
-
-def _rel(out, ref):
-    return float((out - ref).detach().norm() / ref.detach().norm())
 
 
 def _layer(r=6, alpha=3.0, bias=True, **kwargs):
@@ -116,17 +113,17 @@ def test_forward_and_full_grads_match_float64_formula(bias, importance):
     xr = x.detach().clone().requires_grad_(True)
     a, b = adapter.lora_A.detach(), adapter.lora_B.detach()
     ref = _formula(xr, layer.weight, layer.bias, a, b, w, scale)
-    assert _rel(out, ref) < 1e-10
+    assert rel(out, ref) < 1e-10
     dy = torch.randn_like(out)
     gx, ga, gb, gw = torch.autograd.grad(out, [x, adapter.lora_A, adapter.lora_B, adapter.importance], dy)
     (rx,) = torch.autograd.grad(ref, [xr], dy)
     ha, hb, hw = _hand_grads(x.detach().reshape(-1, D_IN), dy.reshape(-1, D_OUT), a, b, w, scale)
-    assert _rel(gx, rx) < 1e-10 and _rel(ga, ha) < 1e-10 and _rel(gb, hb) < 1e-10 and _rel(gw, hw) < 1e-10
+    assert rel(gx, rx) < 1e-10 and rel(ga, ha) < 1e-10 and rel(gb, hb) < 1e-10 and rel(gw, hw) < 1e-10
     pruned = w == 0
     if pruned.any():  # a rank at 0 gets its gradient (it can revive); its A row and B column none
         assert gw[pruned].abs().min() > 0
         assert torch.count_nonzero(ga[pruned]) == 0 and torch.count_nonzero(gb[:, pruned]) == 0
-    assert _rel(layer.reference_forward(x), ref) < 1e-10
+    assert rel(layer.reference_forward(x), ref) < 1e-10
 
 
 def _poisoned(layer, pruned):
@@ -150,11 +147,11 @@ def test_forwards_without_a_gradient_for_w_skip_pruned_ranks(monkeypatch):
     with torch.no_grad():
         out = layer(x)
     assert seen[0]["lora_a"].shape == (2, D_IN) and seen[0]["rank_weights"].shape == (2,)
-    assert torch.isfinite(out).all() and _rel(out, ref) < 1e-10
+    assert torch.isfinite(out).all() and rel(out, ref) < 1e-10
     adapter.importance.requires_grad_(False)  # w frozen: no revival possible, compacted with grad on
     out = layer(x)
     out.sum().backward()
-    assert _rel(out, ref) < 1e-10 and torch.isfinite(adapter.lora_A.grad).all()
+    assert rel(out, ref) < 1e-10 and torch.isfinite(adapter.lora_A.grad).all()
 
 
 def test_after_the_schedule_pruned_ranks_are_dropped_and_never_computed():
@@ -224,8 +221,8 @@ def _train(config, importance, lr, steps, optimizer_type=torch.optim.SGD, x=None
         optimizer.step()
         y = _formula(x, layer.weight, layer.bias, a, b, w, config.scale)
         ha, hb, hw = _hand_grads(x, 2 * y / y.numel(), a, b, w, config.scale)
-        assert _rel(adapter.lora_A.detach(), a - lr * ha) < 1e-12
-        assert _rel(adapter.lora_B.detach(), b - lr * hb) < 1e-12
+        assert rel(adapter.lora_A.detach(), a - lr * ha) < 1e-12
+        assert rel(adapter.lora_B.detach(), b - lr * hb) < 1e-12
         kappa = _kappa(step, config.total_steps, config.dense_fraction, config.threshold_levels, config.kappa_max)
         expected = _prox(w - lr * hw, kappa)
         assert torch.allclose(adapter.importance.detach(), expected, rtol=1e-12, atol=1e-15), step
@@ -306,12 +303,12 @@ def test_merge_unmerge_round_trip():
     before, weight = layer(x), layer.weight.detach().clone()
     delta = 0.9 / 5 * adapter.lora_B.detach() @ torch.diag(adapter.importance.detach()) @ adapter.lora_A.detach()
     layer.merge()
-    assert layer.merged and _rel(layer.weight, weight + delta) < 1e-14
-    assert _rel(layer(x), before) < 1e-12
+    assert layer.merged and rel(layer.weight, weight + delta) < 1e-14
+    assert rel(layer(x), before) < 1e-12
     layer.unmerge()
-    assert _rel(layer.weight, weight) < 1e-14 and _rel(layer(x), before) < 1e-12
+    assert rel(layer.weight, weight) < 1e-14 and rel(layer(x), before) < 1e-12
     merged = fastlora.merge_and_unload(nn.Sequential(layer))[0]
-    assert type(merged) is nn.Linear and _rel(merged(x), before) < 1e-12
+    assert type(merged) is nn.Linear and rel(merged(x), before) < 1e-12
 
 
 def test_save_load_round_trip_resumes_the_schedule(tmp_path):

@@ -12,12 +12,9 @@ from torch import nn
 import fastlora
 from fastlora import AdapterLinear, SelectiveLoraConfig
 from host_reads import HostReads
+from utils import rel
 
 D_IN, D_OUT, N = 37, 29, 11
-
-
-def _rel(out, ref):
-    return float((out - ref).detach().norm() / ref.detach().norm())
 
 
 def _layer(r=5, alpha=3.0, bias=True, **kwargs):
@@ -69,14 +66,14 @@ def test_gate_on_forward_and_grads_match_float64_formula(bias):
     xr = x.detach().clone().requires_grad_(True)
     a, b = adapter.lora_A.detach(), adapter.lora_B.detach()
     ref = _formula(xr, layer.weight, layer.bias, a, b, 1.0, scale)
-    assert _rel(out, ref) < 1e-10
+    assert rel(out, ref) < 1e-10
     base = F.linear(x, layer.weight, layer.bias).detach()
-    assert _rel(out - base, ref - base) < 1e-10
+    assert rel(out - base, ref - base) < 1e-10
     dy = torch.randn_like(out)
     gx, ga, gb, gs = torch.autograd.grad(out, [x, adapter.lora_A, adapter.lora_B, adapter.score], dy)
     (rx,) = torch.autograd.grad(ref, [xr], dy)
     ha, hb, hs = _hand_grads(x.detach().reshape(-1, D_IN), dy.reshape(-1, D_OUT), a, b, 1.0, scale)
-    assert _rel(gx, rx) < 1e-10 and _rel(ga, ha) < 1e-10 and _rel(gb, hb) < 1e-10
+    assert rel(gx, rx) < 1e-10 and rel(ga, ha) < 1e-10 and rel(gb, hb) < 1e-10
     assert abs(float(hs)) > 0 and abs(float(gs - hs)) / abs(float(hs)) < 1e-10
 
 
@@ -93,7 +90,7 @@ def test_gate_is_a_hard_threshold_at_tau():
             layer.train(mode)
             out = layer(x)
             # the output does not scale with the score: g is exactly 0 or 1
-            assert _rel(out, _formula(x, layer.weight, layer.bias, a, b, gate, 3.0 / 5)) < 1e-12
+            assert rel(out, _formula(x, layer.weight, layer.bias, a, b, gate, 3.0 / 5)) < 1e-12
             if gate == 0.0:
                 assert torch.equal(out, base)
         assert layer.adapter.extra_stats()["active"] == gate
@@ -138,11 +135,11 @@ def test_eval_mode_with_grad_gets_the_straight_through_gradient(score):
     for mode in (False, True):
         layer.train(mode)
         out = layer(x)
-        assert _rel(out, ref) < 1e-12
+        assert rel(out, ref) < 1e-12
         ga, gb, gs = torch.autograd.grad(out, [adapter.lora_A, adapter.lora_B, adapter.score], dy)
         assert abs(float(hs)) > 0 and abs(float(gs - hs)) / abs(float(hs)) < 1e-10, mode
         if gate:
-            assert _rel(ga, ha) < 1e-10 and _rel(gb, hb) < 1e-10
+            assert rel(ga, ha) < 1e-10 and rel(gb, hb) < 1e-10
         else:
             assert torch.count_nonzero(ga) == 0 and torch.count_nonzero(gb) == 0
 
@@ -318,8 +315,8 @@ def test_sgd_step_follows_task_gradient_plus_l1():
         assert float(score) >= 0.1  # the block is on
         y = _formula(x, layer.weight, layer.bias, a, b, 1.0, scale)
         ha, hb, hs = _hand_grads(x, 2 * y / y.numel(), a, b, 1.0, scale)
-        assert _rel(adapter.lora_A.detach(), a - lr * ha) < 1e-12
-        assert _rel(adapter.lora_B.detach(), b - lr * hb) < 1e-12
+        assert rel(adapter.lora_A.detach(), a - lr * ha) < 1e-12
+        assert rel(adapter.lora_B.detach(), b - lr * hb) < 1e-12
         expected = score - lr * (hs + 0.2 * torch.sign(score))
         assert abs((adapter.score - expected).item()) < 1e-12
     hooks.remove()
@@ -371,12 +368,12 @@ def test_merge_unmerge_round_trip():
     before, weight = layer(x), layer.weight.detach().clone()
     delta = 0.9 / 5 * layer.adapter.lora_B.detach() @ layer.adapter.lora_A.detach()
     layer.merge()
-    assert layer.merged and _rel(layer.weight, weight + delta) < 1e-14
-    assert _rel(layer(x), before) < 1e-12
+    assert layer.merged and rel(layer.weight, weight + delta) < 1e-14
+    assert rel(layer(x), before) < 1e-12
     layer.unmerge()
-    assert _rel(layer.weight, weight) < 1e-14 and _rel(layer(x), before) < 1e-12
+    assert rel(layer.weight, weight) < 1e-14 and rel(layer(x), before) < 1e-12
     merged = fastlora.merge_and_unload(nn.Sequential(layer))[0]
-    assert type(merged) is nn.Linear and _rel(merged(x), before) < 1e-12
+    assert type(merged) is nn.Linear and rel(merged(x), before) < 1e-12
 
 
 def test_save_load_round_trip(tmp_path):
@@ -485,7 +482,7 @@ def test_writes_the_version_counter_misses_need_the_hooks_or_refresh_gate():
     layer.adapter.score.data.fill_(1.0)
     layer.adapter.refresh_gate()
     a, b = layer.adapter.lora_A.detach(), layer.adapter.lora_B.detach()
-    assert _rel(layer(x), _formula(x, layer.weight, layer.bias, a, b, 1.0, 3.0 / 5)) < 1e-12
+    assert rel(layer(x), _formula(x, layer.weight, layer.bias, a, b, 1.0, 3.0 / 5)) < 1e-12
 
 
 def test_load_state_dict_and_copies_see_the_new_score():

@@ -15,6 +15,7 @@ from transformers import BertConfig, BertModel
 
 import fastlora
 from fastlora import load_peft_adapter, save_peft_adapter
+from utils import rel
 
 TOL = 1e-6
 
@@ -36,10 +37,6 @@ def inputs():
 def output(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).last_hidden_state
-
-
-def rel_err(out, ref):
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def save_peft(base, config, directory):
@@ -66,9 +63,9 @@ def test_peft_saves_the_layout_the_loader_reads(base, tmp_path):
                                    {"lora_dropout": 0.1, "lora_alpha": 5}])
 def test_load_lora_matches_peft(base, inputs, tmp_path, extra):
     reference = output(save_peft(base, lora(**extra), tmp_path), inputs)
-    assert rel_err(reference, output(base, inputs)) > 1e-3  # the adapters change the output
+    assert rel(reference, output(base, inputs)) > 1e-3  # the adapters change the output
     model = load_peft_adapter(copy.deepcopy(base), tmp_path).eval()
-    assert rel_err(output(model, inputs), reference) < TOL
+    assert rel(output(model, inputs), reference) < TOL
     config = next(fastlora.adapter_layers(model))[1].config
     assert type(config) is fastlora.LoraConfig and config.r == 4
     assert config.use_rslora == extra.get("use_rslora", False)
@@ -83,7 +80,7 @@ def test_load_layers_subset_uses_the_checkpoint_paths(base, inputs, tmp_path):
     model = load_peft_adapter(copy.deepcopy(base), tmp_path).eval()
     assert [n for n, _ in fastlora.adapter_layers(model)] == [
         "encoder.layer.1.attention.self.query", "encoder.layer.1.attention.self.value"]
-    assert rel_err(output(model, inputs), reference) < TOL
+    assert rel(output(model, inputs), reference) < TOL
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
@@ -94,14 +91,14 @@ def test_export_lora_loads_in_peft(base, inputs, tmp_path, use_rslora):
     for _, layer in fastlora.adapter_layers(model):
         torch.nn.init.normal_(layer.adapter.lora_B, std=0.5)
     expected = output(model, inputs)
-    assert rel_err(expected, output(base, inputs)) > 1e-3
+    assert rel(expected, output(base, inputs)) > 1e-3
     save_peft_adapter(model, tmp_path / "out", base_model_name_or_path="tiny-bert")
     meta = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert meta["peft_type"] == "LORA" and meta["base_model_name_or_path"] == "tiny-bert"
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).eval()
-    assert rel_err(output(loaded, inputs), expected) < TOL
+    assert rel(output(loaded, inputs), expected) < TOL
     again = load_peft_adapter(copy.deepcopy(base), tmp_path / "out").eval()
-    assert rel_err(output(again, inputs), expected) < TOL
+    assert rel(output(again, inputs), expected) < TOL
 
 
 @pytest.mark.parametrize("depth,activation", [(0, "relu"), (1, "gelu"), (2, "identity")])
@@ -112,15 +109,15 @@ def test_export_neat_loads_in_peft_as_peanut(base, inputs, tmp_path, depth, acti
     for _, layer in fastlora.adapter_layers(model):
         torch.nn.init.normal_(layer.adapter.neat_B, std=0.5)
     expected = output(model, inputs)
-    assert rel_err(expected, output(base, inputs)) > 1e-3
+    assert rel(expected, output(base, inputs)) > 1e-3
     save_peft_adapter(model, tmp_path / "out")
     meta = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert meta["peft_type"] == "PEANUT" and meta["depth"] == depth and meta["scaling"] == 0.8
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).eval()
     assert isinstance(loaded.peft_config["default"], peft.PeanutConfig)
-    assert rel_err(output(loaded, inputs), expected) < TOL
+    assert rel(output(loaded, inputs), expected) < TOL
     again = load_peft_adapter(copy.deepcopy(base), tmp_path / "out").eval()
-    assert rel_err(output(again, inputs), expected) < TOL
+    assert rel(output(again, inputs), expected) < TOL
 
 
 def test_export_into_an_existing_directory_keeps_other_files(base, tmp_path):
@@ -165,9 +162,9 @@ def test_load_peanut_matches_peft(base, inputs, tmp_path, depth, act_fn, scaling
             torch.nn.init.normal_(param, std=0.5)
     model.save_pretrained(str(tmp_path))
     reference = output(model, inputs)
-    assert rel_err(reference, output(base, inputs)) > 1e-3
+    assert rel(reference, output(base, inputs)) > 1e-3
     loaded = load_peft_adapter(copy.deepcopy(base), tmp_path).eval()
-    assert rel_err(output(loaded, inputs), reference) < TOL
+    assert rel(output(loaded, inputs), reference) < TOL
     layer = loaded.get_submodule("encoder.layer.0.intermediate.dense")
     assert layer.config == fastlora.NeatConfig(r=4, depth=depth, activation={"linear": "identity"}.get(act_fn, act_fn),
                                                scale=scaling, target_modules=["intermediate.dense", "query"])
@@ -206,7 +203,7 @@ def test_load_refuses_unsupported_config_fields(base, tmp_path, field, value):
 def test_load_accepts_patterns_that_repeat_the_global_values(base, inputs, tmp_path):
     reference = output(save_peft(base, lora(rank_pattern={"query": 4}, alpha_pattern={"value": 8}), tmp_path),
                        inputs)
-    assert rel_err(output(load_peft_adapter(copy.deepcopy(base), tmp_path).eval(), inputs), reference) < TOL
+    assert rel(output(load_peft_adapter(copy.deepcopy(base), tmp_path).eval(), inputs), reference) < TOL
 
 
 def test_load_refuses_real_dora_and_non_linear_targets(base, tmp_path):

@@ -29,6 +29,7 @@ from fastlora.kernels import (  # noqa: E402
 from fastlora.kernels import dropout_mask  # noqa: E402
 from fastlora.kernels.dispatch import select_plan, triton_backend, triton_interpreter_on  # noqa: E402
 from fastlora.kernels.spec import LowRankTerm  # noqa: E402
+from utils import rel  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -74,14 +75,6 @@ def poisoned_empty(monkeypatch, impl):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-
-
-def rel(out, ref):
-    out, ref = out.detach().to(F64), ref.detach().to(F64)
-    assert torch.isfinite(out).all(), "non-finite entries (unwritten output?)"
-    denom = ref.norm()
-    assert denom > 0, "reference is zero: relative error undefined"
-    return float((out - ref).norm() / denom)
 
 
 def make_inputs(dtype, n=37, d_in=53, d_out=29, r=5, *, bias=True, middle=False, rank_weights=False,

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import RankSelectiveLoraConfig
-from ..registry import register_method
 from ..distributed import full_view, local_part, local_view
+from ..registry import register_method
 from .base import adapter_factory
 from .lora import LoraAdapter
 

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SelectiveLoraConfig
-from ..registry import register_method
 from ..distributed import full_view, is_dtensor
+from ..registry import register_method
 from .base import adapter_factory
 from .lora import LoraAdapter
 

@@ -1,0 +1,43 @@
+"""Helpers the tests share: the relative error against a float64 reference and a comparison whose
+failure names the worst element and its index."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+F64 = torch.float64
+
+
+def rel(out: Tensor, ref: Tensor, zero_ref_ok: bool = False) -> float:
+    """||out - ref|| / ||ref||, computed in float64 on detached copies; ``out`` must be finite.
+
+    A zero reference is refused (the ratio says nothing) unless ``zero_ref_ok``: then the error is
+    ||out|| (a gradient that must stay zero, e.g. of a factor multiplied by a zero-initialised one).
+    """
+    out, ref = out.detach().to(F64), ref.detach().to(F64)
+    assert torch.isfinite(out).all(), "non-finite entries (unwritten output?)"
+    scale = ref.norm()
+    if scale == 0:
+        assert zero_ref_ok, "reference is zero: relative error undefined"
+        return float(out.norm())
+    return float((out - ref).norm() / scale)
+
+
+def error_report(out: Tensor, ref: Tensor) -> str:
+    """The largest absolute difference of ``out`` from ``ref``: where it is and both values."""
+    out, ref = out.detach().to(F64), ref.detach().to(F64)
+    diff = torch.nan_to_num((out - ref).abs(), nan=float("inf"))
+    if diff.numel() == 0:
+        return "no elements"
+    index = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+    return (f"worst element {list(index)}: {float(out[index]):.6g} vs reference {float(ref[index]):.6g} "
+            f"(abs err {float(diff[index]):.2e}, {int((diff > 0).sum())} of {diff.numel()} elements differ)")
+
+
+def assert_close(out: Tensor, ref: Tensor, tol: float, what: str = "output", zero_ref_ok: bool = False) -> None:
+    """Assert rel(out, ref) < tol for tensors of one shape; a failure reports the relative error and the
+    worst element (``error_report``)."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference shape {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite entries; {error_report(out, ref)}"
+    err = rel(out, ref, zero_ref_ok=zero_ref_ok)
+    assert err < tol, f"{what}: rel err {err:.2e} >= {tol:.1e}; {error_report(out, ref)}"
