@@ -349,3 +349,27 @@ def test_a_user_config_subclass_runs_and_exports_as_plain_lora(tmp_path):
     loaded = fastlora.load_peft_adapter(_base(), tmp_path / "peft")
     assert type(loaded[0].config) is LoraConfig and loaded[0].config.alpha == 12.0
     assert torch.equal(loaded(x), model(x))
+
+
+def test_registration_refuses_a_taken_name_or_peft_type_and_lookups_name_what_is_missing():
+    from fastlora.peft_formats import LORA_FORMAT
+
+    @dataclass(frozen=True)
+    class Clash(AdapterConfig):
+        method: ClassVar[str] = "lora"
+
+    @dataclass(frozen=True)
+    class Unregistered(AdapterConfig):
+        method: ClassVar[str] = "unregistered"
+
+    with pytest.raises(ValueError, match="method 'lora' is already registered by LoraConfig"):
+        register_method(Clash, LoraAdapter)
+    with pytest.raises(ValueError, match="peft_type 'LORA' is already registered by 'lora'"):
+        register_method(MiddleLoraConfig, MiddleLoraAdapter, peft_format=LORA_FORMAT)
+    with pytest.raises(TypeError, match="adapter must be an Adapter subclass"):
+        register_method(Unregistered, nn.Linear)
+    with pytest.raises(ValueError, match="no adapter registered for Unregistered"):
+        fastlora.inject(_base(), Unregistered(r=2))
+    with pytest.raises(ValueError, match=r"unknown adapter method 'unregistered'; known: \[.*'middle_lora'"):
+        AdapterConfig.from_dict(Unregistered(r=2).to_dict())
+    assert method_of(MiddleLoraConfig(r=2)).peft_format is None  # the refused registration changed nothing
