@@ -36,7 +36,10 @@ def keep_scale(seed, rows, col_start, threshold, scale, BLOCK_COLS: tl.constexpr
 @triton.jit
 def _keep_kernel(out_ptr, rows_ptr, seed_ptr, n_rows, n_cols, threshold, scale,
                  BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """Grid (cdiv(n_rows, BLOCK_ROWS), cdiv(n_cols, BLOCK_COLS)): out[i, j] = mask(rows[i], j), out (n_rows, n_cols) fp32."""
+    """Grid (cdiv(n_rows, BLOCK_ROWS), cdiv(n_cols, BLOCK_COLS)): out[i, j] = mask(rows[i], j).
+
+    Pointers: out (n_rows, n_cols) fp32, rows (n_rows,) int64, seed (1,) int64; int64 output offsets.
+    """
     offs_i = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     col_start = tl.program_id(1) * BLOCK_COLS
     offs_j = col_start + tl.arange(0, BLOCK_COLS)

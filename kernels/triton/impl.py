@@ -62,6 +62,23 @@ def _mixed(t: Tensor, term: LowRankTerm) -> tuple[Tensor, Tensor]:
     return u, v
 
 
+def rank_chain_grads(grads: Grads, dp: Tensor, u: Tensor, t: Tensor, x: Tensor, term: LowRankTerm,
+                     needs: GradsNeeded) -> Tensor:
+    """The r-sized chain from dP = dy B (N, r) fp32, without the s*g factor: fills dm, dM and dA
+    (scaled by s*g) into ``grads``; returns dt = (dP ⊙ m) M (N, r), still without s*g."""
+    sg = term.scaled_gate()
+    if needs.rank_weights:
+        grads.rank_weights = ((dp * u).sum(0) * sg).to(term.rank_weights.dtype)
+    du = dp if term.rank_weights is None else dp * term.rank_weights.float()
+    if needs.middle:
+        grads.middle = ((du.t() @ t) * sg).to(term.middle.dtype)
+    dt = du if term.middle is None else du @ term.middle.float()
+    if needs.a:
+        grads.a = down_grad(dt, x, term.dropout_p, term.dropout_seed, dt_scale=term.scale * term.gate,
+                            gate=term.gate_tensor, out_dtype=term.a.dtype)
+    return dt
+
+
 class TritonPlan:
     """A ``spec.Plan`` on the Triton kernels (see the module docstring for the two variants)."""
 
@@ -143,16 +160,7 @@ class TritonPlan:
             return grads
         if want_db:
             grads.b = db
-        sg = term.scaled_gate()
-        if needs.rank_weights:
-            grads.rank_weights = ((dp * u).sum(0) * sg).to(term.rank_weights.dtype)
-        du = dp if term.rank_weights is None else dp * term.rank_weights.float()
-        if needs.middle:
-            grads.middle = ((du.t() @ t) * sg).to(term.middle.dtype)
-        dt = du if term.middle is None else du @ term.middle.float()
-        if needs.a:
-            grads.a = down_grad(dt, x, term.dropout_p, term.dropout_seed, dt_scale=sg_host, gate=gate,
-                                out_dtype=term.a.dtype)
+        dt = rank_chain_grads(grads, dp, u, t, x, term, needs)
         if needs.x:
             grads.x = self._input_grad(dy, weight, dt, term)
         return grads

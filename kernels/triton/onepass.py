@@ -16,10 +16,9 @@ from typing import Optional
 from torch import Tensor
 
 from ..spec import Grads, GradsNeeded, LowRankTerm
-from .impl import TritonPlan, _down_view, _mixed, _up_view, shrink
+from .impl import TritonPlan, _down_view, _mixed, _up_view, rank_chain_grads, shrink
 from .onepass_backward import db_partials_are_cheaper, onepass_input_grad
 from .onepass_forward import onepass_forward
-from .skinny import down_grad
 
 
 class OnePassPlan(TritonPlan):
@@ -61,15 +60,7 @@ class OnePassPlan(TritonPlan):
             grads.b = (dy.t() @ (v * sg).to(dy.dtype)).to(term.b.dtype)
         if needs.gate:
             grads.gate = term.scale * (dp * v).sum()
-        if needs.rank_weights:
-            grads.rank_weights = ((dp * u).sum(0) * sg).to(term.rank_weights.dtype)
-        du = dp if term.rank_weights is None else dp * term.rank_weights.float()
-        if needs.middle:
-            grads.middle = ((du.t() @ t) * sg).to(term.middle.dtype)
-        if needs.a:
-            dt = du if term.middle is None else du @ term.middle.float()
-            grads.a = down_grad(dt, x, term.dropout_p, term.dropout_seed, dt_scale=sg_host, gate=gate,
-                                out_dtype=term.a.dtype)
+        rank_chain_grads(grads, dp, u, t, x, term, needs)
         return grads
 
 
