@@ -36,7 +36,9 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     (None: PEFT's default for a transformers model's architecture, every nn.Linear in another
     model; "all-linear": every nn.Linear but a transformers model's output layer),
     exclude_modules, layers_to_transform/layers_pattern, rank_pattern and alpha_pattern. Each
-    layer's ``config`` holds its own r and alpha, without the selection fields.
+    layer's ``config`` holds its own r and alpha, without the selection fields. A method with a
+    training rule gets a one-shot check that warns when it trains without its hooks or penalty
+    (``fastlora.training.watch_training_rules``).
 
     Returns ``model`` (changed in place). All or nothing: every target is checked and every
     adapter built before the model changes, so on any error the model is left as it was.
@@ -62,6 +64,8 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for (names, _), layer in zip(chosen, layers):
         for name in names:
             _set_submodule(model, name, layer)
+    from .training import watch_training_rules  # training builds on this module
+    watch_training_rules(model)
     return model
 
 

@@ -10,16 +10,21 @@ optimizer holds runs ``after_optimizer_step(lr)`` with that parameter's param-gr
 rate (CoDyRA's proximal step, LoRASC's cascade schedule, Selective LoRA's gate refresh).
 Parameters a rule restarts lose their state (Adam moments) in every attached optimizer, as a
 freshly created parameter would have none. Merged layers are skipped: no rule acts on them.
+
+``inject`` calls ``watch_training_rules``: at the WATCHED_FORWARDS-th training forward of the model
+(train mode, gradients on) it warns once when a layer trains without its post-step rule or
+without its penalty in the loss, then removes itself (no cost per call after that, no host sync).
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Iterable, Union
 
 import torch
 from torch import Tensor, nn
 
-from .config import SelectiveLoraConfig
+from .config import CascadeLoraConfig, SelectiveLoraConfig
 from .inject import adapter_layers
 from .layer import AdapterLinear
 from .methods import Adapter
@@ -27,6 +32,10 @@ from .methods import Adapter
 Optimizers = Union[torch.optim.Optimizer, Iterable[torch.optim.Optimizer]]
 # model -> its live TrainingHooks (weakly: the optimizers' hook registries keep them alive)
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+# layers whose post-step rule live hooks run / whose penalty regularization_loss has computed
+_RULED: "weakref.WeakSet[AdapterLinear]" = weakref.WeakSet()
+_PENALIZED: "weakref.WeakSet[AdapterLinear]" = weakref.WeakSet()
+WATCHED_FORWARDS = 8
 
 
 def regularization_loss(model: nn.Module) -> Tensor:
@@ -37,6 +46,7 @@ def regularization_loss(model: nn.Module) -> Tensor:
     terms = []
     for layer in layers:
         term = layer.adapter.regularization_loss()
+        _PENALIZED.add(layer)
         if term is not None:
             normalized = isinstance(layer.config, SelectiveLoraConfig) and layer.config.normalize_penalty
             terms.append(term.float() / gated if normalized else term.float())
@@ -48,6 +58,57 @@ def regularization_loss(model: nn.Module) -> Tensor:
 
 def _has_rule(layer: AdapterLinear) -> bool:
     return type(layer.adapter).after_optimizer_step is not Adapter.after_optimizer_step
+
+
+def _needs_rule(layer: AdapterLinear) -> bool:
+    """Whether training the layer without its post-step rule goes wrong (LoRASC with loop-driven
+    stages, cascade_interval=None, and a frozen rule parameter do without)."""
+    param = layer.adapter.rule_parameter()
+    loop_driven = isinstance(layer.config, CascadeLoraConfig) and layer.config.cascade_interval is None
+    return _has_rule(layer) and not loop_driven and param is not None and param.requires_grad
+
+
+def _needs_penalty(layer: AdapterLinear) -> bool:
+    return isinstance(layer.config, SelectiveLoraConfig) and layer.config.sparsity_weight > 0
+
+
+def watch_training_rules(model: nn.Module) -> None:
+    """Warn once, at the model's WATCHED_FORWARDS-th training forward, about layers that train without
+    their post-step rule (``attach_training_hooks``) or penalty (``regularization_loss``)."""
+    if any(_needs_rule(layer) or _needs_penalty(layer) for _, layer in adapter_layers(model)):
+        watch = _RuleWatch()
+        watch.handle = model.register_forward_pre_hook(watch)
+
+
+class _RuleWatch:
+    """The forward pre-hook of ``watch_training_rules`` (a class, so a model holding it still pickles)."""
+
+    def __init__(self) -> None:
+        self.forwards = 0
+        self.handle = None
+
+    def __call__(self, module: nn.Module, args) -> None:
+        if torch.compiler.is_compiling() or not (module.training and torch.is_grad_enabled()):
+            return
+        self.forwards += 1
+        if self.forwards == WATCHED_FORWARDS:
+            self.handle.remove()
+            _warn_unruled(module)
+
+
+def _warn_unruled(model: nn.Module) -> None:
+    layers = [layer for _, layer in adapter_layers(model) if not layer.merged]
+    unruled = sorted({layer.config.method for layer in layers if _needs_rule(layer) and layer not in _RULED})
+    unpenalized = any(_needs_penalty(layer) and layer not in _PENALIZED for layer in layers)
+    if unruled:
+        warnings.warn(f"fastlora: {', '.join(unruled)} layers have trained {WATCHED_FORWARDS} forward passes without "
+                      f"their post-step rule (CoDyRA never prunes, LoRASC never cascades, Selective LoRA's gate is "
+                      f"not refreshed): call fastlora.attach_training_hooks(model, optimizer) before training, or "
+                      f"train with FastLoraTrainer / FastLoraCallback", stacklevel=3)
+    if unpenalized:
+        warnings.warn(f"fastlora: selective_lora layers have trained {WATCHED_FORWARDS} forward passes without "
+                      f"their L1 penalty (no block is ever switched off): add fastlora.regularization_loss(model) "
+                      f"to the loss, or train with FastLoraTrainer", stacklevel=3)
 
 
 def _groups(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
@@ -68,6 +129,8 @@ class TrainingHooks:
         self.model = model
         self.optimizers = optimizers
         self._handles = [optimizer.register_step_post_hook(self._after_step) for optimizer in optimizers]
+        self._ruled = [layer for _, layer in adapter_layers(model) if _has_rule(layer)]
+        _RULED.update(self._ruled)
         _ATTACHED[model] = weakref.ref(self)
 
     @property
@@ -90,6 +153,8 @@ class TrainingHooks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for layer in self._ruled:
+            _RULED.discard(layer)
         if _ATTACHED.get(self.model, lambda: None)() is self:
             del _ATTACHED[self.model]
 
