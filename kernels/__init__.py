@@ -6,8 +6,8 @@ from .activations import ACTIVATIONS
 from .dispatch import BACKENDS, PLANS, triton_backend
 from .neat import neat_projection, neat_projection_reference
 from .ops import adapted_linear
-from .reference import adapted_linear_reference
 from .philox import dropout_mask
+from .reference import adapted_linear_reference
 
 __all__ = [
     "ACTIVATIONS",

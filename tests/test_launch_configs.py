@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 
 pytest.importorskip("triton")
-from fastlora.kernels.triton import autotune  # noqa: E402
+from fastlora.kernels.triton import launch_config  # noqa: E402
 
 
 def fake_cuda_input(element_size=2):
@@ -13,31 +13,31 @@ def fake_cuda_input(element_size=2):
 
 @pytest.fixture
 def gpu_configs(monkeypatch):
-    monkeypatch.setattr(autotune, "INTERPRETED", False)
-    return autotune.gemm_configs()
+    monkeypatch.setattr(launch_config, "INTERPRETED", False)
+    return launch_config.gemm_configs()
 
 
 def test_hopper_tiles_fit_hopper_and_are_dropped_on_smaller_devices(monkeypatch, gpu_configs):
     deep = [c for c in gpu_configs if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs[
         "BLOCK_K"] * 2 > 160 * 1024]
     assert deep, "the list has Hopper-sized pipelines"
-    monkeypatch.setattr(autotune, "_shared_memory_limit", lambda index: 227 * 1024)  # H100 / H200
-    hopper = autotune.prune_gemm_configs(gpu_configs, {"x_ptr": fake_cuda_input(), "M_BUCKET": 8192})
+    monkeypatch.setattr(launch_config, "shared_memory_limit", lambda index: 227 * 1024)  # H100 / H200
+    hopper = launch_config.prune_gemm_configs(gpu_configs, {"x_ptr": fake_cuda_input(), "M_BUCKET": 8192})
     assert all(c in hopper for c in deep)
-    monkeypatch.setattr(autotune, "_shared_memory_limit", lambda index: 99 * 1024)  # e.g. an sm_86 part
-    small = autotune.prune_gemm_configs(gpu_configs, {"x_ptr": fake_cuda_input(), "M_BUCKET": 8192})
+    monkeypatch.setattr(launch_config, "shared_memory_limit", lambda index: 99 * 1024)  # e.g. an sm_86 part
+    small = launch_config.prune_gemm_configs(gpu_configs, {"x_ptr": fake_cuda_input(), "M_BUCKET": 8192})
     assert small and not any(c in small for c in deep)
     for c in small:
         assert c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * 2 <= 99 * 1024
 
 
 def test_tall_tiles_are_dropped_for_few_tokens(monkeypatch, gpu_configs):
-    monkeypatch.setattr(autotune, "_shared_memory_limit", lambda index: None)
-    kept = autotune.prune_gemm_configs(gpu_configs, {"x_ptr": fake_cuda_input(), "M_BUCKET": 16})
+    monkeypatch.setattr(launch_config, "shared_memory_limit", lambda index: None)
+    kept = launch_config.prune_gemm_configs(gpu_configs, {"x_ptr": fake_cuda_input(), "M_BUCKET": 16})
     assert kept and max(c.kwargs["BLOCK_M"] for c in kept) <= 32
     # nothing fits: the smallest tile is kept rather than none
-    monkeypatch.setattr(autotune, "_shared_memory_limit", lambda index: 1)
-    assert len(autotune.prune_gemm_configs(gpu_configs, {"x_ptr": fake_cuda_input(), "M_BUCKET": 8192})) == 1
+    monkeypatch.setattr(launch_config, "shared_memory_limit", lambda index: 1)
+    assert len(launch_config.prune_gemm_configs(gpu_configs, {"x_ptr": fake_cuda_input(), "M_BUCKET": 8192})) == 1
 
 
 def test_every_plan_implements_the_plan_protocol():
@@ -55,7 +55,6 @@ def test_every_plan_implements_the_plan_protocol():
 
 def test_launch_metadata_counts_flops_and_bytes():
     import torch
-
     from fastlora.kernels.triton import metadata
 
     bf16 = torch.empty(1, dtype=torch.bfloat16)

@@ -259,11 +259,11 @@ def test_forward_keeps_t_and_matches_the_fused_plan(impl):
 def test_tiles_fit_registers_and_shared_memory(monkeypatch, onepass):
     from types import SimpleNamespace
 
-    from fastlora.kernels.triton import autotune, onepass_tiles
-    monkeypatch.setattr(autotune, "INTERPRETED", False)
-    monkeypatch.setattr(autotune, "_shared_memory_limit", lambda index: 227 * 1024)
+    from fastlora.kernels.triton import launch_config, onepass_tiles
+    monkeypatch.setattr(launch_config, "INTERPRETED", False)
+    monkeypatch.setattr(launch_config, "shared_memory_limit", lambda index: 227 * 1024)
     x = SimpleNamespace(element_size=lambda: 2, is_cuda=True, device=SimpleNamespace(index=0))
-    configs = autotune.gemm_configs()
+    configs = launch_config.gemm_configs()
     backward = onepass_tiles.backward_configs(128)
     assert backward and all(c.kwargs["BLOCK_M"] == 128 for c in backward)
     for r_pad, compute_db in ((16, False), (64, False), (64, True)):

@@ -23,10 +23,10 @@ from fastlora.kernels import (  # noqa: E402
     ACTIVATIONS,
     adapted_linear,
     adapted_linear_reference,
+    dropout_mask,  # noqa: E402
     neat_projection,
     neat_projection_reference,
 )
-from fastlora.kernels import dropout_mask  # noqa: E402
 from fastlora.kernels.dispatch import select_plan, triton_backend, triton_interpreter_on  # noqa: E402
 from fastlora.kernels.spec import LowRankTerm  # noqa: E402
 from utils import rel  # noqa: E402
@@ -299,7 +299,7 @@ def test_partial_sums_stay_small(r, one_pass, monkeypatch, impl):
     that fill the device), or, for dP from the single pass over dy, one (N, r) slice per column
     block only while those cost fewer bytes than reading dy again (never hundreds of MB as one
     slice per block at r = 64, N = 8192, d_out = 11008 would be). Both paths are exact."""
-    from fastlora.kernels.triton.autotune import target_programs
+    from fastlora.kernels.triton.launch_config import target_programs
     from fastlora.kernels.triton.skinny import one_pass_is_cheaper
     n, d_out = 40, 150
     dy_bytes = n * d_out * 4

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..philox import keep_threshold, seed_tensor
-from .autotune import launch_context
+from .launch_config import launch_context
 
 
 @triton.jit

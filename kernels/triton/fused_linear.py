@@ -18,8 +18,8 @@ import triton.language as tl
 
 from ..philox import keep_threshold
 from . import metadata
-from .autotune import dot_precision, gemm_configs, launch_context, pad_rank, prune_gemm_configs
 from .dropout import keep_scale
+from .launch_config import dot_precision, gemm_configs, launch_context, pad_rank, prune_gemm_configs
 from .tiles import load_factor
 
 

@@ -28,9 +28,9 @@ from torch import Tensor
 
 from .. import torch_impl
 from ..spec import Grads, GradsNeeded, LowRankTerm, fill_skipped_grads
-from .autotune import INTERPRETED, INTERPRETER_READY
 from .dropout import dropout_mask
 from .fused_linear import fused_linear
+from .launch_config import INTERPRETED, INTERPRETER_READY
 from .neat_kernels import neat_backward as _neat_backward
 from .neat_kernels import neat_forward as _neat_forward
 from .shrink import shrink as _shrink_kernel

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from . import metadata
-from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks
+from .launch_config import dot_precision, launch_context, pad_rank, skinny_blocks
 
 #: activation name -> code of the ``ACT`` constexpr
 ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4, "sigmoid": 5}

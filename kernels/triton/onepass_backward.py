@@ -18,9 +18,16 @@ import triton.language as tl
 
 from ..philox import keep_threshold
 from . import metadata
-from .autotune import dot_precision, launch_context, pad_rank
-from .onepass_tiles import (BACKWARD_BLOCK_M, add_expand, backward_configs, gemm_with_side, prune_onepass_configs,
-                            times_middle, times_weights)
+from .launch_config import dot_precision, launch_context, pad_rank
+from .onepass_tiles import (
+    BACKWARD_BLOCK_M,
+    add_expand,
+    backward_configs,
+    gemm_with_side,
+    prune_onepass_configs,
+    times_middle,
+    times_weights,
+)
 from .partials import partial_buffer, sum_partials
 
 

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..philox import keep_threshold
 from . import metadata
-from .autotune import dot_precision, gemm_configs, launch_context, pad_rank
+from .launch_config import dot_precision, gemm_configs, launch_context, pad_rank
 from .onepass_tiles import add_expand, gemm_with_side, prune_onepass_configs, times_middle, times_weights
 
 

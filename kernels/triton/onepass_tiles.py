@@ -10,13 +10,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import autotune
+from . import launch_config
 from .dropout import keep_scale
 from .tiles import load_factor
 
 #: Row tile of the input-gradient kernel: fixed, because its dB / dbias partials hold one slice
 #: per row block and are allocated before the launch (the autotuner only varies the other tiles).
-BACKWARD_BLOCK_M = 16 if autotune.INTERPRETED else 128
+BACKWARD_BLOCK_M = 16 if launch_config.INTERPRETED else 128
 #: fp32 accumulator registers per thread a configuration may plan for (255 is the hardware limit;
 #: the rest holds operand fragments, pointers and masks).
 ACCUMULATOR_REGISTERS = 160
@@ -24,7 +24,7 @@ ACCUMULATOR_REGISTERS = 160
 
 def backward_configs(block_m: int = BACKWARD_BLOCK_M) -> list[triton.Config]:
     """The GEMM tiles whose BLOCK_M is ``block_m``."""
-    return [c for c in autotune.gemm_configs() if c.kwargs["BLOCK_M"] == block_m]
+    return [c for c in launch_config.gemm_configs() if c.kwargs["BLOCK_M"] == block_m]
 
 
 def prune_onepass_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -36,7 +36,7 @@ def prune_onepass_configs(configs: list[triton.Config], named_args: dict, **kwar
     m_bucket = named_args.get("M_BUCKET", 1 << 30)
     x = named_args["x_ptr"] if "x_ptr" in named_args else named_args["dy_ptr"]
     element = x.element_size()
-    limit = autotune._shared_memory_limit(x.device.index or 0) if x.is_cuda else None
+    limit = launch_config.shared_memory_limit(x.device.index or 0) if x.is_cuda else None
     side_tiles = 2 if kwargs.get("COMPUTE_DB", False) else 1
     kept = []
     for config in configs:

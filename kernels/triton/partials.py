@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import launch_context
+from .launch_config import launch_context
 
 
 def partial_buffer(splits: int, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:

@@ -18,10 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import metadata
-from .autotune import dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction
 from ..philox import keep_threshold
+from . import metadata
 from .dropout import keep_scale
+from .launch_config import dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction
 from .partials import partial_buffer, sum_partials
 from .shrink import shrink
 from .tiles import load_factor

@@ -1,4 +1,5 @@
-"""Launch configurations: the GEMM autotune list, skinny-kernel blocks, dot precision.
+"""Launch policy of the kernels: the GEMM tile list and its pruning, skinny-kernel blocks, how a
+reduction is split across programs, tl.dot's input precision, and the launch context.
 
 Under ``TRITON_INTERPRET=1`` (read by ``@triton.jit`` when a kernel module is imported)
 every kernel gets one small configuration, so CPU tests are quick and cross tile edges.
@@ -40,7 +41,7 @@ def gemm_configs() -> list[triton.Config]:
             for bm, bn, bk, w, st in tiles]
 
 
-def _shared_memory_limit(device_index: int) -> Optional[int]:
+def shared_memory_limit(device_index: int) -> Optional[int]:
     """Bytes of shared memory a block may opt into on a CUDA device (None when torch does not say)."""
     props = torch.cuda.get_device_properties(device_index)
     return getattr(props, "shared_memory_per_block_optin", None)
@@ -53,7 +54,7 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs)
     m_bucket = kwargs.get("M_BUCKET", named_args.get("M_BUCKET", 1 << 30))
     x = named_args.get("x_ptr")
     element = x.element_size() if hasattr(x, "element_size") else 2
-    limit = _shared_memory_limit(x.device.index or 0) if getattr(x, "is_cuda", False) else None
+    limit = shared_memory_limit(x.device.index or 0) if getattr(x, "is_cuda", False) else None
     kept = []
     for config in configs:
         meta = config.kwargs
