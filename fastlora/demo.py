@@ -6,11 +6,13 @@ unchanged, train a few steps on bundled paraphrase pairs with the method's train
 rule, then compare the fused path with the pure-torch reference path (and report how far
 training moved the embeddings, so that comparison is of a real, nonzero update) and, for
 the methods Hugging Face peft has (LoRA, NEAT as PEANuT), with peft itself running the
-exported adapter.
+exported adapter. Progress goes to the "fastlora.demo" logger, one line per method.
 """
 from __future__ import annotations
 
 import copy
+import io
+import logging
 import os
 import tempfile
 import time
@@ -38,9 +40,26 @@ PARAPHRASES = [
     ("The meeting starts at nine.", "The meeting begins at 9 o'clock."),
 ]
 
+LOG = logging.getLogger(__name__)
+
 TARGETS = ["query", "key", "value", "dense"]
 #: methods peft implements, checked against it (LoRA; NEAT is peft's PEANuT)
 PEFT_METHODS = ("lora", "neat")
+#: the methods' names in the table
+METHOD_NAMES = {"lora": "LoRA", "selective_lora": "Selective LoRA", "rank_selective_lora": "CoDyRA",
+                "curlora": "CURLoRA", "neat": "NEAT", "cascade_lora": "LoRASC"}
+#: (column, meaning) of the table, printed under it
+LEGEND = [
+    ("method", "the adapter method (its --methods name in brackets)"),
+    ("trainable", "parameters the method trains"),
+    ("init", "max |embedding - base model's| right after injection (0: fresh adapters add nothing; "
+             "LoRASC: its first stage's noise)"),
+    ("trained", "max |embedding - base model's| after training: how far the steps moved the model"),
+    ("vs reference", "max |fused path - pure-torch reference path| after training"),
+    ("vs peft", "max |fused path - Hugging Face peft running the exported adapter| (- : not in peft)"),
+    ("ms/step", "mean wall time of one training step after a warm-up step (with --steps 1: that one step)"),
+    ("stats", "the method's own numbers per layer after training (active blocks, ranks, cascades)"),
+]
 
 
 def method_configs(r: int, backend: str, steps: int) -> dict[str, AdapterConfig]:
@@ -122,13 +141,16 @@ def run_method(name: str, config: AdapterConfig, base: nn.Module, batch, steps: 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     hooks = attach_training_hooks(model, optimizer)
     model.train()
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         loss = _paraphrase_loss(model, batch, half) + regularization_loss(model)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    step_ms = 1000 * (time.perf_counter() - start) / steps
+        times.append(time.perf_counter() - start)
+    timed = times[1:] or times  # the first step is the warm-up (plan choice, first-call costs)
+    step_ms = 1000 * sum(timed) / len(timed)
     hooks.remove()
     model.eval()
     with torch.no_grad():
@@ -151,13 +173,28 @@ def _peft_error(model: nn.Module, base: nn.Module, batch, fused: torch.Tensor) -
             return float((embed(peft_model, batch) - fused).abs().max())
 
 
-def format_table(reports: list[MethodReport]) -> str:
-    header = (f"{'method':<22}{'trainable':>11}{'max|init-base|':>16}{'max|trained-base|':>19}"
-              f"{'max|fused-ref|':>16}{'max|fused-peft|':>17}{'ms/step':>10}  stats")
-    rows = [f"{r.method:<22}{r.trainable:>11,}{r.init_error:>16.2e}{r.trained_drift:>19.2e}"
-            f"{r.reference_error:>16.2e}{_optional(r.peft_error):>17}{r.step_ms:>10.1f}  {r.stats}"
-            for r in reports]
-    return "\n".join([header, "-" * len(header)] + rows)
+def results_table(reports: list[MethodReport]):
+    """The reports as a rich Table, its legend as the caption (every cell plain text, no markup)."""
+    from rich.table import Table
+    from rich.text import Text
+    legend = Text("\n".join(f"{column}: {meaning}" for column, meaning in LEGEND))
+    table = Table(caption=legend, caption_justify="left")
+    for column, _ in LEGEND:
+        table.add_column(column, justify="left" if column in ("method", "stats") else "right")
+    for r in reports:
+        cells = (f"{METHOD_NAMES.get(r.method, r.method)} [{r.method}]", f"{r.trainable:,}", f"{r.init_error:.2e}",
+                 f"{r.trained_drift:.2e}", f"{r.reference_error:.2e}", _optional(r.peft_error), f"{r.step_ms:.1f}",
+                 r.stats)
+        table.add_row(*(Text(cell) for cell in cells))
+    return table
+
+
+def format_table(reports: list[MethodReport], width: int = 160) -> str:
+    """The results table with its legend as plain text ``width`` columns wide."""
+    from rich.console import Console
+    console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False)
+    console.print(results_table(reports))
+    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())
 
 
 def _optional(value: Optional[float]) -> str:
@@ -175,4 +212,10 @@ def run_demo(methods: list[str], r: int, steps: int, backend: str) -> list[Metho
     unknown = sorted(set(methods) - set(configs))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(configs)}")
-    return [run_method(name, configs[name], base, batch, steps) for name in methods]
+    reports = []
+    for index, name in enumerate(methods, 1):
+        LOG.info("[%d/%d] %s: inject, train %d steps, check", index, len(methods), METHOD_NAMES[name], steps)
+        start = time.perf_counter()
+        reports.append(run_method(name, configs[name], base, batch, steps))
+        LOG.info("[%d/%d] %s: done in %.1f s", index, len(methods), METHOD_NAMES[name], time.perf_counter() - start)
+    return reports
