@@ -87,18 +87,20 @@ def _chosen_linears(model: nn.Module, config: AdapterConfig) -> list[tuple[list[
                              f"adapted under all its names, so match all of them or none")
         if matched:
             chosen.append((names, linear))
-    _check_targets(config, targets, [n for names, _ in linears.values() for n in names], chosen)
+    _check_targets(model, config, targets, [n for names, _ in linears.values() for n in names], chosen)
     return chosen
 
 
-def _check_targets(config: AdapterConfig, targets, names: list[str], chosen) -> None:
-    """Refuse listed targets that name no nn.Linear and a selection of nothing; warn when
-    exclude_modules left nothing out (PEFT warns too)."""
+def _check_targets(model: nn.Module, config: AdapterConfig, targets, names: list[str], chosen) -> None:
+    """Refuse listed targets that name no nn.Linear (naming the type of the modules they do name)
+    and a selection of nothing; warn when exclude_modules left nothing out (PEFT warns too)."""
     given = "target_modules" if config.target_modules is not None else f"PEFT's default target_modules {targets}"
     if isinstance(targets, tuple):
         missing = [t for t in targets if not any(_matches(n, [t]) for n in names)]
         if missing:
-            raise ValueError(f"{given}: {missing} match no nn.Linear in the model; "
+            others = {f"{n} ({type(m).__name__})" for n, m in model.named_modules() if _matches(n, missing)}
+            named = f"; they name {sorted(others)[:3]}, and fastlora adapts nn.Linear only" if others else ""
+            raise ValueError(f"{given}: {missing} match no nn.Linear in the model{named}; "
                              f"linear modules are: {sorted({n.rsplit('.', 1)[-1] for n in names})}")
     if not chosen:
         raise ValueError(f"{given} {targets!r} with exclude_modules {config.exclude_modules!r}, layers_to_transform "

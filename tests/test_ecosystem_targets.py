@@ -9,7 +9,8 @@ import pytest
 import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
-from transformers import (BertConfig, BertForSequenceClassification, BertModel, LlamaConfig, LlamaForCausalLM)
+from transformers import (BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel,
+                          LlamaConfig, LlamaForCausalLM)
 
 import fastlora
 from fastlora import LoraConfig
@@ -124,6 +125,13 @@ def test_missing_targets_without_a_default_are_refused():
     model.config = types.SimpleNamespace(model_type="mystery")
     with pytest.raises(ValueError, match="no default for model_type 'mystery'.*target_modules='all-linear'"):
         fastlora.inject(model, LoraConfig(r=2))
+
+
+def test_gpt2_conv1d_targets_are_refused_with_their_type():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=30, n_positions=8))
+    with pytest.raises(ValueError, match=r"PEFT's default target_modules \('c_attn',\): \['c_attn'\] match no "
+                                         r"nn.Linear in the model; they name \['transformer.h.0.attn.c_attn \(Conv1D\)'"):
+        fastlora.inject(gpt2, LoraConfig(r=2))
 
 
 def test_plain_module_keeps_every_linear_for_missing_targets():
