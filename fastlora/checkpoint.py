@@ -42,7 +42,8 @@ FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
 # config fields that only shape initialisation or sampling (overwritten by the loaded tensors),
 # or how the same values are computed; every other field must match the model's layers
-_NON_COMPUTATION_FIELDS = frozenset({"target_modules", "backend", "score_init", "importance_init", "seed", "eps"})
+_NON_COMPUTATION_FIELDS = frozenset({"target_modules", "backend", "score_init", "importance_init", "seed", "eps",
+                                     "keep_pretrained_copy"})
 # integer adapter tensors that index W: name -> the layer dimension bounding them
 _INDEX_BOUNDS = {"row_index": "out_features", "col_index": "in_features"}
 
@@ -330,6 +331,8 @@ def _inject_checkpoint_layers(model: nn.Module, configs: dict[str, AdapterConfig
 
 def _check_tensor(key: str, tensor: Tensor, expected: Tensor, layer: nn.Module) -> None:
     shape, want = tuple(tensor.shape), tuple(expected.shape)
+    if key.rsplit(".", 1)[-1] in layer.adapter.variable_length_keys:  # any number of stages (checked by the adapter)
+        shape, want = shape[1:], want[1:]
     if shape != want and not (shape == () and want == (1,)):  # (): a Selective LoRA score saved 0-dim
         raise ValueError(f"{key}: checkpoint shape {shape} != model shape {want}")
     if expected.is_floating_point():
@@ -372,6 +375,11 @@ def _check_fits(layers: dict[str, nn.Module], configs: dict[str, AdapterConfig],
         if differing:
             detail = ", ".join(f"{k}={a!r} (model: {b!r})" for k, (a, b) in sorted(differing.items()))
             raise ValueError(f"layer {name}: checkpoint config differs from the layer's in {detail}")
+        prefix = f"{name}.adapter."
+        try:
+            layer.adapter.check_state({k[len(prefix):]: t for k, t in state.items() if k.startswith(prefix)})
+        except ValueError as error:
+            raise ValueError(f"layer {name}: {error}") from None
 
 
 def check_saved_parameters(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, nn.Parameter]:
@@ -396,8 +404,9 @@ def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     are copied into the model's parameters of the same names, which become trainable again.
     Raises (leaving the model as it was) on: a malformed or mixed checkpoint, non-finite values,
     missing or unexpected layers or tensors, shape or dtype mismatches, indices outside W, merged
-    layers, or a layer config that differs in a field that changes the computation (all but
-    target_modules, backend and init/sampling fields).
+    layers, a layer config that differs in a field that changes the computation (all but
+    target_modules, backend and init/sampling fields), or an adapter's own check (``check_state``:
+    LoRASC's stage record, whose stage count may differ from the model's).
     """
     configs, state, saved = _read_checkpoint(directory)
     undo = None if next(adapter_layers(model), None) is not None else _inject_checkpoint_layers(model, configs)

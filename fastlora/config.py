@@ -419,14 +419,16 @@ class NeatConfig(AdapterConfig):
 
 @dataclass(frozen=True)
 class CascadeLoraConfig(LoraConfig):
-    """LoRASC: stages of a fast LoRA pair on a backbone that absorbs each stage and gets NoisyTune noise.
+    """LoRASC: stages of a fast LoRA pair, each folded into W in place, each started with NoisyTune noise on W.
 
     cascade_interval: optimizer steps per stage (default 100), or None for stages only where the
     training loop calls ``cascade_step()`` (e.g. once per epoch). slow_momentum: m of the slow-fast
-    update, the stage folds (1 - m) s B A into the backbone (the paper's pace alpha = 1 - m; default
-    0.5, Lookahead's; 0 folds the whole fast pair). noise_intensity: NoisyTune's lambda, each stage
-    starts with W_stage += U(-lambda/2, lambda/2) * std(W_stage) (default 0.15 as NoisyTune; 0 = no
-    noise), drawn from a CPU generator seeded from noise_seed, the layer index and the stage.
+    update, the stage folds (1 - m) s B A into W (the paper's pace alpha = 1 - m; default 0.5,
+    Lookahead's; 0 folds the whole fast pair). noise_intensity: NoisyTune's lambda, each stage starts
+    with W += U(-lambda/2, lambda/2) * std(W) (default 0.15 as NoisyTune; 0 = no noise), drawn from a
+    CPU generator seeded from noise_seed, the layer index and the stage. keep_pretrained_copy: keep a
+    host-memory copy of W as the adapter found it (one more W in CPU memory per layer; default off),
+    for ``restore_pretrained()`` and for loading a checkpoint of another stage history.
     """
 
     method: ClassVar[str] = "cascade_lora"
@@ -434,9 +436,13 @@ class CascadeLoraConfig(LoraConfig):
     slow_momentum: float = 0.5
     noise_intensity: float = 0.15
     noise_seed: int = 0
+    keep_pretrained_copy: bool = False
 
     def validate(self) -> None:
         super().validate()
+        if not isinstance(self.keep_pretrained_copy, bool):
+            raise ValueError(f"CascadeLoraConfig.keep_pretrained_copy must be True or False, "
+                             f"got {self.keep_pretrained_copy!r}")
         value = self.cascade_interval
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ValueError(f"CascadeLoraConfig.cascade_interval must be an int > 0 or None, got {value!r}")

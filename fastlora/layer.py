@@ -60,6 +60,7 @@ class AdapterLinear(nn.Module):
         self.config = config
         self.adapter: Adapter = build_adapter(config, self.in_features, self.out_features,
                                               weight.detach(), layer_index=layer_index)
+        self.adapter.bind(self)
         self.merged = False
         self.merge_order = -1  # position of the latest merge among all layers' merges
         self.adapter_enabled = True
@@ -75,14 +76,12 @@ class AdapterLinear(nn.Module):
         if not self.adapter_enabled:
             return F.linear(x, self._base_weight(), self.bias)
         dropout = self.config.dropout if self.training else 0.0
-        return adapted_linear(x, self._adapted_weight(), self.bias, dropout=dropout, backend=self.config.backend,
+        return adapted_linear(x, self.weight, self.bias, dropout=dropout, backend=self.config.backend,
                               **self.adapter.op_arguments(self.weight))
 
-    def _adapted_weight(self) -> Tensor:
-        """The weight the adapter's update is added to: W, or the backbone a method keeps beside W
-        (``adapter.backbone``: LoRASC's W with its folded stages and noise; W itself stays as it was)."""
-        backbone = getattr(self.adapter, "backbone", None)
-        return self.weight if backbone is None else backbone
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self.adapter.note_load(with_weight=prefix + "weight" in state_dict)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """The same output computed by the pure-torch reference formula (no fusion, no
@@ -97,7 +96,7 @@ class AdapterLinear(nn.Module):
         args.pop("gate_value", None)  # the host copy of a tensor gate: the reference reads the gate itself
         args = {k: v.to(x.dtype) if isinstance(v, Tensor) and v.is_floating_point() and k != "gate" else v
                 for k, v in args.items()}
-        return adapted_linear_reference(x, self._adapted_weight(), self.bias, **args)
+        return adapted_linear_reference(x, self.weight, self.bias, **args)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -13,8 +13,9 @@ What each method keeps (its ``delta_weight``), then W <- W + ΔW and a fresh ada
 - CoDyRA: s B diag(w) A, ranks at w = 0 dropped; the next task's adapter is a fresh increment whose
   threshold schedule starts again.
 - CURLoRA: alpha W[:, J] U W[I, :]; the fresh adapter resamples I and J from the updated W.
-- LoRASC: the stage backbone plus the fast pair, W <- W_k + s B A (the model the task ended with); the
-  next task's stages start from it, stage 0 with its own noise.
+- LoRASC: W already holds the task's folded stages and their noise; the fast pair is merged, W <- W + s B A
+  (the model the task ended with). The next task's adapter starts its own stage record from that W (stage 0
+  with its own noise; with keep_pretrained_copy it copies that W): the old record is dropped.
 
 Choices (ours): the fresh adapters of task t (t = 1, 2, ... tasks done) are built with layer index
 t * L + k (L adapted layers, k the layer's position), so CURLoRA's sampler and LoRASC's noise draw new
@@ -60,4 +61,5 @@ def next_task(model: nn.Module) -> nn.Module:
         layer.tasks_done = task
         layer.adapter = build_adapter(layer.config, layer.in_features, layer.out_features, layer.weight.detach(),
                                       layer_index=task * len(layers) + position).train(layer.training)
+        layer.adapter.bind(layer)
     return model

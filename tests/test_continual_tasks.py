@@ -34,8 +34,7 @@ def _kept(layer, weight):
         return config.alpha / config.r * t["lora_B"] @ t["lora_A"] * on
     if isinstance(config, RankSelectiveLoraConfig):
         return t["lora_B"] @ torch.diag(t["importance"]) @ t["lora_A"]  # s = 1 (alpha None)
-    if isinstance(config, CascadeLoraConfig):
-        return t["backbone"] - weight + config.alpha / config.r * t["lora_B"] @ t["lora_A"]
+    # LoRASC falls under LoraConfig: W already holds its folded stages, the task keeps the fast pair on top
     if isinstance(config, LoraConfig):
         return config.alpha / config.r * t["lora_B"] @ t["lora_A"]
     if isinstance(config, CurLoraConfig):
@@ -86,6 +85,9 @@ def test_next_task_keeps_what_the_method_keeps_and_starts_fresh_adapters(config)
     old = [layer.adapter for layer in layers]
     assert next_task(model) is model
     for k, (layer, w) in enumerate(zip(layers, expected)):
+        if isinstance(config, CascadeLoraConfig):  # the next task's stage-0 noise, seeded by layer 1 * L + k
+            g = torch.Generator().manual_seed(((2 * MIX + 2 + k) * MIX + 0) % 2**63)
+            w = w + (torch.rand(w.shape, generator=g).double() - 0.5) * 0.1 * float(w.std())
         assert torch.allclose(layer.weight, w, rtol=0, atol=1e-12), k
         assert not layer.merged and layer.weight_before_merge is None and layer.tasks_done == 1
         adapter = layer.adapter
@@ -101,14 +103,12 @@ def test_next_task_keeps_what_the_method_keeps_and_starts_fresh_adapters(config)
             assert torch.equal(adapter.row_index, rows) and torch.equal(adapter.col_index, cols)
             assert torch.count_nonzero(adapter.U) == 0
         if isinstance(config, CascadeLoraConfig):
-            g = torch.Generator().manual_seed(((2 * MIX + 2 + k) * MIX + 0) % 2**63)
-            noise = (torch.rand(w.shape, generator=g).double() - 0.5) * 0.1 * float(w.std())
-            assert torch.allclose(adapter.backbone, w + noise, rtol=0, atol=1e-12)
             assert adapter.extra_stats() == {"cascades": 0.0, "optimizer_steps": 0.0}
+            assert adapter.folded_A.shape[0] == 0 and adapter.noise_seeds.tolist() == [(2 * MIX + 2 + k) * MIX]
     after = model(x).detach()
-    if isinstance(config, CascadeLoraConfig):
-        fastlora.set_adapters_enabled(model, False)  # the fresh stage's noise aside, the same model
-        after = model(x).detach()
+    if isinstance(config, CascadeLoraConfig):  # the fresh stage's noise is in W: compare with the noisy W alone
+        fastlora.set_adapters_enabled(model, False)
+        before = model(x).detach()
         fastlora.set_adapters_enabled(model, True)
     assert torch.allclose(after, before, rtol=0, atol=1e-10)  # fresh adapters start at ΔW = 0
 

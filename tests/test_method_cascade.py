@@ -1,7 +1,7 @@
-"""LoRASC (slow cascaded LoRA) as the paper reads: each stage folds (1 - m) s B A into the backbone
-(rank grows without limit, forward stays rank r), NoisyTune noise on the backbone at each stage
-(per-matrix std, seeded), dropout on the fast pair only, stages driven by optimizer steps,
-merge/unmerge, save/load mid-stage."""
+"""LoRASC (slow cascaded LoRA) as the paper reads: each stage folds (1 - m) s B A into W in place
+(rank grows without limit, forward stays rank r), NoisyTune noise on W at each stage (per-matrix
+std, seeded), dropout on the fast pair only, stages driven by optimizer steps, merge/unmerge,
+save/load mid-stage. The record, checkpoints and undo: tests/test_cascade_fold.py."""
 import copy
 import math
 import re
@@ -25,6 +25,12 @@ def _layer(r=4, alpha=3.0, bias=True, d_in=D_IN, d_out=D_OUT, dtype=torch.float6
     return AdapterLinear(d_in, d_out, bias=bias, config=CascadeLoraConfig(r=r, alpha=alpha, **kwargs), dtype=dtype)
 
 
+def _pretrained(bias=True, d_in=D_IN, d_out=D_OUT, dtype=torch.float64):
+    """The W ``_layer`` starts from (the same seeded nn.Linear), before its stage-0 noise."""
+    torch.manual_seed(1)
+    return nn.Linear(d_in, d_out, bias=bias, dtype=dtype).weight.detach()
+
+
 def _randomise_pair(adapter):
     with torch.no_grad():
         adapter.lora_A.copy_(torch.randn_like(adapter.lora_A))
@@ -38,11 +44,12 @@ def _noise(w, intensity, seed, layer_index, stage):
     return (u - 0.5) * intensity * float(w.detach().double().std())
 
 
-def _stages(layer, count, intensity, seed=0, layer_index=0, momentum=0.5):
-    """Run ``count`` stages with random fast pairs; returns the float64 backbone the paper gives:
+def _stages(layer, count, intensity, seed=0, layer_index=0, momentum=0.5, pretrained=None):
+    """Run ``count`` stages with random fast pairs; returns the float64 W the paper gives from the
+    pretrained W (``_pretrained()`` unless given):
     W_0 = W + noise_0, W_{k+1} = W_k + (1 - m) s B_k A_k + noise_{k+1}."""
     scale = layer.adapter.scale
-    w = layer.weight.detach().double().clone()
+    w = (_pretrained() if pretrained is None else pretrained).double().clone()
     if intensity:
         w = w + _noise(w, intensity, seed, layer_index, 0)
     for k in range(count):
@@ -62,21 +69,22 @@ def test_defaults_are_documented():
     assert fastlora.AdapterConfig.from_dict(config.to_dict()) == config
 
 
-def test_initialisation_is_the_noisy_backbone_and_zero_noise_reproduces_base_exactly():
+def test_initialisation_writes_stage_0_noise_into_w_and_zero_noise_reproduces_base_exactly():
     layer = _layer(noise_intensity=0.0)
     adapter = layer.adapter
     assert adapter.lora_A.shape == (4, D_IN) and adapter.lora_A.abs().max() > 0
-    assert torch.count_nonzero(adapter.lora_B) == 0 and torch.equal(adapter.backbone, layer.weight)
-    assert set(adapter.state_dict()) == {"lora_A", "lora_B", "backbone", "optimizer_steps", "cascades"}
+    assert torch.count_nonzero(adapter.lora_B) == 0 and torch.equal(layer.weight, _pretrained())
+    assert set(adapter.state_dict()) == {"lora_A", "lora_B", "optimizer_steps", "cascades", "folded_A", "folded_B",
+                                         "noise_seeds", "noise_stds"}
     x = torch.randn(N, D_IN, dtype=torch.float64)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     noisy = _layer(noise_intensity=0.2, noise_seed=7)
-    expected = noisy.weight.double() + _noise(noisy.weight, 0.2, 7, 0, 0)
-    assert rel(noisy.adapter.backbone, expected) < 1e-12 and not torch.equal(noisy.adapter.backbone, noisy.weight)
-    assert noisy.adapter.noise_stds == [pytest.approx(float(noisy.weight.std()), rel=1e-6)]
+    expected = _pretrained().double() + _noise(_pretrained(), 0.2, 7, 0, 0)
+    assert rel(noisy.weight, expected) < 1e-12 and not torch.equal(noisy.weight, _pretrained())
+    assert noisy.adapter.noise_stds.tolist() == [pytest.approx(float(_pretrained().std()), rel=1e-12)]
     assert rel(noisy(x), F.linear(x, expected, noisy.bias)) < 1e-12
-    fastlora.set_adapters_enabled(nn.Sequential(noisy), False)  # disabled: the pretrained layer, no noise
-    assert torch.equal(noisy(x), F.linear(x, noisy.weight, noisy.bias))
+    fastlora.set_adapters_enabled(nn.Sequential(noisy), False)  # disabled: the fast pair off, the noise stays
+    assert rel(noisy(x), F.linear(x, expected, noisy.bias)) < 1e-12
 
 
 @pytest.mark.parametrize("intensity", [0.0, 0.15])
@@ -87,8 +95,8 @@ def test_effective_weight_after_several_stages_matches_float64(intensity, moment
     expected = _stages(layer, 5, intensity, seed=3, momentum=momentum)
     adapter = layer.adapter
     assert adapter.extra_stats()["cascades"] == 5.0 and torch.count_nonzero(adapter.lora_B) == 0
-    assert rel(adapter.backbone, expected) < 1e-12
-    assert len(adapter.noise_stds) == (6 if intensity else 0)
+    assert rel(layer.weight, expected) < 1e-12
+    assert len(adapter.noise_stds) == 6 and (adapter.noise_stds > 0).all() == bool(intensity)
     _randomise_pair(adapter)
     x = torch.randn(2, N, D_IN, dtype=torch.float64, requires_grad=True)
     out = layer(x)
@@ -101,7 +109,7 @@ def test_effective_weight_after_several_stages_matches_float64(intensity, moment
     grads = torch.autograd.grad(out, [x, adapter.lora_A, adapter.lora_B], dy)
     refs = torch.autograd.grad(ref, [xr, a, b], dy)
     assert all(rel(g, r) < 1e-12 for g, r in zip(grads, refs))
-    assert layer.weight.grad is None and not adapter.backbone.requires_grad
+    assert layer.weight.grad is None and not layer.weight.requires_grad
 
 
 def test_the_forward_stays_rank_r_whatever_the_stage(monkeypatch):
@@ -113,26 +121,28 @@ def test_the_forward_stays_rank_r_whatever_the_stage(monkeypatch):
                         lambda *args, **kwargs: seen.append((args, kwargs)) or op(*args, **kwargs))
     layer(torch.randn(N, D_IN, dtype=torch.float64))
     (args, kwargs), = seen
-    assert args[1] is layer.adapter.backbone
+    assert args[1] is layer.weight
     assert kwargs["lora_a"] is layer.adapter.lora_A and kwargs["lora_b"].shape == (D_OUT, 3)
 
 
 def test_dropout_acts_on_the_fast_pair_only():
-    """Dropout p = 0.5 in training: the folded stages (in the backbone) see the clean input."""
+    """Dropout p = 0.5 in training: the folded stages (in W) see the clean input."""
     layer = _layer(r=3, dropout=0.5, noise_intensity=0.1)
-    backbone = _stages(layer, 2, 0.1)
+    weight = _stages(layer, 2, 0.1)
     with torch.no_grad():
-        layer.adapter.lora_B.zero_()  # no fast term: the output must be exactly the clean backbone's
+        layer.adapter.lora_B.zero_()  # no fast term: the output must be exactly the clean W's
     x = torch.randn(N, D_IN, dtype=torch.float64)
-    assert rel(layer.train()(x), F.linear(x, backbone, layer.bias)) < 1e-12
+    assert rel(layer.train()(x), F.linear(x, weight, layer.bias)) < 1e-12
 
 
-def test_triton_backend_serves_the_backbone():
+def test_triton_backend_serves_the_folded_weight():
     """fp32 through the Triton kernels (interpreter on CPU) against the float64 formula."""
     pytest.importorskip("triton")
     torch.manual_seed(2)
+    pretrained = nn.Linear(D_IN, D_OUT).weight.detach()
+    torch.manual_seed(2)
     layer = AdapterLinear(D_IN, D_OUT, config=CascadeLoraConfig(r=3, backend="triton", noise_intensity=0.15))
-    expected = _stages(layer, 3, 0.15)
+    expected = _stages(layer, 3, 0.15, pretrained=pretrained)
     _randomise_pair(layer.adapter)
     x = torch.randn(N, D_IN, requires_grad=True)
     out = layer(x)
@@ -159,8 +169,8 @@ def _tiny_model(config):
 
 def test_stage_schedule_with_real_optimizer_and_hooks():
     """interval 3: stages end exactly after optimizer steps 3, 6, 9; in between the pair follows
-    plain SGD and the backbone does not move; at a stage end it gains (1 - m) s B A and the noise
-    of the next stage, seeded per layer."""
+    plain SGD and W does not move; at a stage end it gains (1 - m) s B A and the noise of the next
+    stage, seeded per layer."""
     config = CascadeLoraConfig(r=4, alpha=4.0, cascade_interval=3, slow_momentum=0.25, noise_intensity=0.1,
                                noise_seed=11)
     model, base = _tiny_model(config)
@@ -170,7 +180,7 @@ def test_stage_schedule_with_real_optimizer_and_hooks():
     torch.manual_seed(3)
     x, target = torch.randn(N, D_IN, dtype=torch.float64), torch.randn(N, 7, dtype=torch.float64)
     layers = [model.up, model.down]
-    backbones = [b.weight.double() + _noise(b.weight, 0.1, 11, i, 0) for i, b in enumerate([base.up, base.down])]
+    weights = [b.weight.double() + _noise(b.weight, 0.1, 11, i, 0) for i, b in enumerate([base.up, base.down])]
     for step in range(1, 11):
         optimizer.zero_grad()
         F.mse_loss(model(x), target).backward()
@@ -184,12 +194,11 @@ def test_stage_schedule_with_real_optimizer_and_hooks():
             if step % 3:
                 assert rel(adapter.lora_A, a) < 1e-14 and rel(adapter.lora_B, b) < 1e-14
             else:
-                backbones[i] = backbones[i] + 0.75 * 1.0 * b.detach() @ a.detach()
-                backbones[i] = backbones[i] + _noise(backbones[i], 0.1, 11, i, step // 3)
+                weights[i] = weights[i] + 0.75 * 1.0 * b.detach() @ a.detach()
+                weights[i] = weights[i] + _noise(weights[i], 0.1, 11, i, step // 3)
                 assert torch.count_nonzero(adapter.lora_B) == 0
-            assert rel(adapter.backbone, backbones[i]) < 1e-12, (step, i)
+            assert rel(layer.weight, weights[i]) < 1e-12, (step, i)
     assert [layer.adapter.extra_stats()["cascades"] for layer in layers] == [3.0, 3.0]
-    assert torch.equal(model.up.weight, base.up.weight) and torch.equal(model.down.weight, base.down.weight)
     hooks.remove()
 
 
@@ -210,39 +219,53 @@ def test_no_interval_means_stages_only_where_the_loop_calls_them():
 
 def test_noise_has_the_noisytune_distribution():
     layer = _layer(r=2, d_in=300, d_out=200, noise_intensity=0.4, dtype=torch.float32)
-    noise = (layer.adapter.backbone - layer.weight).double()
-    std = float(layer.weight.std())
+    pretrained = _pretrained(d_in=300, d_out=200, dtype=torch.float32)
+    noise = (layer.weight - pretrained).double()
+    std = float(pretrained.std())
     assert noise.abs().max() <= 0.2 * std * (1 + 1e-5)  # U(-lambda/2, lambda/2) * std
     assert abs(float(noise.std()) - 0.4 * std / math.sqrt(12)) < 0.02 * 0.4 * std / math.sqrt(12)
-    other = AdapterLinear.from_linear(nn.Linear(300, 200), CascadeLoraConfig(r=2, noise_intensity=0.4),
-                                      layer_index=1)
-    assert not torch.allclose((other.adapter.backbone - other.weight).double() / float(other.weight.std()), noise / std)
+    linear = nn.Linear(300, 200)
+    other_pretrained = linear.weight.detach().clone()
+    other = AdapterLinear.from_linear(linear, CascadeLoraConfig(r=2, noise_intensity=0.4), layer_index=1)
+    other_noise = (other.weight - other_pretrained).double() / float(other_pretrained.std())
+    assert not torch.allclose(other_noise, noise / std)
 
 
-def test_merge_unmerge_and_disable_keep_the_pretrained_weight():
+def test_merge_unmerge_and_disable_concern_the_fast_pair():
+    """W holds the stages: merge adds s B A, unmerge restores the staged W bit for bit, a disabled layer
+    computes x W^T + b with the stages, and no stage ends while merged."""
     layer = _layer(r=3, alpha=2.0)
-    _stages(layer, 3, 0.15)
+    expected = _stages(layer, 3, 0.15)
     _randomise_pair(layer.adapter)
     x = torch.randn(N, D_IN, dtype=torch.float64)
     before = layer(x).detach()
     weight = layer.weight.detach().clone()
     layer.merge()
     assert layer.merged and rel(layer(x), before) < 1e-12
+    assert rel(layer.weight, expected + (2.0 / 3) * layer.adapter.lora_B.double() @ layer.adapter.lora_A.double()) \
+        < 1e-12
+    with pytest.raises(ValueError, match="merged"):
+        layer.adapter.cascade_step()
     layer.unmerge()
     assert not layer.merged and torch.equal(layer.weight, weight) and rel(layer(x), before) < 1e-12
+    layer.adapter_enabled = False
+    assert torch.equal(layer(x), F.linear(x, weight, layer.bias))
+    layer.adapter_enabled = True
     merged = fastlora.merge_and_unload(nn.Sequential(layer))[0]
     assert type(merged) is nn.Linear and rel(merged(x), before) < 1e-12
 
 
-def test_bf16_backbone_folds_in_its_own_dtype():
+def test_bf16_weight_folds_in_its_own_dtype():
     layer = _layer(r=3, dtype=torch.bfloat16, noise_intensity=0.0)
-    assert layer.adapter.backbone.dtype == torch.bfloat16 and layer.adapter.lora_A.dtype == torch.float32
+    assert layer.weight.dtype == torch.bfloat16 and layer.adapter.lora_A.dtype == torch.float32
     _randomise_pair(layer.adapter)
     a, b = layer.adapter.lora_A.detach().clone(), layer.adapter.lora_B.detach().clone()
-    expected = (layer.weight.float() + 0.5 * layer.adapter.scale * b @ a).bfloat16()
+    weight = layer.weight.detach().clone()
+    expected = (weight.float() + 0.5 * layer.adapter.scale * b @ a).bfloat16()
     layer.adapter.cascade_step()
-    assert torch.equal(layer.adapter.backbone, (layer.weight + (0.5 * layer.adapter.scale * b @ a).bfloat16()))
-    assert rel(layer.adapter.backbone.double(), expected.double()) < 1e-2
+    assert torch.equal(layer.weight, weight + (0.5 * layer.adapter.scale * b @ a).bfloat16())
+    assert rel(layer.weight.double(), expected.double()) < 1e-2
+    assert layer.adapter.folded_A.dtype == torch.float32 and torch.equal(layer.adapter.folded_A[0], a)
 
 
 def _train(model, steps, seed):
@@ -267,6 +290,7 @@ def test_save_load_mid_stage_resumes_the_schedule(tmp_path):
     x = torch.randn(N, D_IN, dtype=torch.float64)
     assert torch.equal(fresh(x), model(x))
     for name in ("up", "down"):
+        assert torch.equal(fresh.get_submodule(name).weight, model.get_submodule(name).weight), name
         original, loaded = model.get_submodule(name).adapter, fresh.get_submodule(name).adapter
         assert loaded.extra_stats() == original.extra_stats()
         for key, tensor in original.state_dict().items():

@@ -1,5 +1,8 @@
 """Random sequences of inject / merge / unmerge / train step / save / load / enable / disable keep every
-base weight recoverable bit for bit (float32), and a disabled model computes the base model exactly."""
+base weight recoverable bit for bit (float32), and a disabled model computes the base model exactly.
+
+LoRASC writes its stages and their noise into W (the paper's fold): its base model is W as the stages left
+it, and its pretrained W is recovered by ``restore_pretrained`` from the copy keep_pretrained_copy keeps."""
 import copy
 import random
 
@@ -15,7 +18,7 @@ OPERATIONS = ["inject", "merge", "unmerge", "train", "save", "load", "enable", "
 CONFIGS = [LoraConfig(r=2, alpha=3.0), SelectiveLoraConfig(r=2, sparsity_weight=0.5),
            RankSelectiveLoraConfig(r=3, total_steps=10, dense_fraction=0.2, threshold_levels=2, kappa_max=0.5),
            CurLoraConfig(r=2, alpha=2.0), NeatConfig(r=2, depth=1),
-           CascadeLoraConfig(r=2, cascade_interval=3, noise_intensity=0.1)]
+           CascadeLoraConfig(r=2, cascade_interval=3, noise_intensity=0.1, keep_pretrained_copy=True)]
 STEPS = 30
 
 
@@ -89,12 +92,27 @@ class Run:
     def check(self, where):
         kept = {f"{name}.weight": layer.weight_before_merge if layer.merged else layer.weight
                 for name, layer in self.layers()}
+        base = self.base
+        if isinstance(self.config, CascadeLoraConfig) and self.injected:
+            base = copy.deepcopy(self.base)  # LoRASC's base model: W with its stages, as kept
+            with torch.no_grad():
+                for name, weight in kept.items():
+                    base.get_parameter(name).copy_(weight)
+            kept = {f"{name}.weight": _restored(layer) for name, layer in self.layers()}
         for name, weight in self.weights.items():
             current = kept.get(name, self.model.get_parameter(name))
             assert torch.equal(current, weight), (where, name)
         if not self.enabled or not self.injected:
             with torch.no_grad():
-                assert torch.equal(self.model(self.x), self.base(self.x)), where
+                assert torch.equal(self.model(self.x), base(self.x)), where
+
+
+def _restored(layer):
+    """The pretrained W a copy of a LoRASC layer restores (unmerged first), bit for bit."""
+    layer = copy.deepcopy(layer)
+    layer.unmerge()
+    layer.adapter.restore_pretrained()
+    return layer.weight
 
 
 @pytest.mark.parametrize("seed, config", list(enumerate(CONFIGS)), ids=[c.method for c in CONFIGS])
@@ -108,6 +126,9 @@ def test_random_sequences_keep_the_base_weights_recoverable(tmp_path, seed, conf
         getattr(run, operation)()
         run.check(history)
     fastlora.unmerge(run.model)
+    if isinstance(config, CascadeLoraConfig):
+        for _, layer in run.layers():
+            layer.adapter.restore_pretrained()
     for name, parameter in run.model.named_parameters():
         if name in run.weights:
             assert torch.equal(parameter, run.weights[name]), (history, name)

@@ -30,6 +30,8 @@ class Adapter(nn.Module):
     """
 
     delta_depends_on_weight: bool = False
+    # state_dict keys whose first dimension counts stages (LoRASC's record): a checkpoint may hold another count
+    variable_length_keys: frozenset[str] = frozenset()
 
     def __init__(self, config: AdapterConfig, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -39,6 +41,18 @@ class Adapter(nn.Module):
         self.config = config
         self.in_features = in_features
         self.out_features = out_features
+
+    def bind(self, layer: nn.Module) -> None:
+        """Called with the AdapterLinear that owns this adapter when it gets it (at build, and in
+        ``next_task``): a method that writes W itself (LoRASC) keeps what it needs to reach W."""
+
+    def note_load(self, with_weight: bool) -> None:
+        """Called by the owning layer as a state dict loads into it, before this adapter's part of it:
+        ``with_weight`` when that state dict holds W too (a whole-model state dict)."""
+
+    def check_state(self, state: dict[str, Tensor]) -> None:
+        """Raise ValueError when ``state`` (this adapter's tensors from a checkpoint, keyed as in its
+        state_dict) cannot be loaded into it; ``load_adapter`` calls it before it changes any layer."""
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
         """Keyword arguments of adapted_linear: lora_a, lora_b and any of middle,

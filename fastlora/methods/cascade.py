@@ -1,56 +1,79 @@
-"""LoRASC, slow cascaded LoRA (arXiv 2407.01491): stages of a fast LoRA pair, each folded into the
-backbone, each started on a noisy backbone.
+"""LoRASC, slow cascaded LoRA (arXiv 2407.01491): stages of a fast LoRA pair, each folded into W in
+place, each started with NoisyTune noise on W.
 
-    y = x W_k^T + b + s * (dropout(x) A^T) B^T          s = alpha / r (alpha / sqrt(r) with rsLoRA)
-        W_k (d_out, d_in)   the backbone of stage k (buffer ``backbone``): W with every earlier stage
-                            folded in and the noise of stages 0..k added
+    y = x W^T + b + s * (dropout(x) A^T) B^T          s = alpha / r (alpha / sqrt(r) with rsLoRA)
+        W (d_out, d_in)   the layer's own weight: the pretrained W with every earlier stage folded in
+                          and the noise of stages 0..k added (plain LoRA on it: no copy of W is kept)
         A (r, d_in), B (d_out, r)   the fast pair trained in stage k (the forward stays rank r)
 
-Stage k starts with NoisyTune's perturbation of the backbone, then trains a fresh pair:
-    W_k <- W_k + (U - 1/2) * lambda * std(W_k)          U ~ U[0, 1)^(d_out x d_in), lambda = noise_intensity
+Stage k starts with NoisyTune's perturbation of W, then trains a fresh pair:
+    W <- W + (U - 1/2) * lambda * std(W)              U ~ U[0, 1)^(d_out x d_in), lambda = noise_intensity
 Every ``cascade_interval`` optimizer steps (or at a call of ``cascade_step()``) the stage ends:
-    W_{k+1} = W_k + (1 - m) * s * B A                   slow-fast update, m = slow_momentum
+    W <- W + (1 - m) * s * B A                        slow-fast update, m = slow_momentum
     A <- kaiming-uniform(a=sqrt 5), B <- 0, their optimizer state dropped; stage k + 1 gets its noise.
-The rank of W_k - W grows with every stage, without limit, at no cost to the forward. Dropout acts
-on the fast pair's input only: the folded stages are inside W_k and see the clean input.
-ΔW = (W_k - W) + s B A (what ``merge`` adds to W).
+The rank of what the stages add grows with every stage, without limit, at no cost to the forward.
+Dropout acts on the fast pair's input only: the folded stages are inside W and see the clean input.
+ΔW = s B A (what ``merge`` adds to W: W already holds the stages).
 
 Choices where the paper is silent (our reading):
-- The slow-fast update is a Lookahead step with the slow weights in the backbone: the slow model
-  is the backbone the stage started from, the fast one backbone + s B A, and
-  slow <- m slow + (1 - m) fast adds (1 - m) s B A.
-- NoisyTune's form on the backbone: uniform noise scaled by the matrix's own std (unbiased, over
-  all its entries, taken at the stage start), intensity 0.15 as NoisyTune, on by default, also at
-  stage 0 (construction: the first stage starts noisy too). The noise is kept (NoisyTune keeps it).
-  U is drawn in float32 from ``torch.Generator().manual_seed(noise_seed_of(k))`` on the CPU (the
-  same values on every device and rank), seed (noise_seed * 1000003 + layer_index) * 1000003 + k,
-  and scaled in float32 (float64 for a float64 W) before it is added in W's dtype;
-  the std of each stage's draw is kept in ``noise_stds`` (host list, this process's stages).
-- W itself is never written: the backbone is a copy (one more d_out x d_in tensor in W's dtype per
-  layer, as ``merge`` keeps one). So a disabled adapter computes the pretrained layer, and
-  ``unmerge`` restores the pretrained W bit for bit; the stages stay in the backbone. The backbone
-  is a persistent buffer: an adapter-only checkpoint holds it whole (the noise is dense, so the
-  checkpoint is as large as the adapted layers) and reproduces the layer exactly.
+- The slow-fast update is a Lookahead step with the slow weights in W: the slow model is W as the
+  stage started, the fast one W + s B A, and slow <- m slow + (1 - m) fast adds (1 - m) s B A.
+- NoisyTune's form on W: uniform noise scaled by the matrix's own std (unbiased, over all its
+  entries, taken at the stage start), intensity 0.15 as NoisyTune, on by default, also at stage 0:
+  building the adapter writes stage 0's noise into W (``inject`` included: an interrupted inject
+  can leave it in the layers built so far). The noise is kept
+  (NoisyTune keeps it). U is drawn in float32 from ``torch.Generator().manual_seed(seed)`` on the CPU
+  (the same values on every device and rank), seed (noise_seed * 1000003 + layer_index) * 1000003 + k,
+  and scaled in float32 (float64 for a float64 W) before it is added in W's dtype.
+- W is written in place (the paper merges each stage into the backbone). A W shared with another
+  module (tied embeddings) changes there too: do not target such a layer.
+- What regenerates W, the record (host memory, in the state dict, so in adapter-only checkpoints):
+  folded_A (K, r, d_in) and folded_B (K, d_out, r), the pair of each of the K folded stages as it
+  was folded (K r (d_in + d_out) numbers, the pair's dtype), noise_seeds (K + 1,) int64 and
+  noise_stds (K + 1,) float64, the seed and std of each stage's noise (std 0: no noise). ``cascades``
+  = K. The record grows by r (d_in + d_out) numbers per stage, without limit (no SVD recompression:
+  not in the paper). Loading replays what W lacks, in order (noise 0, fold 0, noise 1, ..., noise K) with the
+  recorded pairs and stds, in W's dtype on W's device: a model built from the pretrained weights
+  gets the trained W bit for bit (its stage-0 noise is already there; its std must match the
+  record's to 1e-6 relative: the same on one device type). A W that already holds a prefix of the
+  record gets only the rest (loading a checkpoint twice applies nothing twice); a W of another
+  history is refused, unless the adapter keeps the pretrained copy: then W is restored from it
+  and the whole record replayed. A whole-model state dict (``model.load_state_dict``, a Trainer
+  resuming) holds the layer's W with its stages: that W is taken as it is, the record with it.
+- Undo. The folded stages and the noise are the model (a merge the paper makes permanent): a
+  disabled adapter turns off the current fast pair only (y = x W^T + b with the stages in W), and
+  ``merge``/``unmerge`` concern the fast pair and restore W bit for bit. ``cascade_step`` and
+  ``restore_pretrained`` refuse a merged layer. Replaying the record backwards would not be exact
+  in floating point; instead, with keep_pretrained_copy (default off) the adapter keeps a CPU copy
+  of W as it found it (one more W in host memory per layer and rank, never on the device, not
+  saved), and
+  ``restore_pretrained()`` copies it back bit for bit and empties the record. After ``next_task``
+  W is the next task's starting point: a fresh adapter records (and copies) from there.
 - Stage length: cascade_interval optimizer steps (default 100). The paper starts a stage every
   epoch: set cascade_interval to the steps per epoch, or to None and call ``cascade_step()`` at
   each epoch end.
 - Step counter and stage counter are persistent int64 buffers (optimizer_steps, cascades), so a
   checkpoint taken mid-stage resumes the schedule.
+- FSDP2: W and the pair may be sharded DTensors; a stage end gathers the pair and W's std (every
+  rank calls it from the post-step hook), and each rank adds its shard of the fold and the noise.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..config import CascadeLoraConfig
+from ..distributed import copy_full_, full_view, local_part, local_view
 from ..registry import register_method
-from ..distributed import copy_full_, full_view
 from .base import Adapter, adapter_factory
 
 _SEED_MIX = 1_000_003
+_RECORD = ("folded_A", "folded_B", "noise_seeds", "noise_stds")
+_STD_RTOL = 1e-6  # a stage-0 std computed on another device type may differ in its last bits
+Record = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 def _refresh_after_load(module: "CascadeLoraAdapter", incompatible_keys) -> None:
@@ -66,10 +89,12 @@ def backbone_noise(shape: torch.Size, std: float, intensity: float, seed: int, d
 
 class CascadeLoraAdapter(Adapter):
     """lora_A (r, d_in) kaiming-uniform(a=sqrt 5), lora_B (d_out, r) zeros; persistent buffers
-    backbone (d_out, d_in) in W's dtype (W plus stage-0 noise at construction), optimizer_steps and
-    cascades (int64 counters). Under FSDP2 the backbone (a buffer) is not sharded: every rank folds
-    the gathered pair and draws the same noise.
+    optimizer_steps and cascades (int64 counters); the stage record (CPU tensors, in the state
+    dict); ``pretrained``: the CPU copy of W with keep_pretrained_copy, else None. Building it adds
+    stage 0's noise to ``weight``; later stages reach W through the layer it is bound to.
     """
+
+    variable_length_keys = frozenset(_RECORD)
 
     def __init__(self, config: CascadeLoraConfig, in_features: int, out_features: int,
                  weight: Tensor, layer_index: int = 0) -> None:
@@ -77,7 +102,6 @@ class CascadeLoraAdapter(Adapter):
         factory = adapter_factory(weight)
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, **factory))
-        self.register_buffer("backbone", weight.detach().clone())
         counter = {"dtype": torch.int64, "device": weight.device}
         self.register_buffer("optimizer_steps", torch.zeros((), **counter))
         self.register_buffer("cascades", torch.zeros((), **counter))
@@ -85,12 +109,34 @@ class CascadeLoraAdapter(Adapter):
         self.scale = config.scale
         self.keep = 1.0 - float(config.slow_momentum)
         self.layer_index = layer_index
-        self.noise_stds: list[float] = []
+        self.folded_A = torch.empty(0, config.r, in_features, dtype=factory["dtype"])
+        self.folded_B = torch.empty(0, out_features, config.r, dtype=factory["dtype"])
+        self.noise_seeds = torch.empty(0, dtype=torch.int64)
+        self.noise_stds = torch.empty(0, dtype=torch.float64)
+        self.pretrained: Optional[Tensor] = weight.detach().to("cpu", copy=True) if config.keep_pretrained_copy \
+            else None
+        self._tables: Optional[tuple[dict, dict]] = None
+        self._weight_in_load = False
         # host copies of the counters: no device read per forward or step
         self._steps = 0
         self._cascades = 0
         self.reset_parameters()
-        self._add_noise()
+        self._start_stage(weight)
+
+    def bind(self, layer: nn.Module) -> None:
+        """Keep the layer's parameter and buffer tables (not the layer: no reference cycle; a deepcopy
+        of the layer carries them over): W is ``weight`` there, live under FSDP2's swaps, and the layer
+        is merged while its ``weight_before_merge`` is set."""
+        self._tables = (layer._parameters, layer._buffers)
+
+    def _weight(self) -> Tensor:
+        """The bound layer's W, refused while the layer is merged (W then holds the fast pair)."""
+        if self._tables is None:
+            raise RuntimeError("this LoRASC adapter is not bound to an AdapterLinear; it cannot reach W")
+        parameters, buffers = self._tables
+        if buffers.get("weight_before_merge") is not None:
+            raise ValueError("the LoRASC layer is merged (W holds the fast pair); unmerge it first")
+        return parameters["weight"]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -105,20 +151,34 @@ class CascadeLoraAdapter(Adapter):
         copy_full_(self.lora_B, torch.zeros(self.lora_B.shape, dtype=self.lora_B.dtype, device=self.lora_B.device))
 
     def noise_seed_of(self, stage: int) -> int:
-        """The seed of stage ``stage``'s backbone noise in this layer."""
+        """The seed of stage ``stage``'s noise in this layer."""
         return ((self.config.noise_seed * _SEED_MIX + self.layer_index) * _SEED_MIX + stage) % 2**63
 
     @torch.no_grad()
-    def _add_noise(self) -> None:
-        """W_k += (U - 1/2) * noise_intensity * std(W_k) for the current stage k (nothing when 0)."""
-        intensity = float(self.config.noise_intensity)
-        if intensity == 0:
+    def _add_noise(self, weight: Tensor, seed: int, std: float) -> None:
+        """W += (U - 1/2) * noise_intensity * std, U from ``seed`` (nothing when std is 0)."""
+        if std == 0:
             return
-        dtype = torch.promote_types(self.backbone.dtype, torch.float32)
-        std = float(self.backbone.to(dtype).std())
-        noise = backbone_noise(self.backbone.shape, std, intensity, self.noise_seed_of(self._cascades), dtype)
-        self.backbone.add_(noise.to(device=self.backbone.device, dtype=self.backbone.dtype))
-        self.noise_stds.append(std)
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        noise = backbone_noise(weight.shape, std, float(self.config.noise_intensity), seed, dtype)
+        local_view(weight).add_(local_part(noise.to(device=weight.device, dtype=weight.dtype), weight))
+
+    @torch.no_grad()
+    def _fold(self, weight: Tensor, lora_a: Tensor, lora_b: Tensor) -> None:
+        """W += (1 - slow_momentum) * s * B A (whole factors, on W's device)."""
+        fast = lora_b @ lora_a
+        local_view(weight).add_(local_part((fast * (self.keep * self.scale)).to(weight.dtype), weight))
+
+    @torch.no_grad()
+    def _start_stage(self, weight: Tensor) -> None:
+        """Stage ``cascades``'s noise into W (std taken now, 0 when noise_intensity is 0), recorded."""
+        seed = self.noise_seed_of(self._cascades)
+        std = 0.0
+        if self.config.noise_intensity:
+            std = float(full_view(weight).to(torch.promote_types(weight.dtype, torch.float32)).std())
+        self._add_noise(weight, seed, std)
+        self.noise_seeds = torch.cat([self.noise_seeds, torch.tensor([seed], dtype=torch.int64)])
+        self.noise_stds = torch.cat([self.noise_stds, torch.tensor([std], dtype=torch.float64)])
 
     @torch.no_grad()
     def refresh_counters(self) -> None:
@@ -127,25 +187,22 @@ class CascadeLoraAdapter(Adapter):
         self._cascades = int(self.cascades)
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
-        """The fast pair's arguments; the layer multiplies x by ``backbone`` in place of W."""
+        """The fast pair's arguments (plain LoRA on W, which holds the stages)."""
         return {"lora_a": self.lora_A, "lora_b": self.lora_B, "scale": self.scale}
-
-    def delta_weight(self, weight: Tensor) -> Tensor:
-        """ΔW = (W_k - W) + s B A (d_out, d_in) in W's dtype."""
-        dtype = torch.promote_types(weight.dtype, torch.float32)  # a half-precision difference would round
-        fast = self.scale * (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype))
-        return (self.backbone.to(dtype) - weight.to(dtype) + fast).to(weight.dtype)
 
     @torch.no_grad()
     def cascade_step(self) -> None:
-        """End the stage: W_k += (1 - slow_momentum) * s * B A, then a fresh pair and the next stage's
-        noise."""
-        fast = full_view(self.lora_B) @ full_view(self.lora_A)  # a sharded pair is gathered: every rank folds it
-        self.backbone.add_((fast * (self.keep * self.scale)).to(self.backbone.dtype))
+        """End the stage: W += (1 - slow_momentum) * s * B A (recorded), then a fresh pair and the next
+        stage's noise. Refused while the layer is merged."""
+        weight = self._weight()
+        lora_a, lora_b = full_view(self.lora_A), full_view(self.lora_B)  # a sharded pair is gathered
+        self._fold(weight, lora_a, lora_b)
+        self.folded_A = torch.cat([self.folded_A, lora_a.detach()[None].cpu()])
+        self.folded_B = torch.cat([self.folded_B, lora_b.detach()[None].cpu()])
         self._cascades += 1
         self.cascades.fill_(self._cascades)
         self.reset_parameters()
-        self._add_noise()
+        self._start_stage(weight)
 
     @torch.no_grad()
     def after_optimizer_step(self, learning_rate: float) -> tuple[nn.Parameter, ...]:
@@ -158,6 +215,98 @@ class CascadeLoraAdapter(Adapter):
             return ()
         self.cascade_step()
         return (self.lora_A, self.lora_B)
+
+    @torch.no_grad()
+    def restore_pretrained(self) -> None:
+        """W <- the copy kept at build time (keep_pretrained_copy), bit for bit; the record then holds
+        no stage and no noise (cascades 0). The fast pair and the step counter stay."""
+        if self.pretrained is None:
+            raise ValueError("this LoRASC adapter keeps no copy of the pretrained W; build it with "
+                             "CascadeLoraConfig(keep_pretrained_copy=True)")
+        weight = self._weight()
+        copy_full_(weight, self.pretrained.to(weight.device))
+        self.folded_A, self.folded_B = self.folded_A[:0], self.folded_B[:0]
+        self.noise_seeds = torch.tensor([self.noise_seed_of(0)], dtype=torch.int64)
+        self.noise_stds = torch.zeros(1, dtype=torch.float64)
+        self._cascades = 0
+        self.cascades.fill_(0)
+
+    def _record_of(self, state: dict[str, Tensor]) -> Record:
+        """The checkpoint's record, its shapes checked against this layer."""
+        folded_a, folded_b, seeds, stds = (state[name] for name in _RECORD)
+        count = folded_a.shape[0] if folded_a.dim() == 3 else -1
+        r, d_in, d_out = self.config.r, self.in_features, self.out_features
+        if (tuple(folded_a.shape) != (count, r, d_in) or tuple(folded_b.shape) != (count, d_out, r)
+                or tuple(seeds.shape) != (count + 1,) or tuple(stds.shape) != (count + 1,)):
+            raise ValueError(f"LoRASC record of shapes folded_A {tuple(folded_a.shape)}, folded_B "
+                             f"{tuple(folded_b.shape)}, noise_seeds {tuple(seeds.shape)}, noise_stds "
+                             f"{tuple(stds.shape)} is not (K, {r}, {d_in}), (K, {d_out}, {r}), (K + 1,), (K + 1,)")
+        if "cascades" in state and int(state["cascades"]) != count:
+            raise ValueError(f"LoRASC record holds {count} stages, its cascades counter {int(state['cascades'])}")
+        if seeds.is_floating_point() or not stds.is_floating_point() or bool((stds < 0).any()):
+            raise ValueError("LoRASC record: noise_seeds must be integers and noise_stds floats >= 0")
+        return folded_a, folded_b, seeds.to(torch.int64), stds.to(torch.float64)
+
+    def _held_stages(self, record: Record) -> Optional[int]:
+        """How many of the record's stages W already holds (this adapter's record is its prefix), or
+        None when W holds another history that the kept pretrained copy can replace; raises otherwise."""
+        folded_a, folded_b, seeds, stds = record
+        held = self.folded_A.shape[0]
+        if held <= folded_a.shape[0] and torch.equal(seeds[:held + 1], self.noise_seeds) \
+                and torch.allclose(stds[:held + 1], self.noise_stds, rtol=_STD_RTOL, atol=0) \
+                and torch.equal(folded_a[:held].to(self.folded_A.dtype), self.folded_A) \
+                and torch.equal(folded_b[:held].to(self.folded_B.dtype), self.folded_B):
+            return held
+        if self.pretrained is not None:
+            return None
+        raise ValueError(f"W holds {held} LoRASC stages (and their noise) that do not begin the checkpoint's "
+                         f"{folded_a.shape[0]}: load into a model built from the pretrained weights, or build the "
+                         f"adapters with keep_pretrained_copy=True so that the load starts from that copy")
+
+    def note_load(self, with_weight: bool) -> None:
+        """A state dict that holds W too (loaded into W just before) brings the stages in W: none is replayed."""
+        self._weight_in_load = with_weight
+
+    def check_state(self, state: dict[str, Tensor]) -> None:
+        """Refuse a malformed record, or one W cannot reach (see ``_held_stages``)."""
+        if all(name in state for name in _RECORD):
+            self._held_stages(self._record_of(state))
+
+    @torch.no_grad()
+    def _replay(self, record: Record, replay: bool = True) -> None:
+        """Bring W to what the record describes (replaying the stages it lacks; none when not
+        ``replay``: W already holds them), then keep the record."""
+        folded_a, folded_b, seeds, stds = record
+        held = self._held_stages(record) if replay else folded_a.shape[0]
+        weight = self._weight()
+        if held is None:
+            copy_full_(weight, self.pretrained.to(weight.device))
+            self._add_noise(weight, int(seeds[0]), float(stds[0]))
+            held = 0
+        for stage in range(held, folded_a.shape[0]):
+            self._fold(weight, folded_a[stage].to(weight.device), folded_b[stage].to(weight.device))
+            self._add_noise(weight, int(seeds[stage + 1]), float(stds[stage + 1]))
+        self.folded_A, self.folded_B = folded_a.detach().cpu().clone(), folded_b.detach().cpu().clone()
+        self.noise_seeds, self.noise_stds = seeds.cpu().clone(), stds.cpu().clone()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in _RECORD:
+            destination[prefix + name] = getattr(self, name)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        keys = [prefix + name for name in _RECORD]
+        if all(key in state_dict for key in keys):
+            counter = state_dict.get(prefix + "cascades")
+            state = {name: state_dict[key] for name, key in zip(_RECORD, keys)}
+            record = self._record_of(state if counter is None else {**state, "cascades": counter})
+            self._replay(record, replay=not self._weight_in_load)
+        elif strict:
+            missing_keys.extend(key for key in keys if key not in state_dict)
+        self._weight_in_load = False
+        rest = {key: value for key, value in state_dict.items() if key not in keys}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_stats(self) -> dict[str, float]:
         return {"cascades": float(self._cascades), "optimizer_steps": float(self._steps)}

@@ -1,0 +1,201 @@
+"""LoRASC folds its stages into W in place: the adapter keeps only the small stage record (no d_out x d_in
+tensor), adapter-only checkpoints grow by r (d_in + d_out) numbers per stage, loading replays the record on
+the pretrained W bit for bit (and never twice), restore_pretrained gives the kept copy back; float64 replay
+of the record from the config's formulas."""
+import copy
+import dataclasses
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+import fastlora
+from fastlora import CascadeLoraConfig
+from utils import rel
+
+D_IN, D_HID, D_OUT, N = 40, 24, 16, 9
+MIX = 1_000_003
+CONFIG = CascadeLoraConfig(r=2, alpha=3.0, cascade_interval=2, slow_momentum=0.3, noise_intensity=0.2, noise_seed=5)
+
+
+def _base():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT))
+
+
+def _train(model, steps, seed=1):
+    """``steps`` SGD steps with hooks (a stage ends every second step)."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    hooks = fastlora.attach_training_hooks(model, optimizer)
+    for _ in range(steps):
+        x, target = torch.randn(N, D_IN), torch.randn(N, D_OUT)
+        optimizer.zero_grad()
+        F.mse_loss(model(x), target).backward()
+        optimizer.step()
+    hooks.remove()
+    return model
+
+
+def _trained(steps, config=CONFIG):
+    return _train(fastlora.inject(_base(), config), steps)
+
+
+def _layers(model):
+    return [layer for _, layer in fastlora.adapter_layers(model)]
+
+
+def _snapshot(model):
+    """Every W and adapter tensor of the model, cloned."""
+    return [(layer.weight.detach().clone(), {k: v.clone() for k, v in layer.adapter.state_dict().items()})
+            for layer in _layers(model)]
+
+
+def _same(model, snapshot):
+    return all(torch.equal(layer.weight, w) and layer.adapter.state_dict().keys() == state.keys()
+               and all(torch.equal(t, state[k]) for k, t in layer.adapter.state_dict().items())
+               for layer, (w, state) in zip(_layers(model), snapshot))
+
+
+def test_the_adapter_holds_no_dense_tensor():
+    model = _trained(6)  # three stages
+    for layer in _layers(model):
+        adapter = layer.adapter
+        d_out, d_in, r = layer.out_features, layer.in_features, CONFIG.r
+        tensors = [*adapter.parameters(), *adapter.buffers(), *adapter.state_dict().values()]
+        assert all(t.numel() < d_out * d_in for t in tensors)
+        state = adapter.state_dict()
+        assert state["folded_A"].shape == (3, r, d_in) and state["folded_B"].shape == (3, d_out, r)
+        assert sum(t.numel() for t in state.values()) == (3 + 1) * r * (d_in + d_out) + 2 * (3 + 1) + 2
+        assert adapter.pretrained is None
+
+
+def test_keep_pretrained_copy_is_host_memory_outside_the_state_dict():
+    model = fastlora.inject(_base(), CascadeLoraConfig(r=2, keep_pretrained_copy=True))
+    for layer, pretrained in zip(_layers(model), (_base()[0].weight, _base()[2].weight)):
+        copy_ = layer.adapter.pretrained
+        assert copy_.device.type == "cpu" and torch.equal(copy_, pretrained)
+        assert all(t is not copy_ for t in (*layer.adapter.buffers(), *layer.adapter.state_dict().values()))
+
+
+def test_checkpoint_size_grows_by_one_pair_per_stage(tmp_path):
+    sizes = {}
+    for steps in (2, 6):
+        fastlora.save_adapter(_trained(steps), tmp_path / str(steps))
+        sizes[steps] = os.path.getsize(tmp_path / str(steps) / "adapter_model.safetensors")
+    pair_bytes = 4 * CONFIG.r * ((D_IN + D_HID) + (D_HID + D_OUT))  # float32 pairs of both layers
+    grown = sizes[6] - sizes[2]  # two stages more: two pairs and two noise records (seed, std) per layer
+    assert 2 * pair_bytes + 2 * 2 * 16 <= grown <= 2 * pair_bytes + 2 * 2 * 16 + 64  # + header digits
+    assert sizes[6] <= (3 + 1) * pair_bytes + 2 * (3 + 1) * 16 + 2 * 2 * 8 + 2048  # the pairs, records, header
+
+
+def _replay_float64(pretrained, state, config, layer_index, stages):
+    """W from the pretrained W by the paper's formulas in float64: seeds from the config, std of the
+    current W, fold (1 - m) s B_k A_k with the checkpoint's pairs."""
+    w = pretrained.double().clone()
+    scale = config.alpha / config.r * (1 - config.slow_momentum)
+    for k in range(stages + 1):
+        seed = ((config.noise_seed * MIX + layer_index) * MIX + k) % 2**63
+        std = float(w.std())
+        assert int(state["noise_seeds"][k]) == seed and float(state["noise_stds"][k]) == pytest.approx(std, rel=1e-5)
+        u = torch.rand(w.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).double()
+        w = w + (u - 0.5) * config.noise_intensity * std
+        if k < stages:
+            w = w + scale * state["folded_B"][k].double() @ state["folded_A"][k].double()
+    return w
+
+
+def test_save_load_into_the_pretrained_model_is_bit_for_bit_and_matches_float64(tmp_path):
+    model = _trained(7)  # three stages and one step into the fourth
+    fastlora.save_adapter(model, tmp_path / "ckpt")
+    loaded = fastlora.load_adapter(_base(), tmp_path / "ckpt")
+    assert _same(loaded, _snapshot(model))
+    x = torch.randn(N, D_IN)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    state = load_file(tmp_path / "ckpt" / "adapter_model.safetensors")
+    for index, (name, pretrained) in enumerate((("0", _base()[0].weight), ("2", _base()[2].weight))):
+        layer_state = {k.split(".adapter.")[1]: v for k, v in state.items() if k.startswith(f"{name}.adapter.")}
+        assert int(layer_state["cascades"]) == 3
+        expected = _replay_float64(pretrained.detach(), layer_state, CONFIG, index, 3)
+        assert rel(loaded.get_submodule(name).weight, expected) < 1e-6
+    _train(loaded, 3, seed=9)  # both continue identically
+    _train(model, 3, seed=9)
+    assert _same(loaded, _snapshot(model))
+
+
+def test_loading_never_applies_a_stage_twice(tmp_path):
+    model = _trained(4)
+    fastlora.save_adapter(model, tmp_path / "two")
+    _train(model, 4, seed=2)
+    fastlora.save_adapter(model, tmp_path / "four")
+    final = _snapshot(model)
+    fastlora.load_adapter(model, tmp_path / "four")  # W holds every stage of it: nothing replayed
+    assert _same(model, final)
+    partial = fastlora.load_adapter(_base(), tmp_path / "two")
+    fastlora.load_adapter(partial, tmp_path / "four")  # W holds the first two: only the last two replayed
+    assert _same(partial, final)
+
+
+def test_a_whole_model_state_dict_brings_its_own_w():
+    """model.load_state_dict (a Trainer resuming) loads W with its stages: nothing is replayed on top."""
+    model = _trained(5)
+    fresh = fastlora.inject(_base(), CONFIG)
+    fresh.load_state_dict(model.state_dict())
+    assert _same(fresh, _snapshot(model))
+
+
+def test_a_w_of_another_history_is_refused_unless_the_pretrained_copy_is_kept(tmp_path):
+    fastlora.save_adapter(_trained(4), tmp_path / "ckpt")
+    expected = _snapshot(fastlora.load_adapter(_base(), tmp_path / "ckpt"))
+    model = _trained(6)  # one stage past the checkpoint's
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"layer 0: W holds 3 LoRASC stages .* keep_pretrained_copy=True"):
+        fastlora.load_adapter(model, tmp_path / "ckpt")
+    assert _same(model, before)  # refused before any layer changed
+    kept = _trained(6, dataclasses.replace(CONFIG, keep_pretrained_copy=True))
+    fastlora.load_adapter(kept, tmp_path / "ckpt")  # restored from the copy, the checkpoint's stages replayed
+    assert _same(kept, expected)
+
+
+def test_restore_pretrained_gives_the_kept_copy_back_bit_for_bit():
+    model = _trained(5, dataclasses.replace(CONFIG, keep_pretrained_copy=True))
+    layer = model[0]
+    layer.merge()
+    with pytest.raises(ValueError, match="merged"):
+        layer.adapter.restore_pretrained()
+    layer.unmerge()
+    for layer, pretrained in zip(_layers(model), (_base()[0].weight, _base()[2].weight)):
+        pair = layer.adapter.lora_B.detach().clone()
+        layer.adapter.restore_pretrained()
+        assert torch.equal(layer.weight, pretrained)
+        assert torch.equal(layer.adapter.lora_B, pair) and layer.adapter.extra_stats()["cascades"] == 0
+        assert layer.adapter.folded_A.shape[0] == 0 and layer.adapter.noise_stds.tolist() == [0.0]
+    with pytest.raises(ValueError, match="keep_pretrained_copy=True"):
+        _trained(1).get_submodule("0").adapter.restore_pretrained()
+
+
+def test_malformed_records_are_refused():
+    adapter = _trained(4)[0].adapter
+    state = dict(adapter.state_dict())
+    for key, bad in (("noise_seeds", state["noise_seeds"][:-1]), ("folded_A", state["folded_A"][:1]),
+                     ("noise_stds", -state["noise_stds"]), ("cascades", torch.tensor(5))):
+        with pytest.raises(ValueError, match="LoRASC record"):
+            adapter.check_state({**state, key: bad})
+
+
+def test_stages_reach_the_layer_after_next_task_and_in_a_deepcopy():
+    model = _trained(2)
+    fastlora.next_task(model)
+    for layer in _layers(model):
+        with torch.no_grad():
+            layer.adapter.lora_B.normal_()
+        weight = layer.weight.detach().clone()
+        twin = copy.deepcopy(layer)
+        twin.adapter.cascade_step()  # the copy's W moves, not the original's
+        assert torch.equal(layer.weight, weight) and not torch.equal(twin.weight, weight)
+        layer.adapter.cascade_step()
+        assert torch.equal(layer.weight, twin.weight)
