@@ -64,6 +64,8 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for (names, _), layer in zip(chosen, layers):
         for name in names:
             _set_submodule(model, name, layer)
+    for layer in layers:  # the methods' first writes to W, once nothing can fail half-way
+        layer.adapter.start()
     from .training import watch_training_rules  # training builds on this module
     watch_training_rules(model)
     return model
@@ -139,7 +141,8 @@ def _build_layers(model: nn.Module, chosen, config: AdapterConfig) -> list[Adapt
     try:
         for index, ((names, linear), layer_cfg) in enumerate(zip(chosen, configs)):
             try:
-                layers.append(AdapterLinear.from_linear(linear, layer_cfg, layer_index=index).train(linear.training))
+                layers.append(AdapterLinear.from_linear(linear, layer_cfg, layer_index=index, start=False)
+                              .train(linear.training))
             except (ValueError, TypeError) as error:
                 if type(error) not in (ValueError, TypeError):
                     raise

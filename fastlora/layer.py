@@ -39,17 +39,19 @@ class AdapterLinear(nn.Module):
         self._attach(base.weight, base.bias, config, layer_index)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: AdapterConfig, layer_index: int = 0) -> "AdapterLinear":
-        """Wrap ``linear``: its weight and bias become this layer's frozen base (not copied)."""
+    def from_linear(cls, linear: nn.Linear, config: AdapterConfig, layer_index: int = 0, *,
+                    start: bool = True) -> "AdapterLinear":
+        """Wrap ``linear``: its weight and bias become this layer's frozen base (not copied).
+        ``start=False`` defers ``adapter.start()`` (a method's first writes to W) to the caller."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._attach(linear.weight, linear.bias, config, layer_index)
+        layer._attach(linear.weight, linear.bias, config, layer_index, start)
         return layer
 
     def _attach(self, weight: nn.Parameter, bias: Optional[nn.Parameter], config: AdapterConfig,
-                layer_index: int) -> None:
+                layer_index: int, start: bool = True) -> None:
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
         self.weight = weight
@@ -61,6 +63,8 @@ class AdapterLinear(nn.Module):
         self.adapter: Adapter = build_adapter(config, self.in_features, self.out_features,
                                               weight.detach(), layer_index=layer_index)
         self.adapter.bind(self)
+        if start:
+            self.adapter.start()
         self.merged = False
         self.merge_order = -1  # position of the latest merge among all layers' merges
         self.adapter_enabled = True

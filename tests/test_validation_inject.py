@@ -76,11 +76,11 @@ def test_interrupt_while_building_restores_every_flag(monkeypatch):
     real = AdapterLinear.from_linear
     built = []
 
-    def flaky(linear, config, layer_index=0):
+    def flaky(linear, config, layer_index=0, **kwargs):
         if layer_index == 2:
             raise KeyboardInterrupt
         built.append(layer_index)
-        return real(linear, config, layer_index=layer_index)
+        return real(linear, config, layer_index=layer_index, **kwargs)
 
     monkeypatch.setattr(AdapterLinear, "from_linear", staticmethod(flaky))
     with pytest.raises(KeyboardInterrupt):

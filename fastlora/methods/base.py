@@ -46,6 +46,11 @@ class Adapter(nn.Module):
         """Called with the AdapterLinear that owns this adapter when it gets it (at build, and in
         ``next_task``): a method that writes W itself (LoRASC) keeps what it needs to reach W."""
 
+    def start(self) -> None:
+        """Called once after ``bind`` when training with this adapter may begin: side effects on the
+        bound layer's W (LoRASC's first-stage noise). ``inject`` calls it only once every layer is
+        built, so a failed inject leaves every W as it was. Nothing by default."""
+
     def note_load(self, with_weight: bool) -> None:
         """Called by the owning layer as a state dict loads into it, before this adapter's part of it:
         ``with_weight`` when that state dict holds W too (a whole-model state dict)."""

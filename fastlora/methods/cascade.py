@@ -20,8 +20,8 @@ Choices where the paper is silent (our reading):
   stage started, the fast one W + s B A, and slow <- m slow + (1 - m) fast adds (1 - m) s B A.
 - NoisyTune's form on W: uniform noise scaled by the matrix's own std (unbiased, over all its
   entries, taken at the stage start), intensity 0.15 as NoisyTune, on by default, also at stage 0:
-  building the adapter writes stage 0's noise into W (``inject`` included: an interrupted inject
-  can leave it in the layers built so far). The noise is kept
+  ``start()`` writes stage 0's noise into W once the adapter is bound (``inject`` calls it only
+  after every layer is built and placed, so a failed inject leaves W as it was). The noise is kept
   (NoisyTune keeps it). U is drawn in float32 from ``torch.Generator().manual_seed(seed)`` on the CPU
   (the same values on every device and rank), seed (noise_seed * 1000003 + layer_index) * 1000003 + k,
   and scaled in float32 (float64 for a float64 W) before it is added in W's dtype.
@@ -121,13 +121,17 @@ class CascadeLoraAdapter(Adapter):
         self._steps = 0
         self._cascades = 0
         self.reset_parameters()
-        self._start_stage(weight)
 
     def bind(self, layer: nn.Module) -> None:
         """Keep the layer's parameter and buffer tables (not the layer: no reference cycle; a deepcopy
         of the layer carries them over): W is ``weight`` there, live under FSDP2's swaps, and the layer
         is merged while its ``weight_before_merge`` is set."""
         self._tables = (layer._parameters, layer._buffers)
+
+    @torch.no_grad()
+    def start(self) -> None:
+        """Stage 0's noise into the bound layer's W (see ``Adapter.start``)."""
+        self._start_stage(self._weight())
 
     def _weight(self) -> Tensor:
         """The bound layer's W, refused while the layer is merged (W then holds the fast pair)."""
