@@ -1,14 +1,14 @@
-"""Continual-learning scenarios on scikit-learn's bundled digits (1797 real 8x8 images, no download).
+"""Task sequences on scikit-learn's bundled digits (1797 real 8x8 images, no download).
 
-Task A is the pretraining task, task B the new one. Every task carries train/val/test
-splits of the same image indices (stratified 60/20/20, seeded), so no test image is
-ever trained on in either task, and the classes it is scored on.
+Task 0 is the pretraining task; tasks 1..T are learned one after another. Every task carries
+train/val/test splits of the same image indices (stratified 60/20/20, seeded), so no test image
+is ever trained on in any task, and the classes it is scored on (logits restricted to them).
 
-Scenarios (domain-incremental ones share the 10-way head; "split" is task-incremental):
-- permuted: B = the digits with a fixed random pixel permutation (permuted-MNIST style).
-- rotated:  B = the digits rotated by 90 degrees.
-- inverted: B = the digits with inverted intensities (1 - x).
-- split:    A = digits 0-4, B = digits 5-9, each scored over its own 5 classes.
+Scenarios:
+- split (task-incremental): task 0 = digits 0-3, then {4, 5}, {6, 7}, {8, 9}; each task is
+  scored over its own classes of the shared 10-way head.
+- permuted (domain-incremental): task 0 = the digits, then the same digits under three fixed
+  random pixel permutations (drawn from the seed), all on the shared 10-way head.
 """
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-SCENARIOS = ("permuted", "rotated", "inverted", "split")
+SCENARIOS = ("split", "permuted")
 NUM_CLASSES = 10
 NUM_FEATURES = 64
+SPLIT_CLASSES = ((0, 1, 2, 3), (4, 5), (6, 7), (8, 9))
+PERMUTATIONS = 3
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,11 @@ class Task:
 
 @dataclass(frozen=True)
 class Scenario:
+    """tasks[0] is the pretraining task, tasks[1:] the sequence learned with each method."""
+
     name: str
     description: str
-    task_a: Task
-    task_b: Task
+    tasks: tuple[Task, ...]
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -64,8 +67,9 @@ def _split_indices(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarra
     return train, val, test
 
 
-def _task(name: str, x: np.ndarray, y: np.ndarray, splits, classes: np.ndarray) -> Task:
+def _task(name: str, x: np.ndarray, y: np.ndarray, splits, classes) -> Task:
     """Restrict every split to ``classes`` and map labels to positions within them."""
+    classes = np.asarray(classes, dtype=np.int64)
     position = np.full(NUM_CLASSES, -1, dtype=np.int64)
     position[classes] = np.arange(len(classes))
 
@@ -76,27 +80,20 @@ def _task(name: str, x: np.ndarray, y: np.ndarray, splits, classes: np.ndarray) 
     return Task(name, *(make(s) for s in splits), torch.from_numpy(classes))
 
 
-def _rotate(x: np.ndarray) -> np.ndarray:
-    return np.rot90(x.reshape(-1, 8, 8), k=1, axes=(1, 2)).reshape(-1, NUM_FEATURES)
-
-
 def load_scenario(name: str, seed: int) -> Scenario:
-    """The scenario ``name`` (one of SCENARIOS) with splits and permutation drawn from ``seed``."""
+    """The scenario ``name`` (one of SCENARIOS) with splits and permutations drawn from ``seed``."""
     if name not in SCENARIOS:
         raise ValueError(f"unknown scenario {name!r}; choose from {SCENARIOS}")
     x, y = _load_digits()
     splits = _split_indices(y, seed)
-    every = np.arange(NUM_CLASSES)
     if name == "split":
-        low, high = np.arange(5), np.arange(5, 10)
-        return Scenario(name, "A: digits 0-4, B: digits 5-9 (task-incremental, scored per task's classes)",
-                        _task("digits 0-4", x, y, splits, low), _task("digits 5-9", x, y, splits, high))
-    if name == "permuted":
-        perm = np.random.default_rng(seed).permutation(NUM_FEATURES)
-        shifted, what = x[:, perm], "pixels permuted by a fixed random permutation"
-    elif name == "rotated":
-        shifted, what = _rotate(x), "images rotated by 90 degrees"
-    else:
-        shifted, what = 1.0 - x, "intensities inverted (1 - x)"
-    return Scenario(name, f"A: digits 0-9, B: the same digits with {what} (shared 10-way head)",
-                    _task("digits", x, y, splits, every), _task(f"{name} digits", shifted, y, splits, every))
+        tasks = tuple(_task(f"digits {c[0]}-{c[-1]}", x, y, splits, c) for c in SPLIT_CLASSES)
+        return Scenario(name, "pretrain on digits 0-3, then tasks {4,5}, {6,7}, {8,9} (task-incremental, "
+                              "each scored over its own classes)", tasks)
+    rng = np.random.default_rng(seed)
+    every = np.arange(NUM_CLASSES)
+    tasks = [_task("digits", x, y, splits, every)]
+    tasks += [_task(f"permutation {k}", x[:, rng.permutation(NUM_FEATURES)], y, splits, every)
+              for k in range(1, PERMUTATIONS + 1)]
+    return Scenario(name, f"pretrain on the digits, then {PERMUTATIONS} fixed random pixel permutations of "
+                          "them (shared 10-way head)", tuple(tasks))

@@ -1,19 +1,21 @@
 """The compared methods: one adapter config per fastlora method, plus full fine-tuning.
 
-Every adapter gets rank r on every Linear of the MLP (fc1, fc2, head) and the same
-training budget and learning-rate grid; method-specific knobs are set once here:
+Every adapter gets rank r on every Linear of the MLP (fc1, fc2, head) and the same training budget
+per task; each method has a grid of six learning rates, half a decade apart (adapters 3e-4 to 1e-1,
+full fine-tuning 1e-4 to 3e-2, CURLoRA 3e-3 to 1: its U needs a large lr, its factors C and R being
+entries of W); method-specific knobs are set once here, per task (fastlora.next_task builds the next
+task's adapters from the same config):
 - LoRA-family scale alpha = 2r (alpha/r = 2), no dropout.
 - Selective LoRA: TAPS's settings (the library defaults): tau = 0.1, score_init = 0.15, L1 weight
   lambda = 1 divided by the number of gated layers, switched on after a warm-up of a tenth of the
-  budget (TAPS: 2 of its epochs; here 2 of the 20 default epochs).
+  task's budget (TAPS: 2 of its epochs).
 - CoDyRA: the authors' settings (the library defaults): s = 1, w ~ randn, threshold 0 for the first
-  half of the budget, then 50 levels up to kappa_max = 0.005, the schedule spanning the whole budget.
+  half of the task's steps, then 50 levels up to kappa_max = 0.005, the schedule spanning the task.
 - CURLoRA: k = r sampled rows/columns, alpha = 1, eps = 1e-3 (authors' code), sampler seed = run seed.
 - NEAT: depth 0, ReLU, scale 1 (the defaults).
 - LoRASC: a new stage every epoch (the paper; the training loop ends the stage, see train.py), pace
   alpha = 1 - m = 0.5, NoisyTune noise of intensity 0.15 on the backbone at each stage (the defaults).
-Quick-mode lrs are the ones the full sweep selected most often on the split scenario (CURLoRA's
-U needs a large lr: its factors C and R are entries of W).
+Quick-mode lrs: one per method, near the middle of what the full runs select.
 A method whose config type is not registered in fastlora.methods.ADAPTER_TYPES is skipped.
 """
 from __future__ import annotations
@@ -30,11 +32,13 @@ FULL = "full_finetune"
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """name; make_config(rank, total_steps, seed) -> config, or None for full fine-tuning;
-    quick_lr: the single learning rate of --quick runs."""
+    """name; label (the method's name in its paper); make_config(rank, steps per task, seed) -> config,
+    or None for full fine-tuning; lr_grid: the learning rates tried; quick_lr: the one of --quick runs."""
 
     name: str
+    label: str
     make_config: Optional[Callable[[int, int, int], AdapterConfig]]
+    lr_grid: tuple[float, ...]
     quick_lr: float
 
     @property
@@ -66,14 +70,15 @@ def _cascade(r, steps, seed):
     return CascadeLoraConfig(r=r, alpha=2.0 * r, cascade_interval=None, noise_seed=seed)
 
 
+GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 METHODS: tuple[MethodSpec, ...] = (
-    MethodSpec(FULL, None, 1e-3),
-    MethodSpec("lora", _lora, 1e-2),
-    MethodSpec("selective_lora", _selective, 1e-2),
-    MethodSpec("rank_selective_lora", _rank_selective, 1e-2),
-    MethodSpec("curlora", _curlora, 1e-1),
-    MethodSpec("neat", _neat, 1e-2),
-    MethodSpec("cascade_lora", _cascade, 1e-2),
+    MethodSpec(FULL, "full fine-tuning", None, (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), 3e-3),
+    MethodSpec("lora", "LoRA", _lora, GRID, 1e-2),
+    MethodSpec("selective_lora", "Selective LoRA", _selective, GRID, 1e-2),
+    MethodSpec("rank_selective_lora", "CoDyRA", _rank_selective, GRID, 1e-2),
+    MethodSpec("curlora", "CURLoRA", _curlora, (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0), 1e-1),
+    MethodSpec("neat", "NEAT", _neat, GRID, 1e-2),
+    MethodSpec("cascade_lora", "LoRASC", _cascade, GRID, 1e-2),
 )
 
 

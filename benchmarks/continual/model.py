@@ -1,4 +1,4 @@
-"""The pretrained model: a small MLP trained in the run on task A."""
+"""The pretrained model: a small MLP trained in the run on task 0."""
 from __future__ import annotations
 
 import torch
@@ -39,7 +39,7 @@ def batches(n: int, batch_size: int, generator: torch.Generator):
 
 def pretrain(task: Task, seed: int, epochs: int, hidden: int = 128, lr: float = 1e-3,
              batch_size: int = 64) -> MLP:
-    """An MLP trained with Adam on task A's train split (seeded init and batch order)."""
+    """An MLP trained with Adam on the task's train split (seeded init and batch order)."""
     torch.manual_seed(seed)
     model = MLP(hidden)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)

@@ -1,4 +1,4 @@
-"""Text table, JSON file and trade-off plot of a benchmark result (see runner.run_benchmark)."""
+"""Text table, JSON file and plot of a benchmark result (see runner.run_benchmark)."""
 from __future__ import annotations
 
 import json
@@ -9,26 +9,24 @@ def _pm(cell: dict, digits: int = 3) -> str:
     return f"{cell['mean']:.{digits}f}±{cell['std']:.{digits}f}"
 
 
-def _stats(stats: dict) -> str:
-    layers = stats.get("layers", 0.0)
-    return ", ".join(f"{k}={v:g}" for k, v in stats.items() if k != "layers") + \
-        (f" (mean per layer, {layers:g} layers)" if layers and len(stats) > 1 else "")
-
-
 def format_table(result: dict) -> str:
-    """The per-method table (mean±std over seeds at each seed's selected lr)."""
-    pre = result["pretrained"]
-    header = (f"{'method':<20}" + "".join(f" {h:>14}" for h in ("task-B acc", "task-A acc", "A drop", "KL(A)",
-                                                                "rel L2(A)")) + f"{'trainable':>11}{'s/run':>7}  lr; stats")
+    """Per method: the metrics (mean±std over seeds) and the mean accuracy matrix."""
+    labels = result["labels"]
+    header = (f"{'method':<18}" + "".join(f" {h:>13}" for h in ("learned", "final avg", "forgetting"))
+              + f"{'trainable':>11}{'s/seq':>7}  final adapter stats")
     lines = [f"scenario {result['scenario']}: {result['description']}",
-             f"pretrained: task-A test acc {_pm(pre['test_a'])}, task-B test acc (before fine-tuning) "
-             f"{_pm(pre['test_b'])}", header, "-" * len(header)]
+             "pretrained test accuracy per task: " + ", ".join(
+                 f"{name} {_pm(cell)}" for name, cell in zip(result["tasks"], result["pretrained"])),
+             header, "-" * len(header)]
     for name, row in result["methods"].items():
-        lrs = "/".join(f"{lr:g}" for lr in row["selected_lr"])
-        cells = "".join(f" {_pm(row[k]):>14}" for k in ("test_b", "test_a", "drop_a", "kl", "rel_l2"))
-        stats = _stats(row["stats"])
-        lines.append(f"{name:<20}{cells}{row['trainable']:>11,}{row['seconds']['mean']:>7.2f}  lr {lrs}"
-                     + (f"; {stats}" if stats else ""))
+        cells = "".join(f" {_pm(row[k]):>13}" for k in ("learning_accuracy", "average_accuracy", "forgetting"))
+        stats = ", ".join(f"{k}={v:.3g}" for k, v in row["final_stats"].items())
+        lines.append(f"{labels[name]:<18}{cells}{row['trainable']:>11,}{row['seconds']['mean']:>7.2f}  {stats}")
+    lines.append("\naccuracy matrices (row: after stage i, column: task j; mean over seeds):")
+    for name, row in result["methods"].items():
+        lrs = "; ".join("/".join(f"{lr:g}" for lr in lrs) for lrs in row["selected_lr"])
+        lines.append(f"  {labels[name]} (lr per task, per seed: {lrs})")
+        lines += ["    " + " ".join(f"{v:.3f}" for v in line) for line in row["matrix"]["mean"]]
     return "\n".join(lines + [f"protocol: {result['protocol']}"])
 
 
@@ -50,34 +48,52 @@ def save_json(result: dict, path: Path) -> None:
     path.write_text(f'{head[:-2]},\n "runs": [\n{runs}\n ]\n}}\n')
 
 
+def seen_average(matrix: list[list[float]]) -> list[float]:
+    """Mean accuracy over the tasks learned so far, after each stage: mean_{j <= i} R[i][j]."""
+    return [sum(row[:i + 1]) / (i + 1) for i, row in enumerate(matrix)]
+
+
 def save_plot(result: dict, runs, path: Path) -> None:
-    """Task-B test accuracy vs task-A retention: mean±std per method at its selected lr, with
-    its seed-averaged training trajectory (thin line from the pretrained point)."""
+    """Left: mean accuracy over the tasks seen so far after each stage (markers and error bars: mean
+    ± std over seeds; faint lines: single seeds). Right: learning accuracy vs average forgetting
+    (error bars: std over seeds)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .metrics import group_runs, select_run
+    from .metrics import by_method, mean_std, run_metrics
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    pre = result["pretrained"]
-    ax.scatter([pre["test_a"]["mean"]], [pre["test_b"]["mean"]], marker="*", s=180, c="black",
-               label="pretrained", zorder=3)
-    for (name, row), color, marker in zip(result["methods"].items(), plt.cm.tab10.colors, "osD^vPX<>"):
-        chosen = [select_run(rs) for rs in group_runs(runs)[name].values()]
-        steps = len(chosen[0].trajectory)
-        path_a = [sum(r.trajectory[i]["test_a"] for r in chosen) / len(chosen) for i in range(steps)]
-        path_b = [sum(r.trajectory[i]["test_b"] for r in chosen) / len(chosen) for i in range(steps)]
-        ax.plot(path_a, path_b, color=color, alpha=0.35, linewidth=1)
-        ax.errorbar(row["test_a"]["mean"], row["test_b"]["mean"], xerr=row["test_a"]["std"],
-                    yerr=row["test_b"]["std"], fmt=marker, color=color, alpha=0.85, capsize=3, label=name, zorder=3)
-    ax.set_xlabel("task-A test accuracy after fine-tuning (retention)")
-    ax.set_ylabel("task-B test accuracy")
-    ax.set_title(f"continual digits, {result['scenario']}: {len(result['seeds'])} seed(s), "
-                 f"{result['settings']['epochs']} epochs")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    grouped = by_method(runs)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))
+    for index, (name, label) in enumerate(result["labels"].items()):
+        color, marker = plt.cm.tab10.colors[index % 10], "osD^vPX<>"[index % 9]
+        curves = [seen_average(r.test) for r in grouped[name]]
+        stages = range(len(curves[0]))
+        for curve in curves:
+            left.plot(stages, curve, color=color, alpha=0.15, linewidth=0.8)
+        cells = [mean_std([c[i] for c in curves]) for i in stages]
+        offset = (index - len(result["labels"]) / 2) * 0.03
+        left.errorbar([i + offset for i in stages], [c["mean"] for c in cells], yerr=[c["std"] for c in cells],
+                      color=color, marker=marker, capsize=3, label=label)
+        metrics = [run_metrics(r) for r in grouped[name]]
+        f, la = (mean_std([m[k] for m in metrics]) for k in ("forgetting", "learning_accuracy"))
+        right.errorbar(f["mean"], la["mean"], xerr=f["std"], yerr=la["std"], color=color, marker=marker,
+                       capsize=3, label=label)
+    seeds = len(result["seeds"])
+    left.set_xticks(list(range(len(result["tasks"]))))
+    left.set_xticklabels(["pretrained"] + [f"after {t}" for t in result["tasks"][1:]], fontsize=8)
+    left.set_ylabel("mean test accuracy over the tasks seen so far")
+    left.set_title(f"error bars: mean ± std over {seeds} seed(s); faint lines: single seeds", fontsize=9)
+    right.set_xlabel("average forgetting (best accuracy once learned - final; lower is better)")
+    right.set_ylabel("learning accuracy (each new task when it ends)")
+    right.set_title("error bars: std over seeds", fontsize=9)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="lower left")
+    right.legend(fontsize=8, loc="best")
+    fig.suptitle(f"continual digits, {result['scenario']}: {result['description']}; "
+                 f"{result['settings']['epochs_per_task']} epochs per task", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
