@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -129,6 +130,7 @@ def main(argv: list[str]) -> int:
     settings = config["fastlora"]
     modules = options.modules or all_modules(settings)
     socket_path = str(Path(tempfile.mkdtemp(prefix="fastlora-mutation-")) / "forkserver.sock")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
     server = subprocess.Popen([sys.executable, str(SERVER), "serve", socket_path, *settings["preload"]],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
