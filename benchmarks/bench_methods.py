@@ -24,8 +24,16 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from fastlora import (AdapterConfig, AdapterLinear, CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig,
-                      RankSelectiveLoraConfig, SelectiveLoraConfig)
+from fastlora import (
+    AdapterConfig,
+    AdapterLinear,
+    CascadeLoraConfig,
+    CurLoraConfig,
+    LoraConfig,
+    NeatConfig,
+    RankSelectiveLoraConfig,
+    SelectiveLoraConfig,
+)
 
 from .timing import measure
 

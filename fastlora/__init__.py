@@ -5,10 +5,24 @@
 """
 from .adapters_api import TrainableParameters, adapter_stats, disable_adapter, trainable_parameters, unload
 from .checkpoint import load_adapter, read_adapter_config, save_adapter
-from .config import (AdapterConfig, CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig,
-                     RankSelectiveLoraConfig, SelectiveLoraConfig)
-from .inject import (adapter_layers, inject, merge, merge_and_unload, set_adapters_enabled,
-                     trainable_parameter_count, unmerge)
+from .config import (
+    AdapterConfig,
+    CascadeLoraConfig,
+    CurLoraConfig,
+    LoraConfig,
+    NeatConfig,
+    RankSelectiveLoraConfig,
+    SelectiveLoraConfig,
+)
+from .inject import (
+    adapter_layers,
+    inject,
+    merge,
+    merge_and_unload,
+    set_adapters_enabled,
+    trainable_parameter_count,
+    unmerge,
+)
 from .layer import AdapterLinear
 from .peft_accelerate import accelerate, accelerated_layers, deaccelerate
 from .peft_interop import load_peft_adapter, save_peft_adapter

@@ -23,8 +23,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import (AdapterConfig, CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig,
-                     RankSelectiveLoraConfig, SelectiveLoraConfig)
+from .config import (
+    AdapterConfig,
+    CascadeLoraConfig,
+    CurLoraConfig,
+    LoraConfig,
+    NeatConfig,
+    RankSelectiveLoraConfig,
+    SelectiveLoraConfig,
+)
 from .inject import adapter_layers, inject, trainable_parameter_count
 from .peft_interop import save_peft_adapter
 from .training import attach_training_hooks, regularization_loss

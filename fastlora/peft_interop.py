@@ -26,8 +26,16 @@ from typing import Any, Optional, Union
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, check_saved_parameters, restore_saved_parameters,
-                         trainable_non_adapter_parameters, write_files_atomically, write_json, write_safetensors)
+from .checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_saved_parameters,
+    restore_saved_parameters,
+    trainable_non_adapter_parameters,
+    write_files_atomically,
+    write_json,
+    write_safetensors,
+)
 from .config import AdapterConfig
 from .inject import _matches, adapter_layers, inject
 from .peft_formats import PeftFormat

@@ -26,8 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastlora
-from fastlora import (AdapterLinear, CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig,
-                      RankSelectiveLoraConfig, SelectiveLoraConfig)
+from fastlora import (
+    AdapterLinear,
+    CascadeLoraConfig,
+    CurLoraConfig,
+    LoraConfig,
+    NeatConfig,
+    RankSelectiveLoraConfig,
+    SelectiveLoraConfig,
+)
 from fastlora.methods import ADAPTER_TYPES
 
 D_IN, D_HIDDEN, D_OUT, BATCH, SEQ = 37, 29, 11, 6, 5

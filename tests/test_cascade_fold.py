@@ -14,6 +14,7 @@ from torch import nn
 
 import fastlora
 from fastlora import CascadeLoraConfig
+
 from utils import rel
 
 D_IN, D_HID, D_OUT, N = 40, 24, 16, 9

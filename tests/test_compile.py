@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import distributed_worker as models
 import fastlora
 from fastlora import LoraConfig
+
+import distributed_worker as models
 from utils import rel
 
 TOLERANCE = 1e-5  # float32

@@ -15,8 +15,13 @@ pytest.importorskip("tqdm")
 from benchmarks.continual.__main__ import main  # noqa: E402
 from benchmarks.continual.data import load_scenario  # noqa: E402
 from benchmarks.continual.methods import FULL, METHODS, available_methods  # noqa: E402
-from benchmarks.continual.metrics import (average_accuracy, average_forgetting, compare,  # noqa: E402
-                                          forgetting_per_task, learning_accuracy)
+from benchmarks.continual.metrics import (  # noqa: E402
+    average_accuracy,
+    average_forgetting,
+    compare,
+    forgetting_per_task,
+    learning_accuracy,
+)
 from benchmarks.continual.model import MLP  # noqa: E402
 from benchmarks.continual.train import select  # noqa: E402
 

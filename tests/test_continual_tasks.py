@@ -6,8 +6,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastlora
-from fastlora import (CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig, RankSelectiveLoraConfig,
-                      SelectiveLoraConfig)
+from fastlora import (
+    CascadeLoraConfig,
+    CurLoraConfig,
+    LoraConfig,
+    NeatConfig,
+    RankSelectiveLoraConfig,
+    SelectiveLoraConfig,
+)
 from fastlora.tasks import next_task
 
 D_IN, D_HID, D_OUT, N = 14, 12, 9, 10

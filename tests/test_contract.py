@@ -23,11 +23,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import fastlora
-from fastlora import (AdapterConfig, AdapterLinear, CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig,
-                      RankSelectiveLoraConfig, SelectiveLoraConfig)
+from fastlora import (
+    AdapterConfig,
+    AdapterLinear,
+    CascadeLoraConfig,
+    CurLoraConfig,
+    LoraConfig,
+    NeatConfig,
+    RankSelectiveLoraConfig,
+    SelectiveLoraConfig,
+)
 from fastlora.methods.base import Adapter, adapter_factory
 from fastlora.methods.lora import LoraAdapter
 from fastlora.registry import method_of, register_method
+
 from utils import assert_close
 
 D_IN, D_HIDDEN, D_OUT, N = 12, 10, 6, 7

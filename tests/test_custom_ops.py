@@ -16,6 +16,7 @@ from torch._dynamo.backends.common import aot_autograd
 import fastlora
 from fastlora import AdapterLinear, CurLoraConfig, LoraConfig
 from fastlora.kernels import custom_ops, dispatch  # noqa: F401  (registers the ops)
+
 from utils import rel
 
 OPS = torch.ops.fastlora

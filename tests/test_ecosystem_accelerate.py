@@ -13,6 +13,7 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
 import fastlora
 import fastlora.peft_accelerate as peft_accelerate
+
 from utils import rel
 
 TOL = 1e-10

@@ -2,10 +2,10 @@
 with its legend; and the distribution's name and version."""
 import argparse
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from torch import nn
 

@@ -8,8 +8,14 @@ import torch
 from torch import nn
 
 import fastlora
-from fastlora import (CascadeLoraConfig, LoraConfig, RankSelectiveLoraConfig, SelectiveLoraConfig,
-                      attach_training_hooks, regularization_loss)
+from fastlora import (
+    CascadeLoraConfig,
+    LoraConfig,
+    RankSelectiveLoraConfig,
+    SelectiveLoraConfig,
+    attach_training_hooks,
+    regularization_loss,
+)
 from fastlora.training import WATCHED_FORWARDS
 
 

@@ -6,8 +6,16 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 import fastlora
-from fastlora import (CascadeLoraConfig, CurLoraConfig, FastLoraCallback, FastLoraTrainer, LoraConfig, NeatConfig,
-                      RankSelectiveLoraConfig, SelectiveLoraConfig)
+from fastlora import (
+    CascadeLoraConfig,
+    CurLoraConfig,
+    FastLoraCallback,
+    FastLoraTrainer,
+    LoraConfig,
+    NeatConfig,
+    RankSelectiveLoraConfig,
+    SelectiveLoraConfig,
+)
 
 TARGETS = ["query", "value"]
 CONFIGS = {

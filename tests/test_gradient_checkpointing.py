@@ -11,8 +11,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import distributed_worker as models
 from fastlora import AdapterLinear
+
+import distributed_worker as models
 from utils import rel
 
 # the torch backend runs the float64 models; the Triton one float32 (its dtypes), where the

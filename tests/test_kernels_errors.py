@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fastlora.kernels import ACTIVATIONS, adapted_linear, neat_projection
+
 from host_reads import HostReads
 
 D_IN, D_OUT, R = 7, 5, 3
@@ -13,7 +14,8 @@ F32 = torch.float32
 
 def good(dtype=F32):
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=dtype)
     return dict(x=r(4, D_IN), weight=r(D_OUT, D_IN), bias=r(D_OUT), lora_a=r(R, D_IN),
                 lora_b=r(D_OUT, R))
 

@@ -19,6 +19,7 @@ from fastlora.kernels import (
     neat_projection,
     neat_projection_reference,
 )
+
 from utils import rel
 
 D_IN, D_OUT, R = 37, 29, 5
@@ -385,7 +386,8 @@ def test_dropout_without_seed_backward_uses_forward_mask():
 
 def _small(seed, *, bias=True, middle=True, rank_weights=True):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=F64)
     return dict(x=r(2, 3, 6), weight=r(5, 6), bias=r(5) if bias else None, lora_a=r(3, 6),
                 lora_b=r(5, 3), middle=r(3, 3) if middle else None,
                 rank_weights=r(3) if rank_weights else None)
@@ -430,7 +432,8 @@ def test_gradcheck_curlora():
 # --------------------------------------------------------------------------- NEAT
 
 def _act_formulas():
-    sig = lambda z: 1.0 / (1.0 + torch.exp(-z))
+    def sig(z):
+        return 1.0 / (1.0 + torch.exp(-z))
     return {
         "relu": lambda z: torch.where(z > 0, z, torch.zeros_like(z)),
         "gelu": lambda z: 0.5 * z * (1.0 + torch.erf(z / math.sqrt(2.0))),

@@ -55,6 +55,7 @@ def test_every_plan_implements_the_plan_protocol():
 
 def test_launch_metadata_counts_flops_and_bytes():
     import torch
+
     from fastlora.kernels.triton import metadata
 
     bf16 = torch.empty(1, dtype=torch.bfloat16)

@@ -9,6 +9,7 @@ from torch import nn
 
 import fastlora
 from fastlora import AdapterLinear, LoraConfig
+
 from utils import rel
 
 

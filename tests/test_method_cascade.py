@@ -14,6 +14,7 @@ from torch import nn
 import fastlora
 import fastlora.layer
 from fastlora import AdapterLinear, CascadeLoraConfig
+
 from utils import rel
 
 D_IN, D_OUT, N = 37, 29, 11

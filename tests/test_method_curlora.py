@@ -7,6 +7,7 @@ from torch import nn
 import fastlora
 from fastlora import AdapterLinear, CurLoraConfig
 from fastlora.methods.curlora import CurLoraAdapter, inverted_probabilities, sample_cur_indices
+
 from utils import rel
 
 D_IN, D_OUT, N = 37, 29, 11
@@ -82,7 +83,8 @@ def test_adapter_indices_concentrate_on_a_tiny_column_with_eps_zero():
 
 def test_sampling_is_seeded_per_layer_and_stored_as_int64_buffers():
     weight = torch.randn(D_OUT, D_IN, dtype=torch.float64)
-    make = lambda seed, index: CurLoraAdapter(CurLoraConfig(r=8, seed=seed), D_IN, D_OUT, weight, layer_index=index)
+    def make(seed, index):
+        return CurLoraAdapter(CurLoraConfig(r=8, seed=seed), D_IN, D_OUT, weight, layer_index=index)
     a, b, c, d = make(0, 0), make(0, 0), make(0, 1), make(1, 0)
     assert torch.equal(a.row_index, b.row_index) and torch.equal(a.col_index, b.col_index)
     assert not torch.equal(torch.cat([a.row_index, a.col_index]), torch.cat([c.row_index, c.col_index]))

@@ -10,6 +10,7 @@ from torch import nn
 import fastlora
 import fastlora.methods.neat as neat_module
 from fastlora import AdapterLinear, NeatConfig
+
 from utils import rel
 
 D_IN, D_OUT, N = 37, 29, 11

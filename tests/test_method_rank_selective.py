@@ -11,6 +11,7 @@ from torch import nn
 import fastlora
 import fastlora.layer
 from fastlora import AdapterLinear, RankSelectiveLoraConfig
+
 from utils import rel
 
 D_IN, D_OUT, N = 37, 29, 11
@@ -313,8 +314,9 @@ def test_merge_unmerge_round_trip():
 
 def test_save_load_round_trip_resumes_the_schedule(tmp_path):
     torch.manual_seed(0)
-    make = lambda: nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64), nn.Tanh(),
-                                 nn.Linear(D_OUT, 13, dtype=torch.float64))
+    def make():
+        return nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64), nn.Tanh(),
+                                     nn.Linear(D_OUT, 13, dtype=torch.float64))
     model, fresh = make(), make()
     fresh.load_state_dict(model.state_dict())
     config = RankSelectiveLoraConfig(r=4, alpha=5.0, importance_init=0.5, total_steps=4)

@@ -11,6 +11,7 @@ from torch import nn
 
 import fastlora
 from fastlora import AdapterLinear, SelectiveLoraConfig
+
 from host_reads import HostReads
 from utils import rel
 
@@ -378,8 +379,9 @@ def test_merge_unmerge_round_trip():
 
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
-    make = lambda: nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64), nn.Tanh(),
-                                 nn.Linear(D_OUT, 13, dtype=torch.float64))
+    def make():
+        return nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64), nn.Tanh(),
+                                     nn.Linear(D_OUT, 13, dtype=torch.float64))
     model = make()
     fresh = make()
     fresh.load_state_dict(model.state_dict())

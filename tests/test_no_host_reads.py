@@ -10,8 +10,9 @@ import dataclasses
 import pytest
 import torch
 
-from distributed_worker import METHODS
 from fastlora import AdapterLinear
+
+from distributed_worker import METHODS
 from host_reads import HostReads
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,6 +15,7 @@ from transformers import BertConfig, BertModel
 
 import fastlora
 from fastlora import load_peft_adapter, save_peft_adapter
+
 from utils import rel
 
 TOL = 1e-6

@@ -11,8 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fastlora
-from fastlora import AdapterLinear, CurLoraConfig, LoraConfig, NeatConfig, SelectiveLoraConfig
-from fastlora import checkpoint
+from fastlora import AdapterLinear, CurLoraConfig, LoraConfig, NeatConfig, SelectiveLoraConfig, checkpoint
 
 D_IN, D_HID, D_OUT = 12, 10, 7
 

@@ -11,8 +11,14 @@ import torch
 from torch import nn
 
 import fastlora
-from fastlora import (CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig, RankSelectiveLoraConfig,
-                      SelectiveLoraConfig)
+from fastlora import (
+    CascadeLoraConfig,
+    CurLoraConfig,
+    LoraConfig,
+    NeatConfig,
+    RankSelectiveLoraConfig,
+    SelectiveLoraConfig,
+)
 
 OPERATIONS = ["inject", "merge", "unmerge", "train", "save", "load", "enable", "disable"]
 CONFIGS = [LoraConfig(r=2, alpha=3.0), SelectiveLoraConfig(r=2, sparsity_weight=0.5),

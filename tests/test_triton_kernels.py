@@ -29,6 +29,7 @@ from fastlora.kernels import (  # noqa: E402
 )
 from fastlora.kernels.dispatch import select_plan, triton_backend, triton_interpreter_on  # noqa: E402
 from fastlora.kernels.spec import LowRankTerm  # noqa: E402
+
 from utils import rel  # noqa: E402
 
 CUDA = torch.cuda.is_available()

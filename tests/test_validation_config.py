@@ -8,8 +8,15 @@ import torch
 from torch import nn
 
 import fastlora
-from fastlora import (AdapterConfig, CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig,
-                      RankSelectiveLoraConfig, SelectiveLoraConfig)
+from fastlora import (
+    AdapterConfig,
+    CascadeLoraConfig,
+    CurLoraConfig,
+    LoraConfig,
+    NeatConfig,
+    RankSelectiveLoraConfig,
+    SelectiveLoraConfig,
+)
 from fastlora.config import MAX_NEAT_DEPTH, MAX_REGEX_REPETITIONS
 
 

@@ -23,8 +23,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from fastlora import (AdapterConfig, CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig,
-                      RankSelectiveLoraConfig, SelectiveLoraConfig)
+from fastlora import (
+    AdapterConfig,
+    CascadeLoraConfig,
+    CurLoraConfig,
+    LoraConfig,
+    NeatConfig,
+    RankSelectiveLoraConfig,
+    SelectiveLoraConfig,
+)
 from fastlora.methods import ADAPTER_TYPES
 
 FULL = "full_finetune"
