@@ -60,7 +60,7 @@ def trainable_parameters(model: nn.Module) -> TrainableParameters:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Put back the original nn.Linear of every adapted layer (the same weight and bias tensors,
+    """Put back the original nn.Linear (or Conv1D) of every adapted layer (the same weight and bias tensors,
     under each of the layer's names) and drop the adapters without merging them; returns ``model``.
     A merged layer is unmerged first, so its W is the base W again. Parameters other than the
     adapters keep the requires_grad flags inject gave them (frozen)."""
@@ -70,9 +70,10 @@ def unload(model: nn.Module) -> nn.Module:
             names.setdefault(module, []).append(name)
     for layer, layer_names in names.items():
         layer.unmerge()
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        linear.weight, linear.bias = layer.weight, layer.bias
-        linear.train(layer.training)
+        weight = layer.weight
+        if layer.fan_in_fan_out:  # Conv1D's own layout again, the same memory
+            weight = nn.Parameter(weight.detach().t(), requires_grad=weight.requires_grad)
+        linear = layer.plain_layer(weight, layer.bias)
         for name in layer_names:
             _set_submodule(model, name, linear)
     return model

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .inject import _matches, _set_submodule, adapter_layers, inject
+from .layer import is_adaptable
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -307,12 +308,12 @@ def _inject_checkpoint_layers(model: nn.Module, configs: dict[str, AdapterConfig
                              f"layers first (AdapterLinear), then load")
     linears: dict[int, tuple[nn.Linear, list[str]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) is nn.Linear:
+        if is_adaptable(module):
             linears.setdefault(id(module), (module, []))[1].append(name)
     by_name = {name: entry for entry in linears.values() for name in entry[1]}
     missing = sorted(set(configs) - set(by_name))
     if missing:
-        raise ValueError(f"checkpoint layers {missing[:5]} are not nn.Linear modules of the model")
+        raise ValueError(f"checkpoint layers {missing[:5]} are not nn.Linear (or Conv1D) modules of the model")
     selected = sorted({n for name in configs for n in by_name[name][1]})
     if sorted(n for n in by_name if _matches(n, config.target_modules)) != selected:
         config = AdapterConfig.from_dict({**config.to_dict(), "target_modules": selected})

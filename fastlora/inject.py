@@ -9,7 +9,7 @@ from typing import Iterator
 from torch import Tensor, nn
 
 from .config import AdapterConfig
-from .layer import AdapterLinear
+from .layer import AdapterLinear, is_adaptable, linear_shape
 from .targets import is_selected, layer_config, output_layer_names, resolved_targets
 
 
@@ -29,12 +29,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    """Replace every nn.Linear the config selects with an AdapterLinear (sharing the original
-    weight and bias) and freeze every other parameter.
+    """Replace every nn.Linear (and transformers' Conv1D: GPT-2's layers) the config selects with an
+    AdapterLinear (sharing the original weight and bias) and freeze every other parameter.
 
     Selection and per-layer rank/alpha follow PEFT (``fastlora.targets``): target_modules
     (None: PEFT's default for a transformers model's architecture, every nn.Linear in another
-    model; "all-linear": every nn.Linear but a transformers model's output layer),
+    model; "all-linear": every nn.Linear and Conv1D but a transformers model's output layer),
     exclude_modules, layers_to_transform/layers_pattern, rank_pattern and alpha_pattern. Each
     layer's ``config`` holds its own r and alpha, without the selection fields. A method with a
     training rule gets a one-shot check that warns when it trains without its hooks or penalty
@@ -71,11 +71,11 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     return model
 
 
-def _chosen_linears(model: nn.Module, config: AdapterConfig) -> list[tuple[list[str], nn.Linear]]:
-    """(every name, module) of each nn.Linear to adapt, in model order."""
-    linears: dict[int, tuple[list[str], nn.Linear]] = {}
+def _chosen_linears(model: nn.Module, config: AdapterConfig) -> list[tuple[list[str], nn.Module]]:
+    """(every name, module) of each nn.Linear or Conv1D to adapt, in model order."""
+    linears: dict[int, tuple[list[str], nn.Module]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) is nn.Linear:
+        if is_adaptable(module):
             linears.setdefault(id(module), ([], module))[0].append(name)
     targets = resolved_targets(model, config)
     output_layers = output_layer_names(model) if targets == "all-linear" else set()
@@ -84,7 +84,8 @@ def _chosen_linears(model: nn.Module, config: AdapterConfig) -> list[tuple[list[
         matched = [n for n in names if is_selected(n, targets, config, output_layers)]
         if matched and len(matched) < len(names):
             unmatched = [n for n in names if n not in matched]
-            raise ValueError(f"nn.Linear {matched[0]!r} is also registered as {unmatched}, which target_modules "
+            kind = "nn.Linear" if type(linear) is nn.Linear else type(linear).__name__
+            raise ValueError(f"{kind} {matched[0]!r} is also registered as {unmatched}, which target_modules "
                              f"{targets!r} does not match (or the selection fields leave out); a shared module is "
                              f"adapted under all its names, so match all of them or none")
         if matched:
@@ -94,19 +95,19 @@ def _chosen_linears(model: nn.Module, config: AdapterConfig) -> list[tuple[list[
 
 
 def _check_targets(model: nn.Module, config: AdapterConfig, targets, names: list[str], chosen) -> None:
-    """Refuse listed targets that name no nn.Linear (naming the type of the modules they do name)
+    """Refuse listed targets that name no nn.Linear or Conv1D (naming the type of the modules they do name)
     and a selection of nothing; warn when exclude_modules left nothing out (PEFT warns too)."""
     given = "target_modules" if config.target_modules is not None else f"PEFT's default target_modules {targets}"
     if isinstance(targets, tuple):
         missing = [t for t in targets if not any(_matches(n, [t]) for n in names)]
         if missing:
             others = {f"{n} ({type(m).__name__})" for n, m in model.named_modules() if _matches(n, missing)}
-            named = f"; they name {sorted(others)[:3]}, and fastlora adapts nn.Linear only" if others else ""
-            raise ValueError(f"{given}: {missing} match no nn.Linear in the model{named}; "
+            named = f"; they name {sorted(others)[:3]}, and fastlora adapts nn.Linear and Conv1D only" if others else ""
+            raise ValueError(f"{given}: {missing} match no nn.Linear or Conv1D in the model{named}; "
                              f"linear modules are: {sorted({n.rsplit('.', 1)[-1] for n in names})}")
     if not chosen:
         raise ValueError(f"{given} {targets!r} with exclude_modules {config.exclude_modules!r}, layers_to_transform "
-                         f"{config.layers_to_transform!r} select no nn.Linear in the model")
+                         f"{config.layers_to_transform!r} select no nn.Linear or Conv1D in the model")
     if config.exclude_modules is not None:
         kept = {n for names, _ in chosen for n in names}
         if not any(is_selected(n, targets, dataclasses.replace(config, exclude_modules=None), set()) and n not in kept
@@ -115,9 +116,9 @@ def _check_targets(model: nn.Module, config: AdapterConfig, targets, names: list
                           f"check its names", stacklevel=4)
 
 
-def _check_layer(name: str, linear: nn.Linear, config: AdapterConfig) -> None:
+def _check_layer(name: str, linear: nn.Module, config: AdapterConfig) -> None:
     """Refuse a rank the layer cannot hold and a layer without values (meta device), naming the layer."""
-    d_out, d_in = linear.weight.shape
+    d_out, d_in = linear_shape(linear)
     if config.r > min(d_in, d_out):
         raise ValueError(f"layer {name!r}: r={config.r} exceeds min(d_in={d_in}, d_out={d_out})={min(d_in, d_out)}")
     if any(p is not None and p.is_meta for p in (linear.weight, linear.bias)):
@@ -210,7 +211,7 @@ def unmerge(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every AdapterLinear (under each of its names) by a plain nn.Linear holding
+    """Replace every AdapterLinear (under each of its names) by a plain nn.Linear (Conv1D) holding
     W + ΔW in a new weight (a merged layer's W as it is: ΔW is never added twice; a W tied to
     another module stays with that module unchanged); returns ``model``."""
     names: dict[AdapterLinear, list[str]] = {}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from typing import Optional
 
 import torch
@@ -14,6 +15,23 @@ from .config import AdapterConfig
 from .methods import Adapter, build_adapter
 
 _MERGE_COUNTER = itertools.count()
+
+
+def conv1d_type() -> Optional[type]:
+    """transformers' Conv1D class (GPT-2's linear layer) once transformers is loaded, else None
+    (a model holding a Conv1D has loaded it)."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Whether ``inject`` adapts ``module``: an nn.Linear or transformers' Conv1D (not subclasses)."""
+    return type(module) is nn.Linear or (conv1d_type() is not None and type(module) is conv1d_type())
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of an nn.Linear or a Conv1D (whose weight is stored (d_in, d_out))."""
+    d_out, d_in = module.weight.shape
+    return (d_in, d_out) if type(module) is conv1d_type() else (d_out, d_in)
 
 
 class AdapterLinear(nn.Module):
@@ -30,6 +48,10 @@ class AdapterLinear(nn.Module):
     whatever changed meanwhile (an optimizer step, a training rule, a gate flip, a hand edit
     of the adapter, a write into the merged W itself, which is lost). While merged the layer
     computes x W^T + b with the merged W, or with the kept W when its adapter is disabled.
+
+    GPT-2's Conv1D (weight stored (d_in, d_out), y = x W + b) is wrapped by ``from_linear``
+    too (``fan_in_fan_out``): ``weight`` is then the (d_out, d_in) transposed view of its weight
+    (no copy; merging writes through it), and state dicts keep Conv1D's (d_in, d_out) layout.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -39,19 +61,23 @@ class AdapterLinear(nn.Module):
         self._attach(base.weight, base.bias, config, layer_index)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: AdapterConfig, layer_index: int = 0, *,
+    def from_linear(cls, linear: nn.Module, config: AdapterConfig, layer_index: int = 0, *,
                     start: bool = True) -> "AdapterLinear":
-        """Wrap ``linear``: its weight and bias become this layer's frozen base (not copied).
+        """Wrap ``linear`` (an nn.Linear or transformers' Conv1D): its weight and bias become this
+        layer's frozen base (not copied; a Conv1D's weight as its transposed view).
         ``start=False`` defers ``adapter.start()`` (a method's first writes to W) to the caller."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        fan_in_fan_out = conv1d_type() is not None and type(linear) is conv1d_type()
+        if not (fan_in_fan_out or isinstance(linear, nn.Linear)):
+            raise TypeError(f"expected an nn.Linear or transformers' Conv1D, got {type(linear).__name__}")
+        weight = nn.Parameter(linear.weight.detach().t(), requires_grad=False) if fan_in_fan_out else linear.weight
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._attach(linear.weight, linear.bias, config, layer_index, start)
+        layer._attach(weight, linear.bias, config, layer_index, start, fan_in_fan_out)
         return layer
 
     def _attach(self, weight: nn.Parameter, bias: Optional[nn.Parameter], config: AdapterConfig,
-                layer_index: int, start: bool = True) -> None:
+                layer_index: int, start: bool = True, fan_in_fan_out: bool = False) -> None:
+        self.fan_in_fan_out = fan_in_fan_out
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
         self.weight = weight
@@ -83,9 +109,22 @@ class AdapterLinear(nn.Module):
         return adapted_linear(x, self.weight, self.bias, dropout=dropout, backend=self.config.backend,
                               **self.adapter.op_arguments(self.weight))
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.fan_in_fan_out:  # Conv1D's layout, (d_in, d_out)
+            destination[prefix + "weight"] = destination[prefix + "weight"].t()
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        self.adapter.note_load(with_weight=prefix + "weight" in state_dict)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        key = prefix + "weight"
+        self.adapter.note_load(with_weight=key in state_dict)
+        saved = state_dict.get(key)
+        if self.fan_in_fan_out and isinstance(saved, Tensor) and saved.dim() == 2:
+            state_dict[key] = saved.t()  # Conv1D's layout back to this layer's (d_out, d_in)
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        finally:
+            if saved is not None:
+                state_dict[key] = saved
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """The same output computed by the pure-torch reference formula (no fusion, no
@@ -123,17 +162,26 @@ class AdapterLinear(nn.Module):
         self.merged = False
 
     @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding W + ΔW (this layer is left as it is)."""
+    def to_linear(self) -> nn.Module:
+        """A plain layer of the kind this one wraps (nn.Linear, or Conv1D) holding W + ΔW in new
+        tensors (this layer is left as it is)."""
         weight = self.weight if self.merged else self.weight + self.adapter.delta_weight(self.weight)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
-        linear.weight.copy_(weight)
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
+        weight = weight.t() if self.fan_in_fan_out else weight
+        bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone())
+        return self.plain_layer(nn.Parameter(weight.detach().clone(memory_format=torch.contiguous_format)), bias)
+
+    def plain_layer(self, weight: nn.Parameter, bias: Optional[nn.Parameter]) -> nn.Module:
+        """An nn.Linear (a Conv1D for a layer built from one) holding ``weight`` (in that layer's
+        layout) and ``bias`` themselves, in this layer's training mode."""
+        with torch.device("meta"):
+            if self.fan_in_fan_out:
+                module = conv1d_type()(self.out_features, self.in_features)
+            else:
+                module = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
+        module.weight, module.bias = weight, bias
+        return module.train(self.training)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, method={self.config.method}, r={self.config.r}, "
-                f"merged={self.merged}")
+                f"merged={self.merged}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))

@@ -1,4 +1,4 @@
-"""Which nn.Linear layers ``inject`` adapts, and each one's rank and alpha: PEFT's selection rules.
+"""Which nn.Linear (and Conv1D) layers ``inject`` adapts, and each one's rank and alpha: PEFT's selection rules.
 
 A config's target_modules, exclude_modules, layers_to_transform/layers_pattern, rank_pattern and
 alpha_pattern select and size layers as PEFT's LoraConfig does; "all-linear" leaves out a
@@ -32,7 +32,7 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 HEAD_ATTRIBUTES = ("classifier", "score")
 _SELECTION_FIELDS = ("exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern")
 
-Targets = Union[None, str, tuple[str, ...]]  # None: every nn.Linear
+Targets = Union[None, str, tuple[str, ...]]  # None: every nn.Linear and Conv1D
 
 
 def model_type(model: nn.Module) -> Optional[str]:
@@ -43,7 +43,7 @@ def model_type(model: nn.Module) -> Optional[str]:
 
 def resolved_targets(model: nn.Module, config: AdapterConfig) -> Targets:
     """config.target_modules with None replaced by PEFT's default for the model's architecture
-    (a model that is not a transformers model: None, every nn.Linear)."""
+    (a model that is not a transformers model: None, every nn.Linear and Conv1D)."""
     targets = config.target_modules
     if targets is not None:
         return targets
@@ -90,7 +90,7 @@ def _layer_index(name: str, patterns: Optional[tuple[str, ...]]) -> Optional[int
 
 
 def is_selected(name: str, targets: Targets, config: AdapterConfig, output_layers: set[str]) -> bool:
-    """Whether the nn.Linear called ``name`` is adapted (``targets``: from ``resolved_targets``)."""
+    """Whether the nn.Linear (or Conv1D) called ``name`` is adapted (``targets``: from ``resolved_targets``)."""
     exclude = config.exclude_modules
     if isinstance(exclude, str) and re.fullmatch(exclude, name):
         return False

@@ -134,11 +134,12 @@ def test_missing_targets_without_a_default_are_refused():
         fastlora.inject(model, LoraConfig(r=2))
 
 
-def test_gpt2_conv1d_targets_are_refused_with_their_type():
+def test_targets_that_are_neither_linear_nor_conv1d_are_refused_with_their_type():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=30, n_positions=8))
-    expected = r"default target_modules \('c_attn',\): \['c_attn'\] match no nn.Linear in the model; they name "
-    with pytest.raises(ValueError, match=expected + r"\['transformer.h.0.attn.c_attn \(Conv1D\)'"):
-        fastlora.inject(gpt2, LoraConfig(r=2))
+    expected = r"target_modules: \['ln_1'\] match no nn.Linear or Conv1D in the model; they name "
+    with pytest.raises(ValueError, match=expected + r"\['transformer.h.0.ln_1 \(LayerNorm\)'"):
+        fastlora.inject(gpt2, LoraConfig(r=2, target_modules=["ln_1"]))
+    assert len(list(fastlora.adapter_layers(fastlora.inject(gpt2, LoraConfig(r=2))))) == 1  # PEFT's default: c_attn
 
 
 def test_plain_module_keeps_every_linear_for_missing_targets():
