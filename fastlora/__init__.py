@@ -3,7 +3,18 @@
     import fastlora
     model = fastlora.inject(model, fastlora.LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
 """
-from .adapters_api import TrainableParameters, adapter_stats, disable_adapter, trainable_parameters, unload
+from .adapters_api import (
+    TrainableParameters,
+    active_adapter,
+    adapter_names,
+    adapter_stats,
+    add_adapter,
+    delete_adapter,
+    disable_adapter,
+    set_adapter,
+    trainable_parameters,
+    unload,
+)
 from .checkpoint import load_adapter, read_adapter_config, save_adapter
 from .config import (
     AdapterConfig,
@@ -34,10 +45,10 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig", "AdapterLinear", "CascadeLoraConfig", "CurLoraConfig", "FastLoraCallback", "FastLoraTrainer",
     "LoraConfig", "NeatConfig", "RankSelectiveLoraConfig", "SelectiveLoraConfig", "TrainableParameters",
-    "TrainingHooks", "accelerate", "accelerated_layers", "adapter_layers", "adapter_stats", "attach_training_hooks",
-    "deaccelerate", "disable_adapter", "inject", "load_adapter", "load_peft_adapter", "merge", "merge_and_unload",
-    "next_task",
-    "read_adapter_config", "regularization_loss", "save_adapter", "save_peft_adapter", "set_adapters_enabled",
+    "TrainingHooks", "accelerate", "accelerated_layers", "active_adapter", "adapter_layers", "adapter_names",
+    "adapter_stats", "add_adapter", "attach_training_hooks", "deaccelerate", "delete_adapter", "disable_adapter",
+    "inject", "load_adapter", "load_peft_adapter", "merge", "merge_and_unload", "next_task", "read_adapter_config",
+    "regularization_loss", "save_adapter", "save_peft_adapter", "set_adapter", "set_adapters_enabled",
     "trainable_parameter_count", "trainable_parameters", "unload", "unmerge",
 ]
 

@@ -1,5 +1,8 @@
-"""PEFT habits on fastlora models: disable_adapter(), a trainable-parameter summary, unload(), method stats.
+"""PEFT habits on fastlora models: named adapters, disable_adapter(), a trainable-parameter summary,
+unload(), method stats.
 
+    fastlora.add_adapter(model, "b", config)     # a second adapter on the layers inject adapted
+    fastlora.set_adapter(model, "b")             # one active adapter at a time ("default" from inject)
     with fastlora.disable_adapter(model):        # the base model's outputs
         ...
     fastlora.trainable_parameters(model)         # TrainableParameters(trainable=..., total=..., percent=...)
@@ -13,11 +16,119 @@ from typing import Iterator
 
 from torch import nn
 
+from .config import AdapterConfig
 from .inject import _set_submodule, adapter_layers
-from .layer import AdapterLinear
+from .layer import AdapterLinear, is_adaptable
+from .methods import Adapter, build_adapter
+from .targets import is_selected, layer_config, output_layer_names, resolved_targets
 
 # stats summed over a method's layers (counts); every other stat is averaged
 _SUMMED_STATS = frozenset({"active", "active_ranks"})
+
+
+def _unique_layers(model: nn.Module) -> list[tuple[str, AdapterLinear]]:
+    layers = list(adapter_layers(model))
+    if not layers:
+        raise ValueError("model has no fastlora adapters; call fastlora.inject first")
+    return layers
+
+
+def active_adapter(model: nn.Module) -> str:
+    """The name of the adapter the model computes with ("default": the one ``inject`` built)."""
+    return _unique_layers(model)[0][1].adapter_name
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter's name, the active one first."""
+    return _unique_layers(model)[0][1].adapter_names()
+
+
+def _writes_weight(adapter: Adapter) -> bool:
+    """Whether the method writes W itself (LoRASC folds its stages into W), which named adapters share."""
+    return type(adapter).start is not Adapter.start
+
+
+def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module:
+    """Build a second (third, ...) adapter called ``name`` on the layers ``inject`` adapted, inactive
+    until ``set_adapter(model, name)``; returns ``model``. ``config`` selects layers as inject does
+    and must select exactly the adapted layers (per-layer rank_pattern/alpha_pattern apply). Refused,
+    the model unchanged: a name in use or not a non-empty string without ".", a selection that
+    differs, a method that writes W (LoRASC), a rank a layer cannot hold."""
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    layers = _unique_layers(model)
+    if name in layers[0][1].adapter_names():
+        raise ValueError(f"the model has an adapter named {name!r} already (adapters: "
+                         f"{layers[0][1].adapter_names()})")
+    if any(_writes_weight(layer.adapter) for _, layer in layers):
+        raise ValueError(f"adapter {active_adapter(model)!r} is LoRASC, which writes its stages into W; a model "
+                         f"with it cannot hold other named adapters")
+    _check_selection(model, name, config)
+    built = []
+    for index, (layer_name, layer) in enumerate(layers):
+        try:
+            adapter = build_adapter(layer_config(config, layer_name), layer.in_features, layer.out_features,
+                                    layer.weight.detach(), layer_index=index).train(layer.training)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"adapter {name!r}, layer {layer_name!r}: {error}") from error
+        if _writes_weight(adapter):
+            raise ValueError(f"adapter {name!r}: LoRASC writes its stages into W, which every named adapter "
+                             f"shares; it cannot be one of several named adapters")
+        built.append(adapter)
+    for (_, layer), adapter in zip(layers, built):
+        layer.add_named_adapter(name, adapter)
+    return model
+
+
+def _check_selection(model: nn.Module, name: str, config: AdapterConfig) -> None:
+    """Refuse a config that does not select exactly the adapted layers (under all their names),
+    naming the difference."""
+    adapted, plain = set(), set()
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        if any(module_name.startswith(n + ".") for n in adapted):
+            continue  # inside an adapter (NEAT's own Linear layers)
+        if isinstance(module, AdapterLinear):
+            adapted.add(module_name)
+        elif is_adaptable(module):
+            plain.add(module_name)
+    targets = resolved_targets(model, config)
+    output_layers = output_layer_names(model) if targets == "all-linear" else set()
+    selected = {n for n in adapted | plain if is_selected(n, targets, config, output_layers)}
+    if selected != adapted:
+        raise ValueError(f"adapter {name!r}: the config selects {sorted(selected - adapted)[:5]} that have no "
+                         f"adapter and leaves out adapted layers {sorted(adapted - selected)[:5]}; every named "
+                         f"adapter covers the layers inject adapted")
+
+
+def set_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Make ``name`` the adapter every adapted layer computes with (and trains: the others' parameters
+    are frozen); returns ``model``. Refused, nothing switched, while a layer is merged."""
+    layers = _unique_layers(model)
+    if name not in layers[0][1].adapter_names():
+        raise ValueError(f"no adapter named {name!r} (adapters: {layers[0][1].adapter_names()})")
+    merged = [n for n, layer in layers if layer.merged]
+    if merged and name != layers[0][1].adapter_name:
+        raise ValueError(f"cannot switch to adapter {name!r} while adapter {layers[0][1].adapter_name!r} is merged "
+                         f"into {merged[:3]}; unmerge first")
+    for _, layer in layers:
+        layer.activate(name)
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Drop the inactive adapter ``name`` from every layer; returns ``model``. The active adapter is
+    refused: switch to another first (or ``unload`` to drop them all)."""
+    layers = _unique_layers(model)
+    if name not in layers[0][1].adapter_names():
+        raise ValueError(f"no adapter named {name!r} (adapters: {layers[0][1].adapter_names()})")
+    if name == layers[0][1].adapter_name:
+        raise ValueError(f"adapter {name!r} is the active adapter; set_adapter another one before deleting it "
+                         f"(or unload the adapters)")
+    for _, layer in layers:
+        layer.remove_adapter(name)
+    return model
 
 
 @contextlib.contextmanager

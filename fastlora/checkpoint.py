@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .config import AdapterConfig
 from .inject import _matches, _set_submodule, adapter_layers, inject
 from .layer import is_adaptable
+from .methods import Adapter
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -52,11 +53,24 @@ PathLike = Union[str, os.PathLike]
 Writer = Callable[[str], None]
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Every adapter tensor (parameters and persistent buffers), keyed by qualified name."""
-    state = {}
+def named_adapters(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, tuple[nn.Module, Adapter]]:
+    """Layer name -> (layer, its adapter called ``adapter_name``; None: the active one)."""
+    layers = {}
     for name, layer in adapter_layers(model):
-        for key, tensor in layer.adapter.state_dict().items():
+        try:
+            layers[name] = (layer, layer.adapter if adapter_name is None else layer.named_adapter(adapter_name))
+        except KeyError:
+            raise ValueError(f"the model has no adapter named {adapter_name!r} (adapters: "
+                             f"{layer.adapter_names()})") from None
+    return layers
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, Tensor]:
+    """Every tensor (parameters and persistent buffers) of the adapter ``adapter_name`` (None: the
+    active one), keyed "<layer name>.adapter.<tensor name>" whatever the adapter's name."""
+    state = {}
+    for name, (_, adapter) in named_adapters(model, adapter_name).items():
+        for key, tensor in adapter.state_dict().items():
             state[f"{name}.adapter.{key}"] = tensor.detach().contiguous().cpu()
     return state
 
@@ -64,22 +78,25 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def trainable_non_adapter_parameters(model: nn.Module) -> dict[str, Tensor]:
     """Parameters outside the adapter layers' adapters that require grad (a classifier head
     trained with the adapters), keyed by qualified name."""
-    adapters = {id(p) for _, layer in adapter_layers(model) for p in layer.adapter.parameters()}
+    adapters = {id(p) for _, layer in adapter_layers(model) for n in layer.adapter_names()
+                for p in layer.named_adapter(n).parameters()}
     return {name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in adapters}
 
 
-def save_adapter(model: nn.Module, directory: PathLike) -> Path:
-    """Write the model's adapters (tensors and each layer's config) and its trainable parameters
-    outside the adapters (``modules_to_save``: a classifier head) into ``directory``, created when
-    missing; other files in it are left alone. Returns the directory's path."""
-    layers = list(adapter_layers(model))
-    if not layers:
+def save_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[str] = None) -> Path:
+    """Write the model's active adapter (or the one called ``adapter_name``: tensors and each layer's
+    config) and its trainable parameters outside the adapters (``modules_to_save``: a classifier
+    head) into ``directory``, created when missing; other files in it are left alone. Returns the
+    directory's path."""
+    if next(adapter_layers(model), None) is None:
         raise ValueError("model has no fastlora adapters to save")
-    state = adapter_state_dict(model)
+    layers = named_adapters(model, adapter_name)
+    state = adapter_state_dict(model, adapter_name)
     extra = {name: p.detach().contiguous().cpu() for name, p in trainable_non_adapter_parameters(model).items()}
     state.update(extra)
-    meta = {"format_version": FORMAT_VERSION, "config": layers[0][1].config.to_dict(),
-            "layers": {name: layer.config.to_dict() for name, layer in layers}, "saved_parameters": sorted(extra)}
+    configs = {name: adapter.config.to_dict() for name, (_, adapter) in layers.items()}
+    meta = {"format_version": FORMAT_VERSION, "config": next(iter(configs.values())), "layers": configs,
+            "saved_parameters": sorted(extra)}
     digest = {}
 
     def write_weights(path: str) -> None:
@@ -330,9 +347,9 @@ def _inject_checkpoint_layers(model: nn.Module, configs: dict[str, AdapterConfig
     return undo
 
 
-def _check_tensor(key: str, tensor: Tensor, expected: Tensor, layer: nn.Module) -> None:
+def _check_tensor(key: str, tensor: Tensor, expected: Tensor, layer: nn.Module, adapter: Adapter) -> None:
     shape, want = tuple(tensor.shape), tuple(expected.shape)
-    if key.rsplit(".", 1)[-1] in layer.adapter.variable_length_keys:  # any number of stages (checked by the adapter)
+    if key.rsplit(".", 1)[-1] in adapter.variable_length_keys:  # any number of stages (checked by the adapter)
         shape, want = shape[1:], want[1:]
     if shape != want and not (shape == () and want == (1,)):  # (): a Selective LoRA score saved 0-dim
         raise ValueError(f"{key}: checkpoint shape {shape} != model shape {want}")
@@ -350,27 +367,28 @@ def _check_tensor(key: str, tensor: Tensor, expected: Tensor, layer: nn.Module) 
         raise ValueError(f"{key}: checkpoint values span [{low}, {high}], outside {limit}")
 
 
-def _check_fits(layers: dict[str, nn.Module], configs: dict[str, AdapterConfig], state: dict[str, Tensor]) -> None:
-    """Everything ``load_adapter`` checks before changing a layer."""
+def _check_fits(layers: dict[str, tuple[nn.Module, Adapter]], configs: dict[str, AdapterConfig],
+                state: dict[str, Tensor]) -> None:
+    """Everything ``load_adapter`` checks before changing a layer (``layers``: from ``named_adapters``)."""
     missing, unexpected = sorted(set(configs) - set(layers)), sorted(set(layers) - set(configs))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: checkpoint layers missing from the model's adapter "
                          f"layers {missing[:5]}, model adapter layers missing from the checkpoint {unexpected[:5]}")
-    for name, layer in layers.items():
-        if layer.merged:
+    for name, (layer, adapter) in layers.items():
+        if layer.merged and adapter is layer.adapter:
             raise ValueError(f"layer {name} is merged; unmerge before loading adapters")
-        if layer.config.method != configs[name].method:
-            raise ValueError(f"layer {name} has a {layer.config.method!r} adapter, checkpoint is "
+        if adapter.config.method != configs[name].method:
+            raise ValueError(f"layer {name} has a {adapter.config.method!r} adapter, checkpoint is "
                              f"{configs[name].method!r}")
-    expected = {f"{name}.adapter.{key}": (t, layer) for name, layer in layers.items()
-                for key, t in layer.adapter.state_dict().items()}
+    expected = {f"{name}.adapter.{key}": (t, layer, adapter) for name, (layer, adapter) in layers.items()
+                for key, t in adapter.state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for key, tensor in state.items():
         _check_tensor(key, tensor, *expected[key])
-    for name, layer in layers.items():
-        ours, theirs = _computation_fields(layer.config), _computation_fields(configs[name])
+    for name, (_, adapter) in layers.items():
+        ours, theirs = _computation_fields(adapter.config), _computation_fields(configs[name])
         differing = {k: (theirs.get(k), ours.get(k)) for k in ours.keys() | theirs.keys()
                      if ours.get(k) != theirs.get(k)}
         if differing:
@@ -378,7 +396,7 @@ def _check_fits(layers: dict[str, nn.Module], configs: dict[str, AdapterConfig],
             raise ValueError(f"layer {name}: checkpoint config differs from the layer's in {detail}")
         prefix = f"{name}.adapter."
         try:
-            layer.adapter.check_state({k[len(prefix):]: t for k, t in state.items() if k.startswith(prefix)})
+            adapter.check_state({k[len(prefix):]: t for k, t in state.items() if k.startswith(prefix)})
         except ValueError as error:
             raise ValueError(f"layer {name}: {error}") from None
 
@@ -397,12 +415,15 @@ def check_saved_parameters(model: nn.Module, saved: dict[str, Tensor]) -> dict[s
     return targets
 
 
-def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
-    """Load adapters saved by ``save_adapter`` into ``model``; returns ``model``.
+def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[str] = None) -> nn.Module:
+    """Load adapters saved by ``save_adapter`` into ``model``'s active adapter, or into the one
+    called ``adapter_name`` (added with the stored config when the model has none of that name);
+    returns ``model``.
 
     A model without adapters is first injected with the stored config into exactly the
-    checkpoint's layers. Saved non-adapter parameters (``modules_to_save``: a classifier head)
-    are copied into the model's parameters of the same names, which become trainable again.
+    checkpoint's layers (its adapter named ``adapter_name``, "default" when None). Saved
+    non-adapter parameters (``modules_to_save``: a classifier head) are copied into the model's
+    parameters of the same names, which become trainable again.
     Raises (leaving the model as it was) on: a malformed or mixed checkpoint, non-finite values,
     missing or unexpected layers or tensors, shape or dtype mismatches, indices outside W, merged
     layers, a layer config that differs in a field that changes the computation (all but
@@ -410,20 +431,41 @@ def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     LoRASC's stage record, whose stage count may differ from the model's).
     """
     configs, state, saved = _read_checkpoint(directory)
-    undo = None if next(adapter_layers(model), None) is not None else _inject_checkpoint_layers(model, configs)
+    undo = _add_checkpoint_adapter(model, configs, adapter_name)
     try:
-        layers = dict(adapter_layers(model))
+        layers = named_adapters(model, adapter_name)
         _check_fits(layers, configs, state)
         targets = check_saved_parameters(model, saved)
     except BaseException:
         if undo is not None:
             undo()
         raise
-    for name, layer in layers.items():
+    for name, (_, adapter) in layers.items():
         prefix = f"{name}.adapter."
-        layer.adapter.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        adapter.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     restore_saved_parameters(targets, saved)
     return model
+
+
+def _add_checkpoint_adapter(model: nn.Module, configs: dict[str, AdapterConfig],
+                            adapter_name: Optional[str]) -> Optional[Callable[[], None]]:
+    """Build the adapter a checkpoint loads into when the model lacks it: inject into a model
+    without adapters, ``add_adapter`` for a new name; returns the function that undoes it (None:
+    nothing built)."""
+    first = next(adapter_layers(model), None)
+    if first is None:
+        undo = _inject_checkpoint_layers(model, configs)
+        if adapter_name is not None:
+            for _, layer in adapter_layers(model):
+                layer.adapter_name = adapter_name
+        return undo
+    if adapter_name is None or adapter_name in first[1].adapter_names():
+        return None
+    from .adapters_api import add_adapter, delete_adapter  # adapters_api builds on inject, as this module does
+
+    config = next(iter(configs.values()))
+    add_adapter(model, adapter_name, AdapterConfig.from_dict({**config.to_dict(), "target_modules": sorted(configs)}))
+    return lambda: delete_adapter(model, adapter_name)
 
 
 @torch.no_grad()

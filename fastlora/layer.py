@@ -15,6 +15,8 @@ from .config import AdapterConfig
 from .methods import Adapter, build_adapter
 
 _MERGE_COUNTER = itertools.count()
+#: the name of the adapter ``inject`` builds
+DEFAULT_ADAPTER = "default"
 
 
 def conv1d_type() -> Optional[type]:
@@ -52,6 +54,10 @@ class AdapterLinear(nn.Module):
     GPT-2's Conv1D (weight stored (d_in, d_out), y = x W + b) is wrapped by ``from_linear``
     too (``fan_in_fan_out``): ``weight`` is then the (d_out, d_in) transposed view of its weight
     (no copy; merging writes through it), and state dicts keep Conv1D's (d_in, d_out) layout.
+
+    Named adapters: ``adapter`` (and ``config``) is the active one, called ``adapter_name``
+    ("default" from ``inject``); others wait in ``inactive_adapters`` with their parameters frozen
+    (``add_named_adapter``, ``activate``, ``remove_adapter``).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -91,6 +97,8 @@ class AdapterLinear(nn.Module):
         self.adapter.bind(self)
         if start:
             self.adapter.start()
+        self.adapter_name = DEFAULT_ADAPTER
+        self._inactive_flags: dict[str, list[bool]] = {}  # requires_grad of each inactive adapter's parameters
         self.merged = False
         self.merge_order = -1  # position of the latest merge among all layers' merges
         self.adapter_enabled = True
@@ -108,6 +116,57 @@ class AdapterLinear(nn.Module):
         dropout = self.config.dropout if self.training else 0.0
         return adapted_linear(x, self.weight, self.bias, dropout=dropout, backend=self.config.backend,
                               **self.adapter.op_arguments(self.weight))
+
+    def adapter_names(self) -> list[str]:
+        """The active adapter's name, then the inactive ones' in the order they were added."""
+        inactive = self._modules.get("inactive_adapters")
+        return [self.adapter_name, *(inactive or {})]
+
+    def named_adapter(self, name: str) -> Adapter:
+        """The adapter called ``name`` (active or not)."""
+        if name == self.adapter_name:
+            return self.adapter
+        if name not in self.adapter_names():
+            raise KeyError(f"no adapter named {name!r} (adapters: {self.adapter_names()})")
+        return self.inactive_adapters[name]
+
+    def add_named_adapter(self, name: str, adapter: Adapter) -> None:
+        """Keep ``adapter`` under ``name``, inactive (its parameters frozen until it is activated)."""
+        if name in self.adapter_names():
+            raise ValueError(f"an adapter named {name!r} exists already")
+        if "inactive_adapters" not in self._modules:
+            self.inactive_adapters = nn.ModuleDict()
+        self._deactivate(name, adapter)
+        adapter.bind(self)
+
+    def _deactivate(self, name: str, adapter: Adapter) -> None:
+        self._inactive_flags[name] = [p.requires_grad for p in adapter.parameters()]
+        adapter.requires_grad_(False)
+        self.inactive_adapters[name] = adapter
+
+    def activate(self, name: str) -> None:
+        """Make the adapter ``name`` the one this layer computes with (its parameters' requires_grad
+        as when it was last active; the one it replaces is kept, frozen). Refused while merged."""
+        if name == self.adapter_name:
+            return
+        adapter = self.named_adapter(name)
+        if self.merged:
+            raise ValueError(f"cannot switch to adapter {name!r}: adapter {self.adapter_name!r} is merged into W; "
+                             f"unmerge first")
+        del self.inactive_adapters[name]
+        for param, flag in zip(adapter.parameters(), self._inactive_flags.pop(name)):
+            param.requires_grad_(flag)
+        self._deactivate(self.adapter_name, self.adapter)
+        self.adapter, self.config, self.adapter_name = adapter, adapter.config, name
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop the inactive adapter ``name`` (the active one is refused: activate another first)."""
+        if name == self.adapter_name:
+            raise ValueError(f"adapter {name!r} is the active adapter; set another adapter active before deleting "
+                             f"it (or unload the adapters)")
+        self.named_adapter(name)
+        del self.inactive_adapters[name]
+        del self._inactive_flags[name]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
