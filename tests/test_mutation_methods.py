@@ -1,5 +1,7 @@
 """Method details that only mutation testing showed unchecked; expected values come from the authors'
 sampling procedure (tests/test_oracles.py) or are written out here, never read from the adapter."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -62,3 +64,33 @@ def test_curlora_zero_line_error_names_the_first_zero_column_or_row(dim, what, z
             weight[index, :] = 0.0
     with pytest.raises(ValueError, match=rf"^W {what} {min(zeros)} is all zeros"):
         inverted_probabilities(weight, dim, 0.0)
+
+
+def test_codyra_first_step_of_a_fresh_adapter_is_step_one():
+    """A freshly built adapter (no checkpoint, no refresh) counts its first optimizer step as step 1:
+    with 2 sparse steps and 2 levels, kappa(1) = 0.25 and kappa(2) = 0.5, so w = 1.0 becomes 0.75."""
+    config = fastlora.RankSelectiveLoraConfig(r=3, total_steps=2, dense_fraction=0.0, threshold_levels=2,
+                                              kappa_max=0.5)
+    model = fastlora.inject(nn.Sequential(nn.Linear(8, 6, dtype=torch.float64)), config)
+    adapter = model[0].adapter
+    assert not adapter.schedule_done
+    adapter.after_optimizer_step(0.1)
+    assert torch.equal(adapter.importance.detach(), torch.full((3,), 0.75, dtype=torch.float64))
+    assert int(adapter.optimizer_steps) == 1 and adapter.extra_stats()["optimizer_steps"] == 1.0
+    assert adapter.extra_stats()["kappa"] == 0.25
+    assert not adapter.schedule_done  # one of two steps done
+    adapter.after_optimizer_step(0.1)
+    assert torch.equal(adapter.importance.detach(), torch.full((3,), 0.25, dtype=torch.float64))
+    assert adapter.schedule_done
+
+
+def test_codyra_randn_init_from_a_config_string_read_at_run_time():
+    """importance_init read from a file is an equal string, not the interned literal: still the N(0, 1) draw
+    (after A's kaiming-uniform draw from the same default generator)."""
+    config = fastlora.RankSelectiveLoraConfig(r=4, importance_init="".join(["ran", "dn"]))
+    model = nn.Sequential(nn.Linear(8, 6, dtype=torch.float64))
+    torch.manual_seed(5)
+    fastlora.inject(model, config)
+    torch.manual_seed(5)
+    nn.init.kaiming_uniform_(torch.empty(4, 8, dtype=torch.float64), a=math.sqrt(5))
+    assert torch.equal(model[0].adapter.importance.detach(), torch.randn(4, dtype=torch.float64))
