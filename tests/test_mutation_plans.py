@@ -1,0 +1,80 @@
+"""backend="auto" bookkeeping (kernels/plans.py) that the plan tests do not reach on CPU: the default cache
+location, the cache section of a device, the CUDA timer's arithmetic (with stand-in CUDA events), PlanKey as
+a value."""
+import dataclasses
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastlora.kernels import plans
+
+KEY = plans.PlanKey("cpu", "float32", 64, 24, 20, 4, False, False)
+
+
+def test_plan_key_is_an_immutable_hashable_value():
+    same = plans.PlanKey("cpu", "float32", 64, 24, 20, 4, False, False)
+    assert same == KEY and hash(same) == hash(KEY) and len({KEY, same}) == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        KEY.rank = 8
+    assert str(KEY) == "cpu|float32|64|24|20|4|False|False"
+
+
+def test_cache_directory_defaults_to_the_home_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("FASTLORA_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert plans.cache_directory() == tmp_path / ".cache" / "fastlora"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")  # empty: as unset
+    assert plans.cache_directory() == tmp_path / ".cache" / "fastlora"
+
+
+def test_default_cache_file_is_plans_json_in_the_cache_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTLORA_CACHE_DIR", str(tmp_path / "c"))
+    assert plans.PlanCache().path == tmp_path / "c" / "plans.json"
+    assert plans.PlanCache(Path("/elsewhere/p.json")).path == Path("/elsewhere/p.json")
+
+
+def test_cpu_section_names_the_device_type_and_versions():
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    assert plans.environment_section(torch.device("cpu")) == f"cpu|torch {torch.__version__}|triton {triton_version}"
+
+
+class FakeEvent:
+    """A CUDA event on a scripted clock (milliseconds): record() stamps the next time of ``CLOCK``."""
+
+    CLOCK: list = []
+    created: list = []
+
+    def __init__(self, enable_timing=False):
+        self.enable_timing = enable_timing
+        self.time = None
+        FakeEvent.created.append(self)
+
+    def record(self):
+        self.time = FakeEvent.CLOCK.pop(0)
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        assert self.enable_timing and end.enable_timing, "elapsed_time needs timing events"
+        return end.time - self.time
+
+
+def test_cuda_timer_is_the_median_in_seconds_after_warmup(monkeypatch):
+    durations_ms = [4.0, 9.0, 1.5, 30.0, 2.5]
+    FakeEvent.CLOCK = [t for i, d in enumerate(durations_ms) for t in (100.0 * i, 100.0 * i + d)]
+    FakeEvent.created = []
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    calls = []
+    seconds = plans.cuda_timer(lambda: calls.append(1), warmup=2, reps=5)
+    assert seconds == pytest.approx(statistics.median(durations_ms) / 1000.0, rel=1e-12)  # 4 ms
+    assert len(calls) == 2 + 5 and len(FakeEvent.created) == 2 * 5
+    assert all(event.enable_timing for event in FakeEvent.created)
