@@ -102,3 +102,15 @@ def test_environment_variable_applies_to_auto_only(monkeypatch):
     assert dispatch.select_plan(fresh("torch"), x, torch.bfloat16, lambda: "cublas") == "torch"
     with pytest.raises(RuntimeError, match=rf"{dispatch.ENV_VAR}='triton' cannot run this call"):
         dispatch.select_plan(fresh("auto"), x, torch.bfloat16, lambda: "cublas")
+
+
+def test_triton_backend_is_a_constant_under_torch_compile():
+    """torch.compile reads triton_backend() as a traced constant: no import (which dynamo cannot trace) in
+    the graph, so a whole-graph compile of a function asking for it succeeds."""
+    expected = 1.0 if dispatch.triton_backend() is not None else 2.0
+
+    def pick(x):
+        return x + (1.0 if dispatch.triton_backend() is not None else 2.0)
+
+    compiled = torch.compile(pick, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(torch.zeros(3)), torch.full((3,), expected))
