@@ -78,3 +78,16 @@ def test_cuda_timer_is_the_median_in_seconds_after_warmup(monkeypatch):
     assert seconds == pytest.approx(statistics.median(durations_ms) / 1000.0, rel=1e-12)  # 4 ms
     assert len(calls) == 2 + 5 and len(FakeEvent.created) == 2 * 5
     assert all(event.enable_timing for event in FakeEvent.created)
+
+
+def test_cuda_section_names_the_gpu(monkeypatch):
+    asked = []
+
+    def device_name(device):
+        asked.append(device)
+        return "NVIDIA H200"
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", device_name)
+    section = plans.environment_section(torch.device("cuda", 1))
+    assert section.startswith(f"NVIDIA H200|torch {torch.__version__}|triton ")
+    assert asked == [torch.device("cuda", 1)]
