@@ -91,3 +91,34 @@ def test_cuda_section_names_the_gpu(monkeypatch):
     section = plans.environment_section(torch.device("cuda", 1))
     assert section.startswith(f"NVIDIA H200|torch {torch.__version__}|triton ")
     assert asked == [torch.device("cuda", 1)]
+
+
+def test_section_without_triton_says_none(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
+    assert plans.environment_section(torch.device("cpu")) == f"cpu|torch {torch.__version__}|triton none"
+
+
+def test_a_failed_write_warns_keeps_the_plan_in_memory_and_leaves_no_temp_file(monkeypatch, tmp_path):
+    cache = plans.PlanCache(tmp_path / "plans.json")
+
+    def refuse(source, destination):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(plans.os, "replace", refuse)
+    with pytest.warns(UserWarning, match="could not write the plan cache .*disk full"):
+        cache.put("sec", KEY, "cublas")
+    assert cache.get("sec", KEY) == "cublas"
+    assert list(tmp_path.iterdir()) == []  # the temp file was removed, no plans.json written
+
+
+def test_choose_takes_its_options_by_keyword_only(tmp_path):
+    cache = plans.PlanCache(tmp_path / "plans.json")
+
+    def run(plan):
+        raise AssertionError("nothing is measured when not measurable")
+
+    with pytest.raises(TypeError):
+        plans.choose(KEY, "sec", run, False)
+    assert plans.choose(key=KEY, section="sec", run=run, measurable=False, cache=cache) == plans.DEFAULT_PLAN
