@@ -122,3 +122,23 @@ def test_choose_takes_its_options_by_keyword_only(tmp_path):
     with pytest.raises(TypeError):
         plans.choose(KEY, "sec", run, False)
     assert plans.choose(key=KEY, section="sec", run=run, measurable=False, cache=cache) == plans.DEFAULT_PLAN
+
+
+def test_token_bucket_of_an_empty_batch_is_one():
+    assert [plans.token_bucket(n) for n in (0, 1, 2)] == [1, 1, 2]
+
+
+def test_cuda_timer_defaults_are_three_warmups_and_ten_timed_calls(monkeypatch):
+    FakeEvent.CLOCK = [t for i in range(10) for t in (10.0 * i, 10.0 * i + 1.0 + i)]  # 1, 2, ..., 10 ms
+    FakeEvent.created = []
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    calls = []
+    assert plans.cuda_timer(lambda: calls.append(1)) == pytest.approx(5.5e-3, rel=1e-12)
+    assert len(calls) == 13 and len(FakeEvent.created) == 20
+
+
+def test_the_cache_directory_is_created_with_its_parents(tmp_path):
+    path = tmp_path / "a" / "b" / "plans.json"
+    plans.PlanCache(path).put("sec", KEY, "torch")
+    assert plans.PlanCache(path).get("sec", KEY) == "torch"
