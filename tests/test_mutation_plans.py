@@ -36,13 +36,15 @@ def test_default_cache_file_is_plans_json_in_the_cache_directory(monkeypatch, tm
     assert plans.PlanCache(Path("/elsewhere/p.json")).path == Path("/elsewhere/p.json")
 
 
-def test_cpu_section_names_the_device_type_and_versions():
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_non_cuda_section_names_the_device_type_and_versions(device):
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    assert plans.environment_section(torch.device("cpu")) == f"cpu|torch {torch.__version__}|triton {triton_version}"
+    section = plans.environment_section(torch.device(device))
+    assert section == f"{device}|torch {torch.__version__}|triton {triton_version}"
 
 
 class FakeEvent:
