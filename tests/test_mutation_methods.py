@@ -1,5 +1,5 @@
 """Method details that only mutation testing showed unchecked; expected values come from the authors'
-sampling procedure (tests/test_oracles.py) or are written out here, never read from the adapter."""
+sampling procedure (tests/utils.py) or are written out here, never read from the adapter."""
 import math
 
 import pytest
@@ -9,7 +9,8 @@ from torch import nn
 import fastlora
 from fastlora import CurLoraConfig
 from fastlora.methods.curlora import CurLoraAdapter, inverted_probabilities
-from test_oracles import authors_cur_indices
+
+from utils import authors_cur_indices
 
 
 def uneven_weight(d_out, d_in, seed):

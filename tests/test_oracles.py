@@ -10,24 +10,13 @@ from torch import nn
 import fastlora
 from fastlora import AdapterLinear, CurLoraConfig, LoraConfig, NeatConfig, SelectiveLoraConfig
 
+from utils import authors_cur_indices
+
 F64 = torch.float64
 
 
 def rel(out, ref):
     return float((out.double() - ref.double()).norm() / ref.double().norm())
-
-
-def authors_cur_indices(weight: torch.Tensor, r: int, seed: int, eps: float = 1e-3):
-    """CURLoRA's sampling as its authors' code does it: inverted squared-norm probabilities
-    q ∝ 1/(p + 1e-3) in float32, k columns first, then k rows, with replacement."""
-    w = weight.float()
-    total = w.square().sum()
-    q_cols = 1.0 / (w.square().sum(0) / total + eps)
-    q_rows = 1.0 / (w.square().sum(1) / total + eps)
-    generator = torch.Generator().manual_seed(seed)
-    cols = torch.multinomial(q_cols / q_cols.sum(), r, replacement=True, generator=generator)
-    rows = torch.multinomial(q_rows / q_rows.sum(), r, replacement=True, generator=generator)
-    return rows, cols
 
 
 @pytest.mark.parametrize("seed", [0, 5, 123])

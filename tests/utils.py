@@ -41,3 +41,16 @@ def assert_close(out: Tensor, ref: Tensor, tol: float, what: str = "output", zer
     assert torch.isfinite(out).all(), f"{what}: non-finite entries; {error_report(out, ref)}"
     err = rel(out, ref, zero_ref_ok=zero_ref_ok)
     assert err < tol, f"{what}: rel err {err:.2e} >= {tol:.1e}; {error_report(out, ref)}"
+
+
+def authors_cur_indices(weight: torch.Tensor, r: int, seed: int, eps: float = 1e-3):
+    """CURLoRA's sampling as its authors' code does it: inverted squared-norm probabilities
+    q ∝ 1/(p + 1e-3) in float32, k columns first, then k rows, with replacement."""
+    w = weight.float()
+    total = w.square().sum()
+    q_cols = 1.0 / (w.square().sum(0) / total + eps)
+    q_rows = 1.0 / (w.square().sum(1) / total + eps)
+    generator = torch.Generator().manual_seed(seed)
+    cols = torch.multinomial(q_cols / q_cols.sum(), r, replacement=True, generator=generator)
+    rows = torch.multinomial(q_rows / q_rows.sum(), r, replacement=True, generator=generator)
+    return rows, cols

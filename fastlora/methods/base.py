@@ -25,11 +25,8 @@ class Adapter(nn.Module):
     """Base class of a method's adapter attached to one Linear (d_out x d_in).
 
     Subclasses implement ``op_arguments``; the rest has working defaults.
-    ``delta_depends_on_weight``: True when the update is computed from W (CURLoRA,
-    NEAT), so merging keeps a copy of W and unmerging restores it exactly.
     """
 
-    delta_depends_on_weight: bool = False
     # state_dict keys whose first dimension counts stages (LoRASC's record): a checkpoint may hold another count
     variable_length_keys: frozenset[str] = frozenset()
 

@@ -59,7 +59,6 @@ class CurLoraAdapter(Adapter):
     ΔW = alpha C U R = alpha W[:, J] U W[I, :].
     """
 
-    delta_depends_on_weight = True
 
     def __init__(self, config: CurLoraConfig, in_features: int, out_features: int,
                  weight: Tensor, layer_index: int = 0) -> None:

@@ -39,7 +39,6 @@ class NeatAdapter(Adapter):
     layer under different grad or autocast states never get another state's value.
     """
 
-    delta_depends_on_weight = True
 
     def __init__(self, config: NeatConfig, in_features: int, out_features: int,
                  weight: Tensor, layer_index: int = 0) -> None:
