@@ -1,6 +1,6 @@
 """Argument bundles shared by the reference, the torch path and the Triton path.
 
-The operation (DESIGN.md, "One operation under every method")::
+The operation every method computes::
 
     y = x W^T + bias + scale * gate * ((dropout(x) A^T) M^T ⊙ m) B^T
 

@@ -1,4 +1,4 @@
-"""CURLoRA against METHODS.md: inverted-probability sampling, U-only training, float64 formulas."""
+"""CURLoRA against its paper and its authors' code: inverted-probability sampling, U-only training, float64 formulas."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""NEAT / PEANuT against METHODS.md's float64 formula and against HF peft's PEANuT layer."""
+"""NEAT / PEANuT against its float64 formula (the paper's definition) and against HF peft's PEANuT layer."""
 import math
 import warnings
 
