@@ -20,7 +20,7 @@ from ..philox import keep_threshold
 from . import metadata
 from .dropout import keep_scale
 from .launch_config import dot_precision, gemm_configs, launch_context, pad_rank, prune_gemm_configs
-from .tiles import load_factor
+from .tiles import grouped_tile, load_factor
 
 
 # Tuned per token-count bucket (the next power of two), not per exact token count, so
@@ -48,14 +48,7 @@ def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, v_ptr, u_ptr, u_idx_ptr, out_pt
     Rows and columns past the edge wrap (offs % M) so edge tiles load valid memory; their
     stores are masked. Row and column offsets are int64: M * stride can pass 2^31.
     """
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_m
-    pid_n = (pid % in_group) // group_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -29,6 +29,7 @@ from .onepass_tiles import (
     times_weights,
 )
 from .partials import partial_buffer, sum_partials
+from .tiles import grouped_tile
 
 
 @triton.autotune(configs=backward_configs(), key=["M_BUCKET", "N", "K", "R_PAD", "DROPOUT", "COMPUTE_DB"],
@@ -62,14 +63,7 @@ def _onepass_input_grad_kernel(dy_ptr, w_ptr, f_ptr, f_idx_ptr, mid_ptr, rw_ptr,
     Rows and columns wrap at the edges (stores and column sums are masked to the valid rows);
     offsets are int64 (M * stride can pass 2^31).
     """
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_m
-    pid_n = (pid % in_group) // group_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -19,6 +19,7 @@ from ..philox import keep_threshold
 from . import metadata
 from .launch_config import dot_precision, gemm_configs, launch_context, pad_rank
 from .onepass_tiles import add_expand, gemm_with_side, prune_onepass_configs, times_middle, times_weights
+from .tiles import grouped_tile
 
 
 @triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "R_PAD", "DROPOUT"],
@@ -46,14 +47,7 @@ def _onepass_forward_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, a_idx_ptr, mid_ptr, r
     its constexpr flag. Rows and columns wrap at the edges (valid loads, masked stores); offsets
     are int64 (M * stride can pass 2^31).
     """
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_m
-    pid_n = (pid % in_group) // group_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
