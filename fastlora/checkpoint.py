@@ -385,7 +385,7 @@ def _check_fits(layers: dict[str, tuple[nn.Module, Adapter]], configs: dict[str,
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for key, tensor in state.items():
+    for key, tensor in sorted(state.items()):  # a fixed order: the first mismatch reported is reproducible
         _check_tensor(key, tensor, *expected[key])
     for name, (_, adapter) in layers.items():
         ours, theirs = _computation_fields(adapter.config), _computation_fields(configs[name])
