@@ -22,6 +22,8 @@ from fastlora.kernels import adapted_linear_reference, dropout_mask  # noqa: E40
 from fastlora.kernels.dispatch import plan_implementation, triton_backend  # noqa: E402
 from fastlora.kernels.function import AdaptedLinearFunction  # noqa: E402
 
+from utils import poison_empty  # noqa: E402
+
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 F64 = torch.float64
@@ -50,13 +52,7 @@ def onepass(impl):
 @pytest.fixture(autouse=True)
 def poisoned_empty(monkeypatch, impl):
     """torch.empty / empty_like return NaN-filled floating tensors for the test's duration."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+    poison_empty(monkeypatch)
 
 
 @pytest.fixture

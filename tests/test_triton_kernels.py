@@ -30,7 +30,7 @@ from fastlora.kernels import (  # noqa: E402
 from fastlora.kernels.dispatch import select_plan, triton_backend, triton_interpreter_on  # noqa: E402
 from fastlora.kernels.spec import LowRankTerm  # noqa: E402
 
-from utils import rel  # noqa: E402
+from utils import poison_empty, rel  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -69,13 +69,7 @@ def plan(request):
 @pytest.fixture(autouse=True)
 def poisoned_empty(monkeypatch, impl):
     """torch.empty / empty_like return NaN-filled floating tensors for the test's duration."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+    poison_empty(monkeypatch)
 
 
 def make_inputs(dtype, n=37, d_in=53, d_out=29, r=5, *, bias=True, middle=False, rank_weights=False,

@@ -54,3 +54,14 @@ def authors_cur_indices(weight: torch.Tensor, r: int, seed: int, eps: float = 1e
     cols = torch.multinomial(q_cols / q_cols.sum(), r, replacement=True, generator=generator)
     rows = torch.multinomial(q_rows / q_rows.sum(), r, replacement=True, generator=generator)
     return rows, cols
+
+
+def poison_empty(monkeypatch) -> None:
+    """Make torch.empty / empty_like return NaN-filled floating tensors (an unwritten output shows)."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
