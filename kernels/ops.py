@@ -104,7 +104,7 @@ def _auto_plan(x: Tensor, weight: Tensor, bias: Optional[Tensor], rank: int, dty
                         weight.shape[1], weight.shape[0], rank, dropout > 0.0, gathered)
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     measurable = not torch.compiler.is_compiling() and not capturing
-    return plans.choose(key, plans.environment_section(x.device), _timing_step(key, x.device, dtype, bias is not None),
+    return plans.choose(key, plans.device_section(x.device), _timing_step(key, x.device, dtype, bias is not None),
                         measurable=measurable)
 
 

@@ -14,6 +14,7 @@ frozen layer's own GEMMs) when none is recorded.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -90,6 +91,12 @@ def environment_section(device: torch.device) -> str:
     except ImportError:
         triton_version = "none"
     return f"{name}|torch {torch.__version__}|triton {triton_version}"
+
+
+@functools.lru_cache(maxsize=None)
+def device_section(device: torch.device) -> str:
+    """``environment_section`` read once per device (``auto`` asks for it on every call)."""
+    return environment_section(device)
 
 
 class PlanCache:

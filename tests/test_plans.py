@@ -129,7 +129,7 @@ def test_auto_measures_every_plan_on_the_call_shape(monkeypatch, cache, gathered
     monkeypatch.setattr(plans, "CANDIDATES", candidates)
     timer = FakeTimer(*[5.0 - i for i in range(len(candidates))])
     monkeypatch.setattr(plans, "cuda_timer", timer)
-    monkeypatch.setattr(plans, "environment_section", lambda device: "test-section")
+    monkeypatch.setattr(plans, "device_section", lambda device: "test-section")
     x = torch.randn(5, 7, 24)  # 35 tokens -> bucket 64
     weight = torch.randn(20, 24)
     plan = ops._auto_plan(x, weight, None, 4, torch.float32, 0.1 if dropout else 0.0, gathered)
