@@ -5,6 +5,11 @@
     python mutation/run.py --report              # the table of the sessions so far, no run
     python mutation/run.py --survivors MODULE    # the diffs of MODULE's surviving mutants
     python mutation/run.py --retest MODULE ...   # run MODULEs' survivors again (after adding tests)
+    python mutation/run.py --sample 0.02 --sessions mutation/sample  # 2% of every module's mutants, at random
+
+With ``--sample F`` each new session keeps round(F x its mutants) of them (at least one), drawn with
+``--seed``; the others are marked skipped (cosmic-ray's outcome for filtered mutants) and never run. The
+report then estimates the whole code base's score with a 95% Wilson interval.
 
 Per module: ``cosmic-ray init`` (once: an existing session resumes where it stopped), a baseline (its tests
 must pass unmutated), ``cosmic-ray exec``. The tests run through mutation/forkserver.py (torch and Triton
@@ -14,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import shlex
 import signal
 import sqlite3
@@ -68,16 +75,44 @@ def write_session_config(config: dict, module: str, socket_path: str, path: Path
 
 
 def counts(database: Path) -> dict[str, int]:
-    """mutants, killed (tests failed), timed out (counted as killed by cosmic-ray), survived, incompetent, pending."""
+    """mutants, killed (tests failed), timed out (counted as killed by cosmic-ray), survived, incompetent,
+    skipped (not in the sample), pending."""
     with sqlite3.connect(database) as db:
         total = db.execute("select count(*) from mutation_specs").fetchone()[0]
-        rows = db.execute("select test_outcome, output from work_results").fetchall()
-    timed_out = sum(1 for outcome, output in rows if outcome == "KILLED" and output == "timeout")
-    killed = sum(1 for outcome, _ in rows if outcome == "KILLED") - timed_out
-    survived = sum(1 for outcome, _ in rows if outcome == "SURVIVED")
-    incompetent = sum(1 for outcome, _ in rows if outcome == "INCOMPETENT")
+        rows = db.execute("select test_outcome, worker_outcome, output from work_results").fetchall()
+    timed_out = sum(1 for outcome, _, output in rows if outcome == "KILLED" and output == "timeout")
+    killed = sum(1 for outcome, _, _ in rows if outcome == "KILLED") - timed_out
+    survived = sum(1 for outcome, _, _ in rows if outcome == "SURVIVED")
+    incompetent = sum(1 for outcome, _, _ in rows if outcome == "INCOMPETENT")
+    skipped = sum(1 for _, worker, _ in rows if worker == "SKIPPED")
     return {"mutants": total, "killed": killed, "timed_out": timed_out, "survived": survived,
-            "incompetent": incompetent, "pending": total - len(rows)}
+            "incompetent": incompetent, "skipped": skipped, "pending": total - len(rows)}
+
+
+def keep_sample(database: Path, fraction: float, seed: int) -> int:
+    """Mark all but round(fraction x mutants) (at least one) of a new session's mutants as skipped, chosen
+    with ``random.Random(seed)`` over the mutants in source order; returns how many are kept."""
+    from cosmic_ray.work_db import use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    with sqlite3.connect(database) as db:
+        jobs = [job for (job,) in db.execute(
+            "select job_id from mutation_specs order by start_pos_row, start_pos_col, operator_name, occurrence")]
+    kept = set(random.Random(seed).sample(jobs, min(len(jobs), max(1, round(fraction * len(jobs))))))
+    with use_db(str(database)) as work_db:
+        work_db.set_multiple_results([job for job in jobs if job not in kept],
+                                     WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output="not in the sample"))
+    return len(kept)
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (successes / trials)."""
+    if trials == 0:
+        return 0.0, 1.0
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def survivors(database: Path) -> list[tuple[str, str]]:
@@ -93,18 +128,28 @@ def forget_survivors(database: Path) -> None:
 
 
 def report(sessions: Path) -> dict[str, dict[str, int]]:
+    """Print and save (summary.json) the counts per module; the raw score is (killed + timeout) over the
+    mutants run, before equivalent survivors are set aside (docs/testing.md)."""
     table = {}
     for database in sorted(sessions.glob("*.sqlite")):
         table[database.stem.replace("__", "/") + ".py"] = counts(database)
-    header = f"{'module':40} {'mutants':>8} {'killed':>7} {'timeout':>8} {'survived':>9} {'incomp.':>8} {'pending':>8}"
-    print(header)
+    columns = ["mutants", "killed", "timed_out", "survived", "incompetent", "skipped", "pending"]
+    print(f"{'module':40} " + " ".join(f"{name[:9]:>9}" for name in columns) + f" {'raw score':>9}")
+
+    def line(name: str, row: dict[str, int]) -> str:
+        caught, run = row["killed"] + row["timed_out"], row["killed"] + row["timed_out"] + row["survived"]
+        score = f"{100 * caught / run:8.1f}%" if run else f"{'-':>9}"
+        return f"{name:40} " + " ".join(f"{row[key]:9}" for key in columns) + f" {score}"
+
     for module, row in table.items():
-        print(f"{module:40} {row['mutants']:8} {row['killed']:7} {row['timed_out']:8} {row['survived']:9} "
-              f"{row['incompetent']:8} {row['pending']:8}")
-    total = {key: sum(row[key] for row in table.values()) for key in next(iter(table.values()), {})}
-    if total:
-        print(f"{'total':40} {total['mutants']:8} {total['killed']:7} {total['timed_out']:8} "
-              f"{total['survived']:9} {total['incompetent']:8} {total['pending']:8}")
+        print(line(module, row))
+    if table:
+        total = {key: sum(row[key] for row in table.values()) for key in columns}
+        print(line("total", total))
+        caught = total["killed"] + total["timed_out"]
+        if total["skipped"]:
+            low, high = wilson_interval(caught, caught + total["survived"])
+            print(f"sampled: the code base's raw score is in [{100 * low:.1f}%, {100 * high:.1f}%] (95%)")
     (sessions / "summary.json").write_text(json.dumps(table, indent=1, sort_keys=True))
     return table
 
@@ -116,7 +161,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--report", action="store_true", help="print the table of the sessions so far")
     parser.add_argument("--survivors", metavar="MODULE", help="print the diffs of MODULE's survivors")
     parser.add_argument("--retest", action="store_true", help="run the given modules' survivors again")
+    parser.add_argument("--sample", type=float, metavar="F", help="run only this fraction of each new session's "
+                        "mutants, drawn at random (the rest are marked skipped)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --sample draw (default 0)")
     options = parser.parse_args(argv)
+    if options.sample is not None and not 0 < options.sample <= 1:
+        parser.error(f"--sample must be in (0, 1], got {options.sample}")
     sessions = options.sessions.resolve()
     sessions.mkdir(parents=True, exist_ok=True)
     if options.survivors:
@@ -136,19 +186,24 @@ def main(argv: list[str]) -> int:
     try:
         if server.stdout.readline().strip() != "ready":
             raise SystemExit("the fork server did not start")
+        passed_baselines = set()  # test commands that passed unmutated in this run
         for module in modules:
             database = sessions / f"{session_name(module)}.sqlite"
             session_config = sessions / f"{session_name(module)}.toml"
             command = write_session_config(config, module, socket_path, session_config)
             if not database.exists():
                 subprocess.run(["cosmic-ray", "init", str(session_config), str(database)], cwd=ROOT, check=True)
+                if options.sample is not None:
+                    keep_sample(database, options.sample, options.seed)
             elif options.retest:
                 forget_survivors(database)
-            baseline = subprocess.run(shlex.split(command), cwd=ROOT, capture_output=True, text=True,
-                                      env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
-            if baseline.returncode != 0:
-                print(baseline.stdout[-5000:], file=sys.stderr)
-                raise SystemExit(f"{module}: its tests fail without a mutation; fix them first")
+            if command not in passed_baselines:
+                baseline = subprocess.run(shlex.split(command), cwd=ROOT, capture_output=True, text=True,
+                                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+                if baseline.returncode != 0:
+                    print(baseline.stdout[-5000:], file=sys.stderr)
+                    raise SystemExit(f"{module}: its tests fail without a mutation; fix them first")
+                passed_baselines.add(command)
             print(f"{module}: {counts(database)['pending']} mutants to run", flush=True)
             subprocess.run(["cosmic-ray", "exec", str(session_config), str(database)], cwd=ROOT, check=True)
             print(f"{module}: {counts(database)}", flush=True)
