@@ -27,8 +27,8 @@ class AdapterConfig:
     r: rank (> 0 and <= min(d_in, d_out) of every adapted layer).
     target_modules: names matched like PEFT (a module whose qualified name equals an
     entry or ends with "." + entry; a list, tuple or set of non-empty strings, kept as a
-    tuple), a regex string (full match), "all-linear" (every nn.Linear but a transformers model's
-    output layer: its output embeddings or classifier/score head), or None (PEFT's default
+    tuple), a regex string (full match), "all-linear" (any case, as PEFT; every nn.Linear but a transformers
+    model's output layer: its output embeddings or classifier/score head), or None (PEFT's default
     targets for the transformers model's architecture; every nn.Linear in any other model).
     A regex must compile and, so that matching cannot backtrack catastrophically, must
     not repeat a group that itself contains a repetition or an alternation (``(a+)+``,
@@ -123,6 +123,8 @@ def _checked_targets(targets: Any, field: str = "target_modules") -> Union[None,
     if targets is None:
         return None
     if isinstance(targets, str):
+        if field == "target_modules" and targets.lower() == "all-linear":  # PEFT's shorthand, in any case
+            return "all-linear"
         _check_regex(targets, field)
         return targets
     if not isinstance(targets, (list, tuple, set, frozenset)):

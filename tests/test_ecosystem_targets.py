@@ -60,6 +60,8 @@ CASES = {
                                        "layers_pattern": "layer"}),
     "llama default": (llama, {}),
     "llama all-linear (lm_head left out)": (llama, {"target_modules": "all-linear"}),
+    "llama ALL-LINEAR (any case, as PEFT)": (llama, {"target_modules": "ALL-LINEAR"}),
+    "classifier All-Linear": (bert_classifier, {"target_modules": "All-Linear", "task_type": "SEQ_CLS"}),
     "llama exclude names": (llama, {"target_modules": ["q_proj", "down_proj"],
                                     "exclude_modules": ["model.layers.1.self_attn.q_proj", "down_proj"]}),
     "llama exclude regex": (llama, {"target_modules": "all-linear", "exclude_modules": r".*\.1\.mlp\..*"}),
@@ -77,6 +79,21 @@ def test_selection_is_peft_selection(case):
     _, expected = peft_adapted(model, r=2, **fields)
     injected = fastlora.inject(model, LoraConfig(r=2, **fields))
     assert {name for name, _ in fastlora.adapter_layers(injected)} == set(expected)
+
+
+@pytest.mark.parametrize("spelling", ["ALL-LINEAR", "All-Linear", "all-Linear"])
+def test_all_linear_shorthand_is_read_in_any_case(spelling):
+    config = LoraConfig(r=2, target_modules=spelling)
+    assert config.target_modules == "all-linear" and LoraConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="not the regex or shorthand 'all-linear'"):
+        LoraConfig(r=2, target_modules=spelling, layers_to_transform=0)
+    with pytest.warns(UserWarning, match=f"exclude_modules '{spelling}' left out no module"):  # a regex there
+        fastlora.inject(llama(), LoraConfig(r=2, target_modules=["q_proj"], exclude_modules=spelling))
+
+
+def test_a_regex_that_only_resembles_the_shorthand_stays_a_regex():
+    with pytest.raises(ValueError, match="'all-linears' .*select no nn.Linear"):
+        fastlora.inject(llama(), LoraConfig(r=2, target_modules="all-linears"))
 
 
 def test_default_targets_are_peft_defaults():
