@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import warnings
@@ -34,6 +35,22 @@ CACHE_FILE = "plans.json"
 
 #: timer(fn) -> seconds per call of fn; replaceable (tests inject a deterministic one)
 Timer = Callable[[Callable[[], None]], float]
+
+
+def _library_directories() -> tuple[str, ...]:
+    """Source directories of fastlora, its kernels and torch (the frames a warning should not point at)."""
+    modules = (sys.modules[__package__.rpartition(".")[0]], sys.modules[__package__], torch)
+    return tuple(str(Path(module.__file__).resolve().parent) + os.sep for module in modules)
+
+
+def warn_at_caller(message: str) -> None:
+    """``warnings.warn`` attributed to the first frame outside fastlora and torch: the user's line that
+    ran the layer (or called the cache), wherever in the library the warning arose."""
+    inside = _library_directories()
+    frame, stacklevel = sys._getframe(1), 2
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(inside):
+        frame, stacklevel = frame.f_back, stacklevel + 1
+    warnings.warn(message, stacklevel=stacklevel)
 
 
 @dataclass(frozen=True)
@@ -122,7 +139,7 @@ class PlanCache:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as error:
-            warnings.warn(f"fastlora: ignoring the unreadable plan cache {self.path}: {error}", stacklevel=3)
+            warn_at_caller(f"fastlora: ignoring the unreadable plan cache {self.path}: {error}")
             return {}
         if not isinstance(data, dict):
             return {}
@@ -163,7 +180,7 @@ class PlanCache:
                 os.unlink(temp)
                 raise
         except OSError as error:
-            warnings.warn(f"fastlora: could not write the plan cache {self.path}: {error}", stacklevel=3)
+            warn_at_caller(f"fastlora: could not write the plan cache {self.path}: {error}")
 
 
 CACHE = PlanCache()

@@ -3,6 +3,7 @@ location, the cache section of a device, the CUDA timer's arithmetic (with stand
 a value."""
 import dataclasses
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,8 +97,6 @@ def test_cuda_section_names_the_gpu(monkeypatch):
 
 
 def test_section_without_triton_says_none(monkeypatch):
-    import sys
-
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
     assert plans.environment_section(torch.device("cpu")) == f"cpu|torch {torch.__version__}|triton none"
 
@@ -144,3 +143,28 @@ def test_the_cache_directory_is_created_with_its_parents(tmp_path):
     path = tmp_path / "a" / "b" / "plans.json"
     plans.PlanCache(path).put("sec", KEY, "torch")
     assert plans.PlanCache(path).get("sec", KEY) == "torch"
+
+
+def test_cache_warnings_point_at_the_callers_line_not_into_the_library(monkeypatch, tmp_path):
+    path = tmp_path / "plans.json"
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable plan cache") as read_warning:
+        plans.PlanCache(path).get("sec", KEY)
+
+    def refuse(source, destination):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(plans.os, "replace", refuse)
+    with pytest.warns(UserWarning, match="could not write the plan cache") as write_warning:
+        plans.PlanCache(tmp_path / "other.json").put("sec", KEY, "cublas")
+    for record in (read_warning[0], write_warning[0]):
+        assert record.filename == __file__
+
+
+def test_a_warning_raised_under_torch_module_calls_points_at_the_line_that_called_the_model():
+    module = torch.nn.Module()
+    module.forward = plans.warn_at_caller  # called by torch's Module.__call__ inside Sequential's forward
+    with pytest.warns(UserWarning, match="from inside") as record:
+        line = sys._getframe().f_lineno + 1
+        torch.nn.Sequential(module)("from inside")
+    assert (record[0].filename, record[0].lineno) == (__file__, line)
