@@ -10,13 +10,15 @@ Only the forward of each accelerated layer changes (an instance attribute shadow
 adapters disabled or merged, several active adapters, a mixed batch (``adapter_names``), a LoRA
 variant (DoRA, ...) or ``lora_bias`` on the active adapter, hooks on the layer's submodules (ZeRO-3,
 FSDP), extra forward arguments, an input dtype the base weight does not share outside autocast.
-Layers it never computes (Conv1D or ``fan_in_fan_out``, Embedding, Conv, quantized or other tuner
-layers) are listed once in a warning at ``accelerate`` time. Layers added later (a new adapter
-targeting new modules) are accelerated by calling ``accelerate`` again.
+Layers it never computes (Embedding, Conv, quantized or other tuner layers) are listed once in a
+warning at ``accelerate`` time. Layers added later (a new adapter targeting new modules) are
+accelerated by calling ``accelerate`` again.
 
 PEFT's layers mapped onto ``adapted_linear(x, W, b, A, B, scale=s, dropout=p)``:
     lora.Linear     A = lora_A[name].weight, B = lora_B[name].weight, s = scaling[name],
-                    p = lora_dropout[name].p while that dropout module is in training mode.
+                    p = lora_dropout[name].p while that dropout module is in training mode;
+                    over nn.Linear or GPT-2's Conv1D (``fan_in_fan_out``: W is the transposed view of
+                    its (d_in, d_out) weight, no copy; the flag only changes PEFT's merge, not its forward).
     peanut.Linear   A = f(act(W^T A_n^T))^T (encoders/decoders of depth res_num), B = peanut_B[name].weight,
                     s = scaling[name]; H = act(W^T A_n^T) by ``neat_projection`` (no dense ΔW is built).
 """
@@ -32,16 +34,24 @@ from torch import Tensor, nn
 from fastlora.kernels import adapted_linear, neat_projection
 from fastlora.kernels.activations import activation
 
+from .layer import conv1d_type, is_adaptable
 from .peft_formats import PEANUT_ACTIVATIONS
 
 _MARK = "_fastlora_accelerated"
 
 
-def _peft_layer_types() -> dict[type, Callable]:
-    """PEFT layer class -> (layer, x) -> the fused output, or a str saying why PEFT's path runs."""
+def _peft_layer_types() -> dict[type, tuple[Callable, tuple[type, ...]]]:
+    """PEFT layer class -> (its call: (layer, x, args, kwargs) -> the fused output, or a str saying why
+    PEFT's path runs; the base layer types the call computes)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.tuners.peanut.layer import Linear as PeanutLinear
-    return {LoraLinear: _lora_call, PeanutLinear: _peanut_call}
+    from transformers.pytorch_utils import Conv1D
+    return {LoraLinear: (_lora_call, (nn.Linear, Conv1D)), PeanutLinear: (_peanut_call, (nn.Linear,))}
+
+
+def _linear_weight(base: nn.Module) -> Tensor:
+    """The base weight in nn.Linear's (d_out, d_in) layout: a Conv1D's (d_in, d_out) weight transposed (a view)."""
+    return base.weight.t() if type(base) is conv1d_type() else base.weight
 
 
 def _active_adapter(layer: nn.Module, factors: nn.ModuleDict) -> tuple[Optional[str], Optional[str]]:
@@ -60,8 +70,8 @@ def _common_reason(layer: nn.Module, x: Tensor, modules: list[nn.Module], args, 
     if args or kwargs:
         return f"extra forward arguments {sorted(kwargs) or len(args)}"
     base = layer.get_base_layer()
-    if type(base) is not nn.Linear:
-        return f"base layer is a {type(base).__name__}, not an nn.Linear"
+    if not is_adaptable(base):
+        return f"base layer is a {type(base).__name__}, not an nn.Linear or Conv1D"
     if any(m._forward_hooks or m._forward_pre_hooks for m in (base, *modules)):
         return "hooks on the layer's submodules (ZeRO-3, FSDP or user hooks read them there)"
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
@@ -76,8 +86,6 @@ def _common_reason(layer: nn.Module, x: Tensor, modules: list[nn.Module], args, 
 
 def _lora_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str, None]:
     """The fused output of a lora.Linear, else why PEFT's path runs (None: it adds nothing)."""
-    if layer.fan_in_fan_out:
-        return "fan_in_fan_out (Conv1D weight layout)"
     name, reason = _active_adapter(layer, layer.lora_A)
     if name is None:
         return reason
@@ -94,7 +102,8 @@ def _lora_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str, 
         return reason
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     base = layer.get_base_layer()
-    return adapted_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, scale=float(scale), dropout=p)
+    return adapted_linear(x, _linear_weight(base), base.bias, lora_a.weight, lora_b.weight, scale=float(scale),
+                          dropout=p)
 
 
 def _peanut_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str, None]:
@@ -140,8 +149,9 @@ def accelerated_layers(model: nn.Module) -> list[str]:
 
 
 def accelerate(model: nn.Module) -> nn.Module:
-    """Make every PEFT LoRA and PEANuT ``Linear`` layer of ``model`` (a PeftModel or any module
-    holding PEFT layers) compute its forward with fastlora's fused op; returns ``model``.
+    """Make every PEFT LoRA ``Linear`` layer (over an nn.Linear or GPT-2's Conv1D) and PEANuT ``Linear``
+    layer of ``model`` (a PeftModel or any module holding PEFT layers) compute its forward with
+    fastlora's fused op; returns ``model``.
 
     Parameters, buffers, module names and PEFT's methods are untouched, so ``save_pretrained``,
     ``load_adapter``, ``set_adapter``, ``disable_adapter``, merging and Trainer checkpoints work
@@ -154,9 +164,9 @@ def accelerate(model: nn.Module) -> nn.Module:
     for name, module in model.named_modules():
         if not isinstance(module, BaseTunerLayer) or getattr(module, _MARK, False):
             continue
-        call = calls.get(type(module))
+        call, bases = calls.get(type(module), (None, ()))
         base = module.get_base_layer()
-        if call is None or type(base) is not nn.Linear or getattr(module, "fan_in_fan_out", False):
+        if call is None or type(base) not in bases:
             skipped.append(f"{name} ({type(module).__module__.rsplit('.', 2)[-2]}.{type(module).__name__} "
                            f"over {type(base).__name__})")
             continue
@@ -164,7 +174,8 @@ def accelerate(model: nn.Module) -> nn.Module:
         setattr(module, _MARK, True)
     if skipped:
         warnings.warn(f"fastlora.accelerate: {len(skipped)} PEFT layers stay on PEFT's path (the fused op computes "
-                      f"nn.Linear LoRA and PEANuT layers): {', '.join(skipped)}", stacklevel=2)
+                      f"LoRA layers over nn.Linear or Conv1D and PEANuT layers over nn.Linear): "
+                      f"{', '.join(skipped)}", stacklevel=2)
     return model
 
 

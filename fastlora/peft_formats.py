@@ -6,7 +6,7 @@ config and adapter state dict and back; a method module registers its format wit
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from torch import Tensor
 
@@ -15,7 +15,7 @@ from .config import AdapterConfig, LoraConfig, NeatConfig
 # PEFT LoRA fields that change the computation in ways fastlora cannot represent, each with
 # the one value accepted (None / False also accept any empty value).
 _LORA_UNSUPPORTED = {
-    "use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
+    "use_dora": False, "bias": "none", "lora_bias": False,
     "target_parameters": None, "trainable_token_indices": None,
     "layer_replication": None, "alora_invocation_tokens": None, "use_qalora": False,
     "megatron_config": None, "velora_config": None, "monteclora_config": None, "use_bdlora": None,
@@ -33,6 +33,8 @@ class PeftFormat:
     adapter_state: {PEFT tensor name: tensor} of a layer -> the fastlora adapter's state dict.
     peft_config: fastlora config -> the method's fields of PEFT's adapter_config.json.
     peft_tensors: the fastlora adapter's state dict -> {PEFT tensor name: tensor} of a layer.
+    conv1d_field: the config field PEFT sets True when the layers are GPT-2 Conv1D layers (weight
+    stored (d_in, d_out); same tensor shapes as over an nn.Linear); None: the format adapts nn.Linear only.
     """
 
     peft_type: str
@@ -42,6 +44,7 @@ class PeftFormat:
     adapter_state: Callable[[dict[str, Tensor]], dict[str, Tensor]]
     peft_config: Callable[[AdapterConfig], dict[str, Any]]
     peft_tensors: Callable[[dict[str, Tensor]], dict[str, Tensor]]
+    conv1d_field: Optional[str] = None
 
 
 def _check_unsupported(peft: dict[str, Any], unsupported: dict[str, Any]) -> None:
@@ -112,7 +115,7 @@ def _peanut_config(config: NeatConfig) -> dict[str, Any]:
 
 def _lora_peft_config(config: LoraConfig) -> dict[str, Any]:
     return {"r": config.r, "lora_alpha": config.alpha, "use_rslora": config.use_rslora,
-            "lora_dropout": config.dropout, "bias": "none", "fan_in_fan_out": False, "use_dora": False,
+            "lora_dropout": config.dropout, "bias": "none", "use_dora": False,
             "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
 
 
@@ -122,6 +125,7 @@ LORA_FORMAT = PeftFormat(
     adapter_state=lambda t: {"lora_A": t["lora_A.weight"], "lora_B": t["lora_B.weight"]},
     peft_config=_lora_peft_config,
     peft_tensors=lambda s: {"lora_A.weight": s["lora_A"], "lora_B.weight": s["lora_B"]},
+    conv1d_field="fan_in_fan_out",
 )
 PEANUT_FORMAT = PeftFormat(peft_type="PEANUT", description="NEAT (NeatConfig, PEFT's PEANuT)", config=_neat_config,
                            tensor_shapes=_peanut_shapes, adapter_state=_neat_state, peft_config=_peanut_config,

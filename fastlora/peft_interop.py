@@ -7,7 +7,8 @@ PEFT's ``save_pretrained`` layout (adapter name stripped from the keys)::
 
 Tensors of a Linear (d_out, d_in), and the fastlora adapter tensors they become:
     LORA    lora_A.weight (r, d_in) -> lora_A, lora_B.weight (d_out, r) -> lora_B;
-            update (lora_alpha / r) B A (lora_alpha / sqrt(r) with use_rslora).
+            update (lora_alpha / r) B A (lora_alpha / sqrt(r) with use_rslora). The same shapes
+            over GPT-2's Conv1D (weight stored (d_in, d_out)), which PEFT marks fan_in_fan_out=True.
     PEANUT  peanut_A.weight (r, d_out) -> neat_A, peanut_B.weight (d_out, r) -> neat_B,
             peanut_{encoders,decoders}.{i}.weight (r, r) -> {encoders,decoders}.{i}.weight;
             act_fn -> activation, scaling -> scale (NeatConfig).
@@ -38,6 +39,7 @@ from .checkpoint import (
 )
 from .config import AdapterConfig
 from .inject import _matches, adapter_layers, inject
+from .layer import is_adaptable, linear_shape
 from .peft_formats import PeftFormat
 from .registry import method_of, peft_methods
 
@@ -77,16 +79,20 @@ def _layer_tensors(state: dict[str, Tensor], names: list[str]) -> dict[str, dict
 
 def _check_layers(model: nn.Module, config: AdapterConfig, fmt: PeftFormat,
                   layers: dict[str, dict[str, Tensor]]) -> None:
-    """Every checkpoint layer is an nn.Linear of the model holding the tensors of the expected shapes."""
+    """Every checkpoint layer is an nn.Linear (or a Conv1D, where the format has them) of the model
+    holding the tensors of the expected shapes."""
     for path, tensors in layers.items():
         try:
             module = model.get_submodule(path)
         except AttributeError:
             raise ValueError(f"PEFT checkpoint adapts module {path!r}, which the model lacks") from None
-        if type(module) is not nn.Linear:
+        if not is_adaptable(module):
             raise ValueError(f"PEFT checkpoint adapts {path!r}, a {type(module).__name__}; "
-                             f"fastlora adapts nn.Linear only")
-        d_out, d_in = module.weight.shape
+                             f"fastlora adapts nn.Linear and Conv1D only")
+        if type(module) is not nn.Linear and fmt.conv1d_field is None:
+            raise ValueError(f"PEFT checkpoint adapts {path!r}, a {type(module).__name__}; "
+                             f"PEFT's {fmt.peft_type} adapts nn.Linear only")
+        d_out, d_in = linear_shape(module)
         if config.r > min(d_in, d_out):
             raise ValueError(f"PEFT rank r={config.r} exceeds min(d_in={d_in}, d_out={d_out}) of {path!r}")
         shapes = fmt.tensor_shapes(config, d_in, d_out)
@@ -104,7 +110,7 @@ def _fastlora_targets(model: nn.Module, targets, paths: set[str]):
     (same rule as PEFT for a list or a regex), else the list of those layers' paths
     (exclude_modules, layers_to_transform, "all-linear" without the output layer)."""
     if isinstance(targets, (list, tuple, str)) and targets != "all-linear":
-        linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+        linears = {n for n, m in model.named_modules() if is_adaptable(m)}
         if {n for n in linears if _matches(n, targets)} == paths:
             return targets
     return sorted(paths)
@@ -118,8 +124,9 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
 
     Everything is checked before the model is changed. Raises ValueError naming the field
     or tensor for what fastlora cannot represent: another peft_type, DoRA, per-layer
-    rank_pattern/alpha_pattern values, bias != "none", fan_in_fan_out,
-    other LoRA variants, non-Linear targets, PEANuT activations fastlora lacks.
+    rank_pattern/alpha_pattern values, bias != "none", other LoRA variants, targets other than
+    nn.Linear and GPT-2's Conv1D (nn.Linear only for PEANUT), PEANuT activations fastlora lacks.
+    PEFT's fan_in_fan_out is not read: as in PEFT, a layer's own type says whether it is a Conv1D.
     """
     if next(adapter_layers(model), None) is not None:
         raise ValueError("model already has fastlora adapters; load a PEFT checkpoint into a plain model")
@@ -150,11 +157,14 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     computes the same outputs.
 
     target_modules is written as the list of adapted module paths (exact under PEFT's
-    matching); trainable parameters outside the adapters (a classifier head) as modules_to_save.
+    matching); trainable parameters outside the adapters (a classifier head) as modules_to_save;
+    fan_in_fan_out as True when the layers wrap GPT-2's Conv1D (PEFT sets it per layer from the
+    layer's type, so a model mixing Conv1D and nn.Linear layers loads too, with PEFT's warning).
     The two files are replaced as ``save_adapter`` replaces its own (created when missing,
     nothing else in the directory touched, old files restored on an exception); PEFT's
     format records no digest, so a hard crash between the two renames can leave new weights
-    beside the old config. Raises ValueError for other methods, merged layers or differing configs.
+    beside the old config. Raises ValueError for other methods, merged layers, differing configs or
+    Conv1D layers under a format without them (PEANUT).
     """
     layers = list(adapter_layers(model))
     if not layers:
@@ -170,12 +180,17 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
         if layer.merged:
             raise ValueError(f"layer {name} is merged; unmerge before exporting")
     fmt = method_of(config).peft_format
+    conv1d = [name for name, layer in layers if layer.fan_in_fan_out]
+    if conv1d and fmt.conv1d_field is None:
+        raise ValueError(f"layer {conv1d[0]} wraps a Conv1D; PEFT's {fmt.peft_type} adapts nn.Linear only")
     peft_type = fmt.peft_type
     extra = trainable_non_adapter_parameters(model)
     modules_to_save = sorted({name.rpartition(".")[0] for name in extra}) or None
     meta = {"peft_type": peft_type, "task_type": None, "base_model_name_or_path": base_model_name_or_path,
             "inference_mode": True, "target_modules": [name for name, _ in layers],
             "modules_to_save": modules_to_save, **fmt.peft_config(config)}
+    if fmt.conv1d_field is not None:
+        meta[fmt.conv1d_field] = bool(conv1d)
     tensors = {f"{KEY_PREFIX}{name}.{key}": tensor.detach().contiguous().cpu()
                for name, layer in layers for key, tensor in fmt.peft_tensors(layer.adapter.state_dict()).items()}
     tensors.update({f"{KEY_PREFIX}{name}": p.detach().contiguous().cpu() for name, p in extra.items()})

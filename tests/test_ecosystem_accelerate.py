@@ -9,7 +9,7 @@ import warnings
 import peft
 import pytest
 import torch
-from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+from transformers import BertConfig, BertModel
 
 import fastlora
 import fastlora.peft_accelerate as peft_accelerate
@@ -170,14 +170,13 @@ def test_adapter_switching_disabling_and_merging(base, ids, tmp_path, monkeypatc
 
 
 def test_unsupported_layers_stay_on_peft_path_and_are_reported(base, ids):
-    torch.manual_seed(0)
-    gpt2 = GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)).double().eval()
-    model = peft.get_peft_model(gpt2, lora(target_modules=["c_attn"], fan_in_fan_out=True))
+    model = peft_model(base, lora(target_modules=["word_embeddings", "query"])).eval()
     want = hidden(model, ids)
-    with pytest.warns(UserWarning, match=r"1 PEFT layers stay on PEFT's path.*c_attn \(lora.Linear over Conv1D\)"):
+    with pytest.warns(UserWarning, match=r"1 PEFT layers stay on PEFT's path.*word_embeddings "
+                                         r"\(lora.Embedding over Embedding\)"):
         fastlora.accelerate(model)
-    assert not fastlora.accelerated_layers(model)
-    assert torch.equal(hidden(model, ids), want)
+    assert [n.rsplit(".", 3)[-3:] for n in fastlora.accelerated_layers(model)] == [["attention", "self", "query"]] * 2
+    assert rel(hidden(model, ids), want) < TOL
 
     dora = peft_model(base, lora(use_dora=True)).eval()
     want = hidden(dora, ids)

@@ -186,7 +186,7 @@ def test_load_peanut_refuses_what_neat_cannot_represent(base, tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("use_dora", True), ("fan_in_fan_out", True), ("bias", "all"),
+    ("use_dora", True), ("bias", "all"),
     ("lora_bias", True), ("peft_type", "IA3"), ("rank_pattern", {"query": 2}), ("alpha_pattern", {"value": 3}),
 ])
 def test_load_refuses_unsupported_config_fields(base, tmp_path, field, value):
@@ -207,6 +207,15 @@ def test_load_accepts_patterns_that_repeat_the_global_values(base, inputs, tmp_p
     assert rel(output(load_peft_adapter(copy.deepcopy(base), tmp_path).eval(), inputs), reference) < TOL
 
 
+def test_fan_in_fan_out_over_linear_layers_is_ignored_as_peft_ignores_it(base, inputs, tmp_path):
+    reference = output(save_peft(base, lora(), tmp_path), inputs)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "fan_in_fan_out": True}))
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to True but the target module is `torch.nn.Linear`"):
+        assert rel(output(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)), inputs), reference) < TOL
+    assert rel(output(load_peft_adapter(copy.deepcopy(base), tmp_path).eval(), inputs), reference) < TOL
+
+
 def test_load_refuses_real_dora_and_non_linear_targets(base, tmp_path):
     save_peft(base, lora(use_dora=True), tmp_path / "dora")
     with pytest.raises(ValueError, match="use_dora"):
@@ -216,7 +225,7 @@ def test_load_refuses_real_dora_and_non_linear_targets(base, tmp_path):
         load_peft_adapter(copy.deepcopy(base), tmp_path / "emb")
     convolutional = torch.nn.ModuleDict({"proj": torch.nn.Linear(8, 8), "conv": torch.nn.Conv1d(8, 8, 1)})
     save_peft(convolutional, lora(target_modules=["proj", "conv"]), tmp_path / "conv")
-    with pytest.raises(ValueError, match="'conv', a Conv1d; fastlora adapts nn.Linear only"):
+    with pytest.raises(ValueError, match="'conv', a Conv1d; fastlora adapts nn.Linear and Conv1D only"):
         load_peft_adapter(copy.deepcopy(convolutional), tmp_path / "conv")
 
 
