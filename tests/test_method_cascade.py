@@ -49,7 +49,8 @@ def _stages(layer, count, intensity, seed=0, layer_index=0, momentum=0.5, pretra
     """Run ``count`` stages with random fast pairs; returns the float64 W the paper gives from the
     pretrained W (``_pretrained()`` unless given):
     W_0 = W + noise_0, W_{k+1} = W_k + (1 - m) s B_k A_k + noise_{k+1}."""
-    scale = layer.adapter.scale
+    config = layer.adapter.config
+    scale = config.alpha / config.r  # LoRA's s from the config's values, not the adapter's own scale
     w = (_pretrained() if pretrained is None else pretrained).double().clone()
     if intensity:
         w = w + _noise(w, intensity, seed, layer_index, 0)
@@ -152,7 +153,7 @@ def test_triton_backend_serves_the_folded_weight():
     a = layer.adapter.lora_A.detach().double().requires_grad_(True)
     b = layer.adapter.lora_B.detach().double().requires_grad_(True)
     xr = x.detach().double().requires_grad_(True)
-    ref = xr @ expected.T + layer.bias.double() + layer.adapter.scale * (xr @ a.T) @ b.T
+    ref = xr @ expected.T + layer.bias.double() + (8.0 / 3) * (xr @ a.T) @ b.T  # s = alpha / r, default alpha 8
     rx, ra, rb = torch.autograd.grad(ref, [xr, a, b], dy.double())
     assert rel(out.double(), ref) < 1e-5
     assert rel(gx.double(), rx) < 1e-5 and rel(ga.double(), ra) < 1e-5 and rel(gb.double(), rb) < 1e-5
@@ -262,9 +263,10 @@ def test_bf16_weight_folds_in_its_own_dtype():
     _randomise_pair(layer.adapter)
     a, b = layer.adapter.lora_A.detach().clone(), layer.adapter.lora_B.detach().clone()
     weight = layer.weight.detach().clone()
-    expected = (weight.float() + 0.5 * layer.adapter.scale * b @ a).bfloat16()
+    scale = 3.0 / 3  # alpha / r
+    expected = (weight.float() + 0.5 * scale * b @ a).bfloat16()
     layer.adapter.cascade_step()
-    assert torch.equal(layer.weight, weight + (0.5 * layer.adapter.scale * b @ a).bfloat16())
+    assert torch.equal(layer.weight, weight + (0.5 * scale * b @ a).bfloat16())
     assert rel(layer.weight.double(), expected.double()) < 1e-2
     assert layer.adapter.folded_A.dtype == torch.float32 and torch.equal(layer.adapter.folded_A[0], a)
 
