@@ -20,9 +20,11 @@ config records the SHA-256 of its weights file, so ``load_adapter`` refuses such
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -46,6 +48,8 @@ _READABLE_VERSIONS = (1, 2)
 # or how the same values are computed; every other field must match the model's layers
 _NON_COMPUTATION_FIELDS = frozenset({"target_modules", "backend", "score_init", "importance_init", "seed", "eps",
                                      "keep_pretrained_copy"})
+# the fields a checkpoint's layers may differ in when it is injected: pattern field -> config field
+_PER_LAYER_FIELDS = {"rank_pattern": "r", "alpha_pattern": "alpha"}
 # integer adapter tensors that index W: name -> the layer dimension bounding them
 _INDEX_BOUNDS = {"row_index": "out_features", "col_index": "in_features"}
 
@@ -314,15 +318,34 @@ def _computation_fields(config: AdapterConfig) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if k not in _NON_COMPUTATION_FIELDS}
 
 
+def _checkpoint_config(configs: dict[str, AdapterConfig], names: dict[str, list[str]]) -> AdapterConfig:
+    """One config that builds every checkpoint layer as saved: the first layer's, plus rank_pattern /
+    alpha_pattern entries giving each layer (under each of its ``names``) its own r / alpha where the
+    layers' values differ (what a config with per-layer ranks saves). Other fields must agree."""
+    first_name, first = next(iter(configs.items()))
+    ignored = ("target_modules", *_PER_LAYER_FIELDS.values())
+    shared = {k: v for k, v in first.to_dict().items() if k not in ignored}
+    for name, config in configs.items():
+        fields = {k: v for k, v in config.to_dict().items() if k not in ignored}
+        differing = sorted(k for k in shared.keys() | fields.keys() if shared.get(k) != fields.get(k))
+        if differing:
+            detail = ", ".join(f"{k} ({shared.get(k)!r} vs {fields.get(k)!r})" for k in differing)
+            raise ValueError(f"checkpoint layers {first_name!r} and {name!r} differ in {detail}; a model without "
+                             f"adapters is injected with one config (only r and alpha may differ per layer): "
+                             f"build the model's adapter layers first (AdapterLinear), then load")
+    patterns = {}
+    for pattern, field in _PER_LAYER_FIELDS.items():
+        values = {name: getattr(config, field, None) for name, config in configs.items()}
+        if len(set(values.values())) > 1:  # exact names, longest first: no shorter name's key matches first
+            entries = {re.escape(alias): value for name, value in values.items() for alias in names[name]}
+            patterns[pattern] = dict(sorted(entries.items(), key=lambda entry: len(entry[0]), reverse=True))
+    return dataclasses.replace(first, **patterns) if patterns else first
+
+
 def _inject_checkpoint_layers(model: nn.Module, configs: dict[str, AdapterConfig]) -> Callable[[], None]:
-    """Inject the checkpoint's config into exactly the checkpoint's layers of a model without
-    adapters (under every name of a shared Linear); returns the function that undoes it."""
-    first_name, config = next(iter(configs.items()))
-    for name, other in configs.items():
-        if {**other.to_dict(), "target_modules": None} != {**config.to_dict(), "target_modules": None}:
-            raise ValueError(f"checkpoint layers {first_name!r} and {name!r} have different configs ({config} vs "
-                             f"{other}); inject builds every layer with one config: build the model's adapter "
-                             f"layers first (AdapterLinear), then load")
+    """Inject the checkpoint's configs (per-layer r and alpha kept) into exactly the checkpoint's
+    layers of a model without adapters (under every name of a shared Linear); returns the function
+    that undoes it."""
     linears: dict[int, tuple[nn.Linear, list[str]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if is_adaptable(module):
@@ -331,9 +354,10 @@ def _inject_checkpoint_layers(model: nn.Module, configs: dict[str, AdapterConfig
     missing = sorted(set(configs) - set(by_name))
     if missing:
         raise ValueError(f"checkpoint layers {missing[:5]} are not nn.Linear (or Conv1D) modules of the model")
+    config = _checkpoint_config(configs, {name: by_name[name][1] for name in configs})
     selected = sorted({n for name in configs for n in by_name[name][1]})
     if sorted(n for n in by_name if _matches(n, config.target_modules)) != selected:
-        config = AdapterConfig.from_dict({**config.to_dict(), "target_modules": selected})
+        config = dataclasses.replace(config, target_modules=selected)
     originals = {name: by_name[name][0] for name in selected}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     inject(model, config)
@@ -421,7 +445,9 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     returns ``model``.
 
     A model without adapters is first injected with the stored config into exactly the
-    checkpoint's layers (its adapter named ``adapter_name``, "default" when None). Saved
+    checkpoint's layers, each with its own saved r and alpha (a config's rank_pattern /
+    alpha_pattern; other fields must agree), as ``PeftModel.from_pretrained`` does (its adapter
+    named ``adapter_name``, "default" when None). Saved
     non-adapter parameters (``modules_to_save``: a classifier head) are copied into the model's
     parameters of the same names, which become trainable again.
     Raises (leaving the model as it was) on: a malformed or mixed checkpoint, non-finite values,
@@ -463,8 +489,8 @@ def _add_checkpoint_adapter(model: nn.Module, configs: dict[str, AdapterConfig],
         return None
     from .adapters_api import add_adapter, delete_adapter  # adapters_api builds on inject, as this module does
 
-    config = next(iter(configs.values()))
-    add_adapter(model, adapter_name, AdapterConfig.from_dict({**config.to_dict(), "target_modules": sorted(configs)}))
+    config = _checkpoint_config(configs, {name: [name] for name in configs})
+    add_adapter(model, adapter_name, dataclasses.replace(config, target_modules=sorted(configs)))
     return lambda: delete_adapter(model, adapter_name)
 
 

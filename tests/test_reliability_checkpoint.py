@@ -232,8 +232,19 @@ def test_per_layer_configs_are_saved_and_must_match_the_model(tmp_path):
         with pytest.raises(ValueError, match=match):
             fastlora.load_adapter(other, tmp_path / "ckpt")
         assert _same_values(_adapter_values(other), values)
-    with pytest.raises(ValueError, match="different configs"):
-        fastlora.load_adapter(_base(), tmp_path / "ckpt")
+    plain = _base()
+    plain[0].load_state_dict({"weight": model[0].weight, "bias": model[0].bias})
+    plain[2].load_state_dict({"weight": model[2].weight, "bias": model[2].bias})
+    injected = fastlora.load_adapter(plain, tmp_path / "ckpt")  # each layer injected with its own r and alpha
+    assert [(layer.config.r, layer.config.alpha) for _, layer in fastlora.adapter_layers(injected)] == [(2, 2.0),
+                                                                                                      (3, 7.0)]
+    assert torch.equal(injected(x), model(x))
+    fastlora.save_adapter(drop_in(2.0, 7.0, dropout=0.1), tmp_path / "dropout")
+    plain = _base()
+    with pytest.raises(ValueError, match=r"checkpoint layers '0' and '2' differ in dropout \(0.0 vs 0.1\); .*only r "
+                                         r"and alpha may differ per layer"):
+        fastlora.load_adapter(plain, tmp_path / "dropout")
+    assert not list(fastlora.adapter_layers(plain)) and all(p.requires_grad for p in plain.parameters())
 
 
 @pytest.mark.parametrize("config, field, match", [
