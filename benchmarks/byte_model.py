@@ -1,6 +1,6 @@
 """Byte and FLOP floors of one adapted Linear per execution plan (the model of docs/performance.md).
 
-    python benchmarks/byte_model.py [--bandwidth 4.8e12] [--flops 790e12]
+    python benchmarks/byte_model.py [--device H100] [--bandwidth 4.8e12] [--flops 989e12]
 
 Each plan is the list of kernels it launches for plain LoRA (A and B trained, x needs its
 gradient, no bias gradient, no dropout, no middle factor or rank weights). A kernel moves
@@ -12,10 +12,20 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Optional
 
-#: H200: HBM3e bandwidth (bytes/s) and dense bf16 tensor-core peak (FLOP/s)
-BANDWIDTH = 4.8e12
-PEAK_FLOPS = 790e12
+#: Documented peaks per GPU: (HBM bandwidth in bytes/s, dense bf16 tensor-core FLOP/s). Sources: the NVIDIA
+#: H200 Tensor Core GPU datasheet (H200 SXM and NVL: 4.8 TB/s; BF16 1,979 and 1,671 TFLOPS with sparsity) and
+#: the NVIDIA H100 Tensor Core GPU datasheet (SXM 3.35 TB/s, NVL 3.9 TB/s, PCIe 2 TB/s; BF16 1,979, 1,671 and
+#: 1,513 TFLOPS with sparsity); dense is half the sparsity figure. Checked in this order (NVL and PCIe first).
+DEVICE_PEAKS = {
+    "H200 NVL": (4.8e12, 1671e12 / 2),
+    "H200": (4.8e12, 1979e12 / 2),
+    "H100 NVL": (3.9e12, 1671e12 / 2),
+    "H100 PCIe": (2.0e12, 1513e12 / 2),
+    "H100": (3.35e12, 1979e12 / 2),
+}
+BANDWIDTH, PEAK_FLOPS = DEVICE_PEAKS["H200"]
 #: tiles assumed for the one-pass kernels (the large Hopper tiles) and the skinny kernels
 BLOCK_M, BLOCK_N = 128, 256
 PLANS = ("torch", "cublas", "triton", "onepass")
@@ -35,6 +45,17 @@ class Shape:
     d_out: int
     r: int
     elem: int = 2  # bytes per element of x, W, y and the factors (bf16)
+
+
+def device_peaks(name: str) -> Optional[tuple[str, float, float]]:
+    """(key, bandwidth, peak FLOP/s) of the first ``DEVICE_PEAKS`` key whose words all occur in the GPU
+    name (case-insensitive: "NVIDIA H100 80GB HBM3" is "H100", "NVIDIA H100 PCIe" "H100 PCIe"); None
+    for a device without documented peaks."""
+    words = set(name.upper().split())
+    for key, (bandwidth, peak) in DEVICE_PEAKS.items():
+        if set(key.upper().split()) <= words:
+            return key, bandwidth, peak
+    return None
 
 
 def _rank_pad(r: int) -> int:
@@ -156,13 +177,15 @@ def table(shapes: list[Shape], bandwidth: float = BANDWIDTH, peak: float = PEAK_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bandwidth", type=float, default=BANDWIDTH, help="bytes/s")
-    parser.add_argument("--flops", type=float, default=PEAK_FLOPS, help="dense FLOP/s")
+    parser.add_argument("--device", choices=list(DEVICE_PEAKS), default="H200", help="documented peaks")
+    parser.add_argument("--bandwidth", type=float, default=None, help="bytes/s (default: the device's)")
+    parser.add_argument("--flops", type=float, default=None, help="dense FLOP/s (default: the device's)")
     parser.add_argument("--tokens", type=int, default=8192)
     args = parser.parse_args()
+    bandwidth, peak = DEVICE_PEAKS[args.device]
     shapes = [Shape(args.tokens, d_in, d_out, r) for d_in, d_out in ((4096, 4096), (4096, 11008), (11008, 4096))
               for r in (16, 64)]
-    print(table(shapes, args.bandwidth, args.flops))
+    print(table(shapes, args.bandwidth or bandwidth, args.flops or peak))
 
 
 if __name__ == "__main__":

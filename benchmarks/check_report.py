@@ -1,5 +1,5 @@
 """The compact table the GPU check prints last: one line per section, then what failed,
-then the speed cases (medians, ratios vs base and PEFT, peak memory, launches)."""
+then the speed cases (medians, ratios vs base and PEFT, peak memory, launches, byte floors)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -33,20 +33,27 @@ def _failures(report: dict) -> list[str]:
 
 
 def _speed(report: dict) -> list[str]:
-    lines = []
-    for case in report["sections"].get("speed", {}).get("cases", []):
+    """Per case and variant: medians, ratios, peak memory, launches and, for base and each plan, the
+    byte/FLOP floors of forward and forward + backward with measured / floor ("x")."""
+    speed = report["sections"].get("speed", {})
+    peaks = speed.get("peaks")
+    lines = [f"floors at {peaks['bandwidth'] / 1e12:.3g} TB/s, {peaks['flops'] / 1e12:.3g} TFLOP/s "
+             f"({peaks['source']})"] if peaks and speed.get("cases") else []
+    for case in speed.get("cases", []):
         lines.append(f"speed N={case['n']} {case['d_in']}->{case['d_out']} r={case['r']} {case['dtype']}"
                      f"  (auto chose: {case['auto_choices']})")
         lines.append(f"  {'variant':28s} {'fwd ms':>8s} {'fwd+bwd':>8s} {'xbase':>6s} {'xpeft':>6s} "
-                     f"{'peak MiB':>8s} {'launch':>6s}")
+                     f"{'peak MiB':>8s} {'launch':>6s} {'fwd floor':>9s} {'x':>5s} {'f+b floor':>9s} {'x':>5s}")
         ratios = {**case["ratios"], **{f"method {k}": v for k, v in case["method_ratios"].items()}}
         rows = {**case["results"], **{f"method {k}": v for k, v in case["methods"].items()}}
         for name, res in rows.items():
-            ratio = ratios.get(name, {})
+            ratio, floor = ratios.get(name, {}), case.get("floors", {}).get(name, {})
             vs_base, vs_peft = ratio.get("fwd_bwd_ms_vs_base"), ratio.get("fwd_bwd_ms_vs_peft")
             lines.append(f"  {name:28s} {res['fwd_ms']:8.3f} {res['fwd_bwd_ms']:8.3f} {_num(vs_base, '6.3f')} "
                          f"{_num(vs_peft, '6.3f')} {_num(res['fwd_bwd_peak_mib'], '8.1f')} "
-                         f"{_num(res['fwd_bwd_launches'], '6d')}")
+                         f"{_num(res['fwd_bwd_launches'], '6d')} {_num(floor.get('fwd_floor_ms'), '9.3f')} "
+                         f"{_num(floor.get('fwd_vs_floor'), '5.2f')} {_num(floor.get('fwd_bwd_floor_ms'), '9.3f')} "
+                         f"{_num(floor.get('fwd_bwd_vs_floor'), '5.2f')}")
         lines += [f"  {name:28s} failed: {tb.strip().splitlines()[-1][:100]}" for name, tb in case["errors"].items()]
         lines += [f"  target {t['target']}: {_num(t['value'], '.3f')} vs limit {t['limit']:.3f} "
                   f"{'met' if t['met'] else 'NOT met' if t['met'] is False else 'not measured'}"

@@ -14,8 +14,10 @@ the JSON report is rewritten to --out after every item):
 4. gemm: the fused Triton GEMM vs cuBLAS; 5. skinny: GB/s of the skinny kernels vs the copy
    ceiling; 7. trace: the top kernels of one step (benchmarks/check_kernels.py);
 6. speed: forward and forward + backward medians, peak memory and launches of base, every
-   plan, auto, PEFT and every method (benchmarks/bench_adapted_linear.py), run last: it takes
-   what is left of the budget.
+   plan, auto, PEFT and every method (benchmarks/bench_adapted_linear.py), and next to base and
+   each plan its byte/FLOP floor and measured / floor (benchmarks/byte_model.py; documented
+   peaks of an H100/H200, else those section env measured); run last: it takes what is left
+   of the budget.
 
 Time budget (--budget-s, counted from start): a section gets at most its share of the
 budget (the rest rolls over) and skips, with the reason, the items that no longer fit.

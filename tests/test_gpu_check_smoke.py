@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import byte_model
 from benchmarks.bench_methods import METHODS
 from benchmarks.check_correctness import CASES, QUICK_SHAPES
 from benchmarks.check_kernels import kernel_kind, model_bytes
 from benchmarks.check_report import render
+from benchmarks.check_speed import device_peaks
 from benchmarks.profiling import is_copy, per_name, top
 from benchmarks.speed_targets import targets
 
@@ -77,6 +79,46 @@ def test_env_trace_and_speed(cpu_run):
     assert {row["target"] for row in case["targets"]} >= {"gate off fwd+bwd vs base", "peak memory vs PEFT"}
     assert case["ratios"]["fastlora_torch"]["fwd_bwd_ms_vs_base"] == pytest.approx(
         case["results"]["fastlora_torch"]["fwd_bwd_ms"] / case["results"]["base"]["fwd_bwd_ms"])
+
+
+def test_speed_floors_next_to_the_medians(cpu_run):
+    """Base and the plan measured get their byte/FLOP floors (a CPU has no documented peaks: those
+    section env measured) and measured / floor, in the JSON and in the printed table."""
+    proc, report = cpu_run
+    env, speed = report["sections"]["env"], report["sections"]["speed"]
+    assert speed["peaks"]["source"].startswith("measured")
+    assert speed["peaks"]["bandwidth"] == env["copy_gbs"] * 1e9 and speed["peaks"]["flops"] == env["matmul"][
+        "tflops"] * 1e12
+    case = speed["cases"][0]
+    model = byte_model.floors(byte_model.Shape(case["n"], case["d_in"], case["d_out"], case["r"], elem=4),
+                              speed["peaks"]["bandwidth"], speed["peaks"]["flops"])
+    assert set(case["floors"]) == {"base", "fastlora_torch"}
+    table = proc.stdout.split("section")[-1]
+    for name, plan in (("base", "base"), ("fastlora_torch", "torch")):
+        row, res = case["floors"][name], case["results"][name]
+        assert 0 < row["fwd_floor_ms"] < row["fwd_bwd_floor_ms"]
+        assert row["fwd_floor_ms"] == pytest.approx(model[plan]["fwd_us"] / 1e3)
+        assert row["fwd_bwd_floor_ms"] == pytest.approx(model[plan]["step_us"] / 1e3)
+        assert row["fwd_vs_floor"] == pytest.approx(res["fwd_ms"] / row["fwd_floor_ms"])
+        assert row["fwd_bwd_vs_floor"] == pytest.approx(res["fwd_bwd_ms"] / row["fwd_bwd_floor_ms"])
+        line = next(line for line in table.splitlines() if line.split()[:1] == [name])
+        assert line.split()[-4:] == [f"{row['fwd_floor_ms']:.3f}", f"{row['fwd_vs_floor']:.2f}",
+                                     f"{row['fwd_bwd_floor_ms']:.3f}", f"{row['fwd_bwd_vs_floor']:.2f}"]
+    assert "fwd floor" in table and "TFLOP/s (measured" in table
+
+
+def test_documented_peaks_of_known_gpus():
+    """H100/H200 floors use the datasheet peaks whatever section env measured; other devices use env's."""
+    env = {"copy_gbs": 100.0, "matmul": {"dtype": "bfloat16", "tflops": 50.0}}
+    for name, key in (("NVIDIA H200", "H200"), ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H100 PCIe", "H100 PCIe"),
+                      ("NVIDIA H100 NVL", "H100 NVL"), ("NVIDIA H200 NVL", "H200 NVL")):
+        peaks = device_peaks({"device": name, "sections": {"env": env}})
+        assert peaks == {"source": f"documented {key}", "bandwidth": byte_model.DEVICE_PEAKS[key][0],
+                         "flops": byte_model.DEVICE_PEAKS[key][1]}
+    assert byte_model.DEVICE_PEAKS["H200"] == (4.8e12, 989.5e12)
+    assert device_peaks({"device": "NVIDIA A100-SXM4-80GB", "sections": {"env": env}}) == {
+        "source": "measured (env: copy, bfloat16 matmul)", "bandwidth": 100e9, "flops": 50e12}
+    assert device_peaks({"device": "NVIDIA A100-SXM4-80GB", "sections": {}}) is None
 
 
 def test_budget_skips_what_does_not_fit(tmp_path):
