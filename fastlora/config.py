@@ -289,6 +289,13 @@ class SelectiveLoraConfig(LoraConfig):
     by the number of Selective LoRA layers of the model when normalize_penalty (TAPS, default), and
     0 during the first sparsity_warmup_steps optimizer steps (TAPS: 2 epochs; default 0, since the
     epoch length is the training loop's). sparsity_weight = 1 as TAPS.
+
+    How soon blocks switch off: under Adam(W) a score moves about lr per step, so the first blocks
+    go off after about (score_init - threshold) / lr steps (500 at lr 1e-4, 170 at 3e-4; a linear
+    decay to 0 needs a run twice as long). Under SGD the penalty alone moves each score by
+    lr * sparsity_weight / L per step (10x that with momentum 0.9): at TAPS's lr 0.01 every block
+    goes off within tens of steps, before B has learned, unless sparsity_warmup_steps holds the
+    penalty back (TAPS: 2 epochs).
     """
 
     method: ClassVar[str] = "selective_lora"
@@ -324,14 +331,22 @@ class RankSelectiveLoraConfig(LoraConfig):
     kappa(t) = 0 for t <= D = round(dense_fraction * total_steps) (dense phase), then
     kappa_max * ceil(threshold_levels * (t - D) / (total_steps - D)) / threshold_levels, and kappa_max
     after total_steps (when pruned ranks are dropped for good). Defaults are the authors' run:
-    r = 16, alpha = None (s = 1), 500 steps, half dense, 50 levels, kappa_max = 0.005.
-    importance_init: a nonzero constant, or "randn" (w ~ N(0, 1), the authors' code).
+    r = 16, alpha = None (s = 1), w ~ N(0, 1), 500 steps, half dense, 50 levels, kappa_max = 0.005.
+    importance_init: "randn" (w ~ N(0, 1), the authors' code) or a nonzero constant.
+
+    Set total_steps to the number of optimizer steps you train. Over the schedule the thresholds
+    shrink each |w| by sum_t kappa(t) in all (0.64 with the defaults), so the ranks that end below
+    that are pruned (about half of N(0, 1) draws; a constant 1.0 outlasts it and prunes nothing);
+    a run shorter than total_steps stops early in the staircase (nothing is pruned in the dense
+    phase), and every step after total_steps shrinks the kept ranks by kappa_max again, more than
+    Adam at lr < kappa_max can give back: they all reach 0. FastLoraCallback warns when Trainer's
+    max_steps differs, the training hooks when a run goes past total_steps.
     """
 
     method: ClassVar[str] = "rank_selective_lora"
     r: int = 16
     alpha: Optional[float] = None
-    importance_init: Union[float, str] = 1.0
+    importance_init: Union[float, str] = "randn"
     total_steps: int = 500
     dense_fraction: float = 0.5
     threshold_levels: int = 50
@@ -379,6 +394,10 @@ class CurLoraConfig(AdapterConfig):
     y = x W^T + b + alpha (x R^T) U^T C^T. eps regularises q ∝ 1/(p + eps) (1e-3 as in
     the authors' code; 0 is the paper's formula); layer k of the model samples with
     seed + k (k = its position among adapted layers); 0 <= seed < 2**63.
+
+    Learning rate: U starts at 0 and its update C U R is made of W's own (small) entries, so a step
+    moves W far less than a LoRA step at the same lr; it needs a much larger one (under Adam,
+    benchmarks/continual selects 0.03-1 for CURLoRA where it selects 0.001-0.03 for LoRA).
     """
 
     method: ClassVar[str] = "curlora"

@@ -24,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapters_api import adapter_stats
 from .checkpoint import save_adapter
+from .config import RankSelectiveLoraConfig
 from .inject import adapter_layers
 from .training import TrainingHooks, _has_rule, attach_training_hooks, regularization_loss
 
@@ -36,7 +37,8 @@ class FastLoraCallback(TrainerCallback):
 
     - train begin: attaches the post-step training rules (CoDyRA's proximal step, LoRASC's
       cascades, Selective LoRA's bookkeeping) to Trainer's optimizer (accelerate's wrapper
-      unwrapped), once per ``train()`` call; removed at train end.
+      unwrapped), once per ``train()`` call; removed at train end. Warns when a CoDyRA
+      threshold schedule (``total_steps``) does not span the run's ``max_steps``.
     - every log: each method's ``extra_stats`` over its layers ("fastlora/<method>/<stat>",
       ``adapter_stats``) join the logged values and ``state.log_history``.
     - every save (``save_adapters``): ``save_adapter`` writes the adapters into
@@ -62,6 +64,7 @@ class FastLoraCallback(TrainerCallback):
             if optimizer is None:
                 raise ValueError("FastLoraCallback: Trainer passed no optimizer; the training rules cannot be attached")
             self.hooks = attach_training_hooks(model, getattr(optimizer, "optimizer", optimizer))
+        _check_schedules(layers, state.max_steps)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.hooks is not None:
@@ -79,6 +82,26 @@ class FastLoraCallback(TrainerCallback):
     def on_save(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
         if self.save_adapters and state.is_world_process_zero and next(adapter_layers(model), None) is not None:
             save_adapter(model, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / ADAPTER_DIR)
+
+
+def _check_schedules(layers, max_steps: int) -> None:
+    """Warn, once per schedule length, when CoDyRA layers' total_steps is not the run's max_steps."""
+    configs = {}
+    for _, layer in layers:
+        config = layer.config
+        if isinstance(config, RankSelectiveLoraConfig) and config.kappa_max > 0 and config.total_steps != max_steps:
+            configs.setdefault(config.total_steps, config)
+    for total, config in sorted(configs.items()):
+        if max_steps > total:
+            effect = (f"the {max_steps - total} steps after it each shrink the kept ranks by "
+                      f"kappa_max={config.kappa_max} again, which can prune them all")
+        elif config.kappa(max_steps) == 0:
+            effect = f"it ends in the dense phase (steps 1-{round(config.dense_fraction * total)}): no rank is pruned"
+        else:
+            effect = f"it stops at kappa={config.kappa(max_steps):.3g} of kappa_max={config.kappa_max}, pruning less"
+        warnings.warn(f"FastLoraCallback: the CoDyRA threshold schedule spans total_steps={total} optimizer steps, but "
+                      f"this run has max_steps={max_steps}: {effect}; set "
+                      f"RankSelectiveLoraConfig(total_steps={max_steps})", stacklevel=3)
 
 
 class FastLoraTrainer(Trainer):

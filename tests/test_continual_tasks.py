@@ -61,8 +61,9 @@ def _curlora_indices(weight, r, eps, seed):
     return rows, cols
 
 
-CONFIGS = [LoraConfig(r=3, alpha=6.0), SelectiveLoraConfig(r=3, alpha=6.0), RankSelectiveLoraConfig(r=3),
-           CurLoraConfig(r=3, alpha=1.5, seed=4), NeatConfig(r=3, scale=0.7),
+CONFIGS = [LoraConfig(r=3, alpha=6.0), SelectiveLoraConfig(r=3, alpha=6.0),
+           RankSelectiveLoraConfig(r=3, importance_init=1.0), CurLoraConfig(r=3, alpha=1.5, seed=4),
+           NeatConfig(r=3, scale=0.7),
            CascadeLoraConfig(r=3, alpha=6.0, noise_intensity=0.1, noise_seed=2)]
 IDS = [c.method for c in CONFIGS]
 

@@ -1,6 +1,8 @@
 """transformers.Trainer with FastLoraTrainer / FastLoraCallback: every method trains, its rule runs through
 accelerate's optimizer wrapper, stats are logged, adapter checkpoints sit in checkpoint-N and reload, and a
 run resumed from a checkpoint ends where the uninterrupted run ends."""
+import warnings
+
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
@@ -121,3 +123,24 @@ def test_plain_trainer_with_the_callback_runs_rules(tmp_path):
     assert stats["fastlora/rank_selective_lora/optimizer_steps"] == STEPS
     assert not list(tmp_path.glob("checkpoint-*/fastlora_adapter"))
     assert any("fastlora/rank_selective_lora/kappa" in h for h in trainer.state.log_history)
+
+
+@pytest.mark.parametrize("total_steps, effect", [
+    (500, "it ends in the dense phase (steps 1-250): no rank is pruned"),
+    (6, "it stops at kappa=0.0017 of kappa_max=0.005, pruning less"),  # 3 dense steps, level ceil(50 / 3) = 17
+    (2, "the 2 steps after it each shrink the kept ranks by kappa_max=0.005 again, which can prune them all"),
+    (STEPS, None)])
+def test_a_codyra_schedule_that_does_not_span_the_run_warns_at_train_begin(total_steps, effect, tmp_path):
+    model = model_with(RankSelectiveLoraConfig(r=3, target_modules=TARGETS, total_steps=total_steps))
+    trainer = Trainer(model=model, args=arguments(tmp_path, save_strategy="no"), train_dataset=Data(),
+                      callbacks=[FastLoraCallback()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    messages = [str(w.message) for w in caught if "FastLoraCallback" in str(w.message)]
+    if effect is None:
+        assert messages == []
+    else:
+        assert messages == [f"FastLoraCallback: the CoDyRA threshold schedule spans total_steps={total_steps} "
+                            f"optimizer steps, but this run has max_steps={STEPS}: {effect}; set "
+                            f"RankSelectiveLoraConfig(total_steps={STEPS})"]

@@ -2,6 +2,8 @@
 a proximal soft-threshold with an absolute, scheduled kappa after each optimizer step (dense phase,
 then a staircase up to kappa_max), pruned ranks that revive until the schedule ends, then are dropped."""
 import math
+import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -286,8 +288,8 @@ def test_threshold_ignores_the_learning_rate_and_none_is_accepted():
             return None
 
     model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64)),
-                            RankSelectiveLoraConfig(r=3, total_steps=1, dense_fraction=0.0, threshold_levels=1,
-                                                    kappa_max=0.25))
+                            RankSelectiveLoraConfig(r=3, importance_init=1.0, total_steps=1, dense_fraction=0.0,
+                                                    threshold_levels=1, kappa_max=0.25))
     adapter = model[0].adapter
     optimizer = NoLrSGD([adapter.importance], lr=0.1)
     hooks = fastlora.attach_training_hooks(model, optimizer)
@@ -356,3 +358,27 @@ def test_bad_config_values(kwargs, match):
 def test_rank_larger_than_layer_raises():
     with pytest.raises(ValueError, match="r=30 exceeds min"):
         AdapterLinear(D_IN, D_OUT, config=RankSelectiveLoraConfig(r=30))
+
+
+def test_the_first_step_past_the_schedule_warns():
+    """After total_steps kappa stays kappa_max, which keeps shrinking the kept ranks: w = 1.0 is 0.5 at the
+    end of a 2-step schedule of kappa 0.25 and 0 two steps later. The first step past the schedule warns."""
+    config = RankSelectiveLoraConfig(r=3, importance_init=1.0, total_steps=2, dense_fraction=0.0, threshold_levels=1,
+                                     kappa_max=0.25)
+    adapter = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64)), config)[0].adapter
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            adapter.after_optimizer_step(0.1)
+        assert caught == [] and torch.equal(adapter.importance.detach(), torch.full((3,), 0.5, dtype=torch.float64))
+        for _ in range(3):
+            adapter.after_optimizer_step(0.1)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "total_steps=2" in message and "kappa_max=0.25" in message and "number of optimizer steps" in message
+    assert adapter.active_index.numel() == 0 and torch.count_nonzero(adapter.importance) == 0
+    quiet = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT)), replace(config, kappa_max=0.0))[0].adapter
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(4):  # kappa_max = 0 shrinks nothing: no warning
+            quiet.after_optimizer_step(0.1)

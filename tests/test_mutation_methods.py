@@ -70,8 +70,8 @@ def test_curlora_zero_line_error_names_the_first_zero_column_or_row(dim, what, z
 def test_codyra_first_step_of_a_fresh_adapter_is_step_one():
     """A freshly built adapter (no checkpoint, no refresh) counts its first optimizer step as step 1:
     with 2 sparse steps and 2 levels, kappa(1) = 0.25 and kappa(2) = 0.5, so w = 1.0 becomes 0.75."""
-    config = fastlora.RankSelectiveLoraConfig(r=3, total_steps=2, dense_fraction=0.0, threshold_levels=2,
-                                              kappa_max=0.5)
+    config = fastlora.RankSelectiveLoraConfig(r=3, importance_init=1.0, total_steps=2, dense_fraction=0.0,
+                                              threshold_levels=2, kappa_max=0.5)
     model = fastlora.inject(nn.Sequential(nn.Linear(8, 6, dtype=torch.float64)), config)
     adapter = model[0].adapter
     assert not adapter.schedule_done

@@ -15,17 +15,23 @@ for w (no_grad, eval inference, w frozen) are compacted the same way during the 
 a zero rank changes no output. With no active rank the low-rank path is skipped (gate 0).
 ΔW = s B diag(w) A (pruned ranks add nothing, so merging drops them).
 
+w starts as N(0, 1) draws from the default generator (importance_init "randn", as the authors'
+code). Over the schedule the thresholds add up to sum_t kappa(t) (0.6375 with the defaults), so
+the ranks whose |w| ends below that (about half of the draws, as training moves them) are
+pruned. A constant importance_init prunes every rank or none: 1.0 outlasts the default schedule.
+
 Choices where the paper and the authors' code are silent (ours):
 - The staircase: D = round(dense_fraction * total_steps) dense steps, then level
   ceil(levels * (t - D) / (total_steps - D)) of ``threshold_levels`` equal levels: the first
-  sparse step uses kappa_max / levels, step total_steps uses kappa_max, later steps kappa_max.
+  sparse step uses kappa_max / levels, step total_steps uses kappa_max, later steps kappa_max
+  (the authors' runs end at total_steps). Those later steps shrink every kept rank toward 0, so
+  the first one warns that total_steps is shorter than the run.
 - The step count t is the number of steps of the optimizer holding w (the training hooks), kept
   in the persistent buffer ``optimizer_steps`` so a checkpoint resumes the schedule.
-- importance_init defaults to the constant 1.0 (every rank on, the adapter starts as LoRA with
-  scale s); "randn" draws w ~ N(0, 1) from the default generator, as the authors' code does.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -107,7 +113,8 @@ class RankSelectiveLoraAdapter(LoraAdapter):
     def after_optimizer_step(self, learning_rate: float) -> tuple[nn.Parameter, ...]:
         """Count the step, reset dropped ranks to 0 once the schedule is done, soft-threshold w by
         kappa(step), refresh the active ranks. Elementwise on this rank's shard when w is sharded
-        (FSDP2). The learning rate is not used: kappa is absolute."""
+        (FSDP2). The learning rate is not used: kappa is absolute. Warns at the first step past
+        total_steps (with kappa_max > 0)."""
         importance = local_view(self.importance)
         if self.schedule_done:
             dropped = torch.ones(self.config.r, dtype=torch.bool, device=self.active_index.device)
@@ -115,7 +122,14 @@ class RankSelectiveLoraAdapter(LoraAdapter):
             importance.masked_fill_(local_part(dropped, self.importance), 0.0)
         self._steps += 1
         self.optimizer_steps.fill_(self._steps)
-        importance.copy_(soft_threshold(importance, self.config.kappa(self._steps)))
+        config = self.config
+        if self._steps == config.total_steps + 1 and config.kappa_max > 0:
+            warnings.warn(f"fastlora: rank_selective_lora layers train past the end of their threshold schedule "
+                          f"(total_steps={config.total_steps}): each further step shrinks the kept ranks by "
+                          f"kappa_max={config.kappa_max} again (under Adam at a smaller lr, until every rank is "
+                          f"pruned); set RankSelectiveLoraConfig(total_steps=...) to the number of optimizer steps "
+                          f"you train", stacklevel=3)
+        importance.copy_(soft_threshold(importance, config.kappa(self._steps)))
         self.refresh_active_ranks()
         return ()
 
