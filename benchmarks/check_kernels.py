@@ -3,7 +3,8 @@
 - gemm: the two longest kernels of one forward + backward (the base GEMMs: y and dx) of
   the "triton" plan against those of ``F.linear`` with its input gradient (cuBLAS), at the
   benchmark shapes, r = 16; plus forward medians of base, the triton plan with gate 0 and
-  every plan.
+  every plan, and (with the onepass plan) of the persistent one-pass forward kernel for
+  several programs per row block (``ONEPASS_GROUPS``; "default": its own choice).
 - skinny: device time of each skinny kernel of a forward and a backward ("cublas" plan when
   there is one: its other kernels are cuBLAS GEMMs) and its GB/s from a byte model, the
   fewest bytes the kernel must move (its (N, d) operand read once, factors read once,
@@ -31,6 +32,9 @@ SKINNY_CASES = [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (8192, 4096, 110
 TRACE_CASE = (8192, 4096, 4096, 16)
 TOP = 15
 ITEM_RESERVE_S = 5.0
+#: label -> programs per row block wanted of the one-pass forward (None: its own choice; capped at its column
+#: tiles, so "per_tile" is one tile per program: the side product formed in every tile)
+ONEPASS_GROUPS = {"default": None, "1": 1, "2": 2, "4": 4, "8": 8, "per_tile": 10**6}
 
 
 def _tensors(case: tuple, device: torch.device) -> dict:
@@ -56,9 +60,22 @@ def _gemm_case(n: int, d_in: int, d_out: int, ctx) -> dict:
     fwd_ms = {"base": median_ms(forward_only(base_forward), ctx.device),
               "triton_gate_0": median_ms(forward_only(_plan_forward(t, "triton", gate=0.0)), ctx.device)}
     fwd_ms.update({plan: median_ms(forward_only(_plan_forward(t, plan)), ctx.device) for plan in ctx.plans})
-    return {"n": n, "d_in": d_in, "d_out": d_out, "cublas_gemms": cublas_gemms, "triton_gemms": triton_gemms,
+    case = {"n": n, "d_in": d_in, "d_out": d_out, "cublas_gemms": cublas_gemms, "triton_gemms": triton_gemms,
             "gemm_ratio": triton_gemms["us"] / cublas_gemms["us"], "fwd_ms": fwd_ms,
             "fwd_vs_base": {k: v / fwd_ms["base"] for k, v in fwd_ms.items()}}
+    if "onepass" in ctx.plans:
+        case["onepass_groups_fwd_ms"] = {label: median_ms(_onepass_forward(t, groups), ctx.device)
+                                         for label, groups in ONEPASS_GROUPS.items()}
+    return case
+
+
+def _onepass_forward(t: dict, groups: Optional[int]) -> Callable[[], object]:
+    """The one-pass forward kernel alone (y and t of plain LoRA) with ``groups`` programs per row block wanted."""
+    from fastlora.kernels.triton.onepass_forward import onepass_forward
+
+    x, w, a, b = (t[k].detach() for k in ("x", "weight", "a", "b"))
+    return lambda: onepass_forward(x, w.t(), None, a, None, b.t(), None, None, None, v_scale=SCALE, gate=None,
+                                   p=0.0, seed=None, groups=groups)
 
 
 def gemm_vs_cublas(ctx) -> dict:

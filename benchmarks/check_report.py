@@ -1,5 +1,6 @@
-"""The compact table the GPU check prints last: one line per section, then what failed,
-then the speed cases (medians, ratios vs base and PEFT, peak memory, launches, byte floors)."""
+"""The compact table the GPU check prints last: one line per section, then what failed, the
+one-pass forward per programs per row block, then the speed cases (medians, ratios vs base and
+PEFT, peak memory, launches, byte floors)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -61,6 +62,13 @@ def _speed(report: dict) -> list[str]:
     return lines
 
 
+def _onepass_groups(report: dict) -> list[str]:
+    """Section gemm's one-pass forward medians per programs-per-row-block count, one line per shape."""
+    return [f"onepass fwd ms by programs per row block, N={shape['n']} {shape['d_in']}->{shape['d_out']}: "
+            + "  ".join(f"{label} {ms:.3f}" for label, ms in shape["onepass_groups_fwd_ms"].items())
+            for shape in report["sections"].get("gemm", {}).get("shapes", []) if "onepass_groups_fwd_ms" in shape]
+
+
 def render(report: dict) -> str:
     """The table as text."""
     lines = [f"gpu_check on {report['device']} (plans {', '.join(report['plans'])})",
@@ -72,4 +80,4 @@ def render(report: dict) -> str:
     failures = _failures(report)
     if failures:
         lines += ["failures:", *failures]
-    return "\n".join(lines + _speed(report))
+    return "\n".join(lines + _onepass_groups(report) + _speed(report))

@@ -185,7 +185,7 @@ class _Ctx:
     """The slice of gpu_check's section context the kernel sections read."""
     device = torch.device("cpu")
     quick = True
-    plans = ("triton", "cublas", "torch")
+    plans = ("triton", "cublas", "torch", "onepass")
     report = {"sections": {"env": {"copy_gbs": 100.0}}}
 
     def has(self, seconds):
@@ -196,8 +196,9 @@ class _Ctx:
 
 
 def test_kernel_sections_logic(monkeypatch):
-    """The CUDA-only sections "gemm" and "skinny" on tiny CPU shapes (Triton plans interpreted),
-    with the profiler replaced by fixed kernel times: their bookkeeping, not the GPU."""
+    """The CUDA-only sections "gemm" and "skinny" on tiny CPU shapes (Triton plans interpreted, the
+    one-pass forward for every programs-per-row-block count of the sweep), with the profiler replaced
+    by fixed kernel times: their bookkeeping, not the GPU."""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs the Triton interpreter on CPU")
@@ -214,7 +215,11 @@ def test_kernel_sections_logic(monkeypatch):
     gemm = check_kernels.gemm_vs_cublas(_Ctx())
     shape = gemm["shapes"][0]
     assert shape["gemm_ratio"] == 1.0 and shape["triton_gemms"]["names"] == ["_fused_linear_kernel"]
-    assert set(shape["fwd_ms"]) == {"base", "triton_gate_0", "triton", "cublas", "torch"}
+    assert set(shape["fwd_ms"]) == {"base", "triton_gate_0", "triton", "cublas", "torch", "onepass"}
+    assert set(shape["onepass_groups_fwd_ms"]) == {"default", "1", "2", "4", "8", "per_tile"}
+    assert all(ms > 0 for ms in shape["onepass_groups_fwd_ms"].values())
+    table = render({"device": "GPU", "plans": ["onepass"], "sections": {"gemm": {"status": "ok", **gemm}}})
+    assert "onepass fwd ms by programs per row block, N=32 16->24: default " in table
     skinny = check_kernels.skinny_bandwidth(_Ctx())
     kernels = {(k["phase"], k["name"]): k for k in skinny["cases"][0]["kernels"]}
     shrink = kernels[("fwd", "_shrink_kernel")]

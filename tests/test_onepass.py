@@ -3,7 +3,8 @@
 Under the Triton interpreter on CPU (fp32, fp16; bf16 on a GPU only): odd shapes that cross the
 16-wide interpreter tiles, ranks that are not powers of two, strided x, every optional factor,
 gathered factors (CURLoRA), dropout (the reference uses the mask of every plan), a host or a
-device gate, gate 0. The other plans' code paths are made to fail where the one-pass kernels
+device gate, gate 0; the persistent forward with runs of every length up to ``COLUMN_RUN`` column
+tiles per program. The other plans' code paths are made to fail where the one-pass kernels
 must run, and every ``torch.empty`` is NaN-filled so an unwritten output or partial shows up.
 """
 import math
@@ -250,6 +251,77 @@ def test_forward_keeps_t_and_matches_the_fused_plan(impl):
                                            False) for k in ("onepass", "triton"))
     assert t1.dtype == torch.float32 and t1.shape == (33, 5)
     assert rel(t1, t2) < 1e-6 and rel(y1, y2) < 1e-6
+
+
+@pytest.mark.parametrize("n_out,groups,features", [
+    (80, 1, "factors"), (80, 3, "gathered"), (80, 5, "factors"), (120, 1, "gathered"), (120, 3, "factors"),
+    (7, None, "gathered")])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_persistent_forward_runs(n_out, groups, features, dtype, onepass):
+    """y and t of the persistent forward kernel against float64 for several programs per row block:
+    with the interpreter's 16-wide tiles, N = 80 gives runs of 3 and 2, 2, 2 and 1, or 1 tile each;
+    N = 120 runs of 4 (the last tile partial) or 3, 3 and 2; 50 rows end in a partial row block.
+    "factors": A, B, M, m, a device gate, dropout and a bias; "gathered": A = W[I], B = W[:, J]
+    (CURLoRA) with M and a host gate, no bias, x a strided view."""
+    from fastlora.kernels.triton.onepass_forward import onepass_forward
+    g = torch.Generator().manual_seed(3)
+    m, k, r, p, scale = 50, 40, 5, (0.25 if features == "factors" else 0.0), 0.7
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * s).to(dtype).to(F64)
+
+    x, w = rnd(m, k), rnd(n_out, k, s=k ** -0.5)
+    middle, gate = rnd(r, r, s=r ** -0.5), torch.tensor(0.6, dtype=F64)
+    seed = torch.tensor([11], dtype=torch.int64)
+    if features == "factors":
+        a, b, a_index, b_index = rnd(r, k, s=k ** -0.5), rnd(n_out, r, s=r ** -0.5), None, None
+        rank_weights, bias = rnd(r).abs() + 0.5, rnd(n_out)
+        a_ref, b_ref = a, b
+    else:
+        a_index, b_index = torch.randint(0, n_out, (r,), generator=g), torch.randint(0, k, (r,), generator=g)
+        a, b, rank_weights, bias = None, None, None, None
+        a_ref, b_ref = w[a_index], w[:, b_index]
+    mask = dropout_mask(m, k, p, seed, dtype=F64) if p else torch.ones(m, k, dtype=F64)
+    t_ref = (x * mask) @ a_ref.t()
+    v_ref = t_ref @ middle.t() * (rank_weights if rank_weights is not None else 1.0)
+    y_ref = x @ w.t() + scale * float(gate) * v_ref @ b_ref.t() + (bias if bias is not None else 0.0)
+
+    def dev(tensor):
+        return None if tensor is None else tensor.to(DEVICE, dtype)
+
+    xd = dev(x) if features == "factors" else torch.stack([dev(x), dev(x) + 1], dim=2)[:, :, 0]
+    wd = dev(w)
+    y, t = onepass_forward(
+        xd, wd.t(), dev(bias), dev(a) if a is not None else wd, a_index, dev(b).t() if b is not None else wd.t(),
+        b_index, dev(middle), dev(rank_weights), v_scale=scale * (1.0 if features == "factors" else float(gate)),
+        gate=gate.to(DEVICE, torch.float32) if features == "factors" else None, p=p, seed=seed.to(DEVICE),
+        groups=groups)
+    assert y.dtype == dtype and t.dtype == torch.float32 and t.shape == (m, r)
+    assert rel(y, y_ref) < TOL[dtype] and rel(t, t_ref) < TOL[dtype]
+
+
+def test_column_groups_keep_runs_short_and_non_empty(monkeypatch, onepass):
+    """Programs per row block: by default enough for every SM (132 here) and runs of at most COLUMN_RUN
+    tiles; a wanted count is kept but for the cap at one tile each; no program is without a tile, and
+    the kernel's runs of cdiv(C, G) tiles cover the C column tiles."""
+    from types import SimpleNamespace
+
+    from fastlora.kernels.triton.onepass_tiles import COLUMN_RUN, column_groups
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    assert COLUMN_RUN == 4
+    assert column_groups(64, 16, cuda) == 4  # N = 8192 tokens, 4096 outputs, 128x256 tiles: runs of 4
+    assert column_groups(64, 43, cuda) == 11  # 11008 outputs: ten runs of 4 and one of 3
+    assert column_groups(32, 32, cuda) == 8  # 256x128 tiles: 5 programs per row block fill 132 SMs; runs of 4
+    assert column_groups(2, 16, cuda) == 16  # few rows: one tile per program
+    assert column_groups(4, 5, torch.device("cpu")) == 2 and column_groups(4, 5, cuda, wanted=3) == 3
+    assert column_groups(64, 16, cuda, wanted=1) == 1 and column_groups(64, 16, cuda, wanted=10**6) == 16
+    for tiles in range(1, 40):
+        for wanted in (None, *range(1, 45)):
+            groups = column_groups(1 + tiles % 7, tiles, cuda, wanted=wanted)
+            run = -(-tiles // groups)
+            assert (groups - 1) * run < tiles <= groups * run
+            assert run <= (COLUMN_RUN if wanted is None else -(-tiles // min(wanted, tiles)))
 
 
 def test_tiles_fit_registers_and_shared_memory(monkeypatch, onepass):

@@ -25,12 +25,35 @@ def test_onepass_reads_x_and_dy_once_in_the_gemms():
     assert rows["triton"]["step_mb"] - rows["onepass"]["step_mb"] > 2 * x_bytes
 
 
-def test_redundant_side_products_cost_mma_in_proportion_to_the_padded_rank():
-    for r, extra in ((16, 16 / 256), (64, 64 / 256)):
-        rows = byte_model.floors(byte_model.Shape(8192, 4096, 4096, r))
-        ratio = rows["onepass"]["fwd_gflop"] / rows["base"]["fwd_gflop"]
-        assert ratio == pytest.approx(1 + extra + r / 4096, rel=1e-3)
-        assert rows["onepass-persistent"]["fwd_us"] < rows["onepass"]["fwd_us"]
+def test_side_products_cost_mma_in_proportion_to_the_padded_rank_and_the_programs_per_row_block():
+    """The forward forms x A^T once per program (4 per row block at N = 8192, 4096 outputs, 128x256 tiles:
+    runs of COLUMN_RUN = 4 column tiles), the input gradient forms dy B in every one of its 16 column tiles,
+    or, modelled persistent, in 4 programs per row block too."""
+    for r, pad in ((16, 16), (64, 64)):
+        s = byte_model.Shape(8192, 4096, 4096, r)
+        rows = byte_model.floors(s)
+        assert byte_model.side_groups(64, 16) == 4
+        assert rows["onepass"]["fwd_gflop"] / rows["base"]["fwd_gflop"] == pytest.approx(1 + r / 4096 + 4 * pad / 4096)
+        step = {name: sum(k.flops for k in byte_model.plan_kernels("onepass", s, persistent_backward=persistent))
+                for name, persistent in (("built", False), ("persistent", True))}
+        assert step["built"] - step["persistent"] == pytest.approx(2 * 8192 * 4096 * pad * (16 - 4))
+        assert rows["onepass-persistent-bwd"]["step_us"] < rows["onepass"]["step_us"]
+        assert rows["onepass-persistent-bwd"]["fwd_us"] == rows["onepass"]["fwd_us"]
+
+
+def test_side_groups_are_the_kernels():
+    """The model's programs per row block are those the one-pass forward launches on a 132-SM GPU."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from fastlora.kernels.triton import onepass_tiles
+    assert byte_model.COLUMN_RUN == onepass_tiles.COLUMN_RUN
+    with mock.patch("torch.cuda.get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132)):
+        for rows in (1, 2, 7, 33, 64, 200):
+            for columns in (1, 3, 16, 43, 64):
+                assert byte_model.side_groups(rows, columns, 132) == onepass_tiles.column_groups(
+                    rows, columns, torch.device("cuda")), (rows, columns)
 
 
 def test_table_lists_every_plan_for_every_shape():

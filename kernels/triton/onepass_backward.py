@@ -82,14 +82,14 @@ def _onepass_input_grad_kernel(dy_ptr, w_ptr, f_ptr, f_idx_ptr, mid_ptr, rw_ptr,
         acc, dp = gemm_with_side(dy_ptr, w_ptr, f_ptr, f_idx_ptr, rows, cols, K, R,
                                  stride_dym, stride_dyk, stride_wk, stride_wn, stride_fr, stride_fk,
                                  0, 0, 1.0, row_ok, v, db_part_ptr + pid_m.to(tl.int64) * K * R,
-                                 dbias_part_ptr + pid_m.to(tl.int64) * K, F_GATHER, False, COMPUTE_DB,
+                                 dbias_part_ptr + pid_m.to(tl.int64) * K, True, F_GATHER, False, COMPUTE_DB,
                                  COMPUTE_DBIAS, R_PAD, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         tl.store(dp_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :], dp,
                  mask=row_ok[:, None] & (offs_r[None, :] < R))
     else:
         acc, dp = gemm_with_side(dy_ptr, w_ptr, f_ptr, f_idx_ptr, rows, cols, K, R,
                                  stride_dym, stride_dyk, stride_wk, stride_wn, stride_fr, stride_fk,
-                                 0, 0, 1.0, row_ok, 0, 0, 0, F_GATHER, False, False, False,
+                                 0, 0, 1.0, row_ok, 0, 0, 0, True, F_GATHER, False, False, False,
                                  R_PAD, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     dt = dp
     if HAS_RW:

@@ -7,6 +7,9 @@ expansion to the output tile (``add_expand``).
 """
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
@@ -20,6 +23,11 @@ BACKWARD_BLOCK_M = 16 if launch_config.INTERPRETED else 128
 #: fp32 accumulator registers per thread a configuration may plan for (255 is the hardware limit;
 #: the rest holds operand fragments, pointers and masks).
 ACCUMULATOR_REGISTERS = 160
+#: Most column tiles one program of the persistent forward walks: the shrink then adds at least
+#: R_PAD / (COLUMN_RUN BLOCK_N) of the GEMM's MMA work, and a wave of one program per SM spans at
+#: most 1 / COLUMN_RUN as many row blocks as programs, whose x tiles each program reads again for
+#: every column tile it walks (about the grouped GEMM's L2 working set; a judgement, not tuned).
+COLUMN_RUN = 4
 
 
 def backward_configs(block_m: int = BACKWARD_BLOCK_M) -> list[triton.Config]:
@@ -49,15 +57,35 @@ def prune_onepass_configs(configs: list[triton.Config], named_args: dict, **kwar
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
+def forward_configs() -> list[triton.Config]:
+    """The GEMM tiles of the persistent forward: ``gemm_configs`` without GROUP_M (its programs own
+    runs of column tiles in row-major order, not swizzled single tiles)."""
+    return [triton.Config({k: v for k, v in c.kwargs.items() if k != "GROUP_M"}, num_warps=c.num_warps,
+                          num_stages=c.num_stages) for c in launch_config.gemm_configs()]
+
+
+def column_groups(row_blocks: int, column_tiles: int, device: torch.device, wanted: Optional[int] = None) -> int:
+    """Programs per row block of the persistent forward: ``wanted``, by default enough to give every
+    SM a program (row_blocks * groups >= SMs, a CPU counting as one) and no run longer than
+    ``COLUMN_RUN`` tiles; capped at ``column_tiles`` (one tile each), then lowered to
+    cdiv(column_tiles, run) for run = cdiv(column_tiles, groups), so that no program is left without a tile."""
+    if wanted is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        wanted = max(triton.cdiv(sms, row_blocks), triton.cdiv(column_tiles, COLUMN_RUN))
+    run = triton.cdiv(column_tiles, min(column_tiles, max(wanted, 1)))
+    return triton.cdiv(column_tiles, run)
+
+
 @triton.jit
 def gemm_with_side(x_ptr, w_ptr, f_ptr, f_idx_ptr, rows, cols, K, R,
                    stride_xm, stride_xk, stride_wk, stride_wn, stride_fr, stride_fk,
                    seed, threshold, scale, row_ok, v, db_ptr, dbias_ptr,
-                   F_GATHER: tl.constexpr, DROPOUT: tl.constexpr, DB: tl.constexpr, DBIAS: tl.constexpr,
-                   R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                   SIDE: tl.constexpr, F_GATHER: tl.constexpr, DROPOUT: tl.constexpr, DB: tl.constexpr,
+                   DBIAS: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(acc, side) over all of K: acc = X[rows] Wkn[:, cols] (BLOCK_M, BLOCK_N) and
-    side = drop(X[rows]) F^T (BLOCK_M, R_PAD), both fp32, from the same X tiles.
+    side = drop(X[rows]) F^T (BLOCK_M, R_PAD), both fp32, from the same X tiles; without SIDE
+    the plain GEMM (F is not read, side is zero; DB and DBIAS need SIDE).
 
     X (M, K), Wkn (K, N), F (R, K) or the frozen matrix whose rows f_idx (R,) selects; rows and
     cols int64 (wrapped at the edges). DROPOUT: the X tile of the side product only is multiplied
@@ -81,13 +109,14 @@ def gemm_with_side(x_ptr, w_ptr, f_ptr, f_idx_ptr, rows, cols, K, R,
         k_ok = offs_k < K - k0
         xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        ft = tl.load(f_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0)
         acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-        if DROPOUT:
-            xd = (xt.to(tl.float32) * keep_scale(seed, rows, k0, threshold, scale, BLOCK_K)).to(xt.dtype)
-            side = tl.dot(xd, ft.to(xt.dtype), side, input_precision=PRECISION)
-        else:
-            side = tl.dot(xt, ft.to(xt.dtype), side, input_precision=PRECISION)
+        if SIDE:
+            ft = tl.load(f_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0)
+            if DROPOUT:
+                xd = (xt.to(tl.float32) * keep_scale(seed, rows, k0, threshold, scale, BLOCK_K)).to(xt.dtype)
+                side = tl.dot(xd, ft.to(xt.dtype), side, input_precision=PRECISION)
+            else:
+                side = tl.dot(xt, ft.to(xt.dtype), side, input_precision=PRECISION)
         if DB:
             part = tl.dot(tl.trans(xt), v, input_precision=PRECISION)
             tl.store(db_ptr + (k0 + offs_k)[:, None] * R + offs_r[None, :], part.to(db_ptr.dtype.element_ty),
