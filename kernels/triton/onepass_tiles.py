@@ -23,10 +23,10 @@ BACKWARD_BLOCK_M = 16 if launch_config.INTERPRETED else 128
 #: fp32 accumulator registers per thread a configuration may plan for (255 is the hardware limit;
 #: the rest holds operand fragments, pointers and masks).
 ACCUMULATOR_REGISTERS = 160
-#: Most column tiles one program of the persistent forward walks: the shrink then adds at least
-#: R_PAD / (COLUMN_RUN BLOCK_N) of the GEMM's MMA work, and a wave of one program per SM spans at
-#: most 1 / COLUMN_RUN as many row blocks as programs, whose x tiles each program reads again for
-#: every column tile it walks (about the grouped GEMM's L2 working set; a judgement, not tuned).
+#: Most column tiles one program of the persistent forward walks by default: the shrink then adds at
+#: least R_PAD / (COLUMN_RUN BLOCK_N) of the GEMM's MMA work, and G >= C / COLUMN_RUN programs per row
+#: block keep the row blocks of a wave (SMs / G, each program reading its x tiles again for every
+#: column tile it walks) near the grouped GEMM's L2 working set (a judgement, not tuned).
 COLUMN_RUN = 4
 
 
