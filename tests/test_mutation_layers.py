@@ -1,6 +1,7 @@
 """Layer, method and distributed edges the mutation sample showed unguarded: weights that overlap in one
 storage, the layer's repr, LoRA's initialisation bound, NEAT on inference tensors, LoRASC's seeds for large
-noise seeds, build_adapter's default layer index, a full value of the wrong shape for a sharded parameter."""
+noise seeds, build_adapter's default layer index, a full value of the wrong shape for a sharded parameter, Selective
+LoRA's gate tensor."""
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import fastlora
-from fastlora import AdapterLinear, CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig
+from fastlora import AdapterLinear, CascadeLoraConfig, CurLoraConfig, LoraConfig, NeatConfig, SelectiveLoraConfig
 from fastlora.methods import build_adapter
 
 from utils import rel
@@ -102,3 +103,15 @@ def test_a_full_value_must_have_the_sharded_parameters_global_shape(tmp_path):
                 local_part(torch.zeros(shape), like)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("score", [0.3, 0.05])
+def test_selective_gate_is_exactly_the_hard_gate_with_a_unit_straight_through_gradient(score):
+    adapter = AdapterLinear(6, 5, config=SelectiveLoraConfig(r=2)).train().adapter
+    with torch.no_grad():
+        adapter.score.fill_(score)
+    adapter.refresh_gate()
+    gate = adapter.gate()
+    assert gate.item() == (1.0 if score >= 0.1 else 0.0)  # TAPS's tau = 0.1
+    (gradient,) = torch.autograd.grad(gate, adapter.score)
+    assert gradient.item() == 1.0
