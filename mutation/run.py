@@ -115,6 +115,13 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def module_of(database: Path) -> str:
+    """The module a session mutates, as its session config names it (the database's stem cannot tell
+    ``__init__`` from a folder separator)."""
+    text = database.with_suffix(".toml").read_text()
+    return json.loads(text.split("module-path = ", 1)[1].split("\n", 1)[0])
+
+
 def survivors(database: Path) -> list[tuple[str, str]]:
     with sqlite3.connect(database) as db:
         return db.execute("select s.job_id, r.diff from work_results r join mutation_specs s using (job_id) "
@@ -132,7 +139,7 @@ def report(sessions: Path) -> dict[str, dict[str, int]]:
     mutants run, before equivalent survivors are set aside (docs/testing.md)."""
     table = {}
     for database in sorted(sessions.glob("*.sqlite")):
-        table[database.stem.replace("__", "/") + ".py"] = counts(database)
+        table[module_of(database)] = counts(database)
     columns = ["mutants", "killed", "timed_out", "survived", "incompetent", "skipped", "pending"]
     print(f"{'module':40} " + " ".join(f"{name[:9]:>9}" for name in columns) + f" {'raw score':>9}")
 
