@@ -35,6 +35,9 @@ class PeftFormat:
     peft_tensors: the fastlora adapter's state dict -> {PEFT tensor name: tensor} of a layer.
     conv1d_field: the config field PEFT sets True when the layers are GPT-2 Conv1D layers (weight
     stored (d_in, d_out); same tensor shapes as over an nn.Linear); None: the format adapts nn.Linear only.
+    per_layer_fields: (fastlora field, PEFT field, PEFT pattern field) of each value PEFT's format can
+    give layers one by one (LORA: r through rank_pattern, alpha through alpha_pattern); every other
+    field holds one value for all layers.
     """
 
     peft_type: str
@@ -45,6 +48,7 @@ class PeftFormat:
     peft_config: Callable[[AdapterConfig], dict[str, Any]]
     peft_tensors: Callable[[dict[str, Tensor]], dict[str, Tensor]]
     conv1d_field: Optional[str] = None
+    per_layer_fields: tuple[tuple[str, str, str], ...] = ()
 
 
 def _check_unsupported(peft: dict[str, Any], unsupported: dict[str, Any]) -> None:
@@ -64,15 +68,13 @@ def _peft_targets(peft: dict[str, Any]):
 
 
 def _lora_config(peft: dict[str, Any]) -> LoraConfig:
+    """PEFT's LoRA fields as a LoraConfig; rank_pattern / alpha_pattern keep PEFT's keys and order
+    (fastlora resolves them as PEFT does: the first key the module name ends with wins)."""
     _check_unsupported(peft, _LORA_UNSUPPORTED)
-    r, alpha = peft.get("r", 8), peft.get("lora_alpha", 8)
-    for field, default in (("rank_pattern", r), ("alpha_pattern", alpha)):
-        differing = {k: v for k, v in (peft.get(field) or {}).items() if v != default}
-        if differing:
-            raise ValueError(f"PEFT LORA config has {field}={differing!r} differing from {default!r}; "
-                             f"fastlora uses one rank and alpha for every layer")
-    return LoraConfig(r=r, alpha=float(alpha), use_rslora=bool(peft.get("use_rslora", False)),
-                      dropout=float(peft.get("lora_dropout", 0.0)), target_modules=_peft_targets(peft))
+    return LoraConfig(r=peft.get("r", 8), alpha=float(peft.get("lora_alpha", 8)),
+                      use_rslora=bool(peft.get("use_rslora", False)), dropout=float(peft.get("lora_dropout", 0.0)),
+                      target_modules=_peft_targets(peft), rank_pattern=peft.get("rank_pattern") or {},
+                      alpha_pattern=peft.get("alpha_pattern") or {})
 
 
 # transformers ACT2FN names (PEANuT's act_fn) -> fastlora activations computing the same function.
@@ -126,6 +128,7 @@ LORA_FORMAT = PeftFormat(
     peft_config=_lora_peft_config,
     peft_tensors=lambda s: {"lora_A.weight": s["lora_A"], "lora_B.weight": s["lora_B"]},
     conv1d_field="fan_in_fan_out",
+    per_layer_fields=(("r", "r", "rank_pattern"), ("alpha", "lora_alpha", "alpha_pattern")),
 )
 PEANUT_FORMAT = PeftFormat(peft_type="PEANUT", description="NEAT (NeatConfig, PEFT's PEANuT)", config=_neat_config,
                            tensor_shapes=_peanut_shapes, adapter_state=_neat_state, peft_config=_peanut_config,

@@ -7,7 +7,8 @@ PEFT's ``save_pretrained`` layout (adapter name stripped from the keys)::
 
 Tensors of a Linear (d_out, d_in), and the fastlora adapter tensors they become:
     LORA    lora_A.weight (r, d_in) -> lora_A, lora_B.weight (d_out, r) -> lora_B;
-            update (lora_alpha / r) B A (lora_alpha / sqrt(r) with use_rslora). The same shapes
+            update (lora_alpha / r) B A (lora_alpha / sqrt(r) with use_rslora), r and lora_alpha
+            per layer where rank_pattern / alpha_pattern give them. The same shapes
             over GPT-2's Conv1D (weight stored (d_in, d_out)), which PEFT marks fan_in_fan_out=True.
     PEANUT  peanut_A.weight (r, d_out) -> neat_A, peanut_B.weight (d_out, r) -> neat_B,
             peanut_{encoders,decoders}.{i}.weight (r, r) -> {encoders,decoders}.{i}.weight;
@@ -21,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -39,9 +42,10 @@ from .checkpoint import (
 )
 from .config import AdapterConfig
 from .inject import _matches, adapter_layers, inject
-from .layer import is_adaptable, linear_shape
+from .layer import AdapterLinear, is_adaptable, linear_shape
 from .peft_formats import PeftFormat
 from .registry import method_of, peft_methods
+from .targets import layer_config
 
 KEY_PREFIX = "base_model.model."
 
@@ -80,7 +84,7 @@ def _layer_tensors(state: dict[str, Tensor], names: list[str]) -> dict[str, dict
 def _check_layers(model: nn.Module, config: AdapterConfig, fmt: PeftFormat,
                   layers: dict[str, dict[str, Tensor]]) -> None:
     """Every checkpoint layer is an nn.Linear (or a Conv1D, where the format has them) of the model
-    holding the tensors of the expected shapes."""
+    holding the tensors of the shapes its own config (rank_pattern resolved) gives."""
     for path, tensors in layers.items():
         try:
             module = model.get_submodule(path)
@@ -93,9 +97,10 @@ def _check_layers(model: nn.Module, config: AdapterConfig, fmt: PeftFormat,
             raise ValueError(f"PEFT checkpoint adapts {path!r}, a {type(module).__name__}; "
                              f"PEFT's {fmt.peft_type} adapts nn.Linear only")
         d_out, d_in = linear_shape(module)
-        if config.r > min(d_in, d_out):
-            raise ValueError(f"PEFT rank r={config.r} exceeds min(d_in={d_in}, d_out={d_out}) of {path!r}")
-        shapes = fmt.tensor_shapes(config, d_in, d_out)
+        own = layer_config(config, path)
+        if own.r > min(d_in, d_out):
+            raise ValueError(f"PEFT rank r={own.r} exceeds min(d_in={d_in}, d_out={d_out}) of {path!r}")
+        shapes = fmt.tensor_shapes(own, d_in, d_out)
         missing = sorted(set(shapes) - set(tensors))
         if missing:
             raise ValueError(f"PEFT checkpoint lacks {missing} for module {path!r}")
@@ -120,12 +125,13 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
     """Load a PEFT checkpoint directory (peft_type "LORA" or "PEANUT") into ``model``, a model
     without adapters, as fastlora adapters (LoraConfig / NeatConfig) that compute the same
     outputs; returns ``model``. Tensors of modules_to_save (a classifier head) are copied into the
-    model's parameters of those names, which become trainable.
+    model's parameters of those names, which become trainable. A LoRA checkpoint's rank_pattern /
+    alpha_pattern give its layers their own r and alpha, resolved as PEFT resolves them.
 
     Everything is checked before the model is changed. Raises ValueError naming the field
-    or tensor for what fastlora cannot represent: another peft_type, DoRA, per-layer
-    rank_pattern/alpha_pattern values, bias != "none", other LoRA variants, targets other than
-    nn.Linear and GPT-2's Conv1D (nn.Linear only for PEANUT), PEANuT activations fastlora lacks.
+    or tensor for what fastlora cannot represent: another peft_type, DoRA, bias != "none", other LoRA
+    variants, targets other than nn.Linear and GPT-2's Conv1D (nn.Linear only for PEANUT), PEANuT
+    activations fastlora lacks.
     PEFT's fan_in_fan_out is not read: as in PEFT, a layer's own type says whether it is a Conv1D.
     """
     if next(adapter_layers(model), None) is not None:
@@ -150,36 +156,80 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
     return model
 
 
+def _peft_layer_fields(fmt: PeftFormat, layers: list[tuple[str, AdapterLinear]]) -> dict[str, Any]:
+    """The format's config fields for ``layers`` ((name, AdapterLinear) pairs): each per-layer field
+    as its most common value plus a pattern entry "^" + escaped name for every other layer (PEFT
+    matches a key to any module name ending with "." + key, so the anchor keeps a name from also
+    matching the names it is a suffix of); every other field must be the same in all layers."""
+    (first_name, first), per_layer = layers[0], {field for field, _, _ in fmt.per_layer_fields}
+    reference = first.config.to_dict()
+    for name, layer in layers[1:]:
+        fields = layer.config.to_dict()
+        for field in sorted(reference.keys() | fields.keys(), key=lambda f: (f != "method", f)):
+            if field not in per_layer and fields.get(field) != reference.get(field):
+                held = ("sets only " + " and ".join(f"{f} ({p})" for f, _, p in fmt.per_layer_fields)
+                        + " per layer" if per_layer else "holds one config for all layers")
+                raise ValueError(f"layer {name} has {field}={fields.get(field)!r}, unlike layer {first_name}'s "
+                                 f"{reference.get(field)!r}; PEFT's {fmt.peft_type} format {held}")
+    meta = fmt.peft_config(first.config)
+    for field, peft_field, pattern_field in fmt.per_layer_fields:
+        values = {name: getattr(layer.config, field) for name, layer in layers}
+        common = Counter(values.values()).most_common(1)[0][0]
+        meta[peft_field] = common
+        meta[pattern_field] = {"^" + re.escape(name): value for name, value in values.items() if value != common}
+    return meta
+
+
+def _peft_target_modules(model: nn.Module, names: list[str]) -> Union[list[str], str]:
+    """The adapted layers' ``names`` as PEFT's target_modules: the list when PEFT's rule for a list
+    (a module name equal to an entry or ending with "." + one) selects exactly them among the plain
+    model's modules, else (an unadapted "inner.proj" beside an adapted "proj") the full-match regex
+    of the escaped names."""
+    adapted = set(names)
+
+    def inside_adapted(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in adapted for i in range(1, len(parts)))
+
+    plain = [n for n, _ in model.named_modules() if n and not inside_adapted(n)]
+    if all(n in adapted or not _matches(n, names) for n in plain):
+        return names
+    return "|".join(re.escape(n) for n in names)
+
+
 def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
                       base_model_name_or_path: Optional[str] = None) -> Path:
     """Write the model's fastlora LoRA (peft_type "LORA") or NEAT (peft_type "PEANUT") adapters
     in PEFT's format, so that ``peft.PeftModel.from_pretrained(base, directory)``
     computes the same outputs.
 
-    target_modules is written as the list of adapted module paths (exact under PEFT's
-    matching); trainable parameters outside the adapters (a classifier head) as modules_to_save;
-    fan_in_fan_out as True when the layers wrap GPT-2's Conv1D (PEFT sets it per layer from the
-    layer's type, so a model mixing Conv1D and nn.Linear layers loads too, with PEFT's warning).
+    target_modules is written as the list of adapted module paths, or as the full-match regex of
+    them where PEFT's suffix matching would also select an unadapted module; trainable parameters
+    outside the adapters (a classifier head) as modules_to_save; fan_in_fan_out as True when the
+    layers wrap GPT-2's Conv1D (PEFT sets it per layer from the layer's type, so a model mixing
+    Conv1D and nn.Linear layers loads too, with PEFT's warning).
+    LoRA layers may differ in r and alpha: r / lora_alpha are written as the most common values
+    (on a tie, the first layer's) and rank_pattern / alpha_pattern give each other layer its own
+    under the key "^" + its escaped full name, which PEFT's pattern matching resolves to that
+    module only.
     The two files are replaced as ``save_adapter`` replaces its own (created when missing,
     nothing else in the directory touched, old files restored on an exception); PEFT's
     format records no digest, so a hard crash between the two renames can leave new weights
-    beside the old config. Raises ValueError for other methods, merged layers, differing configs or
-    Conv1D layers under a format without them (PEANUT).
+    beside the old config. Raises ValueError for other methods, merged layers, layers differing
+    in a field the format holds once for all layers (naming the layer and field), or Conv1D layers
+    under a format without them (PEANUT).
     """
     layers = list(adapter_layers(model))
     if not layers:
         raise ValueError("model has no fastlora adapters to export")
-    config = layers[0][1].config
     for name, layer in layers:
         if method_of(layer.config).peft_format is None:
             supported = " and ".join(m.peft_format.description for m in peft_methods().values())
             raise ValueError(f"layer {name} has a {layer.config.method!r} adapter; PEFT export supports "
                              f"{supported} only")
-        if layer.config != config:
-            raise ValueError(f"layer {name} has config {layer.config}, unlike {layers[0][0]}'s {config}")
         if layer.merged:
             raise ValueError(f"layer {name} is merged; unmerge before exporting")
-    fmt = method_of(config).peft_format
+    fmt = method_of(layers[0][1].config).peft_format
     conv1d = [name for name, layer in layers if layer.fan_in_fan_out]
     if conv1d and fmt.conv1d_field is None:
         raise ValueError(f"layer {conv1d[0]} wraps a Conv1D; PEFT's {fmt.peft_type} adapts nn.Linear only")
@@ -187,8 +237,8 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     extra = trainable_non_adapter_parameters(model)
     modules_to_save = sorted({name.rpartition(".")[0] for name in extra}) or None
     meta = {"peft_type": peft_type, "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-            "inference_mode": True, "target_modules": [name for name, _ in layers],
-            "modules_to_save": modules_to_save, **fmt.peft_config(config)}
+            "inference_mode": True, "target_modules": _peft_target_modules(model, [name for name, _ in layers]),
+            "modules_to_save": modules_to_save, **_peft_layer_fields(fmt, layers)}
     if fmt.conv1d_field is not None:
         meta[fmt.conv1d_field] = bool(conv1d)
     tensors = {f"{KEY_PREFIX}{name}.{key}": tensor.detach().contiguous().cpu()

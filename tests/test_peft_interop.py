@@ -137,8 +137,8 @@ def test_export_refuses_what_peft_lora_cannot_hold(base, tmp_path):
         save_peft_adapter(copy.deepcopy(base), tmp_path / "a")
     mixed = fastlora.inject(copy.deepcopy(base), fastlora.LoraConfig(r=2, target_modules=["query"]))
     layers = [layer for _, layer in fastlora.adapter_layers(mixed)]
-    layers[1].config = fastlora.LoraConfig(r=2, alpha=3.0, target_modules=["query"])
-    with pytest.raises(ValueError, match="encoder.layer.1.attention.self.query has config"):
+    layers[1].config = fastlora.LoraConfig(r=2, use_rslora=True, target_modules=["query"])
+    with pytest.raises(ValueError, match="encoder.layer.1.attention.self.query has use_rslora=True"):
         save_peft_adapter(mixed, tmp_path / "b")
     for config in (fastlora.CurLoraConfig(r=2, target_modules=["query"]),
                    fastlora.SelectiveLoraConfig(r=2, target_modules=["query"])):
@@ -187,7 +187,7 @@ def test_load_peanut_refuses_what_neat_cannot_represent(base, tmp_path):
 
 @pytest.mark.parametrize("field, value", [
     ("use_dora", True), ("bias", "all"),
-    ("lora_bias", True), ("peft_type", "IA3"), ("rank_pattern", {"query": 2}), ("alpha_pattern", {"value": 3}),
+    ("lora_bias", True), ("peft_type", "IA3"),
 ])
 def test_load_refuses_unsupported_config_fields(base, tmp_path, field, value):
     save_peft(base, lora(), tmp_path)
