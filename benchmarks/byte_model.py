@@ -28,12 +28,10 @@ DEVICE_PEAKS = {
 BANDWIDTH, PEAK_FLOPS = DEVICE_PEAKS["H200"]
 #: tiles assumed for the one-pass kernels (the large Hopper tiles) and the skinny kernels
 BLOCK_M, BLOCK_N = 128, 256
-#: SMs of an H100 SXM / H200 (the one-pass forward gives each a program) and the longest run of column
-#: tiles one program of that forward walks (kernels/triton/onepass_tiles.py: COLUMN_RUN)
+#: SMs of an H100 SXM / H200 (the persistent one-pass kernels give each a program) and the longest run of
+#: column tiles one of their programs walks (kernels/triton/onepass_tiles.py: COLUMN_RUN)
 SMS, COLUMN_RUN = 132, 4
 PLANS = ("torch", "cublas", "triton", "onepass")
-#: model-only rows of ``floors``: the one-pass plan with its backward made persistent too (not built)
-MODEL_ONLY = ("onepass-persistent-bwd",)
 
 
 @dataclass(frozen=True)
@@ -94,19 +92,18 @@ def _dy_pass(s: Shape) -> list[Kernel]:
 
 
 def side_groups(rows: int, columns: int, sms: int = SMS) -> int:
-    """Programs per row block of the persistent one-pass forward over ``rows`` row blocks and
+    """Programs per row block of the persistent one-pass kernels over ``rows`` row blocks and
     ``columns`` column tiles (``onepass_tiles.column_groups``): enough for every SM, no run of
     column tiles longer than COLUMN_RUN, none empty. Each forms its row block's side product once."""
     run = _cdiv(columns, min(columns, max(_cdiv(sms, rows), _cdiv(columns, COLUMN_RUN))))
     return _cdiv(columns, run)
 
 
-def plan_kernels(plan: str, s: Shape, backward: bool = True, persistent_backward: bool = False) -> list[Kernel]:
+def plan_kernels(plan: str, s: Shape, backward: bool = True) -> list[Kernel]:
     """The kernels ``plan`` launches for one forward (and backward) of shape ``s``.
 
-    onepass: the forward forms x A^T once per program (``side_groups`` per row block), the input
-    gradient forms dy B in every column tile, or with persistent_backward (a model, not built)
-    once per program as the forward does.
+    onepass: the forward forms x A^T and the input gradient dy B once per program (``side_groups``
+    programs per row block, over the column tiles of y and of dx).
     """
     n, k, d, r, e = s.n, s.d_in, s.d_out, s.r, s.elem
     pad = _rank_pad(r)
@@ -137,13 +134,12 @@ def plan_kernels(plan: str, s: Shape, backward: bool = True, persistent_backward
         rows = _cdiv(n, BLOCK_M)
         fwd = [Kernel("x W^T, x A^T, v B^T", e * (n * k + d * k + n * d + r * k + d * r) + 4 * n * r,
                       2 * n * d * (k + r) + 2 * n * k * pad * side_groups(rows, _cdiv(d, BLOCK_N)))]
-        bwd_groups = side_groups(rows, _cdiv(k, BLOCK_N)) if persistent_backward else _cdiv(k, BLOCK_N)
         partials = 2 * _cdiv(n, BLOCK_M) * d * r * 4
         db_in_kernel = partials <= n * d * e
         one = Kernel("dy W, dy B, dt A" + (", dB partials" if db_in_kernel else ""),
                      e * (n * d + d * k + n * k + d * r + r * k) + 4 * n * r * (2 if db_in_kernel else 1)
                      + (partials if db_in_kernel else 0),
-                     2 * n * k * (d + r) + 2 * n * d * pad * bwd_groups
+                     2 * n * k * (d + r) + 2 * n * d * pad * side_groups(rows, _cdiv(k, BLOCK_N))
                      + (2 * n * d * r if db_in_kernel else 0))
         bwd = [one, down_grad] + ([] if db_in_kernel else [
             Kernel("dB = dy^T v", e * (n * d + n * r + d * r), 2 * n * d * r)])
@@ -158,18 +154,12 @@ def floor_seconds(kernels: list[Kernel], bandwidth: float = BANDWIDTH, peak: flo
 
 
 def floors(s: Shape, bandwidth: float = BANDWIDTH, peak: float = PEAK_FLOPS) -> dict[str, dict[str, float]]:
-    """{plan: {"fwd_mb", "fwd_gflop", "fwd_us", "step_mb", "step_gflop", "step_us"}} for "base", every
-    plan and the ``MODEL_ONLY`` rows."""
+    """{plan: {"fwd_mb", "fwd_gflop", "fwd_us", "step_mb", "step_gflop", "step_us"}} for "base" and every plan."""
     out = {}
-    for name in ("base", *PLANS, *MODEL_ONLY):
+    for name in ("base", *PLANS):
         row = {}
         for label, backward in (("fwd", False), ("step", True)):
-            if name == "base":
-                kernels = base_kernels(s, backward)
-            elif name == "onepass-persistent-bwd":
-                kernels = plan_kernels("onepass", s, backward, persistent_backward=True)
-            else:
-                kernels = plan_kernels(name, s, backward)
+            kernels = base_kernels(s, backward) if name == "base" else plan_kernels(name, s, backward)
             row[f"{label}_mb"] = sum(k.bytes for k in kernels) / 1e6
             row[f"{label}_gflop"] = sum(k.flops for k in kernels) / 1e9
             row[f"{label}_us"] = floor_seconds(kernels, bandwidth, peak) * 1e6

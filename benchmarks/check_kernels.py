@@ -3,8 +3,8 @@
 - gemm: the two longest kernels of one forward + backward (the base GEMMs: y and dx) of
   the "triton" plan against those of ``F.linear`` with its input gradient (cuBLAS), at the
   benchmark shapes, r = 16; plus forward medians of base, the triton plan with gate 0 and
-  every plan, and (with the onepass plan) of the persistent one-pass forward kernel for
-  several programs per row block (``ONEPASS_GROUPS``; "default": its own choice).
+  every plan, and (with the onepass plan) of the persistent one-pass forward and input-gradient
+  kernels for several programs per row block (``ONEPASS_GROUPS``; "default": their own choice).
 - skinny: device time of each skinny kernel of a forward and a backward ("cublas" plan when
   there is one: its other kernels are cuBLAS GEMMs) and its GB/s from a byte model, the
   fewest bytes the kernel must move (its (N, d) operand read once, factors read once,
@@ -32,7 +32,7 @@ SKINNY_CASES = [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (8192, 4096, 110
 TRACE_CASE = (8192, 4096, 4096, 16)
 TOP = 15
 ITEM_RESERVE_S = 5.0
-#: label -> programs per row block wanted of the one-pass forward (None: its own choice; capped at its column
+#: label -> programs per row block wanted of the one-pass kernels (None: their own choice; capped at the column
 #: tiles, so "per_tile" is one tile per program: the side product formed in every tile)
 ONEPASS_GROUPS = {"default": None, "1": 1, "2": 2, "4": 4, "8": 8, "per_tile": 10**6}
 
@@ -66,6 +66,8 @@ def _gemm_case(n: int, d_in: int, d_out: int, ctx) -> dict:
     if "onepass" in ctx.plans:
         case["onepass_groups_fwd_ms"] = {label: median_ms(_onepass_forward(t, groups), ctx.device)
                                          for label, groups in ONEPASS_GROUPS.items()}
+        case["onepass_groups_bwd_ms"] = {label: median_ms(_onepass_input_grad(t, groups), ctx.device)
+                                         for label, groups in ONEPASS_GROUPS.items()}
     return case
 
 
@@ -76,6 +78,17 @@ def _onepass_forward(t: dict, groups: Optional[int]) -> Callable[[], object]:
     x, w, a, b = (t[k].detach() for k in ("x", "weight", "a", "b"))
     return lambda: onepass_forward(x, w.t(), None, a, None, b.t(), None, None, None, v_scale=SCALE, gate=None,
                                    p=0.0, seed=None, groups=groups)
+
+
+def _onepass_input_grad(t: dict, groups: Optional[int]) -> Callable[[], object]:
+    """The one-pass input-gradient kernel alone (dx, dP and, where the plan takes them from it, the dB
+    partials of plain LoRA) with ``groups`` programs per row block wanted."""
+    from fastlora.kernels.triton.onepass_backward import db_partials_are_cheaper, onepass_input_grad
+
+    dy, w, a, b = (t[k].detach() for k in ("dy", "weight", "a", "b"))
+    v = torch.randn(dy.shape[0], a.shape[0], device=dy.device) if db_partials_are_cheaper(dy, a.shape[0]) else None
+    return lambda: onepass_input_grad(dy, w, b.t(), None, a, None, None, None, v, False, v_scale=SCALE, gate=None,
+                                      p=0.0, seed=None, db_dtype=b.dtype, dbias_dtype=dy.dtype, groups=groups)
 
 
 def gemm_vs_cublas(ctx) -> dict:

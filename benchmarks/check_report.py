@@ -1,5 +1,5 @@
 """The compact table the GPU check prints last: one line per section, then what failed, the
-one-pass forward per programs per row block, then the speed cases (medians, ratios vs base and
+one-pass kernels per programs per row block, then the speed cases (medians, ratios vs base and
 PEFT, peak memory, launches, byte floors)."""
 from __future__ import annotations
 
@@ -63,10 +63,12 @@ def _speed(report: dict) -> list[str]:
 
 
 def _onepass_groups(report: dict) -> list[str]:
-    """Section gemm's one-pass forward medians per programs-per-row-block count, one line per shape."""
-    return [f"onepass fwd ms by programs per row block, N={shape['n']} {shape['d_in']}->{shape['d_out']}: "
-            + "  ".join(f"{label} {ms:.3f}" for label, ms in shape["onepass_groups_fwd_ms"].items())
-            for shape in report["sections"].get("gemm", {}).get("shapes", []) if "onepass_groups_fwd_ms" in shape]
+    """Section gemm's one-pass forward and input-gradient medians per programs-per-row-block count, one
+    line per kernel and shape."""
+    return [f"onepass {kind} ms by programs per row block, N={shape['n']} {shape['d_in']}->{shape['d_out']}: "
+            + "  ".join(f"{label} {ms:.3f}" for label, ms in shape[f"onepass_groups_{kind}_ms"].items())
+            for shape in report["sections"].get("gemm", {}).get("shapes", []) for kind in ("fwd", "bwd")
+            if f"onepass_groups_{kind}_ms" in shape]
 
 
 def render(report: dict) -> str:

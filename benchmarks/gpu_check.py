@@ -11,9 +11,9 @@ the JSON report is rewritten to --out after every item):
    gradient against float64 (benchmarks/check_correctness.py);
 3. graphs: host syncs under ``torch.cuda.set_sync_debug_mode("error")`` and CUDA-graph capture
    and replay with dropout (benchmarks/check_graphs.py);
-4. gemm: the fused Triton GEMM vs cuBLAS, and the persistent one-pass forward for several
-   programs per row block; 5. skinny: GB/s of the skinny kernels vs the copy ceiling; 7. trace:
-   the top kernels of one step (benchmarks/check_kernels.py);
+4. gemm: the fused Triton GEMM vs cuBLAS, and the persistent one-pass forward and input
+   gradient for several programs per row block; 5. skinny: GB/s of the skinny kernels vs the
+   copy ceiling; 7. trace: the top kernels of one step (benchmarks/check_kernels.py);
 6. speed: forward and forward + backward medians, peak memory and launches of base, every
    plan, auto, PEFT and every method (benchmarks/bench_adapted_linear.py), and next to base and
    each plan its byte/FLOP floor and measured / floor (benchmarks/byte_model.py; documented

@@ -197,8 +197,8 @@ class _Ctx:
 
 def test_kernel_sections_logic(monkeypatch):
     """The CUDA-only sections "gemm" and "skinny" on tiny CPU shapes (Triton plans interpreted, the
-    one-pass forward for every programs-per-row-block count of the sweep), with the profiler replaced
-    by fixed kernel times: their bookkeeping, not the GPU."""
+    one-pass forward and input gradient for every programs-per-row-block count of the sweep), with the
+    profiler replaced by fixed kernel times: their bookkeeping, not the GPU."""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs the Triton interpreter on CPU")
@@ -216,10 +216,12 @@ def test_kernel_sections_logic(monkeypatch):
     shape = gemm["shapes"][0]
     assert shape["gemm_ratio"] == 1.0 and shape["triton_gemms"]["names"] == ["_fused_linear_kernel"]
     assert set(shape["fwd_ms"]) == {"base", "triton_gate_0", "triton", "cublas", "torch", "onepass"}
-    assert set(shape["onepass_groups_fwd_ms"]) == {"default", "1", "2", "4", "8", "per_tile"}
-    assert all(ms > 0 for ms in shape["onepass_groups_fwd_ms"].values())
+    for kind in ("fwd", "bwd"):
+        assert set(shape[f"onepass_groups_{kind}_ms"]) == {"default", "1", "2", "4", "8", "per_tile"}
+        assert all(ms > 0 for ms in shape[f"onepass_groups_{kind}_ms"].values())
     table = render({"device": "GPU", "plans": ["onepass"], "sections": {"gemm": {"status": "ok", **gemm}}})
     assert "onepass fwd ms by programs per row block, N=32 16->24: default " in table
+    assert "onepass bwd ms by programs per row block, N=32 16->24: default " in table
     skinny = check_kernels.skinny_bandwidth(_Ctx())
     kernels = {(k["phase"], k["name"]): k for k in skinny["cases"][0]["kernels"]}
     shrink = kernels[("fwd", "_shrink_kernel")]

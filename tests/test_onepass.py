@@ -259,8 +259,8 @@ def test_forward_keeps_t_and_matches_the_fused_plan(impl):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_persistent_forward_runs(n_out, groups, features, dtype, onepass):
     """y and t of the persistent forward kernel against float64 for several programs per row block:
-    with the interpreter's 16-wide tiles, N = 80 gives runs of 3 and 2, 2, 2 and 1, or 1 tile each;
-    N = 120 runs of 4 (the last tile partial) or 3, 3 and 2; 50 rows end in a partial row block.
+    with the interpreter's 16-wide tiles, N = 80 gives one run of 5, runs of 2, 2 and 1, or 1 tile each;
+    N = 120 (the last tile partial) one run of 8 or runs of 3, 3 and 2; 50 rows end in a partial row block.
     "factors": A, B, M, m, a device gate, dropout and a bias; "gathered": A = W[I], B = W[:, J]
     (CURLoRA) with M and a host gate, no bias, x a strided view."""
     from fastlora.kernels.triton.onepass_forward import onepass_forward
@@ -298,6 +298,73 @@ def test_persistent_forward_runs(n_out, groups, features, dtype, onepass):
         groups=groups)
     assert y.dtype == dtype and t.dtype == torch.float32 and t.shape == (m, r)
     assert rel(y, y_ref) < TOL[dtype] and rel(t, t_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("n_in,groups,runs,features", [
+    (64, 1, [4], "factors"), (80, 2, [3, 2], "gathered"), (120, None, [4, 4], "bias"), (120, 3, [3, 3, 2], "factors"),
+    (48, 2, [2, 1], "bias"), (40, None, [3], "gathered"), (80, 5, [1] * 5, "factors"), (7, None, [1], "bias")])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_persistent_input_grad_runs(n_in, groups, runs, features, dtype, onepass):
+    """dx, dP, dB and dbias of the persistent input-gradient kernel against float64 for runs of 1 to 4
+    column tiles of dx (16 wide under the interpreter; N = 40, 7 and 120 end in a partial tile) and a
+    partial last run; 50 rows give three full row blocks and a partial one, each with its own dB and
+    dbias partials. "factors": A, B, M, m, a device gate, dropout, dB and dbias; "gathered":
+    A = W[I], B = W[:, J] (CURLoRA) with M, a host gate and dy a strided view, neither dB nor dbias;
+    "bias": A, B, m, a host gate, W a transposed view, dbias without dB."""
+    from fastlora.kernels.triton.launch_config import INTERPRETED
+    from fastlora.kernels.triton.onepass_backward import onepass_input_grad
+    from fastlora.kernels.triton.onepass_tiles import BACKWARD_BLOCK_M, column_groups
+    g = torch.Generator().manual_seed(5)
+    m, k, r, scale, gate = 50, 40, 5, 0.7, 0.6
+    p = 0.25 if features == "factors" else 0.0
+    if INTERPRETED:
+        columns = -(-n_in // 16)
+        programs = column_groups(-(-m // BACKWARD_BLOCK_M), columns, DEVICE, groups)
+        run = -(-columns // programs)
+        assert BACKWARD_BLOCK_M == 16 and [min(run, columns - i * run) for i in range(programs)] == runs
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * s).to(dtype).to(F64)
+
+    dy, w, v = rnd(m, k), rnd(k, n_in, s=k ** -0.5), torch.randn(m, r, generator=g, dtype=F64)
+    middle = rnd(r, r, s=r ** -0.5) if features != "bias" else None
+    rank_weights = rnd(r).abs() + 0.5 if features != "gathered" else None
+    seed = torch.tensor([13], dtype=torch.int64)
+    if features == "gathered":
+        a_index, b_index = torch.randint(0, k, (r,), generator=g), torch.randint(0, n_in, (r,), generator=g)
+        a_ref, b_ref = w[a_index], w[:, b_index]
+    else:
+        a_index, b_index = None, None
+        a_ref, b_ref = rnd(r, n_in, s=n_in ** -0.5), rnd(k, r, s=r ** -0.5)
+    dp_ref = dy @ b_ref
+    dt = dp_ref * rank_weights if rank_weights is not None else dp_ref
+    dt = dt @ middle if middle is not None else dt
+    mask = dropout_mask(m, n_in, p, seed, dtype=F64) if p else 1.0
+    dx_ref = dy @ w + scale * gate * (dt @ a_ref) * mask
+    db_ref, dbias_ref = scale * gate * dy.t() @ v, dy.sum(0)
+
+    def dev(tensor):
+        return None if tensor is None else tensor.to(DEVICE, dtype)
+
+    dyd, wd = dev(dy), dev(w)
+    if features == "gathered":
+        dyd = torch.stack([dyd, dyd + 1], dim=2)[:, :, 0]
+    if features == "bias":
+        wd = wd.t().contiguous().t()
+    device_gate = features == "factors"
+    dx, dp, db, dbias = onepass_input_grad(
+        dyd, wd, wd.t() if b_index is not None else dev(b_ref).t(), b_index, wd if a_index is not None else dev(a_ref),
+        a_index, dev(middle), dev(rank_weights), v.to(DEVICE, torch.float32) if features == "factors" else None,
+        features != "gathered", v_scale=scale * (1.0 if device_gate else gate),
+        gate=torch.tensor(gate, device=DEVICE) if device_gate else None, p=p, seed=seed.to(DEVICE),
+        db_dtype=dtype, dbias_dtype=dtype, groups=groups)
+    assert dx.dtype == dtype and dp.dtype == torch.float32 and dp.shape == (m, r)
+    assert rel(dx, dx_ref) < TOL[dtype] and rel(dp, dp_ref) < TOL[dtype]
+    assert (db is None) == (features != "factors") and (dbias is None) == (features == "gathered")
+    if db is not None:
+        assert db.dtype == dtype and rel(db, db_ref) < TOL[dtype]
+    if dbias is not None:
+        assert dbias.dtype == dtype and rel(dbias, dbias_ref) < TOL[dtype]
 
 
 def test_column_groups_keep_runs_short_and_non_empty(monkeypatch, onepass):

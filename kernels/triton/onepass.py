@@ -3,6 +3,7 @@
     forward:  y, t = onepass_forward(x)          x W^T, t = xd A^T and s*g*v B^T in one persistent kernel
               (each program forms t once for the run of column tiles it walks)
     backward: dx, dP, dB, dbias = onepass_input_grad(dy)   dy W, dy B, dy^T v, sum dy, s*g*dt A
+              (persistent too: each program forms dy B once for the run of dx's column tiles it walks)
               the r-sized chain (dg, dm, dM, dt) in torch on (N, r) tensors
               dA = s*g dt^T xd   (``down_grad``: the one extra pass, over x)
 

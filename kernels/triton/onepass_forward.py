@@ -24,8 +24,8 @@ from .launch_config import dot_precision, launch_context, pad_rank
 from .onepass_tiles import (
     add_expand,
     column_groups,
-    forward_configs,
     gemm_with_side,
+    persistent_configs,
     prune_onepass_configs,
     times_middle,
     times_weights,
@@ -39,15 +39,15 @@ def _expand_and_store(acc, v, b_ptr, b_idx_ptr, bias_ptr, out_ptr, rows, offs_m,
     """out[offs_m, offs_n] = acc + v B^T[:, cols] (+ bias[cols]) for the (BLOCK_M, BLOCK_N) fp32 tile acc
     and the scaled v (BLOCK_M, R_PAD) in B's dtype; cols = offs_n wrapped, the store masked to (M, N)."""
     cols = (offs_n % N).to(tl.int64)
-    acc = add_expand(acc, v, b_ptr, b_idx_ptr, 0, 0, rows, cols, 0, N, R, stride_br, stride_bn,
-                     1.0, 0, 1.0, B_GATHER, False, False, R_PAD, PRECISION, BLOCK_N)
+    acc = add_expand(acc, v, b_ptr, b_idx_ptr, 0, rows, cols, 0, N, R, stride_br, stride_bn, 0, 1.0, B_GATHER,
+                     False, R_PAD, PRECISION, BLOCK_N)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=forward_configs(), key=["M_BUCKET", "N", "K", "R_PAD", "DROPOUT"],
+@triton.autotune(configs=persistent_configs(), key=["M_BUCKET", "N", "K", "R_PAD", "DROPOUT"],
                  prune_configs_by={"early_config_prune": prune_onepass_configs})
 @triton.jit(launch_metadata=metadata.onepass_forward)
 def _onepass_forward_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, a_idx_ptr, mid_ptr, rw_ptr, b_ptr, b_idx_ptr,

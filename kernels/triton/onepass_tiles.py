@@ -23,16 +23,24 @@ BACKWARD_BLOCK_M = 16 if launch_config.INTERPRETED else 128
 #: fp32 accumulator registers per thread a configuration may plan for (255 is the hardware limit;
 #: the rest holds operand fragments, pointers and masks).
 ACCUMULATOR_REGISTERS = 160
-#: Most column tiles one program of the persistent forward walks by default: the shrink then adds at
-#: least R_PAD / (COLUMN_RUN BLOCK_N) of the GEMM's MMA work, and G >= C / COLUMN_RUN programs per row
-#: block keep the row blocks of a wave (SMs / G, each program reading its x tiles again for every
-#: column tile it walks) near the grouped GEMM's L2 working set (a judgement, not tuned).
+#: Most column tiles one program of the persistent kernels (forward, input gradient) walks by default:
+#: the side product then adds at least R_PAD / (COLUMN_RUN BLOCK_N) of the GEMM's MMA work, and
+#: G >= C / COLUMN_RUN programs per row block keep the row blocks of a wave (SMs / G, each program
+#: reading its x or dy tiles again for every column tile it walks) near the grouped GEMM's L2 working
+#: set (a judgement, not tuned).
 COLUMN_RUN = 4
 
 
+def persistent_configs() -> list[triton.Config]:
+    """The GEMM tiles of the persistent one-pass kernels: ``gemm_configs`` without GROUP_M (their programs
+    own runs of column tiles in row-major order, not swizzled single tiles)."""
+    return [triton.Config({k: v for k, v in c.kwargs.items() if k != "GROUP_M"}, num_warps=c.num_warps,
+                          num_stages=c.num_stages) for c in launch_config.gemm_configs()]
+
+
 def backward_configs(block_m: int = BACKWARD_BLOCK_M) -> list[triton.Config]:
-    """The GEMM tiles whose BLOCK_M is ``block_m``."""
-    return [c for c in launch_config.gemm_configs() if c.kwargs["BLOCK_M"] == block_m]
+    """The ``persistent_configs`` tiles whose BLOCK_M is ``block_m``."""
+    return [c for c in persistent_configs() if c.kwargs["BLOCK_M"] == block_m]
 
 
 def prune_onepass_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -57,15 +65,8 @@ def prune_onepass_configs(configs: list[triton.Config], named_args: dict, **kwar
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
-def forward_configs() -> list[triton.Config]:
-    """The GEMM tiles of the persistent forward: ``gemm_configs`` without GROUP_M (its programs own
-    runs of column tiles in row-major order, not swizzled single tiles)."""
-    return [triton.Config({k: v for k, v in c.kwargs.items() if k != "GROUP_M"}, num_warps=c.num_warps,
-                          num_stages=c.num_stages) for c in launch_config.gemm_configs()]
-
-
 def column_groups(row_blocks: int, column_tiles: int, device: torch.device, wanted: Optional[int] = None) -> int:
-    """Programs per row block of the persistent forward: ``wanted``, by default enough to give every
+    """Programs per row block of the persistent one-pass kernels: ``wanted``, by default enough to give every
     SM a program (row_blocks * groups >= SMs, a CPU counting as one) and no run longer than
     ``COLUMN_RUN`` tiles; capped at ``column_tiles`` (one tile each), then lowered to
     cdiv(column_tiles, run) for run = cdiv(column_tiles, groups), so that no program is left without a tile."""
@@ -148,24 +149,21 @@ def times_weights(vec, rw_ptr, R, stride, R_PAD: tl.constexpr):
 
 
 @triton.jit
-def add_expand(acc, vec, g_ptr, g_idx_ptr, gate_ptr, seed, rows, cols, col_start, N, R, stride_gr, stride_gn,
-               v_scale, threshold, scale, G_GATHER: tl.constexpr, GATE_PTR: tl.constexpr, DROPOUT: tl.constexpr,
-               R_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """acc + drop(v_scale * gate * vec G[:, cols]) (BLOCK_M, BLOCK_N) fp32.
+def add_expand(acc, vec, g_ptr, g_idx_ptr, seed, rows, cols, col_start, N, R, stride_gr, stride_gn,
+               threshold, scale, G_GATHER: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc + drop(vec G[:, cols]) (BLOCK_M, BLOCK_N) fp32.
 
-    vec (BLOCK_M, R_PAD) fp32; G (R, N) or the frozen matrix whose rows g_idx (R,) selects;
-    gate read from gate_ptr when GATE_PTR; DROPOUT: times the mask of (rows, col_start + j).
-    The scalars scale the small vec; without dropout the product accumulates into acc itself
-    (no second (BLOCK_M, BLOCK_N) fp32 tile in registers).
+    vec (BLOCK_M, R_PAD) already scaled, in G's dtype (kept in registers across a run of tiles);
+    G (R, N) or the frozen matrix whose rows g_idx (R,) selects; DROPOUT: times the mask of
+    (rows, col_start + j). Without dropout the product accumulates into acc itself (no second
+    (BLOCK_M, BLOCK_N) fp32 tile in registers).
     """
     offs_r = tl.arange(0, R_PAD)
     g = load_factor(g_ptr, g_idx_ptr, offs_r[:, None], cols[None, :], R, N, stride_gr, stride_gn, G_GATHER)
-    vec = vec * v_scale
-    if GATE_PTR:
-        vec = vec * tl.load(gate_ptr).to(tl.float32)
     if DROPOUT:
-        low = tl.dot(vec.to(g.dtype), g, input_precision=PRECISION)
+        low = tl.dot(vec, g, input_precision=PRECISION)
         acc = acc + low * keep_scale(seed, rows, col_start, threshold, scale, BLOCK_N)
     else:
-        acc = tl.dot(vec.to(g.dtype), g, acc, input_precision=PRECISION)
+        acc = tl.dot(vec, g, acc, input_precision=PRECISION)
     return acc
