@@ -254,7 +254,7 @@ def test_torch_backend_matches_the_reference_and_the_dense_update_in_float64(con
         assert_close(out, _dense(model, x), 1e-12, "vs x (W + ΔW)^T + b")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "cublas"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cublas", "onepass"])
 @parametrize_cases
 def test_float32_backends_match_float64_reference_values_and_gradients(config, backend):
     if backend != "torch":
