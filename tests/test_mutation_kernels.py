@@ -1,5 +1,6 @@
 """Kernel-layer edges the mutation sample showed unguarded: the dropout seed spans the whole int64 range, the
-fused kernel's default low-rank scale."""
+fused kernel's default low-rank scale, the launch metadata's byte and FLOP counts, tile pruning without a token
+bucket."""
 import pytest
 import torch
 
@@ -25,3 +26,36 @@ def test_fused_linear_adds_the_low_rank_term_unscaled_by_default():
     v, u = torch.randn(5, 3, generator=generator), torch.randn(3, 6, generator=generator)
     expected = x.double() @ w.double().T + bias.double() + v.double() @ u.double()
     assert rel(fused_linear(x, w.t(), bias, v, u).double(), expected) < 1e-5
+
+
+def test_launch_metadata_counts_each_operand_once_for_every_kernel():
+    pytest.importorskip("triton")
+    from fastlora.kernels.triton import metadata
+
+    bf16, fp32 = torch.empty(0, dtype=torch.bfloat16), torch.empty(0)
+    m, n, k, r = 1000, 300, 700, 12  # not powers of two: a sum and an XOR or OR of the terms differ
+    shrink = metadata.shrink(None, None, dict(M=m, K=k, R=r, x_ptr=bf16))
+    assert shrink == {"name": f"fastlora.shrink M={m} K={k} r={r}", "flops16": 2 * m * k * r,
+                      "bytes": 2 * m * k + 2 * r * k + 4 * m * r}  # x, A read; t (fp32) written
+    for dp, db in [(1, 1), (1, 0), (0, 1)]:
+        columns = metadata.dy_columns(None, None, dict(M=m, D=n, R=r, dy_ptr=bf16, COMPUTE_DP=dp, COMPUTE_DB=db))
+        assert columns["flops16"] == (dp + db) * 2 * m * n * r
+        assert columns["bytes"] == 2 * m * n + 2 * n * r + 4 * m * r * (dp + db)  # dy, B; dP and/or dB partials
+    down = metadata.down_grad(None, None, dict(M=m, K=k, R=r, x_ptr=fp32))
+    assert down == {"name": f"fastlora.down_grad M={m} K={k} r={r}", "flops32": 2 * m * k * r,
+                    "bytes": 4 * m * k + 4 * m * r + 4 * r * k}  # x, dt read; dA written
+    neat = metadata.neat_projection(None, None, dict(D_OUT=n, D_IN=k, R=r, w_ptr=bf16))
+    assert neat == {"name": f"fastlora.neat D_OUT={n} D_IN={k} r={r}", "flops16": 2 * n * k * r,
+                    "bytes": 2 * (n * k + n * r + 2 * k * r)}  # W, A_n read; H' (d_in, r) written and read
+    forward = metadata.onepass_forward(None, None, dict(M=m, N=n, K=k, R=r, out_ptr=bf16))
+    assert forward["bytes"] == 2 * (m * k + k * n + m * n + r * k + r * n) + 4 * m * r
+    assert forward["flops16"] == 2 * m * n * k + 2 * m * n * r + 2 * m * k * r
+
+
+def test_gemm_configs_keep_tall_tiles_when_no_token_bucket_is_given():
+    triton = pytest.importorskip("triton")
+    from fastlora.kernels.triton.launch_config import prune_gemm_configs
+
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}) for bm in (16, 64, 256)]
+    assert prune_gemm_configs(configs, {}) == configs
+    assert [c.kwargs["BLOCK_M"] for c in prune_gemm_configs(configs, {"M_BUCKET": 8})] == [16]
