@@ -328,9 +328,10 @@ class RankSelectiveLoraConfig(LoraConfig):
     """CoDyRA: per-rank importance w, soft-thresholded after each optimizer step by a scheduled kappa.
 
     y = x W^T + b + s ((x A^T) ⊙ w) B^T; after optimizer step t: w <- sign(w) max(|w| - kappa(t), 0).
-    kappa(t) = 0 for t <= D = round(dense_fraction * total_steps) (dense phase), then
-    kappa_max * ceil(threshold_levels * (t - D) / (total_steps - D)) / threshold_levels, and kappa_max
-    after total_steps (when pruned ranks are dropped for good). Defaults are the authors' run:
+    kappa(t) = 0 for t <= D = min(round(dense_fraction * total_steps), total_steps - 1) (dense phase), then
+    kappa_max * ceil(threshold_levels * (t - D) / (total_steps - D)) / threshold_levels up to
+    kappa(total_steps) = kappa_max, and 0 after total_steps: the ranks at 0 then are dropped for good
+    and the kept ones train on unthresholded. Defaults are the authors' run:
     r = 16, alpha = None (s = 1), w ~ N(0, 1), 500 steps, half dense, 50 levels, kappa_max = 0.005.
     importance_init: "randn" (w ~ N(0, 1), the authors' code) or a nonzero constant.
 
@@ -338,9 +339,8 @@ class RankSelectiveLoraConfig(LoraConfig):
     shrink each |w| by sum_t kappa(t) in all (0.64 with the defaults), so the ranks that end below
     that are pruned (about half of N(0, 1) draws; a constant 1.0 outlasts it and prunes nothing);
     a run shorter than total_steps stops early in the staircase (nothing is pruned in the dense
-    phase), and every step after total_steps shrinks the kept ranks by kappa_max again, more than
-    Adam at lr < kappa_max can give back: they all reach 0. FastLoraCallback warns when Trainer's
-    max_steps differs, the training hooks when a run goes past total_steps.
+    phase; FastLoraCallback warns when Trainer's max_steps is smaller). A longer run keeps the pruned
+    set of step total_steps and only trains the kept ranks after it.
     """
 
     method: ClassVar[str] = "rank_selective_lora"
@@ -378,13 +378,19 @@ class RankSelectiveLoraConfig(LoraConfig):
         return 1.0 if self.alpha is None else super().scale
 
     def kappa(self, step: int) -> float:
-        """The threshold applied after optimizer step ``step`` (1-based)."""
-        dense = round(self.dense_fraction * self.total_steps)
-        if step <= dense:
+        """The threshold applied after optimizer step ``step`` (1-based): 0 in the dense phase and after
+        total_steps (the pruned set is final then), the staircase in between."""
+        dense = self.dense_steps
+        if step <= dense or step > self.total_steps:
             return 0.0
-        sparse = max(self.total_steps - dense, 1)
-        level = min(self.threshold_levels, math.ceil(self.threshold_levels * (step - dense) / sparse))
+        level = math.ceil(self.threshold_levels * (step - dense) / (self.total_steps - dense))
         return self.kappa_max * level / self.threshold_levels
+
+    @property
+    def dense_steps(self) -> int:
+        """D, the steps of the dense phase: round(dense_fraction * total_steps), at most total_steps - 1 so
+        that step total_steps always thresholds by kappa_max."""
+        return min(round(self.dense_fraction * self.total_steps), self.total_steps - 1)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ class FastLoraCallback(TrainerCallback):
     - train begin: attaches the post-step training rules (CoDyRA's proximal step, LoRASC's
       cascades, Selective LoRA's bookkeeping) to Trainer's optimizer (accelerate's wrapper
       unwrapped), once per ``train()`` call; removed at train end. Warns when a CoDyRA
-      threshold schedule (``total_steps``) does not span the run's ``max_steps``.
+      threshold schedule (``total_steps``) is longer than the run's ``max_steps`` (it would stop
+      before kappa_max; a longer run is fine: the pruned set is final after total_steps).
     - every log: each method's ``extra_stats`` over its layers ("fastlora/<method>/<stat>",
       ``adapter_stats``) join the logged values and ``state.log_history``.
     - every save (``save_adapters``): ``save_adapter`` writes the adapters into
@@ -85,18 +86,17 @@ class FastLoraCallback(TrainerCallback):
 
 
 def _check_schedules(layers, max_steps: int) -> None:
-    """Warn, once per schedule length, when CoDyRA layers' total_steps is not the run's max_steps."""
+    """Warn, once per schedule length, when CoDyRA layers' total_steps is more than the run's max_steps:
+    the run stops early in the schedule. (Past total_steps nothing is thresholded: a longer run keeps
+    the pruned set and trains the kept ranks.)"""
     configs = {}
     for _, layer in layers:
         config = layer.config
-        if isinstance(config, RankSelectiveLoraConfig) and config.kappa_max > 0 and config.total_steps != max_steps:
+        if isinstance(config, RankSelectiveLoraConfig) and config.kappa_max > 0 and config.total_steps > max_steps:
             configs.setdefault(config.total_steps, config)
     for total, config in sorted(configs.items()):
-        if max_steps > total:
-            effect = (f"the {max_steps - total} steps after it each shrink the kept ranks by "
-                      f"kappa_max={config.kappa_max} again, which can prune them all")
-        elif config.kappa(max_steps) == 0:
-            effect = f"it ends in the dense phase (steps 1-{round(config.dense_fraction * total)}): no rank is pruned"
+        if config.kappa(max_steps) == 0:
+            effect = f"it ends in the dense phase (steps 1-{config.dense_steps}): no rank is pruned"
         else:
             effect = f"it stops at kappa={config.kappa(max_steps):.3g} of kappa_max={config.kappa_max}, pruning less"
         warnings.warn(f"FastLoraCallback: the CoDyRA threshold schedule spans total_steps={total} optimizer steps, but "

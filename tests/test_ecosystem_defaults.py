@@ -37,8 +37,9 @@ def digits(one_thread):
     return pretrain(scenario.tasks[0], seed=0, epochs=10), scenario.tasks[1]
 
 
-def train(digits, config, steps, lr, sgd=False):
-    """The adapted model after ``steps`` optimizer steps of batches of 32 (AdamW, or SGD with momentum 0.9)."""
+def train(digits, config, steps, lr, sgd=False, watch=None):
+    """The adapted model after ``steps`` optimizer steps of batches of 32 (AdamW, or SGD with momentum 0.9);
+    ``watch(step, model)`` after each step."""
     base, task = digits
     torch.manual_seed(0)
     model = fastlora.inject(copy.deepcopy(base), config).train()
@@ -46,12 +47,14 @@ def train(digits, config, steps, lr, sgd=False):
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9) if sgd else torch.optim.AdamW(params, lr=lr)
     hooks = fastlora.attach_training_hooks(model, optimizer)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         index = torch.randint(len(task.train.y), (BATCH,), generator=generator)
         loss = task_loss(model, task, task.train.x[index], task.train.y[index]) + fastlora.regularization_loss(model)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if watch is not None:
+            watch(step, model)
     hooks.remove()
     return model.eval()
 
@@ -76,6 +79,36 @@ def test_codyra_defaults_prune_about_half_the_ranks(digits, lr):
     stats = fastlora.adapter_stats(model)
     assert stats["fastlora/rank_selective_lora/kappa"] == config.kappa_max
     assert 0.25 * 3 * R <= stats["fastlora/rank_selective_lora/active_ranks"] <= 0.75 * 3 * R
+    assert accuracy(model, digits[1], digits[1].test) > 0.93
+
+
+@pytest.mark.parametrize("lr", [1e-4, 3e-4])
+def test_codyra_trained_twice_its_schedule_keeps_its_pruned_set(digits, lr):
+    """1000 AdamW steps on a 500-step schedule: the ranks at 0 after step 500 stay 0 (AdamW's moments and
+    weight decay would move them), the kept ones are not thresholded any more (kappa_max = 0.005 a step
+    would shrink them all to 0 at these learning rates): they stay nonzero and keep training."""
+    config = RankSelectiveLoraConfig(r=R, target_modules=TARGETS)
+    at_end = {}
+
+    def watch(step, model):
+        if step == config.total_steps:
+            at_end.update({name: layer.adapter.importance.detach().clone()
+                           for name, layer in fastlora.adapter_layers(model)})
+
+    model = train(digits, config, 2 * config.total_steps, lr, watch=watch)
+    stats = fastlora.adapter_stats(model)
+    assert stats["fastlora/rank_selective_lora/kappa"] == 0.0
+    assert stats["fastlora/rank_selective_lora/optimizer_steps"] == 2 * config.total_steps
+    kept = 0
+    for name, layer in fastlora.adapter_layers(model):
+        end, w = at_end[name], layer.adapter.importance.detach()
+        pruned = end == 0
+        assert torch.equal(w[pruned], torch.zeros_like(w[pruned])), name
+        assert torch.all(w[~pruned] != 0) and torch.all(w[~pruned] != end[~pruned]), name
+        assert layer.adapter.active_index.tolist() == torch.nonzero(~pruned).flatten().tolist()
+        kept += int((~pruned).sum())
+    assert 0.25 * 3 * R <= kept <= 0.75 * 3 * R  # the schedule's pruning, as in a 500-step run
+    assert stats["fastlora/rank_selective_lora/active_ranks"] == kept
     assert accuracy(model, digits[1], digits[1].test) > 0.93
 
 

@@ -128,9 +128,9 @@ def test_plain_trainer_with_the_callback_runs_rules(tmp_path):
 @pytest.mark.parametrize("total_steps, effect", [
     (500, "it ends in the dense phase (steps 1-250): no rank is pruned"),
     (6, "it stops at kappa=0.0017 of kappa_max=0.005, pruning less"),  # 3 dense steps, level ceil(50 / 3) = 17
-    (2, "the 2 steps after it each shrink the kept ranks by kappa_max=0.005 again, which can prune them all"),
+    (2, None),  # a longer run: the pruned set is final after step 2, the kept ranks train on (nothing to warn)
     (STEPS, None)])
-def test_a_codyra_schedule_that_does_not_span_the_run_warns_at_train_begin(total_steps, effect, tmp_path):
+def test_a_codyra_schedule_longer_than_the_run_warns_at_train_begin(total_steps, effect, tmp_path):
     model = model_with(RankSelectiveLoraConfig(r=3, target_modules=TARGETS, total_steps=total_steps))
     trainer = Trainer(model=model, args=arguments(tmp_path, save_strategy="no"), train_dataset=Data(),
                       callbacks=[FastLoraCallback()])

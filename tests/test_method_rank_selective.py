@@ -1,9 +1,9 @@
 """CoDyRA (rank-selective LoRA) as the paper and the authors' code define it: per-rank importance w,
 a proximal soft-threshold with an absolute, scheduled kappa after each optimizer step (dense phase,
-then a staircase up to kappa_max), pruned ranks that revive until the schedule ends, then are dropped."""
+then a staircase up to kappa_max), pruned ranks that revive until the schedule ends, then are dropped
+while the kept ones train on without a threshold."""
 import math
 import warnings
-from dataclasses import replace
 
 import pytest
 import torch
@@ -48,11 +48,17 @@ def _hand_grads(x, dy, a, b, w, scale):
 
 
 def _kappa(step, total, dense_fraction, levels, kappa_max):
-    """The paper's schedule: 0 in the dense phase, then `levels` equal steps up to kappa_max."""
+    """The paper's schedule: 0 in the dense phase (at least one sparse step), then `levels` equal steps up
+    to kappa_max at step `total`; 0 after it (the pruned set is final)."""
     dense = round(dense_fraction * total)
-    if step <= dense:
+    if dense == total:
+        dense -= 1
+    if step <= dense or step > total:
         return 0.0
-    return kappa_max * min(levels, math.ceil(levels * (step - dense) / (total - dense))) / levels
+    for level in range(1, levels + 1):  # the first level whose share of the sparse steps reaches the step
+        if (step - dense) * levels <= level * (total - dense):
+            return kappa_max * level / levels
+    raise AssertionError(step)
 
 
 def _prox(w, kappa):
@@ -71,15 +77,21 @@ def test_defaults_are_the_authors():
 
 
 @pytest.mark.parametrize("total, fraction, levels, kappa_max", [(500, 0.5, 50, 0.005), (10, 0.5, 2, 0.1),
-                                                                  (7, 0.0, 3, 0.3), (9, 0.3, 4, 1e-3)])
+                                                                  (7, 0.0, 3, 0.3), (9, 0.3, 4, 1e-3),
+                                                                  (2, 0.75, 1, 0.1), (1, 0.7, 3, 0.3)])
 def test_threshold_schedule(total, fraction, levels, kappa_max):
     config = RankSelectiveLoraConfig(total_steps=total, dense_fraction=fraction, threshold_levels=levels,
                                      kappa_max=kappa_max)
     for step in range(0, total + 5):
         assert config.kappa(step) == pytest.approx(_kappa(step, total, fraction, levels, kappa_max), abs=1e-15)
-    assert config.kappa(total) == kappa_max and config.kappa(total + 100) == kappa_max
-    if total == 10:  # by hand: 5 dense steps, 0.05 for steps 6-7, 0.1 from step 8
-        assert [config.kappa(t) for t in range(1, 11)] == [0.0] * 5 + [0.05] * 2 + [0.1] * 3
+    assert config.kappa(total) == kappa_max  # the last step of the schedule always thresholds by kappa_max
+    assert config.kappa(total + 1) == 0.0 and config.kappa(total + 100) == 0.0  # then the pruned set is final
+    if total == 10:  # by hand: 5 dense steps, 0.05 for steps 6-7, 0.1 for steps 8-10, then 0
+        assert [config.kappa(t) for t in range(1, 13)] == [0.0] * 5 + [0.05] * 2 + [0.1] * 3 + [0.0] * 2
+    if total == 2:  # round(0.75 * 2) = 2 dense steps would leave no sparse one: 1 dense step, then kappa_max
+        assert config.dense_steps == 1 and [config.kappa(t) for t in range(1, 4)] == [0.0, 0.1, 0.0]
+    if total == 1:  # round(0.7) = 1 dense step of 1: none, step 1 thresholds by kappa_max
+        assert config.dense_steps == 0 and [config.kappa(t) for t in range(1, 3)] == [0.3, 0.0]
 
 
 def test_initialisation_and_zero_b_reproduces_base_exactly():
@@ -207,16 +219,20 @@ def test_no_active_rank_skips_the_low_rank_path():
     assert torch.equal(layer.weight, weight)
 
 
-def _train(config, importance, lr, steps, optimizer_type=torch.optim.SGD, x=None):
-    """Train a one-layer model with the hooks; per step check A, B, w against the float64 paper update."""
+def _train(config, importance, lr, steps, momentum=0.0, x=None):
+    """Train a one-layer model with the hooks under SGD (with momentum); per step check A, B, w against the
+    float64 paper update: the optimizer step from the full gradient, then the soft-threshold by the
+    schedule's kappa; past total_steps the ranks at 0 after step total_steps get no gradient and stay 0
+    (momentum would move them), the others are not thresholded.
+    Returns per step (w before, w from the optimizer step alone, full gradient of w, expected w after)."""
     model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64)), config)
     layer = model[0]
     _set(layer, importance)
     adapter = layer.adapter
-    optimizer = optimizer_type([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
     hooks = fastlora.attach_training_hooks(model, optimizer)
     x = torch.randn(N, D_IN, dtype=torch.float64) if x is None else x
-    history = []
+    history, buffers, dropped = [], None, torch.zeros(config.r, dtype=torch.bool)
     for step in range(1, steps + 1):
         a, b, w = (t.detach().clone() for t in (adapter.lora_A, adapter.lora_B, adapter.importance))
         optimizer.zero_grad()
@@ -224,23 +240,41 @@ def _train(config, importance, lr, steps, optimizer_type=torch.optim.SGD, x=None
         optimizer.step()
         y = _formula(x, layer.weight, layer.bias, a, b, w, config.scale)
         ha, hb, hw = _hand_grads(x, 2 * y / y.numel(), a, b, w, config.scale)
-        assert rel(adapter.lora_A.detach(), a - lr * ha) < 1e-12
-        assert rel(adapter.lora_B.detach(), b - lr * hb) < 1e-12
+        grads = (ha, hb, hw.masked_fill(dropped, 0.0))  # a dropped rank is not computed: no gradient
+        buffers = grads if buffers is None else tuple(momentum * m + g for m, g in zip(buffers, grads))
+        assert rel(adapter.lora_A.detach(), a - lr * buffers[0]) < 1e-12
+        assert rel(adapter.lora_B.detach(), b - lr * buffers[1]) < 1e-12
         kappa = _kappa(step, config.total_steps, config.dense_fraction, config.threshold_levels, config.kappa_max)
-        expected = _prox(w - lr * hw, kappa)
+        stepped = w - lr * buffers[2]
+        expected = _prox(stepped, kappa).masked_fill(dropped, 0.0)
         assert torch.allclose(adapter.importance.detach(), expected, rtol=1e-12, atol=1e-15), step
         assert adapter.active_index.tolist() == torch.nonzero(expected).flatten().tolist()
-        history.append((w, expected))
+        if step == config.total_steps:
+            dropped = expected == 0
+        history.append((w, stepped, hw, expected))
     hooks.remove()
     return history
 
 
-def test_sgd_steps_apply_the_scheduled_proximal_step():
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_steps_apply_the_scheduled_proximal_step_then_keep_the_pruned_set(momentum):
+    """Twice total_steps: dense phase, staircase, then the ranks pruned at step 6 stay 0 although their
+    full gradient (and momentum) would revive them, and the kept ones move by the optimizer alone."""
     config = RankSelectiveLoraConfig(r=5, total_steps=6, dense_fraction=0.5, threshold_levels=3, kappa_max=0.06)
-    history = _train(config, [0.9, 0.004, -0.6, -0.015, 0.3], lr=1e-2, steps=8,
+    torch.manual_seed(4)
+    history = _train(config, [0.9, 0.004, -0.6, -0.015, 0.3], lr=1e-2, steps=12, momentum=momentum,
                      x=torch.randn(N, D_IN, dtype=torch.float64) * 0.05)
-    assert all(torch.count_nonzero(after) == 5 for _, after in history[:3])  # dense phase: nothing pruned
-    assert torch.count_nonzero(history[-1][1]) < 5  # kappa_max prunes the small ranks
+    assert all(torch.count_nonzero(after) == 5 for *_, after in history[:3])  # dense phase: nothing pruned
+    end = history[config.total_steps - 1][3]
+    pruned = end == 0
+    assert 1 <= int(pruned.sum()) <= 3  # kappa_max prunes the small ranks, keeps the large ones
+    for w, stepped, grad, after in history[config.total_steps:]:
+        assert torch.equal(after[pruned], torch.zeros(int(pruned.sum()), dtype=torch.float64))
+        assert grad[pruned].abs().min() > 0  # its full gradient would move it off 0 (no threshold now)
+        assert torch.all(after[~pruned] != 0) and torch.equal(after[~pruned], stepped[~pruned])  # no threshold
+        assert torch.all(after[~pruned] != w[~pruned])  # still trained
+    if momentum:  # the pruned ranks' momentum would move them each step: they are reset to 0
+        assert all(torch.all(stepped[pruned] != 0) for _, stepped, _, _ in history[config.total_steps:])
 
 
 def test_a_pruned_rank_revives_from_its_full_gradient():
@@ -248,7 +282,7 @@ def test_a_pruned_rank_revives_from_its_full_gradient():
     config = RankSelectiveLoraConfig(r=4, alpha=4.0, total_steps=4, dense_fraction=0.5, threshold_levels=2,
                                      kappa_max=1e-3)
     history = _train(config, [0.0, 0.8, 0.0, -0.5], lr=0.5, steps=4)
-    before, after = history[0]
+    before, *_, after = history[0]
     assert torch.equal(before[[0, 2]], torch.zeros(2, dtype=torch.float64))
     assert after[0] != 0 and after[2] != 0  # revived on step 1
 
@@ -360,25 +394,32 @@ def test_rank_larger_than_layer_raises():
         AdapterLinear(D_IN, D_OUT, config=RankSelectiveLoraConfig(r=30))
 
 
-def test_the_first_step_past_the_schedule_warns():
-    """After total_steps kappa stays kappa_max, which keeps shrinking the kept ranks: w = 1.0 is 0.5 at the
-    end of a 2-step schedule of kappa 0.25 and 0 two steps later. The first step past the schedule warns."""
+def test_past_the_schedule_the_pruned_set_is_final_and_nothing_is_thresholded():
+    """A 2-step schedule of kappa 0.25 (no dense step), w moved by hand as an optimizer would between the
+    proximal steps. During the schedule a rank at 0 revives; after it the ranks at 0 at step 2 are reset
+    to 0 whatever the optimizer did and the kept ones keep exactly the optimizer's value. No warning."""
     config = RankSelectiveLoraConfig(r=3, importance_init=1.0, total_steps=2, dense_fraction=0.0, threshold_levels=1,
                                      kappa_max=0.25)
     adapter = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64)), config)[0].adapter
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(2):
-            adapter.after_optimizer_step(0.1)
-        assert caught == [] and torch.equal(adapter.importance.detach(), torch.full((3,), 0.5, dtype=torch.float64))
-        for _ in range(3):
-            adapter.after_optimizer_step(0.1)
-    assert len(caught) == 1
-    message = str(caught[0].message)
-    assert "total_steps=2" in message and "kappa_max=0.25" in message and "number of optimizer steps" in message
-    assert adapter.active_index.numel() == 0 and torch.count_nonzero(adapter.importance) == 0
-    quiet = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT)), replace(config, kappa_max=0.0))[0].adapter
+
+    def optimizer_moves_w_to(values):
+        with torch.no_grad():  # in place, as optimizer.step() does (active ranks not refreshed)
+            adapter.importance.copy_(torch.tensor(values, dtype=torch.float64))
+
+    def w():
+        return adapter.importance.detach().tolist()
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for _ in range(4):  # kappa_max = 0 shrinks nothing: no warning
-            quiet.after_optimizer_step(0.1)
+        optimizer_moves_w_to([1.0, 0.375, -0.125])
+        adapter.after_optimizer_step(0.1)
+        assert w() == [0.75, 0.125, 0.0] and adapter.active_index.tolist() == [0, 1]
+        optimizer_moves_w_to([0.75, 0.125, -0.5])  # rank 2 revived by its gradient: the schedule still runs
+        adapter.after_optimizer_step(0.1)
+        assert w() == [0.5, 0.0, -0.25] and adapter.active_index.tolist() == [0, 2] and adapter.schedule_done
+        for step, values in enumerate([[0.6, 0.9, -0.3], [0.1, -0.4, -0.01], [2.0, 1e-3, 0.2]], start=3):
+            optimizer_moves_w_to(values)  # rank 1 pushed off 0 (momentum, weight decay, a revival)
+            adapter.after_optimizer_step(0.1)
+            assert w() == [values[0], 0.0, values[2]]  # kept ranks not thresholded, rank 1 stays dropped
+            assert adapter.active_index.tolist() == [0, 2] and int(adapter.optimizer_steps) == step
+            assert adapter.extra_stats() == {"active_ranks": 2.0, "kappa": 0.0, "optimizer_steps": float(step)}

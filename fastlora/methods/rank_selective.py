@@ -3,7 +3,8 @@
     y = x W^T + b + s * ((dropout(x) A^T) ⊙ w) B^T        s = 1 by default (alpha = None), else alpha / r
     after optimizer step t (t = 1, 2, ...), on the value the optimizer produced from the full gradient:
         w <- T_kappa(t)(w) = sign(w) * max(|w| - kappa(t), 0)
-    kappa(t): 0 in the dense phase, then a staircase up to kappa_max (``RankSelectiveLoraConfig.kappa``)
+    kappa(t): 0 in the dense phase, then a staircase up to kappa_max at t = total_steps, then 0
+    (``RankSelectiveLoraConfig.kappa``)
 
 A rank with w == 0 adds nothing to y, but while the schedule runs it still gets its gradient
 (d w_i = s * sum((dy B)_i ⊙ (x A^T)_i)), so the optimizer can move it off 0 and it revives.
@@ -21,17 +22,20 @@ the ranks whose |w| ends below that (about half of the draws, as training moves 
 pruned. A constant importance_init prunes every rank or none: 1.0 outlasts the default schedule.
 
 Choices where the paper and the authors' code are silent (ours):
-- The staircase: D = round(dense_fraction * total_steps) dense steps, then level
-  ceil(levels * (t - D) / (total_steps - D)) of ``threshold_levels`` equal levels: the first
-  sparse step uses kappa_max / levels, step total_steps uses kappa_max, later steps kappa_max
-  (the authors' runs end at total_steps). Those later steps shrink every kept rank toward 0, so
-  the first one warns that total_steps is shorter than the run.
+- The staircase: D = round(dense_fraction * total_steps) dense steps (at most total_steps - 1, so
+  that step total_steps always thresholds), then level ceil(levels * (t - D) / (total_steps - D))
+  of ``threshold_levels`` equal levels: the first sparse step uses kappa_max / levels, step
+  total_steps uses kappa_max.
+- Past total_steps (the authors' runs end there) the pruned set is final: the ranks at 0 after
+  step total_steps stay dropped and the kept ones are no longer thresholded (kappa = 0), so a
+  longer run only trains the kept ranks. Going on thresholding by kappa_max would shrink every
+  kept rank to 0 (under AdamW at lr < kappa_max, almost all of them within total_steps more steps
+  with the defaults).
 - The step count t is the number of steps of the optimizer holding w (the training hooks), kept
   in the persistent buffer ``optimizer_steps`` so a checkpoint resumes the schedule.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -112,9 +116,9 @@ class RankSelectiveLoraAdapter(LoraAdapter):
     @torch.no_grad()
     def after_optimizer_step(self, learning_rate: float) -> tuple[nn.Parameter, ...]:
         """Count the step, reset dropped ranks to 0 once the schedule is done, soft-threshold w by
-        kappa(step), refresh the active ranks. Elementwise on this rank's shard when w is sharded
-        (FSDP2). The learning rate is not used: kappa is absolute. Warns at the first step past
-        total_steps (with kappa_max > 0)."""
+        kappa(step) (0 past total_steps: kept ranks move only by the optimizer then), refresh the
+        active ranks. Elementwise on this rank's shard when w is sharded (FSDP2). The learning rate
+        is not used: kappa is absolute."""
         importance = local_view(self.importance)
         if self.schedule_done:
             dropped = torch.ones(self.config.r, dtype=torch.bool, device=self.active_index.device)
@@ -122,14 +126,7 @@ class RankSelectiveLoraAdapter(LoraAdapter):
             importance.masked_fill_(local_part(dropped, self.importance), 0.0)
         self._steps += 1
         self.optimizer_steps.fill_(self._steps)
-        config = self.config
-        if self._steps == config.total_steps + 1 and config.kappa_max > 0:
-            warnings.warn(f"fastlora: rank_selective_lora layers train past the end of their threshold schedule "
-                          f"(total_steps={config.total_steps}): each further step shrinks the kept ranks by "
-                          f"kappa_max={config.kappa_max} again (under Adam at a smaller lr, until every rank is "
-                          f"pruned); set RankSelectiveLoraConfig(total_steps=...) to the number of optimizer steps "
-                          f"you train", stacklevel=3)
-        importance.copy_(soft_threshold(importance, config.kappa(self._steps)))
+        importance.copy_(soft_threshold(importance, self.config.kappa(self._steps)))
         self.refresh_active_ranks()
         return ()
 
