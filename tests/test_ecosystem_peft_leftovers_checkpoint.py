@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import fastlora
 from fastlora import LoraConfig
 
-from utils import rel
+from utils import randomize_adapters, rel
 
 LLAMA = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=60)
@@ -26,16 +26,6 @@ def llama():
     return LlamaForCausalLM(LlamaConfig(**LLAMA)).double().eval()
 
 
-def randomized(model, seed=3):
-    """``model`` with every adapter factor random (B not zero)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in fastlora.adapter_layers(model):
-            for param in layer.adapter.parameters():
-                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype))
-    return model
-
-
 def ranks(model):
     return {name: (layer.config.r, layer.config.alpha) for name, layer in fastlora.adapter_layers(model)}
 
@@ -48,7 +38,7 @@ def loss_and_grads(model):
 
 
 def test_per_layer_ranks_load_into_a_fresh_plain_model(tmp_path):
-    model = randomized(fastlora.inject(llama(), PATTERNED))
+    model = randomize_adapters(fastlora.inject(llama(), PATTERNED))
     saved = ranks(model)
     assert {r for r, _ in saved.values()} == {1, 2, 4, 6} and {a for _, a in saved.values()} == {3.0, 5, 8}
     fastlora.save_adapter(model, tmp_path)
@@ -61,7 +51,7 @@ def test_per_layer_ranks_load_into_a_fresh_plain_model(tmp_path):
 
 
 def test_a_per_layer_checkpoint_loads_as_a_named_adapter(tmp_path):
-    fastlora.save_adapter(randomized(fastlora.inject(llama(), PATTERNED)), tmp_path)
+    fastlora.save_adapter(randomize_adapters(fastlora.inject(llama(), PATTERNED)), tmp_path)
     reference = fastlora.load_adapter(llama(), tmp_path)
     model = fastlora.inject(llama(), LoraConfig(r=3, target_modules=["q_proj", "v_proj", "up_proj"]))
     fastlora.load_adapter(model, tmp_path, adapter_name="patterned")
@@ -88,7 +78,7 @@ class Nested(nn.Module):
 def test_layers_whose_names_end_alike_keep_their_own_ranks(tmp_path):
     config = LoraConfig(r=2, alpha=3, target_modules=["proj"], rank_pattern={"inner.proj": 5},
                         alpha_pattern={"^proj": 7})
-    model = randomized(fastlora.inject(Nested(), config))
+    model = randomize_adapters(fastlora.inject(Nested(), config))
     assert ranks(model) == {"proj": (2, 7), "inner.proj": (5, 3)}
     fastlora.save_adapter(model, tmp_path)
     loaded = fastlora.load_adapter(Nested(), tmp_path)
@@ -106,7 +96,7 @@ def plain_state(model):
     (7, r"inner.proj.adapter.lora_B: checkpoint shape \(6, 5\) != model shape \(7, 5\)"),  # refused once injected
 ])
 def test_a_refused_load_leaves_the_plain_model_unchanged(tmp_path, d_out, match):
-    model = randomized(fastlora.inject(Nested(), LoraConfig(r=2, target_modules=["proj"],
+    model = randomize_adapters(fastlora.inject(Nested(), LoraConfig(r=2, target_modules=["proj"],
                                                             rank_pattern={"inner.proj": 5})))
     fastlora.save_adapter(model, tmp_path)
     plain = Nested(d_out)

@@ -39,14 +39,7 @@ NEGATIVE = ["a dull film that drags on", "the soup was cold and the waiter rude"
             "the sound was awful and the set too short", "dirty sheets and a noisy street", "broke after two days",
             "boring, slow and predictable", "a waste of money and time"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small matmuls: one thread is fastest (and leaves the other cores alone)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

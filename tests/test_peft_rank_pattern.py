@@ -18,7 +18,7 @@ from transformers import BertConfig, BertModel
 import fastlora
 from fastlora import load_peft_adapter, save_peft_adapter
 
-from utils import rel
+from utils import randomize_adapters, rel
 
 TOL = 1e-12
 PREFIX = "base_model.model."
@@ -54,16 +54,6 @@ def output(model, x):
         return model(input_ids=x).last_hidden_state if x.dtype == torch.long else model(x)
 
 
-def randomized(model):
-    """``model`` with every fastlora adapter factor random (B not zero)."""
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, layer in fastlora.adapter_layers(model):
-            for param in layer.adapter.parameters():
-                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype))
-    return model
-
-
 def fastlora_ranks(model):
     """{layer name: (r, scale)} of the fastlora layers."""
     return {name: (layer.config.r, layer.config.scale) for name, layer in fastlora.adapter_layers(model)}
@@ -89,7 +79,7 @@ def test_per_layer_ranks_export_to_peft(bert, tmp_path, use_rslora, source):
     config = fastlora.LoraConfig(r=4, alpha=8.0, use_rslora=use_rslora, target_modules=["query", "value", "dense"],
                                  rank_pattern={"dense": 2},
                                  alpha_pattern={"value": 5.0, r"layer\.1\.attention\.self\.query": 3.0})
-    model = randomized(fastlora.inject(copy.deepcopy(bert), config))
+    model = randomize_adapters(fastlora.inject(copy.deepcopy(bert), config))
     if source == "checkpoint":  # per-layer configs read back from fastlora's own checkpoint
         fastlora.save_adapter(model, tmp_path / "fastlora")
         model = fastlora.load_adapter(copy.deepcopy(bert), tmp_path / "fastlora")
@@ -145,7 +135,7 @@ def test_a_name_that_ends_another_gets_only_its_own_rank(tmp_path, odd):
     # "proj" is a suffix of "inner.proj": a bare key "proj" would also give "inner.proj" its rank in PEFT
     config = fastlora.LoraConfig(r=2, alpha=4.0, target_modules=["proj", "out"],
                                  rank_pattern={"^" + re.escape(odd): 5}, alpha_pattern={"^" + re.escape(odd): 7.0})
-    model = randomized(fastlora.inject(Nested(), config))
+    model = randomize_adapters(fastlora.inject(Nested(), config))
     assert {name: r for name, (r, _) in fastlora_ranks(model).items()} == {
         "proj": 2, "inner.proj": 2, "out": 2, odd: 5}
     x = torch.randn(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
@@ -171,7 +161,7 @@ def test_a_name_that_ends_another_gets_only_its_own_rank(tmp_path, odd):
 
 def test_an_unadapted_module_whose_name_ends_an_adapted_one_stays_plain_in_peft(tmp_path):
     # only "proj" and "out" are adapted: the list ["proj", "out"] would make PEFT adapt "inner.proj" too
-    model = randomized(fastlora.inject(Nested(), fastlora.LoraConfig(r=2, alpha=4.0, target_modules="proj|out",
+    model = randomize_adapters(fastlora.inject(Nested(), fastlora.LoraConfig(r=2, alpha=4.0, target_modules="proj|out",
                                                                      rank_pattern={"^proj": 5})))
     x = torch.randn(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     expected = output(model, x)

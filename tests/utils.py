@@ -65,3 +65,15 @@ def poison_empty(monkeypatch) -> None:
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int = 3) -> torch.nn.Module:
+    """``model`` with every fastlora adapter factor drawn from N(0, 1) (B not zero), seeded."""
+    import fastlora
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in fastlora.adapter_layers(model):
+            for param in layer.adapter.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    return model

@@ -29,6 +29,7 @@ from .onepass_tiles import (
     backward_configs,
     column_groups,
     gemm_with_side,
+    program_run,
     prune_onepass_configs,
     times_middle,
     times_weights,
@@ -86,12 +87,7 @@ def _onepass_input_grad_kernel(dy_ptr, w_ptr, f_ptr, f_idx_ptr, mid_ptr, rw_ptr,
     Rows and columns wrap at the edges (stores and column sums are masked to the valid rows);
     offsets are int64 (M * stride can pass 2^31).
     """
-    num_n = tl.cdiv(N, BLOCK_N)
-    groups = tl.num_programs(0) // tl.cdiv(M, BLOCK_M)
-    pid_m = tl.program_id(0) // groups
-    group = tl.program_id(0) % groups
-    run = tl.cdiv(num_n, groups)
-    first = group * run
+    pid_m, group, first, run, num_n = program_run(M, N, BLOCK_M, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     rows = (offs_m % M).to(tl.int64)

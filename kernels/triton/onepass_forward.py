@@ -26,6 +26,7 @@ from .onepass_tiles import (
     column_groups,
     gemm_with_side,
     persistent_configs,
+    program_run,
     prune_onepass_configs,
     times_middle,
     times_weights,
@@ -75,12 +76,7 @@ def _onepass_forward_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, a_idx_ptr, mid_ptr, r
     its constexpr flag. Rows and columns wrap at the edges (valid loads, masked stores); offsets
     are int64 (M * stride can pass 2^31).
     """
-    num_n = tl.cdiv(N, BLOCK_N)
-    groups = tl.num_programs(0) // tl.cdiv(M, BLOCK_M)
-    pid_m = tl.program_id(0) // groups
-    group = tl.program_id(0) % groups
-    run = tl.cdiv(num_n, groups)
-    first = group * run
+    pid_m, group, first, run, num_n = program_run(M, N, BLOCK_M, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     rows = (offs_m % M).to(tl.int64)

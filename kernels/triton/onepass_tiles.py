@@ -78,6 +78,18 @@ def column_groups(row_blocks: int, column_tiles: int, device: torch.device, want
 
 
 @triton.jit
+def program_run(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(row block, g, first column tile, run length, column tiles C) of this program in a grid of
+    cdiv(M, BLOCK_M) * G programs: program p owns row block p // G and column tiles
+    [g run, min((g + 1) run, C)), g = p % G, run = cdiv(C, G)."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    groups = tl.num_programs(0) // tl.cdiv(M, BLOCK_M)
+    group = tl.program_id(0) % groups
+    run = tl.cdiv(num_n, groups)
+    return tl.program_id(0) // groups, group, group * run, run, num_n
+
+
+@triton.jit
 def gemm_with_side(x_ptr, w_ptr, f_ptr, f_idx_ptr, rows, cols, K, R,
                    stride_xm, stride_xk, stride_wk, stride_wn, stride_fr, stride_fk,
                    seed, threshold, scale, row_ok, v, db_ptr, dbias_ptr,
