@@ -1,6 +1,6 @@
 """Kernel-layer edges the mutation sample showed unguarded: the dropout seed spans the whole int64 range, the
 fused kernel's default low-rank scale, the launch metadata's byte and FLOP counts, tile pruning without a token
-bucket."""
+bucket, a single partial's dtype."""
 import pytest
 import torch
 
@@ -59,3 +59,14 @@ def test_gemm_configs_keep_tall_tiles_when_no_token_bucket_is_given():
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}) for bm in (16, 64, 256)]
     assert prune_gemm_configs(configs, {}) == configs
     assert [c.kwargs["BLOCK_M"] for c in prune_gemm_configs(configs, {"M_BUCKET": 8})] == [16]
+
+
+def test_one_partial_is_returned_in_the_requested_dtype():
+    pytest.importorskip("triton")
+    from fastlora.kernels.triton.partials import sum_partials
+
+    part = torch.randn(1, 4, 3)
+    same = sum_partials(part, torch.float32)
+    assert same.data_ptr() == part.data_ptr() and torch.equal(same, part[0])  # no copy
+    half = sum_partials(part, torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(half, part[0].half())
