@@ -1,6 +1,8 @@
 """Kernel-layer edges the mutation sample showed unguarded: the dropout seed spans the whole int64 range, the
 fused kernel's default low-rank scale, the launch metadata's byte and FLOP counts, tile pruning without a token
-bucket, a single partial's dtype."""
+bucket, a single partial's dtype, the weight's rank check."""
+import re
+
 import pytest
 import torch
 
@@ -70,3 +72,12 @@ def test_one_partial_is_returned_in_the_requested_dtype():
     assert same.data_ptr() == part.data_ptr() and torch.equal(same, part[0])  # no copy
     half = sum_partials(part, torch.float16)
     assert half.dtype == torch.float16 and torch.equal(half, part[0].half())
+
+
+@pytest.mark.parametrize("shape", [(6,), (2, 4, 6)])
+def test_a_weight_that_is_not_2d_is_refused_by_name(shape):
+    from fastlora.kernels import adapted_linear
+
+    x, a, b = torch.randn(3, 6), torch.randn(2, 6), torch.randn(4, 2)
+    with pytest.raises(ValueError, match=rf"weight must be 2-D \(d_out, d_in\), got shape {re.escape(str(shape))}"):
+        adapted_linear(x, torch.randn(shape), None, a, b, scale=1.0, backend="torch")
