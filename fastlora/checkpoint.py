@@ -24,11 +24,10 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Collection, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -39,6 +38,7 @@ from .config import AdapterConfig
 from .inject import _matches, _set_submodule, adapter_layers, inject
 from .layer import is_adaptable
 from .methods import Adapter
+from .targets import exact_name_pattern
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -314,8 +314,10 @@ def _read_checkpoint(directory: PathLike) -> tuple[dict[str, AdapterConfig], dic
     return configs, state, {name: state.pop(name) for name in saved_names}
 
 
-def _computation_fields(config: AdapterConfig) -> dict[str, Any]:
-    return {k: v for k, v in config.to_dict().items() if k not in _NON_COMPUTATION_FIELDS}
+def differing_fields(ours: dict[str, Any], theirs: dict[str, Any], ignored: Collection[str] = ()) -> list[str]:
+    """The keys not in ``ignored`` whose values differ between ``ours`` and ``theirs`` (a missing
+    key's value: None), sorted."""
+    return sorted(k for k in ours.keys() | theirs.keys() if k not in ignored and ours.get(k) != theirs.get(k))
 
 
 def _checkpoint_config(configs: dict[str, AdapterConfig], names: dict[str, list[str]]) -> AdapterConfig:
@@ -324,10 +326,10 @@ def _checkpoint_config(configs: dict[str, AdapterConfig], names: dict[str, list[
     layers' values differ (what a config with per-layer ranks saves). Other fields must agree."""
     first_name, first = next(iter(configs.items()))
     ignored = ("target_modules", *_PER_LAYER_FIELDS.values())
-    shared = {k: v for k, v in first.to_dict().items() if k not in ignored}
+    shared = first.to_dict()
     for name, config in configs.items():
-        fields = {k: v for k, v in config.to_dict().items() if k not in ignored}
-        differing = sorted(k for k in shared.keys() | fields.keys() if shared.get(k) != fields.get(k))
+        fields = config.to_dict()
+        differing = differing_fields(shared, fields, ignored)
         if differing:
             detail = ", ".join(f"{k} ({shared.get(k)!r} vs {fields.get(k)!r})" for k in differing)
             raise ValueError(f"checkpoint layers {first_name!r} and {name!r} differ in {detail}; a model without "
@@ -336,9 +338,9 @@ def _checkpoint_config(configs: dict[str, AdapterConfig], names: dict[str, list[
     patterns = {}
     for pattern, field in _PER_LAYER_FIELDS.items():
         values = {name: getattr(config, field, None) for name, config in configs.items()}
-        if len(set(values.values())) > 1:  # exact names, longest first: no shorter name's key matches first
-            entries = {re.escape(alias): value for name, value in values.items() for alias in names[name]}
-            patterns[pattern] = dict(sorted(entries.items(), key=lambda entry: len(entry[0]), reverse=True))
+        if len(set(values.values())) > 1:
+            patterns[pattern] = {exact_name_pattern(alias): value for name, value in values.items()
+                                 for alias in names[name]}
     return dataclasses.replace(first, **patterns) if patterns else first
 
 
@@ -412,11 +414,10 @@ def _check_fits(layers: dict[str, tuple[nn.Module, Adapter]], configs: dict[str,
     for key, tensor in sorted(state.items()):  # a fixed order: the first mismatch reported is reproducible
         _check_tensor(key, tensor, *expected[key])
     for name, (_, adapter) in layers.items():
-        ours, theirs = _computation_fields(adapter.config), _computation_fields(configs[name])
-        differing = {k: (theirs.get(k), ours.get(k)) for k in ours.keys() | theirs.keys()
-                     if ours.get(k) != theirs.get(k)}
+        ours, theirs = adapter.config.to_dict(), configs[name].to_dict()
+        differing = differing_fields(ours, theirs, _NON_COMPUTATION_FIELDS)
         if differing:
-            detail = ", ".join(f"{k}={a!r} (model: {b!r})" for k, (a, b) in sorted(differing.items()))
+            detail = ", ".join(f"{k}={theirs.get(k)!r} (model: {ours.get(k)!r})" for k in differing)
             raise ValueError(f"layer {name}: checkpoint config differs from the layer's in {detail}")
         prefix = f"{name}.adapter."
         try:

@@ -34,6 +34,7 @@ from .checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     check_saved_parameters,
+    differing_fields,
     restore_saved_parameters,
     trainable_non_adapter_parameters,
     write_files_atomically,
@@ -45,7 +46,7 @@ from .inject import _matches, adapter_layers, inject
 from .layer import AdapterLinear, is_adaptable, linear_shape
 from .peft_formats import PeftFormat
 from .registry import method_of, peft_methods
-from .targets import layer_config
+from .targets import exact_name_pattern, layer_config
 
 KEY_PREFIX = "base_model.model."
 
@@ -158,25 +159,25 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
 
 def _peft_layer_fields(fmt: PeftFormat, layers: list[tuple[str, AdapterLinear]]) -> dict[str, Any]:
     """The format's config fields for ``layers`` ((name, AdapterLinear) pairs): each per-layer field
-    as its most common value plus a pattern entry "^" + escaped name for every other layer (PEFT
-    matches a key to any module name ending with "." + key, so the anchor keeps a name from also
-    matching the names it is a suffix of); every other field must be the same in all layers."""
+    as its most common value plus a pattern entry selecting exactly that layer (``exact_name_pattern``)
+    for every other layer; every other field must be the same in all layers."""
     (first_name, first), per_layer = layers[0], {field for field, _, _ in fmt.per_layer_fields}
     reference = first.config.to_dict()
     for name, layer in layers[1:]:
         fields = layer.config.to_dict()
-        for field in sorted(reference.keys() | fields.keys(), key=lambda f: (f != "method", f)):
-            if field not in per_layer and fields.get(field) != reference.get(field):
-                held = ("sets only " + " and ".join(f"{f} ({p})" for f, _, p in fmt.per_layer_fields)
-                        + " per layer" if per_layer else "holds one config for all layers")
-                raise ValueError(f"layer {name} has {field}={fields.get(field)!r}, unlike layer {first_name}'s "
-                                 f"{reference.get(field)!r}; PEFT's {fmt.peft_type} format {held}")
+        differing = differing_fields(reference, fields, per_layer)
+        if differing:
+            field = min(differing, key=lambda f: (f != "method", f))
+            held = ("sets only " + " and ".join(f"{f} ({p})" for f, _, p in fmt.per_layer_fields)
+                    + " per layer" if per_layer else "holds one config for all layers")
+            raise ValueError(f"layer {name} has {field}={fields.get(field)!r}, unlike layer {first_name}'s "
+                             f"{reference.get(field)!r}; PEFT's {fmt.peft_type} format {held}")
     meta = fmt.peft_config(first.config)
     for field, peft_field, pattern_field in fmt.per_layer_fields:
         values = {name: getattr(layer.config, field) for name, layer in layers}
         common = Counter(values.values()).most_common(1)[0][0]
         meta[peft_field] = common
-        meta[pattern_field] = {"^" + re.escape(name): value for name, value in values.items() if value != common}
+        meta[pattern_field] = {exact_name_pattern(name): value for name, value in values.items() if value != common}
     return meta
 
 

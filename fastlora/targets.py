@@ -110,6 +110,15 @@ def is_selected(name: str, targets: Targets, config: AdapterConfig, output_layer
     return _layer_index(name, config.layers_pattern) in config.layers_to_transform
 
 
+def exact_name_pattern(name: str) -> str:
+    r"""The rank_pattern / alpha_pattern key that selects the module called ``name`` and no other:
+    "^" + the escaped name. PEFT matches a key k to a name n by ``re.match(rf"(.*\.)?({k})$", n)``
+    and fastlora by ``re.fullmatch(rf"(?:.*\.)?(?:{k})", n)`` (``_pattern_value``): both let a
+    prefix ending with "." precede the key, but "^" only matches at the start of n, so the prefix must
+    be empty and n the whole name (the key for "proj" selects neither "inner.proj" nor "a.proj")."""
+    return "^" + re.escape(name)
+
+
 def _pattern_value(pairs: tuple, name: str, default):
     """The value of the first key of ``pairs`` that ``name`` equals or ends with ("." + key, key a regex)."""
     for key, value in pairs:

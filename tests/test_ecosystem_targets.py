@@ -21,7 +21,7 @@ from transformers import (
 
 import fastlora
 from fastlora import LoraConfig
-from fastlora.targets import DEFAULT_TARGETS
+from fastlora.targets import DEFAULT_TARGETS, exact_name_pattern, layer_config
 
 BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=50)
 LLAMA = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -121,6 +121,15 @@ def test_rank_and_alpha_patterns_give_peft_outputs():
     with torch.no_grad():
         want, got = reference(input_ids=ids).logits, injected(input_ids=ids).logits
     assert ((got - want).norm() / want.norm()).item() < 1e-12
+
+
+@pytest.mark.parametrize("name", ["proj", "inner.proj", "a.inner.proj"])
+def test_exact_name_pattern_selects_only_that_name(name):
+    config = LoraConfig(r=4, alpha=16, rank_pattern={exact_name_pattern(name): 2},
+                        alpha_pattern={exact_name_pattern(name): 3})
+    sizes = {other: (layer_config(config, other).r, layer_config(config, other).alpha)
+             for other in ("proj", "inner.proj", "a.inner.proj")}
+    assert sizes == {other: (2, 3) if other == name else (4, 16) for other in sizes}
 
 
 def test_patterned_adapter_saves_and_loads(tmp_path):
