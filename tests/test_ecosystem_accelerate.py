@@ -9,12 +9,12 @@ import warnings
 import peft
 import pytest
 import torch
-from transformers import BertConfig, BertModel
+from transformers import BertModel
 
 import fastlora
 import fastlora.peft_accelerate as peft_accelerate
 
-from utils import rel
+from utils import rel, tiny_bert
 
 TOL = 1e-10
 
@@ -22,9 +22,7 @@ TOL = 1e-10
 @pytest.fixture(scope="module")
 def base():
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                        vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertModel(config).double().eval()
+    return BertModel(tiny_bert()).double().eval()
 
 
 @pytest.fixture(scope="module")

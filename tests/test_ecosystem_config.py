@@ -5,10 +5,12 @@ import dataclasses
 import peft
 import pytest
 import torch
-from transformers import BertConfig, BertModel
+from transformers import BertModel
 
 import fastlora
 from fastlora import CurLoraConfig, LoraConfig, NeatConfig, RankSelectiveLoraConfig
+
+from utils import tiny_bert
 
 PEFT_KWARGS = dict(r=4, lora_alpha=16, lora_dropout=0.1, task_type="FEATURE_EXTRACTION",
                    target_modules={"query", "value"})
@@ -16,8 +18,7 @@ PEFT_KWARGS = dict(r=4, lora_alpha=16, lora_dropout=0.1, task_type="FEATURE_EXTR
 
 def test_peft_keywords_give_peft_outputs():
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                                vocab_size=50)).double().eval()
+    bert = BertModel(tiny_bert(dropout=0.1)).double().eval()
     reference = peft.get_peft_model(copy.deepcopy(bert), peft.LoraConfig(**PEFT_KWARGS, init_lora_weights=False))
     config = LoraConfig(**PEFT_KWARGS)
     assert (config.alpha, config.dropout, config.target_modules) == (16, 0.1, ("query", "value"))

@@ -4,15 +4,13 @@ set_adapter is the reference for switching, and checkpoints act on one named ada
 import peft
 import pytest
 import torch
-from transformers import BertConfig, BertModel
+from transformers import BertModel
 
 import fastlora
 from fastlora import CascadeLoraConfig, LoraConfig
 
-from utils import assert_close
+from utils import assert_close, tiny_bert
 
-BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=50,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 IDS = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(1))
 CONFIG_A = LoraConfig(r=4, alpha=8, target_modules=["query", "value"])
 CONFIG_B = LoraConfig(r=2, alpha=6, target_modules=["query", "value"])
@@ -20,7 +18,7 @@ CONFIG_B = LoraConfig(r=2, alpha=6, target_modules=["query", "value"])
 
 def bert():
     torch.manual_seed(0)
-    return BertModel(BertConfig(**BERT)).double().eval()
+    return BertModel(tiny_bert()).double().eval()
 
 
 def randomize(model, seed, adapter_name=None):

@@ -5,19 +5,19 @@ import copy
 import peft
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertModel
+from transformers import BertForSequenceClassification, BertModel
 
 import fastlora
 from fastlora import LoraConfig, SelectiveLoraConfig
 
-BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=50,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+from utils import tiny_bert
+
 IDS = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(1))
 
 
 def classifier(seed=0):
     torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(**BERT, num_labels=3)).eval()
+    return BertForSequenceClassification(tiny_bert(num_labels=3)).eval()
 
 
 def trained_classifier():
@@ -54,7 +54,7 @@ def test_a_trained_classifier_head_is_saved_and_restored(tmp_path):
 def test_saved_parameters_the_model_lacks_are_refused_and_the_model_is_unchanged(tmp_path):
     fastlora.save_adapter(trained_classifier(), tmp_path)
     torch.manual_seed(0)
-    other = BertForSequenceClassification(BertConfig(**BERT, num_labels=2)).eval()  # head of another shape
+    other = BertForSequenceClassification(tiny_bert(num_labels=2)).eval()  # head of another shape
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match=r"checkpoint parameter 'classifier.bias'.*\(3,\).*\(2,\)"):
         fastlora.load_adapter(other, tmp_path)
@@ -80,7 +80,7 @@ def test_disable_adapter_gives_the_base_model_and_restores_each_layer():
 
 def test_trainable_parameter_summary_matches_peft():
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(**BERT))
+    bert = BertModel(tiny_bert())
     reference = peft.get_peft_model(copy.deepcopy(bert), peft.LoraConfig(r=4, target_modules=["query", "value"]))
     trainable, total = reference.get_nb_trainable_parameters()
     summary = fastlora.trainable_parameters(fastlora.inject(bert, LoraConfig(r=4, target_modules=["query", "value"])))

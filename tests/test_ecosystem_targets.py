@@ -10,7 +10,6 @@ import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers import (
-    BertConfig,
     BertForSequenceClassification,
     BertModel,
     GPT2Config,
@@ -23,19 +22,20 @@ import fastlora
 from fastlora import LoraConfig
 from fastlora.targets import DEFAULT_TARGETS, exact_name_pattern, layer_config
 
-BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=50)
+from utils import tiny_bert
+
 LLAMA = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=60)
 
 
 def bert():
     torch.manual_seed(0)
-    return BertModel(BertConfig(**BERT)).double().eval()
+    return BertModel(tiny_bert(dropout=0.1)).double().eval()
 
 
 def bert_classifier():
     torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(**BERT, num_labels=3)).double().eval()
+    return BertForSequenceClassification(tiny_bert(dropout=0.1, num_labels=3)).double().eval()
 
 
 def llama():

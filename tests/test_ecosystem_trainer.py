@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import BertForSequenceClassification, Trainer, TrainingArguments
 
 import fastlora
 from fastlora import (
@@ -18,6 +18,8 @@ from fastlora import (
     RankSelectiveLoraConfig,
     SelectiveLoraConfig,
 )
+
+from utils import tiny_bert
 
 TARGETS = ["query", "value"]
 CONFIGS = {
@@ -47,9 +49,7 @@ class Data(torch.utils.data.Dataset):
 
 def model_with(config):
     torch.manual_seed(0)
-    bert = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                      vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
-    return fastlora.inject(BertForSequenceClassification(bert), config)
+    return fastlora.inject(BertForSequenceClassification(tiny_bert(num_labels=2)), config)
 
 
 def arguments(output_dir, **kwargs):

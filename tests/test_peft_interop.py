@@ -11,12 +11,12 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import BertConfig, BertModel
+from transformers import BertModel
 
 import fastlora
 from fastlora import load_peft_adapter, save_peft_adapter
 
-from utils import rel
+from utils import rel, tiny_bert
 
 TOL = 1e-6
 
@@ -24,9 +24,7 @@ TOL = 1e-6
 @pytest.fixture(scope="module")
 def base():
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                        vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertModel(config).eval()
+    return BertModel(tiny_bert()).eval()
 
 
 @pytest.fixture(scope="module")

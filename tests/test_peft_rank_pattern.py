@@ -13,12 +13,12 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers import BertConfig, BertModel
+from transformers import BertModel
 
 import fastlora
 from fastlora import load_peft_adapter, save_peft_adapter
 
-from utils import randomize_adapters, rel
+from utils import randomize_adapters, rel, tiny_bert
 
 TOL = 1e-12
 PREFIX = "base_model.model."
@@ -28,9 +28,7 @@ IDS = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(1))
 @pytest.fixture(scope="module")
 def bert():
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                        vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertModel(config).double().eval()
+    return BertModel(tiny_bert()).double().eval()
 
 
 class Nested(nn.Module):

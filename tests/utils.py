@@ -77,3 +77,13 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 3) -> torch.nn.Module
             for param in layer.adapter.parameters():
                 param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype))
     return model
+
+
+def tiny_bert(dropout: float = 0.0, **overrides):
+    """The tiny BERT's BertConfig (hidden size 32, 2 layers of 2 heads, intermediate size 37, vocabulary 50,
+    both dropout probabilities ``dropout``), with ``overrides`` replacing or adding fields."""
+    from transformers import BertConfig
+
+    return BertConfig(**{**dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                                vocab_size=50, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout),
+                         **overrides})
