@@ -64,3 +64,23 @@ def test_launch_metadata_counts_flops_and_bytes():
     assert meta["flops16"] == 2 * 8192 * 4096 * (4096 + 16)
     assert meta["bytes"] == 2 * (8192 * 4096 * 2 + 4096 * 4096) + 4 * 8192 * 16 + 2 * 16 * 4096
     assert "M=8192 N=4096 K=4096 r=16" in meta["name"]
+
+
+def test_dropout_gemm_tiles_keep_two_accumulators_within_the_register_budget(monkeypatch, gpu_configs):
+    """With dropout the low-rank tile is a second fp32 accumulator: tiles that would hold two 128-register
+    tiles per thread (they spill, compiled for sm_90) are dropped; without dropout every tile is kept."""
+    monkeypatch.setattr(launch_config, "shared_memory_limit", lambda index: None)
+    named = {"x_ptr": fake_cuda_input(), "M_BUCKET": 8192}
+
+    def per_thread(c, tiles):
+        return tiles * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+
+    plain = launch_config.prune_gemm_configs(gpu_configs, named, HAS_LOWRANK=True, DROPOUT=False)
+    assert plain == gpu_configs
+    masked = launch_config.prune_gemm_configs(gpu_configs, named, HAS_LOWRANK=True, DROPOUT=True)
+    assert masked == [c for c in gpu_configs if per_thread(c, 2) <= launch_config.ACCUMULATOR_REGISTERS]
+    assert any(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128 * 256 for c in plain)
+    assert not any(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128 * 256 for c in masked)
+    assert any(c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 128 and c.num_warps == 8 for c in masked)
+    # dropout without a low-rank term (the base GEMM alone) has one accumulator
+    assert launch_config.prune_gemm_configs(gpu_configs, named, HAS_LOWRANK=False, DROPOUT=True) == gpu_configs

@@ -409,6 +409,6 @@ def test_tiles_fit_registers_and_shared_memory(monkeypatch, onepass):
             for c in kept:
                 bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 assert c.num_stages * (bm + bn + r_pad) * bk * 2 <= 227 * 1024
-                assert bm * bn + (1 + compute_db) * bm * r_pad <= onepass_tiles.ACCUMULATOR_REGISTERS * 32 * c.num_warps
+                assert bm * bn + (1 + compute_db) * bm * r_pad <= launch_config.ACCUMULATOR_REGISTERS * 32 * c.num_warps
     wide = onepass_tiles.prune_onepass_configs(configs, {"x_ptr": x, "M_BUCKET": 8192}, R_PAD=16)
     assert any(c.kwargs["BLOCK_N"] == 256 for c in wide)

@@ -21,6 +21,10 @@ INTERPRETER_READY = INTERPRETED and type(tl.rand).__name__ == "InterpretedFuncti
 
 #: Smallest K of a ``tl.dot`` on NVIDIA GPUs; the rank is padded to at least this.
 MIN_DOT = 16
+#: fp32 accumulator registers per thread a GEMM configuration may plan for (255 is the hardware
+#: limit; the rest holds operand fragments, pointers and masks). Compiled for sm_90, tiles past it
+#: spill (e.g. the fused GEMM with dropout at 128x256 on 8 warps: two 128-register tiles).
+ACCUMULATOR_REGISTERS = 160
 
 
 def gemm_configs() -> list[triton.Config]:
@@ -48,13 +52,16 @@ def shared_memory_limit(device_index: int) -> Optional[int]:
 
 
 def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles taller than twice the token bucket (mostly padding) and tiles whose pipeline
-    (stages x (BLOCK_M + BLOCK_N) x BLOCK_K operands) exceeds the device's shared memory.
+    """Drop tiles taller than twice the token bucket (mostly padding), tiles whose pipeline
+    (stages x (BLOCK_M + BLOCK_N) x BLOCK_K operands) exceeds the device's shared memory, and
+    tiles whose fp32 accumulators pass ACCUMULATOR_REGISTERS per thread: one output tile, two
+    when the low-rank term is masked by dropout (it cannot accumulate into the output tile).
     Always keeps the smallest tile."""
     m_bucket = kwargs.get("M_BUCKET", named_args.get("M_BUCKET", 1 << 30))
     x = named_args.get("x_ptr")
     element = x.element_size() if hasattr(x, "element_size") else 2
     limit = shared_memory_limit(x.device.index or 0) if getattr(x, "is_cuda", False) else None
+    tiles = 2 if kwargs.get("HAS_LOWRANK", False) and kwargs.get("DROPOUT", False) else 1
     kept = []
     for config in configs:
         meta = config.kwargs
@@ -62,6 +69,8 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs)
             continue
         staged = config.num_stages * (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * element
         if limit is not None and staged > limit:
+            continue
+        if tiles * meta["BLOCK_M"] * meta["BLOCK_N"] // (32 * config.num_warps) > ACCUMULATOR_REGISTERS:
             continue
         kept.append(config)
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]

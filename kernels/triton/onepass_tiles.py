@@ -20,9 +20,6 @@ from .tiles import load_factor
 #: Row tile of the input-gradient kernel: fixed, because its dB / dbias partials hold one slice
 #: per row block and are allocated before the launch (the autotuner only varies the other tiles).
 BACKWARD_BLOCK_M = 16 if launch_config.INTERPRETED else 128
-#: fp32 accumulator registers per thread a configuration may plan for (255 is the hardware limit;
-#: the rest holds operand fragments, pointers and masks).
-ACCUMULATOR_REGISTERS = 160
 #: Most column tiles one program of the persistent kernels (forward, input gradient) walks by default:
 #: the side product then adds at least R_PAD / (COLUMN_RUN BLOCK_N) of the GEMM's MMA work, and
 #: G >= C / COLUMN_RUN programs per row block keep the row blocks of a wave (SMs / G, each program
@@ -47,7 +44,7 @@ def prune_onepass_configs(configs: list[triton.Config], named_args: dict, **kwar
     """Drop tiles taller than twice the token bucket, tiles whose pipeline (stages x (BLOCK_M +
     BLOCK_N + R_PAD) x BLOCK_K operands) exceeds the device's shared memory, and tiles whose
     fp32 accumulators (the output tile, the side product and, in the backward, the scaled v)
-    pass ACCUMULATOR_REGISTERS per thread. Always keeps the smallest tile."""
+    pass ``launch_config.ACCUMULATOR_REGISTERS`` per thread. Always keeps the smallest tile."""
     r_pad = kwargs.get("R_PAD", 16)
     m_bucket = named_args.get("M_BUCKET", 1 << 30)
     x = named_args["x_ptr"] if "x_ptr" in named_args else named_args["dy_ptr"]
@@ -59,7 +56,8 @@ def prune_onepass_configs(configs: list[triton.Config], named_args: dict, **kwar
         bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
         staged = config.num_stages * (bm + bn + r_pad) * bk * element
         registers = (bm * bn + side_tiles * bm * r_pad) // (32 * config.num_warps)
-        if bm > max(2 * m_bucket, 32) or (limit is not None and staged > limit) or registers > ACCUMULATOR_REGISTERS:
+        too_many = registers > launch_config.ACCUMULATOR_REGISTERS
+        if bm > max(2 * m_bucket, 32) or (limit is not None and staged > limit) or too_many:
             continue
         kept.append(config)
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
