@@ -214,14 +214,14 @@ def neat_check(act: str, shape: tuple, dtype: torch.dtype, device: torch.device,
     return _verdict({"h": rel_error(h, h_ref), "d_a_n": rel_error(da, da_ref)}, TOLERANCE[dtype])
 
 
-def _op_check(case: str, dtype: torch.dtype, shapes: dict, device: torch.device, plan: str) -> dict:
+def op_check(case: str, dtype: torch.dtype, shapes: dict, device: torch.device, plan: str) -> dict:
     shape_name, features = CASES[case]
     tensors, kw = _case_inputs(features, shapes[shape_name], dtype, device)
     dy = torch.randn(tensors["x"].shape[0], tensors["weight"].shape[0], device=device).to(dtype)
     return compare(tensors, kw, dy, plan, TOLERANCE[dtype])
 
 
-def _method_check(name: str, dtype: torch.dtype, shape: tuple, device: torch.device, plan: str) -> dict:
+def method_check(name: str, dtype: torch.dtype, shape: tuple, device: torch.device, plan: str) -> dict:
     tensors, kw = _method_inputs(name, shape, dtype, device)
     dy = torch.randn(tensors["x"].shape[0], tensors["weight"].shape[0], device=device).to(dtype)
     return compare(tensors, kw, dy, plan, TOLERANCE[dtype])
@@ -245,7 +245,7 @@ def items(device: torch.device, plans: tuple[str, ...], quick: bool) -> Iterator
         for case in cases:
             for plan in plans:
                 yield {"kind": "op", "case": case, "dtype": name, "plan": plan}, \
-                    lambda c=case, d=dtype, p=plan: _op_check(c, d, shapes, device, p)
+                    lambda c=case, d=dtype, p=plan: op_check(c, d, shapes, device, p)
         if i == 0:
             for method in METHODS:
                 yield {"kind": "layer", "method": method, "dtype": name, "plan": "auto"}, \
@@ -253,7 +253,7 @@ def items(device: torch.device, plans: tuple[str, ...], quick: bool) -> Iterator
         for method in METHODS:
             for plan in plans:
                 yield {"kind": "method", "method": method, "dtype": name, "plan": plan}, \
-                    lambda m=method, d=dtype, p=plan: _method_check(m, d, shapes["base"], device, p)
+                    lambda m=method, d=dtype, p=plan: method_check(m, d, shapes["base"], device, p)
         for act in NEAT_ACTS:
             for plan in plans:
                 yield {"kind": "neat", "act": act, "dtype": name, "plan": plan}, \
@@ -261,7 +261,7 @@ def items(device: torch.device, plans: tuple[str, ...], quick: bool) -> Iterator
     for case in ("plain", "gathered", "dropout"):
         for plan in plans:
             yield {"kind": "op", "case": case, "dtype": "float32", "plan": plan}, \
-                lambda c=case, p=plan: _fp32(lambda: _op_check(c, torch.float32, shapes, device, p))
+                lambda c=case, p=plan: _fp32(lambda: op_check(c, torch.float32, shapes, device, p))
 
 
 def _fp32(check: Callable[[], dict]) -> dict:

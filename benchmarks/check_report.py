@@ -15,15 +15,22 @@ def _num(value: Optional[float], fmt: str) -> str:
     return "-".rjust(width) if value is None else format(value, fmt)
 
 
+def item_name(item: dict) -> str:
+    """"op plain bfloat16 triton": a correctness (or compile) item's description in one string."""
+    return " ".join(str(item[k]) for k in ("kind", "case", "method", "act", "dtype", "plan") if k in item)
+
+
 def _failures(report: dict) -> list[str]:
     lines = []
     correctness = report["sections"].get("correctness", {})
     for item in correctness.get("items", []):
         if not item["pass"]:
-            what = " ".join(str(item[k]) for k in ("kind", "case", "method", "act", "dtype", "plan") if k in item)
+            what = item_name(item)
             why = item["error"].strip().splitlines()[-1] if "error" in item else \
                 f"max error {item['max_error']:.2e} >= {item['tolerance']:.0e} ({item['errors']})"
             lines.append(f"  correctness {what}: {why}"[:MAX_WIDTH])
+    for item in report["sections"].get("compile", {}).get("errors", []):
+        lines.append(f"  compile {item_name(item)}: {item['error'].strip().splitlines()[-1]}"[:MAX_WIDTH])
     graphs = report["sections"].get("graphs", {})
     for group in ("syncs", "method_syncs", "graphs"):
         for name, row in graphs.get(group, {}).items():

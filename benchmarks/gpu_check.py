@@ -6,7 +6,10 @@ Sections (each isolated: a failing one records its traceback and the others stil
 the JSON report is rewritten to --out after every item):
 
 1. env: versions (python, torch, triton, peft, CUDA, driver), the device, copy bandwidth,
-   cuBLAS bf16 TFLOP/s;
+   cuBLAS bf16 TFLOP/s; compile: the correctness section's Triton kernels compiled by one
+   process per CPU core into Triton's cache, every autotuner configuration, with registers
+   and spills (benchmarks/compile_check.py): the sections after it load instead of compiling
+   one configuration after another (a cold run otherwise spends minutes compiling);
 2. correctness: every plan and method, bf16 and fp16 (fp32 with TF32 off), output and every
    gradient against float64 (benchmarks/check_correctness.py);
 3. graphs: host syncs under ``torch.cuda.set_sync_debug_mode("error")`` and CUDA-graph capture
@@ -48,7 +51,15 @@ if __package__ in (None, ""):  # run as a script path: import from the repositor
 
 import torch  # noqa: E402
 
-from benchmarks import check_correctness, check_env, check_graphs, check_kernels, check_report, check_speed  # noqa: E402
+from benchmarks import (  # noqa: E402
+    check_correctness,
+    check_env,
+    check_graphs,
+    check_kernels,
+    check_report,
+    check_speed,
+    compile_check,
+)
 from benchmarks.bench_adapted_linear import RESULTS, device_name, pick_device, slug  # noqa: E402
 from fastlora.kernels import PLANS  # noqa: E402
 from fastlora.kernels.dispatch import triton_interpreter_on  # noqa: E402
@@ -65,6 +76,7 @@ class Section:
 
 SECTIONS = (
     Section("env", check_env.run, 0.08, False, False),
+    Section("compile", compile_check.section, 0.3, False, True),
     Section("correctness", check_correctness.run, 0.45, True, False),
     Section("graphs", check_graphs.run, 0.12, True, True),
     Section("gemm", check_kernels.gemm_vs_cublas, 0.08, False, True),

@@ -22,8 +22,8 @@ from benchmarks.profiling import is_copy, per_name, top
 from benchmarks.speed_targets import targets
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ["env", "correctness", "graphs", "gemm", "skinny", "trace", "speed"]
-CUDA_SECTIONS = {"graphs", "gemm", "skinny"}
+SECTIONS = ["env", "compile", "correctness", "graphs", "gemm", "skinny", "trace", "speed"]
+CUDA_SECTIONS = {"compile", "graphs", "gemm", "skinny"}
 
 
 def _run(tmp_path: Path, *args: str, interpret: bool = False) -> tuple[subprocess.CompletedProcess, dict]:

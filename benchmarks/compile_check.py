@@ -1,0 +1,326 @@
+"""Compile the Triton kernels of a GPU run for a GPU that is not there: does every kernel
+compile on this Triton, what does each configuration hold in registers, spills and shared
+memory, and how long does a cold run compile before it measures anything?
+
+    python benchmarks/compile_check.py [--arch 90] [--jobs N] [--kinds op,method,layer,neat]
+                                       [--dtypes bfloat16,float16] [--plans triton,cublas,onepass]
+                                       [--out PATH] [--keep-cache]
+
+It runs the items of gpu_check's correctness section (benchmarks/check_correctness.py: every
+case, method and NEAT activation on every Triton plan, forward and backward) on CPU tensors,
+with Triton's driver replaced by an offline one: a kernel call compiles, for sm_<arch> with
+Triton's own ptxas, every configuration its autotuner would try (as the cold GPU run does)
+and launches nothing. Nothing runs, so the items' numbers are meaningless and not reported;
+the layer items run once per plan (``FASTLORA_BACKEND``), the plans ``auto`` would time.
+
+Per compiled kernel: its constexprs, warps, stages, compile seconds, and the cubin's
+registers, stack (spilled) bytes and shared memory (``cuobjdump --dump-resource-usage``).
+By default it compiles into a fresh temporary Triton cache (cold times); ``--keep-cache``
+uses Triton's configured cache instead. ``--jobs`` spreads the items over processes.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as a script path: import from the repository root, not benchmarks/
+    sys.path[0] = str(ROOT)
+
+import torch  # noqa: E402
+
+from benchmarks.check_report import item_name  # noqa: E402
+
+ARCH = 90  # H100 / H200
+KINDS = ("op", "method", "layer", "neat")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TRITON_PLANS = ("triton", "cublas", "onepass")
+RESOURCE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+class OfflineDriver:
+    """Triton's view of a device of ``target`` (a GPUTarget) that never launches: enough for
+    ``JITFunction.run(..., warmup=True)``, which compiles and returns the kernel."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def set_current_device(self, device: int) -> None:
+        pass
+
+    def get_current_stream(self, device: Optional[int] = None) -> int:
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def is_active(self) -> bool:
+        return True
+
+
+def install_offline_triton(arch: int, compiled: list) -> None:
+    """Make this process's Triton compile for sm_<arch> instead of launching, appending one record
+    per kernel compiled to ``compiled``, and let the fastlora Triton plans take CPU tensors."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    from fastlora.kernels import dispatch
+    from fastlora.kernels.triton import launch_config
+
+    if launch_config.INTERPRETED:
+        raise SystemExit("compile_check compiles for a GPU: unset TRITON_INTERPRET")
+    driver.set_active(OfflineDriver(GPUTarget("cuda", arch, 32)))
+    jit_run, seen = JITFunction.run, set()
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        start = time.perf_counter()
+        kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+        if kernel.hash not in seen:
+            seen.add(kernel.hash)
+            compiled.append(_record(self.__name__, kernel, kwargs, time.perf_counter() - start))
+        return kernel
+
+    def compile_every_config(self, *args, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args))
+        try:
+            configs = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
+            for config in configs:
+                self.fn.run(*args, **kwargs, **config.all_kwargs())
+        finally:
+            self.nargs = None
+
+    JITFunction.run = compile_only
+    Autotuner.run = compile_every_config
+    launch_config.INTERPRETER_READY = True  # launch_context: no CUDA device to enter
+    eligible = dispatch._triton_ineligibility
+    dispatch._triton_ineligibility = lambda x, dtype: eligible(x, dtype) if dtype not in dispatch.TRITON_DTYPES \
+        else None
+
+
+def _record(name: str, kernel, kwargs: dict, seconds: float) -> dict:
+    """One compiled kernel: name, constexprs, warps, stages, compile seconds, resource usage."""
+    meta = kernel.metadata
+    constexprs = {k: v for k, v in kwargs.items() if k.isupper() and not isinstance(v, torch.Tensor)}
+    return {"kernel": name, "constexprs": constexprs, "num_warps": meta.num_warps,
+            "num_stages": meta.num_stages, "seconds": round(seconds, 3), **resource_usage(kernel.asm["cubin"])}
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers, stack bytes (spills and local arrays) and static shared memory of a cubin."""
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    match = RESOURCE.search(out)
+    if match is None:
+        return {"resource_usage": out.strip()}
+    registers, stack, shared, local = map(int, match.groups())
+    return {"registers": registers, "stack_bytes": stack, "local_bytes": local, "static_shared": shared}
+
+
+def items(kinds: tuple[str, ...], dtypes: tuple[torch.dtype, ...], plans: tuple[str, ...],
+          words: tuple[str, ...] = ()) -> Iterator[tuple[dict, Callable[[], object]]]:
+    """(description, run) of every item whose description holds every one of ``words``: the
+    correctness section's items, on CPU tensors."""
+    for desc, run in _every_item(kinds, dtypes, plans):
+        if all(word in desc.values() for word in words):
+            yield desc, run
+
+
+def _every_item(kinds: tuple[str, ...], dtypes: tuple[torch.dtype, ...],
+                plans: tuple[str, ...]) -> Iterator[tuple[dict, Callable[[], object]]]:
+    from benchmarks import check_correctness as cc
+    from benchmarks.bench_methods import METHODS
+
+    cpu = torch.device("cpu")
+    shapes = {k: v for k, v in cc.SHAPES.items() if k != "bench"}  # "bench" specializes like "plain"
+    for dtype in dtypes:
+        name = str(dtype).replace("torch.", "")
+        if "op" in kinds:
+            for case in (c for c in cc.CASES if cc.CASES[c][0] in shapes):
+                for plan in plans:
+                    yield {"kind": "op", "case": case, "dtype": name, "plan": plan}, \
+                        lambda c=case, d=dtype, p=plan: cc.op_check(c, d, shapes, cpu, p)
+        for method in METHODS if "method" in kinds else ():
+            for plan in plans:
+                yield {"kind": "method", "method": method, "dtype": name, "plan": plan}, \
+                    lambda m=method, d=dtype, p=plan: cc.method_check(m, d, shapes["base"], cpu, p)
+        for method in METHODS if "layer" in kinds and dtype != torch.float32 else ():
+            for plan in plans:
+                yield {"kind": "layer", "method": method, "dtype": name, "plan": plan}, \
+                    lambda m=method, d=dtype, p=plan: _forced(p, lambda: cc.layer_check(m, shapes["base"], d, cpu))
+        for act in cc.NEAT_ACTS if "neat" in kinds else ():
+            for plan in plans:
+                yield {"kind": "neat", "act": act, "dtype": name, "plan": plan}, \
+                    lambda a=act, d=dtype, p=plan: cc.neat_check(a, shapes["base"], d, cpu, p)
+
+
+def _forced(plan: str, run: Callable[[], object]) -> object:
+    """``run()`` with backend "auto" forced to ``plan``."""
+    from fastlora.kernels.dispatch import ENV_VAR
+    before = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = plan
+    try:
+        return run()
+    finally:
+        if before is None:
+            del os.environ[ENV_VAR]
+        else:
+            os.environ[ENV_VAR] = before
+
+
+_WORKER: dict = {}
+
+
+def _start_worker(arch: int, selection: tuple) -> None:
+    os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled kernels, not interpreted
+    _WORKER["compiled"] = []
+    install_offline_triton(arch, _WORKER["compiled"])
+    _WORKER["items"] = list(items(*selection))
+
+
+def _run_item(index: int) -> dict:
+    """Compile what item ``index`` launches; its description, seconds, kernels compiled and any error."""
+    desc, run = _WORKER["items"][index]
+    compiled = _WORKER["compiled"]
+    del compiled[:]
+    start = time.perf_counter()
+    try:
+        run()
+        error = None
+    except Exception:  # noqa: BLE001 - a kernel that does not compile is this check's finding
+        error = traceback.format_exc(limit=-6)
+    return {**desc, "seconds": round(time.perf_counter() - start, 3), "compiled": list(compiled), "error": error}
+
+
+def compile_all(arch: int, selection: tuple, jobs: int, on_item: Callable[[dict], None] = lambda item: None,
+                deadline: float = float("inf")) -> tuple[list[dict], list[dict]]:
+    """(results, skipped): every selected item's result (see ``_run_item``), compiled by ``jobs``
+    processes in item order, and the items left when time.monotonic() passed ``deadline``.
+    ``selection``: the arguments of ``items`` (kinds, dtypes, plans[, words])."""
+    listed = [desc for desc, _ in items(*selection)]
+    context = multiprocessing.get_context("spawn")
+    results: list[dict] = []
+    with context.Pool(jobs, initializer=_start_worker, initargs=(arch, selection)) as pool:
+        pending = pool.imap(_run_item, range(len(listed)))
+        while len(results) < len(listed):
+            try:
+                result = pending.next(timeout=None if deadline == float("inf") else
+                                      max(deadline - time.monotonic(), 0.0))
+            except multiprocessing.TimeoutError:
+                break  # leaving the pool's context terminates the workers
+            on_item(result)
+            results.append(result)
+    return results, listed[len(results):]
+
+
+def section(ctx) -> dict:
+    """gpu_check section "compile": the correctness section's Triton kernels compiled for this GPU by
+    one process per CPU core into Triton's cache, so that the sections after it load them instead of
+    compiling each configuration in turn; the summary (compile seconds, registers, spills) and any
+    kernel that does not compile. Not a check: the correctness section runs what compiled."""
+    major, minor = torch.cuda.get_device_capability(ctx.device) if ctx.device.type == "cuda" else divmod(ARCH, 10)
+    plans = tuple(p for p in ctx.plans if p in TRITON_PLANS)
+    jobs = os.cpu_count() or 1
+    start = time.perf_counter()
+    results, skipped = compile_all(10 * major + minor, (KINDS, (torch.bfloat16, torch.float16), plans), jobs,
+                                   deadline=ctx.deadline - 2.0)
+    totals = summary(results, time.perf_counter() - start, jobs)
+    return {"summary": f"{totals['kernels_compiled']} kernels in {totals['wall_seconds']:.0f} s on {jobs} processes "
+                       f"({totals['compile_seconds']:.0f} s of compilation), {totals['errors']} items failed, "
+                       f"{totals['kernels_with_stack']} kernels with stack (max {totals['max_stack_bytes']} B), "
+                       f"{len(skipped)} items left for time",
+            "totals": totals, "errors": [{k: r[k] for k in r if k != "compiled"} for r in results if r["error"]],
+            "kernels": [{**k, "item": item_name(r)} for r in results for k in r["compiled"]],
+            "skipped": [{**desc, "reason": "time budget"} for desc in skipped]}
+
+
+def summary(results: list[dict], wall_s: float, jobs: int) -> dict:
+    """Counts, compile seconds per kernel, the largest register and stack figures, the errors."""
+    kernels = [k for r in results for k in r["compiled"]]
+    per_kernel = Counter()
+    for k in kernels:
+        per_kernel[k["kernel"]] += k["seconds"]
+    spilling = [k for k in kernels if k.get("stack_bytes", 0) > 0]
+    return {
+        "items": len(results), "errors": sum(r["error"] is not None for r in results),
+        "kernels_compiled": len(kernels), "compile_seconds": round(sum(k["seconds"] for k in kernels), 1),
+        "wall_seconds": round(wall_s, 1), "jobs": jobs,
+        "compile_seconds_by_kernel": {k: round(v, 1) for k, v in per_kernel.most_common()},
+        "max_registers": max((k.get("registers", 0) for k in kernels), default=0),
+        "kernels_with_stack": len(spilling),
+        "max_stack_bytes": max((k["stack_bytes"] for k in spilling), default=0),
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python benchmarks/compile_check.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=ARCH, help="compute capability as an integer (90: H100/H200)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {list(KINDS)}")
+    parser.add_argument("--dtypes", default="bfloat16,float16", help=f"comma-separated subset of {list(DTYPES)}")
+    parser.add_argument("--plans", default=",".join(TRITON_PLANS), help=f"comma-separated subset of {TRITON_PLANS}")
+    parser.add_argument("--match", default="", help="only items whose description holds each of these "
+                                                   "comma-separated words, e.g. op,dropout,onepass")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON report (default benchmarks/results/compile_sm<arch>_triton<version>.json)")
+    parser.add_argument("--keep-cache", action="store_true", help="compile into Triton's configured cache")
+    args = parser.parse_args(argv)
+    kinds, plans = tuple(args.kinds.split(",")), tuple(args.plans.split(","))
+    unknown = (set(kinds) - set(KINDS)) | (set(plans) - set(TRITON_PLANS)) | (set(args.dtypes.split(",")) - set(DTYPES))
+    if unknown:
+        parser.error(f"unknown kinds, plans or dtypes: {sorted(unknown)}")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("compile_check compiles for a GPU: unset TRITON_INTERPRET")
+    dtypes = tuple(DTYPES[d] for d in args.dtypes.split(","))
+    import triton
+    out = args.out or ROOT / "benchmarks" / "results" / f"compile_sm{args.arch}_triton{triton.__version__}.json"
+    with contextlib.ExitStack() as stack:
+        if not args.keep_cache:
+            os.environ["TRITON_CACHE_DIR"] = stack.enter_context(tempfile.TemporaryDirectory())
+        start = time.perf_counter()
+        words = tuple(w for w in args.match.split(",") if w)
+        results, _ = compile_all(args.arch, (kinds, dtypes, plans, words), max(args.jobs, 1), on_item=_print_item)
+        wall = time.perf_counter() - start
+    report = {"arch": args.arch, "triton": triton.__version__, "torch": torch.__version__,
+              "summary": summary(results, wall, args.jobs), "items": results}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report["summary"], indent=1))
+    print(f"wrote {out}")
+    return 1 if report["summary"]["errors"] else 0
+
+
+def _print_item(result: dict) -> None:
+    status = "ERROR" if result["error"] else "ok"
+    print(f"{item_name(result)}: {len(result['compiled'])} kernels in {result['seconds']:.1f} s {status}", flush=True)
+    if result["error"]:
+        print(result["error"], flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""benchmarks/compile_check.py: the Triton kernels compiled for sm_90 without a GPU (Triton's own ptxas)."""
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from benchmarks import compile_check  # noqa: E402
+
+NEAT_ITEM = (("neat",), (torch.float16,), ("triton",), ("relu",))
+
+
+def test_neat_kernels_compile_for_sm90_with_their_resource_usage():
+    results, skipped = compile_check.compile_all(90, NEAT_ITEM, jobs=1)
+    assert skipped == [] and len(results) == 1
+    (item,) = results
+    assert (item["kind"], item["act"], item["dtype"], item["plan"]) == ("neat", "relu", "float16", "triton")
+    assert item["error"] is None
+    names = {k["kernel"] for k in item["compiled"]}
+    assert names == {"_neat_forward_kernel", "_neat_backward_kernel"}
+    for kernel in item["compiled"]:
+        assert 16 <= kernel["registers"] <= 255 and kernel["stack_bytes"] >= 0 and kernel["seconds"] > 0
+        assert kernel["constexprs"]["ACT"] == 1  # relu's code (neat_kernels.ACT_CODES)
+    totals = compile_check.summary(results, 1.0, 1)
+    assert totals["kernels_compiled"] == len(item["compiled"]) and totals["errors"] == 0
+    assert totals["max_registers"] == max(k["registers"] for k in item["compiled"])
+
+
+def test_a_passed_deadline_leaves_every_item_skipped():
+    results, skipped = compile_check.compile_all(90, NEAT_ITEM, jobs=1, deadline=time.monotonic())
+    assert results == [] and [s["act"] for s in skipped] == ["relu"]
+
+
+def test_items_select_by_every_word():
+    listed = [d for d, _ in compile_check.items(("op", "neat"), (torch.float16,), ("onepass", "triton"),
+                                                ("dropout", "onepass"))]
+    assert listed == [{"kind": "op", "case": "dropout", "dtype": "float16", "plan": "onepass"}]
+
+
+def test_refuses_to_patch_an_interpreted_triton():
+    from fastlora.kernels.triton import launch_config
+    if not launch_config.INTERPRETED:
+        pytest.skip("this process compiles kernels (TRITON_INTERPRET unset)")
+    with pytest.raises(SystemExit, match="unset TRITON_INTERPRET"):
+        compile_check.install_offline_triton(90, [])
+
+
+def test_gpu_check_section_reports_what_it_left_for_time():
+    from types import SimpleNamespace
+    ctx = SimpleNamespace(device=torch.device("cpu"), plans=("torch", "onepass"), deadline=time.monotonic())
+    result = compile_check.section(ctx)
+    assert result["totals"]["kernels_compiled"] == 0 and result["errors"] == [] and result["kernels"] == []
+    assert result["skipped"] and {s["plan"] for s in result["skipped"]} == {"onepass"}
+    assert {s["dtype"] for s in result["skipped"]} == {"bfloat16", "float16"}
+    assert result["summary"].endswith(f"{len(result['skipped'])} items left for time")
