@@ -11,7 +11,7 @@ case, method and NEAT activation on every Triton plan, forward and backward) on 
 with Triton's driver replaced by an offline one: a kernel call compiles, for sm_<arch> with
 Triton's own ptxas, every configuration its autotuner would try (as the cold GPU run does)
 and launches nothing. Nothing runs, so the items' numbers are meaningless and not reported;
-the layer items run once per plan (``FASTLORA_BACKEND``), the plans ``auto`` would time.
+the layer items run once per plan, each of the plans ``auto`` would time.
 
 Per compiled kernel: its constexprs, warps, stages, compile seconds, and the cubin's
 registers, stack (spilled) bytes and shared memory (``cuobjdump --dump-resource-usage``).
@@ -179,17 +179,19 @@ def _every_item(kinds: tuple[str, ...], dtypes: tuple[torch.dtype, ...],
 
 
 def _forced(plan: str, run: Callable[[], object]) -> object:
-    """``run()`` with backend "auto" forced to ``plan``."""
-    from fastlora.kernels.dispatch import ENV_VAR
-    before = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = plan
+    """``run()`` with backend "auto" choosing ``plan`` wherever the Triton plans take the dtype (the
+    float64 reference stays on torch), as ``auto`` times each plan on a GPU."""
+    from fastlora.kernels import dispatch
+    select = dispatch.select_plan
+
+    def forced(backend: str, x: torch.Tensor, dtype: torch.dtype, choose: Callable[[], str]) -> str:
+        return plan if backend == "auto" and dtype in dispatch.TRITON_DTYPES else select(backend, x, dtype, choose)
+
+    dispatch.select_plan = forced
     try:
         return run()
     finally:
-        if before is None:
-            del os.environ[ENV_VAR]
-        else:
-            os.environ[ENV_VAR] = before
+        dispatch.select_plan = select
 
 
 _WORKER: dict = {}

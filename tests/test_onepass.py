@@ -412,3 +412,27 @@ def test_tiles_fit_registers_and_shared_memory(monkeypatch, onepass):
                 assert bm * bn + (1 + compute_db) * bm * r_pad <= launch_config.ACCUMULATOR_REGISTERS * 32 * c.num_warps
     wide = onepass_tiles.prune_onepass_configs(configs, {"x_ptr": x, "M_BUCKET": 8192}, R_PAD=16)
     assert any(c.kwargs["BLOCK_N"] == 256 for c in wide)
+
+
+def test_input_gradient_tiles_with_dropout_budget_a_second_output_tile(monkeypatch):
+    """With dropout the input gradient's dt A is masked before it joins dy W (two fp32 output tiles; 128x256
+    on 8 warps spilled ~2 KB compiled for sm_90): those tiles are dropped; the forward's dropout (on the
+    shrink input only) keeps one output tile."""
+    from types import SimpleNamespace
+
+    from fastlora.kernels.triton import launch_config, onepass_tiles
+    monkeypatch.setattr(launch_config, "INTERPRETED", False)
+    monkeypatch.setattr(launch_config, "shared_memory_limit", lambda index: 227 * 1024)
+    dev = SimpleNamespace(element_size=lambda: 2, is_cuda=True, device=SimpleNamespace(index=0))
+    backward = onepass_tiles.backward_configs(128)
+
+    def prune(name, dropout):
+        return onepass_tiles.prune_onepass_configs(backward, {name: dev, "M_BUCKET": 8192}, R_PAD=16,
+                                                   COMPUTE_DB=True, DROPOUT=dropout)
+
+    budget = launch_config.ACCUMULATOR_REGISTERS * 32
+    masked = prune("dy_ptr", True)
+    assert masked and all(2 * 128 * c.kwargs["BLOCK_N"] + 2 * 128 * 16 <= budget * c.num_warps for c in masked)
+    assert not any(c.kwargs["BLOCK_N"] == 256 for c in masked)
+    assert any(c.kwargs["BLOCK_N"] == 256 for c in prune("dy_ptr", False))
+    assert any(c.kwargs["BLOCK_N"] == 256 for c in prune("x_ptr", True))

@@ -95,11 +95,13 @@ def target_programs(device: torch.device) -> int:
     return 4
 
 
-def skinny_blocks(r_pad: int) -> dict:
-    """Tiles of the skinny kernels (shrink, dP/dB pass, dA): (rows, reduction columns) and warps."""
+def skinny_blocks(r_pad: int, dropout: bool = False) -> dict:
+    """Tiles of the skinny kernels (shrink, dP/dB pass, dA): (rows, reduction columns) and warps.
+    ``dropout``: the shrink masks its x tile in registers (the mask's integer work holds a second
+    tile): 64 columns, as 128 spilled compiled for sm_90."""
     if INTERPRETED:
         return {"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4}
-    return {"BLOCK_M": 64, "BLOCK_K": 128 if r_pad <= 32 else 64, "num_warps": 4}
+    return {"BLOCK_M": 64, "BLOCK_K": 128 if r_pad <= 32 and not dropout else 64, "num_warps": 4}
 
 
 def split_reduction(length: int, block: int, other_programs: int, device: torch.device) -> tuple[int, int]:

@@ -43,19 +43,21 @@ def backward_configs(block_m: int = BACKWARD_BLOCK_M) -> list[triton.Config]:
 def prune_onepass_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Drop tiles taller than twice the token bucket, tiles whose pipeline (stages x (BLOCK_M +
     BLOCK_N + R_PAD) x BLOCK_K operands) exceeds the device's shared memory, and tiles whose
-    fp32 accumulators (the output tile, the side product and, in the backward, the scaled v)
-    pass ``launch_config.ACCUMULATOR_REGISTERS`` per thread. Always keeps the smallest tile."""
+    fp32 accumulators (the output tile, the side product and, in the backward, the scaled v;
+    a second output tile for the input gradient's dropout-masked dt A) pass
+    ``launch_config.ACCUMULATOR_REGISTERS`` per thread. Always keeps the smallest tile."""
     r_pad = kwargs.get("R_PAD", 16)
     m_bucket = named_args.get("M_BUCKET", 1 << 30)
     x = named_args["x_ptr"] if "x_ptr" in named_args else named_args["dy_ptr"]
     element = x.element_size()
     limit = launch_config.shared_memory_limit(x.device.index or 0) if x.is_cuda else None
     side_tiles = 2 if kwargs.get("COMPUTE_DB", False) else 1
+    output_tiles = 2 if kwargs.get("DROPOUT", False) and "dy_ptr" in named_args else 1
     kept = []
     for config in configs:
         bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
         staged = config.num_stages * (bm + bn + r_pad) * bk * element
-        registers = (bm * bn + side_tiles * bm * r_pad) // (32 * config.num_warps)
+        registers = (output_tiles * bm * bn + side_tiles * bm * r_pad) // (32 * config.num_warps)
         too_many = registers > launch_config.ACCUMULATOR_REGISTERS
         if bm > max(2 * m_bucket, 32) or (limit is not None and staged > limit) or too_many:
             continue
