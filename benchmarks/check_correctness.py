@@ -75,7 +75,7 @@ def rel_error(out: Optional[Tensor], ref: Optional[Tensor]) -> float:
     return diff / ref_norm if ref_norm > 0 else diff
 
 
-def _case_inputs(features: set, shape: tuple, dtype: torch.dtype, device: torch.device) -> tuple[dict, dict]:
+def case_inputs(features: set, shape: tuple, dtype: torch.dtype, device: torch.device) -> tuple[dict, dict]:
     """(tensor arguments of adapted_linear, other keyword arguments) of one case."""
     n, d_in, d_out, r = shape
     gen = torch.Generator(device=device).manual_seed(n * 7 + r)
@@ -216,7 +216,7 @@ def neat_check(act: str, shape: tuple, dtype: torch.dtype, device: torch.device,
 
 def op_check(case: str, dtype: torch.dtype, shapes: dict, device: torch.device, plan: str) -> dict:
     shape_name, features = CASES[case]
-    tensors, kw = _case_inputs(features, shapes[shape_name], dtype, device)
+    tensors, kw = case_inputs(features, shapes[shape_name], dtype, device)
     dy = torch.randn(tensors["x"].shape[0], tensors["weight"].shape[0], device=device).to(dtype)
     return compare(tensors, kw, dy, plan, TOLERANCE[dtype])
 

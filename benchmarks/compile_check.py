@@ -7,7 +7,8 @@ memory, and how long does a cold run compile before it measures anything?
                                        [--out PATH] [--keep-cache]
 
 It runs the items of gpu_check's correctness section (benchmarks/check_correctness.py: every
-case, method and NEAT activation on every Triton plan, forward and backward) on CPU tensors,
+case, method and NEAT activation on every Triton plan, forward and backward) and the ranks of
+its speed section that those do not cover (kind "speed": r = 64, 32) on CPU tensors,
 with Triton's driver replaced by an offline one: a kernel call compiles, for sm_<arch> with
 Triton's own ptxas, every configuration its autotuner would try (as the cold GPU run does)
 and launches nothing. Nothing runs, so the items' numbers are meaningless and not reported;
@@ -44,7 +45,11 @@ import torch  # noqa: E402
 from benchmarks.check_report import item_name  # noqa: E402
 
 ARCH = 90  # H100 / H200
-KINDS = ("op", "method", "layer", "neat")
+KINDS = ("op", "method", "layer", "neat", "speed")
+#: (rank, features) of the speed section's raw ops past the correctness items' r = 16 (r = 64,
+#: its dropout variant, its half-masked variant r = 32); its method layers run at r = 64 too
+SPEED_OPS = ((64, frozenset()), (64, frozenset({"dropout"})), (32, frozenset()))
+SPEED_RANK = 64
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TRITON_PLANS = ("triton", "cublas", "onepass")
 RESOURCE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -176,6 +181,33 @@ def _every_item(kinds: tuple[str, ...], dtypes: tuple[torch.dtype, ...],
             for plan in plans:
                 yield {"kind": "neat", "act": act, "dtype": name, "plan": plan}, \
                     lambda a=act, d=dtype, p=plan: cc.neat_check(a, shapes["base"], d, cpu, p)
+        if "speed" in kinds and dtype == torch.bfloat16:  # the speed section runs bf16 only
+            yield from _speed_items(shapes["base"][:3], plans)
+
+
+def _speed_items(size: tuple[int, int, int], plans: tuple[str, ...]) -> Iterator[tuple[dict, Callable[[], object]]]:
+    """The speed section's specializations the correctness items do not compile: its ranks past 16."""
+    from benchmarks import check_correctness as cc
+    from benchmarks.bench_methods import METHODS
+
+    cpu = torch.device("cpu")
+    for r, features in SPEED_OPS:
+        for plan in plans:
+            case = "+".join(["plain", *sorted(features)]) + f" r={r}"
+            yield {"kind": "speed", "case": case, "dtype": "bfloat16", "plan": plan}, \
+                lambda f=features, r=r, p=plan: _op(f, (*size, r), p)
+    for method in METHODS:
+        for plan in plans:
+            yield {"kind": "speed", "method": method, "case": f"r={SPEED_RANK}", "dtype": "bfloat16", "plan": plan}, \
+                lambda m=method, p=plan: _forced(p, lambda: cc.layer_check(m, (*size, SPEED_RANK), torch.bfloat16, cpu))
+
+
+def _op(features: frozenset, shape: tuple, plan: str) -> object:
+    """A raw op of ``shape`` (n, d_in, d_out, r) with ``features`` on ``plan``, forward and backward, in bf16."""
+    from benchmarks import check_correctness as cc
+    tensors, kw = cc.case_inputs(set(features), shape, torch.bfloat16, torch.device("cpu"))
+    dy = torch.randn(shape[0], shape[2]).to(torch.bfloat16)
+    return cc.compare(tensors, kw, dy, plan, 1.0)
 
 
 def _forced(plan: str, run: Callable[[], object]) -> object:
@@ -199,6 +231,7 @@ _WORKER: dict = {}
 
 def _start_worker(arch: int, selection: tuple) -> None:
     os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled kernels, not interpreted
+    torch.set_num_threads(1)  # one process per core
     _WORKER["compiled"] = []
     install_offline_triton(arch, _WORKER["compiled"])
     _WORKER["items"] = list(items(*selection))

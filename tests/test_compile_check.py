@@ -53,3 +53,12 @@ def test_gpu_check_section_reports_what_it_left_for_time():
     assert result["skipped"] and {s["plan"] for s in result["skipped"]} == {"onepass"}
     assert {s["dtype"] for s in result["skipped"]} == {"bfloat16", "float16"}
     assert result["summary"].endswith(f"{len(result['skipped'])} items left for time")
+
+
+def test_speed_items_cover_the_speed_sections_ranks_in_bf16_only():
+    listed = [d for d, _ in compile_check.items(("speed",), (torch.bfloat16, torch.float16), ("triton",))]
+    assert {d["dtype"] for d in listed} == {"bfloat16"}
+    ops = {d["case"] for d in listed if "method" not in d}
+    assert ops == {"plain r=64", "plain+dropout r=64", "plain r=32"}
+    from benchmarks.bench_methods import METHODS
+    assert {d["method"] for d in listed if "method" in d} == set(METHODS)
