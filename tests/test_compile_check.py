@@ -62,3 +62,14 @@ def test_speed_items_cover_the_speed_sections_ranks_in_bf16_only():
     assert ops == {"plain r=64", "plain+dropout r=64", "plain r=32"}
     from benchmarks.bench_methods import METHODS
     assert {d["method"] for d in listed if "method" in d} == set(METHODS)
+
+
+def test_a_kernel_compiled_by_one_process_and_loaded_by_another_counts_once():
+    compiled = {"kernel": "_k", "hash": "h1", "seconds": 4.0, "registers": 200, "stack_bytes": 0}
+    loaded = {**compiled, "seconds": 0.01}
+    other = {**compiled, "hash": "h2", "seconds": 1.0, "stack_bytes": 8}
+    results = [{"compiled": [loaded], "error": None}, {"compiled": [compiled, other], "error": None}]
+    assert compile_check.unique_kernels(results) == [compiled, other]
+    totals = compile_check.summary(results, 3.0, 2)
+    assert totals["kernels_compiled"] == 2 and totals["compile_seconds"] == 5.0
+    assert totals["kernels_with_stack"] == 1 and totals["max_stack_bytes"] == 8
