@@ -4,8 +4,9 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from typing import Iterator
+from typing import Iterator, Optional, Union
 
+import torch
 from torch import Tensor, nn
 
 from .config import AdapterConfig
@@ -188,15 +189,16 @@ def _check_unshared_weights(model: nn.Module, layers: list[tuple[str, AdapterLin
                              f"copy of W) or use merge_and_unload, which builds new weights")
 
 
-def merge(model: nn.Module) -> None:
+def merge(model: nn.Module, backup_device: Optional[Union[str, torch.device]] = None) -> None:
     """Fold every adapter into its base weight (forward becomes the plain Linear); layers
-    already merged stay as they are. Refused (nothing merged) when a layer's W is shared
-    with another module's tensor."""
+    already merged stay as they are. Each layer keeps the W it had for ``unmerge`` on
+    ``backup_device`` (default: W's device; "cpu" keeps GPU memory free). Refused (nothing
+    merged) when a layer's W is shared with another module's tensor."""
     layers = [(n, layer) for n, layer in adapter_layers(model) if not layer.merged]
     _check_unshared_weights(model, layers)
     try:
         for _, layer in layers:
-            layer.merge()
+            layer.merge(backup_device)
     except BaseException:
         unmerge(model)
         raise

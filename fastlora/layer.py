@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import sys
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,9 @@ class AdapterLinear(nn.Module):
     with ``AdapterLinear.from_linear(linear, config)`` (shares its tensors).
 
     Merging: ``merge()`` adds ΔW into W in place and keeps a copy of the W it found (a
-    non-persistent buffer on W's device: merging costs one more W of memory; ``to_linear``
-    / ``merge_and_unload`` keep none). ``unmerge()`` copies that W back, bit for bit,
+    non-persistent buffer, on W's device by default: merging costs one more W of memory there;
+    ``merge(backup_device="cpu")`` keeps it in host memory instead; ``to_linear`` /
+    ``merge_and_unload`` keep none). ``unmerge()`` copies that W back, bit for bit,
     whatever changed meanwhile (an optimizer step, a training rule, a gate flip, a hand edit
     of the adapter, a write into the merged W itself, which is lost). While merged the layer
     computes x W^T + b with the merged W, or with the kept W when its adapter is disabled.
@@ -105,8 +106,10 @@ class AdapterLinear(nn.Module):
         self.register_buffer("weight_before_merge", None, persistent=False)
 
     def _base_weight(self) -> Tensor:
-        """W without the adapter's update: the kept W while merged."""
-        return self.weight_before_merge if self.merged else self.weight
+        """W without the adapter's update: the kept W while merged (copied to W's device when kept elsewhere)."""
+        if not self.merged:
+            return self.weight
+        return self.weight_before_merge.to(self.weight.device, non_blocking=True)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged and self.adapter_enabled:
@@ -201,12 +204,15 @@ class AdapterLinear(nn.Module):
         return adapted_linear_reference(x, self.weight, self.bias, **args)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """W <- W + ΔW, keeping the W it replaces for ``unmerge`` (a no-op when merged)."""
+    def merge(self, backup_device: Optional[Union[str, torch.device]] = None) -> None:
+        """W <- W + ΔW, keeping the W it replaces for ``unmerge`` (a no-op when merged) on
+        ``backup_device``: W's own device by default, e.g. "cpu" to spend host memory instead of
+        GPU memory (unmerge and the disabled-adapter forward while merged then copy it back)."""
         if self.merged:
             return
+        device = self.weight.device if backup_device is None else torch.device(backup_device)
         delta = self.adapter.delta_weight(self.weight).to(self.weight.dtype)
-        self.weight_before_merge = self.weight.detach().clone()
+        self.weight_before_merge = self.weight.detach().to(device, copy=True)
         self.weight.add_(delta)
         self.merged = True
         self.merge_order = next(_MERGE_COUNTER)

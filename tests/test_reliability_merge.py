@@ -80,3 +80,43 @@ def test_merged_layers_refuse_a_load(tmp_path):
     fastlora.merge(model)
     with pytest.raises(ValueError, match="merged; unmerge before loading"):
         fastlora.load_adapter(model, tmp_path / "ckpt")
+
+
+def _backup_round_trip(layer, device):
+    """merge(backup_device=device) then unmerge: the kept W on ``device``, the disabled forward, W restored."""
+    weight = layer.weight.detach().clone()
+    x = torch.randn(5, D_IN, device=layer.weight.device, dtype=layer.weight.dtype)
+    base = torch.nn.functional.linear(x, weight, layer.bias)
+    layer.merge(backup_device=device)
+    assert layer.weight_before_merge.device == torch.device(device)
+    assert torch.equal(layer.weight_before_merge.cpu(), weight.cpu())
+    assert layer.weight_before_merge.data_ptr() != layer.weight.data_ptr()
+    assert not torch.equal(layer.weight, weight)  # ΔW is in W
+    layer.adapter_enabled = False
+    assert torch.equal(layer(x), base)
+    layer.adapter_enabled = True
+    layer.unmerge()
+    assert torch.equal(layer.weight, weight) and layer.weight_before_merge is None
+
+
+def test_merge_keeps_the_pre_merge_weight_on_the_backup_device():
+    _backup_round_trip(_layer(LoraConfig(r=3, alpha=6.0)), "cpu")
+    model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT)), LoraConfig(r=2, target_modules=["0"]))
+    with torch.no_grad():
+        model[0].adapter.lora_B.normal_()
+    fastlora.merge(model, backup_device=torch.device("cpu"))
+    assert model[0].merged and model[0].weight_before_merge.device.type == "cpu"
+    fastlora.unmerge(model)
+    with pytest.raises(RuntimeError, match="nowhere"):
+        fastlora.merge(model, backup_device="nowhere")
+    assert not model[0].merged and model[0].weight_before_merge is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (a GPU W kept in host memory)")
+def test_merge_with_a_host_backup_keeps_gpu_memory_free():
+    layer = _layer(LoraConfig(r=3, alpha=6.0)).cuda()
+    before = torch.cuda.memory_allocated()
+    layer.merge(backup_device="cpu")
+    assert torch.cuda.memory_allocated() - before < layer.weight.numel() * layer.weight.element_size()
+    layer.unmerge()
+    _backup_round_trip(layer, "cpu")
