@@ -283,15 +283,29 @@ def section(ctx) -> dict:
     start = time.perf_counter()
     results, skipped = compile_all(10 * major + minor, (KINDS, (torch.bfloat16, torch.float16), plans), jobs,
                                    deadline=ctx.deadline - 2.0)
-    totals = summary(results, time.perf_counter() - start, jobs)
-    return {"summary": f"{totals['kernels_compiled']} kernels in {totals['wall_seconds']:.0f} s on {jobs} processes "
+    result = report(results, time.perf_counter() - start, jobs)
+    totals = result["summary"]
+    return {**result, "totals": totals, "skipped": [{**desc, "reason": "time budget"} for desc in skipped],
+            "summary": f"{totals['kernels_compiled']} kernels in {totals['wall_seconds']:.0f} s on {jobs} processes "
                        f"({totals['compile_seconds']:.0f} s of compilation), {totals['errors']} items failed, "
                        f"{totals['kernels_with_stack']} kernels with stack (max {totals['max_stack_bytes']} B), "
-                       f"{len(skipped)} items left for time",
-            "totals": totals, "errors": [{k: r[k] for k in r if k != "compiled"} for r in results if r["error"]],
-            "kernels": unique_kernels([{**r, "compiled": [{**k, "item": item_name(r)} for k in r["compiled"]]}
-                                       for r in results]),
-            "skipped": [{**desc, "reason": "time budget"} for desc in skipped]}
+                       f"{len(skipped)} items left for time"}
+
+
+def report_json(written: dict) -> str:
+    """The report as JSON text, one line per kernel."""
+    head = json.dumps({k: v for k, v in written.items() if k != "kernels"}, indent=1)
+    kernels = ",\n  ".join(json.dumps(k) for k in written["kernels"])
+    return f'{head[:-2]},\n "kernels": [\n  {kernels}\n ]\n}}\n'
+
+
+def report(results: list[dict], wall_s: float, jobs: int) -> dict:
+    """{"summary", "items" (each item's description, seconds, error, kernels it compiled or loaded),
+    "kernels" (each compiled kernel once, with the item that compiled it), "errors" (the failed items)}."""
+    named = [{**r, "compiled": [{**k, "item": item_name(r)} for k in r["compiled"]]} for r in results]
+    items = [{**{k: v for k, v in r.items() if k != "compiled"}, "kernels": len(r["compiled"])} for r in results]
+    return {"summary": summary(results, wall_s, jobs), "items": items, "kernels": unique_kernels(named),
+            "errors": [item for item in items if item["error"]]}
 
 
 def unique_kernels(results: list[dict]) -> list[dict]:
@@ -352,13 +366,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         words = tuple(w for w in args.match.split(",") if w)
         results, _ = compile_all(args.arch, (kinds, dtypes, plans, words), max(args.jobs, 1), on_item=_print_item)
         wall = time.perf_counter() - start
-    report = {"arch": args.arch, "triton": triton.__version__, "torch": torch.__version__,
-              "summary": summary(results, wall, args.jobs), "items": results}
+    written = {"arch": args.arch, "triton": triton.__version__, "torch": torch.__version__,
+               **report(results, wall, args.jobs)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report["summary"], indent=1))
+    out.write_text(report_json(written))
+    print(json.dumps(written["summary"], indent=1))
     print(f"wrote {out}")
-    return 1 if report["summary"]["errors"] else 0
+    return 1 if written["errors"] else 0
 
 
 def _print_item(result: dict) -> None:

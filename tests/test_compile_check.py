@@ -73,3 +73,16 @@ def test_a_kernel_compiled_by_one_process_and_loaded_by_another_counts_once():
     totals = compile_check.summary(results, 3.0, 2)
     assert totals["kernels_compiled"] == 2 and totals["compile_seconds"] == 5.0
     assert totals["kernels_with_stack"] == 1 and totals["max_stack_bytes"] == 8
+
+
+def test_the_report_is_json_with_one_line_per_kernel():
+    import json
+    kernel = {"kernel": "_k", "hash": "h1", "seconds": 4.0, "registers": 200, "stack_bytes": 0}
+    results = [{"kind": "op", "case": "plain", "dtype": "float16", "plan": "triton", "seconds": 5.0,
+                "compiled": [kernel], "error": None}]
+    written = {"arch": 90, **compile_check.report(results, 5.0, 1)}
+    text = compile_check.report_json(written)
+    assert json.loads(text) == written
+    assert written["kernels"] == [{**kernel, "item": "op plain float16 triton"}]
+    assert written["items"][0]["kernels"] == 1 and written["errors"] == []
+    assert sum(line.lstrip().startswith('{"kernel"') for line in text.splitlines()) == 1
