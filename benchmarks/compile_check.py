@@ -292,6 +292,25 @@ def section(ctx) -> dict:
                        f"{len(skipped)} items left for time"}
 
 
+def table(kernels: list[dict]) -> str:
+    """Markdown table per kernel: configurations compiled, compile seconds, most registers, and how
+    many hold a stack frame (spills), the largest, apart for the odd shapes (sizes not multiples of 16)."""
+    rows: dict[str, list] = {}
+    for k in kernels:
+        row = rows.setdefault(k["kernel"], [0, 0.0, 0, 0, 0, 0, 0])
+        odd = " odd" in k["item"]
+        row[0] += 1
+        row[1] += k["seconds"]
+        row[2] = max(row[2], k["registers"])
+        row[3 + 2 * odd] += k["stack_bytes"] > 0
+        row[4 + 2 * odd] = max(row[4 + 2 * odd], k["stack_bytes"])
+    lines = ["| kernel | compiled | compile s | max registers | with stack (aligned) | max stack B (aligned) "
+             "| with stack (odd) | max stack B (odd) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {n} | {sec:.0f} | {reg} | {sa} | {ma} | {so} | {mo} |"
+              for name, (n, sec, reg, sa, ma, so, mo) in sorted(rows.items(), key=lambda kv: -kv[1][1])]
+    return "\n".join(lines)
+
+
 def report_json(written: dict) -> str:
     """The report as JSON text, one line per kernel."""
     head = json.dumps({k: v for k, v in written.items() if k != "kernels"}, indent=1)
@@ -371,6 +390,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report_json(written))
     print(json.dumps(written["summary"], indent=1))
+    print(table(written["kernels"]))
     print(f"wrote {out}")
     return 1 if written["errors"] else 0
 

@@ -86,3 +86,13 @@ def test_the_report_is_json_with_one_line_per_kernel():
     assert written["kernels"] == [{**kernel, "item": "op plain float16 triton"}]
     assert written["items"][0]["kernels"] == 1 and written["errors"] == []
     assert sum(line.lstrip().startswith('{"kernel"') for line in text.splitlines()) == 1
+
+
+def test_table_separates_the_odd_shapes_spills():
+    def kernel(item, seconds, registers, stack):
+        return {"kernel": "_k", "item": item, "seconds": seconds, "registers": registers, "stack_bytes": stack}
+
+    kernels = [kernel("op plain bfloat16 triton", 2.0, 200, 0), kernel("op plain bfloat16 triton", 1.0, 255, 64),
+               kernel("op odd bfloat16 triton", 3.0, 255, 900)]
+    row = compile_check.table(kernels).splitlines()[-1]
+    assert row == "| _k | 3 | 6 | 255 | 1 | 64 | 1 | 900 |"
