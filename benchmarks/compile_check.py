@@ -248,19 +248,21 @@ def _run_item(index: int) -> dict:
         error = None
     except Exception:  # noqa: BLE001 - a kernel that does not compile is this check's finding
         error = traceback.format_exc(limit=-6)
-    return {**desc, "seconds": round(time.perf_counter() - start, 3), "compiled": list(compiled), "error": error}
+    return {**desc, "index": index, "seconds": round(time.perf_counter() - start, 3), "compiled": list(compiled),
+            "error": error}
 
 
 def compile_all(arch: int, selection: tuple, jobs: int, on_item: Callable[[dict], None] = lambda item: None,
                 deadline: float = float("inf")) -> tuple[list[dict], list[dict]]:
-    """(results, skipped): every selected item's result (see ``_run_item``), compiled by ``jobs``
-    processes in item order, and the items left when time.monotonic() passed ``deadline``.
+    """(results, skipped): the result of every selected item (see ``_run_item``) that ``jobs``
+    processes compiled, taken in item order and reported (``on_item``) as they finish, and the
+    items not finished when time.monotonic() passed ``deadline``, both in item order.
     ``selection``: the arguments of ``items`` (kinds, dtypes, plans[, words])."""
     listed = [desc for desc, _ in items(*selection)]
     context = multiprocessing.get_context("spawn")
     results: list[dict] = []
     with context.Pool(jobs, initializer=_start_worker, initargs=(arch, selection)) as pool:
-        pending = pool.imap(_run_item, range(len(listed)))
+        pending = pool.imap_unordered(_run_item, range(len(listed)))
         while len(results) < len(listed):
             try:
                 result = pending.next(timeout=None if deadline == float("inf") else
@@ -269,7 +271,8 @@ def compile_all(arch: int, selection: tuple, jobs: int, on_item: Callable[[dict]
                 break  # leaving the pool's context terminates the workers
             on_item(result)
             results.append(result)
-    return results, listed[len(results):]
+    done = {r["index"] for r in results}
+    return sorted(results, key=lambda r: r["index"]), [d for i, d in enumerate(listed) if i not in done]
 
 
 def section(ctx) -> dict:

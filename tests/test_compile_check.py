@@ -26,6 +26,12 @@ def test_neat_kernels_compile_for_sm90_with_their_resource_usage():
     assert totals["max_registers"] == max(k["registers"] for k in item["compiled"])
 
 
+def test_items_compiled_by_two_processes_come_back_in_item_order():
+    results, skipped = compile_check.compile_all(90, (("neat",), (torch.float16,), ("triton",)), jobs=2)
+    assert skipped == [] and [(r["act"], r["index"]) for r in results] == [("relu", 0), ("gelu", 1)]
+    assert all(r["error"] is None and r["compiled"] for r in results)
+
+
 def test_a_passed_deadline_leaves_every_item_skipped():
     results, skipped = compile_check.compile_all(90, NEAT_ITEM, jobs=1, deadline=time.monotonic())
     assert results == [] and [s["act"] for s in skipped] == ["relu"]
