@@ -2,9 +2,9 @@
 compile on this Triton, what does each configuration hold in registers, spills and shared
 memory, and how long does a cold run compile before it measures anything?
 
-    python benchmarks/compile_check.py [--arch 90] [--jobs N] [--kinds op,method,layer,neat]
+    python benchmarks/compile_check.py [--arch 90] [--jobs N] [--kinds op,method,layer,neat,speed]
                                        [--dtypes bfloat16,float16] [--plans triton,cublas,onepass]
-                                       [--out PATH] [--keep-cache]
+                                       [--match WORD,...] [--out PATH] [--keep-cache]
 
 It runs the items of gpu_check's correctness section (benchmarks/check_correctness.py: every
 case, method and NEAT activation on every Triton plan, forward and backward) and the ranks of
