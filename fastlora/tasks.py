@@ -35,8 +35,9 @@ from .training import _ATTACHED
 
 @torch.no_grad()
 def next_task(model: nn.Module) -> nn.Module:
-    """End the current task: every adapted layer's W <- W + ΔW (what the method keeps), the kept copy
-    of a merged W dropped, and a fresh adapter of the same config in place of the old one (new
+    """End the current task: every adapted layer's W <- W + ΔW (what the method keeps; the copies
+    ``merge`` keeps to undo a failure midway are held in host memory, not beside W on the GPU, and
+    dropped after), and a fresh adapter of the same config in place of the old one (new
     parameters: build a new optimizer and attach the training hooks again; live hooks of ``model``
     are removed). Returns ``model``.
 
@@ -50,7 +51,7 @@ def next_task(model: nn.Module) -> nn.Module:
     if disabled:
         raise ValueError(f"adapters of {disabled[:5]} are disabled; enable them (set_adapters_enabled(model, "
                          f"True)) before next_task, which keeps what they learned")
-    merge(model)
+    merge(model, backup_device="cpu")
     hooks = _ATTACHED.get(model, lambda: None)()
     if hooks is not None:
         hooks.remove()
