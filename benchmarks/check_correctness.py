@@ -43,7 +43,6 @@ from .bench_methods import METHODS, method_layer
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 SCALE = 2.0
 OPTIONAL = ("middle", "rank_weights", "gate")  # tensor keyword arguments of adapted_linear
-REDUCED = {"middle", "rank_weights", "gate"}  # inputs whose gradient sums over every token
 DROPOUT, SEED = 0.1, 1234
 NEAT_ACTS = ("relu", "gelu")
 # (n, d_in, d_out, r) per shape name; "bench" is the benchmark's shape (full runs only)
@@ -128,7 +127,7 @@ def compare(tensors: dict, kw: dict, dy: Tensor, plan: str, tol: float) -> dict:
                                         ref_t.get("lora_b"), **args, **ref_kw)
 
     y_ref = reference()
-    if leaves.keys() & REDUCED:
+    if leaves.keys() & set(OPTIONAL):  # each of their gradients sums over every token
         with torch.no_grad():
             dy = dy + _unit_rms(reference(gate=1.0) - reference(gate=0.0)).to(dy.dtype)
     ref_grads = torch.autograd.grad(y_ref, [ref_t[k] for k in leaves], dy.double(), allow_unused=True)
@@ -219,7 +218,12 @@ def neat_check(act: str, shape: tuple, dtype: torch.dtype, device: torch.device,
 
 def op_check(case: str, dtype: torch.dtype, shapes: dict, device: torch.device, plan: str) -> dict:
     shape_name, features = CASES[case]
-    tensors, kw = case_inputs(features, shapes[shape_name], dtype, device)
+    return features_check(features, shapes[shape_name], dtype, device, plan)
+
+
+def features_check(features: set, shape: tuple, dtype: torch.dtype, device: torch.device, plan: str) -> dict:
+    """adapted_linear with ``features`` at ``shape`` (n, d_in, d_out, r) on ``plan`` vs the float64 reference."""
+    tensors, kw = case_inputs(features, shape, dtype, device)
     dy = torch.randn(tensors["x"].shape[0], tensors["weight"].shape[0], device=device).to(dtype)
     return compare(tensors, kw, dy, plan, TOLERANCE[dtype])
 

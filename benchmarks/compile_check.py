@@ -195,19 +195,11 @@ def _speed_items(size: tuple[int, int, int], plans: tuple[str, ...]) -> Iterator
         for plan in plans:
             case = "+".join(["plain", *sorted(features)]) + f" r={r}"
             yield {"kind": "speed", "case": case, "dtype": "bfloat16", "plan": plan}, \
-                lambda f=features, r=r, p=plan: _op(f, (*size, r), p)
+                lambda f=features, r=r, p=plan: cc.features_check(set(f), (*size, r), torch.bfloat16, cpu, p)
     for method in METHODS:
         for plan in plans:
             yield {"kind": "speed", "method": method, "case": f"r={SPEED_RANK}", "dtype": "bfloat16", "plan": plan}, \
                 lambda m=method, p=plan: _forced(p, lambda: cc.layer_check(m, (*size, SPEED_RANK), torch.bfloat16, cpu))
-
-
-def _op(features: frozenset, shape: tuple, plan: str) -> object:
-    """A raw op of ``shape`` (n, d_in, d_out, r) with ``features`` on ``plan``, forward and backward, in bf16."""
-    from benchmarks import check_correctness as cc
-    tensors, kw = cc.case_inputs(set(features), shape, torch.bfloat16, torch.device("cpu"))
-    dy = torch.randn(shape[0], shape[2]).to(torch.bfloat16)
-    return cc.compare(tensors, kw, dy, plan, 1.0)
 
 
 def _forced(plan: str, run: Callable[[], object]) -> object:

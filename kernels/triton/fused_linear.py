@@ -74,11 +74,12 @@ def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, v_ptr, u_ptr, u_idx_ptr, out_pt
         v = v * v_scale
         if GATE_PTR:
             v = v * tl.load(gate_ptr).to(tl.float32)
+        v = v.to(u.dtype)
         if DROPOUT:
-            low = tl.dot(v.to(u.dtype), u, input_precision=PRECISION)
+            low = tl.dot(v, u, input_precision=PRECISION)
             acc += low * keep_scale(tl.load(seed_ptr), rows, pid_n * BLOCK_N, threshold, scale, BLOCK_N)
         else:  # into acc itself: a second (BLOCK_M, BLOCK_N) fp32 tile would spill at 128x256
-            acc = tl.dot(v.to(u.dtype), u, acc, input_precision=PRECISION)
+            acc = tl.dot(v, u, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on

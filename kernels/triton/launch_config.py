@@ -51,6 +51,11 @@ def shared_memory_limit(device_index: int) -> Optional[int]:
     return getattr(props, "shared_memory_per_block_optin", None)
 
 
+def within_register_budget(config: triton.Config, fp32_elements: int) -> bool:
+    """Whether ``fp32_elements`` accumulator values of one program fit ACCUMULATOR_REGISTERS per thread."""
+    return fp32_elements // (32 * config.num_warps) <= ACCUMULATOR_REGISTERS
+
+
 def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Drop tiles taller than twice the token bucket (mostly padding), tiles whose pipeline
     (stages x (BLOCK_M + BLOCK_N) x BLOCK_K operands) exceeds the device's shared memory, and
@@ -70,7 +75,7 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs)
         staged = config.num_stages * (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * element
         if limit is not None and staged > limit:
             continue
-        if tiles * meta["BLOCK_M"] * meta["BLOCK_N"] // (32 * config.num_warps) > ACCUMULATOR_REGISTERS:
+        if not within_register_budget(config, tiles * meta["BLOCK_M"] * meta["BLOCK_N"]):
             continue
         kept.append(config)
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]

@@ -57,9 +57,8 @@ def prune_onepass_configs(configs: list[triton.Config], named_args: dict, **kwar
     for config in configs:
         bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
         staged = config.num_stages * (bm + bn + r_pad) * bk * element
-        registers = (output_tiles * bm * bn + side_tiles * bm * r_pad) // (32 * config.num_warps)
-        too_many = registers > launch_config.ACCUMULATOR_REGISTERS
-        if bm > max(2 * m_bucket, 32) or (limit is not None and staged > limit) or too_many:
+        fits = launch_config.within_register_budget(config, output_tiles * bm * bn + side_tiles * bm * r_pad)
+        if bm > max(2 * m_bucket, 32) or (limit is not None and staged > limit) or not fits:
             continue
         kept.append(config)
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
