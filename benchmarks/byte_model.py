@@ -29,7 +29,7 @@ BANDWIDTH, PEAK_FLOPS = DEVICE_PEAKS["H200"]
 #: tiles assumed for the one-pass kernels (the large Hopper tiles) and the skinny kernels
 BLOCK_M, BLOCK_N = 128, 256
 #: SMs of an H100 SXM / H200 (the persistent one-pass kernels give each a program) and the longest run of
-#: column tiles one of their programs walks (kernels/triton/onepass_tiles.py: COLUMN_RUN)
+#: column tiles one of their programs walks (kernels/src/triton/onepass_tiles.py: COLUMN_RUN)
 SMS, COLUMN_RUN = 132, 4
 PLANS = ("torch", "cublas", "triton", "onepass")
 

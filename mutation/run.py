@@ -1,7 +1,7 @@
 """Mutation testing of kernels/ and fastlora/ with cosmic-ray, one session per module (docs/testing.md).
 
     python mutation/run.py                       # every module (mutation/cosmic-ray.toml), resumable
-    python mutation/run.py kernels/philox.py ... # only these modules
+    python mutation/run.py kernels/src/philox.py ... # only these modules
     python mutation/run.py --report              # the table of the sessions so far, no run
     python mutation/run.py --survivors MODULE    # the diffs of MODULE's surviving mutants
     python mutation/run.py --retest MODULE ...   # run MODULEs' survivors again (after adding tests)

@@ -1,4 +1,4 @@
-"""The custom ops of the compute layer (kernels/custom_ops.py) and what they buy under torch.compile.
+"""The custom ops of the compute layer (kernels/src/custom_ops.py) and what they buy under torch.compile.
 
 opcheck: schema, fake (meta) implementation against the real outputs, AOT dispatch, on random
 odd shapes in fp32 and float64 (torch backend; fp32 on the Triton backend under the

@@ -1,4 +1,4 @@
-"""Plan dispatch (kernels/dispatch.py) by name and device, including the CUDA branches, checked on CPU.
+"""Plan dispatch (kernels/src/dispatch.py) by name and device, including the CUDA branches, checked on CPU.
 
 Names are built at run time (not literals), so a comparison by identity instead of equality fails here as it
 would for a name read from a file or the environment. A stand-in with ``is_cuda = True`` takes the CUDA

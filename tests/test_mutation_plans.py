@@ -1,4 +1,4 @@
-"""backend="auto" bookkeeping (kernels/plans.py) that the plan tests do not reach on CPU: the default cache
+"""backend="auto" bookkeeping (kernels/src/plans.py) that the plan tests do not reach on CPU: the default cache
 location, the cache section of a device, the CUDA timer's arithmetic (with stand-in CUDA events), PlanKey as
 a value."""
 import dataclasses

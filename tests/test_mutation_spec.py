@@ -1,4 +1,4 @@
-"""The argument bundles of the compute layer (kernels/spec.py) and the plan contract on skipped factors.
+"""The argument bundles of the compute layer (kernels/src/spec.py) and the plan contract on skipped factors.
 
 Found by mutation testing: the plan-level contract ("a tensor for every input flagged in ``needs``, None where
 not needed", immutable bundles shared by forward and backward) was only seen through autograd, which ignores

@@ -1,4 +1,4 @@
-"""The "onepass" plan (kernels/triton/onepass*.py) against the float64 reference, values and every gradient.
+"""The "onepass" plan (kernels/src/triton/onepass*.py) against the float64 reference, values and every gradient.
 
 Under the Triton interpreter on CPU (fp32, fp16; bf16 on a GPU only): odd shapes that cross the
 16-wide interpreter tiles, ranks that are not powers of two, strided x, every optional factor,
