@@ -46,6 +46,9 @@ class AdapterConfig:
     rank_pattern / alpha_pattern: {key: r} / {key: alpha}, the rank or alpha of the modules whose
     name is ``key`` or ends with "." + ``key`` (``key`` a regex; the first matching key wins).
     Both are kept as tuples of (key, value) pairs; alpha_pattern needs a config with an alpha.
+    modules_to_save: names (exact or "." + suffix) of modules trained in full beside the adapters
+    (a classifier head, as PEFT's field): ``inject`` unfreezes their parameters, ``save_adapter``
+    saves them and ``load_adapter`` restores them. A name that matches no module is refused.
 
     PEFT's names are accepted as keywords when building a config (not stored): ``lora_dropout``
     for dropout, ``lora_alpha`` for alpha (LoRA-family configs), ``task_type`` (ignored: fastlora
@@ -63,6 +66,7 @@ class AdapterConfig:
     layers_pattern: Optional[Union[str, tuple[str, ...], list[str]]] = None
     rank_pattern: Union[dict[str, int], tuple[tuple[str, int], ...]] = ()
     alpha_pattern: Union[dict[str, float], tuple[tuple[str, float], ...]] = ()
+    modules_to_save: Optional[Union[tuple[str, ...], list[str]]] = None
     lora_alpha: dataclasses.InitVar[Optional[float]] = None
     lora_dropout: dataclasses.InitVar[Optional[float]] = None
     task_type: dataclasses.InitVar[Optional[str]] = None
@@ -89,6 +93,8 @@ class AdapterConfig:
             raise ValueError(f"{type(self).__name__}.backend must be one of {BACKENDS}, got {self.backend!r}")
         object.__setattr__(self, "target_modules", _checked_targets(self.target_modules))
         _check_selection(self)
+        object.__setattr__(self, "modules_to_save", _checked_module_names(self.modules_to_save,
+                                                                          f"{type(self).__name__}.modules_to_save"))
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON values (tuples as lists, rank/alpha patterns as objects), plus "method"."""
@@ -135,6 +141,18 @@ def _checked_targets(targets: Any, field: str = "target_modules") -> Union[None,
     if not targets:
         raise ValueError(f"{field} is empty; name at least one module, or use None")
     return tuple(sorted(targets) if isinstance(targets, (set, frozenset)) else targets)
+
+
+def _checked_module_names(names: Any, field: str) -> Optional[tuple[str, ...]]:
+    """A list of module names as a tuple (None or empty: none); entries must be non-empty strings."""
+    if names is None:
+        return None
+    if isinstance(names, str) or not isinstance(names, (list, tuple, set, frozenset)):
+        raise TypeError(f"{field} must be a list of module names, got {names!r}")
+    bad = [n for n in names if not isinstance(n, str) or not n]
+    if bad:
+        raise TypeError(f"{field} entries must be non-empty strings, got {bad!r}")
+    return tuple(sorted(names) if isinstance(names, (set, frozenset)) else names) or None
 
 
 _COUNT = re.compile(r"\{(?!\})(\d*)(,?)(\d*)\}")  # {m}, {m,}, {,n}, {m,n}; "{}" is a literal

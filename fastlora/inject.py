@@ -39,7 +39,8 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     exclude_modules, layers_to_transform/layers_pattern, rank_pattern and alpha_pattern. Each
     layer's ``config`` holds its own r and alpha, without the selection fields. A method with a
     training rule gets a one-shot check that warns when it trains without its hooks or penalty
-    (``fastlora.training.watch_training_rules``).
+    (``fastlora.training.watch_training_rules``). The modules named by ``config.modules_to_save``
+    (a classifier head) are unfrozen and train in full, as PEFT's field.
 
     Returns ``model`` (changed in place). All or nothing: every target is checked and every
     adapter built before the model changes, so on any error the model is left as it was.
@@ -59,9 +60,12 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if any(isinstance(m, AdapterLinear) for m in model.modules()):
         raise ValueError("model already has fastlora adapters; merge_and_unload it first")
     chosen = _chosen_linears(model, config)
+    saved_modules = _modules_to_save(model, config, chosen)
     layers = _build_layers(model, chosen, config)
     for param in model.parameters():
         param.requires_grad_(False)
+    for module in saved_modules:
+        module.requires_grad_(True)
     for (names, _), layer in zip(chosen, layers):
         for name in names:
             _set_submodule(model, name, layer)
@@ -93,6 +97,25 @@ def _chosen_linears(model: nn.Module, config: AdapterConfig) -> list[tuple[list[
             chosen.append((names, linear))
     _check_targets(model, config, targets, [n for names, _ in linears.values() for n in names], chosen)
     return chosen
+
+
+def _modules_to_save(model: nn.Module, config: AdapterConfig, chosen) -> list[nn.Module]:
+    """The modules ``config.modules_to_save`` names (exact name or "." + suffix, as target names),
+    trained in full; a name matching no module, or a module that is also an adapter target, is refused."""
+    if not config.modules_to_save:
+        return []
+    adapted = {n for names, _ in chosen for n in names}
+    found: dict[int, nn.Module] = {}
+    for key in config.modules_to_save:
+        matched = [(n, m) for n, m in model.named_modules() if n and _matches(n, [key])]
+        if not matched:
+            raise ValueError(f"modules_to_save {key!r} matches no module of the model")
+        overlap = [n for n, _ in matched if n in adapted]
+        if overlap:
+            raise ValueError(f"modules_to_save {key!r} names {overlap}, which the config also adapts; "
+                             f"a module is either trained in full or adapted")
+        found.update((id(m), m) for _, m in matched)
+    return list(found.values())
 
 
 def _check_targets(model: nn.Module, config: AdapterConfig, targets, names: list[str], chosen) -> None:

@@ -30,7 +30,8 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 }
 # attributes holding a classification head, left out by "all-linear" (PEFT's SEQ_CLS rule)
 HEAD_ATTRIBUTES = ("classifier", "score")
-_SELECTION_FIELDS = ("exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern")
+_SELECTION_FIELDS = ("exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+                     "modules_to_save")
 
 Targets = Union[None, str, tuple[str, ...]]  # None: every nn.Linear and Conv1D
 
@@ -129,11 +130,13 @@ def _pattern_value(pairs: tuple, name: str, default):
 
 def layer_config(config: AdapterConfig, name: str) -> AdapterConfig:
     """The config the layer ``name`` is built with: rank_pattern's r and alpha_pattern's alpha
-    resolved, PEFT's selection fields dropped (they chose the layer; the layer keeps what it computes)."""
+    resolved, PEFT's selection fields and modules_to_save dropped (they chose the layers; the layer
+    keeps what it computes)."""
     if not any(getattr(config, field) for field in _SELECTION_FIELDS):
         return config
     changes = {"r": _pattern_value(config.rank_pattern, name, config.r), "exclude_modules": None,
-               "layers_to_transform": None, "layers_pattern": None, "rank_pattern": (), "alpha_pattern": ()}
+               "layers_to_transform": None, "layers_pattern": None, "rank_pattern": (), "alpha_pattern": (),
+               "modules_to_save": None}
     if config.alpha_pattern:
         changes["alpha"] = _pattern_value(config.alpha_pattern, name, config.alpha)
     return dataclasses.replace(config, **changes)

@@ -1,0 +1,88 @@
+"""PEFT's ``modules_to_save``: modules trained in full beside the adapters (a classifier head)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+
+
+class Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16))
+        self.classifier = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.classifier(self.encoder(x))
+
+
+def config(**kw):
+    return fastlora.LoraConfig(r=4, alpha=8, target_modules=["encoder.0", "encoder.2"], **kw)
+
+
+def trainable(model):
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_inject_unfreezes_the_named_modules_and_they_train():
+    torch.manual_seed(0)
+    model = fastlora.inject(Classifier(), config(modules_to_save=["classifier"]))
+    assert trainable(model) == ["classifier.bias", "classifier.weight", "encoder.0.adapter.lora_A",
+                                "encoder.0.adapter.lora_B", "encoder.2.adapter.lora_A", "encoder.2.adapter.lora_B"]
+    before = model.classifier.weight.detach().clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(5, 12)).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(model.classifier.weight, before)
+
+
+def test_without_modules_to_save_the_head_stays_frozen():
+    model = fastlora.inject(Classifier(), config())
+    assert not any(p.requires_grad for p in model.classifier.parameters())
+
+
+def test_saved_head_loads_into_a_fresh_model(tmp_path):
+    torch.manual_seed(1)
+    model = fastlora.inject(Classifier(), config(modules_to_save=("classifier",)))
+    with torch.no_grad():
+        model.classifier.weight.normal_()
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    fastlora.save_adapter(model, tmp_path)
+    fresh = Classifier()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "adapter" not in k}, strict=False)
+    with torch.no_grad():
+        fresh.classifier.weight.zero_()
+    fastlora.load_adapter(fresh, tmp_path)
+    assert torch.equal(fresh.classifier.weight, model.classifier.weight)
+    assert trainable(fresh) == trainable(model)
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_config_round_trip_keeps_the_names():
+    cfg = config(modules_to_save=["classifier"])
+    assert cfg.modules_to_save == ("classifier",)
+    assert fastlora.AdapterConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_unknown_module_is_refused_by_name_and_the_model_is_unchanged():
+    model = Classifier()
+    with pytest.raises(ValueError, match="modules_to_save 'head' matches no module"):
+        fastlora.inject(model, config(modules_to_save=["head"]))
+    assert all(p.requires_grad for p in model.parameters())
+    assert type(model.encoder[0]) is nn.Linear
+
+
+def test_an_adapted_module_cannot_also_be_saved_in_full():
+    with pytest.raises(ValueError, match="also adapts"):
+        fastlora.inject(Classifier(), config(modules_to_save=["encoder.0"]))
+
+
+@pytest.mark.parametrize("value", ["classifier", [""], [3]])
+def test_malformed_names_are_refused(value):
+    with pytest.raises(TypeError, match="modules_to_save"):
+        config(modules_to_save=value)
