@@ -37,6 +37,7 @@ from .inject import (
 from .layer import AdapterLinear
 from .peft_accelerate import accelerate, accelerated_layers, deaccelerate
 from .peft_interop import load_peft_adapter, save_peft_adapter
+from .plan_tuning import tune
 from .tasks import next_task
 from .training import TrainingHooks, attach_training_hooks, regularization_loss
 
@@ -49,7 +50,7 @@ __all__ = [
     "adapter_stats", "add_adapter", "attach_training_hooks", "deaccelerate", "delete_adapter", "disable_adapter",
     "inject", "load_adapter", "load_peft_adapter", "merge", "merge_and_unload", "next_task", "read_adapter_config",
     "regularization_loss", "save_adapter", "save_peft_adapter", "set_adapter", "set_adapters_enabled",
-    "trainable_parameter_count", "trainable_parameters", "unload", "unmerge",
+    "trainable_parameter_count", "trainable_parameters", "tune", "unload", "unmerge",
 ]
 
 

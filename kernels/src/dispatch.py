@@ -9,8 +9,9 @@ Plans (each has the same forward/backward/neat_* primitives):
 
 ``backend="auto"`` (the default) resolves in this order: the ``FASTLORA_BACKEND``
 environment variable when set; the torch plan for inputs the Triton plans cannot take
-(CPU, float64, Triton missing); otherwise the plan ``plans.choose`` measured fastest for
-this shape. A named backend forces its plan and fails clearly when it cannot run.
+(CPU, float64, Triton missing); otherwise ``plans.choose``: a winner measured for this shape
+when one is recorded (``fastlora.tune``), else ``plans.DEFAULT_PLAN`` ("cublas"), with no
+timing on first use. A named backend forces its plan and fails clearly when it cannot run.
 Under ``TRITON_INTERPRET=1`` the Triton plans run the real kernels on CPU tensors.
 """
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _triton_ineligibility(x: Tensor, dtype: torch.dtype) -> Optional[str]:
 
 
 def select_plan(backend: str, x: Tensor, dtype: torch.dtype, choose: Callable[[], str]) -> str:
-    """The plan name that runs this call; ``choose()`` measures (or recalls) the fastest Triton-eligible plan."""
+    """The plan name that runs this call; ``choose()`` gives auto's plan for a Triton-eligible CUDA call."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     forced_by_env = backend == "auto" and os.environ.get(ENV_VAR)

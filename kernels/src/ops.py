@@ -98,7 +98,7 @@ def _seed(dropout: float, dropout_seed, device: torch.device) -> Optional[Tensor
 
 def _auto_plan(x: Tensor, weight: Tensor, bias: Optional[Tensor], rank: int, dtype: torch.dtype,
                dropout: float, gathered: bool) -> str:
-    """The fastest plan for this call's shape (timed on first use of the shape, then recalled)."""
+    """auto's plan for this call's shape: the recorded winner, else the default (``plans.choose``)."""
     n_tokens = x.numel() // x.shape[-1]
     key = plans.PlanKey(str(x.device), str(dtype).removeprefix("torch."), plans.token_bucket(n_tokens),
                         weight.shape[1], weight.shape[0], rank, dropout > 0.0, gathered)

@@ -1,19 +1,26 @@
-"""``backend="auto"``: time the plans once per shape, keep the fastest in memory and on disk.
+"""``backend="auto"`` on CUDA: a rule by default, measurements only when asked for.
 
-A shape is a ``PlanKey``: device, dtype, token bucket (next power of two of N), d_in, d_out,
-r, dropout on/off, gathered factors. On first use of a key the candidates ("triton",
-"cublas", "torch", "onepass") each run forward + backward on random tensors of that shape; the
-fastest median wins (ties go to the earlier candidate). Winners are kept in memory and in
-``plans.json`` under the cache directory (``FASTLORA_CACHE_DIR``, else
-``$XDG_CACHE_HOME/fastlora``, else ``~/.cache/fastlora``), in a section per device name and
-torch / Triton versions, so another process or a later run reuses them without timing.
+The rule: ``DEFAULT_PLAN`` ("cublas": torch's GEMMs, i.e. cuBLAS, for x W^T and dy W, the low-rank
+work in Triton kernels around them), the plan a committed GPU correctness run showed correct and
+whose time is the frozen layer's GEMMs plus memory-bound low-rank glue. No plan is compiled or
+timed on first use, so a first step costs the frozen model's plus the compilation of the
+default plan's few kernels.
 
-No timing happens while torch.compile traces or a CUDA graph is captured: there the
-recorded winner is used, or ``DEFAULT_PLAN`` (cuBLAS base GEMMs: never slower than the
-frozen layer's own GEMMs) when none is recorded.
+Measured choice is opt-in: ``fastlora.tune(model, batch)`` (or ``FASTLORA_TUNE=1``, which times
+each new shape on first use) runs forward + backward of every plan in ``AUTO_CANDIDATES`` (the
+plans a committed GPU run showed correct; "triton" and "onepass" are reachable by name only) on
+random tensors of each shape and keeps the fastest. A shape is a ``PlanKey``: device, dtype,
+token bucket (next power of two of N), d_in, d_out, r, dropout on/off, gathered factors.
+Winners are kept in memory and in ``plans.json`` under the cache directory
+(``FASTLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastlora``, else ``~/.cache/fastlora``), in a
+section per device name and torch / Triton versions, so another process or a later run reuses
+them; every write merges with what other processes recorded, under a file lock. A plan that
+raises while it is timed is recorded as failed for that key and never tried again there.
+Nothing is timed while torch.compile traces or a CUDA graph is captured.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -24,14 +31,23 @@ import threading
 import warnings
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
-#: plan used without a measurement (torch.compile tracing, CUDA-graph capture)
+try:
+    import fcntl
+except ImportError:  # not on Windows: writes are then merged without a lock
+    fcntl = None
+
+#: auto's plan on CUDA unless a measured winner is recorded for the shape
 DEFAULT_PLAN = "cublas"
-CANDIDATES = ("triton", "cublas", "torch", "onepass")
+#: the plans auto may time and choose: shown correct by a committed GPU run of
+#: benchmarks/gpu_check.py (tests/test_plans.py checks the record under benchmarks/results/)
+AUTO_CANDIDATES = ("cublas", "torch")
 CACHE_FILE = "plans.json"
+#: set to 1 to time each new shape on first use (``fastlora.tune`` does it for one batch)
+TUNE_ENV_VAR = "FASTLORA_TUNE"
 
 #: timer(fn) -> seconds per call of fn; replaceable (tests inject a deterministic one)
 Timer = Callable[[Callable[[], None]], float]
@@ -116,24 +132,52 @@ def device_section(device: torch.device) -> str:
     return environment_section(device)
 
 
+@dataclass
+class Record:
+    """What is known of one key: the measured winner (None: not measured) and the plans that failed there."""
+
+    plan: Optional[str] = None
+    failed: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"plan": self.plan, "failed": list(self.failed)}
+
+    @staticmethod
+    def from_json(value) -> Optional["Record"]:
+        """A record from the file (a bare plan name is a winner), or None when malformed."""
+        if isinstance(value, str):
+            value = {"plan": value}
+        if not isinstance(value, dict):
+            return None
+        plan, failed = value.get("plan"), value.get("failed", [])
+        if plan is not None and plan not in AUTO_CANDIDATES:  # a plan auto no longer takes: measure again
+            plan = None
+        if not isinstance(failed, list):
+            return None
+        return Record(plan, tuple(p for p in failed if isinstance(p, str)))
+
+
+Entries = dict[str, dict[str, Record]]
+
+
 class PlanCache:
-    """Winners by (environment section, key): in memory, mirrored to a JSON file."""
+    """Records by (environment section, key): in memory, mirrored to a JSON file."""
 
     def __init__(self, path: Optional[Path] = None) -> None:
         self._path = path
-        self._entries: Optional[dict[str, dict[str, str]]] = None
+        self._entries: Optional[Entries] = None
         self._lock = threading.Lock()
 
     @property
     def path(self) -> Path:
         return self._path if self._path is not None else cache_directory() / CACHE_FILE
 
-    def _loaded(self) -> dict[str, dict[str, str]]:
+    def _loaded(self) -> Entries:
         if self._entries is None:
             self._entries = self._read()
         return self._entries
 
-    def _read(self) -> dict[str, dict[str, str]]:
+    def _read(self) -> Entries:
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -143,73 +187,150 @@ class PlanCache:
             return {}
         if not isinstance(data, dict):
             return {}
-        return {section: {k: v for k, v in plans.items() if v in CANDIDATES}
-                for section, plans in data.items() if isinstance(plans, dict)}
+        entries: Entries = {}
+        for section, records in data.items():
+            if isinstance(records, dict):
+                parsed = {key: Record.from_json(value) for key, value in records.items()}
+                entries[section] = {key: record for key, record in parsed.items() if record is not None}
+        return entries
+
+    def record(self, section: str, key: PlanKey) -> Record:
+        with self._lock:
+            return self._loaded().get(section, {}).get(str(key), Record())
 
     def get(self, section: str, key: PlanKey) -> Optional[str]:
-        with self._lock:
-            return self._loaded().get(section, {}).get(str(key))
+        """The measured winner for ``key``, or None."""
+        return self.record(section, key).plan
 
-    def put(self, section: str, key: PlanKey, plan: str) -> None:
+    def put(self, section: str, key: PlanKey, plan: Optional[str], failed: tuple[str, ...] = ()) -> None:
+        """Record the winner (None when every candidate failed) and the plans that failed for ``key``."""
         with self._lock:
-            self._loaded().setdefault(section, {})[str(key)] = plan
-            self._write()
+            self._loaded().setdefault(section, {})[str(key)] = Record(plan, tuple(failed))
+            self._write({section: {str(key): self._entries[section][str(key)]}})
 
     def entries(self) -> dict[str, dict[str, str]]:
+        """The measured winners: {section: {key: plan}}."""
         with self._lock:
-            return {section: dict(plans) for section, plans in self._loaded().items()}
+            return {section: {key: r.plan for key, r in records.items() if r.plan is not None}
+                    for section, records in self._loaded().items()}
 
     def clear(self) -> None:
-        """Forget the in-memory winners (the file is read again on next use)."""
+        """Forget the in-memory records (the file is read again on next use)."""
         with self._lock:
             self._entries = None
 
-    def _write(self) -> None:
-        """Replace the file atomically (merged with what other processes wrote meanwhile); failures only warn."""
+    def _write(self, new: Entries) -> None:
+        """Merge ``new`` into the file (read, merge, replace atomically, under a file lock, so records
+        other processes wrote meanwhile are kept) and into memory; failures only warn."""
         try:
-            on_disk = self._read()
-            for section, plans in self._entries.items():
-                on_disk.setdefault(section, {}).update(plans)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temp = tempfile.mkstemp(prefix=f".{CACHE_FILE}.", dir=self.path.parent)
-            try:
-                with os.fdopen(handle, "w") as file:
-                    json.dump(on_disk, file, indent=1, sort_keys=True)
-                os.replace(temp, self.path)
-            except BaseException:
-                os.unlink(temp)
-                raise
+            with _file_lock(self.path.with_name(f".{CACHE_FILE}.lock")):
+                merged = self._read()
+                for section, records in new.items():
+                    merged.setdefault(section, {}).update(records)
+                handle, temp = tempfile.mkstemp(prefix=f".{CACHE_FILE}.", dir=self.path.parent)
+                try:
+                    with os.fdopen(handle, "w") as file:
+                        json.dump({section: {key: r.to_json() for key, r in records.items()}
+                                   for section, records in merged.items()}, file, indent=1, sort_keys=True)
+                    os.replace(temp, self.path)
+                except BaseException:
+                    os.unlink(temp)
+                    raise
+            for section, records in merged.items():
+                self._entries.setdefault(section, {}).update(records)
         except OSError as error:
             warn_at_caller(f"fastlora: could not write the plan cache {self.path}: {error}")
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created when missing) while the block runs."""
+    if fcntl is None:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 CACHE = PlanCache()
+_TUNING = threading.local()
+
+
+@contextlib.contextmanager
+def tuning(report: Optional[Callable[[str], None]] = None) -> Iterator[None]:
+    """Within the block, ``auto`` times the candidates of every shape it has no record for;
+    ``report`` gets one line per measured shape."""
+    previous = getattr(_TUNING, "report", None)
+    _TUNING.report = report or (lambda line: None)
+    try:
+        yield
+    finally:
+        _TUNING.report = previous
+
+
+def tuning_on() -> bool:
+    return getattr(_TUNING, "report", None) is not None or os.environ.get(TUNE_ENV_VAR, "0") == "1"
+
+
+def _report(line: str) -> None:
+    report = getattr(_TUNING, "report", None)
+    if report is not None:
+        report(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def measure_and_choose(key: PlanKey, run: Callable[[str], None], candidates: Optional[tuple[str, ...]] = None,
-                       timer: Optional[Timer] = None) -> tuple[str, dict[str, float]]:
-    """(fastest plan, seconds per plan): ``run(plan)`` is one forward + backward of ``key``'s shape."""
-    candidates = candidates or CANDIDATES
+                       timer: Optional[Timer] = None) -> tuple[Optional[str], dict[str, float], dict[str, str]]:
+    """(fastest plan or None, seconds per plan that ran, error per plan that raised): ``run(plan)`` is
+    one forward + backward of ``key``'s shape. A plan that raises is left out; when the error left
+    the CUDA context unusable (an illegal address), it is raised instead: nothing after it can run."""
+    candidates = candidates or AUTO_CANDIDATES
     timer = timer or cuda_timer
-    seconds = {plan: timer(lambda plan=plan: run(plan)) for plan in candidates}
-    best = min(candidates, key=lambda plan: seconds[plan])
-    return best, seconds
+    seconds, errors = {}, {}
+    for plan in candidates:
+        try:
+            seconds[plan] = timer(lambda plan=plan: run(plan))
+        except Exception as error:  # noqa: BLE001 - a failing plan is recorded, not fatal
+            _raise_if_context_lost(key, error)
+            errors[plan] = f"{type(error).__name__}: {error}"
+    best = min(seconds, key=seconds.__getitem__) if seconds else None
+    return best, seconds, errors
+
+
+def _raise_if_context_lost(key: PlanKey, error: Exception) -> None:
+    if not key.device.startswith("cuda"):
+        return
+    try:
+        torch.cuda.synchronize()
+    except Exception as lost:  # noqa: BLE001
+        raise RuntimeError(f"timing plans for {key} left the CUDA context unusable: {error}") from lost
 
 
 def choose(key: PlanKey, section: str, run: Callable[[str], None], *, measurable: bool,
            timer: Optional[Timer] = None, cache: Optional[PlanCache] = None) -> str:
-    """The recorded plan for ``key``, else (when ``measurable``) the measured fastest, recorded; else DEFAULT_PLAN."""
+    """The recorded winner for ``key``; else, when tuning is on and ``measurable``, the measured
+    fastest of the candidates that have not failed there (recorded with the failures); else DEFAULT_PLAN."""
     cache = cache or CACHE
-    plan = cache.get(section, key)
-    if plan is not None:
-        return plan
-    if not measurable:
-        return DEFAULT_PLAN
-    plan, _ = measure_and_choose(key, run, timer=timer)
-    cache.put(section, key, plan)
-    return plan
+    record = cache.record(section, key)
+    if record.plan is not None:
+        return record.plan
+    candidates = tuple(p for p in AUTO_CANDIDATES if p not in record.failed)
+    if not measurable or not tuning_on() or not candidates:
+        return DEFAULT_PLAN if DEFAULT_PLAN not in record.failed else "torch"
+    plan, seconds, errors = measure_and_choose(key, run, candidates, timer=timer)
+    cache.put(section, key, plan, record.failed + tuple(errors))
+    times = ", ".join(f"{p} {1e3 * t:.3f} ms" for p, t in seconds.items())
+    failures = "".join(f"; {p} failed ({e})" for p, e in errors.items())
+    _report(f"fastlora: {key}: {times}{failures} -> {plan or 'torch'}")
+    return plan or "torch"
 
 
 def auto_choices() -> dict[str, str]:
-    """The plans ``auto`` has chosen, as {"<section>|<key>": plan} (for reports)."""
+    """The plans ``auto`` has measured, as {"<section>|<key>": plan} (for reports)."""
     return {f"{section}|{key}": plan for section, plans in CACHE.entries().items() for key, plan in plans.items()}
