@@ -6,7 +6,8 @@ Forward: X = x, Wkn = W^T, V = v, c = s (times the host gate), g a device gate o
 U = B^T (or W[:, J]^T gathered), no dropout. Input gradient: X = dy, Wkn = W, V = dt,
 U = A (or W[I] gathered), and drop() the dropout mask of x regenerated from the seed.
 Without X and Wkn it is the low-rank "expand" alone, added into an existing output
-(the cuBLAS plan's input gradient with dropout). fp32 accumulation.
+(the cuBLAS plan's input gradient with dropout), launched with one fixed tile
+(``launch_config.expand_config``). fp32 accumulation.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import triton.language as tl
 from ..philox import keep_threshold
 from . import metadata
 from .dropout import keep_scale
-from .launch_config import dot_precision, gemm_configs, launch_context, pad_rank, prune_gemm_configs
+from .launch_config import dot_precision, expand_config, gemm_configs, launch_context, pad_rank, prune_gemm_configs
 from .tiles import grouped_tile, load_factor
 
 
@@ -118,8 +119,10 @@ def fused_linear(x: Optional[torch.Tensor], w_kn: Optional[torch.Tensor], bias: 
     u = u if has_lowrank else dummy
     dropout = has_lowrank and p > 0.0
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    # the expand alone is memory-bound: one fixed tile, the autotuner (and its tile list) bypassed
+    kernel, tile = (_fused_linear_kernel, {}) if has_base else (_fused_linear_kernel.fn, expand_config())
     with launch_context(out.device):
-        _fused_linear_kernel[grid](
+        kernel[grid](
             x, w_kn, bias if bias is not None else dummy, v if has_lowrank else dummy, u,
             u_index if u_index is not None else dummy, out, seed if dropout else dummy,
             gate if gate is not None else dummy,
@@ -130,5 +133,5 @@ def fused_linear(x: Optional[torch.Tensor], w_kn: Optional[torch.Tensor], bias: 
             u.stride(0), u.stride(1), out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, U_GATHER=u_index is not None,
             GATE_PTR=has_lowrank and gate is not None, ACCUMULATE=accumulate,
-            DROPOUT=dropout, R_PAD=pad_rank(r), PRECISION=dot_precision(x.dtype if has_base else u.dtype))
+            DROPOUT=dropout, R_PAD=pad_rank(r), PRECISION=dot_precision(x.dtype if has_base else u.dtype), **tile)
     return out

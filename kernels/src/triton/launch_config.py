@@ -109,6 +109,16 @@ def skinny_blocks(r_pad: int, dropout: bool = False) -> dict:
     return {"BLOCK_M": 64, "BLOCK_K": 128 if r_pad <= 32 and not dropout else 64, "num_warps": 4}
 
 
+def expand_config() -> dict:
+    """The one launch configuration of the low-rank expand alone (``fused_linear`` without a base
+    GEMM: read v (M, r) and U (r, N), add into out (M, N)): memory-bound, so one tile serves every
+    shape and nothing is autotuned (no first-use compile of a tile list). Two fp32 tiles with
+    dropout: 128 registers per thread at 4 warps, within ACCUMULATOR_REGISTERS."""
+    if INTERPRETED:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
+
+
 def split_reduction(length: int, block: int, other_programs: int, device: torch.device) -> tuple[int, int]:
     """(splits, per_split) of a reduction over ``length`` elements in tiles of ``block``: split
     so that splits * other_programs programs fill the device; per_split is a multiple of
