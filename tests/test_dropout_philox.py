@@ -12,7 +12,7 @@ import torch
 
 from fastlora.kernels import adapted_linear, dropout_mask
 from fastlora.kernels.dispatch import triton_backend, triton_interpreter_on
-from fastlora.kernels.philox import philox4x32, random_words, seed_tensor
+from fastlora.kernels.philox import philox4x32, philox_mask, random_words, seed_tensor
 
 MASK32 = 0xFFFFFFFF
 
@@ -61,7 +61,7 @@ def test_philox_known_answers(counter, key, expected):
 @pytest.mark.parametrize("seed", [0, 1234, -7, 2**40 + 3])
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_mask_matches_scalar_reference(seed, p):
-    assert torch.equal(dropout_mask(9, 22, p, seed, dtype=torch.float64), mask_scalar(9, 22, p, seed))
+    assert torch.equal(philox_mask(9, 22, p, seed_tensor(seed, "cpu"), torch.float64), mask_scalar(9, 22, p, seed))
 
 
 def test_keep_rate_and_independence():

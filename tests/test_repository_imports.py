@@ -33,5 +33,5 @@ def test_transformers_peft_and_fastlora_import_together_from_the_repository_root
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     hub_kernels, ours = done.stdout.split()
-    assert not Path(hub_kernels).resolve().is_relative_to(ROOT / "kernels"), f"`kernels` is the checkout's: {hub_kernels}"
+    assert not Path(hub_kernels).resolve().is_relative_to(ROOT / "kernels"), f"`kernels` is ours: {hub_kernels}"
     assert Path(ours).resolve() == ROOT / "kernels" / "src" / "__init__.py"

@@ -4,9 +4,9 @@ No nn.Module and no config here; ``fastlora`` builds on these functions.
 """
 from .activations import ACTIVATIONS
 from .dispatch import BACKENDS, PLANS, triton_backend
+from .masks import dropout_mask
 from .neat import neat_projection, neat_projection_reference
 from .ops import adapted_linear
-from .philox import dropout_mask
 from .reference import adapted_linear_reference
 
 __all__ = [

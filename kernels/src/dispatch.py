@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import torch_impl
+from .masks import triton_interpreter_on
 from .spec import Plan
 
 PLANS = ("triton", "cublas", "torch", "onepass")
@@ -50,10 +51,6 @@ def _import_triton_backend() -> ModuleType | None:
     if importlib.util.find_spec("triton") is None:
         return None
     return importlib.import_module("fastlora.kernels.triton.impl")
-
-
-def triton_interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def plan_implementation(name: str) -> Plan:

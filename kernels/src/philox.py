@@ -6,9 +6,10 @@ Entry (n, k) of an (N, d_in) input draws from one Philox4x32-10 block keyed by t
 when ``word >> 1 >= round(p * 2^31)`` (keep rate 1 - p to within 2^-31) and then scaled by
 1 / (1 - p). Rows and column groups are separate 32-bit counters, so no offset product can
 overflow: up to 2^32 rows of up to 2^34 columns. The Triton kernels draw the same words
-with ``tl.philox`` (``triton/dropout.py``); this module is the torch path's mask and the
-tests' reference. The seed is a 1-element int64 tensor on the input's device: drawing,
-storing and using it never reads a value on the host (no sync, CUDA-graph capturable).
+with ``tl.philox`` (``triton/dropout.py``); this module is the torch path's mask where the
+kernels run too (``masks.py``) and the tests' reference. The seed is a 1-element int64 tensor
+on the input's device: drawing, storing and using it never reads a value on the host (no sync,
+CUDA-graph capturable).
 
 Unsigned 32-bit words live in int64 tensors; a 32 x 32-bit product fits 64 bits, and
 torch's int64 multiply wraps modulo 2^64, so the high and low halves come out exact.
@@ -62,18 +63,11 @@ def random_words(seed: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return out
 
 
-def dropout_mask(n: int, d_in: int, p: float, seed, device=None, dtype=torch.float32) -> Tensor:
-    """The dropout mask (n, d_in) of every plan: 1/(1-p) where kept, 0 where dropped.
-
-    ``seed``: an int or a 1-element int64 tensor (its device is used when ``device`` is None).
-    """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"p must lie in [0, 1), got {p}")
-    seed = seed_tensor(seed, device if device is not None else "cpu") if not isinstance(seed, Tensor) else seed
-    device = seed.device if device is None else torch.device(device)
-    rows = torch.arange(n, device=device)
-    cols = torch.arange(d_in, device=device)
-    keep = (random_words(seed.to(device), rows, cols) >> 1) >= keep_threshold(p)
+def philox_mask(n: int, d_in: int, p: float, seed: Tensor, dtype=torch.float32) -> Tensor:
+    """The kernels' dropout mask (n, d_in) on the seed's device: 1/(1-p) where kept, 0 where dropped."""
+    rows = torch.arange(n, device=seed.device)
+    cols = torch.arange(d_in, device=seed.device)
+    keep = (random_words(seed, rows, cols) >> 1) >= keep_threshold(p)
     return keep.to(dtype) / (1.0 - p)
 
 

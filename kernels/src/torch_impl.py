@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .activations import activation, activation_grad
-from .philox import dropout_mask
+from .masks import dropout_mask
 from .spec import Grads, GradsNeeded, LowRankTerm, fill_skipped_grads
 
 

@@ -1,0 +1,45 @@
+"""The dropout mask of the low-rank path, regenerated from a seed (nothing is stored between the
+forward and the backward pass).
+
+Where the Triton kernels can run (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``),
+every plan uses the kernels' own draw, counter-based Philox4x32-10 (``philox.py``), so every plan
+computes the same result there. On CPU otherwise, only the torch plan runs: it draws from
+torch's CPU generator seeded with the seed (a handful of ops, about what ``nn.Dropout`` costs,
+instead of the ~100 small integer ops of Philox in torch), which gives another mask for the
+same seed. Either way the seed alone determines the mask, so a recomputation (backward,
+gradient checkpointing) sees the same one.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .philox import philox_mask, seed_tensor
+
+
+def triton_interpreter_on() -> bool:
+    """Whether Triton kernels run on CPU tensors (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernels_draw(device: torch.device) -> bool:
+    """Whether masks on ``device`` are the Triton kernels' Philox draw (else torch's CPU generator)."""
+    return device.type != "cpu" or triton_interpreter_on()
+
+
+def dropout_mask(n: int, d_in: int, p: float, seed, device=None, dtype=torch.float32) -> Tensor:
+    """The dropout mask (n, d_in) every plan on ``device`` uses: 1/(1-p) where kept, 0 where dropped.
+
+    ``seed``: an int or a 1-element int64 tensor (its device is used when ``device`` is None).
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p must lie in [0, 1), got {p}")
+    seed = seed_tensor(seed, device if device is not None else "cpu") if not isinstance(seed, Tensor) else seed
+    device = seed.device if device is None else torch.device(device)
+    if kernels_draw(device):
+        return philox_mask(n, d_in, p, seed.to(device), dtype)
+    generator = torch.Generator().manual_seed(int(seed.reshape(())))  # a CPU value: no device sync
+    keep = torch.rand(n, d_in, generator=generator) >= p
+    return keep.to(dtype) / (1.0 - p)
