@@ -1,6 +1,7 @@
 """Public entry point of the compute layer: validation, dtype handling, dispatch."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Union
 
 import torch
@@ -12,11 +13,10 @@ from .philox import draw_seed, seed_tensor
 from .validation import check_adapted_linear_inputs
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    device_type = x.device.type
+def _compute_dtype(x: Tensor, autocasting: bool) -> torch.dtype:
     # autocast leaves float64 alone (as it does for nn.Linear)
-    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
-        return torch.get_autocast_dtype(device_type)
+    if autocasting and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 
@@ -63,13 +63,16 @@ def adapted_linear(
     # the gate's host value, read once; None: a device gate (no host read under torch.compile)
     gate_value = check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_weights, gate,
                                              gate_value, scale, row_index, col_index, dropout)
-    dtype = _compute_dtype(x)
+    autocasting = torch.is_autocast_enabled(x.device.type)
+    dtype = _compute_dtype(x, autocasting)
     gathered = row_index is not None or col_index is not None
     rank = (lora_a if lora_a is not None else row_index).shape[0]
     plan = dispatch.select_plan(backend, x, dtype, lambda: _auto_plan(x, weight, bias, rank, dtype, dropout, gathered))
     gate_tensor = gate if isinstance(gate, Tensor) else None
     seed = _seed(dropout, dropout_seed, x.device)
-    with torch.autocast(x.device.type, enabled=False):
+    # autocast is switched off around the op (it computes in ``dtype`` itself); entering the
+    # context costs host time, so only when autocast is on
+    with torch.autocast(x.device.type, enabled=False) if autocasting else contextlib.nullcontext():
         return AdaptedLinearFunction.apply(
             _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), _cast(lora_a, dtype), _cast(lora_b, dtype),
             _cast(middle, dtype), _cast(rank_weights, dtype), gate_tensor,
