@@ -110,6 +110,9 @@ class AdapterConfig:
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "AdapterConfig":
         """The config of the registered method ``data["method"]`` with the other fields of ``data``."""
+        if not isinstance(data, dict):
+            raise TypeError(f"AdapterConfig.from_dict takes a dict of fields (as to_dict returns), "
+                            f"got {type(data).__name__}: {data!r:.80}")
         data = dict(data)
         cls = method_named(data.pop("method", None)).config
         names = {f.name for f in dataclasses.fields(cls)}
