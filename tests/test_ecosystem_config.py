@@ -53,3 +53,9 @@ def test_aliases_are_not_stored_and_survive_replace_and_json():
 def test_bad_aliases_are_refused_with_the_field_named(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("data", [["lora"], "lora", None])
+def test_from_dict_refuses_what_is_not_a_dict_by_name(data):
+    with pytest.raises(TypeError, match="from_dict takes a dict of fields"):
+        fastlora.AdapterConfig.from_dict(data)

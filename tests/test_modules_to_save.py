@@ -86,9 +86,3 @@ def test_an_adapted_module_cannot_also_be_saved_in_full():
 def test_malformed_names_are_refused(value):
     with pytest.raises(TypeError, match="modules_to_save"):
         config(modules_to_save=value)
-
-
-@pytest.mark.parametrize("data", [["lora"], "lora", None])
-def test_from_dict_refuses_what_is_not_a_dict_by_name(data):
-    with pytest.raises(TypeError, match="from_dict takes a dict of fields"):
-        fastlora.AdapterConfig.from_dict(data)
