@@ -48,7 +48,7 @@ class AdaptedLinearFunction(torch.autograd.Function):
         if gate is not None:
             ctx.gate_dtype, ctx.gate_shape = gate.dtype, gate.shape
         # aten's _unsafe_view (as matmul uses): same storage, no view relation to y
-        return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
+        return torch.ops.aten._unsafe_view.default(y, (*x.shape[:-1], y.shape[-1]))
 
     @staticmethod
     def backward(ctx, dy: Tensor):
