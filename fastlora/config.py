@@ -56,6 +56,8 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
+    #: keywords of earlier versions -> what replaced them (refused with that message, not a bare TypeError)
+    RETIRED: ClassVar[dict[str, str]] = {}
     r: int = 8
     target_modules: TargetModules = None
     dropout: float = 0.0
@@ -70,6 +72,10 @@ class AdapterConfig:
     lora_alpha: dataclasses.InitVar[Optional[float]] = None
     lora_dropout: dataclasses.InitVar[Optional[float]] = None
     task_type: dataclasses.InitVar[Optional[str]] = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "AdapterConfig":
+        _refuse_retired(cls, kwargs)
+        return super().__new__(cls)
 
     def __post_init__(self, lora_alpha: Optional[float], lora_dropout: Optional[float], task_type: Any) -> None:
         for alias, name, value in (("lora_alpha", "alpha", lora_alpha), ("lora_dropout", "dropout", lora_dropout)):
@@ -115,11 +121,19 @@ class AdapterConfig:
                             f"got {type(data).__name__}: {data!r:.80}")
         data = dict(data)
         cls = method_named(data.pop("method", None)).config
+        _refuse_retired(cls, data)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown fields for {cls.__name__}: {sorted(unknown)}")
         return cls(**data)
+
+
+def _refuse_retired(cls: type, fields: dict[str, Any]) -> None:
+    """A TypeError naming what replaced each keyword of an earlier version among ``fields``."""
+    retired = [f"{name} {cls.RETIRED[name]}" for name in fields if name in cls.RETIRED]
+    if retired:
+        raise TypeError(f"{cls.__name__}: " + "; ".join(retired))
 
 
 def _is_real(value: Any) -> bool:
@@ -365,6 +379,9 @@ class RankSelectiveLoraConfig(LoraConfig):
     """
 
     method: ClassVar[str] = "rank_selective_lora"
+    RETIRED: ClassVar[dict[str, str]] = {
+        "sparsity_strength": "was removed: the threshold is an absolute kappa on a schedule, not lr * "
+                             "sparsity_strength; set kappa_max (and total_steps, dense_fraction, threshold_levels)"}
     r: int = 16
     alpha: Optional[float] = None
     importance_init: Union[float, str] = "randn"
@@ -480,6 +497,10 @@ class CascadeLoraConfig(LoraConfig):
     """
 
     method: ClassVar[str] = "cascade_lora"
+    RETIRED: ClassVar[dict[str, str]] = {
+        "noise_std": "was replaced by noise_intensity (NoisyTune's lambda: each stage starts with "
+                     "W += U(-lambda/2, lambda/2) * std(W))",
+        "max_cascades": "was removed: every stage is folded into W in place, so no number of stages is kept"}
     cascade_interval: Optional[int] = 100
     slow_momentum: float = 0.5
     noise_intensity: float = 0.15

@@ -59,3 +59,22 @@ def test_bad_aliases_are_refused_with_the_field_named(make, match):
 def test_from_dict_refuses_what_is_not_a_dict_by_name(data):
     with pytest.raises(TypeError, match="from_dict takes a dict of fields"):
         fastlora.AdapterConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("make,named", [
+    (lambda: RankSelectiveLoraConfig(sparsity_strength=1e-3), "sparsity_strength was removed.*kappa_max"),
+    (lambda: fastlora.CascadeLoraConfig(noise_std=0.1), "noise_std was replaced by noise_intensity"),
+    (lambda: fastlora.CascadeLoraConfig(max_cascades=4), "max_cascades was removed"),
+    (lambda: fastlora.AdapterConfig.from_dict({"method": "cascade_lora", "noise_std": 0.1}), "noise_intensity"),
+])
+def test_keywords_of_earlier_versions_name_their_replacement(make, named):
+    with pytest.raises(TypeError, match=named):
+        make()
+
+
+def test_configs_still_copy_replace_and_pickle():
+    import pickle
+
+    config = fastlora.CascadeLoraConfig(r=4, noise_intensity=0.1)
+    assert dataclasses.replace(config, r=8).r == 8
+    assert copy.deepcopy(config) == config == pickle.loads(pickle.dumps(config))
