@@ -23,7 +23,7 @@ from .methods import Adapter, build_adapter
 from .targets import is_selected, layer_config, output_layer_names, resolved_targets
 
 # stats summed over a method's layers (counts); every other stat is averaged
-_SUMMED_STATS = frozenset({"active", "active_ranks"})
+_SUMMED_STATS = frozenset({"active", "active_ranks", "gate_changes"})
 
 
 def _unique_layers(model: nn.Module) -> list[tuple[str, AdapterLinear]]:

@@ -24,7 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapters_api import adapter_stats
 from .checkpoint import save_adapter
-from .config import RankSelectiveLoraConfig
+from .config import RankSelectiveLoraConfig, SelectiveLoraConfig
 from .inject import adapter_layers
 from .training import TrainingHooks, _has_rule, attach_training_hooks, regularization_loss
 
@@ -67,10 +67,12 @@ class FastLoraCallback(TrainerCallback):
             self.hooks = attach_training_hooks(model, getattr(optimizer, "optimizer", optimizer))
         _check_schedules(layers, state.max_steps)
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
         if self.hooks is not None:
             self.hooks.remove()
             self.hooks = None
+        if model is not None:
+            warn_if_no_gate_moved(model, state.global_step, args.learning_rate)
 
     def on_log(self, args, state, control, logs: Optional[dict] = None, model: Optional[nn.Module] = None,
                **kwargs):
@@ -102,6 +104,19 @@ def _check_schedules(layers, max_steps: int) -> None:
         warnings.warn(f"FastLoraCallback: the CoDyRA threshold schedule spans total_steps={total} optimizer steps, but "
                       f"this run has max_steps={max_steps}: {effect}; set "
                       f"RankSelectiveLoraConfig(total_steps={max_steps})", stacklevel=3)
+
+
+def warn_if_no_gate_moved(model: nn.Module, steps: int, learning_rate: float) -> None:
+    """Warn when a run of ``steps`` optimizer steps switched no Selective LoRA gate: it trained plain LoRA."""
+    configs = [layer.config for _, layer in adapter_layers(model) if isinstance(layer.config, SelectiveLoraConfig)]
+    stats = adapter_stats(model)
+    if not configs or steps == 0 or stats.get("fastlora/selective_lora/gate_changes", 0) > 0:
+        return
+    margin = max(c.score_init - c.threshold for c in configs)
+    warnings.warn(f"FastLoraCallback: no Selective LoRA gate switched in this run of {steps} optimizer steps, so it "
+                  f"trained as plain LoRA: a score must fall by score_init - threshold = {margin:.3g}, about lr per "
+                  f"step under AdamW, i.e. about {margin / learning_rate:.0f} steps at lr {learning_rate:g}; "
+                  f"train longer or at a larger learning rate", stacklevel=3)
 
 
 class FastLoraTrainer(Trainer):

@@ -144,3 +144,22 @@ def test_a_codyra_schedule_longer_than_the_run_warns_at_train_begin(total_steps,
         assert messages == [f"FastLoraCallback: the CoDyRA threshold schedule spans total_steps={total_steps} "
                             f"optimizer steps, but this run has max_steps={STEPS}: {effect}; set "
                             f"RankSelectiveLoraConfig(total_steps={STEPS})"]
+
+
+@pytest.mark.parametrize("learning_rate, warned", [(1e-4, True), (5e-2, False)])
+def test_a_run_in_which_no_selective_gate_moved_warns_at_train_end(learning_rate, warned, tmp_path):
+    """At lr 1e-4 four AdamW steps move a score by ~4e-4, far from the 0.05 that switches a gate off;
+    at lr 5e-2 the penalty switches gates within the run (counted in the logged gate_changes)."""
+    model = model_with(SelectiveLoraConfig(r=2, target_modules=TARGETS))
+    trainer = FastLoraTrainer(model=model, args=arguments(tmp_path, save_strategy="no", learning_rate=learning_rate),
+                              train_dataset=Data())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    messages = [str(w.message) for w in caught if "no Selective LoRA gate switched" in str(w.message)]
+    changes = fastlora.adapter_stats(model)["fastlora/selective_lora/gate_changes"]
+    if warned:
+        assert changes == 0 and len(messages) == 1
+        assert f"run of {STEPS} optimizer steps" in messages[0] and "about 500 steps at lr 0.0001" in messages[0]
+    else:
+        assert changes > 0 and messages == []
