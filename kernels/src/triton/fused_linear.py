@@ -34,7 +34,7 @@ from .tiles import grouped_tile, load_factor
 def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, v_ptr, u_ptr, u_idx_ptr, out_ptr,
                          seed_ptr, gate_ptr, M, N, K, R, M_BUCKET, W_LAYOUT, v_scale, threshold, scale,
                          stride_xm, stride_xk, stride_wk, stride_wn, stride_vm, stride_vr,
-                         stride_ur, stride_un, stride_om, stride_on,
+                         stride_ur, stride_un, stride_bias, stride_om, stride_on,
                          HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, U_GATHER: tl.constexpr,
                          GATE_PTR: tl.constexpr, ACCUMULATE: tl.constexpr,
                          DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -44,8 +44,9 @@ def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, v_ptr, u_ptr, u_idx_ptr, out_pt
 
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), program ids swizzled in groups of GROUP_M
     row tiles so neighbouring programs share W tiles in L2. Pointers: x (M, K), w (K, N),
-    bias (N,), v (M, R) fp32, u (R, N) or the frozen matrix whose rows u_idx (R,) selects,
-    out (M, N), seed (1,) int64, gate () — each used only when its constexpr flag is set.
+    bias (N,) of stride stride_bias, v (M, R) fp32, u (R, N) or the frozen matrix whose rows
+    u_idx (R,) selects, out (M, N), seed (1,) int64, gate () — each used only when its
+    constexpr flag is set.
     Rows and columns past the edge wrap (offs % M) so edge tiles load valid memory; their
     stores are masked. Row and column offsets are int64: M * stride can pass 2^31.
     """
@@ -82,7 +83,7 @@ def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, v_ptr, u_ptr, u_idx_ptr, out_pt
         else:  # into acc itself: a second (BLOCK_M, BLOCK_N) fp32 tile would spill at 128x256
             acc = tl.dot(v, u, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols * stride_bias).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
     in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if ACCUMULATE:
@@ -98,9 +99,9 @@ def fused_linear(x: Optional[torch.Tensor], w_kn: Optional[torch.Tensor], bias: 
     """out (M, N) = x w_kn + bias + drop(v_scale * gate * v U), in x's (or ``out``'s) dtype.
 
     x (M, K) and w_kn (K, N) with any strides (pass W.t() or W as views), or both None: no
-    base GEMM (the low-rank "expand" alone); bias (N,) or None; v (M, r) fp32 or None (no
-    low-rank term); U = u (r, N), or u[u_index] for u_index (r,) (rows of a frozen matrix
-    read by index); gate: a 0-dim device tensor multiplied in (no host read) or None.
+    base GEMM (the low-rank "expand" alone); bias (N,) of any stride or None; v (M, r) fp32
+    or None (no low-rank term); U = u (r, N), or u[u_index] for u_index (r,) (rows of a frozen
+    matrix read by index); gate: a 0-dim device tensor multiplied in (no host read) or None.
     p > 0: the low-rank term is multiplied by the dropout mask of an (M, N) input drawn from
     ``seed`` ((1,) int64 device tensor). ``out`` given: the result is added into it in place.
     """
@@ -130,7 +131,7 @@ def fused_linear(x: Optional[torch.Tensor], w_kn: Optional[torch.Tensor], bias: 
             1.0 / (1.0 - p),
             x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1),
             v.stride(0) if has_lowrank else 0, v.stride(1) if has_lowrank else 0,
-            u.stride(0), u.stride(1), out.stride(0), out.stride(1),
+            u.stride(0), u.stride(1), bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, U_GATHER=u_index is not None,
             GATE_PTR=has_lowrank and gate is not None, ACCUMULATE=accumulate,
             DROPOUT=dropout, R_PAD=pad_rank(r), PRECISION=dot_precision(x.dtype if has_base else u.dtype), **tile)

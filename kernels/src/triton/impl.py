@@ -94,7 +94,6 @@ class TritonPlan:
         """y = x W^T + bias + s*g*v B^T (N, d_out); ``y`` is F.linear's output on the cuBLAS plan."""
         up, up_index = _up_view(weight, term)
         if self.fused_base:
-            bias = bias.contiguous() if bias is not None else None
             return fused_linear(x, weight.t(), bias, v, up, up_index, v_scale=term.scale * term.gate,
                                 gate=term.gate_tensor)
         if term.gate_tensor is None and up_index is None:

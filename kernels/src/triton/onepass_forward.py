@@ -35,15 +35,16 @@ from .onepass_tiles import (
 
 @triton.jit
 def _expand_and_store(acc, v, b_ptr, b_idx_ptr, bias_ptr, out_ptr, rows, offs_m, offs_n, M, N, R,
-                      stride_br, stride_bn, stride_om, stride_on, HAS_BIAS: tl.constexpr, B_GATHER: tl.constexpr,
-                      R_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                      stride_br, stride_bn, stride_bias, stride_om, stride_on, HAS_BIAS: tl.constexpr,
+                      B_GATHER: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[offs_m, offs_n] = acc + v B^T[:, cols] (+ bias[cols]) for the (BLOCK_M, BLOCK_N) fp32 tile acc
-    and the scaled v (BLOCK_M, R_PAD) in B's dtype; cols = offs_n wrapped, the store masked to (M, N)."""
+    and the scaled v (BLOCK_M, R_PAD) in B's dtype; cols = offs_n wrapped, the store masked to (M, N);
+    bias[j] at bias_ptr + j * stride_bias (0 for an expanded bias)."""
     cols = (offs_n % N).to(tl.int64)
     acc = add_expand(acc, v, b_ptr, b_idx_ptr, 0, rows, cols, 0, N, R, stride_br, stride_bn, 0, 1.0, B_GATHER,
                      False, R_PAD, PRECISION, BLOCK_N)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols * stride_bias).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -54,7 +55,8 @@ def _expand_and_store(acc, v, b_ptr, b_idx_ptr, bias_ptr, out_ptr, rows, offs_m,
 def _onepass_forward_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, a_idx_ptr, mid_ptr, rw_ptr, b_ptr, b_idx_ptr,
                             gate_ptr, seed_ptr, out_ptr, t_ptr, M, N, K, R, M_BUCKET, v_scale, threshold, scale,
                             stride_xm, stride_xk, stride_wk, stride_wn, stride_ar, stride_ak,
-                            stride_mid0, stride_mid1, stride_rw, stride_br, stride_bn, stride_om, stride_on,
+                            stride_mid0, stride_mid1, stride_rw, stride_br, stride_bn, stride_bias, stride_om,
+                            stride_on,
                             HAS_BIAS: tl.constexpr, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr,
                             HAS_MIDDLE: tl.constexpr, HAS_RW: tl.constexpr, GATE_PTR: tl.constexpr,
                             DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -70,7 +72,7 @@ def _onepass_forward_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, a_idx_ptr, mid_ptr, r
     g = 0 stores t (fp32) for its rows: one writer per row. The loop over the other tiles is not
     software-pipelined (num_stages=1: prefetching its epilogue operands costs shared memory and
     registers; the K loops inside it are).
-    Pointers: x (M, K), w = W^T (K, N), bias (N,), a = A (R, K) or W with a_idx (R,) its rows,
+    Pointers: x (M, K), w = W^T (K, N), bias (N,) of stride stride_bias, a = A (R, K) or W with a_idx (R,) its rows,
     mid = M (R, R), rw = m (R,), b = B^T (R, N) or W^T with b_idx (R,) its rows, gate (),
     seed (1,) int64, out (M, N), t (M, R) fp32 contiguous; each optional one used only under
     its constexpr flag. Rows and columns wrap at the edges (valid loads, masked stores); offsets
@@ -98,7 +100,8 @@ def _onepass_forward_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, a_idx_ptr, mid_ptr, r
         t = t * tl.load(gate_ptr).to(tl.float32)
     v = t.to(b_ptr.dtype.element_ty)
     _expand_and_store(acc, v, b_ptr, b_idx_ptr, bias_ptr, out_ptr, rows, offs_m, offs_n, M, N, R,
-                      stride_br, stride_bn, stride_om, stride_on, HAS_BIAS, B_GATHER, R_PAD, PRECISION, BLOCK_N)
+                      stride_br, stride_bn, stride_bias, stride_om, stride_on, HAS_BIAS, B_GATHER, R_PAD, PRECISION,
+                      BLOCK_N)
     for pid_n in tl.range(first + 1, tl.minimum(first + run, num_n), num_stages=1):
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc, _ = gemm_with_side(x_ptr, w_ptr, a_ptr, a_idx_ptr, rows, (offs_n % N).to(tl.int64), K, R,
@@ -106,7 +109,8 @@ def _onepass_forward_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, a_idx_ptr, mid_ptr, r
                                 0, 0, 1.0, offs_m < M, 0, 0, 0, False, False, False,
                                 False, False, R_PAD, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         _expand_and_store(acc, v, b_ptr, b_idx_ptr, bias_ptr, out_ptr, rows, offs_m, offs_n, M, N, R,
-                          stride_br, stride_bn, stride_om, stride_on, HAS_BIAS, B_GATHER, R_PAD, PRECISION, BLOCK_N)
+                          stride_br, stride_bn, stride_bias, stride_om, stride_on, HAS_BIAS, B_GATHER, R_PAD, PRECISION,
+                          BLOCK_N)
 
 
 def onepass_forward(x: torch.Tensor, w_kn: torch.Tensor, bias: Optional[torch.Tensor], a: torch.Tensor,
@@ -116,9 +120,10 @@ def onepass_forward(x: torch.Tensor, w_kn: torch.Tensor, bias: Optional[torch.Te
                     groups: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y (M, N) in x's dtype, t (M, r) fp32) of the operation above, in one launch.
 
-    x (M, K) and w_kn = W^T (K, N) any strides; a (r, K), or a[a_index] for a_index (r,);
-    b = B^T (r, N), or b[b_index]; middle (r, r), rank_weights (r,) or None; gate a 0-dim
-    device tensor or None; p > 0: dropout of x in the shrink, mask drawn from ``seed``.
+    x (M, K) and w_kn = W^T (K, N) any strides; bias (N,) any stride (an expanded one too) or None;
+    a (r, K), or a[a_index] for a_index (r,); b = B^T (r, N), or b[b_index]; middle (r, r),
+    rank_weights (r,) or None; gate a 0-dim device tensor or None; p > 0: dropout of x in the
+    shrink, mask drawn from ``seed``.
     groups: programs per row block wanted (``column_groups`` adjusts it to the tiles); None: its default.
     """
     m, k = x.shape
@@ -142,7 +147,7 @@ def onepass_forward(x: torch.Tensor, w_kn: torch.Tensor, bias: Optional[torch.Te
             keep_threshold(p), 1.0 / (1.0 - p), x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1),
             a.stride(0), a.stride(1), *(middle.stride() if middle is not None else (0, 0)),
             rank_weights.stride(0) if rank_weights is not None else 0, b.stride(0), b.stride(1),
-            out.stride(0), out.stride(1),
+            bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, A_GATHER=a_index is not None, B_GATHER=b_index is not None,
             HAS_MIDDLE=middle is not None, HAS_RW=rank_weights is not None, GATE_PTR=gate is not None,
             DROPOUT=dropout, R_PAD=pad_rank(r), PRECISION=dot_precision(x.dtype))
