@@ -23,7 +23,7 @@ from fastlora.kernels import adapted_linear_reference, dropout_mask  # noqa: E40
 from fastlora.kernels.dispatch import plan_implementation, triton_backend  # noqa: E402
 from fastlora.kernels.function import AdaptedLinearFunction  # noqa: E402
 
-from utils import poison_empty  # noqa: E402
+from utils import poison_empty, rel  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -119,12 +119,6 @@ def run(case, dtype, *, plan="onepass", gate=1.0, device_gate=False, gate_grad=T
         wrt["gate"] = g
     grads = torch.autograd.grad(y, list(wrt.values()), dy)
     return y, dict(zip(wrt, grads))
-
-
-def rel(out, ref):
-    out, ref = out.detach().to(F64), ref.detach().to(F64)
-    assert torch.isfinite(out).all(), "non-finite entries (unwritten output?)"
-    return float((out - ref).norm() / ref.norm())
 
 
 def gate_scale(case, **kwargs):

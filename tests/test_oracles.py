@@ -10,13 +10,9 @@ from torch import nn
 import fastlora
 from fastlora import AdapterLinear, CurLoraConfig, LoraConfig, NeatConfig, SelectiveLoraConfig
 
-from utils import authors_cur_indices
+from utils import authors_cur_indices, rel
 
 F64 = torch.float64
-
-
-def rel(out, ref):
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
 @pytest.mark.parametrize("seed", [0, 5, 123])
