@@ -12,11 +12,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import bounds_check  # noqa: E402
 import pytest  # noqa: E402
 
 from fastlora.kernels import PLANS, adapted_linear, adapted_linear_reference  # noqa: E402
 
+import bounds_check  # noqa: E402
 from utils import assert_close, poison_empty  # noqa: E402
 
 F64 = torch.float64

@@ -23,8 +23,6 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-import bounds_check  # noqa: E402
-import kernel_tiles  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -33,6 +31,8 @@ from fastlora.kernels.triton import fused_linear, neat_kernels, onepass_backward
 from fastlora.kernels.triton import shrink as shrink_module  # noqa: E402
 from fastlora.kernels.triton.dropout import dropout_mask as kernel_dropout_mask  # noqa: E402
 
+import bounds_check  # noqa: E402
+import kernel_tiles  # noqa: E402
 from utils import assert_close, poison_empty  # noqa: E402
 
 F64 = torch.float64
