@@ -60,7 +60,7 @@ LEGEND = [
     ("method", "the adapter method (its --methods name in brackets)"),
     ("trainable", "parameters the method trains"),
     ("init", "max |embedding - base model's| right after injection (0: fresh adapters add nothing; "
-             "LoRASC: its first stage's noise)"),
+             "LoRASC adds its first stage's noise at the first training step)"),
     ("trained", "max |embedding - base model's| after training: how far the steps moved the model"),
     ("vs reference", "max |fused path - pure-torch reference path| after training"),
     ("vs peft", "max |fused path - Hugging Face peft running the exported adapter| (- : not in peft)"),

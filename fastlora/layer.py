@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from fastlora.kernels import adapted_linear, adapted_linear_reference
 
 from .config import AdapterConfig
-from .methods import Adapter, build_adapter
+from .methods import Adapter, CascadeLoraAdapter, build_adapter
 
 _MERGE_COUNTER = itertools.count()
 #: the name of the adapter ``inject`` builds
@@ -55,6 +55,9 @@ class AdapterLinear(nn.Module):
     GPT-2's Conv1D (weight stored (d_in, d_out), y = x W + b) is wrapped by ``from_linear``
     too (``fan_in_fan_out``): ``weight`` is then the (d_out, d_in) transposed view of its weight
     (no copy; merging writes through it), and state dicts keep Conv1D's (d_in, d_out) layout.
+
+    LoRASC: the layer's first forward in training mode of each stage (adapter enabled, not merged)
+    adds that stage's noise to W before it computes (``CascadeLoraAdapter.start_training``).
 
     Named adapters: ``adapter`` (and ``config``) is the active one, called ``adapter_name``
     ("default" from ``inject``); others wait in ``inactive_adapters`` with their parameters frozen
@@ -116,6 +119,9 @@ class AdapterLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if not self.adapter_enabled:
             return F.linear(x, self._base_weight(), self.bias)
+        adapter = self.adapter
+        if self.training and isinstance(adapter, CascadeLoraAdapter) and adapter.pending_start:
+            adapter.start_training(self.weight)  # a LoRASC stage's first training forward: its noise into W
         dropout = self.config.dropout if self.training else 0.0
         return adapted_linear(x, self.weight, self.bias, dropout=dropout, backend=self.config.backend,
                               **self.adapter.op_arguments(self.weight))
@@ -197,6 +203,9 @@ class AdapterLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if not self.adapter_enabled:
             return F.linear(x, self._base_weight(), self.bias)
+        adapter = self.adapter
+        if self.training and isinstance(adapter, CascadeLoraAdapter) and adapter.pending_start:
+            adapter.start_training(self.weight)  # as ``forward``
         args = {"lora_a": None, "lora_b": None, **self.adapter.op_arguments(self.weight)}
         args.pop("gate_value", None)  # the host copy of a tensor gate: the reference reads the gate itself
         args = {k: v.to(x.dtype) if isinstance(v, Tensor) and v.is_floating_point() and k != "gate" else v

@@ -13,9 +13,11 @@ What each method keeps (its ``delta_weight``), then W <- W + ΔW and a fresh ada
 - CoDyRA: s B diag(w) A, ranks at w = 0 dropped; the next task's adapter is a fresh increment whose
   threshold schedule starts again.
 - CURLoRA: alpha W[:, J] U W[I, :]; the fresh adapter resamples I and J from the updated W.
-- LoRASC: W already holds the task's folded stages and their noise; the fast pair is merged, W <- W + s B A
-  (the model the task ended with). The next task's adapter starts its own stage record from that W (stage 0
-  with its own noise; with keep_pretrained_copy it copies that W): the old record is dropped.
+- LoRASC: W already holds the task's folded stages and the noise of each stage that trained; the fast pair
+  is merged, W <- W + s B A (the model the task ended with; a task that ended on a stage boundary left no
+  untrained noise). The next task's adapter starts its own stage record from that W (stage 0, whose noise
+  enters W at the next task's first training forward, not at next_task: nothing is stacked; with
+  keep_pretrained_copy it copies that W): the old record is dropped.
 
 Choices (ours): the fresh adapters of task t (t = 1, 2, ... tasks done) are built with layer index
 t * L + k (L adapted layers, k the layer's position), so CURLoRA's sampler and LoRASC's noise draw new

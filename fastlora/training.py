@@ -8,8 +8,15 @@
 After every step of an attached optimizer, each adapter whose ``rule_parameter()`` that
 optimizer holds runs ``after_optimizer_step(lr)`` with that parameter's param-group learning
 rate (CoDyRA's proximal step, LoRASC's cascade schedule, Selective LoRA's gate refresh).
-Parameters a rule restarts lose their state (Adam moments) in every attached optimizer, as a
-freshly created parameter would have none. Merged layers are skipped: no rule acts on them.
+Parameters a rule restarts lose their state (Adam moments) in every attached optimizer and their
+gradients, as a freshly created parameter would have none: with LoRASC's A in one optimizer and B
+in another, the optimizer that steps after the stage end finds B without a gradient and skips it
+(a restartable parameter held by no attached optimizer is refused when the hooks are attached).
+Merged layers are skipped: no rule acts on them.
+
+The hooks also add a LoRASC stage's pending noise at the model's next forward in training mode, in
+a forward pre-hook placed ahead of the model's other pre-hooks (FSDP2's included: W is still
+sharded there, each rank writes its shard); without the hooks each layer adds it in its forward.
 
 ``inject`` calls ``watch_training_rules``: at the WATCHED_FORWARDS-th training forward of the model
 (train mode, gradients on) it warns once when a layer trains without its post-step rule or
@@ -27,7 +34,7 @@ from torch import Tensor, nn
 from .config import CascadeLoraConfig, SelectiveLoraConfig
 from .inject import adapter_layers
 from .layer import AdapterLinear
-from .methods import Adapter
+from .methods import Adapter, CascadeLoraAdapter
 
 Optimizers = Union[torch.optim.Optimizer, Iterable[torch.optim.Optimizer]]
 # model -> its live TrainingHooks (weakly: the optimizers' hook registries keep them alive)
@@ -66,6 +73,13 @@ def _needs_rule(layer: AdapterLinear) -> bool:
     param = layer.adapter.rule_parameter()
     loop_driven = isinstance(layer.config, CascadeLoraConfig) and layer.config.cascade_interval is None
     return _has_rule(layer) and not loop_driven and param is not None and param.requires_grad
+
+
+def _restartable(adapter: Adapter) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of each parameter the adapter's rule restarts (LoRASC's fast pair)."""
+    if isinstance(adapter, CascadeLoraAdapter):
+        return [("lora_A", adapter.lora_A), ("lora_B", adapter.lora_B)]
+    return []
 
 
 def _needs_penalty(layer: AdapterLinear) -> bool:
@@ -130,6 +144,10 @@ class TrainingHooks:
         self.optimizers = optimizers
         self._handles = [optimizer.register_step_post_hook(self._after_step) for optimizer in optimizers]
         self._ruled = [layer for _, layer in adapter_layers(model) if _has_rule(layer)]
+        self._staged = [layer for layer in self._ruled if isinstance(layer.adapter, CascadeLoraAdapter)]
+        self._starts_pending = True  # a stage's noise may wait (stage 0, or a checkpoint saved on a stage end)
+        if self._staged:
+            self._handles.append(model.register_forward_pre_hook(self._before_forward, prepend=True))
         _RULED.update(self._ruled)
         _ATTACHED[model] = weakref.ref(self)
 
@@ -146,8 +164,22 @@ class TrainingHooks:
             if group is None:
                 continue
             for restarted in layer.adapter.after_optimizer_step(_learning_rate(group)):
+                self._starts_pending = True
+                restarted.grad = None  # an optimizer stepping after this one skips it
                 for other in self.optimizers:
                     other.state.pop(restarted, None)
+
+    def _before_forward(self, model: nn.Module, args) -> None:
+        """A LoRASC stage's pending noise into W before the model's first training forward of the stage
+        (eagerly, W still sharded under FSDP2; under torch.compile the layers add it themselves)."""
+        if not self._starts_pending or not model.training or torch.compiler.is_compiling():
+            return
+        self._starts_pending = False
+        for layer in self._staged:
+            adapter = layer.adapter
+            if isinstance(adapter, CascadeLoraAdapter) and adapter.pending_start and layer.adapter_enabled \
+                    and not layer.merged:
+                adapter.start_training()
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -165,9 +197,10 @@ def attach_training_hooks(model: nn.Module, optimizers: Optimizers) -> TrainingH
     state in each).
 
     Raises ValueError when the model has no adapters, already has hooks attached (``remove()``
-    them first: a second set would apply every rule twice), an optimizer is given twice, or a
-    trainable rule parameter is in none of the optimizers (its rule would never run). A rule
-    parameter with requires_grad=False turns its rule off.
+    them first: a second set would apply every rule twice), an optimizer is given twice, a
+    trainable rule parameter is in none of the optimizers (its rule would never run), or a
+    trainable parameter a rule restarts (LoRASC's A and B) is in none of them (its state could not
+    be dropped). A rule parameter with requires_grad=False turns its rule off.
     """
     layers = list(adapter_layers(model))
     if not layers:
@@ -189,4 +222,9 @@ def attach_training_hooks(model: nn.Module, optimizers: Optimizers) -> TrainingH
         if not any(id(param) in g for g in all_groups):
             raise ValueError(f"layer {name}: its {layer.config.method} rule parameter (shape {tuple(param.shape)}) is "
                              f"in none of the optimizers, so its post-step rule would never run; add it")
+        for key, restartable in _restartable(layer.adapter):
+            if restartable.requires_grad and not any(id(restartable) in g for g in all_groups):
+                raise ValueError(f"layer {name}: its {layer.config.method} parameter {key} is trainable but in none of "
+                                 f"the optimizers given; a stage end restarts it and must drop its optimizer state: "
+                                 f"pass every optimizer that holds it in the same call")
     return TrainingHooks(model, optimizers)

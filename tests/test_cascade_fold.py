@@ -203,12 +203,15 @@ def test_stages_reach_the_layer_after_next_task_and_in_a_deepcopy():
 
 
 def test_a_failed_inject_leaves_every_weight_as_it_was():
-    """LoRASC's stage-0 noise is written only once every layer is built: a later layer's failure
-    (its rank does not fit) leaves the earlier layers' W untouched."""
+    """inject writes no W (LoRASC's stage-0 noise waits for the first training forward): a later layer's
+    failure (its rank does not fit) leaves the earlier layers' W untouched, and a retry works."""
     model = nn.Sequential(nn.Linear(10, 12), nn.Linear(12, 2))
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="layer '1'"):
         fastlora.inject(model, CascadeLoraConfig(r=4, noise_intensity=0.5))
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    fastlora.inject(model, CascadeLoraConfig(r=2, noise_intensity=0.5))  # a retry works and adds the noise
+    fastlora.inject(model, CascadeLoraConfig(r=2, noise_intensity=0.5))
+    assert all(torch.equal(p, b) for p, b in zip((model[0].weight, model[0].bias, model[1].weight, model[1].bias),
+                                                 before))
+    model(torch.randn(3, 10))  # the first training forward adds the noise
     assert not torch.equal(model[0].weight, before[0])

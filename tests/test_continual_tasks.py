@@ -88,14 +88,12 @@ def test_next_task_keeps_what_the_method_keeps_and_starts_fresh_adapters(config)
     weights = [layer.weight.detach().clone() for layer in layers]
     expected = [w + _kept(layer, w) for layer, w in zip(layers, weights)]
     x = torch.randn(N, D_IN, dtype=torch.float64)
-    before = model(x).detach()
+    before = model.eval()(x).detach()  # eval: no LoRASC stage starts
+    model.train()
     old = [layer.adapter for layer in layers]
     assert next_task(model) is model
     for k, (layer, w) in enumerate(zip(layers, expected)):
-        if isinstance(config, CascadeLoraConfig):  # the next task's stage-0 noise, seeded by layer 1 * L + k
-            g = torch.Generator().manual_seed(((2 * MIX + 2 + k) * MIX + 0) % 2**63)
-            w = w + (torch.rand(w.shape, generator=g).double() - 0.5) * 0.1 * float(w.std())
-        assert torch.allclose(layer.weight, w, rtol=0, atol=1e-12), k
+        assert torch.allclose(layer.weight, w, rtol=0, atol=1e-12), k  # LoRASC: no noise stacked by next_task
         assert not layer.merged and layer.weight_before_merge is None and layer.tasks_done == 1
         adapter = layer.adapter
         assert adapter is not old[k] and adapter.training
@@ -110,14 +108,18 @@ def test_next_task_keeps_what_the_method_keeps_and_starts_fresh_adapters(config)
             assert torch.equal(adapter.row_index, rows) and torch.equal(adapter.col_index, cols)
             assert torch.count_nonzero(adapter.U) == 0
         if isinstance(config, CascadeLoraConfig):
-            assert adapter.extra_stats() == {"cascades": 0.0, "optimizer_steps": 0.0}
+            assert adapter.extra_stats() == {"cascades": 0.0, "optimizer_steps": 0.0} and adapter.pending_start
             assert adapter.folded_A.shape[0] == 0 and adapter.noise_seeds.tolist() == [(2 * MIX + 2 + k) * MIX]
-    after = model(x).detach()
-    if isinstance(config, CascadeLoraConfig):  # the fresh stage's noise is in W: compare with the noisy W alone
-        fastlora.set_adapters_enabled(model, False)
-        before = model(x).detach()
-        fastlora.set_adapters_enabled(model, True)
+    after = model.eval()(x).detach()
+    model.train()
     assert torch.allclose(after, before, rtol=0, atol=1e-10)  # fresh adapters start at ΔW = 0
+    if isinstance(config, CascadeLoraConfig):  # the first training forward adds the next task's stage-0 noise
+        with torch.no_grad():
+            model(x)
+        for k, (layer, w) in enumerate(zip(layers, expected)):  # seeded by layer 1 * L + k
+            g = torch.Generator().manual_seed(((2 * MIX + 2 + k) * MIX + 0) % 2**63)
+            w = w + (torch.rand(w.shape, generator=g).double() - 0.5) * 0.1 * float(w.std())
+            assert torch.allclose(layer.weight, w, rtol=0, atol=1e-12), k
 
 
 def test_three_task_sequence_with_optimizers_and_hooks():

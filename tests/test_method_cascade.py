@@ -1,6 +1,6 @@
 """LoRASC (slow cascaded LoRA) as the paper reads: each stage folds (1 - m) s B A into W in place
-(rank grows without limit, forward stays rank r), NoisyTune noise on W at each stage (per-matrix
-std, seeded), dropout on the fast pair only, stages driven by optimizer steps, merge/unmerge,
+(rank grows without limit, forward stays rank r), NoisyTune noise on W at each stage's first training
+forward (per-matrix std, seeded), dropout on the fast pair only, stages driven by optimizer steps, merge/unmerge,
 save/load mid-stage. The record, checkpoints and undo: tests/test_cascade_fold.py."""
 import copy
 import math
@@ -45,9 +45,15 @@ def _noise(w, intensity, seed, layer_index, stage):
     return (u - 0.5) * intensity * float(w.detach().double().std())
 
 
+def _start(layer):
+    """One forward in training mode: the current stage starts training (its noise goes into W)."""
+    with torch.no_grad():
+        layer.train()(torch.zeros(1, layer.in_features, dtype=layer.weight.dtype))
+
+
 def _stages(layer, count, intensity, seed=0, layer_index=0, momentum=0.5, pretrained=None):
-    """Run ``count`` stages with random fast pairs; returns the float64 W the paper gives from the
-    pretrained W (``_pretrained()`` unless given):
+    """Run ``count`` stages with random fast pairs, each started by a training forward, then start the
+    next; returns the float64 W the paper gives from the pretrained W (``_pretrained()`` unless given):
     W_0 = W + noise_0, W_{k+1} = W_k + (1 - m) s B_k A_k + noise_{k+1}."""
     config = layer.adapter.config
     scale = config.alpha / config.r  # LoRA's s from the config's values, not the adapter's own scale
@@ -55,12 +61,14 @@ def _stages(layer, count, intensity, seed=0, layer_index=0, momentum=0.5, pretra
     if intensity:
         w = w + _noise(w, intensity, seed, layer_index, 0)
     for k in range(count):
+        _start(layer)
         _randomise_pair(layer.adapter)
         a, b = layer.adapter.lora_A.detach().double().clone(), layer.adapter.lora_B.detach().double().clone()
         layer.adapter.cascade_step()
         w = w + (1 - momentum) * scale * b @ a
         if intensity:
             w = w + _noise(w, intensity, seed, layer_index, k + 1)
+    _start(layer)
     return w
 
 
@@ -71,7 +79,7 @@ def test_defaults_are_documented():
     assert fastlora.AdapterConfig.from_dict(config.to_dict()) == config
 
 
-def test_initialisation_writes_stage_0_noise_into_w_and_zero_noise_reproduces_base_exactly():
+def test_stage_0_noise_enters_w_at_the_first_training_forward_and_zero_noise_reproduces_base_exactly():
     layer = _layer(noise_intensity=0.0)
     adapter = layer.adapter
     assert adapter.lora_A.shape == (4, D_IN) and adapter.lora_A.abs().max() > 0
@@ -80,11 +88,20 @@ def test_initialisation_writes_stage_0_noise_into_w_and_zero_noise_reproduces_ba
                                          "noise_seeds", "noise_stds"}
     x = torch.randn(N, D_IN, dtype=torch.float64)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert not adapter.pending_start and torch.equal(layer.weight, _pretrained())
     noisy = _layer(noise_intensity=0.2, noise_seed=7)
+    assert torch.equal(noisy.weight, _pretrained()) and noisy.adapter.pending_start  # building writes nothing
+    assert noisy.adapter.noise_stds.tolist() == [0.0]
+    with torch.no_grad():
+        noisy.eval()(x)  # an eval forward does not start the stage
+    assert torch.equal(noisy.weight, _pretrained())
     expected = _pretrained().double() + _noise(_pretrained(), 0.2, 7, 0, 0)
-    assert rel(noisy.weight, expected) < 1e-12 and not torch.equal(noisy.weight, _pretrained())
+    out = noisy.train()(x)  # the first training forward adds the noise before it computes
+    assert rel(noisy.weight, expected) < 1e-12 and not noisy.adapter.pending_start
     assert noisy.adapter.noise_stds.tolist() == [pytest.approx(float(_pretrained().std()), rel=1e-12)]
-    assert rel(noisy(x), F.linear(x, expected, noisy.bias)) < 1e-12
+    assert rel(out, F.linear(x, expected, noisy.bias)) < 1e-12
+    noisy(x)  # later forwards add nothing
+    assert rel(noisy.weight, expected) < 1e-12
     fastlora.set_adapters_enabled(nn.Sequential(noisy), False)  # disabled: the fast pair off, the noise stays
     assert rel(noisy(x), F.linear(x, expected, noisy.bias)) < 1e-12
 
@@ -171,8 +188,8 @@ def _tiny_model(config):
 
 def test_stage_schedule_with_real_optimizer_and_hooks():
     """interval 3: stages end exactly after optimizer steps 3, 6, 9; in between the pair follows
-    plain SGD and W does not move; at a stage end it gains (1 - m) s B A and the noise of the next
-    stage, seeded per layer."""
+    plain SGD and W does not move; at a stage end it gains (1 - m) s B A, and the next stage's noise
+    (seeded per layer) at that stage's first forward."""
     config = CascadeLoraConfig(r=4, alpha=4.0, cascade_interval=3, slow_momentum=0.25, noise_intensity=0.1,
                                noise_seed=11)
     model, base = _tiny_model(config)
@@ -182,8 +199,10 @@ def test_stage_schedule_with_real_optimizer_and_hooks():
     torch.manual_seed(3)
     x, target = torch.randn(N, D_IN, dtype=torch.float64), torch.randn(N, 7, dtype=torch.float64)
     layers = [model.up, model.down]
-    weights = [b.weight.double() + _noise(b.weight, 0.1, 11, i, 0) for i, b in enumerate([base.up, base.down])]
+    weights = [b.weight.detach().double().clone() for b in [base.up, base.down]]
     for step in range(1, 11):
+        if step % 3 == 1:  # a stage starts training: its noise before the forward
+            weights = [w + _noise(w, 0.1, 11, i, step // 3) for i, w in enumerate(weights)]
         optimizer.zero_grad()
         F.mse_loss(model(x), target).backward()
         stepped = [(layer.adapter.lora_A - lr * layer.adapter.lora_A.grad,
@@ -195,10 +214,9 @@ def test_stage_schedule_with_real_optimizer_and_hooks():
             assert int(adapter.optimizer_steps) == step and int(adapter.cascades) == step // 3
             if step % 3:
                 assert rel(adapter.lora_A, a) < 1e-14 and rel(adapter.lora_B, b) < 1e-14
-            else:
+            else:  # the fold only: the next stage's noise waits for its first forward
                 weights[i] = weights[i] + 0.75 * 1.0 * b.detach() @ a.detach()
-                weights[i] = weights[i] + _noise(weights[i], 0.1, 11, i, step // 3)
-                assert torch.count_nonzero(adapter.lora_B) == 0
+                assert torch.count_nonzero(adapter.lora_B) == 0 and adapter.pending_start
             assert rel(layer.weight, weights[i]) < 1e-12, (step, i)
     assert [layer.adapter.extra_stats()["cascades"] for layer in layers] == [3.0, 3.0]
     hooks.remove()
@@ -221,6 +239,7 @@ def test_no_interval_means_stages_only_where_the_loop_calls_them():
 
 def test_noise_has_the_noisytune_distribution():
     layer = _layer(r=2, d_in=300, d_out=200, noise_intensity=0.4, dtype=torch.float32)
+    _start(layer)
     pretrained = _pretrained(d_in=300, d_out=200, dtype=torch.float32)
     noise = (layer.weight - pretrained).double()
     std = float(pretrained.std())
@@ -229,6 +248,7 @@ def test_noise_has_the_noisytune_distribution():
     linear = nn.Linear(300, 200)
     other_pretrained = linear.weight.detach().clone()
     other = AdapterLinear.from_linear(linear, CascadeLoraConfig(r=2, noise_intensity=0.4), layer_index=1)
+    _start(other)
     other_noise = (other.weight - other_pretrained).double() / float(other_pretrained.std())
     assert not torch.allclose(other_noise, noise / std)
 

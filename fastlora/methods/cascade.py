@@ -3,14 +3,14 @@ place, each started with NoisyTune noise on W.
 
     y = x W^T + b + s * (dropout(x) A^T) B^T          s = alpha / r (alpha / sqrt(r) with rsLoRA)
         W (d_out, d_in)   the layer's own weight: the pretrained W with every earlier stage folded in
-                          and the noise of stages 0..k added (plain LoRA on it: no copy of W is kept)
+                          and the noise of each stage that has trained (plain LoRA on it: no copy of W is kept)
         A (r, d_in), B (d_out, r)   the fast pair trained in stage k (the forward stays rank r)
 
-Stage k starts with NoisyTune's perturbation of W, then trains a fresh pair:
+Stage k starts, at its first training forward, with NoisyTune's perturbation of W, then trains a fresh pair:
     W <- W + (U - 1/2) * lambda * std(W)              U ~ U[0, 1)^(d_out x d_in), lambda = noise_intensity
 Every ``cascade_interval`` optimizer steps (or at a call of ``cascade_step()``) the stage ends:
     W <- W + (1 - m) * s * B A                        slow-fast update, m = slow_momentum
-    A <- kaiming-uniform(a=sqrt 5), B <- 0, their optimizer state dropped; stage k + 1 gets its noise.
+    A <- kaiming-uniform(a=sqrt 5), B <- 0, their gradients and optimizer state dropped.
 The rank of what the stages add grows with every stage, without limit, at no cost to the forward.
 Dropout acts on the fast pair's input only: the folded stages are inside W and see the clean input.
 ΔW = s B A (what ``merge`` adds to W: W already holds the stages).
@@ -19,47 +19,70 @@ Choices where the paper is silent (our reading):
 - The slow-fast update is a Lookahead step with the slow weights in W: the slow model is W as the
   stage started, the fast one W + s B A, and slow <- m slow + (1 - m) fast adds (1 - m) s B A.
 - NoisyTune's form on W: uniform noise scaled by the matrix's own std (unbiased, over all its
-  entries, taken at the stage start), intensity 0.15 as NoisyTune, on by default, also at stage 0:
-  ``start()`` writes stage 0's noise into W once the adapter is bound (``inject`` calls it only
-  after every layer is built and placed, so a failed inject leaves W as it was). The noise is kept
-  (NoisyTune keeps it). U is drawn in float32 from ``torch.Generator().manual_seed(seed)`` on the CPU
-  (the same values on every device and rank), seed (noise_seed * 1000003 + layer_index) * 1000003 + k,
-  and scaled in float32 (float64 for a float64 W) before it is added in W's dtype.
+  entries, taken when the noise is added), intensity 0.15 as NoisyTune, on by default, at every stage
+  including stage 0. The noise is kept (NoisyTune keeps it). U is drawn in float32 from
+  ``torch.Generator().manual_seed(seed)`` on the CPU (the same values on every device and rank), seed
+  (noise_seed * 1000003 + layer_index) * 1000003 + k, and scaled in float32 (float64 for a float64 W)
+  before it is added in W's dtype.
+- When the noise is added: when its stage starts training, i.e. at the layer's first forward in
+  training mode (``module.train()``, adapter enabled, not merged) after the adapter is built, after a
+  stage end, after ``next_task`` or ``restore_pretrained`` (``pending_start`` is True until then).
+  Building or injecting an adapter leaves W untouched, a run that ends on a stage boundary (one stage
+  per epoch) keeps no noise that nothing trained on, and ``next_task`` does not stack the next task's
+  noise on an untrained one. A stage that ends before any training forward (two ``cascade_step()`` in a
+  row) gets no noise: its std is recorded as 0. The training hooks add pending noise in a forward
+  pre-hook of the model (run before FSDP2 gathers the weights, so every rank writes its own shard);
+  without them the layer adds it at the start of its forward. Under ``torch.compile`` that addition
+  is one custom op (``fastlora::cascade_stage_noise``), so ``fullgraph=True`` holds.
 - W is written in place (the paper merges each stage into the backbone). A W shared with another
-  module (tied embeddings) changes there too: do not target such a layer.
+  module (tied embeddings, one weight in two layers) would change there too: ``inject`` refuses such
+  a layer, naming both owners (``inject(..., untie_shared_weights=True)`` gives it its own copy).
+- A non-finite fast pair (a blown-up step) is never folded: ``cascade_step()`` raises
+  ``NonFiniteStageError`` (a ValueError), and the training schedule's stage end is skipped with a
+  RuntimeWarning naming the layer; W, the record, the pair and the stage counter stay as they were
+  (the step counter goes on, the next stage end is tried after cascade_interval more steps).
 - What regenerates W, the record (host memory, in the state dict, so in adapter-only checkpoints):
   folded_A (K, r, d_in) and folded_B (K, d_out, r), the pair of each of the K folded stages as it
   was folded (K r (d_in + d_out) numbers, the pair's dtype), noise_seeds (K + 1,) int64 and
-  noise_stds (K + 1,) float64, the seed and std of each stage's noise (std 0: no noise). ``cascades``
-  = K. The record grows by r (d_in + d_out) numbers per stage, without limit (no SVD recompression:
-  not in the paper). Loading replays what W lacks, in order (noise 0, fold 0, noise 1, ..., noise K) with the
-  recorded pairs and stds, in W's dtype on W's device: a model built from the pretrained weights
-  gets the trained W bit for bit (its stage-0 noise is already there; its std must match the
-  record's to 1e-6 relative: the same on one device type). A W that already holds a prefix of the
-  record gets only the rest (loading a checkpoint twice applies nothing twice); a W of another
-  history is refused, unless the adapter keeps the pretrained copy: then W is restored from it
-  and the whole record replayed. A whole-model state dict (``model.load_state_dict``, a Trainer
+  noise_stds (K + 1,) float64, the seed and std of each stage's noise (std 0: no noise, or for the
+  current stage, noise not added yet). ``cascades`` = K. The record grows by r (d_in + d_out)
+  numbers per stage (no SVD recompression: not in the paper). Loading replays what W lacks, in order
+  (noise 0, fold 0, noise 1, ..., noise K) with the recorded pairs and stds, in W's dtype on W's
+  device: a model built from the pretrained weights gets the trained W bit for bit (its std must
+  match the record's to 1e-6 relative: the same on one device type). A W that already holds a prefix
+  of the record gets only the rest (loading a checkpoint twice applies nothing twice); a W of another
+  history is refused, unless the adapter keeps the pretrained copy: then W is restored from it and
+  the whole record replayed. A whole-model state dict (``model.load_state_dict``, a Trainer
   resuming) holds the layer's W with its stages: that W is taken as it is, the record with it.
+- Replay cost and its bound: each replayed stage draws a full d_out x d_in noise tensor on the CPU and
+  adds a rank-r product, about 15-25 ns per weight element on one CPU core (5 ms per stage for
+  512 x 512, 0.4 s for 4096 x 4096). A load that would replay more than ``MAX_REPLAY_STAGES`` (256)
+  stages in one layer is refused before anything changes (a hostile record cannot cost more than
+  about 1.5 s per 512 x 512 layer, 100 s per 4096 x 4096 one); raise the module constant to load
+  longer records, or save and load the model's weights (one read). Training warns once when a layer
+  passes that many stages.
 - Undo. The folded stages and the noise are the model (a merge the paper makes permanent): a
   disabled adapter turns off the current fast pair only (y = x W^T + b with the stages in W), and
   ``merge``/``unmerge`` concern the fast pair and restore W bit for bit. ``cascade_step`` and
   ``restore_pretrained`` refuse a merged layer. Replaying the record backwards would not be exact
   in floating point; instead, with keep_pretrained_copy (default off) the adapter keeps a CPU copy
   of W as it found it (one more W in host memory per layer and rank, never on the device, not
-  saved), and
-  ``restore_pretrained()`` copies it back bit for bit and empties the record. After ``next_task``
-  W is the next task's starting point: a fresh adapter records (and copies) from there.
+  saved), and ``restore_pretrained()`` copies it back bit for bit and starts the record again at
+  stage 0 (its noise pending). After ``next_task`` W is the next task's starting point: a fresh
+  adapter records (and copies) from there.
 - Stage length: cascade_interval optimizer steps (default 100). The paper starts a stage every
   epoch: set cascade_interval to the steps per epoch, or to None and call ``cascade_step()`` at
   each epoch end.
 - Step counter and stage counter are persistent int64 buffers (optimizer_steps, cascades), so a
-  checkpoint taken mid-stage resumes the schedule.
+  checkpoint taken mid-stage resumes the schedule; whether the current stage's noise is in W is
+  read from the record (noise_intensity > 0 and the last std 0: not yet).
 - FSDP2: W and the pair may be sharded DTensors; a stage end gathers the pair and W's std (every
   rank calls it from the post-step hook), and each rank adds its shard of the fold and the noise.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -73,7 +96,13 @@ from .base import Adapter, adapter_factory
 _SEED_MIX = 1_000_003
 _RECORD = ("folded_A", "folded_B", "noise_seeds", "noise_stds")
 _STD_RTOL = 1e-6  # a stage-0 std computed on another device type may differ in its last bits
+#: the most stages one layer's load may replay (each: a full-W noise draw and a rank-r product)
+MAX_REPLAY_STAGES = 256
 Record = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+class NonFiniteStageError(ValueError):
+    """A stage end found a non-finite fast pair: nothing was folded (W and the record are unchanged)."""
 
 
 def _refresh_after_load(module: "CascadeLoraAdapter", incompatible_keys) -> None:
@@ -87,14 +116,51 @@ def backbone_noise(shape: torch.Size, std: float, intensity: float, seed: int, d
     return (uniform.to(dtype) - 0.5) * (intensity * std)
 
 
+@torch.no_grad()
+def add_noise_(weight: Tensor, seed: int, std: float, intensity: float) -> None:
+    """W += (U - 1/2) * intensity * std, U from ``seed`` (nothing when std is 0); W plain or a sharded
+    DTensor (each rank adds its shard)."""
+    if std == 0:
+        return
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    noise = backbone_noise(weight.shape, std, intensity, seed, dtype)
+    local_view(weight).add_(local_part(noise.to(device=weight.device, dtype=weight.dtype), weight))
+
+
+@torch.no_grad()
+def add_stage_noise_(weight: Tensor, seed: int, intensity: float) -> float:
+    """A stage's noise into W with W's current std (gathered when sharded); returns that std (0 when
+    intensity is 0: nothing added)."""
+    if not intensity:
+        return 0.0
+    std = float(full_view(weight).to(torch.promote_types(weight.dtype, torch.float32)).std())
+    add_noise_(weight, seed, std, intensity)
+    return std
+
+
+@torch.library.custom_op("fastlora::cascade_stage_noise", mutates_args=("weight", "std_out"))
+def _stage_noise_op(weight: Tensor, std_out: Tensor, seed: Tensor, intensity: float) -> None:
+    """``add_stage_noise_`` as one opaque op for torch.compile (a CPU generator cannot be traced):
+    the seed comes from a CPU int64 tensor, the std goes into ``std_out`` (a CPU float64 tensor)."""
+    std_out.fill_(add_stage_noise_(weight, int(seed), intensity))
+
+
+@_stage_noise_op.register_fake
+def _stage_noise_fake(weight: Tensor, std_out: Tensor, seed: Tensor, intensity: float) -> None:
+    return None
+
+
 class CascadeLoraAdapter(Adapter):
     """lora_A (r, d_in) kaiming-uniform(a=sqrt 5), lora_B (d_out, r) zeros; persistent buffers
     optimizer_steps and cascades (int64 counters); the stage record (CPU tensors, in the state
-    dict); ``pretrained``: the CPU copy of W with keep_pretrained_copy, else None. Building it adds
-    stage 0's noise to ``weight``; later stages reach W through the layer it is bound to.
+    dict); ``pretrained``: the CPU copy of W with keep_pretrained_copy, else None; ``pending_start``:
+    whether the current stage's noise still waits for the stage's first training forward. Building
+    it leaves ``weight`` as it is; stages reach W through the layer it is bound to.
     """
 
     variable_length_keys = frozenset(_RECORD)
+    #: the adapter writes its layer's W in place (inject refuses a W shared with another module)
+    writes_weight = True
 
     def __init__(self, config: CascadeLoraConfig, in_features: int, out_features: int,
                  weight: Tensor, layer_index: int = 0) -> None:
@@ -108,11 +174,17 @@ class CascadeLoraAdapter(Adapter):
         self.register_load_state_dict_post_hook(_refresh_after_load)
         self.scale = config.scale
         self.keep = 1.0 - float(config.slow_momentum)
+        self.intensity = float(config.noise_intensity)
         self.layer_index = layer_index
         self.folded_A = torch.empty(0, config.r, in_features, dtype=factory["dtype"])
         self.folded_B = torch.empty(0, out_features, config.r, dtype=factory["dtype"])
-        self.noise_seeds = torch.empty(0, dtype=torch.int64)
-        self.noise_stds = torch.empty(0, dtype=torch.float64)
+        self.noise_seeds = torch.tensor([self.noise_seed_of(0)], dtype=torch.int64)
+        # the stds of the folded stages, and the current stage's (0 until its noise is in W); the
+        # current stage's seed and std live in fixed tensors the compiled noise op reads and writes
+        self._stds_done = torch.empty(0, dtype=torch.float64)
+        self._stage_std = torch.zeros(1, dtype=torch.float64)
+        self._stage_seed = torch.tensor(self.noise_seed_of(0), dtype=torch.int64)
+        self.pending_start = bool(self.intensity)
         self.pretrained: Optional[Tensor] = weight.detach().to("cpu", copy=True) if config.keep_pretrained_copy \
             else None
         self._tables: Optional[tuple[dict, dict]] = None
@@ -122,16 +194,20 @@ class CascadeLoraAdapter(Adapter):
         self._cascades = 0
         self.reset_parameters()
 
+    @property
+    def noise_stds(self) -> Tensor:
+        """(K + 1,) float64: the std of each stage's noise (0: none; the current stage's: 0 until added)."""
+        return torch.cat([self._stds_done, self._stage_std])
+
     def bind(self, layer: nn.Module) -> None:
         """Keep the layer's parameter and buffer tables (not the layer: no reference cycle; a deepcopy
         of the layer carries them over): W is ``weight`` there, live under FSDP2's swaps, and the layer
         is merged while its ``weight_before_merge`` is set."""
         self._tables = (layer._parameters, layer._buffers)
 
-    @torch.no_grad()
     def start(self) -> None:
-        """Stage 0's noise into the bound layer's W (see ``Adapter.start``)."""
-        self._start_stage(self._weight())
+        """Training may begin (``inject`` calls it once every layer is built). W is not written here:
+        stage 0's noise waits for the stage's first training forward (``pending_start``)."""
 
     def _weight(self) -> Tensor:
         """The bound layer's W, refused while the layer is merged (W then holds the fast pair)."""
@@ -143,8 +219,21 @@ class CascadeLoraAdapter(Adapter):
         return parameters["weight"]
 
     @torch.no_grad()
+    def start_training(self, weight: Optional[Tensor] = None) -> None:
+        """The current stage starts training: its noise into W (``weight``, the bound layer's W by
+        default), its std recorded. Nothing when no noise is pending."""
+        if not self.pending_start:
+            return
+        if torch.compiler.is_compiling():
+            torch.ops.fastlora.cascade_stage_noise(weight, self._stage_std, self._stage_seed, self.intensity)
+        else:
+            weight = self._weight() if weight is None else weight
+            self._stage_std.fill_(add_stage_noise_(weight, int(self._stage_seed), self.intensity))
+        self.pending_start = False
+
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """A fresh fast pair: A kaiming-uniform(a=sqrt 5), B zeros.
+        """A fresh fast pair: A kaiming-uniform(a=sqrt 5), B zeros, no gradients.
 
         A is drawn whole from the default generator on every rank (the same values as one process
         draws) and each rank keeps its shard when the pair is sharded (FSDP2).
@@ -153,36 +242,26 @@ class CascadeLoraAdapter(Adapter):
                                                      device=self.lora_A.device), a=math.sqrt(5))
         copy_full_(self.lora_A, new_a)
         copy_full_(self.lora_B, torch.zeros(self.lora_B.shape, dtype=self.lora_B.dtype, device=self.lora_B.device))
+        self.lora_A.grad = None
+        self.lora_B.grad = None
 
     def noise_seed_of(self, stage: int) -> int:
         """The seed of stage ``stage``'s noise in this layer."""
         return ((self.config.noise_seed * _SEED_MIX + self.layer_index) * _SEED_MIX + stage) % 2**63
 
-    @torch.no_grad()
-    def _add_noise(self, weight: Tensor, seed: int, std: float) -> None:
-        """W += (U - 1/2) * noise_intensity * std, U from ``seed`` (nothing when std is 0)."""
-        if std == 0:
-            return
-        dtype = torch.promote_types(weight.dtype, torch.float32)
-        noise = backbone_noise(weight.shape, std, float(self.config.noise_intensity), seed, dtype)
-        local_view(weight).add_(local_part(noise.to(device=weight.device, dtype=weight.dtype), weight))
+    def _begin_stage(self, stage: int) -> None:
+        """Record stage ``stage`` (its seed; std 0) with its noise pending."""
+        seed = self.noise_seed_of(stage)
+        self.noise_seeds = torch.cat([self.noise_seeds, torch.tensor([seed], dtype=torch.int64)])
+        self._stage_seed.fill_(seed)
+        self._stage_std.zero_()
+        self.pending_start = bool(self.intensity)
 
     @torch.no_grad()
     def _fold(self, weight: Tensor, lora_a: Tensor, lora_b: Tensor) -> None:
         """W += (1 - slow_momentum) * s * B A (whole factors, on W's device)."""
         fast = lora_b @ lora_a
         local_view(weight).add_(local_part((fast * (self.keep * self.scale)).to(weight.dtype), weight))
-
-    @torch.no_grad()
-    def _start_stage(self, weight: Tensor) -> None:
-        """Stage ``cascades``'s noise into W (std taken now, 0 when noise_intensity is 0), recorded."""
-        seed = self.noise_seed_of(self._cascades)
-        std = 0.0
-        if self.config.noise_intensity:
-            std = float(full_view(weight).to(torch.promote_types(weight.dtype, torch.float32)).std())
-        self._add_noise(weight, seed, std)
-        self.noise_seeds = torch.cat([self.noise_seeds, torch.tensor([seed], dtype=torch.int64)])
-        self.noise_stds = torch.cat([self.noise_stds, torch.tensor([std], dtype=torch.float64)])
 
     @torch.no_grad()
     def refresh_counters(self) -> None:
@@ -194,44 +273,65 @@ class CascadeLoraAdapter(Adapter):
         """The fast pair's arguments (plain LoRA on W, which holds the stages)."""
         return {"lora_a": self.lora_A, "lora_b": self.lora_B, "scale": self.scale}
 
+    def _describe(self) -> str:
+        return f"LoRASC layer {self.layer_index} ({self.in_features} -> {self.out_features}), stage {self._cascades}"
+
     @torch.no_grad()
     def cascade_step(self) -> None:
-        """End the stage: W += (1 - slow_momentum) * s * B A (recorded), then a fresh pair and the next
-        stage's noise. Refused while the layer is merged."""
+        """End the stage: W += (1 - slow_momentum) * s * B A (recorded), then a fresh pair (gradients
+        dropped) whose stage's noise waits for its first training forward. Refused while the layer is
+        merged, and when the pair holds a non-finite value (W and the record are then unchanged)."""
         weight = self._weight()
         lora_a, lora_b = full_view(self.lora_A), full_view(self.lora_B)  # a sharded pair is gathered
+        if not (bool(torch.isfinite(lora_a).all()) and bool(torch.isfinite(lora_b).all())):
+            raise NonFiniteStageError(f"{self._describe()}: the fast pair holds non-finite values (NaN or inf: a "
+                                      f"diverged step); it is not folded into W, and W and the stage record are "
+                                      f"unchanged")
         self._fold(weight, lora_a, lora_b)
         self.folded_A = torch.cat([self.folded_A, lora_a.detach()[None].cpu()])
         self.folded_B = torch.cat([self.folded_B, lora_b.detach()[None].cpu()])
+        self._stds_done = torch.cat([self._stds_done, self._stage_std])  # 0 when the stage never trained
         self._cascades += 1
         self.cascades.fill_(self._cascades)
         self.reset_parameters()
-        self._start_stage(weight)
+        self._begin_stage(self._cascades)
+        if self._cascades == MAX_REPLAY_STAGES + 1:
+            warnings.warn(f"{self._describe()}: more than MAX_REPLAY_STAGES = {MAX_REPLAY_STAGES} stages; loading "
+                          f"an adapter-only checkpoint of it replays each one and is refused past that bound "
+                          f"(raise fastlora.methods.cascade.MAX_REPLAY_STAGES, or save the model's weights)",
+                          RuntimeWarning, stacklevel=2)
 
     @torch.no_grad()
     def after_optimizer_step(self, learning_rate: float) -> tuple[nn.Parameter, ...]:
         """Count the step; every cascade_interval-th step runs ``cascade_step`` and returns the
-        restarted pair (its optimizer state is dropped by the training hooks)."""
+        restarted pair (its optimizer state is dropped by the training hooks). A non-finite pair is
+        not folded: the stage goes on, with a RuntimeWarning."""
         self._steps += 1
         self.optimizer_steps.fill_(self._steps)
         interval = self.config.cascade_interval
         if interval is None or self._steps % interval != 0:
             return ()
-        self.cascade_step()
+        try:
+            self.cascade_step()
+        except NonFiniteStageError as error:
+            warnings.warn(f"fastlora: {error}; the stage goes on", RuntimeWarning, stacklevel=2)
+            return ()
         return (self.lora_A, self.lora_B)
 
     @torch.no_grad()
     def restore_pretrained(self) -> None:
         """W <- the copy kept at build time (keep_pretrained_copy), bit for bit; the record then holds
-        no stage and no noise (cascades 0). The fast pair and the step counter stay."""
+        no stage (cascades 0), and stage 0's noise is pending again. The fast pair and the step counter
+        stay."""
         if self.pretrained is None:
             raise ValueError("this LoRASC adapter keeps no copy of the pretrained W; build it with "
                              "CascadeLoraConfig(keep_pretrained_copy=True)")
         weight = self._weight()
         copy_full_(weight, self.pretrained.to(weight.device))
         self.folded_A, self.folded_B = self.folded_A[:0], self.folded_B[:0]
-        self.noise_seeds = torch.tensor([self.noise_seed_of(0)], dtype=torch.int64)
-        self.noise_stds = torch.zeros(1, dtype=torch.float64)
+        self.noise_seeds = self.noise_seeds[:0]
+        self._stds_done = self._stds_done[:0]
+        self._begin_stage(0)
         self._cascades = 0
         self.cascades.fill_(0)
 
@@ -252,20 +352,30 @@ class CascadeLoraAdapter(Adapter):
         return folded_a, folded_b, seeds.to(torch.int64), stds.to(torch.float64)
 
     def _held_stages(self, record: Record) -> Optional[int]:
-        """How many of the record's stages W already holds (this adapter's record is its prefix), or
-        None when W holds another history that the kept pretrained copy can replace; raises otherwise."""
+        """How many of the record's stages W already holds (this adapter's record is its prefix; the
+        current stage's noise may be pending here), or None when W holds another history that the
+        kept pretrained copy can replace; raises otherwise, and when the load would replay more than
+        MAX_REPLAY_STAGES stages."""
         folded_a, folded_b, seeds, stds = record
-        held = self.folded_A.shape[0]
-        if held <= folded_a.shape[0] and torch.equal(seeds[:held + 1], self.noise_seeds) \
-                and torch.allclose(stds[:held + 1], self.noise_stds, rtol=_STD_RTOL, atol=0) \
-                and torch.equal(folded_a[:held].to(self.folded_A.dtype), self.folded_A) \
-                and torch.equal(folded_b[:held].to(self.folded_B.dtype), self.folded_B):
-            return held
-        if self.pretrained is not None:
-            return None
-        raise ValueError(f"W holds {held} LoRASC stages (and their noise) that do not begin the checkpoint's "
-                         f"{folded_a.shape[0]}: load into a model built from the pretrained weights, or build the "
-                         f"adapters with keep_pretrained_copy=True so that the load starts from that copy")
+        held, count = self.folded_A.shape[0], folded_a.shape[0]
+        own = self.noise_stds
+        close = lambda a, b: torch.allclose(a, b, rtol=_STD_RTOL, atol=0)  # noqa: E731
+        prefix = held <= count and torch.equal(seeds[:held + 1], self.noise_seeds) \
+            and close(stds[:held], own[:held]) and (self.pending_start or close(stds[held:held + 1], own[held:])) \
+            and torch.equal(folded_a[:held].to(self.folded_A.dtype), self.folded_A) \
+            and torch.equal(folded_b[:held].to(self.folded_B.dtype), self.folded_B)
+        if not prefix and self.pretrained is None:
+            raise ValueError(f"W holds {held} LoRASC stages (and their noise) that do not begin the checkpoint's "
+                             f"{count}: load into a model built from the pretrained weights, or build the "
+                             f"adapters with keep_pretrained_copy=True so that the load starts from that copy")
+        replayed = count - held if prefix else count
+        if replayed > MAX_REPLAY_STAGES:
+            raise ValueError(f"LoRASC record: loading it replays {replayed} stages into this layer "
+                             f"({self.out_features} x {self.in_features}), more than MAX_REPLAY_STAGES = "
+                             f"{MAX_REPLAY_STAGES} (each stage costs a full-W noise draw and a rank-{self.config.r} "
+                             f"product); raise fastlora.methods.cascade.MAX_REPLAY_STAGES to load it, or load "
+                             f"the model's weights instead")
+        return held if prefix else None
 
     def note_load(self, with_weight: bool) -> None:
         """A state dict that holds W too (loaded into W just before) brings the stages in W: none is replayed."""
@@ -281,17 +391,25 @@ class CascadeLoraAdapter(Adapter):
         """Bring W to what the record describes (replaying the stages it lacks; none when not
         ``replay``: W already holds them), then keep the record."""
         folded_a, folded_b, seeds, stds = record
-        held = self._held_stages(record) if replay else folded_a.shape[0]
-        weight = self._weight()
-        if held is None:
-            copy_full_(weight, self.pretrained.to(weight.device))
-            self._add_noise(weight, int(seeds[0]), float(stds[0]))
-            held = 0
-        for stage in range(held, folded_a.shape[0]):
-            self._fold(weight, folded_a[stage].to(weight.device), folded_b[stage].to(weight.device))
-            self._add_noise(weight, int(seeds[stage + 1]), float(stds[stage + 1]))
+        count = folded_a.shape[0]
+        if replay:
+            held = self._held_stages(record)
+            weight = self._weight()
+            noisy = not self.pending_start  # W holds the noise of stage ``held``
+            if held is None:
+                copy_full_(weight, self.pretrained.to(weight.device))
+                held, noisy = 0, False
+            for stage in range(held, count + 1):
+                if stage > held or not noisy:
+                    add_noise_(weight, int(seeds[stage]), float(stds[stage]), self.intensity)
+                if stage < count:
+                    self._fold(weight, folded_a[stage].to(weight.device), folded_b[stage].to(weight.device))
         self.folded_A, self.folded_B = folded_a.detach().cpu().clone(), folded_b.detach().cpu().clone()
-        self.noise_seeds, self.noise_stds = seeds.cpu().clone(), stds.cpu().clone()
+        self.noise_seeds = seeds.cpu().clone()
+        self._stds_done = stds[:-1].cpu().clone()
+        self._stage_std.copy_(stds[-1:])
+        self._stage_seed.fill_(int(seeds[-1]))
+        self.pending_start = bool(self.intensity) and float(stds[-1]) == 0.0
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
