@@ -1,4 +1,11 @@
-"""Model-level operations: inject adapters, merge/unmerge, unload, inspect."""
+"""Model-level operations: inject adapters, merge/unmerge, unload, inspect.
+
+Shared weights: an operation that writes W in place is refused on a layer whose W shares memory with
+another module's parameter or buffer (an lm_head tied to the input embeddings, one weight in two
+Linear layers, a view of W held elsewhere), naming both owners: ``merge`` (``merge_and_unload`` builds
+new weights instead) and ``inject`` of a method that writes W (LoRASC), whose
+``untie_shared_weights=True`` gives each such layer its own copy of W and says so in a warning.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +36,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
+def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: bool = False) -> nn.Module:
     """Replace every nn.Linear (and transformers' Conv1D: GPT-2's layers) the config selects with an
     AdapterLinear (sharing the original weight and bias) and freeze every other parameter.
 
@@ -49,6 +56,13 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     listed target matches no nn.Linear, when nothing matches, when ``model`` is itself an
     nn.Linear (wrap it with ``AdapterLinear.from_linear``), or naming the layer whose rank
     or device does not fit.
+
+    A method that writes W in place (LoRASC: its stages and noise) is refused on a layer whose W
+    shares memory with another module's tensor (an lm_head tied to the input embeddings, one
+    weight in two Linear layers), naming both owners: writing it would change the other module
+    too. ``untie_shared_weights=True`` gives each such layer its own copy of W instead (one more W
+    of memory each; the other modules keep the original, unchanged) and warns naming them; a
+    transformers model that re-ties its weights (``tie_weights()``) would share them again.
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
@@ -61,7 +75,12 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         raise ValueError("model already has fastlora adapters; merge_and_unload it first")
     chosen = _chosen_linears(model, config)
     saved_modules = _modules_to_save(model, config, chosen)
+    untied = _check_weight_writes(model, config, chosen, untie_shared_weights)
     layers = _build_layers(model, chosen, config)
+    for (names, _), layer in zip(chosen, layers):
+        if names[0] in untied:  # its own copy of W, in the layer's (d_out, d_in) layout
+            layer.weight = nn.Parameter(layer.weight.detach().clone(memory_format=torch.contiguous_format),
+                                        requires_grad=False)
     for param in model.parameters():
         param.requires_grad_(False)
     for module in saved_modules:
@@ -69,11 +88,38 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for (names, _), layer in zip(chosen, layers):
         for name in names:
             _set_submodule(model, name, layer)
-    for layer in layers:  # the methods' first writes to W, once nothing can fail half-way
+    for layer in layers:  # the methods' first side effects, once nothing can fail half-way
         layer.adapter.start()
+    if untied:
+        warnings.warn(f"inject: {', '.join(f'{n!r} (shared with {o})' for n, o in untied.items())}: each of these "
+                      f"layers now has its own copy of W, which {type(config).__name__} writes in place; the modules "
+                      f"that shared it keep the original W, unchanged", stacklevel=2)
     from .training import watch_training_rules  # training builds on this module
     watch_training_rules(model)
     return model
+
+
+def _writes_weight(config: AdapterConfig) -> bool:
+    """Whether the config's method writes its layers' W in place (LoRASC)."""
+    from .registry import method_of
+    return bool(getattr(method_of(config).adapter, "writes_weight", False))
+
+
+def _check_weight_writes(model: nn.Module, config: AdapterConfig, chosen, untie: bool) -> dict[str, list[str]]:
+    """For a method that writes W: refuse (or, with ``untie``, list for a copy) the chosen layers whose W
+    shares memory with another module's tensor. Returns {first layer name: the other owners} to untie."""
+    if not isinstance(untie, bool):
+        raise TypeError(f"untie_shared_weights must be a bool, got {type(untie).__name__}")
+    if not _writes_weight(config):
+        return {}
+    shared = _shared_weight_owners(model, [(names[0], linear, linear.weight) for names, linear in chosen])
+    if shared and not untie:
+        name, others = next(iter(shared.items()))
+        raise ValueError(f"cannot inject {type(config).__name__} into layer {name!r}: its weight shares memory with "
+                         f"{others} (tied or shared weights), and the method writes W in place (its stages and "
+                         f"noise), which would change them too; untie it first (give the layer its own copy of W), "
+                         f"or pass untie_shared_weights=True to have inject do that")
+    return shared
 
 
 def _chosen_linears(model: nn.Module, config: AdapterConfig) -> list[tuple[list[str], nn.Module]]:
@@ -194,22 +240,36 @@ def _memory_span(tensor: Tensor) -> tuple[int, int, int]:
     return tensor.untyped_storage().data_ptr(), start, start + reach * size
 
 
-def _check_unshared_weights(model: nn.Module, layers: list[tuple[str, AdapterLinear]]) -> None:
-    """Raise ValueError naming both owners when an adapted layer's W shares memory with a tensor
-    of another module (an lm_head tied to the input embeddings, one W in two layers)."""
+def _shared_weight_owners(model: nn.Module, layers: list[tuple[str, nn.Module, Tensor]]) -> dict[str, list[str]]:
+    """{layer name: the other tensors (qualified names) its W shares memory with} for each (name, module, W)
+    of ``layers`` whose W overlaps a parameter or buffer of another module (an lm_head tied to the input
+    embeddings, one W in two layers); layers sharing nothing are left out."""
     owners = []
     for prefix, module in model.named_modules(remove_duplicate=False):
         for key, tensor in (*module._parameters.items(), *module._buffers.items()):
             if tensor is not None and tensor.numel() and not tensor.is_meta:
                 owners.append((module, f"{prefix}.{key}" if prefix else key, _memory_span(tensor)))
-    for name, layer in layers:
-        address, start, end = _memory_span(layer.weight)
+    shared = {}
+    for name, layer, weight in layers:
+        if weight.is_meta or not weight.numel():
+            continue
+        address, start, end = _memory_span(weight)
         others = sorted({owner for module, owner, (a, s, e) in owners
                          if module is not layer and a == address and s < end and start < e})
         if others:
-            raise ValueError(f"cannot merge layer {name!r}: its weight shares memory with {others} (tied or shared "
-                             f"weights), which merging would change too; untie it first (give the layer its own "
-                             f"copy of W) or use merge_and_unload, which builds new weights")
+            shared[name] = others
+    return shared
+
+
+def _check_unshared_weights(model: nn.Module, layers: list[tuple[str, AdapterLinear]]) -> None:
+    """Raise ValueError naming both owners when an adapted layer's W shares memory with a tensor
+    of another module (an lm_head tied to the input embeddings, one W in two layers)."""
+    shared = _shared_weight_owners(model, [(name, layer, layer.weight) for name, layer in layers])
+    if shared:
+        name, others = next(iter(shared.items()))
+        raise ValueError(f"cannot merge layer {name!r}: its weight shares memory with {others} (tied or shared "
+                         f"weights), which merging would change too; untie it first (give the layer its own "
+                         f"copy of W) or use merge_and_unload, which builds new weights")
 
 
 def merge(model: nn.Module, backup_device: Optional[Union[str, torch.device]] = None) -> None:
