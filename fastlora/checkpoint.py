@@ -12,11 +12,18 @@ layer's own config. Trainable parameters outside the adapters (a classifier head
 unfroze: PEFT's ``modules_to_save``) are saved too, under their qualified names, listed in the
 optional field "saved_parameters"; ``load_adapter`` copies them back.
 
-Writing touches these two files only (``write_files_atomically``): each is written to a temp
-file in the directory, flushed and fsynced, then renamed over the old one (weights first,
-config last) and the directory is fsynced. An exception at any step puts the old files back.
-A hard crash between the two renames can leave the new weights beside the old config; the
-config records the SHA-256 of its weights file, so ``load_adapter`` refuses such a mixed pair.
+Writing touches these two files only (``write_files_atomically``), and their leftover temp
+files: each is written to a temp file in the directory (``.<name>.<12 hex digits>.tmp``),
+flushed and fsynced, then renamed over the old one (weights first, config last) and the
+directory is fsynced. An exception at any step puts the old files back. A hard crash between
+the two renames can leave the new weights beside the old config, with the old weights still
+under a hidden temp name (and the new config under another); the config records the SHA-256 of
+its weights file, so ``load_adapter`` refuses such a mixed pair and names the temp file that
+holds the weights the config was saved with (rename it to ``adapter_model.safetensors`` for the
+old adapter) and the one holding the config of the weights in place. The next successful save
+into the directory removes leftover temp files of the names it writes (a second process saving
+into the same directory at the same time is not supported). A new file gets the mode a file
+created under the process's umask gets; a replaced one keeps the old file's mode.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -166,7 +174,20 @@ def write_files_atomically(directory: PathLike, files: Sequence[tuple[str, Write
     finally:
         for path in (*staged.values(), *kept.values()):
             path.unlink(missing_ok=True)
+    for name, _ in files:  # what a hard crash of an earlier save left behind
+        for path in leftover_temp_files(target, name):
+            path.unlink(missing_ok=True)
     return target
+
+
+def leftover_temp_files(directory: Path, name: str) -> list[Path]:
+    """The temp files of ``name`` (``.<name>.<12 hex digits>.tmp``) in ``directory``, sorted: left there
+    only by a save that crashed hard (every finished or failed save removes its own)."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{12}}\.tmp")
+    try:
+        return sorted(p for p in directory.iterdir() if pattern.fullmatch(p.name) and p.is_file())
+    except OSError:
+        return []
 
 
 def _temp_path(directory: Path, name: str) -> Path:
@@ -179,14 +200,16 @@ def _write_temp(directory: Path, name: str, write: Writer) -> Path:
     path = _temp_path(directory, name)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        write(str(path))
+        mode = path.stat().st_mode & 0o7777  # 0o666 less the umask
+        write(str(path))  # a writer may replace the file (safetensors creates its own, mode 0o600)
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
         if (directory / name).exists():
-            os.chmod(path, (directory / name).stat().st_mode & 0o7777)
+            mode = (directory / name).stat().st_mode & 0o7777
+        os.chmod(path, mode)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -299,7 +322,8 @@ def _read_checkpoint(directory: PathLike) -> tuple[dict[str, AdapterConfig], dic
         if actual != expected:
             raise ValueError(f"{weights} (SHA-256 {actual[:12]}...) is not the weights file {path.name} was saved "
                              f"with ({expected[:12]}...): the files come from different saves (an interrupted "
-                             f"save_adapter?) or the weights file was changed")
+                             f"save_adapter?) or the weights file was changed"
+                             f"{_crash_leftovers(path.parent, expected, actual)}")
     try:
         state = load_safetensors(data)
     except Exception as error:  # safetensors raises its own error types for malformed files
@@ -312,6 +336,38 @@ def _read_checkpoint(directory: PathLike) -> tuple[dict[str, AdapterConfig], dic
     if missing:
         raise ValueError(f"{weights}: lacks the saved parameters {missing[:5]} that {path.name} lists")
     return configs, state, {name: state.pop(name) for name in saved_names}
+
+
+def _crash_leftovers(directory: Path, expected: str, actual: str) -> str:
+    """What the temp files a hard-crashed save left in ``directory`` hold, for the mixed-pair refusal:
+    the weights the config expects (SHA-256 ``expected``) and the config of the weights in place (``actual``)."""
+    def weights_digest(path: Path) -> Optional[str]:
+        try:
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            return None
+
+    def config_digest(path: Path) -> Optional[str]:
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        return meta.get("weights_sha256") if isinstance(meta, dict) else None
+
+    notes = []
+    for path in leftover_temp_files(directory, WEIGHTS_FILE):
+        notes.append(f"{path.name} holds the weights {CONFIG_FILE} was saved with (rename it to {WEIGHTS_FILE} to "
+                     f"load the previous adapter)" if weights_digest(path) == expected
+                     else f"{path.name}: other weights")
+    for path in leftover_temp_files(directory, CONFIG_FILE):
+        if config_digest(path) == actual:
+            notes.append(f"{path.name} holds the config of the weights in place (rename it to {CONFIG_FILE} to load "
+                         f"the new adapter)")
+        elif config_digest(path) == expected:
+            notes.append(f"{path.name}: a copy of {CONFIG_FILE}")
+        else:
+            notes.append(f"{path.name}: another config")
+    return "; temp files left by the interrupted save: " + "; ".join(notes) if notes else ""
 
 
 def differing_fields(ours: dict[str, Any], theirs: dict[str, Any], ignored: Collection[str] = ()) -> list[str]:
