@@ -74,9 +74,30 @@ def _show_progress() -> None:
     logger.setLevel(logging.INFO)
 
 
+def backend_problem(backend: str) -> str | None:
+    """Why ``backend`` cannot run on this machine (checked before the demo loads its model), or None."""
+    if backend != "triton":
+        return None
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return "--backend triton needs the triton package (pip install triton), which is not installed"
+    import torch
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return ("--backend triton needs a CUDA GPU, and this machine has none (or set TRITON_INTERPRET=1 to run the "
+                "Triton kernels on the CPU under the interpreter, slowly); use --backend torch or auto here")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "demo":
+        problem = backend_problem(args.backend)
+        if problem:
+            parser.error(problem)
         from . import demo
         _show_progress()
         reports = demo.run_demo(args.methods, args.rank, args.steps, args.backend)

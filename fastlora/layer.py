@@ -59,6 +59,9 @@ class AdapterLinear(nn.Module):
     LoRASC: the layer's first forward in training mode of each stage (adapter enabled, not merged)
     adds that stage's noise to W before it computes (``CascadeLoraAdapter.start_training``).
 
+    On the meta device (no values) a forward of meta inputs gives a meta output of the right shape and
+    dtype, as nn.Linear does; a real input is refused, naming the layer's device.
+
     Named adapters: ``adapter`` (and ``config``) is the active one, called ``adapter_name``
     ("default" from ``inject``); others wait in ``inactive_adapters`` with their parameters frozen
     (``add_named_adapter``, ``activate``, ``remove_adapter``).
@@ -119,12 +122,23 @@ class AdapterLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if not self.adapter_enabled:
             return F.linear(x, self._base_weight(), self.bias)
+        if self.weight.is_meta:
+            return self._meta_forward(x)
         adapter = self.adapter
         if self.training and isinstance(adapter, CascadeLoraAdapter) and adapter.pending_start:
             adapter.start_training(self.weight)  # a LoRASC stage's first training forward: its noise into W
         dropout = self.config.dropout if self.training else 0.0
         return adapted_linear(x, self.weight, self.bias, dropout=dropout, backend=self.config.backend,
                               **self.adapter.op_arguments(self.weight))
+
+    def _meta_forward(self, x: Tensor) -> Tensor:
+        """The output's shape and dtype for a layer on the meta device (as nn.Linear gives there): the
+        reference formula on meta tensors; an input with values is refused, naming the cause."""
+        if not x.is_meta:
+            raise ValueError(f"this AdapterLinear ({self.in_features} -> {self.out_features}) is on the meta device "
+                             f"(no values) and the input on {x.device}: materialise the layer first (e.g. "
+                             f"to_empty(device=...) and load its weights, or inject into a loaded model)")
+        return self.reference_forward(x)
 
     def adapter_names(self) -> list[str]:
         """The active adapter's name, then the inactive ones' in the order they were added."""
@@ -204,7 +218,8 @@ class AdapterLinear(nn.Module):
         if not self.adapter_enabled:
             return F.linear(x, self._base_weight(), self.bias)
         adapter = self.adapter
-        if self.training and isinstance(adapter, CascadeLoraAdapter) and adapter.pending_start:
+        if self.training and isinstance(adapter, CascadeLoraAdapter) and adapter.pending_start \
+                and not self.weight.is_meta:
             adapter.start_training(self.weight)  # as ``forward``
         args = {"lora_a": None, "lora_b": None, **self.adapter.op_arguments(self.weight)}
         args.pop("gate_value", None)  # the host copy of a tensor gate: the reference reads the gate itself
