@@ -50,6 +50,7 @@ from fastlora.kernels import PLANS, adapted_linear
 from fastlora.kernels.plans import auto_choices
 
 from .bench_methods import method_jobs
+from .check_report import error_line
 from .timing import measure
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -156,7 +157,7 @@ def run_jobs(jobs: dict[str, Callable[[], dict]], keep_going: Callable[[], bool]
             results[name] = job()
         except Exception:  # noqa: BLE001 - recorded in the report
             errors[name] = traceback.format_exc(limit=-10)
-            print(f"  {name:38s} failed: {errors[name].strip().splitlines()[-1]}", flush=True)
+            print(f"  {name:38s} failed: {error_line(errors[name])}", flush=True)
             continue
         rank = f" (rank {results[name]['active_rank']})" if "active_rank" in results[name] else ""
         _print_row(name + rank, results[name])

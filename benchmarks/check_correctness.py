@@ -1,6 +1,10 @@
 """GPU check, section "correctness": every plan and method against a float64 reference.
 
-Items, in priority order (the time budget may cut the tail, listed as skipped):
+    python -m benchmarks.check_correctness --plan P --device cuda|cpu [--quick] [--start I] [--budget-s S] --out PATH
+
+runs one plan's items in this process (benchmarks/correctness_section.py runs each plan so, in
+a child process of its own). Items, in priority order (the time budget may cut the tail, listed
+as skipped):
 
 - op cases: ``adapted_linear`` on each plan vs ``adapted_linear_reference`` on float64
   copies (dropout: the reference gets ``dropout_mask(n, d_in, p, seed)``, the mask every
@@ -26,10 +30,13 @@ Tolerance: 1e-2 in bf16/fp16, 1e-4 in fp32 (TF32 off).
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import os
+import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -39,6 +46,7 @@ from fastlora import kernels
 from fastlora.kernels import adapted_linear, adapted_linear_reference
 
 from .bench_methods import METHODS, method_layer
+from .isolated import is_cuda_fault, write_json
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 SCALE = 2.0
@@ -281,27 +289,60 @@ def _fp32(check: Callable[[], dict]) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
+def plan_items(device: torch.device, plan: str, quick: bool) -> list[tuple[dict, Callable[[], dict]]]:
+    """The items of one plan, in priority order; plan "auto" holds the layer items."""
+    return [item for item in items(device, () if plan == "auto" else (plan,), quick) if item[0]["plan"] == plan]
+
+
 ITEM_RESERVE_S = 3.0
+FAULT_EXIT = 3  # the child's exit status after an item that left its CUDA context unusable
 
 
-def run(ctx) -> dict:
-    """Every item while the section's time lasts; pass when every item ran and passed."""
-    result = {"items": [], "skipped": []}
-    ctx.partial(result)
-    for desc, check in items(ctx.device, ctx.plans, ctx.quick):
-        if not ctx.has(ITEM_RESERVE_S):
+def run_plan(device: torch.device, plan: str, quick: bool, start: int, budget_s: float, out: Path) -> int:
+    """Run the items of ``plan`` from index ``start`` while ``budget_s`` lasts, rewriting ``out`` before
+    and after every item ({"plan", "total", "items", "running": the item started and not finished,
+    "skipped"}); stop after a CUDA fault. The exit status: 0, or FAULT_EXIT after a fault."""
+    deadline = time.monotonic() + budget_s
+    todo = plan_items(device, plan, quick)
+    result = {"plan": plan, "total": len(todo), "items": [], "running": None, "skipped": []}
+    for index, (desc, check) in enumerate(todo[start:], start):
+        desc = {**desc, "index": index}
+        if deadline - time.monotonic() < ITEM_RESERVE_S:
             result["skipped"].append({**desc, "reason": "time budget"})
             continue
-        start = time.monotonic()
+        result["running"] = desc
+        write_json(out, result)
+        begin = time.monotonic()
         try:
             desc.update(check())
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # an asynchronous fault shows here, on its item
         except Exception:  # noqa: BLE001 - one failing item must not stop the others
-            desc.update({"pass": False, "error": traceback.format_exc(limit=-10)})
-        desc["seconds"] = time.monotonic() - start  # first calls include Triton compilation and autotuning
+            error = traceback.format_exc(limit=-10)
+            desc.update({"pass": False, "error": error, "fault": is_cuda_fault(error)})
+        desc["seconds"] = time.monotonic() - begin  # first calls include Triton compilation and autotuning
         result["items"].append(desc)
-        ctx.partial(result)
-    failed = [i for i in result["items"] if not i["pass"]]
-    result["status"] = "fail" if failed or not result["items"] else "pass"
-    result["summary"] = (f"{len(result['items']) - len(failed)}/{len(result['items'])} items pass, "
-                         f"{len(result['skipped'])} skipped for time")
-    return result
+        result["running"] = None
+        write_json(out, result)
+        if desc.get("fault"):
+            return FAULT_EXIT
+    write_json(out, result)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """One plan's items in this process: ``python -m benchmarks.check_correctness --plan P --out PATH``."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.check_correctness", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plan", required=True, choices=(*kernels.PLANS, "auto"))
+    parser.add_argument("--device", choices=("cuda", "cpu"), required=True)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes")
+    parser.add_argument("--start", type=int, default=0, help="index of the first item to run")
+    parser.add_argument("--budget-s", type=float, default=float("inf"))
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    return run_plan(torch.device(args.device), args.plan, args.quick, args.start, args.budget_s, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

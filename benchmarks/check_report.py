@@ -1,18 +1,30 @@
 """The compact table the GPU check prints last: one line per section, then what failed, the
-one-pass kernels per programs per row block, then the speed cases (medians, ratios vs base and
-PEFT, peak memory, launches, byte floors)."""
+whole-model table of section bench_model, the one-pass kernels per programs per row block, then
+the speed cases (medians, ratios vs base and PEFT, peak memory, launches, byte floors)."""
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 MAX_FAILURES = 12
 MAX_WIDTH = 200  # characters of a failure line
 
 
-def _num(value: Optional[float], fmt: str) -> str:
+def cell(value: Optional[float], fmt: str) -> str:
     """``value`` formatted, or a dash as wide as ``fmt``'s width."""
     width = int(fmt.split(".")[0].rstrip("df") or 0)
     return "-".rjust(width) if value is None else format(value, fmt)
+
+
+EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b")
+
+
+def error_line(text: str) -> str:
+    """The line of a traceback that names the exception (CUDA errors are followed by advice lines), else
+    its last line."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    named = [line for line in lines if EXCEPTION_LINE.match(line)]
+    return (named or lines or [""])[-1]
 
 
 def item_name(item: dict) -> str:
@@ -26,16 +38,21 @@ def _failures(report: dict) -> list[str]:
     for item in correctness.get("items", []):
         if not item["pass"]:
             what = item_name(item)
-            why = item["error"].strip().splitlines()[-1] if "error" in item else \
+            why = error_line(item["error"]) if "error" in item else \
                 f"max error {item['max_error']:.2e} >= {item['tolerance']:.0e} ({item['errors']})"
             lines.append(f"  correctness {what}: {why}"[:MAX_WIDTH])
+    for m, entry in report["sections"].get("bench_model", {}).get("models", {}).items():
+        losses = entry.get("losses")
+        if losses and not losses["agree"]:
+            lines.append(f"  bench_model {m}: no-dropout losses differ from {losses['reference']}'s by up to "
+                         f"{max(losses['max_abs_diff'].values()):.2e} (tolerance {losses['tolerance']:.2e})")
     for item in report["sections"].get("compile", {}).get("errors", []):
-        lines.append(f"  compile {item_name(item)}: {item['error'].strip().splitlines()[-1]}"[:MAX_WIDTH])
+        lines.append(f"  compile {item_name(item)}: {error_line(item['error'])}"[:MAX_WIDTH])
     graphs = report["sections"].get("graphs", {})
     for group in ("syncs", "method_syncs", "graphs"):
         for name, row in graphs.get(group, {}).items():
             if not row["pass"]:
-                why = row["error"].strip().splitlines()[-1] if "error" in row else str(row)
+                why = error_line(row["error"]) if "error" in row else str(row)
                 lines.append(f"  {group} {name}: {why}"[:MAX_WIDTH])
     return lines[:MAX_FAILURES] + ([f"  ... {len(lines) - MAX_FAILURES} more"] if len(lines) > MAX_FAILURES else [])
 
@@ -57,13 +74,13 @@ def _speed(report: dict) -> list[str]:
         for name, res in rows.items():
             ratio, floor = ratios.get(name, {}), case.get("floors", {}).get(name, {})
             vs_base, vs_peft = ratio.get("fwd_bwd_ms_vs_base"), ratio.get("fwd_bwd_ms_vs_peft")
-            lines.append(f"  {name:28s} {res['fwd_ms']:8.3f} {res['fwd_bwd_ms']:8.3f} {_num(vs_base, '6.3f')} "
-                         f"{_num(vs_peft, '6.3f')} {_num(res['fwd_bwd_peak_mib'], '8.1f')} "
-                         f"{_num(res['fwd_bwd_launches'], '6d')} {_num(floor.get('fwd_floor_ms'), '9.3f')} "
-                         f"{_num(floor.get('fwd_vs_floor'), '5.2f')} {_num(floor.get('fwd_bwd_floor_ms'), '9.3f')} "
-                         f"{_num(floor.get('fwd_bwd_vs_floor'), '5.2f')}")
-        lines += [f"  {name:28s} failed: {tb.strip().splitlines()[-1][:100]}" for name, tb in case["errors"].items()]
-        lines += [f"  target {t['target']}: {_num(t['value'], '.3f')} vs limit {t['limit']:.3f} "
+            lines.append(f"  {name:28s} {res['fwd_ms']:8.3f} {res['fwd_bwd_ms']:8.3f} {cell(vs_base, '6.3f')} "
+                         f"{cell(vs_peft, '6.3f')} {cell(res['fwd_bwd_peak_mib'], '8.1f')} "
+                         f"{cell(res['fwd_bwd_launches'], '6d')} {cell(floor.get('fwd_floor_ms'), '9.3f')} "
+                         f"{cell(floor.get('fwd_vs_floor'), '5.2f')} {cell(floor.get('fwd_bwd_floor_ms'), '9.3f')} "
+                         f"{cell(floor.get('fwd_bwd_vs_floor'), '5.2f')}")
+        lines += [f"  {name:28s} failed: {error_line(tb)[:100]}" for name, tb in case["errors"].items()]
+        lines += [f"  target {t['target']}: {cell(t['value'], '.3f')} vs limit {t['limit']:.3f} "
                   f"{'met' if t['met'] else 'NOT met' if t['met'] is False else 'not measured'}"
                   for t in case.get("targets", [])]
     return lines
@@ -78,15 +95,23 @@ def _onepass_groups(report: dict) -> list[str]:
             if f"onepass_groups_{kind}_ms" in shape]
 
 
+def _models(report: dict) -> list[str]:
+    """Section bench_model's table (benchmarks/bench_model.py: ``render``)."""
+    section = report["sections"].get("bench_model", {})
+    if not section.get("models"):
+        return []
+    from .bench_model import render as models_table  # bench_model imports this module
+    return models_table(section).splitlines()
+
+
 def render(report: dict) -> str:
     """The table as text."""
     lines = [f"gpu_check on {report['device']} (plans {', '.join(report['plans'])})",
              f"{'section':12s} {'status':8s} {'s':>6s}  summary"]
     for name, sec in report["sections"].items():
-        note = sec.get("summary") or sec.get("reason") or \
-            (sec["traceback"].strip().splitlines()[-1] if "traceback" in sec else "")
-        lines.append(f"{name:12s} {sec['status']:8s} {_num(sec.get('seconds'), '6.1f')}  {note}"[:MAX_WIDTH])
+        note = sec.get("summary") or sec.get("reason") or (error_line(sec["traceback"]) if "traceback" in sec else "")
+        lines.append(f"{name:12s} {sec['status']:8s} {cell(sec.get('seconds'), '6.1f')}  {note}"[:MAX_WIDTH])
     failures = _failures(report)
     if failures:
         lines += ["failures:", *failures]
-    return "\n".join(lines + _onepass_groups(report) + _speed(report))
+    return "\n".join(lines + _models(report) + _onepass_groups(report) + _speed(report))

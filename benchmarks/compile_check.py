@@ -46,6 +46,8 @@ from benchmarks.check_report import item_name  # noqa: E402
 
 ARCH = 90  # H100 / H200
 KINDS = ("op", "method", "layer", "neat", "speed")
+#: the gpu_check section's order: the speed section runs first, then correctness (op items first)
+SECTION_KINDS = ("speed", "op", "layer", "method", "neat")
 #: (rank, features) of the speed section's raw ops past the correctness items' r = 16 (r = 64,
 #: its dropout variant, its half-masked variant r = 32); its method layers run at r = 64 too
 SPEED_OPS = ((64, frozenset()), (64, frozenset({"dropout"})), (32, frozenset()))
@@ -157,32 +159,37 @@ def items(kinds: tuple[str, ...], dtypes: tuple[torch.dtype, ...], plans: tuple[
 
 def _every_item(kinds: tuple[str, ...], dtypes: tuple[torch.dtype, ...],
                 plans: tuple[str, ...]) -> Iterator[tuple[dict, Callable[[], object]]]:
+    """Per dtype, the items of each kind in the order ``kinds`` lists them."""
     from benchmarks import check_correctness as cc
     from benchmarks.bench_methods import METHODS
 
     cpu = torch.device("cpu")
     shapes = {k: v for k, v in cc.SHAPES.items() if k != "bench"}  # "bench" specializes like "plain"
-    for dtype in dtypes:
-        name = str(dtype).replace("torch.", "")
-        if "op" in kinds:
+
+    def of_kind(kind: str, dtype: torch.dtype, name: str) -> Iterator[tuple[dict, Callable[[], object]]]:
+        if kind == "op":
             for case in (c for c in cc.CASES if cc.CASES[c][0] in shapes):
                 for plan in plans:
                     yield {"kind": "op", "case": case, "dtype": name, "plan": plan}, \
                         lambda c=case, d=dtype, p=plan: cc.op_check(c, d, shapes, cpu, p)
-        for method in METHODS if "method" in kinds else ():
+        for method in METHODS if kind == "method" else ():
             for plan in plans:
                 yield {"kind": "method", "method": method, "dtype": name, "plan": plan}, \
                     lambda m=method, d=dtype, p=plan: cc.method_check(m, d, shapes["base"], cpu, p)
-        for method in METHODS if "layer" in kinds and dtype != torch.float32 else ():
+        for method in METHODS if kind == "layer" and dtype != torch.float32 else ():
             for plan in plans:
                 yield {"kind": "layer", "method": method, "dtype": name, "plan": plan}, \
                     lambda m=method, d=dtype, p=plan: _forced(p, lambda: cc.layer_check(m, shapes["base"], d, cpu))
-        for act in cc.NEAT_ACTS if "neat" in kinds else ():
+        for act in cc.NEAT_ACTS if kind == "neat" else ():
             for plan in plans:
                 yield {"kind": "neat", "act": act, "dtype": name, "plan": plan}, \
                     lambda a=act, d=dtype, p=plan: cc.neat_check(a, shapes["base"], d, cpu, p)
-        if "speed" in kinds and dtype == torch.bfloat16:  # the speed section runs bf16 only
+        if kind == "speed" and dtype == torch.bfloat16:  # the speed section runs bf16 only
             yield from _speed_items(shapes["base"][:3], plans)
+
+    for dtype in dtypes:
+        for kind in kinds:
+            yield from of_kind(kind, dtype, str(dtype).replace("torch.", ""))
 
 
 def _speed_items(size: tuple[int, int, int], plans: tuple[str, ...]) -> Iterator[tuple[dict, Callable[[], object]]]:
@@ -268,15 +275,17 @@ def compile_all(arch: int, selection: tuple, jobs: int, on_item: Callable[[dict]
 
 
 def section(ctx) -> dict:
-    """gpu_check section "compile": the correctness section's Triton kernels compiled for this GPU by
-    one process per CPU core into Triton's cache, so that the sections after it load them instead of
-    compiling each configuration in turn; the summary (compile seconds, registers, spills) and any
-    kernel that does not compile. Not a check: the correctness section runs what compiled."""
+    """gpu_check section "compile" (before the speed and correctness sections): the Triton kernels of
+    the speed section and then of the correctness items (``SECTION_KINDS`` order, bf16 then fp16)
+    compiled for this GPU by one process per CPU core into Triton's cache, so that the sections
+    after it load them instead of compiling each configuration in turn; the summary (compile
+    seconds, registers, spills) and any kernel that does not compile. Not a check: the
+    correctness section runs what compiled."""
     major, minor = torch.cuda.get_device_capability(ctx.device) if ctx.device.type == "cuda" else divmod(ARCH, 10)
     plans = tuple(p for p in ctx.plans if p in TRITON_PLANS)
     jobs = os.cpu_count() or 1
     start = time.perf_counter()
-    results, skipped = compile_all(10 * major + minor, (KINDS, (torch.bfloat16, torch.float16), plans), jobs,
+    results, skipped = compile_all(10 * major + minor, (SECTION_KINDS, (torch.bfloat16, torch.float16), plans), jobs,
                                    deadline=ctx.deadline - 2.0)
     result = report(results, time.perf_counter() - start, jobs)
     totals = result["summary"]

@@ -1,11 +1,13 @@
-"""pytest-benchmark suites of one adapted Linear (benchmarks/test_bench_*.py).
+"""pytest-benchmark suites of one adapted Linear and of a whole model's training step
+(benchmarks/test_bench_*.py).
 
     python -m pytest benchmarks --benchmark-only [--benchmark-save=NAME] [--benchmark-compare]
 
 CUDA: the benchmark's shapes (N = 8192; 4096 -> 4096 and 4096 -> 11008; r = 16 and 64) in
 bf16, base, every plan, auto, PEFT and every method; CPU: one small float32 case, torch plan
-(a check that the suites run). The timed call synchronizes the GPU. Not collected by the
-default ``python -m pytest`` (testpaths = tests); skipped when pytest-benchmark is missing.
+(a check that the suites run); the model step: benchmarks/test_bench_model.py. The timed call
+synchronizes the GPU. Not collected by the default ``python -m pytest`` (testpaths = tests);
+skipped when pytest-benchmark is missing.
 """
 from __future__ import annotations
 

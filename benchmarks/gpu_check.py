@@ -1,34 +1,49 @@
 """One short GPU run that answers the performance questions of fastlora, in sections.
 
-    python benchmarks/gpu_check.py [--out PATH] [--budget-s 400] [--only a,b] [--device cpu --quick]
+    python benchmarks/gpu_check.py [--out PATH] [--budget-s 450] [--only a,b] [--device cpu --quick]
 
-Sections (each isolated: a failing one records its traceback and the others still run;
-the JSON report is rewritten to --out after every item):
+Sections, in this order (each isolated: a failing one records its traceback and the others
+still run; the JSON report is rewritten to --out after every item):
 
 1. env: versions (python, torch, triton, peft, CUDA, driver), the device, copy bandwidth,
-   cuBLAS bf16 TFLOP/s; compile: the correctness section's Triton kernels compiled by one
-   process per CPU core into Triton's cache, every autotuner configuration, with registers
-   and spills (benchmarks/compile_check.py): the sections after it load instead of compiling
-   one configuration after another (a cold run otherwise spends minutes compiling);
-2. correctness: every plan and method, bf16 and fp16 (fp32 with TF32 off), output and every
-   gradient against float64 (benchmarks/check_correctness.py);
-3. graphs: host syncs under ``torch.cuda.set_sync_debug_mode("error")`` and CUDA-graph capture
+   cuBLAS bf16 TFLOP/s (benchmarks/check_env.py);
+2. bench_model: the whole-model training step of base, PEFT, fastlora.accelerate and
+   fastlora.inject on a Llama-shaped and a BERT-shaped model, with the no-dropout loss
+   agreement and first steps on cold and warm caches (benchmarks/bench_model.py, in a child
+   process; ``--quick``: no first-step processes);
+3. compile: the speed section's and then the correctness items' Triton kernels compiled by one
+   process per CPU core into Triton's cache, every autotuner configuration, with registers and
+   spills (benchmarks/compile_check.py): the sections after it load instead of compiling one
+   configuration after another (a cold run otherwise spends minutes compiling);
+4. speed: forward and forward + backward medians, peak memory and launches of base, every
+   plan, auto, PEFT and every method on one Linear (benchmarks/bench_adapted_linear.py), and next
+   to base and each plan its byte/FLOP floor and measured / floor (benchmarks/byte_model.py;
+   documented peaks of an H100/H200, else those section env measured);
+5. correctness: every plan and method, bf16 and fp16 (fp32 with TF32 off), output and every
+   gradient against float64, each plan in a child process of its own: a kernel fault costs
+   one item, not the run (benchmarks/correctness_section.py);
+6. graphs: host syncs under ``torch.cuda.set_sync_debug_mode("error")`` and CUDA-graph capture
    and replay with dropout (benchmarks/check_graphs.py);
-4. gemm: the fused Triton GEMM vs cuBLAS, and the persistent one-pass forward and input
-   gradient for several programs per row block; 5. skinny: GB/s of the skinny kernels vs the
-   copy ceiling; 7. trace: the top kernels of one step (benchmarks/check_kernels.py);
-6. speed: forward and forward + backward medians, peak memory and launches of base, every
-   plan, auto, PEFT and every method (benchmarks/bench_adapted_linear.py), and next to base and
-   each plan its byte/FLOP floor and measured / floor (benchmarks/byte_model.py; documented
-   peaks of an H100/H200, else those section env measured); run last: it takes what is left
-   of the budget.
+7. gemm: the fused Triton GEMM vs cuBLAS, and the persistent one-pass forward and input
+   gradient for several programs per row block; 8. skinny: GB/s of the skinny kernels vs the
+   copy ceiling; 9. trace: the top kernels of one step (benchmarks/check_kernels.py);
+10. onepass_bisect, only when named in ``--only``: each feature combination of the one-pass
+   input gradient at the odd shape in its own process, then compute-sanitizer on the first
+   that faults (benchmarks/onepass_bisect.py).
 
 Time budget (--budget-s, counted from start): a section gets at most its share of the
-budget (the rest rolls over) and skips, with the reason, the items that no longer fit.
-The exit status is 1 when a check section (correctness, graphs) fails or errors, 2 when the run
-was stopped (SIGTERM or Ctrl-C: the report and table still cover what finished), else 0.
-``--device cpu --quick`` runs what a CPU can (torch plan, tiny shapes; every plan under
-TRITON_INTERPRET=1) so the script itself is tested without a GPU.
+budget (the rest rolls over) and skips, with the reason, the items that no longer fit. Shares
+(``SECTIONS``; of the default 450 s): env 4% (18 s), bench_model 30% (135 s), compile 25%,
+speed 25%, correctness 30%, graphs 8%, gemm 5%, skinny 4%, trace 3%; they add up to more than
+the whole, so the earlier sections come first and the later ones get what is left.
+Sections run in this process share its CUDA context: after one of them reports a CUDA fault
+(an illegal memory access leaves the context unusable), the others are skipped with that
+reason; bench_model, correctness and onepass_bisect run in child processes and still run.
+The exit status is 1 when a check section (bench_model's loss agreement, correctness, graphs)
+fails or errors, 2 when the run was stopped (SIGTERM or Ctrl-C: the report and table still
+cover what finished), else 0. ``--device cpu --quick`` runs what a CPU can (torch plan, tiny
+shapes and models; every plan under TRITON_INTERPRET=1) so the script itself is tested
+without a GPU.
 """
 from __future__ import annotations
 
@@ -52,15 +67,18 @@ if __package__ in (None, ""):  # run as a script path: import from the repositor
 import torch  # noqa: E402
 
 from benchmarks import (  # noqa: E402
-    check_correctness,
+    bench_model,
     check_env,
     check_graphs,
     check_kernels,
     check_report,
     check_speed,
     compile_check,
+    correctness_section,
+    onepass_bisect,
 )
 from benchmarks.bench_adapted_linear import RESULTS, device_name, pick_device, slug  # noqa: E402
+from benchmarks.isolated import is_cuda_fault  # noqa: E402
 from fastlora.kernels import PLANS  # noqa: E402
 from fastlora.kernels.dispatch import triton_interpreter_on  # noqa: E402
 
@@ -72,19 +90,24 @@ class Section:
     share: float  # of the budget, at most
     check: bool  # a pass/fail section: its failure fails the run
     needs_cuda: bool
+    isolated: bool  # runs its device work in child processes (unharmed by a fault of this one's context)
+    default: bool = True  # in a run without --only
 
 
 SECTIONS = (
-    Section("env", check_env.run, 0.08, False, False),
-    Section("compile", compile_check.section, 0.3, False, True),
-    Section("correctness", check_correctness.run, 0.45, True, False),
-    Section("graphs", check_graphs.run, 0.12, True, True),
-    Section("gemm", check_kernels.gemm_vs_cublas, 0.08, False, True),
-    Section("skinny", check_kernels.skinny_bandwidth, 0.06, False, True),
-    Section("trace", check_kernels.trace, 0.05, False, False),
-    Section("speed", check_speed.run, 1.0, False, False),
+    Section("env", check_env.run, 0.04, False, False, False),
+    Section("bench_model", bench_model.section, 0.3, True, False, True),
+    Section("compile", compile_check.section, 0.25, False, True, False),
+    Section("speed", check_speed.run, 0.25, False, False, False),
+    Section("correctness", correctness_section.run, 0.3, True, False, True),
+    Section("graphs", check_graphs.run, 0.08, True, True, False),
+    Section("gemm", check_kernels.gemm_vs_cublas, 0.05, False, True, False),
+    Section("skinny", check_kernels.skinny_bandwidth, 0.04, False, True, False),
+    Section("trace", check_kernels.trace, 0.03, False, False, False),
+    Section("onepass_bisect", onepass_bisect.section, 1.0, False, True, True, default=False),
 )
 MIN_SECTION_S = 5.0
+DEFAULT_BUDGET_S = 450.0
 CHECKS = {s.name for s in SECTIONS if s.check}
 
 
@@ -98,6 +121,7 @@ class Context:
     report: dict
     save: Callable[[], None]
     name: str = ""
+    fault: Optional[str] = None  # the section in this process that reported a CUDA fault
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -122,6 +146,8 @@ def run_section(section: Section, ctx: Context, budget_end: float) -> dict:
     left = budget_end - start
     if section.needs_cuda and ctx.device.type != "cuda":
         return {"status": "skipped", "reason": "needs a CUDA device"}
+    if ctx.fault and not section.isolated:
+        return {"status": "skipped", "reason": f"the CUDA context of this process faulted in section {ctx.fault}"}
     if left < MIN_SECTION_S:
         return {"status": "skipped", "reason": f"time budget ({left:.0f} s left)"}
     ctx.name, ctx.deadline = section.name, start + min(left, section.share * (budget_end - START))
@@ -131,6 +157,8 @@ def run_section(section: Section, ctx: Context, budget_end: float) -> dict:
     except Exception:  # noqa: BLE001 - one failing section must not stop the others
         result = {"status": "error", "traceback": traceback.format_exc()}
     result["seconds"] = time.monotonic() - start
+    if ctx.device.type == "cuda" and not section.isolated and is_cuda_fault(json.dumps(result, default=str)):
+        ctx.fault = section.name
     return result
 
 
@@ -141,13 +169,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a check of the script itself)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON report (default benchmarks/results/gpu_check_<device>[_quick].json)")
-    parser.add_argument("--budget-s", type=float, default=400.0, help="wall-clock budget from start (s)")
-    parser.add_argument("--only", default=None, help=f"comma-separated sections of {[s.name for s in SECTIONS]}")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="wall-clock budget from start (s)")
+    optional = [s.name for s in SECTIONS if not s.default]
+    parser.add_argument("--only", default=None, help=f"comma-separated sections of {[s.name for s in SECTIONS]} "
+                                                     f"(default: all but {optional})")
     parser.add_argument("--plans", default=None, help=f"comma-separated plans to check (default: every plan of "
                                                       f"{list(PLANS)} the device runs)")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
-    only = set(args.only.split(",")) if args.only else {s.name for s in SECTIONS}
+    only = set(args.only.split(",")) if args.only else {s.name for s in SECTIONS if s.default}
     unknown = only - {s.name for s in SECTIONS}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")

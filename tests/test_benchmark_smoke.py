@@ -101,3 +101,37 @@ def test_run_jobs_records_failures_and_skips():
                                         lambda: next(calls))
     assert results == {"good": row} and skipped == ["late"]
     assert list(errors) == ["bad"] and "ZeroDivisionError" in errors["bad"]
+
+
+def test_host_path_benchmark(tmp_path):
+    """benchmarks/bench_host.py --quick: every variant timed, ratios to PEFT of the same dropout, the aten
+    operators of one call counted (the frozen Linear's forward and input gradient: a handful)."""
+    pytest.importorskip("peft")
+    from benchmarks import bench_host
+
+    out = tmp_path / "host.json"
+    report = bench_host.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+    rows = report["variants"]
+    assert set(rows) == {"linear", "peft", "accelerate", "inject", "peft_dropout", "accelerate_dropout",
+                         "inject_dropout"}
+    for name, row in rows.items():
+        assert math.isfinite(row["us_per_call"]) and row["us_per_call"] > 0
+        assert len(row["us_rounds"]) == bench_host.QUICK["rounds"]
+        peft = rows["peft_dropout" if name.endswith("_dropout") else "peft"]
+        assert row["vs_peft"] == pytest.approx(row["us_per_call"] / peft["us_per_call"])
+        assert row["aten_ops"] == sum(row["ops"].values()) > 0 and row["python_top"]
+    assert rows["peft"]["vs_peft"] == 1.0 and rows["inject_dropout"]["dropout"] == bench_host.DROPOUT
+    assert 2 <= rows["linear"]["aten_ops"] < rows["peft"]["aten_ops"]
+
+
+def test_host_path_layers_compute_the_same_output():
+    """Without dropout, PEFT's layer, its accelerated twin and the injected AdapterLinear give one output."""
+    pytest.importorskip("peft")
+    from benchmarks import bench_host
+
+    t = bench_host.host_tensors(torch.Generator().manual_seed(0))
+    layers = bench_host.layers(t)
+    expected = layers["peft"](t["x"])
+    for name in ("accelerate", "inject"):
+        torch.testing.assert_close(layers[name](t["x"]), expected)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -22,18 +23,21 @@ from benchmarks.profiling import is_copy, per_name, top
 from benchmarks.speed_targets import targets
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ["env", "compile", "correctness", "graphs", "gemm", "skinny", "trace", "speed"]
+SECTIONS = ["env", "bench_model", "compile", "speed", "correctness", "graphs", "gemm", "skinny", "trace"]
 CUDA_SECTIONS = {"compile", "graphs", "gemm", "skinny"}
+PASS_SECTIONS = {"bench_model", "correctness"}  # check sections: "pass" when every check ran and passed
 
 
-def _run(tmp_path: Path, *args: str, interpret: bool = False) -> tuple[subprocess.CompletedProcess, dict]:
+def _run(tmp_path: Path, *args: str, interpret: bool = False,
+         cwd: Optional[Path] = None) -> tuple[subprocess.CompletedProcess, dict]:
+    """gpu_check --device cpu --quick in a subprocess (from ``tmp_path`` unless ``cwd``): its result and report."""
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["FASTLORA_CACHE_DIR"] = str(tmp_path / "cache")  # auto's plan cache: not the user's
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick",
-                           "--out", str(out), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           "--out", str(out), *args], cwd=cwd or tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     return proc, json.loads(out.read_text())
 
@@ -49,11 +53,35 @@ def test_every_section_is_reported(cpu_run):
     assert list(report["sections"]) == SECTIONS
     assert report["plans"] == ["torch"] and report["failed_checks"] == []
     for name, section in report["sections"].items():
-        expected = "skipped" if name in CUDA_SECTIONS else ("pass" if name == "correctness" else "ok")
+        expected = "skipped" if name in CUDA_SECTIONS else ("pass" if name in PASS_SECTIONS else "ok")
         assert section["status"] == expected, (name, section)
     assert all(report["sections"][name]["reason"] == "needs a CUDA device" for name in CUDA_SECTIONS)
     for name in SECTIONS:  # the table printed last names every section
         assert name in proc.stdout.split("section")[-1]
+
+
+def test_bench_model_section(cpu_run):
+    """The whole-model benchmark ran in its child for both models (no first-step processes in a quick run)."""
+    section = cpu_run[1]["sections"]["bench_model"]
+    assert set(section["models"]) == {"llama", "bert"} and section["first_step_variants"] == []
+    for entry in section["models"].values():
+        assert len(entry["variants"]) == 7 and entry["errors"] == {} and entry["losses"]["agree"]
+    assert "losses agree" in section["summary"]
+    assert "no-dropout losses vs peft_fp32" in cpu_run[0].stdout.split("section")[-1]
+
+
+def test_speed_section_with_peft_from_the_repository_root(tmp_path):
+    """Run from the repository root (where a top-level package could shadow what peft imports), the speed
+    section measures PEFT's layer too."""
+    proc, report = _run(tmp_path, "--only", "env,correctness,speed", cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert list(report["sections"]) == ["env", "speed", "correctness"]
+    speed = report["sections"]["speed"]
+    assert speed["status"] == "ok" and speed["cases"], speed
+    case = speed["cases"][0]
+    assert {"peft", "peft_dropout"} <= set(case["results"]) and case["errors"] == {}
+    assert case["ratios"]["fastlora_auto"]["fwd_bwd_ms_vs_peft"] is not None
+    assert report["sections"]["correctness"]["status"] == "pass"
 
 
 def test_correctness_covers_every_case_and_method(cpu_run):
@@ -94,6 +122,7 @@ def test_speed_floors_next_to_the_medians(cpu_run):
                               speed["peaks"]["bandwidth"], speed["peaks"]["flops"])
     assert set(case["floors"]) == {"base", "fastlora_torch"}
     table = proc.stdout.split("section")[-1]
+    speed_table = table[table.index("speed N="):]  # after bench_model's table (which has a "base" row too)
     for name, plan in (("base", "base"), ("fastlora_torch", "torch")):
         row, res = case["floors"][name], case["results"][name]
         assert 0 < row["fwd_floor_ms"] < row["fwd_bwd_floor_ms"]
@@ -101,7 +130,7 @@ def test_speed_floors_next_to_the_medians(cpu_run):
         assert row["fwd_bwd_floor_ms"] == pytest.approx(model[plan]["step_us"] / 1e3)
         assert row["fwd_vs_floor"] == pytest.approx(res["fwd_ms"] / row["fwd_floor_ms"])
         assert row["fwd_bwd_vs_floor"] == pytest.approx(res["fwd_bwd_ms"] / row["fwd_bwd_floor_ms"])
-        line = next(line for line in table.splitlines() if line.split()[:1] == [name])
+        line = next(line for line in speed_table.splitlines() if line.split()[:1] == [name])
         assert line.split()[-4:] == [f"{row['fwd_floor_ms']:.3f}", f"{row['fwd_vs_floor']:.2f}",
                                      f"{row['fwd_bwd_floor_ms']:.3f}", f"{row['fwd_bwd_vs_floor']:.2f}"]
     assert "fwd floor" in table and "TFLOP/s (measured" in table
@@ -169,16 +198,30 @@ def test_profile_tables():
 
 
 def test_table_lists_failures():
+    cuda_error = ("Traceback ...\ntorch.AcceleratorError: CUDA error: an illegal memory access was encountered\n"
+                  "For debugging consider passing CUDA_LAUNCH_BLOCKING=1\n"
+                  "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n")
+    losses = {"reference": "peft_fp32", "steps": 8, "max_abs_diff": {"accelerate_fp32": 0.5, "inject_fp32": 0.01},
+              "tolerance": 0.02, "loss_drop": 1.0, "agree": False}
+    model = {"class": "LlamaForCausalLM", "parameters": 1e6, "batch": {"sequences": 1, "tokens": 8}, "variants": {},
+             "ratios": {}, "losses": losses, "first_step": {}, "errors": {}, "skipped": []}
     report = {"device": "GPU", "plans": ["triton"], "sections": {
+        "bench_model": {"status": "fail", "seconds": 1.0, "summary": "llama: LOSSES DISAGREE", "device": "GPU",
+                        "models": {"llama": model}},
         "correctness": {"status": "fail", "seconds": 1.0, "summary": "0/1", "items": [
             {"kind": "op", "case": "plain", "dtype": "bfloat16", "plan": "triton", "pass": False,
-             "max_error": 0.5, "tolerance": 0.01, "errors": {"y": 0.5}}]},
+             "max_error": 0.5, "tolerance": 0.01, "errors": {"y": 0.5}},
+            {"kind": "op", "case": "odd", "dtype": "bfloat16", "plan": "onepass", "pass": False, "fault": True,
+             "error": cuda_error}]},
         "graphs": {"status": "fail", "seconds": 1.0, "syncs": {"triton/plain": {"pass": False, "error": "sync"}},
                    "method_syncs": {}, "graphs": {}},
         "speed": {"status": "error", "traceback": "Traceback ...\nRuntimeError: boom"}}}
     text = render(report)
     assert "correctness op plain bfloat16 triton: max error 5.00e-01" in text
+    assert "correctness op odd bfloat16 onepass: torch.AcceleratorError: CUDA error: an illegal memory access" in text
     assert "syncs triton/plain: sync" in text and "RuntimeError: boom" in text
+    assert "bench_model llama: no-dropout losses differ from peft_fp32's by up to 5.00e-01" in text
+    assert ": DISAGREE" in text  # the model table
 
 
 class _Ctx:
@@ -284,8 +327,8 @@ def test_stopped_run_keeps_its_report(tmp_path, monkeypatch):
         ctx.partial({"items": [{"kind": "op", "pass": True}]})
         gpu_check._terminate(signal.SIGTERM, None)
 
-    sections = (gpu_check.Section("env", lambda ctx: {"summary": "ok"}, 0.1, False, False),
-                gpu_check.Section("correctness", stopped, 0.5, True, False))
+    sections = (gpu_check.Section("env", lambda ctx: {"summary": "ok"}, 0.1, False, False, False),
+                gpu_check.Section("correctness", stopped, 0.5, True, False, True))
     monkeypatch.setattr(gpu_check, "SECTIONS", sections)
     handler = signal.getsignal(signal.SIGTERM)
     try:

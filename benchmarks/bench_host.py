@@ -1,0 +1,194 @@
+"""Host time of one adapted layer's call path (CPU): fastlora against PEFT on tiny tensors.
+
+    python -m benchmarks.bench_host [--quick] [--out PATH]
+
+At x (8, 64), 64 -> 64, r = 8, float32, one CPU thread, the arithmetic is negligible: what is
+timed is the per-call work in Python, the dispatcher and autograd, which a GPU step pays
+before every launch too. Variants, each in training mode:
+
+- ``linear``: the frozen nn.Linear alone (the floor);
+- ``peft``: PEFT's lora.Linear (benchmarks/bench_adapted_linear.py: ``peft_layer``);
+- ``accelerate``: the same PEFT layer after ``fastlora.accelerate``;
+- ``inject``: the AdapterLinear of ``fastlora.inject`` on a one-layer model (backend "torch");
+
+the adapted ones without dropout and with dropout 0.05 (``_dropout``). A call: the forward, then
+``torch.autograd.grad`` of the output with a fixed dy with respect to x and the trainable factors.
+
+Timing: ``WARMUP`` calls per variant, then ``ROUNDS`` rounds; in each round every variant runs
+``CALLS`` calls timed together with ``time.perf_counter`` (variants interleaved, so that drift of
+the machine reaches them alike; garbage collection off while timing). Per call: the median over
+the rounds of block time / CALLS; "vs_peft": that median over PEFT's with the same dropout.
+"aten_ops": the aten operators one call dispatches (forward and backward; a TorchDispatchMode
+counting them), with their names; "python_top": the Python functions with the most own time per
+call (cProfile over a block of calls; its overhead inflates them, so read them relative to each
+other). JSON: benchmarks/results/host_path_cpu[_quick].json.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import pstats
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .bench_adapted_linear import RESULTS, device_name, peft_layer, version
+from .isolated import write_json
+
+TOKENS, D_IN, D_OUT, R = 8, 64, 64, 8
+SCALE, DROPOUT = 2.0, 0.05
+WARMUP, ROUNDS, CALLS = 200, 21, 200
+PYTHON_TOP = 10
+QUICK = {"warmup": 20, "rounds": 5, "calls": 20}
+NOTE = ("host time per call on this CPU: Python, dispatcher and autograd work at a size where the arithmetic is "
+        "negligible; not a GPU step time")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_tensors(gen: torch.Generator) -> dict:
+    return {"x": torch.randn(TOKENS, D_IN, generator=gen).requires_grad_(True),
+            "weight": torch.randn(D_OUT, D_IN, generator=gen) * D_IN ** -0.5,
+            "a": torch.randn(R, D_IN, generator=gen) * D_IN ** -0.5, "b": torch.randn(D_OUT, R, generator=gen) * 0.02,
+            "dy": torch.randn(TOKENS, D_OUT, generator=gen)}
+
+
+def _injected(t: dict, dropout: float) -> nn.Module:
+    import fastlora
+
+    model = nn.Sequential(nn.Linear(D_IN, D_OUT, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(t["weight"])
+    config = fastlora.LoraConfig(r=R, alpha=SCALE * R, dropout=dropout, target_modules=["0"], backend="torch")
+    fastlora.inject(model, config)
+    with torch.no_grad():
+        model[0].adapter.lora_A.copy_(t["a"])
+        model[0].adapter.lora_B.copy_(t["b"])
+    return model[0]
+
+
+def layers(t: dict) -> dict[str, nn.Module]:
+    """name -> the layer of each variant (see the module docstring), in training mode."""
+    import fastlora
+
+    linear = nn.Linear(D_IN, D_OUT, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(t["weight"])
+    linear.weight.requires_grad_(False)
+    out = {"linear": linear}
+    for suffix, p in (("", 0.0), ("_dropout", DROPOUT)):
+        out["peft" + suffix] = peft_layer(t["weight"], t["a"], t["b"], SCALE, p)
+        out["accelerate" + suffix] = fastlora.accelerate(peft_layer(t["weight"], t["a"], t["b"], SCALE, p))
+        out["inject" + suffix] = _injected(t, p)
+    return {name: layer.train() for name, layer in out.items()}
+
+
+def call_of(layer: nn.Module, t: dict) -> Callable[[], object]:
+    """One forward + backward of ``layer`` (gradients of x and its trainable parameters)."""
+    inputs = [t["x"], *(p for p in layer.parameters() if p.requires_grad)]
+    return lambda: torch.autograd.grad(layer(t["x"]), inputs, t["dy"])
+
+
+def count_ops(call: Callable[[], object]) -> Counter:
+    with OpCounter() as counter:
+        call()
+    return counter.ops
+
+
+def python_top(call: Callable[[], object], calls: int, k: int = PYTHON_TOP) -> list[dict]:
+    """The ``k`` Python functions with the most own time per call over ``calls`` calls (cProfile)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        call()
+    profiler.disable()
+    rows = sorted(pstats.Stats(profiler).stats.items(), key=lambda kv: -kv[1][2])[:k]
+    return [{"function": f"{Path(file).name}:{line}({name})", "calls": n / calls, "own_us": own / calls * 1e6}
+            for (file, line, name), (_, n, own, _, _) in rows]
+
+
+def time_calls(calls: dict[str, Callable[[], object]], warmup: int, rounds: int, per_block: int) -> dict[str, list]:
+    """name -> microseconds per call of each round (see the module docstring)."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list] = {name: [] for name in calls}
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                for _ in range(per_block):
+                    call()
+                times[name].append((time.perf_counter() - start) / per_block * 1e6)
+    finally:
+        gc.enable()
+    return times
+
+
+def measure(quick: bool) -> dict:
+    """Every variant's median host time per call, its ratio to PEFT's and its aten operators."""
+    torch.set_num_threads(1)
+    t = host_tensors(torch.Generator().manual_seed(0))
+    calls = {name: call_of(layer, t) for name, layer in layers(t).items()}
+    settings = QUICK if quick else {"warmup": WARMUP, "rounds": ROUNDS, "calls": CALLS}
+    times = time_calls(calls, settings["warmup"], settings["rounds"], settings["calls"])
+    variants = {}
+    for name, call in calls.items():
+        ops = count_ops(call)
+        variants[name] = {"dropout": DROPOUT if name.endswith("_dropout") else 0.0,
+                          "us_per_call": statistics.median(times[name]), "us_rounds": times[name],
+                          "aten_ops": sum(ops.values()), "ops": dict(ops.most_common()),
+                          "python_top": python_top(call, settings["calls"])}
+    for name, row in variants.items():
+        peft = variants.get("peft_dropout" if name.endswith("_dropout") else "peft")
+        row["vs_peft"] = row["us_per_call"] / peft["us_per_call"]
+    return {"settings": settings, "variants": variants}
+
+
+def render(report: dict) -> str:
+    lines = [f"bench_host on {report['device']}: x ({TOKENS}, {D_IN}), {D_IN} -> {D_OUT}, r = {R}; {NOTE}",
+             f"  {'variant':20s} {'dropout':>7s} {'us/call':>9s} {'x PEFT':>7s} {'aten ops':>8s}"]
+    lines += [f"  {name:20s} {row['dropout']:7.2f} {row['us_per_call']:9.1f} {row['vs_peft']:7.2f} {row['aten_ops']:8d}"
+              for name, row in report["variants"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_host", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"fewer repetitions {QUICK} (a check of the script)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default benchmarks/results/host_path_cpu[_quick].json)")
+    args = parser.parse_args(argv)
+    report = {"device": device_name(torch.device("cpu")), "torch": torch.__version__, "peft": version("peft"),
+              "shape": {"tokens": TOKENS, "d_in": D_IN, "d_out": D_OUT, "r": R, "dtype": "float32"},
+              "note": NOTE, **measure(args.quick)}
+    out = args.out or RESULTS / f"host_path_cpu{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, report)
+    print(render(report))
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
