@@ -19,11 +19,15 @@ from .masks import dropout_mask
 from .spec import Grads, GradsNeeded, LowRankTerm, fill_skipped_grads
 
 
-def _dropped(x: Tensor, term: LowRankTerm) -> Tensor:
-    """x (N, d_in) times the dropout mask regenerated from the term's seed (the mask of every plan)."""
+def _mask(x: Tensor, term: LowRankTerm) -> Optional[Tensor]:
+    """The dropout mask (N, d_in) regenerated from the term's seed (``masks.dropout_mask``), or None."""
     if term.dropout_p == 0.0:
-        return x
-    return x * dropout_mask(x.shape[0], x.shape[1], term.dropout_p, term.dropout_seed, x.device, x.dtype)
+        return None
+    return dropout_mask(x.shape[0], x.shape[1], term.dropout_p, term.dropout_seed, x.device, x.dtype)
+
+
+def _dropped(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    return x if mask is None else x * mask
 
 
 def _mixed(t: Tensor, term: LowRankTerm) -> tuple[Tensor, Tensor]:
@@ -37,7 +41,7 @@ def shrink(x: Tensor, weight: Tensor, term: LowRankTerm, y0: Optional[Tensor] = 
     """t = dropout(x) A^T (N, r). With gathered rows and no dropout, t = Y0[:, I]."""
     if term.row_index is not None and term.dropout_p == 0.0 and y0 is not None:
         return y0.index_select(1, term.row_index)
-    return _dropped(x, term) @ term.down(weight).t()
+    return _dropped(x, _mask(x, term)) @ term.down(weight).t()
 
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm,
@@ -95,11 +99,11 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Option
     if needs.middle:
         grads.middle = du.t() @ t
     dt = du if term.middle is None else du @ term.middle
+    mask = _mask(x, term) if needs.a or needs.x else None  # drawn once for both gradients
     if needs.a:
-        grads.a = dt.t() @ _dropped(x, term)
+        grads.a = dt.t() @ _dropped(x, mask)
     if needs.x:
-        dxd = dt @ term.down(weight)
-        grads.x = grads.x + _dropped(dxd, term)
+        grads.x = grads.x + _dropped(dt @ term.down(weight), mask)
     return grads
 
 
