@@ -38,7 +38,8 @@ class AdaptedLinearFunction(torch.autograd.Function):
         keep_t = ctx.needs_input_grad[7]  # the gate's gradient needs t even when the gate is 0
         # (gate None: a host gate, gate_value; a tensor gate stays on the device)
         ctx.x_shape = x.shape
-        x2d = x.reshape(-1, x.shape[-1])
+        flat = x.dim() == 2  # the common 2-D call skips the reshapes (host time per call)
+        x2d = x if flat else x.reshape(-1, x.shape[-1])
         y, t = custom_ops.adapted_linear_fwd(x2d, weight, bias, a, b, middle, rank_weights, row_index, col_index,
                                              seed, scale, gate_value, dropout_p, keep_t, backend, device_gate)
         t = t if custom_ops.t_computed(gate_value, keep_t) else None
@@ -47,6 +48,8 @@ class AdaptedLinearFunction(torch.autograd.Function):
         ctx.backend = backend
         if gate is not None:
             ctx.gate_dtype, ctx.gate_shape = gate.dtype, gate.shape
+        if flat:
+            return y
         # aten's _unsafe_view (as matmul uses): same storage, no view relation to y
         return torch.ops.aten._unsafe_view.default(y, (*x.shape[:-1], y.shape[-1]))
 
@@ -55,13 +58,13 @@ class AdaptedLinearFunction(torch.autograd.Function):
         x, weight, a, b, middle, rank_weights, row_index, col_index, t, seed, device_gate = ctx.saved_tensors
         flags = ctx.needs_input_grad
         needs = [flags[i] for i in _GRAD_INPUTS]
-        dy2d = dy.reshape(-1, dy.shape[-1]).contiguous()
+        dy2d = (dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])).contiguous()
         computed = iter(custom_ops.adapted_linear_bwd(
             dy2d, x, weight, a, b, middle, rank_weights, row_index, col_index, t, seed, *ctx.scalars,
             needs, ctx.backend, device_gate))
         grads = [next(computed) if need else None for need in needs]
         grad_x, grad_bias, grad_a, grad_b, grad_middle, grad_rank_weights, grad_gate = grads
-        if grad_x is not None:
+        if grad_x is not None and len(ctx.x_shape) != 2:
             grad_x = grad_x.reshape(ctx.x_shape)
         if grad_gate is not None:
             grad_gate = grad_gate.to(ctx.gate_dtype).reshape(ctx.gate_shape)
