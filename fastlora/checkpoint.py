@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .inject import _matches, _set_submodule, adapter_layers, inject
-from .layer import is_adaptable
+from .layer import is_adaptable, is_attention
 from .methods import Adapter
 from .targets import exact_name_pattern
 
@@ -402,21 +402,44 @@ def _checkpoint_config(configs: dict[str, AdapterConfig], names: dict[str, list[
 
 def _inject_checkpoint_layers(model: nn.Module, configs: dict[str, AdapterConfig]) -> Callable[[], None]:
     """Inject the checkpoint's configs (per-layer r and alpha kept) into exactly the checkpoint's
-    layers of a model without adapters (under every name of a shared Linear); returns the function
-    that undoes it."""
-    linears: dict[int, tuple[nn.Linear, list[str]]] = {}
+    layers of a model without adapters (under every name of a shared Linear; an nn.MultiheadAttention
+    whose "<name>.in_proj" and "<name>.out_proj" are checkpoint layers, or its out_proj alone); returns
+    the function that undoes it."""
+    modules: dict[int, tuple[nn.Module, list[str]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if is_adaptable(module):
-            linears.setdefault(id(module), (module, []))[1].append(name)
-    by_name = {name: entry for entry in linears.values() for name in entry[1]}
+        if is_adaptable(module) or is_attention(module):
+            modules.setdefault(id(module), (module, []))[1].append(name)
+    by_name: dict[str, list[str]] = {}  # checkpoint layer name -> all its names
+    for module, names in modules.values():
+        parts = ("in_proj", "out_proj") if is_attention(module) else ("",)
+        for part in parts:
+            aliases = [f"{n}.{part}" if part else n for n in names]
+            by_name.update(dict.fromkeys(aliases, aliases))
     missing = sorted(set(configs) - set(by_name))
     if missing:
-        raise ValueError(f"checkpoint layers {missing[:5]} are not nn.Linear (or Conv1D) modules of the model")
-    config = _checkpoint_config(configs, {name: by_name[name][1] for name in configs})
-    selected = sorted({n for name in configs for n in by_name[name][1]})
-    if sorted(n for n in by_name if _matches(n, config.target_modules)) != selected:
+        raise ValueError(f"checkpoint layers {missing[:5]} are not nn.Linear (or Conv1D) modules or "
+                         f"MultiheadAttention projections of the model")
+    config = _checkpoint_config(configs, {name: by_name[name] for name in configs})
+    selected, originals, attention = set(), {}, False
+    for module, names in modules.values():
+        if not is_attention(module):
+            if any(n in configs for n in names):
+                selected.update(names)
+                originals.update(dict.fromkeys(names, module))
+            continue
+        parts = {part for part in ("in_proj", "out_proj") if any(f"{n}.{part}" in configs for n in names)}
+        if parts == {"in_proj"}:
+            raise ValueError(f"checkpoint adapts the in-projection of {names[0]!r} without its out_proj; an "
+                             f"nn.MultiheadAttention is adapted whole (as PEFT) or in its out_proj only")
+        if parts:
+            attention = True
+            selected.update(names if len(parts) == 2 else [f"{n}.out_proj" for n in names])
+            originals.update(dict.fromkeys(names, module))
+    selected = sorted(selected)
+    selectable = [n for module, names in modules.values() for n in names]  # what inject matches targets against
+    selectable += [f"{n}.out_proj" for module, names in modules.values() if is_attention(module) for n in names]
+    if attention or sorted(n for n in selectable if _matches(n, config.target_modules)) != selected:
         config = dataclasses.replace(config, target_modules=selected)
-    originals = {name: by_name[name][0] for name in selected}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     inject(model, config)
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdapterConfig
-from .layer import AdapterLinear, is_adaptable, linear_shape
+from .layer import AdapterLinear, AdapterMultiheadAttention, is_adaptable, is_attention, linear_shape
 from .targets import is_selected, layer_config, output_layer_names, resolved_targets
 
 
@@ -38,7 +38,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: bool = False) -> nn.Module:
     """Replace every nn.Linear (and transformers' Conv1D: GPT-2's layers) the config selects with an
-    AdapterLinear (sharing the original weight and bias) and freeze every other parameter.
+    AdapterLinear (sharing the original weight and bias) and freeze every other parameter. A selected
+    nn.MultiheadAttention becomes an AdapterMultiheadAttention (sharing its tensors) whose packed
+    in-projection and out_proj are AdapterLinear layers ("<name>.in_proj", "<name>.out_proj"; its
+    out_proj alone when only "<name>.out_proj" is selected). Modules a selection matches but fastlora
+    cannot adapt (nn.Linear subclasses, attention with separate q/k/v weights) are named in a warning.
+    Adapted layers inside an nn.TransformerEncoderLayer get a no-op forward pre-hook: it keeps torch's
+    fused encoder path, which reads the weights directly and would skip the adapters, off.
 
     Selection and per-layer rank/alpha follow PEFT (``fastlora.targets``): target_modules
     (None: PEFT's default for a transformers model's architecture, every nn.Linear in another
@@ -76,19 +82,23 @@ def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: boo
     chosen = _chosen_linears(model, config)
     saved_modules = _modules_to_save(model, config, chosen)
     untied = _check_weight_writes(model, config, chosen, untie_shared_weights)
-    layers = _build_layers(model, chosen, config)
-    for (names, _), layer in zip(chosen, layers):
-        if names[0] in untied:  # its own copy of W, in the layer's (d_out, d_in) layout
+    built = _build_layers(model, chosen, config)
+    layers = {name: layer for (names, _, _), module in zip(chosen, built)
+              for name, layer in _projections(names[0], module)}
+    for name, layer in layers.items():
+        if name in untied:  # its own copy of W, in the layer's (d_out, d_in) layout
             layer.weight = nn.Parameter(layer.weight.detach().clone(memory_format=torch.contiguous_format),
                                         requires_grad=False)
     for param in model.parameters():
         param.requires_grad_(False)
     for module in saved_modules:
         module.requires_grad_(True)
-    for (names, _), layer in zip(chosen, layers):
+    for (names, _, _), module in zip(chosen, built):
         for name in names:
-            _set_submodule(model, name, layer)
-    for layer in layers:  # the methods' first side effects, once nothing can fail half-way
+            _set_submodule(model, name, module)
+        if any(_inside_fused_encoder(model, name) for name in names):
+            module.register_forward_pre_hook(_no_fused_encoder_path)
+    for layer in layers.values():  # the methods' first side effects, once nothing can fail half-way
         layer.adapter.start()
     if untied:
         warnings.warn(f"inject: {', '.join(f'{n!r} (shared with {o})' for n, o in untied.items())}: each of these "
@@ -97,6 +107,26 @@ def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: boo
     from .training import watch_training_rules  # training builds on this module
     watch_training_rules(model)
     return model
+
+
+def _projections(name: str, module: nn.Module) -> list[tuple[str, AdapterLinear]]:
+    """(name, layer) of the adapted layers of a built module: itself, or an attention's adapted projections."""
+    if isinstance(module, AdapterMultiheadAttention):
+        return [(f"{name}.{part}", getattr(module, part)) for part in ("in_proj", "out_proj")
+                if isinstance(getattr(module, part), AdapterLinear)]
+    return [(name, module)]
+
+
+def _no_fused_encoder_path(module: nn.Module, args) -> None:
+    """A forward pre-hook that does nothing: its presence keeps nn.TransformerEncoderLayer off its fused
+    inference path, which reads the layers' weights directly and would skip the adapters."""
+
+
+def _inside_fused_encoder(model: nn.Module, name: str) -> bool:
+    """Whether the module called ``name`` sits inside an nn.TransformerEncoderLayer (which has a fused path)."""
+    parts = name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), nn.TransformerEncoderLayer)
+               for i in range(0, len(parts)))
 
 
 def _writes_weight(config: AdapterConfig) -> bool:
@@ -112,7 +142,15 @@ def _check_weight_writes(model: nn.Module, config: AdapterConfig, chosen, untie:
         raise TypeError(f"untie_shared_weights must be a bool, got {type(untie).__name__}")
     if not _writes_weight(config):
         return {}
-    shared = _shared_weight_owners(model, [(names[0], linear, linear.weight) for names, linear in chosen])
+    weights = []
+    for names, module, part in chosen:
+        if part is None:
+            weights.append((names[0], module, module.weight))
+            continue
+        if part == "both":
+            weights.append((f"{names[0]}.in_proj", module, module.in_proj_weight))
+        weights.append((f"{names[0]}.out_proj", module.out_proj, module.out_proj.weight))
+    shared = _shared_weight_owners(model, weights)
     if shared and not untie:
         name, others = next(iter(shared.items()))
         raise ValueError(f"cannot inject {type(config).__name__} into layer {name!r}: its weight shares memory with "
@@ -122,27 +160,59 @@ def _check_weight_writes(model: nn.Module, config: AdapterConfig, chosen, untie:
     return shared
 
 
-def _chosen_linears(model: nn.Module, config: AdapterConfig) -> list[tuple[list[str], nn.Module]]:
-    """(every name, module) of each nn.Linear or Conv1D to adapt, in model order."""
-    linears: dict[int, tuple[list[str], nn.Module]] = {}
+def _chosen_linears(model: nn.Module, config: AdapterConfig) -> list[tuple[list[str], nn.Module, Optional[str]]]:
+    """(every name, module, part) of each layer to adapt, in model order: an nn.Linear or Conv1D (part None),
+    or an nn.MultiheadAttention, adapted whole when its name is selected (part "both": the packed
+    in-projection and out_proj, as PEFT) or only its out_proj when that name is (part "out")."""
+    candidates: dict[int, tuple[list[str], nn.Module]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if is_adaptable(module):
-            linears.setdefault(id(module), ([], module))[0].append(name)
+        if is_adaptable(module) or is_attention(module):
+            candidates.setdefault(id(module), ([], module))[0].append(name)
     targets = resolved_targets(model, config)
     output_layers = output_layer_names(model) if targets == "all-linear" else set()
-    chosen = []
-    for names, linear in linears.values():
-        matched = [n for n in names if is_selected(n, targets, config, output_layers)]
+
+    def selected(names: list[str], module: nn.Module, suffix: str = "") -> list[str]:
+        matched = [n for n in names if is_selected(n + suffix, targets, config, output_layers)]
         if matched and len(matched) < len(names):
-            unmatched = [n for n in names if n not in matched]
-            kind = "nn.Linear" if type(linear) is nn.Linear else type(linear).__name__
-            raise ValueError(f"{kind} {matched[0]!r} is also registered as {unmatched}, which target_modules "
+            unmatched = [n + suffix for n in names if n not in matched]
+            kind = "nn.Linear" if type(module) is nn.Linear else type(module).__name__
+            raise ValueError(f"{kind} {matched[0] + suffix!r} is also registered as {unmatched}, which target_modules "
                              f"{targets!r} does not match (or the selection fields leave out); a shared module is "
                              f"adapted under all its names, so match all of them or none")
-        if matched:
-            chosen.append((names, linear))
-    _check_targets(model, config, targets, [n for names, _ in linears.values() for n in names], chosen)
+        return matched
+
+    chosen, names = [], []
+    for module_names, module in candidates.values():
+        if is_attention(module):
+            names += [*module_names, *(n + ".out_proj" for n in module_names)]
+            part = "both" if selected(module_names, module) else "out" if selected(module_names, module,
+                                                                                     ".out_proj") else None
+            if part is not None:
+                chosen.append((module_names, module, part))
+        else:
+            names += module_names
+            if selected(module_names, module):
+                chosen.append((module_names, module, None))
+    _check_targets(model, config, targets, names, chosen)
+    _warn_skipped(model, targets, config, output_layers, candidates)
     return chosen
+
+
+def _warn_skipped(model: nn.Module, targets, config: AdapterConfig, output_layers: set[str], candidates) -> None:
+    """Warn, naming them, about modules the selection matches that fastlora cannot adapt (left as they are):
+    nn.Linear subclasses other than an adapted attention's out_proj (quantized or custom layers), attention
+    layers with separate q/k/v weights."""
+    handled = {id(module.out_proj) for _, module in candidates.values() if is_attention(module)}
+    handled |= set(candidates)
+    skipped = []
+    for name, module in model.named_modules():
+        linear_like = isinstance(module, (nn.Linear, nn.MultiheadAttention))
+        if name and linear_like and id(module) not in handled and is_selected(name, targets, config, output_layers):
+            skipped.append(f"{name} ({type(module).__name__})")
+    if skipped:
+        warnings.warn(f"fastlora: the selection (target_modules {targets!r}) matches {len(skipped)} modules of a type "
+                      f"fastlora cannot adapt (nn.Linear subclasses, attention with separate q/k/v weights), left as "
+                      f"they are: {skipped[:5]}", stacklevel=4)
 
 
 def _modules_to_save(model: nn.Module, config: AdapterConfig, chosen) -> list[nn.Module]:
@@ -150,7 +220,7 @@ def _modules_to_save(model: nn.Module, config: AdapterConfig, chosen) -> list[nn
     trained in full; a name matching no module, or a module that is also an adapter target, is refused."""
     if not config.modules_to_save:
         return []
-    adapted = {n for names, _ in chosen for n in names}
+    adapted = {n for names, _, _ in chosen for n in names}
     found: dict[int, nn.Module] = {}
     for key in config.modules_to_save:
         matched = [(n, m) for n, m in model.named_modules() if n and _matches(n, [key])]
@@ -165,21 +235,24 @@ def _modules_to_save(model: nn.Module, config: AdapterConfig, chosen) -> list[nn
 
 
 def _check_targets(model: nn.Module, config: AdapterConfig, targets, names: list[str], chosen) -> None:
-    """Refuse listed targets that name no nn.Linear or Conv1D (naming the type of the modules they do name)
+    """Refuse listed targets that name no adaptable layer (naming the type of the modules they do name)
     and a selection of nothing; warn when exclude_modules left nothing out (PEFT warns too)."""
     given = "target_modules" if config.target_modules is not None else f"PEFT's default target_modules {targets}"
     if isinstance(targets, tuple):
         missing = [t for t in targets if not any(_matches(n, [t]) for n in names)]
         if missing:
             others = {f"{n} ({type(m).__name__})" for n, m in model.named_modules() if _matches(n, missing)}
-            named = f"; they name {sorted(others)[:3]}, and fastlora adapts nn.Linear and Conv1D only" if others else ""
-            raise ValueError(f"{given}: {missing} match no nn.Linear or Conv1D in the model{named}; "
-                             f"linear modules are: {sorted({n.rsplit('.', 1)[-1] for n in names})}")
+            named = (f"; they name {sorted(others)[:3]}, and fastlora adapts nn.Linear, Conv1D and "
+                     f"nn.MultiheadAttention (packed in-projection) only" if others else "")
+            raise ValueError(f"{given}: {missing} match no nn.Linear, Conv1D or MultiheadAttention in the "
+                             f"model{named}; linear modules are: {sorted({n.rsplit('.', 1)[-1] for n in names})}")
     if not chosen:
         raise ValueError(f"{given} {targets!r} with exclude_modules {config.exclude_modules!r}, layers_to_transform "
-                         f"{config.layers_to_transform!r} select no nn.Linear or Conv1D in the model")
+                         f"{config.layers_to_transform!r} select no nn.Linear, Conv1D or MultiheadAttention in the "
+                         f"model")
     if config.exclude_modules is not None:
-        kept = {n for names, _ in chosen for n in names}
+        kept = {n for names, _, part in chosen for n in names}
+        kept |= {n + ".out_proj" for names, _, part in chosen if part is not None for n in names}
         if not any(is_selected(n, targets, dataclasses.replace(config, exclude_modules=None), set()) and n not in kept
                    for n in names):
             warnings.warn(f"exclude_modules {config.exclude_modules!r} left out no module the config selects; "
@@ -188,41 +261,75 @@ def _check_targets(model: nn.Module, config: AdapterConfig, targets, names: list
 
 def _check_layer(name: str, linear: nn.Module, config: AdapterConfig) -> None:
     """Refuse a rank the layer cannot hold and a layer without values (meta device), naming the layer."""
-    d_out, d_in = linear_shape(linear)
+    _check_shape(name, linear.weight, linear.bias, config, linear_shape(linear))
+
+
+def _check_shape(name: str, weight: Tensor, bias: Optional[Tensor], config: AdapterConfig,
+                 shape: tuple[int, int]) -> None:
+    d_out, d_in = shape
     if config.r > min(d_in, d_out):
         raise ValueError(f"layer {name!r}: r={config.r} exceeds min(d_in={d_in}, d_out={d_out})={min(d_in, d_out)}")
-    if any(p is not None and p.is_meta for p in (linear.weight, linear.bias)):
+    if any(p is not None and p.is_meta for p in (weight, bias)):
         raise ValueError(f"layer {name!r} is on the meta device (no values to build the adapter from); "
                          f"materialise the model first (e.g. to_empty() and load its weights), then inject")
 
 
-def _build_layers(model: nn.Module, chosen, config: AdapterConfig) -> list[AdapterLinear]:
-    """One AdapterLinear per chosen Linear, built with its own config (``layer_config``); every
-    layer is checked first. On failure every requires_grad flag is restored and a
-    ValueError/TypeError is re-raised with the layer's name."""
-    configs = []
-    for names, linear in chosen:
-        try:
-            configs.append(layer_config(config, names[0]))
-        except (ValueError, TypeError) as error:
-            raise type(error)(f"layer {names[0]!r}: {error}") from error
-        _check_layer(names[0], linear, configs[-1])
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    layers = []
-    try:
-        for index, ((names, linear), layer_cfg) in enumerate(zip(chosen, configs)):
+def _projection_config(config: AdapterConfig, name: str, attention: str) -> AdapterConfig:
+    """The config of an attention projection called ``name``: its own rank_pattern / alpha_pattern entry,
+    else the attention's (PEFT gives both projections the attention's)."""
+    own = layer_config(config, name)
+    keys = [k for k, _ in (*config.rank_pattern, *config.alpha_pattern)]
+    if any(re.fullmatch(rf"(?:.*\.)?(?:{k})", name) for k in keys):
+        return own
+    return layer_config(config, attention)
+
+
+def _build_layers(model: nn.Module, chosen, config: AdapterConfig) -> list[nn.Module]:
+    """One AdapterLinear per chosen Linear and one AdapterMultiheadAttention per chosen attention, each
+    projection built with its own config (``layer_config``); every layer is checked first. On failure
+    every requires_grad flag is restored and a ValueError/TypeError is re-raised with the layer's name."""
+    plans = []
+    for names, module, part in chosen:
+        name = names[0]
+        if part is None:
+            pieces = [(name, module)]
+        else:
+            pieces = [(f"{name}.in_proj", None)] if part == "both" else []
+            pieces.append((f"{name}.out_proj", module.out_proj))
+        configs = []
+        for piece, linear in pieces:
             try:
-                layers.append(AdapterLinear.from_linear(linear, layer_cfg, layer_index=index, start=False)
-                              .train(linear.training))
+                configs.append(layer_config(config, piece) if part is None else _projection_config(config, piece, name))
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"layer {piece!r}: {error}") from error
+            if linear is None:  # the packed in-projection (3 E, E)
+                _check_shape(piece, module.in_proj_weight, module.in_proj_bias, configs[-1],
+                             (3 * module.embed_dim, module.embed_dim))
+            else:
+                _check_layer(piece, linear, configs[-1])
+        plans.append(configs)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    built, index = [], 0
+    try:
+        for (names, module, part), configs in zip(chosen, plans):
+            try:
+                if part is None:
+                    built.append(AdapterLinear.from_linear(module, configs[0], layer_index=index, start=False)
+                                 .train(module.training))
+                else:
+                    in_config, out_config = (configs if part == "both" else (None, configs[0]))
+                    built.append(AdapterMultiheadAttention.from_attention(module, in_config, out_config,
+                                                                          layer_index=index, start=False))
             except (ValueError, TypeError) as error:
                 if type(error) not in (ValueError, TypeError):
                     raise
                 raise type(error)(f"layer {names[0]!r}: {error}") from error
+            index += len(configs)
     except BaseException:
         for param, flag in flags:
             param.requires_grad_(flag)
         raise
-    return layers
+    return built
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
@@ -297,16 +404,18 @@ def unmerge(model: nn.Module) -> None:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every AdapterLinear (under each of its names) by a plain nn.Linear (Conv1D) holding
-    W + ΔW in a new weight (a merged layer's W as it is: ΔW is never added twice; a W tied to
+    W + ΔW in a new weight, and every AdapterMultiheadAttention by an nn.MultiheadAttention holding
+    its projections' W + ΔW (a merged layer's W as it is: ΔW is never added twice; a W tied to
     another module stays with that module unchanged); returns ``model``."""
-    names: dict[AdapterLinear, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, AdapterLinear):
-            names.setdefault(module, []).append(name)
-    for layer, layer_names in names.items():
-        linear = layer.to_linear()
-        for name in layer_names:
-            _set_submodule(model, name, linear)
+    for kind, convert in ((AdapterMultiheadAttention, "to_attention"), (AdapterLinear, "to_linear")):
+        names: dict[nn.Module, list[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            if isinstance(module, kind):
+                names.setdefault(module, []).append(name)
+        for layer, layer_names in names.items():
+            plain = getattr(layer, convert)()
+            for name in layer_names:
+                _set_submodule(model, name, plain)
     return model
 
 

@@ -4,6 +4,12 @@ A config's target_modules, exclude_modules, layers_to_transform/layers_pattern, 
 alpha_pattern select and size layers as PEFT's LoraConfig does; "all-linear" leaves out a
 transformers model's output layer and a missing target_modules means PEFT's default targets
 for the model's architecture.
+
+nn.MultiheadAttention: the attention module's own name selects it whole (its packed in-projection and
+out_proj, as PEFT), the name "<attention>.out_proj" its out_proj alone, and "all-linear" selects it whole
+(PEFT's "all-linear" adapts out_proj alone, as a Linear whose forward the attention never calls). A
+projection's r and alpha come from a rank_pattern / alpha_pattern key matching "<attention>.in_proj" or
+"<attention>.out_proj", else from one matching the attention's name (PEFT gives both the attention's).
 """
 from __future__ import annotations
 

@@ -162,7 +162,7 @@ def test_missing_targets_without_a_default_are_refused():
 
 def test_targets_that_are_neither_linear_nor_conv1d_are_refused_with_their_type():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=30, n_positions=8))
-    expected = r"target_modules: \['ln_1'\] match no nn.Linear or Conv1D in the model; they name "
+    expected = r"target_modules: \['ln_1'\] match no nn.Linear, Conv1D or MultiheadAttention in the model; they name "
     with pytest.raises(ValueError, match=expected + r"\['transformer.h.0.ln_1 \(LayerNorm\)'"):
         fastlora.inject(gpt2, LoraConfig(r=2, target_modules=["ln_1"]))
     assert len(list(fastlora.adapter_layers(fastlora.inject(gpt2, LoraConfig(r=2))))) == 1  # PEFT's default: c_attn

@@ -1,0 +1,345 @@
+"""nn.MultiheadAttention adapted as PEFT adapts it: the packed q/k/v in-projection and out_proj, every method,
+through the fused op; the attention between the projections matches torch's own (float64), merge/unmerge,
+merge_and_unload back to nn.MultiheadAttention, checkpoints, state-dict keys, selection rules and warnings,
+nn.TransformerEncoderLayer's fused inference path kept off, and PEFT's MultiheadAttention LoRA outputs."""
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+import fastlora.layer
+from fastlora import (
+    CascadeLoraConfig,
+    CurLoraConfig,
+    LoraConfig,
+    NeatConfig,
+    RankSelectiveLoraConfig,
+    SelectiveLoraConfig,
+)
+from fastlora.layer import AdapterLinear, AdapterMultiheadAttention
+
+from utils import rel
+
+F64 = torch.float64
+E, HEADS, L, S, B = 12, 3, 5, 7, 2
+CONFIGS = [LoraConfig(r=2, alpha=3.0), SelectiveLoraConfig(r=2, alpha=3.0), RankSelectiveLoraConfig(r=2),
+           CurLoraConfig(r=2, alpha=0.7, seed=1), NeatConfig(r=2, scale=0.6),
+           CascadeLoraConfig(r=2, alpha=3.0, noise_intensity=0.0)]
+
+
+class Block(nn.Module):
+    """A ViT / OpenCLIP-style block: self-attention called as torchvision calls it, then a head."""
+
+    def __init__(self, batch_first=True, **kwargs):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(E, HEADS, batch_first=batch_first, dtype=F64, **kwargs)
+        self.head = nn.Linear(E, 4, dtype=F64)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+def _randomise(model, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in fastlora.adapter_layers(model):
+            for p in layer.adapter.parameters():
+                if p.is_floating_point():
+                    p.copy_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return model
+
+
+def _x(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+CALLS = {  # (query, key, value) from x (L, B, E) and memory (S, B, E), sequence first
+    "self": lambda x, m: (x, x, x),
+    "key is value": lambda x, m: (x, m, m),
+    "separate": lambda x, m: (x, m, m + 0.5),
+}
+OPTIONS = [
+    {},
+    {"need_weights": False},
+    {"need_weights": True, "average_attn_weights": False},
+    {"key_padding_mask": "bool"},
+    {"attn_mask": "float"},
+    {"attn_mask": "bool3d", "need_weights": False},
+    {"attn_mask": "causal", "is_causal": True, "need_weights": False},
+]
+
+
+def _masks(option, tgt, src, batch):
+    kwargs = dict(option)
+    if kwargs.get("key_padding_mask") == "bool":
+        kwargs["key_padding_mask"] = torch.zeros(batch, src, dtype=torch.bool)
+        kwargs["key_padding_mask"][0, -2:] = True
+    if kwargs.get("attn_mask") == "float":
+        kwargs["attn_mask"] = _x(tgt, src, seed=5)
+    elif kwargs.get("attn_mask") == "bool3d":
+        kwargs["attn_mask"] = _x(batch * HEADS, tgt, src, seed=6) > 0.8
+    elif kwargs.get("attn_mask") == "causal":
+        kwargs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(tgt, dtype=F64)
+    return kwargs
+
+
+def _pair(**kwargs):
+    """A plain nn.MultiheadAttention and its adapted twin (random LoRA factors), float64."""
+    torch.manual_seed(0)
+    plain = nn.MultiheadAttention(E, HEADS, dtype=F64, **kwargs)
+    holder = nn.Sequential()
+    holder.add_module("attn", copy.deepcopy(plain))
+    fastlora.inject(holder, LoraConfig(r=2, alpha=3.0, target_modules=["attn"]))
+    return plain, _randomise(holder)
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("kwargs", [{}, {"batch_first": True}, {"add_bias_kv": True, "add_zero_attn": True},
+                                    {"bias": False}], ids=["seq-first", "batch-first", "bias-kv-zero-attn", "no-bias"])
+def test_the_attention_between_the_projections_is_torchs(call, option, kwargs):
+    """Adapted layer == torch's nn.MultiheadAttention holding W + ΔW (merge_and_unload), output and weights."""
+    if option.get("is_causal") and call != "self":
+        pytest.skip("a causal mask is square")
+    plain, holder = _pair(**kwargs)
+    adapted = holder.attn
+    assert isinstance(adapted, AdapterMultiheadAttention)
+    merged = fastlora.merge_and_unload(copy.deepcopy(holder)).attn
+    assert type(merged) is nn.MultiheadAttention
+    tgt, src = L, (L if call == "self" else S)
+    x, memory = _x(L, B, E), _x(S, B, E, seed=2)
+    q, k, v = CALLS[call](x, memory)
+    if kwargs.get("batch_first"):
+        q, k, v = CALLS[call](x.transpose(0, 1), memory.transpose(0, 1))
+    masks = _masks(option, tgt, src, B)
+    out, weights = adapted(q, k, v, **masks)
+    ref, ref_weights = merged(q, k, v, **masks)
+    assert rel(out, ref) < 1e-12
+    assert (weights is None) == (ref_weights is None)
+    if weights is not None:
+        assert rel(weights, ref_weights) < 1e-12
+    base, _ = plain(q, k, v, **masks)
+    assert rel(out, base) > 1e-3  # the adapters matter
+
+
+def test_unbatched_inputs_and_fresh_adapters_give_the_plain_output():
+    plain, _ = _pair()
+    holder = nn.Sequential()
+    holder.add_module("attn", copy.deepcopy(plain))
+    fastlora.inject(holder, LoraConfig(r=2, target_modules=["attn"]))  # B = 0: the adapted layer adds nothing
+    x, memory = _x(L, E), _x(S, E, seed=2)
+    for q, k, v in ((x, x, x), (x, memory, memory)):
+        out, weights = holder.attn(q, k, v)
+        ref, ref_weights = plain(q, k, v)
+        assert out.shape == (L, E) and rel(out, ref) < 1e-12 and rel(weights, ref_weights) < 1e-12
+
+
+def test_projections_run_through_the_fused_op(monkeypatch):
+    _, holder = _pair(batch_first=True)
+    calls = []
+    op = fastlora.layer.adapted_linear
+    monkeypatch.setattr(fastlora.layer, "adapted_linear", lambda x, w, *a, **k: calls.append(tuple(w.shape)) or
+                        op(x, w, *a, **k))
+    x, memory = _x(B, L, E), _x(B, S, E, seed=2)
+    holder.attn(x, x, x, need_weights=False)
+    assert calls == [(3 * E, E), (E, E)]  # self-attention: one packed call, then out_proj
+    calls.clear()
+    holder.attn(x, memory, memory)
+    assert calls == [(E, E), (2 * E, E), (E, E)]  # q from its rows, k and v from theirs, out_proj
+    calls.clear()
+    holder.attn(x, memory, memory + 1)
+    assert calls == [(E, E)] * 4
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.method for c in CONFIGS])
+def test_every_method_trains_the_packed_projection_and_out_proj(config):
+    """Forward == torch's attention on W + ΔW for each method, also from different query and key (rows of
+    the packed update); gradients reach both projections' adapters; merge / unmerge bit for bit."""
+    model = Block()
+    base = copy.deepcopy(model)
+    fastlora.inject(model, dataclasses.replace(config, target_modules=["attn"]))
+    _randomise(model)
+    names = [n for n, _ in fastlora.adapter_layers(model)]
+    assert names == ["attn.in_proj", "attn.out_proj"]
+    x, memory = _x(B, L, E), _x(B, S, E, seed=2)
+    plain = fastlora.merge_and_unload(copy.deepcopy(model)).attn
+    for q, k, v in ((x, x, x), (x, memory, memory)):
+        assert rel(model.attn(q, k, v)[0], plain(q, k, v)[0]) < 1e-10
+    loss = model(x).square().sum()
+    loss.backward()
+    for _, layer in fastlora.adapter_layers(model):
+        grads = [p.grad for p in layer.adapter.parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    weights = [model.attn.in_proj_weight.detach().clone(), model.attn.out_proj.weight.detach().clone()]
+    before = model(x).detach()
+    fastlora.merge(model)
+    assert rel(model(x), before) < 1e-12
+    fastlora.unmerge(model)
+    assert torch.equal(model.attn.in_proj_weight, weights[0]) and torch.equal(model.attn.out_proj.weight, weights[1])
+    with fastlora.disable_adapter(model):
+        assert rel(model(x), base(x)) < 1e-12
+
+
+def test_triton_plan_serves_the_attention_projections():
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    holder = nn.Sequential()
+    holder.add_module("attn", nn.MultiheadAttention(16, 2, batch_first=True))
+    reference = copy.deepcopy(holder).double()
+    fastlora.inject(holder, LoraConfig(r=4, alpha=8.0, target_modules=["attn"], backend="triton"))
+    _randomise(holder)
+    fastlora.inject(reference, LoraConfig(r=4, alpha=8.0, target_modules=["attn"], backend="torch"))
+    reference.load_state_dict({k: v.double() for k, v in holder.state_dict().items()})
+    x = torch.randn(2, 5, 16)
+    out = holder.attn(x, x, x, need_weights=False)[0]
+    ref = reference.attn(x.double(), x.double(), x.double(), need_weights=False)[0]
+    assert rel(out.double(), ref) < 1e-5
+
+
+def test_selection_whole_out_proj_only_and_all_linear():
+    model = Block()
+    fastlora.inject(model, LoraConfig(r=2, target_modules=["out_proj"]))
+    assert [n for n, _ in fastlora.adapter_layers(model)] == ["attn.out_proj"]
+    assert type(model.attn.in_proj) is nn.Linear and model.attn.in_proj.weight is model.attn.in_proj_weight
+    _randomise(model)
+    x = _x(B, L, E)
+    plain = fastlora.merge_and_unload(copy.deepcopy(model))
+    assert type(plain.attn) is nn.MultiheadAttention and rel(model(x), plain(x)) < 1e-12
+    everything = fastlora.inject(Block(), LoraConfig(r=2, target_modules="all-linear"))
+    assert [n for n, _ in fastlora.adapter_layers(everything)] == ["attn.in_proj", "attn.out_proj", "head"]
+    assert type(everything.attn.out_proj) is AdapterLinear
+
+
+def test_layers_fastlora_cannot_adapt_are_named_in_a_warning_or_refused_when_listed():
+    class QuantLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential()
+    model.add_module("attn", nn.MultiheadAttention(E, HEADS, kdim=5, vdim=6))  # separate q/k/v weights
+    model.add_module("proj", QuantLinear(E, E))
+    model.add_module("head", nn.Linear(E, 4))
+    with pytest.warns(UserWarning, match=r"matches 3 modules of a type fastlora cannot adapt.*\['attn "
+                                         r"\(MultiheadAttention\)', 'attn.out_proj \(NonDynamicallyQuantizableLinear\)'"
+                                         r", 'proj \(QuantLinear\)'\]"):
+        fastlora.inject(model, LoraConfig(r=2, target_modules="all-linear"))
+    assert [n for n, _ in fastlora.adapter_layers(model)] == ["head"]
+    with pytest.raises(ValueError, match=r"\['attn'\] match no nn.Linear, Conv1D or MultiheadAttention in the model; "
+                                         r"they name \['attn \(MultiheadAttention\)'\]"):
+        fastlora.inject(fastlora.unload(model), LoraConfig(r=2, target_modules=["attn"]))
+
+
+def test_state_dict_keys_stay_those_of_nn_multihead_attention():
+    plain = Block()
+    keys = list(plain.state_dict())
+    model = fastlora.inject(copy.deepcopy(plain), LoraConfig(r=2, target_modules=["attn"]))
+    state = model.state_dict()
+    assert [k for k in state if ".adapter." not in k] == keys
+    assert "attn.in_proj_weight" in state and "attn.in_proj.weight" not in state
+    assert "attn.in_proj.adapter.lora_A" in state and "attn.out_proj.adapter.lora_B" in state
+    other = Block()  # a plain state dict (pretrained weights) loads into the adapted model
+    with torch.no_grad():
+        other.attn.in_proj_weight.add_(1.0)
+    result = model.load_state_dict(other.state_dict(), strict=False)
+    assert not result.unexpected_keys and all(".adapter." in k for k in result.missing_keys)
+    assert torch.equal(model.attn.in_proj_weight, other.attn.in_proj_weight)
+    assert model.attn.in_proj_weight is model.attn.in_proj.weight
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=2, alpha=3.0, target_modules=["attn"]),
+                                    LoraConfig(r=2, target_modules=["out_proj"]),
+                                    CascadeLoraConfig(r=2, target_modules=["attn"], cascade_interval=1,
+                                                      noise_intensity=0.2)], ids=["lora", "out_proj", "lorasc"])
+def test_save_and_load_into_the_plain_model(tmp_path, config):
+    model = fastlora.inject(Block(), config)
+    _randomise(model)
+    x = _x(B, L, E)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    hooks = fastlora.attach_training_hooks(model, optimizer)
+    for _ in range(2):  # LoRASC: noise and folds written into the packed W and out_proj's W
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    hooks.remove()
+    fastlora.save_adapter(model, tmp_path / "ckpt")
+    loaded = fastlora.load_adapter(Block(), tmp_path / "ckpt")
+    assert [n for n, _ in fastlora.adapter_layers(loaded)] == [n for n, _ in fastlora.adapter_layers(model)]
+    assert torch.equal(loaded.attn.in_proj_weight, model.attn.in_proj_weight)
+    assert torch.equal(loaded.attn.out_proj.weight, model.attn.out_proj.weight)
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_lorasc_cascades_write_the_packed_weight():
+    model = fastlora.inject(Block(), CascadeLoraConfig(r=2, target_modules=["attn"], cascade_interval=1,
+                                                       noise_intensity=0.1))
+    before = model.attn.in_proj_weight.detach().clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    hooks = fastlora.attach_training_hooks(model, optimizer)
+    optimizer.zero_grad()
+    model(_x(B, L, E)).square().mean().backward()
+    optimizer.step()
+    hooks.remove()
+    assert model.attn.in_proj.adapter.extra_stats()["cascades"] == 1.0
+    assert not torch.equal(model.attn.in_proj_weight, before)
+
+
+def test_transformer_encoder_layer_keeps_the_adapters_in_inference():
+    """nn.TransformerEncoderLayer's fused inference path reads the weights directly; inject keeps it off."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, HEADS, 24, dropout=0.0, batch_first=True, dtype=F64)
+    model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+    fastlora.inject(model, LoraConfig(r=2, target_modules="all-linear"))
+    assert {n for n, _ in fastlora.adapter_layers(model)} == {"layers.0.self_attn.in_proj",
+                                                               "layers.0.self_attn.out_proj",
+                                                               "layers.0.linear1", "layers.0.linear2"}
+    _randomise(model)
+    x = _x(B, L, E)
+    training = model(x).detach()
+    model.eval()
+    with torch.no_grad():
+        inference = model(x)
+        with fastlora.disable_adapter(model):
+            base = model(x)
+    assert rel(inference, training) < 1e-12 and rel(inference, base) > 1e-3
+
+
+def test_peft_multihead_attention_lora_gives_the_same_outputs():
+    """PEFT's MultiheadAttention LoRA on the same factors: the same in-projection update; PEFT's forward adds its
+    out_proj update twice (its merge writes W + s B A into out_proj, whose own merge then adds s B A again), so
+    its outputs are ours with out_proj's B doubled, and ours are torch's attention on W + s B A
+    (test_every_method_trains_the_packed_projection_and_out_proj)."""
+    peft = pytest.importorskip("peft")
+    base = Block()
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=3, target_modules=["attn"]))
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    modules = dict(peft_model.named_modules())
+    pairs = (("attn.in_proj", "base_model.model.attn"), ("attn.out_proj", "base_model.model.attn.base_layer.out_proj"))
+    x = _x(B, L, E)
+    for out_factor in (1.0, 2.0):
+        ours = fastlora.inject(copy.deepcopy(base), LoraConfig(r=2, alpha=3.0, target_modules=["attn"]))
+        with torch.no_grad():
+            for name, peft_name in pairs:
+                adapter = ours.get_submodule(name).adapter
+                adapter.lora_A.copy_(modules[peft_name].lora_A["default"].weight)
+                factor = out_factor if name.endswith("out_proj") else 1.0
+                adapter.lora_B.copy_(factor * modules[peft_name].lora_B["default"].weight)
+        if out_factor == 2.0:
+            assert rel(ours(x), peft_model(x)) < 1e-12
+        else:
+            assert rel(ours(x), peft_model(x)) > 1e-2 and rel(ours(x), base(x)) > 1e-3
+    with torch.no_grad():  # the in-projection alone: the same update
+        for model in (ours, peft_model):
+            for name, p in model.named_parameters():
+                if "out_proj" in name and ("lora_B" in name or name.endswith("adapter.lora_B")):
+                    p.zero_()
+    assert rel(ours(x), peft_model(x)) < 1e-12 and rel(ours(x), base(x)) > 1e-3
