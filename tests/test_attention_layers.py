@@ -292,7 +292,7 @@ def test_lorasc_cascades_write_the_packed_weight():
 def test_transformer_encoder_layer_keeps_the_adapters_in_inference():
     """nn.TransformerEncoderLayer's fused inference path reads the weights directly; inject keeps it off."""
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(E, HEADS, 24, dropout=0.0, batch_first=True, dtype=F64)
+    layer = nn.TransformerEncoderLayer(E, 2, 24, dropout=0.0, batch_first=True, dtype=F64)  # even heads: fused path
     model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
     fastlora.inject(model, LoraConfig(r=2, target_modules="all-linear"))
     assert {n for n, _ in fastlora.adapter_layers(model)} == {"layers.0.self_attn.in_proj",
