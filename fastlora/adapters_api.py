@@ -19,7 +19,7 @@ from torch import nn
 from .config import AdapterConfig
 from .inject import _set_submodule, adapter_layers
 from .layer import AdapterLinear, is_adaptable
-from .methods import Adapter, build_adapter
+from .methods import build_adapter
 from .targets import is_selected, layer_config, output_layer_names, resolved_targets
 
 # stats summed over a method's layers (counts); every other stat is averaged
@@ -43,11 +43,6 @@ def adapter_names(model: nn.Module) -> list[str]:
     return _unique_layers(model)[0][1].adapter_names()
 
 
-def _writes_weight(adapter: Adapter) -> bool:
-    """Whether the method writes W itself (LoRASC folds its stages into W), which named adapters share."""
-    return type(adapter).start is not Adapter.start
-
-
 def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module:
     """Build a second (third, ...) adapter called ``name`` on the layers ``inject`` adapted, inactive
     until ``set_adapter(model, name)``; returns ``model``. ``config`` selects layers as inject does
@@ -62,7 +57,7 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
     if name in layers[0][1].adapter_names():
         raise ValueError(f"the model has an adapter named {name!r} already (adapters: "
                          f"{layers[0][1].adapter_names()})")
-    if any(_writes_weight(layer.adapter) for _, layer in layers):
+    if any(layer.adapter.writes_weight for _, layer in layers):
         raise ValueError(f"adapter {active_adapter(model)!r} is LoRASC, which writes its stages into W; a model "
                          f"with it cannot hold other named adapters")
     _check_selection(model, name, config)
@@ -73,7 +68,7 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
                                     layer.weight.detach(), layer_index=index).train(layer.training)
         except (ValueError, TypeError) as error:
             raise type(error)(f"adapter {name!r}, layer {layer_name!r}: {error}") from error
-        if _writes_weight(adapter):
+        if adapter.writes_weight:
             raise ValueError(f"adapter {name!r}: LoRASC writes its stages into W, which every named adapter "
                              f"shares; it cannot be one of several named adapters")
         built.append(adapter)

@@ -29,6 +29,9 @@ class Adapter(nn.Module):
 
     # state_dict keys whose first dimension counts stages (LoRASC's record): a checkpoint may hold another count
     variable_length_keys: frozenset[str] = frozenset()
+    #: the method writes its layer's W in place (LoRASC's stages and noise): inject refuses a W shared with
+    #: another module, and a model with it holds no other named adapter (they would share that W)
+    writes_weight: bool = False
 
     def __init__(self, config: AdapterConfig, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -44,9 +47,9 @@ class Adapter(nn.Module):
         ``next_task``): a method that writes W itself (LoRASC) keeps what it needs to reach W."""
 
     def start(self) -> None:
-        """Called once after ``bind`` when training with this adapter may begin: side effects on the
-        bound layer's W (LoRASC's first-stage noise). ``inject`` calls it only once every layer is
-        built, so a failed inject leaves every W as it was. Nothing by default."""
+        """Called once after ``bind`` when training with this adapter may begin; ``inject`` calls it only
+        once every layer is built, so a failed inject changes nothing. Nothing by default, and no
+        method writes W here (LoRASC adds a stage's noise at that stage's first training forward)."""
 
     def note_load(self, with_weight: bool) -> None:
         """Called by the owning layer as a state dict loads into it, before this adapter's part of it:
