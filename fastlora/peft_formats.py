@@ -38,6 +38,9 @@ class PeftFormat:
     per_layer_fields: (fastlora field, PEFT field, PEFT pattern field) of each value PEFT's format can
     give layers one by one (LORA: r through rank_pattern, alpha through alpha_pattern); every other
     field holds one value for all layers.
+    out_proj_factor: the PEFT tensor of a layer its update is linear in (LORA: lora_B.weight), which an
+    nn.MultiheadAttention's out_proj holds divided by ``PEFT_OUT_PROJ_UPDATES``; None: PEFT's format does not
+    adapt nn.MultiheadAttention.
     """
 
     peft_type: str
@@ -49,6 +52,12 @@ class PeftFormat:
     peft_tensors: Callable[[dict[str, Tensor]], dict[str, Tensor]]
     conv1d_field: Optional[str] = None
     per_layer_fields: tuple[tuple[str, str, str], ...] = ()
+    out_proj_factor: Optional[str] = None
+
+
+#: how many times PEFT's MultiheadAttention LoRA layer adds its out_proj update (PEFT 0.21: its merge, which
+#: its forward runs, writes W + s B A into out_proj's weight, and out_proj's own merge then adds s B A again)
+PEFT_OUT_PROJ_UPDATES = 2
 
 
 def _check_unsupported(peft: dict[str, Any], unsupported: dict[str, Any]) -> None:
@@ -129,6 +138,7 @@ LORA_FORMAT = PeftFormat(
     peft_tensors=lambda s: {"lora_A.weight": s["lora_A"], "lora_B.weight": s["lora_B"]},
     conv1d_field="fan_in_fan_out",
     per_layer_fields=(("r", "r", "rank_pattern"), ("alpha", "lora_alpha", "alpha_pattern")),
+    out_proj_factor="lora_B.weight",
 )
 PEANUT_FORMAT = PeftFormat(peft_type="PEANUT", description="NEAT (NeatConfig, PEFT's PEANuT)", config=_neat_config,
                            tensor_shapes=_peanut_shapes, adapter_state=_neat_state, peft_config=_peanut_config,

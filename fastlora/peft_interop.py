@@ -14,6 +14,12 @@ Tensors of a Linear (d_out, d_in), and the fastlora adapter tensors they become:
             peanut_{encoders,decoders}.{i}.weight (r, r) -> {encoders,decoders}.{i}.weight;
             act_fn -> activation, scaling -> scale (NeatConfig).
 
+nn.MultiheadAttention (PEFT's LORA only; its layer adapts the packed in-projection and out_proj together):
+    "<attention>.{lora_A,lora_B}.weight" (r, E), (3 E, r) -> the "<attention>.in_proj" adapter;
+    "<attention>.base_layer.out_proj.{...}" -> the "<attention>.out_proj" adapter, lora_B times
+    PEFT_OUT_PROJ_UPDATES (PEFT 0.21 adds its out_proj update twice; the export divides it back), so that
+    outputs match PEFT's both ways. Both projections take the attention's r and alpha.
+
 modules_to_save (a SEQ_CLS classifier head): "base_model.model.<module path>.<parameter>" -> the
 model's parameter of that name, trainable (fastlora's save_adapter keeps such parameters too).
 """
@@ -43,12 +49,13 @@ from .checkpoint import (
 )
 from .config import AdapterConfig
 from .inject import _matches, adapter_layers, inject
-from .layer import AdapterLinear, is_adaptable, linear_shape
-from .peft_formats import PeftFormat
+from .layer import AdapterLinear, AdapterMultiheadAttention, is_adaptable, is_attention, linear_shape
+from .peft_formats import PEFT_OUT_PROJ_UPDATES, PeftFormat
 from .registry import method_of, peft_methods
 from .targets import exact_name_pattern, layer_config
 
 KEY_PREFIX = "base_model.model."
+OUT_PROJ = ".base_layer.out_proj"  # PEFT's path of an adapted attention's out_proj, under the attention
 
 def _read_peft_checkpoint(directory: Union[str, os.PathLike]) -> tuple[dict[str, Any], dict[str, Tensor]]:
     root = Path(directory)
@@ -82,23 +89,42 @@ def _layer_tensors(state: dict[str, Tensor], names: list[str]) -> dict[str, dict
     return layers
 
 
+def _layer_shape(model: nn.Module, fmt: PeftFormat, path: str,
+                 layers: dict[str, dict[str, Tensor]]) -> tuple[str, int, int]:
+    """(name whose rank_pattern / alpha_pattern entry applies, d_out, d_in) of the checkpoint layer at ``path``:
+    an nn.Linear (a Conv1D where the format has them), or an nn.MultiheadAttention's packed in-projection
+    (at the attention's path) or out_proj (at "<attention>.base_layer.out_proj"), both present."""
+    attention_path = path[:-len(OUT_PROJ)] if path.endswith(OUT_PROJ) else path
+    try:
+        module = model.get_submodule(attention_path)
+    except AttributeError:
+        raise ValueError(f"PEFT checkpoint adapts module {path!r}, which the model lacks") from None
+    if is_attention(module):
+        if fmt.out_proj_factor is None:
+            raise ValueError(f"PEFT checkpoint adapts {attention_path!r}, an nn.MultiheadAttention; PEFT's "
+                             f"{fmt.peft_type} adapts nn.Linear only")
+        for part in (attention_path, attention_path + OUT_PROJ):
+            if part not in layers:
+                raise ValueError(f"PEFT checkpoint lacks the tensors of {part!r} for nn.MultiheadAttention "
+                                 f"{attention_path!r} (PEFT adapts its in-projection and out_proj together)")
+        embed = module.embed_dim
+        return attention_path, (embed if path.endswith(OUT_PROJ) else 3 * embed), embed
+    if attention_path != path or not is_adaptable(module):
+        raise ValueError(f"PEFT checkpoint adapts {path!r}, a {type(module).__name__}; fastlora adapts nn.Linear, "
+                         f"Conv1D and nn.MultiheadAttention (one packed in-projection) only")
+    if type(module) is not nn.Linear and fmt.conv1d_field is None:
+        raise ValueError(f"PEFT checkpoint adapts {path!r}, a {type(module).__name__}; "
+                         f"PEFT's {fmt.peft_type} adapts nn.Linear only")
+    return (path, *linear_shape(module))
+
+
 def _check_layers(model: nn.Module, config: AdapterConfig, fmt: PeftFormat,
                   layers: dict[str, dict[str, Tensor]]) -> None:
-    """Every checkpoint layer is an nn.Linear (or a Conv1D, where the format has them) of the model
-    holding the tensors of the shapes its own config (rank_pattern resolved) gives."""
+    """Every checkpoint layer is one fastlora adapts (``_layer_shape``) holding the tensors of the
+    shapes its own config (rank_pattern resolved) gives."""
     for path, tensors in layers.items():
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            raise ValueError(f"PEFT checkpoint adapts module {path!r}, which the model lacks") from None
-        if not is_adaptable(module):
-            raise ValueError(f"PEFT checkpoint adapts {path!r}, a {type(module).__name__}; "
-                             f"fastlora adapts nn.Linear and Conv1D only")
-        if type(module) is not nn.Linear and fmt.conv1d_field is None:
-            raise ValueError(f"PEFT checkpoint adapts {path!r}, a {type(module).__name__}; "
-                             f"PEFT's {fmt.peft_type} adapts nn.Linear only")
-        d_out, d_in = linear_shape(module)
-        own = layer_config(config, path)
+        pattern_name, d_out, d_in = _layer_shape(model, fmt, path, layers)
+        own = layer_config(config, pattern_name)
         if own.r > min(d_in, d_out):
             raise ValueError(f"PEFT rank r={own.r} exceeds min(d_in={d_in}, d_out={d_out}) of {path!r}")
         shapes = fmt.tensor_shapes(own, d_in, d_out)
@@ -111,12 +137,28 @@ def _check_layers(model: nn.Module, config: AdapterConfig, fmt: PeftFormat,
                                  f"expected {shape}")
 
 
+def _fastlora_layers(model: nn.Module, fmt: PeftFormat,
+                     layers: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
+    """The checkpoint's layers under fastlora's layer names: an attention's as "<attention>.in_proj" and
+    "<attention>.out_proj", out_proj's factor times PEFT_OUT_PROJ_UPDATES (PEFT's computation)."""
+    ours = {}
+    for path, tensors in layers.items():
+        if path.endswith(OUT_PROJ):
+            factor = fmt.out_proj_factor
+            ours[path[:-len(OUT_PROJ)] + ".out_proj"] = {**tensors, factor: tensors[factor] * PEFT_OUT_PROJ_UPDATES}
+        elif is_attention(model.get_submodule(path)):
+            ours[path + ".in_proj"] = tensors
+        else:
+            ours[path] = tensors
+    return ours
+
+
 def _fastlora_targets(model: nn.Module, targets, paths: set[str]):
     """PEFT's target_modules when fastlora's matching selects exactly the checkpoint's layers
     (same rule as PEFT for a list or a regex), else the list of those layers' paths
     (exclude_modules, layers_to_transform, "all-linear" without the output layer)."""
     if isinstance(targets, (list, tuple, str)) and targets != "all-linear":
-        linears = {n for n, m in model.named_modules() if is_adaptable(m)}
+        linears = {n for n, m in model.named_modules() if is_adaptable(m) or is_attention(m)}
         if {n for n in linears if _matches(n, targets)} == paths:
             return targets
     return sorted(paths)
@@ -127,11 +169,14 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
     without adapters, as fastlora adapters (LoraConfig / NeatConfig) that compute the same
     outputs; returns ``model``. Tensors of modules_to_save (a classifier head) are copied into the
     model's parameters of those names, which become trainable. A LoRA checkpoint's rank_pattern /
-    alpha_pattern give its layers their own r and alpha, resolved as PEFT resolves them.
+    alpha_pattern give its layers their own r and alpha, resolved as PEFT resolves them. An
+    nn.MultiheadAttention PEFT adapted becomes an AdapterMultiheadAttention computing PEFT's outputs
+    (its out_proj factor doubled: PEFT 0.21 adds that update twice).
 
     Everything is checked before the model is changed. Raises ValueError naming the field
     or tensor for what fastlora cannot represent: another peft_type, DoRA, bias != "none", other LoRA
-    variants, targets other than nn.Linear and GPT-2's Conv1D (nn.Linear only for PEANUT), PEANuT
+    variants, targets other than nn.Linear, GPT-2's Conv1D and nn.MultiheadAttention (nn.Linear only for
+    PEANUT), PEANuT
     activations fastlora lacks.
     PEFT's fan_in_fan_out is not read: as in PEFT, a layer's own type says whether it is a Conv1D.
     """
@@ -149,10 +194,11 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
         raise ValueError(f"PEFT checkpoint in {directory} holds no adapter tensors")
     _check_layers(model, config, fmt, layers)
     targets = check_saved_parameters(model, saved)
-    inject(model, dataclasses.replace(config, target_modules=_fastlora_targets(model, config.target_modules,
-                                                                                set(layers))))
+    modules = {path for path in layers if not path.endswith(OUT_PROJ)}
+    ours = _fastlora_layers(model, fmt, layers)
+    inject(model, dataclasses.replace(config, target_modules=_fastlora_targets(model, config.target_modules, modules)))
     for path, layer in adapter_layers(model):
-        layer.adapter.load_state_dict(fmt.adapter_state(layers[path]))
+        layer.adapter.load_state_dict(fmt.adapter_state(ours[path]))
     restore_saved_parameters(targets, saved)
     return model
 
@@ -198,11 +244,46 @@ def _peft_target_modules(model: nn.Module, names: list[str]) -> Union[list[str],
     return "|".join(re.escape(n) for n in names)
 
 
+def _peft_modules(model: nn.Module, fmt: PeftFormat, layers: list[tuple[str, AdapterLinear]]
+                  ) -> tuple[list[tuple[str, AdapterLinear]], dict[str, Tensor]]:
+    """(PEFT module path, the layer whose config it records) of each module the checkpoint adapts (an
+    attention once, with its in-projection's config), and the checkpoint's tensors of ``layers``. Raises
+    ValueError for an attention PEFT's format cannot hold, naming it."""
+    attentions = {name: m for name, m in model.named_modules() if isinstance(m, AdapterMultiheadAttention)}
+    modules, tensors = [], {}
+    for name, layer in layers:
+        attention_name, _, part = name.rpartition(".")
+        attention = attentions.get(attention_name)
+        path, divisor = name, 1
+        if attention is not None:
+            if fmt.out_proj_factor is None:
+                raise ValueError(f"layer {name} is a projection of nn.MultiheadAttention {attention_name!r}; "
+                                 f"PEFT's {fmt.peft_type} does not adapt nn.MultiheadAttention")
+            if len(attention.adapted_projections()) < 2:
+                raise ValueError(f"nn.MultiheadAttention {attention_name!r} has only its {part} adapted; PEFT "
+                                 f"adapts an attention's in-projection and out_proj together (a LoRA on its "
+                                 f"out_proj alone never runs in PEFT)")
+            differing = differing_fields(attention.in_proj.config.to_dict(), attention.out_proj.config.to_dict())
+            if differing:
+                raise ValueError(f"nn.MultiheadAttention {attention_name!r}: its in_proj and out_proj differ in "
+                                 f"{differing[0]}; PEFT gives both projections the attention's one config")
+            path = attention_name if part == "in_proj" else attention_name + OUT_PROJ
+            divisor = 1 if part == "in_proj" else PEFT_OUT_PROJ_UPDATES
+        if not path.endswith(OUT_PROJ):
+            modules.append((path, layer))
+        for key, tensor in fmt.peft_tensors(layer.adapter.state_dict()).items():
+            tensor = tensor / divisor if divisor != 1 and key == fmt.out_proj_factor else tensor
+            tensors[f"{KEY_PREFIX}{path}.{key}"] = tensor.detach().contiguous().cpu()
+    return modules, tensors
+
+
 def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
                       base_model_name_or_path: Optional[str] = None) -> Path:
     """Write the model's fastlora LoRA (peft_type "LORA") or NEAT (peft_type "PEANUT") adapters
     in PEFT's format, so that ``peft.PeftModel.from_pretrained(base, directory)``
-    computes the same outputs.
+    computes the same outputs. An adapted nn.MultiheadAttention is written as PEFT's MultiheadAttention
+    layer: both projections adapted, with one config (out_proj's factor halved: PEFT 0.21 adds that
+    update twice).
 
     target_modules is written as the list of adapted module paths, or as the full-match regex of
     them where PEFT's suffix matching would also select an unadapted module; trainable parameters
@@ -217,8 +298,9 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     nothing else in the directory touched, old files restored on an exception); PEFT's
     format records no digest, so a hard crash between the two renames can leave new weights
     beside the old config. Raises ValueError for other methods, merged layers, layers differing
-    in a field the format holds once for all layers (naming the layer and field), or Conv1D layers
-    under a format without them (PEANUT).
+    in a field the format holds once for all layers (naming the layer and field), Conv1D layers or
+    attention layers under a format without them (PEANUT), an attention with one projection adapted or
+    with projections differing in a field (naming the attention).
     """
     layers = list(adapter_layers(model))
     if not layers:
@@ -235,15 +317,14 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     if conv1d and fmt.conv1d_field is None:
         raise ValueError(f"layer {conv1d[0]} wraps a Conv1D; PEFT's {fmt.peft_type} adapts nn.Linear only")
     peft_type = fmt.peft_type
+    modules, tensors = _peft_modules(model, fmt, layers)
     extra = trainable_non_adapter_parameters(model)
     modules_to_save = sorted({name.rpartition(".")[0] for name in extra}) or None
     meta = {"peft_type": peft_type, "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-            "inference_mode": True, "target_modules": _peft_target_modules(model, [name for name, _ in layers]),
-            "modules_to_save": modules_to_save, **_peft_layer_fields(fmt, layers)}
+            "inference_mode": True, "target_modules": _peft_target_modules(model, [name for name, _ in modules]),
+            "modules_to_save": modules_to_save, **_peft_layer_fields(fmt, modules)}
     if fmt.conv1d_field is not None:
         meta[fmt.conv1d_field] = bool(conv1d)
-    tensors = {f"{KEY_PREFIX}{name}.{key}": tensor.detach().contiguous().cpu()
-               for name, layer in layers for key, tensor in fmt.peft_tensors(layer.adapter.state_dict()).items()}
     tensors.update({f"{KEY_PREFIX}{name}": p.detach().contiguous().cpu() for name, p in extra.items()})
 
     return write_files_atomically(directory, [

@@ -1,12 +1,14 @@
 """nn.MultiheadAttention adapted as PEFT adapts it: the packed q/k/v in-projection and out_proj, every method,
 through the fused op; the attention between the projections matches torch's own (float64), merge/unmerge,
 merge_and_unload back to nn.MultiheadAttention, checkpoints, state-dict keys, selection rules and warnings,
-nn.TransformerEncoderLayer's fused inference path kept off, and PEFT's MultiheadAttention LoRA outputs."""
+nn.TransformerEncoderLayer's fused inference path kept off, PEFT's MultiheadAttention LoRA outputs, and PEFT
+checkpoints of attention layers both ways."""
 import copy
 import dataclasses
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fastlora
@@ -343,3 +345,84 @@ def test_peft_multihead_attention_lora_gives_the_same_outputs():
                 if "out_proj" in name and ("lora_B" in name or name.endswith("adapter.lora_B")):
                     p.zero_()
     assert rel(ours(x), peft_model(x)) < 1e-12 and rel(ours(x), base(x)) > 1e-3
+
+
+def _peft_block(config, seed=4):
+    """Block adapted by PEFT itself, random factors, eval mode."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(Block(), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return model.eval()
+
+
+def _output_and_input_grad(model, x):
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    return out.detach(), grad
+
+
+@pytest.mark.parametrize("fields", [{}, {"use_rslora": True, "rank_pattern": {"attn": 3},
+                                         "alpha_pattern": {"head": 5}}], ids=["lora", "patterns"])
+def test_peft_checkpoint_of_attention_layers_loads_with_peft_outputs(tmp_path, fields):
+    peft = pytest.importorskip("peft")
+    reference = _peft_block(peft.LoraConfig(r=2, lora_alpha=3, target_modules=["attn", "head"], **fields))
+    reference.save_pretrained(str(tmp_path))
+    model = fastlora.load_peft_adapter(Block(), tmp_path).eval()
+    assert [n for n, _ in fastlora.adapter_layers(model)] == ["attn.in_proj", "attn.out_proj", "head"]
+    assert isinstance(model.attn, AdapterMultiheadAttention)
+    assert model.attn.in_proj.config.r == model.attn.out_proj.config.r == (3 if fields else 2)
+    x = _x(B, L, E)
+    out, grad = _output_and_input_grad(model, x)
+    peft_out, peft_grad = _output_and_input_grad(reference, x)
+    assert rel(out, peft_out) < 1e-12 and rel(grad, peft_grad) < 1e-12
+    assert rel(out, Block()(x)) > 1e-3
+    peft_in = reference.base_model.model.attn
+    assert torch.equal(model.attn.in_proj.adapter.lora_B, peft_in.lora_B["default"].weight)
+    # PEFT's forward adds its out_proj update twice: the loaded factor is twice the checkpoint's
+    peft_out_proj = peft_in.base_layer.out_proj.lora_B["default"].weight
+    assert torch.equal(model.attn.out_proj.adapter.lora_B, 2 * peft_out_proj)
+
+
+def test_peft_export_of_attention_layers_round_trips(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = _randomise(fastlora.inject(Block(), LoraConfig(r=2, alpha=3.0, target_modules=["attn", "head"])))
+    model.eval()
+    fastlora.save_peft_adapter(model, tmp_path)
+    reference = peft.PeftModel.from_pretrained(Block(), str(tmp_path)).eval()
+    x = _x(B, L, E)
+    out, grad = _output_and_input_grad(model, x)
+    peft_out, peft_grad = _output_and_input_grad(reference, x)
+    assert rel(out, peft_out) < 1e-12 and rel(grad, peft_grad) < 1e-12
+    assert rel(out, Block()(x)) > 1e-3
+    assert "default" in reference.base_model.model.attn.lora_A  # PEFT's MultiheadAttention LoRA layer
+    loaded = fastlora.load_peft_adapter(Block(), tmp_path)
+    for (name, ours), (_, theirs) in zip(fastlora.adapter_layers(model), fastlora.adapter_layers(loaded)):
+        for key, tensor in ours.adapter.state_dict().items():
+            assert torch.equal(theirs.adapter.state_dict()[key], tensor), (name, key)
+
+
+def test_peft_export_and_load_refuse_attention_layers_peft_cannot_hold(tmp_path):
+    neat = fastlora.inject(Block(), NeatConfig(r=2, target_modules=["attn"]))
+    with pytest.raises(ValueError, match=r"layer attn.in_proj is a projection of nn.MultiheadAttention 'attn'; "
+                                         r"PEFT's PEANUT does not adapt nn.MultiheadAttention"):
+        fastlora.save_peft_adapter(neat, tmp_path / "neat")
+    out_only = fastlora.inject(Block(), LoraConfig(r=2, target_modules=["out_proj"]))
+    with pytest.raises(ValueError, match=r"'attn' has only its out_proj adapted; PEFT adapts an attention's "
+                                         r"in-projection and out_proj together"):
+        fastlora.save_peft_adapter(out_only, tmp_path / "out")
+    ranks = fastlora.inject(Block(), LoraConfig(r=2, target_modules=["attn"], rank_pattern={"out_proj": 3}))
+    with pytest.raises(ValueError, match=r"'attn': its in_proj and out_proj differ in r"):
+        fastlora.save_peft_adapter(ranks, tmp_path / "ranks")
+    assert not any((tmp_path / name).exists() for name in ("neat", "out", "ranks"))
+    peft = pytest.importorskip("peft")
+    _peft_block(peft.LoraConfig(r=2, target_modules=["attn"])).save_pretrained(str(tmp_path / "peft"))
+    path = tmp_path / "peft" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(str(path)).items() if "out_proj" not in k}, str(path))
+    with pytest.raises(ValueError, match=r"lacks the tensors of 'attn.base_layer.out_proj' for "
+                                         r"nn.MultiheadAttention 'attn'"):
+        fastlora.load_peft_adapter(Block(), tmp_path / "peft")

@@ -223,7 +223,7 @@ def test_load_refuses_real_dora_and_non_linear_targets(base, tmp_path):
         load_peft_adapter(copy.deepcopy(base), tmp_path / "emb")
     convolutional = torch.nn.ModuleDict({"proj": torch.nn.Linear(8, 8), "conv": torch.nn.Conv1d(8, 8, 1)})
     save_peft(convolutional, lora(target_modules=["proj", "conv"]), tmp_path / "conv")
-    with pytest.raises(ValueError, match="'conv', a Conv1d; fastlora adapts nn.Linear and Conv1D only"):
+    with pytest.raises(ValueError, match="'conv', a Conv1d; fastlora adapts nn.Linear, Conv1D and nn.Multihead"):
         load_peft_adapter(copy.deepcopy(convolutional), tmp_path / "conv")
 
 
