@@ -6,7 +6,7 @@ unload(), method stats.
     with fastlora.disable_adapter(model):        # the base model's outputs
         ...
     fastlora.trainable_parameters(model)         # TrainableParameters(trainable=..., total=..., percent=...)
-    fastlora.unload(model)                       # plain nn.Linear layers again, adapters dropped (no merge)
+    fastlora.unload(model)                       # plain layers again, adapters dropped (no merge)
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import Iterator
 from torch import nn
 
 from .config import AdapterConfig
-from .inject import _set_submodule, adapter_layers
-from .layer import AdapterLinear, is_adaptable
+from .inject import _projection_config, _set_submodule, adapter_layers
+from .layer import AdapterLinear, AdapterMultiheadAttention, is_adaptable, is_attention
 from .methods import build_adapter
 from .targets import is_selected, layer_config, output_layer_names, resolved_targets
 
@@ -61,10 +61,14 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
         raise ValueError(f"adapter {active_adapter(model)!r} is LoRASC, which writes its stages into W; a model "
                          f"with it cannot hold other named adapters")
     _check_selection(model, name, config)
+    attentions = {n for n, m in model.named_modules() if isinstance(m, AdapterMultiheadAttention)}
     built = []
     for index, (layer_name, layer) in enumerate(layers):
+        attention = layer_name.rpartition(".")[0]
+        own = _projection_config(config, layer_name, attention) if attention in attentions else \
+            layer_config(config, layer_name)
         try:
-            adapter = build_adapter(layer_config(config, layer_name), layer.in_features, layer.out_features,
+            adapter = build_adapter(own, layer.in_features, layer.out_features,
                                     layer.weight.detach(), layer_index=index).train(layer.training)
         except (ValueError, TypeError) as error:
             raise type(error)(f"adapter {name!r}, layer {layer_name!r}: {error}") from error
@@ -78,19 +82,31 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
 
 
 def _check_selection(model: nn.Module, name: str, config: AdapterConfig) -> None:
-    """Refuse a config that does not select exactly the adapted layers (under all their names),
-    naming the difference."""
-    adapted, plain = set(), set()
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        if any(module_name.startswith(n + ".") for n in adapted):
-            continue  # inside an adapter (NEAT's own Linear layers)
-        if isinstance(module, AdapterLinear):
-            adapted.add(module_name)
-        elif is_adaptable(module):
-            plain.add(module_name)
+    """Refuse a config that does not select exactly the adapted layers (under all their names), as inject
+    selects them (an attention's name: both projections; "<attention>.out_proj": that one), naming the
+    difference."""
     targets = resolved_targets(model, config)
     output_layers = output_layer_names(model) if targets == "all-linear" else set()
-    selected = {n for n in adapted | plain if is_selected(n, targets, config, output_layers)}
+
+    def chosen(module_name: str) -> bool:
+        return is_selected(module_name, targets, config, output_layers)
+
+    adapted, selected, done = set(), set(), []
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        if any(module_name.startswith(n + ".") for n in done):
+            continue  # inside an adapted layer (NEAT's own Linear layers) or an attention, seen whole
+        if isinstance(module, AdapterMultiheadAttention) or is_attention(module):
+            done.append(module_name)
+            parts = {part: f"{module_name}.{part}" for part in ("in_proj", "out_proj")}
+            adapted |= {n for part, n in parts.items() if isinstance(getattr(module, part), AdapterLinear)}
+            selected |= set(parts.values()) if chosen(module_name) else \
+                {parts["out_proj"]} if chosen(parts["out_proj"]) else set()
+        elif isinstance(module, AdapterLinear) or is_adaptable(module):
+            if isinstance(module, AdapterLinear):
+                done.append(module_name)
+                adapted.add(module_name)
+            if chosen(module_name):
+                selected.add(module_name)
     if selected != adapted:
         raise ValueError(f"adapter {name!r}: the config selects {sorted(selected - adapted)[:5]} that have no "
                          f"adapter and leaves out adapted layers {sorted(adapted - selected)[:5]}; every named "
@@ -166,8 +182,9 @@ def trainable_parameters(model: nn.Module) -> TrainableParameters:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Put back the original nn.Linear (or Conv1D) of every adapted layer (the same weight and bias tensors,
-    under each of the layer's names) and drop the adapters without merging them; returns ``model``.
+    """Put back the original nn.Linear (or Conv1D, or nn.MultiheadAttention) of every adapted layer (the same
+    weight and bias tensors, under each of the layer's names) and drop the adapters without merging them;
+    returns ``model``.
     A merged layer is unmerged first, so its W is the base W again. Parameters other than the
     adapters keep the requires_grad flags inject gave them (frozen)."""
     names: dict[nn.Module, list[str]] = {}
@@ -182,6 +199,14 @@ def unload(model: nn.Module) -> nn.Module:
         linear = layer.plain_layer(weight, layer.bias)
         for name in layer_names:
             _set_submodule(model, name, linear)
+    attentions: dict[nn.Module, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, AdapterMultiheadAttention):
+            attentions.setdefault(module, []).append(name)
+    for attention, attention_names in attentions.items():
+        plain = attention.to_attention()  # its projections are plain now: their tensors themselves
+        for name in attention_names:
+            _set_submodule(model, name, plain)
     return model
 
 

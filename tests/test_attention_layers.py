@@ -426,3 +426,67 @@ def test_peft_export_and_load_refuse_attention_layers_peft_cannot_hold(tmp_path)
     with pytest.raises(ValueError, match=r"lacks the tensors of 'attn.base_layer.out_proj' for "
                                          r"nn.MultiheadAttention 'attn'"):
         fastlora.load_peft_adapter(Block(), tmp_path / "peft")
+
+
+def test_unload_puts_back_plain_multihead_attention():
+    plain = Block()
+    x = _x(B, L, E)
+    model = _randomise(fastlora.inject(copy.deepcopy(plain), LoraConfig(r=2, target_modules=["attn"])))
+    in_weight, in_bias, out_proj = model.attn.in_proj_weight, model.attn.in_proj_bias, model.attn.out_proj.weight
+    fastlora.merge(model)
+    fastlora.unload(model)
+    assert type(model.attn) is nn.MultiheadAttention and type(model.attn.out_proj) is type(plain.attn.out_proj)
+    assert model.attn.in_proj_weight is in_weight and model.attn.in_proj_bias is in_bias
+    assert model.attn.out_proj.weight is out_proj and not in_weight.requires_grad
+    assert list(model.state_dict()) == list(plain.state_dict())
+    assert rel(model(x), plain(x)) < 1e-14  # the base W again
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, 2, 24, dropout=0.0, batch_first=True, dtype=F64), 1,
+                                    enable_nested_tensor=False).eval()
+    reference = copy.deepcopy(encoder)
+    _randomise(fastlora.inject(encoder, LoraConfig(r=2, target_modules="all-linear")))
+    fastlora.unload(encoder)
+    assert type(encoder.layers[0].self_attn) is nn.MultiheadAttention
+    assert not encoder.layers[0].self_attn._forward_pre_hooks  # torch's fused inference path again
+    with torch.no_grad():
+        assert rel(encoder(x), reference(x)) < 1e-12
+
+
+@pytest.mark.parametrize("targets", [["attn"], ["out_proj"], "all-linear"])
+def test_a_second_named_adapter_on_attention_layers(targets):
+    model = _randomise(fastlora.inject(Block(), LoraConfig(r=2, alpha=3.0, target_modules=targets)))
+    names = [n for n, _ in fastlora.adapter_layers(model)]
+    fastlora.add_adapter(model, "b", NeatConfig(r=2, scale=0.6, target_modules=targets))
+    fastlora.set_adapter(model, "b")
+    _randomise(model, seed=5)
+    x = _x(B, L, E)
+    for name, config in (("b", NeatConfig(r=2, scale=0.6, target_modules=targets)),
+                         ("default", LoraConfig(r=2, alpha=3.0, target_modules=targets))):
+        fastlora.set_adapter(model, name)
+        twin = fastlora.inject(Block(), config)
+        assert [n for n, _ in fastlora.adapter_layers(twin)] == names
+        for (_, ours), (_, theirs) in zip(fastlora.adapter_layers(model), fastlora.adapter_layers(twin)):
+            theirs.adapter.load_state_dict(ours.adapter.state_dict())
+        inputs = x.clone().requires_grad_(True)
+        out = model(inputs)
+        out.square().sum().backward()
+        twin_inputs = x.clone().requires_grad_(True)
+        twin_out = twin(twin_inputs)
+        twin_out.square().sum().backward()
+        assert rel(out, twin_out) < 1e-12 and rel(inputs.grad, twin_inputs.grad) < 1e-12
+        for (_, ours), (_, theirs) in zip(fastlora.adapter_layers(model), fastlora.adapter_layers(twin)):
+            for (key, p), q in zip(ours.adapter.named_parameters(), theirs.adapter.parameters()):
+                assert rel(p.grad, q.grad) < 1e-12, key
+            assert all(p.grad is None for p in ours.inactive_adapters.parameters())
+        model.zero_grad(set_to_none=True)
+    assert rel(model(x), Block()(x)) > 1e-3
+
+
+def test_a_named_adapter_must_select_the_attention_projections_inject_adapted():
+    model = fastlora.inject(Block(), LoraConfig(r=2, target_modules=["attn"]))
+    with pytest.raises(ValueError, match=r"selects \[\] that have no adapter and leaves out adapted layers "
+                                         r"\['attn.in_proj'\]"):
+        fastlora.add_adapter(model, "b", LoraConfig(r=2, target_modules=["out_proj"]))
+    with pytest.raises(ValueError, match=r"selects \['head'\] that have no adapter"):
+        fastlora.add_adapter(model, "b", LoraConfig(r=2, target_modules=["attn", "head"]))
+    assert fastlora.adapter_names(model) == ["default"]
