@@ -370,22 +370,31 @@ class RankSelectiveLoraConfig(LoraConfig):
     r = 16, alpha = None (s = 1), w ~ N(0, 1), 500 steps, half dense, 50 levels, kappa_max = 0.005.
     importance_init: "randn" (w ~ N(0, 1), the authors' code) or a nonzero constant.
 
-    Set total_steps to the number of optimizer steps you train. Over the schedule the thresholds
-    shrink each |w| by sum_t kappa(t) in all (0.64 with the defaults), so the ranks that end below
-    that are pruned (about half of N(0, 1) draws; a constant 1.0 outlasts it and prunes nothing);
-    a run shorter than total_steps stops early in the staircase (nothing is pruned in the dense
-    phase; FastLoraCallback warns when Trainer's max_steps is smaller). A longer run keeps the pruned
-    set of step total_steps and only trains the kept ranks after it.
+    total_steps: the schedule's length in optimizer steps. None (the default) means the run's length:
+    FastLoraCallback takes Trainer's max_steps, ``attach_training_hooks(model, optimizer, total_steps=N)``
+    takes N; a layer that steps with neither (and no length saved in its checkpoint) raises at its first
+    rule step, as the schedule cannot be placed. The resolved length is the adapter's persistent buffer
+    ``run_steps`` (a resumed run continues the same schedule). kappa_max is the authors' peak for their
+    500-step run (REFERENCE_STEPS): a schedule over a run of N steps thresholds by kappa * 500 / N, so
+    its thresholds add up to about the same budget (0.6375 with the defaults) at any length. An explicit
+    int fixes the schedule whatever the run, with kappa_max absolute (the authors' code). Over the
+    schedule the thresholds shrink each |w| by sum_t kappa(t) in all, so the ranks that end below that
+    are pruned (about half of N(0, 1) draws; a constant 1.0 outlasts it and prunes nothing); an explicit total_steps
+    longer than the run stops early in the staircase (nothing is pruned in the dense phase;
+    FastLoraCallback warns). A longer run keeps the pruned set of step total_steps and only trains
+    the kept ranks after it.
     """
 
     method: ClassVar[str] = "rank_selective_lora"
     RETIRED: ClassVar[dict[str, str]] = {
         "sparsity_strength": "was removed: the threshold is an absolute kappa on a schedule, not lr * "
                              "sparsity_strength; set kappa_max (and total_steps, dense_fraction, threshold_levels)"}
+    #: the authors' schedule length, which kappa_max is set for (a run-length schedule scales kappa to it)
+    REFERENCE_STEPS: ClassVar[int] = 500
     r: int = 16
     alpha: Optional[float] = None
     importance_init: Union[float, str] = "randn"
-    total_steps: int = 500
+    total_steps: Optional[int] = None
     dense_fraction: float = 0.5
     threshold_levels: int = 50
     kappa_max: float = 0.005
@@ -403,6 +412,8 @@ class RankSelectiveLoraConfig(LoraConfig):
                              f"(0 would prune every rank before training), got {value!r}")
         for name in ("total_steps", "threshold_levels"):
             value = getattr(self, name)
+            if name == "total_steps" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"RankSelectiveLoraConfig.{name} must be an int > 0, got {value!r}")
         if not _is_real(self.dense_fraction) or not 0.0 <= self.dense_fraction < 1.0:
@@ -415,20 +426,38 @@ class RankSelectiveLoraConfig(LoraConfig):
         """alpha / r (alpha / sqrt(r) with use_rslora); 1 when alpha is None (the authors' s)."""
         return 1.0 if self.alpha is None else super().scale
 
-    def kappa(self, step: int) -> float:
-        """The threshold applied after optimizer step ``step`` (1-based): 0 in the dense phase and after
-        total_steps (the pruned set is final then), the staircase in between."""
-        dense = self.dense_steps
-        if step <= dense or step > self.total_steps:
+    def schedule_length(self, run_steps: Optional[int] = None) -> int:
+        """The schedule's length: total_steps when set, else ``run_steps`` (the run's length); raises
+        ValueError when neither is known."""
+        total = self.total_steps if self.total_steps is not None else run_steps
+        if not total:
+            raise ValueError("the CoDyRA threshold schedule needs the run's length: train with FastLoraTrainer / "
+                             "FastLoraCallback (it takes Trainer's max_steps), pass attach_training_hooks(model, "
+                             "optimizer, total_steps=N), or set RankSelectiveLoraConfig(total_steps=N)")
+        return total
+
+    def kappa(self, step: int, run_steps: Optional[int] = None) -> float:
+        """The threshold applied after optimizer step ``step`` (1-based) of a schedule of
+        ``schedule_length(run_steps)`` steps: 0 in the dense phase and after it (the pruned set is final
+        then), the staircase in between; times REFERENCE_STEPS / N on a schedule over the run's N steps
+        (total_steps None), so that its thresholds add up to what a REFERENCE_STEPS-step run's do."""
+        total = self.schedule_length(run_steps)
+        dense = self.dense_steps_of(total)
+        if step <= dense or step > total:
             return 0.0
-        level = math.ceil(self.threshold_levels * (step - dense) / (self.total_steps - dense))
-        return self.kappa_max * level / self.threshold_levels
+        level = math.ceil(self.threshold_levels * (step - dense) / (total - dense))
+        peak = self.kappa_max if self.total_steps is not None else self.kappa_max * self.REFERENCE_STEPS / total
+        return peak * level / self.threshold_levels
+
+    def dense_steps_of(self, total: int) -> int:
+        """D of a ``total``-step schedule: round(dense_fraction * total), at most total - 1 so that step
+        total always thresholds by kappa_max."""
+        return min(round(self.dense_fraction * total), total - 1)
 
     @property
     def dense_steps(self) -> int:
-        """D, the steps of the dense phase: round(dense_fraction * total_steps), at most total_steps - 1 so
-        that step total_steps always thresholds by kappa_max."""
-        return min(round(self.dense_fraction * self.total_steps), self.total_steps - 1)
+        """D of the config's own total_steps (which must be set)."""
+        return self.dense_steps_of(self.schedule_length())
 
 
 @dataclass(frozen=True)
@@ -487,7 +516,13 @@ class CascadeLoraConfig(LoraConfig):
     """LoRASC: stages of a fast LoRA pair, each folded into W in place, each started with NoisyTune noise on W.
 
     cascade_interval: optimizer steps per stage (default 100), or None for stages only where the
-    training loop calls ``cascade_step()`` (e.g. once per epoch). slow_momentum: m of the slow-fast
+    training loop calls ``cascade_step()`` (e.g. once per epoch). stages_per_run: K stages per run
+    instead (default None): the run's N optimizer steps (Trainer's max_steps, or
+    ``attach_training_hooks(..., total_steps=N)``, as CoDyRA's total_steps) split into K stages of
+    N / K steps (rounded; the stage ends at steps ceil(j N / K), j < K); it replaces cascade_interval
+    (left at its default or None, saved as None). With a known run length no stage ends on the run's
+    final step: the last stage stays the fast pair (evaluated as W + s B A), folded by ``next_task``
+    or merged by ``merge``. slow_momentum: m of the slow-fast
     update, the stage folds (1 - m) s B A into W (the paper's pace alpha = 1 - m; default 0.5,
     Lookahead's; 0 folds the whole fast pair). noise_intensity: NoisyTune's lambda, each stage starts
     with W += U(-lambda/2, lambda/2) * std(W) (default 0.15 as NoisyTune; 0 = no noise), drawn from a
@@ -502,6 +537,7 @@ class CascadeLoraConfig(LoraConfig):
                      "W += U(-lambda/2, lambda/2) * std(W))",
         "max_cascades": "was removed: every stage is folded into W in place, so no number of stages is kept"}
     cascade_interval: Optional[int] = 100
+    stages_per_run: Optional[int] = None
     slow_momentum: float = 0.5
     noise_intensity: float = 0.15
     noise_seed: int = 0
@@ -515,6 +551,15 @@ class CascadeLoraConfig(LoraConfig):
         value = self.cascade_interval
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ValueError(f"CascadeLoraConfig.cascade_interval must be an int > 0 or None, got {value!r}")
+        stages = self.stages_per_run
+        if stages is not None:
+            if not isinstance(stages, int) or isinstance(stages, bool) or stages <= 0:
+                raise ValueError(f"CascadeLoraConfig.stages_per_run must be an int > 0 or None, got {stages!r}")
+            if value == 100:  # the default: stages_per_run replaces it
+                object.__setattr__(self, "cascade_interval", None)
+            elif value is not None:
+                raise ValueError(f"CascadeLoraConfig: give stages_per_run ({stages}) or cascade_interval ({value}), "
+                                 f"not both")
         value = self.slow_momentum
         if not _is_real(value) or not 0.0 <= value < 1.0:
             raise ValueError(f"CascadeLoraConfig.slow_momentum must lie in [0, 1) (1 would discard every "

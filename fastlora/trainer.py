@@ -26,7 +26,7 @@ from .adapters_api import adapter_stats
 from .checkpoint import save_adapter
 from .config import RankSelectiveLoraConfig, SelectiveLoraConfig
 from .inject import adapter_layers
-from .training import TrainingHooks, _has_rule, attach_training_hooks, regularization_loss
+from .training import TrainingHooks, _has_rule, attach_training_hooks, regularization_loss, set_run_length
 
 #: the folder of the adapter-only checkpoint inside each of Trainer's checkpoint-N folders
 ADAPTER_DIR = "fastlora_adapter"
@@ -35,11 +35,14 @@ ADAPTER_DIR = "fastlora_adapter"
 class FastLoraCallback(TrainerCallback):
     """Connects a fastlora model to ``transformers.Trainer``.
 
-    - train begin: attaches the post-step training rules (CoDyRA's proximal step, LoRASC's
-      cascades, Selective LoRA's bookkeeping) to Trainer's optimizer (accelerate's wrapper
-      unwrapped), once per ``train()`` call; removed at train end. Warns when a CoDyRA
-      threshold schedule (``total_steps``) is longer than the run's ``max_steps`` (it would stop
-      before kappa_max; a longer run is fine: the pruned set is final after total_steps).
+    - train begin: gives the step-scheduled layers the run's length, Trainer's ``max_steps``
+      (``set_run_length``: CoDyRA's schedule with total_steps=None spans it, LoRASC's
+      stages_per_run splits it, and no LoRASC stage ends on its final step), then attaches the
+      post-step training rules (CoDyRA's proximal step, LoRASC's cascades, Selective LoRA's
+      bookkeeping) to Trainer's optimizer (accelerate's wrapper unwrapped), once per ``train()``
+      call; removed at train end (warning when LoRASC layers ended no stage in the run). Warns when
+      an explicit CoDyRA ``total_steps`` is longer than ``max_steps`` (it would stop before
+      kappa_max; a longer run is fine: the pruned set is final after total_steps).
     - every log: each method's ``extra_stats`` over its layers ("fastlora/<method>/<stat>",
       ``adapter_stats``) join the logged values and ``state.log_history``.
     - every save (``save_adapters``): ``save_adapter`` writes the adapters into
@@ -61,6 +64,8 @@ class FastLoraCallback(TrainerCallback):
         if self.hooks is not None:
             self.hooks.remove()
             self.hooks = None
+        if state.max_steps and state.max_steps > 0:
+            set_run_length(model, state.max_steps)
         if any(_has_rule(layer) for _, layer in layers):
             if optimizer is None:
                 raise ValueError("FastLoraCallback: Trainer passed no optimizer; the training rules cannot be attached")
@@ -94,7 +99,8 @@ def _check_schedules(layers, max_steps: int) -> None:
     configs = {}
     for _, layer in layers:
         config = layer.config
-        if isinstance(config, RankSelectiveLoraConfig) and config.kappa_max > 0 and config.total_steps > max_steps:
+        if isinstance(config, RankSelectiveLoraConfig) and config.kappa_max > 0 and config.total_steps is not None \
+                and config.total_steps > max_steps:
             configs.setdefault(config.total_steps, config)
     for total, config in sorted(configs.items()):
         if config.kappa(max_steps) == 0:

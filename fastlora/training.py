@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from .config import CascadeLoraConfig, SelectiveLoraConfig
+from .config import SelectiveLoraConfig
 from .inject import adapter_layers
 from .layer import AdapterLinear
-from .methods import Adapter, CascadeLoraAdapter
+from .methods import Adapter, CascadeLoraAdapter, RankSelectiveLoraAdapter
 
 Optimizers = Union[torch.optim.Optimizer, Iterable[torch.optim.Optimizer]]
 # model -> its live TrainingHooks (weakly: the optimizers' hook registries keep them alive)
@@ -71,7 +71,7 @@ def _needs_rule(layer: AdapterLinear) -> bool:
     """Whether training the layer without its post-step rule goes wrong (LoRASC with loop-driven
     stages, cascade_interval=None, and a frozen rule parameter do without)."""
     param = layer.adapter.rule_parameter()
-    loop_driven = isinstance(layer.config, CascadeLoraConfig) and layer.config.cascade_interval is None
+    loop_driven = isinstance(layer.adapter, CascadeLoraAdapter) and not layer.adapter.scheduled
     return _has_rule(layer) and not loop_driven and param is not None and param.requires_grad
 
 
@@ -191,16 +191,69 @@ class TrainingHooks:
             del _ATTACHED[self.model]
 
 
-def attach_training_hooks(model: nn.Module, optimizers: Optimizers) -> TrainingHooks:
+def set_run_length(model: nn.Module, total_steps: int) -> None:
+    """Give the model's step-scheduled layers (CoDyRA, LoRASC) the run's length in optimizer steps:
+    CoDyRA's schedule spans it when its config leaves total_steps None, LoRASC places stages_per_run's
+    stage ends by it and ends no stage on its final step. A layer that already stepped under another
+    length (a resumed run) keeps that one, with a warning."""
+    if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps <= 0:
+        raise ValueError(f"total_steps must be an int > 0 (the run's optimizer steps), got {total_steps!r}")
+    kept = set()
+    for _, layer in adapter_layers(model):
+        adapter = layer.adapter
+        if not isinstance(adapter, (RankSelectiveLoraAdapter, CascadeLoraAdapter)):
+            continue
+        if adapter._run_steps and adapter._run_steps != total_steps and adapter._steps > 0:
+            kept.add((layer.config.method, adapter._run_steps, adapter._steps))
+            continue
+        adapter.set_run_steps(total_steps)
+    for method, length, steps in sorted(kept):
+        warnings.warn(f"fastlora: {method} layers have taken {steps} optimizer steps of a run of {length}; they keep "
+                      f"that run's schedule, not total_steps={total_steps} (a new task starts a fresh schedule "
+                      f"after fastlora.next_task)", RuntimeWarning, stacklevel=3)
+
+
+def _missing_length(layer: AdapterLinear) -> bool:
+    """Whether the layer's rule needs the run's length and does not know it."""
+    adapter = layer.adapter
+    if isinstance(adapter, RankSelectiveLoraAdapter):
+        return adapter.total_steps is None
+    return isinstance(adapter, CascadeLoraAdapter) and adapter.config.stages_per_run is not None \
+        and not adapter._run_steps
+
+
+def _warn_stageless(layers) -> None:
+    """Warn once per interval when LoRASC layers' schedule ends no stage in the run (its length known):
+    cascade_interval >= the run's steps, so the run trains plain LoRA on W with one stage's noise."""
+    idle = {}
+    for _, layer in layers:
+        adapter = layer.adapter
+        if not isinstance(adapter, CascadeLoraAdapter) or not adapter._run_steps or layer.merged:
+            continue
+        interval = adapter.config.cascade_interval
+        if interval is not None and interval >= adapter._run_steps:
+            idle.setdefault((interval, adapter._run_steps), layer)
+    for interval, run in sorted(idle):
+        warnings.warn(f"fastlora: cascade_lora layers end no stage in this run of {run} optimizer steps "
+                      f"(cascade_interval={interval}, and no stage ends on the final step): it trains plain LoRA on W "
+                      f"with one stage's noise; set CascadeLoraConfig(stages_per_run=K) to split the run into K "
+                      f"stages, or a cascade_interval below the run's length", RuntimeWarning, stacklevel=3)
+
+
+def attach_training_hooks(model: nn.Module, optimizers: Optimizers,
+                          total_steps: Optional[int] = None) -> TrainingHooks:
     """Run each adapter's post-step rule after every step of ``optimizers`` (one optimizer or
     several: pass all of a model's optimizers in one call, so a restarted parameter loses its
-    state in each).
+    state in each). ``total_steps``: the run's length in optimizer steps (``set_run_length``),
+    which CoDyRA with total_steps=None and LoRASC with stages_per_run need (unless the adapters
+    were loaded from a checkpoint of a run that knew it).
 
     Raises ValueError when the model has no adapters, already has hooks attached (``remove()``
     them first: a second set would apply every rule twice), an optimizer is given twice, a
     trainable rule parameter is in none of the optimizers (its rule would never run), or a
     trainable parameter a rule restarts (LoRASC's A and B) is in none of them (its state could not
-    be dropped). A rule parameter with requires_grad=False turns its rule off.
+    be dropped), or a rule needs the run's length and none is known. A rule parameter with
+    requires_grad=False turns its rule off.
     """
     layers = list(adapter_layers(model))
     if not layers:
@@ -227,4 +280,16 @@ def attach_training_hooks(model: nn.Module, optimizers: Optimizers) -> TrainingH
                 raise ValueError(f"layer {name}: its {layer.config.method} parameter {key} is trainable but in none of "
                                  f"the optimizers given; a stage end restarts it and must drop its optimizer state: "
                                  f"pass every optimizer that holds it in the same call")
+    if total_steps is not None:
+        set_run_length(model, total_steps)
+    unknown = sorted({layer.config.method for _, layer in layers if _has_rule(layer) and _missing_length(layer)
+                      and layer.adapter.rule_parameter() is not None
+                      and layer.adapter.rule_parameter().requires_grad})
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} layers schedule their rule over the run's length, which is not known: "
+                         f"pass attach_training_hooks(model, optimizer, total_steps=N) with the run's optimizer "
+                         f"steps, train with FastLoraTrainer / FastLoraCallback (Trainer's max_steps), or fix the "
+                         f"schedule in the config (RankSelectiveLoraConfig(total_steps=N), "
+                         f"CascadeLoraConfig(cascade_interval=N))")
+    _warn_stageless(layers)
     return TrainingHooks(model, optimizers)

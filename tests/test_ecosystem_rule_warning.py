@@ -27,7 +27,7 @@ def model_with(config):
 def train(model, steps, hooks=False, penalty=False):
     """``steps`` SGD steps; the warnings they raised."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    attached = attach_training_hooks(model, optimizer) if hooks else None
+    attached = attach_training_hooks(model, optimizer, total_steps=steps) if hooks else None
     x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

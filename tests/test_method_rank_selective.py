@@ -71,7 +71,9 @@ def test_defaults_are_the_authors():
     config = RankSelectiveLoraConfig()
     assert (config.r, config.alpha, config.scale) == (16, None, 1.0)
     assert (config.total_steps, config.dense_fraction, config.threshold_levels, config.kappa_max) == \
-        (500, 0.5, 50, 0.005)
+        (None, 0.5, 50, 0.005)  # None: the run's length; kappa_max is the authors' peak over their 500 steps
+    assert config.REFERENCE_STEPS == 500 and config.kappa(500, 500) == 0.005
+    assert config.kappa(48, 48) == pytest.approx(0.005 * 500 / 48, rel=1e-15)
     assert RankSelectiveLoraConfig(r=4, alpha=2.0).scale == 0.5
     assert RankSelectiveLoraConfig.from_dict(config.to_dict()) == config
 
@@ -101,7 +103,7 @@ def test_initialisation_and_zero_b_reproduces_base_exactly():
     assert adapter.lora_A.shape == (5, D_IN) and adapter.lora_A.abs().max() > 0
     assert adapter.lora_B.shape == (D_OUT, 5) and torch.count_nonzero(adapter.lora_B) == 0
     assert torch.equal(adapter.active_index, torch.arange(5)) and adapter.extra_stats()["active_ranks"] == 5.0
-    assert set(adapter.state_dict()) == {"importance", "lora_A", "lora_B", "optimizer_steps"}
+    assert set(adapter.state_dict()) == {"importance", "lora_A", "lora_B", "optimizer_steps", "run_steps"}
     x = torch.randn(N, D_IN, dtype=torch.float64)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
@@ -205,7 +207,8 @@ def test_no_active_rank_skips_the_low_rank_path():
     adapter = layer.adapter
     with torch.no_grad():
         assert adapter.op_arguments(layer.weight)["gate"] == 0.0 and adapter.extra_stats()["active_ranks"] == 0.0
-    adapter._steps = adapter.config.total_steps  # schedule over: no revival, nothing computed with grad on
+    adapter.set_run_steps(5)  # a 5-step run (total_steps None: the run's length)
+    adapter._steps = 5  # schedule over: no revival, nothing computed with grad on
     x = torch.randn(N, D_IN, dtype=torch.float64, requires_grad=True)
     out = layer(x)
     assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
@@ -422,4 +425,5 @@ def test_past_the_schedule_the_pruned_set_is_final_and_nothing_is_thresholded():
             adapter.after_optimizer_step(0.1)
             assert w() == [values[0], 0.0, values[2]]  # kept ranks not thresholded, rank 1 stays dropped
             assert adapter.active_index.tolist() == [0, 2] and int(adapter.optimizer_steps) == step
-            assert adapter.extra_stats() == {"active_ranks": 2.0, "kappa": 0.0, "optimizer_steps": float(step)}
+            assert adapter.extra_stats() == {"active_ranks": 2.0, "kappa": 0.0, "optimizer_steps": float(step),
+                                               "total_steps": 2.0}

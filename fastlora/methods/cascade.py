@@ -70,9 +70,18 @@ Choices where the paper is silent (our reading):
   saved), and ``restore_pretrained()`` copies it back bit for bit and starts the record again at
   stage 0 (its noise pending). After ``next_task`` W is the next task's starting point: a fresh
   adapter records (and copies) from there.
-- Stage length: cascade_interval optimizer steps (default 100). The paper starts a stage every
-  epoch: set cascade_interval to the steps per epoch, or to None and call ``cascade_step()`` at
-  each epoch end.
+- Stage length: cascade_interval optimizer steps (default 100), or stages_per_run=K: the run's N
+  steps (Trainer's max_steps via FastLoraCallback, ``attach_training_hooks(..., total_steps=N)``;
+  kept in the persistent buffer ``run_steps``) split into K stages, ending at steps ceil(j N / K),
+  j < K (the hooks refuse to attach with no known length). The paper starts a stage every epoch: set
+  cascade_interval to the steps per epoch, stages_per_run to the epochs, or cascade_interval to None
+  and call ``cascade_step()`` at each epoch end.
+- The run's final step ends no stage (when the run's length is known): a fold there would add only
+  (1 - m) of the last fast pair and start a fresh pair (B = 0) right before evaluation. The last
+  stage stays the fast pair, evaluated as W + s B A; ``next_task`` folds it, ``merge`` adds it. A
+  run whose cascade_interval is not below its length thus ends no stage: attaching the hooks warns
+  (RuntimeWarning) that it trains plain LoRA on W with one stage's noise. With no known length
+  (hand-written loop without total_steps) every multiple of cascade_interval ends a stage.
 - Step counter and stage counter are persistent int64 buffers (optimizer_steps, cascades), so a
   checkpoint taken mid-stage resumes the schedule; whether the current stage's noise is in W is
   read from the record (noise_intensity > 0 and the last std 0: not yet).
@@ -171,6 +180,7 @@ class CascadeLoraAdapter(Adapter):
         counter = {"dtype": torch.int64, "device": weight.device}
         self.register_buffer("optimizer_steps", torch.zeros((), **counter))
         self.register_buffer("cascades", torch.zeros((), **counter))
+        self.register_buffer("run_steps", torch.zeros((), **counter))
         self.register_load_state_dict_post_hook(_refresh_after_load)
         self.scale = config.scale
         self.keep = 1.0 - float(config.slow_momentum)
@@ -192,6 +202,7 @@ class CascadeLoraAdapter(Adapter):
         # host copies of the counters: no device read per forward or step
         self._steps = 0
         self._cascades = 0
+        self._run_steps = 0
         self.reset_parameters()
 
     @property
@@ -268,6 +279,35 @@ class CascadeLoraAdapter(Adapter):
         """Host copies of optimizer_steps and cascades <- the buffers (after a load)."""
         self._steps = int(self.optimizer_steps)
         self._cascades = int(self.cascades)
+        self._run_steps = int(self.run_steps)
+
+    @torch.no_grad()
+    def set_run_steps(self, steps: int) -> None:
+        """The run's length in optimizer steps (Trainer's max_steps, attach_training_hooks(total_steps=)),
+        kept in the persistent buffer ``run_steps``: it places stages_per_run's stage ends and keeps
+        the run's final step from ending a stage."""
+        self._run_steps = int(steps)
+        self.run_steps.fill_(self._run_steps)
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the training hooks end stages (cascade_interval or stages_per_run set)."""
+        return self.config.cascade_interval is not None or self.config.stages_per_run is not None
+
+    def stage_ends_at(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) ends a stage: never on the run's final step (when the
+        run's length is known), with stages_per_run K at steps ceil(j N / K), j = 1 .. K - 1, of the
+        N-step run, else at every multiple of cascade_interval. Raises ValueError for stages_per_run
+        with no known run length."""
+        run, stages = self._run_steps, self.config.stages_per_run
+        if stages is not None:
+            if not run:
+                raise ValueError("CascadeLoraConfig(stages_per_run=...) needs the run's length: train with "
+                                 "FastLoraTrainer / FastLoraCallback (it takes Trainer's max_steps) or pass "
+                                 "attach_training_hooks(model, optimizer, total_steps=N)")
+            return step < run and step * stages // run > (step - 1) * stages // run
+        interval = self.config.cascade_interval
+        return interval is not None and step % interval == 0 and step != run
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
         """The fast pair's arguments (plain LoRA on W, which holds the stages)."""
@@ -304,13 +344,13 @@ class CascadeLoraAdapter(Adapter):
 
     @torch.no_grad()
     def after_optimizer_step(self, learning_rate: float) -> tuple[nn.Parameter, ...]:
-        """Count the step; every cascade_interval-th step runs ``cascade_step`` and returns the
-        restarted pair (its optimizer state is dropped by the training hooks). A non-finite pair is
-        not folded: the stage goes on, with a RuntimeWarning."""
+        """Count the step; a step that ends a stage (``stage_ends_at``) runs ``cascade_step`` and
+        returns the restarted pair (its optimizer state is dropped by the training hooks). A non-finite
+        pair is not folded: the stage goes on, with a RuntimeWarning."""
+        ends = self.stage_ends_at(self._steps + 1)
         self._steps += 1
         self.optimizer_steps.fill_(self._steps)
-        interval = self.config.cascade_interval
-        if interval is None or self._steps % interval != 0:
+        if not ends:
             return ()
         try:
             self.cascade_step()

@@ -17,7 +17,7 @@ a zero rank changes no output. With no active rank the low-rank path is skipped 
 ΔW = s B diag(w) A (pruned ranks add nothing, so merging drops them).
 
 w starts as N(0, 1) draws from the default generator (importance_init "randn", as the authors'
-code). Over the schedule the thresholds add up to sum_t kappa(t) (0.6375 with the defaults), so
+code). Over the schedule the thresholds add up to sum_t kappa(t) (0.6375 over 500 steps), so
 the ranks whose |w| ends below that (about half of the draws, as training moves them) are
 pruned. A constant importance_init prunes every rank or none: 1.0 outlasts the default schedule.
 
@@ -33,10 +33,21 @@ Choices where the paper and the authors' code are silent (ours):
   with the defaults).
 - The step count t is the number of steps of the optimizer holding w (the training hooks), kept
   in the persistent buffer ``optimizer_steps`` so a checkpoint resumes the schedule.
+- The schedule's length: total_steps=None (the default) spans the run, whose length
+  FastLoraCallback takes from Trainer's max_steps and ``attach_training_hooks(..., total_steps=N)``
+  from N; it is kept in the persistent buffer ``run_steps`` (a resumed run continues the same
+  schedule; a layer that has stepped keeps the length it started with). With no known length the
+  hooks refuse to attach and the rule step raises, before anything changes: an absolute 500-step
+  schedule in a short run stays in its dense phase and silently trains plain LoRA. On a run of N
+  steps every kappa is multiplied by 500 / N (the authors' length, REFERENCE_STEPS), so the
+  thresholds add up to about the authors' 0.64 at any length (0.6625 at N = 48) and about half the
+  ranks are pruned as in their run; an explicit total_steps keeps kappa_max absolute.
+- ``extra_stats`` reports kappa 0 once the schedule is done (nothing is thresholded any more), and
+  the schedule's length as total_steps (0 while unknown).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -76,13 +87,30 @@ class RankSelectiveLoraAdapter(LoraAdapter):
         self.importance = nn.Parameter(importance)
         self.register_buffer("active_index", torch.arange(config.r, device=weight.device), persistent=False)
         self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.int64, device=weight.device))
+        self.register_buffer("run_steps", torch.zeros((), dtype=torch.int64, device=weight.device))
         self.register_load_state_dict_post_hook(_refresh_after_load)
-        self._steps = 0  # host copy of optimizer_steps: no device read per forward
+        self._steps = 0  # host copies of optimizer_steps and run_steps: no device read per forward
+        self._run_steps = 0
+
+    @property
+    def total_steps(self) -> Optional[int]:
+        """The schedule's length: the config's total_steps, else the run's length (``run_steps``), else
+        None (not known yet)."""
+        return self.config.total_steps if self.config.total_steps is not None else (self._run_steps or None)
 
     @property
     def schedule_done(self) -> bool:
-        """Whether ``total_steps`` optimizer steps are done (pruned ranks are then dropped for good)."""
-        return self._steps >= self.config.total_steps
+        """Whether the schedule's optimizer steps are done (pruned ranks are then dropped for good)."""
+        total = self.total_steps
+        return total is not None and self._steps >= total
+
+    @torch.no_grad()
+    def set_run_steps(self, steps: int) -> None:
+        """The run's length in optimizer steps (Trainer's max_steps, attach_training_hooks(total_steps=)),
+        the schedule's length when the config leaves total_steps None; kept in the persistent buffer
+        ``run_steps``."""
+        self._run_steps = int(steps)
+        self.run_steps.fill_(self._run_steps)
 
     def rule_parameter(self) -> nn.Parameter:
         """The proximal step follows the optimizer that moves w."""
@@ -94,6 +122,7 @@ class RankSelectiveLoraAdapter(LoraAdapter):
         <- optimizer_steps."""
         self.active_index = torch.nonzero(full_view(self.importance)).flatten()
         self._steps = int(self.optimizer_steps)
+        self._run_steps = int(self.run_steps)
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
         full = {"lora_a": self.lora_A, "lora_b": self.lora_B, "rank_weights": self.importance, "scale": self.scale}
@@ -118,7 +147,9 @@ class RankSelectiveLoraAdapter(LoraAdapter):
         """Count the step, reset dropped ranks to 0 once the schedule is done, soft-threshold w by
         kappa(step) (0 past total_steps: kept ranks move only by the optimizer then), refresh the
         active ranks. Elementwise on this rank's shard when w is sharded (FSDP2). The learning rate
-        is not used: kappa is absolute."""
+        is not used: kappa is absolute. Raises ValueError (before changing anything) when the
+        schedule's length is not known."""
+        total = self.config.schedule_length(self._run_steps)
         importance = local_view(self.importance)
         if self.schedule_done:
             dropped = torch.ones(self.config.r, dtype=torch.bool, device=self.active_index.device)
@@ -126,13 +157,18 @@ class RankSelectiveLoraAdapter(LoraAdapter):
             importance.masked_fill_(local_part(dropped, self.importance), 0.0)
         self._steps += 1
         self.optimizer_steps.fill_(self._steps)
-        importance.copy_(soft_threshold(importance, self.config.kappa(self._steps)))
+        importance.copy_(soft_threshold(importance, self.config.kappa(self._steps, total)))
         self.refresh_active_ranks()
         return ()
 
     def extra_stats(self) -> dict[str, float]:
-        return {"active_ranks": float(self.active_index.numel()), "kappa": self.config.kappa(self._steps),
-                "optimizer_steps": float(self._steps)}
+        """active_ranks; kappa: the threshold of the last step while the schedule runs, 0 before the
+        first step, once it is done (nothing is thresholded any more) and while its length is unknown;
+        optimizer_steps; total_steps: the schedule's length (0 while unknown)."""
+        total = self.total_steps
+        kappa = 0.0 if total is None or self.schedule_done else self.config.kappa(self._steps, total)
+        return {"active_ranks": float(self.active_index.numel()), "kappa": kappa,
+                "optimizer_steps": float(self._steps), "total_steps": float(total or 0)}
 
 
 register_method(RankSelectiveLoraConfig, RankSelectiveLoraAdapter)
