@@ -16,9 +16,10 @@ from typing import Iterator
 
 from torch import nn
 
+from .attention import AdapterMultiheadAttention, is_attention
 from .config import AdapterConfig
 from .inject import _projection_config, _set_submodule, adapter_layers
-from .layer import AdapterLinear, AdapterMultiheadAttention, is_adaptable, is_attention
+from .layer import AdapterLinear, is_adaptable
 from .methods import build_adapter
 from .targets import is_selected, layer_config, output_layer_names, resolved_targets
 

@@ -42,9 +42,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .attention import is_attention
 from .config import AdapterConfig
 from .inject import _matches, _set_submodule, adapter_layers, inject
-from .layer import is_adaptable, is_attention
+from .layer import is_adaptable
 from .methods import Adapter
 from .targets import exact_name_pattern
 

@@ -16,8 +16,9 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .attention import AdapterMultiheadAttention, is_attention
 from .config import AdapterConfig
-from .layer import AdapterLinear, AdapterMultiheadAttention, is_adaptable, is_attention, linear_shape
+from .layer import AdapterLinear, is_adaptable, linear_shape
 from .targets import is_selected, layer_config, output_layer_names, resolved_targets
 
 
@@ -132,7 +133,7 @@ def _inside_fused_encoder(model: nn.Module, name: str) -> bool:
 def _writes_weight(config: AdapterConfig) -> bool:
     """Whether the config's method writes its layers' W in place (LoRASC)."""
     from .registry import method_of
-    return bool(getattr(method_of(config).adapter, "writes_weight", False))
+    return method_of(config).adapter.writes_weight
 
 
 def _check_weight_writes(model: nn.Module, config: AdapterConfig, chosen, untie: bool) -> dict[str, list[str]]:

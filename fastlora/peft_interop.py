@@ -36,6 +36,7 @@ from typing import Any, Optional, Union
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from .attention import AdapterMultiheadAttention, is_attention
 from .checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -49,7 +50,7 @@ from .checkpoint import (
 )
 from .config import AdapterConfig
 from .inject import _matches, adapter_layers, inject
-from .layer import AdapterLinear, AdapterMultiheadAttention, is_adaptable, is_attention, linear_shape
+from .layer import AdapterLinear, is_adaptable, linear_shape
 from .peft_formats import PEFT_OUT_PROJ_UPDATES, PeftFormat
 from .registry import method_of, peft_methods
 from .targets import exact_name_pattern, layer_config

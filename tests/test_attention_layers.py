@@ -21,7 +21,8 @@ from fastlora import (
     RankSelectiveLoraConfig,
     SelectiveLoraConfig,
 )
-from fastlora.layer import AdapterLinear, AdapterMultiheadAttention
+from fastlora.attention import AdapterMultiheadAttention
+from fastlora.layer import AdapterLinear
 
 from utils import rel
 
