@@ -79,7 +79,7 @@ CASES = {
     "lora": LoraConfig(r=3, alpha=6.0),
     "lora_user_subclass": UserLoraConfig(r=3),
     "selective_lora": SelectiveLoraConfig(r=3, alpha=6.0),
-    "rank_selective_lora": RankSelectiveLoraConfig(r=3, alpha=6.0),
+    "rank_selective_lora": RankSelectiveLoraConfig(r=3, alpha=6.0, total_steps=500),
     "curlora": CurLoraConfig(r=3, alpha=1.5, seed=3),
     "neat": NeatConfig(r=3, scale=0.7),
     "neat_depth2_gelu": NeatConfig(r=3, depth=2, activation="gelu", scale=0.5),
