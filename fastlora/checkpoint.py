@@ -488,7 +488,9 @@ def _check_fits(layers: dict[str, tuple[nn.Module, Adapter]], configs: dict[str,
                              f"{configs[name].method!r}")
     expected = {f"{name}.adapter.{key}": (t, layer, adapter) for name, (layer, adapter) in layers.items()
                 for key, t in adapter.state_dict().items()}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    optional = {f"{name}.adapter.{key}" for name, (_, adapter) in layers.items() for key in adapter.optional_state_keys}
+    missing = sorted(set(expected) - set(state) - optional)
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for key, tensor in sorted(state.items()):  # a fixed order: the first mismatch reported is reproducible

@@ -2,6 +2,8 @@
 (total_steps=None: Trainer's max_steps or attach_training_hooks(total_steps=N), refused when unknown),
 LoRASC splits a run into stages_per_run stages, ends no stage on the run's final step and warns when a
 run ended none; the resolved length is saved with the adapter."""
+import hashlib
+import json
 import math
 import warnings
 
@@ -205,3 +207,29 @@ def test_the_trainer_callback_gives_the_run_length():
                           model=model)
     assert model[0].adapter.total_steps == 48
     assert int((model[0].adapter.importance != 0).sum()) == 3
+
+
+def test_a_checkpoint_of_an_earlier_version_without_run_steps_loads(tmp_path):
+    """Adapter checkpoints and state dicts written before the run length was saved lack ``run_steps``:
+    they load (load_adapter and a strict load_state_dict alike), keeping the layer's own value."""
+    from safetensors.torch import load_file, save_file
+
+    model = _codyra(total_steps=500)
+    with torch.no_grad():
+        model[0].adapter.lora_B.normal_()
+    fastlora.save_adapter(model, tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    assert [k for k in tensors if k.endswith("run_steps")] == ["0.adapter.run_steps"]
+    save_file({k: v for k, v in tensors.items() if not k.endswith("run_steps")}, weights)
+    config_file = tmp_path / "adapter_config.json"
+    meta = json.loads(config_file.read_text())  # the config names the weights file it was saved with
+    meta["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    config_file.write_text(json.dumps(meta))
+    fresh = fastlora.load_adapter(nn.Sequential(nn.Linear(D, D, dtype=torch.float64)), tmp_path)
+    assert torch.equal(fresh[0].adapter.lora_B, model[0].adapter.lora_B)
+    assert fresh[0].adapter.total_steps == 500
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("run_steps")}
+    other = _codyra(total_steps=500)
+    other.load_state_dict(state)
+    assert torch.equal(other[0].adapter.lora_B, model[0].adapter.lora_B)

@@ -32,9 +32,12 @@ class Adapter(nn.Module):
     #: the method writes its layer's W in place (LoRASC's stages and noise): inject refuses a W shared with
     #: another module, and a model with it holds no other named adapter (they would share that W)
     writes_weight: bool = False
+    #: state_dict keys that checkpoints of earlier versions lack: a load without one keeps the adapter's own value
+    optional_state_keys: frozenset[str] = frozenset()
 
     def __init__(self, config: AdapterConfig, in_features: int, out_features: int) -> None:
         super().__init__()
+        self.register_load_state_dict_pre_hook(_keep_missing_optional_state)
         limit = min(in_features, out_features)
         if config.r > limit:
             raise ValueError(f"r={config.r} exceeds min(d_in={in_features}, d_out={out_features})={limit}")
@@ -99,3 +102,11 @@ class Adapter(nn.Module):
     def extra_stats(self) -> dict[str, float]:
         """Method-specific numbers for reports (active ranks, gate state...)."""
         return {}
+
+
+def _keep_missing_optional_state(module: Adapter, state_dict: dict, prefix: str, *args) -> None:
+    """A state dict without one of the adapter's ``optional_state_keys`` loads the adapter's own value there."""
+    own = module.state_dict(keep_vars=True)
+    for key in module.optional_state_keys:
+        if prefix + key not in state_dict:
+            state_dict[prefix + key] = own[key].detach().clone()

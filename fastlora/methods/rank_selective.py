@@ -76,6 +76,8 @@ class RankSelectiveLoraAdapter(LoraAdapter):
     ``refresh_active_ranks()``.
     """
 
+    optional_state_keys = frozenset({"run_steps"})  # checkpoints of earlier versions have no run length
+
     def __init__(self, config: RankSelectiveLoraConfig, in_features: int, out_features: int,
                  weight: Tensor, layer_index: int = 0) -> None:
         super().__init__(config, in_features, out_features, weight, layer_index)
