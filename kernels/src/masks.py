@@ -12,6 +12,7 @@ gradient checkpointing) sees the same one.
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 from torch import Tensor
@@ -40,6 +41,20 @@ def dropout_mask(n: int, d_in: int, p: float, seed, device=None, dtype=torch.flo
     device = seed.device if device is None else torch.device(device)
     if kernels_draw(device):
         return philox_mask(n, d_in, p, seed.to(device), dtype)
-    generator = torch.Generator().manual_seed(int(seed.reshape(())))  # a CPU value: no device sync
+    return _cpu_mask(n, d_in, p, seed, dtype)
+
+
+_CPU = threading.local()  # one reseeded generator per thread (building one per call costs host time)
+
+
+def _cpu_mask(n: int, d_in: int, p: float, seed: Tensor, dtype: torch.dtype) -> Tensor:
+    """The mask drawn from torch's CPU generator seeded with ``seed`` (a CPU value: no device sync):
+    fp32 uniforms whatever ``dtype``, so the keep pattern depends on the seed alone."""
+    generator = getattr(_CPU, "generator", None)
+    if generator is None:
+        generator = _CPU.generator = torch.Generator()
+    generator.manual_seed(seed.item())
     keep = torch.rand(n, d_in, generator=generator) >= p
+    if dtype == torch.float32:  # one op for the common case
+        return torch.where(keep, 1.0 / (1.0 - p), 0.0)
     return keep.to(dtype) / (1.0 - p)
