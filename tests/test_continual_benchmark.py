@@ -14,7 +14,7 @@ pytest.importorskip("tqdm")
 
 from benchmarks.continual.__main__ import main  # noqa: E402
 from benchmarks.continual.data import load_scenario  # noqa: E402
-from benchmarks.continual.methods import FULL, METHODS, available_methods  # noqa: E402
+from benchmarks.continual.methods import ABLATIONS, FULL, METHODS, available_methods  # noqa: E402
 from benchmarks.continual.metrics import (  # noqa: E402
     average_accuracy,
     average_forgetting,
@@ -42,6 +42,21 @@ def quick(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return out, json.loads((out / "continual_split_quick.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ablations(tmp_path_factory):
+    """The ablations beside their methods and LoRA, quick, at 12 steps a task (--steps: 3 epochs of 4
+    batches; CoDyRA's schedule spans the task, so it thresholds within them)."""
+    out = tmp_path_factory.mktemp("continual_ablations")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["--quick", "--ablations", "--steps", "12", "--out-dir", str(out), "--no-progress", "--methods",
+              "lora", "selective_lora", "rank_selective_lora", "cascade_lora"])
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads((out / "continual_split_ablations_quick.json").read_text())
 
 
 @pytest.mark.parametrize("name", ["split", "permuted"])
@@ -188,3 +203,44 @@ def test_compare_verdicts():
         assert comparison["forgetting"]["mean"] == pytest.approx(sum(forget) / 3 - 0.2)
     weak = compare(lora + _runs("x", [_matrix(0.0, 0.6) for _ in range(3)]), "x")
     assert weak["verdict"] == "learns less than lora" and weak["learning_accuracy"]["mean"] == pytest.approx(-0.3)
+
+
+def test_ablations_are_compared_with_their_method_and_with_lora(ablations):
+    result = ablations
+    names = {"lora", "selective_lora", "rank_selective_lora", "cascade_lora"} | {s.name for s in ABLATIONS}
+    assert set(result["methods"]) == names and result["settings"]["steps_per_task"] == 12
+    assert result["ablation_of"] == {s.name: s.ablation_of for s in ABLATIONS}
+    assert set(result["ablation_comparisons"]) == {s.name for s in ABLATIONS}
+    for name, comparison in result["ablation_comparisons"].items():
+        assert comparison["baseline"] == result["ablation_of"][name]
+    assert len(result["ablation_verdict"]) == len(ABLATIONS)
+    assert set(result["comparisons"]) == names - {"lora"}
+
+
+def test_rule_activity_is_recorded_per_task(ablations):
+    methods = ablations["methods"]
+    expected = {"rank_selective_lora": {"active_ranks", "kappa"}, "selective_lora": {"active", "gate_changes"},
+                "cascade_lora": {"cascades"}, "lora": set()}
+    for name, keys in expected.items():
+        activity = methods[name]["rule_activity"]
+        assert set(activity) == keys, name
+        assert all(len(cell["mean"]) == 3 for cell in activity.values())
+    codyra = methods["rank_selective_lora"]["rule_activity"]["active_ranks"]["mean"]
+    dense = methods["rank_selective_lora_no_threshold"]["rule_activity"]["active_ranks"]["mean"]
+    assert dense == [8.0] * 3                   # kappa_max = 0: every rank kept
+    assert all(k < 8.0 for k in codyra)         # the full schedule prunes within each task
+    assert methods["rank_selective_lora_scale2"]["rule_activity"]["active_ranks"]["mean"] != [8.0] * 3
+    for run in ablations["runs"]:
+        if run["method"].startswith("rank_selective_lora"):
+            assert all(s["total_steps"] == 12.0 and s["kappa"] == 0.0 for s in run["stats"])   # schedule done
+    assert methods["cascade_lora_one_stage"]["rule_activity"]["cascades"]["mean"] == [0.0] * 3
+    assert methods["cascade_lora_no_noise"]["rule_activity"]["cascades"]["mean"] == [2.0] * 3
+    off = methods["selective_lora_no_penalty"]["rule_activity"]
+    assert off["gate_changes"]["mean"] == [0.0] * 3 and off["active"]["mean"] == [1.0] * 3
+
+
+def test_selective_lora_without_penalty_and_gate_flips_is_lora(ablations):
+    """No penalty and no gate flip: the same init and batches as LoRA, the same accuracies."""
+    runs = {run["method"]: run for run in ablations["runs"]}
+    for row, lora_row in zip(runs["selective_lora_no_penalty"]["test"], runs["lora"]["test"]):
+        assert row == pytest.approx(lora_row, abs=ROUNDED)

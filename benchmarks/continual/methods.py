@@ -10,12 +10,22 @@ task's adapters from the same config):
   lambda = 1 divided by the number of gated layers, switched on after a warm-up of a tenth of the
   task's budget (TAPS: 2 of its epochs).
 - CoDyRA: the authors' settings (the library defaults): s = 1, w ~ randn, threshold 0 for the first
-  half of the task's steps, then 50 levels up to kappa_max = 0.005, the schedule spanning the task.
+  half of the task's steps, then 50 levels up to kappa_max = 0.005; the schedule spans the task
+  (total_steps=None, the task's length given to the training hooks), its kappas scaled by 500 / N
+  on an N-step task so that they add up to the authors' 500-step budget (about 0.64).
 - CURLoRA: k = r sampled rows/columns, alpha = 1, eps = 1e-3 (authors' code), sampler seed = run seed.
 - NEAT: depth 0, ReLU, scale 1 (the defaults).
 - LoRASC: a new stage every epoch (the paper; the training loop ends the stage, see train.py), pace
   alpha = 1 - m = 0.5, NoisyTune noise of intensity 0.15 on the backbone at each stage (the defaults).
 Quick-mode lrs: one per method, near the middle of what the full runs select.
+
+Ablations (ABLATIONS, run with --ablations; each changes one knob of its base method, compared
+paired per seed with it and with LoRA):
+- CoDyRA with LoRA's scale: alpha = 2r (s = 2), the rest as CoDyRA;
+- CoDyRA without thresholding: kappa_max = 0 (w ~ randn still scales the ranks; nothing is pruned);
+- Selective LoRA without its penalty: sparsity_weight = 0 (the gates can still move by the task loss);
+- LoRASC without noise: noise_intensity = 0;
+- LoRASC with one stage: no stage ends within a task (next_task folds the only one).
 A method whose config type is not registered in fastlora.methods.ADAPTER_TYPES is skipped.
 """
 from __future__ import annotations
@@ -40,13 +50,17 @@ FULL = "full_finetune"
 @dataclass(frozen=True)
 class MethodSpec:
     """name; label (the method's name in its paper); make_config(rank, steps per task, seed) -> config,
-    or None for full fine-tuning; lr_grid: the learning rates tried; quick_lr: the one of --quick runs."""
+    or None for full fine-tuning; lr_grid: the learning rates tried; quick_lr: the one of --quick runs;
+    epoch_stages: LoRASC's stage ends with each epoch (the training loop calls cascade_step); ablation_of:
+    the method an ablation changes one knob of (None for the methods themselves)."""
 
     name: str
     label: str
     make_config: Optional[Callable[[int, int, int], AdapterConfig]]
     lr_grid: tuple[float, ...]
     quick_lr: float
+    epoch_stages: bool = False
+    ablation_of: Optional[str] = None
 
     @property
     def is_adapter(self) -> bool:
@@ -62,7 +76,19 @@ def _selective(r, steps, seed):
 
 
 def _rank_selective(r, steps, seed):
-    return RankSelectiveLoraConfig(r=r, importance_init="randn", total_steps=steps)
+    return RankSelectiveLoraConfig(r=r, importance_init="randn")
+
+
+def _rank_selective_lora_scale(r, steps, seed):
+    return RankSelectiveLoraConfig(r=r, alpha=2.0 * r, importance_init="randn")
+
+
+def _rank_selective_no_threshold(r, steps, seed):
+    return RankSelectiveLoraConfig(r=r, importance_init="randn", kappa_max=0.0)
+
+
+def _selective_no_penalty(r, steps, seed):
+    return SelectiveLoraConfig(r=r, alpha=2.0 * r, sparsity_weight=0.0, sparsity_warmup_steps=steps // 10)
 
 
 def _curlora(r, steps, seed):
@@ -77,6 +103,10 @@ def _cascade(r, steps, seed):
     return CascadeLoraConfig(r=r, alpha=2.0 * r, cascade_interval=None, noise_seed=seed)
 
 
+def _cascade_no_noise(r, steps, seed):
+    return CascadeLoraConfig(r=r, alpha=2.0 * r, cascade_interval=None, noise_seed=seed, noise_intensity=0.0)
+
+
 GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 METHODS: tuple[MethodSpec, ...] = (
     MethodSpec(FULL, "full fine-tuning", None, (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), 3e-3),
@@ -85,19 +115,33 @@ METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("rank_selective_lora", "CoDyRA", _rank_selective, GRID, 1e-2),
     MethodSpec("curlora", "CURLoRA", _curlora, (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0), 1e-1),
     MethodSpec("neat", "NEAT", _neat, GRID, 1e-2),
-    MethodSpec("cascade_lora", "LoRASC", _cascade, GRID, 1e-2),
+    MethodSpec("cascade_lora", "LoRASC", _cascade, GRID, 1e-2, epoch_stages=True),
+)
+ABLATIONS: tuple[MethodSpec, ...] = (
+    MethodSpec("rank_selective_lora_scale2", "CoDyRA, s = 2 (LoRA's)", _rank_selective_lora_scale, GRID, 1e-2,
+               ablation_of="rank_selective_lora"),
+    MethodSpec("rank_selective_lora_no_threshold", "CoDyRA, kappa_max = 0", _rank_selective_no_threshold, GRID,
+               1e-2, ablation_of="rank_selective_lora"),
+    MethodSpec("selective_lora_no_penalty", "Selective LoRA, no penalty", _selective_no_penalty, GRID, 1e-2,
+               ablation_of="selective_lora"),
+    MethodSpec("cascade_lora_no_noise", "LoRASC, no noise", _cascade_no_noise, GRID, 1e-2, epoch_stages=True,
+               ablation_of="cascade_lora"),
+    MethodSpec("cascade_lora_one_stage", "LoRASC, one stage", _cascade, GRID, 1e-2, ablation_of="cascade_lora"),
 )
 
 
-def available_methods(names: Optional[list[str]] = None) -> tuple[list[MethodSpec], list[str]]:
-    """(specs to run, notes on skipped ones): the chosen methods whose config is registered."""
-    known = {spec.name: spec for spec in METHODS}
+def available_methods(names: Optional[list[str]] = None,
+                      ablations: bool = False) -> tuple[list[MethodSpec], list[str]]:
+    """(specs to run, notes on skipped ones): the chosen methods (by default METHODS, and ABLATIONS
+    with ``ablations``; ``names`` may pick from both, ``ablations`` adds every ablation) whose config is registered."""
+    known = {spec.name: spec for spec in METHODS + ABLATIONS}
     unknown = sorted(set(names or []) - set(known))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(known)}")
     run, notes = [], []
-    for spec in METHODS:
-        if names and spec.name not in names:
+    for spec in METHODS + ABLATIONS:
+        chosen = spec.name in names if names else spec.ablation_of is None
+        if not (chosen or ablations and spec.ablation_of is not None):
             continue
         config_type = type(spec.make_config(8, 100, 0)) if spec.is_adapter else None
         if config_type is not None and config_type not in ADAPTER_TYPES:

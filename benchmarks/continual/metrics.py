@@ -59,9 +59,27 @@ def by_method(runs) -> dict[str, list]:
     return {name: sorted(rs, key=lambda r: r.seed) for name, rs in grouped.items()}
 
 
+# What each method's rule did, from its adapters' extra_stats at the end of each task (means over the
+# adapted layers): CoDyRA's ranks with w != 0 (of r) and kappa (0 once its schedule is done), Selective
+# LoRA's blocks switched on (a fraction) and gate flips, LoRASC's stages folded within the task.
+RULE_STATS = ("active_ranks", "kappa", "active", "gate_changes", "cascades")
+
+
+def rule_activity(rs) -> dict[str, dict]:
+    """key -> {"mean", "std"}: lists over tasks 1..T of that stat's mean and std over seeds (the stats
+    of RULE_STATS the method reports)."""
+    keys = [k for k in RULE_STATS if k in rs[0].stats[0]]
+    activity = {}
+    for key in keys:
+        cells = [mean_std([r.stats[t].get(key, 0.0) for r in rs]) for t in range(len(rs[0].stats))]
+        activity[key] = {"mean": [c["mean"] for c in cells], "std": [c["std"] for c in cells]}
+    return activity
+
+
 def summarize(runs) -> dict[str, dict]:
     """Per method over seeds: the three metrics, the accuracy matrix and per-task forgetting (mean and
-    std elementwise), selected lrs per task, trainable parameters, training seconds, final adapter stats."""
+    std elementwise), selected lrs per task, trainable parameters, training seconds, final adapter stats,
+    the rule's activity at the end of each task (rule_activity)."""
     summary = {}
     for name, rs in by_method(runs).items():
         metrics = [run_metrics(r) for r in rs]
@@ -77,6 +95,7 @@ def summarize(runs) -> dict[str, dict]:
         row["seconds"] = mean_std([r.seconds for r in rs])
         keys = sorted({k for r in rs for k in r.stats[-1]} - {"layers"})
         row["final_stats"] = {k: mean_std([r.stats[-1].get(k, 0.0) for r in rs])["mean"] for k in keys}
+        row["rule_activity"] = rule_activity(rs)
         summary[name] = row
     return summary
 

@@ -27,6 +27,12 @@ def format_table(result: dict) -> str:
         lrs = "; ".join("/".join(f"{lr:g}" for lr in lrs) for lrs in row["selected_lr"])
         lines.append(f"  {labels[name]} (lr per task, per seed: {lrs})")
         lines += ["    " + " ".join(f"{v:.3f}" for v in line) for line in row["matrix"]["mean"]]
+    activity = [(name, row["rule_activity"]) for name, row in result["methods"].items() if row.get("rule_activity")]
+    if activity:
+        lines.append("\nrule activity at the end of each task (mean over adapted layers, then over seeds):")
+        for name, stats in activity:
+            cells = "; ".join(f"{k} " + "/".join(f"{v:.3g}" for v in cell["mean"]) for k, cell in stats.items())
+            lines.append(f"  {labels[name]}: {cells}")
     return "\n".join(lines + [f"protocol: {result['protocol']}"])
 
 

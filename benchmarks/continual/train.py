@@ -72,11 +72,13 @@ def _end_cascade_stages(model: nn.Module, optimizer: torch.optim.Optimizer) -> N
 def train_task(model: nn.Module, task: Task, spec: MethodSpec, lr: float, seed: int, epochs: int,
                batch_size: int = 64) -> float:
     """Adam on the task's train split for ``epochs`` epochs (seeded batch order, the same for every
-    method), the method's regulariser added to the loss and its post-step rule attached; LoRASC's
-    stages end with the epochs (not after the last: next_task folds it). Returns the wall time."""
+    method), the method's regulariser added to the loss and its post-step rule attached, given the
+    task's length in optimizer steps (CoDyRA's schedule spans it); LoRASC's stages end with the epochs
+    (not after the last: next_task folds it) unless the spec has no epoch_stages. Returns the wall time."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=lr)
-    hooks = fastlora.attach_training_hooks(model, optimizer) if spec.is_adapter else None
+    total = epochs * steps_per_epoch(task, batch_size)
+    hooks = fastlora.attach_training_hooks(model, optimizer, total_steps=total) if spec.is_adapter else None
     generator = torch.Generator().manual_seed(seed)
     model.train()
     start = time.perf_counter()
@@ -88,7 +90,7 @@ def train_task(model: nn.Module, task: Task, spec: MethodSpec, lr: float, seed: 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        if epoch < epochs - 1:
+        if epoch < epochs - 1 and spec.epoch_stages:
             _end_cascade_stages(model, optimizer)
     seconds = time.perf_counter() - start
     if hooks is not None:
