@@ -211,7 +211,7 @@ def _speed_items(size: tuple[int, int, int], plans: tuple[str, ...]) -> Iterator
 
 def _forced(plan: str, run: Callable[[], object]) -> object:
     """``run()`` with backend "auto" choosing ``plan`` wherever the Triton plans take the dtype (the
-    float64 reference stays on torch), as ``auto`` times each plan on a GPU."""
+    float64 reference stays on torch), as ``fastlora.tune`` times the plans it may choose on a GPU."""
     from fastlora.kernels import dispatch
     select = dispatch.select_plan
 

@@ -59,8 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_int_in(1), default=4,
                       help="training steps per method; the first is a warm-up left out of ms/step")
     demo.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
-                      help="execution plan of the fused op: auto (measured fastest; torch on CPU), torch (pure "
-                           "torch), triton (Triton kernels; CUDA, or the CPU under TRITON_INTERPRET=1)")
+                      help="execution plan of the fused op: auto (cuBLAS GEMMs + Triton low-rank kernels on CUDA; "
+                           "torch on CPU), torch (pure torch), triton (Triton kernels; CUDA, or the CPU under "
+                           "TRITON_INTERPRET=1)")
     return parser
 
 

@@ -35,7 +35,8 @@ class AdapterConfig:
     ``(a|ab)*``; a repetition is ``*``, ``+`` or ``{m,n}`` with n > 1) and may hold at
     most MAX_REGEX_REPETITIONS repetitions in all.
     dropout: dropout on the adapter input (PEFT's lora_dropout).
-    backend: the fused op's execution plan: "auto" (measured fastest) | "triton" | "cublas" | "torch".
+    backend: the fused op's execution plan: "auto" (the cublas plan on CUDA, or a winner ``fastlora.tune``
+    measured; torch on CPU) | "triton" | "cublas" | "onepass" | "torch".
 
     PEFT's selection fields (keyword-only, same meaning as in PEFT):
     exclude_modules: names (exact or "." + suffix) or a full-match regex never adapted.
