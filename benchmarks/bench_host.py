@@ -22,18 +22,29 @@ the rounds of block time / CALLS; "vs_peft": that median over PEFT's with the sa
 counting them), with their names; "python_top": the Python functions with the most own time per
 call (cProfile over a block of calls; its overhead inflates them, so read them relative to each
 other). JSON: benchmarks/results/host_path_cpu[_quick].json.
+
+``--plan cublas`` times the GPU default plan's host path instead: fastlora's layers run the cublas
+plan on CPU tensors with every Triton launch replaced by a stub that counts it and returns at once
+(the process runs under TRITON_INTERPRET=1 so that the plan accepts CPU tensors; the interpreter never
+executes a kernel). What is timed is the plan's Python, torch ops and autograd work without Triton's
+own launch cost, which a GPU adds per counted launch ("triton_launches"). The outputs are not
+computed values: this mode measures time only. JSON: host_path_cublas_stubbed_cpu[_quick].json.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import gc
+import os
 import pstats
 import statistics
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -70,13 +81,13 @@ def host_tensors(gen: torch.Generator) -> dict:
             "dy": torch.randn(TOKENS, D_OUT, generator=gen)}
 
 
-def _injected(t: dict, dropout: float) -> nn.Module:
+def _injected(t: dict, dropout: float, plan: str) -> nn.Module:
     import fastlora
 
     model = nn.Sequential(nn.Linear(D_IN, D_OUT, bias=False))
     with torch.no_grad():
         model[0].weight.copy_(t["weight"])
-    config = fastlora.LoraConfig(r=R, alpha=SCALE * R, dropout=dropout, target_modules=["0"], backend="torch")
+    config = fastlora.LoraConfig(r=R, alpha=SCALE * R, dropout=dropout, target_modules=["0"], backend=plan)
     fastlora.inject(model, config)
     with torch.no_grad():
         model[0].adapter.lora_A.copy_(t["a"])
@@ -84,8 +95,9 @@ def _injected(t: dict, dropout: float) -> nn.Module:
     return model[0]
 
 
-def layers(t: dict) -> dict[str, nn.Module]:
-    """name -> the layer of each variant (see the module docstring), in training mode."""
+def layers(t: dict, plan: str = "torch") -> dict[str, nn.Module]:
+    """name -> the layer of each variant (see the module docstring), in training mode; fastlora's on ``plan``
+    (accelerate's through FASTLORA_BACKEND, which ``measure`` sets)."""
     import fastlora
 
     linear = nn.Linear(D_IN, D_OUT, bias=False)
@@ -96,7 +108,7 @@ def layers(t: dict) -> dict[str, nn.Module]:
     for suffix, p in (("", 0.0), ("_dropout", DROPOUT)):
         out["peft" + suffix] = peft_layer(t["weight"], t["a"], t["b"], SCALE, p)
         out["accelerate" + suffix] = fastlora.accelerate(peft_layer(t["weight"], t["a"], t["b"], SCALE, p))
-        out["inject" + suffix] = _injected(t, p)
+        out["inject" + suffix] = _injected(t, p, plan)
     return {name: layer.train() for name, layer in out.items()}
 
 
@@ -110,6 +122,29 @@ def count_ops(call: Callable[[], object]) -> Counter:
     with OpCounter() as counter:
         call()
     return counter.ops
+
+
+@contextlib.contextmanager
+def stubbed_triton(launches: Counter) -> Iterator[None]:
+    """Every interpreted Triton launch counted in ``launches`` (by kernel name) and skipped."""
+    from triton.runtime import interpreter
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches[self.fn.__name__] += 1
+
+    run = interpreter.InterpretedFunction.run
+    interpreter.InterpretedFunction.run = record
+    try:
+        yield
+    finally:
+        interpreter.InterpretedFunction.run = run
+
+
+def count_launches(call: Callable[[], object]) -> Counter:
+    launches: Counter = Counter()
+    with stubbed_triton(launches):
+        call()
+    return launches
 
 
 def python_top(call: Callable[[], object], calls: int, k: int = PYTHON_TOP) -> list[dict]:
@@ -144,20 +179,29 @@ def time_calls(calls: dict[str, Callable[[], object]], warmup: int, rounds: int,
     return times
 
 
-def measure(quick: bool) -> dict:
-    """Every variant's median host time per call, its ratio to PEFT's and its aten operators."""
+def measure(quick: bool, plan: str = "torch") -> dict:
+    """Every variant's median host time per call, its ratio to PEFT's, its aten operators and (on the
+    cublas plan) its stubbed Triton launches."""
     torch.set_num_threads(1)
     t = host_tensors(torch.Generator().manual_seed(0))
-    calls = {name: call_of(layer, t) for name, layer in layers(t).items()}
+    if plan != "torch":
+        os.environ["FASTLORA_BACKEND"] = plan  # accelerate's layers run the plan too
+    calls = {name: call_of(layer, t) for name, layer in layers(t, plan).items()}
     settings = QUICK if quick else {"warmup": WARMUP, "rounds": ROUNDS, "calls": CALLS}
-    times = time_calls(calls, settings["warmup"], settings["rounds"], settings["calls"])
+    stubs = stubbed_triton(Counter()) if plan != "torch" else contextlib.nullcontext()
+    with stubs:
+        times = time_calls(calls, settings["warmup"], settings["rounds"], settings["calls"])
     variants = {}
     for name, call in calls.items():
-        ops = count_ops(call)
+        launches = count_launches(call) if plan != "torch" else Counter()
+        with stubbed_triton(Counter()) if plan != "torch" else contextlib.nullcontext():
+            ops = count_ops(call)
+            top = python_top(call, settings["calls"])
         variants[name] = {"dropout": DROPOUT if name.endswith("_dropout") else 0.0,
                           "us_per_call": statistics.median(times[name]), "us_rounds": times[name],
                           "aten_ops": sum(ops.values()), "ops": dict(ops.most_common()),
-                          "python_top": python_top(call, settings["calls"])}
+                          "triton_launches": sum(launches.values()), "launches": dict(launches.most_common()),
+                          "python_top": top}
     for name, row in variants.items():
         peft = variants.get("peft_dropout" if name.endswith("_dropout") else "peft")
         row["vs_peft"] = row["us_per_call"] / peft["us_per_call"]
@@ -165,10 +209,12 @@ def measure(quick: bool) -> dict:
 
 
 def render(report: dict) -> str:
-    lines = [f"bench_host on {report['device']}: x ({TOKENS}, {D_IN}), {D_IN} -> {D_OUT}, r = {R}; {NOTE}",
-             f"  {'variant':20s} {'dropout':>7s} {'us/call':>9s} {'x PEFT':>7s} {'aten ops':>8s}"]
+    lines = [f"bench_host on {report['device']}, fastlora on the {report['plan']} plan"
+             f"{' (Triton launches stubbed)' if report['plan'] != 'torch' else ''}: x ({TOKENS}, {D_IN}), "
+             f"{D_IN} -> {D_OUT}, r = {R}; {NOTE}",
+             f"  {'variant':20s} {'dropout':>7s} {'us/call':>9s} {'x PEFT':>7s} {'aten ops':>8s} {'launches':>8s}"]
     lines += [f"  {name:20s} {row['dropout']:7.2f} {row['us_per_call']:9.1f} {row['vs_peft']:7.2f} {row['aten_ops']:8d}"
-              for name, row in report["variants"].items()]
+              f" {row['triton_launches']:8d}" for name, row in report["variants"].items()]
     return "\n".join(lines)
 
 
@@ -176,13 +222,23 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_host", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"fewer repetitions {QUICK} (a check of the script)")
+    parser.add_argument("--plan", choices=("torch", "cublas"), default="torch",
+                        help="fastlora's plan: torch (the CPU path), or cublas (the GPU default, Triton stubbed)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default benchmarks/results/host_path_cpu[_quick].json)")
+                        help="JSON path (default benchmarks/results/host_path_cpu[_quick].json, "
+                             "host_path_cublas_stubbed_cpu[_quick].json with --plan cublas)")
     args = parser.parse_args(argv)
+    if args.plan != "torch" and os.environ.get("TRITON_INTERPRET") != "1":
+        # the plan takes CPU tensors only under the interpreter, which Triton reads when it is imported
+        argv = sys.argv[1:] if argv is None else argv
+        done = subprocess.run([sys.executable, "-m", "benchmarks.bench_host", *argv],
+                              env={**os.environ, "TRITON_INTERPRET": "1"})
+        raise SystemExit(done.returncode)
     report = {"device": device_name(torch.device("cpu")), "torch": torch.__version__, "peft": version("peft"),
-              "shape": {"tokens": TOKENS, "d_in": D_IN, "d_out": D_OUT, "r": R, "dtype": "float32"},
-              "note": NOTE, **measure(args.quick)}
-    out = args.out or RESULTS / f"host_path_cpu{'_quick' if args.quick else ''}.json"
+              "plan": args.plan, "shape": {"tokens": TOKENS, "d_in": D_IN, "d_out": D_OUT, "r": R, "dtype": "float32"},
+              "note": NOTE, **measure(args.quick, args.plan)}
+    stem = "host_path_cpu" if args.plan == "torch" else f"host_path_{args.plan}_stubbed_cpu"
+    out = args.out or RESULTS / f"{stem}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
     print(render(report))

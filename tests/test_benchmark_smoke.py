@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,8 @@ import torch
 from benchmarks.bench_adapted_linear import main, peft_layer, run_jobs
 from benchmarks.bench_methods import METHODS
 from fastlora.kernels import PLANS, adapted_linear
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CPU_VARIANTS = ("base", "fastlora_torch", "fastlora_auto", "fastlora_auto_gate_off", "fastlora_auto_half_masked",
                 "fastlora_auto_dropout")
@@ -135,3 +140,21 @@ def test_host_path_layers_compute_the_same_output():
     expected = layers["peft"](t["x"])
     for name in ("accelerate", "inject"):
         torch.testing.assert_close(layers[name](t["x"]), expected)
+
+
+def test_host_path_of_the_cublas_plan_with_stubbed_kernels(tmp_path):
+    """--plan cublas (re-run under the Triton interpreter, every launch stubbed): fastlora's variants count
+    the Triton launches of one forward + backward (shrink and its split sum; dy pass, dA, their sums; with
+    dropout the expand too), PEFT's none."""
+    pytest.importorskip("peft")
+    out = tmp_path / "host_cublas.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_host", "--plan", "cublas", "--quick",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = report["variants"]
+    assert report["plan"] == "cublas" and rows["peft"]["triton_launches"] == 0
+    for name in ("inject", "accelerate"):
+        assert rows[name]["triton_launches"] > 0 and "_shrink_kernel" in rows[name]["launches"]
+        assert rows[name + "_dropout"]["launches"].get("_fused_linear_kernel") == 1  # the expand with dropout
+        assert math.isfinite(rows[name]["us_per_call"]) and rows[name]["aten_ops"] < rows["peft"]["aten_ops"]

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..philox import keep_threshold, seed_tensor
-from .launch_config import launch_context
+from .launch_config import cdiv, launch_context
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def dropout_mask(n: int, d_in: int, p: float, seed, device, dtype=torch.float32,
     keep = torch.empty(n, d_in, device=device, dtype=torch.float32)
     if keep.numel():
         block_rows, block_cols = 16, 64
-        grid = (triton.cdiv(n, block_rows), triton.cdiv(d_in, block_cols))
+        grid = (cdiv(n, block_rows), cdiv(d_in, block_cols))
         with launch_context(keep.device):
             _keep_kernel[grid](keep, rows, seed, n, d_in, keep_threshold(p), 1.0 / (1.0 - p),
                                BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)

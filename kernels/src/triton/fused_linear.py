@@ -20,7 +20,16 @@ import triton.language as tl
 from ..philox import keep_threshold
 from . import metadata
 from .dropout import keep_scale
-from .launch_config import dot_precision, expand_config, gemm_configs, launch_context, pad_rank, prune_gemm_configs
+from .launch_config import (
+    cdiv,
+    dot_precision,
+    expand_config,
+    gemm_configs,
+    launch_context,
+    next_power_of_2,
+    pad_rank,
+    prune_gemm_configs,
+)
 from .tiles import grouped_tile, load_factor
 
 
@@ -119,7 +128,7 @@ def fused_linear(x: Optional[torch.Tensor], w_kn: Optional[torch.Tensor], bias: 
     w_kn = w_kn if has_base else dummy
     u = u if has_lowrank else dummy
     dropout = has_lowrank and p > 0.0
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     # the expand alone is memory-bound: one fixed tile, the autotuner (and its tile list) bypassed
     kernel, tile = (_fused_linear_kernel, {}) if has_base else (_fused_linear_kernel.fn, expand_config())
     with launch_context(out.device):
@@ -127,7 +136,7 @@ def fused_linear(x: Optional[torch.Tensor], w_kn: Optional[torch.Tensor], bias: 
             x, w_kn, bias if bias is not None else dummy, v if has_lowrank else dummy, u,
             u_index if u_index is not None else dummy, out, seed if dropout else dummy,
             gate if gate is not None else dummy,
-            m, n, k, r, triton.next_power_of_2(m), int(w_kn.stride(0) == 1), float(v_scale), keep_threshold(p),
+            m, n, k, r, next_power_of_2(m), int(w_kn.stride(0) == 1), float(v_scale), keep_threshold(p),
             1.0 / (1.0 - p),
             x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1),
             v.stride(0) if has_lowrank else 0, v.stride(1) if has_lowrank else 0,

@@ -27,6 +27,18 @@ MIN_DOT = 16
 ACCUMULATOR_REGISTERS = 160
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host ints. The launch code calls this, not ``triton.cdiv``: on Triton 3.9 that is a
+    constexpr function whose host call costs ~4 us, some 20 times per adapted layer's forward + backward."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, for host ints n >= 1 (as ``triton.next_power_of_2``, without its
+    per-call cost; see ``cdiv``)."""
+    return 1 << (n - 1).bit_length()
+
+
 def gemm_configs() -> list[triton.Config]:
     """Tiles of the fused base GEMM (M = tokens, N = output features, K = reduction).
 
@@ -83,7 +95,7 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs)
 
 def pad_rank(r: int) -> int:
     """The rank as a power of two of at least MIN_DOT (masked beyond r)."""
-    return max(MIN_DOT, triton.next_power_of_2(r))
+    return max(MIN_DOT, next_power_of_2(r))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -124,10 +136,10 @@ def split_reduction(length: int, block: int, other_programs: int, device: torch.
     """(splits, per_split) of a reduction over ``length`` elements in tiles of ``block``: split
     so that splits * other_programs programs fill the device; per_split is a multiple of
     ``block`` and every split is non-empty (splits = cdiv(length, per_split))."""
-    blocks = triton.cdiv(length, block)
-    wanted = max(1, min(triton.cdiv(target_programs(device), max(other_programs, 1)), blocks))
-    per_split = triton.cdiv(blocks, wanted) * block
-    return triton.cdiv(length, per_split), per_split
+    blocks = cdiv(length, block)
+    wanted = max(1, min(cdiv(target_programs(device), max(other_programs, 1)), blocks))
+    per_split = cdiv(blocks, wanted) * block
+    return cdiv(length, per_split), per_split
 
 
 def launch_context(device: torch.device):

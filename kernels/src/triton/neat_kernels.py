@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from . import metadata
-from .launch_config import dot_precision, launch_context, pad_rank, skinny_blocks
+from .launch_config import cdiv, dot_precision, launch_context, pad_rank, skinny_blocks
 
 #: activation name -> code of the ``ACT`` constexpr
 ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4, "sigmoid": 5}
@@ -125,7 +125,7 @@ def neat_forward(weight: torch.Tensor, a_n: torch.Tensor, act: str) -> tuple[tor
     h = torch.empty(d_in, r, device=weight.device, dtype=weight.dtype)
     z = torch.empty_like(h)
     with launch_context(weight.device):
-        _neat_forward_kernel[(triton.cdiv(d_in, cfg["BLOCK_M"]),)](
+        _neat_forward_kernel[(cdiv(d_in, cfg["BLOCK_M"]),)](
             weight, a_n, h, z, d_out, d_in, r, weight.stride(0), weight.stride(1), a_n.stride(0), a_n.stride(1),
             ACT=ACT_CODES[act], R_PAD=r_pad, PRECISION=dot_precision(weight.dtype),
             BLOCK_I=cfg["BLOCK_M"], BLOCK_O=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
@@ -140,7 +140,7 @@ def neat_backward(dh: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, act: 
     cfg = skinny_blocks(r_pad)
     da = torch.empty(r, d_out, device=weight.device, dtype=weight.dtype)
     with launch_context(weight.device):
-        _neat_backward_kernel[(triton.cdiv(d_out, cfg["BLOCK_M"]),)](
+        _neat_backward_kernel[(cdiv(d_out, cfg["BLOCK_M"]),)](
             weight, dh, z, da, d_out, d_in, r, weight.stride(0), weight.stride(1),
             dh.stride(0), dh.stride(1), z.stride(0), z.stride(1),
             ACT=ACT_CODES[act], R_PAD=r_pad, PRECISION=dot_precision(weight.dtype),

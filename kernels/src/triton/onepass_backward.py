@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ..philox import keep_threshold
 from . import metadata
-from .launch_config import dot_precision, launch_context, pad_rank
+from .launch_config import cdiv, dot_precision, launch_context, next_power_of_2, pad_rank
 from .onepass_tiles import (
     BACKWARD_BLOCK_M,
     add_expand,
@@ -141,7 +141,7 @@ def db_partials_are_cheaper(dy: torch.Tensor, r: int) -> bool:
     """Whether dB should come from the kernel's row-block partials (written and read once, fp32)
     rather than from a second read of dy: 2 * cdiv(N, BLOCK_M) * d_out * r * 4 <= N * d_out * e."""
     n, d_out = dy.shape
-    return 2 * triton.cdiv(n, BACKWARD_BLOCK_M) * d_out * r * 4 <= dy.numel() * dy.element_size()
+    return 2 * cdiv(n, BACKWARD_BLOCK_M) * d_out * r * 4 <= dy.numel() * dy.element_size()
 
 
 def onepass_input_grad(dy: torch.Tensor, w: torch.Tensor, f: torch.Tensor, f_index: Optional[torch.Tensor],
@@ -164,13 +164,13 @@ def onepass_input_grad(dy: torch.Tensor, w: torch.Tensor, f: torch.Tensor, f_ind
     device = dy.device
     out = torch.empty(m, n, device=device, dtype=dy.dtype)
     dp = torch.empty(m, r, device=device, dtype=torch.float32)
-    row_blocks = triton.cdiv(m, BACKWARD_BLOCK_M)
+    row_blocks = cdiv(m, BACKWARD_BLOCK_M)
     db_part = partial_buffer(row_blocks, (k, r), db_dtype, device) if v is not None else None
     dbias_part = partial_buffer(row_blocks, (k,), dbias_dtype, device) if need_bias else None
     dropout = p > 0.0
 
     def grid(meta):
-        return (row_blocks * column_groups(row_blocks, triton.cdiv(n, meta["BLOCK_N"]), device, groups),)
+        return (row_blocks * column_groups(row_blocks, cdiv(n, meta["BLOCK_N"]), device, groups),)
 
     def given(tensor):
         return tensor if tensor is not None else dp
@@ -179,7 +179,7 @@ def onepass_input_grad(dy: torch.Tensor, w: torch.Tensor, f: torch.Tensor, f_ind
         _onepass_input_grad_kernel[grid](
             dy, w, f, given(f_index), given(middle), given(rank_weights), a, given(a_index), given(v), given(gate),
             seed if dropout else dp, out, dp, given(db_part), given(dbias_part),
-            m, n, k, r, triton.next_power_of_2(m), float(v_scale), keep_threshold(p), 1.0 / (1.0 - p),
+            m, n, k, r, next_power_of_2(m), float(v_scale), keep_threshold(p), 1.0 / (1.0 - p),
             dy.stride(0), dy.stride(1), w.stride(0), w.stride(1), f.stride(0), f.stride(1),
             *(middle.stride() if middle is not None else (0, 0)),
             rank_weights.stride(0) if rank_weights is not None else 0, a.stride(0), a.stride(1),

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ..philox import keep_threshold
 from . import metadata
-from .launch_config import dot_precision, launch_context, pad_rank
+from .launch_config import cdiv, dot_precision, launch_context, next_power_of_2, pad_rank
 from .onepass_tiles import (
     add_expand,
     column_groups,
@@ -134,8 +134,8 @@ def onepass_forward(x: torch.Tensor, w_kn: torch.Tensor, bias: Optional[torch.Te
     dropout = p > 0.0
 
     def grid(meta):
-        row_blocks = triton.cdiv(m, meta["BLOCK_M"])
-        return (row_blocks * column_groups(row_blocks, triton.cdiv(n, meta["BLOCK_N"]), x.device, groups),)
+        row_blocks = cdiv(m, meta["BLOCK_M"])
+        return (row_blocks * column_groups(row_blocks, cdiv(n, meta["BLOCK_N"]), x.device, groups),)
 
     def given(tensor):
         return tensor if tensor is not None else out
@@ -143,7 +143,7 @@ def onepass_forward(x: torch.Tensor, w_kn: torch.Tensor, bias: Optional[torch.Te
     with launch_context(x.device):
         _onepass_forward_kernel[grid](
             x, w_kn, given(bias), a, given(a_index), given(middle), given(rank_weights), b, given(b_index),
-            given(gate), seed if dropout else out, out, t, m, n, k, r, triton.next_power_of_2(m), float(v_scale),
+            given(gate), seed if dropout else out, out, t, m, n, k, r, next_power_of_2(m), float(v_scale),
             keep_threshold(p), 1.0 / (1.0 - p), x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1),
             a.stride(0), a.stride(1), *(middle.stride() if middle is not None else (0, 0)),
             rank_weights.stride(0) if rank_weights is not None else 0, b.stride(0), b.stride(1),

@@ -80,9 +80,9 @@ def column_groups(row_blocks: int, column_tiles: int, device: torch.device, want
     cdiv(column_tiles, run) for run = cdiv(column_tiles, groups), so that no program is left without a tile."""
     if wanted is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        wanted = max(triton.cdiv(sms, row_blocks), triton.cdiv(column_tiles, COLUMN_RUN))
-    run = triton.cdiv(column_tiles, min(column_tiles, max(wanted, 1)))
-    return triton.cdiv(column_tiles, run)
+        wanted = max(launch_config.cdiv(sms, row_blocks), launch_config.cdiv(column_tiles, COLUMN_RUN))
+    run = launch_config.cdiv(column_tiles, min(column_tiles, max(wanted, 1)))
+    return launch_config.cdiv(column_tiles, run)
 
 
 @triton.jit

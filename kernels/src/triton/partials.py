@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_config import launch_context
+from .launch_config import cdiv, launch_context
 
 
 def partial_buffer(splits: int, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
@@ -39,5 +39,5 @@ def sum_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if numel:
         block = 1024
         with launch_context(part.device):
-            _sum_splits_kernel[(triton.cdiv(numel, block),)](part, out, part.shape[0], numel, BLOCK=block)
+            _sum_splits_kernel[(cdiv(numel, block),)](part, out, part.shape[0], numel, BLOCK=block)
     return out

@@ -15,7 +15,7 @@ import triton.language as tl
 from ..philox import keep_threshold
 from . import metadata
 from .dropout import keep_scale
-from .launch_config import dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction
+from .launch_config import cdiv, dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction
 from .partials import partial_buffer, sum_partials
 from .tiles import load_factor
 
@@ -67,7 +67,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor, a_index: Optional[torch.Tensor], p:
     r = a_index.shape[0] if a_index is not None else a.shape[0]
     r_pad = pad_rank(r)
     cfg = skinny_blocks(r_pad, dropout=p > 0.0)
-    m_blocks = triton.cdiv(m, cfg["BLOCK_M"])
+    m_blocks = cdiv(m, cfg["BLOCK_M"])
     n_split, k_per_split = split_reduction(k, cfg["BLOCK_K"], m_blocks, x.device)
     part = partial_buffer(n_split, (m, r), torch.float32, x.device)
     with launch_context(x.device):

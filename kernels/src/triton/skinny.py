@@ -21,7 +21,7 @@ import triton.language as tl
 from ..philox import keep_threshold
 from . import metadata
 from .dropout import keep_scale
-from .launch_config import dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction
+from .launch_config import cdiv, dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction
 from .partials import partial_buffer, sum_partials
 from .shrink import shrink
 from .tiles import load_factor
@@ -84,7 +84,7 @@ def one_pass_is_cheaper(dy: torch.Tensor, r: int) -> bool:
     """Whether dP should come from the column pass: its partials, one (N, r) fp32 slice per
     column block, written and read once, cost fewer bytes than a second read of dy."""
     block_k = skinny_blocks(pad_rank(r))["BLOCK_K"]
-    d_blocks = triton.cdiv(dy.shape[1], block_k)
+    d_blocks = cdiv(dy.shape[1], block_k)
     partial_bytes = d_blocks * dy.shape[0] * r * 4
     return 2 * partial_bytes <= dy.numel() * dy.element_size()
 
@@ -109,7 +109,7 @@ def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], 
         return dp, None, None
     r_pad = pad_rank(r)
     cfg = skinny_blocks(r_pad)
-    d_blocks = triton.cdiv(d, cfg["BLOCK_K"])
+    d_blocks = cdiv(d, cfg["BLOCK_K"])
     n_split, rows_per_split = split_reduction(m, cfg["BLOCK_M"], d_blocks, dy.device)
     dp_part = partial_buffer(d_blocks, (m, r), torch.float32, dy.device) if dp_in_columns else None
     db_part = partial_buffer(n_split, (d, r), db_dtype, dy.device) if v is not None else None
@@ -183,7 +183,7 @@ def down_grad(dt: torch.Tensor, x: torch.Tensor, p: float = 0.0, seed: Optional[
     r = dt.shape[1]
     r_pad = pad_rank(r)
     cfg = skinny_blocks(r_pad)
-    k_blocks = triton.cdiv(k, cfg["BLOCK_K"])
+    k_blocks = cdiv(k, cfg["BLOCK_K"])
     n_split, rows_per_split = split_reduction(m, cfg["BLOCK_M"], k_blocks, x.device)
     part = partial_buffer(n_split, (r, k), out_dtype, x.device)
     with launch_context(x.device):
