@@ -66,10 +66,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _show_progress() -> None:
-    """Print the demo's progress lines (logger "fastlora.demo") on stderr."""
+    """Print the demo's progress lines (logger "fastlora.demo") on the current stderr (a second call in one
+    process, after sys.stderr was replaced, writes to the new stream, not to a closed one)."""
     logger = logging.getLogger("fastlora.demo")
-    if not logger.handlers:
+    for handler in [h for h in logger.handlers if getattr(h, "fastlora_progress", False)]:
+        logger.removeHandler(handler)  # an earlier call's, bound to the stderr of that time
+    if not logger.handlers:  # a handler the user set up is left alone
         handler = logging.StreamHandler(sys.stderr)
+        handler.fastlora_progress = True
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
