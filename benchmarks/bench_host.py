@@ -140,13 +140,6 @@ def stubbed_triton(launches: Counter) -> Iterator[None]:
         interpreter.InterpretedFunction.run = run
 
 
-def count_launches(call: Callable[[], object]) -> Counter:
-    launches: Counter = Counter()
-    with stubbed_triton(launches):
-        call()
-    return launches
-
-
 def python_top(call: Callable[[], object], calls: int, k: int = PYTHON_TOP) -> list[dict]:
     """The ``k`` Python functions with the most own time per call over ``calls`` calls (cProfile)."""
     profiler = cProfile.Profile()
@@ -188,20 +181,19 @@ def measure(quick: bool, plan: str = "torch") -> dict:
         os.environ["FASTLORA_BACKEND"] = plan  # accelerate's layers run the plan too
     calls = {name: call_of(layer, t) for name, layer in layers(t, plan).items()}
     settings = QUICK if quick else {"warmup": WARMUP, "rounds": ROUNDS, "calls": CALLS}
-    stubs = stubbed_triton(Counter()) if plan != "torch" else contextlib.nullcontext()
-    with stubs:
+    launches: Counter = Counter()  # of every stubbed launch while the stubs are in place
+    with stubbed_triton(launches) if plan != "torch" else contextlib.nullcontext():
         times = time_calls(calls, settings["warmup"], settings["rounds"], settings["calls"])
-    variants = {}
-    for name, call in calls.items():
-        launches = count_launches(call) if plan != "torch" else Counter()
-        with stubbed_triton(Counter()) if plan != "torch" else contextlib.nullcontext():
-            ops = count_ops(call)
-            top = python_top(call, settings["calls"])
-        variants[name] = {"dropout": DROPOUT if name.endswith("_dropout") else 0.0,
-                          "us_per_call": statistics.median(times[name]), "us_rounds": times[name],
-                          "aten_ops": sum(ops.values()), "ops": dict(ops.most_common()),
-                          "triton_launches": sum(launches.values()), "launches": dict(launches.most_common()),
-                          "python_top": top}
+        variants = {}
+        for name, call in calls.items():
+            launches.clear()
+            ops = count_ops(call)  # one call: its aten operators and its launches
+            per_call = Counter(launches)
+            variants[name] = {"dropout": DROPOUT if name.endswith("_dropout") else 0.0,
+                              "us_per_call": statistics.median(times[name]), "us_rounds": times[name],
+                              "aten_ops": sum(ops.values()), "ops": dict(ops.most_common()),
+                              "triton_launches": sum(per_call.values()), "launches": dict(per_call.most_common()),
+                              "python_top": python_top(call, settings["calls"])}
     for name, row in variants.items():
         peft = variants.get("peft_dropout" if name.endswith("_dropout") else "peft")
         row["vs_peft"] = row["us_per_call"] / peft["us_per_call"]
