@@ -65,11 +65,11 @@ def _active_adapter(layer: nn.Module, factors: nn.ModuleDict) -> tuple[Optional[
     return active[0], None
 
 
-def _common_reason(layer: nn.Module, x: Tensor, modules: list[nn.Module], args, kwargs) -> Optional[str]:
-    """Why no PEFT layer type can take the fused path for this call, else None."""
+def _common_reason(base: nn.Module, x: Tensor, modules: list[nn.Module], args, kwargs) -> Optional[str]:
+    """Why no PEFT layer type can take the fused path for this call over ``base`` (the layer's base
+    layer), else None."""
     if args or kwargs:
         return f"extra forward arguments {sorted(kwargs) or len(args)}"
-    base = layer.get_base_layer()
     if not is_adaptable(base):
         return f"base layer is a {type(base).__name__}, not an nn.Linear or Conv1D"
     if any(m._forward_hooks or m._forward_pre_hooks for m in (base, *modules)):
@@ -97,11 +97,11 @@ def _lora_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str, 
     scale = layer.scaling[name]
     if isinstance(scale, Tensor):
         return "a tensor scaling"
-    reason = _common_reason(layer, x, [lora_a, lora_b, dropout], args, kwargs)
+    base = layer.get_base_layer()
+    reason = _common_reason(base, x, [lora_a, lora_b, dropout], args, kwargs)
     if reason is not None:
         return reason
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    base = layer.get_base_layer()
     return adapted_linear(x, _linear_weight(base), base.bias, lora_a.weight, lora_b.weight, scale=float(scale),
                           dropout=p)
 
@@ -116,10 +116,10 @@ def _peanut_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str
         return f"activation {layer.act_fn[name]!r}"
     encoders, decoders = layer.peanut_encoders[name], layer.peanut_decoders[name]
     modules = [layer.peanut_A[name], layer.peanut_B[name], *encoders, *decoders]
-    reason = _common_reason(layer, x, modules, args, kwargs)
+    base = layer.get_base_layer()
+    reason = _common_reason(base, x, modules, args, kwargs)
     if reason is not None:
         return reason
-    base = layer.get_base_layer()
     a_n = layer.peanut_A[name].weight
     h = neat_projection(base.weight.to(a_n.dtype), a_n, act)
     skips = []

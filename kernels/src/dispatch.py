@@ -91,9 +91,9 @@ def select_plan(backend: str, x: Tensor, dtype: torch.dtype, choose: Callable[[]
             raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    reason = _triton_ineligibility(x, dtype)
     if backend == "auto":
-        return "torch" if reason is not None or not x.is_cuda else choose()
+        return choose() if x.is_cuda and _triton_ineligibility(x, dtype) is None else "torch"
+    reason = _triton_ineligibility(x, dtype)
     if reason is not None:
         source = f"{ENV_VAR}={backend!r}" if forced_by_env else f"backend={backend!r}"
         raise RuntimeError(f"{source} cannot run this call: {reason}")

@@ -7,7 +7,8 @@ computes the same result there. On CPU otherwise, only the torch plan runs: it d
 torch's CPU generator seeded with the seed (a handful of ops, about what ``nn.Dropout`` costs,
 instead of the ~100 small integer ops of Philox in torch), which gives another mask for the
 same seed. Either way the seed alone determines the mask, so a recomputation (backward,
-gradient checkpointing) sees the same one.
+gradient checkpointing) sees the same one. (A torch-plan call on CPU given no seed uses none of
+these: its mask is ``F.dropout``'s, kept by autograd for the backward; see ``ops.adapted_linear``.)
 """
 from __future__ import annotations
 

@@ -7,9 +7,11 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import dispatch, plans
+from . import dispatch, plans, torch_impl
 from .function import AdaptedLinearFunction
+from .masks import kernels_draw
 from .philox import draw_seed, seed_tensor
+from .spec import LowRankTerm
 from .validation import check_adapted_linear_inputs
 
 
@@ -56,7 +58,9 @@ def adapted_linear(
     on x in the low-rank path only; its mask (``fastlora.kernels.dropout_mask``, the same on
     every plan) is drawn from ``dropout_seed`` (an int, or a (1,) int64 tensor on x's device),
     or from a seed drawn on the device by torch's generator when None (no host read: a CUDA
-    graph replays with a fresh mask each time). backend: "auto" | "triton" | "cublas" |
+    graph replays with a fresh mask each time); on CPU outside the Triton interpreter, where the
+    torch plan alone runs, None means torch's own dropout (``F.dropout``, drawn once per call as
+    nn.Dropout's mask is). backend: "auto" | "triton" | "cublas" |
     "torch" (see ``dispatch``). Factors of another float dtype than x are cast to the compute
     dtype (autocast's when enabled) and receive gradients in their own dtype.
     """
@@ -69,10 +73,20 @@ def adapted_linear(
     rank = (lora_a if lora_a is not None else row_index).shape[0]
     plan = dispatch.select_plan(backend, x, dtype, lambda: _auto_plan(x, weight, bias, rank, dtype, dropout, gathered))
     gate_tensor = gate if isinstance(gate, Tensor) else None
-    seed = _seed(dropout, dropout_seed, x.device)
+    # the torch plan with the low-rank path on runs as torch ops autograd records (a C++ backward)
+    recorded = plan == "torch" and bool(gate_value) and not torch.compiler.is_compiling()
+    if dropout == 0.0 or (recorded and dropout_seed is None and not kernels_draw(x.device)):
+        seed = None
+    else:
+        seed = _seed(dropout_seed, x.device)
     # autocast is switched off around the op (it computes in ``dtype`` itself); entering the
     # context costs host time, so only when autocast is on
     with torch.autocast(x.device.type, enabled=False) if autocasting else contextlib.nullcontext():
+        if recorded:
+            term = LowRankTerm(_cast(lora_a, dtype), _cast(lora_b, dtype), _cast(middle, dtype),
+                               _cast(rank_weights, dtype), _as_long(row_index), _as_long(col_index), float(scale),
+                               gate_value, float(dropout), seed, _gradient_gate(gate_tensor))
+            return torch_impl.forward_recorded(_cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), term)
         return AdaptedLinearFunction.apply(
             _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), _cast(lora_a, dtype), _cast(lora_b, dtype),
             _cast(middle, dtype), _cast(rank_weights, dtype), gate_tensor,
@@ -80,15 +94,19 @@ def adapted_linear(
             seed, float(scale), gate_value, float(dropout), plan)
 
 
-def _seed(dropout: float, dropout_seed, device: torch.device) -> Optional[Tensor]:
-    """The dropout seed as a (1,) int64 tensor on x's device (None without dropout).
+def _gradient_gate(gate: Optional[Tensor]) -> Optional[Tensor]:
+    """A tensor gate that requires grad, multiplied into the recorded ops (its value is the host gate's,
+    1 when the low-rank path is on): its gradient is then s * sum((dy B) ⊙ v). Else None."""
+    return gate if gate is not None and gate.requires_grad else None
+
+
+def _seed(dropout_seed, device: torch.device) -> Tensor:
+    """The dropout seed as a (1,) int64 tensor on x's device.
 
     Drawn on the device, never read on the host: no sync, the draw stays in a torch.compile
     graph (a fresh seed per call, no recompile) and in a captured CUDA graph (torch's
     generator advances its offset per replay). An explicit int seed is filled on the device.
     """
-    if dropout == 0.0:
-        return None
     if dropout_seed is None:
         return draw_seed(device)
     if isinstance(dropout_seed, Tensor):

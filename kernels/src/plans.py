@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import warnings
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -83,7 +83,8 @@ class PlanKey:
     gathered: bool
 
     def __str__(self) -> str:
-        return "|".join(str(v) for v in astuple(self))
+        return (f"{self.device}|{self.dtype}|{self.token_bucket}|{self.d_in}|{self.d_out}|{self.rank}|"
+                f"{self.dropout}|{self.gathered}")
 
 
 def token_bucket(n_tokens: int) -> int:
@@ -161,11 +162,15 @@ Entries = dict[str, dict[str, Record]]
 
 
 class PlanCache:
-    """Records by (environment section, key): in memory, mirrored to a JSON file."""
+    """Records by (environment section, key): in memory, mirrored to a JSON file.
+
+    ``record`` is asked on every ``auto`` call on CUDA: its answers are kept by (section, key) until
+    this process records or forgets something (the file is read once; see ``clear``)."""
 
     def __init__(self, path: Optional[Path] = None) -> None:
         self._path = path
         self._entries: Optional[Entries] = None
+        self._answers: dict[tuple[str, PlanKey], Record] = {}
         self._lock = threading.Lock()
 
     @property
@@ -195,8 +200,12 @@ class PlanCache:
         return entries
 
     def record(self, section: str, key: PlanKey) -> Record:
+        answer = self._answers.get((section, key))
+        if answer is not None:
+            return answer
         with self._lock:
-            return self._loaded().get(section, {}).get(str(key), Record())
+            answer = self._answers[section, key] = self._loaded().get(section, {}).get(str(key), Record())
+            return answer
 
     def get(self, section: str, key: PlanKey) -> Optional[str]:
         """The measured winner for ``key``, or None."""
@@ -205,6 +214,7 @@ class PlanCache:
     def put(self, section: str, key: PlanKey, plan: Optional[str], failed: tuple[str, ...] = ()) -> None:
         """Record the winner (None when every candidate failed) and the plans that failed for ``key``."""
         with self._lock:
+            self._answers.clear()
             self._loaded().setdefault(section, {})[str(key)] = Record(plan, tuple(failed))
             self._write({section: {str(key): self._entries[section][str(key)]}})
 
@@ -218,6 +228,7 @@ class PlanCache:
         """Forget the in-memory records (the file is read again on next use)."""
         with self._lock:
             self._entries = None
+            self._answers.clear()
 
     def _write(self, new: Entries) -> None:
         """Merge ``new`` into the file (read, merge, replace atomically, under a file lock, so records

@@ -41,6 +41,8 @@ def shrink(x: Tensor, weight: Tensor, term: LowRankTerm, y0: Optional[Tensor] = 
     """t = dropout(x) A^T (N, r). With gathered rows and no dropout, t = Y0[:, I]."""
     if term.row_index is not None and term.dropout_p == 0.0 and y0 is not None:
         return y0.index_select(1, term.row_index)
+    if term.dropout_p != 0.0 and term.dropout_seed is None:  # recorded on CPU: torch's own dropout
+        return F.dropout(x, term.dropout_p) @ term.down(weight).t()
     return _dropped(x, _mask(x, term)) @ term.down(weight).t()
 
 
@@ -60,6 +62,20 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm
         up = term.up(weight).t()
         y = torch.addmm(y, v, up, alpha=sg) if term.gate_tensor is None else torch.addmm(y, v * sg, up)
     return y, t
+
+
+def forward_recorded(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm) -> Tensor:
+    """y (..., d_out) for x (..., d_in) by ``forward``'s ops, recorded by torch's autograd: the eager
+    torch plan with the low-rank path on. Autograd runs their backward in C++ (no Python per
+    backward call, unlike the Function around ``backward``); with dropout it keeps the mask and the
+    dropped x for the backward (as ``nn.Dropout`` before ``nn.Linear`` does) instead of drawing the
+    mask again, and without a seed (``term.dropout_seed`` None) the mask is ``F.dropout``'s. y is a
+    fresh tensor, not a view of another (as nn.Linear returns).
+    """
+    if x.dim() == 2:
+        return forward(x, weight, bias, term, keep_t=False)[0]
+    y, _ = forward(x.reshape(-1, x.shape[-1]), weight, bias, term, keep_t=False)
+    return torch.ops.aten._unsafe_view.default(y, (*x.shape[:-1], y.shape[-1]))
 
 
 def backward(dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Optional[Tensor],

@@ -7,6 +7,7 @@ every kernel gets one small configuration, so CPU tests are quick and cross tile
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Optional
 
@@ -108,8 +109,14 @@ def dot_precision(dtype: torch.dtype) -> str:
 def target_programs(device: torch.device) -> int:
     """Programs a split reduction should launch to fill the device."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    """The CUDA device's SM count, read once (split reductions ask on every launch)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def skinny_blocks(r_pad: int, dropout: bool = False) -> dict:
