@@ -127,12 +127,18 @@ class AdapterLinear(nn.Module):
             return F.linear(x, self._base_weight(), self.bias)
         if self.weight.is_meta:
             return self._meta_forward(x)
-        adapter = self.adapter
-        if self.training and isinstance(adapter, CascadeLoraAdapter) and adapter.pending_start:
-            adapter.start_training(self.weight)  # a LoRASC stage's first training forward: its noise into W
+        self._start_pending_stage()
         dropout = self.config.dropout if self.training else 0.0
         return adapted_linear(x, self.weight, self.bias, dropout=dropout, backend=self.config.backend,
                               **self.adapter.op_arguments(self.weight))
+
+    def _start_pending_stage(self) -> None:
+        """A LoRASC stage's first training forward (training mode with gradients on; a forward under
+        no_grad trains nothing, even in training mode): the stage's noise into W."""
+        adapter = self.adapter
+        if self.training and isinstance(adapter, CascadeLoraAdapter) and adapter.pending_start \
+                and torch.is_grad_enabled():
+            adapter.start_training(self.weight)
 
     def forward_rows(self, x: Tensor, start: int, stop: int) -> Tensor:
         """Output features start:stop of ``forward(x)`` (rows start:stop of W, b and the update), computed
@@ -142,10 +148,8 @@ class AdapterLinear(nn.Module):
             return F.linear(x, weight[start:stop], None if self.bias is None else self.bias[start:stop])
         if self.weight.is_meta:
             return self._meta_forward(x)[..., start:stop]
-        adapter = self.adapter
-        if self.training and isinstance(adapter, CascadeLoraAdapter) and adapter.pending_start:
-            adapter.start_training(self.weight)
-        args = dict(adapter.op_arguments(self.weight))
+        self._start_pending_stage()
+        args = dict(self.adapter.op_arguments(self.weight))
         if args.get("row_index") is not None:  # A = rows of the whole W (CURLoRA), gathered before W is cut
             args["lora_a"], args["row_index"] = self.weight[args["row_index"]], None
         if args.get("lora_b") is not None:
@@ -240,10 +244,8 @@ class AdapterLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if not self.adapter_enabled:
             return F.linear(x, self._base_weight(), self.bias)
-        adapter = self.adapter
-        if self.training and isinstance(adapter, CascadeLoraAdapter) and adapter.pending_start \
-                and not self.weight.is_meta:
-            adapter.start_training(self.weight)  # as ``forward``
+        if not self.weight.is_meta:
+            self._start_pending_stage()  # as ``forward``
         args = {"lora_a": None, "lora_b": None, **self.adapter.op_arguments(self.weight)}
         args.pop("gate_value", None)  # the host copy of a tensor gate: the reference reads the gate itself
         args = {k: v.to(x.dtype) if isinstance(v, Tensor) and v.is_floating_point() and k != "gate" else v
