@@ -21,8 +21,9 @@ the compute dtype):
   mask from a seed, PEFT keeps the dropped copy of x for the backward).
 
 Per-method cases (``AdapterLinear`` of each method with backend "auto", see
-benchmarks/bench_methods.py) go under each case's "methods", and the plans ``auto`` has
-chosen so far (this case's and earlier ones) under "auto_choices". Ratios (vs base, vs PEFT) come from the same run.
+benchmarks/bench_methods.py) go under each case's "methods"; "auto_default" is the plan ``auto`` runs
+on CUDA by rule, and "auto_choices" the measured winners recorded so far (empty unless the plan cache
+holds tuned shapes: ``fastlora.tune``). Ratios (vs base, vs PEFT) come from the same run.
 
 CUDA (default when available): bf16, ``triton.testing.do_bench`` medians. CPU (a smoke
 check of the script, not a measurement): float32, ``time.perf_counter`` medians, peak
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlora.kernels import PLANS, adapted_linear
-from fastlora.kernels.plans import auto_choices
+from fastlora.kernels.plans import DEFAULT_PLAN, auto_choices
 
 from .bench_methods import method_jobs
 from .check_report import error_line
@@ -184,7 +185,7 @@ def bench_case(n: int, d_in: int, d_out: int, r: int, device: torch.device,
             "results": results, "ratios": _ratios(results) if base else {},
             "methods": methods, "method_ratios": {name: _ratio_row(res, base, results.get("peft"))
                                                   for name, res in methods.items()} if base else {},
-            "auto_choices": auto_choices(), "skipped_for_time": skipped + skipped_methods,
+            "auto_default": DEFAULT_PLAN, "auto_choices": auto_choices(), "skipped_for_time": skipped + skipped_methods,
             "errors": {**errors, **{f"method {k}": v for k, v in method_errors.items()}}}
 
 

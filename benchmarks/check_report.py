@@ -66,7 +66,7 @@ def _speed(report: dict) -> list[str]:
              f"({peaks['source']})"] if peaks and speed.get("cases") else []
     for case in speed.get("cases", []):
         lines.append(f"speed N={case['n']} {case['d_in']}->{case['d_out']} r={case['r']} {case['dtype']}"
-                     f"  (auto chose: {case['auto_choices']})")
+                     f"  (auto: {case.get('auto_default', '?')} by rule; tuned: {case['auto_choices'] or 'none'})")
         lines.append(f"  {'variant':28s} {'fwd ms':>8s} {'fwd+bwd':>8s} {'xbase':>6s} {'xpeft':>6s} "
                      f"{'peak MiB':>8s} {'launch':>6s} {'fwd floor':>9s} {'x':>5s} {'f+b floor':>9s} {'x':>5s}")
         ratios = {**case["ratios"], **{f"method {k}": v for k, v in case["method_ratios"].items()}}

@@ -125,12 +125,12 @@ class AdapterLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if not self.adapter_enabled:
             return F.linear(x, self._base_weight(), self.bias)
-        if self.weight.is_meta:
+        weight, config = self.weight, self.config
+        if weight.is_meta:
             return self._meta_forward(x)
         self._start_pending_stage()
-        dropout = self.config.dropout if self.training else 0.0
-        return adapted_linear(x, self.weight, self.bias, dropout=dropout, backend=self.config.backend,
-                              **self.adapter.op_arguments(self.weight))
+        return adapted_linear(x, weight, self.bias, dropout=config.dropout if self.training else 0.0,
+                              backend=config.backend, **self.adapter.op_arguments(weight))
 
     def _start_pending_stage(self) -> None:
         """A LoRASC stage's first training forward (training mode with gradients on; a forward under

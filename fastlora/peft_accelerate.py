@@ -65,40 +65,51 @@ def _active_adapter(layer: nn.Module, factors: nn.ModuleDict) -> tuple[Optional[
     return active[0], None
 
 
-def _common_reason(base: nn.Module, x: Tensor, modules: list[nn.Module], args, kwargs) -> Optional[str]:
+def _base_layer(layer: nn.Module) -> nn.Module:
+    """The innermost ``base_layer`` of a PEFT layer (PEFT's ``get_base_layer``, without its ``hasattr``
+    walk, which raises and catches an AttributeError per call)."""
+    base = layer
+    while "base_layer" in base._modules:
+        base = base._modules["base_layer"]
+    return base
+
+
+def _common_reason(base: nn.Module, x: Tensor, modules: tuple[nn.Module, ...], args, kwargs) -> Optional[str]:
     """Why no PEFT layer type can take the fused path for this call over ``base`` (the layer's base
-    layer), else None."""
+    layer), else None. Asked on every call: each check is a few attribute reads."""
     if args or kwargs:
         return f"extra forward arguments {sorted(kwargs) or len(args)}"
     if not is_adaptable(base):
         return f"base layer is a {type(base).__name__}, not an nn.Linear or Conv1D"
-    if any(m._forward_hooks or m._forward_pre_hooks for m in (base, *modules)):
-        return "hooks on the layer's submodules (ZeRO-3, FSDP or user hooks read them there)"
-    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+    for module in (base, *modules):
+        if module._forward_hooks or module._forward_pre_hooks:
+            return "hooks on the layer's submodules (ZeRO-3, FSDP or user hooks read them there)"
+    weight, bias = base._parameters["weight"], base._parameters.get("bias")
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
         return "base weight or bias is trainable"
     if not x.is_floating_point():
         return f"input dtype {x.dtype}"
-    device = x.device.type
-    if x.dtype != base.weight.dtype and not torch.is_autocast_enabled(device):
-        return f"input dtype {x.dtype} differs from the base weight's {base.weight.dtype} outside autocast"
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return f"input dtype {x.dtype} differs from the base weight's {weight.dtype} outside autocast"
     return None
 
 
 def _lora_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str, None]:
     """The fused output of a lora.Linear, else why PEFT's path runs (None: it adds nothing)."""
-    name, reason = _active_adapter(layer, layer.lora_A)
+    modules = layer._modules
+    name, reason = _active_adapter(layer, modules["lora_A"])
     if name is None:
         return reason
     if name in layer.lora_variant:
         return f"LoRA variant {type(layer.lora_variant[name]).__name__} (DoRA, ...)"
     if layer.lora_bias.get(name, False):
         return "lora_bias=True"
-    lora_a, lora_b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+    lora_a, lora_b, dropout = modules["lora_A"][name], modules["lora_B"][name], modules["lora_dropout"][name]
     scale = layer.scaling[name]
     if isinstance(scale, Tensor):
         return "a tensor scaling"
-    base = layer.get_base_layer()
-    reason = _common_reason(base, x, [lora_a, lora_b, dropout], args, kwargs)
+    base = _base_layer(layer)
+    reason = _common_reason(base, x, (lora_a, lora_b, dropout), args, kwargs)
     if reason is not None:
         return reason
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
@@ -115,8 +126,8 @@ def _peanut_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str
     if act is None:
         return f"activation {layer.act_fn[name]!r}"
     encoders, decoders = layer.peanut_encoders[name], layer.peanut_decoders[name]
-    modules = [layer.peanut_A[name], layer.peanut_B[name], *encoders, *decoders]
-    base = layer.get_base_layer()
+    modules = (layer.peanut_A[name], layer.peanut_B[name], *encoders, *decoders)
+    base = _base_layer(layer)
     reason = _common_reason(base, x, modules, args, kwargs)
     if reason is not None:
         return reason
