@@ -141,7 +141,7 @@ def check_neat(d_out, d_in, r, act="gelu", seed=3):
 
 
 SKINNY_KERNELS = {"_shrink_kernel", "_dy_columns_kernel", "_down_grad_kernel", "_neat_forward_kernel",
-                  "_neat_backward_kernel", "_sum_splits_kernel"}
+                  "_neat_backward_kernel"}
 
 
 @pytest.mark.parametrize("blocks", SKINNY, ids=kernel_tiles.tile_id)

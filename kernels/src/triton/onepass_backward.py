@@ -8,7 +8,7 @@ forward is: each program walks a run of column tiles of one row block and forms 
 of its first tile only, keeping dt for the others, so dy B adds G R_PAD / d_in to the GEMM's MMA
 work instead of R_PAD / BLOCK_N (1.6% instead of 6.25% at r = 16, d_in = 4096, 256-wide tiles,
 G = 4). dB and dbias are reduced over the rows in per-row-block partials (one fp32 slice per row
-block, added in a fixed order by ``sum_partials``): deterministic, unlike fp32 atomics. Those
+block, added by torch's reduction in ``sum_partials``): deterministic, unlike fp32 atomics. Those
 partials cost 8 r / (BLOCK_M e) bytes per byte of dy (e = dy's element size);
 ``db_partials_are_cheaper`` says when that beats reading dy again.
 """

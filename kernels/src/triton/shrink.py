@@ -2,7 +2,7 @@
 
 A is a factor (r, d_in) or rows of the frozen weight gathered by index (CURLoRA's
 R = W[I]). The reduction over d_in may be split across programs for small N; the
-partial sums are added in a fixed order (deterministic, no atomics).
+partial sums are added by torch's reduction (deterministic, no atomics).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@
 - ``down_grad``: dA = dt^T xd (r, d_in) with xd = dropout(x) regenerated from the seed.
 
 Grids split the reduction axis; each program writes its own slice of a partial-sum buffer
-that torch adds in a fixed order afterwards.
+that torch's reduction adds afterwards (deterministic).
 """
 from __future__ import annotations
 
