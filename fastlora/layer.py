@@ -133,11 +133,11 @@ class AdapterLinear(nn.Module):
                               backend=config.backend, **self.adapter.op_arguments(weight))
 
     def _start_pending_stage(self) -> None:
-        """A LoRASC stage's first training forward (training mode with gradients on; a forward under
-        no_grad trains nothing, even in training mode): the stage's noise into W."""
+        """A LoRASC stage's first forward in training mode: the stage's noise into W. Under no_grad too:
+        reentrant activation checkpointing runs the training forward under no_grad (and recomputes it
+        in the backward, when the stage has started)."""
         adapter = self.adapter
-        if self.training and isinstance(adapter, CascadeLoraAdapter) and adapter.pending_start \
-                and torch.is_grad_enabled():
+        if self.training and isinstance(adapter, CascadeLoraAdapter) and adapter.pending_start:
             adapter.start_training(self.weight)
 
     def forward_rows(self, x: Tensor, start: int, stop: int) -> Tensor:

@@ -171,10 +171,8 @@ class TrainingHooks:
 
     def _before_forward(self, model: nn.Module, args) -> None:
         """A LoRASC stage's pending noise into W before the model's first training forward of the stage
-        (training mode with gradients on; eagerly, W still sharded under FSDP2; under torch.compile the
-        layers add it themselves)."""
-        if not self._starts_pending or not model.training or not torch.is_grad_enabled() \
-                or torch.compiler.is_compiling():
+        (eagerly, W still sharded under FSDP2; under torch.compile the layers add it themselves)."""
+        if not self._starts_pending or not model.training or torch.compiler.is_compiling():
             return
         self._starts_pending = False
         for layer in self._staged:

@@ -114,7 +114,8 @@ def test_next_task_keeps_what_the_method_keeps_and_starts_fresh_adapters(config)
     model.train()
     assert torch.allclose(after, before, rtol=0, atol=1e-10)  # fresh adapters start at ΔW = 0
     if isinstance(config, CascadeLoraConfig):  # the first training forward adds the next task's stage-0 noise
-        model(x)
+        with torch.no_grad():
+            model(x)
         for k, (layer, w) in enumerate(zip(layers, expected)):  # seeded by layer 1 * L + k
             g = torch.Generator().manual_seed(((2 * MIX + 2 + k) * MIX + 0) % 2**63)
             w = w + (torch.rand(w.shape, generator=g).double() - 0.5) * 0.1 * float(w.std())

@@ -25,9 +25,8 @@ Choices where the paper is silent (our reading):
   (noise_seed * 1000003 + layer_index) * 1000003 + k, and scaled in float32 (float64 for a float64 W)
   before it is added in W's dtype.
 - When the noise is added: when its stage starts training, i.e. at the layer's first forward in
-  training mode with gradients on (``module.train()`` outside ``torch.no_grad``: an evaluation under
-  no_grad that left the model in training mode trains nothing; adapter enabled, not merged) after the
-  adapter is built, after a
+  training mode (``module.train()``, adapter enabled, not merged; under ``torch.no_grad`` too, as
+  reentrant activation checkpointing runs the training forward there) after the adapter is built, after a
   stage end, after ``next_task`` or ``restore_pretrained`` (``pending_start`` is True until then).
   Building or injecting an adapter leaves W untouched, a run that ends on a stage boundary (one stage
   per epoch) keeps no noise that nothing trained on, and ``next_task`` does not stack the next task's
