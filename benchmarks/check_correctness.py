@@ -9,7 +9,8 @@ as skipped):
 - op cases: ``adapted_linear`` on each plan vs ``adapted_linear_reference`` on float64
   copies (dropout: the reference gets ``dropout_mask(n, d_in, p, seed)``, the mask every
   plan draws from that seed); the output and the gradient of every input that takes one
-  (x, bias, A, B, middle, rank_weights, gate);
+  (x, bias, A, B, middle, rank_weights, gate); "fp32_factors": fp32 factors over a
+  half-precision x and W (PEFT's adapters; the cublas plan reads them uncast);
 - methods: each method's ``op_arguments`` (detached, as leaves) through ``adapted_linear``
   on each plan, the same comparison;
 - layers: each method's ``AdapterLinear`` (backend "auto", fp32 factors over a half-precision
@@ -67,6 +68,7 @@ CASES = {
     "dropout": ("base", {"dropout", "bias"}),
     "odd": ("odd", {"bias", "rank_weights", "middle", "dropout"}),
     "odd_gathered": ("odd", {"gathered", "middle"}),
+    "fp32_factors": ("odd", {"fp32_factors", "bias", "middle", "rank_weights", "dropout"}),
     "bench": ("bench", {"bias"}),
 }
 
@@ -90,8 +92,9 @@ def case_inputs(features: set, shape: tuple, dtype: torch.dtype, device: torch.d
     n, d_in, d_out, r = shape
     gen = torch.Generator(device=device).manual_seed(n * 7 + r)
 
-    def rnd(*size, s=1.0, grad=True):
-        return (torch.randn(*size, device=device, generator=gen) * s).to(dtype).requires_grad_(grad)
+    def rnd(*size, s=1.0, grad=True, factor=False):
+        as_dtype = torch.float32 if factor and "fp32_factors" in features else dtype
+        return (torch.randn(*size, device=device, generator=gen) * s).to(as_dtype).requires_grad_(grad)
 
     t = {"x": rnd(n, d_in), "weight": rnd(d_out, d_in, s=d_in ** -0.5, grad=False),
          "bias": rnd(d_out) if "bias" in features else None}
@@ -100,14 +103,14 @@ def case_inputs(features: set, shape: tuple, dtype: torch.dtype, device: torch.d
         t["lora_a"] = t["lora_b"] = None
         kw["row_index"] = torch.randperm(d_out, device=device, generator=gen)[:r]
         kw["col_index"] = torch.randperm(d_in, device=device, generator=gen)[:r]
-        t["middle"] = rnd(r, r)
+        t["middle"] = rnd(r, r, factor=True)
     else:
-        t["lora_a"], t["lora_b"] = rnd(r, d_in, s=d_in ** -0.5), rnd(d_out, r, s=r ** -0.5)
-        t["middle"] = rnd(r, r, s=r ** -0.5) if "middle" in features else None
+        t["lora_a"], t["lora_b"] = rnd(r, d_in, s=d_in ** -0.5, factor=True), rnd(d_out, r, s=r ** -0.5, factor=True)
+        t["middle"] = rnd(r, r, s=r ** -0.5, factor=True) if "middle" in features else None
     if "rank_weights" in features:
         weights = torch.rand(r, device=device, generator=gen) + 0.5
         weights[1::2] = 0.0
-        t["rank_weights"] = weights.to(dtype).requires_grad_(True)
+        t["rank_weights"] = weights.to(torch.float32 if "fp32_factors" in features else dtype).requires_grad_(True)
     else:
         t["rank_weights"] = None
     for value in (1.0, 0.0):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import gpu_check
+from benchmarks import check_correctness, gpu_check
 
 ROOT = Path(__file__).resolve().parent.parent
 #: loaded by every Python process started with it on PYTHONPATH: the torch plan fails on the quick "odd" shape
@@ -35,7 +35,7 @@ if mode:
 
     kernels.adapted_linear = faulty
 '''
-ODD_CASES = {"odd", "odd_gathered"}  # the quick shapes' items at 37 tokens
+ODD_CASES = {case for case, (shape, _) in check_correctness.CASES.items() if shape == "odd"}  # 37 tokens (quick)
 
 
 def _faulty_run(tmp_path: Path, mode: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -62,14 +62,15 @@ def test_a_faulting_item_costs_only_itself(tmp_path, mode):
     why = "died (exit status -11)" if mode == "crash" else "illegal memory access"
     assert all(why in i["error"] for i in faults), faults
     # one child per fault plus the first; every item after a fault still ran (and passed)
-    statuses = [-11, -11, 0] if mode == "crash" else [3, 3, 0]  # 3: check_correctness.FAULT_EXIT
-    assert section["children"]["torch"] == {"runs": 3, "faults": 2, "items": 21, "skipped": 0,
+    faulted = len(ODD_CASES)
+    statuses = [-11 if mode == "crash" else 3] * faulted + [0]  # 3: check_correctness.FAULT_EXIT
+    assert section["children"]["torch"] == {"runs": faulted + 1, "faults": faulted, "items": 22, "skipped": 0,
                                             "exit_statuses": statuses}
-    assert [i["index"] for i in torch_items] == list(range(21))
+    assert [i["index"] for i in torch_items] == list(range(22))
     assert all(i["pass"] for i in torch_items if i not in faults)
     assert section["children"]["auto"] == {"runs": 1, "faults": 0, "items": 7, "skipped": 0,
                                            "exit_statuses": [0]}  # untouched
-    assert section["summary"].endswith("items pass, 2 faults, 0 skipped")
+    assert section["summary"].endswith(f"items pass, {faulted} faults, 0 skipped")
 
 
 def _ctx(report: dict) -> gpu_check.Context:

@@ -22,8 +22,9 @@ def _compute_dtype(x: Tensor, autocasting: bool) -> torch.dtype:
     return x.dtype
 
 
-def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
+def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    """t in ``dtype`` (a differentiable cast), or t as it is when dtype is None."""
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
 
 
 def adapted_linear(
@@ -62,7 +63,8 @@ def adapted_linear(
     torch plan alone runs, None means torch's own dropout (``F.dropout``, drawn once per call as
     nn.Dropout's mask is). backend: "auto" | "triton" | "cublas" |
     "torch" (see ``dispatch``). Factors of another float dtype than x are cast to the compute
-    dtype (autocast's when enabled) and receive gradients in their own dtype.
+    dtype (autocast's when enabled) and receive gradients in their own dtype; the cublas plan
+    reads them uncast (its kernels cast in registers) and forms their gradients in fp32.
     """
     # the gate's host value, read once; None: a device gate (no host read under torch.compile)
     gate_value = check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_weights, gate,
@@ -87,9 +89,11 @@ def adapted_linear(
                                _cast(rank_weights, dtype), _as_long(row_index), _as_long(col_index), float(scale),
                                gate_value, float(dropout), seed, _gradient_gate(gate_tensor))
             return torch_impl.forward_recorded(_cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), term)
+        # the cublas plan reads factors of another float dtype as they are (see triton.impl)
+        factor_dtype = None if plan == "cublas" else dtype
         return AdaptedLinearFunction.apply(
-            _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), _cast(lora_a, dtype), _cast(lora_b, dtype),
-            _cast(middle, dtype), _cast(rank_weights, dtype), gate_tensor,
+            _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), _cast(lora_a, factor_dtype),
+            _cast(lora_b, factor_dtype), _cast(middle, factor_dtype), _cast(rank_weights, factor_dtype), gate_tensor,
             _as_long(row_index), _as_long(col_index),
             seed, float(scale), gate_value, float(dropout), plan)
 

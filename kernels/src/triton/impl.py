@@ -10,7 +10,10 @@ two base GEMMs (forward x W^T, input gradient dy W):
 - ``CUBLAS`` ("cublas"): torch's GEMM (cuBLAS on GPUs) runs them, the low-rank term is
   added into the output by ``addmm(..., beta=1)`` (a second pass over y / dx, at cuBLAS
   speed), or, where addmm cannot (gathered factors read by index, a device gate, dropout in
-  the input gradient), by the Triton expand kernel adding into the output in place.
+  the input gradient), by the Triton expand kernel adding into the output in place. Its
+  factors may have another float dtype than x (PEFT's fp32 adapters over a bf16 model): the
+  kernels read them as they are, addmm gets A or B cast (r-sized), and dA, dB, dM, dm are
+  formed in fp32 and stored in the factors' own dtypes (no cast of the gradients).
 
 Forward: t = xd A^T (shrink kernel, dropout in-kernel); v = (t M^T) ⊙ m on the small t.
 Backward: one pass over dy for dP = dy B, dB and dbias; the r-sized chain dv, dm, du, dM,
@@ -20,6 +23,7 @@ gate gradient, if asked, is s * sum(dP ⊙ v) from t and dP only; needed factors
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -47,6 +51,14 @@ def _down_view(weight: Tensor, term: LowRankTerm) -> tuple[Tensor, Optional[Tens
 def _up_view(weight: Tensor, term: LowRankTerm) -> tuple[Tensor, Optional[Tensor]]:
     """B^T (r, d_out) as (matrix, row index): B.t(), or W.t() with col_index."""
     return (term.b.t(), None) if term.b is not None else (weight.t(), term.col_index.contiguous())
+
+
+def _factors_in(term: LowRankTerm, dtype: torch.dtype) -> LowRankTerm:
+    """``term`` with its factors cast to ``dtype`` (for torch's ops, which take one dtype)."""
+    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+        return t if t is None else t.to(dtype)
+    return dataclasses.replace(term, a=cast(term.a), b=cast(term.b), middle=cast(term.middle),
+                               rank_weights=cast(term.rank_weights))
 
 
 def shrink(x: Tensor, weight: Tensor, term: LowRankTerm) -> Tensor:
@@ -97,7 +109,7 @@ class TritonPlan:
             return fused_linear(x, weight.t(), bias, v, up, up_index, v_scale=term.scale * term.gate,
                                 gate=term.gate_tensor)
         if term.gate_tensor is None and up_index is None:
-            return y.addmm_(v.to(y.dtype), up, alpha=term.scale * term.gate)
+            return y.addmm_(v.to(y.dtype), up.to(y.dtype), alpha=term.scale * term.gate)
         return fused_linear(None, None, None, v, up, up_index, v_scale=term.scale * term.gate, gate=term.gate_tensor,
                             out=y)
 
@@ -109,14 +121,14 @@ class TritonPlan:
             return fused_linear(dy, weight, None, dt, down, down_index, **scaled)
         dx = dy @ weight
         if term.dropout_p == 0.0 and down_index is None and term.gate_tensor is None:
-            return dx.addmm_(dt.to(dx.dtype), down, alpha=term.scale * term.gate)
+            return dx.addmm_(dt.to(dx.dtype), down.to(dx.dtype), alpha=term.scale * term.gate)
         return fused_linear(None, None, None, dt, down, down_index, out=dx, **scaled)
 
     def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm,
                 keep_t: bool) -> tuple[Tensor, Optional[Tensor]]:
         """y = x W^T + bias + s*g*v B^T (N, d_out); returns (y, t), t (N, r) fp32 or None when not computed."""
         if x.shape[0] == 0:
-            return torch_impl.forward(x, weight, bias, term, keep_t)
+            return torch_impl.forward(x, weight, bias, _factors_in(term, x.dtype), keep_t)
         if not term.lowrank_on:
             return F.linear(x, weight, bias), (shrink(x, weight, term) if keep_t else None)
         y = None if self.fused_base else F.linear(x, weight, bias)
@@ -128,7 +140,13 @@ class TritonPlan:
                  needs: GradsNeeded) -> Grads:
         """Gradients of every needed input (see ``torch_impl.backward`` for the formulas)."""
         if dy.shape[0] == 0:
-            return torch_impl.backward(dy, x, weight, term, t, needs)
+            t = None if t is None else t.to(dy.dtype)  # fp32 from the forward: torch's ops take one dtype
+            grads = torch_impl.backward(dy, x, weight, _factors_in(term, dy.dtype), t, needs)
+            for name in ("a", "b", "middle", "rank_weights"):
+                grad, factor = getattr(grads, name), getattr(term, name)
+                if grad is not None:
+                    setattr(grads, name, grad.to(factor.dtype))
+            return grads
         grads = Grads()
         if not (term.lowrank_on or needs.gate) or not (needs.any_lowrank or needs.x):
             if needs.bias:

@@ -51,7 +51,7 @@ def _shrink_kernel(x_ptr, a_ptr, a_idx_ptr, part_ptr, seed_ptr, M, K, R, k_per_s
             keep = keep_scale(seed, rows, k0, threshold, scale, BLOCK_K)
             xt = (xt.to(tl.float32) * keep).to(xt.dtype)
         at = load_factor(a_ptr, a_idx_ptr, offs_r[None, :], offs_k[:, None], R, k_end,
-                         stride_ar, stride_ak, A_GATHER)
+                         stride_ar, stride_ak, A_GATHER).to(xt.dtype)  # a factor of any float dtype
         acc = tl.dot(xt, at, acc, input_precision=PRECISION)
     out = part_ptr + pid_s.to(tl.int64) * M * R + rows[:, None] * R + offs_r[None, :]
     tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
@@ -61,7 +61,8 @@ def shrink(x: torch.Tensor, a: torch.Tensor, a_index: Optional[torch.Tensor], p:
            seed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """t = dropout_p(x) F^T in fp32, shape (N, r); F = a (r, d_in), or a[a_index] when given.
 
-    x (N, d_in) any strides; the dropout mask is drawn from ``seed`` ((1,) int64 on x's device).
+    x (N, d_in) any strides; F of any float dtype (read as it is and cast to x's dtype in registers);
+    the dropout mask is drawn from ``seed`` ((1,) int64 on x's device).
     """
     m, k = x.shape
     r = a_index.shape[0] if a_index is not None else a.shape[0]

@@ -50,7 +50,8 @@ def _dy_columns_kernel(dy_ptr, b_ptr, b_idx_ptr, v_ptr, gate_ptr, dp_part_ptr, d
     d_ok = offs_d < D
     r_ok = offs_r < R
     if COMPUTE_DP:
-        b = load_factor(b_ptr, b_idx_ptr, offs_r[None, :], offs_d[:, None], R, D, stride_br, stride_bd, B_GATHER)
+        b = load_factor(b_ptr, b_idx_ptr, offs_r[None, :], offs_d[:, None], R, D, stride_br, stride_bd,
+                        B_GATHER).to(dy_ptr.dtype.element_ty)  # a factor of any float dtype
     acc_db = tl.zeros((BLOCK_K, R_PAD), dtype=tl.float32)
     acc_dbias = tl.zeros((BLOCK_K,), dtype=tl.float32)
     dp_part_ptr += pid_d.to(tl.int64) * M * R
@@ -96,9 +97,9 @@ def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], 
     """(dP fp32, dB in db_dtype, dbias in dbias_dtype) of dy (N, d_out).
 
     The up factor is given transposed, F = b (r, d_out) (pass B.t()) or b[b_index] (rows of
-    W^T, i.e. columns of W, read by index). dP = dy F^T (N, r); dB = v_scale * gate * dy^T v
-    (d_out, r) when v (N, r) is given, else None (gate: a 0-dim device tensor or None);
-    dbias = dy.sum(0) when ``need_bias``, else None.
+    W^T, i.e. columns of W, read by index), in any float dtype (cast to dy's in registers).
+    dP = dy F^T (N, r); dB = v_scale * gate * dy^T v (d_out, r) when v (N, r) is given, else
+    None (gate: a 0-dim device tensor or None); dbias = dy.sum(0) when ``need_bias``, else None.
     """
     m, d = dy.shape
     r = b_index.shape[0] if b_index is not None else b.shape[0]
