@@ -11,13 +11,16 @@ before every launch too. Variants, each in training mode:
 - ``accelerate``: the same PEFT layer after ``fastlora.accelerate``;
 - ``inject``: the AdapterLinear of ``fastlora.inject`` on a one-layer model (backend "torch");
 
-the adapted ones without dropout and with dropout 0.05 (``_dropout``). A call: the forward, then
-``torch.autograd.grad`` of the output with a fixed dy with respect to x and the trainable factors.
+the adapted ones without dropout, with dropout 0.05 (``_dropout``), and with dropout 0.05 under
+``torch.autocast(float16)`` (``_autocast``: the fp32 layer and adapters computed in half precision,
+PEFT's default setup of a training run; float16 because the Triton interpreter refuses bf16). A
+call: the forward, then ``torch.autograd.grad`` of the output with a fixed dy with respect to x and
+the trainable factors.
 
 Timing: ``WARMUP`` calls per variant, then ``ROUNDS`` rounds; in each round every variant runs
 ``CALLS`` calls timed together with ``time.perf_counter`` (variants interleaved, so that drift of
 the machine reaches them alike; garbage collection off while timing). Per call: the median over
-the rounds of block time / CALLS; "vs_peft": that median over PEFT's with the same dropout.
+the rounds of block time / CALLS; "vs_peft": that median over PEFT's of the same suffix.
 "aten_ops": the aten operators one call dispatches (forward and backward; a TorchDispatchMode
 counting them), with their names; "python_top": the Python functions with the most own time per
 call (cProfile over a block of calls; its overhead inflates them, so read them relative to each
@@ -55,6 +58,8 @@ from .isolated import write_json
 
 TOKENS, D_IN, D_OUT, R = 8, 64, 64, 8
 SCALE, DROPOUT = 2.0, 0.05
+#: variant suffix -> (dropout, autocast dtype or None)
+SETTINGS = {"": (0.0, None), "_dropout": (DROPOUT, None), "_autocast": (DROPOUT, torch.float16)}
 WARMUP, ROUNDS, CALLS = 200, 21, 200
 PYTHON_TOP = 10
 QUICK = {"warmup": 20, "rounds": 5, "calls": 20}
@@ -105,17 +110,31 @@ def layers(t: dict, plan: str = "torch") -> dict[str, nn.Module]:
         linear.weight.copy_(t["weight"])
     linear.weight.requires_grad_(False)
     out = {"linear": linear}
-    for suffix, p in (("", 0.0), ("_dropout", DROPOUT)):
+    for suffix, (p, _) in SETTINGS.items():
         out["peft" + suffix] = peft_layer(t["weight"], t["a"], t["b"], SCALE, p)
         out["accelerate" + suffix] = fastlora.accelerate(peft_layer(t["weight"], t["a"], t["b"], SCALE, p))
         out["inject" + suffix] = _injected(t, p, plan)
     return {name: layer.train() for name, layer in out.items()}
 
 
-def call_of(layer: nn.Module, t: dict) -> Callable[[], object]:
-    """One forward + backward of ``layer`` (gradients of x and its trainable parameters)."""
+def suffix_of(name: str) -> str:
+    """The settings suffix of a variant name ("" for plain ones)."""
+    return next((suffix for suffix in SETTINGS if suffix and name.endswith(suffix)), "")
+
+
+def call_of(layer: nn.Module, t: dict, autocast: Optional[torch.dtype] = None) -> Callable[[], object]:
+    """One forward (under ``autocast`` when given) + backward of ``layer`` (gradients of x and its
+    trainable parameters)."""
     inputs = [t["x"], *(p for p in layer.parameters() if p.requires_grad)]
-    return lambda: torch.autograd.grad(layer(t["x"]), inputs, t["dy"])
+    if autocast is None:
+        return lambda: torch.autograd.grad(layer(t["x"]), inputs, t["dy"])
+    dy = t["dy"].to(autocast)
+
+    def call():
+        with torch.autocast("cpu", dtype=autocast):
+            y = layer(t["x"])
+        return torch.autograd.grad(y, inputs, dy)
+    return call
 
 
 def count_ops(call: Callable[[], object]) -> Counter:
@@ -179,7 +198,7 @@ def measure(quick: bool, plan: str = "torch") -> dict:
     t = host_tensors(torch.Generator().manual_seed(0))
     if plan != "torch":
         os.environ["FASTLORA_BACKEND"] = plan  # accelerate's layers run the plan too
-    calls = {name: call_of(layer, t) for name, layer in layers(t, plan).items()}
+    calls = {name: call_of(layer, t, SETTINGS[suffix_of(name)][1]) for name, layer in layers(t, plan).items()}
     settings = QUICK if quick else {"warmup": WARMUP, "rounds": ROUNDS, "calls": CALLS}
     launches: Counter = Counter()  # of every stubbed launch while the stubs are in place
     with stubbed_triton(launches) if plan != "torch" else contextlib.nullcontext():
@@ -189,13 +208,15 @@ def measure(quick: bool, plan: str = "torch") -> dict:
             launches.clear()
             ops = count_ops(call)  # one call: its aten operators and its launches
             per_call = Counter(launches)
-            variants[name] = {"dropout": DROPOUT if name.endswith("_dropout") else 0.0,
+            dropout, autocast = SETTINGS[suffix_of(name)]
+            variants[name] = {"dropout": dropout,
+                              "autocast": str(autocast).removeprefix("torch.") if autocast else None,
                               "us_per_call": statistics.median(times[name]), "us_rounds": times[name],
                               "aten_ops": sum(ops.values()), "ops": dict(ops.most_common()),
                               "triton_launches": sum(per_call.values()), "launches": dict(per_call.most_common()),
                               "python_top": python_top(call, settings["calls"])}
     for name, row in variants.items():
-        peft = variants.get("peft_dropout" if name.endswith("_dropout") else "peft")
+        peft = variants["peft" + suffix_of(name)]
         row["vs_peft"] = row["us_per_call"] / peft["us_per_call"]
     return {"settings": settings, "variants": variants}
 
@@ -204,9 +225,11 @@ def render(report: dict) -> str:
     lines = [f"bench_host on {report['device']}, fastlora on the {report['plan']} plan"
              f"{' (Triton launches stubbed)' if report['plan'] != 'torch' else ''}: x ({TOKENS}, {D_IN}), "
              f"{D_IN} -> {D_OUT}, r = {R}; {NOTE}",
-             f"  {'variant':20s} {'dropout':>7s} {'us/call':>9s} {'x PEFT':>7s} {'aten ops':>8s} {'launches':>8s}"]
-    lines += [f"  {name:20s} {row['dropout']:7.2f} {row['us_per_call']:9.1f} {row['vs_peft']:7.2f} {row['aten_ops']:8d}"
-              f" {row['triton_launches']:8d}" for name, row in report["variants"].items()]
+             f"  {'variant':20s} {'dropout':>7s} {'autocast':>8s} {'us/call':>9s} {'x PEFT':>7s} {'aten ops':>8s} "
+             f"{'launches':>8s}"]
+    lines += [f"  {name:20s} {row['dropout']:7.2f} {row['autocast'] or '-':>8s} {row['us_per_call']:9.1f} "
+              f"{row['vs_peft']:7.2f} {row['aten_ops']:8d} {row['triton_launches']:8d}"
+              for name, row in report["variants"].items()]
     return "\n".join(lines)
 
 

@@ -118,15 +118,16 @@ def test_host_path_benchmark(tmp_path):
     report = bench_host.main(["--quick", "--out", str(out)])
     assert json.loads(out.read_text()) == report
     rows = report["variants"]
-    assert set(rows) == {"linear", "peft", "accelerate", "inject", "peft_dropout", "accelerate_dropout",
-                         "inject_dropout"}
+    assert set(rows) == {"linear", *(f"{layer}{suffix}" for layer in ("peft", "accelerate", "inject")
+                                     for suffix in ("", "_dropout", "_autocast"))}
     for name, row in rows.items():
         assert math.isfinite(row["us_per_call"]) and row["us_per_call"] > 0
         assert len(row["us_rounds"]) == bench_host.QUICK["rounds"]
-        peft = rows["peft_dropout" if name.endswith("_dropout") else "peft"]
+        peft = rows["peft" + next((s for s in ("_dropout", "_autocast") if name.endswith(s)), "")]
         assert row["vs_peft"] == pytest.approx(row["us_per_call"] / peft["us_per_call"])
         assert row["aten_ops"] == sum(row["ops"].values()) > 0 and row["python_top"]
     assert rows["peft"]["vs_peft"] == 1.0 and rows["inject_dropout"]["dropout"] == bench_host.DROPOUT
+    assert rows["inject_autocast"]["autocast"] == "float16" and rows["inject"]["autocast"] is None
     assert 2 <= rows["linear"]["aten_ops"] < rows["peft"]["aten_ops"]
 
 
@@ -158,3 +159,6 @@ def test_host_path_of_the_cublas_plan_with_stubbed_kernels(tmp_path):
         assert rows[name]["triton_launches"] > 0 and "_shrink_kernel" in rows[name]["launches"]
         assert rows[name + "_dropout"]["launches"].get("_fused_linear_kernel") == 1  # the expand with dropout
         assert math.isfinite(rows[name]["us_per_call"]) and rows[name]["aten_ops"] < rows["peft"]["aten_ops"]
+        # fp32 adapters under fp16 autocast: casts of x, W and v, of B for addmm, and of dx back to fp32 (the
+        # input gradient with dropout is the expand kernel: no cast of A); none of A or of a factor's gradient
+        assert rows[name + "_autocast"]["ops"]["_to_copy"] == 5 < rows["peft_autocast"]["ops"]["_to_copy"]
