@@ -122,6 +122,23 @@ def test_opcheck_adapted_linear_bwd(backend):
             assert len(OPS.adapted_linear_bwd(*args)) == sum(needs)
 
 
+@pytest.mark.skipif(not _triton_ready(), reason="Triton not installed, or no GPU and not built for TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_opcheck_cublas_with_fp32_factors_over_fp16(dropout):
+    """The cublas plan takes factors of another float dtype than x (fp32 over fp16) uncast: the fakes state
+    its outputs (the factors' gradients in fp32), forward and backward."""
+    fwd = list(_fwd_args(torch.float16, backend="cublas", middle=True, rank_weights=True, dropout=dropout))
+    fwd[3:7] = [f.float() for f in fwd[3:7]]  # a, b, middle, rank_weights
+    torch.library.opcheck(OPS.adapted_linear_fwd, tuple(fwd))
+    x, weight, bias, a, b, middle, rank_weights, rows, cols, seed, scale, gate, p = fwd[:13]
+    _, t = OPS.adapted_linear_fwd(*fwd[:13], True, "cublas")
+    dy = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(1), dtype=torch.float64).half()
+    args = (dy, x, weight, a, b, middle, rank_weights, rows, cols, t, seed, scale, gate, p, [True] * 7, "cublas")
+    torch.library.opcheck(OPS.adapted_linear_bwd, args)
+    grads = OPS.adapted_linear_bwd(*args)
+    assert [g.dtype for g in grads[2:6]] == [torch.float32] * 4 and grads[0].dtype == torch.float16
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act", ["relu", "gelu", "identity"])
 def test_opcheck_neat(backend, act):
