@@ -99,8 +99,8 @@ def adapted_linear(
 
 
 def _gradient_gate(gate: Optional[Tensor]) -> Optional[Tensor]:
-    """A tensor gate that requires grad, multiplied into the recorded ops (its value is the host gate's,
-    1 when the low-rank path is on): its gradient is then s * sum((dy B) ⊙ v). Else None."""
+    """A tensor gate that requires grad, multiplied into the recorded ops (its value is the host
+    gate's): its gradient is then s * sum((dy B) ⊙ v), as the Function gives it. Else None."""
     return gate if gate is not None and gate.requires_grad else None
 
 
