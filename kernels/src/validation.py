@@ -17,7 +17,7 @@ def _check_float(name: str, tensor: Optional[Tensor]) -> None:
 
 
 def _check_shape(name: str, tensor: Optional[Tensor], expected: tuple) -> None:
-    if tensor is not None and tuple(tensor.shape) != expected:
+    if tensor is not None and tensor.shape != expected:
         raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
 
 
@@ -95,11 +95,14 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
         raise ValueError("give exactly one of lora_a and row_index (rows of W gathered as A)")
     if (lora_b is None) == (col_index is None):
         raise ValueError("give exactly one of lora_b and col_index (columns of W gathered as B)")
+    device = x.device
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b),
                     ("middle", middle), ("rank_weights", rank_weights)):
+        if t is None:
+            continue
         _check_float(name, t)
-        if t is not None and t.device != x.device:
-            raise RuntimeError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share one device")
+        if t.device != device:
+            raise RuntimeError(f"{name} is on {t.device} but x is on {device}; all inputs must share one device")
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"x dtype {x.dtype} does not match weight dtype {weight.dtype} (as in nn.Linear)")
     for name, idx in (("row_index", row_index), ("col_index", col_index)):
