@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 import time
@@ -183,13 +184,14 @@ def _method_inputs(name: str, shape: tuple, dtype: torch.dtype, device: torch.de
     return tensors, kw
 
 
-def layer_check(name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> dict:
-    """AdapterLinear of method ``name`` (backend "auto") vs reference_forward of a float64 copy."""
+def layer_check(name: str, shape: tuple, dtype: torch.dtype, device: torch.device, backend: str = "auto") -> dict:
+    """AdapterLinear of method ``name`` (on ``backend``) vs reference_forward of a float64 copy."""
     n, d_in, d_out, r = shape
     gen = torch.Generator(device=device).manual_seed(6)
     weight = (torch.randn(d_out, d_in, device=device, generator=gen) * d_in ** -0.5).to(dtype)
-    layer = method_layer(name, weight, r, "auto", gen)  # factors in fp32 over the half-precision W
+    layer = method_layer(name, weight, r, backend, gen)  # factors in fp32 over the half-precision W
     ref = copy.deepcopy(layer)
+    ref.config = ref.adapter.config = dataclasses.replace(ref.config, backend="auto")  # float64: the torch plan
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(p.to(dtype))

@@ -1,8 +1,8 @@
 """Factors in another float dtype than the input on the cublas plan (PEFT's fp32 adapters over a
 half-precision model): the kernels read them as they are, no cast of a factor or of its gradient
 is recorded by autograd, and values and every gradient match the float64 formula, with the
-gradients in the factors' own dtype. Without a GPU the kernels run under the Triton interpreter
-(fp16 compute there: its bf16 arithmetic is wrong).
+gradients in the factors' own dtype; every method's layer likewise. Without a GPU the kernels run
+under the Triton interpreter (fp16 compute there: its bf16 arithmetic is wrong).
 """
 import os
 
@@ -15,6 +15,8 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+from benchmarks import check_correctness  # noqa: E402
+from benchmarks.bench_methods import METHODS  # noqa: E402
 from fastlora.kernels import adapted_linear, adapted_linear_reference, dropout_mask  # noqa: E402
 from fastlora.kernels.dispatch import triton_backend  # noqa: E402
 
@@ -128,3 +130,12 @@ def test_an_empty_batch_gives_zero_gradients_in_the_factors_dtype():
     grads = torch.autograd.grad(y, list(factors.values()), torch.empty_like(y))
     for grad, factor in zip(grads, factors.values()):
         assert grad.dtype == torch.float32 and grad.shape == factor.shape and not grad.any()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_layer_on_the_cublas_plan_with_fp32_factors(method):
+    """Each method's AdapterLinear as built (fp32 factors over a half-precision W) forced onto the cublas plan,
+    which ``auto`` runs on a GPU: output, input gradient and every trainable parameter's gradient against
+    ``reference_forward`` of a float64 copy (gpu_check's layer item)."""
+    result = check_correctness.layer_check(method, check_correctness.QUICK_SHAPES["base"], HALF, DEVICE, "cublas")
+    assert result["pass"], result
