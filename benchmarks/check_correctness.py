@@ -93,9 +93,11 @@ def case_inputs(features: set, shape: tuple, dtype: torch.dtype, device: torch.d
     n, d_in, d_out, r = shape
     gen = torch.Generator(device=device).manual_seed(n * 7 + r)
 
+    factor_dtype = torch.float32 if "fp32_factors" in features else dtype
+
     def rnd(*size, s=1.0, grad=True, factor=False):
-        as_dtype = torch.float32 if factor and "fp32_factors" in features else dtype
-        return (torch.randn(*size, device=device, generator=gen) * s).to(as_dtype).requires_grad_(grad)
+        return (torch.randn(*size, device=device, generator=gen) * s).to(factor_dtype if factor else dtype) \
+            .requires_grad_(grad)
 
     t = {"x": rnd(n, d_in), "weight": rnd(d_out, d_in, s=d_in ** -0.5, grad=False),
          "bias": rnd(d_out) if "bias" in features else None}
@@ -111,7 +113,7 @@ def case_inputs(features: set, shape: tuple, dtype: torch.dtype, device: torch.d
     if "rank_weights" in features:
         weights = torch.rand(r, device=device, generator=gen) + 0.5
         weights[1::2] = 0.0
-        t["rank_weights"] = weights.to(torch.float32 if "fp32_factors" in features else dtype).requires_grad_(True)
+        t["rank_weights"] = weights.to(factor_dtype).requires_grad_(True)
     else:
         t["rank_weights"] = None
     for value in (1.0, 0.0):

@@ -81,21 +81,20 @@ def adapted_linear(
         seed = None
     else:
         seed = _seed(dropout_seed, x.device)
+    # the cublas plan reads factors of another float dtype as they are (see triton.impl)
+    factor_dtype = None if plan == "cublas" else dtype
     # autocast is switched off around the op (it computes in ``dtype`` itself); entering the
     # context costs host time, so only when autocast is on
     with torch.autocast(x.device.type, enabled=False) if autocasting else contextlib.nullcontext():
+        x, weight, bias = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
+        lora_a, lora_b, middle, rank_weights = (_cast(t, factor_dtype) for t in (lora_a, lora_b, middle, rank_weights))
+        row_index, col_index = _as_long(row_index), _as_long(col_index)
         if recorded:
-            term = LowRankTerm(_cast(lora_a, dtype), _cast(lora_b, dtype), _cast(middle, dtype),
-                               _cast(rank_weights, dtype), _as_long(row_index), _as_long(col_index), float(scale),
-                               gate_value, float(dropout), seed, _gradient_gate(gate_tensor))
-            return torch_impl.forward_recorded(_cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), term)
-        # the cublas plan reads factors of another float dtype as they are (see triton.impl)
-        factor_dtype = None if plan == "cublas" else dtype
-        return AdaptedLinearFunction.apply(
-            _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), _cast(lora_a, factor_dtype),
-            _cast(lora_b, factor_dtype), _cast(middle, factor_dtype), _cast(rank_weights, factor_dtype), gate_tensor,
-            _as_long(row_index), _as_long(col_index),
-            seed, float(scale), gate_value, float(dropout), plan)
+            term = LowRankTerm(lora_a, lora_b, middle, rank_weights, row_index, col_index, float(scale), gate_value,
+                               float(dropout), seed, _gradient_gate(gate_tensor))
+            return torch_impl.forward_recorded(x, weight, bias, term)
+        return AdaptedLinearFunction.apply(x, weight, bias, lora_a, lora_b, middle, rank_weights, gate_tensor,
+                                           row_index, col_index, seed, float(scale), gate_value, float(dropout), plan)
 
 
 def _gradient_gate(gate: Optional[Tensor]) -> Optional[Tensor]:
