@@ -123,7 +123,7 @@ def test_host_path_benchmark(tmp_path):
     for name, row in rows.items():
         assert math.isfinite(row["us_per_call"]) and row["us_per_call"] > 0
         assert len(row["us_rounds"]) == bench_host.QUICK["rounds"]
-        peft = rows["peft" + next((s for s in ("_dropout", "_autocast") if name.endswith(s)), "")]
+        peft = rows["peft" + bench_host.suffix_of(name)]
         assert row["vs_peft"] == pytest.approx(row["us_per_call"] / peft["us_per_call"])
         assert row["aten_ops"] == sum(row["ops"].values()) > 0 and row["python_top"]
     assert rows["peft"]["vs_peft"] == 1.0 and rows["inject_dropout"]["dropout"] == bench_host.DROPOUT

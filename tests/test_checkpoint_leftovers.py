@@ -11,6 +11,8 @@ from torch import nn
 import fastlora
 from fastlora import LoraConfig, checkpoint
 
+from utils import adapter_values, randomize_adapters, same_values
+
 
 def _base():
     torch.manual_seed(0)
@@ -18,21 +20,7 @@ def _base():
 
 
 def _adapted(seed):
-    model = fastlora.inject(_base(), LoraConfig(r=2, alpha=3.0))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in fastlora.adapter_layers(model):
-            for p in layer.adapter.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return model
-
-
-def _values(model):
-    return {k: v.clone() for k, v in checkpoint.adapter_state_dict(model).items()}
-
-
-def _same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return randomize_adapters(fastlora.inject(_base(), LoraConfig(r=2, alpha=3.0)), seed)
 
 
 def _hidden(directory):
@@ -92,17 +80,17 @@ def test_the_refusal_names_the_leftovers_and_the_next_save_removes_them(tmp_path
     recovered.mkdir()
     os.link(directory / weights_tmp[0], recovered / checkpoint.WEIGHTS_FILE)
     os.link(directory / checkpoint.CONFIG_FILE, recovered / checkpoint.CONFIG_FILE)
-    assert _same(_values(fastlora.load_adapter(_base(), recovered)), _values(old))
+    assert same_values(adapter_values(fastlora.load_adapter(_base(), recovered)), adapter_values(old))
     completed = tmp_path / "completed"  # or the new one, with the config the crash kept from its place
     completed.mkdir()
     os.link(directory / checkpoint.WEIGHTS_FILE, completed / checkpoint.WEIGHTS_FILE)
     os.link(directory / new_config, completed / checkpoint.CONFIG_FILE)
-    assert _same(_values(fastlora.load_adapter(_base(), completed)), _values(new))
+    assert same_values(adapter_values(fastlora.load_adapter(_base(), completed)), adapter_values(new))
     # the next successful save removes what the crash left, and only that
     (directory / ".adapter_model.safetensors.notours.tmp").write_bytes(b"x")
     fastlora.save_adapter(new, directory)
     assert _hidden(directory) == [".adapter_model.safetensors.notours.tmp"]
-    assert _same(_values(fastlora.load_adapter(_base(), directory)), _values(new))
+    assert same_values(adapter_values(fastlora.load_adapter(_base(), directory)), adapter_values(new))
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])

@@ -13,6 +13,8 @@ from torch import nn
 import fastlora
 from fastlora import AdapterLinear, CurLoraConfig, LoraConfig, NeatConfig, SelectiveLoraConfig, checkpoint
 
+from utils import adapter_values, same_values
+
 D_IN, D_HID, D_OUT = 12, 10, 7
 
 
@@ -30,14 +32,6 @@ def _adapted(config, seed=1):
             for p in layer.adapter.parameters():
                 p.copy_(torch.randn_like(p))
     return model
-
-
-def _adapter_values(model):
-    return {k: v.clone() for k, v in checkpoint.adapter_state_dict(model).items()}
-
-
-def _same_values(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _snapshot(directory):
@@ -70,7 +64,7 @@ def test_save_into_an_existing_directory_touches_only_the_adapter_files(tmp_path
     assert set(after) - set(before) == {checkpoint.CONFIG_FILE, checkpoint.WEIGHTS_FILE}
     assert all(after[k] == v for k, v in before.items())  # bytes and modes, the directory's mode included
     loaded = fastlora.load_adapter(_base(), target)
-    assert _same_values(_adapter_values(loaded), _adapter_values(model))
+    assert same_values(adapter_values(loaded), adapter_values(model))
     # saving again replaces the adapter files (keeping a chmod of them), nothing else
     os.chmod(target / checkpoint.CONFIG_FILE, 0o600)
     fastlora.save_peft_adapter(_adapted(LoraConfig(r=3, alpha=2.0), seed=5), target)
@@ -82,7 +76,7 @@ def test_save_into_an_existing_directory_touches_only_the_adapter_files(tmp_path
 
 def test_save_targets_missing_symlinked_home_dot_and_long_names(tmp_path, monkeypatch):
     model = _adapted(LoraConfig(r=3))
-    expected = _adapter_values(model)
+    expected = adapter_values(model)
     real = tmp_path / "real"
     real.mkdir()
     (tmp_path / "link").symlink_to(real, target_is_directory=True)
@@ -98,7 +92,7 @@ def test_save_targets_missing_symlinked_home_dot_and_long_names(tmp_path, monkey
     for directory, where in cases:
         fastlora.save_adapter(model, directory)
         assert sorted(os.listdir(where)) == [checkpoint.CONFIG_FILE, checkpoint.WEIGHTS_FILE], directory
-        assert _same_values(_adapter_values(fastlora.load_adapter(_base(), directory)), expected)
+        assert same_values(adapter_values(fastlora.load_adapter(_base(), directory)), expected)
     assert (tmp_path / "link").is_symlink()
     with pytest.raises(NotADirectoryError, match="not a directory"):
         fastlora.save_adapter(model, tmp_path / "a" / "b" / "c" / checkpoint.CONFIG_FILE)
@@ -169,17 +163,17 @@ def test_a_fault_at_any_write_step_leaves_the_old_or_the_new_checkpoint(tmp_path
         assert set(now) == set(old) and all(now[p] == old[p] for p in others), (k, steps[k])
         if now == old:
             outcomes.add("old")
-            expected = _adapter_values(old_model)
+            expected = adapter_values(old_model)
         elif now == new:
             outcomes.add("new")
-            expected = _adapter_values(new_model)
+            expected = adapter_values(new_model)
         else:
             assert crash, (k, steps[k])  # only a dead process leaves a mixed pair: the loader refuses it
             outcomes.add("mixed")
             with pytest.raises(ValueError, match="different saves"):
                 load(_base(), target)
             continue
-        assert _same_values(_adapter_values(load(_base(), target)), expected), (k, steps[k])
+        assert same_values(adapter_values(load(_base(), target)), expected), (k, steps[k])
     # an exception always puts the old files back; a crash can also leave a (refused) mixed pair
     assert outcomes == {"old"} if not crash else outcomes >= {"old", "mixed"}
 
@@ -228,10 +222,10 @@ def test_per_layer_configs_are_saved_and_must_match_the_model(tmp_path):
     assert torch.equal(fresh(x), model(x))
     for other, match in [(drop_in(2.0, 1.0), r"layer 2: .*alpha=7.0 \(model: 1.0\)"),
                          (drop_in(2.0, 7.0, dropout=0.1), r"layer 2: .*dropout=0.0 \(model: 0.1\)")]:
-        values = _adapter_values(other)
+        values = adapter_values(other)
         with pytest.raises(ValueError, match=match):
             fastlora.load_adapter(other, tmp_path / "ckpt")
-        assert _same_values(_adapter_values(other), values)
+        assert same_values(adapter_values(other), values)
     plain = _base()
     plain[0].load_state_dict({"weight": model[0].weight, "bias": model[0].bias})
     plain[2].load_state_dict({"weight": model[2].weight, "bias": model[2].bias})
@@ -256,10 +250,10 @@ def test_per_layer_configs_are_saved_and_must_match_the_model(tmp_path):
 def test_load_refuses_a_config_that_changes_the_computation(tmp_path, config, field, match):
     fastlora.save_adapter(_adapted(config), tmp_path / "ckpt")
     other = _adapted(dataclasses.replace(config, **field), seed=4)
-    values = _adapter_values(other)
+    values = adapter_values(other)
     with pytest.raises(ValueError, match=match):
         fastlora.load_adapter(other, tmp_path / "ckpt")
-    assert _same_values(_adapter_values(other), values)
+    assert same_values(adapter_values(other), values)
 
 
 def _curlora_checkpoint(tmp_path):
@@ -287,10 +281,10 @@ def test_load_checks_dtypes_finiteness_and_index_ranges(tmp_path, edit, match):
         fastlora.load_adapter(plain, tmp_path / "ckpt")
     assert not list(fastlora.adapter_layers(plain)) and all(p.requires_grad for p in plain.parameters())
     injected = fastlora.inject(_base(), CurLoraConfig(r=3, alpha=1.5))
-    values = _adapter_values(injected)
+    values = adapter_values(injected)
     with pytest.raises(ValueError, match=match):
         fastlora.load_adapter(injected, tmp_path / "ckpt")
-    assert _same_values(_adapter_values(injected), values)
+    assert same_values(adapter_values(injected), values)
 
 
 def test_a_failed_load_into_a_plain_model_leaves_it_plain(tmp_path):
@@ -342,7 +336,7 @@ def test_a_format_1_checkpoint_still_loads(tmp_path):
         del meta["weights_sha256"]
 
     _rewrite(tmp_path / "ckpt", edit_meta=as_version_1)
-    assert _same_values(_adapter_values(fastlora.load_adapter(_base(), tmp_path / "ckpt")), _adapter_values(model))
+    assert same_values(adapter_values(fastlora.load_adapter(_base(), tmp_path / "ckpt")), adapter_values(model))
 
 
 @pytest.mark.parametrize("text, match", [

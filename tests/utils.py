@@ -67,6 +67,18 @@ def poison_empty(monkeypatch) -> None:
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
 
 
+def adapter_values(model: torch.nn.Module) -> dict[str, Tensor]:
+    """Copies of the model's adapter state (``checkpoint.adapter_state_dict``), by key."""
+    from fastlora import checkpoint
+
+    return {k: v.clone() for k, v in checkpoint.adapter_state_dict(model).items()}
+
+
+def same_values(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    """Whether two ``adapter_values`` hold the same keys and bitwise-equal tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def randomize_adapters(model: torch.nn.Module, seed: int = 3) -> torch.nn.Module:
     """``model`` with every fastlora adapter factor drawn from N(0, 1) (B not zero), seeded."""
     import fastlora
