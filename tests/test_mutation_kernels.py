@@ -63,15 +63,20 @@ def test_gemm_configs_keep_tall_tiles_when_no_token_bucket_is_given():
     assert [c.kwargs["BLOCK_M"] for c in prune_gemm_configs(configs, {"M_BUCKET": 8})] == [16]
 
 
-def test_one_partial_is_returned_in_the_requested_dtype():
+def test_partials_are_the_output_with_one_split_and_summed_in_fp32_with_several():
     pytest.importorskip("triton")
-    from fastlora.kernels.triton.partials import sum_partials
+    from fastlora.kernels.triton.partials import partial_buffer, sum_partials
 
-    part = torch.randn(1, 4, 3)
-    same = sum_partials(part, torch.float32)
-    assert same.data_ptr() == part.data_ptr() and torch.equal(same, part[0])  # no copy
-    half = sum_partials(part, torch.float16)
-    assert half.dtype == torch.float16 and torch.equal(half, part[0].half())
+    one = partial_buffer(1, (4, 3), torch.float16, "cpu")
+    assert one.shape == (4, 3) and one.dtype == torch.float16
+    assert sum_partials(one, 1, torch.float16) is one  # the kernel wrote the output itself
+    part = partial_buffer(3, (4, 3), torch.float16, "cpu")
+    assert part.shape == (3, 4, 3) and part.dtype == torch.float32
+    part.copy_(torch.randn(3, 4, 3, dtype=torch.float64))
+    expected = part.double().sum(0)
+    assert torch.allclose(sum_partials(part, 3, torch.float32).double(), expected, rtol=1e-6, atol=1e-6)
+    half = sum_partials(part, 3, torch.float16)
+    assert half.dtype == torch.float16 and torch.allclose(half.double(), expected, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("shape", [(6,), (2, 4, 6)])

@@ -86,8 +86,12 @@ def adapted_linear(
     # autocast is switched off around the op (it computes in ``dtype`` itself); entering the
     # context costs host time, so only when autocast is on
     with torch.autocast(x.device.type, enabled=False) if autocasting else contextlib.nullcontext():
-        x, weight, bias = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
-        lora_a, lora_b, middle, rank_weights = (_cast(t, factor_dtype) for t in (lora_a, lora_b, middle, rank_weights))
+        if autocasting:  # else x and W are in ``dtype`` already (validated)
+            x, weight = _cast(x, dtype), _cast(weight, dtype)
+        bias = _cast(bias, dtype)
+        if factor_dtype is not None:
+            lora_a, lora_b, middle, rank_weights = (_cast(t, factor_dtype)
+                                                    for t in (lora_a, lora_b, middle, rank_weights))
         row_index, col_index = _as_long(row_index), _as_long(col_index)
         if recorded:
             term = LowRankTerm(lora_a, lora_b, middle, rank_weights, row_index, col_index, float(scale), gate_value,

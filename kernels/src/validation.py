@@ -11,16 +11,6 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_float(name: str, tensor: Optional[Tensor]) -> None:
-    if tensor is not None and tensor.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64), got dtype {tensor.dtype}")
-
-
-def _check_shape(name: str, tensor: Optional[Tensor], expected: tuple) -> None:
-    if tensor is not None and tensor.shape != expected:
-        raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
-
-
 def _check_index(name: str, index: Tensor, bound: int, what: str) -> None:
     if index.dtype not in (torch.int32, torch.int64) or index.dim() != 1:
         raise TypeError(f"{name} must be a 1-D int32/int64 tensor, got {index.dtype} with shape {tuple(index.shape)}")
@@ -100,7 +90,8 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
                     ("middle", middle), ("rank_weights", rank_weights)):
         if t is None:
             continue
-        _check_float(name, t)
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64), got dtype {t.dtype}")
         if t.device != device:
             raise RuntimeError(f"{name} is on {t.device} but x is on {device}; all inputs must share one device")
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -115,13 +106,12 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
     r = lora_a.shape[0] if lora_a is not None else row_index.shape[0]
     if r <= 0:
         raise ValueError(f"rank r must be positive, got {r}")
-    _check_shape("bias", bias, (d_out,))
-    _check_shape("lora_a", lora_a, (r, d_in))
-    _check_shape("lora_b", lora_b, (d_out, r))
+    for name, t, expected in (("bias", bias, (d_out,)), ("lora_a", lora_a, (r, d_in)), ("lora_b", lora_b, (d_out, r)),
+                              ("middle", middle, (r, r)), ("rank_weights", rank_weights, (r,))):
+        if t is not None and t.shape != expected:
+            raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
     if col_index is not None and col_index.shape[0] != r:
         raise ValueError(f"col_index must have r={r} entries, got {col_index.shape[0]}")
-    _check_shape("middle", middle, (r, r))
-    _check_shape("rank_weights", rank_weights, (r,))
     host_gate = _host_gate(gate, gate_value)
     if isinstance(scale, Tensor) and scale.requires_grad:
         raise TypeError("scale is a host scalar and gets no gradient; pass a float or a tensor "

@@ -139,10 +139,12 @@ def expand_config() -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
 
 
+@functools.lru_cache(maxsize=4096)
 def split_reduction(length: int, block: int, other_programs: int, device: torch.device) -> tuple[int, int]:
     """(splits, per_split) of a reduction over ``length`` elements in tiles of ``block``: split
     so that splits * other_programs programs fill the device; per_split is a multiple of
-    ``block`` and every split is non-empty (splits = cdiv(length, per_split))."""
+    ``block`` and every split is non-empty (splits = cdiv(length, per_split)). Memoized: every
+    launch of a split reduction asks, with the same few shapes call after call."""
     blocks = cdiv(length, block)
     wanted = max(1, min(cdiv(target_programs(device), max(other_programs, 1)), blocks))
     per_split = cdiv(blocks, wanted) * block

@@ -187,6 +187,6 @@ def onepass_input_grad(dy: torch.Tensor, w: torch.Tensor, f: torch.Tensor, f_ind
             F_GATHER=f_index is not None, A_GATHER=a_index is not None, HAS_MIDDLE=middle is not None,
             HAS_RW=rank_weights is not None, GATE_PTR=gate is not None, DROPOUT=dropout,
             COMPUTE_DB=v is not None, COMPUTE_DBIAS=need_bias, R_PAD=pad_rank(r), PRECISION=dot_precision(dy.dtype))
-    db = sum_partials(db_part, db_dtype) if db_part is not None else None
-    dbias = sum_partials(dbias_part, dbias_dtype) if dbias_part is not None else None
+    db = sum_partials(db_part, row_blocks, db_dtype) if db_part is not None else None
+    dbias = sum_partials(dbias_part, row_blocks, dbias_dtype) if dbias_part is not None else None
     return out, dp, db, dbias

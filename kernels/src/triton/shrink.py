@@ -77,4 +77,4 @@ def shrink(x: torch.Tensor, a: torch.Tensor, a_index: Optional[torch.Tensor], p:
             keep_threshold(p), 1.0 / (1.0 - p), x.stride(0), x.stride(1), a.stride(0), a.stride(1),
             A_GATHER=a_index is not None, DROPOUT=p > 0.0, R_PAD=r_pad, PRECISION=dot_precision(x.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
-    return sum_partials(part, torch.float32)
+    return sum_partials(part, n_split, torch.float32)

@@ -127,9 +127,9 @@ def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], 
             COMPUTE_DBIAS=need_bias, GATE_PTR=gate is not None, R_PAD=r_pad, PRECISION=dot_precision(dy.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     if dp_in_columns:
-        dp = sum_partials(dp_part, torch.float32)
-    db = sum_partials(db_part, db_dtype) if v is not None else None
-    dbias = sum_partials(dbias_part, dbias_dtype) if need_bias else None
+        dp = sum_partials(dp_part, d_blocks, torch.float32)
+    db = sum_partials(db_part, n_split, db_dtype) if v is not None else None
+    dbias = sum_partials(dbias_part, n_split, dbias_dtype) if need_bias else None
     return dp, db, dbias
 
 
@@ -194,4 +194,4 @@ def down_grad(dt: torch.Tensor, x: torch.Tensor, p: float = 0.0, seed: Optional[
             dt.stride(0), dt.stride(1), x.stride(0), x.stride(1),
             DROPOUT=p > 0.0, GATE_PTR=gate is not None, R_PAD=r_pad, PRECISION=dot_precision(x.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
-    return sum_partials(part, out_dtype)
+    return sum_partials(part, n_split, out_dtype)
