@@ -1,10 +1,12 @@
-"""Host time of one adapted layer's call path (CPU): fastlora against PEFT on tiny tensors.
+"""Host time of one adapted layer's call path: fastlora against PEFT on tiny tensors.
 
-    python -m benchmarks.bench_host [--quick] [--out PATH]
+    python -m benchmarks.bench_host [--device cpu|cuda] [--plan torch|cublas] [--quick] [--out PATH]
 
 At x (8, 64), 64 -> 64, r = 8, float32, one CPU thread, the arithmetic is negligible: what is
 timed is the per-call work in Python, the dispatcher and autograd, which a GPU step pays
-before every launch too. Variants, each in training mode:
+before every launch too. On a GPU (``--device cuda``) the kernels run for real: a call's
+device work is a few microseconds, so the time per call is still the host's, now with every
+launch's own cost (cuBLAS, torch's kernels, Triton's launcher). Variants, each in training mode:
 
 - ``linear``: the frozen nn.Linear alone (the floor);
 - ``peft``: PEFT's lora.Linear (benchmarks/bench_adapted_linear.py: ``peft_layer``);
@@ -12,21 +14,23 @@ before every launch too. Variants, each in training mode:
 - ``inject``: the AdapterLinear of ``fastlora.inject`` on a one-layer model (backend "torch");
 
 the adapted ones without dropout, with dropout 0.05 (``_dropout``), and with dropout 0.05 under
-``torch.autocast(float16)`` (``_autocast``: the fp32 layer and adapters computed in half precision,
-PEFT's default setup of a training run; float16 because the Triton interpreter refuses bf16). A
-call: the forward, then ``torch.autograd.grad`` of the output with a fixed dy with respect to x and
-the trainable factors.
+autocast (``_autocast``: the fp32 layer and adapters computed in half precision, PEFT's default
+setup of a training run; bfloat16 on a GPU, float16 on the CPU, where the Triton interpreter refuses
+bf16). A call: the forward, then ``torch.autograd.grad`` of the output with a fixed dy with respect
+to x and the trainable factors.
 
 Timing: ``WARMUP`` calls per variant, then ``ROUNDS`` rounds; in each round every variant runs
 ``CALLS`` calls timed together with ``time.perf_counter`` (variants interleaved, so that drift of
 the machine reaches them alike; garbage collection off while timing). Per call: the median over
-the rounds of block time / CALLS; "vs_peft": that median over PEFT's of the same suffix.
+the rounds of block time / CALLS (on a GPU the block ends with a synchronize); "vs_peft": that
+median over PEFT's of the same suffix.
 "aten_ops": the aten operators one call dispatches (forward and backward; a TorchDispatchMode
-counting them), with their names; "python_top": the Python functions with the most own time per
-call (cProfile over a block of calls; its overhead inflates them, so read them relative to each
-other). JSON: benchmarks/results/host_path_cpu[_quick].json.
+counting them), with their names; "triton_launches": the Triton launches of one call, by kernel;
+"python_top": the Python functions with the most own time per call (cProfile over a block of calls;
+its overhead inflates them, so read them relative to each other). JSON:
+benchmarks/results/host_path_cpu[_quick].json; on a GPU host_path_<plan>_<gpu>[_quick].json.
 
-``--plan cublas`` times the GPU default plan's host path instead: fastlora's layers run the cublas
+``--plan cublas`` on the CPU times the GPU default plan's host path: fastlora's layers run the cublas
 plan on CPU tensors with every Triton launch replaced by a stub that counts it and returns at once
 (the process runs under TRITON_INTERPRET=1 so that the plan accepts CPU tensors; the interpreter never
 executes a kernel). What is timed is the plan's Python, torch ops and autograd work without Triton's
@@ -38,12 +42,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import functools
 import gc
 import os
 import pstats
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -53,18 +59,27 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .bench_adapted_linear import RESULTS, device_name, peft_layer, version
-from .isolated import write_json
+from .bench_adapted_linear import RESULTS, device_name, peft_layer, pick_device, slug, version
+from .isolated import run_child, write_json
 
 TOKENS, D_IN, D_OUT, R = 8, 64, 64, 8
 SCALE, DROPOUT = 2.0, 0.05
-#: variant suffix -> (dropout, autocast dtype or None)
-SETTINGS = {"": (0.0, None), "_dropout": (DROPOUT, None), "_autocast": (DROPOUT, torch.float16)}
+#: variant suffix -> (dropout, under autocast)
+SETTINGS = {"": (0.0, False), "_dropout": (DROPOUT, False), "_autocast": (DROPOUT, True)}
+#: autocast's dtype per device type (the Triton interpreter refuses bf16)
+AUTOCAST_DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float16}
 WARMUP, ROUNDS, CALLS = 200, 21, 200
 PYTHON_TOP = 10
 QUICK = {"warmup": 20, "rounds": 5, "calls": 20}
-NOTE = ("host time per call on this CPU: Python, dispatcher and autograd work at a size where the arithmetic is "
-        "negligible; not a GPU step time")
+#: the repetitions of gpu_check's section "host" (a few seconds per plan)
+GPU_CHECK = {"warmup": 50, "rounds": 9, "calls": 50}
+#: seconds that must be left to start a plan's process in that section (imports, first compiles), per device type
+PLAN_RESERVE_S = {"cuda": 20.0, "cpu": 5.0}
+#: what the figures are, per device type
+NOTES = {"cpu": "host time per call on this CPU: Python, dispatcher and autograd work at a size where the arithmetic "
+                "is negligible; not a GPU step time",
+         "cuda": "time per call on this GPU at a size where the device work is negligible: the host's Python, "
+                 "dispatcher, autograd and launch work"}
 
 
 class OpCounter(TorchDispatchMode):
@@ -79,17 +94,21 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def host_tensors(gen: torch.Generator) -> dict:
-    return {"x": torch.randn(TOKENS, D_IN, generator=gen).requires_grad_(True),
-            "weight": torch.randn(D_OUT, D_IN, generator=gen) * D_IN ** -0.5,
-            "a": torch.randn(R, D_IN, generator=gen) * D_IN ** -0.5, "b": torch.randn(D_OUT, R, generator=gen) * 0.02,
-            "dy": torch.randn(TOKENS, D_OUT, generator=gen)}
+def host_tensors(gen: torch.Generator, device: torch.device = torch.device("cpu")) -> dict:
+    """x (requires grad), weight, a, b and dy on ``device``, drawn from the CPU generator ``gen``."""
+    t = {"x": torch.randn(TOKENS, D_IN, generator=gen),
+         "weight": torch.randn(D_OUT, D_IN, generator=gen) * D_IN ** -0.5,
+         "a": torch.randn(R, D_IN, generator=gen) * D_IN ** -0.5, "b": torch.randn(D_OUT, R, generator=gen) * 0.02,
+         "dy": torch.randn(TOKENS, D_OUT, generator=gen)}
+    t = {name: tensor.to(device) for name, tensor in t.items()}
+    t["x"].requires_grad_(True)
+    return t
 
 
 def _injected(t: dict, dropout: float, plan: str) -> nn.Module:
     import fastlora
 
-    model = nn.Sequential(nn.Linear(D_IN, D_OUT, bias=False))
+    model = nn.Sequential(nn.Linear(D_IN, D_OUT, bias=False, device=t["weight"].device))
     with torch.no_grad():
         model[0].weight.copy_(t["weight"])
     config = fastlora.LoraConfig(r=R, alpha=SCALE * R, dropout=dropout, target_modules=["0"], backend=plan)
@@ -105,7 +124,7 @@ def layers(t: dict, plan: str = "torch") -> dict[str, nn.Module]:
     (accelerate's through FASTLORA_BACKEND, which ``measure`` sets)."""
     import fastlora
 
-    linear = nn.Linear(D_IN, D_OUT, bias=False)
+    linear = nn.Linear(D_IN, D_OUT, bias=False, device=t["weight"].device)
     with torch.no_grad():
         linear.weight.copy_(t["weight"])
     linear.weight.requires_grad_(False)
@@ -122,16 +141,18 @@ def suffix_of(name: str) -> str:
     return next((suffix for suffix in SETTINGS if suffix and name.endswith(suffix)), "")
 
 
-def call_of(layer: nn.Module, t: dict, autocast: Optional[torch.dtype] = None) -> Callable[[], object]:
-    """One forward (under ``autocast`` when given) + backward of ``layer`` (gradients of x and its
-    trainable parameters)."""
+def call_of(layer: nn.Module, t: dict, autocast: bool = False) -> Callable[[], object]:
+    """One forward (under autocast, in ``AUTOCAST_DTYPES``' dtype, when asked) + backward of ``layer``
+    (gradients of x and its trainable parameters)."""
     inputs = [t["x"], *(p for p in layer.parameters() if p.requires_grad)]
-    if autocast is None:
+    if not autocast:
         return lambda: torch.autograd.grad(layer(t["x"]), inputs, t["dy"])
-    dy = t["dy"].to(autocast)
+    device_type = t["x"].device.type
+    dtype = AUTOCAST_DTYPES[device_type]
+    dy = t["dy"].to(dtype)
 
     def call():
-        with torch.autocast("cpu", dtype=autocast):
+        with torch.autocast(device_type, dtype=dtype):
             y = layer(t["x"])
         return torch.autograd.grad(y, inputs, dy)
     return call
@@ -141,6 +162,24 @@ def count_ops(call: Callable[[], object]) -> Counter:
     with OpCounter() as counter:
         call()
     return counter.ops
+
+
+@contextlib.contextmanager
+def counted_triton(launches: Counter) -> Iterator[None]:
+    """Every Triton launch on the GPU counted in ``launches`` (by kernel name), then run."""
+    from triton.runtime.jit import JITFunction
+
+    run = JITFunction.run
+
+    def counted(self, *args, **kwargs):
+        launches[self.fn.__name__] += 1
+        return run(self, *args, **kwargs)
+
+    JITFunction.run = counted
+    try:
+        yield
+    finally:
+        JITFunction.run = run
 
 
 @contextlib.contextmanager
@@ -171,8 +210,9 @@ def python_top(call: Callable[[], object], calls: int, k: int = PYTHON_TOP) -> l
             for (file, line, name), (_, n, own, _, _) in rows]
 
 
-def time_calls(calls: dict[str, Callable[[], object]], warmup: int, rounds: int, per_block: int) -> dict[str, list]:
-    """name -> microseconds per call of each round (see the module docstring)."""
+def time_calls(calls: dict[str, Callable[[], object]], warmup: int, rounds: int, per_block: int,
+               sync: Callable[[], None] = lambda: None) -> dict[str, list]:
+    """name -> microseconds per call of each round (see the module docstring); ``sync()`` ends each block."""
     for call in calls.values():
         for _ in range(warmup):
             call()
@@ -185,24 +225,42 @@ def time_calls(calls: dict[str, Callable[[], object]], warmup: int, rounds: int,
                 start = time.perf_counter()
                 for _ in range(per_block):
                     call()
+                sync()
                 times[name].append((time.perf_counter() - start) / per_block * 1e6)
     finally:
         gc.enable()
     return times
 
 
-def measure(quick: bool, plan: str = "torch") -> dict:
-    """Every variant's median host time per call, its ratio to PEFT's, its aten operators and (on the
-    cublas plan) its stubbed Triton launches."""
+@contextlib.contextmanager
+def forced_plan(plan: str) -> Iterator[None]:
+    """``auto`` runs ``plan`` meanwhile (FASTLORA_BACKEND): accelerate's layers then run it too."""
+    from fastlora.kernels.dispatch import ENV_VAR
+
+    previous = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = plan
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[ENV_VAR]
+        else:
+            os.environ[ENV_VAR] = previous
+
+
+def measure(settings: dict, plan: str = "torch", device: torch.device = torch.device("cpu")) -> dict:
+    """Every variant's median host time per call, its ratio to PEFT's, its aten operators and its
+    Triton launches (stubbed on the CPU, counted and run on a GPU); ``settings``: warmup, rounds, calls."""
     torch.set_num_threads(1)
-    t = host_tensors(torch.Generator().manual_seed(0))
-    if plan != "torch":
-        os.environ["FASTLORA_BACKEND"] = plan  # accelerate's layers run the plan too
+    t = host_tensors(torch.Generator().manual_seed(0), device)
     calls = {name: call_of(layer, t, SETTINGS[suffix_of(name)][1]) for name, layer in layers(t, plan).items()}
-    settings = QUICK if quick else {"warmup": WARMUP, "rounds": ROUNDS, "calls": CALLS}
-    launches: Counter = Counter()  # of every stubbed launch while the stubs are in place
-    with stubbed_triton(launches) if plan != "torch" else contextlib.nullcontext():
-        times = time_calls(calls, settings["warmup"], settings["rounds"], settings["calls"])
+    launches: Counter = Counter()  # of every Triton launch while the counter is in place
+    gpu = device.type == "cuda"
+    autocast_dtype = str(AUTOCAST_DTYPES[device.type]).removeprefix("torch.")
+    sync = functools.partial(torch.cuda.synchronize, device) if gpu else lambda: None
+    counter = counted_triton if gpu else stubbed_triton if plan != "torch" else None
+    with forced_plan(plan), counter(launches) if counter else contextlib.nullcontext():
+        times = time_calls(calls, settings["warmup"], settings["rounds"], settings["calls"], sync)
         variants = {}
         for name, call in calls.items():
             launches.clear()
@@ -210,7 +268,7 @@ def measure(quick: bool, plan: str = "torch") -> dict:
             per_call = Counter(launches)
             dropout, autocast = SETTINGS[suffix_of(name)]
             variants[name] = {"dropout": dropout,
-                              "autocast": str(autocast).removeprefix("torch.") if autocast else None,
+                              "autocast": autocast_dtype if autocast else None,
                               "us_per_call": statistics.median(times[name]), "us_rounds": times[name],
                               "aten_ops": sum(ops.values()), "ops": dict(ops.most_common()),
                               "triton_launches": sum(per_call.values()), "launches": dict(per_call.most_common()),
@@ -222,9 +280,10 @@ def measure(quick: bool, plan: str = "torch") -> dict:
 
 
 def render(report: dict) -> str:
+    stubbed = report["plan"] != "torch" and not report["gpu"]
     lines = [f"bench_host on {report['device']}, fastlora on the {report['plan']} plan"
-             f"{' (Triton launches stubbed)' if report['plan'] != 'torch' else ''}: x ({TOKENS}, {D_IN}), "
-             f"{D_IN} -> {D_OUT}, r = {R}; {NOTE}",
+             f"{' (Triton launches stubbed)' if stubbed else ''}: x ({TOKENS}, {D_IN}), "
+             f"{D_IN} -> {D_OUT}, r = {R}; {report['note']}",
              f"  {'variant':20s} {'dropout':>7s} {'autocast':>8s} {'us/call':>9s} {'x PEFT':>7s} {'aten ops':>8s} "
              f"{'launches':>8s}"]
     lines += [f"  {name:20s} {row['dropout']:7.2f} {row['autocast'] or '-':>8s} {row['us_per_call']:9.1f} "
@@ -233,27 +292,80 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def default_out(plan: str, device: torch.device, quick: bool) -> Path:
+    """benchmarks/results/host_path_cpu.json (torch plan) or host_path_<plan>_stubbed_cpu.json on the CPU,
+    host_path_<plan>_<gpu>.json on a GPU; ``_quick`` before the suffix with --quick."""
+    if device.type == "cuda":
+        stem = f"host_path_{plan}_{slug(device_name(device))}"
+    else:
+        stem = "host_path_cpu" if plan == "torch" else f"host_path_{plan}_stubbed_cpu"
+    return RESULTS / f"{stem}{'_quick' if quick else ''}.json"
+
+
+def summary_of(report: dict) -> str:
+    """"cublas: inject 1.42x PEFT (3 launches), accelerate ..." over the variants without autocast."""
+    rows = report["variants"]
+    return f"{report['plan']}: " + ", ".join(
+        f"{name} {rows[name]['vs_peft']:.2f}x PEFT ({rows[name]['us_per_call']:.0f} us, "
+        f"{rows[name]['triton_launches']} launches)"
+        for name in ("inject", "accelerate", "inject_dropout", "inject_autocast") if name in rows)
+
+
+def section(ctx) -> dict:
+    """gpu_check section "host": this benchmark in a child process per plan (on a GPU the cublas plan, the
+    default, then the torch plan; on the CPU the torch plan), ``GPU_CHECK`` repetitions (``--quick``: QUICK)."""
+    plans = ("cublas", "torch") if ctx.device.type == "cuda" else ("torch",)
+    repeats = ",".join(str(v) for v in (QUICK if ctx.quick else GPU_CHECK).values())
+    result, summaries = {"plans": {}, "skipped": []}, []
+    with tempfile.TemporaryDirectory(prefix="fastlora_bench_host_") as tmp:
+        for plan in plans:
+            if not ctx.has(PLAN_RESERVE_S[ctx.device.type]):
+                result["skipped"].append(plan)
+                summaries.append(f"{plan}: skipped for time")
+                continue
+            out = Path(tmp) / f"host_{plan}.json"
+            args = ["--device", ctx.device.type, "--plan", plan, "--repeats", repeats, "--out", str(out)]
+            child = run_child("benchmarks.bench_host", args, out, timeout_s=ctx.left())
+            if child["result"] is None or child["returncode"] != 0:
+                result["plans"][plan] = {"error": f"exit status {child['returncode']}: {child['output']}"}
+                summaries.append(f"{plan}: failed")
+                continue
+            result["plans"][plan] = child["result"]
+            summaries.append(summary_of(child["result"]))
+            ctx.partial(result)
+    ok = any("error" not in row for row in result["plans"].values())
+    return {**result, "status": "ok" if ok else "error", "summary": "; ".join(summaries)}
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_host", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (the default: the cublas plan's launches stubbed), or cuda (every launch run)")
     parser.add_argument("--quick", action="store_true", help=f"fewer repetitions {QUICK} (a check of the script)")
+    parser.add_argument("--repeats", default=None, metavar="WARMUP,ROUNDS,CALLS",
+                        help=f"repetitions (default {WARMUP},{ROUNDS},{CALLS}; gpu_check: "
+                             f"{','.join(map(str, GPU_CHECK.values()))})")
     parser.add_argument("--plan", choices=("torch", "cublas"), default="torch",
-                        help="fastlora's plan: torch (the CPU path), or cublas (the GPU default, Triton stubbed)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default benchmarks/results/host_path_cpu[_quick].json, "
-                             "host_path_cublas_stubbed_cpu[_quick].json with --plan cublas)")
+                        help="fastlora's plan: torch (the CPU path), or cublas (the GPU default)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: see ``default_out``)")
     args = parser.parse_args(argv)
-    if args.plan != "torch" and os.environ.get("TRITON_INTERPRET") != "1":
+    device = pick_device(args.device)
+    if device.type == "cpu" and args.plan != "torch" and os.environ.get("TRITON_INTERPRET") != "1":
         # the plan takes CPU tensors only under the interpreter, which Triton reads when it is imported
         argv = sys.argv[1:] if argv is None else argv
         done = subprocess.run([sys.executable, "-m", "benchmarks.bench_host", *argv],
                               env={**os.environ, "TRITON_INTERPRET": "1"})
         raise SystemExit(done.returncode)
-    report = {"device": device_name(torch.device("cpu")), "torch": torch.__version__, "peft": version("peft"),
-              "plan": args.plan, "shape": {"tokens": TOKENS, "d_in": D_IN, "d_out": D_OUT, "r": R, "dtype": "float32"},
-              "note": NOTE, **measure(args.quick, args.plan)}
-    stem = "host_path_cpu" if args.plan == "torch" else f"host_path_{args.plan}_stubbed_cpu"
-    out = args.out or RESULTS / f"{stem}{'_quick' if args.quick else ''}.json"
+    if args.repeats:
+        settings = dict(zip(("warmup", "rounds", "calls"), map(int, args.repeats.split(","))))
+    else:
+        settings = QUICK if args.quick else {"warmup": WARMUP, "rounds": ROUNDS, "calls": CALLS}
+    report = {"device": device_name(device), "gpu": device.type == "cuda", "torch": torch.__version__,
+              "peft": version("peft"), "plan": args.plan,
+              "shape": {"tokens": TOKENS, "d_in": D_IN, "d_out": D_OUT, "r": R, "dtype": "float32"},
+              "note": NOTES[device.type], **measure(settings, args.plan, device)}
+    out = args.out or default_out(args.plan, device, args.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
     print(render(report))

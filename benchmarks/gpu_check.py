@@ -11,34 +11,37 @@ still run; the JSON report is rewritten to --out after every item):
    fastlora.inject on a Llama-shaped and a BERT-shaped model, with the no-dropout loss
    agreement and first steps on cold and warm caches (benchmarks/bench_model.py, in a child
    process; ``--quick``: no first-step processes);
-3. compile: the speed section's and then the correctness items' Triton kernels compiled by one
+3. host: the host time of one adapted layer's forward + backward at a size where the device
+   work is negligible, PEFT's against fastlora's on the cublas and the torch plan, launches
+   included (benchmarks/bench_host.py, a child process per plan);
+4. compile: the speed section's and then the correctness items' Triton kernels compiled by one
    process per CPU core into Triton's cache, every autotuner configuration, with registers and
    spills (benchmarks/compile_check.py): the sections after it load instead of compiling one
    configuration after another (a cold run otherwise spends minutes compiling);
-4. speed: forward and forward + backward medians, peak memory and launches of base, every
+5. speed: forward and forward + backward medians, peak memory and launches of base, every
    plan, auto, PEFT and every method on one Linear (benchmarks/bench_adapted_linear.py), and next
    to base and each plan its byte/FLOP floor and measured / floor (benchmarks/byte_model.py;
    documented peaks of an H100/H200, else those section env measured);
-5. correctness: every plan and method, bf16 and fp16 (fp32 with TF32 off), output and every
+6. correctness: every plan and method, bf16 and fp16 (fp32 with TF32 off), output and every
    gradient against float64, each plan in a child process of its own: a kernel fault costs
    one item, not the run (benchmarks/correctness_section.py);
-6. graphs: host syncs under ``torch.cuda.set_sync_debug_mode("error")`` and CUDA-graph capture
+7. graphs: host syncs under ``torch.cuda.set_sync_debug_mode("error")`` and CUDA-graph capture
    and replay with dropout (benchmarks/check_graphs.py);
-7. gemm: the fused Triton GEMM vs cuBLAS, and the persistent one-pass forward and input
-   gradient for several programs per row block; 8. skinny: GB/s of the skinny kernels vs the
-   copy ceiling; 9. trace: the top kernels of one step (benchmarks/check_kernels.py);
-10. onepass_bisect, only when named in ``--only``: each feature combination of the one-pass
+8. gemm: the fused Triton GEMM vs cuBLAS, and the persistent one-pass forward and input
+   gradient for several programs per row block; 9. skinny: GB/s of the skinny kernels vs the
+   copy ceiling; 10. trace: the top kernels of one step (benchmarks/check_kernels.py);
+11. onepass_bisect, only when named in ``--only``: each feature combination of the one-pass
    input gradient at the odd shape in its own process, then compute-sanitizer on the first
    that faults (benchmarks/onepass_bisect.py).
 
 Time budget (--budget-s, counted from start): a section gets at most its share of the
 budget (the rest rolls over) and skips, with the reason, the items that no longer fit. Shares
-(``SECTIONS``; of the default 450 s): env 4% (18 s), bench_model 30% (135 s), compile 25%,
+(``SECTIONS``; of the default 450 s): env 4% (18 s), bench_model 30% (135 s), host 8%, compile 25%,
 speed 25%, correctness 30%, graphs 8%, gemm 5%, skinny 4%, trace 3%; they add up to more than
 the whole, so the earlier sections come first and the later ones get what is left.
 Sections run in this process share its CUDA context: after one of them reports a CUDA fault
 (an illegal memory access leaves the context unusable), the others are skipped with that
-reason; bench_model, correctness and onepass_bisect run in child processes and still run.
+reason; bench_model, host, correctness and onepass_bisect run in child processes and still run.
 The exit status is 1 when a check section (bench_model's loss agreement, correctness, graphs)
 fails or errors, 2 when the run was stopped (SIGTERM or Ctrl-C: the report and table still
 cover what finished), else 0. ``--device cpu --quick`` runs what a CPU can (torch plan, tiny
@@ -67,6 +70,7 @@ if __package__ in (None, ""):  # run as a script path: import from the repositor
 import torch  # noqa: E402
 
 from benchmarks import (  # noqa: E402
+    bench_host,
     bench_model,
     check_env,
     check_graphs,
@@ -97,6 +101,7 @@ class Section:
 SECTIONS = (
     Section("env", check_env.run, 0.04, False, False, False),
     Section("bench_model", bench_model.section, 0.3, True, False, True),
+    Section("host", bench_host.section, 0.08, False, False, True),
     Section("compile", compile_check.section, 0.25, False, True, False),
     Section("speed", check_speed.run, 0.25, False, False, False),
     Section("correctness", correctness_section.run, 0.3, True, False, True),

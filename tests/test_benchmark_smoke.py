@@ -162,3 +162,23 @@ def test_host_path_of_the_cublas_plan_with_stubbed_kernels(tmp_path):
         # fp32 adapters under fp16 autocast: casts of x, W and v, of B for addmm, and of dx back to fp32 (the
         # input gradient with dropout is the expand kernel: no cast of A); none of A or of a factor's gradient
         assert rows[name + "_autocast"]["ops"]["_to_copy"] == 5 < rows["peft_autocast"]["ops"]["_to_copy"]
+
+
+def test_counted_triton_counts_each_launch_and_runs_it(monkeypatch):
+    """On a GPU bench_host counts Triton launches by kernel name and lets each run (the CPU stubs them)."""
+    triton_jit = pytest.importorskip("triton.runtime.jit")
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from benchmarks import bench_host
+
+    ran = []
+    monkeypatch.setattr(triton_jit.JITFunction, "run", lambda self, *args, **kwargs: ran.append((args, kwargs)) or 7)
+    original = triton_jit.JITFunction.run
+    kernel = SimpleNamespace(fn=SimpleNamespace(__name__="_some_kernel"))
+    launches = Counter()
+    with bench_host.counted_triton(launches):
+        assert triton_jit.JITFunction.run(kernel, 1, 2, grid=(3,)) == 7
+        triton_jit.JITFunction.run(kernel, grid=(1,))
+    assert launches == {"_some_kernel": 2} and ran == [((1, 2), {"grid": (3,)}), ((), {"grid": (1,)})]
+    assert triton_jit.JITFunction.run is original

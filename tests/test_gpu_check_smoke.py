@@ -23,7 +23,7 @@ from benchmarks.profiling import is_copy, per_name, top
 from benchmarks.speed_targets import targets
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ["env", "bench_model", "compile", "speed", "correctness", "graphs", "gemm", "skinny", "trace"]
+SECTIONS = ["env", "bench_model", "host", "compile", "speed", "correctness", "graphs", "gemm", "skinny", "trace"]
 CUDA_SECTIONS = {"compile", "graphs", "gemm", "skinny"}
 PASS_SECTIONS = {"bench_model", "correctness"}  # check sections: "pass" when every check ran and passed
 
@@ -68,6 +68,16 @@ def test_bench_model_section(cpu_run):
         assert len(entry["variants"]) == 7 and entry["errors"] == {} and entry["losses"]["agree"]
     assert "losses agree" in section["summary"]
     assert "no-dropout losses vs peft_fp32" in cpu_run[0].stdout.split("section")[-1]
+
+
+def test_host_section(cpu_run):
+    """The host-time benchmark ran in its child on the CPU's plan (torch; a GPU adds the cublas plan first)."""
+    section = cpu_run[1]["sections"]["host"]
+    assert list(section["plans"]) == ["torch"] and section["skipped"] == []
+    report = section["plans"]["torch"]
+    assert report["plan"] == "torch" and not report["gpu"]
+    assert report["variants"]["peft"]["vs_peft"] == 1.0 and report["variants"]["inject"]["us_per_call"] > 0
+    assert section["summary"].startswith("torch: inject ") and "x PEFT" in section["summary"]
 
 
 def test_speed_section_with_peft_from_the_repository_root(tmp_path):
