@@ -2,13 +2,15 @@
 compile on this Triton, what does each configuration hold in registers, spills and shared
 memory, and how long does a cold run compile before it measures anything?
 
-    python benchmarks/compile_check.py [--arch 90] [--jobs N] [--kinds op,method,layer,neat,speed]
+    python benchmarks/compile_check.py [--arch 90] [--jobs N] [--kinds op,method,layer,neat,speed,ragged]
                                        [--dtypes bfloat16,float16] [--plans triton,cublas,onepass]
                                        [--match WORD,...] [--out PATH] [--keep-cache]
 
 It runs the items of gpu_check's correctness section (benchmarks/check_correctness.py: every
 case, method and NEAT activation on every Triton plan, forward and backward) and the ranks of
-its speed section that those do not cover (kind "speed": r = 64, 32) on CPU tensors,
+its speed section that those do not cover (kind "speed": r = 64, 32) on CPU tensors, and, on
+request (kind "ragged"), a plan's forward + backward with dropout over batches of varied length
+(``RAGGED_TOKENS``: each kernel should compile once, whatever the token count),
 with Triton's driver replaced by an offline one: a kernel call compiles, for sm_<arch> with
 Triton's own ptxas, every configuration its autotuner would try (as the cold GPU run does)
 and launches nothing. Nothing runs, so the items' numbers are meaningless and not reported;
@@ -45,7 +47,10 @@ import torch  # noqa: E402
 from benchmarks.check_report import item_name  # noqa: E402
 
 ARCH = 90  # H100 / H200
-KINDS = ("op", "method", "layer", "neat", "speed")
+KINDS = ("op", "method", "layer", "neat", "speed", "ragged")
+#: token counts of the "ragged" kind's batches (multiples of 16, other, 1) and its (d_in, d_out, r)
+RAGGED_TOKENS = (64, 61, 1, 17, 128)
+RAGGED_SHAPE = (96, 80, 8)
 #: the gpu_check section's order: the speed section runs first, then correctness (op items first)
 SECTION_KINDS = ("speed", "op", "layer", "method", "neat")
 #: (rank, features) of the speed section's raw ops past the correctness items' r = 16 (r = 64,
@@ -186,6 +191,9 @@ def _every_item(kinds: tuple[str, ...], dtypes: tuple[torch.dtype, ...],
                     lambda a=act, d=dtype, p=plan: cc.neat_check(a, shapes["base"], d, cpu, p)
         if kind == "speed" and dtype == torch.bfloat16:  # the speed section runs bf16 only
             yield from _speed_items(shapes["base"][:3], plans)
+        for plan in plans if kind == "ragged" else ():
+            yield {"kind": "ragged", "case": "tokens " + ",".join(map(str, RAGGED_TOKENS)), "dtype": name,
+                   "plan": plan}, lambda d=dtype, p=plan: ragged_batches(d, p)
 
     for dtype in dtypes:
         for kind in kinds:
@@ -207,6 +215,21 @@ def _speed_items(size: tuple[int, int, int], plans: tuple[str, ...]) -> Iterator
         for plan in plans:
             yield {"kind": "speed", "method": method, "case": f"r={SPEED_RANK}", "dtype": "bfloat16", "plan": plan}, \
                 lambda m=method, p=plan: _forced(p, lambda: cc.layer_check(m, (*size, SPEED_RANK), torch.bfloat16, cpu))
+
+
+def ragged_batches(dtype: torch.dtype, plan: str) -> None:
+    """Forward + backward of ``plan`` with dropout 0.1 and fp32 factors (PEFT's under autocast) over one
+    batch of each of ``RAGGED_TOKENS`` token counts, at ``RAGGED_SHAPE``."""
+    from fastlora.kernels import adapted_linear
+
+    d_in, d_out, r = RAGGED_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(d_out, d_in, generator=gen).to(dtype)
+    a = torch.randn(r, d_in, generator=gen).requires_grad_(True)
+    b = torch.randn(d_out, r, generator=gen).requires_grad_(True)
+    for n in RAGGED_TOKENS:
+        x = torch.randn(n, d_in, generator=gen).to(dtype).requires_grad_(True)
+        adapted_linear(x, weight, None, a, b, scale=2.0, dropout=0.1, backend=plan).sum().backward()
 
 
 def _forced(plan: str, run: Callable[[], object]) -> object:

@@ -26,6 +26,18 @@ def test_neat_kernels_compile_for_sm90_with_their_resource_usage():
     assert totals["max_registers"] == max(k["registers"] for k in item["compiled"])
 
 
+def test_batches_of_any_length_compile_each_default_kernel_once():
+    """The cublas plan (auto's default) over batches of 64, 61, 1, 17 and 128 tokens: one compiled kernel each
+    (the token count is not specialized on: a ragged last batch or dynamic padding recompiles nothing)."""
+    from collections import Counter
+
+    results, skipped = compile_check.compile_all(90, (("ragged",), (torch.float16,), ("cublas",)), jobs=1)
+    assert skipped == [] and len(results) == 1 and results[0]["error"] is None, results
+    names = Counter(k["kernel"] for k in results[0]["compiled"])
+    assert set(names) == {"_shrink_kernel", "_dy_columns_kernel", "_down_grad_kernel", "_fused_linear_kernel"}
+    assert set(names.values()) == {1}, names
+
+
 def test_items_compiled_by_two_processes_come_back_in_item_order():
     results, skipped = compile_check.compile_all(90, (("neat",), (torch.float16,), ("triton",)), jobs=2)
     assert skipped == [] and [(r["act"], r["index"]) for r in results] == [("relu", 0), ("gelu", 1)]

@@ -21,6 +21,7 @@ from ..philox import keep_threshold
 from . import metadata
 from .dropout import keep_scale
 from .launch_config import (
+    TOKEN_ARGS,
     cdiv,
     dot_precision,
     expand_config,
@@ -39,7 +40,7 @@ from .tiles import grouped_tile, load_factor
 # (W, n-contiguous) favour different tiles. restore_value: tuning runs never accumulate twice.
 @triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "W_LAYOUT", "R_PAD", "HAS_LOWRANK", "DROPOUT"],
                  restore_value=["out_ptr"], prune_configs_by={"early_config_prune": prune_gemm_configs})
-@triton.jit(launch_metadata=metadata.fused_linear)
+@triton.jit(launch_metadata=metadata.fused_linear, do_not_specialize=TOKEN_ARGS)
 def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, v_ptr, u_ptr, u_idx_ptr, out_ptr,
                          seed_ptr, gate_ptr, M, N, K, R, M_BUCKET, W_LAYOUT, v_scale, threshold, scale,
                          stride_xm, stride_xk, stride_wk, stride_wn, stride_vm, stride_vr,

@@ -20,6 +20,14 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: ...and so were Triton's own library functions (tl.rand), i.e. triton was imported with it set.
 INTERPRETER_READY = INTERPRETED and type(tl.rand).__name__ == "InterpretedFunction"
 
+#: Integer kernel arguments that follow the token count (the rows, the token bucket), passed to
+#: ``triton.jit(do_not_specialize=...)``: Triton would otherwise compile a kernel anew for each of
+#: their classes (1, a multiple of 16, other), so a run whose batches vary in length (the last
+#: batch, dynamic padding) would stall on recompiles of every kernel. Neither enters an address
+#: whose alignment matters. The rows or columns per split stay specialized: they are multiples of
+#: the block by construction (one class), and knowing so keeps the shrink's loads of x vectorized
+#: (unspecialized, it compiled for sm_90 to 212 registers instead of 86).
+TOKEN_ARGS = ("M", "M_BUCKET")
 #: Smallest K of a ``tl.dot`` on NVIDIA GPUs; the rank is padded to at least this.
 MIN_DOT = 16
 #: fp32 accumulator registers per thread a GEMM configuration may plan for (255 is the hardware

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ..philox import keep_threshold
 from . import metadata
-from .launch_config import cdiv, dot_precision, launch_context, next_power_of_2, pad_rank
+from .launch_config import TOKEN_ARGS, cdiv, dot_precision, launch_context, next_power_of_2, pad_rank
 from .onepass_tiles import (
     BACKWARD_BLOCK_M,
     add_expand,
@@ -52,7 +52,7 @@ def _expand_and_store(acc, dt, col_start, a_ptr, a_idx_ptr, seed, out_ptr, rows,
 
 @triton.autotune(configs=backward_configs(), key=["M_BUCKET", "N", "K", "R_PAD", "DROPOUT", "COMPUTE_DB"],
                  prune_configs_by={"early_config_prune": prune_onepass_configs})
-@triton.jit(launch_metadata=metadata.onepass_input_grad)
+@triton.jit(launch_metadata=metadata.onepass_input_grad, do_not_specialize=TOKEN_ARGS)
 def _onepass_input_grad_kernel(dy_ptr, w_ptr, f_ptr, f_idx_ptr, mid_ptr, rw_ptr, a_ptr, a_idx_ptr, v_ptr,
                                gate_ptr, seed_ptr, out_ptr, dp_ptr, db_part_ptr, dbias_part_ptr,
                                M, N, K, R, M_BUCKET, v_scale, threshold, scale,

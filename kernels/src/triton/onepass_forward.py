@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ..philox import keep_threshold
 from . import metadata
-from .launch_config import cdiv, dot_precision, launch_context, next_power_of_2, pad_rank
+from .launch_config import TOKEN_ARGS, cdiv, dot_precision, launch_context, next_power_of_2, pad_rank
 from .onepass_tiles import (
     add_expand,
     column_groups,
@@ -51,7 +51,7 @@ def _expand_and_store(acc, v, b_ptr, b_idx_ptr, bias_ptr, out_ptr, rows, offs_m,
 
 @triton.autotune(configs=persistent_configs(), key=["M_BUCKET", "N", "K", "R_PAD", "DROPOUT"],
                  prune_configs_by={"early_config_prune": prune_onepass_configs})
-@triton.jit(launch_metadata=metadata.onepass_forward)
+@triton.jit(launch_metadata=metadata.onepass_forward, do_not_specialize=TOKEN_ARGS)
 def _onepass_forward_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, a_idx_ptr, mid_ptr, rw_ptr, b_ptr, b_idx_ptr,
                             gate_ptr, seed_ptr, out_ptr, t_ptr, M, N, K, R, M_BUCKET, v_scale, threshold, scale,
                             stride_xm, stride_xk, stride_wk, stride_wn, stride_ar, stride_ak,

@@ -15,12 +15,20 @@ import triton.language as tl
 from ..philox import keep_threshold
 from . import metadata
 from .dropout import keep_scale
-from .launch_config import cdiv, dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction
+from .launch_config import (
+    TOKEN_ARGS,
+    cdiv,
+    dot_precision,
+    launch_context,
+    pad_rank,
+    skinny_blocks,
+    split_reduction,
+)
 from .partials import partial_buffer, sum_partials
 from .tiles import load_factor
 
 
-@triton.jit(launch_metadata=metadata.shrink)
+@triton.jit(launch_metadata=metadata.shrink, do_not_specialize=TOKEN_ARGS)
 def _shrink_kernel(x_ptr, a_ptr, a_idx_ptr, part_ptr, seed_ptr, M, K, R, k_per_split, threshold, scale,
                    stride_xm, stride_xk, stride_ar, stride_ak,
                    A_GATHER: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr,

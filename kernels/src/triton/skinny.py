@@ -21,13 +21,21 @@ import triton.language as tl
 from ..philox import keep_threshold
 from . import metadata
 from .dropout import keep_scale
-from .launch_config import cdiv, dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction
+from .launch_config import (
+    TOKEN_ARGS,
+    cdiv,
+    dot_precision,
+    launch_context,
+    pad_rank,
+    skinny_blocks,
+    split_reduction,
+)
 from .partials import partial_buffer, sum_partials
 from .shrink import shrink
 from .tiles import load_factor
 
 
-@triton.jit(launch_metadata=metadata.dy_columns)
+@triton.jit(launch_metadata=metadata.dy_columns, do_not_specialize=TOKEN_ARGS)
 def _dy_columns_kernel(dy_ptr, b_ptr, b_idx_ptr, v_ptr, gate_ptr, dp_part_ptr, db_part_ptr, dbias_part_ptr,
                        M, D, R, rows_per_split, v_scale,
                        stride_dym, stride_dyd, stride_br, stride_bd, stride_vm, stride_vr,
@@ -133,7 +141,7 @@ def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], 
     return dp, db, dbias
 
 
-@triton.jit(launch_metadata=metadata.down_grad)
+@triton.jit(launch_metadata=metadata.down_grad, do_not_specialize=TOKEN_ARGS)
 def _down_grad_kernel(dt_ptr, x_ptr, part_ptr, seed_ptr, gate_ptr, M, K, R, rows_per_split, dt_scale, threshold, scale,
                       stride_dtm, stride_dtr, stride_xm, stride_xk,
                       DROPOUT: tl.constexpr, GATE_PTR: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
