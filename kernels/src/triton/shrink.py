@@ -15,15 +15,7 @@ import triton.language as tl
 from ..philox import keep_threshold
 from . import metadata
 from .dropout import keep_scale
-from .launch_config import (
-    TOKEN_ARGS,
-    cdiv,
-    dot_precision,
-    launch_context,
-    pad_rank,
-    skinny_blocks,
-    split_reduction,
-)
+from .launch_config import TOKEN_ARGS, cdiv, dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction
 from .partials import partial_buffer, sum_partials
 from .tiles import load_factor
 
