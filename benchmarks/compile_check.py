@@ -124,9 +124,9 @@ def install_offline_triton(arch: int, compiled: list) -> None:
     JITFunction.run = compile_only
     Autotuner.run = compile_every_config
     launch_config.INTERPRETER_READY = True  # launch_context: no CUDA device to enter
-    eligible = dispatch._triton_ineligibility
-    dispatch._triton_ineligibility = lambda x, dtype: eligible(x, dtype) if dtype not in dispatch.TRITON_DTYPES \
-        else None
+    eligible = dispatch.triton_ineligibility
+    dispatch.triton_ineligibility = lambda device, dtype: eligible(device, dtype) \
+        if dtype not in dispatch.TRITON_DTYPES else None
 
 
 def _record(name: str, kernel, kwargs: dict, seconds: float) -> dict:

@@ -73,3 +73,23 @@ def test_torch_plan_applies_the_mask_it_documents(monkeypatch, interpreted):
     for got, want, name in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_ref, refs, dy),
                                ("x", "lora_a", "lora_b")):
         assert_close(got, want, 1e-12, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_where_the_kernels_run_the_mask_in_their_dtypes_is_one_kernel_launch(monkeypatch, dtype):
+    """In fp32/fp16/bf16 the torch plan's mask comes from the Triton mask kernel (one launch, not Philox's
+    hundred integer ops over the whole mask); in float64, the reference's dtype, from torch's ops. Both are
+    the Philox mask bit for bit."""
+    from fastlora.kernels.dispatch import triton_ineligibility
+    if triton_ineligibility(torch.device("cpu"), dtype) is not None:
+        pytest.skip("the Triton kernels need TRITON_INTERPRET=1 set before triton is imported")
+    from fastlora.kernels.triton import dropout as kernel_dropout
+
+    launches = []
+    kernel_mask = kernel_dropout.dropout_mask
+    monkeypatch.setattr(kernel_dropout, "dropout_mask", lambda *a, **k: launches.append(a) or kernel_mask(*a, **k))
+    got = dropout_mask(9, 22, 0.4, 5, dtype=dtype)
+    assert len(launches) == 1 and got.dtype == dtype
+    assert torch.equal(got, philox_mask(9, 22, 0.4, seed_tensor(5, "cpu"), dtype))
+    reference = dropout_mask(9, 22, 0.4, 5, dtype=F64)
+    assert len(launches) == 1 and torch.equal(reference, philox_mask(9, 22, 0.4, seed_tensor(5, "cpu"), F64))

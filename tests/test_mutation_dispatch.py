@@ -63,13 +63,13 @@ def test_interpreter_flag_is_exactly_one(monkeypatch, value, expected):
 @needs_triton
 def test_cuda_inputs_are_eligible_when_triton_is_installed():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        assert dispatch._triton_ineligibility(CUDA_X, dtype) is None
-    assert "dtype torch.float64" in dispatch._triton_ineligibility(CUDA_X, torch.float64)
+        assert dispatch.triton_ineligibility(CUDA_X.device, dtype) is None
+    assert "dtype torch.float64" in dispatch.triton_ineligibility(CUDA_X.device, torch.float64)
 
 
 def test_cuda_inputs_without_triton_say_so(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_backend", lambda: None)
-    assert dispatch._triton_ineligibility(CUDA_X, torch.float16) == "Triton is not installed (pip install triton)"
+    assert dispatch.triton_ineligibility(CUDA_X.device, torch.float16) == "Triton is not installed (pip install triton)"
 
 
 @needs_triton

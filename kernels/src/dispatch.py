@@ -67,14 +67,14 @@ def plan_implementation(name: str) -> Plan:
     raise ValueError(f"plan must be one of {PLANS}, got {name!r}")
 
 
-def _triton_ineligibility(x: Tensor, dtype: torch.dtype) -> Optional[str]:
-    """Why the Triton plans cannot run these inputs, or None when they can."""
+def triton_ineligibility(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why the Triton kernels cannot run on ``device`` in ``dtype``, or None when they can."""
     if dtype not in TRITON_DTYPES:
         return f"dtype {dtype} (the Triton plans take fp16/bf16/fp32)"
-    if x.is_cuda:
+    if device.type == "cuda":
         return None if triton_backend() is not None else "Triton is not installed (pip install triton)"
     if not triton_interpreter_on():
-        return f"device {x.device} (the Triton plans need CUDA tensors, or TRITON_INTERPRET=1 on CPU)"
+        return f"device {device} (the Triton plans need CUDA tensors, or TRITON_INTERPRET=1 on CPU)"
     if dtype == torch.bfloat16:
         return "bf16 under the Triton interpreter (its bf16 arithmetic is wrong; use a GPU, fp16 or fp32)"
     return None if triton_backend() is not None else "Triton is not installed (pip install triton)"
@@ -92,8 +92,8 @@ def select_plan(backend: str, x: Tensor, dtype: torch.dtype, choose: Callable[[]
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        return choose() if x.is_cuda and _triton_ineligibility(x, dtype) is None else "torch"
-    reason = _triton_ineligibility(x, dtype)
+        return choose() if x.is_cuda and triton_ineligibility(x.device, dtype) is None else "torch"
+    reason = triton_ineligibility(x.device, dtype)
     if reason is not None:
         source = f"{ENV_VAR}={backend!r}" if forced_by_env else f"backend={backend!r}"
         raise RuntimeError(f"{source} cannot run this call: {reason}")

@@ -3,7 +3,10 @@ forward and the backward pass).
 
 Where the Triton kernels can run (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``),
 every plan uses the kernels' own draw, counter-based Philox4x32-10 (``philox.py``), so every plan
-computes the same result there. On CPU otherwise, only the torch plan runs: it draws from
+computes the same result there. The torch plan's mask is then drawn by one Triton kernel
+(``triton/dropout.py``) where it takes the dtype, else (float64, the reference's dtype, or no
+Triton) by the same Philox in torch ops: about a hundred elementwise integer ops over (N, d_in),
+which on a GPU cost far more than the layer. On CPU otherwise, only the torch plan runs: it draws from
 torch's CPU generator seeded with the seed (a handful of ops, about what ``nn.Dropout`` costs,
 instead of the ~100 small integer ops of Philox in torch), which gives another mask for the
 same seed. Either way the seed alone determines the mask, so a recomputation (backward,
@@ -40,9 +43,14 @@ def dropout_mask(n: int, d_in: int, p: float, seed, device=None, dtype=torch.flo
         raise ValueError(f"p must lie in [0, 1), got {p}")
     seed = seed_tensor(seed, device if device is not None else "cpu") if not isinstance(seed, Tensor) else seed
     device = seed.device if device is None else torch.device(device)
-    if kernels_draw(device):
-        return philox_mask(n, d_in, p, seed.to(device), dtype)
-    return _cpu_mask(n, d_in, p, seed, dtype)
+    if not kernels_draw(device):
+        return _cpu_mask(n, d_in, p, seed, dtype)
+    from .dispatch import triton_ineligibility  # dispatch imports this module
+
+    if triton_ineligibility(device, dtype) is None:
+        from .triton.dropout import dropout_mask as kernel_mask
+        return kernel_mask(n, d_in, p, seed.to(device), device, dtype)
+    return philox_mask(n, d_in, p, seed.to(device), dtype)
 
 
 _CPU = threading.local()  # one reseeded generator per thread (building one per call costs host time)

@@ -38,7 +38,8 @@ def _keep_kernel(out_ptr, rows_ptr, seed_ptr, n_rows, n_cols, threshold, scale,
                  BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """Grid (cdiv(n_rows, BLOCK_ROWS), cdiv(n_cols, BLOCK_COLS)): out[i, j] = mask(rows[i], j).
 
-    Pointers: out (n_rows, n_cols) fp32, rows (n_rows,) int64, seed (1,) int64; int64 output offsets.
+    Pointers: out (n_rows, n_cols) fp32, fp16 or bf16, rows (n_rows,) int64, seed (1,) int64; int64
+    output offsets.
     """
     offs_i = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     col_start = tl.program_id(1) * BLOCK_COLS
@@ -50,20 +51,23 @@ def _keep_kernel(out_ptr, rows_ptr, seed_ptr, n_rows, n_cols, threshold, scale,
 
 
 def dropout_mask(n: int, d_in: int, p: float, seed, device, dtype=torch.float32, rows=None) -> torch.Tensor:
-    """The mask (n, d_in) drawn by the kernels: 1/(1-p) where kept, 0 where dropped.
+    """The mask (n, d_in) drawn by the kernels: 1/(1-p) where kept, 0 where dropped; one launch,
+    written in ``dtype`` (fp32, fp16, bf16; another dtype is written in fp32 and cast).
 
-    For tests and debugging; ``seed`` an int or a (1,) int64 tensor; ``rows`` (n,) int64: the
-    row indices to draw (default 0..n-1), e.g. rows beyond 2^31 to test the counters.
+    The torch plan's mask where the kernels run (``masks.dropout_mask``); ``seed`` an int or a (1,)
+    int64 tensor; ``rows`` (n,) int64: the row indices to draw (default 0..n-1), e.g. rows beyond
+    2^31 to test the counters.
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"p must lie in [0, 1), got {p}")
     seed = seed if isinstance(seed, torch.Tensor) else seed_tensor(seed, device)
     rows = torch.arange(n, device=device) if rows is None else rows.to(device=device, dtype=torch.int64)
-    keep = torch.empty(n, d_in, device=device, dtype=torch.float32)
+    stored = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    keep = torch.empty(n, d_in, device=device, dtype=stored)
     if keep.numel():
         block_rows, block_cols = 16, 64
         grid = (cdiv(n, block_rows), cdiv(d_in, block_cols))
         with launch_context(keep.device):
             _keep_kernel[grid](keep, rows, seed, n, d_in, keep_threshold(p), 1.0 / (1.0 - p),
                                BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
-    return keep.to(dtype)
+    return keep if stored == dtype else keep.to(dtype)
