@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..philox import keep_threshold, seed_tensor
-from .launch_config import cdiv, launch_context
+from .launch_config import TOKEN_ARGS, cdiv, launch_context
 
 
 @triton.jit
@@ -33,20 +33,20 @@ def keep_scale(seed, rows, col_start, threshold, scale, BLOCK_COLS: tl.constexpr
     return tl.where(draw >= threshold, scale, 0.0)
 
 
-@triton.jit
-def _keep_kernel(out_ptr, rows_ptr, seed_ptr, n_rows, n_cols, threshold, scale,
+@triton.jit(do_not_specialize=TOKEN_ARGS)
+def _keep_kernel(out_ptr, rows_ptr, seed_ptr, M, n_cols, threshold, scale,
                  BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """Grid (cdiv(n_rows, BLOCK_ROWS), cdiv(n_cols, BLOCK_COLS)): out[i, j] = mask(rows[i], j).
+    """Grid (cdiv(M, BLOCK_ROWS), cdiv(n_cols, BLOCK_COLS)): out[i, j] = mask(rows[i], j).
 
-    Pointers: out (n_rows, n_cols) fp32, fp16 or bf16, rows (n_rows,) int64, seed (1,) int64; int64
+    Pointers: out (M, n_cols) fp32, fp16 or bf16, rows (M,) int64, seed (1,) int64; int64
     output offsets.
     """
     offs_i = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     col_start = tl.program_id(1) * BLOCK_COLS
     offs_j = col_start + tl.arange(0, BLOCK_COLS)
-    rows = tl.load(rows_ptr + offs_i, mask=offs_i < n_rows, other=0)
+    rows = tl.load(rows_ptr + offs_i, mask=offs_i < M, other=0)
     keep = keep_scale(tl.load(seed_ptr), rows, col_start, threshold, scale, BLOCK_COLS)
-    ok = (offs_i[:, None] < n_rows) & (offs_j[None, :] < n_cols)
+    ok = (offs_i[:, None] < M) & (offs_j[None, :] < n_cols)
     tl.store(out_ptr + offs_i[:, None].to(tl.int64) * n_cols + offs_j[None, :], keep, mask=ok)
 
 
