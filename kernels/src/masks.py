@@ -4,14 +4,14 @@ forward and the backward pass).
 Where the Triton kernels can run (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``),
 every plan uses the kernels' own draw, counter-based Philox4x32-10 (``philox.py``), so every plan
 computes the same result there. The torch plan's mask is then drawn by one Triton kernel
-(``triton/dropout.py``) where it takes the dtype, else (float64, the reference's dtype, or no
-Triton) by the same Philox in torch ops: about a hundred elementwise integer ops over (N, d_in),
-which on a GPU cost far more than the layer. On CPU otherwise, only the torch plan runs: it draws from
-torch's CPU generator seeded with the seed (a handful of ops, about what ``nn.Dropout`` costs,
-instead of the ~100 small integer ops of Philox in torch), which gives another mask for the
-same seed. Either way the seed alone determines the mask, so a recomputation (backward,
-gradient checkpointing) sees the same one. (A torch-plan call on CPU given no seed uses none of
-these: its mask is ``F.dropout``'s, kept by autograd for the backward; see ``ops.adapted_linear``.)
+(``triton/dropout.py``) in the dtypes the kernels take, else (float64, the reference's dtype, or
+no Triton) by the same Philox in torch ops: about a hundred elementwise integer ops over (N, d_in),
+which on a GPU cost far more than the layer. On CPU otherwise, only the torch plan runs: it draws
+from torch's CPU generator seeded with the seed (a handful of ops, about what ``nn.Dropout``
+costs), which gives another mask for the same seed. Either way the seed alone determines the mask,
+so a recomputation (backward, gradient checkpointing) sees the same one. (A torch-plan call on CPU
+given no seed uses none of these: its mask is ``F.dropout``'s, kept by autograd for the backward;
+see ``ops.adapted_linear``.)
 """
 from __future__ import annotations
 
