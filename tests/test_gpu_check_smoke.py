@@ -350,3 +350,17 @@ def test_stopped_run_keeps_its_report(tmp_path, monkeypatch):
     assert report["sections"]["env"]["status"] == "ok"
     assert report["sections"]["correctness"] == {"items": [{"kind": "op", "pass": True}], "status": "running"}
     assert report["terminated"] == "Terminated SIGTERM in section correctness"
+
+
+def test_a_run_started_in_process_counts_its_budget_from_its_own_start(tmp_path, monkeypatch):
+    """main() called long after the module was imported (as in this test session) still has its whole budget."""
+    from benchmarks import gpu_check
+
+    sections = (gpu_check.Section("env", lambda ctx: {"summary": f"{ctx.deadline - ctx.start:.0f} s"}, 0.5, False,
+                                  False, False),)
+    monkeypatch.setattr(gpu_check, "SECTIONS", sections)
+    monkeypatch.setattr(gpu_check, "START", gpu_check.START - 10 * gpu_check.DEFAULT_BUDGET_S)
+    assert gpu_check.main(["--device", "cpu", "--quick", "--budget-s", "100", "--out", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["sections"]["env"]["status"] == "ok" and report["sections"]["env"]["summary"] == "50 s"
+    assert report["seconds"] < 100
