@@ -75,21 +75,25 @@ def test_torch_plan_applies_the_mask_it_documents(monkeypatch, interpreted):
         assert_close(got, want, 1e-12, name)
 
 
+def test_on_a_gpu_the_mask_in_the_kernels_dtypes_is_the_mask_kernel():
+    """On CUDA, in fp32/fp16/bf16, the torch plan's mask is one launch of the Triton mask kernel (not Philox's
+    hundred integer torch ops over the whole mask); in float64, the reference's dtype, and on CPU (the
+    interpreter's kernel is far slower than torch's ops) it is torch's Philox."""
+    from fastlora.kernels.dispatch import triton_backend
+    from fastlora.kernels.masks import mask_kernel_draws
+
+    cuda = torch.device("cuda", 0)
+    expected = triton_backend() is not None
+    assert all(mask_kernel_draws(cuda, dtype) is expected for dtype in (torch.float32, torch.float16, torch.bfloat16))
+    assert not mask_kernel_draws(cuda, F64) and not mask_kernel_draws(torch.device("cpu"), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_where_the_kernels_run_the_mask_in_their_dtypes_is_one_kernel_launch(monkeypatch, dtype):
-    """In fp32/fp16/bf16 the torch plan's mask comes from the Triton mask kernel (one launch, not Philox's
-    hundred integer ops over the whole mask); in float64, the reference's dtype, from torch's ops. Both are
-    the Philox mask bit for bit."""
+def test_the_mask_kernel_writes_the_philox_mask_in_the_requested_dtype(dtype):
     from fastlora.kernels.dispatch import triton_ineligibility
     if triton_ineligibility(torch.device("cpu"), dtype) is not None:
         pytest.skip("the Triton kernels need TRITON_INTERPRET=1 set before triton is imported")
-    from fastlora.kernels.triton import dropout as kernel_dropout
+    from fastlora.kernels.triton.dropout import dropout_mask as kernel_mask
 
-    launches = []
-    kernel_mask = kernel_dropout.dropout_mask
-    monkeypatch.setattr(kernel_dropout, "dropout_mask", lambda *a, **k: launches.append(a) or kernel_mask(*a, **k))
-    got = dropout_mask(9, 22, 0.4, 5, dtype=dtype)
-    assert len(launches) == 1 and got.dtype == dtype
-    assert torch.equal(got, philox_mask(9, 22, 0.4, seed_tensor(5, "cpu"), dtype))
-    reference = dropout_mask(9, 22, 0.4, 5, dtype=F64)
-    assert len(launches) == 1 and torch.equal(reference, philox_mask(9, 22, 0.4, seed_tensor(5, "cpu"), F64))
+    got = kernel_mask(9, 22, 0.4, 5, "cpu", dtype)
+    assert got.dtype == dtype and torch.equal(got, philox_mask(9, 22, 0.4, seed_tensor(5, "cpu"), dtype))

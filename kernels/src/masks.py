@@ -3,10 +3,11 @@ forward and the backward pass).
 
 Where the Triton kernels can run (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``),
 every plan uses the kernels' own draw, counter-based Philox4x32-10 (``philox.py``), so every plan
-computes the same result there. The torch plan's mask is then drawn by one Triton kernel
-(``triton/dropout.py``) in the dtypes the kernels take, else (float64, the reference's dtype, or
-no Triton) by the same Philox in torch ops: about a hundred elementwise integer ops over (N, d_in),
-which on a GPU cost far more than the layer. On CPU otherwise, only the torch plan runs: it draws
+computes the same result there. On a GPU the torch plan's mask is drawn by one Triton kernel
+(``triton/dropout.py``) in the dtypes the kernels take; elsewhere (float64, the reference's dtype,
+the interpreter, where that kernel is far slower, or no Triton) by the same Philox in torch ops:
+about a hundred elementwise integer ops over (N, d_in), which on a GPU cost far more than the
+layer. On CPU otherwise, only the torch plan runs: it draws
 from torch's CPU generator seeded with the seed (a handful of ops, about what ``nn.Dropout``
 costs), which gives another mask for the same seed. Either way the seed alone determines the mask,
 so a recomputation (backward, gradient checkpointing) sees the same one. (A torch-plan call on CPU
@@ -45,12 +46,18 @@ def dropout_mask(n: int, d_in: int, p: float, seed, device=None, dtype=torch.flo
     device = seed.device if device is None else torch.device(device)
     if not kernels_draw(device):
         return _cpu_mask(n, d_in, p, seed, dtype)
-    from .dispatch import triton_ineligibility  # dispatch imports this module
-
-    if triton_ineligibility(device, dtype) is None:
+    if mask_kernel_draws(device, dtype):
         from .triton.dropout import dropout_mask as kernel_mask
         return kernel_mask(n, d_in, p, seed.to(device), device, dtype)
     return philox_mask(n, d_in, p, seed.to(device), dtype)
+
+
+def mask_kernel_draws(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``dropout_mask`` draws with the Triton mask kernel (one launch): on CUDA, in the
+    kernels' dtypes, with Triton installed."""
+    from .dispatch import triton_ineligibility  # dispatch imports this module
+
+    return device.type == "cuda" and triton_ineligibility(device, dtype) is None
 
 
 _CPU = threading.local()  # one reseeded generator per thread (building one per call costs host time)
