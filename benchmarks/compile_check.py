@@ -48,6 +48,8 @@ from benchmarks.check_report import item_name  # noqa: E402
 
 ARCH = 90  # H100 / H200
 KINDS = ("op", "method", "layer", "neat", "speed", "ragged")
+#: the kinds of a run without --kinds: the GPU run's items ("ragged" only on request)
+DEFAULT_KINDS = ("op", "method", "layer", "neat", "speed")
 #: token counts of the "ragged" kind's batches (multiples of 16, other, 1) and its (d_in, d_out, r)
 RAGGED_TOKENS = (64, 61, 1, 17, 128)
 RAGGED_SHAPE = (96, 80, 8)
@@ -387,7 +389,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=ARCH, help="compute capability as an integer (90: H100/H200)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes")
-    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {list(KINDS)}")
+    parser.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help=f"comma-separated subset of {list(KINDS)}")
     parser.add_argument("--dtypes", default="bfloat16,float16", help=f"comma-separated subset of {list(DTYPES)}")
     parser.add_argument("--plans", default=",".join(TRITON_PLANS), help=f"comma-separated subset of {TRITON_PLANS}")
     parser.add_argument("--match", default="", help="only items whose description holds each of these "
