@@ -29,7 +29,7 @@ def error_line(text: str) -> str:
 
 def item_name(item: dict) -> str:
     """"op plain bfloat16 triton": a correctness (or compile) item's description in one string."""
-    return " ".join(str(item[k]) for k in ("kind", "case", "method", "act", "dtype", "plan") if k in item)
+    return " ".join(str(item[k]) for k in ("kind", "case", "variant", "method", "act", "dtype", "plan") if k in item)
 
 
 def _failures(report: dict) -> list[str]:

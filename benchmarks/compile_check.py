@@ -2,7 +2,7 @@
 compile on this Triton, what does each configuration hold in registers, spills and shared
 memory, and how long does a cold run compile before it measures anything?
 
-    python benchmarks/compile_check.py [--arch 90] [--jobs N] [--kinds op,method,layer,neat,speed,ragged]
+    python benchmarks/compile_check.py [--arch 90] [--jobs N] [--kinds op,method,layer,neat,speed,ragged,model]
                                        [--dtypes bfloat16,float16] [--plans triton,cublas,onepass]
                                        [--match WORD,...] [--out PATH] [--keep-cache]
 
@@ -10,7 +10,10 @@ It runs the items of gpu_check's correctness section (benchmarks/check_correctne
 case, method and NEAT activation on every Triton plan, forward and backward) and the ranks of
 its speed section that those do not cover (kind "speed": r = 64, 32) on CPU tensors, and, on
 request (kind "ragged"), a plan's forward + backward with dropout over batches of varied length
-(``RAGGED_TOKENS``: each kernel should compile once, whatever the token count),
+(``RAGGED_TOKENS``: each kernel should compile once, whatever the token count) and (kind "model")
+one training step of bench_model's models per fastlora variant, what a cold first step compiles
+(their 2-layer, 64-wide configs: the same kernels as the full ones, though a choice that depends on
+the width, dP by the shrink or in the dy pass, can add a specialization the full widths lack),
 with Triton's driver replaced by an offline one: a kernel call compiles, for sm_<arch> with
 Triton's own ptxas, every configuration its autotuner would try (as the cold GPU run does)
 and launches nothing. Nothing runs, so the items' numbers are meaningless and not reported;
@@ -47,12 +50,14 @@ import torch  # noqa: E402
 from benchmarks.check_report import item_name  # noqa: E402
 
 ARCH = 90  # H100 / H200
-KINDS = ("op", "method", "layer", "neat", "speed", "ragged")
-#: the kinds of a run without --kinds: the GPU run's items ("ragged" only on request)
+KINDS = ("op", "method", "layer", "neat", "speed", "ragged", "model")
+#: the kinds of a run without --kinds: the GPU run's items ("ragged" and "model" only on request)
 DEFAULT_KINDS = ("op", "method", "layer", "neat", "speed")
 #: token counts of the "ragged" kind's batches (multiples of 16, other, 1) and its (d_in, d_out, r)
 RAGGED_TOKENS = (64, 61, 1, 17, 128)
 RAGGED_SHAPE = (96, 80, 8)
+#: bench_model's fastlora variants whose first step the "model" kind compiles
+MODEL_VARIANTS = ("accelerate_fp32", "inject_bf16")
 #: the gpu_check section's order: the speed section runs first, then correctness (op items first)
 SECTION_KINDS = ("speed", "op", "layer", "method", "neat")
 #: (rank, features) of the speed section's raw ops past the correctness items' r = 16 (r = 64,
@@ -196,6 +201,7 @@ def _every_item(kinds: tuple[str, ...], dtypes: tuple[torch.dtype, ...],
         for plan in plans if kind == "ragged" else ():
             yield {"kind": "ragged", "case": "tokens " + ",".join(map(str, RAGGED_TOKENS)), "dtype": name,
                    "plan": plan}, lambda d=dtype, p=plan: ragged_batches(d, p)
+        yield from _model_items(plans) if kind == "model" and dtype == torch.bfloat16 else ()
 
     for dtype in dtypes:
         for kind in kinds:
@@ -232,6 +238,31 @@ def ragged_batches(dtype: torch.dtype, plan: str) -> None:
     for n in RAGGED_TOKENS:
         x = torch.randn(n, d_in, generator=gen).to(dtype).requires_grad_(True)
         adapted_linear(x, weight, None, a, b, scale=2.0, dropout=0.1, backend=plan).sum().backward()
+
+
+def _model_items(plans: tuple[str, ...]) -> Iterator[tuple[dict, Callable[[], object]]]:
+    """One training step of each bench_model model and fastlora variant per plan (bf16 models, autocast)."""
+    from benchmarks.model_setups import MODELS
+
+    for model in MODELS:
+        for variant in MODEL_VARIANTS:
+            for plan in plans:
+                yield {"kind": "model", "case": model, "variant": variant, "dtype": "bfloat16", "plan": plan}, \
+                    lambda m=model, v=variant, p=plan: _forced(p, lambda: model_step(m, v))
+
+
+def model_step(model_name: str, variant: str) -> None:
+    """Forward under bf16 autocast and backward of bench_model's 2-layer ``model_name`` as ``variant``
+    (dropout 0.05, as bench_model trains), on the CPU."""
+    from benchmarks.model_setups import DROPOUT, MODELS, adapt, build_model, make_batch
+
+    cpu = torch.device("cpu")
+    spec = MODELS[model_name]
+    model = adapt(build_model(spec, True, cpu), variant, spec, DROPOUT)
+    batch = make_batch(spec, model, True, cpu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
 
 
 def _forced(plan: str, run: Callable[[], object]) -> object:

@@ -38,6 +38,21 @@ def test_batches_of_any_length_compile_each_default_kernel_once():
     assert set(names.values()) == {1}, names
 
 
+def test_a_models_first_training_step_compiles_a_handful_of_default_kernels():
+    """bench_model's Llama as accelerate(PEFT) with fp32 adapters under bf16 autocast, dropout 0.05, on the
+    cublas plan: one step compiles the plan's four kernels, none autotuned, at most two specializations each
+    (dP by the shrink or in the dy pass); the BERT model's step after it compiles nothing new."""
+    from collections import Counter
+
+    selection = (("model",), (torch.bfloat16,), ("cublas",), ("accelerate_fp32",))
+    results, skipped = compile_check.compile_all(90, selection, jobs=1)
+    assert skipped == [] and [r["case"] for r in results] == ["llama", "bert"], results
+    assert all(r["error"] is None for r in results), [r["error"] for r in results]
+    names = Counter(k["kernel"] for k in results[0]["compiled"])
+    assert set(names) == {"_shrink_kernel", "_dy_columns_kernel", "_down_grad_kernel", "_fused_linear_kernel"}
+    assert max(names.values()) <= 2 and results[1]["compiled"] == [], names
+
+
 def test_items_compiled_by_two_processes_come_back_in_item_order():
     results, skipped = compile_check.compile_all(90, (("neat",), (torch.float16,), ("triton",)), jobs=2)
     assert skipped == [] and [(r["act"], r["index"]) for r in results] == [("relu", 0), ("gelu", 1)]
