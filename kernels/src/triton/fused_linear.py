@@ -55,8 +55,8 @@ def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, v_ptr, u_ptr, u_idx_ptr, out_pt
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), program ids swizzled in groups of GROUP_M
     row tiles so neighbouring programs share W tiles in L2. Pointers: x (M, K), w (K, N),
     bias (N,) of stride stride_bias, v (M, R) fp32, u (R, N) or the frozen matrix whose rows
-    u_idx (R,) selects, out (M, N), seed (1,) int64, gate () — each used only when its
-    constexpr flag is set.
+    u_idx (R,) selects, of any float dtype, out (M, N), seed (1,) int64, gate () — each used only
+    when its constexpr flag is set. The low-rank product v U runs in out's dtype.
     Rows and columns past the edge wrap (offs % M) so edge tiles load valid memory; their
     stores are masked. Row and column offsets are int64: M * stride can pass 2^31.
     """
@@ -86,7 +86,10 @@ def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, v_ptr, u_ptr, u_idx_ptr, out_pt
         v = v * v_scale
         if GATE_PTR:
             v = v * tl.load(gate_ptr).to(tl.float32)
-        v = v.to(u.dtype)
+        # in the output's dtype, the compute dtype: a factor of another float dtype (PEFT's fp32
+        # adapters under bf16 autocast) is cast in registers, as the other kernels and addmm do
+        u = u.to(out_ptr.dtype.element_ty)
+        v = v.to(out_ptr.dtype.element_ty)
         if DROPOUT:
             low = tl.dot(v, u, input_precision=PRECISION)
             acc += low * keep_scale(tl.load(seed_ptr), rows, pid_n * BLOCK_N, threshold, scale, BLOCK_N)
@@ -111,7 +114,8 @@ def fused_linear(x: Optional[torch.Tensor], w_kn: Optional[torch.Tensor], bias: 
     x (M, K) and w_kn (K, N) with any strides (pass W.t() or W as views), or both None: no
     base GEMM (the low-rank "expand" alone); bias (N,) of any stride or None; v (M, r) fp32
     or None (no low-rank term); U = u (r, N), or u[u_index] for u_index (r,) (rows of a frozen
-    matrix read by index); gate: a 0-dim device tensor multiplied in (no host read) or None.
+    matrix read by index), of any float dtype (v U runs in the output's dtype); gate: a 0-dim
+    device tensor multiplied in (no host read) or None.
     p > 0: the low-rank term is multiplied by the dropout mask of an (M, N) input drawn from
     ``seed`` ((1,) int64 device tensor). ``out`` given: the result is added into it in place.
     """
@@ -144,5 +148,5 @@ def fused_linear(x: Optional[torch.Tensor], w_kn: Optional[torch.Tensor], bias: 
             u.stride(0), u.stride(1), bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, U_GATHER=u_index is not None,
             GATE_PTR=has_lowrank and gate is not None, ACCUMULATE=accumulate,
-            DROPOUT=dropout, R_PAD=pad_rank(r), PRECISION=dot_precision(x.dtype if has_base else u.dtype), **tile)
+            DROPOUT=dropout, R_PAD=pad_rank(r), PRECISION=dot_precision(out.dtype), **tile)
     return out
