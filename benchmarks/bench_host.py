@@ -61,6 +61,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .bench_adapted_linear import RESULTS, device_name, peft_layer, pick_device, slug, version
 from .isolated import run_child, write_json
+from .train_step import synchronize
 
 TOKENS, D_IN, D_OUT, R = 8, 64, 64, 8
 SCALE, DROPOUT = 2.0, 0.05
@@ -257,7 +258,7 @@ def measure(settings: dict, plan: str = "torch", device: torch.device = torch.de
     launches: Counter = Counter()  # of every Triton launch while the counter is in place
     gpu = device.type == "cuda"
     autocast_dtype = str(AUTOCAST_DTYPES[device.type]).removeprefix("torch.")
-    sync = functools.partial(torch.cuda.synchronize, device) if gpu else lambda: None
+    sync = functools.partial(synchronize, device)
     counter = counted_triton if gpu else stubbed_triton if plan != "torch" else None
     with forced_plan(plan), counter(launches) if counter else contextlib.nullcontext():
         times = time_calls(calls, settings["warmup"], settings["rounds"], settings["calls"], sync)

@@ -252,17 +252,15 @@ def _model_items(plans: tuple[str, ...]) -> Iterator[tuple[dict, Callable[[], ob
 
 
 def model_step(model_name: str, variant: str) -> None:
-    """Forward under bf16 autocast and backward of bench_model's 2-layer ``model_name`` as ``variant``
-    (dropout 0.05, as bench_model trains), on the CPU."""
+    """bench_model's training step (``train_step.make_step``: bf16 autocast, dropout 0.05) of its 2-layer
+    ``model_name`` as ``variant``, once, on the CPU."""
     from benchmarks.model_setups import DROPOUT, MODELS, adapt, build_model, make_batch
+    from benchmarks.train_step import make_step
 
     cpu = torch.device("cpu")
     spec = MODELS[model_name]
     model = adapt(build_model(spec, True, cpu), variant, spec, DROPOUT)
-    batch = make_batch(spec, model, True, cpu)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(**batch).loss
-    loss.backward()
+    make_step(model, make_batch(spec, model, True, cpu), cpu)()
 
 
 def _forced(plan: str, run: Callable[[], object]) -> object:

@@ -22,9 +22,9 @@ def _compute_dtype(x: Tensor, autocasting: bool) -> torch.dtype:
     return x.dtype
 
 
-def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
-    """t in ``dtype`` (a differentiable cast), or t as it is when dtype is None."""
-    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """t in ``dtype`` (a differentiable cast)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def adapted_linear(

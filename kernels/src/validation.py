@@ -94,11 +94,11 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
             raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64), got dtype {t.dtype}")
         if t.device != device:
             raise RuntimeError(f"{name} is on {t.device} but x is on {device}; all inputs must share one device")
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(device.type):
         raise TypeError(f"x dtype {x.dtype} does not match weight dtype {weight.dtype} (as in nn.Linear)")
     for name, idx in (("row_index", row_index), ("col_index", col_index)):
-        if idx is not None and idx.device != x.device:
-            raise RuntimeError(f"{name} is on {idx.device} but x is on {x.device}")
+        if idx is not None and idx.device != device:
+            raise RuntimeError(f"{name} is on {idx.device} but x is on {device}")
     if row_index is not None:
         _check_index("row_index", row_index, d_out, "output rows of W")
     if col_index is not None:
