@@ -120,10 +120,11 @@ def plan_kernels(plan: str, s: Shape, backward: bool = True) -> list[Kernel]:
                Kernel("dt A", e * (n * r + r * k + n * k), 2 * n * k * r),
                Kernel("dx + dt A", 3 * e * n * k, n * k)]
     elif plan == "cublas":
-        fwd = base_kernels(s, False) + [shrink, Kernel("y += v B^T (addmm)", e * (2 * n * d + d * r) + 4 * n * r,
-                                                       2 * n * d * r)]
-        bwd = _dy_pass(s) + [down_grad, base_kernels(s, True)[1],
-                             Kernel("dx += dt A (addmm)", e * (2 * n * k + r * k) + 4 * n * r, 2 * n * k * r)]
+        # the output starts as the low-rank term (one write); the base GEMM reads it back in its epilogue
+        fwd = [shrink, Kernel("y = v B^T", e * (n * d + d * r) + 4 * n * r, 2 * n * d * r),
+               Kernel("y += x W^T (beta 1)", e * (n * k + d * k + 2 * n * d), 2 * n * k * d)]
+        bwd = _dy_pass(s) + [down_grad, Kernel("dx = dt A", e * (n * k + r * k) + 4 * n * r, 2 * n * k * r),
+                             Kernel("dx += dy W (beta 1)", e * (n * d + d * k + 2 * n * k), 2 * n * k * d)]
     elif plan == "triton":
         fwd = [shrink, Kernel("x W^T + v B^T", e * (n * k + d * k + n * d + d * r) + 4 * n * r,
                               2 * n * d * (k + r))]

@@ -2,7 +2,9 @@
 
 - gemm: the two longest kernels of one forward + backward (the base GEMMs: y and dx) of
   the "triton" plan against those of ``F.linear`` with its input gradient (cuBLAS), at the
-  benchmark shapes, r = 16; plus forward medians of base, the triton plan with gate 0 and
+  benchmark shapes, r = 16; the cublas plan's output order timed (``output_order``: the GEMM
+  with beta 0 and 1, and the low-rank term added after the GEMM against the GEMM accumulating
+  into it, for y and dx); plus forward medians of base, the triton plan with gate 0 and
   every plan, and (with the onepass plan) of the persistent one-pass forward and input-gradient
   kernels for several programs per row block (``ONEPASS_GROUPS``; "default": their own choice).
 - skinny: device time of each skinny kernel of a forward and a backward ("cublas" plan when
@@ -63,12 +65,34 @@ def _gemm_case(n: int, d_in: int, d_out: int, ctx) -> dict:
     case = {"n": n, "d_in": d_in, "d_out": d_out, "cublas_gemms": cublas_gemms, "triton_gemms": triton_gemms,
             "gemm_ratio": triton_gemms["us"] / cublas_gemms["us"], "fwd_ms": fwd_ms,
             "fwd_vs_base": {k: v / fwd_ms["base"] for k, v in fwd_ms.items()}}
+    case["output_order"] = output_order(t, ctx.device)
     if "onepass" in ctx.plans:
         case["onepass_groups_fwd_ms"] = {label: median_ms(_onepass_forward(t, groups), ctx.device)
                                          for label, groups in ONEPASS_GROUPS.items()}
         case["onepass_groups_bwd_ms"] = {label: median_ms(_onepass_input_grad(t, groups), ctx.device)
                                          for label, groups in ONEPASS_GROUPS.items()}
     return case
+
+
+def output_order(t: dict, device: torch.device) -> dict:
+    """Medians (ms) of the base GEMM alone ("gemm": beta 0; "gemm_into": beta 1, reading the output back),
+    of the low-rank term added after it ("term_after": a separate addmm_ pass over the output) and of the
+    output started as the term with the GEMM accumulating into it ("term_first": the cublas plan), for
+    y = x W^T + s v B^T and dx = dy W + s dt A; "first_vs_after" is their ratio."""
+    x, weight, dy, a, b = (t[k].detach() for k in ("x", "weight", "dy", "a", "b"))
+    side = torch.randn(x.shape[0], a.shape[0], device=device, dtype=x.dtype)
+    result = {}
+    for name, mat1, mat2, up in (("y", x, weight.t(), b.t()), ("dx", dy, weight, a)):
+        out = torch.mm(mat1, mat2)
+        fresh = lambda: torch.empty_like(out)  # noqa: E731
+        ms = {"gemm": median_ms(lambda: torch.mm(mat1, mat2), device),
+              "gemm_into": median_ms(lambda: out.addmm_(mat1, mat2), device),
+              "term_after": median_ms(lambda: torch.mm(mat1, mat2).addmm_(side, up, alpha=SCALE), device),
+              "term_first": median_ms(lambda: fresh().addmm_(side, up, beta=0, alpha=SCALE).addmm_(mat1, mat2),
+                                      device)}
+        result[name] = {**ms, "first_vs_after": ms["term_first"] / ms["term_after"],
+                        "into_vs_gemm": ms["gemm_into"] / ms["gemm"]}
+    return result
 
 
 def _onepass_forward(t: dict, groups: Optional[int]) -> Callable[[], object]:
@@ -99,8 +123,10 @@ def gemm_vs_cublas(ctx) -> dict:
             continue
         result["shapes"].append(_gemm_case(n, d_in, d_out, ctx))
         ctx.partial(result)
-    result["summary"] = "Triton GEMMs / cuBLAS: " + ", ".join(
-        f"{s['d_in']}x{s['d_out']} {s['gemm_ratio']:.2f}x" for s in result["shapes"])
+    gemms = ", ".join(f"{s['d_in']}x{s['d_out']} {s['gemm_ratio']:.2f}x" for s in result["shapes"])
+    orders = ", ".join(f"{s['d_in']}x{s['d_out']} y {s['output_order']['y']['first_vs_after']:.2f}x "
+                       f"dx {s['output_order']['dx']['first_vs_after']:.2f}x" for s in result["shapes"])
+    result["summary"] = f"Triton GEMMs / cuBLAS: {gemms}; low-rank term first / after the GEMM: {orders}"
     return result
 
 

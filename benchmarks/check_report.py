@@ -95,6 +95,16 @@ def _onepass_groups(report: dict) -> list[str]:
             if f"onepass_groups_{kind}_ms" in shape]
 
 
+def _output_orders(report: dict) -> list[str]:
+    """Section gemm's timing of the cublas plan's output order (``check_kernels.output_order``), one line
+    per output and shape."""
+    return [f"output {name} ms, N={shape['n']} {shape['d_in']}->{shape['d_out']}: GEMM {row['gemm']:.3f}, "
+            f"into the output {row['gemm_into']:.3f}; low-rank term after {row['term_after']:.3f}, "
+            f"first {row['term_first']:.3f} ({row['first_vs_after']:.2f}x)"
+            for shape in report["sections"].get("gemm", {}).get("shapes", [])
+            for name, row in shape.get("output_order", {}).items()]
+
+
 def _models(report: dict) -> list[str]:
     """Section bench_model's table (benchmarks/bench_model.py: ``render``)."""
     section = report["sections"].get("bench_model", {})
@@ -114,4 +124,4 @@ def render(report: dict) -> str:
     failures = _failures(report)
     if failures:
         lines += ["failures:", *failures]
-    return "\n".join(lines + _models(report) + _onepass_groups(report) + _speed(report))
+    return "\n".join(lines + _models(report) + _output_orders(report) + _onepass_groups(report) + _speed(report))

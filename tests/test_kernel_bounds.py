@@ -177,8 +177,8 @@ def test_dropout_mask_kernel(checked):
 @pytest.mark.parametrize("blocks", GEMM, ids=kernel_tiles.tile_id)
 def test_fused_linear(blocks, checked, monkeypatch):
     """out = X Wkn + bias + drop(s g v U) at one tile: the forward (X, W^T a view, a strided bias, r = 67, device gate),
-    the input gradient (one row, W as stored, U gathered by index, dropout) and the expand alone added into
-    an existing output; M, N, K past 1.5 tiles."""
+    the input gradient (one row, W as stored, U gathered by index, dropout) and the expand alone with a bias
+    (the output the cuBLAS plan's GEMM accumulates into); M, N, K past 1.5 tiles."""
     kernel_tiles.force_gemm(monkeypatch, blocks)
     m, n, k = (past(1.5, blocks[name]) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     draw = Draw(4)
@@ -193,10 +193,10 @@ def test_fused_linear(blocks, checked, monkeypatch):
     out = fused_linear.fused_linear(f32(dy), f32(w), None, f32(dt), f32(u), index, v_scale=0.7, p=0.3, seed=SEED)
     assert_close(out, dy @ w + 0.7 * (dt @ u[index]) * mask_of(1, n, 0.3), TOL, "input gradient")
 
-    y, v, u = draw(m, n), draw(m, 5), draw(5, n)
-    out = f32(y)
-    fused_linear.fused_linear(None, None, None, f32(v), f32(u), v_scale=0.7, gate=gate, out=out)
-    assert_close(out, y + 0.42 * v @ u, TOL, "expand into the output")
+    bias, v, u = draw(n), draw(m, 5), draw(5, n)
+    out = fused_linear.fused_linear(None, None, strided(bias), f32(v), f32(u), v_scale=0.7, gate=gate,
+                                    out_dtype=torch.float32)
+    assert_close(out, bias + 0.42 * v @ u, TOL, "expand alone")
     assert checked.launches["_fused_linear_kernel"] == 3
 
 

@@ -60,7 +60,7 @@ def test_launch_metadata_counts_flops_and_bytes():
 
     bf16 = torch.empty(1, dtype=torch.bfloat16)
     meta = metadata.fused_linear(None, None, dict(M=8192, N=4096, K=4096, R=16, HAS_LOWRANK=True,
-                                                  ACCUMULATE=False, out_ptr=bf16))
+                                                  out_ptr=bf16))
     assert meta["flops16"] == 2 * 8192 * 4096 * (4096 + 16)
     assert meta["bytes"] == 2 * (8192 * 4096 * 2 + 4096 * 4096) + 4 * 8192 * 16 + 2 * 16 * 4096
     assert "M=8192 N=4096 K=4096 r=16" in meta["name"]

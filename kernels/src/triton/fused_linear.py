@@ -1,13 +1,13 @@
 """Base GEMM with the low-rank term in its epilogue.
 
-    out (+)= X Wkn + bias + drop(c * g * V U)   X (M, K), Wkn (K, N), V (M, r) fp32, U (r, N)
+    out = X Wkn + bias + drop(c * g * V U)   X (M, K), Wkn (K, N), V (M, r) fp32, U (r, N)
 
 Forward: X = x, Wkn = W^T, V = v, c = s (times the host gate), g a device gate or 1,
 U = B^T (or W[:, J]^T gathered), no dropout. Input gradient: X = dy, Wkn = W, V = dt,
 U = A (or W[I] gathered), and drop() the dropout mask of x regenerated from the seed.
-Without X and Wkn it is the low-rank "expand" alone, added into an existing output
-(the cuBLAS plan's input gradient with dropout), launched with one fixed tile
-(``launch_config.expand_config``). fp32 accumulation.
+Without X and Wkn it is the low-rank "expand" alone, bias + drop(c * g * V U), written as the
+output that the cuBLAS plan's base GEMM then accumulates into (beta = 1), launched with one fixed
+tile (``launch_config.expand_config``). fp32 accumulation.
 """
 from __future__ import annotations
 
@@ -37,16 +37,16 @@ from .tiles import grouped_tile, load_factor
 # Tuned per token-count bucket (the next power of two), not per exact token count, so
 # training with varying sequence lengths does not re-tune on every new batch shape.
 # The weight's layout is in the key: the forward (W^T, k-contiguous) and the input gradient
-# (W, n-contiguous) favour different tiles. restore_value: tuning runs never accumulate twice.
+# (W, n-contiguous) favour different tiles.
 @triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "W_LAYOUT", "R_PAD", "HAS_LOWRANK", "DROPOUT"],
-                 restore_value=["out_ptr"], prune_configs_by={"early_config_prune": prune_gemm_configs})
+                 prune_configs_by={"early_config_prune": prune_gemm_configs})
 @triton.jit(launch_metadata=metadata.fused_linear, do_not_specialize=TOKEN_ARGS)
 def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, v_ptr, u_ptr, u_idx_ptr, out_ptr,
                          seed_ptr, gate_ptr, M, N, K, R, M_BUCKET, W_LAYOUT, v_scale, threshold, scale,
                          stride_xm, stride_xk, stride_wk, stride_wn, stride_vm, stride_vr,
                          stride_ur, stride_un, stride_bias, stride_om, stride_on,
                          HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, U_GATHER: tl.constexpr,
-                         GATE_PTR: tl.constexpr, ACCUMULATE: tl.constexpr,
+                         GATE_PTR: tl.constexpr,
                          DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr):
@@ -98,18 +98,16 @@ def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, v_ptr, u_ptr, u_idx_ptr, out_pt
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols * stride_bias).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
-    in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if ACCUMULATE:
-        acc += tl.load(out, mask=in_bounds, other=0.0).to(tl.float32)
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 def fused_linear(x: Optional[torch.Tensor], w_kn: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                  v: Optional[torch.Tensor] = None, u: Optional[torch.Tensor] = None,
                  u_index: Optional[torch.Tensor] = None, *, v_scale: float = 1.0, gate: Optional[torch.Tensor] = None,
                  p: float = 0.0, seed: Optional[torch.Tensor] = None,
-                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """out (M, N) = x w_kn + bias + drop(v_scale * gate * v U), in x's (or ``out``'s) dtype.
+                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """out (M, N) = x w_kn + bias + drop(v_scale * gate * v U), a fresh tensor in x's dtype (in
+    ``out_dtype`` without the base GEMM).
 
     x (M, K) and w_kn (K, N) with any strides (pass W.t() or W as views), or both None: no
     base GEMM (the low-rank "expand" alone); bias (N,) of any stride or None; v (M, r) fp32
@@ -117,15 +115,13 @@ def fused_linear(x: Optional[torch.Tensor], w_kn: Optional[torch.Tensor], bias: 
     matrix read by index), of any float dtype (v U runs in the output's dtype); gate: a 0-dim
     device tensor multiplied in (no host read) or None.
     p > 0: the low-rank term is multiplied by the dropout mask of an (M, N) input drawn from
-    ``seed`` ((1,) int64 device tensor). ``out`` given: the result is added into it in place.
+    ``seed`` ((1,) int64 device tensor).
     """
     has_base = x is not None
     m = x.shape[0] if has_base else v.shape[0]
     n = w_kn.shape[1] if has_base else u.shape[1]
     k = x.shape[1] if has_base else 0
-    accumulate = out is not None
-    if out is None:
-        out = torch.empty(m, n, device=(x if has_base else v).device, dtype=x.dtype if has_base else v.dtype)
+    out = torch.empty(m, n, device=(x if has_base else v).device, dtype=x.dtype if has_base else out_dtype)
     has_lowrank = v is not None
     r = v.shape[1] if has_lowrank else 1
     dummy = out
@@ -147,6 +143,6 @@ def fused_linear(x: Optional[torch.Tensor], w_kn: Optional[torch.Tensor], bias: 
             v.stride(0) if has_lowrank else 0, v.stride(1) if has_lowrank else 0,
             u.stride(0), u.stride(1), bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, U_GATHER=u_index is not None,
-            GATE_PTR=has_lowrank and gate is not None, ACCUMULATE=accumulate,
+            GATE_PTR=has_lowrank and gate is not None,
             DROPOUT=dropout, R_PAD=pad_rank(r), PRECISION=dot_precision(out.dtype), **tile)
     return out

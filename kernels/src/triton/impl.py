@@ -7,13 +7,16 @@ two base GEMMs (forward x W^T, input gradient dy W):
 
 - ``FUSED`` ("triton"): the Triton GEMM runs them with the low-rank term in its epilogue
   (s*g*v B^T forward, mask ⊙ dt A backward): no extra pass over y or dx.
-- ``CUBLAS`` ("cublas"): torch's GEMM (cuBLAS on GPUs) runs them, the low-rank term is
-  added into the output by ``addmm(..., beta=1)`` (a second pass over y / dx, at cuBLAS
-  speed), or, where addmm cannot (gathered factors read by index, a device gate, dropout in
-  the input gradient), by the Triton expand kernel adding into the output in place. Its
-  factors may have another float dtype than x (PEFT's fp32 adapters over a bf16 model): the
-  kernels read them as they are, addmm gets A or B cast (r-sized), and dA, dB, dM, dm are
-  formed in fp32 and stored in the factors' own dtypes (no cast of the gradients).
+- ``CUBLAS`` ("cublas"): torch's GEMM (cuBLAS on GPUs) runs them, low-rank term first: the
+  output is created holding bias + s*g*v B^T (forward) or the masked s*g*dt A (input
+  gradient) by a skinny ``addmm`` or, where addmm cannot (gathered factors read by index, a
+  device gate, dropout in the input gradient), by the Triton expand kernel; the base GEMM then
+  accumulates into it (``addmm_``, beta = 1). The GEMM reads that output in its epilogue,
+  inside its compute-bound time, so the low-rank term costs one memory-bound write of y (dx)
+  instead of a read and a write after the GEMM. Its factors may have another float dtype than x
+  (PEFT's fp32 adapters over a bf16 model): the kernels read them as they are, addmm gets A or
+  B cast (r-sized), and dA, dB, dM, dm are formed in fp32 and stored in the factors' own dtypes
+  (no cast of the gradients).
 
 Forward: t = xd A^T (shrink kernel, dropout in-kernel); v = (t M^T) ⊙ m on the small t.
 Backward: one pass over dy for dP = dy B, dB and dbias; the r-sized chain dv, dm, du, dM,
@@ -91,6 +94,23 @@ def rank_chain_grads(grads: Grads, dp: Tensor, u: Tensor, t: Tensor, x: Tensor, 
     return dt
 
 
+def _low_rank_first(v: Tensor, u: Tensor, u_index: Optional[Tensor], bias: Optional[Tensor], term: LowRankTerm,
+                    dtype: torch.dtype, p: float = 0.0) -> Tensor:
+    """bias + drop_p(s*g * v U) (N, d) in ``dtype``, a fresh tensor for the cuBLAS plan's base GEMM to
+    accumulate into; v (N, r) fp32, U = u (r, d) or u[u_index]. A skinny cuBLAS addmm (the bias in
+    cuBLASLt's epilogue; without one, beta = 0 never reads the uninitialised output) where it can run, the
+    Triton expand for gathered factors, a device gate or the dropout mask (drop_p: of the (N, d) input
+    regenerated from the term's seed)."""
+    sg = term.scale * term.gate
+    if term.gate_tensor is None and u_index is None and p == 0.0:
+        v, u = v.to(dtype), u.to(dtype)
+        if bias is not None:
+            return torch.addmm(bias, v, u, alpha=sg)
+        return torch.empty(v.shape[0], u.shape[1], device=v.device, dtype=dtype).addmm_(v, u, beta=0, alpha=sg)
+    return fused_linear(None, None, bias, v, u, u_index, v_scale=sg, gate=term.gate_tensor, p=p,
+                        seed=term.dropout_seed, out_dtype=dtype)
+
+
 class TritonPlan:
     """A ``spec.Plan`` on the Triton kernels (see the module docstring for the two variants)."""
 
@@ -101,28 +121,21 @@ class TritonPlan:
     def __repr__(self) -> str:
         return f"TritonPlan({self.name!r})"
 
-    def _add_up(self, y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], v: Tensor,
-                term: LowRankTerm) -> Tensor:
-        """y = x W^T + bias + s*g*v B^T (N, d_out); ``y`` is F.linear's output on the cuBLAS plan."""
+    def _output(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], v: Tensor, term: LowRankTerm) -> Tensor:
+        """y = x W^T + bias + s*g*v B^T (N, d_out)."""
         up, up_index = _up_view(weight, term)
         if self.fused_base:
             return fused_linear(x, weight.t(), bias, v, up, up_index, v_scale=term.scale * term.gate,
                                 gate=term.gate_tensor)
-        if term.gate_tensor is None and up_index is None:
-            return y.addmm_(v.to(y.dtype), up.to(y.dtype), alpha=term.scale * term.gate)
-        return fused_linear(None, None, None, v, up, up_index, v_scale=term.scale * term.gate, gate=term.gate_tensor,
-                            out=y)
+        return _low_rank_first(v, up, up_index, bias, term, x.dtype).addmm_(x, weight.t())
 
     def _input_grad(self, dy: Tensor, weight: Tensor, dt: Tensor, term: LowRankTerm) -> Tensor:
         """dx = dy W + dropout'(s*g * dt A) (N, d_in); dt without the s*g factor."""
         down, down_index = _down_view(weight, term)
-        scaled = dict(v_scale=term.scale * term.gate, gate=term.gate_tensor, p=term.dropout_p, seed=term.dropout_seed)
         if self.fused_base:
-            return fused_linear(dy, weight, None, dt, down, down_index, **scaled)
-        dx = dy @ weight
-        if term.dropout_p == 0.0 and down_index is None and term.gate_tensor is None:
-            return dx.addmm_(dt.to(dx.dtype), down.to(dx.dtype), alpha=term.scale * term.gate)
-        return fused_linear(None, None, None, dt, down, down_index, out=dx, **scaled)
+            return fused_linear(dy, weight, None, dt, down, down_index, v_scale=term.scale * term.gate,
+                                gate=term.gate_tensor, p=term.dropout_p, seed=term.dropout_seed)
+        return _low_rank_first(dt, down, down_index, None, term, dy.dtype, term.dropout_p).addmm_(dy, weight)
 
     def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm,
                 keep_t: bool) -> tuple[Tensor, Optional[Tensor]]:
@@ -131,10 +144,9 @@ class TritonPlan:
             return torch_impl.forward(x, weight, bias, _factors_in(term, x.dtype), keep_t)
         if not term.lowrank_on:
             return F.linear(x, weight, bias), (shrink(x, weight, term) if keep_t else None)
-        y = None if self.fused_base else F.linear(x, weight, bias)
         t = shrink(x, weight, term)
         _, v = _mixed(t, term)
-        return self._add_up(y, x, weight, bias, v, term), t
+        return self._output(x, weight, bias, v, term), t
 
     def backward(self, dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Optional[Tensor],
                  needs: GradsNeeded) -> Grads:

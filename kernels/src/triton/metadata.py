@@ -19,8 +19,7 @@ def _flops_key(args: dict, name: str) -> str:
 def fused_linear(grid, kernel, args: dict) -> dict:
     m, n, k, r = args["M"], args["N"], args["K"], args["R"] if args["HAS_LOWRANK"] else 0
     elem = _size(args, "out_ptr")
-    out_passes = 2 if args["ACCUMULATE"] else 1
-    moved = elem * (m * k + k * n + out_passes * m * n) + 4 * m * r + elem * r * n
+    moved = elem * (m * k + k * n + m * n) + 4 * m * r + elem * r * n
     return {"name": f"fastlora.fused_linear M={m} N={n} K={k} r={r}",
             _flops_key(args, "out_ptr"): 2 * m * n * (k + r), "bytes": moved}
 
