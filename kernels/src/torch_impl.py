@@ -60,7 +60,8 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm
         _, v = _mixed(t, term)
         sg = term.scaled_gate()
         up = term.up(weight).t()
-        y = torch.addmm(y, v, up, alpha=sg) if term.gate_tensor is None else torch.addmm(y, v * sg, up)
+        # in place: F.linear's backward does not need y, and an out-of-place addmm would copy y first
+        y = y.addmm_(v, up, alpha=sg) if term.gate_tensor is None else y.addmm_(v * sg, up)
     return y, t
 
 

@@ -138,7 +138,7 @@ def skinny_blocks(r_pad: int, dropout: bool = False) -> dict:
 
 def expand_config() -> dict:
     """The one launch configuration of the low-rank expand alone (``fused_linear`` without a base
-    GEMM: read v (M, r) and U (r, N), add into out (M, N)): memory-bound, so one tile serves every
+    GEMM: read v (M, r) and U (r, N), write out (M, N)): memory-bound, so one tile serves every
     shape and nothing is autotuned (no first-use compile of a tile list). 64x64 on 4 warps: the
     smallest of the GEMM tiles that holds 128 B rows; compiled for sm_90 with dropout (Triton 3.6)
     it used 128 registers without spilling (64x128 used 232, and spilled 272 B on odd shapes)."""
