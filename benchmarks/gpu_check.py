@@ -14,6 +14,9 @@ still run; the JSON report is rewritten to --out after every item):
 3. host: the host time of one adapted layer's forward + backward at a size where the device
    work is negligible, PEFT's against fastlora's on the cublas and the torch plan, launches
    included (benchmarks/bench_host.py, a child process per plan);
+   crossover: one layer's training calls back to back over widths 256-4096 and 512-8192 tokens,
+   PEFT against the cublas and the torch plan: from which size the cublas plan pays for its host
+   path (benchmarks/bench_crossover.py, in a child process);
 4. compile: the speed section's and then the correctness items' Triton kernels compiled by one
    process per CPU core into Triton's cache, every autotuner configuration, with registers and
    spills (benchmarks/compile_check.py): the sections after it load instead of compiling one
@@ -36,12 +39,12 @@ still run; the JSON report is rewritten to --out after every item):
 
 Time budget (--budget-s, counted from start): a section gets at most its share of the
 budget (the rest rolls over) and skips, with the reason, the items that no longer fit. Shares
-(``SECTIONS``; of the default 450 s): env 4% (18 s), bench_model 30% (135 s), host 8%, compile 25%,
+(``SECTIONS``; of the default 450 s): env 4% (18 s), bench_model 30% (135 s), host 8%, crossover 6%, compile 25%,
 speed 25%, correctness 30%, graphs 8%, gemm 5%, skinny 4%, trace 3%; they add up to more than
 the whole, so the earlier sections come first and the later ones get what is left.
 Sections run in this process share its CUDA context: after one of them reports a CUDA fault
 (an illegal memory access leaves the context unusable), the others are skipped with that
-reason; bench_model, host, correctness and onepass_bisect run in child processes and still run.
+reason; bench_model, host, crossover, correctness and onepass_bisect run in child processes and still run.
 The exit status is 1 when a check section (bench_model's loss agreement, correctness, graphs)
 fails or errors, 2 when the run was stopped (SIGTERM or Ctrl-C: the report and table still
 cover what finished), else 0. ``--device cpu --quick`` runs what a CPU can (torch plan, tiny
@@ -70,6 +73,7 @@ if __package__ in (None, ""):  # run as a script path: import from the repositor
 import torch  # noqa: E402
 
 from benchmarks import (  # noqa: E402
+    bench_crossover,
     bench_host,
     bench_model,
     check_env,
@@ -102,6 +106,7 @@ SECTIONS = (
     Section("env", check_env.run, 0.04, False, False, False),
     Section("bench_model", bench_model.section, 0.3, True, False, True),
     Section("host", bench_host.section, 0.08, False, False, True),
+    Section("crossover", bench_crossover.section, 0.06, False, False, True),
     Section("compile", compile_check.section, 0.25, False, True, False),
     Section("speed", check_speed.run, 0.25, False, False, False),
     Section("correctness", correctness_section.run, 0.3, True, False, True),

@@ -23,7 +23,8 @@ from benchmarks.profiling import is_copy, per_name, top
 from benchmarks.speed_targets import targets
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ["env", "bench_model", "host", "compile", "speed", "correctness", "graphs", "gemm", "skinny", "trace"]
+SECTIONS = ["env", "bench_model", "host", "crossover", "compile", "speed", "correctness", "graphs", "gemm", "skinny",
+            "trace"]
 CUDA_SECTIONS = {"compile", "graphs", "gemm", "skinny"}
 PASS_SECTIONS = {"bench_model", "correctness"}  # check sections: "pass" when every check ran and passed
 
@@ -246,6 +247,28 @@ class _Ctx:
 
     def partial(self, result):
         pass
+
+
+def test_crossover_section(cpu_run):
+    """The sweep's quick CPU run: PEFT and the torch plan timed at each shape, host time within the wall time."""
+    _, report = cpu_run
+    rows = report["sections"]["crossover"]["rows"]
+    assert [(row["n"], row["d"]) for row in rows] == [(16, 32), (16, 64)]
+    for row in rows:
+        assert set(row["ms"]) == {"peft", "torch"} and all(ms > 0 for ms in row["ms"].values())
+        assert all(row["host_us"][name] <= 1e3 * row["ms"][name] * 1.01 for name in row["ms"])
+        assert row["fastest"] in row["ms"]
+
+
+def test_crossover_is_the_width_from_which_cublas_keeps_winning():
+    from benchmarks.bench_crossover import crossover
+
+    def row(n, d, cublas, peft):
+        return {"n": n, "d": d, "ms": {"cublas": cublas, "peft": peft, "torch": 1.0}}
+
+    rows = [row(512, 256, 2.0, 1.0), row(512, 512, 0.9, 1.0), row(512, 768, 1.1, 1.0), row(512, 1024, 0.5, 1.0),
+            row(2048, 256, 0.5, 1.0), row(2048, 512, 0.6, 1.0), row(8192, 256, 2.0, 1.0)]
+    assert crossover(rows, "peft") == {"512": 1024, "2048": 256, "8192": None}
 
 
 def test_kernel_sections_logic(monkeypatch):

@@ -1,0 +1,192 @@
+"""Where the cublas plan starts to pay: one adapted layer's training calls run back to back over a
+ladder of widths and token counts, PEFT against fastlora on the cublas and on the torch plan.
+
+    python -m benchmarks.bench_crossover [--device cuda|cpu] [--quick] [--out PATH]
+
+Setup of a training run with PEFT's defaults (as bench_model's): a d -> d layer of bf16 weights with
+fp32 adapters, r = 16, dropout 0.05, under bf16 autocast (on the CPU: fp32, the torch plan only, a
+check of the script). A call is the forward plus ``torch.autograd.grad`` of x and the factors.
+Variants: ``peft`` (PEFT's lora.Linear), ``cublas`` and ``torch`` (``fastlora.accelerate`` over the
+same PEFT layer, the plan forced by FASTLORA_BACKEND).
+
+Timing: ``CALLS`` calls back to back, without a synchronize or a cache flush between them (as the
+layers of a training step run), between two synchronizes: "ms" is that block's wall time per call,
+the median over ``ROUNDS`` rounds in which the variants take turns. "host_us" is the time per call
+the host spent before the block's final synchronize: when it is close to "ms", the device waited
+for the host, and the variant with less host work per call wins whatever its bytes. The sweep shows
+from which size (tokens x d x d) the cublas plan's fewer bytes pay for its longer host path, against
+PEFT and against the torch plan (the data a size rule for ``auto`` needs). JSON:
+benchmarks/results/crossover_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .bench_adapted_linear import RESULTS, device_name, peft_layer, pick_device, slug
+from .bench_host import forced_plan
+from .isolated import run_child, write_json
+from .train_step import synchronize
+
+WIDTHS = (256, 512, 768, 1024, 2048, 4096)
+TOKENS = (512, 2048, 8192)
+QUICK_WIDTHS, QUICK_TOKENS = (32, 64), (16,)
+R, SCALE, DROPOUT = 16, 2.0, 0.05
+WARMUP, ROUNDS, CALLS = 3, 5, 20
+QUICK_REPEATS = (1, 2, 3)
+#: seconds that must be left to start gpu_check's child process (imports, first compiles)
+RESERVE_S = {"cuda": 20.0, "cpu": 5.0}
+
+
+def plans_of(device: torch.device) -> tuple[str, ...]:
+    return ("cublas", "torch") if device.type == "cuda" else ("torch",)
+
+
+def _layers(n: int, d: int, device: torch.device, plans: tuple[str, ...]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(variant -> layer, x, dy): PEFT's layer with fp32 adapters over a half-precision base on a GPU."""
+    import fastlora
+
+    gen = torch.Generator(device=device).manual_seed(d + n)
+    rnd = lambda *shape: torch.randn(*shape, device=device, generator=gen)  # noqa: E731
+    weight, a, b = rnd(d, d) * d ** -0.5, rnd(R, d) * d ** -0.5, rnd(d, R) * 0.02
+    half = torch.bfloat16 if device.type == "cuda" else torch.float32
+    layers = {}
+    for name in ("peft", *plans):
+        layer = peft_layer(weight, a, b, SCALE, DROPOUT)
+        layer.base_layer.to(half)
+        layers[name] = layer if name == "peft" else fastlora.accelerate(layer)
+    return layers, rnd(n, d).to(half).requires_grad_(), rnd(n, d).to(half)
+
+
+def _call(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], object]:
+    params = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    autocast = torch.autocast(x.device.type, dtype=x.dtype) if x.device.type == "cuda" else contextlib.nullcontext()
+
+    def call():
+        with autocast:
+            y = layer(x)
+        return torch.autograd.grad(y, params, dy)
+    return call
+
+
+def _block(call: Callable[[], object], device: torch.device, calls: int) -> tuple[float, float]:
+    """(wall ms per call, host us per call) of ``calls`` back-to-back calls between two synchronizes."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    issued = time.perf_counter()
+    synchronize(device)
+    end = time.perf_counter()
+    return 1e3 * (end - start) / calls, 1e6 * (issued - start) / calls
+
+
+def measure_shape(n: int, d: int, device: torch.device, repeats: tuple[int, int, int]) -> dict:
+    """One shape's row: ms and host_us per variant, and the fastest variant."""
+    warmup, rounds, calls = repeats
+    plans = plans_of(device)
+    layers, x, dy = _layers(n, d, device, plans)
+    runs = {name: _call(layer, x, dy) for name, layer in layers.items()}
+    times = {name: [] for name in runs}
+    for name, run in runs.items():
+        with forced(name):
+            _block(run, device, warmup)
+    for _ in range(rounds):
+        for name, run in runs.items():
+            with forced(name):
+                times[name].append(_block(run, device, calls))
+    ms = {name: statistics.median(t for t, _ in rows) for name, rows in times.items()}
+    host = {name: statistics.median(h for _, h in rows) for name, rows in times.items()}
+    return {"n": n, "d": d, "gemm_gflop": 2 * 2 * n * d * d / 1e9, "ms": ms, "host_us": host,
+            "vs_peft": {name: ms[name] / ms["peft"] for name in ms}, "fastest": min(ms, key=ms.__getitem__)}
+
+
+def forced(name: str):
+    """FASTLORA_BACKEND = ``name`` for a fastlora variant (accelerate's layers take ``auto``); PEFT's
+    layer ignores it."""
+    return forced_plan(name) if name != "peft" else contextlib.nullcontext()
+
+
+def crossover(rows: list[dict], versus: str) -> dict:
+    """Per token count, the smallest width from which the cublas plan is faster than ``versus`` at every
+    larger measured width (None: at none)."""
+    out = {}
+    for n in sorted({row["n"] for row in rows}):
+        ladder = sorted((row for row in rows if row["n"] == n and "cublas" in row["ms"]), key=lambda row: row["d"])
+        winning = [row["ms"]["cublas"] < row["ms"][versus] for row in ladder]
+        first = next((i for i in range(len(ladder)) if all(winning[i:])), None)
+        out[str(n)] = ladder[first]["d"] if first is not None else None
+    return out
+
+
+def summary_of(report: dict) -> str:
+    rows = report["rows"]
+    if not any("cublas" in row["ms"] for row in rows):
+        return f"{len(rows)} shapes, torch plan vs PEFT " + ", ".join(
+            f"N={row['n']} d={row['d']} {row['vs_peft']['torch']:.2f}x" for row in rows)
+    return ("cublas faster than PEFT from d = " + ", ".join(f"{d} (N={n})" for n, d in report["vs_peft"].items())
+            + "; than the torch plan from d = " + ", ".join(f"{d} (N={n})" for n, d in report["vs_torch"].items()))
+
+
+def run(device: torch.device, quick: bool, out: Path) -> dict:
+    widths, tokens = (QUICK_WIDTHS, QUICK_TOKENS) if quick else (WIDTHS, TOKENS)
+    repeats = QUICK_REPEATS if quick else (WARMUP, ROUNDS, CALLS)
+    report = {"device": device_name(device), "torch": torch.__version__, "plans": list(plans_of(device)),
+              "setup": {"r": R, "scale": SCALE, "dropout": DROPOUT, "weights": "bfloat16" if device.type == "cuda"
+                        else "float32", "adapters": "float32", "repeats": dict(zip(("warmup", "rounds", "calls"),
+                                                                                  repeats))},
+              "rows": []}
+    for n in tokens:
+        for d in widths:
+            report["rows"].append(measure_shape(n, d, device, repeats))
+            print(f"N={n} d={d}: " + ", ".join(f"{k} {v:.3f} ms ({report['rows'][-1]['host_us'][k]:.0f} us host)"
+                                               for k, v in report["rows"][-1]["ms"].items()), flush=True)
+            write_json(out, report)
+    if device.type == "cuda":
+        report["vs_peft"], report["vs_torch"] = crossover(report["rows"], "peft"), crossover(report["rows"], "torch")
+    report["summary"] = summary_of(report)
+    write_json(out, report)
+    return report
+
+
+def section(ctx) -> dict:
+    """gpu_check section "crossover": this sweep in a child process."""
+    if not ctx.has(RESERVE_S[ctx.device.type]):
+        return {"status": "skipped", "reason": "time budget", "summary": "skipped for time"}
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fastlora_crossover_") as tmp:
+        out = Path(tmp) / "crossover.json"
+        args = ["--device", ctx.device.type, "--out", str(out), *(["--quick"] if ctx.quick else [])]
+        child = run_child("benchmarks.bench_crossover", args, out, timeout_s=ctx.left())
+    report = child["result"]
+    if report is None or child["returncode"] != 0:
+        return {"status": "error", "partial": report, "summary": f"exit status {child['returncode']}",
+                "output": child["output"]}
+    return {"status": "ok", **report}
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_crossover", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    parser.add_argument("--quick", action="store_true", help="two tiny shapes, few repetitions (a check of the script)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: see the module docstring)")
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    out = args.out or RESULTS / f"crossover_{slug(device_name(device))}{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = run(device, args.quick, out)
+    print(report["summary"])
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
