@@ -77,21 +77,32 @@ def _gemm_case(n: int, d_in: int, d_out: int, ctx) -> dict:
 def output_order(t: dict, device: torch.device) -> dict:
     """Medians (ms) of the base GEMM alone ("gemm": beta 0; "gemm_into": beta 1, reading the output back),
     of the low-rank term added after it ("term_after": a separate addmm_ pass over the output) and of the
-    output started as the term with the GEMM accumulating into it ("term_first": the cublas plan), for
-    y = x W^T + s v B^T and dx = dy W + s dt A; "first_vs_after" is their ratio."""
+    output started as the term with the GEMM accumulating into it ("term_first": the cublas plan; by the
+    Triton expand kernel instead of addmm: "term_first_expand"), for y = x W^T + s v B^T and
+    dx = dy W + s dt A, with fp32 v and factors (PEFT's adapters: addmm gets them cast, the expand reads
+    them as they are); "first_vs_after" and "expand_vs_addmm" are ratios of those."""
+    from fastlora.kernels.triton.fused_linear import fused_linear
+
     x, weight, dy, a, b = (t[k].detach() for k in ("x", "weight", "dy", "a", "b"))
-    side = torch.randn(x.shape[0], a.shape[0], device=device, dtype=x.dtype)
+    side = torch.randn(x.shape[0], a.shape[0], device=device)
+    dtype = x.dtype
     result = {}
-    for name, mat1, mat2, up in (("y", x, weight.t(), b.t()), ("dx", dy, weight, a)):
+    for name, mat1, mat2, up in (("y", x, weight.t(), b.t().float()), ("dx", dy, weight, a.float())):
         out = torch.mm(mat1, mat2)
-        fresh = lambda: torch.empty_like(out)  # noqa: E731
+
+        def term() -> torch.Tensor:
+            return torch.empty_like(out).addmm_(side.to(dtype), up.to(dtype), beta=0, alpha=SCALE)
+
         ms = {"gemm": median_ms(lambda: torch.mm(mat1, mat2), device),
               "gemm_into": median_ms(lambda: out.addmm_(mat1, mat2), device),
-              "term_after": median_ms(lambda: torch.mm(mat1, mat2).addmm_(side, up, alpha=SCALE), device),
-              "term_first": median_ms(lambda: fresh().addmm_(side, up, beta=0, alpha=SCALE).addmm_(mat1, mat2),
-                                      device)}
+              "term_after": median_ms(lambda: torch.mm(mat1, mat2).addmm_(side.to(dtype), up.to(dtype),
+                                                                          alpha=SCALE), device),
+              "term_first": median_ms(lambda: term().addmm_(mat1, mat2), device),
+              "term_first_expand": median_ms(lambda: fused_linear(None, None, None, side, up, v_scale=SCALE,
+                                                                  out_dtype=dtype).addmm_(mat1, mat2), device)}
         result[name] = {**ms, "first_vs_after": ms["term_first"] / ms["term_after"],
-                        "into_vs_gemm": ms["gemm_into"] / ms["gemm"]}
+                        "into_vs_gemm": ms["gemm_into"] / ms["gemm"],
+                        "expand_vs_addmm": ms["term_first_expand"] / ms["term_first"]}
     return result
 
 

@@ -100,7 +100,8 @@ def _output_orders(report: dict) -> list[str]:
     per output and shape."""
     return [f"output {name} ms, N={shape['n']} {shape['d_in']}->{shape['d_out']}: GEMM {row['gemm']:.3f}, "
             f"into the output {row['gemm_into']:.3f}; low-rank term after {row['term_after']:.3f}, "
-            f"first {row['term_first']:.3f} ({row['first_vs_after']:.2f}x)"
+            f"first {row['term_first']:.3f} ({row['first_vs_after']:.2f}x), by the expand kernel "
+            f"{row['term_first_expand']:.3f} ({row['expand_vs_addmm']:.2f}x)"
             for shape in report["sections"].get("gemm", {}).get("shapes", [])
             for name, row in shape.get("output_order", {}).items()]
 

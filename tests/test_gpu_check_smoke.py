@@ -297,7 +297,7 @@ def test_kernel_sections_logic(monkeypatch):
         assert all(ms > 0 for ms in shape[f"onepass_groups_{kind}_ms"].values())
     for output in ("y", "dx"):
         order = shape["output_order"][output]
-        assert all(order[k] > 0 for k in ("gemm", "gemm_into", "term_after", "term_first"))
+        assert all(order[k] > 0 for k in ("gemm", "gemm_into", "term_after", "term_first", "term_first_expand"))
         assert order["first_vs_after"] == order["term_first"] / order["term_after"]
     table = render({"device": "GPU", "plans": ["onepass"], "sections": {"gemm": {"status": "ok", **gemm}}})
     assert "output dx ms, N=32 16->24: GEMM " in table and "low-rank term first / after the GEMM: 16x24 y " in table
