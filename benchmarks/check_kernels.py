@@ -1,10 +1,11 @@
-"""GPU check, sections "gemm", "skinny" and "trace": per-kernel views from torch.profiler.
+"""GPU check, sections "order", "gemm", "skinny" and "trace": per-kernel views from torch.profiler.
 
+- order: the cublas plan's output order timed at the benchmark shapes, r = 16 (``output_order``:
+  the GEMM with beta 0 and 1, the low-rank term added after the GEMM against the GEMM accumulating
+  into it, for y and dx, the term written by addmm or by the Triton expand).
 - gemm: the two longest kernels of one forward + backward (the base GEMMs: y and dx) of
   the "triton" plan against those of ``F.linear`` with its input gradient (cuBLAS), at the
-  benchmark shapes, r = 16; the cublas plan's output order timed (``output_order``: the GEMM
-  with beta 0 and 1, and the low-rank term added after the GEMM against the GEMM accumulating
-  into it, for y and dx); plus forward medians of base, the triton plan with gate 0 and
+  benchmark shapes, r = 16; plus forward medians of base, the triton plan with gate 0 and
   every plan, and (with the onepass plan) of the persistent one-pass forward and input-gradient
   kernels for several programs per row block (``ONEPASS_GROUPS``; "default": their own choice).
 - skinny: device time of each skinny kernel of a forward and a backward ("cublas" plan when
@@ -65,7 +66,6 @@ def _gemm_case(n: int, d_in: int, d_out: int, ctx) -> dict:
     case = {"n": n, "d_in": d_in, "d_out": d_out, "cublas_gemms": cublas_gemms, "triton_gemms": triton_gemms,
             "gemm_ratio": triton_gemms["us"] / cublas_gemms["us"], "fwd_ms": fwd_ms,
             "fwd_vs_base": {k: v / fwd_ms["base"] for k, v in fwd_ms.items()}}
-    case["output_order"] = output_order(t, ctx.device)
     if "onepass" in ctx.plans:
         case["onepass_groups_fwd_ms"] = {label: median_ms(_onepass_forward(t, groups), ctx.device)
                                          for label, groups in ONEPASS_GROUPS.items()}
@@ -134,10 +134,24 @@ def gemm_vs_cublas(ctx) -> dict:
             continue
         result["shapes"].append(_gemm_case(n, d_in, d_out, ctx))
         ctx.partial(result)
-    gemms = ", ".join(f"{s['d_in']}x{s['d_out']} {s['gemm_ratio']:.2f}x" for s in result["shapes"])
-    orders = ", ".join(f"{s['d_in']}x{s['d_out']} y {s['output_order']['y']['first_vs_after']:.2f}x "
-                       f"dx {s['output_order']['dx']['first_vs_after']:.2f}x" for s in result["shapes"])
-    result["summary"] = f"Triton GEMMs / cuBLAS: {gemms}; low-rank term first / after the GEMM: {orders}"
+    result["summary"] = "Triton GEMMs / cuBLAS: " + ", ".join(
+        f"{s['d_in']}x{s['d_out']} {s['gemm_ratio']:.2f}x" for s in result["shapes"])
+    return result
+
+
+def order(ctx) -> dict:
+    """Section "order": ``output_order`` at each benchmark shape (r = GEMM_RANK) while time is left."""
+    result = {"rank": GEMM_RANK, "shapes": [], "skipped": []}
+    for n, d_in, d_out in FULL_SHAPES:
+        if not ctx.has(ITEM_RESERVE_S):
+            result["skipped"].append({"shape": [n, d_in, d_out], "reason": "time budget"})
+            continue
+        t = _tensors((n, d_in, d_out, GEMM_RANK), ctx.device)
+        result["shapes"].append({"n": n, "d_in": d_in, "d_out": d_out, **output_order(t, ctx.device)})
+        ctx.partial(result)
+    result["summary"] = "low-rank term first / after the GEMM: " + ", ".join(
+        f"{s['d_in']}x{s['d_out']} y {s['y']['first_vs_after']:.2f}x dx {s['dx']['first_vs_after']:.2f}x"
+        for s in result["shapes"])
     return result
 
 

@@ -96,14 +96,14 @@ def _onepass_groups(report: dict) -> list[str]:
 
 
 def _output_orders(report: dict) -> list[str]:
-    """Section gemm's timing of the cublas plan's output order (``check_kernels.output_order``), one line
+    """Section order's timing of the cublas plan's output order (``check_kernels.output_order``), one line
     per output and shape."""
     return [f"output {name} ms, N={shape['n']} {shape['d_in']}->{shape['d_out']}: GEMM {row['gemm']:.3f}, "
             f"into the output {row['gemm_into']:.3f}; low-rank term after {row['term_after']:.3f}, "
             f"first {row['term_first']:.3f} ({row['first_vs_after']:.2f}x), by the expand kernel "
             f"{row['term_first_expand']:.3f} ({row['expand_vs_addmm']:.2f}x)"
-            for shape in report["sections"].get("gemm", {}).get("shapes", [])
-            for name, row in shape.get("output_order", {}).items()]
+            for shape in report["sections"].get("order", {}).get("shapes", []) for name in ("y", "dx")
+            if name in shape for row in (shape[name],)]
 
 
 def _models(report: dict) -> list[str]:

@@ -17,6 +17,9 @@ still run; the JSON report is rewritten to --out after every item):
    crossover: one layer's training calls back to back over widths 256-4096 and 512-8192 tokens,
    PEFT against the cublas and the torch plan: from which size the cublas plan pays for its host
    path (benchmarks/bench_crossover.py, in a child process);
+   order: the cublas plan's output order at the benchmark shapes: the GEMM with beta 0 and 1, the
+   low-rank term added after the GEMM or written first for the GEMM to accumulate into, by addmm or
+   by the Triton expand (benchmarks/check_kernels.py);
 4. compile: the speed section's and then the correctness items' Triton kernels compiled by one
    process per CPU core into Triton's cache, every autotuner configuration, with registers and
    spills (benchmarks/compile_check.py): the sections after it load instead of compiling one
@@ -39,8 +42,8 @@ still run; the JSON report is rewritten to --out after every item):
 
 Time budget (--budget-s, counted from start): a section gets at most its share of the
 budget (the rest rolls over) and skips, with the reason, the items that no longer fit. Shares
-(``SECTIONS``; of the default 450 s): env 4% (18 s), bench_model 30% (135 s), host 8%, crossover 6%, compile 25%,
-speed 25%, correctness 30%, graphs 8%, gemm 5%, skinny 4%, trace 3%; they add up to more than
+(``SECTIONS``; of the default 450 s): env 4% (18 s), bench_model 30% (135 s), host 8%, crossover 6%,
+order 2%, compile 25%, speed 25%, correctness 30%, graphs 8%, gemm 5%, skinny 4%, trace 3%; they add up to more than
 the whole, so the earlier sections come first and the later ones get what is left.
 Sections run in this process share its CUDA context: after one of them reports a CUDA fault
 (an illegal memory access leaves the context unusable), the others are skipped with that
@@ -107,6 +110,7 @@ SECTIONS = (
     Section("bench_model", bench_model.section, 0.3, True, False, True),
     Section("host", bench_host.section, 0.08, False, False, True),
     Section("crossover", bench_crossover.section, 0.06, False, False, True),
+    Section("order", check_kernels.order, 0.02, False, True, False),
     Section("compile", compile_check.section, 0.25, False, True, False),
     Section("speed", check_speed.run, 0.25, False, False, False),
     Section("correctness", correctness_section.run, 0.3, True, False, True),

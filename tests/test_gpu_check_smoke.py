@@ -23,9 +23,9 @@ from benchmarks.profiling import is_copy, per_name, top
 from benchmarks.speed_targets import targets
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ["env", "bench_model", "host", "crossover", "compile", "speed", "correctness", "graphs", "gemm", "skinny",
-            "trace"]
-CUDA_SECTIONS = {"compile", "graphs", "gemm", "skinny"}
+SECTIONS = ["env", "bench_model", "host", "crossover", "order", "compile", "speed", "correctness", "graphs", "gemm",
+            "skinny", "trace"]
+CUDA_SECTIONS = {"order", "compile", "graphs", "gemm", "skinny"}
 PASS_SECTIONS = {"bench_model", "correctness"}  # check sections: "pass" when every check ran and passed
 
 
@@ -272,7 +272,7 @@ def test_crossover_is_the_width_from_which_cublas_keeps_winning():
 
 
 def test_kernel_sections_logic(monkeypatch):
-    """The CUDA-only sections "gemm" and "skinny" on tiny CPU shapes (Triton plans interpreted, the
+    """The CUDA-only sections "gemm", "order" and "skinny" on tiny CPU shapes (Triton plans interpreted, the
     one-pass forward and input gradient for every programs-per-row-block count of the sweep), with the
     profiler replaced by fixed kernel times: their bookkeeping, not the GPU."""
     pytest.importorskip("triton")
@@ -295,12 +295,15 @@ def test_kernel_sections_logic(monkeypatch):
     for kind in ("fwd", "bwd"):
         assert set(shape[f"onepass_groups_{kind}_ms"]) == {"default", "1", "2", "4", "8", "per_tile"}
         assert all(ms > 0 for ms in shape[f"onepass_groups_{kind}_ms"].values())
+    orders = check_kernels.order(_Ctx())
     for output in ("y", "dx"):
-        order = shape["output_order"][output]
+        order = orders["shapes"][0][output]
         assert all(order[k] > 0 for k in ("gemm", "gemm_into", "term_after", "term_first", "term_first_expand"))
         assert order["first_vs_after"] == order["term_first"] / order["term_after"]
-    table = render({"device": "GPU", "plans": ["onepass"], "sections": {"gemm": {"status": "ok", **gemm}}})
-    assert "output dx ms, N=32 16->24: GEMM " in table and "low-rank term first / after the GEMM: 16x24 y " in table
+    assert orders["summary"].startswith("low-rank term first / after the GEMM: 16x24 y ")
+    table = render({"device": "GPU", "plans": ["onepass"], "sections": {"gemm": {"status": "ok", **gemm},
+                                                                         "order": {"status": "ok", **orders}}})
+    assert "output dx ms, N=32 16->24: GEMM " in table
     assert "onepass fwd ms by programs per row block, N=32 16->24: default " in table
     assert "onepass bwd ms by programs per row block, N=32 16->24: default " in table
     skinny = check_kernels.skinny_bandwidth(_Ctx())
