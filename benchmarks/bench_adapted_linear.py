@@ -166,14 +166,15 @@ def run_jobs(jobs: dict[str, Callable[[], dict]], keep_going: Callable[[], bool]
 
 
 def bench_case(n: int, d_in: int, d_out: int, r: int, device: torch.device,
-               keep_going: Callable[[], bool] = lambda: True) -> dict:
-    """Every variant and method at one shape: x (n, d_in), W (d_out, d_in), rank r.
+               keep_going: Callable[[], bool] = lambda: True, plans: Optional[tuple[str, ...]] = None) -> dict:
+    """Every variant and method at one shape: x (n, d_in), W (d_out, d_in), rank r; a variant per plan
+    of ``plans`` (default: every plan the device runs).
 
     keep_going: asked before each variant and method; once it says False the rest are
     listed under "skipped_for_time" (a time budget). Variants that raise are listed with
     their traceback under "errors".
     """
-    dtype, plans = DTYPES[device.type], device_plans(device)
+    dtype, plans = DTYPES[device.type], plans or device_plans(device)
     t = case_tensors(n, d_in, d_out, r, device, dtype)
     raw = {name: functools.partial(measure, forward, params, t["dy"], device)
            for name, (forward, params) in raw_variants(t["x"], t["weight"], t["a"], t["b"], plans).items()}

@@ -127,6 +127,8 @@ def _onepass_input_grad(t: dict, groups: Optional[int]) -> Callable[[], object]:
 
 
 def gemm_vs_cublas(ctx) -> dict:
+    if "triton" not in ctx.plans:
+        return {"status": "skipped", "reason": "the triton plan is not checked (--plans)"}
     result = {"rank": GEMM_RANK, "shapes": [], "skipped": []}
     for n, d_in, d_out in FULL_SHAPES:
         if not ctx.has(ITEM_RESERVE_S):

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from . import byte_model
-from .bench_adapted_linear import FULL_RANKS, FULL_SHAPES, bench_case, device_plans, method_note
+from .bench_adapted_linear import FULL_RANKS, FULL_SHAPES, bench_case, method_note
 from .speed_targets import targets
 
 QUICK_CASES = [(64, 32, 48, 4)]
@@ -71,8 +71,9 @@ def run(ctx) -> dict:
             result["skipped"].append({"n": n, "d_in": d_in, "d_out": d_out, "r": r, "reason": "time budget"})
             continue
         print(f"N={n} {d_in}->{d_out} r={r}", flush=True)
-        case = bench_case(n, d_in, d_out, r, ctx.device, keep_going=lambda: ctx.has(VARIANT_RESERVE_S[kind]))
-        case["targets"] = targets(case, device_plans(ctx.device))
+        case = bench_case(n, d_in, d_out, r, ctx.device, keep_going=lambda: ctx.has(VARIANT_RESERVE_S[kind]),
+                          plans=ctx.plans)
+        case["targets"] = targets(case, ctx.plans)
         case["floors"] = floors(case, peaks) if peaks else {}
         for name, row in case["floors"].items():
             print(f"  {name:38s} floor fwd {row['fwd_floor_ms']:8.3f} ms (x{row['fwd_vs_floor']:.2f})  "

@@ -25,10 +25,11 @@ still run; the JSON report is rewritten to --out after every item):
    spills (benchmarks/compile_check.py): the sections after it load instead of compiling one
    configuration after another (a cold run otherwise spends minutes compiling);
 5. speed: forward and forward + backward medians, peak memory and launches of base, every
-   plan, auto, PEFT and every method on one Linear (benchmarks/bench_adapted_linear.py), and next
+   checked plan (``check_plans``: on CUDA the plans auto runs, unless --plans names others),
+   auto, PEFT and every method on one Linear (benchmarks/bench_adapted_linear.py), and next
    to base and each plan its byte/FLOP floor and measured / floor (benchmarks/byte_model.py;
    documented peaks of an H100/H200, else those section env measured);
-6. correctness: every plan and method, bf16 and fp16 (fp32 with TF32 off), output and every
+6. correctness: every checked plan and every method, bf16 and fp16 (fp32 with TF32 off), output and every
    gradient against float64, each plan in a child process of its own: a kernel fault costs
    one item, not the run (benchmarks/correctness_section.py);
 7. graphs: host syncs under ``torch.cuda.set_sync_debug_mode("error")`` and CUDA-graph capture
@@ -92,6 +93,7 @@ from benchmarks.bench_adapted_linear import RESULTS, device_name, pick_device, s
 from benchmarks.isolated import is_cuda_fault  # noqa: E402
 from fastlora.kernels import PLANS  # noqa: E402
 from fastlora.kernels.dispatch import triton_interpreter_on  # noqa: E402
+from fastlora.kernels.plans import AUTO_CANDIDATES  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -151,8 +153,14 @@ class Context:
 
 
 def check_plans(device: torch.device) -> tuple[str, ...]:
-    """Plans to check: every plan on CUDA or under the Triton interpreter, else the torch plan."""
-    return PLANS if device.type == "cuda" or triton_interpreter_on() else ("torch",)
+    """Plans to check by default. On CUDA the plans ``auto`` runs (``plans.AUTO_CANDIDATES``: the
+    default path first): a GPU window is short, and compiling, timing and checking the opt-in triton
+    and onepass plans (hundreds of autotuner configurations) would leave the default path's sections
+    without time; ``--plans`` adds them. Under the Triton interpreter every plan (a check of the
+    script), else the torch plan."""
+    if device.type == "cuda":
+        return AUTO_CANDIDATES
+    return PLANS if triton_interpreter_on() else ("torch",)
 
 
 def run_section(section: Section, ctx: Context, budget_end: float) -> dict:
@@ -190,8 +198,8 @@ def main(argv: Optional[list[str]] = None, start: Optional[float] = None) -> int
     optional = [s.name for s in SECTIONS if not s.default]
     parser.add_argument("--only", default=None, help=f"comma-separated sections of {[s.name for s in SECTIONS]} "
                                                      f"(default: all but {optional})")
-    parser.add_argument("--plans", default=None, help=f"comma-separated plans to check (default: every plan of "
-                                                      f"{list(PLANS)} the device runs)")
+    parser.add_argument("--plans", default=None, help=f"comma-separated plans of {list(PLANS)} to check (default: "
+                                                      f"{list(AUTO_CANDIDATES)} on CUDA, see ``check_plans``)")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     only = set(args.only.split(",")) if args.only else {s.name for s in SECTIONS if s.default}

@@ -260,6 +260,20 @@ def test_crossover_section(cpu_run):
         assert row["fastest"] in row["ms"]
 
 
+def test_a_gpu_checks_the_plans_auto_runs_unless_told():
+    """On CUDA the default run checks auto's plans (the opt-in ones by --plans), and section gemm, which
+    compares the triton plan's GEMM with cuBLAS's, skips without it."""
+    from benchmarks import check_kernels
+    from benchmarks.gpu_check import check_plans
+    from fastlora.kernels.plans import AUTO_CANDIDATES
+
+    assert check_plans(torch.device("cuda")) == AUTO_CANDIDATES == ("cublas", "torch")
+    ctx = _Ctx()
+    ctx.plans = AUTO_CANDIDATES
+    assert check_kernels.gemm_vs_cublas(ctx) == {"status": "skipped",
+                                                 "reason": "the triton plan is not checked (--plans)"}
+
+
 def test_crossover_is_the_width_from_which_cublas_keeps_winning():
     from benchmarks.bench_crossover import crossover
 
