@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import statistics
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -127,11 +128,13 @@ def crossover(rows: list[dict], versus: str) -> dict:
 
 def summary_of(report: dict) -> str:
     rows = report["rows"]
+    failed = f"; {len(report['errors'])} shapes failed" if report.get("errors") else ""
     if not any("cublas" in row["ms"] for row in rows):
         return f"{len(rows)} shapes, torch plan vs PEFT " + ", ".join(
-            f"N={row['n']} d={row['d']} {row['vs_peft']['torch']:.2f}x" for row in rows)
+            f"N={row['n']} d={row['d']} {row['vs_peft']['torch']:.2f}x" for row in rows) + failed
     return ("cublas faster than PEFT from d = " + ", ".join(f"{d} (N={n})" for n, d in report["vs_peft"].items())
-            + "; than the torch plan from d = " + ", ".join(f"{d} (N={n})" for n, d in report["vs_torch"].items()))
+            + "; than the torch plan from d = " + ", ".join(f"{d} (N={n})" for n, d in report["vs_torch"].items())
+            + failed)
 
 
 def run(device: torch.device, quick: bool, out: Path) -> dict:
@@ -144,9 +147,16 @@ def run(device: torch.device, quick: bool, out: Path) -> dict:
               "rows": []}
     for n in tokens:
         for d in widths:
-            report["rows"].append(measure_shape(n, d, device, repeats))
-            print(f"N={n} d={d}: " + ", ".join(f"{k} {v:.3f} ms ({report['rows'][-1]['host_us'][k]:.0f} us host)"
-                                               for k, v in report["rows"][-1]["ms"].items()), flush=True)
+            try:
+                row = measure_shape(n, d, device, repeats)
+            except Exception:  # noqa: BLE001 - one failing shape is recorded, the sweep goes on
+                report.setdefault("errors", {})[f"N={n} d={d}"] = traceback.format_exc(limit=-8)
+                print(f"N={n} d={d}: failed", flush=True)
+                write_json(out, report)
+                continue
+            report["rows"].append(row)
+            print(f"N={n} d={d}: " + ", ".join(f"{k} {v:.3f} ms ({row['host_us'][k]:.0f} us host)"
+                                               for k, v in row["ms"].items()), flush=True)
             write_json(out, report)
     if device.type == "cuda":
         report["vs_peft"], report["vs_torch"] = crossover(report["rows"], "peft"), crossover(report["rows"], "torch")

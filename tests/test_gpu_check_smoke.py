@@ -409,3 +409,20 @@ def test_a_run_started_in_process_counts_its_budget_from_its_own_start(tmp_path,
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["sections"]["env"]["status"] == "ok" and report["sections"]["env"]["summary"] == "50 s"
     assert report["seconds"] < 100
+
+
+def test_a_failing_crossover_shape_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    from benchmarks import bench_crossover
+
+    measure = bench_crossover.measure_shape
+
+    def flaky(n, d, device, repeats):
+        if d == 32:
+            raise RuntimeError("boom")
+        return measure(n, d, device, repeats)
+
+    monkeypatch.setattr(bench_crossover, "measure_shape", flaky)
+    report = bench_crossover.run(torch.device("cpu"), True, tmp_path / "crossover.json")
+    assert [row["d"] for row in report["rows"]] == [64]
+    assert "RuntimeError: boom" in report["errors"]["N=16 d=32"]
+    assert report["summary"].endswith("; 1 shapes failed")
