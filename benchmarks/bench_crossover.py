@@ -11,7 +11,8 @@ same PEFT layer, the plan forced by FASTLORA_BACKEND).
 
 Timing: ``CALLS`` calls back to back, without a synchronize or a cache flush between them (as the
 layers of a training step run), between two synchronizes: "ms" is that block's wall time per call,
-the median over ``ROUNDS`` rounds in which the variants take turns. "host_us" is the time per call
+the median over ``ROUNDS`` rounds in which the variants take turns (``bench_host.time_blocks``,
+garbage collection off). "host_us" is the time per call
 the host spent before the block's final synchronize: when it is close to "ms", the device waited
 for the host, and the variant with less host work per call wins whatever its bytes. The sweep shows
 from which size (tokens x d x d) the cublas plan's fewer bytes pay for its longer host path, against
@@ -22,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
-import time
 import traceback
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,7 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from .bench_adapted_linear import RESULTS, device_name, peft_layer, pick_device, slug
-from .bench_host import forced_plan
+from .bench_host import compared_plans, forced_plan, time_blocks
 from .isolated import run_child, write_json
 from .train_step import synchronize
 
@@ -43,10 +44,6 @@ WARMUP, ROUNDS, CALLS = 3, 5, 20
 QUICK_REPEATS = (1, 2, 3)
 #: seconds that must be left to start gpu_check's child process (imports, first compiles)
 RESERVE_S = {"cuda": 20.0, "cpu": 5.0}
-
-
-def plans_of(device: torch.device) -> tuple[str, ...]:
-    return ("cublas", "torch") if device.type == "cuda" else ("torch",)
 
 
 def _layers(n: int, d: int, device: torch.device, plans: tuple[str, ...]) -> tuple[dict, torch.Tensor, torch.Tensor]:
@@ -76,34 +73,13 @@ def _call(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable
     return call
 
 
-def _block(call: Callable[[], object], device: torch.device, calls: int) -> tuple[float, float]:
-    """(wall ms per call, host us per call) of ``calls`` back-to-back calls between two synchronizes."""
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        call()
-    issued = time.perf_counter()
-    synchronize(device)
-    end = time.perf_counter()
-    return 1e3 * (end - start) / calls, 1e6 * (issued - start) / calls
-
-
 def measure_shape(n: int, d: int, device: torch.device, repeats: tuple[int, int, int]) -> dict:
     """One shape's row: ms and host_us per variant, and the fastest variant."""
-    warmup, rounds, calls = repeats
-    plans = plans_of(device)
-    layers, x, dy = _layers(n, d, device, plans)
+    layers, x, dy = _layers(n, d, device, compared_plans(device))
     runs = {name: _call(layer, x, dy) for name, layer in layers.items()}
-    times = {name: [] for name in runs}
-    for name, run in runs.items():
-        with forced(name):
-            _block(run, device, warmup)
-    for _ in range(rounds):
-        for name, run in runs.items():
-            with forced(name):
-                times[name].append(_block(run, device, calls))
-    ms = {name: statistics.median(t for t, _ in rows) for name, rows in times.items()}
-    host = {name: statistics.median(h for _, h in rows) for name, rows in times.items()}
+    times = time_blocks(runs, *repeats, sync=functools.partial(synchronize, device), scope=forced)
+    ms = {name: statistics.median(wall for wall, _ in rows) / 1e3 for name, rows in times.items()}
+    host = {name: statistics.median(issued for _, issued in rows) for name, rows in times.items()}
     return {"n": n, "d": d, "gemm_gflop": 2 * 2 * n * d * d / 1e9, "ms": ms, "host_us": host,
             "vs_peft": {name: ms[name] / ms["peft"] for name in ms}, "fastest": min(ms, key=ms.__getitem__)}
 
@@ -140,7 +116,7 @@ def summary_of(report: dict) -> str:
 def run(device: torch.device, quick: bool, out: Path) -> dict:
     widths, tokens = (QUICK_WIDTHS, QUICK_TOKENS) if quick else (WIDTHS, TOKENS)
     repeats = QUICK_REPEATS if quick else (WARMUP, ROUNDS, CALLS)
-    report = {"device": device_name(device), "torch": torch.__version__, "plans": list(plans_of(device)),
+    report = {"device": device_name(device), "torch": torch.__version__, "plans": list(compared_plans(device)),
               "setup": {"r": R, "scale": SCALE, "dropout": DROPOUT, "weights": "bfloat16" if device.type == "cuda"
                         else "float32", "adapters": "float32", "repeats": dict(zip(("warmup", "rounds", "calls"),
                                                                                   repeats))},

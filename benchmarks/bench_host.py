@@ -211,23 +211,33 @@ def python_top(call: Callable[[], object], calls: int, k: int = PYTHON_TOP) -> l
             for (file, line, name), (_, n, own, _, _) in rows]
 
 
-def time_calls(calls: dict[str, Callable[[], object]], warmup: int, rounds: int, per_block: int,
-               sync: Callable[[], None] = lambda: None) -> dict[str, list]:
-    """name -> microseconds per call of each round (see the module docstring); ``sync()`` ends each block."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
+def time_blocks(calls: dict[str, Callable[[], object]], warmup: int, rounds: int, per_block: int,
+                sync: Callable[[], None] = lambda: None,
+                scope: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext(),
+                ) -> dict[str, list[tuple[float, float]]]:
+    """name -> (wall, issued) microseconds per call of each round (see the module docstring): ``warmup``
+    calls of each, then ``rounds`` rounds in which each runs ``per_block`` calls timed together, the
+    variants taking turns, garbage collection off. "wall" ends after ``sync()`` closes the block, "issued"
+    before it (the host's part of the block). Every call of ``name`` runs inside ``scope(name)``."""
+    for name, call in calls.items():
+        with scope(name):
+            for _ in range(warmup):
+                call()
+    sync()
     times: dict[str, list] = {name: [] for name in calls}
     gc.collect()
     gc.disable()
     try:
         for _ in range(rounds):
             for name, call in calls.items():
-                start = time.perf_counter()
-                for _ in range(per_block):
-                    call()
-                sync()
-                times[name].append((time.perf_counter() - start) / per_block * 1e6)
+                with scope(name):
+                    start = time.perf_counter()
+                    for _ in range(per_block):
+                        call()
+                    issued = time.perf_counter()
+                    sync()
+                    end = time.perf_counter()
+                times[name].append(((end - start) / per_block * 1e6, (issued - start) / per_block * 1e6))
     finally:
         gc.enable()
     return times
@@ -261,7 +271,8 @@ def measure(settings: dict, plan: str = "torch", device: torch.device = torch.de
     sync = functools.partial(synchronize, device)
     counter = counted_triton if gpu else stubbed_triton if plan != "torch" else None
     with forced_plan(plan), counter(launches) if counter else contextlib.nullcontext():
-        times = time_calls(calls, settings["warmup"], settings["rounds"], settings["calls"], sync)
+        blocks = time_blocks(calls, settings["warmup"], settings["rounds"], settings["calls"], sync)
+        times = {name: [wall for wall, _ in rows] for name, rows in blocks.items()}
         variants = {}
         for name, call in calls.items():
             launches.clear()
@@ -313,10 +324,18 @@ def summary_of(report: dict) -> str:
         for name in ("inject", "accelerate", "inject_dropout", "inject_autocast") if name in rows)
 
 
+def compared_plans(device: torch.device) -> tuple[str, ...]:
+    """fastlora's plans a benchmark on ``device`` compares with PEFT: ``auto``'s candidates on a GPU (the
+    cublas plan, the default, then the torch plan), the torch plan elsewhere."""
+    from fastlora.kernels.plans import AUTO_CANDIDATES  # imports triton: not before main sets TRITON_INTERPRET
+
+    return AUTO_CANDIDATES if device.type == "cuda" else ("torch",)
+
+
 def section(ctx) -> dict:
-    """gpu_check section "host": this benchmark in a child process per plan (on a GPU the cublas plan, the
-    default, then the torch plan; on the CPU the torch plan), ``GPU_CHECK`` repetitions (``--quick``: QUICK)."""
-    plans = ("cublas", "torch") if ctx.device.type == "cuda" else ("torch",)
+    """gpu_check section "host": this benchmark in a child process per plan of ``compared_plans``,
+    ``GPU_CHECK`` repetitions (``--quick``: QUICK)."""
+    plans = compared_plans(ctx.device)
     repeats = ",".join(str(v) for v in (QUICK if ctx.quick else GPU_CHECK).values())
     result, summaries = {"plans": {}, "skipped": []}, []
     with tempfile.TemporaryDirectory(prefix="fastlora_bench_host_") as tmp:

@@ -126,16 +126,23 @@ def _onepass_input_grad(t: dict, groups: Optional[int]) -> Callable[[], object]:
                                       p=0.0, seed=None, db_dtype=b.dtype, dbias_dtype=dy.dtype, groups=groups)
 
 
-def gemm_vs_cublas(ctx) -> dict:
-    if "triton" not in ctx.plans:
-        return {"status": "skipped", "reason": "the triton plan is not checked (--plans)"}
+def _each_shape(ctx, measure: Callable[[int, int, int], dict]) -> dict:
+    """{"rank", "shapes": measure(n, d_in, d_out) of each benchmark shape while ITEM_RESERVE_S is left (the
+    report rewritten after each), "skipped": the shapes left for time}."""
     result = {"rank": GEMM_RANK, "shapes": [], "skipped": []}
     for n, d_in, d_out in FULL_SHAPES:
         if not ctx.has(ITEM_RESERVE_S):
             result["skipped"].append({"shape": [n, d_in, d_out], "reason": "time budget"})
             continue
-        result["shapes"].append(_gemm_case(n, d_in, d_out, ctx))
+        result["shapes"].append(measure(n, d_in, d_out))
         ctx.partial(result)
+    return result
+
+
+def gemm_vs_cublas(ctx) -> dict:
+    if "triton" not in ctx.plans:
+        return {"status": "skipped", "reason": "the triton plan is not checked (--plans)"}
+    result = _each_shape(ctx, lambda n, d_in, d_out: _gemm_case(n, d_in, d_out, ctx))
     result["summary"] = "Triton GEMMs / cuBLAS: " + ", ".join(
         f"{s['d_in']}x{s['d_out']} {s['gemm_ratio']:.2f}x" for s in result["shapes"])
     return result
@@ -143,14 +150,11 @@ def gemm_vs_cublas(ctx) -> dict:
 
 def order(ctx) -> dict:
     """Section "order": ``output_order`` at each benchmark shape (r = GEMM_RANK) while time is left."""
-    result = {"rank": GEMM_RANK, "shapes": [], "skipped": []}
-    for n, d_in, d_out in FULL_SHAPES:
-        if not ctx.has(ITEM_RESERVE_S):
-            result["skipped"].append({"shape": [n, d_in, d_out], "reason": "time budget"})
-            continue
+    def measure(n: int, d_in: int, d_out: int) -> dict:
         t = _tensors((n, d_in, d_out, GEMM_RANK), ctx.device)
-        result["shapes"].append({"n": n, "d_in": d_in, "d_out": d_out, **output_order(t, ctx.device)})
-        ctx.partial(result)
+        return {"n": n, "d_in": d_in, "d_out": d_out, **output_order(t, ctx.device)}
+
+    result = _each_shape(ctx, measure)
     result["summary"] = "low-rank term first / after the GEMM: " + ", ".join(
         f"{s['d_in']}x{s['d_out']} y {s['y']['first_vs_after']:.2f}x dx {s['dx']['first_vs_after']:.2f}x"
         for s in result["shapes"])
