@@ -26,3 +26,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def triton_impl():
+    """The Triton backend module (``fastlora.kernels.triton.impl``); skips the module's tests where its kernels
+    cannot run: without a GPU they must have been built for the interpreter (TRITON_INTERPRET=1 at import)."""
+    from fastlora.kernels.dispatch import triton_backend, triton_interpreter_on
+
+    impl = triton_backend()
+    if impl is None:
+        pytest.skip("triton is not installed")
+    if not torch.cuda.is_available() and not triton_interpreter_on():
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run here")
+    if not torch.cuda.is_available() and not impl.INTERPRETER_READY:
+        pytest.skip("triton (or fastlora's kernels) was imported before TRITON_INTERPRET=1 was set, so the "
+                    "kernels were built for a GPU; run pytest with TRITON_INTERPRET=1 in the environment")
+    return impl

@@ -17,7 +17,6 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 pytest.importorskip("triton")
 
 from fastlora.kernels import adapted_linear, adapted_linear_reference, dropout_mask  # noqa: E402
-from fastlora.kernels.dispatch import triton_backend  # noqa: E402
 
 from utils import assert_close, poison_empty  # noqa: E402
 
@@ -27,9 +26,7 @@ F64 = torch.float64
 
 
 @pytest.fixture(autouse=True)
-def kernels_run_here(monkeypatch):
-    if not CUDA and not triton_backend().INTERPRETER_READY:
-        pytest.skip("no GPU and the kernels were not built for TRITON_INTERPRET=1")
+def kernels_run_here(triton_impl, monkeypatch):
     poison_empty(monkeypatch)
     # the interpreter runs a kernel as torch operators on its arguments: not the plan's own operators
     from triton.runtime import interpreter, jit

@@ -18,7 +18,6 @@ pytest.importorskip("triton")
 from benchmarks import check_correctness  # noqa: E402
 from benchmarks.bench_methods import METHODS  # noqa: E402
 from fastlora.kernels import adapted_linear, adapted_linear_reference, dropout_mask  # noqa: E402
-from fastlora.kernels.dispatch import triton_backend  # noqa: E402
 
 from utils import assert_close, poison_empty  # noqa: E402
 
@@ -30,9 +29,7 @@ N, D_IN, D_OUT, R = 23, 37, 19, 5
 
 
 @pytest.fixture(autouse=True)
-def kernels_run_here(monkeypatch):
-    if not CUDA and not triton_backend().INTERPRETER_READY:
-        pytest.skip("no GPU and the kernels were not built for TRITON_INTERPRET=1")
+def kernels_run_here(triton_impl, monkeypatch):
     poison_empty(monkeypatch)
 
 

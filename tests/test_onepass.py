@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from fastlora.kernels import adapted_linear_reference, dropout_mask  # noqa: E402
-from fastlora.kernels.dispatch import plan_implementation, triton_backend  # noqa: E402
+from fastlora.kernels.dispatch import plan_implementation  # noqa: E402
 from fastlora.kernels.function import AdaptedLinearFunction  # noqa: E402
 
 from utils import poison_empty, rel  # noqa: E402
@@ -37,11 +37,8 @@ TENSORS = ("x", "weight", "bias", "a", "b", "middle", "rank_weights")
 
 
 @pytest.fixture(scope="module")
-def impl():
-    impl = triton_backend()
-    if not CUDA and not impl.INTERPRETER_READY:
-        pytest.skip("no GPU and the kernels were not built for TRITON_INTERPRET=1")
-    return impl
+def impl(triton_impl):
+    return triton_impl
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from fastlora.kernels import (  # noqa: E402
     neat_projection,
     neat_projection_reference,
 )
-from fastlora.kernels.dispatch import select_plan, triton_backend, triton_interpreter_on  # noqa: E402
+from fastlora.kernels.dispatch import select_plan  # noqa: E402
 from fastlora.kernels.spec import LowRankTerm  # noqa: E402
 
 from utils import poison_empty, rel  # noqa: E402
@@ -45,15 +45,8 @@ DTYPES = [
 
 
 @pytest.fixture(scope="module")
-def impl():
-    """The Triton backend module; without a GPU, its kernels must be built for the interpreter."""
-    impl = triton_backend()
-    if not CUDA and not triton_interpreter_on():
-        pytest.skip("no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run here")
-    if not CUDA and not impl.INTERPRETER_READY:
-        pytest.skip("triton (or fastlora's kernels) was imported before TRITON_INTERPRET=1 was set, so the "
-                    "kernels were built for a GPU; run pytest with TRITON_INTERPRET=1 in the environment")
-    return impl
+def impl(triton_impl):
+    return triton_impl
 
 
 PLAN = {"name": "triton"}
