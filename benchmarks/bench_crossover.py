@@ -16,8 +16,9 @@ garbage collection off). "host_us" is the time per call
 the host spent before the block's final synchronize: when it is close to "ms", the device waited
 for the host, and the variant with less host work per call wins whatever its bytes. The sweep shows
 from which size (tokens x d x d) the cublas plan's fewer bytes pay for its longer host path, against
-PEFT and against the torch plan (the data a size rule for ``auto`` needs). JSON:
-benchmarks/results/crossover_<device>.json.
+PEFT and against the torch plan, and "size_rule": the size below which ``auto`` should take the torch
+plan (``size_rule``; it goes into ``fastlora.kernels.plans.SIZE_RULE`` with the committed JSON as its
+source). JSON: benchmarks/results/crossover_<device>.json.
 """
 from __future__ import annotations
 
@@ -102,6 +103,19 @@ def crossover(rows: list[dict], versus: str) -> dict:
     return out
 
 
+def size_rule(rows: list[dict]) -> Optional[int]:
+    """``plans.SizeRule.torch_below`` read from the sweep: the smallest base-GEMM size n x d x d from which
+    the cublas plan is faster than the torch plan at every larger measured size (the torch plan below it);
+    None when the cublas plan is faster everywhere (no rule needed) or nowhere consistently."""
+    measured = (row for row in rows if {"cublas", "torch"} <= set(row["ms"]))
+    ladder = sorted(measured, key=lambda row: row["n"] * row["d"] ** 2)
+    winning = [row["ms"]["cublas"] < row["ms"]["torch"] for row in ladder]
+    first = next((i for i in range(len(ladder)) if all(winning[i:])), None)
+    if first is None or first == 0:
+        return None
+    return ladder[first]["n"] * ladder[first]["d"] ** 2
+
+
 def summary_of(report: dict) -> str:
     rows = report["rows"]
     failed = f"; {len(report['errors'])} shapes failed" if report.get("errors") else ""
@@ -110,7 +124,7 @@ def summary_of(report: dict) -> str:
             f"N={row['n']} d={row['d']} {row['vs_peft']['torch']:.2f}x" for row in rows) + failed
     return ("cublas faster than PEFT from d = " + ", ".join(f"{d} (N={n})" for n, d in report["vs_peft"].items())
             + "; than the torch plan from d = " + ", ".join(f"{d} (N={n})" for n, d in report["vs_torch"].items())
-            + failed)
+            + f"; size rule: torch_below = {report['size_rule']}" + failed)
 
 
 def run(device: torch.device, quick: bool, out: Path) -> dict:
@@ -136,6 +150,7 @@ def run(device: torch.device, quick: bool, out: Path) -> dict:
             write_json(out, report)
     if device.type == "cuda":
         report["vs_peft"], report["vs_torch"] = crossover(report["rows"], "peft"), crossover(report["rows"], "torch")
+        report["size_rule"] = size_rule(report["rows"])
     report["summary"] = summary_of(report)
     write_json(out, report)
     return report

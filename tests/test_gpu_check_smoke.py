@@ -285,6 +285,22 @@ def test_crossover_is_the_width_from_which_cublas_keeps_winning():
     assert crossover(rows, "peft") == {"512": 1024, "2048": 256, "8192": None}
 
 
+def test_size_rule_is_the_size_from_which_cublas_keeps_beating_the_torch_plan():
+    from benchmarks.bench_crossover import size_rule
+
+    def row(n, d, cublas):
+        return {"n": n, "d": d, "ms": {"cublas": cublas, "peft": 1.0, "torch": 1.0}}
+
+    # sizes n d^2: 512 x 256^2 = 2^25, 2048 x 256^2 = 2^27, 512 x 1024^2 = 2^29, 2048 x 1024^2 = 2^31
+    rows = [row(2048, 1024, 0.5), row(512, 256, 1.5), row(512, 1024, 0.8), row(2048, 256, 1.2)]
+    assert size_rule(rows) == 512 * 1024 ** 2
+    rows[1] = row(512, 256, 0.9)  # a win below a loss does not count: the rule is one threshold
+    assert size_rule(rows) == 512 * 1024 ** 2
+    assert size_rule([row(512, 256, 0.9), row(2048, 1024, 0.5)]) is None  # cublas wins everywhere
+    assert size_rule([row(512, 256, 0.9), row(2048, 1024, 1.5)]) is None  # cublas loses at the largest size
+    assert size_rule([{"n": 512, "d": 256, "ms": {"peft": 1.0, "torch": 0.9}}]) is None  # no cublas rows (CPU)
+
+
 def test_kernel_sections_logic(monkeypatch):
     """The CUDA-only sections "gemm", "order" and "skinny" on tiny CPU shapes (Triton plans interpreted, the
     one-pass forward and input gradient for every programs-per-row-block count of the sweep), with the

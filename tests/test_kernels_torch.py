@@ -382,6 +382,20 @@ def test_dropout_without_seed_backward_uses_forward_mask():
     assert rel(y1, y0) > 1e-3
 
 
+def test_dropout_without_seed_is_torchs_own_dropout(monkeypatch):
+    """With no seed, the torch plan's mask is F.dropout's under the same random state (nn.Dropout's, as
+    PEFT draws it): y = x W^T + b + s (F.dropout(x) A^T) B^T."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter keeps the kernels' draw
+    inputs = make_inputs(F64, (13, D_IN), seed=25)
+    x, w, b, a, lb = (inputs[k] for k in ("x", "weight", "bias", "lora_a", "lora_b"))
+    torch.manual_seed(11)
+    y = adapted_linear(x, w, b, a, lb, scale=1.5, dropout=0.3, backend="torch")
+    torch.manual_seed(11)
+    expected = F.linear(x, w, b) + 1.5 * (F.dropout(x, 0.3) @ a.t()) @ lb.t()
+    assert rel(y, expected) < 1e-12
+    assert rel(y, F.linear(x, w, b) + 1.5 * (x @ a.t()) @ lb.t()) > 1e-3  # the dropout acted
+
+
 # --------------------------------------------------------------------------- gradcheck
 
 def _small(seed, *, bias=True, middle=True, rank_weights=True):

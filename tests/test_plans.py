@@ -63,6 +63,24 @@ def test_without_tuning_auto_is_the_default_plan_and_times_nothing(cache, tmp_pa
     assert not (tmp_path / "plans.json").exists()
 
 
+def test_the_size_rule_sends_layers_below_its_size_to_the_torch_plan(cache, monkeypatch):
+    monkeypatch.delenv(plans.TUNE_ENV_VAR, raising=False)
+    work = KEY.token_bucket * KEY.d_in * KEY.d_out
+    for torch_below, expected in ((work, "cublas"), (work + 1, "torch")):
+        monkeypatch.setattr(plans, "SIZE_RULE", plans.SizeRule(torch_below, "a committed run"))
+        assert plans.default_plan(KEY) == expected
+        assert plans.choose(KEY, "sec", lambda plan: pytest.fail("nothing is timed"), measurable=True,
+                            timer=FakeTimer(), cache=cache) == expected
+    monkeypatch.setattr(plans, "SIZE_RULE", None)
+    assert plans.default_plan(KEY) == plans.DEFAULT_PLAN
+
+
+def test_a_measured_winner_outranks_the_size_rule(cache, monkeypatch):
+    monkeypatch.setattr(plans, "SIZE_RULE", plans.SizeRule(1 << 62, "a committed run"))
+    cache.put("sec", KEY, "cublas")
+    assert plans.choose(KEY, "sec", lambda plan: None, measurable=False, timer=FakeTimer(), cache=cache) == "cublas"
+
+
 def test_tuned_choice_is_measured_once_then_recalled_from_memory_and_disk(cache, tmp_path):
     timer = FakeTimer(2.0, 1.0)
     lines = []

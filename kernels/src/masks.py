@@ -10,9 +10,9 @@ about a hundred elementwise integer ops over (N, d_in), which on a GPU cost far 
 layer. On CPU otherwise, only the torch plan runs: it draws
 from torch's CPU generator seeded with the seed (a handful of ops, about what ``nn.Dropout``
 costs), which gives another mask for the same seed. Either way the seed alone determines the mask,
-so a recomputation (backward, gradient checkpointing) sees the same one. (A torch-plan call on CPU
-given no seed uses none of these: its mask is ``F.dropout``'s, kept by autograd for the backward;
-see ``ops.adapted_linear``.)
+so a recomputation (backward, gradient checkpointing) sees the same one. (A torch-plan call given
+no seed uses none of these, on CPU and on a GPU: its mask is ``F.dropout``'s, kept by autograd for
+the backward, one op as ``nn.Dropout``'s; see ``unseeded_torch_dropout``.)
 """
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def triton_interpreter_on() -> bool:
 def kernels_draw(device: torch.device) -> bool:
     """Whether masks on ``device`` are the Triton kernels' Philox draw (else torch's CPU generator)."""
     return device.type != "cpu" or triton_interpreter_on()
+
+
+def unseeded_torch_dropout() -> bool:
+    """Whether a torch-plan call given no dropout seed (recorded by autograd) draws its mask with torch's
+    own dropout, as nn.Dropout does, instead of drawing a seed for the kernels' Philox: everywhere but
+    under the Triton interpreter, where every plan keeps the kernels' draw so that tests compare the
+    plans mask for mask."""
+    return not triton_interpreter_on()
 
 
 def dropout_mask(n: int, d_in: int, p: float, seed, device=None, dtype=torch.float32) -> Tensor:

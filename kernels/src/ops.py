@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import dispatch, plans, torch_impl
 from .function import AdaptedLinearFunction
-from .masks import kernels_draw
+from .masks import unseeded_torch_dropout
 from .philox import draw_seed, seed_tensor
 from .spec import LowRankTerm
 from .validation import check_adapted_linear_inputs
@@ -59,9 +59,10 @@ def adapted_linear(
     on x in the low-rank path only; its mask (``fastlora.kernels.dropout_mask``, the same on
     every plan) is drawn from ``dropout_seed`` (an int, or a (1,) int64 tensor on x's device),
     or from a seed drawn on the device by torch's generator when None (no host read: a CUDA
-    graph replays with a fresh mask each time); on CPU outside the Triton interpreter, where the
-    torch plan alone runs, None means torch's own dropout (``F.dropout``, drawn once per call as
-    nn.Dropout's mask is). backend: "auto" | "triton" | "cublas" |
+    graph replays with a fresh mask each time); on the torch plan outside the Triton interpreter
+    (CPU, and GPU layers that ``auto`` gives the torch plan), None means torch's own dropout
+    (``F.dropout``, drawn once per call from torch's generator as nn.Dropout's mask is; another mask
+    than the kernels' for the same random state). backend: "auto" | "triton" | "cublas" |
     "torch" (see ``dispatch``). Factors of another float dtype than x are cast to the compute
     dtype (autocast's when enabled) and receive gradients in their own dtype; the cublas plan
     reads them uncast (its kernels cast in registers) and forms their gradients in fp32.
@@ -77,7 +78,7 @@ def adapted_linear(
     gate_tensor = gate if isinstance(gate, Tensor) else None
     # the torch plan with the low-rank path on runs as torch ops autograd records (a C++ backward)
     recorded = plan == "torch" and bool(gate_value) and not torch.compiler.is_compiling()
-    if dropout == 0.0 or (recorded and dropout_seed is None and not kernels_draw(x.device)):
+    if dropout == 0.0 or (recorded and dropout_seed is None and unseeded_torch_dropout()):
         seed = None
     else:
         seed = _seed(dropout_seed, x.device)

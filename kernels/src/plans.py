@@ -2,9 +2,17 @@
 
 The rule: ``DEFAULT_PLAN`` ("cublas": torch's GEMMs, i.e. cuBLAS, for x W^T and dy W, the low-rank
 work in Triton kernels around them), the plan a committed GPU correctness run showed correct and
-whose time is the frozen layer's GEMMs plus memory-bound low-rank glue. No plan is compiled or
-timed on first use, so a first step costs the frozen model's plus the compilation of the
-default plan's few kernels.
+whose time is the frozen layer's GEMMs plus memory-bound low-rank glue; below ``SIZE_RULE``'s size
+the torch plan instead (``default_plan``). No plan is compiled or timed on first use, so a first
+step costs the frozen model's plus the compilation of the default plan's few kernels.
+
+Why a size: a call's host work (Python, dispatcher, launches) is about constant, its device work
+grows with N * d_in * d_out. Where the device work is shorter than the host work the device waits
+for the host, and the plan with less host work per call wins whatever its bytes: the torch plan
+(torch's ops recorded by autograd, as PEFT's layer runs) has less than the cublas plan (an autograd
+Function and Triton launches). ``benchmarks/bench_crossover.py`` measures where the cublas plan
+starts to win (``size_rule``); ``SIZE_RULE`` holds that size from a committed run, or None (no run
+has measured it: the cublas plan at every size).
 
 Measured choice is opt-in: ``fastlora.tune(model, batch)`` (or ``FASTLORA_TUNE=1``, which times
 each new shape on first use) runs forward + backward of every plan in ``AUTO_CANDIDATES`` (the
@@ -40,8 +48,23 @@ try:
 except ImportError:  # not on Windows: writes are then merged without a lock
     fcntl = None
 
-#: auto's plan on CUDA unless a measured winner is recorded for the shape
+#: auto's plan on CUDA unless a measured winner is recorded for the shape or ``SIZE_RULE`` says torch
 DEFAULT_PLAN = "cublas"
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """auto's default on CUDA is the torch plan for a layer whose base GEMM is smaller than
+    ``torch_below`` multiply-adds (token bucket x d_in x d_out), the cublas plan from there on;
+    ``source``: the committed crossover run it was read from."""
+
+    torch_below: int
+    source: str
+
+
+#: auto's size rule (see the module docstring); None until a committed GPU run has measured one
+SIZE_RULE: Optional[SizeRule] = None
+
 #: the plans auto may time and choose: shown correct by a committed GPU run of
 #: benchmarks/gpu_check.py (tests/test_plans.py checks the record under benchmarks/results/)
 AUTO_CANDIDATES = ("cublas", "torch")
@@ -323,17 +346,28 @@ def _raise_if_context_lost(key: PlanKey, error: Exception) -> None:
         raise RuntimeError(f"timing plans for {key} left the CUDA context unusable: {error}") from lost
 
 
+def default_plan(key: PlanKey) -> str:
+    """auto's plan for ``key`` when nothing was measured for it: the torch plan below ``SIZE_RULE``'s size,
+    else ``DEFAULT_PLAN``."""
+    rule = SIZE_RULE
+    if rule is not None and key.token_bucket * key.d_in * key.d_out < rule.torch_below:
+        return "torch"
+    return DEFAULT_PLAN
+
+
 def choose(key: PlanKey, section: str, run: Callable[[str], None], *, measurable: bool,
            timer: Optional[Timer] = None, cache: Optional[PlanCache] = None) -> str:
     """The recorded winner for ``key``; else, when tuning is on and ``measurable``, the measured
-    fastest of the candidates that have not failed there (recorded with the failures); else DEFAULT_PLAN."""
+    fastest of the candidates that have not failed there (recorded with the failures); else
+    ``default_plan(key)`` (the torch plan where that plan failed)."""
     cache = cache or CACHE
     record = cache.record(section, key)
     if record.plan is not None:
         return record.plan
     candidates = tuple(p for p in AUTO_CANDIDATES if p not in record.failed)
     if not measurable or not tuning_on() or not candidates:
-        return DEFAULT_PLAN if DEFAULT_PLAN not in record.failed else "torch"
+        plan = default_plan(key)
+        return plan if plan not in record.failed else "torch"
     plan, seconds, errors = measure_and_choose(key, run, candidates, timer=timer)
     cache.put(section, key, plan, record.failed + tuple(errors))
     times = ", ".join(f"{p} {1e3 * t:.3f} ms" for p, t in seconds.items())

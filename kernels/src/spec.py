@@ -24,8 +24,8 @@ class LowRankTerm:
 
     Exactly one of ``a`` / ``row_index`` and one of ``b`` / ``col_index`` is set.
     ``dropout_seed``: the (1,) int64 seed tensor on the input's device (None without dropout; with
-    dropout, None only on the torch plan recorded by autograd on CPU, whose mask is then
-    ``F.dropout``'s, drawn once from torch's global generator as nn.Dropout's is).
+    dropout, None only on the torch plan recorded by autograd, whose mask is then ``F.dropout``'s,
+    drawn once from torch's generator as nn.Dropout's is).
     ``gate`` is the host value of g; ``lowrank_on`` is False when g == 0, in which
     case neither A nor B is read in the forward pass. ``gate_tensor``: g as a 0-dim
     device tensor when its host value is not known (a tensor gate under torch.compile,

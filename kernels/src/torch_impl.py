@@ -41,7 +41,7 @@ def shrink(x: Tensor, weight: Tensor, term: LowRankTerm, y0: Optional[Tensor] = 
     """t = dropout(x) A^T (N, r). With gathered rows and no dropout, t = Y0[:, I]."""
     if term.row_index is not None and term.dropout_p == 0.0 and y0 is not None:
         return y0.index_select(1, term.row_index)
-    if term.dropout_p != 0.0 and term.dropout_seed is None:  # recorded on CPU: torch's own dropout
+    if term.dropout_p != 0.0 and term.dropout_seed is None:  # recorded: torch's own dropout
         return F.dropout(x, term.dropout_p) @ term.down(weight).t()
     return _dropped(x, _mask(x, term)) @ term.down(weight).t()
 
