@@ -11,7 +11,8 @@ Plans (each has the same forward/backward/neat_* primitives):
 environment variable when set; the torch plan for inputs the Triton plans cannot take
 (CPU, float64, Triton missing); otherwise ``plans.choose``: a winner measured for this shape
 when one is recorded (``fastlora.tune``), else ``plans.default_plan``: ``plans.DEFAULT_PLAN``
-("cublas"), or the torch plan below ``plans.SIZE_RULE``'s layer size, with no timing on first use. A named backend forces its plan and fails clearly when it cannot run.
+("cublas"), or the torch plan below ``plans.SIZE_RULE``'s layer size, with no timing on first
+use. A named backend forces its plan and fails clearly when it cannot run.
 Under ``TRITON_INTERPRET=1`` the Triton plans run the real kernels on CPU tensors.
 """
 from __future__ import annotations
