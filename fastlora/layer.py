@@ -138,6 +138,13 @@ class AdapterLinear(nn.Module):
         in the backward, when the stage has started)."""
         adapter = self.adapter
         if self.training and isinstance(adapter, CascadeLoraAdapter) and adapter.pending_start:
+            if getattr(self, "_is_fsdp_managed_module", False):  # set by FSDP2's fully_shard
+                raise RuntimeError(
+                    f"{adapter.describe()}: under FSDP2 a LoRASC stage's noise must reach W before the forward "
+                    f"(here W is the gathered copy FSDP2 discards after the forward, so the noise would be lost "
+                    f"on every rank): attach the training hooks (fastlora.attach_training_hooks, FastLoraTrainer, "
+                    f"FastLoraCallback), whose forward pre-hook adds it into each rank's shard, or call the "
+                    f"adapter's start_training() outside the forward after each cascade_step()")
             adapter.start_training(self.weight)
 
     def forward_rows(self, x: Tensor, start: int, stop: int) -> Tensor:

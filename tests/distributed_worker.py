@@ -9,7 +9,8 @@ the single-process run on the full batch. A rank writes, per wrapper and method,
 
     {"grads": [{name: grad} per step], "params": {name: value after the steps}}
 
-or {"error": traceback} to ``<out>/rank<k>.pt``. Adapters are built before wrapping.
+or {"error": traceback} to ``<out>/rank<k>.pt``, and under ("fsdp2_without_hooks", "cascade_lora") what
+``cascade_without_hooks`` returns. Adapters are built before wrapping.
 
     python -m torch.distributed.run --nproc_per_node=2 tests/distributed_worker.py --out DIR
 """
@@ -149,6 +150,27 @@ def run_rank(method: str, wrapper: str) -> dict:
     return train(model, _wrap(model, wrapper), x[shard], target[shard])
 
 
+def cascade_without_hooks() -> dict:
+    """LoRASC under FSDP2 without the training hooks: {"refusal": the error of a training forward with the
+    stage's noise pending (None: it ran), "weights": both layers' whole W after ``start_training()`` called
+    outside the forward of a fresh model (each rank adds its shard of the noise), which then trains}."""
+    x, _ = full_batch()
+    model = build_model("cascade_lora")
+    wrapped = _wrap(model, "fsdp2")
+    try:
+        wrapped(x)
+        refusal = None
+    except RuntimeError as error:
+        refusal = str(error)
+    model = build_model("cascade_lora")  # FSDP2 is left mid-forward by the refusal: a fresh one
+    wrapped = _wrap(model, "fsdp2")
+    for layer in (model[0], model[2]):
+        layer.adapter.start_training()
+    weights = [_full(layer.weight) for layer in (model[0], model[2])]
+    wrapped(x).sum().backward()
+    return {"refusal": refusal, "weights": weights}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -165,6 +187,11 @@ def main() -> None:
                 results[wrapper, method] = run_rank(method, wrapper)
             except Exception:  # reported per case by the test
                 results[wrapper, method] = {"error": traceback.format_exc()}
+    if wrappers["fsdp2"] is None:
+        try:
+            results["fsdp2_without_hooks", "cascade_lora"] = cascade_without_hooks()
+        except Exception:  # reported by the test
+            results["fsdp2_without_hooks", "cascade_lora"] = {"error": traceback.format_exc()}
     torch.save(results, os.path.join(args.out, f"rank{dist.get_rank()}.pt"))
     dist.destroy_process_group()
 

@@ -70,6 +70,27 @@ def test_data_parallel_matches_single_process(rank_results, wrapper, method):
         _assert_close(result, reference, f"{wrapper}/{method} rank {rank}")
 
 
+def test_lorasc_under_fsdp2_without_hooks_refuses_to_lose_its_noise(rank_results):
+    """Without the hooks a stage's noise would go into FSDP2's gathered copy of W (discarded after the
+    forward): the forward refuses, naming the hooks; start_training() outside the forward puts the same
+    noise into the shards as one process puts into W."""
+    if "cascade_lora" not in worker.registered_methods():
+        pytest.skip("cascade_lora: no adapter registered")
+    reference = worker.build_model("cascade_lora")
+    pretrained = [layer.weight.detach().clone() for layer in (reference[0], reference[2])]
+    for layer in (reference[0], reference[2]):
+        layer.adapter.start_training()
+    for rank, results in enumerate(rank_results):
+        result = results.get(("fsdp2_without_hooks", "cascade_lora"))
+        if result is None:
+            pytest.skip("FSDP2 cannot run here")
+        assert "error" not in result, f"rank {rank}:\n{result['error']}"
+        assert result["refusal"] is not None and "attach_training_hooks" in result["refusal"], result["refusal"]
+        for layer, weight, before in zip((reference[0], reference[2]), result["weights"], pretrained):
+            assert rel(weight, layer.weight.detach()) < TOLERANCE, f"rank {rank}: W differs from one process's"
+            assert rel(weight, before) > 1e-3, f"rank {rank}: no noise reached W"
+
+
 def test_reference_gates_off_and_prunes_after_step_one():
     """The configs really exercise the switched-off paths the data-parallel test relies on."""
     for method, check in (("selective_lora", lambda a: not a.active),

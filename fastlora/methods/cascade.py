@@ -33,8 +33,10 @@ Choices where the paper is silent (our reading):
   noise on an untrained one. A stage that ends before any training forward (two ``cascade_step()`` in a
   row) gets no noise: its std is recorded as 0. The training hooks add pending noise in a forward
   pre-hook of the model (run before FSDP2 gathers the weights, so every rank writes its own shard);
-  without them the layer adds it at the start of its forward. Under ``torch.compile`` that addition
-  is one custom op (``fastlora::cascade_stage_noise``), so ``fullgraph=True`` holds.
+  without them the layer adds it at the start of its forward, except under FSDP2, where W is there a
+  gathered copy that FSDP2 discards: the layer then raises a RuntimeError naming the hooks (or
+  ``start_training()`` outside the forward). Under ``torch.compile`` that addition is one custom op
+  (``fastlora::cascade_stage_noise``), so ``fullgraph=True`` holds.
 - W is written in place (the paper merges each stage into the backbone). A W shared with another
   module (tied embeddings, one weight in two layers) would change there too: ``inject`` refuses such
   a layer, naming both owners (``inject(..., untie_shared_weights=True)`` gives it its own copy).
@@ -314,7 +316,7 @@ class CascadeLoraAdapter(Adapter):
         """The fast pair's arguments (plain LoRA on W, which holds the stages)."""
         return {"lora_a": self.lora_A, "lora_b": self.lora_B, "scale": self.scale}
 
-    def _describe(self) -> str:
+    def describe(self) -> str:
         return f"LoRASC layer {self.layer_index} ({self.in_features} -> {self.out_features}), stage {self._cascades}"
 
     @torch.no_grad()
@@ -325,7 +327,7 @@ class CascadeLoraAdapter(Adapter):
         weight = self._weight()
         lora_a, lora_b = full_view(self.lora_A), full_view(self.lora_B)  # a sharded pair is gathered
         if not (bool(torch.isfinite(lora_a).all()) and bool(torch.isfinite(lora_b).all())):
-            raise NonFiniteStageError(f"{self._describe()}: the fast pair holds non-finite values (NaN or inf: a "
+            raise NonFiniteStageError(f"{self.describe()}: the fast pair holds non-finite values (NaN or inf: a "
                                       f"diverged step); it is not folded into W, and W and the stage record are "
                                       f"unchanged")
         self._fold(weight, lora_a, lora_b)
@@ -337,7 +339,7 @@ class CascadeLoraAdapter(Adapter):
         self.reset_parameters()
         self._begin_stage(self._cascades)
         if self._cascades == MAX_REPLAY_STAGES + 1:
-            warnings.warn(f"fastlora: {self._describe()}: more than MAX_REPLAY_STAGES = {MAX_REPLAY_STAGES} "
+            warnings.warn(f"fastlora: {self.describe()}: more than MAX_REPLAY_STAGES = {MAX_REPLAY_STAGES} "
                           f"stages; loading an adapter-only checkpoint of it replays each one and is refused past "
                           f"that bound (raise fastlora.methods.cascade.MAX_REPLAY_STAGES, or save the model's "
                           f"weights)",
