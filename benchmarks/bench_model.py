@@ -15,10 +15,10 @@ memory vs PEFT. Per model: the no-dropout loss curves of PEFT and fastlora from 
 process on empty Triton and plan caches, then on the caches it filled (benchmarks/first_step.py).
 
 Time budget (``--budget-s``): jobs run in priority order (every variant's steps, then the loss
-curves, then the first steps) and those that no longer fit are listed as skipped. The JSON
-(benchmarks/results/bench_model_<gpu>[_quick].json, CPU: bench_model_cpu[_quick].json) is
-rewritten after every job. On the CPU (one thread; ``--quick``: 2-layer models, hidden 64) the
-figures check the script; they are not GPU speeds.
+curves, then the first steps, then the ``LOW_PRIORITY`` variants' steps) and those that no longer
+fit are listed as skipped. The JSON (benchmarks/results/bench_model_<gpu>[_quick].json, CPU:
+bench_model_cpu[_quick].json) is rewritten after every job. On the CPU (one thread; ``--quick``:
+2-layer models, hidden 64) the figures check the script; they are not GPU speeds.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from .check_report import cell, error_line
 from .first_step import first_steps
 from .isolated import Child, is_cuda_fault, read_json, write_json
 from .loss_agreement import loss_curves
-from .model_setups import DROPOUT, MODELS, VARIANTS, adapt, build_model, make_batch, trainable
+from .model_setups import DROPOUT, LOW_PRIORITY, MODELS, VARIANTS, adapt, build_model, make_batch, trainable
 from .train_step import first_step_s, make_step, profile, release, steady
 
 WARMUP, STEPS, CURVE_STEPS = 3, 10, 8
@@ -94,12 +94,15 @@ def ratios(variants: dict) -> dict:
 def jobs(models: list[str], quick: bool, device: torch.device, first_step: tuple[str, ...], warmup: int,
          steps: int) -> list[tuple[str, str, str, Callable[[float], object]]]:
     """(model, kind, variant or "", run(seconds left)) of every job, in priority order."""
-    out = [(m, "steady", v, lambda left, m=m, v=v: variant_result(m, v, quick, device, warmup, steps))
-           for m in models for v in VARIANTS]
+    def steady_jobs(variants):
+        return [(m, "steady", v, lambda left, m=m, v=v: variant_result(m, v, quick, device, warmup, steps))
+                for m in models for v in variants]
+
+    out = steady_jobs([v for v in VARIANTS if v not in LOW_PRIORITY])
     out += [(m, "losses", "", lambda left, m=m: loss_curves(MODELS[m], quick, device, CURVE_STEPS)) for m in models]
     out += [(m, "first_step", v, lambda left, m=m, v=v: first_steps(m, v, device.type, quick, left))
             for v in first_step for m in models]
-    return out
+    return out + steady_jobs(LOW_PRIORITY)
 
 
 def run(models: list[str], quick: bool, device: torch.device, budget_s: float, first_step: tuple[str, ...],

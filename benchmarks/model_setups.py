@@ -15,7 +15,10 @@ Variants (LoRA r=16, alpha=32, dropout 0.05 on the targets below, PEFT's names):
   under autocast) or bf16 adapters (``autocast_adapter_dtype=False``);
 - ``accelerate_fp32`` / ``accelerate_bf16``: the same PEFT model after ``fastlora.accelerate``;
 - ``inject_fp32`` / ``inject_bf16``: ``fastlora.inject`` with ``fastlora.LoraConfig`` (fp32 adapters
-  over the bf16 weights, as built, or cast to bf16).
+  over the bf16 weights, as built, or cast to bf16);
+- ``accelerate-torch_fp32``: ``accelerate_fp32`` with every layer on the torch plan
+  (``fastlora.accelerate(model, backend="torch")``): the whole-model side of the size rule for ``auto``
+  (``fastlora.kernels.plans.SIZE_RULE``), next to the per-layer sweep of benchmarks/bench_crossover.py.
 """
 from __future__ import annotations
 
@@ -27,7 +30,10 @@ from torch import Tensor, nn
 
 R, ALPHA, DROPOUT = 16, 32, 0.05
 DTYPE = torch.bfloat16
-VARIANTS = ("base", "peft_fp32", "peft_bf16", "accelerate_fp32", "accelerate_bf16", "inject_fp32", "inject_bf16")
+VARIANTS = ("base", "peft_fp32", "peft_bf16", "accelerate_fp32", "accelerate_bf16", "inject_fp32", "inject_bf16",
+            "accelerate-torch_fp32")
+#: variants the model benchmark times after everything else (when its budget allows)
+LOW_PRIORITY = ("accelerate-torch_fp32",)
 #: variants with LoRA adapters (trained by the optimizer)
 ADAPTED = VARIANTS[1:]
 
@@ -108,6 +114,7 @@ def adapt(model: nn.Module, variant: str, spec: ModelSpec, dropout: float) -> nn
         model.enable_input_require_grads()
         return model
     kind, precision = variant.split("_")
+    kind, _, backend = kind.partition("-")
     fp32 = precision == "fp32"
     if kind == "inject":
         return injected_model(model, spec, dropout, fp32)
@@ -115,7 +122,7 @@ def adapt(model: nn.Module, variant: str, spec: ModelSpec, dropout: float) -> nn
     if kind == "accelerate":
         import fastlora
 
-        fastlora.accelerate(adapted)
+        fastlora.accelerate(adapted, backend=backend or "auto")
     return adapted
 
 

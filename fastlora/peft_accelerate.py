@@ -2,6 +2,7 @@
 
     model = peft.get_peft_model(base, peft.LoraConfig(...))   # or PeftModel.from_pretrained(...)
     fastlora.accelerate(model)      # same modules, parameters, state dict, save_pretrained
+    fastlora.accelerate(model, backend="torch")   # the same, every layer on one plan (default "auto")
     ...
     fastlora.deaccelerate(model)    # PEFT's own forward again
 
@@ -31,13 +32,14 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from fastlora.kernels import adapted_linear, neat_projection
+from fastlora.kernels import BACKENDS, adapted_linear, neat_projection
 from fastlora.kernels.activations import activation
 
 from .layer import conv1d_type, is_adaptable
 from .peft_formats import PEANUT_ACTIVATIONS
 
 _MARK = "_fastlora_accelerated"
+_BACKEND = "_fastlora_backend"
 
 
 def _peft_layer_types() -> dict[type, tuple[Callable, tuple[type, ...]]]:
@@ -114,7 +116,7 @@ def _lora_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str, 
         return reason
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     return adapted_linear(x, _linear_weight(base), base.bias, lora_a.weight, lora_b.weight, scale=float(scale),
-                          dropout=p)
+                          dropout=p, backend=layer.__dict__[_BACKEND])
 
 
 def _peanut_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str, None]:
@@ -132,7 +134,8 @@ def _peanut_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str
     if reason is not None:
         return reason
     a_n = layer.peanut_A[name].weight
-    h = neat_projection(base.weight.to(a_n.dtype), a_n, act)
+    backend = layer.__dict__[_BACKEND]
+    h = neat_projection(base.weight.to(a_n.dtype), a_n, act, backend)
     skips = []
     for encoder in encoders[:layer.res_num[name]]:
         skips.append(h)
@@ -140,7 +143,7 @@ def _peanut_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str
     for decoder in decoders[:layer.res_num[name]]:
         h = activation(act, decoder(h)) + skips.pop()
     return adapted_linear(x, base.weight, base.bias, h.t(), layer.peanut_B[name].weight,
-                          scale=float(layer.scaling[name]))
+                          scale=float(layer.scaling[name]), backend=backend)
 
 
 def _fused_forward(call: Callable, layer: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -159,21 +162,27 @@ def accelerated_layers(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if getattr(module, _MARK, False)]
 
 
-def accelerate(model: nn.Module) -> nn.Module:
+def accelerate(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Make every PEFT LoRA ``Linear`` layer (over an nn.Linear or GPT-2's Conv1D) and PEANuT ``Linear``
     layer of ``model`` (a PeftModel or any module holding PEFT layers) compute its forward with
-    fastlora's fused op; returns ``model``.
+    fastlora's fused op on ``backend`` (a plan of ``fastlora.kernels.adapted_linear``; "auto" chooses per
+    call); returns ``model``.
 
     Parameters, buffers, module names and PEFT's methods are untouched, so ``save_pretrained``,
     ``load_adapter``, ``set_adapter``, ``disable_adapter``, merging and Trainer checkpoints work
     as before. Other PEFT tuner layers stay on PEFT's path and are listed in one warning.
-    Idempotent; undone by ``deaccelerate``.
+    Idempotent; calling it again sets every accelerated layer's backend; undone by ``deaccelerate``.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     calls = _peft_layer_types()
     skipped = []
     for name, module in model.named_modules():
-        if not isinstance(module, BaseTunerLayer) or getattr(module, _MARK, False):
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if getattr(module, _MARK, False):
+            setattr(module, _BACKEND, backend)
             continue
         call, bases = calls.get(type(module), (None, ()))
         base = module.get_base_layer()
@@ -182,6 +191,7 @@ def accelerate(model: nn.Module) -> nn.Module:
                            f"over {type(base).__name__})")
             continue
         module.forward = functools.partial(_fused_forward, call, module)
+        setattr(module, _BACKEND, backend)
         setattr(module, _MARK, True)
     if skipped:
         warnings.warn(f"fastlora.accelerate: {len(skipped)} PEFT layers stay on PEFT's path (the fused op computes "
@@ -196,4 +206,5 @@ def deaccelerate(model: nn.Module) -> nn.Module:
         if getattr(module, _MARK, False):
             del module.forward
             delattr(module, _MARK)
+            delattr(module, _BACKEND)
     return model

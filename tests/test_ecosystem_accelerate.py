@@ -208,3 +208,19 @@ def test_accelerate_is_idempotent_and_deaccelerate_restores(base, ids):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hidden(model, ids)
+
+
+def test_accelerate_takes_a_backend_for_every_layer(base, ids):
+    model = peft_model(base, lora()).eval()
+    with torch.no_grad():
+        want = hidden(model, ids)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastlora.accelerate(model, backend="cuda")
+    fastlora.accelerate(model, backend="cublas")  # a named plan is forced: float64 on CPU cannot run it
+    with torch.no_grad(), pytest.raises(RuntimeError, match="backend='cublas' cannot run this call"):
+        hidden(model, ids)
+    fastlora.accelerate(model, backend="torch")  # calling again sets the backend of every accelerated layer
+    with torch.no_grad():
+        assert rel(hidden(model, ids), want) < TOL
+    fastlora.deaccelerate(model)
+    assert not any(hasattr(module, "_fastlora_backend") for module in model.modules())
