@@ -210,8 +210,9 @@ def test_accelerate_is_idempotent_and_deaccelerate_restores(base, ids):
         hidden(model, ids)
 
 
-def test_accelerate_takes_a_backend_for_every_layer(base, ids):
-    model = peft_model(base, lora()).eval()
+@pytest.mark.parametrize("config", [lora(), peanut()], ids=["lora", "peanut"])
+def test_accelerate_takes_a_backend_for_every_layer(base, ids, config):
+    model = peft_model(base, config).eval()
     with torch.no_grad():
         want = hidden(model, ids)
     with pytest.raises(ValueError, match="backend must be one of"):
