@@ -75,6 +75,18 @@ def test_the_size_rule_sends_layers_below_its_size_to_the_torch_plan(cache, monk
     assert plans.default_plan(KEY) == plans.DEFAULT_PLAN
 
 
+def test_where_the_default_plan_failed_the_other_candidate_runs(cache, monkeypatch):
+    monkeypatch.delenv(plans.TUNE_ENV_VAR, raising=False)
+    run = lambda plan: pytest.fail("nothing is timed")  # noqa: E731
+    cache.put("sec", KEY, None, ("cublas",))
+    assert plans.choose(KEY, "sec", run, measurable=True, timer=FakeTimer(), cache=cache) == "torch"
+    monkeypatch.setattr(plans, "SIZE_RULE", plans.SizeRule(1 << 62, "a committed run"))  # the rule says torch
+    cache.put("sec", KEY, None, ("torch",))
+    assert plans.choose(KEY, "sec", run, measurable=True, timer=FakeTimer(), cache=cache) == "cublas"
+    cache.put("sec", KEY, None, ("cublas", "torch"))
+    assert plans.choose(KEY, "sec", run, measurable=True, timer=FakeTimer(), cache=cache) == "torch"
+
+
 def test_a_measured_winner_outranks_the_size_rule(cache, monkeypatch):
     monkeypatch.setattr(plans, "SIZE_RULE", plans.SizeRule(1 << 62, "a committed run"))
     cache.put("sec", KEY, "cublas")

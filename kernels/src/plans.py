@@ -359,7 +359,8 @@ def choose(key: PlanKey, section: str, run: Callable[[str], None], *, measurable
            timer: Optional[Timer] = None, cache: Optional[PlanCache] = None) -> str:
     """The recorded winner for ``key``; else, when tuning is on and ``measurable``, the measured
     fastest of the candidates that have not failed there (recorded with the failures); else
-    ``default_plan(key)`` (the torch plan where that plan failed)."""
+    ``default_plan(key)``, or where that plan failed the first candidate that has not (the torch plan
+    when none is left)."""
     cache = cache or CACHE
     record = cache.record(section, key)
     if record.plan is not None:
@@ -367,7 +368,7 @@ def choose(key: PlanKey, section: str, run: Callable[[str], None], *, measurable
     candidates = tuple(p for p in AUTO_CANDIDATES if p not in record.failed)
     if not measurable or not tuning_on() or not candidates:
         plan = default_plan(key)
-        return plan if plan not in record.failed else "torch"
+        return plan if plan not in record.failed else (candidates[0] if candidates else "torch")
     plan, seconds, errors = measure_and_choose(key, run, candidates, timer=timer)
     cache.put(section, key, plan, record.failed + tuple(errors))
     times = ", ".join(f"{p} {1e3 * t:.3f} ms" for p, t in seconds.items())
