@@ -3,15 +3,16 @@ forward and the backward pass).
 
 Where the Triton kernels can run (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``),
 every plan uses the kernels' own draw, counter-based Philox4x32-10 (``philox.py``), so every plan
-computes the same result there. On a GPU the torch plan's mask is drawn by one Triton kernel
+computes the same result there. On a GPU the torch plan's mask (a call given a seed, or under
+torch.compile, where the plan runs through the autograd Function) is drawn by one Triton kernel
 (``triton/dropout.py``) in the dtypes the kernels take; elsewhere (float64, the reference's dtype,
 the interpreter, where that kernel is far slower, or no Triton) by the same Philox in torch ops:
 about a hundred elementwise integer ops over (N, d_in), which on a GPU cost far more than the
 layer. On CPU otherwise, only the torch plan runs: it draws
 from torch's CPU generator seeded with the seed (a handful of ops, about what ``nn.Dropout``
 costs), which gives another mask for the same seed. Either way the seed alone determines the mask,
-so a recomputation (backward, gradient checkpointing) sees the same one. (A torch-plan call given
-no seed uses none of these, on CPU and on a GPU: its mask is ``F.dropout``'s, kept by autograd for
+so a recomputation (backward, gradient checkpointing) sees the same one. (An eager torch-plan call
+given no seed uses none of these, on CPU and on a GPU: its mask is ``F.dropout``'s, kept by autograd for
 the backward, one op as ``nn.Dropout``'s; see ``unseeded_torch_dropout``.)
 """
 from __future__ import annotations
