@@ -149,11 +149,11 @@ def render(report: dict) -> str:
     for m, entry in report["models"].items():
         lines.append(f"{m}: {entry['class']}, {entry['parameters'] / 1e6:.1f}M parameters, batch "
                      f"{entry['batch']['sequences']} x {entry['batch']['tokens']}")
-        lines.append(f"  {'variant':16s} {'step ms':>9s} {'host ms':>9s} {'xbase':>6s} {'xpeft':>6s} "
+        lines.append(f"  {'variant':21s} {'step ms':>9s} {'host ms':>9s} {'xbase':>6s} {'xpeft':>6s} "
                      f"{'host xpeft':>10s} {'peak MiB':>9s} {'launches':>8s} {'1st step s':>10s}")
         for name, res in entry["variants"].items():
             r = entry["ratios"].get(name, {})
-            lines.append(f"  {name:16s} {res['step_ms']:9.2f} {res['host_ms']:9.2f} "
+            lines.append(f"  {name:21s} {res['step_ms']:9.2f} {res['host_ms']:9.2f} "
                          f"{cell(r.get('step_vs_base'), '6.2f')} {cell(r.get('step_vs_peft'), '6.2f')} "
                          f"{cell(r.get('host_vs_peft'), '10.2f')} "
                          f"{cell(res['peak_mib'], '9.0f')} {cell(res['profile']['launches'], '8d')} "

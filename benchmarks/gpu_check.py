@@ -9,14 +9,15 @@ still run; the JSON report is rewritten to --out after every item):
    cuBLAS bf16 TFLOP/s (benchmarks/check_env.py);
 2. bench_model: the whole-model training step of base, PEFT, fastlora.accelerate and
    fastlora.inject on a Llama-shaped and a BERT-shaped model, with the no-dropout loss
-   agreement and first steps on cold and warm caches (benchmarks/bench_model.py, in a child
-   process; ``--quick``: no first-step processes);
+   agreement and first steps on cold and warm caches, then accelerate on the torch plan
+   (benchmarks/bench_model.py, in a child process; ``--quick``: no first-step processes);
 3. host: the host time of one adapted layer's forward + backward at a size where the device
    work is negligible, PEFT's against fastlora's on the cublas and the torch plan, launches
    included (benchmarks/bench_host.py, a child process per plan);
    crossover: one layer's training calls back to back over widths 256-4096 and 512-8192 tokens,
    PEFT against the cublas and the torch plan: from which size the cublas plan pays for its host
-   path (benchmarks/bench_crossover.py, in a child process);
+   path, the number ``fastlora.kernels.plans.SIZE_RULE`` takes (benchmarks/bench_crossover.py, in a
+   child process);
    order: the cublas plan's output order at the benchmark shapes: the GEMM with beta 0 and 1, the
    low-rank term added after the GEMM or written first for the GEMM to accumulate into, by addmm or
    by the Triton expand (benchmarks/check_kernels.py);
