@@ -1,6 +1,6 @@
 """Host time of one adapted layer's call path: fastlora against PEFT on tiny tensors.
 
-    python -m benchmarks.bench_host [--device cpu|cuda] [--plan torch|cublas] [--quick] [--out PATH]
+    python -m benchmarks.bench_host [--device cpu|cuda] [--plan torch|cublas] [--stack K] [--quick] [--out PATH]
 
 At x (8, 64), 64 -> 64, r = 8, float32, one CPU thread, the arithmetic is negligible: what is
 timed is the per-call work in Python, the dispatcher and autograd, which a GPU step pays
@@ -17,7 +17,11 @@ the adapted ones without dropout, with dropout 0.05 (``_dropout``), and with dro
 autocast (``_autocast``: the fp32 layer and adapters computed in half precision, PEFT's default
 setup of a training run; bfloat16 on a GPU, float16 on the CPU, where the Triton interpreter refuses
 bf16). A call: the forward, then ``torch.autograd.grad`` of the output with a fixed dy with respect
-to x and the trainable factors.
+to x and the trainable factors. ``--stack K``: each variant is K such layers in an nn.Sequential and
+a call runs all K forward, then their backward, as a step runs a model's layers ("us_per_layer" is
+the time per call over K). Repeating the same path K times keeps its code warm, which favours the
+variant whose path is shorter: per layer, PEFT's time falls further than fastlora's, so the stacked
+ratio is the better proxy of a model's step (one layer alone understates the difference).
 
 Timing: ``WARMUP`` calls per variant, then ``ROUNDS`` rounds; in each round every variant runs
 ``CALLS`` calls timed together with ``time.perf_counter`` (variants interleaved, so that drift of
@@ -106,6 +110,11 @@ def host_tensors(gen: torch.Generator, device: torch.device = torch.device("cpu"
     return t
 
 
+def _stacked(build: Callable[[], nn.Module], stack: int) -> nn.Module:
+    """One layer from ``build()``, or ``stack`` of them in an nn.Sequential."""
+    return build() if stack == 1 else nn.Sequential(*(build() for _ in range(stack)))
+
+
 def _injected(t: dict, dropout: float, plan: str) -> nn.Module:
     import fastlora
 
@@ -120,20 +129,27 @@ def _injected(t: dict, dropout: float, plan: str) -> nn.Module:
     return model[0]
 
 
-def layers(t: dict, plan: str = "torch") -> dict[str, nn.Module]:
-    """name -> the layer of each variant (see the module docstring), in training mode; fastlora's on ``plan``
-    (accelerate's through FASTLORA_BACKEND, which ``measure`` sets)."""
-    import fastlora
-
+def _frozen_linear(t: dict) -> nn.Module:
     linear = nn.Linear(D_IN, D_OUT, bias=False, device=t["weight"].device)
     with torch.no_grad():
         linear.weight.copy_(t["weight"])
-    linear.weight.requires_grad_(False)
-    out = {"linear": linear}
+    return linear.requires_grad_(False)
+
+
+def layers(t: dict, plan: str = "torch", stack: int = 1) -> dict[str, nn.Module]:
+    """name -> the layer of each variant (see the module docstring), or ``stack`` of them in an
+    nn.Sequential, in training mode; fastlora's on ``plan`` (accelerate's through FASTLORA_BACKEND, which
+    ``measure`` sets)."""
+    import fastlora
+
+    if stack > 1 and D_IN != D_OUT:
+        raise ValueError(f"a stack of layers needs d_in == d_out, got {D_IN} -> {D_OUT}")
+    out = {"linear": _stacked(lambda: _frozen_linear(t), stack)}
     for suffix, (p, _) in SETTINGS.items():
-        out["peft" + suffix] = peft_layer(t["weight"], t["a"], t["b"], SCALE, p)
-        out["accelerate" + suffix] = fastlora.accelerate(peft_layer(t["weight"], t["a"], t["b"], SCALE, p))
-        out["inject" + suffix] = _injected(t, p, plan)
+        peft = lambda p=p: peft_layer(t["weight"], t["a"], t["b"], SCALE, p)  # noqa: E731
+        out["peft" + suffix] = _stacked(peft, stack)
+        out["accelerate" + suffix] = _stacked(lambda peft=peft: fastlora.accelerate(peft()), stack)
+        out["inject" + suffix] = _stacked(lambda p=p: _injected(t, p, plan), stack)
     return {name: layer.train() for name, layer in out.items()}
 
 
@@ -259,12 +275,13 @@ def forced_plan(plan: str) -> Iterator[None]:
             os.environ[ENV_VAR] = previous
 
 
-def measure(settings: dict, plan: str = "torch", device: torch.device = torch.device("cpu")) -> dict:
-    """Every variant's median host time per call, its ratio to PEFT's, its aten operators and its
-    Triton launches (stubbed on the CPU, counted and run on a GPU); ``settings``: warmup, rounds, calls."""
+def measure(settings: dict, plan: str = "torch", device: torch.device = torch.device("cpu"), stack: int = 1) -> dict:
+    """Every variant's median host time per call (and per layer of a ``stack``), its ratio to PEFT's, its
+    aten operators and its Triton launches per call (stubbed on the CPU, counted and run on a GPU);
+    ``settings``: warmup, rounds, calls."""
     torch.set_num_threads(1)
     t = host_tensors(torch.Generator().manual_seed(0), device)
-    calls = {name: call_of(layer, t, SETTINGS[suffix_of(name)][1]) for name, layer in layers(t, plan).items()}
+    calls = {name: call_of(layer, t, SETTINGS[suffix_of(name)][1]) for name, layer in layers(t, plan, stack).items()}
     launches: Counter = Counter()  # of every Triton launch while the counter is in place
     gpu = device.type == "cuda"
     autocast_dtype = str(AUTOCAST_DTYPES[device.type]).removeprefix("torch.")
@@ -282,36 +299,38 @@ def measure(settings: dict, plan: str = "torch", device: torch.device = torch.de
             variants[name] = {"dropout": dropout,
                               "autocast": autocast_dtype if autocast else None,
                               "us_per_call": statistics.median(times[name]), "us_rounds": times[name],
+                              "us_per_layer": statistics.median(times[name]) / stack,
                               "aten_ops": sum(ops.values()), "ops": dict(ops.most_common()),
                               "triton_launches": sum(per_call.values()), "launches": dict(per_call.most_common()),
                               "python_top": python_top(call, settings["calls"])}
     for name, row in variants.items():
         peft = variants["peft" + suffix_of(name)]
         row["vs_peft"] = row["us_per_call"] / peft["us_per_call"]
-    return {"settings": settings, "variants": variants}
+    return {"settings": settings, "stack": stack, "variants": variants}
 
 
 def render(report: dict) -> str:
     stubbed = report["plan"] != "torch" and not report["gpu"]
     lines = [f"bench_host on {report['device']}, fastlora on the {report['plan']} plan"
              f"{' (Triton launches stubbed)' if stubbed else ''}: x ({TOKENS}, {D_IN}), "
-             f"{D_IN} -> {D_OUT}, r = {R}; {report['note']}",
-             f"  {'variant':20s} {'dropout':>7s} {'autocast':>8s} {'us/call':>9s} {'x PEFT':>7s} {'aten ops':>8s} "
-             f"{'launches':>8s}"]
+             f"{D_IN} -> {D_OUT}, r = {R}, {report['stack']} layer(s) per call; {report['note']}",
+             f"  {'variant':20s} {'dropout':>7s} {'autocast':>8s} {'us/call':>9s} {'us/layer':>9s} {'x PEFT':>7s} "
+             f"{'aten ops':>8s} {'launches':>8s}"]
     lines += [f"  {name:20s} {row['dropout']:7.2f} {row['autocast'] or '-':>8s} {row['us_per_call']:9.1f} "
-              f"{row['vs_peft']:7.2f} {row['aten_ops']:8d} {row['triton_launches']:8d}"
+              f"{row['us_per_layer']:9.1f} {row['vs_peft']:7.2f} {row['aten_ops']:8d} {row['triton_launches']:8d}"
               for name, row in report["variants"].items()]
     return "\n".join(lines)
 
 
-def default_out(plan: str, device: torch.device, quick: bool) -> Path:
+def default_out(plan: str, device: torch.device, quick: bool, stack: int = 1) -> Path:
     """benchmarks/results/host_path_cpu.json (torch plan) or host_path_<plan>_stubbed_cpu.json on the CPU,
-    host_path_<plan>_<gpu>.json on a GPU; ``_quick`` before the suffix with --quick."""
+    host_path_<plan>_<gpu>.json on a GPU; ``_stack<K>`` then ``_quick`` before the suffix with --stack K
+    (K > 1) and --quick."""
     if device.type == "cuda":
         stem = f"host_path_{plan}_{slug(device_name(device))}"
     else:
         stem = "host_path_cpu" if plan == "torch" else f"host_path_{plan}_stubbed_cpu"
-    return RESULTS / f"{stem}{'_quick' if quick else ''}.json"
+    return RESULTS / f"{stem}{f'_stack{stack}' if stack > 1 else ''}{'_quick' if quick else ''}.json"
 
 
 def summary_of(report: dict) -> str:
@@ -369,8 +388,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
                              f"{','.join(map(str, GPU_CHECK.values()))})")
     parser.add_argument("--plan", choices=("torch", "cublas"), default="torch",
                         help="fastlora's plan: torch (the CPU path), or cublas (the GPU default)")
+    parser.add_argument("--stack", type=int, default=1, metavar="K",
+                        help="each variant as K layers in sequence, a call running them all (default 1)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: see ``default_out``)")
     args = parser.parse_args(argv)
+    if args.stack < 1:
+        parser.error(f"--stack must be at least 1, got {args.stack}")
     device = pick_device(args.device)
     if device.type == "cpu" and args.plan != "torch" and os.environ.get("TRITON_INTERPRET") != "1":
         # the plan takes CPU tensors only under the interpreter, which Triton reads when it is imported
@@ -385,8 +408,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     report = {"device": device_name(device), "gpu": device.type == "cuda", "torch": torch.__version__,
               "peft": version("peft"), "plan": args.plan,
               "shape": {"tokens": TOKENS, "d_in": D_IN, "d_out": D_OUT, "r": R, "dtype": "float32"},
-              "note": NOTES[device.type], **measure(settings, args.plan, device)}
-    out = args.out or default_out(args.plan, device, args.quick)
+              "note": NOTES[device.type], **measure(settings, args.plan, device, args.stack)}
+    out = args.out or default_out(args.plan, device, args.quick, args.stack)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
     print(render(report))

@@ -131,6 +131,27 @@ def test_host_path_benchmark(tmp_path):
     assert 2 <= rows["linear"]["aten_ops"] < rows["peft"]["aten_ops"]
 
 
+def test_host_path_benchmark_on_a_stack_of_layers(tmp_path):
+    """--stack 3: each variant is three layers in sequence; a call runs them all (three times the frozen
+    Linear's operators), and the time per layer is the call's over three."""
+    pytest.importorskip("peft")
+    from benchmarks import bench_host
+
+    single = bench_host.main(["--quick", "--out", str(tmp_path / "one.json")])["variants"]
+    report = bench_host.main(["--quick", "--stack", "3", "--out", str(tmp_path / "three.json")])
+    rows = report["variants"]
+    assert report["stack"] == 3 and set(rows) == set(single)
+    assert rows["linear"]["aten_ops"] == 3 * single["linear"]["aten_ops"]
+    for row in rows.values():
+        assert row["us_per_layer"] == pytest.approx(row["us_per_call"] / 3) and row["us_per_layer"] > 0
+    t = bench_host.host_tensors(torch.Generator().manual_seed(0))
+    stacks = bench_host.layers(t, stack=3)
+    expected = stacks["peft"](t["x"])
+    for name in ("accelerate", "inject"):
+        assert len(stacks[name]) == 3
+        torch.testing.assert_close(stacks[name](t["x"]), expected)
+
+
 def test_host_path_layers_compute_the_same_output():
     """Without dropout, PEFT's layer, its accelerated twin and the injected AdapterLinear give one output."""
     pytest.importorskip("peft")
