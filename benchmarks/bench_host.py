@@ -76,8 +76,9 @@ AUTOCAST_DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float16}
 WARMUP, ROUNDS, CALLS = 200, 21, 200
 PYTHON_TOP = 10
 QUICK = {"warmup": 20, "rounds": 5, "calls": 20}
-#: the repetitions of gpu_check's section "host" (a few seconds per plan)
-GPU_CHECK = {"warmup": 50, "rounds": 9, "calls": 50}
+#: the repetitions and the stack of gpu_check's section "host" (a few seconds per plan)
+GPU_CHECK = {"warmup": 20, "rounds": 7, "calls": 20}
+GPU_CHECK_STACK = 8
 #: seconds that must be left to start a plan's process in that section (imports, first compiles), per device type
 PLAN_RESERVE_S = {"cuda": 20.0, "cpu": 5.0}
 #: what the figures are, per device type
@@ -334,12 +335,12 @@ def default_out(plan: str, device: torch.device, quick: bool, stack: int = 1) ->
 
 
 def summary_of(report: dict) -> str:
-    """"cublas: inject 1.42x PEFT (210 us, 3 launches), accelerate ...": inject, accelerate, inject_dropout and
-    inject_autocast against PEFT."""
-    rows = report["variants"]
+    """"cublas: inject 1.42x PEFT (210 us, 3 launches per layer), accelerate ...": inject, accelerate,
+    inject_dropout and inject_autocast against PEFT."""
+    rows, stack = report["variants"], report["stack"]
     return f"{report['plan']}: " + ", ".join(
-        f"{name} {rows[name]['vs_peft']:.2f}x PEFT ({rows[name]['us_per_call']:.0f} us, "
-        f"{rows[name]['triton_launches']} launches)"
+        f"{name} {rows[name]['vs_peft']:.2f}x PEFT ({rows[name]['us_per_layer']:.0f} us, "
+        f"{rows[name]['triton_launches'] // stack} launches per layer)"
         for name in ("inject", "accelerate", "inject_dropout", "inject_autocast") if name in rows)
 
 
@@ -352,8 +353,9 @@ def compared_plans(device: torch.device) -> tuple[str, ...]:
 
 
 def section(ctx) -> dict:
-    """gpu_check section "host": this benchmark in a child process per plan of ``compared_plans``,
-    ``GPU_CHECK`` repetitions (``--quick``: QUICK)."""
+    """gpu_check section "host": this benchmark in a child process per plan of ``compared_plans``, on
+    stacks of ``GPU_CHECK_STACK`` layers (a step's conditions), ``GPU_CHECK`` repetitions (``--quick``:
+    QUICK)."""
     plans = compared_plans(ctx.device)
     repeats = ",".join(str(v) for v in (QUICK if ctx.quick else GPU_CHECK).values())
     result, summaries = {"plans": {}, "skipped": []}, []
@@ -364,7 +366,8 @@ def section(ctx) -> dict:
                 summaries.append(f"{plan}: skipped for time")
                 continue
             out = Path(tmp) / f"host_{plan}.json"
-            args = ["--device", ctx.device.type, "--plan", plan, "--repeats", repeats, "--out", str(out)]
+            args = ["--device", ctx.device.type, "--plan", plan, "--repeats", repeats,
+                    "--stack", str(GPU_CHECK_STACK), "--out", str(out)]
             child = run_child("benchmarks.bench_host", args, out, timeout_s=ctx.left())
             if child["result"] is None or child["returncode"] != 0:
                 result["plans"][plan] = {"error": f"exit status {child['returncode']}: {child['output']}"}

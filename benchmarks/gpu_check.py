@@ -11,9 +11,9 @@ still run; the JSON report is rewritten to --out after every item):
    fastlora.inject on a Llama-shaped and a BERT-shaped model, with the no-dropout loss
    agreement and first steps on cold and warm caches, then accelerate on the torch plan
    (benchmarks/bench_model.py, in a child process; ``--quick``: no first-step processes);
-3. host: the host time of one adapted layer's forward + backward at a size where the device
-   work is negligible, PEFT's against fastlora's on the cublas and the torch plan, launches
-   included (benchmarks/bench_host.py, a child process per plan);
+3. host: the host time per adapted layer of a forward + backward through a stack of 8 layers at a
+   size where the device work is negligible, PEFT's against fastlora's on the cublas and the torch
+   plan, launches included (benchmarks/bench_host.py --stack 8, a child process per plan);
    crossover: one layer's training calls back to back over widths 256-4096 and 512-8192 tokens,
    PEFT against the cublas and the torch plan: from which size the cublas plan pays for its host
    path, the number ``fastlora.kernels.plans.SIZE_RULE`` takes (benchmarks/bench_crossover.py, in a

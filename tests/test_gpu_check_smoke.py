@@ -78,7 +78,7 @@ def test_host_section(cpu_run):
     section = cpu_run[1]["sections"]["host"]
     assert list(section["plans"]) == ["torch"] and section["skipped"] == []
     report = section["plans"]["torch"]
-    assert report["plan"] == "torch" and not report["gpu"]
+    assert report["plan"] == "torch" and not report["gpu"] and report["stack"] == 8
     assert report["variants"]["peft"]["vs_peft"] == 1.0 and report["variants"]["inject"]["us_per_call"] > 0
     assert section["summary"].startswith("torch: inject ") and "x PEFT" in section["summary"]
 
