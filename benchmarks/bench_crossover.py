@@ -91,29 +91,36 @@ def forced(name: str):
     return forced_plan(name) if name != "peft" else contextlib.nullcontext()
 
 
+def _keeps_winning_from(ladder: list[dict], versus: str) -> Optional[dict]:
+    """The first row of ``ladder`` from which the cublas plan is faster than ``versus`` at every later
+    row (None: the last row loses, or the ladder is empty)."""
+    winning = [row["ms"]["cublas"] < row["ms"][versus] for row in ladder]
+    return next((row for i, row in enumerate(ladder) if all(winning[i:])), None)
+
+
 def crossover(rows: list[dict], versus: str) -> dict:
     """Per token count, the smallest width from which the cublas plan is faster than ``versus`` at every
     larger measured width (None: at none)."""
     out = {}
     for n in sorted({row["n"] for row in rows}):
         ladder = sorted((row for row in rows if row["n"] == n and "cublas" in row["ms"]), key=lambda row: row["d"])
-        winning = [row["ms"]["cublas"] < row["ms"][versus] for row in ladder]
-        first = next((i for i in range(len(ladder)) if all(winning[i:])), None)
-        out[str(n)] = ladder[first]["d"] if first is not None else None
+        first = _keeps_winning_from(ladder, versus)
+        out[str(n)] = first["d"] if first is not None else None
     return out
+
+
+def _gemm_size(row: dict) -> int:
+    """The row's base-GEMM size n x d x d (multiply-adds), as ``plans.SizeRule`` counts a layer."""
+    return row["n"] * row["d"] ** 2
 
 
 def size_rule(rows: list[dict]) -> Optional[int]:
     """``plans.SizeRule.torch_below`` read from the sweep: the smallest base-GEMM size n x d x d from which
     the cublas plan is faster than the torch plan at every larger measured size (the torch plan below it);
     None when the cublas plan is faster everywhere (no rule needed) or nowhere consistently."""
-    measured = (row for row in rows if {"cublas", "torch"} <= set(row["ms"]))
-    ladder = sorted(measured, key=lambda row: row["n"] * row["d"] ** 2)
-    winning = [row["ms"]["cublas"] < row["ms"]["torch"] for row in ladder]
-    first = next((i for i in range(len(ladder)) if all(winning[i:])), None)
-    if first is None or first == 0:
-        return None
-    return ladder[first]["n"] * ladder[first]["d"] ** 2
+    ladder = sorted((row for row in rows if {"cublas", "torch"} <= set(row["ms"])), key=_gemm_size)
+    first = _keeps_winning_from(ladder, "torch")
+    return None if first is None or first is ladder[0] else _gemm_size(first)
 
 
 def summary_of(report: dict) -> str:
