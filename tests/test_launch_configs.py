@@ -84,3 +84,19 @@ def test_dropout_gemm_tiles_keep_two_accumulators_within_the_register_budget(mon
     assert any(c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 128 and c.num_warps == 8 for c in masked)
     # dropout without a low-rank term (the base GEMM alone) has one accumulator
     assert launch_config.prune_gemm_configs(gpu_configs, named, HAS_LOWRANK=False, DROPOUT=True) == gpu_configs
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_launches_switch_device_only_with_several_gpus(gpus, monkeypatch):
+    """Triton launches on the current CUDA device: with one visible GPU that is the input's device and no
+    switch is entered (host time per launch); with several, the input's device is made current."""
+    monkeypatch.setattr(launch_config.torch.cuda, "device_count", lambda: gpus)
+    launch_config._one_visible_gpu.cache_clear()
+    try:
+        context = launch_config.launch_context(launch_config.torch.device("cuda", gpus - 1))
+        if gpus == 1:
+            assert context is launch_config._NO_SWITCH
+        else:
+            assert isinstance(context, launch_config.torch.cuda.device) and context.idx == 1
+    finally:
+        launch_config._one_visible_gpu.cache_clear()

@@ -288,10 +288,10 @@ def test_partial_sums_stay_small(r, one_pass, monkeypatch, impl):
     block only while those cost fewer bytes than reading dy again (never hundreds of MB as one
     slice per block at r = 64, N = 8192, d_out = 11008 would be). Both paths are exact."""
     from fastlora.kernels.triton.launch_config import target_programs
-    from fastlora.kernels.triton.skinny import one_pass_is_cheaper
+    from fastlora.kernels.triton.skinny import column_blocks, one_pass_is_cheaper
     n, d_out = 40, 150
     dy_bytes = n * d_out * 4
-    assert one_pass_is_cheaper(torch.empty(n, d_out), r) == one_pass
+    assert one_pass_is_cheaper(torch.empty(n, d_out), r, column_blocks(d_out, r)) == one_pass
     shapes = []
     empty = torch.empty
 

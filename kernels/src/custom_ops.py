@@ -69,7 +69,7 @@ def _adapted_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Op
     term = _term(a, b, middle, rank_weights, row_index, col_index, seed, scale, gate, dropout_p, gate_tensor)
     y, t = _module(backend).forward(x, weight, bias, term, keep_t)
     t_dtype = _t_dtype(x, backend)
-    t = x.new_empty(0, dtype=t_dtype) if t is None else t.to(t_dtype).contiguous()
+    t = x.new_empty(0, dtype=t_dtype) if t is None else (t if t.dtype == t_dtype else t.to(t_dtype)).contiguous()
     return y.contiguous(), t
 
 

@@ -94,6 +94,11 @@ def rank_chain_grads(grads: Grads, dp: Tensor, u: Tensor, t: Tensor, x: Tensor, 
     return dt
 
 
+def _in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in ``dtype`` (``Tensor.to`` costs host time even when it returns t itself)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _low_rank_first(v: Tensor, u: Tensor, u_index: Optional[Tensor], bias: Optional[Tensor], term: LowRankTerm,
                     dtype: torch.dtype, p: float = 0.0) -> Tensor:
     """bias + drop_p(s*g * v U) (N, d) in ``dtype``, a fresh tensor for the cuBLAS plan's base GEMM to
@@ -103,7 +108,7 @@ def _low_rank_first(v: Tensor, u: Tensor, u_index: Optional[Tensor], bias: Optio
     regenerated from the term's seed)."""
     sg = term.scale * term.gate
     if term.gate_tensor is None and u_index is None and p == 0.0:
-        v, u = v.to(dtype), u.to(dtype)
+        v, u = _in_dtype(v, dtype), _in_dtype(u, dtype)
         if bias is not None:
             return torch.addmm(bias, v, u, alpha=sg)
         return torch.empty(v.shape[0], u.shape[1], device=v.device, dtype=dtype).addmm_(v, u, beta=0, alpha=sg)

@@ -159,12 +159,23 @@ def split_reduction(length: int, block: int, other_programs: int, device: torch.
     return cdiv(length, per_split), per_split
 
 
+#: the context of a launch that needs no device switch (reused: entering it costs next to nothing)
+_NO_SWITCH = contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=1)
+def _one_visible_gpu() -> bool:
+    return torch.cuda.device_count() == 1
+
+
 def launch_context(device: torch.device):
-    """Context to launch on ``device``: its CUDA device, or the interpreter for CPU tensors."""
+    """Context to launch on ``device``: its CUDA device (Triton launches on the current one; with a
+    single visible GPU that is ``device`` already, and the switch, two driver calls per launch, is
+    skipped), or the interpreter for CPU tensors."""
     if device.type == "cuda":
-        return torch.cuda.device(device)
+        return _NO_SWITCH if _one_visible_gpu() else torch.cuda.device(device)
     if not INTERPRETER_READY:
         raise RuntimeError(
             f"the Triton kernels need CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 before "
             "triton is first imported (Triton reads it when kernels are defined, its own included)")
-    return contextlib.nullcontext()
+    return _NO_SWITCH

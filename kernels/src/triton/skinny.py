@@ -81,11 +81,15 @@ def _dy_columns_kernel(dy_ptr, b_ptr, b_idx_ptr, v_ptr, gate_ptr, dp_part_ptr, d
         tl.store(dbias_part_ptr + pid_s.to(tl.int64) * D + offs_d, acc_dbias, mask=d_ok)
 
 
-def one_pass_is_cheaper(dy: torch.Tensor, r: int) -> bool:
-    """Whether dP should come from the column pass: its partials, one (N, r) fp32 slice per
-    column block, written and read once, cost fewer bytes than a second read of dy."""
-    block_k = skinny_blocks(pad_rank(r))["BLOCK_K"]
-    d_blocks = cdiv(dy.shape[1], block_k)
+def column_blocks(d: int, r: int) -> int:
+    """Column blocks of the dy pass over d columns at rank r."""
+    return cdiv(d, skinny_blocks(pad_rank(r))["BLOCK_K"])
+
+
+def one_pass_is_cheaper(dy: torch.Tensor, r: int, d_blocks: int) -> bool:
+    """Whether dP should come from the column pass over ``d_blocks`` column blocks (``column_blocks``):
+    its partials, one (N, r) fp32 slice per column block, written and read once, cost fewer bytes than
+    a second read of dy."""
     partial_bytes = d_blocks * dy.shape[0] * r * 4
     return 2 * partial_bytes <= dy.numel() * dy.element_size()
 
@@ -103,14 +107,14 @@ def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], 
     """
     m, d = dy.shape
     r = b_index.shape[0] if b_index is not None else b.shape[0]
-    columns_needed = v is not None or need_bias
-    dp_in_columns = columns_needed and one_pass_is_cheaper(dy, r)
-    dp = None if dp_in_columns else shrink(dy, b, b_index)
-    if not columns_needed:
-        return dp, None, None
     r_pad = pad_rank(r)
     cfg = skinny_blocks(r_pad)
     d_blocks = cdiv(d, cfg["BLOCK_K"])
+    columns_needed = v is not None or need_bias
+    dp_in_columns = columns_needed and one_pass_is_cheaper(dy, r, d_blocks)
+    dp = None if dp_in_columns else shrink(dy, b, b_index)
+    if not columns_needed:
+        return dp, None, None
     n_split, rows_per_split = split_reduction(m, cfg["BLOCK_M"], d_blocks, dy.device)
     dp_part = partial_buffer(d_blocks, (m, r), torch.float32, dy.device) if dp_in_columns else None
     db_part = partial_buffer(n_split, (d, r), db_dtype, dy.device) if v is not None else None
