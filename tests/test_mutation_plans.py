@@ -1,7 +1,6 @@
 """backend="auto" bookkeeping (kernels/src/plans.py) that the plan tests do not reach on CPU: the default cache
 location, the cache section of a device, the CUDA timer's arithmetic (with stand-in CUDA events), PlanKey as
 a value."""
-import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ KEY = plans.PlanKey("cpu", "float32", 64, 24, 20, 4, False, False)
 def test_plan_key_is_an_immutable_hashable_value():
     same = plans.PlanKey("cpu", "float32", 64, 24, 20, 4, False, False)
     assert same == KEY and hash(same) == hash(KEY) and len({KEY, same}) == 1
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         KEY.rank = 8
     assert str(KEY) == "cpu|float32|64|24|20|4|False|False"
 

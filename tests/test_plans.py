@@ -3,7 +3,6 @@
 Timing is injected (a timer that runs each candidate once and reports set times), so the
 selection logic is checked on CPU; the real candidates still run (Triton under the interpreter).
 """
-import dataclasses
 import json
 import multiprocessing
 import warnings
@@ -174,7 +173,7 @@ def test_corrupt_foreign_or_retired_cache_entries_are_ignored(tmp_path):
 def test_two_caches_on_one_file_keep_each_others_records(tmp_path):
     path = tmp_path / "plans.json"
     first, second = plans.PlanCache(path), plans.PlanCache(path)
-    other = dataclasses.replace(KEY, d_in=48)
+    other = KEY._replace(d_in=48)
     assert first.get("sec", KEY) is None and second.get("sec", other) is None  # both loaded before either writes
     first.put("sec", KEY, "torch")
     second.put("sec", other, "cublas")
@@ -187,7 +186,7 @@ def test_two_caches_on_one_file_keep_each_others_records(tmp_path):
 def _record_keys(path: str, worker: int, keys: int) -> None:
     cache = plans.PlanCache(Path(path))
     for i in range(keys):
-        cache.put("sec", dataclasses.replace(KEY, d_in=1000 * worker + i), "torch")
+        cache.put("sec", KEY._replace(d_in=1000 * worker + i), "torch")
 
 
 def test_processes_writing_at_once_lose_no_record(tmp_path):

@@ -131,8 +131,9 @@ def _auto_plan(x: Tensor, weight: Tensor, bias: Optional[Tensor], rank: int, dty
     n_tokens = x.numel() // x.shape[-1]
     key = plans.PlanKey(str(x.device), str(dtype).removeprefix("torch."), plans.token_bucket(n_tokens),
                         weight.shape[1], weight.shape[0], rank, dropout > 0.0, gathered)
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    measurable = not torch.compiler.is_compiling() and not capturing
+    # only asked while tuning (choose times nothing otherwise): each check costs host time per call
+    measurable = plans.tuning_on() and not torch.compiler.is_compiling() and not (
+        x.is_cuda and torch.cuda.is_current_stream_capturing())
     return plans.choose(key, plans.device_section(x.device), _timing_step(key, x.device, dtype, bias is not None),
                         measurable=measurable)
 

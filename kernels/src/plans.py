@@ -39,7 +39,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -92,9 +92,8 @@ def warn_at_caller(message: str) -> None:
     warnings.warn(message, stacklevel=stacklevel)
 
 
-@dataclass(frozen=True)
-class PlanKey:
-    """What the plan choice depends on."""
+class PlanKey(NamedTuple):
+    """What the plan choice depends on (a named tuple: ``auto`` builds and hashes one per call)."""
 
     device: str
     dtype: str
