@@ -12,6 +12,12 @@
   there is one: its other kernels are cuBLAS GEMMs) and its GB/s from a byte model, the
   fewest bytes the kernel must move (its (N, d) operand read once, factors read once,
   outputs written once in fp32), against the copy ceiling of section "env".
+  Beside them ("against_cublas", ``skinny_against_cublas``): the medians of each skinny product by its
+  Triton kernel and by torch's GEMM (cuBLAS) on the same operands, at every skinny case: the shrink
+  t = x A^T, the dy pass (dP = dy B and dB = dy^T v: one Triton pass or two, against two GEMMs) and
+  dA = dt^T x, without dropout, and the shrink and dA with dropout 0.05 against a GEMM over
+  ``F.dropout(x)`` (the mask materialised, as PEFT's layer does): where a GEMM is as fast, the plan
+  could take it (fewer launches and host work) and keep Triton where the mask is fused.
 - trace: the top kernels (GPU) or operators (CPU) of one forward + backward of each plan.
 """
 from __future__ import annotations
@@ -206,6 +212,38 @@ def _skinny_case(case: tuple, plan: str, ceiling: float, device: torch.device) -
     return {"n": n, "d_in": d_in, "d_out": d_out, "r": r, "kernels": kernels}
 
 
+#: dropout probability of the skinny products timed with a mask (bench_model's)
+SKINNY_DROPOUT = 0.05
+
+
+def skinny_against_cublas(case: tuple, device: torch.device) -> dict:
+    """Per skinny product of ``case`` (n, d_in, d_out, r): {"triton": ms, "cublas": ms, "ratio": triton / cublas}
+    (see the module docstring; factors in x's dtype, as the case builds them)."""
+    from fastlora.kernels.philox import draw_seed
+    from fastlora.kernels.triton.shrink import shrink
+    from fastlora.kernels.triton.skinny import down_grad, dy_pass
+
+    t = {k: v.detach() for k, v in _tensors(case, device).items()}
+    x, a, b, dy = t["x"], t["a"], t["b"], t["dy"]
+    n, r, p = x.shape[0], a.shape[0], SKINNY_DROPOUT
+    v, dt = torch.randn(n, r, device=device), torch.randn(n, r, device=device)  # fp32, as the plan's
+    seed = draw_seed(device)
+    pairs = {
+        "shrink": (lambda: shrink(x, a, None), lambda: torch.mm(x, a.t())),
+        "dy_pass": (lambda: dy_pass(dy, b.t(), None, v, False, v_scale=SCALE),
+                    lambda: (torch.mm(dy, b), torch.mm(dy.t(), v.to(dy.dtype)))),
+        "down_grad": (lambda: down_grad(dt, x), lambda: torch.mm(dt.to(x.dtype).t(), x)),
+        "shrink_dropout": (lambda: shrink(x, a, None, p, seed), lambda: torch.mm(F.dropout(x, p), a.t())),
+        "down_grad_dropout": (lambda: down_grad(dt, x, p, seed),
+                              lambda: torch.mm(dt.to(x.dtype).t(), F.dropout(x, p))),
+    }
+    result = {}
+    for name, (triton_fn, cublas_fn) in pairs.items():
+        ms = {"triton": median_ms(triton_fn, device), "cublas": median_ms(cublas_fn, device)}
+        result[name] = {**ms, "ratio": ms["triton"] / ms["cublas"]}
+    return result
+
+
 def skinny_bandwidth(ctx) -> dict:
     plan = "cublas" if "cublas" in ctx.plans else "triton"
     ceiling = _ceiling(ctx)
@@ -216,9 +254,17 @@ def skinny_bandwidth(ctx) -> dict:
             continue
         result["cases"].append(_skinny_case(case, plan, ceiling, ctx.device))
         ctx.partial(result)
+        if ctx.has(ITEM_RESERVE_S):
+            result["cases"][-1]["against_cublas"] = skinny_against_cublas(case, ctx.device)
+            ctx.partial(result)
     skinny = [k["of_copy"] for c in result["cases"] for k in c["kernels"] if k["of_copy"] is not None]
     result["summary"] = (f"{len(skinny)} skinny kernels at {min(skinny):.0%}-{max(skinny):.0%} of copy GB/s"
                          if skinny else "no skinny kernel recognised by name")
+    against = [f"r={c['r']} {c['d_in']}x{c['d_out']} " + " ".join(
+        f"{name} {row['ratio']:.2f}x" for name, row in c["against_cublas"].items())
+        for c in result["cases"] if "against_cublas" in c]
+    if against:
+        result["summary"] += "; Triton / cuBLAS: " + "; ".join(against)
     return result
 
 

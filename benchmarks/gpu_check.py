@@ -37,7 +37,8 @@ still run; the JSON report is rewritten to --out after every item):
    and replay with dropout (benchmarks/check_graphs.py);
 8. gemm: the fused Triton GEMM vs cuBLAS, and the persistent one-pass forward and input
    gradient for several programs per row block; 9. skinny: GB/s of the skinny kernels vs the
-   copy ceiling; 10. trace: the top kernels of one step (benchmarks/check_kernels.py);
+   copy ceiling, and each skinny product's time by its Triton kernel against torch's GEMM;
+   10. trace: the top kernels of one step (benchmarks/check_kernels.py);
 11. onepass_bisect, only when named in ``--only``: each feature combination of the one-pass
    input gradient at the odd shape in its own process, then compute-sanitizer on the first
    that faults (benchmarks/onepass_bisect.py).

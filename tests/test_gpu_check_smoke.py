@@ -346,6 +346,11 @@ def test_kernel_sections_logic(monkeypatch):
     assert shrink["of_copy"] == pytest.approx(shrink["gbs"] / 100.0)
     assert kernels[("bwd", "_shrink_kernel")]["kind"] == "shrink_dy"
     assert kernels[("fwd", "_fused_linear_kernel")]["gbs"] is None
+    against = skinny["cases"][0]["against_cublas"]
+    assert set(against) == {"shrink", "dy_pass", "down_grad", "shrink_dropout", "down_grad_dropout"}
+    for row in against.values():
+        assert row["triton"] > 0 and row["cublas"] > 0 and row["ratio"] == row["triton"] / row["cublas"]
+    assert "; Triton / cuBLAS: r=4 16x24 shrink " in skinny["summary"]
 
 
 def test_speed_targets():
