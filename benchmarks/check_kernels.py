@@ -230,7 +230,7 @@ def skinny_against_cublas(case: tuple, device: torch.device) -> dict:
     seed = draw_seed(device)
     pairs = {
         "shrink": (lambda: shrink(x, a, None), lambda: torch.mm(x, a.t())),
-        "dy_pass": (lambda: dy_pass(dy, b.t(), None, v, False, v_scale=SCALE),
+        "dy_pass": (lambda: dy_pass(dy, b.t(), None, v, False, v_scale=SCALE, twice_by="triton"),
                     lambda: (torch.mm(dy, b), torch.mm(dy.t(), v.to(dy.dtype)))),
         "down_grad": (lambda: down_grad(dt, x), lambda: torch.mm(dt.to(x.dtype).t(), x)),
         "shrink_dropout": (lambda: shrink(x, a, None, p, seed), lambda: torch.mm(F.dropout(x, p), a.t())),

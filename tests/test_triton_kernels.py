@@ -310,6 +310,39 @@ def test_partial_sums_stay_small(r, one_pass, monkeypatch, impl):
     assert any(shape[0] > target_programs(DEVICE) for shape in shapes) == one_pass
 
 
+@pytest.mark.parametrize("twice_by", ["triton", "cublas"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dy_read_twice_by_either(twice_by, dtype, monkeypatch, impl):
+    """Where one pass over dy is not the cheaper (r = 12 at d_out = 150), dP and dB come from the shrink and
+    the column pass, or with ``TWICE_BY = "cublas"`` from two of torch's GEMMs: the same values (dropout on,
+    bias frozen; a trainable bias keeps the column pass, which sums it)."""
+    from fastlora.kernels.triton import skinny
+    monkeypatch.setattr(skinny, "TWICE_BY", twice_by)
+    calls = []
+    two_gemms = skinny._two_gemms
+    monkeypatch.setattr(skinny, "_two_gemms", lambda *args: calls.append(1) or two_gemms(*args))
+    inputs = make_inputs(dtype, n=40, d_in=70, d_out=150, r=12)
+    names = ["x", "lora_a", "lora_b"]
+    check(run_both(inputs, names, scale=0.7, dropout=0.2, dropout_seed=3), dtype, names)
+    assert len(calls) == (twice_by == "cublas")
+    check(run_both(inputs, LORA_GRADS, scale=0.7), dtype, LORA_GRADS)
+    assert len(calls) == (twice_by == "cublas")
+
+
+def test_dy_pass_by_two_gemms_with_a_device_gate(impl):
+    """``twice_by="cublas"``: dP = dy F^T and dB = s g dy^T v by torch's GEMMs, g a 0-dim device tensor, dB in
+    the factor's dtype (fp16 here: factors stored in another dtype than dy's)."""
+    from fastlora.kernels.triton import skinny
+    g = torch.Generator().manual_seed(5)
+    dy, f, v = (torch.randn(*shape, generator=g, dtype=F64) for shape in ((40, 150), (12, 150), (40, 12)))
+    gate = torch.tensor(0.6, device=DEVICE)
+    dp, db, dbias = skinny.dy_pass(dy.float().to(DEVICE), f.float().to(DEVICE), None, v.float().to(DEVICE), False,
+                                   v_scale=0.7, gate=gate, db_dtype=torch.float16, twice_by="cublas")
+    assert dbias is None and dp.dtype == torch.float32 and db.dtype == torch.float16
+    assert rel(dp, (dy @ f.t()).to(DEVICE)) < 1e-5
+    assert rel(db, (0.7 * 0.6 * dy.t() @ v).to(DEVICE)) < 1e-3
+
+
 def test_only_the_input_gradient():
     inputs = make_inputs(torch.float32)
     check(run_both(inputs, ["x"], scale=0.7), torch.float32, ["x"])
