@@ -310,34 +310,62 @@ def test_partial_sums_stay_small(r, one_pass, monkeypatch, impl):
     assert any(shape[0] > target_programs(DEVICE) for shape in shapes) == one_pass
 
 
-@pytest.mark.parametrize("twice_by", ["triton", "cublas"])
+@pytest.mark.parametrize("by", ["triton", "cublas"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dy_read_twice_by_either(twice_by, dtype, monkeypatch, impl):
-    """Where one pass over dy is not the cheaper (r = 12 at d_out = 150), dP and dB come from the shrink and
-    the column pass, or with ``TWICE_BY = "cublas"`` from two of torch's GEMMs: the same values (dropout on,
-    bias frozen; a trainable bias keeps the column pass, which sums it)."""
-    from fastlora.kernels.triton import skinny
-    monkeypatch.setattr(skinny, "TWICE_BY", twice_by)
-    calls = []
-    two_gemms = skinny._two_gemms
-    monkeypatch.setattr(skinny, "_two_gemms", lambda *args: calls.append(1) or two_gemms(*args))
+def test_skinny_products_by_either(by, dtype, monkeypatch, impl):
+    """The skinny products a GEMM of torch's could form, formed by the Triton kernels or by torch.mm
+    (``products``): where one pass over dy is not the cheaper (r = 12 at d_out = 150) dP and dB, and without
+    dropout the shrink and dA, give the reference's values and gradients either way; with dropout, the
+    shrink and dA stay on their kernels (the mask) while the dy pass follows the choice; a trainable bias
+    keeps the column pass (which sums it)."""
+    from fastlora.kernels.triton import products, shrink, skinny
+    monkeypatch.setattr(products, "DY_TWICE", by)
+    monkeypatch.setattr(products, "UNMASKED", by)
+    mm_calls = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *args: mm_calls.append(args[0].shape) or mm(*args))
+    launches = []
+    for module, name in ((shrink, "_shrink_kernel"), (skinny, "_dy_columns_kernel"), (skinny, "_down_grad_kernel")):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(module, name, _Counted(kernel, name, launches))
     inputs = make_inputs(dtype, n=40, d_in=70, d_out=150, r=12)
     names = ["x", "lora_a", "lora_b"]
+    check(run_both(inputs, names, scale=0.7), dtype, names)
+    if by == "cublas":
+        assert launches == [] and len(mm_calls) == 4, (launches, mm_calls)  # shrink, dP, dB, dA
+    else:
+        assert launches == ["_shrink_kernel", "_shrink_kernel", "_dy_columns_kernel", "_down_grad_kernel"]
+        assert mm_calls == []
+    launches.clear()
     check(run_both(inputs, names, scale=0.7, dropout=0.2, dropout_seed=3), dtype, names)
-    assert len(calls) == (twice_by == "cublas")
+    masked = ["_shrink_kernel", "_down_grad_kernel"]
+    assert sorted(launches) == sorted(masked if by == "cublas" else masked + ["_shrink_kernel", "_dy_columns_kernel"])
+    launches.clear()
     check(run_both(inputs, LORA_GRADS, scale=0.7), dtype, LORA_GRADS)
-    assert len(calls) == (twice_by == "cublas")
+    assert "_dy_columns_kernel" in launches
 
 
-def test_dy_pass_by_two_gemms_with_a_device_gate(impl):
-    """``twice_by="cublas"``: dP = dy F^T and dB = s g dy^T v by torch's GEMMs, g a 0-dim device tensor, dB in
-    the factor's dtype (fp16 here: factors stored in another dtype than dy's)."""
-    from fastlora.kernels.triton import skinny
+class _Counted:
+    """A Triton kernel whose launches (``kernel[grid](...)``) are recorded by name, then run."""
+
+    def __init__(self, kernel, name: str, launches: list) -> None:
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(self.name)
+        return self.kernel[grid]
+
+
+def test_dy_pass_by_two_gemms_with_a_device_gate(monkeypatch, impl):
+    """dP = dy F^T and dB = s g dy^T v by torch's GEMMs (``products.DY_TWICE = "cublas"``), g a 0-dim device
+    tensor, dB in the factor's dtype (fp16 here: factors stored in another dtype than dy's)."""
+    from fastlora.kernels.triton import products, skinny
+    monkeypatch.setattr(products, "DY_TWICE", "cublas")
     g = torch.Generator().manual_seed(5)
     dy, f, v = (torch.randn(*shape, generator=g, dtype=F64) for shape in ((40, 150), (12, 150), (40, 12)))
     gate = torch.tensor(0.6, device=DEVICE)
     dp, db, dbias = skinny.dy_pass(dy.float().to(DEVICE), f.float().to(DEVICE), None, v.float().to(DEVICE), False,
-                                   v_scale=0.7, gate=gate, db_dtype=torch.float16, twice_by="cublas")
+                                   v_scale=0.7, gate=gate, db_dtype=torch.float16)
     assert dbias is None and dp.dtype == torch.float32 and db.dtype == torch.float16
     assert rel(dp, (dy @ f.t()).to(DEVICE)) < 1e-5
     assert rel(db, (0.7 * 0.6 * dy.t() @ v).to(DEVICE)) < 1e-3

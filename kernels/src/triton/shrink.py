@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..philox import keep_threshold
-from . import metadata
+from . import metadata, products
 from .dropout import keep_scale
 from .launch_config import TOKEN_ARGS, cdiv, dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction
 from .partials import partial_buffer, sum_partials
@@ -62,8 +62,11 @@ def shrink(x: torch.Tensor, a: torch.Tensor, a_index: Optional[torch.Tensor], p:
     """t = dropout_p(x) F^T in fp32, shape (N, r); F = a (r, d_in), or a[a_index] when given.
 
     x (N, d_in) any strides; F of any float dtype (read as it is and cast to x's dtype in registers);
-    the dropout mask is drawn from ``seed`` ((1,) int64 on x's device).
+    the dropout mask is drawn from ``seed`` ((1,) int64 on x's device). Without dropout and with F
+    given, by torch's GEMM where ``products.UNMASKED`` says so.
     """
+    if p == 0.0 and a_index is None and products.by_gemm(products.UNMASKED):
+        return torch.mm(x, a.t().to(x.dtype)).float()
     m, k = x.shape
     r = a_index.shape[0] if a_index is not None else a.shape[0]
     r_pad = pad_rank(r)

@@ -5,10 +5,10 @@
   either comes from the same pass (one read of dy, one (N, r) partial per column block)
   or from the shrink kernel (a second read of dy, partials bounded by a few splits),
   whichever moves fewer bytes (``one_pass_is_cheaper``).
-  When dy is read twice anyway (plain factors, no dbias), ``TWICE_BY`` says who reads it: the shrink
-  and the column pass ("triton"), or two of torch's GEMMs, dy F^T and dy^T V ("cublas"; cuBLAS on a
-  GPU, with no re-read of V per column block).
-- ``down_grad``: dA = dt^T xd (r, d_in) with xd = dropout(x) regenerated from the seed.
+  When dy is read twice anyway (plain factors, no dbias), ``products.DY_TWICE`` says who reads it: the
+  shrink and the column pass, or two of torch's GEMMs, dy F^T and dy^T V.
+- ``down_grad``: dA = dt^T xd (r, d_in) with xd = dropout(x) regenerated from the seed; without
+  dropout, by torch's GEMM where ``products.UNMASKED`` says so.
 
 Grids split the reduction axis; each program writes its own slice of a partial-sum buffer
 that torch's reduction adds afterwards (deterministic).
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..philox import keep_threshold
-from . import metadata
+from . import metadata, products
 from .dropout import keep_scale
 from .launch_config import TOKEN_ARGS, cdiv, dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction
 from .partials import partial_buffer, sum_partials
@@ -84,12 +84,6 @@ def _dy_columns_kernel(dy_ptr, b_ptr, b_idx_ptr, v_ptr, gate_ptr, dp_part_ptr, d
         tl.store(dbias_part_ptr + pid_s.to(tl.int64) * D + offs_d, acc_dbias, mask=d_ok)
 
 
-#: who forms dP and dB when ``dy_pass`` reads dy twice anyway: "triton" (the shrink, then the column pass) or
-#: "cublas" (torch's GEMMs). "triton" until a GPU run's section "skinny" (``against_cublas``, "dy_pass" at
-#: r = 64, where dy is read twice) shows the GEMMs faster.
-TWICE_BY = "triton"
-
-
 def column_blocks(d: int, r: int) -> int:
     """Column blocks of the dy pass over d columns at rank r."""
     return cdiv(d, skinny_blocks(pad_rank(r))["BLOCK_K"])
@@ -106,14 +100,13 @@ def one_pass_is_cheaper(dy: torch.Tensor, r: int, d_blocks: int) -> bool:
 def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], v: Optional[torch.Tensor],
             need_bias: bool, *, v_scale: float = 1.0, gate: Optional[torch.Tensor] = None,
             db_dtype: torch.dtype = torch.float32, dbias_dtype: torch.dtype = torch.float32,
-            twice_by: Optional[str] = None) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+            ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(dP fp32, dB in db_dtype, dbias in dbias_dtype) of dy (N, d_out).
 
     The up factor is given transposed, F = b (r, d_out) (pass B.t()) or b[b_index] (rows of
     W^T, i.e. columns of W, read by index), in any float dtype (cast to dy's in registers).
     dP = dy F^T (N, r); dB = v_scale * gate * dy^T v (d_out, r) when v (N, r) is given, else
     None (gate: a 0-dim device tensor or None); dbias = dy.sum(0) when ``need_bias``, else None.
-    twice_by: ``TWICE_BY`` for this call (None: the module's).
     """
     m, d = dy.shape
     r = b_index.shape[0] if b_index is not None else b.shape[0]
@@ -122,8 +115,8 @@ def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], 
     d_blocks = cdiv(d, cfg["BLOCK_K"])
     columns_needed = v is not None or need_bias
     dp_in_columns = columns_needed and one_pass_is_cheaper(dy, r, d_blocks)
-    by_gemms = (twice_by or TWICE_BY) == "cublas"
-    if by_gemms and v is not None and not (dp_in_columns or need_bias or b_index is not None):
+    twice_by_gemms = products.by_gemm(products.DY_TWICE) and v is not None
+    if twice_by_gemms and not (dp_in_columns or need_bias or b_index is not None):
         return _two_gemms(dy, b, v, v_scale, gate, db_dtype)
     dp = None if dp_in_columns else shrink(dy, b, b_index)
     if not columns_needed:
@@ -152,8 +145,8 @@ def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], 
 
 def _two_gemms(dy: torch.Tensor, f: torch.Tensor, v: torch.Tensor, v_scale: float, gate: Optional[torch.Tensor],
                db_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, None]:
-    """``dy_pass`` by two of torch's GEMMs in dy's dtype (fp32 accumulation, one rounding of each
-    product): (dP = dy F^T in fp32, dB = v_scale * gate * dy^T v in db_dtype, None)."""
+    """``dy_pass`` by two of torch's GEMMs in dy's dtype (see ``products``): (dP = dy F^T in fp32,
+    dB = v_scale * gate * dy^T v in db_dtype, None)."""
     dp = torch.mm(dy, f.t().to(dy.dtype)).float()
     db = torch.mm(dy.t(), v.to(dy.dtype)).float().mul_(v_scale)
     if gate is not None:
@@ -208,6 +201,9 @@ def down_grad(dt: torch.Tensor, x: torch.Tensor, p: float = 0.0, seed: Optional[
     """dA = dt_scale * gate * dt^T dropout_p(x), shape (r, d_in) in ``out_dtype``; dt (N, r) fp32,
     x (N, d_in) any strides; the mask is drawn from ``seed`` ((1,) int64 on x's device); gate:
     a 0-dim device tensor or None."""
+    if p == 0.0 and products.by_gemm(products.UNMASKED):
+        da = torch.mm(dt.to(x.dtype).t(), x).float().mul_(dt_scale)
+        return (da if gate is None else da.mul_(gate.float())).to(out_dtype)
     m, k = x.shape
     r = dt.shape[1]
     r_pad = pad_rank(r)
