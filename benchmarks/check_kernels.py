@@ -247,6 +247,15 @@ def skinny_against_cublas(case: tuple, device: torch.device) -> dict:
     return result
 
 
+def dy_read_twice(n: int, d_out: int, r: int, dtype: torch.dtype) -> bool:
+    """Whether the dy pass of this case reads dy twice (its single pass is not the cheaper), with the
+    tiles this process launches."""
+    from fastlora.kernels.triton.skinny import column_blocks, one_pass_is_cheaper
+
+    dy = torch.empty(n, d_out, dtype=dtype, device="meta")
+    return not one_pass_is_cheaper(dy, r, column_blocks(d_out, r))
+
+
 def skinny_bandwidth(ctx) -> dict:
     plan = "cublas" if "cublas" in ctx.plans else "triton"
     ceiling = _ceiling(ctx)
@@ -258,7 +267,9 @@ def skinny_bandwidth(ctx) -> dict:
         result["cases"].append(_skinny_case(case, plan, ceiling, ctx.device))
         ctx.partial(result)
         if ctx.has(ITEM_RESERVE_S):
-            result["cases"][-1]["against_cublas"] = skinny_against_cublas(case, ctx.device)
+            n, _, d_out, r = case
+            result["cases"][-1].update(against_cublas=skinny_against_cublas(case, ctx.device),
+                                       dy_read_twice=dy_read_twice(n, d_out, r, DTYPES[ctx.device.type]))
             ctx.partial(result)
     skinny = [k["of_copy"] for c in result["cases"] for k in c["kernels"] if k["of_copy"] is not None]
     result["summary"] = (f"{len(skinny)} skinny kernels at {min(skinny):.0%}-{max(skinny):.0%} of copy GB/s"

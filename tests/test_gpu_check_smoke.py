@@ -346,6 +346,7 @@ def test_kernel_sections_logic(monkeypatch):
     assert shrink["of_copy"] == pytest.approx(shrink["gbs"] / 100.0)
     assert kernels[("bwd", "_shrink_kernel")]["kind"] == "shrink_dy"
     assert kernels[("fwd", "_fused_linear_kernel")]["gbs"] is None
+    assert skinny["cases"][0]["dy_read_twice"] is False  # r = 4: the single pass (interpreter tiles)
     against = skinny["cases"][0]["against_cublas"]
     assert set(against) == {"shrink", "dy_pass", "down_grad", "shrink_dropout", "down_grad_dropout"}
     for row in against.values():

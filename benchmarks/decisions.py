@@ -1,0 +1,108 @@
+"""What a gpu_check run decides for the defaults that wait on a GPU measurement.
+
+    python -m benchmarks.decisions benchmarks/results/gpu_check_<gpu>.json
+
+Each decision names the setting, the value the run supports and the rows it reads; nothing is
+changed (the settings are one-line edits, committed with the JSON as their source):
+
+- ``fastlora.kernels.plans.SIZE_RULE``: section "crossover"'s ``size_rule`` (the base-GEMM size from
+  which the cublas plan beats the torch plan at every larger size), taken when the torch plan is at
+  least PEFT's speed at every measured size below it (it is what those layers would run);
+- ``fastlora.kernels.triton.products.DY_TWICE``: "cublas" when section "skinny"'s ``against_cublas``
+  row "dy_pass" has the Triton kernels at least ``MARGIN`` slower than the two GEMMs at every case where
+  the dy pass reads dy twice (the case's ``dy_read_twice``, from the tiles the GPU ran), else "triton";
+- ``fastlora.kernels.triton.products.UNMASKED``: "cublas" when the rows "shrink" and "down_grad" (no
+  dropout) have the Triton kernels at least ``MARGIN`` slower at every case, else "triton";
+- the cublas plan's output order (information: no setting): section "order"'s low-rank term written
+  first against added after the GEMM, by addmm against the Triton expand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional
+
+#: how much slower the Triton kernels must be before a GEMM replaces them (timing noise of do_bench medians)
+MARGIN = 0.05
+
+
+def size_rule(report: dict) -> dict:
+    """{"setting", "value" (torch_below or None), "why"} from section "crossover"."""
+    section = report["sections"].get("crossover", {})
+    rule = section.get("size_rule")
+    setting = "fastlora.kernels.plans.SIZE_RULE"
+    if section.get("status") != "ok" or not section.get("rows"):
+        return {"setting": setting, "value": None, "why": "section crossover did not run"}
+    if rule is None:
+        return {"setting": setting, "value": None, "why": "the cublas plan beats the torch plan at every measured "
+                                                          "size, or at no size consistently"}
+    below = [row for row in section["rows"] if row["n"] * row["d"] ** 2 < rule and "torch" in row["vs_peft"]]
+    slower = [f"N={row['n']} d={row['d']} {row['vs_peft']['torch']:.2f}x" for row in below
+              if row["vs_peft"]["torch"] > 1.0 + MARGIN]
+    if slower:
+        return {"setting": setting, "value": None,
+                "why": f"torch_below = {rule} would send layers to a torch plan slower than PEFT: {', '.join(slower)}"}
+    return {"setting": setting, "value": rule,
+            "why": f"the cublas plan wins from {rule} multiply-adds on; below it the torch plan is at least PEFT's "
+                   f"speed ({len(below)} sizes)"}
+
+
+def _by_gemm_everywhere(rows: list[tuple[str, float]]) -> Optional[bool]:
+    """True when every (label, Triton / GEMM ratio) is at least 1 + MARGIN; None without rows."""
+    return None if not rows else all(ratio >= 1.0 + MARGIN for _, ratio in rows)
+
+
+def _product_decision(setting: str, rows: list[tuple[str, float]], absent: str) -> dict:
+    by_gemm = _by_gemm_everywhere(rows)
+    evidence = ", ".join(f"{label} {ratio:.2f}x" for label, ratio in rows)
+    if by_gemm is None:
+        return {"setting": setting, "value": "triton", "why": absent}
+    return {"setting": setting, "value": "cublas" if by_gemm else "triton",
+            "why": f"Triton / GEMM: {evidence} (cublas when every ratio >= {1 + MARGIN:.2f})"}
+
+
+def skinny_products(report: dict) -> list[dict]:
+    """The DY_TWICE and UNMASKED decisions from section "skinny"'s ``against_cublas`` rows."""
+    cases = [c for c in report["sections"].get("skinny", {}).get("cases", []) if "against_cublas" in c]
+
+    def label(case: dict) -> str:
+        return f"N={case['n']} {case['d_in']}x{case['d_out']} r={case['r']}"
+
+    twice = [(label(c) + " dy_pass", c["against_cublas"]["dy_pass"]["ratio"]) for c in cases if c["dy_read_twice"]]
+    unmasked = [(label(c) + " " + name, c["against_cublas"][name]["ratio"]) for c in cases
+                for name in ("shrink", "down_grad")]
+    return [_product_decision("fastlora.kernels.triton.products.DY_TWICE", twice,
+                              "no measured case where the dy pass reads dy twice"),
+            _product_decision("fastlora.kernels.triton.products.UNMASKED", unmasked,
+                              "section skinny has no against_cublas rows")]
+
+
+def output_order(report: dict) -> list[str]:
+    """Section "order"'s ratios, one line per shape and output."""
+    return [f"output order, N={s['n']} {s['d_in']}x{s['d_out']} {name}: term first / after "
+            f"{s[name]['first_vs_after']:.2f}x, expand / addmm {s[name]['expand_vs_addmm']:.2f}x"
+            for s in report["sections"].get("order", {}).get("shapes", []) for name in ("y", "dx") if name in s]
+
+
+def decide(report: dict) -> dict:
+    return {"decisions": [size_rule(report), *skinny_products(report)], "information": output_order(report)}
+
+
+def render(result: dict) -> str:
+    lines = [f"{d['setting']} = {d['value']!r}: {d['why']}" for d in result["decisions"]]
+    return "\n".join(lines + result["information"])
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.decisions", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("report", type=Path, help="a gpu_check JSON report")
+    args = parser.parse_args(argv)
+    result = decide(json.loads(args.report.read_text()))
+    print(render(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
