@@ -14,7 +14,10 @@ changed (the settings are one-line edits, committed with the JSON as their sourc
 - ``fastlora.kernels.triton.products.UNMASKED``: "cublas" when the rows "shrink" and "down_grad" (no
   dropout) have the Triton kernels at least ``MARGIN`` slower at every case, else "triton";
 - the cublas plan's output order (information: no setting): section "order"'s low-rank term written
-  first against added after the GEMM, by addmm against the Triton expand.
+  first against added after the GEMM, by addmm against the Triton expand;
+- whether a model's step waits on the host (information): section "bench_model"'s host time per step
+  over its step time, per model and variant (from ``HOST_BOUND`` on, the device waited for the host
+  part of the step: fewer launches and less Python per layer would pay there, fewer bytes would not).
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from typing import Optional
 
 #: how much slower the Triton kernels must be before a GEMM replaces them (timing noise of do_bench medians)
 MARGIN = 0.05
+#: host time per step over step time from which a step is reported as waiting on the host
+HOST_BOUND = 0.9
 
 
 def size_rule(report: dict) -> dict:
@@ -85,8 +90,21 @@ def output_order(report: dict) -> list[str]:
             for s in report["sections"].get("order", {}).get("shapes", []) for name in ("y", "dx") if name in s]
 
 
+def host_share(report: dict) -> list[str]:
+    """Section "bench_model"'s host time over step time, one line per model and variant."""
+    lines = []
+    for model, entry in report["sections"].get("bench_model", {}).get("models", {}).items():
+        for variant, row in entry.get("variants", {}).items():
+            if row.get("host_vs_step") is not None:
+                bound = "; waits on the host" if row["host_vs_step"] >= HOST_BOUND else ""
+                lines.append(f"host share, {model} {variant}: host {row['host_ms']:.1f} ms of a "
+                             f"{row['step_ms']:.1f} ms step ({row['host_vs_step']:.2f}){bound}")
+    return lines
+
+
 def decide(report: dict) -> dict:
-    return {"decisions": [size_rule(report), *skinny_products(report)], "information": output_order(report)}
+    return {"decisions": [size_rule(report), *skinny_products(report)],
+            "information": output_order(report) + host_share(report)}
 
 
 def render(result: dict) -> str:

@@ -19,9 +19,9 @@ def _case(r, d_out, **ratios):
             "against_cublas": {name: {"triton": 1.0, "cublas": 1.0, "ratio": ratios.get(name, 1.0)} for name in names}}
 
 
-def _report(crossover=None, cases=(), order=()):
+def _report(crossover=None, cases=(), order=(), models=None):
     return {"sections": {"crossover": crossover or {"status": "skipped"}, "skinny": {"cases": list(cases)},
-                         "order": {"shapes": list(order)}}}
+                         "order": {"shapes": list(order)}, "bench_model": {"models": models or {}}}}
 
 
 def test_dy_is_read_twice_from_r_64_in_bf16_on_a_gpu(monkeypatch):
@@ -72,9 +72,13 @@ def test_cli_prints_every_decision_and_the_output_order(tmp_path, capsys):
     order = [{"n": 8192, "d_in": 4096, "d_out": 4096, "y": {"first_vs_after": 0.8, "expand_vs_addmm": 1.1},
               "dx": {"first_vs_after": 0.9, "expand_vs_addmm": 1.2}}]
     path = tmp_path / "gpu_check.json"
-    path.write_text(json.dumps(_report(cases=[_case(64, 4096, dy_pass=1.5)], order=order)))
+    models = {"bert": {"variants": {"peft_fp32": {"step_ms": 20.0, "host_ms": 12.0, "host_vs_step": 0.6},
+                                    "accelerate_fp32": {"step_ms": 25.0, "host_ms": 24.5, "host_vs_step": 0.98}}}}
+    path.write_text(json.dumps(_report(cases=[_case(64, 4096, dy_pass=1.5)], order=order, models=models)))
     result = decisions.main([str(path)])
     out = capsys.readouterr().out.splitlines()
     assert [d["setting"].rsplit(".", 1)[-1] for d in result["decisions"]] == ["SIZE_RULE", "DY_TWICE", "UNMASKED"]
     assert out[1].startswith("fastlora.kernels.triton.products.DY_TWICE = 'cublas': ")
     assert out[3] == "output order, N=8192 4096x4096 y: term first / after 0.80x, expand / addmm 1.10x"
+    assert out[-2:] == ["host share, bert peft_fp32: host 12.0 ms of a 20.0 ms step (0.60)",
+                        "host share, bert accelerate_fp32: host 24.5 ms of a 25.0 ms step (0.98); waits on the host"]
