@@ -1,4 +1,4 @@
-"""GPU check, sections "order", "gemm", "skinny" and "trace": per-kernel views from torch.profiler.
+"""GPU check, sections "order", "products", "gemm", "skinny" and "trace": per-kernel views and timings.
 
 - order: the cublas plan's output order timed at the benchmark shapes, r = 16 (``output_order``:
   the GEMM with beta 0 and 1, the low-rank term added after the GEMM against the GEMM accumulating
@@ -12,12 +12,13 @@
   there is one: its other kernels are cuBLAS GEMMs) and its GB/s from a byte model, the
   fewest bytes the kernel must move (its (N, d) operand read once, factors read once,
   outputs written once in fp32), against the copy ceiling of section "env".
-  Beside them ("against_cublas", ``skinny_against_cublas``): the medians of each skinny product by its
-  Triton kernel and by torch's GEMM (cuBLAS) on the same operands, at every skinny case: the shrink
-  t = x A^T, the dy pass (dP = dy B and dB = dy^T v: one Triton pass or two, against two GEMMs) and
-  dA = dt^T x, without dropout, and the shrink and dA with dropout 0.05 against a GEMM over
-  ``F.dropout(x)`` (the mask materialised, as PEFT's layer does): where a GEMM is as fast, the plan
-  could take it (fewer launches and host work) and keep Triton where the mask is fused.
+- products (after section "compile", whose kernels it launches): at every skinny case, the medians of
+  each skinny product by its Triton kernel and by torch's GEMM (cuBLAS) on the same operands
+  (``skinny_against_cublas``): the shrink t = x A^T, the dy pass (dP = dy B and dB = dy^T v: one Triton
+  pass or two, against two GEMMs) and dA = dt^T x, without dropout, and the shrink and dA with dropout
+  0.05 against a GEMM over ``F.dropout(x)`` (the mask materialised, as PEFT's layer does); and whether
+  the case's dy pass reads dy twice. Where a GEMM is as fast the plan can take it
+  (``fastlora.kernels.triton.products``; benchmarks/decisions.py reads these rows).
 - trace: the top kernels (GPU) or operators (CPU) of one forward + backward of each plan.
 """
 from __future__ import annotations
@@ -266,19 +267,28 @@ def skinny_bandwidth(ctx) -> dict:
             continue
         result["cases"].append(_skinny_case(case, plan, ceiling, ctx.device))
         ctx.partial(result)
-        if ctx.has(ITEM_RESERVE_S):
-            n, _, d_out, r = case
-            result["cases"][-1].update(against_cublas=skinny_against_cublas(case, ctx.device),
-                                       dy_read_twice=dy_read_twice(n, d_out, r, DTYPES[ctx.device.type]))
-            ctx.partial(result)
     skinny = [k["of_copy"] for c in result["cases"] for k in c["kernels"] if k["of_copy"] is not None]
     result["summary"] = (f"{len(skinny)} skinny kernels at {min(skinny):.0%}-{max(skinny):.0%} of copy GB/s"
                          if skinny else "no skinny kernel recognised by name")
-    against = [f"r={c['r']} {c['d_in']}x{c['d_out']} " + " ".join(
-        f"{name} {row['ratio']:.2f}x" for name, row in c["against_cublas"].items())
-        for c in result["cases"] if "against_cublas" in c]
-    if against:
-        result["summary"] += "; Triton / cuBLAS: " + "; ".join(against)
+    return result
+
+
+def products(ctx) -> dict:
+    """Section "products": ``skinny_against_cublas`` and ``dy_read_twice`` at each skinny case while time is left."""
+    result = {"cases": [], "skipped": []}
+    for case in SKINNY_CASES:
+        if not ctx.has(ITEM_RESERVE_S):
+            result["skipped"].append({"case": list(case), "reason": "time budget"})
+            continue
+        n, d_in, d_out, r = case
+        result["cases"].append({"n": n, "d_in": d_in, "d_out": d_out, "r": r,
+                                "dy_read_twice": dy_read_twice(n, d_out, r, DTYPES[ctx.device.type]),
+                                "against_cublas": skinny_against_cublas(case, ctx.device)})
+        ctx.partial(result)
+    result["summary"] = "Triton / cuBLAS: " + "; ".join(
+        f"r={c['r']} {c['d_in']}x{c['d_out']} " + " ".join(f"{name} {row['ratio']:.2f}x"
+                                                          for name, row in c["against_cublas"].items())
+        for c in result["cases"])
     return result
 
 

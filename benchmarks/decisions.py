@@ -8,7 +8,7 @@ changed (the settings are one-line edits, committed with the JSON as their sourc
 - ``fastlora.kernels.plans.SIZE_RULE``: section "crossover"'s ``size_rule`` (the base-GEMM size from
   which the cublas plan beats the torch plan at every larger size), taken when the torch plan is at
   least PEFT's speed at every measured size below it (it is what those layers would run);
-- ``fastlora.kernels.triton.products.DY_TWICE``: "cublas" when section "skinny"'s ``against_cublas``
+- ``fastlora.kernels.triton.products.DY_TWICE``: "cublas" when section "products"'s ``against_cublas``
   row "dy_pass" has the Triton kernels at least ``MARGIN`` slower than the two GEMMs at every case where
   the dy pass reads dy twice (the case's ``dy_read_twice``, from the tiles the GPU ran), else "triton";
 - ``fastlora.kernels.triton.products.UNMASKED``: "cublas" when the rows "shrink" and "down_grad" (no
@@ -68,8 +68,8 @@ def _product_decision(setting: str, rows: list[tuple[str, float]], absent: str) 
 
 
 def skinny_products(report: dict) -> list[dict]:
-    """The DY_TWICE and UNMASKED decisions from section "skinny"'s ``against_cublas`` rows."""
-    cases = [c for c in report["sections"].get("skinny", {}).get("cases", []) if "against_cublas" in c]
+    """The DY_TWICE and UNMASKED decisions from section "products"'s ``against_cublas`` rows."""
+    cases = report["sections"].get("products", {}).get("cases", [])
 
     def label(case: dict) -> str:
         return f"N={case['n']} {case['d_in']}x{case['d_out']} r={case['r']}"
@@ -80,7 +80,7 @@ def skinny_products(report: dict) -> list[dict]:
     return [_product_decision("fastlora.kernels.triton.products.DY_TWICE", twice,
                               "no measured case where the dy pass reads dy twice"),
             _product_decision("fastlora.kernels.triton.products.UNMASKED", unmasked,
-                              "section skinny has no against_cublas rows")]
+                              "section products did not run")]
 
 
 def output_order(report: dict) -> list[str]:

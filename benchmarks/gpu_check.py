@@ -25,6 +25,9 @@ still run; the JSON report is rewritten to --out after every item):
    process per CPU core into Triton's cache, every autotuner configuration, with registers and
    spills (benchmarks/compile_check.py): the sections after it load instead of compiling one
    configuration after another (a cold run otherwise spends minutes compiling);
+   products: each skinny product (shrink, dy pass, dA; without and with dropout) timed by its Triton
+   kernel and by torch's GEMM on the same operands at the skinny cases, the input of
+   benchmarks/decisions.py for ``fastlora.kernels.triton.products`` (benchmarks/check_kernels.py);
 5. speed: forward and forward + backward medians, peak memory and launches of base, every
    checked plan (``check_plans``: on CUDA the plans auto runs, unless --plans names others),
    auto, PEFT and every method on one Linear (benchmarks/bench_adapted_linear.py), and next
@@ -37,8 +40,7 @@ still run; the JSON report is rewritten to --out after every item):
    and replay with dropout (benchmarks/check_graphs.py);
 8. gemm: the fused Triton GEMM vs cuBLAS, and the persistent one-pass forward and input
    gradient for several programs per row block; 9. skinny: GB/s of the skinny kernels vs the
-   copy ceiling, and each skinny product's time by its Triton kernel against torch's GEMM;
-   10. trace: the top kernels of one step (benchmarks/check_kernels.py);
+   copy ceiling; 10. trace: the top kernels of one step (benchmarks/check_kernels.py);
 11. onepass_bisect, only when named in ``--only``: each feature combination of the one-pass
    input gradient at the odd shape in its own process, then compute-sanitizer on the first
    that faults (benchmarks/onepass_bisect.py).
@@ -46,8 +48,8 @@ still run; the JSON report is rewritten to --out after every item):
 Time budget (--budget-s, counted from start): a section gets at most its share of the
 budget (the rest rolls over) and skips, with the reason, the items that no longer fit. Shares
 (``SECTIONS``; of the default 450 s): env 4% (18 s), bench_model 30% (135 s), host 8%, crossover 6%,
-order 2%, compile 25%, speed 25%, correctness 30%, graphs 8%, gemm 5%, skinny 4%, trace 3%; they add up to more than
-the whole, so the earlier sections come first and the later ones get what is left.
+order 2%, compile 25%, products 3%, speed 25%, correctness 30%, graphs 8%, gemm 5%, skinny 4%, trace 3%;
+they add up to more than the whole, so the earlier sections come first and the later ones get what is left.
 Sections run in this process share its CUDA context: after one of them reports a CUDA fault
 (an illegal memory access leaves the context unusable), the others are skipped with that
 reason; bench_model, host, crossover, correctness and onepass_bisect run in child processes and still run.
@@ -116,6 +118,7 @@ SECTIONS = (
     Section("crossover", bench_crossover.section, 0.06, False, False, True),
     Section("order", check_kernels.order, 0.02, False, True, False),
     Section("compile", compile_check.section, 0.25, False, True, False),
+    Section("products", check_kernels.products, 0.03, False, True, False),
     Section("speed", check_speed.run, 0.25, False, False, False),
     Section("correctness", correctness_section.run, 0.3, True, False, True),
     Section("graphs", check_graphs.run, 0.08, True, True, False),

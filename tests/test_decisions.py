@@ -20,7 +20,7 @@ def _case(r, d_out, **ratios):
 
 
 def _report(crossover=None, cases=(), order=(), models=None):
-    return {"sections": {"crossover": crossover or {"status": "skipped"}, "skinny": {"cases": list(cases)},
+    return {"sections": {"crossover": crossover or {"status": "skipped"}, "products": {"cases": list(cases)},
                          "order": {"shapes": list(order)}, "bench_model": {"models": models or {}}}}
 
 

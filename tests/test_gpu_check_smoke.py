@@ -23,9 +23,9 @@ from benchmarks.profiling import is_copy, per_name, top
 from benchmarks.speed_targets import targets
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ["env", "bench_model", "host", "crossover", "order", "compile", "speed", "correctness", "graphs", "gemm",
-            "skinny", "trace"]
-CUDA_SECTIONS = {"order", "compile", "graphs", "gemm", "skinny"}
+SECTIONS = ["env", "bench_model", "host", "crossover", "order", "compile", "products", "speed", "correctness",
+            "graphs", "gemm", "skinny", "trace"]
+CUDA_SECTIONS = {"order", "compile", "products", "graphs", "gemm", "skinny"}
 PASS_SECTIONS = {"bench_model", "correctness"}  # check sections: "pass" when every check ran and passed
 
 
@@ -304,7 +304,7 @@ def test_size_rule_is_the_size_from_which_cublas_keeps_beating_the_torch_plan():
 
 
 def test_kernel_sections_logic(monkeypatch):
-    """The CUDA-only sections "gemm", "order" and "skinny" on tiny CPU shapes (Triton plans interpreted, the
+    """The CUDA-only sections "gemm", "order", "skinny" and "products" on tiny CPU shapes (Triton plans interpreted, the
     one-pass forward and input gradient for every programs-per-row-block count of the sweep), with the
     profiler replaced by fixed kernel times: their bookkeeping, not the GPU."""
     pytest.importorskip("triton")
@@ -346,12 +346,14 @@ def test_kernel_sections_logic(monkeypatch):
     assert shrink["of_copy"] == pytest.approx(shrink["gbs"] / 100.0)
     assert kernels[("bwd", "_shrink_kernel")]["kind"] == "shrink_dy"
     assert kernels[("fwd", "_fused_linear_kernel")]["gbs"] is None
-    assert skinny["cases"][0]["dy_read_twice"] is False  # r = 4: the single pass (interpreter tiles)
-    against = skinny["cases"][0]["against_cublas"]
+    products = check_kernels.products(_Ctx())
+    case = products["cases"][0]
+    assert case["dy_read_twice"] is False  # r = 4: the single pass (interpreter tiles)
+    against = case["against_cublas"]
     assert set(against) == {"shrink", "dy_pass", "down_grad", "shrink_dropout", "down_grad_dropout"}
     for row in against.values():
         assert row["triton"] > 0 and row["cublas"] > 0 and row["ratio"] == row["triton"] / row["cublas"]
-    assert "; Triton / cuBLAS: r=4 16x24 shrink " in skinny["summary"]
+    assert products["summary"].startswith("Triton / cuBLAS: r=4 16x24 shrink ")
 
 
 def test_speed_targets():
