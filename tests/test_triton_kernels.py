@@ -356,19 +356,23 @@ class _Counted:
         return self.kernel[grid]
 
 
-def test_dy_pass_by_two_gemms_with_a_device_gate(monkeypatch, impl):
-    """dP = dy F^T and dB = s g dy^T v by torch's GEMMs (``products.DY_TWICE = "cublas"``), g a 0-dim device
-    tensor, dB in the factor's dtype (fp16 here: factors stored in another dtype than dy's)."""
+def test_products_by_gemms_with_a_device_gate(monkeypatch, impl):
+    """By torch's GEMMs (``products`` set to "cublas"), g a 0-dim device tensor (as under torch.compile):
+    dP = dy F^T and dB = s g dy^T v, dB in the factor's dtype (fp16 here: factors stored in another dtype
+    than dy's); dA = s g dt^T x in its factor's dtype."""
     from fastlora.kernels.triton import products, skinny
     monkeypatch.setattr(products, "DY_TWICE", "cublas")
+    monkeypatch.setattr(products, "UNMASKED", "cublas")
     g = torch.Generator().manual_seed(5)
-    dy, f, v = (torch.randn(*shape, generator=g, dtype=F64) for shape in ((40, 150), (12, 150), (40, 12)))
+    dy, f, v, x = (torch.randn(*shape, generator=g, dtype=F64) for shape in ((40, 150), (12, 150), (40, 12), (40, 70)))
     gate = torch.tensor(0.6, device=DEVICE)
     dp, db, dbias = skinny.dy_pass(dy.float().to(DEVICE), f.float().to(DEVICE), None, v.float().to(DEVICE), False,
                                    v_scale=0.7, gate=gate, db_dtype=torch.float16)
     assert dbias is None and dp.dtype == torch.float32 and db.dtype == torch.float16
     assert rel(dp, (dy @ f.t()).to(DEVICE)) < 1e-5
     assert rel(db, (0.7 * 0.6 * dy.t() @ v).to(DEVICE)) < 1e-3
+    da = skinny.down_grad(v.float().to(DEVICE), x.float().to(DEVICE), dt_scale=0.7, gate=gate, out_dtype=torch.float16)
+    assert da.dtype == torch.float16 and rel(da, (0.7 * 0.6 * v.t() @ x).to(DEVICE)) < 1e-3
 
 
 def test_only_the_input_gradient():
