@@ -359,8 +359,8 @@ class _Counted:
 def test_products_by_gemms_with_a_device_gate(monkeypatch, impl):
     """By torch's GEMMs (``products`` set to "cublas"), g a 0-dim device tensor (as under torch.compile):
     dP = dy F^T and dB = s g dy^T v, dB in the factor's dtype (fp16 here: factors stored in another dtype
-    than dy's); dA = s g dt^T x in its factor's dtype."""
-    from fastlora.kernels.triton import products, skinny
+    than dy's); dA = s g dt^T x in its factor's dtype; the shrink of fp16 x by an fp32 factor, in fp32."""
+    from fastlora.kernels.triton import products, shrink, skinny
     monkeypatch.setattr(products, "DY_TWICE", "cublas")
     monkeypatch.setattr(products, "UNMASKED", "cublas")
     g = torch.Generator().manual_seed(5)
@@ -373,6 +373,8 @@ def test_products_by_gemms_with_a_device_gate(monkeypatch, impl):
     assert rel(db, (0.7 * 0.6 * dy.t() @ v).to(DEVICE)) < 1e-3
     da = skinny.down_grad(v.float().to(DEVICE), x.float().to(DEVICE), dt_scale=0.7, gate=gate, out_dtype=torch.float16)
     assert da.dtype == torch.float16 and rel(da, (0.7 * 0.6 * v.t() @ x).to(DEVICE)) < 1e-3
+    t = shrink.shrink(x.half().to(DEVICE), f[:, :70].float().to(DEVICE), None)  # fp32 factor over fp16 x
+    assert t.dtype == torch.float32 and rel(t, (x @ f[:, :70].t()).to(DEVICE)) < 1e-2
 
 
 def test_only_the_input_gradient():
