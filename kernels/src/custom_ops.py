@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .spec import GradsNeeded, LowRankTerm, Plan
+from .spec import GradsNeeded, LowRankTerm, Plan, in_dtype
 
 #: GradsNeeded / Grads fields in the order of the ``needs`` flags and of the backward's outputs
 GRAD_FIELDS = ("x", "bias", "a", "b", "middle", "rank_weights", "gate")
@@ -69,7 +69,7 @@ def _adapted_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Op
     term = _term(a, b, middle, rank_weights, row_index, col_index, seed, scale, gate, dropout_p, gate_tensor)
     y, t = _module(backend).forward(x, weight, bias, term, keep_t)
     t_dtype = _t_dtype(x, backend)
-    t = x.new_empty(0, dtype=t_dtype) if t is None else (t if t.dtype == t_dtype else t.to(t_dtype)).contiguous()
+    t = x.new_empty(0, dtype=t_dtype) if t is None else in_dtype(t, t_dtype).contiguous()
     return y.contiguous(), t
 
 

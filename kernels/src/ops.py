@@ -11,7 +11,7 @@ from . import dispatch, plans, torch_impl
 from .function import AdaptedLinearFunction
 from .masks import unseeded_torch_dropout
 from .philox import draw_seed, seed_tensor
-from .spec import LowRankTerm
+from .spec import LowRankTerm, in_dtype
 from .validation import check_adapted_linear_inputs
 
 
@@ -20,11 +20,6 @@ def _compute_dtype(x: Tensor, autocasting: bool) -> torch.dtype:
     if autocasting and x.dtype != torch.float64:
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
-
-
-def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    """t in ``dtype`` (a differentiable cast)."""
-    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def adapted_linear(
@@ -88,10 +83,10 @@ def adapted_linear(
     # context costs host time, so only when autocast is on
     with torch.autocast(x.device.type, enabled=False) if autocasting else contextlib.nullcontext():
         if autocasting:  # else x and W are in ``dtype`` already (validated)
-            x, weight = _cast(x, dtype), _cast(weight, dtype)
-        bias = _cast(bias, dtype)
+            x, weight = in_dtype(x, dtype), in_dtype(weight, dtype)
+        bias = in_dtype(bias, dtype)
         if factor_dtype is not None:
-            lora_a, lora_b, middle, rank_weights = (_cast(t, factor_dtype)
+            lora_a, lora_b, middle, rank_weights = (in_dtype(t, factor_dtype)
                                                     for t in (lora_a, lora_b, middle, rank_weights))
         row_index, col_index = _as_long(row_index), _as_long(col_index)
         if recorded:

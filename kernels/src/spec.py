@@ -97,6 +97,12 @@ class Grads:
     gate: Optional[Tensor] = None
 
 
+def in_dtype(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """t in ``dtype`` (a differentiable cast), t itself when it has it or is None (``Tensor.to`` costs host
+    time per call even when it returns t)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def zeros_like_or_none(needed: bool, like: Optional[Tensor]) -> Optional[Tensor]:
     """A zero gradient (never None) for a needed input whose path was skipped."""
     return torch.zeros_like(like) if needed and like is not None else None

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import torch_impl
-from ..spec import Grads, GradsNeeded, LowRankTerm, fill_skipped_grads
+from ..spec import Grads, GradsNeeded, LowRankTerm, fill_skipped_grads, in_dtype
 from .dropout import dropout_mask
 from .fused_linear import fused_linear
 from .launch_config import INTERPRETED, INTERPRETER_READY
@@ -58,10 +58,8 @@ def _up_view(weight: Tensor, term: LowRankTerm) -> tuple[Tensor, Optional[Tensor
 
 def _factors_in(term: LowRankTerm, dtype: torch.dtype) -> LowRankTerm:
     """``term`` with its factors cast to ``dtype`` (for torch's ops, which take one dtype)."""
-    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
-        return t if t is None else t.to(dtype)
-    return dataclasses.replace(term, a=cast(term.a), b=cast(term.b), middle=cast(term.middle),
-                               rank_weights=cast(term.rank_weights))
+    return dataclasses.replace(term, a=in_dtype(term.a, dtype), b=in_dtype(term.b, dtype),
+                               middle=in_dtype(term.middle, dtype), rank_weights=in_dtype(term.rank_weights, dtype))
 
 
 def shrink(x: Tensor, weight: Tensor, term: LowRankTerm) -> Tensor:
@@ -94,11 +92,6 @@ def rank_chain_grads(grads: Grads, dp: Tensor, u: Tensor, t: Tensor, x: Tensor, 
     return dt
 
 
-def _in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t in ``dtype`` (``Tensor.to`` costs host time even when it returns t itself)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _low_rank_first(v: Tensor, u: Tensor, u_index: Optional[Tensor], bias: Optional[Tensor], term: LowRankTerm,
                     dtype: torch.dtype, p: float = 0.0) -> Tensor:
     """bias + drop_p(s*g * v U) (N, d) in ``dtype``, a fresh tensor for the cuBLAS plan's base GEMM to
@@ -108,7 +101,7 @@ def _low_rank_first(v: Tensor, u: Tensor, u_index: Optional[Tensor], bias: Optio
     regenerated from the term's seed)."""
     sg = term.scale * term.gate
     if term.gate_tensor is None and u_index is None and p == 0.0:
-        v, u = _in_dtype(v, dtype), _in_dtype(u, dtype)
+        v, u = in_dtype(v, dtype), in_dtype(u, dtype)
         if bias is not None:
             return torch.addmm(bias, v, u, alpha=sg)
         return torch.empty(v.shape[0], u.shape[1], device=v.device, dtype=dtype).addmm_(v, u, beta=0, alpha=sg)
