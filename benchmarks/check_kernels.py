@@ -257,16 +257,24 @@ def dy_read_twice(n: int, d_out: int, r: int, dtype: torch.dtype) -> bool:
     return not one_pass_is_cheaper(dy, r, column_blocks(d_out, r))
 
 
-def skinny_bandwidth(ctx) -> dict:
-    plan = "cublas" if "cublas" in ctx.plans else "triton"
-    ceiling = _ceiling(ctx)
-    result = {"plan": plan, "copy_gbs": ceiling, "cases": [], "skipped": []}
+def _each_skinny_case(ctx, result: dict, measure: Callable[[tuple], dict]) -> dict:
+    """``result`` with "cases": measure(case) of each of ``SKINNY_CASES`` while ITEM_RESERVE_S is left (the
+    report rewritten after each), and "skipped": the cases left for time."""
+    result.update(cases=[], skipped=[])
     for case in SKINNY_CASES:
         if not ctx.has(ITEM_RESERVE_S):
             result["skipped"].append({"case": list(case), "reason": "time budget"})
             continue
-        result["cases"].append(_skinny_case(case, plan, ceiling, ctx.device))
+        result["cases"].append(measure(case))
         ctx.partial(result)
+    return result
+
+
+def skinny_bandwidth(ctx) -> dict:
+    plan = "cublas" if "cublas" in ctx.plans else "triton"
+    ceiling = _ceiling(ctx)
+    result = _each_skinny_case(ctx, {"plan": plan, "copy_gbs": ceiling},
+                               lambda case: _skinny_case(case, plan, ceiling, ctx.device))
     skinny = [k["of_copy"] for c in result["cases"] for k in c["kernels"] if k["of_copy"] is not None]
     result["summary"] = (f"{len(skinny)} skinny kernels at {min(skinny):.0%}-{max(skinny):.0%} of copy GB/s"
                          if skinny else "no skinny kernel recognised by name")
@@ -275,16 +283,13 @@ def skinny_bandwidth(ctx) -> dict:
 
 def products(ctx) -> dict:
     """Section "products": ``skinny_against_cublas`` and ``dy_read_twice`` at each skinny case while time is left."""
-    result = {"cases": [], "skipped": []}
-    for case in SKINNY_CASES:
-        if not ctx.has(ITEM_RESERVE_S):
-            result["skipped"].append({"case": list(case), "reason": "time budget"})
-            continue
+    def measure(case: tuple) -> dict:
         n, d_in, d_out, r = case
-        result["cases"].append({"n": n, "d_in": d_in, "d_out": d_out, "r": r,
-                                "dy_read_twice": dy_read_twice(n, d_out, r, DTYPES[ctx.device.type]),
-                                "against_cublas": skinny_against_cublas(case, ctx.device)})
-        ctx.partial(result)
+        return {"n": n, "d_in": d_in, "d_out": d_out, "r": r,
+                "dy_read_twice": dy_read_twice(n, d_out, r, DTYPES[ctx.device.type]),
+                "against_cublas": skinny_against_cublas(case, ctx.device)}
+
+    result = _each_skinny_case(ctx, {}, measure)
     result["summary"] = "Triton / cuBLAS: " + "; ".join(
         f"r={c['r']} {c['d_in']}x{c['d_out']} " + " ".join(f"{name} {row['ratio']:.2f}x"
                                                           for name, row in c["against_cublas"].items())
