@@ -121,22 +121,22 @@ class AdapterLinear(nn.Module):
         return self.weight_before_merge.to(self.weight.device, non_blocking=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged and self.adapter_enabled:
-            return F.linear(x, self.weight, self.bias)
-        if not self.adapter_enabled:
-            return F.linear(x, self._base_weight(), self.bias)
-        weight, config = self.weight, self.config
+        if self.merged or not self.adapter_enabled:
+            return F.linear(x, self.weight if self.adapter_enabled else self._base_weight(), self.bias)
+        # each module attribute read once: a parameter's or submodule's read costs ~1 us of host time per call
+        weight, adapter, config = self.weight, self.adapter, self.config
         if weight.is_meta:
             return self._meta_forward(x)
-        self._start_pending_stage()
-        return adapted_linear(x, weight, self.bias, dropout=config.dropout if self.training else 0.0,
-                              backend=config.backend, **self.adapter.op_arguments(weight))
+        training = self.training
+        if training:
+            self._start_pending_stage(adapter)
+        return adapted_linear(x, weight, self.bias, dropout=config.dropout if training else 0.0,
+                              backend=config.backend, **adapter.op_arguments(weight))
 
-    def _start_pending_stage(self) -> None:
+    def _start_pending_stage(self, adapter: Adapter) -> None:
         """A LoRASC stage's first forward in training mode: the stage's noise into W. Under no_grad too:
         reentrant activation checkpointing runs the training forward under no_grad (and recomputes it
-        in the backward, when the stage has started)."""
-        adapter = self.adapter
+        in the backward, when the stage has started). ``adapter``: this layer's active adapter."""
         if self.training and isinstance(adapter, CascadeLoraAdapter) and adapter.pending_start:
             if getattr(self, "_is_fsdp_managed_module", False):  # set by FSDP2's fully_shard
                 raise RuntimeError(
@@ -155,7 +155,7 @@ class AdapterLinear(nn.Module):
             return F.linear(x, weight[start:stop], None if self.bias is None else self.bias[start:stop])
         if self.weight.is_meta:
             return self._meta_forward(x)[..., start:stop]
-        self._start_pending_stage()
+        self._start_pending_stage(self.adapter)
         args = dict(self.adapter.op_arguments(self.weight))
         if args.get("row_index") is not None:  # A = rows of the whole W (CURLoRA), gathered before W is cut
             args["lora_a"], args["row_index"] = self.weight[args["row_index"]], None
@@ -252,7 +252,7 @@ class AdapterLinear(nn.Module):
         if not self.adapter_enabled:
             return F.linear(x, self._base_weight(), self.bias)
         if not self.weight.is_meta:
-            self._start_pending_stage()  # as ``forward``
+            self._start_pending_stage(self.adapter)  # as ``forward``
         args = {"lora_a": None, "lora_b": None, **self.adapter.op_arguments(self.weight)}
         args.pop("gate_value", None)  # the host copy of a tensor gate: the reference reads the gate itself
         args = {k: v.to(x.dtype) if isinstance(v, Tensor) and v.is_floating_point() and k != "gate" else v

@@ -79,20 +79,20 @@ def adapted_linear(
         seed = _seed(dropout_seed, x.device)
     # the cublas plan reads factors of another float dtype as they are (see triton.impl)
     factor_dtype = None if plan == "cublas" else dtype
-    # autocast is switched off around the op (it computes in ``dtype`` itself); entering the
-    # context costs host time, so only when autocast is on
+    if autocasting:  # else x and W are in ``dtype`` already (validated)
+        x, weight = in_dtype(x, dtype), in_dtype(weight, dtype)
+    bias = in_dtype(bias, dtype)
+    if factor_dtype is not None:
+        lora_a, lora_b = in_dtype(lora_a, factor_dtype), in_dtype(lora_b, factor_dtype)
+        middle, rank_weights = in_dtype(middle, factor_dtype), in_dtype(rank_weights, factor_dtype)
+    row_index, col_index = _as_long(row_index), _as_long(col_index)
+    if recorded:  # its inputs are in ``dtype`` now: autocast's casts of its ops are no-ops, it may stay on
+        term = LowRankTerm(lora_a, lora_b, middle, rank_weights, row_index, col_index, float(scale), gate_value,
+                           float(dropout), seed, _gradient_gate(gate_tensor))
+        return torch_impl.forward_recorded(x, weight, bias, term)
+    # the Function computes in ``dtype`` itself (fp32 partials included): autocast is switched off around
+    # it; entering the context costs host time, so only when autocast is on
     with torch.autocast(x.device.type, enabled=False) if autocasting else contextlib.nullcontext():
-        if autocasting:  # else x and W are in ``dtype`` already (validated)
-            x, weight = in_dtype(x, dtype), in_dtype(weight, dtype)
-        bias = in_dtype(bias, dtype)
-        if factor_dtype is not None:
-            lora_a, lora_b, middle, rank_weights = (in_dtype(t, factor_dtype)
-                                                    for t in (lora_a, lora_b, middle, rank_weights))
-        row_index, col_index = _as_long(row_index), _as_long(col_index)
-        if recorded:
-            term = LowRankTerm(lora_a, lora_b, middle, rank_weights, row_index, col_index, float(scale), gate_value,
-                               float(dropout), seed, _gradient_gate(gate_tensor))
-            return torch_impl.forward_recorded(x, weight, bias, term)
         return AdaptedLinearFunction.apply(x, weight, bias, lora_a, lora_b, middle, rank_weights, gate_tensor,
                                            row_index, col_index, seed, float(scale), gate_value, float(dropout), plan)
 

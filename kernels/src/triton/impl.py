@@ -26,7 +26,6 @@ gate gradient, if asked, is s * sum(dP ⊙ v) from t and dP only; needed factors
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -58,8 +57,8 @@ def _up_view(weight: Tensor, term: LowRankTerm) -> tuple[Tensor, Optional[Tensor
 
 def _factors_in(term: LowRankTerm, dtype: torch.dtype) -> LowRankTerm:
     """``term`` with its factors cast to ``dtype`` (for torch's ops, which take one dtype)."""
-    return dataclasses.replace(term, a=in_dtype(term.a, dtype), b=in_dtype(term.b, dtype),
-                               middle=in_dtype(term.middle, dtype), rank_weights=in_dtype(term.rank_weights, dtype))
+    return term._replace(a=in_dtype(term.a, dtype), b=in_dtype(term.b, dtype), middle=in_dtype(term.middle, dtype),
+                         rank_weights=in_dtype(term.rank_weights, dtype))
 
 
 def shrink(x: Tensor, weight: Tensor, term: LowRankTerm) -> Tensor:
