@@ -27,7 +27,10 @@ Timing: ``WARMUP`` calls per variant, then ``ROUNDS`` rounds; in each round ever
 ``CALLS`` calls timed together with ``time.perf_counter`` (variants interleaved, so that drift of
 the machine reaches them alike; garbage collection off while timing). Per call: the median over
 the rounds of block time / CALLS (on a GPU the block ends with a synchronize); "vs_peft": that
-median over PEFT's of the same suffix.
+median over PEFT's of the same suffix; "vs_peft_paired": the median over the rounds of the ratio of
+each round's block to PEFT's block of the same round, with its quartiles ("vs_peft_quartiles"): the
+blocks of a round run back to back, so a drift of a shared machine between rounds (which moves
+"vs_peft" by up to 0.1 on the 2-core development machine) mostly cancels in it.
 "aten_ops": the aten operators one call dispatches (forward and backward; a TorchDispatchMode
 counting them), with their names; "triton_launches": the Triton launches of one call, by kernel;
 "python_top": the Python functions with the most own time per call (cProfile over a block of calls;
@@ -307,7 +310,18 @@ def measure(settings: dict, plan: str = "torch", device: torch.device = torch.de
     for name, row in variants.items():
         peft = variants["peft" + suffix_of(name)]
         row["vs_peft"] = row["us_per_call"] / peft["us_per_call"]
+        paired = [mine / theirs for mine, theirs in zip(row["us_rounds"], peft["us_rounds"])]
+        row["vs_peft_paired"] = statistics.median(paired)
+        row["vs_peft_quartiles"] = quartiles(paired)
     return {"settings": settings, "stack": stack, "variants": variants}
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """[first, third] quartile of ``values`` (both the value itself for a single one)."""
+    if len(values) < 2:
+        return [values[0], values[0]]
+    first, _, third = statistics.quantiles(values, n=4)
+    return [first, third]
 
 
 def render(report: dict) -> str:
@@ -316,9 +330,11 @@ def render(report: dict) -> str:
              f"{' (Triton launches stubbed)' if stubbed else ''}: x ({TOKENS}, {D_IN}), "
              f"{D_IN} -> {D_OUT}, r = {R}, {report['stack']} layer(s) per call; {report['note']}",
              f"  {'variant':20s} {'dropout':>7s} {'autocast':>8s} {'us/call':>9s} {'us/layer':>9s} {'x PEFT':>7s} "
-             f"{'aten ops':>8s} {'launches':>8s}"]
+             f"{'paired (quartiles)':>19s} {'aten ops':>8s} {'launches':>8s}"]
     lines += [f"  {name:20s} {row['dropout']:7.2f} {row['autocast'] or '-':>8s} {row['us_per_call']:9.1f} "
-              f"{row['us_per_layer']:9.1f} {row['vs_peft']:7.2f} {row['aten_ops']:8d} {row['triton_launches']:8d}"
+              f"{row['us_per_layer']:9.1f} {row['vs_peft']:7.2f} {row['vs_peft_paired']:6.2f} "
+              f"({row['vs_peft_quartiles'][0]:.2f}-{row['vs_peft_quartiles'][1]:.2f}) "
+              f"{row['aten_ops']:8d} {row['triton_launches']:8d}"
               for name, row in report["variants"].items()]
     return "\n".join(lines)
 
@@ -336,10 +352,10 @@ def default_out(plan: str, device: torch.device, quick: bool, stack: int = 1) ->
 
 def summary_of(report: dict) -> str:
     """"cublas: inject 1.42x PEFT (210 us, 3 launches per layer), accelerate ...": inject, accelerate,
-    inject_dropout and inject_autocast against PEFT."""
+    inject_dropout and inject_autocast against PEFT (paired ratios)."""
     rows, stack = report["variants"], report["stack"]
     return f"{report['plan']}: " + ", ".join(
-        f"{name} {rows[name]['vs_peft']:.2f}x PEFT ({rows[name]['us_per_layer']:.0f} us, "
+        f"{name} {rows[name]['vs_peft_paired']:.2f}x PEFT ({rows[name]['us_per_layer']:.0f} us, "
         f"{rows[name]['triton_launches'] // stack} launches per layer)"
         for name in ("inject", "accelerate", "inject_dropout", "inject_autocast") if name in rows)
 

@@ -125,6 +125,10 @@ def test_host_path_benchmark(tmp_path):
         assert len(row["us_rounds"]) == bench_host.QUICK["rounds"]
         peft = rows["peft" + bench_host.suffix_of(name)]
         assert row["vs_peft"] == pytest.approx(row["us_per_call"] / peft["us_per_call"])
+        paired = sorted(mine / theirs for mine, theirs in zip(row["us_rounds"], peft["us_rounds"]))
+        assert row["vs_peft_paired"] == pytest.approx(paired[len(paired) // 2])  # an odd number of rounds
+        first, third = row["vs_peft_quartiles"]
+        assert paired[0] <= first <= row["vs_peft_paired"] <= third <= paired[-1]
         assert row["aten_ops"] == sum(row["ops"].values()) > 0 and row["python_top"]
     assert rows["peft"]["vs_peft"] == 1.0 and rows["inject_dropout"]["dropout"] == bench_host.DROPOUT
     assert rows["inject_autocast"]["autocast"] == "float16" and rows["inject"]["autocast"] is None
