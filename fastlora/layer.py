@@ -123,14 +123,13 @@ class AdapterLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or not self.adapter_enabled:
             return F.linear(x, self.weight if self.adapter_enabled else self._base_weight(), self.bias)
-        # each module attribute read once: a parameter's or submodule's read costs ~1 us of host time per call
+        # each module attribute read once: a parameter's or submodule's read (nn.Module.__getattr__) costs
+        # ~0.7 us of host time per call on a CPU
         weight, adapter, config = self.weight, self.adapter, self.config
         if weight.is_meta:
             return self._meta_forward(x)
-        training = self.training
-        if training:
-            self._start_pending_stage(adapter)
-        return adapted_linear(x, weight, self.bias, dropout=config.dropout if training else 0.0,
+        self._start_pending_stage(adapter)
+        return adapted_linear(x, weight, self.bias, dropout=config.dropout if self.training else 0.0,
                               backend=config.backend, **adapter.op_arguments(weight))
 
     def _start_pending_stage(self, adapter: Adapter) -> None:

@@ -52,8 +52,8 @@ def _peft_layer_types() -> dict[type, tuple[Callable, tuple[type, ...]]]:
 
 
 def _weight(module: nn.Module) -> Tensor:
-    """``module.weight`` read from ``_parameters``, without nn.Module's ``__getattr__`` (~1 us of host time per
-    read on a CPU, three reads per call)."""
+    """``module.weight`` read from ``_parameters``, without nn.Module's ``__getattr__`` (~0.7 us of host time
+    per read on a CPU, three reads per call)."""
     return module._parameters["weight"]
 
 
