@@ -156,6 +156,24 @@ def test_host_path_benchmark_on_a_stack_of_layers(tmp_path):
         torch.testing.assert_close(stacks[name](t["x"]), expected)
 
 
+def test_host_path_of_the_torch_plan_dispatches_no_more_aten_operators_than_peft(monkeypatch):
+    """The torch plan as a CPU user runs it (outside the Triton interpreter, whose dropout is the kernels'
+    Philox in torch ops): per forward + backward, fastlora's layers dispatch PEFT's aten operators or fewer in
+    every setting, and cast less under autocast (operator counts, not times)."""
+    pytest.importorskip("peft")
+    from benchmarks import bench_host
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    t = bench_host.host_tensors(torch.Generator().manual_seed(0))
+    ops = {name: bench_host.count_ops(bench_host.call_of(layer, t, bench_host.SETTINGS[bench_host.suffix_of(name)][1]))
+           for name, layer in bench_host.layers(t).items()}
+    for suffix in bench_host.SETTINGS:
+        for name in ("inject" + suffix, "accelerate" + suffix):
+            assert sum(ops[name].values()) <= sum(ops["peft" + suffix].values()), (name, ops[name])
+    assert ops["inject_dropout"]["bernoulli_"] == ops["peft_dropout"]["bernoulli_"] == 1  # torch's own dropout
+    assert ops["inject_autocast"]["_to_copy"] < ops["peft_autocast"]["_to_copy"]
+
+
 def test_host_path_layers_compute_the_same_output():
     """Without dropout, PEFT's layer, its accelerated twin and the injected AdapterLinear give one output."""
     pytest.importorskip("peft")
