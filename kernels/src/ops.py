@@ -129,8 +129,8 @@ def _auto_plan(x: Tensor, weight: Tensor, bias: Optional[Tensor], rank: int, dty
     # only asked while tuning (choose times nothing otherwise): each check costs host time per call
     measurable = plans.tuning_on() and not torch.compiler.is_compiling() and not (
         x.is_cuda and torch.cuda.is_current_stream_capturing())
-    return plans.choose(key, plans.device_section(x.device), _timing_step(key, x.device, dtype, bias is not None),
-                        measurable=measurable)
+    run = _timing_step(key, x.device, dtype, bias is not None) if measurable else None  # built only to be timed
+    return plans.choose(key, plans.device_section(x.device), run, measurable=measurable)
 
 
 def _timing_step(key: "plans.PlanKey", device: torch.device, dtype: torch.dtype, has_bias: bool):

@@ -354,18 +354,21 @@ def default_plan(key: PlanKey) -> str:
     return DEFAULT_PLAN
 
 
-def choose(key: PlanKey, section: str, run: Callable[[str], None], *, measurable: bool,
+def choose(key: PlanKey, section: str, run: Optional[Callable[[str], None]], *, measurable: bool,
            timer: Optional[Timer] = None, cache: Optional[PlanCache] = None) -> str:
     """The recorded winner for ``key``; else, when tuning is on and ``measurable``, the measured
-    fastest of the candidates that have not failed there (recorded with the failures); else
-    ``default_plan(key)``, or where that plan failed the first candidate that has not (the torch plan
-    when none is left)."""
+    fastest of the candidates that have not failed there (recorded with the failures; ``run(plan)``
+    runs one call of ``plan``, None where not ``measurable``); else ``default_plan(key)``, or where
+    that plan failed the first candidate that has not (the torch plan when none is left)."""
     cache = cache or CACHE
     record = cache.record(section, key)
     if record.plan is not None:
         return record.plan
+    timing = measurable and tuning_on()
+    if not timing and not record.failed:  # the call of every step: nothing recorded, nothing to time
+        return default_plan(key)
     candidates = tuple(p for p in AUTO_CANDIDATES if p not in record.failed)
-    if not measurable or not tuning_on() or not candidates:
+    if not timing or not candidates:
         plan = default_plan(key)
         return plan if plan not in record.failed else (candidates[0] if candidates else "torch")
     plan, seconds, errors = measure_and_choose(key, run, candidates, timer=timer)
