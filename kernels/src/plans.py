@@ -365,7 +365,7 @@ def choose(key: PlanKey, section: str, run: Optional[Callable[[str], None]], *, 
     if record.plan is not None:
         return record.plan
     timing = measurable and tuning_on()
-    if not timing and not record.failed:  # the call of every step: nothing recorded, nothing to time
+    if not timing and not record.failed:  # the common call: nothing recorded for the key, nothing to time
         return default_plan(key)
     candidates = tuple(p for p in AUTO_CANDIDATES if p not in record.failed)
     if not timing or not candidates:
