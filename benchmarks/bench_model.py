@@ -10,9 +10,12 @@ median device and host time of a step (forward under bf16 autocast, backward, fu
 ``--steps`` steps after ``--warmup``, peak memory, GPU launches of a step, its top kernels, and
 the time of its first step in this run (cold only for the first variant that compiles a kernel).
 Ratios: step time vs base and vs PEFT with adapters of the same precision, host time and peak
-memory vs PEFT. Per model: the no-dropout loss curves of PEFT and fastlora from the same adapters
-(benchmarks/loss_agreement.py), and for the ``--first-step`` variants the first step in a fresh
-process on empty Triton and plan caches, then on the caches it filled (benchmarks/first_step.py).
+memory vs PEFT. Per model on a GPU with documented peaks (benchmarks/byte_model.py): the byte/FLOP
+floor of the step's adapted Linears, frozen and with adapters on the cublas plan and with PEFT's ops,
+next to what each variant measured over the frozen model. Per model: the no-dropout loss curves of
+PEFT and fastlora from the same adapters (benchmarks/loss_agreement.py), and for the ``--first-step``
+variants the first step in a fresh process on empty Triton and plan caches, then on the caches it
+filled (benchmarks/first_step.py).
 
 Time budget (``--budget-s``): jobs run in priority order (every variant's steps, then the loss
 curves, then the first steps, then the ``LOW_PRIORITY`` variants' steps) and those that no longer
@@ -31,12 +34,13 @@ from typing import Callable, Optional
 
 import torch
 
+from . import byte_model
 from .bench_adapted_linear import RESULTS, device_name, pick_device, slug, version
 from .check_report import cell, error_line
 from .first_step import first_steps
 from .isolated import Child, is_cuda_fault, read_json, write_json
 from .loss_agreement import loss_curves
-from .model_setups import DROPOUT, LOW_PRIORITY, MODELS, VARIANTS, adapt, build_model, make_batch, trainable
+from .model_setups import DROPOUT, LOW_PRIORITY, MODELS, VARIANTS, R, adapt, build_model, make_batch, trainable
 from .train_step import first_step_s, make_step, profile, release, steady
 
 WARMUP, STEPS, CURVE_STEPS = 3, 10, 8
@@ -65,13 +69,41 @@ def variant_result(model_name: str, variant: str, quick: bool, device: torch.dev
 
 
 def model_info(model_name: str, quick: bool) -> dict:
-    """Parameters, batch and LoRA targets of a model (built on the meta device: no memory, no init)."""
+    """Parameters, batch, LoRA targets and the (d_in, d_out) of every adapted Linear inside the model's
+    decoder or encoder layers, which see every token of the batch ("linear_shapes"; BERT's pooler, which
+    sees one token per sequence, is left out). Built on the meta device: no memory, no init."""
     spec = MODELS[model_name]
     with torch.device("meta"):
         model = spec.build(quick, True)
     sequences, tokens = spec.quick_batch if quick else spec.batch
     return {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
-            "batch": {"sequences": sequences, "tokens": tokens}, "targets": list(spec.targets)}
+            "batch": {"sequences": sequences, "tokens": tokens}, "targets": list(spec.targets),
+            "linear_shapes": _per_token_linears(model, spec.targets)}
+
+
+def _per_token_linears(model: torch.nn.Module, targets: tuple[str, ...]) -> list[list[int]]:
+    """[d_in, d_out] of each target nn.Linear inside a decoder or encoder layer (a "layers" or "layer" part
+    in its qualified name): the adapted layers that see every token of the batch."""
+    out = []
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if isinstance(module, torch.nn.Linear) and parts[-1] in targets and {"layers", "layer"} & set(parts):
+            out.append([module.in_features, module.out_features])
+    return out
+
+
+def floors_ms(entry: dict, device_name: str) -> Optional[dict]:
+    """The byte/FLOP floor of a training step's adapted Linears (benchmarks/byte_model.py: forward +
+    backward, plain LoRA at the benchmark's rank, no dropout) at the documented peaks of ``device_name``:
+    {"peaks": the device key, "base": the frozen layers' ms, "cublas" / "torch" / ...: the same layers with
+    adapters}; the torch plan's kernels are PEFT's ops. None for a device without documented peaks."""
+    peaks = byte_model.device_peaks(device_name)
+    if peaks is None:
+        return None
+    key, bandwidth, peak = peaks
+    tokens = entry["batch"]["sequences"] * entry["batch"]["tokens"]
+    shapes = [byte_model.Shape(tokens, d_in, d_out, R) for d_in, d_out in entry["linear_shapes"]]
+    return {"peaks": key, **byte_model.model_floors(shapes, bandwidth, peak)}
 
 
 def ratios(variants: dict) -> dict:
@@ -110,8 +142,9 @@ def run(models: list[str], quick: bool, device: torch.device, budget_s: float, f
     """Every job while the budget lasts, into ``report["models"]`` (saved after each job)."""
     deadline = time.monotonic() + budget_s
     for m in models:
-        report["models"][m] = {**model_info(m, quick), "variants": {}, "ratios": {}, "losses": None,
-                               "first_step": {}, "errors": {}, "skipped": [], "job_seconds": {}}
+        entry = report["models"][m] = {**model_info(m, quick), "variants": {}, "ratios": {}, "losses": None,
+                                       "first_step": {}, "errors": {}, "skipped": [], "job_seconds": {}}
+        entry["floors_ms"] = floors_ms(entry, report["device"])
     fault = None
     for m, kind, variant, job in jobs(models, quick, device, first_step, warmup, steps):
         entry, name = report["models"][m], f"{kind} {variant}".strip()
@@ -158,6 +191,8 @@ def render(report: dict) -> str:
                          f"{cell(r.get('host_vs_peft'), '10.2f')} "
                          f"{cell(res['peak_mib'], '9.0f')} {cell(res['profile']['launches'], '8d')} "
                          f"{res['first_step_in_run_s']:10.2f}")
+        if entry.get("floors_ms"):
+            lines.append(floor_line(entry))
         losses = entry["losses"]
         if losses:
             diffs = ", ".join(f"{k} {v:.2e}" for k, v in losses["max_abs_diff"].items())
@@ -171,6 +206,19 @@ def render(report: dict) -> str:
         lines += [f"  {name} failed: {error_line(tb)[:120]}" for name, tb in entry["errors"].items()]
         lines += [f"  skipped {s['job']}: {s['reason']}" for s in entry["skipped"]]
     return "\n".join(lines)
+
+
+def floor_line(entry: dict) -> str:
+    """The adapted Linears' floor per step next to what each adapted variant measured over the frozen model."""
+    floors, variants = entry["floors_ms"], entry["variants"]
+    line = (f"  adapted Linears' floor per step at {floors['peaks']}'s documented peaks (fwd + bwd, no dropout): "
+            f"frozen {floors['base']:.2f} ms; adapters add {floors['cublas'] - floors['base']:.2f} ms on the cublas "
+            f"plan, {floors['torch'] - floors['base']:.2f} ms with PEFT's ops")
+    if "base" in variants:
+        measured = ", ".join(f"{name} {res['step_ms'] - variants['base']['step_ms']:.2f}"
+                             for name, res in variants.items() if name != "base")
+        line += f"; measured over the frozen model's step (ms): {measured}" if measured else ""
+    return line
 
 
 def outcome(report: dict) -> tuple[str, str]:

@@ -168,6 +168,17 @@ def floors(s: Shape, bandwidth: float = BANDWIDTH, peak: float = PEAK_FLOPS) -> 
     return out
 
 
+def model_floors(shapes: list[Shape], bandwidth: float = BANDWIDTH, peak: float = PEAK_FLOPS) -> dict[str, float]:
+    """{"base" and every plan: the forward + backward floor in ms, summed over ``shapes``} (one shape per
+    adapted Linear that a training step runs): the frozen layers' floor, and each plan's for the same layers
+    with their adapters (plain LoRA, no dropout)."""
+    totals = dict.fromkeys(("base", *PLANS), 0.0)
+    for s in shapes:
+        for name, row in floors(s, bandwidth, peak).items():
+            totals[name] += row["step_us"] / 1e3
+    return totals
+
+
 def table(shapes: list[Shape], bandwidth: float = BANDWIDTH, peak: float = PEAK_FLOPS) -> str:
     """A markdown table: per shape and plan, bytes, FLOPs, floor and ratio to the base, forward and fwd + bwd."""
     lines = ["| d_in x d_out | r | plan | fwd MB | fwd GFLOP | fwd floor us | x base | fwd+bwd MB | fwd+bwd GFLOP "

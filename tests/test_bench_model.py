@@ -108,3 +108,30 @@ def test_first_step_in_fresh_processes_on_cold_and_warm_caches():
         assert run["model"] == "llama" and run["variant"] == "accelerate_fp32"
         assert all(_finite_positive(run[k]) for k in ("import_s", "build_s", "first_step_s", "second_step_s",
                                                        "process_s"))
+
+
+def test_the_adapted_linears_floor_is_the_byte_model_over_every_per_token_layer():
+    """The floor of a step's adapted Linears: Llama's 7 targets in each of its 8 layers, BERT's query, key,
+    value and three dense layers in each of its 12 (not the pooler, which sees one token per sequence); at
+    the documented peaks that the GPU's name selects, each plan's floor is the byte model's summed over
+    those layers at the batch's tokens; a device without documented peaks gets none."""
+    from benchmarks import byte_model
+    from benchmarks.bench_model import floor_line, floors_ms, model_info
+
+    llama, bert = model_info("llama", False), model_info("bert", False)
+    assert len(llama["linear_shapes"]) == 8 * 7 and llama["linear_shapes"].count([2048, 512]) == 8 * 2  # k, v
+    assert llama["linear_shapes"].count([5632, 2048]) == 8  # down
+    assert len(bert["linear_shapes"]) == 12 * 6 and bert["linear_shapes"].count([3072, 768]) == 12
+    floors = floors_ms(llama, "NVIDIA H100 80GB HBM3")
+    bandwidth, peak = byte_model.DEVICE_PEAKS["H100"]
+    shapes = [byte_model.Shape(4 * 1024, d_in, d_out, 16) for d_in, d_out in llama["linear_shapes"]]
+    for plan in ("base", "cublas", "torch"):
+        kernels = [byte_model.base_kernels(s, True) if plan == "base" else byte_model.plan_kernels(plan, s)
+                   for s in shapes]
+        assert floors[plan] == pytest.approx(1e3 * sum(byte_model.floor_seconds(k, bandwidth, peak) for k in kernels))
+    assert floors["peaks"] == "H100" and floors["base"] < floors["cublas"] < floors["torch"]
+    assert floors_ms(llama, "cpu (x86_64)") is None
+    entry = {**llama, "floors_ms": floors, "variants": {"base": {"step_ms": 30.0}, "peft_fp32": {"step_ms": 64.5}}}
+    line = floor_line(entry)
+    assert f"adapters add {floors['cublas'] - floors['base']:.2f} ms on the cublas plan" in line
+    assert line.endswith("peft_fp32 34.50")
