@@ -17,7 +17,10 @@ changed (the settings are one-line edits, committed with the JSON as their sourc
   first against added after the GEMM, by addmm against the Triton expand;
 - whether a model's step waits on the host (information): section "bench_model"'s host time per step
   over its step time, per model and variant (from ``HOST_BOUND`` on, the device waited for the host
-  part of the step: fewer launches and less Python per layer would pay there, fewer bytes would not).
+  part of the step: fewer launches and less Python per layer would pay there, fewer bytes would not);
+- how far the adapters' cost is from its floor (information): per model and adapted variant, what it adds
+  to the frozen model's step against the byte/FLOP floor of the adapted Linears' extra work (the cublas
+  plan's for fastlora's variants, PEFT's ops for PEFT's), from section "bench_model".
 """
 from __future__ import annotations
 
@@ -102,9 +105,26 @@ def host_share(report: dict) -> list[str]:
     return lines
 
 
+def adapter_work(report: dict) -> list[str]:
+    """Section "bench_model": what each adapted variant adds to the frozen step, against its floor."""
+    lines = []
+    for model, entry in report["sections"].get("bench_model", {}).get("models", {}).items():
+        floors, variants = entry.get("floors_ms"), entry.get("variants", {})
+        if not floors or "base" not in variants:
+            continue
+        for variant, row in variants.items():
+            if variant == "base":
+                continue
+            plan = "torch" if variant.startswith("peft") or "-torch" in variant else "cublas"
+            added, floor = row["step_ms"] - variants["base"]["step_ms"], floors[plan] - floors["base"]
+            lines.append(f"adapter work, {model} {variant}: adds {added:.2f} ms to the frozen step, "
+                         f"{added / floor:.1f}x its floor ({floor:.2f} ms, {plan} plan's kernels)")
+    return lines
+
+
 def decide(report: dict) -> dict:
     return {"decisions": [size_rule(report), *skinny_products(report)],
-            "information": output_order(report) + host_share(report)}
+            "information": output_order(report) + host_share(report) + adapter_work(report)}
 
 
 def render(result: dict) -> str:

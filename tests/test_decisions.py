@@ -82,3 +82,21 @@ def test_cli_prints_every_decision_and_the_output_order(tmp_path, capsys):
     assert out[3] == "output order, N=8192 4096x4096 y: term first / after 0.80x, expand / addmm 1.10x"
     assert out[-2:] == ["host share, bert peft_fp32: host 12.0 ms of a 20.0 ms step (0.60)",
                         "host share, bert accelerate_fp32: host 24.5 ms of a 25.0 ms step (0.98); waits on the host"]
+
+
+def test_adapter_work_is_what_a_variant_adds_to_the_frozen_step_against_its_floor():
+    """PEFT's variants and the torch plan against PEFT's ops' floor, fastlora's others against the cublas
+    plan's; a model without floors (a CPU run) or without the frozen step gives no line."""
+    floors = {"peaks": "H100", "base": 6.0, "cublas": 8.0, "torch": 9.5}
+    variants = {"base": {"step_ms": 30.0}, "peft_fp32": {"step_ms": 64.0}, "accelerate_fp32": {"step_ms": 36.0},
+                "accelerate-torch_fp32": {"step_ms": 40.5}}
+    models = {"llama": {"floors_ms": floors, "variants": variants},
+              "bert": {"floors_ms": None, "variants": variants},
+              "other": {"floors_ms": floors, "variants": {"peft_fp32": {"step_ms": 1.0}}}}
+    assert decisions.adapter_work(_report(models=models)) == [
+        "adapter work, llama peft_fp32: adds 34.00 ms to the frozen step, 9.7x its floor (3.50 ms, torch plan's "
+        "kernels)",
+        "adapter work, llama accelerate_fp32: adds 6.00 ms to the frozen step, 3.0x its floor (2.00 ms, cublas plan's "
+        "kernels)",
+        "adapter work, llama accelerate-torch_fp32: adds 10.50 ms to the frozen step, 3.0x its floor (3.50 ms, torch "
+        "plan's kernels)"]
