@@ -92,12 +92,12 @@ def _per_token_linears(model: torch.nn.Module, targets: tuple[str, ...]) -> list
     return out
 
 
-def floors_ms(entry: dict, device_name: str) -> Optional[dict]:
+def floors_ms(entry: dict, device: str) -> Optional[dict]:
     """The byte/FLOP floor of a training step's adapted Linears (benchmarks/byte_model.py: forward +
-    backward, plain LoRA at the benchmark's rank, no dropout) at the documented peaks of ``device_name``:
-    {"peaks": the device key, "base": the frozen layers' ms, "cublas" / "torch" / ...: the same layers with
-    adapters}; the torch plan's kernels are PEFT's ops. None for a device without documented peaks."""
-    peaks = byte_model.device_peaks(device_name)
+    backward, plain LoRA at the benchmark's rank, no dropout) at the documented peaks of the GPU named
+    ``device``: {"peaks": its key, "base": the frozen layers' ms, "cublas" / "torch" / ...: the same layers
+    with adapters}; the torch plan's kernels are PEFT's ops. None for a device without documented peaks."""
+    peaks = byte_model.device_peaks(device)
     if peaks is None:
         return None
     key, bandwidth, peak = peaks
