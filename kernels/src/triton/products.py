@@ -4,8 +4,9 @@ the kernels' per-block re-reads of the (N, r) or (r, d) operand, no partial sums
 dtype with fp32 accumulation and one rounding of the product; the kernels keep their fp32 results.
 Where the dropout mask applies (the shrink of x, dA) the kernels draw it in registers and stay.
 
-Both choices are "triton" until a GPU run shows the GEMMs faster: gpu_check's section "skinny" times
-each product both ways at the benchmark shapes (``against_cublas`` in benchmarks/check_kernels.py).
+Both choices are "triton" until a GPU run shows the GEMMs faster: gpu_check's section "products" times
+each product both ways at the benchmark shapes (``against_cublas`` in benchmarks/check_kernels.py;
+``python -m benchmarks.decisions`` reads the verdict from its report).
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..philox import keep_threshold
+from ..spec import in_dtype
 from . import metadata, products
 from .dropout import keep_scale
 from .launch_config import TOKEN_ARGS, cdiv, dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction
@@ -66,7 +67,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor, a_index: Optional[torch.Tensor], p:
     given, by torch's GEMM where ``products.UNMASKED`` says so.
     """
     if p == 0.0 and a_index is None and products.by_gemm(products.UNMASKED):
-        return torch.mm(x, a.t().to(x.dtype)).float()
+        return torch.mm(x, in_dtype(a.t(), x.dtype)).float()
     m, k = x.shape
     r = a_index.shape[0] if a_index is not None else a.shape[0]
     r_pad = pad_rank(r)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..philox import keep_threshold
+from ..spec import in_dtype
 from . import metadata, products
 from .dropout import keep_scale
 from .launch_config import TOKEN_ARGS, cdiv, dot_precision, launch_context, pad_rank, skinny_blocks, split_reduction
@@ -147,14 +148,14 @@ def _two_gemms(dy: torch.Tensor, f: torch.Tensor, v: torch.Tensor, v_scale: floa
                db_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, None]:
     """``dy_pass`` by two of torch's GEMMs in dy's dtype (see ``products``): (dP = dy F^T in fp32,
     dB = v_scale * gate * dy^T v in db_dtype, None)."""
-    dp = torch.mm(dy, f.t().to(dy.dtype)).float()
-    return dp, _scaled(torch.mm(dy.t(), v.to(dy.dtype)), v_scale, gate, db_dtype), None
+    dp = torch.mm(dy, in_dtype(f.t(), dy.dtype)).float()
+    return dp, _scaled(torch.mm(dy.t(), in_dtype(v, dy.dtype)), v_scale, gate, db_dtype), None
 
 
 def _scaled(product: torch.Tensor, scale: float, gate: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """scale * gate * product, multiplied in fp32, in ``dtype`` (gate: a 0-dim device tensor or None)."""
     out = product.float().mul_(scale)
-    return (out if gate is None else out.mul_(gate.float())).to(dtype)
+    return in_dtype(out if gate is None else out.mul_(gate.float()), dtype)
 
 
 @triton.jit(launch_metadata=metadata.down_grad, do_not_specialize=TOKEN_ARGS)
@@ -205,7 +206,7 @@ def down_grad(dt: torch.Tensor, x: torch.Tensor, p: float = 0.0, seed: Optional[
     x (N, d_in) any strides; the mask is drawn from ``seed`` ((1,) int64 on x's device); gate:
     a 0-dim device tensor or None."""
     if p == 0.0 and products.by_gemm(products.UNMASKED):
-        return _scaled(torch.mm(dt.to(x.dtype).t(), x), dt_scale, gate, out_dtype)
+        return _scaled(torch.mm(in_dtype(dt, x.dtype).t(), x), dt_scale, gate, out_dtype)
     m, k = x.shape
     r = dt.shape[1]
     r_pad = pad_rank(r)
