@@ -51,7 +51,7 @@ from fastlora.kernels import PLANS, adapted_linear
 from fastlora.kernels.plans import DEFAULT_PLAN, auto_choices
 
 from .bench_methods import method_jobs
-from .check_report import error_line
+from .report_text import error_line
 from .timing import measure
 
 RESULTS = Path(__file__).resolve().parent / "results"

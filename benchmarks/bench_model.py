@@ -36,11 +36,11 @@ import torch
 
 from . import byte_model
 from .bench_adapted_linear import RESULTS, device_name, pick_device, slug, version
-from .check_report import cell, error_line
 from .first_step import first_steps
 from .isolated import Child, is_cuda_fault, read_json, write_json
 from .loss_agreement import loss_curves
 from .model_setups import DROPOUT, LOW_PRIORITY, MODELS, VARIANTS, R, adapt, build_model, make_batch, trainable
+from .report_text import cell, error_line
 from .train_step import first_step_s, make_step, profile, release, steady
 
 WARMUP, STEPS, CURVE_STEPS = 3, 10, 8

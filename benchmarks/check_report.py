@@ -3,33 +3,11 @@ whole-model table of section bench_model, the one-pass kernels per programs per 
 the speed cases (medians, ratios vs base and PEFT, peak memory, launches, byte floors)."""
 from __future__ import annotations
 
-import re
-from typing import Optional
+from .bench_model import render as models_table
+from .report_text import cell, error_line, item_name
 
 MAX_FAILURES = 12
 MAX_WIDTH = 200  # characters of a failure line
-
-
-def cell(value: Optional[float], fmt: str) -> str:
-    """``value`` formatted, or a dash as wide as ``fmt``'s width."""
-    width = int(fmt.split(".")[0].rstrip("df") or 0)
-    return "-".rjust(width) if value is None else format(value, fmt)
-
-
-EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b")
-
-
-def error_line(text: str) -> str:
-    """The line of a traceback that names the exception (CUDA errors are followed by advice lines), else
-    its last line."""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    named = [line for line in lines if EXCEPTION_LINE.match(line)]
-    return (named or lines or [""])[-1]
-
-
-def item_name(item: dict) -> str:
-    """"op plain bfloat16 triton": a correctness (or compile) item's description in one string."""
-    return " ".join(str(item[k]) for k in ("kind", "case", "variant", "method", "act", "dtype", "plan") if k in item)
 
 
 def _failures(report: dict) -> list[str]:
@@ -111,7 +89,6 @@ def _models(report: dict) -> list[str]:
     section = report["sections"].get("bench_model", {})
     if not section.get("models"):
         return []
-    from .bench_model import render as models_table  # bench_model imports this module
     return models_table(section).splitlines()
 
 

@@ -47,7 +47,7 @@ if __package__ in (None, ""):  # run as a script path: import from the repositor
 
 import torch  # noqa: E402
 
-from benchmarks.check_report import item_name  # noqa: E402
+from benchmarks.report_text import item_name  # noqa: E402
 
 ARCH = 90  # H100 / H200
 KINDS = ("op", "method", "layer", "neat", "speed", "ragged", "model")
@@ -103,7 +103,7 @@ def install_offline_triton(arch: int, compiled: list) -> None:
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    from fastlora.kernels import dispatch
+    from fastlora.kernels import dispatch, eligibility
     from fastlora.kernels.triton import launch_config
 
     if launch_config.INTERPRETED:
@@ -133,7 +133,7 @@ def install_offline_triton(arch: int, compiled: list) -> None:
     launch_config.INTERPRETER_READY = True  # launch_context: no CUDA device to enter
     eligible = dispatch.triton_ineligibility
     dispatch.triton_ineligibility = lambda device, dtype: eligible(device, dtype) \
-        if dtype not in dispatch.TRITON_DTYPES else None
+        if dtype not in eligibility.TRITON_DTYPES else None
 
 
 def _record(name: str, kernel, kwargs: dict, seconds: float) -> dict:
@@ -266,11 +266,11 @@ def model_step(model_name: str, variant: str) -> None:
 def _forced(plan: str, run: Callable[[], object]) -> object:
     """``run()`` with backend "auto" choosing ``plan`` wherever the Triton plans take the dtype (the
     float64 reference stays on torch), as ``fastlora.tune`` times the plans it may choose on a GPU."""
-    from fastlora.kernels import dispatch
+    from fastlora.kernels import dispatch, eligibility
     select = dispatch.select_plan
 
     def forced(backend: str, x: torch.Tensor, dtype: torch.dtype, choose: Callable[[], str]) -> str:
-        return plan if backend == "auto" and dtype in dispatch.TRITON_DTYPES else select(backend, x, dtype, choose)
+        return plan if backend == "auto" and dtype in eligibility.TRITON_DTYPES else select(backend, x, dtype, choose)
 
     dispatch.select_plan = forced
     try:

@@ -96,7 +96,7 @@ from benchmarks import (  # noqa: E402
 from benchmarks.bench_adapted_linear import RESULTS, device_name, pick_device, slug  # noqa: E402
 from benchmarks.isolated import is_cuda_fault  # noqa: E402
 from fastlora.kernels import PLANS  # noqa: E402
-from fastlora.kernels.dispatch import triton_interpreter_on  # noqa: E402
+from fastlora.kernels.eligibility import triton_interpreter_on  # noqa: E402
 from fastlora.kernels.plans import AUTO_CANDIDATES  # noqa: E402
 
 

@@ -273,8 +273,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
     from .bench_adapted_linear import RESULTS, device_name, pick_device, slug
-    from .check_report import error_line
     from .isolated import write_json
+    from .report_text import error_line
 
     device = pick_device(args.device)
     try:

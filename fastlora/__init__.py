@@ -26,7 +26,6 @@ from .config import (
     SelectiveLoraConfig,
 )
 from .inject import (
-    adapter_layers,
     inject,
     merge,
     merge_and_unload,
@@ -35,6 +34,7 @@ from .inject import (
     unmerge,
 )
 from .layer import AdapterLinear
+from .model_tree import adapter_layers
 from .peft_accelerate import accelerate, accelerated_layers, deaccelerate
 from .peft_interop import load_peft_adapter, save_peft_adapter
 from .plan_tuning import tune

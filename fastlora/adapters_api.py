@@ -18,10 +18,10 @@ from torch import nn
 
 from .attention import AdapterMultiheadAttention, is_attention
 from .config import AdapterConfig
-from .inject import _projection_config, _set_submodule, adapter_layers
 from .layer import AdapterLinear, is_adaptable
 from .methods import build_adapter
-from .targets import is_selected, layer_config, output_layer_names, resolved_targets
+from .model_tree import adapter_layers, set_submodule
+from .targets import is_selected, layer_config, output_layer_names, projection_config, resolved_targets
 
 # stats summed over a method's layers (counts); every other stat is averaged
 _SUMMED_STATS = frozenset({"active", "active_ranks", "gate_changes"})
@@ -66,7 +66,7 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
     built = []
     for index, (layer_name, layer) in enumerate(layers):
         attention = layer_name.rpartition(".")[0]
-        own = _projection_config(config, layer_name, attention) if attention in attentions else \
+        own = projection_config(config, layer_name, attention) if attention in attentions else \
             layer_config(config, layer_name)
         try:
             adapter = build_adapter(own, layer.in_features, layer.out_features,
@@ -199,7 +199,7 @@ def unload(model: nn.Module) -> nn.Module:
             weight = nn.Parameter(weight.detach().t(), requires_grad=weight.requires_grad)
         linear = layer.plain_layer(weight, layer.bias)
         for name in layer_names:
-            _set_submodule(model, name, linear)
+            set_submodule(model, name, linear)
     attentions: dict[nn.Module, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, AdapterMultiheadAttention):
@@ -207,7 +207,7 @@ def unload(model: nn.Module) -> nn.Module:
     for attention, attention_names in attentions.items():
         plain = attention.to_attention()  # its projections are plain now: their tensors themselves
         for name in attention_names:
-            _set_submodule(model, name, plain)
+            set_submodule(model, name, plain)
     return model
 
 

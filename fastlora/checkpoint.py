@@ -30,24 +30,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import re
-import secrets
-import shutil
 from pathlib import Path
-from typing import Any, Callable, Collection, Optional, Sequence, Union
+from typing import Any, Callable, Collection, Optional
 
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .atomic_files import PathLike, leftover_temp_files, write_files_atomically, write_json, write_safetensors
 from .attention import is_attention
 from .config import AdapterConfig
-from .inject import _matches, _set_submodule, adapter_layers, inject
+from .inject import inject
 from .layer import is_adaptable
 from .methods import Adapter
-from .targets import exact_name_pattern
+from .model_tree import adapter_layers, set_submodule
+from .targets import exact_name_pattern, matches_targets
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -61,9 +58,6 @@ _NON_COMPUTATION_FIELDS = frozenset({"target_modules", "backend", "score_init", 
 _PER_LAYER_FIELDS = {"rank_pattern": "r", "alpha_pattern": "alpha"}
 # integer adapter tensors that index W: name -> the layer dimension bounding them
 _INDEX_BOUNDS = {"row_index": "out_features", "col_index": "in_features"}
-
-PathLike = Union[str, os.PathLike]
-Writer = Callable[[str], None]
 
 
 def named_adapters(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, tuple[nn.Module, Adapter]]:
@@ -119,138 +113,6 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
         write_json(path, {**meta, "weights_sha256": digest["sha256"]})
 
     return write_files_atomically(directory, [(WEIGHTS_FILE, write_weights), (CONFIG_FILE, write_config)])
-
-
-def write_safetensors(path: str, tensors: dict[str, Tensor], metadata: Optional[dict[str, str]] = None) -> str:
-    """Write ``tensors`` as a safetensors file at ``path``; returns the file's SHA-256 (hex)."""
-    save_file(tensors, path, metadata=metadata)
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def write_json(path: str, data: Any) -> None:
-    """Write ``data`` as indented JSON into the existing file ``path``."""
-    view = memoryview(json.dumps(data, indent=2).encode())
-    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
-    try:
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-
-
-def write_files_atomically(directory: PathLike, files: Sequence[tuple[str, Writer]]) -> Path:
-    """Replace the files ``files`` names in ``directory`` (``~`` expanded; created when missing,
-    an existing one keeps its mode) and touch nothing else there.
-
-    ``files``: (file name, writer) pairs; a writer writes the file at the path it is given.
-    Every file is first written to a temp file beside it (``.<name>.<random>.tmp``) and fsynced,
-    then renamed over its final name in the given order, then the directory is fsynced. The
-    old files stay hard-linked under temp names until all renames are done: an exception at any
-    step restores them, so ``directory`` holds either every old file or every new one. A
-    replaced file keeps the old file's mode.
-    """
-    target = Path(directory).expanduser()
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"cannot save into {target}: it exists and is not a directory")
-    if not target.is_dir():
-        target.mkdir(parents=True, exist_ok=True)
-        _fsync_directory(target.parent)
-    staged: dict[str, Path] = {}
-    kept: dict[str, Path] = {}
-    placed: list[str] = []
-    try:
-        for name, write in files:
-            staged[name] = _write_temp(target, name, write)
-        for name, _ in files:
-            if (target / name).exists():
-                kept[name] = _keep(target / name)
-        for name, _ in files:
-            os.replace(staged[name], target / name)
-            del staged[name]
-            placed.append(name)
-        _fsync_directory(target)
-    except BaseException:
-        _restore(target, placed, kept)
-        raise
-    finally:
-        for path in (*staged.values(), *kept.values()):
-            path.unlink(missing_ok=True)
-    for name, _ in files:  # what a hard crash of an earlier save left behind
-        for path in leftover_temp_files(target, name):
-            path.unlink(missing_ok=True)
-    return target
-
-
-def leftover_temp_files(directory: Path, name: str) -> list[Path]:
-    """The temp files of ``name`` (``.<name>.<12 hex digits>.tmp``) in ``directory``, sorted: left there
-    only by a save that crashed hard (every finished or failed save removes its own)."""
-    pattern = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{12}}\.tmp")
-    try:
-        return sorted(p for p in directory.iterdir() if pattern.fullmatch(p.name) and p.is_file())
-    except OSError:
-        return []
-
-
-def _temp_path(directory: Path, name: str) -> Path:
-    return directory / f".{name}.{secrets.token_hex(6)}.tmp"
-
-
-def _write_temp(directory: Path, name: str, write: Writer) -> Path:
-    """A fresh temp file beside ``name`` filled by ``write`` and fsynced (mode: the old file's,
-    else what a new file gets under the umask)."""
-    path = _temp_path(directory, name)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        mode = path.stat().st_mode & 0o7777  # 0o666 less the umask
-        write(str(path))  # a writer may replace the file (safetensors creates its own, mode 0o600)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if (directory / name).exists():
-            mode = (directory / name).stat().st_mode & 0o7777
-        os.chmod(path, mode)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _keep(path: Path) -> Path:
-    """A second name for the existing file ``path`` (a hard link, a copy where links fail)."""
-    kept = _temp_path(path.parent, path.name)
-    try:
-        os.link(path, kept)
-    except OSError:
-        shutil.copy2(path, kept)
-    return kept
-
-
-def _restore(directory: Path, placed: list[str], kept: dict[str, Path]) -> None:
-    """Undo the renames of ``placed`` files: the kept old file goes back, a new file without an
-    old one is removed. Best effort (the original error is what the caller raises); an old file
-    that cannot be put back stays under its temp name."""
-    for name in reversed(placed):
-        try:
-            if name in kept:
-                os.replace(kept[name], directory / name)
-                del kept[name]
-            else:
-                (directory / name).unlink()
-        except OSError:
-            kept.pop(name, None)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make renames in ``directory`` durable (POSIX; elsewhere a no-op)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_meta(directory: PathLike) -> tuple[Path, dict[str, Any]]:
@@ -439,14 +301,14 @@ def _inject_checkpoint_layers(model: nn.Module, configs: dict[str, AdapterConfig
     selected = sorted(selected)
     selectable = [n for module, names in modules.values() for n in names]  # what inject matches targets against
     selectable += [f"{n}.out_proj" for module, names in modules.values() if is_attention(module) for n in names]
-    if attention or sorted(n for n in selectable if _matches(n, config.target_modules)) != selected:
+    if attention or sorted(n for n in selectable if matches_targets(n, config.target_modules)) != selected:
         config = dataclasses.replace(config, target_modules=selected)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     inject(model, config)
 
     def undo() -> None:
         for name, module in originals.items():
-            _set_submodule(model, name, module)
+            set_submodule(model, name, module)
         for param, flag in flags:
             param.requires_grad_(flag)
 

@@ -32,7 +32,8 @@ from .config import (
     RankSelectiveLoraConfig,
     SelectiveLoraConfig,
 )
-from .inject import adapter_layers, inject, trainable_parameter_count
+from .inject import inject, trainable_parameter_count
+from .model_tree import adapter_layers
 from .peft_interop import save_peft_adapter
 from .training import attach_training_hooks, regularization_loss
 

@@ -9,9 +9,8 @@ new weights instead) and ``inject`` of a method that writes W (LoRASC), whose
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -19,22 +18,9 @@ from torch import Tensor, nn
 from .attention import AdapterMultiheadAttention, is_attention
 from .config import AdapterConfig
 from .layer import AdapterLinear, is_adaptable, linear_shape
-from .targets import is_selected, layer_config, output_layer_names, resolved_targets
-
-
-def _matches(name: str, target_modules) -> bool:
-    """Whether ``name`` is one of ``target_modules`` (name or suffix), its full-match regex, or None/"all-linear"."""
-    if target_modules is None or target_modules == "all-linear":
-        return True
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+from .model_tree import adapter_layers, set_submodule
+from .targets import is_selected, layer_config, matches_targets, output_layer_names, projection_config, resolved_targets
+from .training import watch_training_rules
 
 
 def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: bool = False) -> nn.Module:
@@ -96,7 +82,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: boo
         module.requires_grad_(True)
     for (names, _, _), module in zip(chosen, built):
         for name in names:
-            _set_submodule(model, name, module)
+            set_submodule(model, name, module)
         if any(_inside_fused_encoder(model, name) for name in names):
             module.register_forward_pre_hook(_no_fused_encoder_path)
     for layer in layers.values():  # the methods' first side effects, once nothing can fail half-way
@@ -105,7 +91,6 @@ def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: boo
         warnings.warn(f"inject: {', '.join(f'{n!r} (shared with {o})' for n, o in untied.items())}: each of these "
                       f"layers now has its own copy of W, which {type(config).__name__} writes in place; the modules "
                       f"that shared it keep the original W, unchanged", stacklevel=2)
-    from .training import watch_training_rules  # training builds on this module
     watch_training_rules(model)
     return model
 
@@ -224,7 +209,7 @@ def _modules_to_save(model: nn.Module, config: AdapterConfig, chosen) -> list[nn
     adapted = {n for names, _, _ in chosen for n in names}
     found: dict[int, nn.Module] = {}
     for key in config.modules_to_save:
-        matched = [(n, m) for n, m in model.named_modules() if n and _matches(n, [key])]
+        matched = [(n, m) for n, m in model.named_modules() if n and matches_targets(n, [key])]
         if not matched:
             raise ValueError(f"modules_to_save {key!r} matches no module of the model")
         overlap = [n for n, _ in matched if n in adapted]
@@ -240,9 +225,9 @@ def _check_targets(model: nn.Module, config: AdapterConfig, targets, names: list
     and a selection of nothing; warn when exclude_modules left nothing out (PEFT warns too)."""
     given = "target_modules" if config.target_modules is not None else f"PEFT's default target_modules {targets}"
     if isinstance(targets, tuple):
-        missing = [t for t in targets if not any(_matches(n, [t]) for n in names)]
+        missing = [t for t in targets if not any(matches_targets(n, [t]) for n in names)]
         if missing:
-            others = {f"{n} ({type(m).__name__})" for n, m in model.named_modules() if _matches(n, missing)}
+            others = {f"{n} ({type(m).__name__})" for n, m in model.named_modules() if matches_targets(n, missing)}
             named = (f"; they name {sorted(others)[:3]}, and fastlora adapts nn.Linear, Conv1D and "
                      f"nn.MultiheadAttention (packed in-projection) only" if others else "")
             raise ValueError(f"{given}: {missing} match no nn.Linear, Conv1D or MultiheadAttention in the "
@@ -275,16 +260,6 @@ def _check_shape(name: str, weight: Tensor, bias: Optional[Tensor], config: Adap
                          f"materialise the model first (e.g. to_empty() and load its weights), then inject")
 
 
-def _projection_config(config: AdapterConfig, name: str, attention: str) -> AdapterConfig:
-    """The config of an attention projection called ``name``: its own rank_pattern / alpha_pattern entry,
-    else the attention's (PEFT gives both projections the attention's)."""
-    own = layer_config(config, name)
-    keys = [k for k, _ in (*config.rank_pattern, *config.alpha_pattern)]
-    if any(re.fullmatch(rf"(?:.*\.)?(?:{k})", name) for k in keys):
-        return own
-    return layer_config(config, attention)
-
-
 def _build_layers(model: nn.Module, chosen, config: AdapterConfig) -> list[nn.Module]:
     """One AdapterLinear per chosen Linear and one AdapterMultiheadAttention per chosen attention, each
     projection built with its own config (``layer_config``); every layer is checked first. On failure
@@ -300,7 +275,7 @@ def _build_layers(model: nn.Module, chosen, config: AdapterConfig) -> list[nn.Mo
         configs = []
         for piece, linear in pieces:
             try:
-                configs.append(layer_config(config, piece) if part is None else _projection_config(config, piece, name))
+                configs.append(layer_config(config, piece) if part is None else projection_config(config, piece, name))
             except (ValueError, TypeError) as error:
                 raise type(error)(f"layer {piece!r}: {error}") from error
             if linear is None:  # the packed in-projection (3 E, E)
@@ -331,13 +306,6 @@ def _build_layers(model: nn.Module, chosen, config: AdapterConfig) -> list[nn.Mo
             param.requires_grad_(flag)
         raise
     return built
-
-
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
-    """(qualified name, layer) of every AdapterLinear in ``model``."""
-    for name, module in model.named_modules():
-        if isinstance(module, AdapterLinear):
-            yield name, module
 
 
 def _memory_span(tensor: Tensor) -> tuple[int, int, int]:
@@ -416,7 +384,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         for layer, layer_names in names.items():
             plain = getattr(layer, convert)()
             for name in layer_names:
-                _set_submodule(model, name, plain)
+                set_submodule(model, name, plain)
     return model
 
 

@@ -36,6 +36,7 @@ from typing import Any, Optional, Union
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from .atomic_files import write_files_atomically, write_json, write_safetensors
 from .attention import AdapterMultiheadAttention, is_attention
 from .checkpoint import (
     CONFIG_FILE,
@@ -44,16 +45,14 @@ from .checkpoint import (
     differing_fields,
     restore_saved_parameters,
     trainable_non_adapter_parameters,
-    write_files_atomically,
-    write_json,
-    write_safetensors,
 )
 from .config import AdapterConfig
-from .inject import _matches, adapter_layers, inject
+from .inject import inject
 from .layer import AdapterLinear, is_adaptable, linear_shape
+from .model_tree import adapter_layers
 from .peft_formats import PEFT_OUT_PROJ_UPDATES, PeftFormat
 from .registry import method_of, peft_methods
-from .targets import exact_name_pattern, layer_config
+from .targets import exact_name_pattern, layer_config, matches_targets
 
 KEY_PREFIX = "base_model.model."
 OUT_PROJ = ".base_layer.out_proj"  # PEFT's path of an adapted attention's out_proj, under the attention
@@ -160,7 +159,7 @@ def _fastlora_targets(model: nn.Module, targets, paths: set[str]):
     (exclude_modules, layers_to_transform, "all-linear" without the output layer)."""
     if isinstance(targets, (list, tuple, str)) and targets != "all-linear":
         linears = {n for n, m in model.named_modules() if is_adaptable(m) or is_attention(m)}
-        if {n for n in linears if _matches(n, targets)} == paths:
+        if {n for n in linears if matches_targets(n, targets)} == paths:
             return targets
     return sorted(paths)
 
@@ -240,7 +239,7 @@ def _peft_target_modules(model: nn.Module, names: list[str]) -> Union[list[str],
         return any(".".join(parts[:i]) in adapted for i in range(1, len(parts)))
 
     plain = [n for n, _ in model.named_modules() if n and not inside_adapted(n)]
-    if all(n in adapted or not _matches(n, names) for n in plain):
+    if all(n in adapted or not matches_targets(n, names) for n in plain):
         return names
     return "|".join(re.escape(n) for n in names)
 

@@ -83,6 +83,15 @@ def _name_matches(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
+def matches_targets(name: str, target_modules) -> bool:
+    """Whether ``name`` is one of ``target_modules`` (name or suffix), its full-match regex, or None/"all-linear"."""
+    if target_modules is None or target_modules == "all-linear":
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(_name_matches(name, t) for t in target_modules)
+
+
 def _layer_index(name: str, patterns: Optional[tuple[str, ...]]) -> Optional[int]:
     """The layer index in ``name``: the first number after a layers_pattern part, or without
     patterns the first number preceded by at least two dotted parts (PEFT's rule)."""
@@ -146,3 +155,12 @@ def layer_config(config: AdapterConfig, name: str) -> AdapterConfig:
     if config.alpha_pattern:
         changes["alpha"] = _pattern_value(config.alpha_pattern, name, config.alpha)
     return dataclasses.replace(config, **changes)
+
+
+def projection_config(config: AdapterConfig, name: str, attention: str) -> AdapterConfig:
+    """The config of an attention projection called ``name``: its own rank_pattern / alpha_pattern entry,
+    else the attention's (PEFT gives both projections the attention's)."""
+    keys = [k for k, _ in (*config.rank_pattern, *config.alpha_pattern)]
+    if any(re.fullmatch(rf"(?:.*\.)?(?:{k})", name) for k in keys):
+        return layer_config(config, name)
+    return layer_config(config, attention)

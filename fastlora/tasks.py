@@ -30,9 +30,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .inject import adapter_layers, merge
+from .inject import merge
 from .methods import build_adapter
-from .training import _ATTACHED
+from .model_tree import adapter_layers
+from .training import attached_hooks
 
 
 @torch.no_grad()
@@ -54,7 +55,7 @@ def next_task(model: nn.Module) -> nn.Module:
         raise ValueError(f"adapters of {disabled[:5]} are disabled; enable them (set_adapters_enabled(model, "
                          f"True)) before next_task, which keeps what they learned")
     merge(model, backup_device="cpu")
-    hooks = _ATTACHED.get(model, lambda: None)()
+    hooks = attached_hooks(model)
     if hooks is not None:
         hooks.remove()
     for position, (_, layer) in enumerate(layers):

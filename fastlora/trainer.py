@@ -25,8 +25,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .adapters_api import adapter_stats
 from .checkpoint import save_adapter
 from .config import RankSelectiveLoraConfig, SelectiveLoraConfig
-from .inject import adapter_layers
-from .training import TrainingHooks, _has_rule, attach_training_hooks, regularization_loss, set_run_length
+from .model_tree import adapter_layers
+from .training import TrainingHooks, attach_training_hooks, has_rule, regularization_loss, set_run_length
 
 #: the folder of the adapter-only checkpoint inside each of Trainer's checkpoint-N folders
 ADAPTER_DIR = "fastlora_adapter"
@@ -66,7 +66,7 @@ class FastLoraCallback(TrainerCallback):
             self.hooks = None
         if state.max_steps and state.max_steps > 0:
             set_run_length(model, state.max_steps)
-        if any(_has_rule(layer) for _, layer in layers):
+        if any(has_rule(layer) for _, layer in layers):
             if optimizer is None:
                 raise ValueError("FastLoraCallback: Trainer passed no optimizer; the training rules cannot be attached")
             self.hooks = attach_training_hooks(model, getattr(optimizer, "optimizer", optimizer))

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from .config import SelectiveLoraConfig
-from .inject import adapter_layers
 from .layer import AdapterLinear
 from .methods import Adapter, CascadeLoraAdapter, RankSelectiveLoraAdapter
+from .model_tree import adapter_layers
 
 Optimizers = Union[torch.optim.Optimizer, Iterable[torch.optim.Optimizer]]
 # model -> its live TrainingHooks (weakly: the optimizers' hook registries keep them alive)
@@ -63,7 +63,8 @@ def regularization_loss(model: nn.Module) -> Tensor:
     return torch.stack(terms).sum()
 
 
-def _has_rule(layer: AdapterLinear) -> bool:
+def has_rule(layer: AdapterLinear) -> bool:
+    """Whether the layer's method has a rule to apply after each optimizer step (``after_optimizer_step``)."""
     return type(layer.adapter).after_optimizer_step is not Adapter.after_optimizer_step
 
 
@@ -72,7 +73,7 @@ def _needs_rule(layer: AdapterLinear) -> bool:
     stages, cascade_interval=None, and a frozen rule parameter do without)."""
     param = layer.adapter.rule_parameter()
     loop_driven = isinstance(layer.adapter, CascadeLoraAdapter) and not layer.adapter.scheduled
-    return _has_rule(layer) and not loop_driven and param is not None and param.requires_grad
+    return has_rule(layer) and not loop_driven and param is not None and param.requires_grad
 
 
 def _restartable(adapter: Adapter) -> list[tuple[str, nn.Parameter]]:
@@ -143,7 +144,7 @@ class TrainingHooks:
         self.model = model
         self.optimizers = optimizers
         self._handles = [optimizer.register_step_post_hook(self._after_step) for optimizer in optimizers]
-        self._ruled = [layer for _, layer in adapter_layers(model) if _has_rule(layer)]
+        self._ruled = [layer for _, layer in adapter_layers(model) if has_rule(layer)]
         self._staged = [layer for layer in self._ruled if isinstance(layer.adapter, CascadeLoraAdapter)]
         self._starts_pending = True  # a stage's noise may wait (stage 0, or a checkpoint saved on a stage end)
         if self._staged:
@@ -158,7 +159,7 @@ class TrainingHooks:
     def _after_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         groups = _groups(optimizer)
         for name, layer in adapter_layers(self.model):
-            if layer.merged or not _has_rule(layer):
+            if layer.merged or not has_rule(layer):
                 continue
             group = groups.get(id(layer.adapter.rule_parameter()))
             if group is None:
@@ -187,8 +188,13 @@ class TrainingHooks:
         self._handles = []
         for layer in self._ruled:
             _RULED.discard(layer)
-        if _ATTACHED.get(self.model, lambda: None)() is self:
+        if attached_hooks(self.model) is self:
             del _ATTACHED[self.model]
+
+
+def attached_hooks(model: nn.Module) -> Optional["TrainingHooks"]:
+    """The TrainingHooks attached to ``model`` and not yet garbage-collected, else None."""
+    return _ATTACHED.get(model, lambda: None)()
 
 
 def set_run_length(model: nn.Module, total_steps: int) -> None:
@@ -263,14 +269,14 @@ def attach_training_hooks(model: nn.Module, optimizers: Optimizers,
         raise TypeError(f"expected a torch optimizer or a list of them, got {optimizers!r}")
     if len({id(o) for o in optimizers}) != len(optimizers):
         raise ValueError("the same optimizer is given twice")
-    existing = _ATTACHED.get(model, lambda: None)()
+    existing = attached_hooks(model)
     if existing is not None and existing.attached:
         raise ValueError("training hooks are already attached to this model (a second set would apply every rule "
                          "twice); call remove() on them first, or attach all optimizers in one call")
     all_groups = [_groups(o) for o in optimizers]
     for name, layer in layers:
         param = layer.adapter.rule_parameter()
-        if not _has_rule(layer) or param is None or not param.requires_grad:
+        if not has_rule(layer) or param is None or not param.requires_grad:
             continue
         if not any(id(param) in g for g in all_groups):
             raise ValueError(f"layer {name}: its {layer.config.method} rule parameter (shape {tuple(param.shape)}) is "
@@ -282,7 +288,7 @@ def attach_training_hooks(model: nn.Module, optimizers: Optimizers,
                                  f"pass every optimizer that holds it in the same call")
     if total_steps is not None:
         set_run_length(model, total_steps)
-    unknown = sorted({layer.config.method for _, layer in layers if _has_rule(layer) and _missing_length(layer)
+    unknown = sorted({layer.config.method for _, layer in layers if has_rule(layer) and _missing_length(layer)
                       and layer.adapter.rule_parameter() is not None
                       and layer.adapter.rule_parameter().requires_grad})
     if unknown:

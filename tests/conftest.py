@@ -32,7 +32,7 @@ def one_thread():
 def triton_impl():
     """The Triton backend module (``fastlora.kernels.triton.impl``); skips the module's tests where its kernels
     cannot run: without a GPU they must have been built for the interpreter (TRITON_INTERPRET=1 at import)."""
-    from fastlora.kernels.dispatch import triton_backend, triton_interpreter_on
+    from fastlora.kernels.eligibility import triton_backend, triton_interpreter_on
 
     impl = triton_backend()
     if impl is None:

@@ -79,7 +79,7 @@ def test_on_a_gpu_the_mask_in_the_kernels_dtypes_is_the_mask_kernel():
     """On CUDA, in fp32/fp16/bf16, the torch plan's mask is one launch of the Triton mask kernel (not Philox's
     hundred integer torch ops over the whole mask); in float64, the reference's dtype, and on CPU (the
     interpreter's kernel is far slower than torch's ops) it is torch's Philox."""
-    from fastlora.kernels.dispatch import triton_backend
+    from fastlora.kernels.eligibility import triton_backend
     from fastlora.kernels.masks import mask_kernel_draws
 
     cuda = torch.device("cuda", 0)
@@ -90,7 +90,7 @@ def test_on_a_gpu_the_mask_in_the_kernels_dtypes_is_the_mask_kernel():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_the_mask_kernel_writes_the_philox_mask_in_the_requested_dtype(dtype):
-    from fastlora.kernels.dispatch import triton_ineligibility
+    from fastlora.kernels.eligibility import triton_ineligibility
     if triton_ineligibility(torch.device("cpu"), dtype) is not None:
         pytest.skip("the Triton kernels need TRITON_INTERPRET=1 set before triton is imported")
     from fastlora.kernels.triton.dropout import dropout_mask as kernel_mask

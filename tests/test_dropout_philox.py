@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastlora.kernels import adapted_linear, dropout_mask
-from fastlora.kernels.dispatch import triton_backend, triton_interpreter_on
+from fastlora.kernels.eligibility import triton_backend, triton_interpreter_on
 from fastlora.kernels.philox import philox4x32, philox_mask, random_words, seed_tensor
 
 MASK32 = 0xFFFFFFFF

@@ -133,7 +133,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(fastlora.checkpoint, "save_file", broken_save)
+    monkeypatch.setattr(fastlora.atomic_files, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         fastlora.save_adapter(model, tmp_path / "ckpt")
     assert sorted(p.read_bytes() for p in (tmp_path / "ckpt").iterdir()) == before

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastlora.kernels import dispatch, torch_impl
+from fastlora.kernels import dispatch, eligibility, torch_impl
 
 TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not TRITON, reason="Triton is not installed")
@@ -47,7 +47,7 @@ def test_unknown_plan_names_are_refused(name):
 
 @needs_triton
 def test_triton_backend_is_the_triton_implementation():
-    assert dispatch.triton_backend() is importlib.import_module("fastlora.kernels.triton.impl")
+    assert eligibility.triton_backend() is importlib.import_module("fastlora.kernels.triton.impl")
 
 
 @pytest.mark.parametrize("value,expected", [("1", True), ("0", False), ("2", False), ("true", False),
@@ -57,19 +57,20 @@ def test_interpreter_flag_is_exactly_one(monkeypatch, value, expected):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", value)
-    assert dispatch.triton_interpreter_on() is expected
+    assert eligibility.triton_interpreter_on() is expected
 
 
 @needs_triton
 def test_cuda_inputs_are_eligible_when_triton_is_installed():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        assert dispatch.triton_ineligibility(CUDA_X.device, dtype) is None
-    assert "dtype torch.float64" in dispatch.triton_ineligibility(CUDA_X.device, torch.float64)
+        assert eligibility.triton_ineligibility(CUDA_X.device, dtype) is None
+    assert "dtype torch.float64" in eligibility.triton_ineligibility(CUDA_X.device, torch.float64)
 
 
 def test_cuda_inputs_without_triton_say_so(monkeypatch):
-    monkeypatch.setattr(dispatch, "triton_backend", lambda: None)
-    assert dispatch.triton_ineligibility(CUDA_X.device, torch.float16) == "Triton is not installed (pip install triton)"
+    monkeypatch.setattr(eligibility, "triton_backend", lambda: None)
+    reason = eligibility.triton_ineligibility(CUDA_X.device, torch.float16)
+    assert reason == "Triton is not installed (pip install triton)"
 
 
 @needs_triton
@@ -80,7 +81,7 @@ def test_auto_on_cuda_takes_the_measured_plan(monkeypatch):
 
 def test_auto_on_cuda_without_triton_is_torch(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    monkeypatch.setattr(dispatch, "triton_backend", lambda: None)
+    monkeypatch.setattr(eligibility, "triton_backend", lambda: None)
     assert dispatch.select_plan("auto", CUDA_X, torch.float16, choose=lambda: "onepass") == "torch"
 
 
@@ -107,10 +108,10 @@ def test_environment_variable_applies_to_auto_only(monkeypatch):
 def test_triton_backend_is_a_constant_under_torch_compile():
     """torch.compile reads triton_backend() as a traced constant: no import (which dynamo cannot trace) in
     the graph, so a whole-graph compile of a function asking for it succeeds."""
-    expected = 1.0 if dispatch.triton_backend() is not None else 2.0
+    expected = 1.0 if eligibility.triton_backend() is not None else 2.0
 
     def pick(x):
-        return x + (1.0 if dispatch.triton_backend() is not None else 2.0)
+        return x + (1.0 if eligibility.triton_backend() is not None else 2.0)
 
     compiled = torch.compile(pick, fullgraph=True, backend="eager")
     assert torch.equal(compiled(torch.zeros(3)), torch.full((3,), expected))

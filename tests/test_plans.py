@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fastlora.kernels import adapted_linear, adapted_linear_reference, ops, plans
-from fastlora.kernels.dispatch import ENV_VAR, select_plan, triton_backend, triton_interpreter_on
+from fastlora.kernels.dispatch import ENV_VAR, select_plan
+from fastlora.kernels.eligibility import triton_backend, triton_interpreter_on
 
 TRITON_RUNS = triton_backend() is not None and (torch.cuda.is_available() or triton_interpreter_on())
 KEY = plans.PlanKey("cpu", "float32", 64, 24, 20, 4, False, False)

@@ -1,5 +1,6 @@
 """Checkpoint writes touch only the adapter files and are all-or-nothing; loads check everything first."""
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fastlora
-from fastlora import AdapterLinear, CurLoraConfig, LoraConfig, NeatConfig, SelectiveLoraConfig, checkpoint
+from fastlora import AdapterLinear, CurLoraConfig, LoraConfig, NeatConfig, SelectiveLoraConfig, atomic_files, checkpoint
 
 from utils import adapter_values, same_values
 
@@ -115,7 +116,7 @@ def _inject_faults(monkeypatch, fail_at, crash):
             return function(*args, **kwargs)
         return step
 
-    for module, name in [(checkpoint, "save_file"), (os, "write"), (os, "fsync"), (os, "replace"), (os, "link")]:
+    for module, name in [(atomic_files, "save_file"), (os, "write"), (os, "fsync"), (os, "replace"), (os, "link")]:
         monkeypatch.setattr(module, name, wrap(getattr(module, name)))
     if crash:
         def dead(*args, **kwargs):
@@ -186,7 +187,7 @@ def _rewrite(directory, edit_state=None, edit_meta=None):
         edit_state(state)
         save_file(state, weights)
     meta = json.loads(config.read_text())
-    meta["weights_sha256"] = checkpoint.hashlib.sha256(weights.read_bytes()).hexdigest()
+    meta["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
     if edit_meta is not None:
         edit_meta(meta)
     config.write_text(json.dumps(meta))

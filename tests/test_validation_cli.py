@@ -4,7 +4,7 @@ from torch import nn
 
 from fastlora import cli
 from fastlora.demo import TARGETS, load_minilm
-from fastlora.inject import _matches
+from fastlora.targets import matches_targets
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -37,5 +37,5 @@ def test_good_arguments_reach_the_demo(monkeypatch, capsys):
 def test_rank_bound_is_the_smallest_side_of_the_adapted_layers():
     model, _ = load_minilm()
     sides = [min(m.in_features, m.out_features) for n, m in model.named_modules()
-             if type(m) is nn.Linear and _matches(n, TARGETS)]
+             if type(m) is nn.Linear and matches_targets(n, TARGETS)]
     assert len(sides) == 37 and min(sides) == cli.MAX_DEMO_RANK

@@ -3,7 +3,8 @@
 No nn.Module and no config here; ``fastlora`` builds on these functions.
 """
 from .activations import ACTIVATIONS
-from .dispatch import BACKENDS, PLANS, triton_backend
+from .dispatch import BACKENDS, PLANS
+from .eligibility import triton_backend
 from .masks import dropout_mask
 from .neat import neat_projection, neat_projection_reference
 from .ops import adapted_linear

@@ -17,41 +17,21 @@ Under ``TRITON_INTERPRET=1`` the Triton plans run the real kernels on CPU tensor
 """
 from __future__ import annotations
 
-import functools
 import importlib
-import importlib.util
 import os
-from types import ModuleType
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from . import torch_impl
-from .masks import triton_interpreter_on
+from .eligibility import triton_backend, triton_ineligibility
 from .spec import Plan
 
 PLANS = ("triton", "cublas", "torch", "onepass")
 BACKENDS = ("auto", *PLANS)
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: forces a plan wherever ``backend="auto"``
 ENV_VAR = "FASTLORA_BACKEND"
-
-
-@torch.compiler.assume_constant_result  # torch.compile calls it while tracing: no import in the trace
-def triton_backend() -> ModuleType | None:
-    """The Triton implementation module, or None when Triton is not installed.
-
-    Errors inside the implementation itself (e.g. a Triton API difference) propagate.
-    """
-    return _import_triton_backend()
-
-
-@functools.lru_cache(maxsize=1)
-def _import_triton_backend() -> ModuleType | None:
-    if importlib.util.find_spec("triton") is None:
-        return None
-    return importlib.import_module("fastlora.kernels.triton.impl")
 
 
 def plan_implementation(name: str) -> Plan:
@@ -66,19 +46,6 @@ def plan_implementation(name: str) -> Plan:
             return importlib.import_module("fastlora.kernels.triton.onepass").ONEPASS
         return module.FUSED if name == "triton" else module.CUBLAS
     raise ValueError(f"plan must be one of {PLANS}, got {name!r}")
-
-
-def triton_ineligibility(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """Why the Triton kernels cannot run on ``device`` in ``dtype``, or None when they can."""
-    if dtype not in TRITON_DTYPES:
-        return f"dtype {dtype} (the Triton plans take fp16/bf16/fp32)"
-    if device.type == "cuda":
-        return None if triton_backend() is not None else "Triton is not installed (pip install triton)"
-    if not triton_interpreter_on():
-        return f"device {device} (the Triton plans need CUDA tensors, or TRITON_INTERPRET=1 on CPU)"
-    if dtype == torch.bfloat16:
-        return "bf16 under the Triton interpreter (its bf16 arithmetic is wrong; use a GPU, fp16 or fp32)"
-    return None if triton_backend() is not None else "Triton is not installed (pip install triton)"
 
 
 def select_plan(backend: str, x: Tensor, dtype: torch.dtype, choose: Callable[[], str]) -> str:

@@ -17,18 +17,13 @@ the backward, one op as ``nn.Dropout``'s; see ``unseeded_torch_dropout``.)
 """
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
 from torch import Tensor
 
+from .eligibility import triton_ineligibility, triton_interpreter_on
 from .philox import philox_mask, seed_tensor
-
-
-def triton_interpreter_on() -> bool:
-    """Whether Triton kernels run on CPU tensors (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def kernels_draw(device: torch.device) -> bool:
@@ -64,8 +59,6 @@ def dropout_mask(n: int, d_in: int, p: float, seed, device=None, dtype=torch.flo
 def mask_kernel_draws(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``dropout_mask`` draws with the Triton mask kernel (one launch): on CUDA, in the
     kernels' dtypes, with Triton installed."""
-    from .dispatch import triton_ineligibility  # dispatch imports this module
-
     return device.type == "cuda" and triton_ineligibility(device, dtype) is None
 
 

@@ -45,12 +45,12 @@ from .skinny import down_grad, dy_pass
 __all__ = ["CUBLAS", "FUSED", "INTERPRETED", "INTERPRETER_READY", "TritonPlan", "dropout_mask", "shrink"]
 
 
-def _down_view(weight: Tensor, term: LowRankTerm) -> tuple[Tensor, Optional[Tensor]]:
+def down_view(weight: Tensor, term: LowRankTerm) -> tuple[Tensor, Optional[Tensor]]:
     """A (r, d_in) as (matrix, row index): the factor, or W with row_index."""
     return (term.a, None) if term.a is not None else (weight, term.row_index.contiguous())
 
 
-def _up_view(weight: Tensor, term: LowRankTerm) -> tuple[Tensor, Optional[Tensor]]:
+def up_view(weight: Tensor, term: LowRankTerm) -> tuple[Tensor, Optional[Tensor]]:
     """B^T (r, d_out) as (matrix, row index): B.t(), or W.t() with col_index."""
     return (term.b.t(), None) if term.b is not None else (weight.t(), term.col_index.contiguous())
 
@@ -63,11 +63,11 @@ def _factors_in(term: LowRankTerm, dtype: torch.dtype) -> LowRankTerm:
 
 def shrink(x: Tensor, weight: Tensor, term: LowRankTerm) -> Tensor:
     """t = dropout(x) A^T (N, r) in fp32."""
-    a, index = _down_view(weight, term)
+    a, index = down_view(weight, term)
     return _shrink_kernel(x, a, index, term.dropout_p, term.dropout_seed)
 
 
-def _mixed(t: Tensor, term: LowRankTerm) -> tuple[Tensor, Tensor]:
+def mixed_ranks(t: Tensor, term: LowRankTerm) -> tuple[Tensor, Tensor]:
     """u = t M^T and v = u ⊙ m in fp32 (both (N, r))."""
     u = t if term.middle is None else t @ term.middle.float().t()
     v = u if term.rank_weights is None else u * term.rank_weights.float()
@@ -120,7 +120,7 @@ class TritonPlan:
 
     def _output(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], v: Tensor, term: LowRankTerm) -> Tensor:
         """y = x W^T + bias + s*g*v B^T (N, d_out)."""
-        up, up_index = _up_view(weight, term)
+        up, up_index = up_view(weight, term)
         if self.fused_base:
             return fused_linear(x, weight.t(), bias, v, up, up_index, v_scale=term.scale * term.gate,
                                 gate=term.gate_tensor)
@@ -128,7 +128,7 @@ class TritonPlan:
 
     def _input_grad(self, dy: Tensor, weight: Tensor, dt: Tensor, term: LowRankTerm) -> Tensor:
         """dx = dy W + dropout'(s*g * dt A) (N, d_in); dt without the s*g factor."""
-        down, down_index = _down_view(weight, term)
+        down, down_index = down_view(weight, term)
         if self.fused_base:
             return fused_linear(dy, weight, None, dt, down, down_index, v_scale=term.scale * term.gate,
                                 gate=term.gate_tensor, p=term.dropout_p, seed=term.dropout_seed)
@@ -142,7 +142,7 @@ class TritonPlan:
         if not term.lowrank_on:
             return F.linear(x, weight, bias), (shrink(x, weight, term) if keep_t else None)
         t = shrink(x, weight, term)
-        _, v = _mixed(t, term)
+        _, v = mixed_ranks(t, term)
         return self._output(x, weight, bias, v, term), t
 
     def backward(self, dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Optional[Tensor],
@@ -167,8 +167,8 @@ class TritonPlan:
             return grads
         if t is None:
             t = shrink(x, weight, term)
-        u, v = _mixed(t, term)
-        up, up_index = _up_view(weight, term)
+        u, v = mixed_ranks(t, term)
+        up, up_index = up_view(weight, term)
         want_db = term.lowrank_on and needs.b
         # s*g multiplies every low-rank gradient: the kernels apply it (a host float, times the
         # device gate when there is one); the r-sized chain below runs on the unscaled dP

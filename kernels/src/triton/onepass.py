@@ -18,7 +18,7 @@ from typing import Optional
 from torch import Tensor
 
 from ..spec import Grads, GradsNeeded, LowRankTerm
-from .impl import TritonPlan, _down_view, _mixed, _up_view, rank_chain_grads, shrink
+from .impl import TritonPlan, down_view, mixed_ranks, rank_chain_grads, shrink, up_view
 from .onepass_backward import db_partials_are_cheaper, onepass_input_grad
 from .onepass_forward import onepass_forward
 
@@ -36,8 +36,8 @@ class OnePassPlan(TritonPlan):
                 keep_t: bool) -> tuple[Tensor, Optional[Tensor]]:
         if x.shape[0] == 0 or not term.lowrank_on:
             return super().forward(x, weight, bias, term, keep_t)
-        down, down_index = _down_view(weight, term)
-        up, up_index = _up_view(weight, term)
+        down, down_index = down_view(weight, term)
+        up, up_index = up_view(weight, term)
         return onepass_forward(x, weight.t(), bias, down, down_index, up, up_index, term.middle, term.rank_weights,
                                v_scale=term.scale * term.gate, gate=term.gate_tensor, p=term.dropout_p,
                                seed=term.dropout_seed)
@@ -48,10 +48,10 @@ class OnePassPlan(TritonPlan):
             return super().backward(dy, x, weight, term, t, needs)
         if t is None:
             t = shrink(x, weight, term)
-        u, v = _mixed(t, term)
+        u, v = mixed_ranks(t, term)
         db_in_kernel = needs.b and db_partials_are_cheaper(dy, t.shape[1])
-        up, up_index = _up_view(weight, term)
-        down, down_index = _down_view(weight, term)
+        up, up_index = up_view(weight, term)
+        down, down_index = down_view(weight, term)
         sg_host, gate, sg = term.scale * term.gate, term.gate_tensor, term.scaled_gate()
         grads = Grads()
         grads.x, dp, grads.b, grads.bias = onepass_input_grad(
