@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
 
 from fastlora.kernels import BACKENDS
 
 from .registry import method_named
+from .safe_regex import check_regex
 
 TargetModules = Optional[Union[tuple[str, ...], list[str], str]]
 
-MAX_REGEX_REPETITIONS = 4
 MAX_NEAT_DEPTH = 32
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ class AdapterConfig:
     A regex must compile and, so that matching cannot backtrack catastrophically, must
     not repeat a group that itself contains a repetition or an alternation (``(a+)+``,
     ``(a|ab)*``; a repetition is ``*``, ``+`` or ``{m,n}`` with n > 1) and may hold at
-    most MAX_REGEX_REPETITIONS repetitions in all.
+    most ``safe_regex.MAX_REGEX_REPETITIONS`` repetitions in all.
     dropout: dropout on the adapter input (PEFT's lora_dropout).
     backend: the fused op's execution plan: "auto" (the cublas plan on CUDA, or a winner ``fastlora.tune``
     measured; torch on CPU) | "triton" | "cublas" | "onepass" | "torch".
@@ -149,7 +148,7 @@ def _checked_targets(targets: Any, field: str = "target_modules") -> Union[None,
     if isinstance(targets, str):
         if field == "target_modules" and targets.lower() == "all-linear":  # PEFT's shorthand, in any case
             return "all-linear"
-        _check_regex(targets, field)
+        check_regex(targets, field)
         return targets
     if not isinstance(targets, (list, tuple, set, frozenset)):
         raise TypeError(f"{field} must be a list of names, a regex string or None, got {type(targets).__name__}")
@@ -173,9 +172,6 @@ def _checked_module_names(names: Any, field: str) -> Optional[tuple[str, ...]]:
     return tuple(sorted(names) if isinstance(names, (set, frozenset)) else names) or None
 
 
-_COUNT = re.compile(r"\{(?!\})(\d*)(,?)(\d*)\}")  # {m}, {m,}, {,n}, {m,n}; "{}" is a literal
-
-
 def _check_selection(config: AdapterConfig) -> None:
     """Validate and normalise PEFT's selection fields (see AdapterConfig); empty values mean none, as in PEFT."""
     name = type(config).__name__
@@ -196,7 +192,7 @@ def _check_selection(config: AdapterConfig) -> None:
         if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
             raise ValueError(f"{name}.layers_pattern must be a name, a regex or a list of them, got {patterns!r}")
         for pattern in patterns:
-            _check_regex(pattern, f"{name}.layers_pattern")
+            check_regex(pattern, f"{name}.layers_pattern")
         patterns = tuple(p for p in patterns if p) or None
     object.__setattr__(config, "layers_pattern", patterns)
     if (layers or patterns) and isinstance(config.target_modules, str):
@@ -214,7 +210,7 @@ def _check_selection(config: AdapterConfig) -> None:
         for key, value in pairs:
             if not isinstance(key, str) or not key:
                 raise ValueError(f"{name}.{field} keys must be non-empty strings, got {key!r}")
-            _check_regex(key, f"{name}.{field}")
+            check_regex(key, f"{name}.{field}")
             if not check(value) or value <= 0 or not math.isfinite(value):
                 raise ValueError(f"{name}.{field}[{key!r}] must be a positive "
                                  f"{'int' if field == 'rank_pattern' else 'number'}, got {value!r}")
@@ -224,69 +220,6 @@ def _check_selection(config: AdapterConfig) -> None:
 def _is_index(value: Any) -> bool:
     """An int >= 0, not a bool."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _check_regex(pattern: str, field: str = "target_modules") -> None:
-    """Refuse a pattern that does not compile or could backtrack catastrophically (see AdapterConfig)."""
-    try:
-        re.compile(pattern)
-    except re.error as error:
-        raise ValueError(f"{field} regex {pattern!r} is invalid: {error}") from None
-    risky = [False]  # per open group: holds a repetition or an alternation
-    after_risky_group = False
-    repetitions = 0
-    i = 0
-    while i < len(pattern):
-        char, repeat_max = pattern[i], None
-        if char == "\\":
-            i += 2
-        elif char == "[":
-            i = _class_end(pattern, i)
-        elif pattern.startswith("(?#", i):
-            i = pattern.index(")", i) + 1
-        elif char == "(":
-            risky.append(False)
-            i += 2 if pattern.startswith("?", i + 1) else 1
-        elif char == ")":
-            inner = risky.pop()
-            risky[-1] = risky[-1] or inner
-            i += 1
-            after_risky_group = inner
-            continue
-        elif char == "|":
-            risky[-1] = True
-            i += 1
-        elif char in "*+?":
-            repeat_max, i = (1 if char == "?" else math.inf), i + 1
-        elif (count := _COUNT.match(pattern, i)) is not None:
-            low, comma, high = count.groups()
-            repeat_max = (int(high) if high else math.inf) if comma else int(low)
-            i = count.end()
-        else:
-            i += 1
-        if repeat_max is not None:
-            i += pattern.startswith(("?", "+"), i)  # lazy or possessive modifier
-            if repeat_max > 1:
-                if after_risky_group:
-                    raise ValueError(f"{field} regex {pattern!r} repeats a group that itself holds a "
-                                     f"repetition or an alternation, which can backtrack catastrophically; "
-                                     f"write it without nested repetition")
-                repetitions += 1
-                risky[-1] = True
-        after_risky_group = False
-    if repetitions > MAX_REGEX_REPETITIONS:
-        raise ValueError(f"{field} regex {pattern!r} holds {repetitions} repetitions; at most "
-                         f"{MAX_REGEX_REPETITIONS} are allowed (each one multiplies the matching time)")
-
-
-def _class_end(pattern: str, start: int) -> int:
-    """Index just past the character class opening at ``start``."""
-    i = start + 1
-    i += pattern.startswith("^", i)
-    i += pattern.startswith("]", i)  # a leading ] is a literal
-    while pattern[i] != "]":
-        i += 2 if pattern[i] == "\\" else 1
-    return i + 1
 
 
 def _check_positive(config: AdapterConfig, name: str, allow_zero: bool = False) -> None:

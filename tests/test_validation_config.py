@@ -17,7 +17,8 @@ from fastlora import (
     RankSelectiveLoraConfig,
     SelectiveLoraConfig,
 )
-from fastlora.config import MAX_NEAT_DEPTH, MAX_REGEX_REPETITIONS
+from fastlora.config import MAX_NEAT_DEPTH
+from fastlora.safe_regex import MAX_REGEX_REPETITIONS
 
 
 @pytest.mark.parametrize("config_type, kwargs, match", [
