@@ -27,13 +27,11 @@ from .config import (
 )
 from .inject import (
     inject,
-    merge,
-    merge_and_unload,
     set_adapters_enabled,
     trainable_parameter_count,
-    unmerge,
 )
 from .layer import AdapterLinear
+from .merging import merge, merge_and_unload, unmerge
 from .model_tree import adapter_layers
 from .peft_accelerate import accelerate, accelerated_layers, deaccelerate
 from .peft_interop import load_peft_adapter, save_peft_adapter

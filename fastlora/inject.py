@@ -1,16 +1,15 @@
-"""Model-level operations: inject adapters, merge/unmerge, unload, inspect.
+"""inject: adapters into a model's selected layers; switching them on and off; counting what trains.
 
-Shared weights: an operation that writes W in place is refused on a layer whose W shares memory with
-another module's parameter or buffer (an lm_head tied to the input embeddings, one weight in two
-Linear layers, a view of W held elsewhere), naming both owners: ``merge`` (``merge_and_unload`` builds
-new weights instead) and ``inject`` of a method that writes W (LoRASC), whose
+Shared weights: ``inject`` of a method that writes W in place (LoRASC) is refused on a layer whose W
+shares memory with another module's parameter or buffer (an lm_head tied to the input embeddings, one
+weight in two Linear layers, a view of W held elsewhere), naming both owners;
 ``untie_shared_weights=True`` gives each such layer its own copy of W and says so in a warning.
 """
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +18,7 @@ from .attention import AdapterMultiheadAttention, is_attention
 from .config import AdapterConfig
 from .layer import AdapterLinear, is_adaptable, linear_shape
 from .model_tree import adapter_layers, set_submodule
+from .shared_weights import shared_weight_owners
 from .targets import is_selected, layer_config, matches_targets, output_layer_names, projection_config, resolved_targets
 from .training import watch_training_rules
 
@@ -136,7 +136,7 @@ def _check_weight_writes(model: nn.Module, config: AdapterConfig, chosen, untie:
         if part == "both":
             weights.append((f"{names[0]}.in_proj", module, module.in_proj_weight))
         weights.append((f"{names[0]}.out_proj", module.out_proj, module.out_proj.weight))
-    shared = _shared_weight_owners(model, weights)
+    shared = shared_weight_owners(model, weights)
     if shared and not untie:
         name, others = next(iter(shared.items()))
         raise ValueError(f"cannot inject {type(config).__name__} into layer {name!r}: its weight shares memory with "
@@ -308,86 +308,6 @@ def _build_layers(model: nn.Module, chosen, config: AdapterConfig) -> list[nn.Mo
     return built
 
 
-def _memory_span(tensor: Tensor) -> tuple[int, int, int]:
-    """(storage address, first byte, end byte) of the memory ``tensor`` can reach."""
-    size = tensor.element_size()
-    start = tensor.storage_offset() * size
-    reach = sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride())) + 1
-    return tensor.untyped_storage().data_ptr(), start, start + reach * size
-
-
-def _shared_weight_owners(model: nn.Module, layers: list[tuple[str, nn.Module, Tensor]]) -> dict[str, list[str]]:
-    """{layer name: the other tensors (qualified names) its W shares memory with} for each (name, module, W)
-    of ``layers`` whose W overlaps a parameter or buffer of another module (an lm_head tied to the input
-    embeddings, one W in two layers); layers sharing nothing are left out."""
-    owners = []
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        for key, tensor in (*module._parameters.items(), *module._buffers.items()):
-            if tensor is not None and tensor.numel() and not tensor.is_meta:
-                owners.append((module, f"{prefix}.{key}" if prefix else key, _memory_span(tensor)))
-    shared = {}
-    for name, layer, weight in layers:
-        if weight.is_meta or not weight.numel():
-            continue
-        address, start, end = _memory_span(weight)
-        others = sorted({owner for module, owner, (a, s, e) in owners
-                         if module is not layer and a == address and s < end and start < e})
-        if others:
-            shared[name] = others
-    return shared
-
-
-def _check_unshared_weights(model: nn.Module, layers: list[tuple[str, AdapterLinear]]) -> None:
-    """Raise ValueError naming both owners when an adapted layer's W shares memory with a tensor
-    of another module (an lm_head tied to the input embeddings, one W in two layers)."""
-    shared = _shared_weight_owners(model, [(name, layer, layer.weight) for name, layer in layers])
-    if shared:
-        name, others = next(iter(shared.items()))
-        raise ValueError(f"cannot merge layer {name!r}: its weight shares memory with {others} (tied or shared "
-                         f"weights), which merging would change too; untie it first (give the layer its own "
-                         f"copy of W) or use merge_and_unload, which builds new weights")
-
-
-def merge(model: nn.Module, backup_device: Optional[Union[str, torch.device]] = None) -> None:
-    """Fold every adapter into its base weight (forward becomes the plain Linear); layers
-    already merged stay as they are. Each layer keeps the W it had for ``unmerge`` on
-    ``backup_device`` (default: W's device; "cpu" keeps GPU memory free). Refused (nothing
-    merged) when a layer's W is shared with another module's tensor."""
-    layers = [(n, layer) for n, layer in adapter_layers(model) if not layer.merged]
-    _check_unshared_weights(model, layers)
-    try:
-        for _, layer in layers:
-            layer.merge(backup_device)
-    except BaseException:
-        unmerge(model)
-        raise
-
-
-def unmerge(model: nn.Module) -> None:
-    """Undo ``merge`` on every adapted layer: each W is restored bit for bit, latest merge
-    first (so a W merged twice through shared storage ends as it was before both)."""
-    merged = [layer for _, layer in adapter_layers(model) if layer.merged]
-    for layer in sorted(merged, key=lambda layer: layer.merge_order, reverse=True):
-        layer.unmerge()
-
-
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every AdapterLinear (under each of its names) by a plain nn.Linear (Conv1D) holding
-    W + ΔW in a new weight, and every AdapterMultiheadAttention by an nn.MultiheadAttention holding
-    its projections' W + ΔW (a merged layer's W as it is: ΔW is never added twice; a W tied to
-    another module stays with that module unchanged); returns ``model``."""
-    for kind, convert in ((AdapterMultiheadAttention, "to_attention"), (AdapterLinear, "to_linear")):
-        names: dict[nn.Module, list[str]] = {}
-        for name, module in model.named_modules(remove_duplicate=False):
-            if isinstance(module, kind):
-                names.setdefault(module, []).append(name)
-        for layer, layer_names in names.items():
-            plain = getattr(layer, convert)()
-            for name in layer_names:
-                set_submodule(model, name, plain)
-    return model
-
-
 def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch every adapter on or off (off: the layers compute the base model exactly, merged
     ones from the W kept at merge time)."""
@@ -398,4 +318,5 @@ def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 def trainable_parameter_count(model: nn.Module) -> int:
+    """How many elements the parameters that require grad hold."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

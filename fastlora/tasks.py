@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .inject import merge
+from .merging import merge
 from .methods import build_adapter
 from .model_tree import adapter_layers
 from .training import attached_hooks
