@@ -5,7 +5,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from benchmarks import compile_check  # noqa: E402
+from benchmarks import compile_check, offline_triton  # noqa: E402
 
 NEAT_ITEM = (("neat",), (torch.float16,), ("triton",), ("relu",))
 
@@ -75,7 +75,7 @@ def test_refuses_to_patch_an_interpreted_triton():
     if not launch_config.INTERPRETED:
         pytest.skip("this process compiles kernels (TRITON_INTERPRET unset)")
     with pytest.raises(SystemExit, match="unset TRITON_INTERPRET"):
-        compile_check.install_offline_triton(90, [])
+        offline_triton.install_offline_triton(90, [])
 
 
 def test_gpu_check_section_reports_what_it_left_for_time():
