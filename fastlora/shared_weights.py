@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 
-def memory_span(tensor: Tensor) -> tuple[int, int, int]:
+def _memory_span(tensor: Tensor) -> tuple[int, int, int]:
     """(storage address, first byte, end byte) of the memory ``tensor`` can reach."""
     size = tensor.element_size()
     start = tensor.storage_offset() * size
@@ -24,12 +24,12 @@ def shared_weight_owners(model: nn.Module, layers: list[tuple[str, nn.Module, Te
     for prefix, module in model.named_modules(remove_duplicate=False):
         for key, tensor in (*module._parameters.items(), *module._buffers.items()):
             if tensor is not None and tensor.numel() and not tensor.is_meta:
-                owners.append((module, f"{prefix}.{key}" if prefix else key, memory_span(tensor)))
+                owners.append((module, f"{prefix}.{key}" if prefix else key, _memory_span(tensor)))
     shared = {}
     for name, layer, weight in layers:
         if weight.is_meta or not weight.numel():
             continue
-        address, start, end = memory_span(weight)
+        address, start, end = _memory_span(weight)
         others = sorted({owner for module, owner, (a, s, e) in owners
                          if module is not layer and a == address and s < end and start < e})
         if others:
