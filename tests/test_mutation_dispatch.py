@@ -60,6 +60,18 @@ def test_interpreter_flag_is_exactly_one(monkeypatch, value, expected):
     assert eligibility.triton_interpreter_on() is expected
 
 
+@pytest.mark.parametrize("interpreter", [None, "1"])
+@pytest.mark.parametrize("device", ["meta", "xpu", "mps", "hpu"])
+def test_devices_other_than_cuda_and_the_interpreters_cpu_are_not_eligible(monkeypatch, device, interpreter):
+    """Device types that sort after "cuda" (meta, xpu, ...) are neither CUDA nor the interpreter's CPU."""
+    if interpreter is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", interpreter)
+    reason = eligibility.triton_ineligibility(torch.device(device), torch.float16)
+    assert reason is not None and f"device {device}" in reason
+
+
 @needs_triton
 def test_cuda_inputs_are_eligible_when_triton_is_installed():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):

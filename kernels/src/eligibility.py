@@ -41,8 +41,8 @@ def triton_ineligibility(device: torch.device, dtype: torch.dtype) -> Optional[s
         return f"dtype {dtype} (the Triton plans take fp16/bf16/fp32)"
     if device.type == "cuda":
         return None if triton_backend() is not None else "Triton is not installed (pip install triton)"
-    if not triton_interpreter_on():
-        return f"device {device} (the Triton plans need CUDA tensors, or TRITON_INTERPRET=1 on CPU)"
+    if device.type != "cpu" or not triton_interpreter_on():
+        return f"device {device} (the Triton plans need CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)"
     if dtype == torch.bfloat16:
         return "bf16 under the Triton interpreter (its bf16 arithmetic is wrong; use a GPU, fp16 or fp32)"
     return None if triton_backend() is not None else "Triton is not installed (pip install triton)"
