@@ -27,7 +27,8 @@ SPANS = {
     "first element": (slice(24, 36), slice(21, 25)),
     "inside": (slice(24, 36), slice(28, 30)),
     "around": (slice(24, 36), slice(20, 40)),
-    "far": (slice(24, 36), slice(60, 96)),
+    "far after": (slice(24, 36), slice(60, 96)),
+    "far before": (slice(24, 36), slice(0, 8)),
 }
 
 
@@ -69,7 +70,7 @@ def test_a_meta_or_empty_weight_is_skipped_and_the_layers_after_it_are_still_che
     base = torch.arange(32, dtype=torch.float32)
     model = nn.Module()
     model.layer, model.other = _holder(base[:16].view(4, 4)), _holder(base[12:20])
-    meta, empty = torch.empty(4, 4, device="meta"), torch.empty(0, 4)
+    meta, empty = torch.empty(4, 4, device="meta"), base[14:14].view(0, 4)  # empty, inside other's span
     layers = [("meta", nn.Module(), meta), ("empty", nn.Module(), empty),
               ("layer", model.layer, base[:16].view(4, 4))]
     assert shared_weight_owners(model, layers) == {"layer": ["other.weight"]}
