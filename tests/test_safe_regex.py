@@ -27,6 +27,9 @@ ACCEPTED = [
     "(ab?)+",             # '?' repeats at most once
     "(\\+\\|)+",          # escaped repetition and alternation
     "layers\\.(0|1|2)\\.mlp",
+    ".*((b))+",           # a top-level repetition does not make a later group risky
+    "(a+){0}",            # {0} does not repeat
+    "layer_([\\d])+",     # an escape inside a class
     "block_" * 60 + "x",  # a long pattern (300+ characters)
 ]
 
