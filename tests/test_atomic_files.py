@@ -31,21 +31,21 @@ def _mode(path) -> int:
 
 
 @pytest.fixture
-def umask_027():
-    old = os.umask(0o027)
-    yield 0o027
+def umask_022():
+    old = os.umask(0o022)
+    yield 0o022
     os.umask(old)
 
 
-def test_new_files_get_the_umask_mode_and_replaced_files_keep_theirs(tmp_path, umask_027):
+def test_new_files_get_the_umask_mode_and_replaced_files_keep_theirs(tmp_path, umask_022):
     target = tmp_path / "out"
     write_files_atomically(target, [("a.bin", _writer("1")), ("b.json", _writer("2"))])
     assert _files(target) == {"a.bin": "1", "b.json": "2"}
-    assert _mode(target / "a.bin") == _mode(target / "b.json") == 0o666 & ~umask_027  # 0o640
+    assert _mode(target / "a.bin") == _mode(target / "b.json") == 0o666 & ~umask_022  # 0o644
     os.chmod(target / "a.bin", 0o751)
     write_files_atomically(target, [("a.bin", _writer("3")), ("b.json", _writer("4"))])
     assert _files(target) == {"a.bin": "3", "b.json": "4"}
-    assert _mode(target / "a.bin") == 0o751 and _mode(target / "b.json") == 0o640
+    assert _mode(target / "a.bin") == 0o751 and _mode(target / "b.json") == 0o644
 
 
 def test_temp_files_are_hidden_beside_their_file_with_twelve_hex_digits(tmp_path):
@@ -129,7 +129,7 @@ def test_the_directory_is_fsynced_after_the_renames(tmp_path, monkeypatch):
     assert [is_dir for is_dir, _ in synced[:2]] == [False, False]  # each temp file before any rename
 
 
-def test_a_writer_that_replaces_its_file_still_gets_the_mode(tmp_path, umask_027):
+def test_a_writer_that_replaces_its_file_still_gets_the_mode(tmp_path, umask_022):
     """safetensors writes a new file (mode 0o600) over the temp path: the mode is set after the writer."""
     def replacing(path: str) -> None:
         os.unlink(path)
@@ -138,4 +138,4 @@ def test_a_writer_that_replaces_its_file_still_gets_the_mode(tmp_path, umask_027
         os.close(fd)
 
     write_files_atomically(tmp_path, [("w.safetensors", replacing)])
-    assert _mode(tmp_path / "w.safetensors") == 0o640 and leftover_temp_files(tmp_path, "w.safetensors") == []
+    assert _mode(tmp_path / "w.safetensors") == 0o644 and leftover_temp_files(tmp_path, "w.safetensors") == []
