@@ -7,12 +7,13 @@ from torch import nn
 
 import fastlora
 from fastlora import LoraConfig
-from fastlora.targets import matches_targets, model_type, output_layer_names
+from fastlora.targets import matches_targets, model_type, output_layer_names, projection_config
 
 
 @pytest.mark.parametrize("targets, name, expected", [
     (None, "encoder.layer.0.query", True),
     ("all-linear", "anything", True),
+    ("".join(["all", "-linear"]), "anything", True),  # equal, not the same object
     (r"encoder\.layer\.\d+\.query", "encoder.layer.3.query", True),
     (r"encoder\.layer\.\d+\.query", "encoder.layer.3.query.x", False),  # a full match, not a search
     (r"layer\.\d+\.query", "encoder.layer.3.query", False),
@@ -51,3 +52,11 @@ def test_all_linear_leaves_out_every_name_of_the_head():
     fastlora.inject(model, LoraConfig(r=1, target_modules="all-linear"))
     assert {name for name, _ in fastlora.adapter_layers(model)} == {"body"}
     assert isinstance(model.classifier, nn.Linear) and model.head_alias is model.classifier
+
+
+@pytest.mark.parametrize("pattern, in_r, out_r", [({"attn.in_proj": 2}, 2, 4), ({"attn.out_proj": 3}, 4, 3),
+                                                  ({"attn": 5}, 5, 5), ({}, 4, 4)])
+def test_an_attention_projection_takes_its_own_pattern_entry_else_the_attentions(pattern, in_r, out_r):
+    config = LoraConfig(r=4, rank_pattern=pattern)
+    assert projection_config(config, "attn.in_proj", "attn").r == in_r
+    assert projection_config(config, "attn.out_proj", "attn").r == out_r
