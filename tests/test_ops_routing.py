@@ -1,0 +1,72 @@
+"""adapted_linear's routing: a named Triton plan runs its own implementation (not the recorded torch ops),
+auto's plan key describes the call, and a dropout seed given as a tensor is checked and used as the int."""
+import pytest
+import torch
+
+from fastlora.kernels import adapted_linear, dispatch, plans
+from fastlora.kernels.eligibility import triton_backend, triton_interpreter_on
+
+TRITON_RUNS = triton_backend() is not None and (torch.cuda.is_available() or triton_interpreter_on())
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _call_tensors(n=6, d_in=10, d_out=7, r=3, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def make(*shape, grad=False):
+        return torch.randn(*shape, generator=g, dtype=dtype).to(DEVICE).requires_grad_(grad)
+
+    return make(n, d_in, grad=True), make(d_out, d_in), make(d_out), make(r, d_in, grad=True), make(d_out, r, grad=True)
+
+
+@pytest.mark.skipif(not TRITON_RUNS, reason="the Triton plans need CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("plan", ["cublas", "triton", "onepass"])
+def test_a_named_triton_plan_runs_its_own_forward_and_backward(plan, monkeypatch):
+    implementation, ran = dispatch.plan_implementation(plan), []
+    for step in ("forward", "backward"):
+        def recording(*args, _step=step, _original=getattr(implementation, step), **kwargs):
+            ran.append(_step)
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(implementation, step, recording)
+    x, w, b, a, bb = _call_tensors()
+    adapted_linear(x, w, b, a, bb, scale=0.5, backend=plan).sum().backward()
+    assert ran == ["forward", "backward"]
+
+
+@pytest.mark.parametrize("gathered", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_autos_plan_key_describes_the_call(gathered, dropout, monkeypatch):
+    keys = []
+
+    def choose(key, section, run, *, measurable, **kwargs):
+        keys.append(key)
+        return "torch"
+
+    monkeypatch.setattr(plans, "choose", choose)
+    monkeypatch.setattr(dispatch, "select_plan", lambda backend, x, dtype, choose_plan: choose_plan())
+    x, w, b, a, bb = _call_tensors(n=5, d_in=10, d_out=7, r=3)
+    factors = dict(lora_a=None, lora_b=None, row_index=torch.tensor([0, 4, 6], device=DEVICE),
+                   col_index=torch.tensor([1, 2, 9], device=DEVICE)) if gathered else dict(lora_a=a, lora_b=bb)
+    adapted_linear(x.detach(), w, b, dropout=dropout, dropout_seed=3, **factors)
+    (key,) = keys
+    assert (key.token_bucket, key.d_in, key.d_out, key.rank, key.dropout, key.gathered) == \
+        (8, 10, 7, 3, dropout > 0, gathered)
+    assert key.device == str(x.device) and key.dtype == "float32"
+
+
+@pytest.mark.parametrize("seed, problem", [(torch.tensor([7], dtype=torch.int32), "int32"),
+                                           (torch.tensor([7, 8]), "shape"), (torch.tensor([7], device="meta"), "meta")])
+def test_a_dropout_seed_tensor_must_be_one_int64_element_on_xs_device(seed, problem):
+    x, w, b, a, bb = _call_tensors()
+    with pytest.raises(ValueError, match="dropout_seed tensor must be one int64 element"):
+        adapted_linear(x, w, b, a, bb, dropout=0.3, dropout_seed=seed, backend="torch")
+
+
+def test_a_dropout_seed_tensor_draws_the_ints_mask():
+    x, w, b, a, bb = _call_tensors()
+    as_int = adapted_linear(x, w, b, a, bb, dropout=0.3, dropout_seed=7, backend="torch")
+    as_tensor = adapted_linear(x, w, b, a, bb, dropout=0.3, dropout_seed=torch.tensor([7], device=DEVICE),
+                               backend="torch")
+    no_dropout = adapted_linear(x, w, b, a, bb, backend="torch")
+    assert torch.equal(as_int, as_tensor) and not torch.equal(as_int, no_dropout)
+
