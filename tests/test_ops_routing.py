@@ -3,7 +3,7 @@ auto's plan key describes the call, and a dropout seed given as a tensor is chec
 import pytest
 import torch
 
-from fastlora.kernels import adapted_linear, dispatch, plans
+from fastlora.kernels import adapted_linear, dispatch, ops, plans
 from fastlora.kernels.eligibility import triton_backend, triton_interpreter_on
 
 TRITON_RUNS = triton_backend() is not None and (torch.cuda.is_available() or triton_interpreter_on())
@@ -40,8 +40,10 @@ def test_autos_plan_key_describes_the_call(gathered, dropout, monkeypatch):
 
     def choose(key, section, run, *, measurable, **kwargs):
         keys.append(key)
+        assert measurable is False and run is None  # nothing is timed unless tuning is on
         return "torch"
 
+    monkeypatch.delenv(plans.TUNE_ENV_VAR, raising=False)
     monkeypatch.setattr(plans, "choose", choose)
     monkeypatch.setattr(dispatch, "select_plan", lambda backend, x, dtype, choose_plan: choose_plan())
     x, w, b, a, bb = _call_tensors(n=5, d_in=10, d_out=7, r=3)
@@ -70,3 +72,23 @@ def test_a_dropout_seed_tensor_draws_the_ints_mask():
     no_dropout = adapted_linear(x, w, b, a, bb, backend="torch")
     assert torch.equal(as_int, as_tensor) and not torch.equal(as_int, no_dropout)
 
+
+
+@pytest.mark.parametrize("gathered, dropout, bias", [(False, False, False), (True, True, True)])
+def test_a_timing_step_runs_forward_and_backward_of_the_keys_call(gathered, dropout, bias, monkeypatch):
+    """What ``fastlora.tune`` times for a shape: a call with the key's features, gradients included."""
+    key = plans.PlanKey(DEVICE, "float32", 8, 10, 7, 3, dropout, gathered)
+    run, calls, real = ops._timing_step(key, torch.device(DEVICE), torch.float32, bias), [], ops.adapted_linear
+
+    def recording(x, weight, b, **kwargs):
+        calls.append((x, weight, b, kwargs))
+        return real(x, weight, b, **kwargs)
+
+    monkeypatch.setattr(ops, "adapted_linear", recording)
+    run("torch")
+    (x, weight, b, kwargs) = calls[0]
+    assert x.shape == (8, 10) and weight.shape == (7, 10) and (b is not None) is bias
+    assert kwargs["dropout"] == (0.1 if dropout else 0.0) and kwargs["backend"] == "torch"
+    trained = ["middle"] if gathered else ["lora_a", "lora_b"]
+    assert (kwargs.get("row_index") is not None, kwargs.get("col_index") is not None) == (gathered, gathered)
+    assert x.grad is not None and all(kwargs[name].grad is not None for name in trained)
