@@ -33,7 +33,7 @@ def test_a_named_triton_plan_runs_its_own_forward_and_backward(plan, monkeypatch
     assert ran == ["forward", "backward"]
 
 
-@pytest.mark.parametrize("gathered", [False, True])
+@pytest.mark.parametrize("gathered", [False, True, "rows only"])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_autos_plan_key_describes_the_call(gathered, dropout, monkeypatch):
     keys = []
@@ -49,15 +49,18 @@ def test_autos_plan_key_describes_the_call(gathered, dropout, monkeypatch):
     x, w, b, a, bb = _call_tensors(n=5, d_in=10, d_out=7, r=3)
     factors = dict(lora_a=None, lora_b=None, row_index=torch.tensor([0, 4, 6], device=DEVICE),
                    col_index=torch.tensor([1, 2, 9], device=DEVICE)) if gathered else dict(lora_a=a, lora_b=bb)
+    if gathered == "rows only":
+        factors.update(lora_b=bb, col_index=None)
     adapted_linear(x.detach(), w, b, dropout=dropout, dropout_seed=3, **factors)
     (key,) = keys
     assert (key.token_bucket, key.d_in, key.d_out, key.rank, key.dropout, key.gathered) == \
-        (8, 10, 7, 3, dropout > 0, gathered)
+        (8, 10, 7, 3, dropout > 0, bool(gathered))
     assert key.device == str(x.device) and key.dtype == "float32"
 
 
 @pytest.mark.parametrize("seed, problem", [(torch.tensor([7], dtype=torch.int32), "int32"),
-                                           (torch.tensor([7, 8]), "shape"), (torch.tensor([7], device="meta"), "meta")])
+                                           (torch.tensor([7, 8]), "shape"), (torch.zeros(0, dtype=torch.long), "empty"),
+                                           (torch.tensor([7], device="meta"), "meta")])
 def test_a_dropout_seed_tensor_must_be_one_int64_element_on_xs_device(seed, problem):
     x, w, b, a, bb = _call_tensors()
     with pytest.raises(ValueError, match="dropout_seed tensor must be one int64 element"):
@@ -92,3 +95,14 @@ def test_a_timing_step_runs_forward_and_backward_of_the_keys_call(gathered, drop
     trained = ["middle"] if gathered else ["lora_a", "lora_b"]
     assert (kwargs.get("row_index") is not None, kwargs.get("col_index") is not None) == (gathered, gathered)
     assert x.grad is not None and all(kwargs[name].grad is not None for name in trained)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_call_without_dropout_draws_no_randomness(backend):
+    """The user's random stream is the same after a no-dropout call as before it."""
+    x, w, b, a, bb = _call_tensors()
+    torch.manual_seed(5)
+    adapted_linear(x, w, b, a, bb, dropout=0.0, backend=backend).sum().backward()
+    after_call = torch.rand(4)
+    torch.manual_seed(5)
+    assert torch.equal(after_call, torch.rand(4))
