@@ -30,6 +30,18 @@ def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+def _failing_second_rename():
+    """os.replace that raises Fault at its second call (the first file is in place by then)."""
+    replace, calls = os.replace, []
+
+    def failing(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise Fault("second rename")
+        return replace(src, dst)
+    return failing
+
+
 @pytest.fixture
 def umask_022():
     old = os.umask(0o022)
@@ -60,15 +72,7 @@ def test_temp_files_are_hidden_beside_their_file_with_twelve_hex_digits(tmp_path
 
 def test_a_failed_rename_into_an_empty_directory_leaves_it_empty(tmp_path, monkeypatch):
     """The first file is in place when the second rename fails: it is removed (no old one to put back)."""
-    replace, calls = os.replace, []
-
-    def failing(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise Fault("second rename")
-        return replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", failing)
+    monkeypatch.setattr(os, "replace", _failing_second_rename())
     with pytest.raises(Fault, match="second rename"):
         write_files_atomically(tmp_path, [("a.bin", _writer("1")), ("b.json", _writer("2"))])
     assert _files(tmp_path) == {}
@@ -92,16 +96,8 @@ def test_where_hard_links_fail_the_old_files_are_copied_and_restored(tmp_path, m
         raise PermissionError("hard links not supported here")
 
     monkeypatch.setattr(os, "link", no_links)
-    replace, calls = os.replace, []
-
-    def failing(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise Fault("second rename")
-        return replace(src, dst)
-
     with monkeypatch.context() as patch:
-        patch.setattr(os, "replace", failing)
+        patch.setattr(os, "replace", _failing_second_rename())
         with pytest.raises(Fault):
             write_files_atomically(tmp_path, [("a.bin", _writer("new a")), ("b.json", _writer("new b"))])
     assert _files(tmp_path) == {"a.bin": "old a", "b.json": "old b"}
