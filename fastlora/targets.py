@@ -129,18 +129,21 @@ def is_selected(name: str, targets: Targets, config: AdapterConfig, output_layer
 def exact_name_pattern(name: str) -> str:
     r"""The rank_pattern / alpha_pattern key that selects the module called ``name`` and no other:
     "^" + the escaped name. PEFT matches a key k to a name n by ``re.match(rf"(.*\.)?({k})$", n)``
-    and fastlora by ``re.fullmatch(rf"(?:.*\.)?(?:{k})", n)`` (``_pattern_value``): both let a
+    and fastlora by ``re.fullmatch(rf"(?:.*\.)?(?:{k})", n)`` (``_key_matches``): both let a
     prefix ending with "." precede the key, but "^" only matches at the start of n, so the prefix must
     be empty and n the whole name (the key for "proj" selects neither "inner.proj" nor "a.proj")."""
     return "^" + re.escape(name)
 
 
+def _key_matches(key: str, name: str) -> bool:
+    """Whether the rank_pattern / alpha_pattern key (a regex) selects ``name``: name is the key, or ends
+    with "." + key."""
+    return re.fullmatch(rf"(?:.*\.)?(?:{key})", name) is not None
+
+
 def _pattern_value(pairs: tuple, name: str, default):
     """The value of the first key of ``pairs`` that ``name`` equals or ends with ("." + key, key a regex)."""
-    for key, value in pairs:
-        if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
-            return value
-    return default
+    return next((value for key, value in pairs if _key_matches(key, name)), default)
 
 
 def layer_config(config: AdapterConfig, name: str) -> AdapterConfig:
@@ -160,7 +163,6 @@ def layer_config(config: AdapterConfig, name: str) -> AdapterConfig:
 def projection_config(config: AdapterConfig, name: str, attention: str) -> AdapterConfig:
     """The config of an attention projection called ``name``: its own rank_pattern / alpha_pattern entry,
     else the attention's (PEFT gives both projections the attention's)."""
-    keys = [k for k, _ in (*config.rank_pattern, *config.alpha_pattern)]
-    if any(re.fullmatch(rf"(?:.*\.)?(?:{k})", name) for k in keys):
+    if any(_key_matches(key, name) for key, _ in (*config.rank_pattern, *config.alpha_pattern)):
         return layer_config(config, name)
     return layer_config(config, attention)
