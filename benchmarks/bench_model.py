@@ -40,7 +40,7 @@ from .first_step import first_steps
 from .isolated import Child, is_cuda_fault, read_json, write_json
 from .loss_agreement import loss_curves
 from .model_setups import DROPOUT, LOW_PRIORITY, MODELS, VARIANTS, R, adapt, build_model, make_batch, trainable
-from .report_text import cell, error_line
+from .report_text import added_over_base, cell, error_line
 from .train_step import first_step_s, make_step, profile, release, steady
 
 WARMUP, STEPS, CURVE_STEPS = 3, 10, 8
@@ -214,11 +214,8 @@ def floor_line(entry: dict) -> str:
     line = (f"  adapted Linears' floor per step at {floors['peaks']}'s documented peaks (fwd + bwd, no dropout): "
             f"frozen {floors['base']:.2f} ms; adapters add {floors['cublas'] - floors['base']:.2f} ms on the cublas "
             f"plan, {floors['torch'] - floors['base']:.2f} ms with PEFT's ops")
-    if "base" in variants:
-        measured = ", ".join(f"{name} {res['step_ms'] - variants['base']['step_ms']:.2f}"
-                             for name, res in variants.items() if name != "base")
-        line += f"; measured over the frozen model's step (ms): {measured}" if measured else ""
-    return line
+    measured = ", ".join(f"{name} {added:.2f}" for name, added in added_over_base(variants).items())
+    return line + (f"; measured over the frozen model's step (ms): {measured}" if measured else "")
 
 
 def outcome(report: dict) -> tuple[str, str]:

@@ -29,6 +29,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from .report_text import added_over_base
+
 #: how much slower the Triton kernels must be before a GEMM replaces them (timing noise of do_bench medians)
 MARGIN = 0.05
 #: host time per step over step time from which a step is reported as waiting on the host
@@ -109,14 +111,10 @@ def adapter_work(report: dict) -> list[str]:
     """Section "bench_model": what each adapted variant adds to the frozen step, against its floor."""
     lines = []
     for model, entry in report["sections"].get("bench_model", {}).get("models", {}).items():
-        floors, variants = entry.get("floors_ms"), entry.get("variants", {})
-        if not floors or "base" not in variants:
-            continue
-        for variant, row in variants.items():
-            if variant == "base":
-                continue
+        floors = entry.get("floors_ms")
+        for variant, added in (added_over_base(entry.get("variants", {})) if floors else {}).items():
             plan = "torch" if variant.startswith("peft") or "-torch" in variant else "cublas"
-            added, floor = row["step_ms"] - variants["base"]["step_ms"], floors[plan] - floors["base"]
+            floor = floors[plan] - floors["base"]
             lines.append(f"adapter work, {model} {variant}: adds {added:.2f} ms to the frozen step, "
                          f"{added / floor:.1f}x its floor ({floor:.2f} ms, {plan} plan's kernels)")
     return lines

@@ -1,4 +1,5 @@
-"""Text helpers of the benchmark reports: table cells, an item's name, the line that names an exception.
+"""Helpers of the benchmark reports: table cells, an item's name, the line that names an exception, what a
+variant adds to the frozen model's step.
 
 It imports neither fastlora nor Triton: compile_check's worker processes import it before they set Triton up."""
 from __future__ import annotations
@@ -27,3 +28,11 @@ def error_line(text: str) -> str:
 def item_name(item: dict) -> str:
     """"op plain bfloat16 triton": a correctness (or compile) item's description in one string."""
     return " ".join(str(item[k]) for k in ("kind", "case", "variant", "method", "act", "dtype", "plan") if k in item)
+
+
+def added_over_base(variants: dict) -> dict[str, float]:
+    """Adapted variant -> its step minus the frozen base's ("base"), in ms; empty without a "base" row."""
+    if "base" not in variants:
+        return {}
+    base = variants["base"]["step_ms"]
+    return {name: row["step_ms"] - base for name, row in variants.items() if name != "base"}
