@@ -11,7 +11,7 @@ same PEFT layer, the plan forced by FASTLORA_BACKEND).
 
 Timing: ``CALLS`` calls back to back, without a synchronize or a cache flush between them (as the
 layers of a training step run), between two synchronizes: "ms" is that block's wall time per call,
-the median over ``ROUNDS`` rounds in which the variants take turns (``bench_host.time_blocks``,
+the median over ``ROUNDS`` rounds in which the variants take turns (``host_instruments.time_blocks``,
 garbage collection off). "host_us" is the time per call
 the host spent before the block's final synchronize: when it is close to "ms", the device waited
 for the host, and the variant with less host work per call wins whatever its bytes. The sweep shows
@@ -33,7 +33,8 @@ from typing import Callable, Optional
 import torch
 
 from .bench_adapted_linear import RESULTS, device_name, peft_layer, pick_device, slug
-from .bench_host import compared_plans, forced_plan, time_blocks
+from .bench_host import compared_plans
+from .host_instruments import forced_plan, time_blocks
 from .isolated import run_child, write_json
 from .train_step import synchronize
 

@@ -213,14 +213,14 @@ def test_counted_triton_counts_each_launch_and_runs_it(monkeypatch):
     from collections import Counter
     from types import SimpleNamespace
 
-    from benchmarks import bench_host
+    from benchmarks.host_instruments import counted_triton
 
     ran = []
     monkeypatch.setattr(triton_jit.JITFunction, "run", lambda self, *args, **kwargs: ran.append((args, kwargs)) or 7)
     original = triton_jit.JITFunction.run
     kernel = SimpleNamespace(fn=SimpleNamespace(__name__="_some_kernel"))
     launches = Counter()
-    with bench_host.counted_triton(launches):
+    with counted_triton(launches):
         assert triton_jit.JITFunction.run(kernel, 1, 2, grid=(3,)) == 7
         triton_jit.JITFunction.run(kernel, grid=(1,))
     assert launches == {"_some_kernel": 2} and ran == [((1, 2), {"grid": (3,)}), ((), {"grid": (1,)})]
