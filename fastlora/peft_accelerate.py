@@ -10,7 +10,9 @@ Only the forward of each accelerated layer changes (an instance attribute shadow
 ``forward``). Per call, a layer whose state the fused op cannot compute takes PEFT's forward:
 adapters disabled or merged, several active adapters, a mixed batch (``adapter_names``), a LoRA
 variant (DoRA, ...) or ``lora_bias`` on the active adapter, hooks on the layer's submodules (ZeRO-3,
-FSDP), extra forward arguments, an input dtype the base weight does not share outside autocast.
+FSDP), extra forward arguments, a trainable base weight, an input dtype the base weight does not share
+outside autocast. A trainable base bias (PEFT's ``bias="all"`` / ``"lora_only"``) gets its gradient from the
+fused op.
 Layers it never computes (Embedding, Conv, quantized or other tuner layers) are listed once in a
 warning at ``accelerate`` time. Layers added later (a new adapter targeting new modules) are
 accelerated by calling ``accelerate`` again.
@@ -92,9 +94,9 @@ def _common_reason(base: nn.Module, x: Tensor, modules: tuple[nn.Module, ...], a
     for module in (base, *modules):
         if module._forward_hooks or module._forward_pre_hooks:
             return "hooks on the layer's submodules (ZeRO-3, FSDP or user hooks read them there)"
-    weight, bias = base._parameters["weight"], base._parameters.get("bias")
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        return "base weight or bias is trainable"
+    weight = base._parameters["weight"]
+    if weight.requires_grad:
+        return "base weight is trainable"
     if not x.is_floating_point():
         return f"input dtype {x.dtype}"
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):

@@ -225,3 +225,89 @@ def test_accelerate_takes_a_backend_for_every_layer(base, ids, config):
         assert rel(hidden(model, ids), want) < TOL
     fastlora.deaccelerate(model)
     assert not any(hasattr(module, "_fastlora_backend") for module in model.modules())
+
+
+def _query(model):
+    return model.base_model.model.encoder.layer[0].attention.self.query
+
+
+def test_trainable_base_bias_runs_fused_with_its_gradient(base, ids, monkeypatch):
+    """PEFT's bias="lora_only" makes the targeted layers' biases trainable: the fused op computes their gradients."""
+    model = peft_model(base, lora(bias="lora_only")).train()
+    assert _query(model).base_layer.bias.requires_grad
+    want_out, want_grads = loss_and_grads(model, ids)
+    calls = count_fused_calls(monkeypatch)
+    fastlora.accelerate(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no layer falls back to PEFT's path
+        out, grads = loss_and_grads(model, ids)
+    assert len(calls) == len(fastlora.accelerated_layers(model)) == 8  # one fused call per adapted layer
+    assert rel(out, want_out) < TOL
+    assert grads.keys() == want_grads.keys() and any(name.endswith("query.base_layer.bias") for name in grads)
+    for name, grad in grads.items():
+        assert rel(grad, want_grads[name]) < TOL, name
+
+
+def test_trainable_base_weight_takes_peft_path(base, ids):
+    model = peft_model(base, lora()).train()
+    _query(model).base_layer.weight.requires_grad_(True)
+    want_out, want_grads = loss_and_grads(model, ids)
+    fastlora.accelerate(model)
+    with pytest.warns(UserWarning, match="ran on PEFT's path: base weight is trainable"):
+        out, grads = loss_and_grads(model, ids)
+    assert rel(out, want_out) < TOL and grads.keys() == want_grads.keys()
+    assert any(name.endswith("query.base_layer.weight") for name in grads)
+    for name, grad in grads.items():
+        assert rel(grad, want_grads[name]) < TOL, name
+
+
+def test_extra_forward_arguments_take_peft_path(base):
+    """A keyword PEFT's forward reads (a mixed batch's ``adapter_names``) sends the call to PEFT's forward."""
+    model = peft_model(base, lora()).eval()
+    layer = _query(model)
+    x = torch.randn(3, 5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    names = ["default", "__base__", "default"]  # the second sample without the adapter
+    want = layer(x, adapter_names=names)
+    assert not torch.equal(want[1], layer(x)[1])
+    fastlora.accelerate(model)
+    with pytest.warns(UserWarning, match=r"extra forward arguments \['adapter_names'\]"):
+        assert torch.equal(layer(x, adapter_names=names), want)
+
+
+def test_input_dtype_other_than_the_weights_runs_fused_only_under_autocast(base, monkeypatch):
+    model = peft_model(base, lora()).to(torch.bfloat16).eval()
+    layer = _query(model)
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(5))  # float32 over bfloat16 weights
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = layer(x)
+    with pytest.raises(RuntimeError) as peft_error:
+        layer(x)  # outside autocast PEFT's own forward refuses the mix
+    fastlora.accelerate(model)
+    calls = count_fused_calls(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert len(calls) == 1 and out.dtype == torch.bfloat16
+    assert rel(out.double(), want.double()) < 2e-2
+    with pytest.warns(UserWarning, match="input dtype torch.float32 differs from the base weight's torch.bfloat16 "
+                                         "outside autocast"), pytest.raises(RuntimeError) as error:
+        layer(x)
+    assert len(calls) == 1 and str(error.value) == str(peft_error.value)
+
+
+class _DoubledLinear(torch.nn.Linear):
+    """An nn.Linear subclass with its own forward, which the fused op would not compute."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_lora_over_a_linear_subclass_stays_on_peft_path(ids):
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(_DoubledLinear(8, 8), torch.nn.Linear(8, 8)).double()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["0", "1"], init_lora_weights=False))
+    x = torch.randn(3, 8, dtype=torch.float64)
+    want = model(x)
+    with pytest.warns(UserWarning, match=r"1 PEFT layers stay on PEFT's path.*0 \(lora.Linear over _DoubledLinear\)"):
+        fastlora.accelerate(model)
+    assert [name.rsplit(".", 1)[-1] for name in fastlora.accelerated_layers(model)] == ["1"]
+    assert rel(model(x), want) < TOL
