@@ -311,3 +311,27 @@ def test_lora_over_a_linear_subclass_stays_on_peft_path(ids):
         fastlora.accelerate(model)
     assert [name.rsplit(".", 1)[-1] for name in fastlora.accelerated_layers(model)] == ["1"]
     assert rel(model(x), want) < TOL
+
+
+@pytest.mark.parametrize("kind", ["forward_pre_hook", "forward_hook"])
+@pytest.mark.parametrize("where", ["base_layer", "lora_A"])
+def test_hooks_on_the_layers_submodules_take_peft_path(base, kind, where):
+    """A hook on the base layer or a factor's module (ZeRO-3 and FSDP gather weights there) must run: PEFT's path."""
+    model = peft_model(base, lora()).eval()
+    layer = _query(model)
+    x = torch.randn(2, 5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    want = layer(x)
+    module = layer.base_layer if where == "base_layer" else layer.lora_A["default"]
+    ran = []
+    getattr(module, f"register_{kind}")(lambda *args: ran.append(kind))
+    fastlora.accelerate(model)
+    with pytest.warns(UserWarning, match=r"ran on PEFT's path: hooks on the layer's submodules"):
+        out = layer(x)
+    assert ran == [kind] and rel(out, want) < TOL
+
+
+def test_accelerate_warns_at_its_callers_line(base):
+    model = peft_model(base, lora(target_modules=["word_embeddings", "query"]))
+    with pytest.warns(UserWarning, match="stay on PEFT's path") as record:
+        fastlora.accelerate(model)
+    assert [w.filename for w in record] == [__file__]
