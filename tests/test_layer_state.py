@@ -1,0 +1,85 @@
+"""AdapterLinear's adapter bookkeeping and state dict at their edges: adapters named by equal strings that are
+other objects, removal whatever the names' order, what a merged layer saves, an adapter-only load, and a
+Conv1D layer refusing a weight of the wrong rank with load_state_dict's own message."""
+import pytest
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from fastlora import AdapterLinear, LoraConfig
+from fastlora.methods import build_adapter
+
+from utils import rel
+
+
+def _nonzero_b(adapter):
+    with torch.no_grad():
+        adapter.lora_B.normal_()  # B starts at zero: a nonzero update makes merging visible
+    return adapter
+
+
+def _layer(seed=0):
+    torch.manual_seed(seed)
+    layer = AdapterLinear(6, 5, config=LoraConfig(r=2))
+    _nonzero_b(layer.adapter)
+    return layer
+
+
+def _named(layer, name, seed):
+    torch.manual_seed(seed)
+    adapter = _nonzero_b(build_adapter(LoraConfig(r=2), 6, 5, layer.weight.detach()))
+    layer.add_named_adapter(name, adapter)
+    return adapter
+
+
+def test_adapters_are_found_by_equal_names_that_are_other_string_objects():
+    layer = _layer()
+    other = _named(layer, "other", seed=1)
+    active_name, other_name = "".join(["def", "ault"]), "".join(["oth", "er"])  # built at run time: not interned
+    assert active_name is not layer.adapter_name
+    assert layer.named_adapter(active_name) is layer.adapter
+    assert layer.named_adapter(other_name) is other
+    layer.activate(active_name)  # already active: nothing changes
+    assert layer.adapter_name == "default" and layer.adapter_names() == ["default", "other"]
+
+
+@pytest.mark.parametrize("name", ["alpha", "zeta"])  # sorting before and after the active "default"
+def test_an_inactive_adapter_is_removed_whatever_its_name_sorts_against_the_active_one(name):
+    layer = _layer()
+    _named(layer, name, seed=1)
+    layer.remove_adapter(name)
+    assert layer.adapter_names() == ["default"]
+    with pytest.raises(ValueError, match="'default' is the active adapter"):
+        layer.remove_adapter("".join(["def", "ault"]))
+
+
+def test_a_merged_layer_saves_the_keys_of_an_unmerged_one_with_the_merged_weight():
+    layer = _layer()
+    x = torch.randn(3, 6)
+    keys = list(layer.state_dict())
+    want = layer(x).detach()
+    layer.merge()
+    state = layer.state_dict()
+    assert list(state) == keys  # the kept W (weight_before_merge) is not saved
+    assert rel(x @ state["weight"].t() + state["bias"], want) < 1e-6
+
+
+def test_an_adapter_only_state_dict_loads_without_strict_and_reports_w_and_b_missing():
+    layer, source = _layer(), _layer(seed=1)
+    weight = layer.weight.clone()
+    adapter_only = {k: v for k, v in source.state_dict().items() if k not in ("weight", "bias")}
+    missing, unexpected = layer.load_state_dict(adapter_only, strict=False)
+    assert sorted(missing) == ["bias", "weight"] and not unexpected
+    assert torch.equal(layer.adapter.lora_A, source.adapter.lora_A) and torch.equal(layer.weight, weight)
+
+
+def test_a_conv1d_layer_refuses_a_weight_of_the_wrong_rank_with_load_state_dicts_message():
+    torch.manual_seed(2)
+    layer = AdapterLinear.from_linear(Conv1D(5, 6), LoraConfig(r=2))
+    state = layer.state_dict()
+    assert state["weight"].shape == (6, 5)  # Conv1D's (d_in, d_out) layout
+    layer.load_state_dict(state)
+    bad = {**state, "weight": state["weight"].reshape(6, 5, 1)}
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight: copying a param with shape "
+                                           r"torch.Size\(\[6, 5, 1\]\)"):
+        layer.load_state_dict(bad)
+    assert bad["weight"].shape == (6, 5, 1)  # the caller's tensor is put back
