@@ -129,6 +129,21 @@ def test_a_peft_seq_cls_checkpoint_loads_with_its_head(tmp_path):
     assert model.classifier.weight.requires_grad
 
 
+def test_a_peft_checkpoint_with_a_nested_module_to_save_loads_it(tmp_path):
+    """modules_to_save names a module inside another (the pooler in "bert.pooler"): its tensors load too."""
+    config = peft.LoraConfig(r=2, init_lora_weights=False, modules_to_save=["pooler"],
+                             target_modules=["query", "value"])
+    reference = peft.get_peft_model(classifier(), config).eval()
+    with torch.no_grad():
+        reference.base_model.model.bert.pooler.modules_to_save["default"].dense.weight.normal_()
+    reference.save_pretrained(str(tmp_path))
+    model = fastlora.load_peft_adapter(classifier(), tmp_path).eval()
+    assert torch.equal(model.bert.pooler.dense.weight,
+                       reference.base_model.model.bert.pooler.modules_to_save["default"].dense.weight)
+    assert torch.allclose(logits(model), logits(reference), atol=1e-6)
+    assert model.bert.pooler.dense.weight.requires_grad
+
+
 def test_an_exported_head_loads_in_plain_peft(tmp_path):
     model = trained_classifier()
     fastlora.save_peft_adapter(model, tmp_path)

@@ -150,6 +150,27 @@ def test_export_refuses_what_peft_lora_cannot_hold(base, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_export_of_layers_with_different_methods_names_the_method(base, tmp_path):
+    """Of the fields two layers differ in, the error names the method first (the others follow from it)."""
+    model = fastlora.inject(copy.deepcopy(base), fastlora.LoraConfig(r=2, target_modules=["query"]))
+    layers = [layer for _, layer in fastlora.adapter_layers(model)]
+    layers[1].config = fastlora.NeatConfig(r=2, target_modules=["query"])
+    with pytest.raises(ValueError, match=r"encoder.layer.1.attention.self.query has method='neat', unlike layer "
+                                         r"encoder.layer.0.attention.self.query's 'lora'"):
+        save_peft_adapter(model, tmp_path / "out")
+
+
+def test_export_of_neat_over_conv1d_layers_names_the_first_one(tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(3)
+    model = fastlora.inject(torch.nn.Sequential(Conv1D(6, 6), Conv1D(6, 6)),
+                            fastlora.NeatConfig(r=2, target_modules=["0", "1"]))
+    with pytest.raises(ValueError, match=r"^layer 0 wraps a Conv1D; PEFT's PEANUT adapts nn.Linear only$"):
+        save_peft_adapter(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("depth, act_fn, scaling", [(0, "relu", 1.0), (1, "relu", 0.7), (2, "gelu", 1.0),
                                                      (1, "linear", 1.3)])
 def test_load_peanut_matches_peft(base, inputs, tmp_path, depth, act_fn, scaling):
