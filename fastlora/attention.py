@@ -43,8 +43,7 @@ class AdapterMultiheadAttention(nn.MultiheadAttention):
 
     @classmethod
     def from_attention(cls, attention: nn.MultiheadAttention, in_config: Optional[AdapterConfig],
-                       out_config: Optional[AdapterConfig], layer_index: int = 0, *,
-                       start: bool = True) -> "AdapterMultiheadAttention":
+                       out_config: Optional[AdapterConfig], layer_index: int = 0) -> "AdapterMultiheadAttention":
         """Wrap ``attention`` (sharing its tensors): the in-projection adapted with ``in_config`` (layer
         index ``layer_index``) and out_proj with ``out_config`` (``layer_index + 1``); None leaves one plain."""
         if not is_attention(attention):
@@ -63,9 +62,9 @@ class AdapterMultiheadAttention(nn.MultiheadAttention):
             packed = nn.Linear(embed, 3 * embed, bias=attention.in_proj_bias is not None)
         packed.weight, packed.bias = attention.in_proj_weight, attention.in_proj_bias
         layer.in_proj = packed if in_config is None else \
-            AdapterLinear.from_linear(packed, in_config, layer_index, start=start)
+            AdapterLinear.from_linear(packed, in_config, layer_index)
         layer.out_proj = attention.out_proj if out_config is None else \
-            AdapterLinear.from_linear(attention.out_proj, out_config, layer_index + 1, start=start)
+            AdapterLinear.from_linear(attention.out_proj, out_config, layer_index + 1)
         layer._register_state_dict_hook(_keep_in_proj_keys)
         return layer.train(attention.training)
 

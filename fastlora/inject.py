@@ -85,8 +85,6 @@ def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: boo
             set_submodule(model, name, module)
         if any(_inside_fused_encoder(model, name) for name in names):
             module.register_forward_pre_hook(_no_fused_encoder_path)
-    for layer in layers.values():  # the methods' first side effects, once nothing can fail half-way
-        layer.adapter.start()
     if untied:
         warnings.warn(f"inject: {', '.join(f'{n!r} (shared with {o})' for n, o in untied.items())}: each of these "
                       f"layers now has its own copy of W, which {type(config).__name__} writes in place; the modules "
@@ -290,12 +288,12 @@ def _build_layers(model: nn.Module, chosen, config: AdapterConfig) -> list[nn.Mo
         for (names, module, part), configs in zip(chosen, plans):
             try:
                 if part is None:
-                    built.append(AdapterLinear.from_linear(module, configs[0], layer_index=index, start=False)
+                    built.append(AdapterLinear.from_linear(module, configs[0], layer_index=index)
                                  .train(module.training))
                 else:
                     in_config, out_config = (configs if part == "both" else (None, configs[0]))
                     built.append(AdapterMultiheadAttention.from_attention(module, in_config, out_config,
-                                                                          layer_index=index, start=False))
+                                                                          layer_index=index))
             except (ValueError, TypeError) as error:
                 if type(error) not in (ValueError, TypeError):
                     raise

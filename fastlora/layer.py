@@ -74,24 +74,22 @@ class AdapterLinear(nn.Module):
         self._attach(base.weight, base.bias, config, layer_index)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, config: AdapterConfig, layer_index: int = 0, *,
-                    start: bool = True) -> "AdapterLinear":
+    def from_linear(cls, linear: nn.Module, config: AdapterConfig, layer_index: int = 0) -> "AdapterLinear":
         """Wrap ``linear`` (an nn.Linear or transformers' Conv1D): its weight and bias become this
-        layer's frozen base (not copied; a Conv1D's weight as its transposed view).
-        ``start=False`` defers ``adapter.start()`` (a method's first writes to W) to the caller."""
+        layer's frozen base (not copied; a Conv1D's weight as its transposed view)."""
         fan_in_fan_out = conv1d_type() is not None and type(linear) is conv1d_type()
         if not (fan_in_fan_out or isinstance(linear, nn.Linear)):
             raise TypeError(f"expected an nn.Linear or transformers' Conv1D, got {type(linear).__name__}")
         weight = nn.Parameter(linear.weight.detach().t(), requires_grad=False) if fan_in_fan_out else linear.weight
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._attach(weight, linear.bias, config, layer_index, start, fan_in_fan_out)
+        layer._attach(weight, linear.bias, config, layer_index, fan_in_fan_out)
         if not fan_in_fan_out and type(linear) is not nn.Linear:
             layer.plain_type = type(linear)  # an nn.Linear subclass (MultiheadAttention's out_proj) comes back as such
         return layer
 
     def _attach(self, weight: nn.Parameter, bias: Optional[nn.Parameter], config: AdapterConfig,
-                layer_index: int, start: bool = True, fan_in_fan_out: bool = False) -> None:
+                layer_index: int, fan_in_fan_out: bool = False) -> None:
         self.fan_in_fan_out = fan_in_fan_out
         self.plain_type: type = nn.Linear
         self.in_features = weight.shape[1]
@@ -105,8 +103,6 @@ class AdapterLinear(nn.Module):
         self.adapter: Adapter = build_adapter(config, self.in_features, self.out_features,
                                               weight.detach(), layer_index=layer_index)
         self.adapter.bind(self)
-        if start:
-            self.adapter.start()
         self.adapter_name = DEFAULT_ADAPTER
         self._inactive_flags: dict[str, list[bool]] = {}  # requires_grad of each inactive adapter's parameters
         self.merged = False

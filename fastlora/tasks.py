@@ -66,5 +66,4 @@ def next_task(model: nn.Module) -> nn.Module:
         layer.adapter = build_adapter(layer.config, layer.in_features, layer.out_features, layer.weight.detach(),
                                       layer_index=task * len(layers) + position).train(layer.training)
         layer.adapter.bind(layer)
-        layer.adapter.start()
     return model

@@ -49,11 +49,6 @@ class Adapter(nn.Module):
         """Called with the AdapterLinear that owns this adapter when it gets it (at build, and in
         ``next_task``): a method that writes W itself (LoRASC) keeps what it needs to reach W."""
 
-    def start(self) -> None:
-        """Called once after ``bind`` when training with this adapter may begin; ``inject`` calls it only
-        once every layer is built, so a failed inject changes nothing. Nothing by default, and no
-        method writes W here (LoRASC adds a stage's noise at that stage's first training forward)."""
-
     def note_load(self, with_weight: bool) -> None:
         """Called by the owning layer as a state dict loads into it, before this adapter's part of it:
         ``with_weight`` when that state dict holds W too (a whole-model state dict)."""

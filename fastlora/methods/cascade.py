@@ -219,10 +219,6 @@ class CascadeLoraAdapter(Adapter):
         is merged while its ``weight_before_merge`` is set."""
         self._tables = (layer._parameters, layer._buffers)
 
-    def start(self) -> None:
-        """Training may begin (``inject`` calls it once every layer is built). W is not written here:
-        stage 0's noise waits for the stage's first training forward (``pending_start``)."""
-
     def _weight(self) -> Tensor:
         """The bound layer's W, refused while the layer is merged (W then holds the fast pair)."""
         if self._tables is None:
