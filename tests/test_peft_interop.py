@@ -263,8 +263,12 @@ def test_load_refuses_checkpoints_that_do_not_fit(base, tmp_path):
         save_file(tensors, str(weights))
         with pytest.raises(ValueError, match=message):
             load_peft_adapter(copy.deepcopy(base), tmp_path)
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    expected = r" \(expected a PEFT save_pretrained directory\)"
+    with pytest.raises(FileNotFoundError, match=r"no adapter_config.json in \S*nowhere" + expected):
         load_peft_adapter(copy.deepcopy(base), tmp_path / "nowhere")
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=r"no adapter_model.safetensors in \S*" + expected):
+        load_peft_adapter(copy.deepcopy(base), tmp_path)
 
 
 def test_load_refuses_a_model_that_has_adapters(base, tmp_path):
