@@ -1,11 +1,12 @@
 """AdapterLinear's adapter bookkeeping and state dict at their edges: adapters named by equal strings that are
-other objects, removal whatever the names' order, what a merged layer saves, an adapter-only load, and a
-Conv1D layer refusing a weight of the wrong rank with load_state_dict's own message."""
+other objects, removal whatever the names' order, what a merged layer saves, an adapter-only load, a
+Conv1D layer refusing a weight of the wrong rank with load_state_dict's own message, from_linear's default layer
+index."""
 import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from fastlora import AdapterLinear, LoraConfig
+from fastlora import AdapterLinear, CurLoraConfig, LoraConfig
 from fastlora.methods import build_adapter
 
 from utils import rel
@@ -83,3 +84,15 @@ def test_a_conv1d_layer_refuses_a_weight_of_the_wrong_rank_with_load_state_dicts
                                            r"torch.Size\(\[6, 5, 1\]\)"):
         layer.load_state_dict(bad)
     assert bad["weight"].shape == (6, 5, 1)  # the caller's tensor is put back
+
+
+def test_from_linear_defaults_to_the_first_layers_sampling():
+    """CURLoRA samples its rows and columns per layer index: a wrapped Linear samples as layer 0 by default."""
+    torch.manual_seed(5)
+    linear = torch.nn.Linear(11, 9)
+    config = CurLoraConfig(r=3)
+    default, first = (AdapterLinear.from_linear(linear, config), AdapterLinear.from_linear(linear, config, 0))
+    second = AdapterLinear.from_linear(linear, config, layer_index=1)
+    assert torch.equal(default.adapter.row_index, first.adapter.row_index)
+    assert torch.equal(default.adapter.col_index, first.adapter.col_index)
+    assert not torch.equal(second.adapter.col_index, first.adapter.col_index)
