@@ -75,6 +75,15 @@ def test_the_refusal_names_the_leftovers_and_the_next_save_removes_them(tmp_path
     assert f"{new_config} holds the config of the weights in place (rename it to adapter_config.json to load " \
            f"the new adapter)" in message
     assert f"{copy}: a copy of adapter_config.json" in message
+    # temp files of other saves are told apart from these
+    (directory / ".adapter_model.safetensors.0123456789ab.tmp").write_bytes(b"other weights")
+    (directory / ".adapter_config.json.0123456789ab.tmp").write_text('{"weights_sha256": "0"}')
+    with pytest.raises(ValueError) as refused:
+        fastlora.load_adapter(_base(), directory)
+    assert ".adapter_model.safetensors.0123456789ab.tmp: other weights" in str(refused.value)
+    assert ".adapter_config.json.0123456789ab.tmp: another config" in str(refused.value)
+    for name in (".adapter_model.safetensors.0123456789ab.tmp", ".adapter_config.json.0123456789ab.tmp"):
+        (directory / name).unlink()
     # following the message gives the old adapter back, bit for bit
     recovered = tmp_path / "recovered"
     recovered.mkdir()

@@ -3,6 +3,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 
@@ -369,3 +370,95 @@ def test_a_malformed_weights_file_names_the_file(tmp_path):
     _rewrite(tmp_path / "ckpt")
     with pytest.raises(ValueError, match=f"{checkpoint.WEIGHTS_FILE}: not a readable safetensors file"):
         fastlora.load_adapter(_base(), tmp_path / "ckpt")
+
+
+def _chain(n, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(*(nn.Linear(4, 4, dtype=torch.float64) for _ in range(n)))
+
+
+def test_an_adapted_model_refuses_a_checkpoint_of_other_layers_naming_the_first_five(tmp_path):
+    fastlora.save_adapter(fastlora.inject(_chain(7), LoraConfig(r=2)), tmp_path / "every")
+    fastlora.save_adapter(fastlora.inject(_chain(7), LoraConfig(r=2, target_modules=["0"])), tmp_path / "first")
+    fit = "checkpoint does not fit the model: checkpoint layers missing from the model's adapter layers "
+    for model_targets, saved, missing, unexpected in [(["0"], "every", "['1', '2', '3', '4', '5']", "[]"),
+                                                      (None, "first", "[]", "['1', '2', '3', '4', '5']")]:
+        model = fastlora.inject(_chain(7), LoraConfig(r=2, target_modules=model_targets))
+        values = adapter_values(model)
+        with pytest.raises(ValueError, match=re.escape(f"{fit}{missing}, model adapter layers missing from the "
+                                                       f"checkpoint {unexpected}")):
+            fastlora.load_adapter(model, tmp_path / saved)
+        assert same_values(adapter_values(model), values)
+
+
+def test_a_merged_model_refuses_to_load_adapters(tmp_path):
+    model = _adapted(LoraConfig(r=2, target_modules=["0", "2"]))
+    fastlora.save_adapter(model, tmp_path / "ckpt")
+    fastlora.merge(model)
+    with pytest.raises(ValueError, match="^layer 0 is merged; unmerge before loading adapters$"):
+        fastlora.load_adapter(model, tmp_path / "ckpt")
+
+
+def test_a_saved_parameter_of_another_shape_is_refused(tmp_path):
+    fastlora.save_adapter(_adapted(LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"])), tmp_path / "ckpt")
+    _rewrite(tmp_path / "ckpt", edit_state=lambda state: state.update({"2.weight": state["2.weight"][:-1]}))
+    model = _base()
+    with pytest.raises(ValueError, match=re.escape("checkpoint parameter '2.weight': torch.float64 (6, 10) does not "
+                                                   "fit the model's torch.float64 (7, 10)")):
+        fastlora.load_adapter(model, tmp_path / "ckpt")
+    assert not list(fastlora.adapter_layers(model))
+
+
+def test_differing_fields_count_a_key_one_side_lacks_as_none():
+    ours, theirs = {"a": 1, "b": 2, "c": 3, "e": 0}, {"a": 1, "c": 4, "d": None, "e": 5}
+    assert checkpoint.differing_fields(ours, theirs, ignored=("e",)) == ["b", "c"]
+
+
+def test_a_checkpoint_loads_into_a_plain_model_keeping_its_targets_or_naming_its_layers(tmp_path):
+    """Targets that select exactly the checkpoint's layers stay the config's; targets that select more (a
+    checkpoint written with other tools) are replaced by the layers' names, so only those are adapted."""
+    nested = lambda: nn.Sequential(_base())  # noqa: E731  (Linear layers "0.0" and "0.2")
+    model = fastlora.inject(nested(), LoraConfig(r=2, target_modules=["2"]))
+    fastlora.save_adapter(model, tmp_path / "ckpt")
+    loaded = fastlora.load_adapter(nested(), tmp_path / "ckpt")
+    assert [(name, layer.config.target_modules) for name, layer in fastlora.adapter_layers(loaded)] == [("0.2", ("2",))]
+
+    def widen(meta):
+        for config in (meta["config"], *meta["layers"].values()):
+            config["target_modules"] = ["0", "2"]  # "0" also selects "0.0", which the checkpoint lacks
+    _rewrite(tmp_path / "ckpt", edit_meta=widen)
+    loaded = fastlora.load_adapter(nested(), tmp_path / "ckpt")
+    assert [(name, layer.config.target_modules) for name, layer in fastlora.adapter_layers(loaded)] == [
+        ("0.2", ("0.2",))]
+    assert same_values(adapter_values(loaded), adapter_values(model))
+
+
+class _AttentionBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+        self.fc = nn.Linear(8, 8, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_a_checkpoint_of_a_linear_loads_beside_a_plain_attention_and_an_in_projection_alone_is_refused(tmp_path):
+    fastlora.save_adapter(fastlora.inject(_AttentionBlock(), LoraConfig(r=2, target_modules=["fc"])), tmp_path / "fc")
+    loaded = fastlora.load_adapter(_AttentionBlock(), tmp_path / "fc")
+    assert [name for name, _ in fastlora.adapter_layers(loaded)] == ["fc"]
+    assert type(loaded.attn) is nn.MultiheadAttention
+
+    fastlora.save_adapter(fastlora.inject(_AttentionBlock(), LoraConfig(r=2, target_modules=["attn"])),
+                          tmp_path / "in")
+
+    def drop_out_proj_tensors(state):
+        for key in [k for k in state if k.startswith("attn.out_proj.")]:
+            del state[key]
+    _rewrite(tmp_path / "in", edit_state=drop_out_proj_tensors, edit_meta=lambda meta: meta["layers"].pop(
+        "attn.out_proj"))
+    model = _AttentionBlock()
+    with pytest.raises(ValueError, match="checkpoint adapts the in-projection of 'attn' without its out_proj"):
+        fastlora.load_adapter(model, tmp_path / "in")
+    assert type(model.attn) is nn.MultiheadAttention
