@@ -1,7 +1,7 @@
 """AdapterLinear's adapter bookkeeping and state dict at their edges: adapters named by equal strings that are
 other objects, removal whatever the names' order, what a merged layer saves, an adapter-only load, a
 Conv1D layer refusing a weight of the wrong rank with load_state_dict's own message, from_linear's default layer
-index."""
+index, forward_rows in each state, and a layer on the meta device."""
 import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
@@ -96,3 +96,39 @@ def test_from_linear_defaults_to_the_first_layers_sampling():
     assert torch.equal(default.adapter.row_index, first.adapter.row_index)
     assert torch.equal(default.adapter.col_index, first.adapter.col_index)
     assert not torch.equal(second.adapter.col_index, first.adapter.col_index)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_rows_are_rows_of_forward_adapted_merged_and_disabled(bias):
+    """forward_rows (one block of a packed projection, e.g. a cross-attention's q) computes those output
+    features of ``forward`` in every state of the layer, with dropout in training only."""
+    torch.manual_seed(8)
+    layer = AdapterLinear(6, 9, bias=bias, config=LoraConfig(r=2, dropout=0.3), dtype=torch.float64).eval()
+    _nonzero_b(layer.adapter)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    adapted = layer(x)
+    for state in ("adapted", "merged", "disabled"):
+        if state == "merged":
+            layer.merge()
+        if state == "disabled":
+            layer.unmerge()
+            layer.adapter_enabled = False
+        full = layer(x)
+        assert (rel(full, adapted) < 1e-12) == (state != "disabled")
+        for start, stop in [(0, 3), (3, 9)]:
+            assert rel(layer.forward_rows(x, start, stop), full[:, start:stop]) < 1e-12, state
+    layer.adapter_enabled = True
+    evaluated = layer.forward_rows(x, 0, 9)
+    assert rel(layer.train().forward_rows(x, 0, 9), evaluated) > 1e-3  # dropout on x's low-rank path
+
+
+def test_a_layer_on_the_meta_device_gives_meta_outputs_and_refuses_inputs_with_values():
+    with torch.device("meta"):
+        layer = AdapterLinear(6, 5, config=LoraConfig(r=2))
+    out = layer(torch.empty(3, 6, device="meta"))
+    assert out.is_meta and out.shape == (3, 5)
+    rows = layer.forward_rows(torch.empty(3, 6, device="meta"), 1, 4)
+    assert rows.is_meta and rows.shape == (3, 3)
+    with pytest.raises(ValueError, match=r"this AdapterLinear \(6 -> 5\) is on the meta device \(no values\) and "
+                                         r"the input on cpu"):
+        layer(torch.randn(3, 6))
