@@ -462,3 +462,13 @@ def test_a_checkpoint_of_a_linear_loads_beside_a_plain_attention_and_an_in_proje
     with pytest.raises(ValueError, match="checkpoint adapts the in-projection of 'attn' without its out_proj"):
         fastlora.load_adapter(model, tmp_path / "in")
     assert type(model.attn) is nn.MultiheadAttention
+
+
+def test_a_checkpoint_with_tensors_the_model_lacks_names_the_first_five(tmp_path):
+    model = _adapted(LoraConfig(r=2, target_modules=["0", "2"]))
+    fastlora.save_adapter(model, tmp_path / "ckpt")
+    extra = [f"0.adapter.extra_{i}" for i in range(7)]
+    _rewrite(tmp_path / "ckpt", edit_state=lambda state: state.update({k: torch.zeros(1) for k in extra}))
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint does not fit the model: missing [], unexpected "
+                                                   f"{extra[:5]}")):
+        fastlora.load_adapter(model, tmp_path / "ckpt")
