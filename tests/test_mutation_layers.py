@@ -1,7 +1,7 @@
 """Layer, method and distributed edges the mutation sample showed unguarded: weights that overlap in one
 storage, the layer's repr, LoRA's initialisation bound, NEAT on inference tensors, LoRASC's seeds for large
 noise seeds, build_adapter's default layer index, a full value of the wrong shape for a sharded parameter, Selective
-LoRA's gate tensor."""
+LoRA's gate tensor, its score as an inference tensor and its count of gate switches."""
 import math
 
 import pytest
@@ -115,3 +115,28 @@ def test_selective_gate_is_exactly_the_hard_gate_with_a_unit_straight_through_gr
     assert gate.item() == (1.0 if score >= 0.1 else 0.0)  # TAPS's tau = 0.1
     (gradient,) = torch.autograd.grad(gate, adapter.score)
     assert gradient.item() == 1.0
+
+
+def test_selective_built_under_inference_mode_follows_its_score():
+    """An inference tensor has no version counter: the gate is read from the score at every call."""
+    with torch.inference_mode():
+        torch.manual_seed(6)
+        layer = AdapterLinear(7, 6, config=SelectiveLoraConfig(r=3, threshold=0.1, score_init=0.5),
+                              dtype=torch.float64).eval()
+        layer.adapter.lora_B.copy_(torch.randn(6, 3, dtype=torch.float64))
+    x = torch.randn(5, 7, dtype=torch.float64)
+    base = F.linear(x, layer.weight, layer.bias)
+    with torch.inference_mode():
+        assert rel(layer(x), base) > 1e-3
+        layer.adapter.score.fill_(0.0)  # below the threshold: the block is off
+        assert torch.equal(layer(x), base)
+
+
+def test_selective_gate_changes_count_switches_both_ways():
+    layer = AdapterLinear(5, 4, config=SelectiveLoraConfig(r=2, threshold=0.1, score_init=0.5))
+    x = torch.randn(3, 5)
+    for score in (0.5, 0.0, 0.0, 0.3, 0.2, -1.0):  # on, off, off, on, on, off: three switches
+        with torch.no_grad():
+            layer.adapter.score.fill_(score)
+        layer(x)
+    assert layer.adapter.extra_stats()["gate_changes"] == 3.0
