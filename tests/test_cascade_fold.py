@@ -1,7 +1,8 @@
 """LoRASC folds its stages into W in place: the adapter keeps only the small stage record (no d_out x d_in
 tensor), adapter-only checkpoints grow by r (d_in + d_out) numbers per stage, loading replays the record on
-the pretrained W bit for bit (and never twice), restore_pretrained gives the kept copy back; float64 replay
-of the record from the config's formulas."""
+the pretrained W bit for bit (and never twice, whatever W already holds: a prefix of the stages, the current
+stage's noise), refuses a W holding stages of other data, restore_pretrained gives the kept copy back; float64
+replay of the record from the config's formulas."""
 import copy
 import dataclasses
 import os
@@ -141,6 +142,39 @@ def test_loading_never_applies_a_stage_twice(tmp_path):
     assert _same(partial, final)
 
 
+def test_a_load_replays_onto_a_w_holding_an_odd_count_of_stages_or_a_stages_noise(tmp_path):
+    """W holding one stage (a prefix of odd length), or holding the current stage's noise already (its first
+    training forward ran): the load replays only what W lacks."""
+    fastlora.save_adapter(_trained(2), tmp_path / "one")
+    fastlora.save_adapter(_trained(4), tmp_path / "two")
+    three = _trained(6)
+    final = _snapshot(three)
+    fastlora.save_adapter(three, tmp_path / "three")
+    odd = fastlora.load_adapter(_base(), tmp_path / "one")
+    fastlora.load_adapter(odd, tmp_path / "three")
+    assert _same(odd, final)
+    noisy = fastlora.load_adapter(_base(), tmp_path / "two")
+    assert all(layer.adapter.pending_start for layer in _layers(noisy))
+    with torch.no_grad():
+        noisy.train()(torch.randn(N, D_IN))  # stage 2's noise enters W
+    assert not any(layer.adapter.pending_start for layer in _layers(noisy))
+    fastlora.load_adapter(noisy, tmp_path / "three")
+    assert _same(noisy, final)
+
+
+def test_a_w_holding_stages_of_other_data_with_the_same_noise_is_refused(tmp_path):
+    """Same config (same noise seeds) trained on other data: W's stage is not the checkpoint's first."""
+    fastlora.save_adapter(_trained(4), tmp_path / "two")
+    other = _train(fastlora.inject(_base(), CONFIG), 2, seed=7)
+    own = other.get_submodule("0").adapter
+    assert torch.equal(own.noise_seeds, load_file(tmp_path / "two" / "adapter_model.safetensors")[
+        "0.adapter.noise_seeds"][:2])
+    before = _snapshot(other)
+    with pytest.raises(ValueError, match=r"layer 0: W holds 1 LoRASC stages .* keep_pretrained_copy=True"):
+        fastlora.load_adapter(other, tmp_path / "two")
+    assert _same(other, before)
+
+
 def test_a_whole_model_state_dict_brings_its_own_w():
     """model.load_state_dict (a Trainer resuming) loads W with its stages: nothing is replayed on top."""
     model = _trained(5)
@@ -183,7 +217,8 @@ def test_malformed_records_are_refused():
     adapter = _trained(4)[0].adapter
     state = dict(adapter.state_dict())
     for key, bad in (("noise_seeds", state["noise_seeds"][:-1]), ("folded_A", state["folded_A"][:1]),
-                     ("noise_stds", -state["noise_stds"]), ("cascades", torch.tensor(5))):
+                     ("noise_stds", -state["noise_stds"]), ("noise_stds", state["noise_stds"][:-1]),
+                     ("cascades", torch.tensor(5))):
         with pytest.raises(ValueError, match="LoRASC record"):
             adapter.check_state({**state, key: bad})
 

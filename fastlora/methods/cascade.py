@@ -427,7 +427,7 @@ class CascadeLoraAdapter(Adapter):
             self._held_stages(self._record_of(state))
 
     @torch.no_grad()
-    def _replay(self, record: Record, replay: bool = True) -> None:
+    def _replay(self, record: Record, replay: bool) -> None:
         """Bring W to what the record describes (replaying the stages it lacks; none when not
         ``replay``: W already holds them), then keep the record."""
         folded_a, folded_b, seeds, stds = record
