@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import time
+import warnings
 
 import pytest
 import torch
@@ -268,6 +269,18 @@ def test_the_bound_counts_the_stages_a_load_replays(tmp_path, monkeypatch):
     fastlora.load_adapter(partial, tmp_path / "four")  # W holds the first two: two more replayed
     assert all(torch.equal(a.weight, b.weight) for a, b in zip(_layers(model), _layers(partial)))
 
+
+
+def test_the_bound_warning_comes_with_the_first_stage_past_it_at_the_callers_line(monkeypatch):
+    monkeypatch.setattr(cascade, "MAX_REPLAY_STAGES", 3)
+    adapter = fastlora.inject(_base(), CONFIG).get_submodule("0").adapter
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            adapter.cascade_step()
+    with pytest.warns(RuntimeWarning, match="more than MAX_REPLAY_STAGES = 3 stages") as record:
+        adapter.cascade_step()
+    assert [w.filename for w in record] == [__file__]
 
 # ----------------------------------------------------------------------------- several optimizers
 

@@ -339,7 +339,7 @@ class CascadeLoraAdapter(Adapter):
                           f"stages; loading an adapter-only checkpoint of it replays each one and is refused past "
                           f"that bound (raise fastlora.methods.cascade.MAX_REPLAY_STAGES, or save the model's "
                           f"weights)",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)  # the caller of cascade_step, past no_grad's wrapper
 
     @torch.no_grad()
     def after_optimizer_step(self, learning_rate: float) -> tuple[nn.Parameter, ...]:
