@@ -1,7 +1,8 @@
 """Layer, method and distributed edges the mutation sample showed unguarded: weights that overlap in one
 storage, the layer's repr, LoRA's initialisation bound, NEAT on inference tensors, LoRASC's seeds for large
 noise seeds, build_adapter's default layer index, a full value of the wrong shape for a sharded parameter, Selective
-LoRA's gate tensor, its score as an inference tensor and its count of gate switches."""
+LoRA's gate tensor, its score as an inference tensor and its count of gate switches, NEAT's projection cache under
+autocast."""
 import math
 
 import pytest
@@ -140,3 +141,24 @@ def test_selective_gate_changes_count_switches_both_ways():
             layer.adapter.score.fill_(score)
         layer(x)
     assert layer.adapter.extra_stats()["gate_changes"] == 3.0
+
+
+def test_neat_projection_cache_is_keyed_by_the_autocast_dtype_and_train_defaults_to_training():
+    """A projection cached under one autocast dtype (its encoder and decoder run in it) is not reused under
+    another, nor outside autocast."""
+    torch.manual_seed(9)
+    layer = AdapterLinear(16, 12, config=NeatConfig(r=4, depth=1, scale=0.5)).eval()
+    with torch.no_grad():
+        layer.adapter.neat_B.normal_()
+    x = torch.randn(5, 16)
+    fresh = {}
+    with torch.no_grad():
+        for dtype in (None, torch.bfloat16, torch.float16):
+            layer.adapter.clear_cache()
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                fresh[dtype] = layer(x)
+        for dtype in (torch.bfloat16, torch.float16, None, torch.float16):  # each after another's cache
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                assert torch.equal(layer(x), fresh[dtype]), dtype
+    layer.adapter.eval()
+    assert layer.adapter.train().training
