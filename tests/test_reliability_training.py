@@ -128,3 +128,39 @@ def test_rules_do_not_act_on_merged_layers(config):
     _step(model, optimizer)
     assert any(not torch.equal(v, state[k]) for k, v in model[0].adapter.state_dict().items())
     hooks.remove()
+
+
+def test_removed_hooks_are_detached_everywhere_and_the_rule_warning_comes_back():
+    """After ``remove()``: ``attached`` is False, ``attached_hooks`` forgets them, and the layers count as
+    unruled again (training on warns)."""
+    from fastlora.training import attached_hooks
+
+    torch.manual_seed(0)
+    model = fastlora.inject(nn.Sequential(nn.Linear(6, 6)), fastlora.RankSelectiveLoraConfig(r=2, total_steps=50))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    hooks = fastlora.attach_training_hooks(model, optimizer)
+    assert hooks.attached is True and attached_hooks(model) is hooks
+    hooks.remove()
+    assert hooks.attached is False and attached_hooks(model) is None
+    model.train()
+    with pytest.warns(UserWarning, match="rank_selective_lora layers have trained 8 forward passes without"):
+        for _ in range(8):
+            model(torch.randn(2, 6)).sum().backward()
+
+
+def test_a_lorasc_stage_noise_waits_for_a_training_forward_of_an_enabled_layer():
+    """The hooks add a pending stage's noise before the first *training* forward, and not into a layer whose
+    adapter is disabled (that layer computes the base alone)."""
+    torch.manual_seed(0)
+    model = fastlora.inject(nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6)),
+                            fastlora.CascadeLoraConfig(r=2, cascade_interval=4, noise_intensity=0.5))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    fastlora.attach_training_hooks(model, optimizer)
+    before = [layer.weight.detach().clone() for layer in model]
+    with torch.no_grad():
+        model.eval()(torch.randn(2, 6))
+    assert all(torch.equal(layer.weight, w) for layer, w in zip(model, before))
+    model[1].adapter_enabled = False
+    model.train()(torch.randn(2, 6))
+    assert not torch.equal(model[0].weight, before[0]) and not model[0].adapter.pending_start
+    assert torch.equal(model[1].weight, before[1]) and model[1].adapter.pending_start

@@ -233,3 +233,32 @@ def test_a_checkpoint_of_an_earlier_version_without_run_steps_loads(tmp_path):
     other = _codyra(total_steps=500)
     other.load_state_dict(state)
     assert torch.equal(other[0].adapter.lora_B, model[0].adapter.lora_B)
+
+
+def _two_codyra_layers():
+    torch.manual_seed(0)
+    model = fastlora.inject(nn.Sequential(nn.Linear(D, D, dtype=torch.float64), nn.Linear(D, D, dtype=torch.float64)),
+                            RankSelectiveLoraConfig(r=2))
+    return model
+
+
+@pytest.mark.parametrize("new_length", [5, 40])  # shorter and longer than the run the layer started
+def test_a_layer_started_by_one_step_keeps_its_length_and_a_fresh_one_takes_the_new(new_length):
+    model = _two_codyra_layers()
+    first, second = (torch.optim.SGD([model[i].adapter.importance], lr=0.0) for i in (0, 1))
+    hooks = fastlora.attach_training_hooks(model, [first, second], total_steps=30)
+    first.step()  # only layer 0 steps
+    hooks.remove()
+    assert (model[0].adapter._steps, model[1].adapter._steps) == (1, 0)
+    with pytest.warns(RuntimeWarning, match="have taken 1 optimizer steps of a run of 30; they keep"):
+        fastlora.training.set_run_length(model, new_length)
+    assert (model[0].adapter.total_steps, model[1].adapter.total_steps) == (30, new_length)
+
+
+@pytest.mark.parametrize("bad", [10.0, "10", True, 0, -3])
+def test_set_run_length_takes_a_positive_int_only(bad):
+    with pytest.raises(ValueError, match=r"total_steps must be an int > 0 \(the run's optimizer steps\)"):
+        fastlora.training.set_run_length(_codyra(), bad)
+    model = _codyra()
+    fastlora.training.set_run_length(model, 1)  # a one-step run is a run
+    assert model[0].adapter.total_steps == 1
