@@ -51,3 +51,49 @@ def test_a_0_dim_checkpoint_tensor_fits_only_a_one_element_vector():
     for model_shape in [(0,), (2,), (1, 1)]:
         with pytest.raises(ValueError, match=re.escape(f"checkpoint shape () != model shape {model_shape}")):
             _check_tensor("0.adapter.score", torch.tensor(0.5), torch.zeros(model_shape), nn.Identity(), adapter)
+
+
+def _two_adapters():
+    torch.manual_seed(0)
+    model = fastlora.inject(nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 5)), LoraConfig(r=2))
+    fastlora.add_adapter(model, "aaa", LoraConfig(r=2))  # sorts before the active "default"
+    return model
+
+
+def test_set_adapter_refuses_any_other_name_while_merged():
+    model = _two_adapters()
+    fastlora.merge(model)
+    with pytest.raises(ValueError, match="cannot switch to adapter 'aaa' while adapter 'default' is merged"):
+        fastlora.set_adapter(model, "aaa")
+    fastlora.set_adapter(model, "".join(["def", "ault"]))  # the merged one itself: nothing to switch
+    assert fastlora.active_adapter(model) == "default"
+
+
+def test_delete_adapter_refuses_the_active_one_by_an_equal_name():
+    model = _two_adapters()
+    with pytest.raises(ValueError, match="adapter 'default' is the active adapter; set_adapter another one"):
+        fastlora.delete_adapter(model, "".join(["def", "ault"]))  # built at run time: another string object
+    fastlora.delete_adapter(model, "aaa")
+    assert fastlora.adapter_names(model) == ["default"]
+
+
+def test_add_adapter_all_linear_leaves_out_the_output_layer_as_inject():
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=20, vocab_size=30))
+    fastlora.inject(model, LoraConfig(r=2, target_modules="all-linear"))
+    assert not any(name.startswith("cls.predictions.decoder") for name, _ in fastlora.adapter_layers(model))
+    fastlora.add_adapter(model, "second", LoraConfig(r=2, target_modules="all-linear"))
+    assert "second" in fastlora.adapter_names(model)
+
+
+def test_unload_puts_a_plain_layer_under_every_name_of_a_shared_layer():
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared)
+    fastlora.inject(model, LoraConfig(r=2, target_modules=["0", "2"]))
+    assert model[0] is model[2] and isinstance(model[2], fastlora.AdapterLinear)
+    fastlora.unload(model)
+    assert type(model[0]) is nn.Linear and model[0] is model[2]
