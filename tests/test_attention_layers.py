@@ -312,6 +312,22 @@ def test_transformer_encoder_layer_keeps_the_adapters_in_inference():
     assert rel(inference, training) < 1e-12 and rel(inference, base) > 1e-3
 
 
+def test_an_encoder_layer_injected_itself_keeps_the_adapters_in_inference():
+    """The model may be the nn.TransformerEncoderLayer itself (its root): its fused path is kept off too."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(E, 2, 24, dropout=0.0, batch_first=True, dtype=F64)
+    fastlora.inject(model, LoraConfig(r=2, target_modules="all-linear"))
+    _randomise(model)
+    x = _x(B, L, E)
+    training = model(x).detach()
+    model.eval()
+    with torch.no_grad():
+        inference = model(x)
+        with fastlora.disable_adapter(model):
+            base = model(x)
+    assert rel(inference, training) < 1e-12 and rel(inference, base) > 1e-3
+
+
 def test_peft_multihead_attention_lora_gives_the_same_outputs():
     """PEFT's MultiheadAttention LoRA on the same factors: the same in-projection update; PEFT's forward adds its
     out_proj update twice (its merge writes W + s B A into out_proj, whose own merge then adds s B A again), so
