@@ -95,7 +95,7 @@ def time_blocks(calls: dict[str, Callable[[], object]], warmup: int, rounds: int
                 sync: Callable[[], None] = lambda: None,
                 scope: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext(),
                 ) -> dict[str, list[tuple[float, float]]]:
-    """name -> (wall, issued) microseconds per call of each round (see the module docstring): ``warmup``
+    """name -> (wall, issued) microseconds per call of each round (see bench_host's docstring): ``warmup``
     calls of each, then ``rounds`` rounds in which each runs ``per_block`` calls timed together, the
     variants taking turns, garbage collection off. "wall" ends after ``sync()`` closes the block, "issued"
     before it (the host's part of the block). Every call of ``name`` runs inside ``scope(name)``."""
