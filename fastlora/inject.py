@@ -8,7 +8,6 @@ weight in two Linear layers, a view of W held elsewhere), naming both owners;
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Optional
 
 import torch
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 
 from .attention import AdapterMultiheadAttention, is_attention
 from .config import AdapterConfig
+from .kernels.caller_warnings import warn_at_caller
 from .layer import AdapterLinear, is_adaptable, linear_shape
 from .model_tree import adapter_layers, set_submodule
 from .shared_weights import shared_weight_owners
@@ -86,9 +86,9 @@ def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: boo
         if any(_inside_fused_encoder(model, name) for name in names):
             module.register_forward_pre_hook(_no_fused_encoder_path)
     if untied:
-        warnings.warn(f"inject: {', '.join(f'{n!r} (shared with {o})' for n, o in untied.items())}: each of these "
-                      f"layers now has its own copy of W, which {type(config).__name__} writes in place; the modules "
-                      f"that shared it keep the original W, unchanged", stacklevel=2)
+        warn_at_caller(f"inject: {', '.join(f'{n!r} (shared with {o})' for n, o in untied.items())}: each of these "
+                       f"layers now has its own copy of W, which {type(config).__name__} writes in place; the modules "
+                       f"that shared it keep the original W, unchanged")
     watch_training_rules(model)
     return model
 
@@ -194,9 +194,9 @@ def _warn_skipped(model: nn.Module, targets, config: AdapterConfig, output_layer
         if name and linear_like and id(module) not in handled and is_selected(name, targets, config, output_layers):
             skipped.append(f"{name} ({type(module).__name__})")
     if skipped:
-        warnings.warn(f"fastlora: the selection (target_modules {targets!r}) matches {len(skipped)} modules of a type "
-                      f"fastlora cannot adapt (nn.Linear subclasses, attention with separate q/k/v weights), left as "
-                      f"they are: {skipped[:5]}", stacklevel=4)
+        warn_at_caller(f"fastlora: the selection (target_modules {targets!r}) matches {len(skipped)} modules of a type "
+                       f"fastlora cannot adapt (nn.Linear subclasses, attention with separate q/k/v weights), left as "
+                       f"they are: {skipped[:5]}")
 
 
 def _modules_to_save(model: nn.Module, config: AdapterConfig, chosen) -> list[nn.Module]:
@@ -239,8 +239,8 @@ def _check_targets(model: nn.Module, config: AdapterConfig, targets, names: list
         kept |= {n + ".out_proj" for names, _, part in chosen if part is not None for n in names}
         if not any(is_selected(n, targets, dataclasses.replace(config, exclude_modules=None), set()) and n not in kept
                    for n in names):
-            warnings.warn(f"exclude_modules {config.exclude_modules!r} left out no module the config selects; "
-                          f"check its names", stacklevel=4)
+            warn_at_caller(f"exclude_modules {config.exclude_modules!r} left out no module the config selects; "
+                           f"check its names")
 
 
 def _check_layer(name: str, linear: nn.Module, config: AdapterConfig) -> None:

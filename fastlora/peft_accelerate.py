@@ -28,7 +28,6 @@ PEFT's layers mapped onto ``adapted_linear(x, W, b, A, B, scale=s, dropout=p)``:
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 from fastlora.kernels import BACKENDS, adapted_linear, neat_projection
 from fastlora.kernels.activations import activation
 
+from .kernels.caller_warnings import warn_at_caller
 from .layer import conv1d_type, is_adaptable
 from .peft_formats import PEANUT_ACTIVATIONS
 
@@ -160,8 +160,7 @@ def _fused_forward(call: Callable, layer: nn.Module, x: Tensor, *args: Any, **kw
     if isinstance(out, Tensor):
         return out
     if out is not None:
-        warnings.warn(f"fastlora.accelerate: a {type(layer).__name__} layer ran on PEFT's path: {out}",
-                      stacklevel=2)
+        warn_at_caller(f"fastlora.accelerate: a {type(layer).__name__} layer ran on PEFT's path: {out}")
     return type(layer).forward(layer, x, *args, **kwargs)
 
 
@@ -202,9 +201,9 @@ def accelerate(model: nn.Module, backend: str = "auto") -> nn.Module:
         setattr(module, _BACKEND, backend)
         setattr(module, _MARK, True)
     if skipped:
-        warnings.warn(f"fastlora.accelerate: {len(skipped)} PEFT layers stay on PEFT's path (the fused op computes "
-                      f"LoRA layers over nn.Linear or Conv1D and PEANuT layers over nn.Linear): "
-                      f"{', '.join(skipped)}", stacklevel=2)
+        warn_at_caller(f"fastlora.accelerate: {len(skipped)} PEFT layers stay on PEFT's path (the fused op computes "
+                       f"LoRA layers over nn.Linear or Conv1D and PEANuT layers over nn.Linear): "
+                       f"{', '.join(skipped)}")
     return model
 
 

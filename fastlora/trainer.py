@@ -14,7 +14,6 @@ subclass, add the term the same way::
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .adapters_api import adapter_stats
 from .checkpoint import save_adapter
 from .config import RankSelectiveLoraConfig, SelectiveLoraConfig
+from .kernels.caller_warnings import warn_at_caller
 from .model_tree import adapter_layers
 from .training import TrainingHooks, attach_training_hooks, has_rule, regularization_loss, set_run_length
 
@@ -59,7 +59,7 @@ class FastLoraCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model: Optional[nn.Module] = None, optimizer=None, **kwargs):
         layers = list(adapter_layers(model))
         if not layers:
-            warnings.warn("FastLoraCallback: the model has no fastlora adapters; nothing to do", stacklevel=2)
+            warn_at_caller("FastLoraCallback: the model has no fastlora adapters; nothing to do")
             return
         if self.hooks is not None:
             self.hooks.remove()
@@ -107,9 +107,9 @@ def _check_schedules(layers, max_steps: int) -> None:
             effect = f"it ends in the dense phase (steps 1-{config.dense_steps}): no rank is pruned"
         else:
             effect = f"it stops at kappa={config.kappa(max_steps):.3g} of kappa_max={config.kappa_max}, pruning less"
-        warnings.warn(f"FastLoraCallback: the CoDyRA threshold schedule spans total_steps={total} optimizer steps, but "
-                      f"this run has max_steps={max_steps}: {effect}; set "
-                      f"RankSelectiveLoraConfig(total_steps={max_steps})", stacklevel=3)
+        warn_at_caller(f"FastLoraCallback: the CoDyRA threshold schedule spans total_steps={total} optimizer steps, "
+                       f"but this run has max_steps={max_steps}: {effect}; set "
+                       f"RankSelectiveLoraConfig(total_steps={max_steps})")
 
 
 def warn_if_no_gate_moved(model: nn.Module, steps: int, learning_rate: float) -> None:
@@ -119,10 +119,10 @@ def warn_if_no_gate_moved(model: nn.Module, steps: int, learning_rate: float) ->
     if not configs or steps == 0 or stats.get("fastlora/selective_lora/gate_changes", 0) > 0:
         return
     margin = max(c.score_init - c.threshold for c in configs)
-    warnings.warn(f"FastLoraCallback: no Selective LoRA gate switched in this run of {steps} optimizer steps, so it "
-                  f"trained as plain LoRA: a score must fall by score_init - threshold = {margin:.3g}, about lr per "
-                  f"step under AdamW, i.e. about {margin / learning_rate:.0f} steps at lr {learning_rate:g}; "
-                  f"train longer or at a larger learning rate", stacklevel=3)
+    warn_at_caller(f"FastLoraCallback: no Selective LoRA gate switched in this run of {steps} optimizer steps, so it "
+                   f"trained as plain LoRA: a score must fall by score_init - threshold = {margin:.3g}, about lr per "
+                   f"step under AdamW, i.e. about {margin / learning_rate:.0f} steps at lr {learning_rate:g}; "
+                   f"train longer or at a larger learning rate")
 
 
 class FastLoraTrainer(Trainer):

@@ -24,7 +24,6 @@ without its penalty in the loss, then removes itself (no cost per call after tha
 """
 from __future__ import annotations
 
-import warnings
 import weakref
 from typing import Iterable, Optional, Union
 
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import SelectiveLoraConfig
+from .kernels.caller_warnings import warn_at_caller
 from .layer import AdapterLinear
 from .methods import Adapter, CascadeLoraAdapter, RankSelectiveLoraAdapter
 from .model_tree import adapter_layers
@@ -116,14 +116,14 @@ def _warn_unruled(model: nn.Module) -> None:
     unruled = sorted({layer.config.method for layer in layers if _needs_rule(layer) and layer not in _RULED})
     unpenalized = any(_needs_penalty(layer) and layer not in _PENALIZED for layer in layers)
     if unruled:
-        warnings.warn(f"fastlora: {', '.join(unruled)} layers have trained {WATCHED_FORWARDS} forward passes without "
-                      f"their post-step rule (CoDyRA never prunes, LoRASC never cascades, Selective LoRA's gate is "
-                      f"not refreshed): call fastlora.attach_training_hooks(model, optimizer) before training, or "
-                      f"train with FastLoraTrainer / FastLoraCallback", stacklevel=3)
+        warn_at_caller(f"fastlora: {', '.join(unruled)} layers have trained {WATCHED_FORWARDS} forward passes without "
+                       f"their post-step rule (CoDyRA never prunes, LoRASC never cascades, Selective LoRA's gate is "
+                       f"not refreshed): call fastlora.attach_training_hooks(model, optimizer) before training, or "
+                       f"train with FastLoraTrainer / FastLoraCallback")
     if unpenalized:
-        warnings.warn(f"fastlora: selective_lora layers have trained {WATCHED_FORWARDS} forward passes without "
-                      f"their L1 penalty (no block is ever switched off): add fastlora.regularization_loss(model) "
-                      f"to the loss, or train with FastLoraTrainer", stacklevel=3)
+        warn_at_caller(f"fastlora: selective_lora layers have trained {WATCHED_FORWARDS} forward passes without "
+                       f"their L1 penalty (no block is ever switched off): add fastlora.regularization_loss(model) "
+                       f"to the loss, or train with FastLoraTrainer")
 
 
 def _groups(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
@@ -214,9 +214,9 @@ def set_run_length(model: nn.Module, total_steps: int) -> None:
             continue
         adapter.set_run_steps(total_steps)
     for method, length, steps in sorted(kept):
-        warnings.warn(f"fastlora: {method} layers have taken {steps} optimizer steps of a run of {length}; they keep "
-                      f"that run's schedule, not total_steps={total_steps} (a new task starts a fresh schedule "
-                      f"after fastlora.next_task)", RuntimeWarning, stacklevel=3)
+        warn_at_caller(f"fastlora: {method} layers have taken {steps} optimizer steps of a run of {length}; they keep "
+                       f"that run's schedule, not total_steps={total_steps} (a new task starts a fresh schedule "
+                       f"after fastlora.next_task)", RuntimeWarning)
 
 
 def _missing_length(layer: AdapterLinear) -> bool:
@@ -240,10 +240,10 @@ def _warn_stageless(layers) -> None:
         if interval is not None and interval >= adapter._run_steps:
             idle.setdefault((interval, adapter._run_steps), layer)
     for interval, run in sorted(idle):
-        warnings.warn(f"fastlora: cascade_lora layers end no stage in this run of {run} optimizer steps "
-                      f"(cascade_interval={interval}, and no stage ends on the final step): it trains plain LoRA on W "
-                      f"with one stage's noise; set CascadeLoraConfig(stages_per_run=K) to split the run into K "
-                      f"stages, or a cascade_interval below the run's length", RuntimeWarning, stacklevel=3)
+        warn_at_caller(f"fastlora: cascade_lora layers end no stage in this run of {run} optimizer steps "
+                       f"(cascade_interval={interval}, and no stage ends on the final step): it trains plain LoRA on W "
+                       f"with one stage's noise; set CascadeLoraConfig(stages_per_run=K) to split the run into K "
+                       f"stages, or a cascade_interval below the run's length", RuntimeWarning)
 
 
 def attach_training_hooks(model: nn.Module, optimizers: Optimizers,

@@ -227,8 +227,9 @@ def test_layers_fastlora_cannot_adapt_are_named_in_a_warning_or_refused_when_lis
     model.add_module("head", nn.Linear(E, 4))
     with pytest.warns(UserWarning, match=r"matches 3 modules of a type fastlora cannot adapt.*\['attn "
                                          r"\(MultiheadAttention\)', 'attn.out_proj \(NonDynamicallyQuantizableLinear\)'"
-                                         r", 'proj \(QuantLinear\)'\]"):
+                                         r", 'proj \(QuantLinear\)'\]") as record:
         fastlora.inject(model, LoraConfig(r=2, target_modules="all-linear"))
+    assert [w.filename for w in record if "cannot adapt" in str(w.message)] == [__file__]
     assert [n for n, _ in fastlora.adapter_layers(model)] == ["head"]
     with pytest.raises(ValueError, match=r"\['attn'\] match no nn.Linear, Conv1D or MultiheadAttention in the model; "
                                          r"they name \['attn \(MultiheadAttention\)'\]"):

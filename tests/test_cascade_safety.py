@@ -100,8 +100,9 @@ def test_a_blown_up_step_skips_the_stage_end_with_a_warning_and_training_goes_on
     x[0, 0] = float("inf")  # a diverged batch: every gradient non-finite
     optimizer.zero_grad()
     F.mse_loss(model(x), target).backward()
-    with pytest.warns(RuntimeWarning, match=r"LoRASC layer \d .* non-finite .* the stage goes on"):
+    with pytest.warns(RuntimeWarning, match=r"LoRASC layer \d .* non-finite .* the stage goes on") as record:
         optimizer.step()  # step 4: a stage end, skipped
+    assert {w.filename for w in record} == {__file__}  # the step's line, past torch's optimizer hooks
     hooks.remove()
     for layer, weight, record in zip(layers, weights, records):
         assert torch.equal(layer.weight, weight)

@@ -257,8 +257,9 @@ def test_trainable_base_weight_takes_peft_path(base, ids):
     _query(model).base_layer.weight.requires_grad_(True)
     want = loss_and_grads(model, ids)
     fastlora.accelerate(model)
-    with pytest.warns(UserWarning, match="ran on PEFT's path: base weight is trainable"):
+    with pytest.warns(UserWarning, match="ran on PEFT's path: base weight is trainable") as record:
         result = loss_and_grads(model, ids)
+    assert {w.filename for w in record if "PEFT's path" in str(w.message)} == {__file__}  # past peft's frames
     assert any(name.endswith("query.base_layer.weight") for name in result[1])
     assert_matches(result, want)
 

@@ -179,8 +179,9 @@ def test_selection_that_selects_nothing_names_the_fields():
 
 
 def test_exclude_that_excludes_nothing_warns():
-    with pytest.warns(UserWarning, match=r"exclude_modules \('nothing_here',\) left out no module"):
+    with pytest.warns(UserWarning, match=r"exclude_modules \('nothing_here',\) left out no module") as record:
         fastlora.inject(bert(), LoraConfig(r=2, target_modules=["query"], exclude_modules=["nothing_here"]))
+    assert [w.filename for w in record if "left out no module" in str(w.message)] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastlora.inject(bert(), LoraConfig(r=2, target_modules=["query"], exclude_modules=["0.attention.self.query"]))

@@ -138,6 +138,7 @@ def test_a_codyra_schedule_longer_than_the_run_warns_at_train_begin(total_steps,
         warnings.simplefilter("always")
         trainer.train()
     messages = [str(w.message) for w in caught if "FastLoraCallback" in str(w.message)]
+    assert all(w.filename == __file__ for w in caught if "FastLoraCallback" in str(w.message))  # trainer.train()
     if effect is None:
         assert messages == []
     else:
@@ -157,6 +158,7 @@ def test_a_run_in_which_no_selective_gate_moved_warns_at_train_end(learning_rate
         warnings.simplefilter("always")
         trainer.train()
     messages = [str(w.message) for w in caught if "no Selective LoRA gate switched" in str(w.message)]
+    assert all(w.filename == __file__ for w in caught if "no Selective LoRA gate switched" in str(w.message))
     changes = fastlora.adapter_stats(model)["fastlora/selective_lora/gate_changes"]
     if warned:
         assert changes == 0 and len(messages) == 1

@@ -138,7 +138,9 @@ def _stage_ends(model, steps, **attach):
             if layer.adapter._cascades != before:
                 ends.append(step)
         hooks.remove()
-    return ends, [str(w.message) for w in caught if "fastlora:" in str(w.message)]
+    ours = [w for w in caught if "fastlora:" in str(w.message)]
+    assert all(w.filename == __file__ for w in ours)  # the attach or step line above
+    return ends, [str(w.message) for w in ours]
 
 
 def test_stages_per_run_splits_the_run_and_leaves_the_last_stage_as_the_fast_pair():
@@ -189,8 +191,9 @@ def test_a_run_that_ends_no_stage_warns():
 def test_a_started_layer_keeps_its_run_length():
     model = _codyra()
     _proximal_only(model, 3, total_steps=30)
-    with pytest.warns(RuntimeWarning, match="have taken 3 optimizer steps of a run of 30; they keep"):
+    with pytest.warns(RuntimeWarning, match="have taken 3 optimizer steps of a run of 30; they keep") as record:
         fastlora.training.set_run_length(model, 40)
+    assert [w.filename for w in record] == [__file__]
     assert model[0].adapter.total_steps == 30
 
 

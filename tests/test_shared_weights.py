@@ -56,9 +56,10 @@ def test_lorasc_on_a_tied_lm_head_is_refused_naming_both_owners():
 def test_untie_shared_weights_gives_the_layer_a_copy_and_the_embeddings_stay_bit_for_bit():
     model = TiedLM()
     table = model.embed.weight.detach().clone()
-    with pytest.warns(UserWarning, match=r"'lm_head' \(shared with \['embed.weight'\]\).*own copy of W"):
+    with pytest.warns(UserWarning, match=r"'lm_head' \(shared with \['embed.weight'\]\).*own copy of W") as record:
         fastlora.inject(model, CascadeLoraConfig(r=2, target_modules=["lm_head"], cascade_interval=1),
                         untie_shared_weights=True)
+    assert [w.filename for w in record if "own copy of W" in str(w.message)] == [__file__]
     head = model.lm_head
     assert head.weight.data_ptr() != model.embed.weight.data_ptr() and torch.equal(head.weight, table)
     _lm_steps(model)  # stage-0 noise and two folds written into the head's W

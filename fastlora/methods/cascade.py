@@ -94,7 +94,6 @@ Choices where the paper is silent (our reading):
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Optional
 
 import torch
@@ -102,6 +101,7 @@ from torch import Tensor, nn
 
 from ..config import CascadeLoraConfig
 from ..distributed import copy_full_, full_view, local_part, local_view
+from ..kernels.caller_warnings import warn_at_caller
 from ..registry import register_method
 from .base import Adapter, adapter_factory
 
@@ -335,11 +335,11 @@ class CascadeLoraAdapter(Adapter):
         self.reset_parameters()
         self._begin_stage(self._cascades)
         if self._cascades == MAX_REPLAY_STAGES + 1:
-            warnings.warn(f"fastlora: {self.describe()}: more than MAX_REPLAY_STAGES = {MAX_REPLAY_STAGES} "
-                          f"stages; loading an adapter-only checkpoint of it replays each one and is refused past "
-                          f"that bound (raise fastlora.methods.cascade.MAX_REPLAY_STAGES, or save the model's "
-                          f"weights)",
-                          RuntimeWarning, stacklevel=3)  # the caller of cascade_step, past no_grad's wrapper
+            warn_at_caller(f"fastlora: {self.describe()}: more than MAX_REPLAY_STAGES = {MAX_REPLAY_STAGES} "
+                           f"stages; loading an adapter-only checkpoint of it replays each one and is refused past "
+                           f"that bound (raise fastlora.methods.cascade.MAX_REPLAY_STAGES, or save the model's "
+                           f"weights)",
+                           RuntimeWarning)
 
     @torch.no_grad()
     def after_optimizer_step(self, learning_rate: float) -> tuple[nn.Parameter, ...]:
@@ -354,7 +354,7 @@ class CascadeLoraAdapter(Adapter):
         try:
             self.cascade_step()
         except NonFiniteStageError as error:
-            warnings.warn(f"fastlora: {error}; the stage goes on", RuntimeWarning, stacklevel=2)
+            warn_at_caller(f"fastlora: {error}; the stage goes on", RuntimeWarning)
             return ()
         return (self.lora_A, self.lora_B)
 

@@ -36,12 +36,13 @@ import statistics
 import sys
 import tempfile
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
+
+from .caller_warnings import warn_at_caller
 
 try:
     import fcntl
@@ -74,22 +75,6 @@ TUNE_ENV_VAR = "FASTLORA_TUNE"
 
 #: timer(fn) -> seconds per call of fn; replaceable (tests inject a deterministic one)
 Timer = Callable[[Callable[[], None]], float]
-
-
-def _library_directories() -> tuple[str, ...]:
-    """Source directories of fastlora, its kernels and torch (the frames a warning should not point at)."""
-    modules = (sys.modules[__package__.rpartition(".")[0]], sys.modules[__package__], torch)
-    return tuple(str(Path(module.__file__).resolve().parent) + os.sep for module in modules)
-
-
-def warn_at_caller(message: str) -> None:
-    """``warnings.warn`` attributed to the first frame outside fastlora and torch: the user's line that
-    ran the layer (or called the cache), wherever in the library the warning arose."""
-    inside = _library_directories()
-    frame, stacklevel = sys._getframe(1), 2
-    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(inside):
-        frame, stacklevel = frame.f_back, stacklevel + 1
-    warnings.warn(message, stacklevel=stacklevel)
 
 
 class PlanKey(NamedTuple):
