@@ -9,10 +9,10 @@
 Only the forward of each accelerated layer changes (an instance attribute shadowing the class's
 ``forward``). Per call, a layer whose state the fused op cannot compute takes PEFT's forward:
 adapters disabled or merged, several active adapters, a mixed batch (``adapter_names``), a LoRA
-variant (DoRA, ...) or ``lora_bias`` on the active adapter, hooks on the layer's submodules (ZeRO-3,
-FSDP), extra forward arguments, a trainable base weight, an input dtype the base weight does not share
-outside autocast. A trainable base bias (PEFT's ``bias="all"`` / ``"lora_only"``) gets its gradient from the
-fused op.
+variant (DoRA, ...) on the active adapter, hooks on the layer's submodules (ZeRO-3, FSDP), extra forward
+arguments, a trainable base weight, an input dtype the base weight does not share outside autocast. A
+trainable base bias (PEFT's ``bias="all"`` / ``"lora_only"``) gets its gradient from the fused op, and so does
+``lora_bias``'s bias of lora_B.
 Layers it never computes (Embedding, Conv, quantized or other tuner layers) are listed once in a
 warning at ``accelerate`` time. Layers added later (a new adapter targeting new modules) are
 accelerated by calling ``accelerate`` again.
@@ -20,6 +20,8 @@ accelerated by calling ``accelerate`` again.
 PEFT's layers mapped onto ``adapted_linear(x, W, b, A, B, scale=s, dropout=p)``:
     lora.Linear     A = lora_A[name].weight, B = lora_B[name].weight, s = scaling[name],
                     p = lora_dropout[name].p while that dropout module is in training mode;
+                    b = the base bias, plus s * lora_B[name].bias with ``lora_bias`` (PEFT scales
+                    lora_B's output, its bias included: b + s * b_B, one (d_out,) add per call);
                     over nn.Linear or GPT-2's Conv1D (``fan_in_fan_out``: W is the transposed view of
                     its (d_in, d_out) weight, no copy; the flag only changes PEFT's merge, not its forward).
     peanut.Linear   A = f(act(W^T A_n^T))^T (encoders/decoders of depth res_num), B = peanut_B[name].weight,
@@ -112,8 +114,6 @@ def _lora_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str, 
         return reason
     if name in layer.lora_variant:
         return f"LoRA variant {type(layer.lora_variant[name]).__name__} (DoRA, ...)"
-    if layer.lora_bias.get(name, False):
-        return "lora_bias=True"
     lora_a, lora_b, dropout = modules["lora_A"][name], modules["lora_B"][name], modules["lora_dropout"][name]
     scale = layer.scaling[name]
     if isinstance(scale, Tensor):
@@ -123,7 +123,11 @@ def _lora_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str, 
     if reason is not None:
         return reason
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    return adapted_linear(x, _linear_weight(base), base._parameters.get("bias"), _weight(lora_a), _weight(lora_b),
+    bias = base._parameters.get("bias")
+    if layer.lora_bias.get(name, False):
+        scaled = lora_b._parameters["bias"] * scale
+        bias = scaled if bias is None else bias + scaled
+    return adapted_linear(x, _linear_weight(base), bias, _weight(lora_a), _weight(lora_b),
                           scale=float(scale), dropout=p, backend=layer.__dict__[_BACKEND])
 
 

@@ -252,6 +252,65 @@ def test_trainable_base_bias_runs_fused_with_its_gradient(base, ids, monkeypatch
     assert_matches(result, want)
 
 
+@pytest.mark.parametrize("base_bias", [True, False])
+def test_lora_bias_runs_fused_with_its_gradient(base_bias, monkeypatch):
+    """PEFT's lora_bias=True gives lora_B a bias, scaled with lora_B's output: y = base(x) + s * (B A x + b_B).
+    The fused op takes b + s * b_B as its bias; b_B gets its gradient through that sum (and b, when trainable).
+    Without a base bias (PEFT warns, and allows it) the fused bias is s * b_B alone."""
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(6, 8, bias=base_bias), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 5, bias=base_bias)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's warning about lora_bias over a layer without a bias
+        model = peft_model(plain, peft.LoraConfig(r=3, lora_alpha=9, target_modules=["0", "2"], lora_bias=True,
+                                                  bias="all" if base_bias else "none", init_lora_weights=False))
+    biases = [m.bias for name, m in model.named_modules() if name.endswith("lora_B.default")]
+    with torch.no_grad():
+        for bias in biases:
+            bias.uniform_(-1.0, 1.0)  # PEFT's init zeroes it; a trained one is not
+    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def output_and_grads():
+        model.zero_grad()
+        out = model(x)
+        (out * torch.linspace(-1, 1, 5, dtype=out.dtype)).square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want = output_and_grads()
+    calls = count_fused_calls(monkeypatch)
+    fastlora.accelerate(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no layer falls back to PEFT's path
+        result = output_and_grads()
+    assert len(calls) == 2
+    assert sum(name.endswith("lora_B.default.bias") for name in result[1]) == 2
+    assert sum(name.endswith("base_layer.bias") for name in result[1]) == (2 if base_bias else 0)
+    assert_matches(result, want)
+
+
+def test_lora_bias_in_fp32_over_a_bf16_model_runs_fused_under_autocast(monkeypatch):
+    """PEFT keeps adapters in fp32 over a bf16 model: b (bf16) + s * b_B (fp32) is cast to the compute dtype."""
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8)).to(torch.bfloat16)
+    model = peft_model(plain, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], lora_bias=True,
+                                              init_lora_weights=False))
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("lora_B.default"):
+                assert module.bias.dtype == torch.float32
+                module.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(x).float()
+        calls = count_fused_calls(monkeypatch)
+        fastlora.accelerate(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = model(x)
+    assert len(calls) == 2 and out.dtype == torch.bfloat16
+    assert rel(out.float(), want) < 1e-2  # two bf16 layers, PEFT rounding b_B's term in bf16 first
+
+
 def test_trainable_base_weight_takes_peft_path(base, ids):
     model = peft_model(base, lora()).train()
     _query(model).base_layer.weight.requires_grad_(True)
