@@ -5,6 +5,7 @@ nn.TransformerEncoderLayer's fused inference path kept off, PEFT's MultiheadAtte
 checkpoints of attention layers both ways."""
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -506,3 +507,43 @@ def test_a_named_adapter_must_select_the_attention_projections_inject_adapted():
     with pytest.raises(ValueError, match=r"selects \['head'\] that have no adapter"):
         fastlora.add_adapter(model, "b", LoraConfig(r=2, target_modules=["attn", "head"]))
     assert fastlora.adapter_names(model) == ["default"]
+
+
+def test_a_projection_rank_from_rank_pattern_is_checked_against_that_projection():
+    model = fastlora.inject(Block(), LoraConfig(r=2, target_modules=["attn"], rank_pattern={"out_proj": 4}))
+    assert [(n, layer.adapter.lora_A.shape[0]) for n, layer in fastlora.adapter_layers(model)] == [
+        ("attn.in_proj", 2), ("attn.out_proj", 4)]
+    for part in ("in_proj", "out_proj"):  # r = E + 1 on one projection, r = 2 on the other
+        with pytest.raises(ValueError, match=rf"layer 'attn.{part}': r={E + 1} exceeds min\(d_in={E}, "):
+            fastlora.inject(Block(), LoraConfig(r=2, target_modules=["attn"], rank_pattern={part: E + 1}))
+
+
+def test_lorasc_on_out_proj_alone_ignores_a_shared_in_projection():
+    """The packed in-projection, tied to another module, is not written when only out_proj is adapted."""
+    model = Block()
+    model.add_module("other", nn.Module())
+    model.other.tied = model.attn.in_proj_weight
+    with pytest.raises(ValueError, match=r"layer 'attn.in_proj': its weight shares memory with \['other.tied'\]"):
+        fastlora.inject(model, CascadeLoraConfig(r=2, target_modules=["attn"]))
+    fastlora.inject(model, CascadeLoraConfig(r=2, target_modules=["attn.out_proj"]))
+    assert [n for n, _ in fastlora.adapter_layers(model)] == ["attn.out_proj"]
+
+
+def test_exclude_modules_that_leaves_out_nothing_warns_when_all_linear_adapts_an_attention():
+    with pytest.warns(UserWarning, match=r"exclude_modules \('nothing',\) left out no module"):
+        fastlora.inject(Block(), LoraConfig(r=2, target_modules="all-linear", exclude_modules=["nothing"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = fastlora.inject(Block(), LoraConfig(r=2, target_modules="all-linear", exclude_modules=["head"]))
+    assert [n for n, _ in fastlora.adapter_layers(model)] == ["attn.in_proj", "attn.out_proj"]
+
+
+def test_unload_of_an_attention_registered_under_two_names_puts_one_plain_attention_under_both():
+    model = Block()
+    model.alias = model.attn
+    fastlora.inject(model, LoraConfig(r=2, target_modules=["attn", "alias"]))
+    assert type(model.alias) is AdapterMultiheadAttention and model.alias is model.attn
+    in_weight, out_weight = model.attn.in_proj_weight, model.attn.out_proj.weight
+    fastlora.unload(model)
+    assert type(model.attn) is nn.MultiheadAttention and model.alias is model.attn
+    assert model.attn.in_proj_weight is in_weight and model.attn.out_proj.weight is out_weight
