@@ -5,6 +5,7 @@ nn.TransformerEncoderLayer's fused inference path kept off, PEFT's MultiheadAtte
 checkpoints of attention layers both ways."""
 import copy
 import dataclasses
+import math
 import warnings
 
 import pytest
@@ -28,7 +29,7 @@ from fastlora.layer import AdapterLinear
 from utils import rel
 
 F64 = torch.float64
-E, HEADS, L, S, B = 12, 3, 5, 7, 2
+E, HEADS, L, S, B = 12, 3, 5, 7, 4
 CONFIGS = [LoraConfig(r=2, alpha=3.0), SelectiveLoraConfig(r=2, alpha=3.0), RankSelectiveLoraConfig(r=2),
            CurLoraConfig(r=2, alpha=0.7, seed=1), NeatConfig(r=2, scale=0.6),
            CascadeLoraConfig(r=2, alpha=3.0, noise_intensity=0.0)]
@@ -74,6 +75,8 @@ OPTIONS = [
     {"attn_mask": "float"},
     {"attn_mask": "bool3d", "need_weights": False},
     {"attn_mask": "causal", "is_causal": True, "need_weights": False},
+    {"key_padding_mask": "bool", "need_weights": False},
+    {"attn_mask": "causal", "is_causal": True, "key_padding_mask": "float", "need_weights": False},
 ]
 
 
@@ -82,6 +85,9 @@ def _masks(option, tgt, src, batch):
     if kwargs.get("key_padding_mask") == "bool":
         kwargs["key_padding_mask"] = torch.zeros(batch, src, dtype=torch.bool)
         kwargs["key_padding_mask"][0, -2:] = True
+    elif kwargs.get("key_padding_mask") == "float":  # beside a float attn_mask (torch deprecates mixing types)
+        kwargs["key_padding_mask"] = torch.zeros(batch, src, dtype=F64)
+        kwargs["key_padding_mask"][0, -2:] = -math.inf
     if kwargs.get("attn_mask") == "float":
         kwargs["attn_mask"] = _x(tgt, src, seed=5)
     elif kwargs.get("attn_mask") == "bool3d":
@@ -547,3 +553,44 @@ def test_unload_of_an_attention_registered_under_two_names_puts_one_plain_attent
     fastlora.unload(model)
     assert type(model.attn) is nn.MultiheadAttention and model.alias is model.attn
     assert model.attn.in_proj_weight is in_weight and model.attn.out_proj.weight is out_weight
+
+
+def test_from_attention_numbers_its_projections_as_inject_does():
+    """The in-projection is layer ``layer_index`` and out_proj the next (CURLoRA seeds its sampler by the index)."""
+    config = CurLoraConfig(r=2, seed=4)
+    plain = AdapterMultiheadAttention.from_attention(Block().attn, None, None)  # its projections as nn.Linear
+    adapted = AdapterMultiheadAttention.from_attention(Block().attn, config, config)
+    for index, name in enumerate(("in_proj", "out_proj")):
+        alone = AdapterLinear.from_linear(getattr(plain, name), config, layer_index=index)
+        assert torch.equal(getattr(adapted, name).adapter.row_index, alone.adapter.row_index)
+        assert torch.equal(getattr(adapted, name).adapter.col_index, alone.adapter.col_index)
+    assert not torch.equal(adapted.in_proj.adapter.col_index, adapted.out_proj.adapter.col_index)
+
+
+@pytest.mark.parametrize("in_config", [None, LoraConfig(r=2)], ids=["plain", "adapted"])
+def test_the_in_projection_has_nn_linears_shape_attributes(in_config):
+    adapted = AdapterMultiheadAttention.from_attention(Block().attn, in_config, LoraConfig(r=2))
+    assert (adapted.in_proj.in_features, adapted.in_proj.out_features) == (E, 3 * E)
+    assert adapted.in_proj.weight.shape == (3 * E, E)
+
+
+def test_an_attention_wider_than_the_small_int_cache_runs():
+    """embed_dim 264 (> 256, beyond CPython's cached ints: sizes compare by value)."""
+    torch.manual_seed(0)
+    holder = nn.Sequential()
+    holder.add_module("attn", nn.MultiheadAttention(264, 2, dtype=F64))
+    _randomise(fastlora.inject(holder, LoraConfig(r=2, target_modules=["attn"])))
+    merged = fastlora.merge_and_unload(copy.deepcopy(holder)).attn
+    x = _x(3, 2, 264)
+    assert rel(holder.attn(x, x, x)[0], merged(x, x, x)[0]) < 1e-12
+
+
+def test_mismatched_inputs_are_refused_as_torch_refuses_them():
+    _, holder = _pair()
+    x, memory = _x(L, B, E), _x(S, B, E, seed=2)
+    for key, value in ((memory, memory[:-1]), (memory[:-1], memory)):  # key shorter, then value shorter
+        with pytest.raises((ValueError, AssertionError), match="key shape .* does not match value shape"):
+            holder.attn(x, key, value)
+    for shape in ((B * HEADS + 1, L, S), (B * HEADS - 1, L, S)):
+        with pytest.raises(RuntimeError, match=rf"3D attn_mask is .*, but should be \({B * HEADS}, {L}, {S}\)"):
+            holder.attn(x, memory, memory, attn_mask=torch.zeros(shape, dtype=F64))
