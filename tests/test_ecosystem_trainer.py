@@ -165,3 +165,31 @@ def test_a_run_in_which_no_selective_gate_moved_warns_at_train_end(learning_rate
         assert f"run of {STEPS} optimizer steps" in messages[0] and "about 500 steps at lr 0.0001" in messages[0]
     else:
         assert changes > 0 and messages == []
+
+
+@pytest.mark.parametrize("accepts_loss_kwargs, num_items, loss_func, scaled", [
+    (True, 8, None, True),      # the model normalised over the accumulated batch: Trainer does not divide
+    (True, None, None, False),  # no item count: Trainer divides the loss by the accumulation steps
+    (False, 8, None, False),    # a model without loss kwargs: Trainer divides
+    (False, None, len, True),   # a compute_loss_func normalises itself
+])
+def test_the_penalty_is_divided_for_accumulation_exactly_when_trainer_divides_the_loss(accepts_loss_kwargs, num_items,
+                                                                                       loss_func, scaled):
+    """FastLoraTrainer adds the penalty once per optimizer step: divided by the accumulation steps where
+    Trainer.training_step divides the loss, not where the loss comes normalised over the whole batch."""
+    trainer = FastLoraTrainer.__new__(FastLoraTrainer)  # the rule only: no model, no arguments
+    trainer.model_accepts_loss_kwargs, trainer.compute_loss_func = accepts_loss_kwargs, loss_func
+    assert trainer._loss_scaled_for_accumulation(num_items) is scaled
+    trainer.loss_is_scaled_for_ga = not scaled  # a Trainer that states it (transformers' attribute) is believed
+    assert trainer._loss_scaled_for_accumulation(num_items) is (not scaled)
+
+
+def test_the_no_gate_moved_warning_states_the_margin_and_the_steps_it_needs():
+    model = model_with(SelectiveLoraConfig(r=2, target_modules=TARGETS, score_init=1.0, threshold=0.3))
+    with pytest.warns(UserWarning, match=r"no Selective LoRA gate switched in this run of 4 optimizer steps.*"
+                                         r"score_init - threshold = 0\.7,.*about 700 steps at lr 0\.001"):
+        fastlora.trainer.warn_if_no_gate_moved(model, 4, 1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastlora.trainer.warn_if_no_gate_moved(model, 0, 1e-3)  # no step taken: nothing to say
+        fastlora.trainer.warn_if_no_gate_moved(model_with(LoraConfig(r=2, target_modules=TARGETS)), 4, 1e-3)
