@@ -73,6 +73,7 @@ OPTIONS = [
     {"need_weights": True, "average_attn_weights": False},
     {"key_padding_mask": "bool"},
     {"attn_mask": "float"},
+    {"attn_mask": "float", "need_weights": False},
     {"attn_mask": "bool3d", "need_weights": False},
     {"attn_mask": "causal", "is_causal": True, "need_weights": False},
     {"key_padding_mask": "bool", "need_weights": False},
@@ -97,13 +98,13 @@ def _masks(option, tgt, src, batch):
     return kwargs
 
 
-def _pair(**kwargs):
+def _pair(target="attn", **kwargs):
     """A plain nn.MultiheadAttention and its adapted twin (random LoRA factors), float64."""
     torch.manual_seed(0)
     plain = nn.MultiheadAttention(E, HEADS, dtype=F64, **kwargs)
     holder = nn.Sequential()
     holder.add_module("attn", copy.deepcopy(plain))
-    fastlora.inject(holder, LoraConfig(r=2, alpha=3.0, target_modules=["attn"]))
+    fastlora.inject(holder, LoraConfig(r=2, alpha=3.0, target_modules=[target]))
     return plain, _randomise(holder)
 
 
@@ -594,3 +595,64 @@ def test_mismatched_inputs_are_refused_as_torch_refuses_them():
     for shape in ((B * HEADS + 1, L, S), (B * HEADS - 1, L, S)):
         with pytest.raises(RuntimeError, match=rf"3D attn_mask is .*, but should be \({B * HEADS}, {L}, {S}\)"):
             holder.attn(x, memory, memory, attn_mask=torch.zeros(shape, dtype=F64))
+
+
+def _against_merged(holder, *inputs, **kwargs):
+    """The adapted attention's (output, weights) equal the merged nn.MultiheadAttention's (same random state)."""
+    merged = fastlora.merge_and_unload(copy.deepcopy(holder)).attn
+    torch.manual_seed(11)
+    out, weights = holder.attn(*inputs, **kwargs)
+    torch.manual_seed(11)
+    ref, ref_weights = merged(*inputs, **kwargs)
+    assert out.shape == ref.shape and rel(out, ref) < 1e-12
+    assert (weights is None) == (ref_weights is None)
+    if weights is not None:
+        assert weights.shape == ref_weights.shape and rel(weights, ref_weights) < 1e-12
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+@pytest.mark.parametrize("bias", [True, False])
+def test_out_proj_alone_adapted_projects_q_k_v_from_the_plain_packed_weight(call, bias):
+    _, holder = _pair(target="attn.out_proj", bias=bias)
+    assert type(holder.attn.in_proj) is nn.Linear
+    _against_merged(holder, *CALLS[call](_x(L, B, E), _x(S, B, E, seed=2)))
+
+
+@pytest.mark.parametrize("option", [o for o in OPTIONS if o.get("attn_mask") != "bool3d"],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_unbatched_inputs_with_each_option(option):
+    _, holder = _pair()
+    x = _x(L, E)
+    masks = _masks(option, L, L, 1)
+    if "key_padding_mask" in masks:
+        masks["key_padding_mask"] = masks["key_padding_mask"][0]  # (src,) for an unbatched call
+    _against_merged(holder, x, x, x, **masks)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_attention_dropout_in_training_draws_as_torch_draws(need_weights):
+    _, holder = _pair(dropout=0.5)
+    holder.train()
+    x = _x(L, B, E)
+    _against_merged(holder, x, x, x, need_weights=need_weights)
+    holder.eval()
+    out = holder.attn(x, x, x, need_weights=need_weights)[0]
+    assert rel(out, holder.attn(x, x, x, need_weights=need_weights)[0]) == 0  # no dropout in eval mode
+
+
+def test_a_2d_attn_mask_of_another_shape_is_refused():
+    _, holder = _pair()
+    x = _x(L, B, E)
+    for shape in ((L + 1, L), (L - 1, L), (L, L + 1)):
+        with pytest.raises(RuntimeError, match=rf"2D attn_mask is .*, but should be \({L}, {L}\)"):
+            holder.attn(x, x, x, attn_mask=torch.zeros(shape, dtype=F64))
+
+
+def test_state_dict_with_keep_vars_holds_the_parameters_themselves():
+    _, holder = _pair()
+    attn = holder.attn
+    kept, detached = attn.state_dict(keep_vars=True), attn.state_dict()
+    assert kept["in_proj_weight"] is attn.in_proj.weight and kept["in_proj_bias"] is attn.in_proj.bias
+    assert isinstance(kept["in_proj_weight"], nn.Parameter)
+    assert not isinstance(detached["in_proj_weight"], nn.Parameter)
+    assert detached["in_proj_weight"].data_ptr() == attn.in_proj.weight.data_ptr()
