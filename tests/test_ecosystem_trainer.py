@@ -193,3 +193,37 @@ def test_the_no_gate_moved_warning_states_the_margin_and_the_steps_it_needs():
         warnings.simplefilter("error")
         fastlora.trainer.warn_if_no_gate_moved(model, 0, 1e-3)  # no step taken: nothing to say
         fastlora.trainer.warn_if_no_gate_moved(model_with(LoraConfig(r=2, target_modules=TARGETS)), 4, 1e-3)
+
+
+def test_compute_loss_adds_the_penalty_once_per_optimizer_step(tmp_path):
+    """With 2 accumulation steps the penalty is halved where Trainer leaves the loss undivided (it then
+    enters both micro-batches' gradients at half weight) and added whole where Trainer divides the loss."""
+    model = model_with(SelectiveLoraConfig(r=2, target_modules=TARGETS, sparsity_weight=0.5)).train()
+    trainer = FastLoraTrainer(model=model, args=arguments(tmp_path, gradient_accumulation_steps=2),
+                              train_dataset=Data())
+    trainer.current_gradient_accumulation_steps = 2
+    data = Data()
+    batch = {key: torch.stack([data[i][key] for i in range(4)]) for key in ("input_ids", "labels")}
+    penalty = fastlora.regularization_loss(model).item()
+    assert penalty > 0
+    for accepts, num_items, share in ((True, 4, 0.5), (False, 4, 1.0), (False, None, 1.0)):
+        trainer.model_accepts_loss_kwargs = accepts
+        plain = Trainer.compute_loss(trainer, model, batch, num_items_in_batch=num_items).item()
+        loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items).item()
+        assert loss == pytest.approx(plain + share * penalty, rel=1e-6), (accepts, num_items)
+    model.eval()
+    evaluated = Trainer.compute_loss(trainer, model, batch).item()
+    assert trainer.compute_loss(model, batch).item() == pytest.approx(evaluated)  # no penalty outside training
+
+
+@pytest.mark.parametrize("steps, gate_changes, warned", [(1, 0, True), (4, 1, False), (4, 0, True), (0, 0, False)])
+def test_the_no_gate_moved_warning_comes_only_after_steps_that_switched_no_gate(steps, gate_changes, warned,
+                                                                              monkeypatch):
+    model = model_with(SelectiveLoraConfig(r=2, target_modules=TARGETS))
+    stats = fastlora.adapter_stats(model)
+    monkeypatch.setattr(fastlora.trainer, "adapter_stats",
+                        lambda m: {**stats, "fastlora/selective_lora/gate_changes": float(gate_changes)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fastlora.trainer.warn_if_no_gate_moved(model, steps, 1e-3)
+    assert len([w for w in caught if "no Selective LoRA gate switched" in str(w.message)]) == int(warned)
