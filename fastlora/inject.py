@@ -13,9 +13,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fastlora.kernels.caller_warnings import warn_at_caller
+
 from .attention import AdapterMultiheadAttention, is_attention
 from .config import AdapterConfig
-from .kernels.caller_warnings import warn_at_caller
 from .layer import AdapterLinear, is_adaptable, linear_shape
 from .model_tree import adapter_layers, set_submodule
 from .shared_weights import shared_weight_owners

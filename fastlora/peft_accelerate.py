@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 from fastlora.kernels import BACKENDS, adapted_linear, neat_projection
 from fastlora.kernels.activations import activation
+from fastlora.kernels.caller_warnings import warn_at_caller
 
-from .kernels.caller_warnings import warn_at_caller
 from .layer import conv1d_type, is_adaptable
 from .peft_formats import PEANUT_ACTIVATIONS
 

@@ -21,10 +21,11 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from fastlora.kernels.caller_warnings import warn_at_caller
+
 from .adapters_api import adapter_stats
 from .checkpoint import save_adapter
 from .config import RankSelectiveLoraConfig, SelectiveLoraConfig
-from .kernels.caller_warnings import warn_at_caller
 from .model_tree import adapter_layers
 from .training import TrainingHooks, attach_training_hooks, has_rule, regularization_loss, set_run_length
 

@@ -30,8 +30,9 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from fastlora.kernels.caller_warnings import warn_at_caller
+
 from .config import SelectiveLoraConfig
-from .kernels.caller_warnings import warn_at_caller
 from .layer import AdapterLinear
 from .methods import Adapter, CascadeLoraAdapter, RankSelectiveLoraAdapter
 from .model_tree import adapter_layers

@@ -99,9 +99,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from fastlora.kernels.caller_warnings import warn_at_caller
+
 from ..config import CascadeLoraConfig
 from ..distributed import copy_full_, full_view, local_part, local_view
-from ..kernels.caller_warnings import warn_at_caller
 from ..registry import register_method
 from .base import Adapter, adapter_factory
 
