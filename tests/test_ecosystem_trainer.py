@@ -227,3 +227,19 @@ def test_the_no_gate_moved_warning_comes_only_after_steps_that_switched_no_gate(
         warnings.simplefilter("always")
         fastlora.trainer.warn_if_no_gate_moved(model, steps, 1e-3)
     assert len([w for w in caught if "no Selective LoRA gate switched" in str(w.message)]) == int(warned)
+
+
+def test_on_log_adds_the_stats_to_the_logs_and_to_this_steps_history_entry_only():
+    from transformers import TrainerControl, TrainerState
+    model = model_with(SelectiveLoraConfig(r=2, target_modules=TARGETS))
+    callback, state = FastLoraCallback(), TrainerState()
+    state.global_step = 3
+    logs = {"loss": 1.0}
+    callback.on_log(None, state, TrainerControl(), logs=logs, model=model)  # no history yet: the logs only
+    assert logs["fastlora/selective_lora/gate_changes"] == 0.0 and state.log_history == []
+    state.log_history = [{"loss": 2.0, "step": 2}]  # another step's entry stays as it is
+    callback.on_log(None, state, TrainerControl(), logs={}, model=model)
+    assert state.log_history == [{"loss": 2.0, "step": 2}]
+    state.log_history.append({"loss": 1.0, "step": 3})
+    callback.on_log(None, state, TrainerControl(), logs={}, model=model)
+    assert state.log_history[-1]["fastlora/selective_lora/gate_changes"] == 0.0
