@@ -75,6 +75,7 @@ OPTIONS = [
     {"attn_mask": "float"},
     {"attn_mask": "float", "need_weights": False},
     {"attn_mask": "bool3d", "need_weights": False},
+    {"attn_mask": "causal", "is_causal": True},
     {"attn_mask": "causal", "is_causal": True, "need_weights": False},
     {"key_padding_mask": "bool", "need_weights": False},
     {"attn_mask": "causal", "is_causal": True, "key_padding_mask": "float", "need_weights": False},
@@ -556,12 +557,20 @@ def test_unload_of_an_attention_registered_under_two_names_puts_one_plain_attent
     assert model.attn.in_proj_weight is in_weight and model.attn.out_proj.weight is out_weight
 
 
-def test_from_attention_numbers_its_projections_as_inject_does():
-    """The in-projection is layer ``layer_index`` and out_proj the next (CURLoRA seeds its sampler by the index)."""
-    config = CurLoraConfig(r=2, seed=4)
+@pytest.mark.parametrize("first", [0, 1], ids=["first-layer", "after-a-linear"])
+def test_attention_projections_are_numbered_as_consecutive_layers(first):
+    """The in-projection is layer ``layer_index`` and out_proj the next (CURLoRA seeds its sampler by the
+    index), from ``from_attention`` (default 0) and from ``inject`` after another adapted layer (1, 2)."""
+    config = CurLoraConfig(r=2, seed=4, target_modules=["pre", "attn"])
     plain = AdapterMultiheadAttention.from_attention(Block().attn, None, None)  # its projections as nn.Linear
-    adapted = AdapterMultiheadAttention.from_attention(Block().attn, config, config)
-    for index, name in enumerate(("in_proj", "out_proj")):
+    if first == 0:
+        adapted = AdapterMultiheadAttention.from_attention(Block().attn, config, config)
+    else:
+        model = nn.Sequential()
+        model.add_module("pre", nn.Linear(E, E, dtype=F64))
+        model.add_module("attn", Block().attn)
+        adapted = fastlora.inject(model, config).attn
+    for index, name in enumerate(("in_proj", "out_proj"), start=first):
         alone = AdapterLinear.from_linear(getattr(plain, name), config, layer_index=index)
         assert torch.equal(getattr(adapted, name).adapter.row_index, alone.adapter.row_index)
         assert torch.equal(getattr(adapted, name).adapter.col_index, alone.adapter.col_index)
@@ -569,10 +578,11 @@ def test_from_attention_numbers_its_projections_as_inject_does():
 
 
 @pytest.mark.parametrize("in_config", [None, LoraConfig(r=2)], ids=["plain", "adapted"])
-def test_the_in_projection_has_nn_linears_shape_attributes(in_config):
+def test_the_attributes_of_nn_multihead_attention_are_kept(in_config):
     adapted = AdapterMultiheadAttention.from_attention(Block().attn, in_config, LoraConfig(r=2))
     assert (adapted.in_proj.in_features, adapted.in_proj.out_features) == (E, 3 * E)
     assert adapted.in_proj.weight.shape == (3 * E, E)
+    assert adapted.q_proj_weight is adapted.k_proj_weight is adapted.v_proj_weight is None  # one packed weight
 
 
 def test_an_attention_wider_than_the_small_int_cache_runs():
@@ -589,6 +599,9 @@ def test_an_attention_wider_than_the_small_int_cache_runs():
 def test_mismatched_inputs_are_refused_as_torch_refuses_them():
     _, holder = _pair()
     x, memory = _x(L, B, E), _x(S, B, E, seed=2)
+    for width in (E - 1, E + 1):
+        with pytest.raises(ValueError, match=rf"expected query of embed_dim {E} features, got {width}"):
+            holder.attn(_x(L, B, width), memory, memory)
     for key, value in ((memory, memory[:-1]), (memory[:-1], memory)):  # key shorter, then value shorter
         with pytest.raises((ValueError, AssertionError), match="key shape .* does not match value shape"):
             holder.attn(x, key, value)
@@ -620,8 +633,9 @@ def test_out_proj_alone_adapted_projects_q_k_v_from_the_plain_packed_weight(call
 
 @pytest.mark.parametrize("option", [o for o in OPTIONS if o.get("attn_mask") != "bool3d"],
                          ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
-def test_unbatched_inputs_with_each_option(option):
-    _, holder = _pair()
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_unbatched_inputs_with_each_option(option, batch_first):
+    _, holder = _pair(batch_first=batch_first)
     x = _x(L, E)
     masks = _masks(option, L, L, 1)
     if "key_padding_mask" in masks:
