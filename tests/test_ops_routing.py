@@ -1,5 +1,6 @@
 """adapted_linear's routing: a named Triton plan runs its own implementation (not the recorded torch ops),
-auto's plan key describes the call, and a dropout seed given as a tensor is checked and used as the int."""
+without grad its forward alone, auto's plan key describes the call, and a dropout seed given as a tensor is
+checked and used as the int."""
 import pytest
 import torch
 
@@ -31,6 +32,26 @@ def test_a_named_triton_plan_runs_its_own_forward_and_backward(plan, monkeypatch
     x, w, b, a, bb = _call_tensors()
     adapted_linear(x, w, b, a, bb, scale=0.5, backend=plan).sum().backward()
     assert ran == ["forward", "backward"]
+
+
+@pytest.mark.skipif(not TRITON_RUNS, reason="the Triton plans need CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("plan", ["cublas", "triton"])
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_without_grad_the_forward_runs_alone_and_gives_the_recorded_output(plan, mode, monkeypatch):
+    """Under no_grad / inference_mode the Function's forward primitive runs alone (no context, nothing saved):
+    the same output as the recording call, for x of three dimensions, a tensor gate and dropout."""
+    x, w, b, a, bb = _call_tensors()
+    x = x.detach().reshape(2, 3, -1)
+    kwargs = dict(gate=torch.tensor(0.7, device=DEVICE), scale=0.5, dropout=0.2, dropout_seed=5, backend=plan)
+    recorded = adapted_linear(x, w, b, a, bb, **kwargs)
+    assert recorded.requires_grad
+    alone = []
+    original = ops.forward_without_grad
+    monkeypatch.setattr(ops, "forward_without_grad", lambda *args: alone.append(1) or original(*args))
+    with mode():
+        out = adapted_linear(x, w, b, a, bb, **kwargs)
+    assert alone == [1] and not out.requires_grad
+    assert out.shape == (2, 3, 7) and torch.equal(out, recorded.detach())
 
 
 @pytest.mark.parametrize("gathered", [False, True, "rows only"])

@@ -4,7 +4,8 @@ The primitives are the custom ops ``fastlora::adapted_linear_fwd`` / ``_bwd``
 (``custom_ops``), which run the named backend (``torch_impl`` or ``triton.impl``); this
 Function only saves what the backward needs (x, the small t = xd A^T, the factors, the
 seed) and routes gradients. Dropout is regenerated from the saved seed, so no (N, d_in)
-mask is stored.
+mask is stored. Where autograd records nothing (``torch.no_grad``, ``torch.inference_mode``),
+``forward_without_grad`` runs the forward primitive alone: no context, nothing saved.
 """
 from __future__ import annotations
 
@@ -17,6 +18,35 @@ from . import custom_ops
 
 #: positions in forward's inputs of the gradients in custom_ops.GRAD_FIELDS order
 _GRAD_INPUTS = (0, 2, 3, 4, 5, 6, 7)
+
+
+def _gates(gate: Optional[Tensor], gate_value: Optional[float]) -> tuple[float, Optional[Tensor]]:
+    """(the host gate, the device gate): gate_value None means only the device knows the gate (torch.compile),
+    and the op multiplies by the tensor ``gate``."""
+    return (1.0, gate.detach()) if gate_value is None else (gate_value, None)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """x (..., d_in) as (N, d_in); the common 2-D call skips the reshape (host time per call)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _shaped(y: Tensor, x_shape: torch.Size) -> Tensor:
+    """y (N, d_out) as (..., d_out) after x's leading dimensions: aten's _unsafe_view (as matmul uses), the
+    same storage without a view relation to y."""
+    return y if len(x_shape) == 2 else torch.ops.aten._unsafe_view.default(y, (*x_shape[:-1], y.shape[-1]))
+
+
+def forward_without_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optional[Tensor], b: Optional[Tensor],
+                         middle: Optional[Tensor], rank_weights: Optional[Tensor], gate: Optional[Tensor],
+                         row_index: Optional[Tensor], col_index: Optional[Tensor], seed: Optional[Tensor],
+                         scale: float, gate_value: Optional[float], dropout_p: float, backend: str) -> Tensor:
+    """``AdaptedLinearFunction.apply``'s output (same arguments) where autograd records nothing: the forward
+    primitive alone, t not kept."""
+    gate_value, device_gate = _gates(gate, gate_value)
+    y, _ = custom_ops.adapted_linear_fwd(_rows(x), weight, bias, a, b, middle, rank_weights, row_index, col_index,
+                                         seed, scale, gate_value, dropout_p, False, backend, device_gate)
+    return _shaped(y, x.shape)
 
 
 class AdaptedLinearFunction(torch.autograd.Function):
@@ -32,14 +62,10 @@ class AdaptedLinearFunction(torch.autograd.Function):
                 gate: Optional[Tensor], row_index: Optional[Tensor], col_index: Optional[Tensor],
                 seed: Optional[Tensor], scale: float, gate_value: Optional[float], dropout_p: float,
                 backend: str) -> Tensor:
-        # gate_value None: only the device knows the gate (torch.compile); the op multiplies by it
-        device_gate = gate.detach() if gate_value is None else None
-        gate_value = 1.0 if gate_value is None else gate_value
+        gate_value, device_gate = _gates(gate, gate_value)
         keep_t = ctx.needs_input_grad[7]  # the gate's gradient needs t even when the gate is 0
-        # (gate None: a host gate, gate_value; a tensor gate stays on the device)
         ctx.x_shape = x.shape
-        flat = x.dim() == 2  # the common 2-D call skips the reshapes (host time per call)
-        x2d = x if flat else x.reshape(-1, x.shape[-1])
+        x2d = _rows(x)
         y, t = custom_ops.adapted_linear_fwd(x2d, weight, bias, a, b, middle, rank_weights, row_index, col_index,
                                              seed, scale, gate_value, dropout_p, keep_t, backend, device_gate)
         t = t if custom_ops.t_computed(gate_value, keep_t) else None
@@ -48,17 +74,14 @@ class AdaptedLinearFunction(torch.autograd.Function):
         ctx.backend = backend
         if gate is not None:
             ctx.gate_dtype, ctx.gate_shape = gate.dtype, gate.shape
-        if flat:
-            return y
-        # aten's _unsafe_view (as matmul uses): same storage, no view relation to y
-        return torch.ops.aten._unsafe_view.default(y, (*x.shape[:-1], y.shape[-1]))
+        return _shaped(y, x.shape)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, a, b, middle, rank_weights, row_index, col_index, t, seed, device_gate = ctx.saved_tensors
         flags = ctx.needs_input_grad
         needs = [flags[i] for i in _GRAD_INPUTS]
-        dy2d = (dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])).contiguous()
+        dy2d = _rows(dy).contiguous()
         computed = iter(custom_ops.adapted_linear_bwd(
             dy2d, x, weight, a, b, middle, rank_weights, row_index, col_index, t, seed, *ctx.scalars,
             needs, ctx.backend, device_gate))

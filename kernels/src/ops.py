@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch, plans, torch_impl
-from .function import AdaptedLinearFunction
+from .function import AdaptedLinearFunction, forward_without_grad
 from .masks import unseeded_torch_dropout
 from .philox import draw_seed, seed_tensor
 from .spec import LowRankTerm, in_dtype
@@ -91,10 +91,12 @@ def adapted_linear(
                            float(dropout), seed, _gradient_gate(gate_tensor))
         return torch_impl.forward_recorded(x, weight, bias, term)
     # the Function computes in ``dtype`` itself (fp32 partials included): autocast is switched off around
-    # it; entering the context costs host time, so only when autocast is on
+    # it; entering the context costs host time, so only when autocast is on. Where autograd records
+    # nothing (no_grad, inference_mode) its forward runs alone, without the Function's context
+    run = AdaptedLinearFunction.apply if torch.is_grad_enabled() else forward_without_grad
     with torch.autocast(x.device.type, enabled=False) if autocasting else contextlib.nullcontext():
-        return AdaptedLinearFunction.apply(x, weight, bias, lora_a, lora_b, middle, rank_weights, gate_tensor,
-                                           row_index, col_index, seed, float(scale), gate_value, float(dropout), plan)
+        return run(x, weight, bias, lora_a, lora_b, middle, rank_weights, gate_tensor, row_index, col_index, seed,
+                   float(scale), gate_value, float(dropout), plan)
 
 
 def _gradient_gate(gate: Optional[Tensor]) -> Optional[Tensor]:
