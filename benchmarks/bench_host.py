@@ -13,15 +13,17 @@ launch's own cost (cuBLAS, torch's kernels, Triton's launcher). Variants, each i
 - ``accelerate``: the same PEFT layer after ``fastlora.accelerate``;
 - ``inject``: the AdapterLinear of ``fastlora.inject`` on a one-layer model (backend "torch");
 
-the adapted ones without dropout, with dropout 0.05 (``_dropout``), and with dropout 0.05 under
+the adapted ones without dropout, with dropout 0.05 (``_dropout``), with dropout 0.05 under
 autocast (``_autocast``: the fp32 layer and adapters computed in half precision, PEFT's default
 setup of a training run; bfloat16 on a GPU, float16 on the CPU, where the Triton interpreter refuses
-bf16). A call: the forward, then ``torch.autograd.grad`` of the output with a fixed dy with respect
-to x and the trainable factors. ``--stack K``: each variant is K such layers in an nn.Sequential and
-a call runs all K forward, then their backward, as a step runs a model's layers ("us_per_layer" is
-the time per call over K). Repeating the same path K times keeps its code warm, which favours the
-variant whose path is shorter: per layer, PEFT's time falls further than fastlora's, so the stacked
-ratio is the better proxy of a model's step (one layer alone understates the difference).
+bf16), and without dropout under ``torch.no_grad`` (``_no_grad``: evaluation and generation). A
+call: the forward, then ``torch.autograd.grad`` of the output with a fixed dy with respect to x and
+the trainable factors; under ``_no_grad`` the forward alone. ``--stack K``: each variant is K such
+layers in an nn.Sequential and a call runs all K forward, then their backward, as a step runs a
+model's layers ("us_per_layer" is the time per call over K). Repeating the same path K times keeps
+its code warm, which favours the variant whose path is shorter: per layer, PEFT's time falls further
+than fastlora's, so the stacked ratio is the better proxy of a model's step (one layer alone
+understates the difference).
 
 Timing: ``WARMUP`` calls per variant, then ``ROUNDS`` rounds; in each round every variant runs
 ``CALLS`` calls timed together with ``time.perf_counter`` (variants interleaved, so that drift of
@@ -56,7 +58,7 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -68,8 +70,19 @@ from .train_step import synchronize
 
 TOKENS, D_IN, D_OUT, R = 8, 64, 64, 8
 SCALE, DROPOUT = 2.0, 0.05
-#: variant suffix -> (dropout, under autocast)
-SETTINGS = {"": (0.0, False), "_dropout": (DROPOUT, False), "_autocast": (DROPOUT, True)}
+
+
+class Setting(NamedTuple):
+    """How a variant's layer is called: its dropout, under autocast or not, forward + backward (grad) or the
+    forward alone under torch.no_grad."""
+    dropout: float
+    autocast: bool
+    grad: bool = True
+
+
+#: variant suffix -> its setting
+SETTINGS = {"": Setting(0.0, False), "_dropout": Setting(DROPOUT, False), "_autocast": Setting(DROPOUT, True),
+            "_no_grad": Setting(0.0, False, grad=False)}
 #: autocast's dtype per device type (the Triton interpreter refuses bf16)
 AUTOCAST_DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float16}
 WARMUP, ROUNDS, CALLS = 200, 21, 200
@@ -132,7 +145,7 @@ def layers(t: dict, plan: str = "torch", stack: int = 1) -> dict[str, nn.Module]
     if stack > 1 and D_IN != D_OUT:
         raise ValueError(f"a stack of layers needs d_in == d_out, got {D_IN} -> {D_OUT}")
     out = {"linear": _stacked(lambda: _frozen_linear(t), stack)}
-    for suffix, (p, _) in SETTINGS.items():
+    for suffix, p in ((suffix, setting.dropout) for suffix, setting in SETTINGS.items()):
         peft = lambda p=p: peft_layer(t["weight"], t["a"], t["b"], SCALE, p)  # noqa: E731
         out["peft" + suffix] = _stacked(peft, stack)
         out["accelerate" + suffix] = _stacked(lambda peft=peft: fastlora.accelerate(peft()), stack)
@@ -145,11 +158,16 @@ def suffix_of(name: str) -> str:
     return next((suffix for suffix in SETTINGS if suffix and name.endswith(suffix)), "")
 
 
-def call_of(layer: nn.Module, t: dict, autocast: bool = False) -> Callable[[], object]:
-    """One forward (under autocast, in ``AUTOCAST_DTYPES``' dtype, when asked) + backward of ``layer``
-    (gradients of x and its trainable parameters)."""
+def call_of(layer: nn.Module, t: dict, setting: Setting = SETTINGS[""]) -> Callable[[], object]:
+    """One forward (under autocast, in ``AUTOCAST_DTYPES``' dtype, when the setting says so) + backward of
+    ``layer`` (gradients of x and its trainable parameters), or the forward alone under torch.no_grad."""
+    if not setting.grad:
+        def forward():
+            with torch.no_grad():
+                return layer(t["x"])
+        return forward
     inputs = [t["x"], *(p for p in layer.parameters() if p.requires_grad)]
-    if not autocast:
+    if not setting.autocast:
         return lambda: torch.autograd.grad(layer(t["x"]), inputs, t["dy"])
     device_type = t["x"].device.type
     dtype = AUTOCAST_DTYPES[device_type]
@@ -168,7 +186,7 @@ def measure(settings: dict, plan: str = "torch", device: torch.device = torch.de
     ``settings``: warmup, rounds, calls."""
     torch.set_num_threads(1)
     t = host_tensors(torch.Generator().manual_seed(0), device)
-    calls = {name: call_of(layer, t, SETTINGS[suffix_of(name)][1]) for name, layer in layers(t, plan, stack).items()}
+    calls = {name: call_of(layer, t, SETTINGS[suffix_of(name)]) for name, layer in layers(t, plan, stack).items()}
     launches: Counter = Counter()  # of every Triton launch while the counter is in place
     gpu = device.type == "cuda"
     autocast_dtype = str(AUTOCAST_DTYPES[device.type]).removeprefix("torch.")
@@ -182,9 +200,9 @@ def measure(settings: dict, plan: str = "torch", device: torch.device = torch.de
             launches.clear()
             ops = count_ops(call)  # one call: its aten operators and its launches
             per_call = Counter(launches)
-            dropout, autocast = SETTINGS[suffix_of(name)]
-            variants[name] = {"dropout": dropout,
-                              "autocast": autocast_dtype if autocast else None,
+            setting = SETTINGS[suffix_of(name)]
+            variants[name] = {"dropout": setting.dropout, "grad": setting.grad,
+                              "autocast": autocast_dtype if setting.autocast else None,
                               "us_per_call": statistics.median(times[name]), "us_rounds": times[name],
                               "us_per_layer": statistics.median(times[name]) / stack,
                               "aten_ops": sum(ops.values()), "ops": dict(ops.most_common()),

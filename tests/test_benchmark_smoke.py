@@ -119,7 +119,7 @@ def test_host_path_benchmark(tmp_path):
     assert json.loads(out.read_text()) == report
     rows = report["variants"]
     assert set(rows) == {"linear", *(f"{layer}{suffix}" for layer in ("peft", "accelerate", "inject")
-                                     for suffix in ("", "_dropout", "_autocast"))}
+                                     for suffix in ("", "_dropout", "_autocast", "_no_grad"))}
     for name, row in rows.items():
         assert math.isfinite(row["us_per_call"]) and row["us_per_call"] > 0
         assert len(row["us_rounds"]) == bench_host.QUICK["rounds"]
@@ -132,7 +132,9 @@ def test_host_path_benchmark(tmp_path):
         assert row["aten_ops"] == sum(row["ops"].values()) > 0 and row["python_top"]
     assert rows["peft"]["vs_peft"] == 1.0 and rows["inject_dropout"]["dropout"] == bench_host.DROPOUT
     assert rows["inject_autocast"]["autocast"] == "float16" and rows["inject"]["autocast"] is None
+    assert rows["inject"]["grad"] and not rows["inject_no_grad"]["grad"]
     assert 2 <= rows["linear"]["aten_ops"] < rows["peft"]["aten_ops"]
+    assert rows["peft_no_grad"]["aten_ops"] < rows["peft"]["aten_ops"]  # the forward alone
 
 
 def test_host_path_benchmark_on_a_stack_of_layers(tmp_path):
@@ -165,7 +167,7 @@ def test_host_path_of_the_torch_plan_dispatches_no_more_aten_operators_than_peft
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     t = bench_host.host_tensors(torch.Generator().manual_seed(0))
-    ops = {name: bench_host.count_ops(bench_host.call_of(layer, t, bench_host.SETTINGS[bench_host.suffix_of(name)][1]))
+    ops = {name: bench_host.count_ops(bench_host.call_of(layer, t, bench_host.SETTINGS[bench_host.suffix_of(name)]))
            for name, layer in bench_host.layers(t).items()}
     for suffix in bench_host.SETTINGS:
         for name in ("inject" + suffix, "accelerate" + suffix):
@@ -201,6 +203,7 @@ def test_host_path_of_the_cublas_plan_with_stubbed_kernels(tmp_path):
     for name in ("inject", "accelerate"):
         assert rows[name]["triton_launches"] > 0 and "_shrink_kernel" in rows[name]["launches"]
         assert rows[name + "_dropout"]["launches"].get("_fused_linear_kernel") == 1  # the expand with dropout
+        assert rows[name + "_no_grad"]["launches"] == {"_shrink_kernel": 1}  # the forward alone
         assert math.isfinite(rows[name]["us_per_call"]) and rows[name]["aten_ops"] < rows["peft"]["aten_ops"]
         # fp32 adapters under fp16 autocast: casts of x, W and v, of B for addmm, and of dx back to fp32 (the
         # input gradient with dropout is the expand kernel: no cast of A); none of A or of a factor's gradient
