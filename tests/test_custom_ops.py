@@ -69,6 +69,7 @@ FWD_CASES = {
     "gathered_no_bias": dict(gathered=True, bias=False),  # t read from the base output's columns
     "dropout": dict(dropout=0.3, middle=True),
     "gate_off": dict(gate=0.0),
+    "negative_gate": dict(gate=-0.5),  # on: t is formed (the fake states its shape)
     "gate_off_keep_t": dict(gate=0.0, keep_t=True),
     "device_gate": dict(device_gate=0.6, rank_weights=True),
     "device_gate_off": dict(device_gate=0.0, keep_t=True),
@@ -137,6 +138,22 @@ def test_opcheck_cublas_with_fp32_factors_over_fp16(dropout):
     torch.library.opcheck(OPS.adapted_linear_bwd, args)
     grads = OPS.adapted_linear_bwd(*args)
     assert [g.dtype for g in grads[2:6]] == [torch.float32] * 4 and grads[0].dtype == torch.float16
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, pytest.param("cublas", marks=BACKENDS[1].marks)])
+def test_t_and_the_gate_gradient_come_in_the_plans_dtype(backend):
+    """t = xd A^T and the gate's gradient: in x's dtype on the torch plan, fp32 on the Triton plans (their
+    kernels accumulate in fp32 and the backward reads t as it is). A negative gate is on: t is formed."""
+    fwd = _fwd_args(torch.float16, backend=backend, gate=-0.5)
+    want = torch.float16 if backend == "torch" else torch.float32
+    _, t = custom_ops.adapted_linear_fwd(*fwd)
+    assert t.shape == (N, R) and t.dtype == want
+    dy = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(1)).half()
+    x, weight, bias, a, b, middle, rank_weights, rows, cols, seed, scale, gate, p = fwd[:13]
+    needs = [False] * 6 + [True]  # the gate's gradient alone
+    (grad_gate,) = custom_ops.adapted_linear_bwd(dy, x, weight, a, b, middle, rank_weights, rows, cols, t, seed,
+                                                 scale, gate, p, needs, backend)
+    assert grad_gate.shape == () and grad_gate.dtype == want
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
