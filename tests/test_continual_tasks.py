@@ -14,6 +14,7 @@ from fastlora import (
     RankSelectiveLoraConfig,
     SelectiveLoraConfig,
 )
+from fastlora.methods.curlora import sample_cur_indices
 from fastlora.tasks import next_task
 
 D_IN, D_HID, D_OUT, N = 14, 12, 9, 10
@@ -177,3 +178,25 @@ def test_refusals():
     with pytest.raises(ValueError, match="shares memory"):
         next_task(tied)
     assert torch.equal(tied[0].weight, weight) and not tied[0].merged
+
+
+def test_each_task_numbers_its_layers_after_the_previous_tasks():
+    """Task t's adapter of layer k (of L) is layer t * L + k: CURLoRA seeds its sampler by that index, so each
+    task samples its own rows and columns, the same as a layer built with that index."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(12, 12) for _ in range(3)))
+    config = CurLoraConfig(r=2, seed=4, target_modules=["0", "1", "2"])
+    fastlora.inject(model, config)
+    for task in (1, 2):
+        fastlora.next_task(model)
+        for position, (_, layer) in enumerate(fastlora.adapter_layers(model)):
+            rows, cols = sample_cur_indices(layer.weight.detach(), config.r, config.eps,
+                                            config.seed + task * 3 + position)  # from the merged W
+            assert torch.equal(layer.adapter.row_index, rows) and torch.equal(layer.adapter.col_index, cols)
+
+
+def test_the_disabled_adapters_error_names_five_of_them():
+    model = fastlora.inject(nn.Sequential(*(nn.Linear(4, 4) for _ in range(7))), LoraConfig(r=2))
+    fastlora.set_adapters_enabled(model, False)
+    with pytest.raises(ValueError, match=r"adapters of \['0', '1', '2', '3', '4'\] are disabled"):
+        fastlora.next_task(model)

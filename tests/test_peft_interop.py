@@ -276,3 +276,19 @@ def test_load_refuses_a_model_that_has_adapters(base, tmp_path):
     model = fastlora.inject(copy.deepcopy(base), fastlora.LoraConfig(r=2, target_modules=["query"]))
     with pytest.raises(ValueError, match="already has fastlora adapters"):
         load_peft_adapter(model, tmp_path)
+
+
+def test_fields_a_peft_config_leaves_out_take_peft_defaults():
+    """adapter_config.json may omit fields at their defaults: each read as PEFT's own dataclass default; an
+    exported PEANuT config states PEFT's init_weights default."""
+    from fastlora.peft_formats import PEANUT_ACTIVATIONS
+    from fastlora.registry import peft_methods
+
+    formats = {name: method.peft_format for name, method in peft_methods().items()}
+    lora, default = formats["LORA"].config({"peft_type": "LORA", "target_modules": ["q"]}), peft.LoraConfig()
+    assert (lora.r, lora.alpha, lora.dropout, lora.use_rslora) == (default.r, default.lora_alpha,
+                                                                    default.lora_dropout, default.use_rslora)
+    neat, default = formats["PEANUT"].config({"peft_type": "PEANUT", "target_modules": ["q"]}), peft.PeanutConfig()
+    assert (neat.r, neat.depth, neat.activation, neat.scale) == (default.r, default.depth,
+                                                                  PEANUT_ACTIVATIONS[default.act_fn], default.scaling)
+    assert formats["PEANUT"].peft_config(neat)["init_weights"] == default.init_weights
