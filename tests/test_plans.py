@@ -347,3 +347,28 @@ def test_timing_leaves_the_random_stream_and_the_callers_modes_alone():
     with torch.no_grad():
         run("torch")
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_tune_forks_the_random_streams_of_the_models_cuda_devices_only():
+    """tune leaves every random stream as it was: torch's CPU generator and those of the CUDA devices the
+    model's parameters are on (a meta or CPU parameter has none to fork)."""
+    from types import SimpleNamespace
+
+    from fastlora.plan_tuning import _devices
+
+    class Holder:
+        def __init__(self, *devices):
+            self.devices = devices
+
+        def parameters(self):
+            return (SimpleNamespace(device=torch.device(d)) for d in self.devices)
+
+    assert _devices(Holder("cpu", "meta")) == []
+    assert _devices(Holder("cuda:1", "cpu", "cuda:0", "cuda:1")) == [torch.device("cuda:0"), torch.device("cuda:1")]
+
+
+def test_tunes_report_is_keyword_only():
+    import fastlora
+
+    with pytest.raises(TypeError):
+        fastlora.tune(torch.nn.Linear(2, 2), torch.randn(1, 2), print)
