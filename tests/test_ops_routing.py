@@ -4,7 +4,7 @@ checked and used as the int."""
 import pytest
 import torch
 
-from fastlora.kernels import adapted_linear, dispatch, ops, plans
+from fastlora.kernels import adapted_linear, adapted_linear_reference, dispatch, ops, plans
 from fastlora.kernels.eligibility import triton_backend, triton_interpreter_on
 
 TRITON_RUNS = triton_backend() is not None and (torch.cuda.is_available() or triton_interpreter_on())
@@ -127,3 +127,17 @@ def test_a_call_without_dropout_draws_no_randomness(backend):
     after_call = torch.rand(4)
     torch.manual_seed(5)
     assert torch.equal(after_call, torch.rand(4))
+
+
+@pytest.mark.skipif(not TRITON_RUNS, reason="the Triton plans need CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("plan", ["cublas", "triton"])
+def test_a_one_dimensional_input_is_one_row_as_in_nn_linear(plan):
+    """x (d_in,) through the Function: y (d_out,) and dx (d_in,), the values of the float64 reference."""
+    x, w, b, a, bb = _call_tensors()
+    row = x[2].detach().double().requires_grad_(True)
+    y = adapted_linear(row.float(), w, b, a, bb, scale=0.5, backend=plan)
+    want = adapted_linear_reference(row, w.double(), b.double(), a.detach().double(), bb.detach().double(), scale=0.5)
+    assert y.shape == (7,) and torch.allclose(y.double(), want, atol=1e-5)
+    (dx,) = torch.autograd.grad(y.double().square().sum(), row)
+    (want_dx,) = torch.autograd.grad(want.square().sum(), row)
+    assert dx.shape == (10,) and torch.allclose(dx, want_dx, atol=1e-4)
