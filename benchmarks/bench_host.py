@@ -145,7 +145,8 @@ def layers(t: dict, plan: str = "torch", stack: int = 1) -> dict[str, nn.Module]
     if stack > 1 and D_IN != D_OUT:
         raise ValueError(f"a stack of layers needs d_in == d_out, got {D_IN} -> {D_OUT}")
     out = {"linear": _stacked(lambda: _frozen_linear(t), stack)}
-    for suffix, p in ((suffix, setting.dropout) for suffix, setting in SETTINGS.items()):
+    for suffix, setting in SETTINGS.items():
+        p = setting.dropout
         peft = lambda p=p: peft_layer(t["weight"], t["a"], t["b"], SCALE, p)  # noqa: E731
         out["peft" + suffix] = _stacked(peft, stack)
         out["accelerate" + suffix] = _stacked(lambda peft=peft: fastlora.accelerate(peft()), stack)

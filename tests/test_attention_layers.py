@@ -109,6 +109,23 @@ def _pair(target="attn", **kwargs):
     return plain, _randomise(holder)
 
 
+def _against_merged(holder, *inputs, **kwargs):
+    """The adapted attention's (output, weights) equal those of torch's nn.MultiheadAttention holding W + ΔW
+    (merge_and_unload), under the same random state; returns the output."""
+    assert isinstance(holder.attn, AdapterMultiheadAttention)
+    merged = fastlora.merge_and_unload(copy.deepcopy(holder)).attn
+    assert type(merged) is nn.MultiheadAttention
+    torch.manual_seed(11)
+    out, weights = holder.attn(*inputs, **kwargs)
+    torch.manual_seed(11)
+    ref, ref_weights = merged(*inputs, **kwargs)
+    assert out.shape == ref.shape and rel(out, ref) < 1e-12
+    assert (weights is None) == (ref_weights is None)
+    if weights is not None:
+        assert weights.shape == ref_weights.shape and rel(weights, ref_weights) < 1e-12
+    return out
+
+
 def _option_id(option: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in option.items()) or "default"
 
@@ -124,22 +141,13 @@ CALL_OPTIONS = [pytest.param(call, option, id=f"{call}-{_option_id(option)}") fo
 def test_the_attention_between_the_projections_is_torchs(call, option, kwargs):
     """Adapted layer == torch's nn.MultiheadAttention holding W + ΔW (merge_and_unload), output and weights."""
     plain, holder = _pair(**kwargs)
-    adapted = holder.attn
-    assert isinstance(adapted, AdapterMultiheadAttention)
-    merged = fastlora.merge_and_unload(copy.deepcopy(holder)).attn
-    assert type(merged) is nn.MultiheadAttention
     tgt, src = L, (L if call == "self" else S)
     x, memory = _x(L, B, E), _x(S, B, E, seed=2)
     q, k, v = CALLS[call](x, memory)
     if kwargs.get("batch_first"):
         q, k, v = CALLS[call](x.transpose(0, 1), memory.transpose(0, 1))
     masks = _masks(option, tgt, src, B)
-    out, weights = adapted(q, k, v, **masks)
-    ref, ref_weights = merged(q, k, v, **masks)
-    assert rel(out, ref) < 1e-12
-    assert (weights is None) == (ref_weights is None)
-    if weights is not None:
-        assert rel(weights, ref_weights) < 1e-12
+    out = _against_merged(holder, q, k, v, **masks)
     base, _ = plain(q, k, v, **masks)
     assert rel(out, base) > 1e-3  # the adapters matter
 
@@ -614,19 +622,6 @@ def test_mismatched_inputs_are_refused_as_torch_refuses_them():
     for shape in ((B * HEADS + 1, L, S), (B * HEADS - 1, L, S)):
         with pytest.raises(RuntimeError, match=rf"3D attn_mask is .*, but should be \({B * HEADS}, {L}, {S}\)"):
             holder.attn(x, memory, memory, attn_mask=torch.zeros(shape, dtype=F64))
-
-
-def _against_merged(holder, *inputs, **kwargs):
-    """The adapted attention's (output, weights) equal the merged nn.MultiheadAttention's (same random state)."""
-    merged = fastlora.merge_and_unload(copy.deepcopy(holder)).attn
-    torch.manual_seed(11)
-    out, weights = holder.attn(*inputs, **kwargs)
-    torch.manual_seed(11)
-    ref, ref_weights = merged(*inputs, **kwargs)
-    assert out.shape == ref.shape and rel(out, ref) < 1e-12
-    assert (weights is None) == (ref_weights is None)
-    if weights is not None:
-        assert weights.shape == ref_weights.shape and rel(weights, ref_weights) < 1e-12
 
 
 @pytest.mark.parametrize("call", list(CALLS))
