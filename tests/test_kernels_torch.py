@@ -3,7 +3,9 @@
 Every expected value here is written out with einsum in float64 and its gradients come
 from torch.autograd on that formula; ``adapted_linear_reference`` is not used as the
 oracle. Relative error ``||out - ref|| / ||ref||``: < 1e-10 for float64 inputs,
-< 1e-5 for float32 inputs (fp32 run against the fp64 formula on the same values).
+< 1e-5 for float32 inputs (fp32 run against the fp64 formula on the same values). The checks of
+values and gradients run both ways the torch plan runs (``PATHS``): the eager call's recorded ops and
+the autograd Function over ``torch_impl.backward`` (torch.compile's route).
 """
 import math
 
@@ -19,6 +21,8 @@ from fastlora.kernels import (
     neat_projection,
     neat_projection_reference,
 )
+from fastlora.kernels.function import AdaptedLinearFunction
+from fastlora.kernels.philox import seed_tensor
 
 from utils import rel
 
@@ -64,9 +68,26 @@ def make_inputs(dtype, x_shape=(13, D_IN), d_out=D_OUT, r=R, *, bias=True, middl
     )
 
 
+#: the two ways the torch plan runs: "recorded", adapted_linear's eager call (torch ops autograd records),
+#: and "function", the autograd Function over ``torch_impl.forward``/``backward``, which torch.compile
+#: (one custom op) and an off gate run
+PATHS = ["recorded", "function"]
+
+
+def through_function(x, weight, bias, lora_a, lora_b, *, middle, rank_weights, gate, scale, row_index,
+                     col_index, dropout, dropout_seed, backend):
+    """adapted_linear's call of the Function on plan ``backend``, its arguments prepared as it prepares them."""
+    seed = None if dropout == 0.0 else seed_tensor(dropout_seed, x.device)
+    gate_tensor = gate if isinstance(gate, torch.Tensor) else None
+    row_index, col_index = (None if i is None else i.long() for i in (row_index, col_index))
+    return AdaptedLinearFunction.apply(x, weight, bias, lora_a, lora_b, middle, rank_weights, gate_tensor,
+                                       row_index, col_index, seed, float(scale), float(gate), float(dropout),
+                                       backend)
+
+
 def run_both(inputs, requires, *, gate=1.0, scale=1.0, dropout=0.0, dropout_seed=None,
-             row_index=None, col_index=None, seed=1):
-    """Run adapted_linear (torch backend) and the fp64 formula; return outputs and grads of both.
+             row_index=None, col_index=None, seed=1, path="recorded"):
+    """Run the torch plan by ``path`` (``PATHS``) and the fp64 formula; return outputs and grads of both.
 
     ``requires``: names (keys of ``inputs`` plus "gate") that require grad.
     ``gate``: a float, or a float to be turned into a 0-dim tensor when "gate" is in ``requires``.
@@ -77,10 +98,10 @@ def run_both(inputs, requires, *, gate=1.0, scale=1.0, dropout=0.0, dropout_seed
     gate_arg = gate
     if "gate" in requires:
         gate_arg = torch.tensor(float(gate), dtype=dtype, requires_grad=True)
-    y = adapted_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_a"], leaves["lora_b"],
-                       middle=leaves["middle"], rank_weights=leaves["rank_weights"], gate=gate_arg,
-                       scale=scale, row_index=row_index, col_index=col_index, dropout=dropout,
-                       dropout_seed=dropout_seed, backend="torch")
+    call = adapted_linear if path == "recorded" else through_function
+    y = call(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_a"], leaves["lora_b"],
+             middle=leaves["middle"], rank_weights=leaves["rank_weights"], gate=gate_arg, scale=scale,
+             row_index=row_index, col_index=col_index, dropout=dropout, dropout_seed=dropout_seed, backend="torch")
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
     names = [k for k in requires if k != "gate"]
     diff = [leaves[k] for k in names] + ([gate_arg] if "gate" in requires else [])
@@ -132,12 +153,13 @@ GATES = ["float_on", "float_off", "tensor_on", "tensor_off"]
 SHAPES = [((13, D_IN), 1.0), ((2, 7, D_IN), 0.37)]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("x_shape,scale", SHAPES, ids=["2d_s1", "3d_s0.37"])
 @pytest.mark.parametrize("gate_kind", GATES)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("factors", list(FACTORS), ids=list(FACTORS))
-def test_values_and_grads(factors, with_bias, gate_kind, x_shape, scale, dtype):
+def test_values_and_grads(factors, with_bias, gate_kind, x_shape, scale, dtype, path):
     cfg = FACTORS[factors]
     inputs = make_inputs(dtype, x_shape, bias=with_bias, **cfg)
     gate = 1.0 if gate_kind.endswith("on") else 0.0
@@ -145,7 +167,7 @@ def test_values_and_grads(factors, with_bias, gate_kind, x_shape, scale, dtype):
                                             if inputs[k] is not None]
     if gate_kind.startswith("tensor"):
         requires.append("gate")
-    y, got, ref_y, ref, base = run_both(inputs, requires, gate=gate, scale=scale)
+    y, got, ref_y, ref, base = run_both(inputs, requires, gate=gate, scale=scale, path=path)
     tol = TOL[dtype]
     assert y.dtype == dtype and y.shape == (*x_shape[:-1], D_OUT)
     # the low-rank term matters in the formula (so this test can fail)
@@ -169,26 +191,28 @@ def test_values_and_grads(factors, with_bias, gate_kind, x_shape, scale, dtype):
         assert got["gate"].shape == () and got["gate"].dtype == dtype
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("requires", [
     ("x",), ("lora_a",), ("lora_b",), ("middle",), ("rank_weights",), ("gate",), ("bias",),
     ("lora_a", "lora_b"), ("x", "gate"), ("middle", "rank_weights", "gate"),
 ], ids=lambda r: "+".join(r))
 @pytest.mark.parametrize("gate", [1.0, 0.0], ids=["on", "off"])
-def test_grad_subsets(requires, gate):
+def test_grad_subsets(requires, gate, path):
     """Every subset of inputs needing grad takes its own branch of the backward."""
     inputs = make_inputs(F64, (2, 7, D_IN), middle=True, rank_weights=True, seed=3)
-    y, got, ref_y, ref, _ = run_both(inputs, list(requires), gate=gate, scale=-1.3)
+    y, got, ref_y, ref, _ = run_both(inputs, list(requires), gate=gate, scale=-1.3, path=path)
     assert rel(y, ref_y) < 1e-10
     assert set(got) == set(requires)
     assert_grads_match(got, ref, 1e-10)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("gate", [1.0, 0.0, 0.5, -2.0])
-def test_tensor_gate_grad_formula(gate):
+def test_tensor_gate_grad_formula(gate, path):
     """d gate = scale * sum((dy B) * v), spelled out (v = ((x A^T) M^T) * m)."""
     inputs = make_inputs(F64, (13, D_IN), middle=True, rank_weights=True, seed=4)
     scale = 0.61
-    y, got, ref_y, ref, _ = run_both(inputs, ["gate"], gate=gate, scale=scale, seed=9)
+    y, got, ref_y, ref, _ = run_both(inputs, ["gate"], gate=gate, scale=scale, seed=9, path=path)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=F64)
     v = ((inputs["x"] @ inputs["lora_a"].t()) @ inputs["middle"].t()) * inputs["rank_weights"]
     expected = scale * ((dy @ inputs["lora_b"]) * v).sum()
@@ -255,39 +279,42 @@ def test_noncontiguous_inputs():
 
 # --------------------------------------------------------------------------- CURLoRA gathering
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
 @pytest.mark.parametrize("x_shape", [(13, D_IN), (2, 7, D_IN)], ids=["2d", "3d"])
-def test_curlora_gathering(x_shape, index_dtype, with_bias, dtype):
+def test_curlora_gathering(x_shape, index_dtype, with_bias, dtype, path):
     inputs = make_inputs(dtype, x_shape, bias=with_bias, middle=True, seed=11)
     inputs["lora_a"] = None
     inputs["lora_b"] = None
     row_index = torch.tensor([3, 17, 3, 28, 0], dtype=index_dtype)   # rows of W (< d_out), repeated
     col_index = torch.tensor([36, 5, 5, 12, 5], dtype=index_dtype)   # columns of W (< d_in), repeated
     y, got, ref_y, ref, base = run_both(inputs, ["middle", "x"], scale=1.0,
-                                        row_index=row_index, col_index=col_index)
+                                        row_index=row_index, col_index=col_index, path=path)
     assert float((ref_y.detach() - base).norm()) > 1e-3 * float(base.norm())
     assert rel(y, ref_y) < TOL[dtype]
     assert_grads_match(got, ref, TOL[dtype])
 
 
-def test_curlora_middle_grad_nonzero_at_zero_init():
+@pytest.mark.parametrize("path", PATHS)
+def test_curlora_middle_grad_nonzero_at_zero_init(path):
     """dU = alpha (dy C)^T (x R^T) is nonzero at U = 0 (CURLoRA's init)."""
     inputs = make_inputs(F64, (13, D_IN), middle=True, seed=12)
     inputs.update(lora_a=None, lora_b=None, middle=torch.zeros(R, R, dtype=F64))
     rows, cols = torch.tensor([1, 2, 2, 9, 20]), torch.tensor([0, 0, 30, 7, 8])
-    y, got, ref_y, ref, base = run_both(inputs, ["middle"], row_index=rows, col_index=cols)
+    y, got, ref_y, ref, base = run_both(inputs, ["middle"], row_index=rows, col_index=cols, path=path)
     assert torch.equal(y.detach(), F.linear(inputs["x"], inputs["weight"], inputs["bias"]))
     assert float(got["middle"].norm()) > 0.1
     assert_grads_match(got, ref, 1e-10)
 
 
-def test_mixed_gathered_and_given_factors():
+@pytest.mark.parametrize("path", PATHS)
+def test_mixed_gathered_and_given_factors(path):
     inputs = make_inputs(F64, (13, D_IN), seed=13)
     inputs["lora_b"] = None
     cols = torch.tensor([4, 4, 0, 36, 11])
-    y, got, ref_y, ref, _ = run_both(inputs, ["x", "lora_a", "bias"], col_index=cols, scale=0.9)
+    y, got, ref_y, ref, _ = run_both(inputs, ["x", "lora_a", "bias"], col_index=cols, scale=0.9, path=path)
     assert rel(y, ref_y) < 1e-10
     assert_grads_match(got, ref, 1e-10)
 
@@ -309,17 +336,18 @@ def test_dropout_mask_properties():
     assert torch.equal(m4 != 0, m1 != 0)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("x_shape", [(13, D_IN), (2, 7, D_IN)], ids=["2d", "3d"])
 @pytest.mark.parametrize("gate_kind", ["float_on", "tensor_on", "tensor_off"])
-def test_dropout_values_and_grads(gate_kind, x_shape, dtype):
+def test_dropout_values_and_grads(gate_kind, x_shape, dtype, path):
     inputs = make_inputs(dtype, x_shape, middle=True, rank_weights=True, seed=21)
     gate = 0.0 if gate_kind.endswith("off") else 1.0
     requires = ["x", "bias", "lora_a", "lora_b", "middle", "rank_weights"]
     if gate_kind.startswith("tensor"):
         requires.append("gate")
     y, got, ref_y, ref, base = run_both(inputs, requires, gate=gate, scale=0.7, dropout=0.4,
-                                        dropout_seed=777)
+                                        dropout_seed=777, path=path)
     assert rel(y, ref_y) < TOL[dtype]
     assert_grads_match(got, ref, TOL[dtype])
     # the mask matters: the formula without dropout is far from the output
@@ -331,13 +359,14 @@ def test_dropout_values_and_grads(gate_kind, x_shape, dtype):
         assert torch.equal(y.detach(), F.linear(inputs["x"], inputs["weight"], inputs["bias"]))
 
 
-def test_dropout_with_gathered_rows():
+@pytest.mark.parametrize("path", PATHS)
+def test_dropout_with_gathered_rows(path):
     """With dropout the gathered-row shortcut t = Y0[:, I] must not be used."""
     inputs = make_inputs(F64, (13, D_IN), bias=False, middle=True, seed=22)
     inputs.update(lora_a=None, lora_b=None)
     rows, cols = torch.tensor([2, 2, 7, 0, 28]), torch.tensor([1, 36, 1, 3, 3])
     y, got, ref_y, ref, _ = run_both(inputs, ["x", "middle"], row_index=rows, col_index=cols,
-                                     dropout=0.25, dropout_seed=5)
+                                     dropout=0.25, dropout_seed=5, path=path)
     assert rel(y, ref_y) < 1e-10
     assert_grads_match(got, ref, 1e-10)
 
