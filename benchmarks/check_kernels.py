@@ -254,7 +254,7 @@ def dy_read_twice(n: int, d_out: int, r: int, dtype: torch.dtype) -> bool:
     from fastlora.kernels.triton.skinny import column_blocks, one_pass_is_cheaper
 
     dy = torch.empty(n, d_out, dtype=dtype, device="meta")
-    return not one_pass_is_cheaper(dy, r, column_blocks(d_out, r))
+    return not one_pass_is_cheaper(dy, r, column_blocks(d_out, r, dtype))
 
 
 def _each_skinny_case(ctx, result: dict, measure: Callable[[tuple], dict]) -> dict:

@@ -151,7 +151,8 @@ def test_skinny_kernels(blocks, checked, monkeypatch):
     projection, with rows and columns past 1.5 and 2.5 blocks; the split reductions' partial sums included."""
     kernel_tiles.force_skinny(monkeypatch, blocks)
     n, d_in, d_out = past(1.5, blocks["BLOCK_M"]), past(1.5, blocks["BLOCK_K"]), past(2.5, blocks["BLOCK_K"])
-    one_pass = [skinny.one_pass_is_cheaper(torch.empty(n, d_out), r, skinny.column_blocks(d_out, r)) for r in (5, 67)]
+    one_pass = [skinny.one_pass_is_cheaper(torch.empty(n, d_out), r, skinny.column_blocks(d_out, r, torch.float32))
+                for r in (5, 67)]
     assert one_pass == [True, False], "both ways of forming dP"
     check_shrink(n, d_in, 67, p=0.3)
     check_shrink(1, d_in, 5, gathered=True)

@@ -100,3 +100,24 @@ def test_launches_switch_device_only_with_several_gpus(gpus, monkeypatch):
             assert isinstance(context, launch_config.torch.cuda.device) and context.idx == 1
     finally:
         launch_config._one_visible_gpu.cache_clear()
+
+
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_fp32_skinny_tiles_without_tf32_reduce_over_32_columns(monkeypatch, tf32):
+    """fp32 operands with TF32 off (torch's default) take IEEE dots, FMAs whose operand tiles sit in registers:
+    the skinny kernels reduce over 32 columns (128 and 64 spilled, compiled for sm_90); with TF32 on, fp32
+    takes the tiles of the tensor-core dots, as bf16 does at every setting."""
+    import torch
+
+    monkeypatch.setattr(launch_config, "INTERPRETED", False)
+    previous = torch.backends.cuda.matmul.allow_tf32  # torch's switch (monkeypatch cannot read it back)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        for r_pad in (16, 32, 64, 128):
+            for dropout in (False, True):
+                bf16 = launch_config.skinny_blocks(r_pad, torch.bfloat16, dropout)
+                fp32 = launch_config.skinny_blocks(r_pad, torch.float32, dropout)
+                assert bf16["BLOCK_M"] == 64 and bf16["BLOCK_K"] == (128 if r_pad <= 32 and not dropout else 64)
+                assert fp32 == (bf16 if tf32 else {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4})
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous

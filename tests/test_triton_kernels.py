@@ -291,7 +291,7 @@ def test_partial_sums_stay_small(r, one_pass, monkeypatch, impl):
     from fastlora.kernels.triton.skinny import column_blocks, one_pass_is_cheaper
     n, d_out = 40, 150
     dy_bytes = n * d_out * 4
-    assert one_pass_is_cheaper(torch.empty(n, d_out), r, column_blocks(d_out, r)) == one_pass
+    assert one_pass_is_cheaper(torch.empty(n, d_out), r, column_blocks(d_out, r, torch.float32)) == one_pass
     shapes = []
     empty = torch.empty
 

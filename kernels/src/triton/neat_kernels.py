@@ -121,7 +121,7 @@ def neat_forward(weight: torch.Tensor, a_n: torch.Tensor, act: str) -> tuple[tor
     d_out, d_in = weight.shape
     r = a_n.shape[0]
     r_pad = pad_rank(r)
-    cfg = skinny_blocks(r_pad)
+    cfg = skinny_blocks(r_pad, weight.dtype)
     h = torch.empty(d_in, r, device=weight.device, dtype=weight.dtype)
     z = torch.empty_like(h)
     with launch_context(weight.device):
@@ -137,7 +137,7 @@ def neat_backward(dh: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, act: 
     d_out, d_in = weight.shape
     r = z.shape[1]
     r_pad = pad_rank(r)
-    cfg = skinny_blocks(r_pad)
+    cfg = skinny_blocks(r_pad, weight.dtype)
     da = torch.empty(r, d_out, device=weight.device, dtype=weight.dtype)
     with launch_context(weight.device):
         _neat_backward_kernel[(cdiv(d_out, cfg["BLOCK_M"]),)](

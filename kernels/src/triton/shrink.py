@@ -71,7 +71,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor, a_index: Optional[torch.Tensor], p:
     m, k = x.shape
     r = a_index.shape[0] if a_index is not None else a.shape[0]
     r_pad = pad_rank(r)
-    cfg = skinny_blocks(r_pad, dropout=p > 0.0)
+    cfg = skinny_blocks(r_pad, x.dtype, dropout=p > 0.0)
     m_blocks = cdiv(m, cfg["BLOCK_M"])
     n_split, k_per_split = split_reduction(k, cfg["BLOCK_K"], m_blocks, x.device)
     part = partial_buffer(n_split, (m, r), torch.float32, x.device)

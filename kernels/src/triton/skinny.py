@@ -85,9 +85,9 @@ def _dy_columns_kernel(dy_ptr, b_ptr, b_idx_ptr, v_ptr, gate_ptr, dp_part_ptr, d
         tl.store(dbias_part_ptr + pid_s.to(tl.int64) * D + offs_d, acc_dbias, mask=d_ok)
 
 
-def column_blocks(d: int, r: int) -> int:
-    """Column blocks of the dy pass over d columns at rank r."""
-    return cdiv(d, skinny_blocks(pad_rank(r))["BLOCK_K"])
+def column_blocks(d: int, r: int, dtype: torch.dtype) -> int:
+    """Column blocks of the dy pass over d columns of dtype at rank r."""
+    return cdiv(d, skinny_blocks(pad_rank(r), dtype)["BLOCK_K"])
 
 
 def one_pass_is_cheaper(dy: torch.Tensor, r: int, d_blocks: int) -> bool:
@@ -112,7 +112,7 @@ def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], 
     m, d = dy.shape
     r = b_index.shape[0] if b_index is not None else b.shape[0]
     r_pad = pad_rank(r)
-    cfg = skinny_blocks(r_pad)
+    cfg = skinny_blocks(r_pad, dy.dtype)
     d_blocks = cdiv(d, cfg["BLOCK_K"])
     columns_needed = v is not None or need_bias
     dp_in_columns = columns_needed and one_pass_is_cheaper(dy, r, d_blocks)
@@ -210,7 +210,7 @@ def down_grad(dt: torch.Tensor, x: torch.Tensor, p: float = 0.0, seed: Optional[
     m, k = x.shape
     r = dt.shape[1]
     r_pad = pad_rank(r)
-    cfg = skinny_blocks(r_pad)
+    cfg = skinny_blocks(r_pad, x.dtype)
     k_blocks = cdiv(k, cfg["BLOCK_K"])
     n_split, rows_per_split = split_reduction(m, cfg["BLOCK_M"], k_blocks, x.device)
     part = partial_buffer(n_split, (r, k), out_dtype, x.device)
