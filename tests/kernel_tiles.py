@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from unittest import mock
 
-import torch
 import triton
 
 from fastlora.kernels.triton import (
@@ -62,8 +61,8 @@ def persistent_tiles() -> list[dict]:
 def skinny_tiles() -> list[dict]:
     """Blocks of the skinny kernels: every value ``skinny_blocks`` takes on a GPU, then SMALL_SKINNY."""
     with mock.patch.object(launch_config, "INTERPRETED", False):
-        gpu = [launch_config.skinny_blocks(r_pad, dtype, dropout) for r_pad in (16, 32, 64, 128)
-               for dtype in (torch.bfloat16, torch.float32) for dropout in (False, True)]
+        gpu = [launch_config.skinny_blocks(r_pad, precision, dropout) for r_pad in (16, 32, 64, 128)
+               for precision in ("tf32", "ieee") for dropout in (False, True)]
     blocks = []
     for cfg in gpu + list(SMALL_SKINNY):
         cfg = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_K": cfg["BLOCK_K"]}
@@ -93,9 +92,9 @@ def force_persistent(monkeypatch, blocks: dict) -> None:
 
 
 def force_skinny(monkeypatch, blocks: dict) -> None:
-    """The shrink, dy-pass, dA and NEAT kernels run with these (BLOCK_M, BLOCK_K) whatever the rank, dtype and
-    dropout."""
-    def fixed(r_pad, dtype, dropout=False):
+    """The shrink, dy-pass, dA and NEAT kernels run with these (BLOCK_M, BLOCK_K) whatever the rank, precision
+    and dropout."""
+    def fixed(r_pad, precision, dropout=False):
         return {**blocks, "num_warps": 4}
     for module in (shrink, skinny, neat_kernels):
         monkeypatch.setattr(module, "skinny_blocks", fixed)

@@ -115,8 +115,8 @@ def test_fp32_skinny_tiles_without_tf32_reduce_over_32_columns(monkeypatch, tf32
     try:
         for r_pad in (16, 32, 64, 128):
             for dropout in (False, True):
-                bf16 = launch_config.skinny_blocks(r_pad, torch.bfloat16, dropout)
-                fp32 = launch_config.skinny_blocks(r_pad, torch.float32, dropout)
+                bf16 = launch_config.skinny_blocks(r_pad, launch_config.dot_precision(torch.bfloat16), dropout)
+                fp32 = launch_config.skinny_blocks(r_pad, launch_config.dot_precision(torch.float32), dropout)
                 assert bf16["BLOCK_M"] == 64 and bf16["BLOCK_K"] == (128 if r_pad <= 32 and not dropout else 64)
                 assert fp32 == (bf16 if tf32 else {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4})
     finally:

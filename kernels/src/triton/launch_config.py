@@ -127,16 +127,17 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def skinny_blocks(r_pad: int, dtype: torch.dtype, dropout: bool = False) -> dict:
-    """Tiles of the skinny kernels (shrink, dP/dB pass, dA, NEAT's projection) over operands of
-    ``dtype``: (rows, reduction columns) and warps. ``dropout``: the shrink masks its x tile in
-    registers (the mask's integer work holds a second tile): 64 columns, as 128 spilled compiled
-    for sm_90. IEEE fp32 dots (fp32 operands with TF32 off, torch's default) are FMAs whose operand
-    tiles sit in registers: 32 columns, as 128 (and 64) spilled compiled for sm_90 (dA with dropout
-    at 255 registers and 200-320 B of stack, the dy pass with dbias at r = 8); at 32 none spills."""
+def skinny_blocks(r_pad: int, precision: str, dropout: bool = False) -> dict:
+    """Tiles of the skinny kernels (shrink, dP/dB pass, dA, NEAT's projection) whose dots run at
+    ``precision`` (``dot_precision``): (rows, reduction columns) and warps. ``dropout``: the shrink
+    masks its x tile in registers (the mask's integer work holds a second tile): 64 columns, as 128
+    spilled compiled for sm_90. "ieee" (fp32 operands with TF32 off, torch's default) dots are FMAs
+    whose operand tiles sit in registers: 32 columns, as 128 (and 64) spilled compiled for sm_90
+    (dA with dropout at 255 registers and 200-320 B of stack, the dy pass with dbias at r = 8); at
+    32 none spills."""
     if INTERPRETED:
         return {"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4}
-    if dot_precision(dtype) == "ieee":
+    if precision == "ieee":
         return {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4}
     return {"BLOCK_M": 64, "BLOCK_K": 128 if r_pad <= 32 and not dropout else 64, "num_warps": 4}
 

@@ -121,13 +121,14 @@ def neat_forward(weight: torch.Tensor, a_n: torch.Tensor, act: str) -> tuple[tor
     d_out, d_in = weight.shape
     r = a_n.shape[0]
     r_pad = pad_rank(r)
-    cfg = skinny_blocks(r_pad, weight.dtype)
+    precision = dot_precision(weight.dtype)
+    cfg = skinny_blocks(r_pad, precision)
     h = torch.empty(d_in, r, device=weight.device, dtype=weight.dtype)
     z = torch.empty_like(h)
     with launch_context(weight.device):
         _neat_forward_kernel[(cdiv(d_in, cfg["BLOCK_M"]),)](
             weight, a_n, h, z, d_out, d_in, r, weight.stride(0), weight.stride(1), a_n.stride(0), a_n.stride(1),
-            ACT=ACT_CODES[act], R_PAD=r_pad, PRECISION=dot_precision(weight.dtype),
+            ACT=ACT_CODES[act], R_PAD=r_pad, PRECISION=precision,
             BLOCK_I=cfg["BLOCK_M"], BLOCK_O=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     return h, z
 
@@ -137,12 +138,13 @@ def neat_backward(dh: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, act: 
     d_out, d_in = weight.shape
     r = z.shape[1]
     r_pad = pad_rank(r)
-    cfg = skinny_blocks(r_pad, weight.dtype)
+    precision = dot_precision(weight.dtype)
+    cfg = skinny_blocks(r_pad, precision)
     da = torch.empty(r, d_out, device=weight.device, dtype=weight.dtype)
     with launch_context(weight.device):
         _neat_backward_kernel[(cdiv(d_out, cfg["BLOCK_M"]),)](
             weight, dh, z, da, d_out, d_in, r, weight.stride(0), weight.stride(1),
             dh.stride(0), dh.stride(1), z.stride(0), z.stride(1),
-            ACT=ACT_CODES[act], R_PAD=r_pad, PRECISION=dot_precision(weight.dtype),
+            ACT=ACT_CODES[act], R_PAD=r_pad, PRECISION=precision,
             BLOCK_O=cfg["BLOCK_M"], BLOCK_I=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     return da

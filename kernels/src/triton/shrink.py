@@ -71,7 +71,8 @@ def shrink(x: torch.Tensor, a: torch.Tensor, a_index: Optional[torch.Tensor], p:
     m, k = x.shape
     r = a_index.shape[0] if a_index is not None else a.shape[0]
     r_pad = pad_rank(r)
-    cfg = skinny_blocks(r_pad, x.dtype, dropout=p > 0.0)
+    precision = dot_precision(x.dtype)
+    cfg = skinny_blocks(r_pad, precision, dropout=p > 0.0)
     m_blocks = cdiv(m, cfg["BLOCK_M"])
     n_split, k_per_split = split_reduction(k, cfg["BLOCK_K"], m_blocks, x.device)
     part = partial_buffer(n_split, (m, r), torch.float32, x.device)
@@ -79,6 +80,6 @@ def shrink(x: torch.Tensor, a: torch.Tensor, a_index: Optional[torch.Tensor], p:
         _shrink_kernel[(m_blocks, n_split)](
             x, a, a_index if a_index is not None else a, part, seed if p > 0.0 else part, m, k, r, k_per_split,
             keep_threshold(p), 1.0 / (1.0 - p), x.stride(0), x.stride(1), a.stride(0), a.stride(1),
-            A_GATHER=a_index is not None, DROPOUT=p > 0.0, R_PAD=r_pad, PRECISION=dot_precision(x.dtype),
+            A_GATHER=a_index is not None, DROPOUT=p > 0.0, R_PAD=r_pad, PRECISION=precision,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     return sum_partials(part, n_split, torch.float32)

@@ -87,7 +87,7 @@ def _dy_columns_kernel(dy_ptr, b_ptr, b_idx_ptr, v_ptr, gate_ptr, dp_part_ptr, d
 
 def column_blocks(d: int, r: int, dtype: torch.dtype) -> int:
     """Column blocks of the dy pass over d columns of dtype at rank r."""
-    return cdiv(d, skinny_blocks(pad_rank(r), dtype)["BLOCK_K"])
+    return cdiv(d, skinny_blocks(pad_rank(r), dot_precision(dtype))["BLOCK_K"])
 
 
 def one_pass_is_cheaper(dy: torch.Tensor, r: int, d_blocks: int) -> bool:
@@ -112,7 +112,8 @@ def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], 
     m, d = dy.shape
     r = b_index.shape[0] if b_index is not None else b.shape[0]
     r_pad = pad_rank(r)
-    cfg = skinny_blocks(r_pad, dy.dtype)
+    precision = dot_precision(dy.dtype)
+    cfg = skinny_blocks(r_pad, precision)
     d_blocks = cdiv(d, cfg["BLOCK_K"])
     columns_needed = v is not None or need_bias
     dp_in_columns = columns_needed and one_pass_is_cheaper(dy, r, d_blocks)
@@ -135,7 +136,7 @@ def dy_pass(dy: torch.Tensor, b: torch.Tensor, b_index: Optional[torch.Tensor], 
             float(v_scale), dy.stride(0), dy.stride(1), b.stride(0), b.stride(1),
             v.stride(0) if v is not None else 0, v.stride(1) if v is not None else 0,
             B_GATHER=b_index is not None, COMPUTE_DP=dp_in_columns, COMPUTE_DB=v is not None,
-            COMPUTE_DBIAS=need_bias, GATE_PTR=gate is not None, R_PAD=r_pad, PRECISION=dot_precision(dy.dtype),
+            COMPUTE_DBIAS=need_bias, GATE_PTR=gate is not None, R_PAD=r_pad, PRECISION=precision,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     if dp_in_columns:
         dp = sum_partials(dp_part, d_blocks, torch.float32)
@@ -210,7 +211,8 @@ def down_grad(dt: torch.Tensor, x: torch.Tensor, p: float = 0.0, seed: Optional[
     m, k = x.shape
     r = dt.shape[1]
     r_pad = pad_rank(r)
-    cfg = skinny_blocks(r_pad, x.dtype)
+    precision = dot_precision(x.dtype)
+    cfg = skinny_blocks(r_pad, precision)
     k_blocks = cdiv(k, cfg["BLOCK_K"])
     n_split, rows_per_split = split_reduction(m, cfg["BLOCK_M"], k_blocks, x.device)
     part = partial_buffer(n_split, (r, k), out_dtype, x.device)
@@ -219,6 +221,6 @@ def down_grad(dt: torch.Tensor, x: torch.Tensor, p: float = 0.0, seed: Optional[
             dt, x, part, seed if p > 0.0 else part, gate if gate is not None else part, m, k, r, rows_per_split,
             float(dt_scale), keep_threshold(p), 1.0 / (1.0 - p),
             dt.stride(0), dt.stride(1), x.stride(0), x.stride(1),
-            DROPOUT=p > 0.0, GATE_PTR=gate is not None, R_PAD=r_pad, PRECISION=dot_precision(x.dtype),
+            DROPOUT=p > 0.0, GATE_PTR=gate is not None, R_PAD=r_pad, PRECISION=precision,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     return sum_partials(part, n_split, out_dtype)
