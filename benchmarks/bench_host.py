@@ -14,11 +14,10 @@ launch's own cost (cuBLAS, torch's kernels, Triton's launcher). Variants, each i
 - ``inject``: the AdapterLinear of ``fastlora.inject`` on a one-layer model (backend "torch");
 
 the adapted ones without dropout, with dropout 0.05 (``_dropout``), with dropout 0.05 under
-autocast (``_autocast``: the fp32 layer and adapters computed in half precision, PEFT's default
-setup of a training run; bfloat16 on a GPU, float16 on the CPU, where the Triton interpreter refuses
-bf16), and without dropout under ``torch.no_grad`` (``_no_grad``: evaluation and generation). A
-call: the forward, then ``torch.autograd.grad`` of the output with a fixed dy with respect to x and
-the trainable factors; under ``_no_grad`` the forward alone. ``--stack K``: each variant is K such
+bfloat16 autocast (``_autocast``: the fp32 layer and adapters computed in bf16, PEFT's default
+setup of a training run), and without dropout under ``torch.no_grad`` (``_no_grad``: evaluation
+and generation). A call: the forward, then ``torch.autograd.grad`` of the output with a fixed dy
+with respect to x and the trainable factors; under ``_no_grad`` the forward alone. ``--stack K``: each variant is K such
 layers in an nn.Sequential and a call runs all K forward, then their backward, as a step runs a
 model's layers ("us_per_layer" is the time per call over K). Repeating the same path K times keeps
 its code warm, which favours the variant whose path is shorter: per layer, PEFT's time falls further
@@ -40,11 +39,13 @@ its overhead inflates them, so read them relative to each other). JSON:
 benchmarks/results/host_path_cpu[_quick].json; on a GPU host_path_<plan>_<gpu>[_quick].json.
 
 ``--plan cublas`` on the CPU times the GPU default plan's host path: fastlora's layers run the cublas
-plan on CPU tensors with every Triton launch replaced by a stub that counts it and returns at once
-(the process runs under TRITON_INTERPRET=1 so that the plan accepts CPU tensors; the interpreter never
-executes a kernel). What is timed is the plan's Python, torch ops and autograd work without Triton's
-own launch cost, which a GPU adds per counted launch ("triton_launches"). The outputs are not
-computed values: this mode measures time only. JSON: host_path_cublas_stubbed_cpu[_quick].json.
+plan on CPU tensors with Triton's offline driver (``offline_triton``: each kernel compiled once for
+sm_90 with Triton's own ptxas, in a process without TRITON_INTERPRET). Every launch then runs
+Triton's own launch path (argument binding, specialization key, kernel-cache lookup) and stops
+where the driver would launch: what is timed is the plan's Python, torch ops, autograd and Triton
+dispatch work, all but the driver's launch call itself. The outputs are not computed values: this
+mode measures time only. JSON: host_path_cublas_offline_cpu[_quick].json, with the compiled kernels
+("compiled": name, registers, compile seconds).
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ import torch
 from torch import nn
 
 from .bench_adapted_linear import RESULTS, device_name, peft_layer, pick_device, slug, version
-from .host_instruments import count_ops, counted_triton, forced_plan, python_top, quartiles, stubbed_triton, time_blocks
+from .host_instruments import count_ops, counted_triton, forced_plan, python_top, quartiles, time_blocks
 from .isolated import run_child, write_json
 from .train_step import synchronize
 
@@ -83,8 +84,10 @@ class Setting(NamedTuple):
 #: variant suffix -> its setting
 SETTINGS = {"": Setting(0.0, False), "_dropout": Setting(DROPOUT, False), "_autocast": Setting(DROPOUT, True),
             "_no_grad": Setting(0.0, False, grad=False)}
-#: autocast's dtype per device type (the Triton interpreter refuses bf16)
-AUTOCAST_DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float16}
+#: the compute dtype of the ``_autocast`` variants
+AUTOCAST_DTYPE = torch.bfloat16
+#: the GPU architecture the offline driver compiles for (``--plan cublas`` on the CPU): the H100's and H200's
+OFFLINE_ARCH = 90
 WARMUP, ROUNDS, CALLS = 200, 21, 200
 QUICK = {"warmup": 20, "rounds": 5, "calls": 20}
 #: the repetitions and the stack of gpu_check's section "host" (a few seconds per plan)
@@ -160,7 +163,7 @@ def suffix_of(name: str) -> str:
 
 
 def call_of(layer: nn.Module, t: dict, setting: Setting = SETTINGS[""]) -> Callable[[], object]:
-    """One forward (under autocast, in ``AUTOCAST_DTYPES``' dtype, when the setting says so) + backward of
+    """One forward (under ``AUTOCAST_DTYPE``'s autocast when the setting says so) + backward of
     ``layer`` (gradients of x and its trainable parameters), or the forward alone under torch.no_grad."""
     if not setting.grad:
         def forward():
@@ -171,11 +174,10 @@ def call_of(layer: nn.Module, t: dict, setting: Setting = SETTINGS[""]) -> Calla
     if not setting.autocast:
         return lambda: torch.autograd.grad(layer(t["x"]), inputs, t["dy"])
     device_type = t["x"].device.type
-    dtype = AUTOCAST_DTYPES[device_type]
-    dy = t["dy"].to(dtype)
+    dy = t["dy"].to(AUTOCAST_DTYPE)
 
     def call():
-        with torch.autocast(device_type, dtype=dtype):
+        with torch.autocast(device_type, dtype=AUTOCAST_DTYPE):
             y = layer(t["x"])
         return torch.autograd.grad(y, inputs, dy)
     return call
@@ -183,17 +185,15 @@ def call_of(layer: nn.Module, t: dict, setting: Setting = SETTINGS[""]) -> Calla
 
 def measure(settings: dict, plan: str = "torch", device: torch.device = torch.device("cpu"), stack: int = 1) -> dict:
     """Every variant's median host time per call (and per layer of a ``stack``), its ratio to PEFT's, its
-    aten operators and its Triton launches per call (stubbed on the CPU, counted and run on a GPU);
+    aten operators and its Triton launches per call (counted; on the CPU stopped before the driver's launch);
     ``settings``: warmup, rounds, calls."""
     torch.set_num_threads(1)
     t = host_tensors(torch.Generator().manual_seed(0), device)
     calls = {name: call_of(layer, t, SETTINGS[suffix_of(name)]) for name, layer in layers(t, plan, stack).items()}
     launches: Counter = Counter()  # of every Triton launch while the counter is in place
-    gpu = device.type == "cuda"
-    autocast_dtype = str(AUTOCAST_DTYPES[device.type]).removeprefix("torch.")
+    autocast_dtype = str(AUTOCAST_DTYPE).removeprefix("torch.")
     sync = functools.partial(synchronize, device)
-    counter = counted_triton if gpu else stubbed_triton if plan != "torch" else None
-    with forced_plan(plan), counter(launches) if counter else contextlib.nullcontext():
+    with forced_plan(plan), counted_triton(launches) if plan != "torch" else contextlib.nullcontext():
         blocks = time_blocks(calls, settings["warmup"], settings["rounds"], settings["calls"], sync)
         times = {name: [wall for wall, _ in rows] for name, rows in blocks.items()}
         variants = {}
@@ -219,9 +219,9 @@ def measure(settings: dict, plan: str = "torch", device: torch.device = torch.de
 
 
 def render(report: dict) -> str:
-    stubbed = report["plan"] != "torch" and not report["gpu"]
+    offline = report["plan"] != "torch" and not report["gpu"]
     lines = [f"bench_host on {report['device']}, fastlora on the {report['plan']} plan"
-             f"{' (Triton launches stubbed)' if stubbed else ''}: x ({TOKENS}, {D_IN}), "
+             f"{' (Triton offline: launches stop at the driver)' if offline else ''}: x ({TOKENS}, {D_IN}), "
              f"{D_IN} -> {D_OUT}, r = {R}, {report['stack']} layer(s) per call; {report['note']}",
              f"  {'variant':20s} {'dropout':>7s} {'autocast':>8s} {'us/call':>9s} {'us/layer':>9s} {'x PEFT':>7s} "
              f"{'paired (quartiles)':>19s} {'aten ops':>8s} {'launches':>8s}"]
@@ -234,13 +234,13 @@ def render(report: dict) -> str:
 
 
 def default_out(plan: str, device: torch.device, quick: bool, stack: int = 1) -> Path:
-    """benchmarks/results/host_path_cpu.json (torch plan) or host_path_<plan>_stubbed_cpu.json on the CPU,
+    """benchmarks/results/host_path_cpu.json (torch plan) or host_path_<plan>_offline_cpu.json on the CPU,
     host_path_<plan>_<gpu>.json on a GPU; ``_stack<K>`` then ``_quick`` before the suffix with --stack K
     (K > 1) and --quick."""
     if device.type == "cuda":
         stem = f"host_path_{plan}_{slug(device_name(device))}"
     else:
-        stem = "host_path_cpu" if plan == "torch" else f"host_path_{plan}_stubbed_cpu"
+        stem = "host_path_cpu" if plan == "torch" else f"host_path_{plan}_offline_cpu"
     return RESULTS / f"{stem}{f'_stack{stack}' if stack > 1 else ''}{'_quick' if quick else ''}.json"
 
 
@@ -294,7 +294,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_host", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cpu (the default: the cublas plan's launches stubbed), or cuda (every launch run)")
+                        help="cpu (the default: the cublas plan's launches stop at the driver), or cuda (every "
+                             "launch run)")
     parser.add_argument("--quick", action="store_true", help=f"fewer repetitions {QUICK} (a check of the script)")
     parser.add_argument("--repeats", default=None, metavar="WARMUP,ROUNDS,CALLS",
                         help=f"repetitions (default {WARMUP},{ROUNDS},{CALLS}; gpu_check: "
@@ -308,12 +309,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.stack < 1:
         parser.error(f"--stack must be at least 1, got {args.stack}")
     device = pick_device(args.device)
-    if device.type == "cpu" and args.plan != "torch" and os.environ.get("TRITON_INTERPRET") != "1":
-        # the plan takes CPU tensors only under the interpreter, which Triton reads when it is imported
-        argv = sys.argv[1:] if argv is None else argv
-        done = subprocess.run([sys.executable, "-m", "benchmarks.bench_host", *argv],
-                              env={**os.environ, "TRITON_INTERPRET": "1"})
-        raise SystemExit(done.returncode)
+    compiled: list[dict] = []
+    if device.type == "cpu" and args.plan != "torch":
+        if os.environ.get("TRITON_INTERPRET") == "1":  # Triton reads it when it is imported: a process without it
+            argv = sys.argv[1:] if argv is None else argv
+            env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+            raise SystemExit(subprocess.run([sys.executable, "-m", "benchmarks.bench_host", *argv], env=env).returncode)
+        from .offline_triton import install_offline_triton
+        install_offline_triton(OFFLINE_ARCH, compiled)
     if args.repeats:
         settings = dict(zip(("warmup", "rounds", "calls"), map(int, args.repeats.split(","))))
     else:
@@ -322,6 +325,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
               "peft": version("peft"), "plan": args.plan,
               "shape": {"tokens": TOKENS, "d_in": D_IN, "d_out": D_OUT, "r": R, "dtype": "float32"},
               "note": NOTES[device.type], **measure(settings, args.plan, device, args.stack)}
+    if compiled:
+        report["compiled"] = compiled
     out = args.out or default_out(args.plan, device, args.quick, args.stack)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)

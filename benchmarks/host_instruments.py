@@ -2,8 +2,8 @@
 goes, and interleaved block timing of several variants.
 
 - ``count_ops``: the aten operators one call dispatches (a TorchDispatchMode counting them);
-- ``counted_triton`` / ``stubbed_triton``: every Triton launch counted by kernel (run on a GPU; skipped
-  under the interpreter, so that the plan's host work is timed without the kernels);
+- ``counted_triton``: every Triton launch counted by kernel (then run: on a GPU, or by the offline driver of
+  ``offline_triton``, which stops before the driver's launch);
 - ``python_top``: the Python functions with the most own time per call (cProfile);
 - ``time_blocks``: microseconds per call of each variant, the variants taking turns in rounds;
 - ``forced_plan``: ``auto`` runs one named plan meanwhile (accelerated PEFT layers included).
@@ -47,7 +47,7 @@ def count_ops(call: Callable[[], object]) -> Counter:
 
 @contextlib.contextmanager
 def counted_triton(launches: Counter) -> Iterator[None]:
-    """Every Triton launch on the GPU counted in ``launches`` (by kernel name), then run."""
+    """Every Triton launch counted in ``launches`` (by kernel name), then run."""
     from triton.runtime.jit import JITFunction
 
     run = JITFunction.run
@@ -61,22 +61,6 @@ def counted_triton(launches: Counter) -> Iterator[None]:
         yield
     finally:
         JITFunction.run = run
-
-
-@contextlib.contextmanager
-def stubbed_triton(launches: Counter) -> Iterator[None]:
-    """Every interpreted Triton launch counted in ``launches`` (by kernel name) and skipped."""
-    from triton.runtime import interpreter
-
-    def record(self, *args, grid, warmup, **kwargs):
-        launches[self.fn.__name__] += 1
-
-    run = interpreter.InterpretedFunction.run
-    interpreter.InterpretedFunction.run = record
-    try:
-        yield
-    finally:
-        interpreter.InterpretedFunction.run = run
 
 
 def python_top(call: Callable[[], object], calls: int, k: int = PYTHON_TOP) -> list[dict]:
