@@ -12,7 +12,7 @@ import torch
 
 from fastlora.kernels import adapted_linear, dropout_mask
 from fastlora.kernels.eligibility import triton_backend, triton_interpreter_on
-from fastlora.kernels.philox import philox4x32, philox_mask, random_words, seed_tensor
+from fastlora.kernels.philox import keep_threshold, philox4x32, philox_mask, random_words, seed_tensor
 
 MASK32 = 0xFFFFFFFF
 
@@ -62,6 +62,39 @@ def test_philox_known_answers(counter, key, expected):
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_mask_matches_scalar_reference(seed, p):
     assert torch.equal(philox_mask(9, 22, p, seed_tensor(seed, "cpu"), torch.float64), mask_scalar(9, 22, p, seed))
+
+
+def p_at_the_draw_of(seed: int, row: int, col: int) -> float:
+    """The drop rate whose threshold round(p 2^31) is entry (row, col)'s own 31-bit draw (exact in a float)."""
+    word = int(random_words(seed_tensor(seed, "cpu"), torch.tensor([row]), torch.tensor([col]))[0, 0]) >> 1
+    p = word / 2**31
+    assert keep_threshold(p) == word
+    return p
+
+
+def test_an_entry_whose_draw_equals_the_threshold_is_kept():
+    """Kept when word >> 1 >= round(p 2^31): at a p whose threshold is one entry's draw, that entry stays."""
+    p = p_at_the_draw_of(1234, 3, 6)
+    mask = philox_mask(5, 9, p, seed_tensor(1234, "cpu"), torch.float64)
+    assert mask[3, 6] == 1 / (1 - p)
+    assert torch.equal(mask, mask_scalar(5, 9, p, 1234))
+
+
+@pytest.mark.parametrize("seed", [-(2**63), -1, 0, 2**63 - 1])
+def test_seed_tensor_holds_every_64_bit_seed(seed):
+    assert seed_tensor(seed, "cpu").tolist() == [seed]
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1])
+def test_seed_tensor_refuses_seeds_past_64_bits(seed):
+    with pytest.raises(ValueError, match=f"dropout_seed must fit in 64 bits, got {seed}"):
+        seed_tensor(seed, "cpu")
+
+
+@pytest.mark.parametrize("seed", [True, 1.5, "3", None])
+def test_seed_tensor_refuses_what_is_not_an_int(seed):
+    with pytest.raises(TypeError, match=f"dropout_seed must be an int, got {type(seed).__name__}"):
+        seed_tensor(seed, "cpu")
 
 
 def test_keep_rate_and_independence():
@@ -134,3 +167,7 @@ def test_triton_kernel_draws_the_same_mask():
     got = kernel_mask(2, 12, 0.5, 8, device, rows=rows).cpu()
     want = (random_words(seed_tensor(8, "cpu"), rows, torch.arange(12)) >> 1) >= 2**30
     assert torch.equal(got != 0, want)
+    # an entry whose draw equals the threshold is kept, as in the torch draw
+    p = p_at_the_draw_of(1234, 3, 6)
+    got = kernel_mask(5, 9, p, 1234, device).cpu()
+    assert got[3, 6] != 0 and torch.equal(got != 0, mask_scalar(5, 9, p, 1234) != 0)

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastlora.kernels import (
     ACTIVATIONS,
@@ -197,10 +198,13 @@ def test_values_and_grads(factors, with_bias, gate_kind, x_shape, scale, dtype, 
     ("lora_a", "lora_b"), ("x", "gate"), ("middle", "rank_weights", "gate"),
 ], ids=lambda r: "+".join(r))
 @pytest.mark.parametrize("gate", [1.0, 0.0], ids=["on", "off"])
-def test_grad_subsets(requires, gate, path):
-    """Every subset of inputs needing grad takes its own branch of the backward."""
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["nodrop", "drop"])
+def test_grad_subsets(requires, gate, dropout, path):
+    """Every subset of inputs needing grad takes its own branch of the backward (with dropout: the mask is
+    drawn for dA alone too)."""
     inputs = make_inputs(F64, (2, 7, D_IN), middle=True, rank_weights=True, seed=3)
-    y, got, ref_y, ref, _ = run_both(inputs, list(requires), gate=gate, scale=-1.3, path=path)
+    y, got, ref_y, ref, _ = run_both(inputs, list(requires), gate=gate, scale=-1.3, dropout=dropout,
+                                     dropout_seed=31, path=path)
     assert rel(y, ref_y) < 1e-10
     assert set(got) == set(requires)
     assert_grads_match(got, ref, 1e-10)
@@ -295,6 +299,37 @@ def test_curlora_gathering(x_shape, index_dtype, with_bias, dtype, path):
     assert float((ref_y.detach() - base).norm()) > 1e-3 * float(base.norm())
     assert rel(y, ref_y) < TOL[dtype]
     assert_grads_match(got, ref, TOL[dtype])
+
+
+class XProducts(TorchDispatchMode):
+    """Counts the matrix products whose left operand has x's shape."""
+
+    def __init__(self, x_shape):
+        super().__init__()
+        self.x_shape, self.count = tuple(x_shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        operand = args[1] if func.overloadpacket is torch.ops.aten.addmm else args[0]
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm) and tuple(operand.shape) == self.x_shape:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("bias,dropout,products", [(False, 0.0, 1), (True, 0.0, 2), (False, 0.25, 2)],
+                         ids=["nobias", "bias", "dropout"])
+def test_gathered_rows_take_t_from_the_base_output(bias, dropout, products):
+    """CURLoRA without dropout or bias: t = x W[I]^T is read from the columns I of x W^T (one product over
+    x, the base's), not formed again; with a bias (in the base output) or dropout (on x) by its own product."""
+    inputs = make_inputs(F64, (13, D_IN), bias=bias, middle=True, seed=14)
+    x, weight = inputs["x"], inputs["weight"]
+    rows, cols = torch.tensor([3, 17, 3, 28, 0]), torch.tensor([36, 5, 5, 12, 5])
+    with XProducts(x.shape) as counter:
+        y = adapted_linear(x, weight, inputs["bias"], None, None, middle=inputs["middle"], row_index=rows,
+                           col_index=cols, dropout=dropout, dropout_seed=3, backend="torch")
+    assert counter.count == products
+    mask = dropout_mask(13, D_IN, dropout, 3, "cpu", F64) if dropout else None
+    expected, _ = formula(x, weight, inputs["bias"], weight[rows], weight[:, cols], inputs["middle"], mask=mask)
+    assert rel(y, expected) < 1e-12
 
 
 @pytest.mark.parametrize("path", PATHS)
