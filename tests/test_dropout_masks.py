@@ -97,3 +97,30 @@ def test_the_mask_kernel_writes_the_philox_mask_in_the_requested_dtype(dtype):
 
     got = kernel_mask(9, 22, 0.4, 5, "cpu", dtype)
     assert got.dtype == dtype and torch.equal(got, philox_mask(9, 22, 0.4, seed_tensor(5, "cpu"), dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_mask_in_each_dtype_is_the_float64_mask(cpu_only, dtype):
+    """The same kept entries in every dtype, each scaled by 1 / (1 - p) rounded to the dtype."""
+    p = 0.35
+    want = dropout_mask(40, 33, p, 21, dtype=F64)
+    got = dropout_mask(40, 33, p, 21, dtype=dtype)
+    assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+
+
+@pytest.mark.parametrize("interpreted", ["0", "1"])
+def test_dropout_rate_zero_keeps_everything_and_rates_outside_0_1_are_refused(monkeypatch, interpreted):
+    monkeypatch.setenv("TRITON_INTERPRET", interpreted)
+    assert torch.equal(dropout_mask(6, 10, 0.0, 3), torch.ones(6, 10))
+    for p in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match=rf"p must lie in \[0, 1\), got {p}"):
+            dropout_mask(6, 10, p, 3)
+
+
+def test_the_kernels_draw_on_every_device_but_a_cpu_without_the_interpreter(monkeypatch):
+    from fastlora.kernels.masks import kernels_draw
+
+    for interpreted, on_cpu in (("0", False), ("1", True)):
+        monkeypatch.setenv("TRITON_INTERPRET", interpreted)
+        assert kernels_draw(torch.device("cpu")) is on_cpu
+        assert kernels_draw(torch.device("cuda", 0)) is True
