@@ -527,6 +527,16 @@ def test_every_activation_has_a_formula_here():
         f"add a float64 formula for {sorted(set(ACTIVATIONS) - set(_act_formulas()))}"
 
 
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_activation_grads_are_autograds_including_at_zero(act):
+    """act'(z) as torch's autograd differentiates act, at exact zeros too (relu'(0) = 0, as torch's relu)."""
+    from fastlora.kernels.activations import activation, activation_grad
+
+    z = torch.tensor([-1.5, -0.0, 0.0, 0.3, 2.0], dtype=F64, requires_grad=True)
+    (want,) = torch.autograd.grad(activation(act, z).sum(), z)
+    torch.testing.assert_close(activation_grad(act, z.detach()), want, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
 def test_neat_projection_values_and_grads(act, dtype):

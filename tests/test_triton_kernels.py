@@ -398,6 +398,7 @@ def test_neat_projection(act, dtype):
     d_out, d_in, r = 29, 45, 6
     weight = (torch.randn(d_out, d_in, generator=g, dtype=F64) / math.sqrt(d_out)).to(DEVICE, dtype)
     a_n = (torch.randn(r, d_out, generator=g, dtype=F64)).to(DEVICE, dtype)
+    a_n[2] = 0.0  # Z's column 2 is exactly 0, where act'(0) applies (relu'(0) = 0, as torch's autograd has it)
     dh = torch.randn(d_in, r, generator=g, dtype=F64).to(DEVICE)
     a_leaf = a_n.clone().requires_grad_(True)
     h = neat_projection(weight, a_leaf, act, backend="triton")
@@ -408,6 +409,7 @@ def test_neat_projection(act, dtype):
     assert h.dtype == dtype and h.shape == (d_in, r) and da.shape == (r, d_out)
     assert rel(h, h_ref) < TOL[dtype]
     assert rel(da, da_ref) < TOL[dtype]
+    assert rel(da[2], da_ref[2], zero_ref_ok=act == "relu") < TOL[dtype]
 
 
 def test_neat_forward_returns_preactivation(impl):
