@@ -385,3 +385,33 @@ def test_registration_refuses_a_taken_name_or_peft_type_and_lookups_name_what_is
     with pytest.raises(ValueError, match=r"unknown adapter method 'unregistered'; known: \[.*'middle_lora'"):
         AdapterConfig.from_dict(Unregistered(r=2).to_dict())
     assert method_of(MiddleLoraConfig(r=2)).peft_format is None  # the refused registration changed nothing
+
+
+@pytest.mark.parametrize("d_in,d_out", [(6, 4), (4, 6)])
+def test_the_rank_may_reach_the_smaller_dimension_not_pass_it(d_in, d_out):
+    AdapterLinear(d_in, d_out, config=LoraConfig(r=4))  # r = min(d_in, d_out): a full-rank update
+    with pytest.raises(ValueError, match=rf"r=5 exceeds min\(d_in={d_in}, d_out={d_out}\)=4"):
+        AdapterLinear(d_in, d_out, config=LoraConfig(r=5))
+
+
+def test_the_dense_update_of_arguments_without_scale_or_gate_is_b_a():
+    """A method's op_arguments may leave scale and gate out (adapted_linear's defaults, 1): its dense update is
+    then B A, and W + ΔW gives what the op computes."""
+    class BareAdapter(Adapter):
+        def __init__(self, config, in_features, out_features):
+            super().__init__(config, in_features, out_features)
+            g = torch.Generator().manual_seed(5)
+            self.a = torch.randn(config.r, in_features, generator=g, dtype=torch.float64)
+            self.b = torch.randn(out_features, config.r, generator=g, dtype=torch.float64)
+
+        def op_arguments(self, weight):
+            return {"lora_a": self.a, "lora_b": self.b}
+
+    g = torch.Generator().manual_seed(6)
+    weight = torch.randn(D_OUT, D_IN, generator=g, dtype=torch.float64)
+    x = torch.randn(N, D_IN, generator=g, dtype=torch.float64)
+    adapter = BareAdapter(LoraConfig(r=3), D_IN, D_OUT)
+    delta = adapter.delta_weight(weight)
+    assert_close(delta, adapter.b @ adapter.a, 1e-14)
+    y = fastlora.kernels.adapted_linear(x, weight, None, **adapter.op_arguments(weight), backend="torch")
+    assert_close(y, x @ (weight + delta).T, 1e-12)
