@@ -354,6 +354,27 @@ def test_mixed_gathered_and_given_factors(path):
     assert_grads_match(got, ref, 1e-10)
 
 
+# --------------------------------------------------------------------------- the reference
+
+
+@pytest.mark.parametrize("gathered", [False, True], ids=["factors", "gathered"])
+@pytest.mark.parametrize("factors", list(FACTORS), ids=list(FACTORS))
+def test_the_reference_is_the_formula(factors, gathered):
+    """adapted_linear_reference, the other paths' oracle elsewhere, against the einsum formula: every factor,
+    a gate and scale, a dropout mask, gathered rows and columns of W."""
+    inputs = make_inputs(F64, (2, 7, D_IN), **FACTORS[factors], seed=8)
+    mask = dropout_mask(14, D_IN, 0.3, 4, "cpu", F64).reshape(2, 7, D_IN)
+    rows, cols = (torch.tensor([3, 17, 3, 28, 0]), torch.tensor([36, 5, 5, 12, 5])) if gathered else (None, None)
+    a, b = (None, None) if gathered else (inputs["lora_a"], inputs["lora_b"])
+    got = adapted_linear_reference(inputs["x"], inputs["weight"], inputs["bias"], a, b, middle=inputs["middle"],
+                                   rank_weights=inputs["rank_weights"], gate=0.6, scale=1.7, row_index=rows,
+                                   col_index=cols, dropout_mask=mask)
+    w = inputs["weight"]
+    want, base = formula(inputs["x"], w, inputs["bias"], w[rows] if gathered else a, w[:, cols] if gathered else b,
+                         inputs["middle"], inputs["rank_weights"], gate=0.6, scale=1.7, mask=mask)
+    assert rel(got, want) < 1e-12 and rel(got, base) > 1e-3
+
+
 # --------------------------------------------------------------------------- dropout
 
 def test_dropout_mask_properties():
