@@ -394,9 +394,10 @@ def test_the_rank_may_reach_the_smaller_dimension_not_pass_it(d_in, d_out):
         AdapterLinear(d_in, d_out, config=LoraConfig(r=5))
 
 
-def test_the_dense_update_of_arguments_without_scale_or_gate_is_b_a():
+@pytest.mark.parametrize("gate", [None, 0.5, 0.0], ids=["no_gate", "gate_0.5", "gate_off"])
+def test_the_dense_update_is_the_gate_times_b_a_without_a_scale(gate):
     """A method's op_arguments may leave scale and gate out (adapted_linear's defaults, 1): its dense update is
-    then B A, and W + ΔW gives what the op computes."""
+    then g B A (B A without a gate), and W + ΔW gives what the op computes."""
     class BareAdapter(Adapter):
         def __init__(self, config, in_features, out_features):
             super().__init__(config, in_features, out_features)
@@ -405,13 +406,13 @@ def test_the_dense_update_of_arguments_without_scale_or_gate_is_b_a():
             self.b = torch.randn(out_features, config.r, generator=g, dtype=torch.float64)
 
         def op_arguments(self, weight):
-            return {"lora_a": self.a, "lora_b": self.b}
+            return {"lora_a": self.a, "lora_b": self.b, **({} if gate is None else {"gate": gate})}
 
     g = torch.Generator().manual_seed(6)
     weight = torch.randn(D_OUT, D_IN, generator=g, dtype=torch.float64)
     x = torch.randn(N, D_IN, generator=g, dtype=torch.float64)
     adapter = BareAdapter(LoraConfig(r=3), D_IN, D_OUT)
     delta = adapter.delta_weight(weight)
-    assert_close(delta, adapter.b @ adapter.a, 1e-14)
+    assert torch.equal(delta, (1.0 if gate is None else gate) * (adapter.b @ adapter.a))
     y = fastlora.kernels.adapted_linear(x, weight, None, **adapter.op_arguments(weight), backend="torch")
     assert_close(y, x @ (weight + delta).T, 1e-12)
