@@ -294,6 +294,15 @@ def test_neat_a_n_wrong_shape(shape):
         neat_projection(good()["weight"], torch.randn(shape), "relu", backend="torch")
 
 
+@pytest.mark.parametrize("weight_shape", [(D_OUT,), (1, D_OUT, D_IN)], ids=["1d", "3d"])
+def test_neat_weight_not_2d(weight_shape):
+    """A weight that is not 2-D has no d_out to name: the message says '?' and both shapes."""
+    weight = torch.randn(weight_shape)
+    with pytest.raises(ValueError, match=rf"a_n must have shape \(r, d_out=\?\), got \({R}, {D_OUT}\) for weight "
+                                         rf"\({', '.join(map(str, weight_shape))},?\)"):
+        neat_projection(weight, torch.randn(R, D_OUT), "relu", backend="torch")
+
+
 @pytest.mark.parametrize("act", ["swish", "ReLU", "", "softmax"])
 def test_neat_unknown_activation(act):
     assert act not in ACTIVATIONS

@@ -375,6 +375,14 @@ def test_the_reference_is_the_formula(factors, gathered):
     assert rel(got, want) < 1e-12 and rel(got, base) > 1e-3
 
 
+def test_the_references_options_are_keyword_only():
+    """Past the five tensors every option is named: a middle factor given in rank_weights' place cannot be."""
+    inputs = make_inputs(F64, middle=True, seed=9)
+    with pytest.raises(TypeError, match="positional"):
+        adapted_linear_reference(inputs["x"], inputs["weight"], None, inputs["lora_a"], inputs["lora_b"],
+                                 inputs["middle"])
+
+
 # --------------------------------------------------------------------------- dropout
 
 def test_dropout_mask_properties():
