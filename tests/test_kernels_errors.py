@@ -288,13 +288,13 @@ def test_triton_backend_on_cpu_neat_without_interpreter(monkeypatch):
 
 # --------------------------------------------------------------------------- NEAT
 
-@pytest.mark.parametrize("shape", [(R, D_OUT + 1), (R, D_IN), (D_OUT, R), (D_OUT,), (1, R, D_OUT)])
+@pytest.mark.parametrize("shape", [(R, D_OUT + 1), (R, D_IN), (D_OUT, R), (D_OUT,), (1, R, D_OUT), (R, D_OUT, 1)])
 def test_neat_a_n_wrong_shape(shape):
     with pytest.raises(ValueError, match=r"a_n must have shape \(r, d_out=5\)"):
         neat_projection(good()["weight"], torch.randn(shape), "relu", backend="torch")
 
 
-@pytest.mark.parametrize("weight_shape", [(D_OUT,), (1, D_OUT, D_IN)], ids=["1d", "3d"])
+@pytest.mark.parametrize("weight_shape", [(D_OUT,), (D_OUT, 2, D_IN)], ids=["1d", "3d"])
 def test_neat_weight_not_2d(weight_shape):
     """A weight that is not 2-D has no d_out to name: the message says '?' and both shapes."""
     weight = torch.randn(weight_shape)

@@ -77,6 +77,15 @@ def test_shapes_names_and_initialisation():
         assert 0.5 / math.sqrt(6) < e.weight.abs().max() <= 1.0 / math.sqrt(6)
 
 
+def test_projection_of_a_layer_wider_than_256():
+    """Dimensions past CPython's small-int cache (every real layer): the shape checks compare values."""
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(300, 260, generator=g, dtype=torch.float64) / math.sqrt(300)
+    a_n = torch.randn(4, 300, generator=g, dtype=torch.float64)
+    h = fastlora.kernels.neat_projection(weight, a_n, "gelu", backend="torch")
+    assert rel(h, F.gelu(weight.T @ a_n.T)) < 1e-12
+
+
 def test_initialisation_reaches_kaimings_bound_with_a_sqrt5():
     """kaiming_uniform(a=sqrt 5) (PEFT's PEANuT init): bound 1/sqrt(fan_in); with this many draws each factor's
     largest entry comes within 1% of it, which another gain would miss."""
