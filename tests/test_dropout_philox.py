@@ -85,7 +85,7 @@ def test_seed_tensor_holds_every_64_bit_seed(seed):
     assert seed_tensor(seed, "cpu").tolist() == [seed]
 
 
-@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1])
+@pytest.mark.parametrize("seed", [2**63, 2**64, -(2**63) - 1])
 def test_seed_tensor_refuses_seeds_past_64_bits(seed):
     with pytest.raises(ValueError, match=f"dropout_seed must fit in 64 bits, got {seed}"):
         seed_tensor(seed, "cpu")
