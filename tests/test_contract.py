@@ -416,3 +416,51 @@ def test_the_dense_update_is_the_gate_times_b_a_without_a_scale(gate):
     assert torch.equal(delta, (1.0 if gate is None else gate) * (adapter.b @ adapter.a))
     y = fastlora.kernels.adapted_linear(x, weight, None, **adapter.op_arguments(weight), backend="torch")
     assert_close(y, x @ (weight + delta).T, 1e-12)
+
+
+@pytest.fixture
+def registry_restored():
+    """The registry as it was before the test (registrations are process-wide)."""
+    from fastlora import registry
+
+    saved = dict(registry._METHODS)
+    yield
+    registry._METHODS.clear()
+    registry._METHODS.update(saved)
+
+
+@pytest.mark.parametrize("config,problem", [
+    (LoraConfig(r=2), "an instance"), (dict, "not an AdapterConfig"),
+], ids=["instance", "other_class"])
+def test_registration_refuses_what_is_not_an_adapter_config_class(config, problem, registry_restored):
+    with pytest.raises(TypeError, match="config must be an AdapterConfig subclass"):
+        register_method(config, LoraAdapter)
+
+
+@pytest.mark.parametrize("name", ["", 5])
+def test_registration_refuses_a_method_name_that_is_not_a_non_empty_str(name, registry_restored):
+    Named = dataclass(frozen=True)(type("Named", (AdapterConfig,), {"method": name, "__annotations__": {}}))
+    with pytest.raises(ValueError, match=rf"Named.method must name the method \(a non-empty str\), got {name!r}"):
+        register_method(Named, LoraAdapter)
+
+
+def test_registration_compares_names_and_peft_types_by_value(registry_restored):
+    """A name or peft_type built at run time (not an interned literal) clashes as the literal does; a new
+    peft_type does not, whatever it sorts after; re-registering a config checks every other method."""
+    from fastlora.peft_formats import LORA_FORMAT
+
+    Built = dataclass(frozen=True)(type("Built", (AdapterConfig,), {"method": "".join(["lo", "ra"]),
+                                                                     "__annotations__": {}}))
+    with pytest.raises(ValueError, match="method 'lora' is already registered by LoraConfig"):
+        register_method(Built, LoraAdapter)
+    built_type = dataclasses.replace(LORA_FORMAT, peft_type="".join(["LO", "RA"]))
+    with pytest.raises(ValueError, match="peft_type 'LORA' is already registered by 'lora'"):
+        register_method(MiddleLoraConfig, MiddleLoraAdapter, peft_format=built_type)
+    fresh = dataclasses.replace(LORA_FORMAT, peft_type="ZZ_MIDDLE_LORA")  # sorts after every PEFT type
+    assert register_method(MiddleLoraConfig, MiddleLoraAdapter, peft_format=fresh).peft_format is fresh
+    assert fastlora.registry.peft_methods()["ZZ_MIDDLE_LORA"].config is MiddleLoraConfig
+    Late = dataclass(frozen=True)(type("Late", (AdapterConfig,), {"method": "late", "__annotations__": {}}))
+    register_method(Late, LoraAdapter, peft_format=dataclasses.replace(LORA_FORMAT, peft_type="ZZ_LATE"))
+    with pytest.raises(ValueError, match="peft_type 'ZZ_LATE' is already registered by 'late'"):  # past its own entry
+        register_method(MiddleLoraConfig, MiddleLoraAdapter,
+                        peft_format=dataclasses.replace(LORA_FORMAT, peft_type="ZZ_LATE"))
