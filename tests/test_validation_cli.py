@@ -101,3 +101,13 @@ def test_progress_lines_follow_the_current_stderr_and_leave_a_users_handler_alon
     logger.handlers = [users]
     cli._show_progress()
     assert logger.handlers == [users]
+
+
+def test_a_triton_backend_from_the_command_line_is_checked_before_the_demo_starts(monkeypatch, capsys):
+    """argv's strings are built at run time (not the interned literal): the check compares values."""
+    monkeypatch.setattr("fastlora.demo.run_demo", lambda *a: pytest.fail("the demo must not start"))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--backend", "".join(["tri", "ton"])])
+    assert exit_info.value.code == 2 and "--backend triton needs" in capsys.readouterr().err
