@@ -3,7 +3,8 @@ compiled kernel with the cubin's resource usage (registers, spilled stack, share
 
 ``install_offline_triton(arch, compiled)`` patches this process's Triton: a kernel call compiles
 for sm_<arch> with Triton's own ptxas (an autotuned kernel: every configuration its autotuner
-would try) and launches nothing. Used by ``compile_check``; import it before anything launches.
+would try) and launches nothing. Used by ``compile_check`` and by ``bench_host --plan cublas`` on the CPU
+(there every launch runs Triton's own launch path up to the driver); import it before anything launches.
 """
 from __future__ import annotations
 
