@@ -429,17 +429,20 @@ def registry_restored():
     registry._METHODS.update(saved)
 
 
-@pytest.mark.parametrize("config,problem", [
-    (LoraConfig(r=2), "an instance"), (dict, "not an AdapterConfig"),
-], ids=["instance", "other_class"])
-def test_registration_refuses_what_is_not_an_adapter_config_class(config, problem, registry_restored):
+def config_class(name: str, method) -> type:
+    """A frozen AdapterConfig subclass ``name`` whose ``method`` is given (a value a method module would not write)."""
+    return dataclass(frozen=True)(type(name, (AdapterConfig,), {"method": method, "__annotations__": {}}))
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=2), dict], ids=["instance", "other_class"])
+def test_registration_refuses_what_is_not_an_adapter_config_class(config, registry_restored):
     with pytest.raises(TypeError, match="config must be an AdapterConfig subclass"):
         register_method(config, LoraAdapter)
 
 
 @pytest.mark.parametrize("name", ["", 5])
 def test_registration_refuses_a_method_name_that_is_not_a_non_empty_str(name, registry_restored):
-    Named = dataclass(frozen=True)(type("Named", (AdapterConfig,), {"method": name, "__annotations__": {}}))
+    Named = config_class("Named", name)
     with pytest.raises(ValueError, match=rf"Named.method must name the method \(a non-empty str\), got {name!r}"):
         register_method(Named, LoraAdapter)
 
@@ -449,8 +452,7 @@ def test_registration_compares_names_and_peft_types_by_value(registry_restored):
     peft_type does not, whatever it sorts after; re-registering a config checks every other method."""
     from fastlora.peft_formats import LORA_FORMAT
 
-    Built = dataclass(frozen=True)(type("Built", (AdapterConfig,), {"method": "".join(["lo", "ra"]),
-                                                                     "__annotations__": {}}))
+    Built = config_class("Built", "".join(["lo", "ra"]))
     with pytest.raises(ValueError, match="method 'lora' is already registered by LoraConfig"):
         register_method(Built, LoraAdapter)
     built_type = dataclasses.replace(LORA_FORMAT, peft_type="".join(["LO", "RA"]))
@@ -459,7 +461,7 @@ def test_registration_compares_names_and_peft_types_by_value(registry_restored):
     fresh = dataclasses.replace(LORA_FORMAT, peft_type="ZZ_MIDDLE_LORA")  # sorts after every PEFT type
     assert register_method(MiddleLoraConfig, MiddleLoraAdapter, peft_format=fresh).peft_format is fresh
     assert fastlora.registry.peft_methods()["ZZ_MIDDLE_LORA"].config is MiddleLoraConfig
-    Late = dataclass(frozen=True)(type("Late", (AdapterConfig,), {"method": "late", "__annotations__": {}}))
+    Late = config_class("Late", "late")
     register_method(Late, LoraAdapter, peft_format=dataclasses.replace(LORA_FORMAT, peft_type="ZZ_LATE"))
     with pytest.raises(ValueError, match="peft_type 'ZZ_LATE' is already registered by 'late'"):  # past its own entry
         register_method(MiddleLoraConfig, MiddleLoraAdapter,

@@ -26,12 +26,18 @@ def test_bad_numeric_arguments_are_argument_errors(argv, message, capsys, monkey
     assert message in err and "Traceback" not in err
 
 
-def test_good_arguments_reach_the_demo(monkeypatch, capsys):
+@pytest.fixture
+def demo_calls(monkeypatch):
+    """The arguments of each run_demo call, the demo itself replaced (and its table)."""
     calls = []
     monkeypatch.setattr("fastlora.demo.run_demo", lambda *args: calls.append(args) or [])
     monkeypatch.setattr("fastlora.demo.format_table", lambda reports: "table")
+    return calls
+
+
+def test_good_arguments_reach_the_demo(demo_calls):
     assert cli.main(["demo", "--rank", str(cli.MAX_DEMO_RANK), "--steps", "1", "--methods", "lora"]) == 0
-    assert calls == [(["lora"], cli.MAX_DEMO_RANK, 1, "auto")]
+    assert demo_calls == [(["lora"], cli.MAX_DEMO_RANK, 1, "auto")]
 
 
 def test_rank_bound_is_the_smallest_side_of_the_adapted_layers():
@@ -41,12 +47,9 @@ def test_rank_bound_is_the_smallest_side_of_the_adapted_layers():
     assert len(sides) == 37 and min(sides) == cli.MAX_DEMO_RANK
 
 
-def test_without_arguments_the_demo_runs_with_its_documented_defaults(monkeypatch, capsys):
-    calls = []
-    monkeypatch.setattr("fastlora.demo.run_demo", lambda *args: calls.append(args) or [])
-    monkeypatch.setattr("fastlora.demo.format_table", lambda reports: "table")
+def test_without_arguments_the_demo_runs_with_its_documented_defaults(demo_calls):
     assert cli.main(["demo"]) == 0
-    assert calls == [(cli.METHODS, 8, 4, "auto")]
+    assert demo_calls == [(cli.METHODS, 8, 4, "auto")]
 
 
 def test_a_command_is_required(capsys):
