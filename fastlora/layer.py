@@ -262,9 +262,9 @@ class AdapterLinear(nn.Module):
         if self.merged:
             return
         device = self.weight.device if backup_device is None else torch.device(backup_device)
-        delta = self.adapter.delta_weight(self.weight).to(self.weight.dtype)
+        delta = self.adapter.delta_weight(self.weight)
         self.weight_before_merge = self.weight.detach().to(device, copy=True)
-        self.weight.add_(delta)
+        self.weight.add_(delta)  # added in ΔW's dtype (at least fp32), rounded once to W's
         self.merged = True
         self.merge_order = next(_MERGE_COUNTER)
 
@@ -281,7 +281,9 @@ class AdapterLinear(nn.Module):
     def to_linear(self) -> nn.Module:
         """A plain layer of the kind this one wraps (nn.Linear, or Conv1D) holding W + ΔW in new
         tensors (this layer is left as it is)."""
-        weight = self.weight if self.merged else self.weight + self.adapter.delta_weight(self.weight)
+        weight = self.weight
+        if not self.merged:  # added in ΔW's dtype (at least fp32), rounded once to W's
+            weight = (weight + self.adapter.delta_weight(weight)).to(weight.dtype)
         weight = weight.t() if self.fan_in_fan_out else weight
         bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone())
         return self.plain_layer(nn.Parameter(weight.detach().clone(memory_format=torch.contiguous_format)), bias)

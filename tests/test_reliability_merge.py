@@ -120,3 +120,27 @@ def test_merge_with_a_host_backup_keeps_gpu_memory_free():
     assert torch.cuda.memory_allocated() - before < layer.weight.numel() * layer.weight.element_size()
     layer.unmerge()
     _backup_round_trip(layer, "cpu")
+
+
+def _bf16_half_ulp(values: torch.Tensor) -> torch.Tensor:
+    """Half a bf16 unit in the last place of each value (8 significant bits)."""
+    return torch.exp2(torch.floor(torch.log2(values.abs())) - 8)
+
+
+@pytest.mark.parametrize("way", ["merge", "merge_and_unload"])
+def test_a_bf16_weight_merges_fp32_factors_rounding_once(way):
+    """W + ΔW formed in fp32 and rounded to bf16 once (as PEFT merges): every entry within half a bf16
+    ulp of the float64 sum; ΔW rounded to bf16 before the add was off by up to 2.4 half-ulps."""
+    torch.manual_seed(3)
+    layer = AdapterLinear(64, 48, config=LoraConfig(r=8, alpha=16), dtype=torch.bfloat16)
+    assert layer.adapter.lora_A.dtype == torch.float32
+    with torch.no_grad():
+        layer.adapter.lora_A.normal_(std=0.3)
+        layer.adapter.lora_B.normal_(std=0.3)
+    a, b = layer.adapter.lora_A.double(), layer.adapter.lora_B.double()
+    exact = layer.weight.double() + 2.0 * b @ a
+    merged = layer.weight if way == "merge" else layer.to_linear().weight
+    if way == "merge":
+        layer.merge()
+    assert merged.dtype == torch.bfloat16
+    assert ((merged.double() - exact).abs() <= _bf16_half_ulp(exact) * 1.001).all()

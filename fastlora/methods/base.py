@@ -64,18 +64,21 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def delta_weight(self, weight: Tensor) -> Tensor:
-        """The dense update ΔW (d_out, d_in) = scale * g * B diag(m) M A of the current state."""
+        """The dense update ΔW (d_out, d_in) = scale * g * B diag(m) M A of the current state, in the
+        widest of W's dtype, the factors' and fp32 (as PEFT forms it): a bf16 W plus ΔW rounds once."""
         args = self.op_arguments(weight)
         a = args["lora_a"] if args.get("lora_a") is not None else weight[args["row_index"]]
         b = args["lora_b"] if args.get("lora_b") is not None else weight[:, args["col_index"]]
-        a = a.to(weight.dtype)
+        dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.promote_types(weight.dtype,
+                                                                                                torch.float32))
+        a = a.to(dtype)
         if args.get("middle") is not None:
-            a = args["middle"].to(weight.dtype) @ a
+            a = args["middle"].to(dtype) @ a
         if args.get("rank_weights") is not None:
-            a = args["rank_weights"].to(weight.dtype)[:, None] * a
+            a = args["rank_weights"].to(dtype)[:, None] * a
         gate = args.get("gate", 1.0)
         gate = float(gate.detach()) if isinstance(gate, Tensor) else float(gate)
-        return (args.get("scale", 1.0) * gate) * (b.to(weight.dtype) @ a)
+        return (args.get("scale", 1.0) * gate) * (b.to(dtype) @ a)
 
     def regularization_loss(self) -> Optional[Tensor]:
         """This adapter's term of the training loss (None when the method has none)."""

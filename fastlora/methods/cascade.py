@@ -270,9 +270,11 @@ class CascadeLoraAdapter(Adapter):
 
     @torch.no_grad()
     def _fold(self, weight: Tensor, lora_a: Tensor, lora_b: Tensor) -> None:
-        """W += (1 - slow_momentum) * s * B A (whole factors, on W's device)."""
-        fast = lora_b @ lora_a
-        local_view(weight).add_(local_part((fast * (self.keep * self.scale)).to(weight.dtype), weight))
+        """W += (1 - slow_momentum) * s * B A (whole factors, on W's device), the product formed in at
+        least fp32 and added in it: a bf16 W rounds once."""
+        dtype = torch.promote_types(torch.promote_types(lora_a.dtype, lora_b.dtype), torch.float32)
+        fast = lora_b.to(dtype) @ lora_a.to(dtype)
+        local_view(weight).add_(local_part(fast * (self.keep * self.scale), weight))
 
     @torch.no_grad()
     def refresh_counters(self) -> None:
