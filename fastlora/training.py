@@ -127,6 +127,13 @@ def _warn_unruled(model: nn.Module) -> None:
                        f"to the loss, or train with FastLoraTrainer")
 
 
+def _unwrapped(optimizer):
+    """The torch optimizer inside a wrapper that steps it (Hugging Face accelerate's AcceleratedOptimizer:
+    an Optimizer subclass without the step-hook registry of its own), else ``optimizer``."""
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+
+
 def _groups(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
     """id(parameter) -> its param group."""
     return {id(p): group for group in optimizer.param_groups for p in group["params"]}
@@ -266,6 +273,7 @@ def attach_training_hooks(model: nn.Module, optimizers: Optimizers,
     if not layers:
         raise ValueError("model has no fastlora adapters; call fastlora.inject first")
     optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+    optimizers = [_unwrapped(o) for o in optimizers]
     if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
         raise TypeError(f"expected a torch optimizer or a list of them, got {optimizers!r}")
     if len({id(o) for o in optimizers}) != len(optimizers):

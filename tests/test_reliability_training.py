@@ -164,3 +164,20 @@ def test_a_lorasc_stage_noise_waits_for_a_training_forward_of_an_enabled_layer()
     model.train()(torch.randn(2, 6))
     assert not torch.equal(model[0].weight, before[0]) and not model[0].adapter.pending_start
     assert torch.equal(model[1].weight, before[1]) and model[1].adapter.pending_start
+
+
+def test_hooks_attach_through_hugging_face_accelerates_optimizer_wrapper():
+    """accelerate's AcceleratedOptimizer (an Optimizer subclass without a hook registry of its own) is
+    unwrapped: the rules run on every step it takes (CoDyRA's soft threshold moves w)."""
+    accelerate = pytest.importorskip("accelerate")
+    model = _model(RankSelectiveLoraConfig(r=4, total_steps=4, kappa_max=1e-3, dense_fraction=0.0))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    model, wrapped = accelerate.Accelerator(cpu=True).prepare(model, optimizer)
+    assert type(wrapped) is not type(optimizer)
+    hooks = fastlora.attach_training_hooks(model, wrapped)
+    importance = model[0].adapter.importance.detach().clone()
+    _step(model, wrapped)  # lr 0: only the rule moves w
+    kappa = model[0].adapter.config.kappa(1, 4)
+    assert kappa > 0
+    torch.testing.assert_close(model[0].adapter.importance, soft_threshold(importance, kappa), rtol=0, atol=0)
+    hooks.remove()
