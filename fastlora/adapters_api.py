@@ -49,7 +49,8 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
     until ``set_adapter(model, name)``; returns ``model``. ``config`` selects layers as inject does
     and must select exactly the adapted layers (per-layer rank_pattern/alpha_pattern apply). Refused,
     the model unchanged: a name in use or not a non-empty string without ".", a selection that
-    differs, a method that writes W (LoRASC), a rank a layer cannot hold."""
+    differs, a method that writes W (LoRASC), a rank a layer cannot hold, a ``modules_to_save`` (the
+    modules inject's config trains in full are shared by every named adapter)."""
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
     if not isinstance(name, str) or not name or "." in name:
@@ -58,6 +59,10 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
     if name in layers[0][1].adapter_names():
         raise ValueError(f"the model has an adapter named {name!r} already (adapters: "
                          f"{layers[0][1].adapter_names()})")
+    if config.modules_to_save:
+        raise ValueError(f"adapter {name!r}: modules_to_save={list(config.modules_to_save)} is not supported for a "
+                         f"named adapter: the model holds one copy of the modules trained in full, which every "
+                         f"named adapter shares (set it in inject's config)")
     if any(layer.adapter.writes_weight for _, layer in layers):
         raise ValueError(f"adapter {active_adapter(model)!r} is LoRASC, which writes its stages into W; a model "
                          f"with it cannot hold other named adapters")

@@ -8,9 +8,11 @@ list of layer names, still load)::
     adapter_model.safetensors  "<layer name>.adapter.<tensor name>" -> tensor
 
 "config" is the first layer's config (what ``read_adapter_config`` returns), "layers" every
-layer's own config. Trainable parameters outside the adapters (a classifier head the user
-unfroze: PEFT's ``modules_to_save``) are saved too, under their qualified names, listed in the
-optional field "saved_parameters"; ``load_adapter`` copies them back.
+layer's own config. Parameters outside the adapters that train with them (a classifier head the
+user unfroze, or ``modules_to_save``'s modules, trainable or frozen again at save time) are saved
+too, under their qualified names, listed in the optional field "saved_parameters"; ``load_adapter``
+copies them back. A model inside torch.compile's or DDP's wrapper saves and loads under the plain
+model's names.
 
 Writing touches these two files only (``write_files_atomically``), and their leftover temp
 files: each is written to a temp file in the directory (``.<name>.<12 hex digits>.tmp``),
@@ -43,7 +45,7 @@ from .config import AdapterConfig
 from .inject import inject
 from .layer import is_adaptable
 from .methods import Adapter
-from .model_tree import adapter_layers, set_submodule
+from .model_tree import adapter_layers, is_saved_in_full, mark_saved_in_full, set_submodule, unwrapped
 from .targets import exact_name_pattern, matches_targets
 
 CONFIG_FILE = "adapter_config.json"
@@ -82,12 +84,15 @@ def adapter_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> 
     return state
 
 
-def trainable_non_adapter_parameters(model: nn.Module) -> dict[str, Tensor]:
-    """Parameters outside the adapter layers' adapters that require grad (a classifier head
-    trained with the adapters), keyed by qualified name."""
+def saved_non_adapter_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """Parameters outside the adapter layers' adapters that a checkpoint carries, keyed by qualified
+    name: those that require grad (a head the user unfroze) and those of the modules marked saved in
+    full (``modules_to_save``; trainable or not)."""
     adapters = {id(p) for _, layer in adapter_layers(model) for n in layer.adapter_names()
                 for p in layer.named_adapter(n).parameters()}
-    return {name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in adapters}
+    in_full = {id(p) for module in model.modules() if is_saved_in_full(module) for p in module.parameters()}
+    return {name: p for name, p in model.named_parameters()
+            if (p.requires_grad or id(p) in in_full) and id(p) not in adapters}
 
 
 def save_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[str] = None) -> Path:
@@ -95,11 +100,12 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     config) and its trainable parameters outside the adapters (``modules_to_save``: a classifier
     head) into ``directory``, created when missing; other files in it are left alone. Returns the
     directory's path."""
+    model = unwrapped(model)
     if next(adapter_layers(model), None) is None:
         raise ValueError("model has no fastlora adapters to save")
     layers = named_adapters(model, adapter_name)
     state = adapter_state_dict(model, adapter_name)
-    extra = {name: p.detach().contiguous().cpu() for name, p in trainable_non_adapter_parameters(model).items()}
+    extra = {name: p.detach().contiguous().cpu() for name, p in saved_non_adapter_parameters(model).items()}
     state.update(extra)
     configs = {name: adapter.config.to_dict() for name, (_, adapter) in layers.items()}
     meta = {"format_version": FORMAT_VERSION, "config": next(iter(configs.values())), "layers": configs,
@@ -394,7 +400,8 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     alpha_pattern; other fields must agree), as ``PeftModel.from_pretrained`` does (its adapter
     named ``adapter_name``, "default" when None). Saved
     non-adapter parameters (``modules_to_save``: a classifier head) are copied into the model's
-    parameters of the same names, which become trainable again.
+    parameters of the same names, which become trainable again; the model holds one copy of them, so
+    such a checkpoint is refused when the model holds (or the load adds) a second named adapter.
     Raises (leaving the model as it was) on: a malformed or mixed checkpoint, non-finite values,
     missing or unexpected layers or tensors, shape or dtype mismatches, indices outside W, merged
     layers, a layer config that differs in a field that changes the computation (all but
@@ -402,11 +409,13 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     LoRASC's stage record, whose stage count may differ from the model's).
     """
     configs, state, saved = _read_checkpoint(directory)
-    undo = _add_checkpoint_adapter(model, configs, adapter_name)
+    inner = unwrapped(model)
+    undo = _add_checkpoint_adapter(inner, configs, adapter_name)
     try:
-        layers = named_adapters(model, adapter_name)
+        _check_shared_heads(inner, saved)
+        layers = named_adapters(inner, adapter_name)
         _check_fits(layers, configs, state)
-        targets = check_saved_parameters(model, saved)
+        targets = check_saved_parameters(inner, saved)
     except BaseException:
         if undo is not None:
             undo()
@@ -414,8 +423,20 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     for name, (_, adapter) in layers.items():
         prefix = f"{name}.adapter."
         adapter.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    restore_saved_parameters(targets, saved)
+    restore_saved_parameters(inner, targets, saved)
     return model
+
+
+def _check_shared_heads(model: nn.Module, saved: dict[str, Tensor]) -> None:
+    """Refuse saved non-adapter parameters (a classifier head) when the model holds several named adapters:
+    they share the model's one copy of those modules (PEFT keeps one per adapter), so loading them would
+    silently change what the other adapters compute."""
+    names = next(adapter_layers(model))[1].adapter_names()
+    if saved and len(names) > 1:
+        raise ValueError(f"the checkpoint carries parameters outside the adapters ({sorted(saved)[:4]}: "
+                         f"modules_to_save), and the model holds several named adapters ({names}), which share "
+                         f"one copy of those modules; loading them would change every adapter's outputs. Load this "
+                         f"checkpoint into its own model, or into a model with no other adapter")
 
 
 def _add_checkpoint_adapter(model: nn.Module, configs: dict[str, AdapterConfig],
@@ -440,9 +461,13 @@ def _add_checkpoint_adapter(model: nn.Module, configs: dict[str, AdapterConfig],
 
 
 @torch.no_grad()
-def restore_saved_parameters(targets: dict[str, nn.Parameter], saved: dict[str, Tensor]) -> None:
-    """Copy each saved tensor into its parameter (checked by ``check_saved_parameters``), which
-    becomes trainable, as it was when saved."""
+def restore_saved_parameters(model: nn.Module, targets: dict[str, nn.Parameter], saved: dict[str, Tensor]) -> None:
+    """Copy each saved tensor into its parameter of ``model`` (checked by ``check_saved_parameters``),
+    which becomes trainable, as it was when saved, and its module saved in full from now on (a
+    parameter of the root module only while it is trainable: marking the root would save every one)."""
     for name, param in targets.items():
         param.copy_(saved[name])
         param.requires_grad_(True)
+        owner = name.rpartition(".")[0]
+        if owner:
+            mark_saved_in_full(model.get_submodule(owner))

@@ -18,7 +18,7 @@ from fastlora.kernels.caller_warnings import warn_at_caller
 from .attention import AdapterMultiheadAttention, is_attention
 from .config import AdapterConfig
 from .layer import AdapterLinear, is_adaptable, linear_shape
-from .model_tree import adapter_layers, set_submodule
+from .model_tree import adapter_layers, mark_saved_in_full, set_submodule
 from .shared_weights import shared_weight_owners
 from .targets import is_selected, layer_config, matches_targets, output_layer_names, projection_config, resolved_targets
 from .training import watch_training_rules
@@ -41,7 +41,8 @@ def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: boo
     layer's ``config`` holds its own r and alpha, without the selection fields. A method with a
     training rule gets a one-shot check that warns when it trains without its hooks or penalty
     (``fastlora.training.watch_training_rules``). The modules named by ``config.modules_to_save``
-    (a classifier head) are unfrozen and train in full, as PEFT's field.
+    (a classifier head) are unfrozen and train in full, as PEFT's field; checkpoints carry them
+    (frozen again or not).
 
     Returns ``model`` (changed in place). All or nothing: every target is checked and every
     adapter built before the model changes, so on any error the model is left as it was.
@@ -81,6 +82,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: boo
         param.requires_grad_(False)
     for module in saved_modules:
         module.requires_grad_(True)
+        mark_saved_in_full(module)
     for (names, _, _), module in zip(chosen, built):
         for name in names:
             set_submodule(model, name, module)
@@ -211,10 +213,10 @@ def _modules_to_save(model: nn.Module, config: AdapterConfig, chosen) -> list[nn
         matched = [(n, m) for n, m in model.named_modules() if n and matches_targets(n, [key])]
         if not matched:
             raise ValueError(f"modules_to_save {key!r} matches no module of the model")
-        overlap = [n for n, _ in matched if n in adapted]
+        overlap = [n for n, _ in matched if any(a == n or a.startswith(n + ".") for a in adapted)]
         if overlap:
-            raise ValueError(f"modules_to_save {key!r} names {overlap}, which the config also adapts; "
-                             f"a module is either trained in full or adapted")
+            raise ValueError(f"modules_to_save {key!r} names {overlap}, which the config also adapts (or which "
+                             f"hold layers it adapts); a module is either trained in full or adapted")
         found.update((id(m), m) for _, m in matched)
     return list(found.values())
 

@@ -1,4 +1,5 @@
-"""A model's modules by qualified name: its adapted layers, and replacing one module by another."""
+"""A model's modules by qualified name: its adapted layers, the modules its checkpoints save in full,
+replacing one module by another, and the model inside the wrappers that prefix its names."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -6,6 +7,9 @@ from collections.abc import Iterator
 from torch import nn
 
 from .layer import AdapterLinear
+
+#: set on the modules whose parameters checkpoints carry beside the adapters (PEFT's modules_to_save)
+_SAVED_IN_FULL = "_fastlora_saved_in_full"
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
@@ -20,3 +24,26 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def mark_saved_in_full(module: nn.Module) -> None:
+    """Have checkpoints carry ``module``'s parameters (a classifier head), trainable or frozen at save time."""
+    setattr(module, _SAVED_IN_FULL, True)
+
+
+def is_saved_in_full(module: nn.Module) -> bool:
+    """Whether ``mark_saved_in_full`` marked ``module``."""
+    return getattr(module, _SAVED_IN_FULL, False)
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside wrappers that only prefix its names: torch.compile's OptimizedModule ("_orig_mod.")
+    and DistributedDataParallel / DataParallel ("module."), so that a checkpoint names the plain model's
+    layers whether it was saved from or loaded into a wrapper."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model

@@ -44,12 +44,12 @@ from .checkpoint import (
     check_saved_parameters,
     differing_fields,
     restore_saved_parameters,
-    trainable_non_adapter_parameters,
+    saved_non_adapter_parameters,
 )
 from .config import AdapterConfig
 from .inject import inject
 from .layer import AdapterLinear, is_adaptable, linear_shape
-from .model_tree import adapter_layers
+from .model_tree import adapter_layers, unwrapped
 from .peft_formats import PEFT_OUT_PROJ_UPDATES, PeftFormat
 from .registry import method_of, peft_methods
 from .targets import exact_name_pattern, layer_config, matches_targets
@@ -180,6 +180,7 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
     activations fastlora lacks.
     PEFT's fan_in_fan_out is not read: as in PEFT, a layer's own type says whether it is a Conv1D.
     """
+    wrapper, model = model, unwrapped(model)
     if next(adapter_layers(model), None) is not None:
         raise ValueError("model already has fastlora adapters; load a PEFT checkpoint into a plain model")
     peft, state = _read_peft_checkpoint(directory)
@@ -199,8 +200,8 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
     inject(model, dataclasses.replace(config, target_modules=_fastlora_targets(model, config.target_modules, modules)))
     for path, layer in adapter_layers(model):
         layer.adapter.load_state_dict(fmt.adapter_state(ours[path]))
-    restore_saved_parameters(targets, saved)
-    return model
+    restore_saved_parameters(model, targets, saved)
+    return wrapper
 
 
 def _peft_layer_fields(fmt: PeftFormat, layers: list[tuple[str, AdapterLinear]]) -> dict[str, Any]:
@@ -302,6 +303,7 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     attention layers under a format without them (PEANUT), an attention with one projection adapted or
     with projections differing in a field (naming the attention).
     """
+    model = unwrapped(model)
     layers = list(adapter_layers(model))
     if not layers:
         raise ValueError("model has no fastlora adapters to export")
@@ -318,7 +320,7 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
         raise ValueError(f"layer {conv1d[0]} wraps a Conv1D; PEFT's {fmt.peft_type} adapts nn.Linear only")
     peft_type = fmt.peft_type
     modules, tensors = _peft_modules(model, fmt, layers)
-    extra = trainable_non_adapter_parameters(model)
+    extra = saved_non_adapter_parameters(model)
     modules_to_save = sorted({name.rpartition(".")[0] for name in extra}) or None
     meta = {"peft_type": peft_type, "task_type": None, "base_model_name_or_path": base_model_name_or_path,
             "inference_mode": True, "target_modules": _peft_target_modules(model, [name for name, _ in modules]),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import fastlora
@@ -86,3 +87,70 @@ def test_an_adapted_module_cannot_also_be_saved_in_full():
 def test_malformed_names_are_refused(value):
     with pytest.raises(TypeError, match="modules_to_save"):
         config(modules_to_save=value)
+
+
+def test_a_module_holding_adapted_layers_cannot_be_saved_in_full():
+    with pytest.raises(ValueError, match="'encoder'.*hold layers it adapts"):
+        fastlora.inject(Classifier(), config(modules_to_save=["encoder"]))
+
+
+def _trained_head(tmp_path):
+    """A model whose head and adapters hold random values, frozen again after training, and a fresh
+    model loaded from its checkpoint."""
+    torch.manual_seed(2)
+    model = fastlora.inject(Classifier(), config(modules_to_save=["classifier"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.normal_()
+    model.requires_grad_(False)  # evaluation code often freezes everything
+    fastlora.save_adapter(model, tmp_path / "first")
+    fresh = Classifier()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "adapter" not in k}, strict=False)
+    with torch.no_grad():
+        fresh.classifier.weight.zero_()
+    fastlora.load_adapter(fresh, tmp_path / "first")
+    return model, fresh
+
+
+def test_a_head_frozen_again_before_saving_is_still_saved(tmp_path):
+    model, fresh = _trained_head(tmp_path)
+    assert fastlora.read_adapter_config(tmp_path / "first").modules_to_save is None  # the layers' config
+    assert torch.equal(fresh.classifier.weight, model.classifier.weight)
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_a_loaded_head_is_saved_again_after_it_is_frozen(tmp_path):
+    model, fresh = _trained_head(tmp_path)
+    fresh.requires_grad_(False)
+    fastlora.save_adapter(fresh, tmp_path / "second")
+    again = Classifier()
+    again.load_state_dict({k: v for k, v in model.state_dict().items() if "adapter" not in k}, strict=False)
+    with torch.no_grad():
+        again.classifier.bias.zero_()
+    fastlora.load_adapter(again, tmp_path / "second")
+    assert torch.equal(again.classifier.bias, model.classifier.bias)
+
+
+def test_frozen_modules_outside_modules_to_save_stay_out_of_the_checkpoint(tmp_path):
+    _trained_head(tmp_path)
+    saved = load_file(tmp_path / "first" / "adapter_model.safetensors")
+    assert sorted(k for k in saved if "adapter" not in k) == ["classifier.bias", "classifier.weight"]
+
+
+def test_a_checkpoint_with_a_head_is_refused_beside_another_named_adapter(tmp_path):
+    """Named adapters share the model's one head: loading a second adapter's head would change the first
+    adapter's outputs (PEFT keeps a head per adapter), so the load is refused and nothing changes."""
+    model, fresh = _trained_head(tmp_path)
+    head = fresh.classifier.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"several named adapters \(\['default', 'b'\]\).*share one copy"):
+        fastlora.load_adapter(fresh, tmp_path / "first", adapter_name="b")
+    assert fastlora.adapter_names(fresh) == ["default"] and torch.equal(fresh.classifier.weight, head)
+
+
+def test_a_named_adapter_cannot_bring_its_own_modules_to_save():
+    model = fastlora.inject(Classifier(), config(modules_to_save=["classifier"]))
+    with pytest.raises(ValueError, match="adapter 'b': modules_to_save=\\['classifier'\\] is not supported"):
+        fastlora.add_adapter(model, "b", config(modules_to_save=["classifier"]))
+    assert fastlora.adapter_names(model) == ["default"]
