@@ -75,6 +75,10 @@ class AdapterConfig:
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "AdapterConfig":
         _refuse_retired(cls, kwargs)
+        # here, where the given keywords are known: a field given at its default value counts too
+        for name, alias, position in (("alpha", "lora_alpha", None), ("dropout", "lora_dropout", 2)):
+            if kwargs.get(alias) is not None and (name in kwargs or (position is not None and len(args) > position)):
+                raise ValueError(f"{cls.__name__}: give {name} or PEFT's {alias}, not both")
         return super().__new__(cls)
 
     def __post_init__(self, lora_alpha: Optional[float], lora_dropout: Optional[float], task_type: Any) -> None:
@@ -85,8 +89,6 @@ class AdapterConfig:
                                                                           not isinstance(self, LoraConfig)):
                 raise ValueError(f"{type(self).__name__} has no {alias} (PEFT's LoRA field); its fields are "
                                  f"{sorted(f.name for f in dataclasses.fields(self))}")
-            if getattr(self, name) != getattr(type(self), name):
-                raise ValueError(f"{type(self).__name__}: give {name} or PEFT's {alias}, not both")
             object.__setattr__(self, name, value)
         self.validate()
 

@@ -46,6 +46,9 @@ def test_aliases_are_not_stored_and_survive_replace_and_json():
 @pytest.mark.parametrize("make, match", [
     (lambda: LoraConfig(alpha=4.0, lora_alpha=16), "give alpha or PEFT's lora_alpha, not both"),
     (lambda: LoraConfig(dropout=0.2, lora_dropout=0.1), "give dropout or PEFT's lora_dropout, not both"),
+    (lambda: LoraConfig(alpha=8.0, lora_alpha=16), "give alpha or PEFT's lora_alpha, not both"),  # alpha's default
+    (lambda: LoraConfig(dropout=0.0, lora_dropout=0.1), "give dropout or PEFT's lora_dropout, not both"),
+    (lambda: LoraConfig(4, None, 0.0, lora_dropout=0.1), "give dropout or PEFT's lora_dropout, not both"),
     (lambda: NeatConfig(lora_alpha=16), "NeatConfig has no lora_alpha"),
     (lambda: CurLoraConfig(lora_alpha=16), "CurLoraConfig has no lora_alpha"),
     (lambda: LoraConfig(lora_dropout=1.5), r"LoraConfig.dropout must be a number in \[0, 1\), got 1.5"),
