@@ -33,6 +33,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -57,12 +58,27 @@ from .targets import exact_name_pattern, layer_config, matches_targets
 KEY_PREFIX = "base_model.model."
 OUT_PROJ = ".base_layer.out_proj"  # PEFT's path of an adapted attention's out_proj, under the attention
 
+#: the weights file of ``save_pretrained(safe_serialization=False)``, read when there is no safetensors file
+PICKLED_WEIGHTS_FILE = "adapter_model.bin"
+
+
 def _read_peft_checkpoint(directory: Union[str, os.PathLike]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(adapter_config.json, the tensors) of a PEFT checkpoint directory: adapter_model.safetensors, or the
+    pickled adapter_model.bin (read with ``torch.load(weights_only=True)``: tensors only, no code run)."""
     root = Path(directory)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (root / name).is_file():
-            raise FileNotFoundError(f"no {name} in {directory} (expected a PEFT save_pretrained directory)")
-    return json.loads((root / CONFIG_FILE).read_text()), load_file(str(root / WEIGHTS_FILE))
+    if not (root / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory} (expected a PEFT save_pretrained directory)")
+    config = json.loads((root / CONFIG_FILE).read_text())
+    if (root / WEIGHTS_FILE).is_file():
+        return config, load_file(str(root / WEIGHTS_FILE))
+    if (root / PICKLED_WEIGHTS_FILE).is_file():
+        state = torch.load(root / PICKLED_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                  for k, v in state.items()):
+            raise ValueError(f"{root / PICKLED_WEIGHTS_FILE} does not hold a dict of named tensors")
+        return config, state
+    raise FileNotFoundError(f"no {WEIGHTS_FILE} (or {PICKLED_WEIGHTS_FILE}) in {directory} (expected a PEFT "
+                            f"save_pretrained directory)")
 
 
 def _saved_module_tensors(peft: dict[str, Any], state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -267,8 +267,22 @@ def test_load_refuses_checkpoints_that_do_not_fit(base, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no adapter_config.json in \S*nowhere" + expected):
         load_peft_adapter(copy.deepcopy(base), tmp_path / "nowhere")
     weights.unlink()
-    with pytest.raises(FileNotFoundError, match=r"no adapter_model.safetensors in \S*" + expected):
+    with pytest.raises(FileNotFoundError, match=r"no adapter_model.safetensors \(or adapter_model.bin\) in \S*" +
+                       expected):
         load_peft_adapter(copy.deepcopy(base), tmp_path)
+    torch.save([torch.zeros(2)], tmp_path / "adapter_model.bin")
+    with pytest.raises(ValueError, match="adapter_model.bin does not hold a dict of named tensors"):
+        load_peft_adapter(copy.deepcopy(base), tmp_path)
+
+
+def test_load_reads_peft_pickled_weights(base, inputs, tmp_path):
+    """``save_pretrained(safe_serialization=False)`` writes adapter_model.bin: read with weights_only."""
+    torch.manual_seed(2)
+    reference_model = peft.get_peft_model(copy.deepcopy(base), lora()).eval()
+    reference_model.save_pretrained(str(tmp_path), safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / "adapter_model.safetensors").exists()
+    model = load_peft_adapter(copy.deepcopy(base), tmp_path).eval()
+    assert rel(output(model, inputs), output(reference_model, inputs)) < TOL
 
 
 def test_load_refuses_a_model_that_has_adapters(base, tmp_path):
