@@ -8,18 +8,23 @@ inductor check too.
 
 fullgraph=True holds in training for every method: Selective LoRA's gate is computed on the
 device under torch.compile (not read on the host), and the fused op multiplies by it.
+With dynamic=True (or a float argument that changed between calls) the host floats (scale, gate
+value, dropout) are symbolic floats, which the op's input checks leave to eager mode: one graph too.
 Models come from tests/distributed_worker.py (two adapted layers per method, the second
 driven off during step 1 where a method can switch parts off).
 """
+import math
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 
 import fastlora
 from fastlora import LoraConfig
+from fastlora.kernels import adapted_linear
 
 import distributed_worker as models
 from utils import rel
@@ -55,12 +60,12 @@ def _training_run(model: nn.Module, call, x: torch.Tensor, target: torch.Tensor,
     return record
 
 
-def _assert_same_run(compiled: list[dict], eager: list[dict], where: str) -> None:
+def _assert_same_run(compiled: list[dict], eager: list[dict], where: str, tolerance: float = TOLERANCE) -> None:
     for step, (got, ref) in enumerate(zip(compiled, eager)):
         assert got.keys() == ref.keys()
         for name, value in ref.items():
             err = rel(got[name], value, zero_ref_ok=True)
-            assert err < TOLERANCE, f"{where}: {name} at step {step + 1}: rel err {err:.2e}"
+            assert err < tolerance, f"{where}: {name} at step {step + 1}: rel err {err:.2e}"
 
 
 @pytest.mark.parametrize("method", list(models.METHODS))
@@ -87,6 +92,89 @@ def test_compiled_inference_matches_eager(method):
         for _ in range(2):  # the second call reuses NEAT's cache and the compiled code
             err = rel(compiled(x), model(x), zero_ref_ok=True)
             assert err < TOLERANCE, f"{method}: rel err {err:.2e}"
+
+
+def _gradients(model: nn.Module, call, x: torch.Tensor, dy: torch.Tensor) -> dict:
+    """One forward and backward (the regulariser included): the output and every trainable gradient."""
+    model.zero_grad(set_to_none=True)
+    out = call(x)
+    ((out * dy).sum() + fastlora.regularization_loss(model)).backward()
+    return {"out": out.detach(), **{n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}}
+
+
+@pytest.mark.parametrize("method", list(models.METHODS))
+def test_dynamic_compile_is_one_graph_matching_eager(method):
+    """dynamic=True makes the adapter's scale a symbolic float, which the op's input checks must not
+    read on the host (math.isfinite): one graph (fullgraph=True), no graph break, and eager mode's
+    output and gradients (float64) for fresh inputs of two batch shapes."""
+    if method not in models.registered_methods():
+        pytest.skip(f"{method}: no adapter registered in fastlora.methods.ADAPTER_TYPES")
+    eager = models.build_model(method)
+    model = models.build_model(method)
+    compiled = torch.compile(model, backend="aot_eager", dynamic=True, fullgraph=True)
+    counters.clear()
+    generator = torch.Generator().manual_seed(99)
+    for shape in ((3, 4), (5, 2)):
+        x = torch.randn(*shape, models.D_IN, generator=generator, dtype=torch.float64)
+        dy = torch.randn(*shape, models.D_OUT, generator=generator, dtype=torch.float64)
+        reference = _gradients(eager, eager, x, dy)
+        _assert_same_run([_gradients(model, compiled, x, dy)], [reference], f"{method} at batch {shape}",
+                         tolerance=1e-12)
+    assert dict(counters["graph_break"]) == {}
+
+
+@pytest.mark.parametrize("floats", [{"gate": 0.7}, {"gate_value": 1.0}, {"dropout": 0.25}],
+                         ids=["float_gate", "gate_value", "dropout"])
+def test_dynamic_compile_of_the_op_with_host_floats(floats):
+    """adapted_linear's host floats (scale, a float gate, a tensor gate's gate_value, dropout) given as
+    arguments of a dynamic=True compile are symbolic: traced without a graph break, eager's result;
+    eager mode still refuses a non-finite value."""
+    generator = torch.Generator().manual_seed(5)
+    x, weight = (torch.randn(4, 3, 8, generator=generator, dtype=torch.float64),
+                 torch.randn(6, 8, generator=generator, dtype=torch.float64))
+    lora_a = torch.randn(2, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    lora_b = torch.randn(6, 2, generator=generator, dtype=torch.float64, requires_grad=True)
+    gate = torch.tensor(1.0, dtype=torch.float64, requires_grad=True) if "gate_value" in floats else None
+    leaves = [lora_a, lora_b] + ([gate] if gate is not None else [])
+
+    def op(x, scale, **floats):
+        seed = {"dropout_seed": 3} if "dropout" in floats else {}
+        tensor_gate = {"gate": gate} if gate is not None else {}
+        return adapted_linear(x, weight, None, lora_a, lora_b, scale=scale, **tensor_gate, **seed, **floats)
+
+    def run(call):
+        for leaf in leaves:
+            leaf.grad = None
+        out = call(x, 1.5, **floats)
+        out.square().sum().backward()
+        return {"out": out.detach(), **{f"leaf{i}": leaf.grad.clone() for i, leaf in enumerate(leaves)}}
+
+    reference = run(op)
+    counters.clear()
+    _assert_same_run([run(torch.compile(op, backend="aot_eager", dynamic=True, fullgraph=True))], [reference],
+                     str(floats), tolerance=1e-12)
+    assert dict(counters["graph_break"]) == {}
+    name = next(iter(floats))
+    if name != "dropout":  # dropout's range check is a comparison, traced as it is
+        with pytest.raises(ValueError, match=rf"{name} must be finite"):
+            op(x, 1.5, **{name: math.nan})
+    with pytest.raises(ValueError, match=r"scale must be finite"):
+        op(x, math.inf, **floats)
+
+
+def test_a_changed_scale_recompiles_without_a_graph_break():
+    """Default dynamic=None: a float argument that changes between calls is made dynamic (a symbolic
+    float) on the recompile, which must trace as with dynamic=True."""
+    generator = torch.Generator().manual_seed(6)
+    x, weight, lora_a, lora_b = (torch.randn(*shape, generator=generator, dtype=torch.float64)
+                                 for shape in ((4, 8), (6, 8), (2, 8), (6, 2)))
+    compiled = torch.compile(lambda x, scale: adapted_linear(x, weight, None, lora_a, lora_b, scale=scale),
+                             backend="aot_eager", fullgraph=True)
+    counters.clear()
+    for scale in (1.5, 2.5, 3.5):
+        reference = adapted_linear(x, weight, None, lora_a, lora_b, scale=scale)
+        assert rel(compiled(x, scale), reference) < 1e-12, scale
+    assert dict(counters["graph_break"]) == {}
 
 
 def _dropout_model() -> nn.Module:

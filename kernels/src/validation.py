@@ -46,8 +46,16 @@ def _value_range(index: Tensor) -> tuple[int, int]:
     return value_range
 
 
+def _check_finite(name: str, value: float) -> None:
+    """ValueError for a non-finite host float, in eager mode only."""
+    # under torch.compile a host float may be symbolic (dynamic=True, or a float argument that changed between
+    # calls), which math.isfinite cannot trace; eager calls are checked, and configs check scales when built
+    if not torch.compiler.is_compiling() and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
 def _host_gate(gate, gate_value) -> Optional[float]:
-    """The gate's value on the host, checked finite: a float gate as is, a tensor gate's
+    """The gate's value on the host, checked finite (eager mode): a float gate as is, a tensor gate's
     ``gate_value`` (its host copy, only with a tensor gate), else, in eager mode, the tensor
     read once (a device sync on GPU). None for a tensor gate under torch.compile: it is not
     read (no graph break); the low-rank path runs and is multiplied by it."""
@@ -59,14 +67,12 @@ def _host_gate(gate, gate_value) -> Optional[float]:
             raise TypeError("gate_value is the host copy of a tensor gate; with a float gate leave it None")
         if isinstance(gate_value, Tensor):
             raise TypeError("gate_value must be a Python float (the host copy of the gate), got a tensor")
-        if not math.isfinite(gate_value):
-            raise ValueError(f"gate_value must be finite, got {gate_value}")
+        _check_finite("gate_value", gate_value)
         return float(gate_value)
     if tensor_gate and torch.compiler.is_compiling():
         return None
     value = float(gate.detach() if tensor_gate else gate)
-    if not math.isfinite(value):
-        raise ValueError(f"gate must be finite, got {gate}")
+    _check_finite("gate", value)
     return value
 
 
@@ -80,7 +86,9 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
     if x.dim() == 0 or x.shape[-1] != d_in:
         raise ValueError(f"x must have last dimension d_in={d_in}, got shape {tuple(x.shape)}")
     if weight.requires_grad:
-        raise ValueError("weight is the frozen base weight and must have requires_grad=False")
+        raise ValueError(f"weight {tuple(weight.shape)} requires grad: the op trains adapters over a frozen base "
+                         f"weight (requires_grad=False); if the model was unfrozen (model.requires_grad_(True)), "
+                         f"freeze the adapted layers' weights again")
     if (lora_a is None) == (row_index is None):
         raise ValueError("give exactly one of lora_a and row_index (rows of W gathered as A)")
     if (lora_b is None) == (col_index is None):
@@ -116,8 +124,8 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
     if isinstance(scale, Tensor) and scale.requires_grad:
         raise TypeError("scale is a host scalar and gets no gradient; pass a float or a tensor "
                         "that does not require grad")
-    if not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be finite, got {scale}")
+    if not torch.compiler.is_compiling():  # see _check_finite; float() of a tensor scale is a host read
+        _check_finite("scale", float(scale))
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
     return host_gate
