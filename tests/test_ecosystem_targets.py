@@ -10,6 +10,8 @@ import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers import (
+    AutoConfig,
+    AutoModel,
     BertForSequenceClassification,
     BertModel,
     GPT2Config,
@@ -96,9 +98,36 @@ def test_a_regex_that_only_resembles_the_shorthand_stays_a_regex():
         fastlora.inject(llama(), LoraConfig(r=2, target_modules="all-linears"))
 
 
+#: the model types of PEFT 0.21's default LoRA targets: every one has its default here
+PEFT_0_21_MODEL_TYPES = {
+    "RefinedWeb", "RefinedWebModel", "bart", "bert", "blip-2", "bloom", "btlm", "chatglm", "codegen", "deberta",
+    "deberta-v2", "electra", "falcon", "gemma", "gemma2", "gemma3_text", "gemma4", "gpt2", "gpt_bigcode", "gpt_neo",
+    "gpt_neox", "gptj", "layoutlm", "llama", "llama4", "mistral", "mixtral", "mpt", "mt5", "nemotron_h", "opt", "phi",
+    "qwen2", "qwen3", "roberta", "rwkv", "rwkv7", "stablelm", "t5", "xlm-roberta"}
+
+
 def test_default_targets_are_peft_defaults():
+    assert PEFT_0_21_MODEL_TYPES <= set(DEFAULT_TARGETS)
     for model_type, targets in DEFAULT_TARGETS.items():
-        assert sorted(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type]) == sorted(targets)
+        theirs = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type]
+        assert (theirs == targets) if isinstance(targets, str) else sorted(theirs) == sorted(targets)
+
+
+@pytest.mark.parametrize("model_type, width_field", [("gpt_neox", "hidden_size"), ("phi", "hidden_size"),
+                                                      ("deberta-v2", "hidden_size"), ("mt5", "d_model")])
+def test_default_targets_select_what_peft_selects(model_type, width_field):
+    """No target_modules: the layers PEFT's get_peft_model adapts, on tiny transformers models of types
+    beyond the first few (a fused query_key_value, phi's MLP layers, DeBERTa's projections, mT5's q/v)."""
+    config = AutoConfig.for_model(model_type, **{width_field: 32}, num_hidden_layers=1, num_layers=1,
+                                  num_decoder_layers=1, num_attention_heads=4, num_heads=4, intermediate_size=64,
+                                  d_ff=64, d_kv=8, vocab_size=64)
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config)
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2))
+    peft_layers = {name.removeprefix("base_model.model.") for name, m in theirs.named_modules()
+                   if isinstance(m, peft.tuners.lora.LoraLayer)}
+    ours = {name for name, _ in fastlora.adapter_layers(fastlora.inject(model, LoraConfig(r=2)))}
+    assert ours == peft_layers and ours
 
 
 def test_rank_and_alpha_patterns_give_peft_outputs():
