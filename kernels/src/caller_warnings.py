@@ -2,7 +2,8 @@
 
 ``warn_at_caller`` issues a warning at the first frame of the stack outside fastlora (its kernels
 included) and the libraries that call into fastlora's layers and hooks (torch, transformers, peft,
-accelerate): the line of the user's script that led to it (the training step that ran a layer, the
+accelerate, and Hugging Face's ``kernels``, whose layer wrappers transformers puts around a model's
+forward): the line of the user's script that led to it (the training step that ran a layer, the
 ``inject``, ``load`` or ``trainer.train()`` call), wherever inside those libraries it arose and however
 deep. Python's default warning filter then shows each warning once per such line.
 """
@@ -15,7 +16,7 @@ import warnings
 from pathlib import Path
 
 #: the packages whose frames a warning never points at (those imported at the time of the warning)
-LIBRARY_PACKAGES = ("fastlora", "torch", "transformers", "peft", "accelerate")
+LIBRARY_PACKAGES = ("fastlora", "torch", "transformers", "peft", "accelerate", "kernels")
 
 
 def _directory(path: str) -> str:
