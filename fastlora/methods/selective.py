@@ -21,7 +21,9 @@ with the defaults). Under AdamW a score moves by about lr per step while the pen
 dominates its (normalised) step, so that takes about 0.05 / lr optimizer steps: 500 at lr 1e-4,
 50 at 1e-3; a run shorter than that never switches a gate and trains exactly as plain LoRA.
 ``adapter_stats`` reports "gate_changes" (switches the forwards saw, summed over layers), and
-``FastLoraCallback`` warns at the end of a run in which no gate moved.
+``FastLoraCallback`` warns at the end of a run in which no gate moved. The switches are counted on
+the device, against the gate the previous forward saw, by eager and compiled forwards alike (inside
+the compiled graph: no host read, no graph break), so a compiled run counts what an eager one does.
 
 The penalty is formed inside the layer's forward from the score that forward sees and
 returned by ``regularization_loss``: under FSDP/ZeRO-3 a parameter is whole only inside
@@ -42,7 +44,7 @@ from .lora import LoraAdapter
 
 
 def _steps_after_load(module: "SelectiveLoraAdapter", incompatible_keys) -> None:
-    module._steps = int(module.optimizer_steps)
+    module._set_steps(int(module.optimizer_steps))
 
 
 def _score_as_vector(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -73,6 +75,16 @@ class SelectiveLoraAdapter(LoraAdapter):
       it. After writing the score in a way the version counter does not see (through
       ``.data``, or an optimizer whose kernels write raw pointers without the training
       hooks attached), call ``refresh_gate()``.
+    - Gate switches are counted in two non-persistent 0-dim buffers: the gate the latest forward saw
+      (bool, on at first) and the number of switches (int64). A forward compares its gate with the
+      first and adds to the second on the device: an eager forward when it reads the score (once per
+      change of it), a compiled one inside its graph (no host read, no graph break); a recomputed
+      forward (activation checkpointing) sees the gate its first run recorded and adds nothing.
+      ``extra_stats`` reads the count. The record is not saved: a run's statistic.
+    - The warm-up's on/off is a host bool that changes once (when the warm-up ends), not the step
+      count: torch.compile guards on the Python values a compiled forward reads, and a count read
+      there would recompile it after every optimizer step (and fail at the recompile limit under
+      fullgraph=True).
     - A forward with grad enabled records its penalty term (in that forward's graph);
       ``regularization_loss`` hands it over once. The record is dropped after an optimizer
       step (the score moved). Without a record (no forward yet, a no_grad forward, a second
@@ -88,16 +100,41 @@ class SelectiveLoraAdapter(LoraAdapter):
         self.sparsity_weight = float(config.sparsity_weight)
         self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.int64, device=weight.device))
         self.register_load_state_dict_post_hook(_steps_after_load)
-        self._steps = 0  # host copy of optimizer_steps
+        self._set_steps(0)  # _steps: host copy of optimizer_steps; _penalized: the warm-up is over
         self._penalty: Optional[Tensor] = None
         self._gate_key: Optional[tuple] = None
-        self._gate_on = True
-        self._gate_changes = 0  # switches of the gate the forwards saw (on -> off or off -> on)
+        self._gate_on = True  # host copy of the gate, valid while the score's key is _gate_key
+        with torch.inference_mode(False):  # writable by forwards in and outside inference mode
+            # the gate the latest forward saw, and the switches the forwards saw (on -> off or off -> on)
+            self.register_buffer("_gate_seen", torch.ones((), dtype=torch.bool, device=weight.device),
+                                 persistent=False)
+            self.register_buffer("_gate_switches", torch.zeros((), dtype=torch.int64, device=weight.device),
+                                 persistent=False)
         self.register_load_state_dict_pre_hook(_score_as_vector)
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles leave the recorded penalty (part of one forward's graph) behind."""
         return {**super().__getstate__(), "_penalty": None}
+
+    def _set_steps(self, steps: int) -> None:
+        """The host count of optimizer steps, and whether the warm-up is over (what forwards read)."""
+        self._steps = steps
+        self._penalized = steps >= self.config.sparsity_warmup_steps
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moves and casts (``to``, ``to_empty``...) keep the gate record usable: one without values (on the
+        meta device, materialised by ``to_empty``) starts afresh, and one made under inference mode is copied
+        out of it (forwards outside inference mode write it)."""
+        unset = self._gate_seen.is_meta
+        module = super()._apply(fn, recurse)
+        seen, switches = self._gate_seen, self._gate_switches
+        if unset and not seen.is_meta:
+            seen, switches = torch.ones_like(seen), torch.zeros_like(switches)
+        if seen.is_inference() or switches.is_inference():
+            with torch.inference_mode(False):
+                seen, switches = seen.clone(), switches.clone()
+        self._gate_seen, self._gate_switches = seen, switches
+        return module
 
     @property
     def active(self) -> bool:
@@ -117,15 +154,27 @@ class SelectiveLoraAdapter(LoraAdapter):
         """Forget the cached gate: the next forward reads the score again."""
         self._gate_key = None
 
+    def _note_gate(self, hard: Tensor) -> None:
+        """Count a switch of the gate a forward sees (``hard``: 1[score >= threshold], a 0-dim bool tensor)
+        against the gate the previous forward saw, on the device (no host read; traced by torch.compile)."""
+        seen, switches = self._gate_seen, self._gate_switches
+        hard = hard.detach().to(seen.device)
+        switches.add_(hard.ne(seen).to(switches.dtype))
+        seen.copy_(hard)
+
+    def _observed_gate(self) -> bool:
+        """The gate read from the score now (gathered when sharded), noted by ``_note_gate``."""
+        hard = full_view(self.score.detach()).reshape(()) >= self.threshold
+        self._note_gate(hard)
+        return bool(hard)
+
     def gate_is_on(self) -> bool:
         """``active``, read from the device only when the score changed since the last read."""
         key = self._score_key()
         if key is None:
-            return self.active
+            return self._observed_gate()
         if key != self._gate_key:
-            on = self.active
-            self._gate_changes += on != self._gate_on
-            self._gate_on, self._gate_key = on, key
+            self._gate_on, self._gate_key = self._observed_gate(), key
         return self._gate_on
 
     def gate(self) -> Union[float, Tensor]:
@@ -138,7 +187,9 @@ class SelectiveLoraAdapter(LoraAdapter):
         """(gate, its host value when the gate is a tensor whose value the host knows, else None)."""
         score = self.score.view(())
         if torch.compiler.is_compiling():
-            hard = (score.detach() >= self.threshold).to(score.dtype)
+            on = score.detach() >= self.threshold
+            self._note_gate(on)  # in the graph: the count stays on the device
+            hard = on.to(score.dtype)
             return (score - score.detach()) + hard if self._straight_through() else hard, None
         hard = float(self.gate_is_on())
         if self._straight_through():
@@ -156,7 +207,7 @@ class SelectiveLoraAdapter(LoraAdapter):
         the same value and (sub)gradient as abs, but autograd keeps sign(score), not score (FSDP
         frees a gathered score after the forward)."""
         score = score.view(())
-        weight = self.sparsity_weight if self._steps >= self.config.sparsity_warmup_steps else 0.0
+        weight = self.sparsity_weight if self._penalized else 0.0  # a bool: no recompile per step
         return weight * (score.detach().sign() * score)
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
@@ -188,7 +239,7 @@ class SelectiveLoraAdapter(LoraAdapter):
     @torch.no_grad()
     def after_optimizer_step(self, learning_rate: float) -> tuple[nn.Parameter, ...]:
         """The step moved the score: count it, drop the recorded penalty term and the cached gate."""
-        self._steps += 1
+        self._set_steps(self._steps + 1)
         self.optimizer_steps.fill_(self._steps)
         self._penalty = None
         self.refresh_gate()
@@ -196,7 +247,7 @@ class SelectiveLoraAdapter(LoraAdapter):
 
     def extra_stats(self) -> dict[str, float]:
         return {"active": float(self.active), "score": float(full_view(self.score.detach())),
-                "optimizer_steps": float(self._steps), "gate_changes": float(self._gate_changes)}
+                "optimizer_steps": float(self._steps), "gate_changes": float(self._gate_switches)}
 
 
 register_method(SelectiveLoraConfig, SelectiveLoraAdapter)
