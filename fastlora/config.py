@@ -456,9 +456,9 @@ class CascadeLoraConfig(LoraConfig):
     instead (default None): the run's N optimizer steps (Trainer's max_steps, or
     ``attach_training_hooks(..., total_steps=N)``, as CoDyRA's total_steps) split into K stages of
     N / K steps (rounded; the stage ends at steps ceil(j N / K), j < K); it replaces cascade_interval
-    (left at its default or None, saved as None). With a known run length no stage ends on the run's
-    final step: the last stage stays the fast pair (evaluated as W + s B A), folded by ``next_task``
-    or merged by ``merge``. slow_momentum: m of the slow-fast
+    (left out or None, saved as None; an interval given beside it is refused, 100 included). With a
+    known run length no stage ends on the run's final step: the last stage stays the fast pair
+    (evaluated as W + s B A), folded by ``next_task`` or merged by ``merge``. slow_momentum: m of the slow-fast
     update, the stage folds (1 - m) s B A into W (the paper's pace alpha = 1 - m; default 0.5,
     Lookahead's; 0 folds the whole fast pair). noise_intensity: NoisyTune's lambda, each stage starts
     with W += U(-lambda/2, lambda/2) * std(W) (default 0.15 as NoisyTune; 0 = no noise), drawn from a
@@ -479,6 +479,14 @@ class CascadeLoraConfig(LoraConfig):
     noise_seed: int = 0
     keep_pretrained_copy: bool = False
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "CascadeLoraConfig":
+        # here, where the given keywords are known: an interval given at its default value counts too
+        interval, stages = kwargs.get("cascade_interval"), kwargs.get("stages_per_run")
+        if interval is not None and stages is not None:
+            raise ValueError(f"CascadeLoraConfig: give stages_per_run ({stages}) or cascade_interval ({interval}), "
+                             f"not both")
+        return super().__new__(cls, *args, **kwargs)
+
     def validate(self) -> None:
         super().validate()
         if not isinstance(self.keep_pretrained_copy, bool):
@@ -491,11 +499,7 @@ class CascadeLoraConfig(LoraConfig):
         if stages is not None:
             if not isinstance(stages, int) or isinstance(stages, bool) or stages <= 0:
                 raise ValueError(f"CascadeLoraConfig.stages_per_run must be an int > 0 or None, got {stages!r}")
-            if value == 100:  # the default: stages_per_run replaces it
-                object.__setattr__(self, "cascade_interval", None)
-            elif value is not None:
-                raise ValueError(f"CascadeLoraConfig: give stages_per_run ({stages}) or cascade_interval ({value}), "
-                                 f"not both")
+            object.__setattr__(self, "cascade_interval", None)  # the default (another value was refused)
         value = self.slow_momentum
         if not _is_real(value) or not 0.0 <= value < 1.0:
             raise ValueError(f"CascadeLoraConfig.slow_momentum must lie in [0, 1) (1 would discard every "

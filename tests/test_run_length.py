@@ -164,7 +164,8 @@ def test_stages_per_run_without_a_known_length_is_refused():
 
 @pytest.mark.parametrize("kwargs, message", [({"stages_per_run": 0}, "stages_per_run must be an int > 0"),
                                              ({"stages_per_run": True}, "stages_per_run must be an int > 0"),
-                                             ({"stages_per_run": 2, "cascade_interval": 5}, "not both")])
+                                             ({"stages_per_run": 2, "cascade_interval": 5}, "not both"),
+                                             ({"stages_per_run": 2, "cascade_interval": 100}, "not both")])
 def test_stages_per_run_is_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CascadeLoraConfig(r=2, **kwargs)
