@@ -108,6 +108,27 @@ def test_cpu_mask_in_each_dtype_is_the_float64_mask(cpu_only, dtype):
     assert got.dtype == dtype and torch.equal(got, want.to(dtype))
 
 
+@pytest.mark.parametrize("default", [torch.float64, torch.bfloat16])
+def test_cpu_mask_ignores_torchs_default_dtype(cpu_only, default):
+    """torch.set_default_dtype changes neither the keep pattern (fp32 uniforms) nor the mask's dtype and
+    value; a seeded fp32 call keeps working (float64 mask against fp32 factors failed in the GEMM)."""
+    p = 0.3
+    want = dropout_mask(24, 19, p, 5, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(8)
+    x, weight, a, b = (torch.randn(*shape, generator=gen) for shape in ((24, 19), (7, 19), (3, 19), (7, 3)))
+    expected = adapted_linear(x, weight, None, a, b, dropout=p, dropout_seed=5, backend="torch")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        got = dropout_mask(24, 19, p, 5, dtype=torch.float32)
+        y = adapted_linear(x, weight, None, a, b, dropout=p, dropout_seed=5, backend="torch")
+    finally:
+        torch.set_default_dtype(previous)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert set(got.unique().tolist()) == {0.0, float(torch.tensor(1 / (1 - p), dtype=torch.float32))}
+    assert y.dtype == torch.float32 and torch.equal(y, expected)
+
+
 @pytest.mark.parametrize("interpreted", ["0", "1"])
 def test_dropout_rate_zero_keeps_everything_and_rates_outside_0_1_are_refused(monkeypatch, interpreted):
     monkeypatch.setenv("TRITON_INTERPRET", interpreted)

@@ -72,7 +72,7 @@ def _cpu_mask(n: int, d_in: int, p: float, seed: Tensor, dtype: torch.dtype) -> 
     if generator is None:
         generator = _CPU.generator = torch.Generator()
     generator.manual_seed(seed.item())
-    keep = torch.rand(n, d_in, generator=generator) >= p
-    if dtype == torch.float32:  # one op for the common case
-        return torch.where(keep, 1.0 / (1.0 - p), 0.0)
+    keep = torch.rand(n, d_in, generator=generator, dtype=torch.float32) >= p  # whatever torch's default dtype
+    if dtype == torch.float32:  # the common case: fp32(1 / (1 - p)), as the scalar rounds in an fp32 product
+        return keep.to(dtype).mul_(1.0 / (1.0 - p))
     return keep.to(dtype) / (1.0 - p)
