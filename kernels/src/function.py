@@ -4,11 +4,15 @@ The primitives are the custom ops ``fastlora::adapted_linear_fwd`` / ``_bwd``
 (``custom_ops``), which run the named backend (``torch_impl`` or ``triton.impl``); this
 Function only saves what the backward needs (x, the small t = xd A^T, the factors, the
 seed) and routes gradients. Dropout is regenerated from the saved seed, so no (N, d_in)
-mask is stored. Where autograd records nothing (``torch.no_grad``, ``torch.inference_mode``),
-``forward_without_grad`` runs the forward primitive alone: no context, nothing saved.
+mask is stored. The backward is first order: under ``create_graph=True`` its gradients come out tied to
+the inputs they depend on by ``FirstOrderOnly``, which raises when they are differentiated (the torch
+plan's recorded ops differentiate twice). Where autograd records nothing
+(``torch.no_grad``, ``torch.inference_mode``), ``forward_without_grad`` runs the forward primitive
+alone: no context, nothing saved.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -49,6 +53,22 @@ def forward_without_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: O
     return _shaped(y, x.shape)
 
 
+class FirstOrderOnly(torch.autograd.Function):
+    """A gradient the fused backward returned (a copy), tied to the tensors it depends on (dy and the
+    differentiable inputs): differentiating it raises, where a plain result would silently lack the
+    terms of those dependencies (a gradient penalty, a Hessian-vector product)."""
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, *depends_on: Tensor) -> Tensor:
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("a gradient of fastlora's fused op was differentiated again (create_graph=True): the "
+                           "Triton plans' backward is first order; run these layers on backend='torch', whose "
+                           "recorded ops give second-order gradients")
+
+
 class AdaptedLinearFunction(torch.autograd.Function):
     """y = x W^T + bias + scale * gate * ((dropout(x) A^T) M^T ⊙ m) B^T for x (..., d_in).
 
@@ -82,10 +102,15 @@ class AdaptedLinearFunction(torch.autograd.Function):
         flags = ctx.needs_input_grad
         needs = [flags[i] for i in _GRAD_INPUTS]
         dy2d = _rows(dy).contiguous()
-        computed = iter(custom_ops.adapted_linear_bwd(
-            dy2d, x, weight, a, b, middle, rank_weights, row_index, col_index, t, seed, *ctx.scalars,
-            needs, ctx.backend, device_gate))
-        grads = [next(computed) if need else None for need in needs]
+        create_graph = torch.is_grad_enabled()  # backward(create_graph=True): see FirstOrderOnly
+        with torch.no_grad() if create_graph else contextlib.nullcontext():
+            computed = iter(custom_ops.adapted_linear_bwd(
+                dy2d, x, weight, a, b, middle, rank_weights, row_index, col_index, t, seed, *ctx.scalars,
+                needs, ctx.backend, device_gate))
+            grads = [next(computed) if need else None for need in needs]
+        if create_graph:
+            ties = [v for v in (dy, x, a, b, middle, rank_weights) if v is not None and v.requires_grad]
+            grads = [g if g is None or not ties else FirstOrderOnly.apply(g, *ties) for g in grads]
         grad_x, grad_bias, grad_a, grad_b, grad_middle, grad_rank_weights, grad_gate = grads
         if grad_x is not None and len(ctx.x_shape) != 2:
             grad_x = grad_x.reshape(ctx.x_shape)
