@@ -108,6 +108,12 @@ def _low_rank_first(v: Tensor, u: Tensor, u_index: Optional[Tensor], bias: Optio
                         seed=term.dropout_seed, out_dtype=dtype)
 
 
+def zero_sized(x: Tensor, weight: Tensor) -> bool:
+    """Whether the problem is empty (no rows, or d_in or d_out of 0, as nn.Linear allows): torch's ops
+    run it, with no launch (the grids would be empty and the split reductions divide by the sizes)."""
+    return x.numel() == 0 or weight.numel() == 0
+
+
 class TritonPlan:
     """A ``spec.Plan`` on the Triton kernels (see the module docstring for the two variants)."""
 
@@ -137,7 +143,7 @@ class TritonPlan:
     def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm,
                 keep_t: bool) -> tuple[Tensor, Optional[Tensor]]:
         """y = x W^T + bias + s*g*v B^T (N, d_out); returns (y, t), t (N, r) fp32 or None when not computed."""
-        if x.shape[0] == 0:
+        if zero_sized(x, weight):
             return torch_impl.forward(x, weight, bias, _factors_in(term, x.dtype), keep_t)
         if not term.lowrank_on:
             return F.linear(x, weight, bias), (shrink(x, weight, term) if keep_t else None)
@@ -148,7 +154,7 @@ class TritonPlan:
     def backward(self, dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Optional[Tensor],
                  needs: GradsNeeded) -> Grads:
         """Gradients of every needed input (see ``torch_impl.backward`` for the formulas)."""
-        if dy.shape[0] == 0:
+        if zero_sized(x, weight):
             t = None if t is None else t.to(dy.dtype)  # fp32 from the forward: torch's ops take one dtype
             grads = torch_impl.backward(dy, x, weight, _factors_in(term, dy.dtype), t, needs)
             for name in ("a", "b", "middle", "rank_weights"):

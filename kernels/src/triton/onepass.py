@@ -18,7 +18,7 @@ from typing import Optional
 from torch import Tensor
 
 from ..spec import Grads, GradsNeeded, LowRankTerm
-from .impl import TritonPlan, down_view, mixed_ranks, rank_chain_grads, shrink, up_view
+from .impl import TritonPlan, down_view, mixed_ranks, rank_chain_grads, shrink, up_view, zero_sized
 from .onepass_backward import db_partials_are_cheaper, onepass_input_grad
 from .onepass_forward import onepass_forward
 
@@ -34,7 +34,7 @@ class OnePassPlan(TritonPlan):
 
     def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm,
                 keep_t: bool) -> tuple[Tensor, Optional[Tensor]]:
-        if x.shape[0] == 0 or not term.lowrank_on:
+        if zero_sized(x, weight) or not term.lowrank_on:
             return super().forward(x, weight, bias, term, keep_t)
         down, down_index = down_view(weight, term)
         up, up_index = up_view(weight, term)
@@ -44,7 +44,7 @@ class OnePassPlan(TritonPlan):
 
     def backward(self, dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Optional[Tensor],
                  needs: GradsNeeded) -> Grads:
-        if dy.shape[0] == 0 or not term.lowrank_on or not needs.x:
+        if zero_sized(x, weight) or not term.lowrank_on or not needs.x:
             return super().backward(dy, x, weight, term, t, needs)
         if t is None:
             t = shrink(x, weight, term)

@@ -1,0 +1,44 @@
+"""Zero-sized problems (no rows, d_in = 0 or d_out = 0, as nn.Linear allows) on every plan: outputs and
+gradients of the right shapes and values, with no launch (the Triton plans hand them to torch's ops)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastlora.kernels import adapted_linear, adapted_linear_reference
+
+from utils import assert_close
+
+PLANS = ["torch", "cublas", "triton", "onepass"]
+SHAPES = {"no_rows": (0, 7, 5), "no_inputs": (6, 0, 5), "no_outputs": (6, 7, 0)}  # (N, d_in, d_out)
+
+
+@pytest.fixture
+def plan_ready(request, plan):
+    if plan != "torch":
+        request.getfixturevalue("triton_impl")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("plan", PLANS)
+def test_a_zero_sized_problem_gives_the_reference_shapes_and_values(plan, shape, plan_ready):
+    n, d_in, d_out = SHAPES[shape]
+    gen = torch.Generator().manual_seed(3)
+    tensors = {"x": torch.randn(n, d_in, generator=gen), "weight": torch.randn(d_out, d_in, generator=gen),
+               "bias": torch.randn(d_out, generator=gen), "lora_a": torch.randn(3, d_in, generator=gen),
+               "lora_b": torch.randn(d_out, 3, generator=gen)}
+    for name in ("x", "bias", "lora_a", "lora_b"):
+        tensors[name].requires_grad_()
+    y = adapted_linear(*tensors.values(), scale=0.5, dropout=0.2, dropout_seed=4, backend=plan)
+    ref = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in tensors.items()}
+    y_ref = adapted_linear_reference(*ref.values(), scale=0.5)  # with a dimension of 0 dropout changes nothing
+    assert y.shape == (n, d_out) and y.dtype == torch.float32
+    dy = torch.randn(n, d_out, generator=gen)
+    grads = torch.autograd.grad(y, [tensors[k] for k in ("x", "bias", "lora_a", "lora_b")], dy)
+    grads_ref = torch.autograd.grad(y_ref, [ref[k] for k in ("x", "bias", "lora_a", "lora_b")], dy.double())
+    if y.numel():
+        assert_close(y, y_ref, 1e-6)
+    for name, grad, want in zip(("x", "bias", "A", "B"), grads, grads_ref):
+        assert grad.shape == want.shape, name
+        if grad.numel():
+            assert_close(grad, want, 1e-6, name, zero_ref_ok=True)
