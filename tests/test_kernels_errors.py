@@ -239,6 +239,15 @@ def test_non_finite_gate(gate):
         call(gate=gate)
 
 
+@pytest.mark.parametrize("gate, match", [("1", "gate must be a float or a 0-dim floating tensor, got str"),
+                                         (None, "gate must be a float or a 0-dim floating tensor, got NoneType"),
+                                         (torch.tensor(1), "a tensor gate must be floating point .* torch.int64"),
+                                         (torch.tensor(True), "a tensor gate must be floating point .* torch.bool")])
+def test_a_gate_that_is_not_a_real_number_is_refused(gate, match):
+    with pytest.raises(TypeError, match=match):
+        call(gate=gate)
+
+
 def test_gate_value_only_with_a_tensor_gate():
     with pytest.raises(TypeError, match=r"gate_value is the host copy of a tensor gate"):
         call(gate=1.0, gate_value=1.0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from typing import Optional
 
@@ -62,6 +63,11 @@ def _host_gate(gate, gate_value) -> Optional[float]:
     tensor_gate = isinstance(gate, Tensor)
     if tensor_gate and gate.numel() != 1:
         raise ValueError(f"gate must be a scalar, got shape {tuple(gate.shape)}")
+    if tensor_gate and not gate.is_floating_point():
+        raise TypeError(f"a tensor gate must be floating point (it multiplies the update and may get a "
+                        f"gradient), got dtype {gate.dtype}")
+    if not tensor_gate and not isinstance(gate, (numbers.Real, torch.SymInt, torch.SymFloat)):  # Sym*: compile
+        raise TypeError(f"gate must be a float or a 0-dim floating tensor, got {type(gate).__name__}")
     if gate_value is not None:
         if not tensor_gate:
             raise TypeError("gate_value is the host copy of a tensor gate; with a float gate leave it None")
