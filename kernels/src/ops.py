@@ -171,4 +171,10 @@ def _timing_step(key: "plans.PlanKey", device: torch.device, dtype: torch.dtype,
 
 
 def _as_long(index: Optional[Tensor]) -> Optional[Tensor]:
-    return index if index is None or index.dtype == torch.int64 else index.long()
+    """``index`` as int64, and as a normal tensor when it was made under inference_mode and autograd
+    records this call (the Function saves it for the backward, which an inference tensor refuses)."""
+    if index is None:
+        return None
+    if index.is_inference() and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        return index.to(torch.int64, copy=True)
+    return index if index.dtype == torch.int64 else index.long()

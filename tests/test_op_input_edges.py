@@ -1,5 +1,6 @@
-"""Zero-sized problems (no rows, d_in = 0 or d_out = 0, as nn.Linear allows) on every plan: outputs and
-gradients of the right shapes and values, with no launch (the Triton plans hand them to torch's ops)."""
+"""Inputs at the edges of the op, on every plan: zero-sized problems (no rows, d_in = 0 or d_out = 0, as
+nn.Linear allows: the Triton plans hand them to torch's ops, no launch), and gather indices made under
+inference_mode serving a call autograd records."""
 from __future__ import annotations
 
 import pytest
@@ -42,3 +43,21 @@ def test_a_zero_sized_problem_gives_the_reference_shapes_and_values(plan, shape,
         assert grad.shape == want.shape, name
         if grad.numel():
             assert_close(grad, want, 1e-6, name, zero_ref_ok=True)
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_gather_indices_made_under_inference_mode_serve_a_training_call(plan, plan_ready):
+    """Indices built under torch.inference_mode (a model loaded for evaluation), then used where autograd
+    records the call: the Function saves a normal copy (an inference tensor cannot be saved)."""
+    gen = torch.Generator().manual_seed(5)
+    x, weight = torch.randn(6, 8, generator=gen), torch.randn(5, 8, generator=gen)
+    b = torch.randn(5, 3, generator=gen, requires_grad=True)
+    with torch.inference_mode():
+        rows = torch.tensor([4, 0, 2])
+    y = adapted_linear(x, weight, None, None, b, row_index=rows, scale=0.5, backend=plan)
+    (grad,) = torch.autograd.grad(y.square().sum(), b)
+    b64 = b.detach().double().requires_grad_()
+    y_ref = adapted_linear_reference(x.double(), weight.double(), None, None, b64, row_index=rows.clone(), scale=0.5)
+    (grad_ref,) = torch.autograd.grad(y_ref.square().sum(), b64)
+    assert_close(y, y_ref, 1e-6)
+    assert_close(grad, grad_ref, 1e-6, "dB")
