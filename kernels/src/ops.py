@@ -175,6 +175,7 @@ def _as_long(index: Optional[Tensor]) -> Optional[Tensor]:
     records this call (the Function saves it for the backward, which an inference tensor refuses)."""
     if index is None:
         return None
-    if index.is_inference() and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+    if (not torch.compiler.is_compiling() and index.is_inference() and torch.is_grad_enabled()
+            and not torch.is_inference_mode_enabled()):  # dynamo cannot trace is_inference()
         return index.to(torch.int64, copy=True)
     return index if index.dtype == torch.int64 else index.long()
