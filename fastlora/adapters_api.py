@@ -18,6 +18,7 @@ from torch import nn
 
 from .attention import AdapterMultiheadAttention, is_attention
 from .config import AdapterConfig
+from .heads import add_head_values, drop_head_values, switch_head_values
 from .layer import AdapterLinear, is_adaptable
 from .methods import build_adapter
 from .model_tree import adapter_layers, set_submodule
@@ -50,7 +51,8 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
     and must select exactly the adapted layers (per-layer rank_pattern/alpha_pattern apply). Refused,
     the model unchanged: a name in use or not a non-empty string without ".", a selection that
     differs, a method that writes W (LoRASC), a rank a layer cannot hold, a ``modules_to_save`` (the
-    modules inject's config trains in full are shared by every named adapter)."""
+    new adapter gets its own values of the modules inject's config trains in full, starting from the
+    active adapter's: ``fastlora.heads``)."""
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
     if not isinstance(name, str) or not name or "." in name:
@@ -60,9 +62,9 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
         raise ValueError(f"the model has an adapter named {name!r} already (adapters: "
                          f"{layers[0][1].adapter_names()})")
     if config.modules_to_save:
-        raise ValueError(f"adapter {name!r}: modules_to_save={list(config.modules_to_save)} is not supported for a "
-                         f"named adapter: the model holds one copy of the modules trained in full, which every "
-                         f"named adapter shares (set it in inject's config)")
+        raise ValueError(f"adapter {name!r}: modules_to_save={list(config.modules_to_save)} is not taken by "
+                         f"add_adapter: every named adapter gets its own values of the modules inject's config "
+                         f"trains in full (set them there)")
     if any(layer.adapter.writes_weight for _, layer in layers):
         raise ValueError(f"adapter {active_adapter(model)!r} is LoRASC, which writes its stages into W; a model "
                          f"with it cannot hold other named adapters")
@@ -84,6 +86,7 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
         built.append(adapter)
     for (_, layer), adapter in zip(layers, built):
         layer.add_named_adapter(name, adapter)
+    add_head_values(model, name)
     return model
 
 
@@ -129,6 +132,8 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
     if merged and name != layers[0][1].adapter_name:
         raise ValueError(f"cannot switch to adapter {name!r} while adapter {layers[0][1].adapter_name!r} is merged "
                          f"into {merged[:3]}; unmerge first")
+    if name != layers[0][1].adapter_name:
+        switch_head_values(model, layers[0][1].adapter_name, name)
     for _, layer in layers:
         layer.activate(name)
     return model
@@ -145,6 +150,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
                          f"(or unload the adapters)")
     for _, layer in layers:
         layer.remove_adapter(name)
+    drop_head_values(model, name)
     return model
 
 
@@ -192,7 +198,8 @@ def unload(model: nn.Module) -> nn.Module:
     weight and bias tensors, under each of the layer's names) and drop the adapters without merging them;
     returns ``model``.
     A merged layer is unmerged first, so its W is the base W again. Parameters other than the
-    adapters keep the requires_grad flags inject gave them (frozen)."""
+    adapters keep the requires_grad flags inject gave them (frozen); the modules trained in full keep the
+    active adapter's values (the inactive adapters' are dropped)."""
     names: dict[nn.Module, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, AdapterLinear):
@@ -213,6 +220,7 @@ def unload(model: nn.Module) -> nn.Module:
         plain = attention.to_attention()  # its projections are plain now: their tensors themselves
         for name in attention_names:
             set_submodule(model, name, plain)
+    drop_head_values(model)  # the active adapter's head values stay in place
     return model
 
 

@@ -10,8 +10,8 @@ list of layer names, still load)::
 "config" is the first layer's config (what ``read_adapter_config`` returns), "layers" every
 layer's own config. Parameters outside the adapters that train with them (a classifier head the
 user unfroze, or ``modules_to_save``'s modules, trainable or frozen again at save time) are saved
-too, under their qualified names, listed in the optional field "saved_parameters"; ``load_adapter``
-copies them back. A model inside torch.compile's or DDP's wrapper saves and loads under the plain
+too, under their qualified names, listed in the optional field "saved_parameters" (an inactive named
+adapter's own values of them: ``fastlora.heads``); ``load_adapter`` copies them back. A model inside torch.compile's or DDP's wrapper saves and loads under the plain
 model's names.
 
 Writing touches these two files only (``write_files_atomically``), and their leftover temp
@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from .atomic_files import PathLike, leftover_temp_files, write_files_atomically, write_json, write_safetensors
 from .attention import is_attention
 from .config import AdapterConfig
+from .heads import head_value, write_inactive_head_values
 from .inject import inject
 from .layer import is_adaptable
 from .methods import Adapter
@@ -105,7 +106,9 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
         raise ValueError("model has no fastlora adapters to save")
     layers = named_adapters(model, adapter_name)
     state = adapter_state_dict(model, adapter_name)
-    extra = {name: p.detach().contiguous().cpu() for name, p in saved_non_adapter_parameters(model).items()}
+    inactive = _inactive_name(model, adapter_name)
+    extra = {name: head_value(model, name, inactive).detach().contiguous().cpu()
+             for name in saved_non_adapter_parameters(model)}
     state.update(extra)
     configs = {name: adapter.config.to_dict() for name, (_, adapter) in layers.items()}
     meta = {"format_version": FORMAT_VERSION, "config": next(iter(configs.values())), "layers": configs,
@@ -400,8 +403,8 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     alpha_pattern; other fields must agree), as ``PeftModel.from_pretrained`` does (its adapter
     named ``adapter_name``, "default" when None). Saved
     non-adapter parameters (``modules_to_save``: a classifier head) are copied into the model's
-    parameters of the same names, which become trainable again; the model holds one copy of them, so
-    such a checkpoint is refused when the model holds (or the load adds) a second named adapter.
+    parameters of the same names, which become trainable again, or, loaded into an inactive named
+    adapter, kept as that adapter's own values of them (``fastlora.heads``).
     Raises (leaving the model as it was) on: a malformed or mixed checkpoint, non-finite values,
     missing or unexpected layers or tensors, shape or dtype mismatches, indices outside W, merged
     layers, a layer config that differs in a field that changes the computation (all but
@@ -412,7 +415,6 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     inner = unwrapped(model)
     undo = _add_checkpoint_adapter(inner, configs, adapter_name)
     try:
-        _check_shared_heads(inner, saved)
         layers = named_adapters(inner, adapter_name)
         _check_fits(layers, configs, state)
         targets = check_saved_parameters(inner, saved)
@@ -423,20 +425,18 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     for name, (_, adapter) in layers.items():
         prefix = f"{name}.adapter."
         adapter.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    restore_saved_parameters(inner, targets, saved)
+    inactive = _inactive_name(inner, adapter_name)
+    if inactive is None:
+        restore_saved_parameters(inner, targets, saved)
+    else:  # the head values of an inactive adapter (fastlora.heads): the ones in place stay the active one's
+        write_inactive_head_values(inner, inactive, saved)
     return model
 
 
-def _check_shared_heads(model: nn.Module, saved: dict[str, Tensor]) -> None:
-    """Refuse saved non-adapter parameters (a classifier head) when the model holds several named adapters:
-    they share the model's one copy of those modules (PEFT keeps one per adapter), so loading them would
-    silently change what the other adapters compute."""
-    names = next(adapter_layers(model))[1].adapter_names()
-    if saved and len(names) > 1:
-        raise ValueError(f"the checkpoint carries parameters outside the adapters ({sorted(saved)[:4]}: "
-                         f"modules_to_save), and the model holds several named adapters ({names}), which share "
-                         f"one copy of those modules; loading them would change every adapter's outputs. Load this "
-                         f"checkpoint into its own model, or into a model with no other adapter")
+def _inactive_name(model: nn.Module, adapter_name: Optional[str]) -> Optional[str]:
+    """``adapter_name`` when it names an adapter other than the active one, else None."""
+    active = next(adapter_layers(model))[1].adapter_name
+    return adapter_name if adapter_name is not None and adapter_name != active else None
 
 
 def _add_checkpoint_adapter(model: nn.Module, configs: dict[str, AdapterConfig],

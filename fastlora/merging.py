@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .attention import AdapterMultiheadAttention
+from .heads import drop_head_values
 from .layer import AdapterLinear
 from .model_tree import adapter_layers, set_submodule
 from .shared_weights import shared_weight_owners
@@ -56,7 +57,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every AdapterLinear (under each of its names) by a plain nn.Linear (Conv1D) holding
     W + ΔW in a new weight, and every AdapterMultiheadAttention by an nn.MultiheadAttention holding
     its projections' W + ΔW (a merged layer's W as it is: ΔW is never added twice; a W tied to
-    another module stays with that module unchanged); returns ``model``."""
+    another module stays with that module unchanged); returns ``model``. The modules trained in full keep
+    the active adapter's values (the inactive adapters' are dropped)."""
     for kind, convert in ((AdapterMultiheadAttention, "to_attention"), (AdapterLinear, "to_linear")):
         names: dict[nn.Module, list[str]] = {}
         for name, module in model.named_modules(remove_duplicate=False):
@@ -66,4 +68,5 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             plain = getattr(layer, convert)()
             for name in layer_names:
                 set_submodule(model, name, plain)
+    drop_head_values(model)  # the active adapter's head values stay in place
     return model
