@@ -11,8 +11,8 @@ list of layer names, still load)::
 layer's own config. Parameters outside the adapters that train with them (a classifier head the
 user unfroze, or ``modules_to_save``'s modules, trainable or frozen again at save time) are saved
 too, under their qualified names, listed in the optional field "saved_parameters" (an inactive named
-adapter's own values of them: ``fastlora.heads``); ``load_adapter`` copies them back. A model inside torch.compile's or DDP's wrapper saves and loads under the plain
-model's names.
+adapter's own values of them: ``fastlora.heads``); ``load_adapter`` copies them back. A model inside
+torch.compile's or DDP's wrapper saves and loads under the plain model's names.
 
 Writing touches these two files only (``write_files_atomically``), and their leftover temp
 files: each is written to a temp file in the directory (``.<name>.<12 hex digits>.tmp``),
