@@ -19,7 +19,7 @@ from fastlora import (
     SelectiveLoraConfig,
 )
 
-from utils import tiny_bert
+from utils import TokenLabels, tiny_bert
 
 TARGETS = ["query", "value"]
 CONFIGS = {
@@ -32,19 +32,6 @@ CONFIGS = {
     "cascade": CascadeLoraConfig(r=2, target_modules=TARGETS, cascade_interval=2),
 }
 STEPS = 4
-
-
-class Data(torch.utils.data.Dataset):
-    def __init__(self, n=16):
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, 50, (n, 8), generator=generator)
-        self.labels = (self.ids[:, 0] % 2).long()
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
 def model_with(config):
@@ -68,7 +55,7 @@ def test_trains_resumes_and_reloads_every_method(name, tmp_path):
     config = CONFIGS[name]
     model = model_with(config)
     before = adapter_tensors(model)
-    trainer = FastLoraTrainer(model=model, args=arguments(tmp_path / "run"), train_dataset=Data())
+    trainer = FastLoraTrainer(model=model, args=arguments(tmp_path / "run"), train_dataset=TokenLabels())
     trainer.train()
     trained = adapter_tensors(model)
     assert any(not torch.equal(trained[k], before[k]) for k in before)
@@ -86,13 +73,13 @@ def test_trains_resumes_and_reloads_every_method(name, tmp_path):
         assert (tmp_path / "run" / f"checkpoint-{step}" / "fastlora_adapter" / "adapter_config.json").is_file()
     reloaded = fastlora.load_adapter(model_with(config).float(), tmp_path / "run" / f"checkpoint-{STEPS}"
                                      / "fastlora_adapter")
-    ids = Data().ids[:5]
+    ids = TokenLabels().ids[:5]
     with torch.no_grad():
         want = model.eval()(input_ids=ids).logits
         assert torch.allclose(reloaded.eval()(input_ids=ids).logits, want, atol=1e-6)
 
     resumed_model = model_with(config)
-    resumed = FastLoraTrainer(model=resumed_model, args=arguments(tmp_path / "run2"), train_dataset=Data())
+    resumed = FastLoraTrainer(model=resumed_model, args=arguments(tmp_path / "run2"), train_dataset=TokenLabels())
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     for key, tensor in adapter_tensors(resumed_model).items():
         assert torch.allclose(tensor, trained[key], atol=1e-6), key
@@ -100,9 +87,9 @@ def test_trains_resumes_and_reloads_every_method(name, tmp_path):
 
 def test_regularization_joins_the_training_loss_only(tmp_path):
     model = model_with(CONFIGS["selective"])
-    trainer = FastLoraTrainer(model=model, args=arguments(tmp_path), train_dataset=Data())
-    batch = {k: v[:4] for k, v in {"input_ids": Data().ids, "labels": Data().labels}.items()}
-    plain = Trainer(model=model, args=arguments(tmp_path), train_dataset=Data())
+    trainer = FastLoraTrainer(model=model, args=arguments(tmp_path), train_dataset=TokenLabels())
+    batch = {k: v[:4] for k, v in {"input_ids": TokenLabels().ids, "labels": TokenLabels().labels}.items()}
+    plain = Trainer(model=model, args=arguments(tmp_path), train_dataset=TokenLabels())
     model.train()
     penalty = fastlora.regularization_loss(model).item()
     assert penalty > 0
@@ -115,7 +102,7 @@ def test_regularization_joins_the_training_loss_only(tmp_path):
 
 def test_plain_trainer_with_the_callback_runs_rules(tmp_path):
     model = model_with(CONFIGS["codyra"])
-    trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=Data(),
+    trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=TokenLabels(),
                       callbacks=[FastLoraCallback(save_adapters=False)])
     trainer.train()
     stats = fastlora.adapter_stats(model)
@@ -132,7 +119,7 @@ def test_plain_trainer_with_the_callback_runs_rules(tmp_path):
     (STEPS, None)])
 def test_a_codyra_schedule_longer_than_the_run_warns_at_train_begin(total_steps, effect, tmp_path):
     model = model_with(RankSelectiveLoraConfig(r=3, target_modules=TARGETS, total_steps=total_steps))
-    trainer = Trainer(model=model, args=arguments(tmp_path, save_strategy="no"), train_dataset=Data(),
+    trainer = Trainer(model=model, args=arguments(tmp_path, save_strategy="no"), train_dataset=TokenLabels(),
                       callbacks=[FastLoraCallback()])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -153,7 +140,7 @@ def test_a_run_in_which_no_selective_gate_moved_warns_at_train_end(learning_rate
     at lr 5e-2 the penalty switches gates within the run (counted in the logged gate_changes)."""
     model = model_with(SelectiveLoraConfig(r=2, target_modules=TARGETS))
     trainer = FastLoraTrainer(model=model, args=arguments(tmp_path, save_strategy="no", learning_rate=learning_rate),
-                              train_dataset=Data())
+                              train_dataset=TokenLabels())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
@@ -200,9 +187,9 @@ def test_compute_loss_adds_the_penalty_once_per_optimizer_step(tmp_path):
     enters both micro-batches' gradients at half weight) and added whole where Trainer divides the loss."""
     model = model_with(SelectiveLoraConfig(r=2, target_modules=TARGETS, sparsity_weight=0.5)).train()
     trainer = FastLoraTrainer(model=model, args=arguments(tmp_path, gradient_accumulation_steps=2),
-                              train_dataset=Data())
+                              train_dataset=TokenLabels())
     trainer.current_gradient_accumulation_steps = 2
-    data = Data()
+    data = TokenLabels()
     batch = {key: torch.stack([data[i][key] for i in range(4)]) for key in ("input_ids", "labels")}
     penalty = fastlora.regularization_loss(model).item()
     assert penalty > 0

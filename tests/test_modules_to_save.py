@@ -8,15 +8,8 @@ from torch import nn
 
 import fastlora
 
-
-class Classifier(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16))
-        self.classifier = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.classifier(self.encoder(x))
+from utils import HeadClassifier as Classifier
+from utils import plain_head_classifier
 
 
 def config(**kw):
@@ -53,11 +46,7 @@ def test_saved_head_loads_into_a_fresh_model(tmp_path):
             if "lora_B" in name:
                 param.normal_()
     fastlora.save_adapter(model, tmp_path)
-    fresh = Classifier()
-    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "adapter" not in k}, strict=False)
-    with torch.no_grad():
-        fresh.classifier.weight.zero_()
-    fastlora.load_adapter(fresh, tmp_path)
+    fresh = fastlora.load_adapter(plain_head_classifier(model), tmp_path)
     assert torch.equal(fresh.classifier.weight, model.classifier.weight)
     assert trainable(fresh) == trainable(model)
     x = torch.randn(4, 12)
@@ -105,11 +94,7 @@ def _trained_head(tmp_path):
                 param.normal_()
     model.requires_grad_(False)  # evaluation code often freezes everything
     fastlora.save_adapter(model, tmp_path / "first")
-    fresh = Classifier()
-    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "adapter" not in k}, strict=False)
-    with torch.no_grad():
-        fresh.classifier.weight.zero_()
-    fastlora.load_adapter(fresh, tmp_path / "first")
+    fresh = fastlora.load_adapter(plain_head_classifier(model), tmp_path / "first")
     return model, fresh
 
 
@@ -125,11 +110,7 @@ def test_a_loaded_head_is_saved_again_after_it_is_frozen(tmp_path):
     model, fresh = _trained_head(tmp_path)
     fresh.requires_grad_(False)
     fastlora.save_adapter(fresh, tmp_path / "second")
-    again = Classifier()
-    again.load_state_dict({k: v for k, v in model.state_dict().items() if "adapter" not in k}, strict=False)
-    with torch.no_grad():
-        again.classifier.bias.zero_()
-    fastlora.load_adapter(again, tmp_path / "second")
+    again = fastlora.load_adapter(plain_head_classifier(model, zeroed="bias"), tmp_path / "second")
     assert torch.equal(again.classifier.bias, model.classifier.bias)
 
 

@@ -12,24 +12,11 @@ from transformers import BertForSequenceClassification, TrainingArguments
 import fastlora
 from fastlora import FastLoraTrainer, SelectiveLoraConfig
 
-from utils import tiny_bert
+from utils import TokenLabels, tiny_bert
 
 TARGETS = ["query", "value"]
 STEPS = 4
 WARNING = "no Selective LoRA gate switched"
-
-
-class Data(torch.utils.data.Dataset):
-    def __init__(self, n=16):
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, 50, (n, 8), generator=generator)
-        self.labels = (self.ids[:, 0] % 2).long()
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +35,7 @@ def _train(tmp_path, compiled: bool, learning_rate: float) -> tuple[dict, list[s
                              per_device_train_batch_size=4, learning_rate=learning_rate, logging_steps=1,
                              save_strategy="no", use_cpu=True, report_to=[], seed=0, data_seed=0, disable_tqdm=True,
                              torch_compile=compiled, torch_compile_backend="aot_eager" if compiled else None)
-    trainer = FastLoraTrainer(model=model, args=args, train_dataset=Data())
+    trainer = FastLoraTrainer(model=model, args=args, train_dataset=TokenLabels())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()

@@ -8,37 +8,21 @@ from torch import nn
 
 import fastlora
 
+from utils import HeadClassifier, plain_head_classifier
+
 WRAPPERS = {"compile": lambda model: torch.compile(model), "data_parallel": nn.DataParallel}
-
-
-class Classifier(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16))
-        self.classifier = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.classifier(self.encoder(x))
 
 
 def _adapted(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = fastlora.inject(Classifier(), fastlora.LoraConfig(r=4, alpha=8, target_modules=["encoder.0", "encoder.2"],
-                                                              modules_to_save=["classifier"]))
+    config = fastlora.LoraConfig(r=4, alpha=8, target_modules=["encoder.0", "encoder.2"],
+                                 modules_to_save=["classifier"])
+    model = fastlora.inject(HeadClassifier(), config)
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:
                 param.normal_()
     return model
-
-
-def _plain_like(model: nn.Module) -> nn.Module:
-    """A plain Classifier holding ``model``'s frozen base weights (its head zeroed)."""
-    plain = Classifier()
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "adapter" not in k}, strict=False)
-    with torch.no_grad():
-        plain.classifier.weight.zero_()
-    return plain
 
 
 @pytest.mark.parametrize("wrap", WRAPPERS)
@@ -48,7 +32,7 @@ def test_a_wrapped_models_checkpoint_loads_into_the_plain_model(tmp_path, wrap):
     keys = load_file(tmp_path / "adapter_model.safetensors")
     assert sorted(keys) == ["classifier.bias", "classifier.weight", "encoder.0.adapter.lora_A",
                             "encoder.0.adapter.lora_B", "encoder.2.adapter.lora_A", "encoder.2.adapter.lora_B"]
-    plain = fastlora.load_adapter(_plain_like(model), tmp_path)
+    plain = fastlora.load_adapter(plain_head_classifier(model), tmp_path)
     x = torch.randn(5, 12)
     torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
 
@@ -57,7 +41,7 @@ def test_a_wrapped_models_checkpoint_loads_into_the_plain_model(tmp_path, wrap):
 def test_a_plain_checkpoint_loads_into_a_wrapped_model(tmp_path, wrap):
     model = _adapted(1)
     fastlora.save_adapter(model, tmp_path)
-    target = _plain_like(model)
+    target = plain_head_classifier(model)
     wrapper = WRAPPERS[wrap](target)
     assert fastlora.load_adapter(wrapper, tmp_path) is wrapper
     x = torch.randn(5, 12)
@@ -70,7 +54,7 @@ def test_peft_format_round_trip_through_wrappers(tmp_path, wrap):
     fastlora.save_peft_adapter(WRAPPERS[wrap](model), tmp_path)
     keys = load_file(tmp_path / "adapter_model.safetensors")
     assert not any("_orig_mod" in k or ".module." in k for k in keys), sorted(keys)
-    target = _plain_like(model)
+    target = plain_head_classifier(model)
     wrapper = WRAPPERS[wrap](target)
     assert fastlora.load_peft_adapter(wrapper, tmp_path) is wrapper
     x = torch.randn(5, 12)

@@ -99,3 +99,42 @@ def tiny_bert(dropout: float = 0.0, **overrides):
     return BertConfig(**{**dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
                                 vocab_size=50, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout),
                          **overrides})
+
+
+class TokenLabels(torch.utils.data.Dataset):
+    """n fixed sequences of 8 token ids below 50 with a binary label (the first id's parity): a
+    classification data set for Trainer runs over ``tiny_bert``."""
+
+    def __init__(self, n: int = 16) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 50, (n, 8), generator=generator)
+        self.labels = (self.ids[:, 0] % 2).long()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+class HeadClassifier(torch.nn.Module):
+    """An encoder of two Linear layers (``encoder.0``, ``encoder.2``) under a Linear ``classifier`` head:
+    the model of the modules_to_save tests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16))
+        self.classifier = torch.nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.encoder(x))
+
+
+def plain_head_classifier(adapted: torch.nn.Module, zeroed: str = "weight") -> HeadClassifier:
+    """A plain HeadClassifier holding ``adapted``'s frozen base weights, its head's ``zeroed`` parameter
+    zero (so that a load must restore it)."""
+    plain = HeadClassifier()
+    plain.load_state_dict({k: v for k, v in adapted.state_dict().items() if "adapter" not in k}, strict=False)
+    with torch.no_grad():
+        getattr(plain.classifier, zeroed).zero_()
+    return plain
