@@ -169,7 +169,8 @@ def _fused_forward(call: Callable, layer: nn.Module, x: Tensor, *args: Any, **kw
 
 
 def accelerated_layers(model: nn.Module) -> list[str]:
-    """Qualified names of the layers ``accelerate`` switched to the fused op."""
+    """Qualified names of the layers whose forward ``accelerate`` replaced; a call of one still takes PEFT's
+    path where the fused op cannot compute it (DoRA, several active adapters, ...: the warning names it)."""
     return [name for name, module in model.named_modules() if getattr(module, _MARK, False)]
 
 
