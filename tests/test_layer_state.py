@@ -132,3 +132,24 @@ def test_a_layer_on_the_meta_device_gives_meta_outputs_and_refuses_inputs_with_v
     with pytest.raises(ValueError, match=r"this AdapterLinear \(6 -> 5\) is on the meta device \(no values\) and "
                                          r"the input on cpu"):
         layer(torch.randn(3, 6))
+
+
+def test_a_lorasc_layer_built_on_the_meta_device_trains_after_to_empty():
+    """LoRASC's stage record (folded pairs, seeds, stds: host tensors, not buffers) stays in host memory
+    when the layer is built under torch.device("meta"): a training forward after to_empty starts a stage."""
+    from fastlora import CascadeLoraConfig
+
+    with torch.device("meta"):
+        layer = AdapterLinear(16, 12, config=CascadeLoraConfig(r=4))
+    layer.to_empty(device="cpu")
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(16, 12)
+    with torch.no_grad():
+        layer.weight.copy_(plain.weight)
+        layer.bias.copy_(plain.bias)
+    layer.adapter.reset_parameters()
+    record = {name: value for name, value in vars(layer.adapter).items() if isinstance(value, torch.Tensor)}
+    assert record and all(value.device.type == "cpu" for value in record.values()), record
+    x = torch.randn(3, 16)
+    layer.train()(x).sum().backward()  # the stage's noise goes into W
+    assert 0 < rel(layer.weight, plain.weight) < 0.5

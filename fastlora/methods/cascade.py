@@ -190,14 +190,17 @@ class CascadeLoraAdapter(Adapter):
         self.keep = 1.0 - float(config.slow_momentum)
         self.intensity = float(config.noise_intensity)
         self.layer_index = layer_index
-        self.folded_A = torch.empty(0, config.r, in_features, dtype=factory["dtype"])
-        self.folded_B = torch.empty(0, out_features, config.r, dtype=factory["dtype"])
-        self.noise_seeds = torch.tensor([self.noise_seed_of(0)], dtype=torch.int64)
+        # the stage record is host memory whatever the ambient device (torch.device("meta") while building,
+        # set_default_device): plain attributes, which module moves (to, to_empty) leave where they are
+        cpu = torch.device("cpu")
+        self.folded_A = torch.empty(0, config.r, in_features, dtype=factory["dtype"], device=cpu)
+        self.folded_B = torch.empty(0, out_features, config.r, dtype=factory["dtype"], device=cpu)
+        self.noise_seeds = torch.tensor([self.noise_seed_of(0)], dtype=torch.int64, device=cpu)
         # the stds of the folded stages, and the current stage's (0 until its noise is in W); the
         # current stage's seed and std live in fixed tensors the compiled noise op reads and writes
-        self._stds_done = torch.empty(0, dtype=torch.float64)
-        self._stage_std = torch.zeros(1, dtype=torch.float64)
-        self._stage_seed = torch.tensor(self.noise_seed_of(0), dtype=torch.int64)
+        self._stds_done = torch.empty(0, dtype=torch.float64, device=cpu)
+        self._stage_std = torch.zeros(1, dtype=torch.float64, device=cpu)
+        self._stage_seed = torch.tensor(self.noise_seed_of(0), dtype=torch.int64, device=cpu)
         self.pending_start = bool(self.intensity)
         self.pretrained: Optional[Tensor] = weight.detach().to("cpu", copy=True) if config.keep_pretrained_copy \
             else None
@@ -263,7 +266,7 @@ class CascadeLoraAdapter(Adapter):
     def _begin_stage(self, stage: int) -> None:
         """Record stage ``stage`` (its seed; std 0) with its noise pending."""
         seed = self.noise_seed_of(stage)
-        self.noise_seeds = torch.cat([self.noise_seeds, torch.tensor([seed], dtype=torch.int64)])
+        self.noise_seeds = torch.cat([self.noise_seeds, torch.tensor([seed], dtype=torch.int64, device="cpu")])
         self._stage_seed.fill_(seed)
         self._stage_std.zero_()
         self.pending_start = bool(self.intensity)
