@@ -140,6 +140,20 @@ def test_the_gate_record_is_not_saved_and_follows_the_layer():
     assert meta.adapter.extra_stats()["gate_changes"] == 1.0
 
 
+def test_a_meta_layer_given_values_by_assign_starts_its_gate_record():
+    """load_state_dict(assign=True) onto a meta layer (a big-model loading flow): the record, absent from the
+    state dict, starts afresh on the score's device and counts; adapter stats read it."""
+    layer = AdapterLinear(5, 4, config=SelectiveLoraConfig(r=2, threshold=0.1, score_init=0.5, backend="torch"))
+    with torch.device("meta"):
+        meta = AdapterLinear(5, 4, config=SelectiveLoraConfig(r=2, threshold=0.1, score_init=0.5, backend="torch"))
+    meta.load_state_dict(layer.state_dict(), assign=True)
+    assert not meta.adapter._gate_seen.is_meta and meta.adapter.extra_stats()["gate_changes"] == 0.0
+    with torch.no_grad():
+        meta.adapter.score.fill_(0.0)
+    meta(torch.randn(3, 5))
+    assert meta.adapter.extra_stats()["gate_changes"] == 1.0
+
+
 def test_a_layer_built_under_inference_mode_counts_outside_it():
     with torch.inference_mode():
         layer = AdapterLinear(5, 4, config=SelectiveLoraConfig(r=2, threshold=0.1, score_init=0.5, backend="torch"))

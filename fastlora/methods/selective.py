@@ -45,6 +45,10 @@ from .lora import LoraAdapter
 
 def _steps_after_load(module: "SelectiveLoraAdapter", incompatible_keys) -> None:
     module._set_steps(int(module.optimizer_steps))
+    if module._gate_seen.is_meta and not module.score.is_meta:  # load_state_dict(assign=True) onto a meta module:
+        with torch.inference_mode(False):  # the record is not in state dicts, so it starts afresh beside the score
+            module._gate_seen = torch.ones((), dtype=torch.bool, device=module.score.device)
+            module._gate_switches = torch.zeros((), dtype=torch.int64, device=module.score.device)
 
 
 def _score_as_vector(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
