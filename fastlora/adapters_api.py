@@ -157,7 +157,8 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block every adapter is off (the layers compute the base model, merged ones from
-    the W kept at merge time); each layer's previous on/off state comes back on exit."""
+    the W kept at merge time; modules trained in full keep their values); each layer's previous on/off
+    state comes back on exit."""
     layers = [layer for _, layer in adapter_layers(model)]
     if not layers:
         raise ValueError("model has no fastlora adapters to disable")

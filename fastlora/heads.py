@@ -23,16 +23,23 @@ from .model_tree import is_saved_in_full, mark_saved_in_full
 INACTIVE = "inactive_heads"
 
 
-def head_owners(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(qualified name, module) of each module that directly owns parameters of the modules saved in full."""
-    seen: set[int] = set()
-    for name, module in model.named_modules():
+def head_owners(model: nn.Module) -> Iterator[tuple[nn.Module, list[str]]]:
+    """(module, names of its own parameters) of each module that directly owns parameters of the modules
+    saved in full, each parameter under its first owner only (a parameter two modules hold, tied weights,
+    has one set of values)."""
+    seen_modules: set[int] = set()
+    seen_params: set[int] = set()
+    for _, module in model.named_modules():
         if not is_saved_in_full(module):
             continue
-        for sub_name, sub in module.named_modules(prefix=name):
-            if id(sub) not in seen and next(sub.parameters(recurse=False), None) is not None:
-                seen.add(id(sub))
-                yield sub_name, sub
+        for sub in module.modules():
+            if id(sub) in seen_modules:
+                continue
+            seen_modules.add(id(sub))
+            names = [n for n, p in sub.named_parameters(recurse=False) if id(p) not in seen_params]
+            seen_params.update(id(getattr(sub, n)) for n in names)
+            if names:
+                yield sub, names
 
 
 def _stored(owner: nn.Module) -> nn.ModuleDict:
@@ -42,37 +49,37 @@ def _stored(owner: nn.Module) -> nn.ModuleDict:
     return owner._modules[INACTIVE]
 
 
-def _copy_of_parameters(owner: nn.Module) -> nn.Module:
-    """A module holding a detached copy of each of ``owner``'s own parameters, as buffers of the same names."""
+def _copy_of_parameters(owner: nn.Module, names: list[str]) -> nn.Module:
+    """A module holding a detached copy of ``owner``'s parameters ``names``, as buffers of the same names."""
     values = nn.Module()
-    for name, param in owner.named_parameters(recurse=False):
-        values.register_buffer(name, param.detach().clone())
+    for name in names:
+        values.register_buffer(name, getattr(owner, name).detach().clone())
     return values
 
 
 def add_head_values(model: nn.Module, adapter: str) -> None:
     """Give the new inactive ``adapter`` its own values of every head module: the ones in place now."""
-    for _, owner in list(head_owners(model)):
-        _stored(owner)[adapter] = _copy_of_parameters(owner)
+    for owner, names in list(head_owners(model)):
+        _stored(owner)[adapter] = _copy_of_parameters(owner, names)
 
 
 @torch.no_grad()
 def switch_head_values(model: nn.Module, active: str, new: str) -> None:
     """Keep the values in place as ``active``'s and put ``new``'s in their place, on every head module
     where ``new`` has values of its own."""
-    for _, owner in list(head_owners(model)):
+    for owner, names in list(head_owners(model)):
         stored = _stored(owner)
         if new not in stored:
             continue
-        stored[active] = _copy_of_parameters(owner)
-        for name, param in owner.named_parameters(recurse=False):
-            param.copy_(getattr(stored[new], name))
+        stored[active] = _copy_of_parameters(owner, names)
+        for name in names:
+            getattr(owner, name).copy_(getattr(stored[new], name))
         del stored[new]
 
 
 def drop_head_values(model: nn.Module, adapter: Optional[str] = None) -> None:
     """Forget ``adapter``'s values (every inactive adapter's when None)."""
-    for _, owner in list(head_owners(model)):
+    for owner, _ in list(head_owners(model)):
         stored = owner._modules.get(INACTIVE)
         if stored is None:
             continue
@@ -106,5 +113,5 @@ def write_inactive_head_values(model: nn.Module, adapter: str, saved: dict[str, 
         mark_saved_in_full(owner)
         stored = _stored(owner)
         if adapter not in stored:
-            stored[adapter] = _copy_of_parameters(owner)
+            stored[adapter] = _copy_of_parameters(owner, [n for n, _ in owner.named_parameters(recurse=False)])
         getattr(stored[adapter], param_name).copy_(tensor)

@@ -218,7 +218,24 @@ def _modules_to_save(model: nn.Module, config: AdapterConfig, chosen) -> list[nn
             raise ValueError(f"modules_to_save {key!r} names {overlap}, which the config also adapts (or which "
                              f"hold layers it adapts); a module is either trained in full or adapted")
         found.update((id(m), m) for _, m in matched)
+    _refuse_tied_saved_modules(model, config, found)
     return list(found.values())
+
+
+def _refuse_tied_saved_modules(model: nn.Module, config: AdapterConfig, found: dict[int, nn.Module]) -> None:
+    """Refuse a module to save in full whose parameter another module outside them holds too (an lm_head tied
+    to the input embeddings): training it would train that module too (PEFT trains a copy instead)."""
+    saved = {id(p) for m in found.values() for p in m.parameters()}
+    inside = {id(sub) for m in found.values() for sub in m.modules()}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in inside:
+            continue
+        for key, param in module.named_parameters(recurse=False):
+            if id(param) in saved:
+                raise ValueError(f"modules_to_save {list(config.modules_to_save)}: a parameter of the modules to "
+                                 f"save is also {name or 'the model'}'s {key!r} (tied weights), which training it "
+                                 f"in full would change too; untie them first (give the module its own copy) or "
+                                 f"save {name or 'that module'!r} in full too")
 
 
 def _check_targets(model: nn.Module, config: AdapterConfig, targets, names: list[str], chosen) -> None:

@@ -281,12 +281,13 @@ class AdapterLinear(nn.Module):
     def to_linear(self) -> nn.Module:
         """A plain layer of the kind this one wraps (nn.Linear, or Conv1D) holding W + ΔW in new
         tensors (this layer is left as it is)."""
-        weight = self.weight
-        if not self.merged:  # added in ΔW's dtype (at least fp32), rounded once to W's
-            weight = (weight + self.adapter.delta_weight(weight)).to(weight.dtype)
-        weight = weight.t() if self.fan_in_fan_out else weight
+        if self.merged:
+            weight = self.weight.detach().clone()
+        else:  # a new tensor: added in ΔW's dtype (at least fp32), rounded once to W's
+            weight = (self.weight.detach() + self.adapter.delta_weight(self.weight)).to(self.weight.dtype)
+        weight = (weight.t() if self.fan_in_fan_out else weight).contiguous()  # Conv1D's layout: one more copy
         bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone())
-        return self.plain_layer(nn.Parameter(weight.detach().clone(memory_format=torch.contiguous_format)), bias)
+        return self.plain_layer(nn.Parameter(weight), bias)
 
     def plain_layer(self, weight: nn.Parameter, bias: Optional[nn.Parameter]) -> nn.Module:
         """An nn.Linear (a Conv1D for a layer built from one, the nn.Linear subclass it was built from)

@@ -128,3 +128,23 @@ def test_a_whole_model_state_dict_restores_every_adapters_head(base):
         fastlora.set_adapter(model, name)
         fastlora.set_adapter(twin, name)
         torch.testing.assert_close(twin(X), model(X), rtol=0, atol=0)
+
+
+def test_tied_modules_saved_in_full_switch_as_one_parameter():
+    """An lm_head tied to the embeddings, both saved in full: one set of values per adapter, switched once."""
+    model = nn.Module()
+    model.embed = nn.Embedding(11, 16)
+    model.body = nn.Linear(16, 16)
+    model.lm_head = nn.Linear(16, 11, bias=False)
+    model.lm_head.weight = model.embed.weight
+    fastlora.inject(model, fastlora.LoraConfig(r=2, target_modules=["body"], modules_to_save=["embed", "lm_head"]))
+    fastlora.add_adapter(model, "b", fastlora.LoraConfig(r=2, target_modules=["body"]))
+    default = model.embed.weight.detach().clone()
+    fastlora.set_adapter(model, "b")
+    with torch.no_grad():
+        model.embed.weight.add_(1.0)
+    trained_b = model.embed.weight.detach().clone()
+    fastlora.set_adapter(model, "default")
+    assert model.lm_head.weight is model.embed.weight and torch.equal(model.embed.weight, default)
+    fastlora.set_adapter(model, "b")
+    assert torch.equal(model.lm_head.weight, trained_b)
