@@ -39,7 +39,7 @@ class PeftFormat:
     give layers one by one (LORA: r through rank_pattern, alpha through alpha_pattern); every other
     field holds one value for all layers.
     out_proj_factor: the PEFT tensor of a layer its update is linear in (LORA: lora_B.weight), which an
-    nn.MultiheadAttention's out_proj holds divided by ``PEFT_OUT_PROJ_UPDATES``; None: PEFT's format does not
+    nn.MultiheadAttention's out_proj holds divided by ``peft_out_proj_updates``; None: PEFT's format does not
     adapt nn.MultiheadAttention.
     """
 
@@ -55,9 +55,28 @@ class PeftFormat:
     out_proj_factor: Optional[str] = None
 
 
-#: how many times PEFT's MultiheadAttention LoRA layer adds its out_proj update (PEFT 0.21: its merge, which
-#: its forward runs, writes W + s B A into out_proj's weight, and out_proj's own merge then adds s B A again)
-PEFT_OUT_PROJ_UPDATES = 2
+#: the first PEFT release whose MultiheadAttention LoRA layer adds its out_proj update once; before it, twice
+#: (its merge, which its forward runs, wrote W + s B A into out_proj's weight, and out_proj's own merge added
+#: s B A again)
+PEFT_OUT_PROJ_ONCE_FROM = (0, 22)
+#: the PEFT an export is written for when no peft is installed to ask (the newest this module knows)
+NEWEST_KNOWN_PEFT = "0.22.0"
+
+
+def peft_release(version: Optional[str]) -> Optional[tuple[int, int]]:
+    """(major, minor) of a PEFT version string ("0.22.0", "0.21.2.dev0"), None when it is missing or not one."""
+    parts = (version or "").split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def peft_out_proj_updates(version: Optional[str]) -> int:
+    """How many times PEFT of ``version`` adds an nn.MultiheadAttention's out_proj update in its forward:
+    2 before 0.22, 1 from 0.22; 2 for a checkpoint that does not say (PEFT records its version since 0.18)."""
+    release = peft_release(version)
+    return 1 if release is not None and release >= PEFT_OUT_PROJ_ONCE_FROM else 2
 
 
 def _check_unsupported(peft: dict[str, Any], unsupported: dict[str, Any]) -> None:

@@ -16,9 +16,11 @@ Tensors of a Linear (d_out, d_in), and the fastlora adapter tensors they become:
 
 nn.MultiheadAttention (PEFT's LORA only; its layer adapts the packed in-projection and out_proj together):
     "<attention>.{lora_A,lora_B}.weight" (r, E), (3 E, r) -> the "<attention>.in_proj" adapter;
-    "<attention>.base_layer.out_proj.{...}" -> the "<attention>.out_proj" adapter, lora_B times
-    PEFT_OUT_PROJ_UPDATES (PEFT 0.21 adds its out_proj update twice; the export divides it back), so that
-    outputs match PEFT's both ways. Both projections take the attention's r and alpha.
+    "<attention>.base_layer.out_proj.{...}" -> the "<attention>.out_proj" adapter, lora_B times the number
+    of times the checkpoint's PEFT adds its out_proj update (``peft_out_proj_updates`` of its "peft_version":
+    twice before PEFT 0.22, once from 0.22); an export divides it back for the installed PEFT (or the newest
+    known) and records that version, so that outputs match PEFT's both ways. Both projections take the
+    attention's r and alpha.
 
 modules_to_save (a SEQ_CLS classifier head): "base_model.model.<module path>.<parameter>" -> the
 model's parameter of that name, trainable (fastlora's save_adapter keeps such parameters too).
@@ -26,6 +28,7 @@ model's parameter of that name, trainable (fastlora's save_adapter keeps such pa
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 import re
@@ -51,7 +54,7 @@ from .config import AdapterConfig
 from .inject import inject
 from .layer import AdapterLinear, is_adaptable, linear_shape
 from .model_tree import adapter_layers, unwrapped
-from .peft_formats import PEFT_OUT_PROJ_UPDATES, PeftFormat
+from .peft_formats import NEWEST_KNOWN_PEFT, PeftFormat, peft_out_proj_updates, peft_release
 from .registry import method_of, peft_methods
 from .targets import exact_name_pattern, layer_config, matches_targets
 
@@ -153,15 +156,15 @@ def _check_layers(model: nn.Module, config: AdapterConfig, fmt: PeftFormat,
                                  f"expected {shape}")
 
 
-def _fastlora_layers(model: nn.Module, fmt: PeftFormat,
-                     layers: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
+def _fastlora_layers(model: nn.Module, fmt: PeftFormat, layers: dict[str, dict[str, Tensor]],
+                     out_proj_updates: int) -> dict[str, dict[str, Tensor]]:
     """The checkpoint's layers under fastlora's layer names: an attention's as "<attention>.in_proj" and
-    "<attention>.out_proj", out_proj's factor times PEFT_OUT_PROJ_UPDATES (PEFT's computation)."""
+    "<attention>.out_proj", out_proj's factor times ``out_proj_updates`` (PEFT's computation)."""
     ours = {}
     for path, tensors in layers.items():
         if path.endswith(OUT_PROJ):
             factor = fmt.out_proj_factor
-            ours[path[:-len(OUT_PROJ)] + ".out_proj"] = {**tensors, factor: tensors[factor] * PEFT_OUT_PROJ_UPDATES}
+            ours[path[:-len(OUT_PROJ)] + ".out_proj"] = {**tensors, factor: tensors[factor] * out_proj_updates}
         elif is_attention(model.get_submodule(path)):
             ours[path + ".in_proj"] = tensors
         else:
@@ -212,7 +215,7 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
     _check_layers(model, config, fmt, layers)
     targets = check_saved_parameters(model, saved)
     modules = {path for path in layers if not path.endswith(OUT_PROJ)}
-    ours = _fastlora_layers(model, fmt, layers)
+    ours = _fastlora_layers(model, fmt, layers, peft_out_proj_updates(peft.get("peft_version")))
     inject(model, dataclasses.replace(config, target_modules=_fastlora_targets(model, config.target_modules, modules)))
     for path, layer in adapter_layers(model):
         layer.adapter.load_state_dict(fmt.adapter_state(ours[path]))
@@ -261,7 +264,7 @@ def _peft_target_modules(model: nn.Module, names: list[str]) -> Union[list[str],
     return "|".join(re.escape(n) for n in names)
 
 
-def _peft_modules(model: nn.Module, fmt: PeftFormat, layers: list[tuple[str, AdapterLinear]]
+def _peft_modules(model: nn.Module, fmt: PeftFormat, layers: list[tuple[str, AdapterLinear]], out_proj_updates: int
                   ) -> tuple[list[tuple[str, AdapterLinear]], dict[str, Tensor]]:
     """(PEFT module path, the layer whose config it records) of each module the checkpoint adapts (an
     attention once, with its in-projection's config), and the checkpoint's tensors of ``layers``. Raises
@@ -285,7 +288,7 @@ def _peft_modules(model: nn.Module, fmt: PeftFormat, layers: list[tuple[str, Ada
                 raise ValueError(f"nn.MultiheadAttention {attention_name!r}: its in_proj and out_proj differ in "
                                  f"{differing[0]}; PEFT gives both projections the attention's one config")
             path = attention_name if part == "in_proj" else attention_name + OUT_PROJ
-            divisor = 1 if part == "in_proj" else PEFT_OUT_PROJ_UPDATES
+            divisor = 1 if part == "in_proj" else out_proj_updates
         if not path.endswith(OUT_PROJ):
             modules.append((path, layer))
         for key, tensor in fmt.peft_tensors(layer.adapter.state_dict()).items():
@@ -294,13 +297,22 @@ def _peft_modules(model: nn.Module, fmt: PeftFormat, layers: list[tuple[str, Ada
     return modules, tensors
 
 
+def _target_peft_version() -> str:
+    """The PEFT an export is written for: the installed one, else the newest this module knows."""
+    try:
+        return importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
+        return NEWEST_KNOWN_PEFT
+
+
 def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
                       base_model_name_or_path: Optional[str] = None) -> Path:
     """Write the model's fastlora LoRA (peft_type "LORA") or NEAT (peft_type "PEANUT") adapters
     in PEFT's format, so that ``peft.PeftModel.from_pretrained(base, directory)``
     computes the same outputs. An adapted nn.MultiheadAttention is written as PEFT's MultiheadAttention
-    layer: both projections adapted, with one config (out_proj's factor halved: PEFT 0.21 adds that
-    update twice).
+    layer: both projections adapted, with one config (out_proj's factor divided by the number of times the
+    installed PEFT, or the newest known, adds that update: 2 before PEFT 0.22), recording that PEFT's
+    version as "peft_version" (as PEFT does since 0.18).
 
     target_modules is written as the list of adapted module paths, or as the full-match regex of
     them where PEFT's suffix matching would also select an unadapted module; trainable parameters
@@ -335,12 +347,15 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     if conv1d and fmt.conv1d_field is None:
         raise ValueError(f"layer {conv1d[0]} wraps a Conv1D; PEFT's {fmt.peft_type} adapts nn.Linear only")
     peft_type = fmt.peft_type
-    modules, tensors = _peft_modules(model, fmt, layers)
+    target = _target_peft_version()
+    modules, tensors = _peft_modules(model, fmt, layers, peft_out_proj_updates(target))
     extra = saved_non_adapter_parameters(model)
     modules_to_save = sorted({name.rpartition(".")[0] for name in extra}) or None
     meta = {"peft_type": peft_type, "task_type": None, "base_model_name_or_path": base_model_name_or_path,
             "inference_mode": True, "target_modules": _peft_target_modules(model, [name for name, _ in modules]),
             "modules_to_save": modules_to_save, **_peft_layer_fields(fmt, modules)}
+    if (peft_release(target) or (0, 0)) >= (0, 18):  # PEFT records its version since 0.18 (older: no field)
+        meta["peft_version"] = target
     if fmt.conv1d_field is not None:
         meta[fmt.conv1d_field] = bool(conv1d)
     tensors.update({f"{KEY_PREFIX}{name}": p.detach().contiguous().cpu() for name, p in extra.items()})

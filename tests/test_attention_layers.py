@@ -5,6 +5,7 @@ nn.TransformerEncoderLayer's fused inference path kept off, PEFT's MultiheadAtte
 checkpoints of attention layers both ways."""
 import copy
 import dataclasses
+import json
 import math
 import warnings
 
@@ -25,6 +26,7 @@ from fastlora import (
 )
 from fastlora.attention import AdapterMultiheadAttention
 from fastlora.layer import AdapterLinear
+from fastlora.peft_formats import peft_out_proj_updates, peft_release
 
 from utils import rel
 
@@ -350,12 +352,29 @@ def _assert_adapters_kept_in_inference(model):
     assert rel(inference, training) < 1e-12 and rel(inference, base) > 1e-3
 
 
+def _installed_peft_out_proj_updates(peft) -> int:
+    """How many times the installed PEFT's MultiheadAttention LoRA adds its out_proj update (2 before 0.22)."""
+    return peft_out_proj_updates(peft.__version__)
+
+
+def _assert_peft_input_grad(peft, model, grad, peft_grad, x) -> None:
+    """Our input gradient is PEFT's where PEFT's is the gradient of its forward (before 0.22); PEFT 0.22's
+    disagrees with its own forward's finite differences, so ours is checked against torch's attention on the
+    merged weights (the function PEFT's forward computes) instead."""
+    if peft_release(peft.__version__) < (0, 22):
+        assert rel(grad, peft_grad) < 1e-12
+        return
+    _, merged_grad = _output_and_input_grad(fastlora.merge_and_unload(copy.deepcopy(model)), x)
+    assert rel(grad, merged_grad) < 1e-12
+
+
 def test_peft_multihead_attention_lora_gives_the_same_outputs():
-    """PEFT's MultiheadAttention LoRA on the same factors: the same in-projection update; PEFT's forward adds its
-    out_proj update twice (its merge writes W + s B A into out_proj, whose own merge then adds s B A again), so
-    its outputs are ours with out_proj's B doubled, and ours are torch's attention on W + s B A
-    (test_every_method_trains_the_packed_projection_and_out_proj)."""
+    """PEFT's MultiheadAttention LoRA on the same factors: the same in-projection update; PEFT before 0.22 adds
+    its out_proj update twice in its forward (its merge writes W + s B A into out_proj, whose own merge then adds
+    s B A again), so its outputs are ours with out_proj's B doubled there, and ours are torch's attention on
+    W + s B A (test_every_method_trains_the_packed_projection_and_out_proj)."""
     peft = pytest.importorskip("peft")
+    updates = _installed_peft_out_proj_updates(peft)
     base = Block()
     peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=3, target_modules=["attn"]))
     generator = torch.Generator().manual_seed(4)
@@ -374,7 +393,7 @@ def test_peft_multihead_attention_lora_gives_the_same_outputs():
                 adapter.lora_A.copy_(modules[peft_name].lora_A["default"].weight)
                 factor = out_factor if name.endswith("out_proj") else 1.0
                 adapter.lora_B.copy_(factor * modules[peft_name].lora_B["default"].weight)
-        if out_factor == 2.0:
+        if out_factor == updates:
             assert rel(ours(x), peft_model(x)) < 1e-12
         else:
             assert rel(ours(x), peft_model(x)) > 1e-2 and rel(ours(x), base(x)) > 1e-3
@@ -418,13 +437,14 @@ def test_peft_checkpoint_of_attention_layers_loads_with_peft_outputs(tmp_path, f
     x = _x(B, L, E)
     out, grad = _output_and_input_grad(model, x)
     peft_out, peft_grad = _output_and_input_grad(reference, x)
-    assert rel(out, peft_out) < 1e-12 and rel(grad, peft_grad) < 1e-12
+    assert rel(out, peft_out) < 1e-12
+    _assert_peft_input_grad(peft, model, grad, peft_grad, x)
     assert rel(out, Block()(x)) > 1e-3
     peft_in = reference.base_model.model.attn
     assert torch.equal(model.attn.in_proj.adapter.lora_B, peft_in.lora_B["default"].weight)
-    # PEFT's forward adds its out_proj update twice: the loaded factor is twice the checkpoint's
+    # PEFT before 0.22 adds its out_proj update twice: the loaded factor is twice the checkpoint's there
     peft_out_proj = peft_in.base_layer.out_proj.lora_B["default"].weight
-    assert torch.equal(model.attn.out_proj.adapter.lora_B, 2 * peft_out_proj)
+    assert torch.equal(model.attn.out_proj.adapter.lora_B, _installed_peft_out_proj_updates(peft) * peft_out_proj)
 
 
 def test_peft_export_of_attention_layers_round_trips(tmp_path):
@@ -436,8 +456,10 @@ def test_peft_export_of_attention_layers_round_trips(tmp_path):
     x = _x(B, L, E)
     out, grad = _output_and_input_grad(model, x)
     peft_out, peft_grad = _output_and_input_grad(reference, x)
-    assert rel(out, peft_out) < 1e-12 and rel(grad, peft_grad) < 1e-12
+    assert rel(out, peft_out) < 1e-12
+    _assert_peft_input_grad(peft, model, grad, peft_grad, x)
     assert rel(out, Block()(x)) > 1e-3
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_version"] == peft.__version__
     assert "default" in reference.base_model.model.attn.lora_A  # PEFT's MultiheadAttention LoRA layer
     loaded = fastlora.load_peft_adapter(Block(), tmp_path)
     for (name, ours), (_, theirs) in zip(fastlora.adapter_layers(model), fastlora.adapter_layers(loaded)):
@@ -670,3 +692,24 @@ def test_state_dict_with_keep_vars_holds_the_parameters_themselves():
     assert isinstance(kept["in_proj_weight"], nn.Parameter)
     assert not isinstance(detached["in_proj_weight"], nn.Parameter)
     assert detached["in_proj_weight"].data_ptr() == attn.in_proj.weight.data_ptr()
+
+
+@pytest.mark.parametrize("version, updates", [(None, 2), ("0.17.1", 2), ("0.21.2", 2), ("0.22.0", 1),
+                                              ("0.23.0.dev0", 1), ("1.0", 1)])
+def test_a_peft_checkpoints_version_sets_how_its_out_proj_factor_loads(tmp_path, version, updates):
+    """PEFT before 0.22 adds a MultiheadAttention's out_proj update twice, from 0.22 once: the checkpoint's
+    "peft_version" (PEFT records it since 0.18; missing: an older one) says which."""
+    assert peft_out_proj_updates(version) == updates
+    model = _randomise(fastlora.inject(Block(), LoraConfig(r=2, alpha=3.0, target_modules=["attn"])))
+    fastlora.save_peft_adapter(model, tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("peft_version")
+    if version is not None:
+        config["peft_version"] = version
+    config_file.write_text(json.dumps(config))
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    stored = tensors["base_model.model.attn.base_layer.out_proj.lora_B.weight"]
+    loaded = fastlora.load_peft_adapter(Block(), tmp_path)
+    assert torch.equal(loaded.attn.out_proj.adapter.lora_B, updates * stored)
+    assert torch.equal(loaded.attn.in_proj.adapter.lora_B, model.attn.in_proj.adapter.lora_B)
