@@ -190,7 +190,7 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
     model's parameters of those names, which become trainable. A LoRA checkpoint's rank_pattern /
     alpha_pattern give its layers their own r and alpha, resolved as PEFT resolves them. An
     nn.MultiheadAttention PEFT adapted becomes an AdapterMultiheadAttention computing PEFT's outputs
-    (its out_proj factor doubled: PEFT 0.21 adds that update twice).
+    (its out_proj factor times the updates of the PEFT that wrote it: twice before PEFT 0.22).
 
     Everything is checked before the model is changed. Raises ValueError naming the field
     or tensor for what fastlora cannot represent: another peft_type, DoRA, bias != "none", other LoRA
