@@ -359,22 +359,27 @@ def _check_fits(layers: dict[str, tuple[nn.Module, Adapter]], configs: dict[str,
                              f"{configs[name].method!r}")
     expected = {f"{name}.adapter.{key}": (t, layer, adapter) for name, (layer, adapter) in layers.items()
                 for key, t in adapter.state_dict().items()}
+    layer_of = {f"{name}.adapter.{key}": name for name, (_, adapter) in layers.items()
+                for key in (*adapter.state_dict(keep_vars=True), *adapter.optional_state_keys)}
     optional = {f"{name}.adapter.{key}" for name, (_, adapter) in layers.items() for key in adapter.optional_state_keys}
     missing = sorted(set(expected) - set(state) - optional)
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    per_layer: dict[str, dict[str, Tensor]] = {name: {} for name in layers}
     for key, tensor in sorted(state.items()):  # a fixed order: the first mismatch reported is reproducible
         _check_tensor(key, tensor, *expected[key])
+        name = layer_of[key]
+        per_layer[name][key[len(name) + len(".adapter."):]] = tensor
     for name, (_, adapter) in layers.items():
-        ours, theirs = adapter.config.to_dict(), configs[name].to_dict()
-        differing = differing_fields(ours, theirs, _NON_COMPUTATION_FIELDS)
-        if differing:
-            detail = ", ".join(f"{k}={theirs.get(k)!r} (model: {ours.get(k)!r})" for k in differing)
-            raise ValueError(f"layer {name}: checkpoint config differs from the layer's in {detail}")
-        prefix = f"{name}.adapter."
+        if adapter.config != configs[name]:  # equal configs (the usual case) skip the dicts' deep copies
+            ours, theirs = adapter.config.to_dict(), configs[name].to_dict()
+            differing = differing_fields(ours, theirs, _NON_COMPUTATION_FIELDS)
+            if differing:
+                detail = ", ".join(f"{k}={theirs.get(k)!r} (model: {ours.get(k)!r})" for k in differing)
+                raise ValueError(f"layer {name}: checkpoint config differs from the layer's in {detail}")
         try:
-            adapter.check_state({k[len(prefix):]: t for k, t in state.items() if k.startswith(prefix)})
+            adapter.check_state(per_layer[name])
         except ValueError as error:
             raise ValueError(f"layer {name}: {error}") from None
 
