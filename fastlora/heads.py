@@ -68,8 +68,8 @@ def switch_head_values(model: nn.Module, active: str, new: str) -> None:
     """Keep the values in place as ``active``'s and put ``new``'s in their place, on every head module
     where ``new`` has values of its own."""
     for owner, names in list(head_owners(model)):
-        stored = _stored(owner)
-        if new not in stored:
+        stored = owner._modules.get(INACTIVE)
+        if stored is None or new not in stored:
             continue
         stored[active] = _copy_of_parameters(owner, names)
         for name in names:
