@@ -248,6 +248,14 @@ def differing_fields(ours: dict[str, Any], theirs: dict[str, Any], ignored: Coll
     return sorted(k for k in ours.keys() | theirs.keys() if k not in ignored and ours.get(k) != theirs.get(k))
 
 
+def _computation_fields_differ(ours: AdapterConfig, theirs: AdapterConfig) -> bool:
+    """Whether two configs of one method may differ in a field that changes the computation: a cheap
+    comparison of the fields as stored (equal values are equal JSON values; only a difference needs
+    ``to_dict``'s deep copies and normalisation to be told apart)."""
+    return any(getattr(ours, f.name) != getattr(theirs, f.name, None) for f in dataclasses.fields(ours)
+               if f.name not in _NON_COMPUTATION_FIELDS)
+
+
 def _checkpoint_config(configs: dict[str, AdapterConfig], names: dict[str, list[str]]) -> AdapterConfig:
     """One config that builds every checkpoint layer as saved: the first layer's, plus rank_pattern /
     alpha_pattern entries giving each layer (under each of its ``names``) its own r / alpha where the
@@ -345,8 +353,9 @@ def _check_tensor(key: str, tensor: Tensor, expected: Tensor, layer: nn.Module, 
 
 
 def _check_fits(layers: dict[str, tuple[nn.Module, Adapter]], configs: dict[str, AdapterConfig],
-                state: dict[str, Tensor]) -> None:
-    """Everything ``load_adapter`` checks before changing a layer (``layers``: from ``named_adapters``)."""
+                state: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """Everything ``load_adapter`` checks before changing a layer (``layers``: from ``named_adapters``);
+    returns the checkpoint's tensors by layer name (each by its name in the adapter's state dict)."""
     missing, unexpected = sorted(set(configs) - set(layers)), sorted(set(layers) - set(configs))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: checkpoint layers missing from the model's adapter "
@@ -372,7 +381,7 @@ def _check_fits(layers: dict[str, tuple[nn.Module, Adapter]], configs: dict[str,
         name = layer_of[key]
         per_layer[name][key[len(name) + len(".adapter."):]] = tensor
     for name, (_, adapter) in layers.items():
-        if adapter.config != configs[name]:  # equal configs (the usual case) skip the dicts' deep copies
+        if _computation_fields_differ(adapter.config, configs[name]):
             ours, theirs = adapter.config.to_dict(), configs[name].to_dict()
             differing = differing_fields(ours, theirs, _NON_COMPUTATION_FIELDS)
             if differing:
@@ -382,6 +391,7 @@ def _check_fits(layers: dict[str, tuple[nn.Module, Adapter]], configs: dict[str,
             adapter.check_state(per_layer[name])
         except ValueError as error:
             raise ValueError(f"layer {name}: {error}") from None
+    return per_layer
 
 
 def check_saved_parameters(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, nn.Parameter]:
@@ -421,15 +431,14 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     undo = _add_checkpoint_adapter(inner, configs, adapter_name)
     try:
         layers = named_adapters(inner, adapter_name)
-        _check_fits(layers, configs, state)
+        by_layer = _check_fits(layers, configs, state)
         targets = check_saved_parameters(inner, saved)
     except BaseException:
         if undo is not None:
             undo()
         raise
     for name, (_, adapter) in layers.items():
-        prefix = f"{name}.adapter."
-        adapter.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        adapter.load_state_dict(by_layer[name])
     inactive = _inactive_name(inner, adapter_name)
     if inactive is None:
         restore_saved_parameters(inner, targets, saved)

@@ -243,7 +243,8 @@ def _check_targets(model: nn.Module, config: AdapterConfig, targets, names: list
     and a selection of nothing; warn when exclude_modules left nothing out (PEFT warns too)."""
     given = "target_modules" if config.target_modules is not None else f"PEFT's default target_modules {targets}"
     if isinstance(targets, tuple):
-        missing = [t for t in targets if not any(matches_targets(n, [t]) for n in names)]
+        suffixes = {".".join(parts[i:]) for parts in (n.split(".") for n in names) for i in range(len(parts))}
+        missing = [t for t in targets if t not in suffixes]  # matches_targets(n, [t]) for no name n
         if missing:
             others = {f"{n} ({type(m).__name__})" for n, m in model.named_modules() if matches_targets(n, missing)}
             named = (f"; they name {sorted(others)[:3]}, and fastlora adapts nn.Linear, Conv1D and "

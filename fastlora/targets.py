@@ -14,6 +14,7 @@ projection's r and alpha come from a rank_pattern / alpha_pattern key matching "
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Optional, Union
 
@@ -109,17 +110,30 @@ def output_layer_names(model: nn.Module) -> set[str]:
     return {f"{root}.{sub}" if sub else root for root in roots for sub, _ in head.named_modules()}
 
 
-def _name_matches(name: str, entry: str) -> bool:
-    return name == entry or name.endswith("." + entry)
+@functools.lru_cache(maxsize=64)
+def _entry_set(entries: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(entries)
 
 
 def matches_targets(name: str, target_modules) -> bool:
-    """Whether ``name`` is one of ``target_modules`` (name or suffix), its full-match regex, or None/"all-linear"."""
+    """Whether ``name`` is one of ``target_modules`` (name or suffix), its full-match regex, or None/"all-linear".
+
+    A list entry matches the whole name or a dotted suffix of it ("q_proj", "0.self_attn.q_proj"): each of
+    the name's suffixes is looked up in the entries' set, so a checkpoint listing every layer's name selects
+    in time linear in the model's modules."""
     if target_modules is None or target_modules == "all-linear":
         return True
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
-    return any(_name_matches(name, t) for t in target_modules)
+    entries = _entry_set(tuple(target_modules))
+    if name in entries:
+        return True
+    dot = name.find(".")
+    while dot != -1:
+        if name[dot + 1:] in entries:
+            return True
+        dot = name.find(".", dot + 1)
+    return False
 
 
 def _layer_index(name: str, patterns: Optional[tuple[str, ...]]) -> Optional[int]:
@@ -140,7 +154,7 @@ def is_selected(name: str, targets: Targets, config: AdapterConfig, output_layer
     exclude = config.exclude_modules
     if isinstance(exclude, str) and re.fullmatch(exclude, name):
         return False
-    if isinstance(exclude, tuple) and any(_name_matches(name, e) for e in exclude):
+    if isinstance(exclude, tuple) and matches_targets(name, exclude):
         return False
     if targets == "all-linear":
         return name not in output_layers
