@@ -9,7 +9,7 @@ from torch import nn
 import fastlora
 
 from utils import HeadClassifier as Classifier
-from utils import plain_head_classifier
+from utils import plain_head_classifier, tied_lm
 
 
 def config(**kw):
@@ -129,11 +129,7 @@ def test_a_named_adapter_cannot_bring_its_own_modules_to_save():
 
 def test_a_head_tied_to_the_input_embeddings_is_refused():
     """modules_to_save=["lm_head"] with lm_head tied to the embeddings would train the embeddings too."""
-    model = nn.Module()
-    model.embed = nn.Embedding(11, 16)
-    model.body = nn.Linear(16, 16)
-    model.lm_head = nn.Linear(16, 11, bias=False)
-    model.lm_head.weight = model.embed.weight
+    model = tied_lm()
     with pytest.raises(ValueError, match=r"is also embed's 'weight' \(tied weights\).*save 'embed' in full too"):
         fastlora.inject(model, fastlora.LoraConfig(r=2, target_modules=["body"], modules_to_save=["lm_head"]))
     assert all(p.requires_grad for p in model.parameters()) and type(model.body) is nn.Linear

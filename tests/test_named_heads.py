@@ -12,6 +12,8 @@ from torch import nn
 
 import fastlora
 
+from utils import tied_lm
+
 TARGETS = ["encoder.0", "encoder.2"]
 
 
@@ -132,11 +134,7 @@ def test_a_whole_model_state_dict_restores_every_adapters_head(base):
 
 def test_tied_modules_saved_in_full_switch_as_one_parameter():
     """An lm_head tied to the embeddings, both saved in full: one set of values per adapter, switched once."""
-    model = nn.Module()
-    model.embed = nn.Embedding(11, 16)
-    model.body = nn.Linear(16, 16)
-    model.lm_head = nn.Linear(16, 11, bias=False)
-    model.lm_head.weight = model.embed.weight
+    model = tied_lm()
     fastlora.inject(model, fastlora.LoraConfig(r=2, target_modules=["body"], modules_to_save=["embed", "lm_head"]))
     fastlora.add_adapter(model, "b", fastlora.LoraConfig(r=2, target_modules=["body"]))
     default = model.embed.weight.detach().clone()

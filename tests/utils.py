@@ -138,3 +138,13 @@ def plain_head_classifier(adapted: torch.nn.Module, zeroed: str = "weight") -> H
     with torch.no_grad():
         getattr(plain.classifier, zeroed).zero_()
     return plain
+
+
+def tied_lm() -> torch.nn.Module:
+    """embed (Embedding 11 x 16), body (Linear 16 -> 16) and an lm_head whose weight is embed's (tied)."""
+    model = torch.nn.Module()
+    model.embed = torch.nn.Embedding(11, 16)
+    model.body = torch.nn.Linear(16, 16)
+    model.lm_head = torch.nn.Linear(16, 11, bias=False)
+    model.lm_head.weight = model.embed.weight
+    return model
