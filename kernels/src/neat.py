@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import custom_ops, dispatch
 from .activations import activation, check_activation
+from .validation import check_frozen_weight
 
 
 def neat_projection_reference(weight: Tensor, a_n: Tensor, act: str = "relu") -> Tensor:
@@ -49,8 +50,7 @@ def neat_projection(weight: Tensor, a_n: Tensor, act: str = "relu", backend: str
                          f"got {tuple(a_n.shape)} for weight {tuple(weight.shape)}")
     if a_n.device != weight.device:
         raise RuntimeError(f"a_n is on {a_n.device} but weight is on {weight.device}")
-    if weight.requires_grad:
-        raise ValueError("weight is the frozen base weight and must have requires_grad=False")
+    check_frozen_weight(weight)
     a_n = a_n if a_n.dtype == weight.dtype else a_n.to(weight.dtype)
     # auto on CUDA: the Triton projection kernel (activation fused into the skinny GEMM), not timed
     plan = dispatch.select_plan(backend, weight, weight.dtype, lambda: "triton")

@@ -47,6 +47,14 @@ def _value_range(index: Tensor) -> tuple[int, int]:
     return value_range
 
 
+def check_frozen_weight(weight: Tensor) -> None:
+    """ValueError when the base weight requires grad (the ops give it no gradient)."""
+    if weight.requires_grad:
+        raise ValueError(f"weight {tuple(weight.shape)} requires grad: the ops train adapters over a frozen base "
+                         f"weight (one that must have requires_grad=False); if the model was unfrozen "
+                         f"(model.requires_grad_(True)), freeze the adapted layers' weights again")
+
+
 def _check_finite(name: str, value: float) -> None:
     """ValueError for a non-finite host float, in eager mode only."""
     # under torch.compile a host float may be symbolic (dynamic=True, or a float argument that changed between
@@ -91,10 +99,7 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
     d_out, d_in = weight.shape
     if x.dim() == 0 or x.shape[-1] != d_in:
         raise ValueError(f"x must have last dimension d_in={d_in}, got shape {tuple(x.shape)}")
-    if weight.requires_grad:
-        raise ValueError(f"weight {tuple(weight.shape)} requires grad: the op trains adapters over a frozen base "
-                         f"weight (requires_grad=False); if the model was unfrozen (model.requires_grad_(True)), "
-                         f"freeze the adapted layers' weights again")
+    check_frozen_weight(weight)
     if (lora_a is None) == (row_index is None):
         raise ValueError("give exactly one of lora_a and row_index (rows of W gathered as A)")
     if (lora_b is None) == (col_index is None):
