@@ -20,7 +20,15 @@ from .config import AdapterConfig
 from .layer import AdapterLinear, is_adaptable, linear_shape
 from .model_tree import adapter_layers, mark_saved_in_full, set_submodule
 from .shared_weights import shared_weight_owners
-from .targets import is_selected, layer_config, matches_targets, output_layer_names, projection_config, resolved_targets
+from .targets import (
+    dotted_suffixes,
+    is_selected,
+    layer_config,
+    matches_targets,
+    output_layer_names,
+    projection_config,
+    resolved_targets,
+)
 from .training import watch_training_rules
 
 
@@ -243,7 +251,7 @@ def _check_targets(model: nn.Module, config: AdapterConfig, targets, names: list
     and a selection of nothing; warn when exclude_modules left nothing out (PEFT warns too)."""
     given = "target_modules" if config.target_modules is not None else f"PEFT's default target_modules {targets}"
     if isinstance(targets, tuple):
-        suffixes = {".".join(parts[i:]) for parts in (n.split(".") for n in names) for i in range(len(parts))}
+        suffixes = {suffix for n in names for suffix in dotted_suffixes(n)}
         missing = [t for t in targets if t not in suffixes]  # matches_targets(n, [t]) for no name n
         if missing:
             others = {f"{n} ({type(m).__name__})" for n, m in model.named_modules() if matches_targets(n, missing)}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 from torch import nn
 
@@ -115,6 +115,16 @@ def _entry_set(entries: tuple[str, ...]) -> frozenset[str]:
     return frozenset(entries)
 
 
+def dotted_suffixes(name: str) -> Iterator[str]:
+    """``name`` and each part of it after one of its dots ("a.b.c", "b.c", "c"): what a target list entry
+    matches."""
+    yield name
+    dot = name.find(".")
+    while dot != -1:
+        yield name[dot + 1:]
+        dot = name.find(".", dot + 1)
+
+
 def matches_targets(name: str, target_modules) -> bool:
     """Whether ``name`` is one of ``target_modules`` (name or suffix), its full-match regex, or None/"all-linear".
 
@@ -126,14 +136,7 @@ def matches_targets(name: str, target_modules) -> bool:
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     entries = _entry_set(tuple(target_modules))
-    if name in entries:
-        return True
-    dot = name.find(".")
-    while dot != -1:
-        if name[dot + 1:] in entries:
-            return True
-        dot = name.find(".", dot + 1)
-    return False
+    return any(suffix in entries for suffix in dotted_suffixes(name))
 
 
 def _layer_index(name: str, patterns: Optional[tuple[str, ...]]) -> Optional[int]:
