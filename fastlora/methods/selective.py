@@ -46,9 +46,7 @@ from .lora import LoraAdapter
 def _steps_after_load(module: "SelectiveLoraAdapter", incompatible_keys) -> None:
     module._set_steps(int(module.optimizer_steps))
     if module._gate_seen.is_meta and not module.score.is_meta:  # load_state_dict(assign=True) onto a meta module:
-        with torch.inference_mode(False):  # the record is not in state dicts, so it starts afresh beside the score
-            module._gate_seen = torch.ones((), dtype=torch.bool, device=module.score.device)
-            module._gate_switches = torch.zeros((), dtype=torch.int64, device=module.score.device)
+        module._start_gate_record(module.score.device)  # not in state dicts: it starts afresh beside the score
 
 
 def _score_as_vector(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -108,12 +106,10 @@ class SelectiveLoraAdapter(LoraAdapter):
         self._penalty: Optional[Tensor] = None
         self._gate_key: Optional[tuple] = None
         self._gate_on = True  # host copy of the gate, valid while the score's key is _gate_key
-        with torch.inference_mode(False):  # writable by forwards in and outside inference mode
-            # the gate the latest forward saw, and the switches the forwards saw (on -> off or off -> on)
-            self.register_buffer("_gate_seen", torch.ones((), dtype=torch.bool, device=weight.device),
-                                 persistent=False)
-            self.register_buffer("_gate_switches", torch.zeros((), dtype=torch.int64, device=weight.device),
-                                 persistent=False)
+        # the gate the latest forward saw, and the switches the forwards saw (on -> off or off -> on)
+        self.register_buffer("_gate_seen", None, persistent=False)
+        self.register_buffer("_gate_switches", None, persistent=False)
+        self._start_gate_record(weight.device)
         self.register_load_state_dict_pre_hook(_score_as_vector)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -133,12 +129,18 @@ class SelectiveLoraAdapter(LoraAdapter):
         module = super()._apply(fn, recurse)
         seen, switches = self._gate_seen, self._gate_switches
         if unset and not seen.is_meta:
-            seen, switches = torch.ones_like(seen), torch.zeros_like(switches)
-        if seen.is_inference() or switches.is_inference():
+            self._start_gate_record(seen.device)
+        elif seen.is_inference() or switches.is_inference():
             with torch.inference_mode(False):
-                seen, switches = seen.clone(), switches.clone()
-        self._gate_seen, self._gate_switches = seen, switches
+                self._gate_seen, self._gate_switches = seen.clone(), switches.clone()
         return module
+
+    def _start_gate_record(self, device: torch.device) -> None:
+        """A fresh gate record on ``device`` (the gate on, no switch), writable by forwards in and outside
+        inference mode."""
+        with torch.inference_mode(False):
+            self._gate_seen = torch.ones((), dtype=torch.bool, device=device)
+            self._gate_switches = torch.zeros((), dtype=torch.int64, device=device)
 
     @property
     def active(self) -> bool:
