@@ -46,7 +46,14 @@ from .heads import head_value, write_inactive_head_values
 from .inject import inject
 from .layer import is_adaptable
 from .methods import Adapter
-from .model_tree import adapter_layers, is_saved_in_full, mark_saved_in_full, set_submodule, unwrapped
+from .model_tree import (
+    adapter_layers,
+    is_saved_in_full,
+    mark_saved_in_full,
+    parameter_owner,
+    set_submodule,
+    unwrapped,
+)
 from .targets import exact_name_pattern, matches_targets
 
 CONFIG_FILE = "adapter_config.json"
@@ -366,10 +373,9 @@ def _check_fits(layers: dict[str, tuple[nn.Module, Adapter]], configs: dict[str,
         if adapter.config.method != configs[name].method:
             raise ValueError(f"layer {name} has a {adapter.config.method!r} adapter, checkpoint is "
                              f"{configs[name].method!r}")
-    expected = {f"{name}.adapter.{key}": (t, layer, adapter) for name, (layer, adapter) in layers.items()
+    # checkpoint key -> (layer name, key in the adapter's state dict, the model's tensor, layer, adapter)
+    expected = {f"{name}.adapter.{key}": (name, key, t, layer, adapter) for name, (layer, adapter) in layers.items()
                 for key, t in adapter.state_dict().items()}
-    layer_of = {f"{name}.adapter.{key}": name for name, (_, adapter) in layers.items()
-                for key in (*adapter.state_dict(keep_vars=True), *adapter.optional_state_keys)}
     optional = {f"{name}.adapter.{key}" for name, (_, adapter) in layers.items() for key in adapter.optional_state_keys}
     missing = sorted(set(expected) - set(state) - optional)
     unexpected = sorted(set(state) - set(expected))
@@ -377,9 +383,9 @@ def _check_fits(layers: dict[str, tuple[nn.Module, Adapter]], configs: dict[str,
         raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     per_layer: dict[str, dict[str, Tensor]] = {name: {} for name in layers}
     for key, tensor in sorted(state.items()):  # a fixed order: the first mismatch reported is reproducible
-        _check_tensor(key, tensor, *expected[key])
-        name = layer_of[key]
-        per_layer[name][key[len(name) + len(".adapter."):]] = tensor
+        name, adapter_key, *model_side = expected[key]
+        _check_tensor(key, tensor, *model_side)
+        per_layer[name][adapter_key] = tensor
     for name, (_, adapter) in layers.items():
         if _computation_fields_differ(adapter.config, configs[name]):
             ours, theirs = adapter.config.to_dict(), configs[name].to_dict()
@@ -482,6 +488,6 @@ def restore_saved_parameters(model: nn.Module, targets: dict[str, nn.Parameter],
     for name, param in targets.items():
         param.copy_(saved[name])
         param.requires_grad_(True)
-        owner = name.rpartition(".")[0]
-        if owner:
-            mark_saved_in_full(model.get_submodule(owner))
+        owner, _ = parameter_owner(model, name)
+        if owner is not model:
+            mark_saved_in_full(owner)

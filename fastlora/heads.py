@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from .model_tree import is_saved_in_full, mark_saved_in_full
+from .model_tree import is_saved_in_full, mark_saved_in_full, parameter_owner
 
 #: the child of a head module that holds the inactive adapters' values
 INACTIVE = "inactive_heads"
@@ -92,8 +92,7 @@ def drop_head_values(model: nn.Module, adapter: Optional[str] = None) -> None:
 def head_value(model: nn.Module, name: str, adapter: Optional[str]) -> Tensor:
     """The value of the head parameter ``name`` (qualified) for ``adapter``: its own when it is inactive and
     has one, else the parameter's."""
-    owner_name, _, param_name = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
+    owner, param_name = parameter_owner(model, name)
     stored = owner._modules.get(INACTIVE)
     if adapter is not None and stored is not None and adapter in stored:
         return getattr(stored[adapter], param_name)
@@ -105,11 +104,10 @@ def write_inactive_head_values(model: nn.Module, adapter: str, saved: dict[str, 
     """Store saved head parameters (qualified name -> tensor, checked to fit) as the inactive ``adapter``'s
     values, marking their modules saved in full; the parameters in place are not touched."""
     for name, tensor in saved.items():
-        owner_name, _, param_name = name.rpartition(".")
-        if not owner_name:
+        owner, param_name = parameter_owner(model, name)
+        if owner is model:
             raise ValueError(f"checkpoint parameter {name!r} belongs to the model's root module, which cannot hold "
                              f"an inactive adapter's values; load this checkpoint into the active adapter")
-        owner = model.get_submodule(owner_name)
         mark_saved_in_full(owner)
         stored = _stored(owner)
         if adapter not in stored:

@@ -26,6 +26,12 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def parameter_owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(the module holding it, its attribute name) of the parameter ``name`` (qualified) of ``model``."""
+    owner_name, _, attribute = name.rpartition(".")
+    return (model.get_submodule(owner_name) if owner_name else model), attribute
+
+
 def mark_saved_in_full(module: nn.Module) -> None:
     """Have checkpoints carry ``module``'s parameters (a classifier head), trainable or frozen at save time."""
     setattr(module, _SAVED_IN_FULL, True)
