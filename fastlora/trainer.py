@@ -70,7 +70,7 @@ class FastLoraCallback(TrainerCallback):
         if any(has_rule(layer) for _, layer in layers):
             if optimizer is None:
                 raise ValueError("FastLoraCallback: Trainer passed no optimizer; the training rules cannot be attached")
-            self.hooks = attach_training_hooks(model, getattr(optimizer, "optimizer", optimizer))
+            self.hooks = attach_training_hooks(model, optimizer)
         _check_schedules(layers, state.max_steps)
 
     def on_train_end(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
