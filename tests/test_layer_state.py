@@ -6,7 +6,15 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from fastlora import AdapterLinear, CurLoraConfig, LoraConfig
+from fastlora import (
+    AdapterLinear,
+    CascadeLoraConfig,
+    CurLoraConfig,
+    LoraConfig,
+    NeatConfig,
+    RankSelectiveLoraConfig,
+    SelectiveLoraConfig,
+)
 from fastlora.methods import build_adapter
 
 from utils import rel
@@ -153,3 +161,44 @@ def test_a_lorasc_layer_built_on_the_meta_device_trains_after_to_empty():
     x = torch.randn(3, 16)
     layer.train()(x).sum().backward()  # the stage's noise goes into W
     assert 0 < rel(layer.weight, plain.weight) < 0.5
+
+
+@pytest.mark.parametrize("config", [
+    LoraConfig(r=4), SelectiveLoraConfig(r=4, score_init=0.25), RankSelectiveLoraConfig(r=4, total_steps=10),
+    RankSelectiveLoraConfig(r=4, total_steps=10, importance_init=0.5), NeatConfig(r=4, depth=1),
+    CascadeLoraConfig(r=4)], ids=lambda config: type(config).__name__)
+def test_reset_parameters_after_to_empty_gives_every_trainable_tensor_its_initial_value(config):
+    """A layer built on the meta device holds no values after to_empty; adapter.reset_parameters() draws every
+    trainable tensor as a layer built from a loaded Linear does (Selective's score, CoDyRA's importance too), given
+    the same seed (NEAT's r x r layers draw twice when built: compared with a reset built layer)."""
+    torch.manual_seed(1)
+    plain = torch.nn.Linear(16, 12)
+    with torch.device("meta"):
+        empty = AdapterLinear(16, 12, config=config)
+    empty.to_empty(device="cpu")
+    with torch.no_grad():
+        empty.weight.copy_(plain.weight)
+        empty.bias.copy_(plain.bias)
+    torch.manual_seed(2)
+    built = AdapterLinear.from_linear(plain, config)
+    if isinstance(config, NeatConfig):
+        torch.manual_seed(2)
+        built.adapter.reset_parameters()
+    torch.manual_seed(2)
+    empty.adapter.reset_parameters()
+    expected = dict(built.adapter.named_parameters())
+    assert expected.keys() == dict(empty.adapter.named_parameters()).keys()
+    for name, value in empty.adapter.named_parameters():
+        assert torch.equal(value, expected[name]), name
+    if isinstance(config, SelectiveLoraConfig):
+        assert empty.adapter.score.tolist() == [0.25] and empty.adapter.active
+    if isinstance(config, RankSelectiveLoraConfig):
+        assert empty.adapter.importance.abs().min() > 0 and empty.adapter.active_index.tolist() == [0, 1, 2, 3]
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(empty.eval()(x), plain(x))  # B (NEAT's B_n) zeros: the base output
+
+
+def test_a_curlora_layer_is_refused_on_the_meta_device_naming_why():
+    with torch.device("meta"), pytest.raises(ValueError, match="CURLoRA draws its row and column indices from W's "
+                                                               "values .* meta device"):
+        AdapterLinear(16, 12, config=CurLoraConfig(r=4))

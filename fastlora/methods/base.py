@@ -80,6 +80,11 @@ class Adapter(nn.Module):
         gate = float(gate.detach()) if isinstance(gate, Tensor) else float(gate)
         return (args.get("scale", 1.0) * gate) * (b.to(dtype) @ a)
 
+    def reset_parameters(self) -> None:
+        """Every trainable tensor to its initial value (a layer built on the meta device holds none after
+        ``to_empty``); the method's record of training (step counts, LoRASC's folded stages) is kept."""
+        raise NotImplementedError
+
     def regularization_loss(self) -> Optional[Tensor]:
         """This adapter's term of the training loss (None when the method has none)."""
         return None

@@ -59,15 +59,23 @@ class CurLoraAdapter(Adapter):
     ΔW = alpha C U R = alpha W[:, J] U W[I, :].
     """
 
-
     def __init__(self, config: CurLoraConfig, in_features: int, out_features: int,
                  weight: Tensor, layer_index: int = 0) -> None:
         super().__init__(config, in_features, out_features)
+        if weight.is_meta:
+            raise ValueError("CURLoRA draws its row and column indices from W's values when the layer is built, and "
+                             "this W is on the meta device (no values): build the layer from a Linear that holds "
+                             "its weights (AdapterLinear.from_linear, or inject into a loaded model)")
         rows, cols = sample_cur_indices(weight.detach(), config.r, config.eps, config.seed + layer_index)
         self.register_buffer("row_index", rows)
         self.register_buffer("col_index", cols)
         self.U = nn.Parameter(torch.zeros(config.r, config.r, **adapter_factory(weight)))
         self.scale = config.alpha
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """U zeros (the indices stay: they are W's, drawn at build)."""
+        nn.init.zeros_(self.U)
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
         return {"lora_a": None, "row_index": self.row_index, "lora_b": None, "col_index": self.col_index,

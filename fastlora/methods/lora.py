@@ -23,7 +23,7 @@ class LoraAdapter(Adapter):
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, **factory))
         self.scale = config.scale
-        self.reset_parameters()
+        LoraAdapter.reset_parameters(self)  # a subclass's override also resets tensors it has not built yet
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

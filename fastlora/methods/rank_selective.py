@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import RankSelectiveLoraConfig
-from ..distributed import full_view, local_part, local_view
+from ..distributed import copy_full_, full_view, local_part, local_view
 from ..registry import register_method
 from .base import adapter_factory
 from .lora import LoraAdapter
@@ -66,6 +66,13 @@ def soft_threshold(values: Tensor, threshold: float) -> Tensor:
 
 def _refresh_after_load(module: "RankSelectiveLoraAdapter", incompatible_keys) -> None:
     module.refresh_active_ranks()
+
+
+def _initial_importance(config: RankSelectiveLoraConfig, **factory: Any) -> Tensor:
+    """w (r,): N(0, 1) draws from the default generator for importance_init "randn", else the constant."""
+    if config.importance_init == "randn":
+        return torch.randn(config.r, **factory)
+    return torch.full((config.r,), float(config.importance_init), **factory)
 
 
 class RankSelectiveLoraAdapter(LoraAdapter):
@@ -81,12 +88,7 @@ class RankSelectiveLoraAdapter(LoraAdapter):
     def __init__(self, config: RankSelectiveLoraConfig, in_features: int, out_features: int,
                  weight: Tensor, layer_index: int = 0) -> None:
         super().__init__(config, in_features, out_features, weight, layer_index)
-        factory = adapter_factory(weight)
-        if config.importance_init == "randn":
-            importance = torch.randn(config.r, **factory)
-        else:
-            importance = torch.full((config.r,), float(config.importance_init), **factory)
-        self.importance = nn.Parameter(importance)
+        self.importance = nn.Parameter(_initial_importance(config, **adapter_factory(weight)))
         self.register_buffer("active_index", torch.arange(config.r, device=weight.device), persistent=False)
         self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.int64, device=weight.device))
         self.register_buffer("run_steps", torch.zeros((), dtype=torch.int64, device=weight.device))
@@ -113,6 +115,14 @@ class RankSelectiveLoraAdapter(LoraAdapter):
         ``run_steps``."""
         self._run_steps = int(steps)
         self.run_steps.fill_(self._run_steps)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A kaiming-uniform, B zeros, w drawn again (importance_init); the step counts are kept."""
+        super().reset_parameters()
+        importance = self.importance
+        copy_full_(importance, _initial_importance(self.config, device=importance.device, dtype=importance.dtype))
+        self.refresh_active_ranks()
 
     def rule_parameter(self) -> nn.Parameter:
         """The proximal step follows the optimizer that moves w."""

@@ -121,6 +121,12 @@ class SelectiveLoraAdapter(LoraAdapter):
         self._steps = steps
         self._penalized = steps >= self.config.sparsity_warmup_steps
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A kaiming-uniform, B zeros, score = score_init; the step count is kept."""
+        super().reset_parameters()
+        self.score.fill_(float(self.config.score_init))
+
     def _apply(self, fn, recurse: bool = True):
         """Moves and casts (``to``, ``to_empty``...) keep the gate record usable: one without values (on the
         meta device, materialised by ``to_empty``) starts afresh, and one made under inference mode is copied
