@@ -27,8 +27,9 @@ class AdapterConfig:
     target_modules: names matched like PEFT (a module whose qualified name equals an
     entry or ends with "." + entry; a list, tuple or set of non-empty strings, kept as a
     tuple), a regex string (full match), "all-linear" (any case, as PEFT; every nn.Linear but a transformers
-    model's output layer: its output embeddings or classifier/score head), or None (PEFT's default
-    targets for the transformers model's architecture; every nn.Linear in any other model).
+    model's output layer: its output embeddings or classifier/score head), or None (the method's
+    ``default_targets``: PEFT's default targets for the transformers model's architecture, or
+    "all-linear" for Selective LoRA and CoDyRA; every nn.Linear in any other model).
     A regex must compile and, so that matching cannot backtrack catastrophically, must
     not repeat a group that itself contains a repetition or an alternation (``(a+)+``,
     ``(a|ab)*``; a repetition is ``*``, ``+`` or ``{m,n}`` with n > 1) and may hold at
@@ -56,6 +57,8 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
+    #: what target_modules=None selects in a transformers model: None for PEFT's table per architecture
+    default_targets: ClassVar[Optional[str]] = None
     #: keywords of earlier versions -> what replaced them (refused with that message, not a bare TypeError)
     RETIRED: ClassVar[dict[str, str]] = {}
     r: int = 8
@@ -267,9 +270,13 @@ class SelectiveLoraConfig(LoraConfig):
     lr * sparsity_weight / L per step (10x that with momentum 0.9): at TAPS's lr 0.01 every block
     goes off within tens of steps, before B has learned, unless sparsity_warmup_steps holds the
     penalty back (TAPS: 2 epochs).
+
+    target_modules=None adapts every linear layer ("all-linear"; our choice, the sources name none):
+    the method gates blocks off, so it starts from all of them.
     """
 
     method: ClassVar[str] = "selective_lora"
+    default_targets: ClassVar[Optional[str]] = "all-linear"
     threshold: float = 0.1
     score_init: float = 0.15
     sparsity_weight: float = 1.0
@@ -322,6 +329,7 @@ class RankSelectiveLoraConfig(LoraConfig):
     """
 
     method: ClassVar[str] = "rank_selective_lora"
+    default_targets: ClassVar[Optional[str]] = "all-linear"  # the authors adapt every linear layer
     RETIRED: ClassVar[dict[str, str]] = {
         "sparsity_strength": "was removed: the threshold is an absolute kappa on a schedule, not lr * "
                              "sparsity_strength; set kappa_max (and total_steps, dense_fraction, threshold_levels)"}

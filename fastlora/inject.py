@@ -249,7 +249,9 @@ def _refuse_tied_saved_modules(model: nn.Module, config: AdapterConfig, found: d
 def _check_targets(model: nn.Module, config: AdapterConfig, targets, names: list[str], chosen) -> None:
     """Refuse listed targets that name no adaptable layer (naming the type of the modules they do name)
     and a selection of nothing; warn when exclude_modules left nothing out (PEFT warns too)."""
-    given = "target_modules" if config.target_modules is not None else f"PEFT's default target_modules {targets}"
+    given = ("target_modules" if config.target_modules is not None else f"{type(config).__name__}'s default "
+             f"target_modules {targets!r}" if config.default_targets is not None else
+             f"PEFT's default target_modules {targets}")
     if isinstance(targets, tuple):
         suffixes = {suffix for n in names for suffix in dotted_suffixes(n)}
         missing = [t for t in targets if t not in suffixes]  # matches_targets(n, [t]) for no name n

@@ -80,14 +80,17 @@ def model_type(model: nn.Module) -> Optional[str]:
 
 
 def resolved_targets(model: nn.Module, config: AdapterConfig) -> Targets:
-    """config.target_modules with None replaced by PEFT's default for the model's architecture
-    (a model that is not a transformers model: None, every nn.Linear and Conv1D)."""
+    """config.target_modules with None replaced by the method's ``default_targets`` or, where it has none,
+    PEFT's default for the model's architecture (a model that is not a transformers model: None, every
+    nn.Linear and Conv1D)."""
     targets = config.target_modules
     if targets is not None:
         return targets
     kind = model_type(model)
     if kind is None:
         return None
+    if config.default_targets is not None:
+        return config.default_targets
     if kind not in DEFAULT_TARGETS:
         raise ValueError(f"{type(config).__name__}.target_modules is missing and there is no default for "
                          f"model_type {kind!r} (defaults: {sorted(DEFAULT_TARGETS)}); name the modules to adapt "
@@ -160,10 +163,11 @@ def is_selected(name: str, targets: Targets, config: AdapterConfig, output_layer
     if isinstance(exclude, tuple) and matches_targets(name, exclude):
         return False
     if targets == "all-linear":
-        return name not in output_layers
-    if isinstance(targets, str):
+        if name in output_layers:
+            return False
+    elif isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
-    if targets is not None:
+    elif targets is not None:
         if name in targets:
             return True  # an exact name is adapted whatever its layer (PEFT)
         if not any(name.endswith("." + t) for t in targets):

@@ -1,6 +1,7 @@
 """PEFT's target selection on fastlora configs: the same fields pick the same layers, with the same ranks and
 alphas, as PEFT itself on tiny BERT and Llama models built from configs."""
 import copy
+import dataclasses
 import types
 import warnings
 
@@ -128,6 +129,24 @@ def test_default_targets_select_what_peft_selects(model_type, width_field):
                    if isinstance(m, peft.tuners.lora.LoraLayer)}
     ours = {name for name, _ in fastlora.adapter_layers(fastlora.inject(model, LoraConfig(r=2)))}
     assert ours == peft_layers and ours
+
+
+@pytest.mark.parametrize("config", [fastlora.SelectiveLoraConfig(r=2), fastlora.RankSelectiveLoraConfig(r=2)],
+                         ids=lambda config: type(config).__name__)
+def test_selective_and_codyra_adapt_every_linear_layer_without_target_modules(config):
+    """Their default targets are "all-linear" (CoDyRA's authors adapt every linear layer; Selective LoRA gates
+    blocks off from all of them), not PEFT's per-architecture table: the layers PEFT's "all-linear" selects, and
+    layers_to_transform still applies."""
+    model = bert_classifier()
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules="all-linear",
+                                                                                  task_type="SEQ_CLS"))
+    peft_layers = {name.removeprefix("base_model.model.") for name, m in theirs.named_modules()
+                   if isinstance(m, peft.tuners.lora.LoraLayer)}
+    ours = {name for name, _ in fastlora.adapter_layers(fastlora.inject(copy.deepcopy(model), config))}
+    assert ours == peft_layers and len(ours) == 13, sorted(ours)
+    one_layer = dataclasses.replace(config, layers_to_transform=(1,))
+    ours = {name for name, _ in fastlora.adapter_layers(fastlora.inject(copy.deepcopy(model), one_layer))}
+    assert ours == {name for name in peft_layers if ".layer.1." in name} and len(ours) == 6, sorted(ours)
 
 
 def test_rank_and_alpha_patterns_give_peft_outputs():

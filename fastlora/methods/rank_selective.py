@@ -21,6 +21,8 @@ code). Over the schedule the thresholds add up to sum_t kappa(t) (0.6375 over 50
 the ranks whose |w| ends below that (about half of the draws, as training moves them) are
 pruned. A constant importance_init prunes every rank or none: 1.0 outlasts the default schedule.
 
+Which layers: every linear layer, as the authors adapt (target_modules=None means "all-linear").
+
 Choices where the paper and the authors' code are silent (ours):
 - The staircase: D = round(dense_fraction * total_steps) dense steps (at most total_steps - 1, so
   that step total_steps always thresholds), then level ceil(levels * (t - D) / (total_steps - D))

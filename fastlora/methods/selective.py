@@ -25,6 +25,9 @@ dominates its (normalised) step, so that takes about 0.05 / lr optimizer steps: 
 the device, against the gate the previous forward saw, by eager and compiled forwards alike (inside
 the compiled graph: no host read, no graph break), so a compiled run counts what an eager one does.
 
+Which layers: target_modules=None adapts every linear layer ("all-linear"), where the sources
+name none (our choice: a method that gates blocks off starts from all of them).
+
 The penalty is formed inside the layer's forward from the score that forward sees and
 returned by ``regularization_loss``: under FSDP/ZeRO-3 a parameter is whole only inside
 its owner's forward.
