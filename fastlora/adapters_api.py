@@ -19,7 +19,7 @@ from torch import nn
 from .attention import AdapterMultiheadAttention, is_attention
 from .config import AdapterConfig
 from .heads import add_head_values, drop_head_values, switch_head_values
-from .layer import AdapterLinear, is_adaptable
+from .layer import AdapterLinear, check_adapter_name, is_adaptable
 from .methods import build_adapter
 from .model_tree import adapter_layers, set_submodule
 from .targets import is_selected, layer_config, output_layer_names, projection_config, resolved_targets
@@ -55,8 +55,7 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
     active adapter's: ``fastlora.heads``)."""
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    check_adapter_name(name)
     layers = _unique_layers(model)
     if name in layers[0][1].adapter_names():
         raise ValueError(f"the model has an adapter named {name!r} already (adapters: "

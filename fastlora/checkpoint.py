@@ -44,7 +44,7 @@ from .attention import is_attention
 from .config import AdapterConfig
 from .heads import head_value, write_inactive_head_values
 from .inject import inject
-from .layer import is_adaptable
+from .layer import check_adapter_name, is_adaptable
 from .methods import Adapter
 from .model_tree import (
     adapter_layers,
@@ -117,6 +117,7 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     extra = {name: head_value(model, name, inactive).detach().contiguous().cpu()
              for name in saved_non_adapter_parameters(model)}
     state.update(extra)
+    check_finite(f"save_adapter {UNSAVABLE}", state)
     configs = {name: adapter.config.to_dict() for name, (_, adapter) in layers.items()}
     meta = {"format_version": FORMAT_VERSION, "config": next(iter(configs.values())), "layers": configs,
             "saved_parameters": sorted(extra)}
@@ -207,14 +208,25 @@ def _read_checkpoint(directory: PathLike) -> tuple[dict[str, AdapterConfig], dic
         state = load_safetensors(data)
     except Exception as error:  # safetensors raises its own error types for malformed files
         raise ValueError(f"{weights}: not a readable safetensors file ({error})") from None
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(f"{weights}: tensor {key!r} has {bad} non-finite values (NaN or inf)")
+    check_finite(weights, state)
     missing = sorted(set(saved_names) - set(state))
     if missing:
         raise ValueError(f"{weights}: lacks the saved parameters {missing[:5]} that {path.name} lists")
     return configs, state, {name: state.pop(name) for name in saved_names}
+
+
+#: why a save refuses non-finite values (see ``check_finite``)
+UNSAVABLE = ("(nothing written: a checkpoint with NaN or inf values would be refused by the loaders; did training "
+             "diverge?)")
+
+
+def check_finite(source: object, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` when its floating tensors hold no NaN or inf, else ValueError naming ``source`` and the tensor."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{source}: tensor {key!r} has {bad} non-finite values (NaN or inf)")
+    return state
 
 
 def _crash_leftovers(directory: Path, expected: str, actual: str) -> str:
@@ -432,6 +444,8 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     target_modules, backend and init/sampling fields), or an adapter's own check (``check_state``:
     LoRASC's stage record, whose stage count may differ from the model's).
     """
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
     configs, state, saved = _read_checkpoint(directory)
     inner = unwrapped(model)
     undo = _add_checkpoint_adapter(inner, configs, adapter_name)

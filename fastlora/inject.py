@@ -28,6 +28,7 @@ from .targets import (
     output_layer_names,
     projection_config,
     resolved_targets,
+    unmatched_pattern_keys,
 )
 from .training import watch_training_rules
 
@@ -190,7 +191,21 @@ def _chosen_linears(model: nn.Module, config: AdapterConfig) -> list[tuple[list[
                 chosen.append((module_names, module, None))
     _check_targets(model, config, targets, names, chosen)
     _warn_skipped(model, targets, config, output_layers, candidates)
+    _warn_unmatched_patterns(config, chosen)
     return chosen
+
+
+def _warn_unmatched_patterns(config: AdapterConfig, chosen) -> None:
+    """Warn about rank_pattern / alpha_pattern keys that select none of the adapted layers (a misspelt key
+    would leave every layer at the config's r or alpha)."""
+    if not (config.rank_pattern or config.alpha_pattern):
+        return
+    names = [n for module_names, _, part in chosen for n in module_names]
+    names += [f"{n}.{p}" for module_names, _, part in chosen if part is not None for n in module_names
+              for p in (("in_proj", "out_proj") if part == "both" else ("out_proj",))]
+    for field, keys in unmatched_pattern_keys(config, names).items():
+        warn_at_caller(f"fastlora: {field} keys {keys} select none of the adapted layers (e.g. {names[:3]}); "
+                       f"those layers keep the config's {'r' if field == 'rank_pattern' else 'alpha'}")
 
 
 def _warn_skipped(model: nn.Module, targets, config: AdapterConfig, output_layers: set[str], candidates) -> None:

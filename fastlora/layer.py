@@ -19,6 +19,27 @@ _MERGE_COUNTER = itertools.count()
 DEFAULT_ADAPTER = "default"
 
 
+def check_adapter_name(name: object) -> None:
+    """Refuse an adapter name that cannot key a layer's adapters (a module name): not a non-empty string
+    without "."."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+
+
+def checked_backup_device(device: Union[str, torch.device]) -> torch.device:
+    """``device`` as a torch.device that holds values and is available here: a merge keeps the replaced W
+    there for ``unmerge``."""
+    try:
+        parsed = torch.device(device)
+        torch.empty(0, device=parsed)
+    except (RuntimeError, TypeError, AssertionError) as error:
+        raise ValueError(f"backup_device {device!r} is not a device this process can allocate on: {error}") from None
+    if parsed.type == "meta":
+        raise ValueError("backup_device 'meta' holds no values, so unmerge could not restore W; give a device "
+                         "such as 'cpu'")
+    return parsed
+
+
 def conv1d_type() -> Optional[type]:
     """transformers' Conv1D class (GPT-2's linear layer) once transformers is loaded, else None
     (a model holding a Conv1D has loaded it)."""
@@ -70,6 +91,11 @@ class AdapterLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  config: AdapterConfig, device=None, dtype=None, layer_index: int = 0) -> None:
         super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"AdapterLinear {name} must be an int >= 0, got {value!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"AdapterLinear dtype must be a real floating-point dtype, got {dtype!r}")
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._attach(base.weight, base.bias, config, layer_index)
 
@@ -90,6 +116,10 @@ class AdapterLinear(nn.Module):
 
     def _attach(self, weight: nn.Parameter, bias: Optional[nn.Parameter], config: AdapterConfig,
                 layer_index: int, fan_in_fan_out: bool = False) -> None:
+        if not weight.is_floating_point():
+            raise ValueError(f"AdapterLinear needs a real floating-point weight, got {weight.dtype}")
+        if not isinstance(layer_index, int) or isinstance(layer_index, bool) or not 0 <= layer_index < 2**62:
+            raise ValueError(f"layer_index must be an int in [0, 2**62), got {layer_index!r}")
         self.fan_in_fan_out = fan_in_fan_out
         self.plain_type: type = nn.Linear
         self.in_features = weight.shape[1]
@@ -261,7 +291,7 @@ class AdapterLinear(nn.Module):
         GPU memory (unmerge and the disabled-adapter forward while merged then copy it back)."""
         if self.merged:
             return
-        device = self.weight.device if backup_device is None else torch.device(backup_device)
+        device = self.weight.device if backup_device is None else checked_backup_device(backup_device)
         delta = self.adapter.delta_weight(self.weight)
         self.weight_before_merge = self.weight.detach().to(device, copy=True)
         self.weight.add_(delta)  # added in ΔW's dtype (at least fp32), rounded once to W's

@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import AdapterMultiheadAttention
 from .heads import drop_head_values
-from .layer import AdapterLinear
+from .layer import AdapterLinear, checked_backup_device
 from .model_tree import adapter_layers, set_submodule
 from .shared_weights import shared_weight_owners
 
@@ -37,6 +37,8 @@ def merge(model: nn.Module, backup_device: Optional[Union[str, torch.device]] = 
     merged) when a layer's W is shared with another module's tensor."""
     layers = [(n, layer) for n, layer in adapter_layers(model) if not layer.merged]
     _check_unshared_weights(model, layers)
+    if backup_device is not None:
+        backup_device = checked_backup_device(backup_device)
     try:
         for _, layer in layers:
             layer.merge(backup_device)

@@ -189,10 +189,11 @@ def accelerate(model: nn.Module, backend: str = "auto") -> nn.Module:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     calls = _peft_layer_types()
-    skipped = []
+    skipped, tuner_layers = [], 0
     for name, module in model.named_modules():
         if not isinstance(module, BaseTunerLayer):
             continue
+        tuner_layers += 1
         if getattr(module, _MARK, False):
             setattr(module, _BACKEND, backend)
             continue
@@ -209,6 +210,9 @@ def accelerate(model: nn.Module, backend: str = "auto") -> nn.Module:
         warn_at_caller(f"fastlora.accelerate: {len(skipped)} PEFT layers stay on PEFT's path (the fused op computes "
                        f"LoRA layers over nn.Linear or Conv1D and PEANuT layers over nn.Linear): "
                        f"{', '.join(skipped)}")
+    if not tuner_layers:
+        warn_at_caller("fastlora.accelerate: the model holds no PEFT tuner layers, so nothing was accelerated; call "
+                       "it on the model peft.get_peft_model returns (a fastlora.inject model runs fastlora already)")
     return model
 
 

@@ -75,6 +75,8 @@ def peft_release(version: Optional[str]) -> Optional[tuple[int, int]]:
 def peft_out_proj_updates(version: Optional[str]) -> int:
     """How many times PEFT of ``version`` adds an nn.MultiheadAttention's out_proj update in its forward:
     2 before 0.22, 1 from 0.22; 2 for a checkpoint that does not say (PEFT records its version since 0.18)."""
+    if version is not None and not isinstance(version, str):
+        raise ValueError(f"PEFT checkpoint's peft_version {version!r} is not a version string")
     release = peft_release(version)
     return 1 if release is not None and release >= PEFT_OUT_PROJ_ONCE_FROM else 2
 
@@ -89,6 +91,22 @@ def _check_unsupported(peft: dict[str, Any], unsupported: dict[str, Any]) -> Non
                              f"(only {accepted!r} is supported)")
 
 
+def _number(peft: dict[str, Any], field: str, default: float) -> float:
+    """PEFT's numeric ``field`` (``default`` when absent) as a float; anything but an int or float is refused."""
+    value = peft.get(field, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"PEFT {peft['peft_type']} config has {field}={value!r}, expected a number")
+    return float(value)
+
+
+def _flag(peft: dict[str, Any], field: str) -> bool:
+    """PEFT's boolean ``field`` (False when absent); anything but true or false is refused."""
+    value = peft.get(field, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"PEFT {peft['peft_type']} config has {field}={value!r}, expected true or false")
+    return value
+
+
 def _peft_targets(peft: dict[str, Any]):
     """PEFT's target_modules (saved from a set, so in arbitrary order) as a sorted list, or its regex."""
     targets = peft.get("target_modules")
@@ -99,8 +117,8 @@ def _lora_config(peft: dict[str, Any]) -> LoraConfig:
     """PEFT's LoRA fields as a LoraConfig; rank_pattern / alpha_pattern keep PEFT's keys and order
     (fastlora resolves them as PEFT does: the first key the module name ends with wins)."""
     _check_unsupported(peft, _LORA_UNSUPPORTED)
-    return LoraConfig(r=peft.get("r", 8), alpha=float(peft.get("lora_alpha", 8)),
-                      use_rslora=bool(peft.get("use_rslora", False)), dropout=float(peft.get("lora_dropout", 0.0)),
+    return LoraConfig(r=peft.get("r", 8), alpha=_number(peft, "lora_alpha", 8), use_rslora=_flag(peft, "use_rslora"),
+                      dropout=_number(peft, "lora_dropout", 0.0),
                       target_modules=_peft_targets(peft), rank_pattern=peft.get("rank_pattern") or {},
                       alpha_pattern=peft.get("alpha_pattern") or {})
 
@@ -115,7 +133,7 @@ def _neat_config(peft: dict[str, Any]) -> NeatConfig:
     if act_fn not in PEANUT_ACTIVATIONS:
         raise ValueError(f"PEFT PEANUT config has act_fn={act_fn!r}; fastlora supports {sorted(PEANUT_ACTIVATIONS)}")
     return NeatConfig(r=peft.get("r", 32), depth=peft.get("depth", 0), activation=PEANUT_ACTIVATIONS[act_fn],
-                      scale=float(peft.get("scaling", 1.0)), target_modules=_peft_targets(peft))
+                      scale=_number(peft, "scaling", 1.0), target_modules=_peft_targets(peft))
 
 
 def _peanut_shapes(config: NeatConfig, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:

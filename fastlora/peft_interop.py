@@ -44,7 +44,9 @@ from .atomic_files import write_files_atomically, write_json, write_safetensors
 from .attention import AdapterMultiheadAttention, is_attention
 from .checkpoint import (
     CONFIG_FILE,
+    UNSAVABLE,
     WEIGHTS_FILE,
+    check_finite,
     check_saved_parameters,
     differing_fields,
     restore_saved_parameters,
@@ -71,17 +73,35 @@ def _read_peft_checkpoint(directory: Union[str, os.PathLike]) -> tuple[dict[str,
     root = Path(directory)
     if not (root / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory} (expected a PEFT save_pretrained directory)")
-    config = json.loads((root / CONFIG_FILE).read_text())
+    try:
+        config = json.loads((root / CONFIG_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{root / CONFIG_FILE}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{root / CONFIG_FILE} holds a {type(config).__name__}, not a JSON object of PEFT's fields")
     if (root / WEIGHTS_FILE).is_file():
-        return config, load_file(str(root / WEIGHTS_FILE))
+        try:
+            state = load_file(str(root / WEIGHTS_FILE))
+        except Exception as error:  # safetensors raises its own error types for malformed files
+            raise ValueError(f"{root / WEIGHTS_FILE}: not a readable safetensors file ({error})") from None
+        return config, _checked_tensors(root / WEIGHTS_FILE, state)
     if (root / PICKLED_WEIGHTS_FILE).is_file():
         state = torch.load(root / PICKLED_WEIGHTS_FILE, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
                                                   for k, v in state.items()):
             raise ValueError(f"{root / PICKLED_WEIGHTS_FILE} does not hold a dict of named tensors")
-        return config, state
+        return config, _checked_tensors(root / PICKLED_WEIGHTS_FILE, state)
     raise FileNotFoundError(f"no {WEIGHTS_FILE} (or {PICKLED_WEIGHTS_FILE}) in {directory} (expected a PEFT "
                             f"save_pretrained directory)")
+
+
+def _checked_tensors(path: Path, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` when every tensor is floating and finite (PEFT saves factors and module weights only), else
+    ValueError naming the file and tensor."""
+    for key, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, not a floating dtype")
+    return check_finite(path, state)
 
 
 def _saved_module_tensors(peft: dict[str, Any], state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -359,7 +379,7 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     if fmt.conv1d_field is not None:
         meta[fmt.conv1d_field] = bool(conv1d)
     tensors.update({f"{KEY_PREFIX}{name}": p.detach().contiguous().cpu() for name, p in extra.items()})
-
+    check_finite(f"save_peft_adapter {UNSAVABLE}", tensors)
     return write_files_atomically(directory, [
         (WEIGHTS_FILE, lambda path: write_safetensors(path, tensors, metadata={"format": "pt"})),
         (CONFIG_FILE, lambda path: write_json(path, meta)),

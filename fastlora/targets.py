@@ -197,6 +197,16 @@ def _pattern_value(pairs: tuple, name: str, default):
     return next((value for key, value in pairs if _key_matches(key, name)), default)
 
 
+def unmatched_pattern_keys(config: AdapterConfig, names: list[str]) -> dict[str, list[str]]:
+    """rank_pattern / alpha_pattern keys that select none of ``names`` (the adapted layers' names), per field."""
+    unmatched = {}
+    for field in ("rank_pattern", "alpha_pattern"):
+        keys = [key for key, _ in getattr(config, field) if not any(_key_matches(key, name) for name in names)]
+        if keys:
+            unmatched[field] = keys
+    return unmatched
+
+
 def layer_config(config: AdapterConfig, name: str) -> AdapterConfig:
     """The config the layer ``name`` is built with: rank_pattern's r and alpha_pattern's alpha
     resolved, PEFT's selection fields and modules_to_save dropped (they chose the layers; the layer

@@ -133,9 +133,21 @@ def test_cpu_mask_ignores_torchs_default_dtype(cpu_only, default):
 def test_dropout_rate_zero_keeps_everything_and_rates_outside_0_1_are_refused(monkeypatch, interpreted):
     monkeypatch.setenv("TRITON_INTERPRET", interpreted)
     assert torch.equal(dropout_mask(6, 10, 0.0, 3), torch.ones(6, 10))
-    for p in (-0.1, 1.0, 1.5):
-        with pytest.raises(ValueError, match=rf"p must lie in \[0, 1\), got {p}"):
+    for p in (-0.1, 1.0, 1.5, "0.1", None):
+        with pytest.raises(ValueError, match=rf"p must be a number in \[0, 1\), got {p!r}"):
             dropout_mask(6, 10, p, 3)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ((-1, 10, 0.1, 3), "n must be an int >= 0, got -1"), ((6, 2.0, 0.1, 3), "d_in must be an int >= 0, got 2.0"),
+    ((6, 10, 0.1, torch.tensor([1.5])), r"a seed tensor must hold one int64 element, got torch.float32 of shape "
+                                        r"\(1,\)"),
+    ((6, 10, 0.1, torch.tensor([1, 2])), r"one int64 element, got torch.int64 of shape \(2,\)")])
+def test_dropout_mask_refuses_bad_arguments_naming_them(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        dropout_mask(*arguments)
+    with pytest.raises(ValueError, match="dtype must be a floating dtype, got torch.int64"):
+        dropout_mask(6, 10, 0.1, 3, dtype=torch.int64)  # was a float32 mask, silently
 
 
 def test_the_kernels_draw_on_every_device_but_a_cpu_without_the_interpreter(monkeypatch):

@@ -107,9 +107,11 @@ def test_merge_keeps_the_pre_merge_weight_on_the_backup_device():
     fastlora.merge(model, backup_device=torch.device("cpu"))
     assert model[0].merged and model[0].weight_before_merge.device.type == "cpu"
     fastlora.unmerge(model)
-    with pytest.raises(RuntimeError, match="nowhere"):
-        fastlora.merge(model, backup_device="nowhere")
-    assert not model[0].merged and model[0].weight_before_merge is None
+    for device, message in (("nowhere", "backup_device 'nowhere' is not a device this process can allocate on"),
+                            ("meta", "backup_device 'meta' holds no values, so unmerge could not restore W")):
+        with pytest.raises(ValueError, match=message):  # meta was accepted and the layer could never unmerge
+            fastlora.merge(model, backup_device=device)
+        assert not model[0].merged and model[0].weight_before_merge is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (a GPU W kept in host memory)")

@@ -42,10 +42,23 @@ def unseeded_torch_dropout() -> bool:
 def dropout_mask(n: int, d_in: int, p: float, seed, device=None, dtype=torch.float32) -> Tensor:
     """The dropout mask (n, d_in) every plan on ``device`` uses: 1/(1-p) where kept, 0 where dropped.
 
-    ``seed``: an int or a 1-element int64 tensor (its device is used when ``device`` is None).
+    ``seed``: an int or a 1-element int64 tensor (its device is used when ``device`` is None);
+    ``dtype``: a floating dtype.
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"p must lie in [0, 1), got {p}")
+    for name, value in (("n", n), ("d_in", d_in)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+        raise ValueError(f"p must be a number in [0, 1), got {p!r}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating dtype, got {dtype!r}")
+    if isinstance(seed, Tensor) and (seed.dtype != torch.int64 or seed.numel() != 1):
+        raise ValueError(f"a seed tensor must hold one int64 element, got {seed.dtype} of shape {tuple(seed.shape)}")
+    return draw_mask(n, d_in, p, seed, device, dtype)
+
+
+def draw_mask(n: int, d_in: int, p: float, seed, device=None, dtype=torch.float32) -> Tensor:
+    """``dropout_mask`` without its argument checks (the op's own calls, validated already)."""
     seed = seed_tensor(seed, device if device is not None else "cpu") if not isinstance(seed, Tensor) else seed
     device = seed.device if device is None else torch.device(device)
     if not kernels_draw(device):

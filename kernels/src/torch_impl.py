@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .activations import activation, activation_grad
-from .masks import dropout_mask
+from .masks import draw_mask
 from .spec import Grads, GradsNeeded, LowRankTerm, fill_skipped_grads
 
 
@@ -23,7 +23,7 @@ def _mask(x: Tensor, term: LowRankTerm) -> Optional[Tensor]:
     """The dropout mask (N, d_in) regenerated from the term's seed (``masks.dropout_mask``), or None."""
     if term.dropout_p == 0.0:
         return None
-    return dropout_mask(x.shape[0], x.shape[1], term.dropout_p, term.dropout_seed, x.device, x.dtype)
+    return draw_mask(x.shape[0], x.shape[1], term.dropout_p, term.dropout_seed, x.device, x.dtype)
 
 
 def _dropped(x: Tensor, mask: Optional[Tensor]) -> Tensor:

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: host scalar types (torch.compile passes symbolic ones)
+_SCALARS = (numbers.Real, torch.SymInt, torch.SymFloat)
 
 
 def _check_index(name: str, index: Tensor, bound: int, what: str) -> None:
@@ -47,6 +49,13 @@ def _value_range(index: Tensor) -> tuple[int, int]:
     return value_range
 
 
+def _kind(value: object) -> str:
+    """What ``value`` is, for an error message: a tensor's layout and dtype, else its type and value."""
+    if isinstance(value, Tensor):
+        return f"a {value.layout} tensor of dtype {value.dtype}"
+    return f"{type(value).__name__} {value!r}"
+
+
 def check_frozen_weight(weight: Tensor) -> None:
     """ValueError when the base weight requires grad (the ops give it no gradient)."""
     if weight.requires_grad:
@@ -74,7 +83,7 @@ def _host_gate(gate, gate_value) -> Optional[float]:
     if tensor_gate and not gate.is_floating_point():
         raise TypeError(f"a tensor gate must be floating point (it multiplies the update and may get a "
                         f"gradient), got dtype {gate.dtype}")
-    if not tensor_gate and not isinstance(gate, (numbers.Real, torch.SymInt, torch.SymFloat)):  # Sym*: compile
+    if not tensor_gate and not isinstance(gate, _SCALARS):
         raise TypeError(f"gate must be a float or a 0-dim floating tensor, got {type(gate).__name__}")
     if gate_value is not None:
         if not tensor_gate:
@@ -109,15 +118,23 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
                     ("middle", middle), ("rank_weights", rank_weights)):
         if t is None:
             continue
+        if not isinstance(t, Tensor) or t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense tensor, got {_kind(t)}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64), got dtype {t.dtype}")
         if t.device != device:
             raise RuntimeError(f"{name} is on {t.device} but x is on {device}; all inputs must share one device")
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(device.type):
         raise TypeError(f"x dtype {x.dtype} does not match weight dtype {weight.dtype} (as in nn.Linear)")
-    for name, idx in (("row_index", row_index), ("col_index", col_index)):
-        if idx is not None and idx.device != device:
-            raise RuntimeError(f"{name} is on {idx.device} but x is on {device}")
+    for name, t in (("row_index", row_index), ("col_index", col_index), ("gate", gate)):
+        if not isinstance(t, Tensor):
+            if name != "gate" and t is not None:
+                raise TypeError(f"{name} must be a 1-D int32/int64 tensor, got {_kind(t)}")
+            continue
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense tensor, got {_kind(t)}")
+        if t.device != device:
+            raise RuntimeError(f"{name} is on {t.device} but x is on {device}; all inputs must share one device")
     if row_index is not None:
         _check_index("row_index", row_index, d_out, "output rows of W")
     if col_index is not None:
@@ -132,6 +149,12 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
     if col_index is not None and col_index.shape[0] != r:
         raise ValueError(f"col_index must have r={r} entries, got {col_index.shape[0]}")
     host_gate = _host_gate(gate, gate_value)
+    if not isinstance(scale, (*_SCALARS, Tensor)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float, got {_kind(scale)}")
+    if isinstance(scale, Tensor) and scale.numel() != 1:
+        raise ValueError(f"scale must be a scalar, got a tensor of shape {tuple(scale.shape)}")
+    if not isinstance(dropout, _SCALARS) or isinstance(dropout, bool):
+        raise TypeError(f"dropout must be a float in [0, 1), got {_kind(dropout)}")
     if isinstance(scale, Tensor) and scale.requires_grad:
         raise TypeError("scale is a host scalar and gets no gradient; pass a float or a tensor "
                         "that does not require grad")
