@@ -61,3 +61,49 @@ def test_gather_indices_made_under_inference_mode_serve_a_training_call(plan, pl
     (grad_ref,) = torch.autograd.grad(y_ref.square().sum(), b64)
     assert_close(y, y_ref, 1e-6)
     assert_close(grad, grad_ref, 1e-6, "dB")
+
+
+def _fp16_overflow_case():
+    """fp16 x, W, A, B with scale 1/8 and an upstream gradient of 12000 (a loss scaler's size): the scaled
+    gradients fit fp16 (max 65504), dy^T v and dy B unscaled would not."""
+    g = torch.Generator().manual_seed(5)
+    x, w, a, b = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((8, 16), (12, 16), (4, 16),
+                                                                                      (12, 4)))
+    dy = torch.full((8, 12), 12000.0, dtype=torch.float64)
+    return x, w * 0.1, a, b, dy
+
+
+def _exact_grads(x, w, a, b, dy, scale):
+    leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+    y = adapted_linear_reference(leaves[0], w, None, leaves[1], leaves[2], scale=scale)
+    return torch.autograd.grad(y, leaves, dy)
+
+
+def test_fp16_gradients_that_fit_do_not_overflow_on_the_torch_plan():
+    """The recorded torch plan scaled after the product (addmm's alpha): dB = s (dy^T v) overflowed to inf in fp16
+    where s dy^T v fits (PEFT and the Triton plans scale first)."""
+    x, w, a, b, dy = _fp16_overflow_case()
+    exact = _exact_grads(x, w, a, b, dy, 0.125)
+    assert max(float(g.abs().max()) for g in exact) < 65504 < float((dy.t() @ (x @ a.t())).abs().max())
+    leaves = [t.half().requires_grad_(True) for t in (x, a, b)]
+    y = adapted_linear(leaves[0], w.half(), None, leaves[1], leaves[2], scale=0.125, backend="torch")
+    grads = torch.autograd.grad(y, leaves, dy.half())
+    for name, got, want in zip(("x", "a", "b"), grads, exact):
+        assert bool(torch.isfinite(got).all()), name
+        assert_close(got.double(), want, 2e-3, name)
+
+
+def test_fp16_gradients_that_fit_do_not_overflow_in_the_torch_backward():
+    """The Python backward (the torch plan's under torch.compile) forms s dy B and s g dy^T v with the scale on the
+    r-wide operand first."""
+    from fastlora.kernels.spec import GradsNeeded, LowRankTerm
+    from fastlora.kernels.torch_impl import backward
+
+    x, w, a, b, dy = _fp16_overflow_case()
+    exact = _exact_grads(x, w, a, b, dy, 0.125)
+    term = LowRankTerm(a.half(), b.half(), None, None, None, None, 0.125, 1.0, 0.0, None)
+    grads = backward(dy.half(), x.half(), w.half(), term, None, GradsNeeded(True, False, True, True, False, False,
+                                                                            False))
+    for name, got, want in (("x", grads.x, exact[0]), ("a", grads.a, exact[1]), ("b", grads.b, exact[2])):
+        assert bool(torch.isfinite(got).all()), name
+        assert_close(got.double(), want, 2e-3, name)

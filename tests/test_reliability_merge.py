@@ -146,3 +146,20 @@ def test_a_bf16_weight_merges_fp32_factors_rounding_once(way):
         layer.merge()
     assert merged.dtype == torch.bfloat16
     assert ((merged.double() - exact).abs() <= _bf16_half_ulp(exact) * 1.001).all()
+
+
+@pytest.mark.parametrize("way", ["merge", "merge_and_unload"])
+def test_a_bf16_weight_merges_neat_rounding_once(way):
+    """NEAT's ΔW = s B_n act(A_n W) depends on W: H is formed from W in fp32 for the merge (as PEFT merges), so
+    the merged bf16 W is one rounding of the float64 value; H formed in bf16 left half the entries off."""
+    torch.manual_seed(4)
+    layer = AdapterLinear(64, 48, config=NeatConfig(r=8, scale=0.7), dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.adapter.neat_B.normal_(std=0.3)
+    w, a, b = layer.weight.double(), layer.adapter.neat_A.double(), layer.adapter.neat_B.double()
+    exact = w + 0.7 * b @ torch.relu(w.t() @ a.t()).t()
+    merged = layer.weight if way == "merge" else layer.to_linear().weight
+    if way == "merge":
+        layer.merge()
+    assert merged.dtype == torch.bfloat16
+    assert ((merged.double() - exact).abs() <= _bf16_half_ulp(exact) * 1.001).all()

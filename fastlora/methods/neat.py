@@ -110,5 +110,11 @@ class NeatAdapter(Adapter):
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
         return {"lora_a": self._down_factor(weight), "lora_b": self.neat_B, "scale": self.scale}
 
+    def delta_weight(self, weight: Tensor) -> Tensor:
+        """ΔW = scale * B_n H'^T with H' formed from W in the widest of W's, A_n's and fp32 dtypes (as PEFT
+        merges; the forward forms it in W's dtype), so a merge into a half-precision W rounds once."""
+        wide = torch.promote_types(torch.promote_types(weight.dtype, self.neat_A.dtype), torch.float32)
+        return super().delta_weight(weight.detach().to(wide))
+
 
 register_method(NeatConfig, NeatAdapter, peft_format=PEANUT_FORMAT)

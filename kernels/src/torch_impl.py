@@ -58,11 +58,18 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm
         t = shrink(x, weight, term, y0=y if bias is None else None)
     if term.lowrank_on:
         _, v = _mixed(t, term)
-        sg = term.scaled_gate()
-        up = term.up(weight).t()
-        # in place: F.linear's backward does not need y, and an out-of-place addmm would copy y first
-        y = y.addmm_(v, up, alpha=sg) if term.gate_tensor is None else y.addmm_(v * sg, up)
+        y = _add_update(y, v, term.up(weight).t(), term.scaled_gate())
     return y, t
+
+
+def _add_update(y: Tensor, v: Tensor, up: Tensor, sg) -> Tensor:
+    """y += sg * v up, in place (F.linear's backward does not need y; an out-of-place addmm would copy it).
+
+    In fp16 the scale multiplies the (N, d_out) product, as PEFT orders it: autograd then scales dy before
+    both backward products, which unscaled (dy^T v, dy B) overflow fp16 where the scaled gradients fit."""
+    if y.dtype == torch.float16:
+        return y.add_((v @ up) * sg)
+    return y.addmm_(v, up, alpha=sg) if isinstance(sg, float) else y.addmm_(v * sg, up)
 
 
 def forward_recorded(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm) -> Tensor:
@@ -85,6 +92,8 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Option
 
     dP = dy B; dv = s g dP; dB = s g dy^T v; dm = sum_n dv ⊙ u; du = dv ⊙ m;
     dM = du^T t; dt = du M; dA = dt^T xd; dx = dy W + dropout'(dt A); dg = s sum(dP ⊙ v).
+    The scale goes on the r-wide operand before each product with dy (s B, s g v), so no fp16
+    product overflows where the scaled gradient fits.
     """
     grads = Grads()
     if needs.bias:
@@ -100,16 +109,15 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Option
         t = shrink(x, weight, term)
     b = term.up(weight)
     u, v = _mixed(t, term)
-    dp = dy @ b
+    sdp = dy @ (b * term.scale)  # s dP
     if needs.gate:
-        grads.gate = term.scale * (dp * v).sum()
+        grads.gate = (sdp * v).sum()
     if not term.lowrank_on:
         fill_skipped_grads(grads, term, needs)
         return grads
-    sg = term.scaled_gate()
-    dv = dp * sg
+    dv = sdp * (term.gate if term.gate_tensor is None else term.gate_tensor)
     if needs.b:
-        grads.b = (dy.t() @ v) * sg
+        grads.b = dy.t() @ (v * term.scaled_gate())
     if needs.rank_weights:
         grads.rank_weights = (dv * u).sum(0)
     du = dv if term.rank_weights is None else dv * term.rank_weights
