@@ -92,8 +92,9 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Option
 
     dP = dy B; dv = s g dP; dB = s g dy^T v; dm = sum_n dv ⊙ u; du = dv ⊙ m;
     dM = du^T t; dt = du M; dA = dt^T xd; dx = dy W + dropout'(dt A); dg = s sum(dP ⊙ v).
-    The scale goes on the r-wide operand before each product with dy (s B, s g v), so no fp16
-    product overflows where the scaled gradient fits.
+    In fp16 dy is scaled before the products (as autograd does for ``forward``'s fp16 update), so no
+    product overflows where the scaled gradient fits; other dtypes scale after, as autograd does for
+    its addmm (the two plans' gradients agree bit for bit).
     """
     grads = Grads()
     if needs.bias:
@@ -109,15 +110,18 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, term: LowRankTerm, t: Option
         t = shrink(x, weight, term)
     b = term.up(weight)
     u, v = _mixed(t, term)
-    sdp = dy @ (b * term.scale)  # s dP
+    scaled_first = dy.dtype == torch.float16
+    dy_s, after = (dy * term.scale, 1.0) if scaled_first else (dy, term.scale)  # s dy = dy_s * after
+    dp = dy_s @ b
     if needs.gate:
-        grads.gate = (sdp * v).sum()
+        grads.gate = after * (dp * v).sum()
     if not term.lowrank_on:
         fill_skipped_grads(grads, term, needs)
         return grads
-    dv = sdp * (term.gate if term.gate_tensor is None else term.gate_tensor)
+    gate_after = after * (term.gate if term.gate_tensor is None else term.gate_tensor)  # s g = scale of dy_s * this
+    dv = dp * gate_after
     if needs.b:
-        grads.b = dy.t() @ (v * term.scaled_gate())
+        grads.b = (dy_s.t() @ v) * gate_after
     if needs.rank_weights:
         grads.rank_weights = (dv * u).sum(0)
     du = dv if term.rank_weights is None else dv * term.rank_weights
