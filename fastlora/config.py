@@ -235,6 +235,14 @@ def _check_positive(config: AdapterConfig, name: str, allow_zero: bool = False) 
         raise ValueError(f"{type(config).__name__}.{name} must be a finite number {bound}, got {value!r}")
 
 
+def _check_nonzero(config: AdapterConfig, name: str) -> None:
+    """A factor of the adapter's output: finite, and nonzero (0 makes every adapter gradient 0)."""
+    value = getattr(config, name)
+    if not _is_real(value) or not math.isfinite(value) or value == 0:
+        raise ValueError(f"{type(config).__name__}.{name} must be finite and nonzero (an int or float; 0 makes every "
+                         f"adapter gradient 0, so training would change nothing), got {value!r}")
+
+
 @dataclass(frozen=True)
 class LoraConfig(AdapterConfig):
     """Plain LoRA: y = x W^T + b + (alpha/r) (dropout(x) A^T) B^T (alpha/sqrt(r) with use_rslora)."""
@@ -425,8 +433,7 @@ class CurLoraConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         _check_positive(self, "eps", allow_zero=True)
-        if not _is_real(self.alpha) or not math.isfinite(self.alpha):
-            raise ValueError(f"CurLoraConfig.alpha must be finite (an int or float), got {self.alpha!r}")
+        _check_nonzero(self, "alpha")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise ValueError(f"CurLoraConfig.seed must be an int >= 0 and < 2**63, got {self.seed!r}")
 
@@ -451,28 +458,31 @@ class NeatConfig(AdapterConfig):
             raise ValueError(f"NeatConfig.depth must be an int >= 0 and <= {MAX_NEAT_DEPTH}, got {self.depth!r}")
         if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             raise ValueError(f"NeatConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if not _is_real(self.scale) or not math.isfinite(self.scale):
-            raise ValueError(f"NeatConfig.scale must be finite (an int or float), got {self.scale!r}")
+        _check_nonzero(self, "scale")
 
 
 @dataclass(frozen=True)
 class CascadeLoraConfig(LoraConfig):
     """LoRASC: stages of a fast LoRA pair, each folded into W in place, each started with NoisyTune noise on W.
 
-    cascade_interval: optimizer steps per stage (default 100), or None for stages only where the
-    training loop calls ``cascade_step()`` (e.g. once per epoch). stages_per_run: K stages per run
-    instead (default None): the run's N optimizer steps (Trainer's max_steps, or
-    ``attach_training_hooks(..., total_steps=N)``, as CoDyRA's total_steps) split into K stages of
-    N / K steps (rounded; the stage ends at steps ceil(j N / K), j < K); it replaces cascade_interval
-    (left out or None, saved as None; an interval given beside it is refused, 100 included). With a
-    known run length no stage ends on the run's final step: the last stage stays the fast pair
-    (evaluated as W + s B A), folded by ``next_task`` or merged by ``merge``. slow_momentum: m of the slow-fast
-    update, the stage folds (1 - m) s B A into W (the paper's pace alpha = 1 - m; default 0.5,
-    Lookahead's; 0 folds the whole fast pair). noise_intensity: NoisyTune's lambda, each stage starts
-    with W += U(-lambda/2, lambda/2) * std(W) (default 0.15 as NoisyTune; 0 = no noise), drawn from a
-    CPU generator seeded from noise_seed, the layer index and the stage. keep_pretrained_copy: keep a
-    host-memory copy of W as the adapter found it (one more W in CPU memory per layer; default off),
-    for ``restore_pretrained()`` and for loading a checkpoint of another stage history.
+    cascade_interval: the stage length. "epoch" (the default): a fresh fast pair every epoch, a stage
+    ending every E optimizer steps, E the epoch's length in optimizer steps (FastLoraCallback takes
+    Trainer's steps per epoch, ``attach_training_hooks(..., steps_per_epoch=E)`` takes E; kept in the
+    adapter's persistent buffer ``epoch_steps``, so a resumed run keeps its stages; the hooks refuse to
+    attach while it is unknown). An int: optimizer steps per stage. None: stages only where the
+    training loop calls ``cascade_step()``. stages_per_run: K stages per run instead (default None):
+    the run's N optimizer steps (Trainer's max_steps, or ``attach_training_hooks(..., total_steps=N)``,
+    as CoDyRA's total_steps) split into K stages of N / K steps (rounded; the stage ends at steps
+    ceil(j N / K), j < K); it replaces cascade_interval (left out or None, saved as None; an interval
+    given beside it is refused, "epoch" included). With a known run length no stage ends on the run's
+    final step: the last stage stays the fast pair (evaluated as W + s B A), folded by ``next_task``
+    or merged by ``merge``. slow_momentum: m of the slow-fast update, the stage folds (1 - m) s B A
+    into W (the paper's pace alpha = 1 - m; default 0.5, Lookahead's; 0 folds the whole fast pair).
+    noise_intensity: NoisyTune's lambda, each stage starts with W += U(-lambda/2, lambda/2) * std(W)
+    (default 0.15 as NoisyTune; 0 = no noise), drawn from a CPU generator seeded from noise_seed, the
+    layer index and the stage. keep_pretrained_copy: keep a host-memory copy of W as the adapter found
+    it (one more W in CPU memory per layer; default off), for ``restore_pretrained()`` and for loading
+    a checkpoint of another stage history.
     """
 
     method: ClassVar[str] = "cascade_lora"
@@ -480,7 +490,7 @@ class CascadeLoraConfig(LoraConfig):
         "noise_std": "was replaced by noise_intensity (NoisyTune's lambda: each stage starts with "
                      "W += U(-lambda/2, lambda/2) * std(W))",
         "max_cascades": "was removed: every stage is folded into W in place, so no number of stages is kept"}
-    cascade_interval: Optional[int] = 100
+    cascade_interval: Union[int, str, None] = "epoch"
     stages_per_run: Optional[int] = None
     slow_momentum: float = 0.5
     noise_intensity: float = 0.15
@@ -488,10 +498,10 @@ class CascadeLoraConfig(LoraConfig):
     keep_pretrained_copy: bool = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "CascadeLoraConfig":
-        # here, where the given keywords are known: an interval given at its default value counts too
+        # here, where the given keywords are known: an interval given counts, "epoch" too; the default left out does not
         interval, stages = kwargs.get("cascade_interval"), kwargs.get("stages_per_run")
         if interval is not None and stages is not None:
-            raise ValueError(f"CascadeLoraConfig: give stages_per_run ({stages}) or cascade_interval ({interval}), "
+            raise ValueError(f"CascadeLoraConfig: give stages_per_run ({stages!r}) or cascade_interval ({interval!r}), "
                              f"not both")
         return super().__new__(cls, *args, **kwargs)
 
@@ -501,13 +511,15 @@ class CascadeLoraConfig(LoraConfig):
             raise ValueError(f"CascadeLoraConfig.keep_pretrained_copy must be True or False, "
                              f"got {self.keep_pretrained_copy!r}")
         value = self.cascade_interval
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-            raise ValueError(f"CascadeLoraConfig.cascade_interval must be an int > 0 or None, got {value!r}")
+        steps = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        if not (steps or value is None or (isinstance(value, str) and value == "epoch")):
+            raise ValueError(f"CascadeLoraConfig.cascade_interval must be an int > 0 (optimizer steps per stage), "
+                             f"'epoch' or None, got {value!r}")
         stages = self.stages_per_run
         if stages is not None:
             if not isinstance(stages, int) or isinstance(stages, bool) or stages <= 0:
                 raise ValueError(f"CascadeLoraConfig.stages_per_run must be an int > 0 or None, got {stages!r}")
-            object.__setattr__(self, "cascade_interval", None)  # the default (another value was refused)
+            object.__setattr__(self, "cascade_interval", None)  # left out (a given interval was refused)
         value = self.slow_momentum
         if not _is_real(value) or not 0.0 <= value < 1.0:
             raise ValueError(f"CascadeLoraConfig.slow_momentum must lie in [0, 1) (1 would discard every "

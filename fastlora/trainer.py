@@ -19,7 +19,7 @@ from typing import Optional
 
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
 from fastlora.kernels.caller_warnings import warn_at_caller
 
@@ -27,7 +27,14 @@ from .adapters_api import adapter_stats
 from .checkpoint import save_adapter
 from .config import RankSelectiveLoraConfig, SelectiveLoraConfig
 from .model_tree import adapter_layers
-from .training import TrainingHooks, attach_training_hooks, has_rule, regularization_loss, set_run_length
+from .training import (
+    TrainingHooks,
+    attach_training_hooks,
+    has_rule,
+    regularization_loss,
+    set_epoch_length,
+    set_run_length,
+)
 
 #: the folder of the adapter-only checkpoint inside each of Trainer's checkpoint-N folders
 ADAPTER_DIR = "fastlora_adapter"
@@ -38,12 +45,15 @@ class FastLoraCallback(TrainerCallback):
 
     - train begin: gives the step-scheduled layers the run's length, Trainer's ``max_steps``
       (``set_run_length``: CoDyRA's schedule with total_steps=None spans it, LoRASC's
-      stages_per_run splits it, and no LoRASC stage ends on its final step), then attaches the
-      post-step training rules (CoDyRA's proximal step, LoRASC's cascades, Selective LoRA's
-      bookkeeping) to Trainer's optimizer (accelerate's wrapper unwrapped), once per ``train()``
-      call; removed at train end (warning when LoRASC layers ended no stage in the run). Warns when
-      an explicit CoDyRA ``total_steps`` is longer than ``max_steps`` (it would stop before
-      kappa_max; a longer run is fine: the pruned set is final after total_steps).
+      stages_per_run splits it, and no LoRASC stage ends on its final step), and the epoch's length
+      in optimizer steps as Trainer counts it from its ``train_dataloader`` and
+      gradient_accumulation_steps (``trainer_steps_per_epoch``, ``set_epoch_length``: the length of
+      LoRASC's default stage), then attaches the post-step training rules (CoDyRA's proximal step,
+      LoRASC's cascades, Selective LoRA's bookkeeping) to Trainer's optimizer (accelerate's wrapper
+      unwrapped), once per ``train()`` call; removed at train end (warning when LoRASC layers ended
+      no stage in the run). Warns when an explicit CoDyRA ``total_steps`` is longer than
+      ``max_steps`` (it would stop before kappa_max; a longer run is fine: the pruned set is final
+      after total_steps).
     - every log: each method's ``extra_stats`` over its layers ("fastlora/<method>/<stat>",
       ``adapter_stats``) join the logged values and ``state.log_history``.
     - every save (``save_adapters``): ``save_adapter`` writes the adapters into
@@ -57,7 +67,8 @@ class FastLoraCallback(TrainerCallback):
         self.save_adapters = save_adapters
         self.hooks: Optional[TrainingHooks] = None
 
-    def on_train_begin(self, args, state, control, model: Optional[nn.Module] = None, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, model: Optional[nn.Module] = None, optimizer=None,
+                       train_dataloader=None, **kwargs):
         layers = list(adapter_layers(model))
         if not layers:
             warn_at_caller("FastLoraCallback: the model has no fastlora adapters; nothing to do")
@@ -67,6 +78,10 @@ class FastLoraCallback(TrainerCallback):
             self.hooks = None
         if state.max_steps and state.max_steps > 0:
             set_run_length(model, state.max_steps)
+        if train_dataloader is not None:
+            epoch = trainer_steps_per_epoch(train_dataloader, args.gradient_accumulation_steps, state.max_steps)
+            if epoch:
+                set_epoch_length(model, epoch)
         if any(has_rule(layer) for _, layer in layers):
             if optimizer is None:
                 raise ValueError("FastLoraCallback: Trainer passed no optimizer; the training rules cannot be attached")
@@ -91,6 +106,16 @@ class FastLoraCallback(TrainerCallback):
     def on_save(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
         if self.save_adapters and state.is_world_process_zero and next(adapter_layers(model), None) is not None:
             save_adapter(model, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / ADAPTER_DIR)
+
+
+def trainer_steps_per_epoch(dataloader, accumulation: int, max_steps: int) -> Optional[int]:
+    """Optimizer steps per epoch as Trainer counts them: ceil(len(dataloader) / accumulation) (the last,
+    shorter accumulation of an epoch steps too), or, for a dataloader without a length, max_steps (Trainer
+    runs it as one epoch); None when neither is known."""
+    length = len(dataloader) if has_length(dataloader) else None
+    if length:
+        return -(-length // accumulation)
+    return max_steps if max_steps and max_steps > 0 else None
 
 
 def _check_schedules(layers, max_steps: int) -> None:

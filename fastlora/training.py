@@ -1,6 +1,7 @@
 """The training-rule hook API: works with any torch optimizer.
 
     hooks = attach_training_hooks(model, optimizer)   # or [optimizer_1, optimizer_2]
+    # LoRASC's default stage is one epoch: give its length, attach_training_hooks(..., steps_per_epoch=N)
     loss = task_loss + regularization_loss(model)     # method regularisers (Selective LoRA)
     ...
     hooks.remove()
@@ -35,6 +36,7 @@ from fastlora.kernels.caller_warnings import warn_at_caller
 from .config import SelectiveLoraConfig
 from .layer import AdapterLinear
 from .methods import Adapter, CascadeLoraAdapter, RankSelectiveLoraAdapter
+from .methods.cascade import EPOCH_LENGTH_WAYS
 from .model_tree import adapter_layers
 
 Optimizers = Union[torch.optim.Optimizer, Iterable[torch.optim.Optimizer]]
@@ -47,8 +49,9 @@ WATCHED_FORWARDS = 8
 
 
 def regularization_loss(model: nn.Module) -> Tensor:
-    """Sum of every adapter's regulariser (a 0-dim tensor, 0 when no method has one); a Selective LoRA
-    term whose config sets normalize_penalty is divided by the model's number of Selective LoRA layers."""
+    """Sum of every adapter's regulariser (a 0-dim tensor in at least fp32, 0 when no method has one); a
+    Selective LoRA term whose config sets normalize_penalty is divided by the model's number of Selective
+    LoRA layers."""
     layers = [layer for _, layer in adapter_layers(model)]
     gated = sum(isinstance(layer.config, SelectiveLoraConfig) for layer in layers)
     terms = []
@@ -57,7 +60,8 @@ def regularization_loss(model: nn.Module) -> Tensor:
         _PENALIZED.add(layer)
         if term is not None:
             normalized = isinstance(layer.config, SelectiveLoraConfig) and layer.config.normalize_penalty
-            terms.append(term.float() / gated if normalized else term.float())
+            term = term.to(torch.promote_types(term.dtype, torch.float32))  # fp32, or a float64 score's own
+            terms.append(term / gated if normalized else term)
     if not terms:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         return torch.zeros((), device=device)
@@ -205,25 +209,55 @@ def attached_hooks(model: nn.Module) -> Optional["TrainingHooks"]:
     return _ATTACHED.get(model, lambda: None)()
 
 
+#: the lengths the hooks take, in optimizer steps: keyword -> what it counts
+_LENGTHS = {"total_steps": "the run's optimizer steps", "steps_per_epoch": "optimizer steps per epoch"}
+
+
+def _check_steps(name: str, steps: int) -> None:
+    """Refuse a length ``name`` (of _LENGTHS) that is not an int in (0, 2**63): an int64 buffer keeps it."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 0 < steps < 2**63:
+        raise ValueError(f"{name} must be an int > 0 ({_LENGTHS[name]}) and below 2**63 (an int64 buffer keeps it), "
+                         f"got {steps!r}")
+
+
+def _give_length(adapters: list, held: str, setter: str, steps: int) -> set[tuple[str, int, int]]:
+    """Set ``steps`` on each adapter (``setter``) but those that already stepped under another value of
+    their host copy ``held``; returns (method, their value, their steps) of those."""
+    kept = set()
+    for adapter in adapters:
+        length = getattr(adapter, held)
+        if length and length != steps and adapter._steps > 0:
+            kept.add((adapter.config.method, length, adapter._steps))
+            continue
+        getattr(adapter, setter)(steps)
+    return kept
+
+
 def set_run_length(model: nn.Module, total_steps: int) -> None:
     """Give the model's step-scheduled layers (CoDyRA, LoRASC) the run's length in optimizer steps:
     CoDyRA's schedule spans it when its config leaves total_steps None, LoRASC places stages_per_run's
     stage ends by it and ends no stage on its final step. A layer that already stepped under another
-    length (a resumed run) keeps that one, with a warning."""
-    if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps <= 0:
-        raise ValueError(f"total_steps must be an int > 0 (the run's optimizer steps), got {total_steps!r}")
-    kept = set()
-    for _, layer in adapter_layers(model):
-        adapter = layer.adapter
-        if not isinstance(adapter, (RankSelectiveLoraAdapter, CascadeLoraAdapter)):
-            continue
-        if adapter._run_steps and adapter._run_steps != total_steps and adapter._steps > 0:
-            kept.add((layer.config.method, adapter._run_steps, adapter._steps))
-            continue
-        adapter.set_run_steps(total_steps)
-    for method, length, steps in sorted(kept):
+    length (a resumed run) keeps that one, with a warning. Refused (before any layer changes) unless
+    0 < total_steps < 2**63."""
+    _check_steps("total_steps", total_steps)
+    adapters = [layer.adapter for _, layer in adapter_layers(model)
+                if isinstance(layer.adapter, (RankSelectiveLoraAdapter, CascadeLoraAdapter))]
+    for method, length, steps in sorted(_give_length(adapters, "_run_steps", "set_run_steps", total_steps)):
         warn_at_caller(f"fastlora: {method} layers have taken {steps} optimizer steps of a run of {length}; they keep "
                        f"that run's schedule, not total_steps={total_steps} (a new task starts a fresh schedule "
+                       f"after fastlora.next_task)", RuntimeWarning)
+
+
+def set_epoch_length(model: nn.Module, steps_per_epoch: int) -> None:
+    """Give the model's LoRASC layers with one stage per epoch (cascade_interval "epoch") the epoch's length
+    in optimizer steps, their stage length. A layer that already stepped under another length (a resumed
+    run) keeps that one, with a warning. Refused (before any layer changes) unless 0 < steps_per_epoch < 2**63."""
+    _check_steps("steps_per_epoch", steps_per_epoch)
+    adapters = [layer.adapter for _, layer in adapter_layers(model)
+                if isinstance(layer.adapter, CascadeLoraAdapter) and layer.config.cascade_interval == "epoch"]
+    for method, length, steps in sorted(_give_length(adapters, "_epoch_steps", "set_epoch_steps", steps_per_epoch)):
+        warn_at_caller(f"fastlora: {method} layers have taken {steps} optimizer steps with epochs of {length} steps; "
+                       f"they keep those stages, not steps_per_epoch={steps_per_epoch} (a new task starts afresh "
                        f"after fastlora.next_task)", RuntimeWarning)
 
 
@@ -236,38 +270,69 @@ def _missing_length(layer: AdapterLinear) -> bool:
         and not adapter._run_steps
 
 
+def _missing_epoch(layer: AdapterLinear) -> bool:
+    """Whether the layer ends a stage every epoch and does not know the epoch's length."""
+    adapter = layer.adapter
+    return isinstance(adapter, CascadeLoraAdapter) and adapter.config.cascade_interval == "epoch" \
+        and not adapter._epoch_steps
+
+
+def _stage_length(adapter: CascadeLoraAdapter) -> str:
+    """The stage length as its config gives it: "cascade_interval=N", or the epoch's for "epoch"."""
+    if adapter.config.cascade_interval == "epoch":
+        return f"cascade_interval='epoch', {adapter.stage_steps} optimizer steps per epoch"
+    return f"cascade_interval={adapter.stage_steps}"
+
+
 def _warn_stageless(layers) -> None:
-    """Warn once per interval when LoRASC layers' schedule ends no stage in the run (its length known):
-    cascade_interval >= the run's steps, so the run trains plain LoRA on W with one stage's noise."""
-    idle = {}
+    """Warn once per stage length when LoRASC layers' schedule ends no stage in the run (its length known):
+    a stage length >= the run's steps, so the run trains plain LoRA on W with one stage's noise."""
+    idle = set()
     for _, layer in layers:
         adapter = layer.adapter
         if not isinstance(adapter, CascadeLoraAdapter) or not adapter._run_steps or layer.merged:
             continue
-        interval = adapter.config.cascade_interval
-        if interval is not None and interval >= adapter._run_steps:
-            idle.setdefault((interval, adapter._run_steps), layer)
-    for interval, run in sorted(idle):
+        if adapter.stage_steps is not None and adapter.stage_steps >= adapter._run_steps:
+            idle.add((_stage_length(adapter), adapter._run_steps))
+    for length, run in sorted(idle):
         warn_at_caller(f"fastlora: cascade_lora layers end no stage in this run of {run} optimizer steps "
-                       f"(cascade_interval={interval}, and no stage ends on the final step): it trains plain LoRA on W "
+                       f"({length}, and no stage ends on the final step): it trains plain LoRA on W "
                        f"with one stage's noise; set CascadeLoraConfig(stages_per_run=K) to split the run into K "
                        f"stages, or a cascade_interval below the run's length", RuntimeWarning)
 
 
-def attach_training_hooks(model: nn.Module, optimizers: Optimizers,
-                          total_steps: Optional[int] = None) -> TrainingHooks:
+def _refuse_unknown_lengths(layers) -> None:
+    """Raise ValueError when a trainable rule needs the run's length or the epoch's and it is not known."""
+    ruled = [layer for _, layer in layers if has_rule(layer) and layer.adapter.rule_parameter() is not None
+             and layer.adapter.rule_parameter().requires_grad]
+    unknown = sorted({layer.config.method for layer in ruled if _missing_length(layer)})
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} layers schedule their rule over the run's length, which is not known: "
+                         f"pass attach_training_hooks(model, optimizer, total_steps=N) with the run's optimizer "
+                         f"steps, train with FastLoraTrainer / FastLoraCallback (Trainer's max_steps), or fix the "
+                         f"schedule in the config (RankSelectiveLoraConfig(total_steps=N), "
+                         f"CascadeLoraConfig(cascade_interval=N))")
+    if any(_missing_epoch(layer) for layer in ruled):
+        raise ValueError(f"cascade_lora layers end a stage every epoch (cascade_interval='epoch', the default), and "
+                         f"the epoch's length is not known: {EPOCH_LENGTH_WAYS}")
+
+
+def attach_training_hooks(model: nn.Module, optimizers: Optimizers, total_steps: Optional[int] = None,
+                          steps_per_epoch: Optional[int] = None) -> TrainingHooks:
     """Run each adapter's post-step rule after every step of ``optimizers`` (one optimizer or
     several: pass all of a model's optimizers in one call, so a restarted parameter loses its
     state in each). ``total_steps``: the run's length in optimizer steps (``set_run_length``),
-    which CoDyRA with total_steps=None and LoRASC with stages_per_run need (unless the adapters
-    were loaded from a checkpoint of a run that knew it).
+    which CoDyRA with total_steps=None and LoRASC with stages_per_run need; ``steps_per_epoch``:
+    the epoch's length in optimizer steps (``set_epoch_length``), which LoRASC's default one stage
+    per epoch (cascade_interval "epoch") needs (neither, when the adapters were loaded from a
+    checkpoint of a run that knew it).
 
     Raises ValueError when the model has no adapters, already has hooks attached (``remove()``
     them first: a second set would apply every rule twice), an optimizer is given twice, a
     trainable rule parameter is in none of the optimizers (its rule would never run), or a
     trainable parameter a rule restarts (LoRASC's A and B) is in none of them (its state could not
-    be dropped), or a rule needs the run's length and none is known. A rule parameter with
-    requires_grad=False turns its rule off.
+    be dropped), a length is not an int in (0, 2**63), or a rule needs the run's or the epoch's
+    length and none is known. A rule parameter with requires_grad=False turns its rule off.
     """
     layers = list(adapter_layers(model))
     if not layers:
@@ -295,16 +360,13 @@ def attach_training_hooks(model: nn.Module, optimizers: Optimizers,
                 raise ValueError(f"layer {name}: its {layer.config.method} parameter {key} is trainable but in none of "
                                  f"the optimizers given; a stage end restarts it and must drop its optimizer state: "
                                  f"pass every optimizer that holds it in the same call")
+    for name, steps in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
+        if steps is not None:
+            _check_steps(name, steps)
     if total_steps is not None:
         set_run_length(model, total_steps)
-    unknown = sorted({layer.config.method for _, layer in layers if has_rule(layer) and _missing_length(layer)
-                      and layer.adapter.rule_parameter() is not None
-                      and layer.adapter.rule_parameter().requires_grad})
-    if unknown:
-        raise ValueError(f"{', '.join(unknown)} layers schedule their rule over the run's length, which is not known: "
-                         f"pass attach_training_hooks(model, optimizer, total_steps=N) with the run's optimizer "
-                         f"steps, train with FastLoraTrainer / FastLoraCallback (Trainer's max_steps), or fix the "
-                         f"schedule in the config (RankSelectiveLoraConfig(total_steps=N), "
-                         f"CascadeLoraConfig(cascade_interval=N))")
+    if steps_per_epoch is not None:
+        set_epoch_length(model, steps_per_epoch)
+    _refuse_unknown_lengths(layers)
     _warn_stageless(layers)
     return TrainingHooks(model, optimizers)

@@ -6,6 +6,7 @@ replay of the record from the config's formulas."""
 import copy
 import dataclasses
 import os
+import re
 
 import pytest
 import torch
@@ -71,7 +72,7 @@ def test_the_adapter_holds_no_dense_tensor():
         assert all(t.numel() < d_out * d_in for t in tensors)
         state = adapter.state_dict()
         assert state["folded_A"].shape == (3, r, d_in) and state["folded_B"].shape == (3, d_out, r)
-        assert sum(t.numel() for t in state.values()) == (3 + 1) * r * (d_in + d_out) + 2 * (3 + 1) + 3
+        assert sum(t.numel() for t in state.values()) == (3 + 1) * r * (d_in + d_out) + 2 * (3 + 1) + 4  # 4 counters
         assert adapter.pretrained is None
 
 
@@ -216,11 +217,93 @@ def test_restore_pretrained_gives_the_kept_copy_back_bit_for_bit():
 def test_malformed_records_are_refused():
     adapter = _trained(4)[0].adapter
     state = dict(adapter.state_dict())
+    nan_std, inf_std, inf_a, nan_b = (state[key].clone() for key in ("noise_stds", "noise_stds", "folded_A",
+                                                                        "folded_B"))
+    nan_std[1], inf_std[1], inf_a[0, 0, 0], nan_b[1, 0, 0] = float("nan"), float("inf"), float("inf"), float("nan")
     for key, bad in (("noise_seeds", state["noise_seeds"][:-1]), ("folded_A", state["folded_A"][:1]),
                      ("noise_stds", -state["noise_stds"]), ("noise_stds", state["noise_stds"][:-1]),
-                     ("cascades", torch.tensor(5))):
+                     ("cascades", torch.tensor(5)), ("noise_stds", nan_std), ("noise_stds", inf_std),
+                     ("folded_A", inf_a), ("folded_B", nan_b)):
         with pytest.raises(ValueError, match="LoRASC record"):
             adapter.check_state({**state, key: bad})
+
+
+def _other_base():
+    """A model of ``_base``'s shapes with other weights (another pretrained model)."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT))
+
+
+def _std_mismatch(recorded, actual, stage=0):
+    """The refusal's message as a regex: the layer (at its stage ``stage``), the recorded and the actual std."""
+    return re.escape(f"LoRASC layer 0 (40 -> 24), stage {stage}: LoRASC record: stage 0's noise was drawn with "
+                     f"std(W) = {recorded:.9g}, but the W it would be added to has std {actual:.9g}: the checkpoint "
+                     f"was trained on another base model")
+
+
+def test_a_checkpoint_trained_on_another_base_model_is_refused_before_anything_changes(tmp_path):
+    """Stage 0's noise of the checkpoint was drawn with std(W) of its base: replaying it onto a W of another
+    std (a fresh model of another base, or the kept pretrained copy of one) is refused, the layer named."""
+    fastlora.save_adapter(_trained(3), tmp_path / "ckpt")
+    recorded = float(load_file(tmp_path / "ckpt" / "adapter_model.safetensors")["0.adapter.noise_stds"][0])
+    assert recorded == float(_base()[0].weight.detach().std())
+    other = _other_base()
+    actual = float(other[0].weight.detach().std())
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(ValueError, match="layer 0: " + _std_mismatch(recorded, actual)):
+        fastlora.load_adapter(other, tmp_path / "ckpt")
+    assert not _layers(other) and all(torch.equal(p, b) for p, b in zip(other.parameters(), before))
+    fresh = fastlora.inject(_other_base(), CONFIG)
+    snapshot = _snapshot(fresh)
+    state = {k.split(".adapter.")[1]: v for k, v in load_file(tmp_path / "ckpt" / "adapter_model.safetensors").items()
+             if k.startswith("0.adapter.")}
+    with pytest.raises(ValueError, match=_std_mismatch(recorded, actual)):
+        fresh[0].adapter.load_state_dict(state)  # the state-dict path checks it too
+    assert _same(fresh, snapshot)
+    kept = _train(fastlora.inject(_other_base(), dataclasses.replace(CONFIG, keep_pretrained_copy=True)), 2)
+    snapshot = _snapshot(kept)
+    with pytest.raises(ValueError, match="layer 0: " + _std_mismatch(recorded, actual, stage=1)):
+        fastlora.load_adapter(kept, tmp_path / "ckpt")  # restored from its copy: the other base's W
+    assert _same(kept, snapshot)
+
+
+@pytest.mark.parametrize("trained, loaded", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                              (torch.bfloat16, torch.float32), (torch.float32, torch.float64)])
+def test_a_checkpoint_loads_into_the_same_pretrained_model_in_another_dtype(tmp_path, trained, loaded):
+    """The pretrained W in another precision has a std off by its rounding (2.8e-5 relative in bf16), which the
+    1e-6 check refused as another base model; the record's pairs take the loading model's pair dtype."""
+    base = _base().to(trained)
+    base.register_forward_pre_hook(lambda module, inputs: (inputs[0].to(trained),))  # fp32 batches
+    base.register_forward_hook(lambda module, inputs, output: output.float())
+    fastlora.save_adapter(_train(fastlora.inject(base, CONFIG), 3), tmp_path / "ckpt")
+    model = fastlora.load_adapter(_base().to(loaded), tmp_path / "ckpt")
+    adapter = model[0].adapter
+    assert adapter.cascades == 1 and adapter.folded_A.dtype == adapter.lora_A.dtype == model[0].adapter.folded_B.dtype
+    reference = fastlora.load_adapter(_base().to(trained), tmp_path / "ckpt")
+    assert rel(model[0].weight.double(), reference[0].weight.double()) < 3 * torch.finfo(torch.bfloat16).eps
+    with pytest.raises(ValueError, match="the checkpoint was trained on another base model"):
+        fastlora.load_adapter(_other_base().to(loaded), tmp_path / "ckpt")
+
+
+def test_a_recorded_std_whose_noise_would_overflow_w_is_refused():
+    """noise_stds of 1e300 are finite float64 numbers, but lambda * 1e300 is no float32: the noise would
+    write inf into W. A float64 W holds that noise, but 1e300 is not its std."""
+    adapter = _trained(4)[0].adapter  # stages 0 and 1 folded, stage 2's noise pending
+    state = dict(adapter.state_dict())
+    fresh = fastlora.inject(_base(), CONFIG)[0]
+    for stage in (0, 1, 2):
+        stds = state["noise_stds"].clone()
+        stds[stage] = 1e300
+        with pytest.raises(ValueError, match=r"LoRASC layer 0 \(40 -> 24\), stage 0: LoRASC record: noise_stds up "
+                                             r"to 1e\+300 at noise_intensity 0.2 would overflow W's torch.float32 "
+                                             r"\(largest value 3.40282e\+38\) with inf"):
+            fresh.adapter.check_state({**state, "noise_stds": stds})
+    wide = fastlora.inject(_base().double(), CONFIG)[0]
+    stds = state["noise_stds"].clone()
+    stds[0] = 1e300
+    with pytest.raises(ValueError, match=_std_mismatch(1e300, float(wide.weight.std()))):
+        wide.adapter.check_state({**state, "noise_stds": stds})
+    assert torch.isfinite(wide.weight).all() and torch.isfinite(fresh.weight).all()
 
 
 def test_stages_reach_the_layer_after_next_task_and_in_a_deepcopy():

@@ -75,7 +75,7 @@ def _stages(layer, count, intensity, seed=0, layer_index=0, momentum=0.5, pretra
 def test_defaults_are_documented():
     config = CascadeLoraConfig()
     assert (config.cascade_interval, config.slow_momentum, config.noise_intensity, config.noise_seed) == \
-        (100, 0.5, 0.15, 0)
+        ("epoch", 0.5, 0.15, 0)  # one stage per epoch: a fresh fast pair every epoch
     assert fastlora.AdapterConfig.from_dict(config.to_dict()) == config
 
 
@@ -84,8 +84,8 @@ def test_stage_0_noise_enters_w_at_the_first_training_forward_and_zero_noise_rep
     adapter = layer.adapter
     assert adapter.lora_A.shape == (4, D_IN) and adapter.lora_A.abs().max() > 0
     assert torch.count_nonzero(adapter.lora_B) == 0 and torch.equal(layer.weight, _pretrained())
-    assert set(adapter.state_dict()) == {"lora_A", "lora_B", "optimizer_steps", "cascades", "run_steps", "folded_A",
-                                         "folded_B", "noise_seeds", "noise_stds"}
+    assert set(adapter.state_dict()) == {"lora_A", "lora_B", "optimizer_steps", "cascades", "run_steps", "epoch_steps",
+                                         "folded_A", "folded_B", "noise_seeds", "noise_stds"}
     x = torch.randn(N, D_IN, dtype=torch.float64)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     assert not adapter.pending_start and torch.equal(layer.weight, _pretrained())
@@ -329,7 +329,7 @@ def test_save_load_mid_stage_resumes_the_schedule(tmp_path):
     {"cascade_interval": True}, {"slow_momentum": 1.0}, {"slow_momentum": -0.1},
     {"slow_momentum": "0.5"}, {"slow_momentum": float("nan")}, {"noise_intensity": -0.1},
     {"noise_intensity": float("inf")}, {"noise_intensity": True}, {"noise_seed": -1}, {"noise_seed": 2**31},
-    {"noise_seed": 1.0},
+    {"noise_seed": 1.0}, {"cascade_interval": "Epoch"}, {"cascade_interval": "100"}, {"cascade_interval": 2.0},
 ])
 def test_bad_config_values_raise_clear_errors(kwargs):
     name, value = next(iter(kwargs.items()))

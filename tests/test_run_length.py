@@ -5,6 +5,7 @@ run ended none; the resolved length is saved with the adapter."""
 import hashlib
 import json
 import math
+import re
 import warnings
 
 import pytest
@@ -165,7 +166,9 @@ def test_stages_per_run_without_a_known_length_is_refused():
 @pytest.mark.parametrize("kwargs, message", [({"stages_per_run": 0}, "stages_per_run must be an int > 0"),
                                              ({"stages_per_run": True}, "stages_per_run must be an int > 0"),
                                              ({"stages_per_run": 2, "cascade_interval": 5}, "not both"),
-                                             ({"stages_per_run": 2, "cascade_interval": 100}, "not both")])
+                                             ({"stages_per_run": 2, "cascade_interval": 100}, "not both"),
+                                             ({"stages_per_run": 2, "cascade_interval": "epoch"},
+                                              r"give stages_per_run \(2\) or cascade_interval \('epoch'\), not both")])
 def test_stages_per_run_is_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CascadeLoraConfig(r=2, **kwargs)
@@ -177,12 +180,16 @@ def test_no_stage_ends_on_the_final_step_of_a_known_run():
 
 
 def test_a_run_that_ends_no_stage_warns():
-    ends, messages = _stage_ends(_cascade(), 8, total_steps=8)  # cascade_interval 100 > 8 steps
+    ends, messages = _stage_ends(_cascade(cascade_interval=100), 8, total_steps=8)  # 100 > 8 steps
     assert ends == [] and len(messages) == 1
     assert "end no stage in this run of 8 optimizer steps (cascade_interval=100, and no stage ends on the final" \
         in messages[0]
     assert "stages_per_run" in messages[0]
-    assert _stage_ends(_cascade(), 8) == ([], [])  # length unknown: the hooks cannot tell where the run ends
+    assert _stage_ends(_cascade(cascade_interval=100), 8) == ([], [])  # length unknown: where the run ends is too
+    ends, messages = _stage_ends(_cascade(), 8, total_steps=8, steps_per_epoch=8)  # a one-epoch run, the default
+    assert ends == [] and len(messages) == 1
+    assert "end no stage in this run of 8 optimizer steps (cascade_interval='epoch', 8 optimizer steps per epoch, " \
+        "and no stage ends on the final step)" in messages[0]
     assert _stage_ends(_cascade(stages_per_run=1), 8, total_steps=8) == ([], [])  # one stage: the user's choice
     assert _stage_ends(_cascade(cascade_interval=3), 8, total_steps=8) == ([3, 6], [])
     ends, messages = _stage_ends(_cascade(cascade_interval=8), 8, total_steps=8)  # its one end: the final step
@@ -259,10 +266,27 @@ def test_a_layer_started_by_one_step_keeps_its_length_and_a_fresh_one_takes_the_
     assert (model[0].adapter.total_steps, model[1].adapter.total_steps) == (30, new_length)
 
 
-@pytest.mark.parametrize("bad", [10.0, "10", True, 0, -3])
+@pytest.mark.parametrize("bad", [10.0, "10", True, 0, -3, 2**63, 10**30])
 def test_set_run_length_takes_a_positive_int_only(bad):
-    with pytest.raises(ValueError, match=r"total_steps must be an int > 0 \(the run's optimizer steps\)"):
+    with pytest.raises(ValueError, match=r"total_steps must be an int > 0 \(the run's optimizer steps\) and below "
+                                         rf"2\*\*63 \(an int64 buffer keeps it\), got {re.escape(repr(bad))}"):
         fastlora.training.set_run_length(_codyra(), bad)
     model = _codyra()
     fastlora.training.set_run_length(model, 1)  # a one-step run is a run
     assert model[0].adapter.total_steps == 1
+    fastlora.training.set_run_length(model, 2**63 - 1)  # the longest an int64 buffer holds
+    assert int(model[0].adapter.run_steps) == 2**63 - 1 == model[0].adapter.total_steps
+
+
+@pytest.mark.parametrize("model, total", [(_two_codyra_layers, 10**30),
+                                          (lambda: fastlora.inject(nn.Sequential(nn.Linear(D, D), nn.Linear(D, D)),
+                                                                   CascadeLoraConfig(r=2, stages_per_run=2)), 2**63)])
+def test_a_run_length_past_int64_is_refused_before_any_layer_changes(model, total):
+    """Every layer's host copy and buffer stay unknown (0): none took the length before the buffer overflowed."""
+    model = model()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(ValueError, match=rf"total_steps must be an int > 0 .* below 2\*\*63 .*got {total}"):
+        fastlora.attach_training_hooks(model, optimizer, total_steps=total)
+    assert [(layer.adapter._run_steps, int(layer.adapter.run_steps)) for _, layer in fastlora.adapter_layers(model)] \
+        == [(0, 0), (0, 0)]
+    assert fastlora.training.attached_hooks(model) is None

@@ -8,7 +8,8 @@ place, each started with NoisyTune noise on W.
 
 Stage k starts, at its first training forward, with NoisyTune's perturbation of W, then trains a fresh pair:
     W <- W + (U - 1/2) * lambda * std(W)              U ~ U[0, 1)^(d_out x d_in), lambda = noise_intensity
-Every ``cascade_interval`` optimizer steps (or at a call of ``cascade_step()``) the stage ends:
+At the end of each stage (by default every epoch: a fresh fast pair each epoch; or every
+``cascade_interval`` optimizer steps, or at a call of ``cascade_step()``):
     W <- W + (1 - m) * s * B A                        slow-fast update, m = slow_momentum
     A <- kaiming-uniform(a=sqrt 5), B <- 0, their gradients and optimizer state dropped.
 The rank of what the stages add grows with every stage, without limit, at no cost to the forward.
@@ -43,7 +44,7 @@ Choices where the paper is silent (our reading):
 - A non-finite fast pair (a blown-up step) is never folded: ``cascade_step()`` raises
   ``NonFiniteStageError`` (a ValueError), and the training schedule's stage end is skipped with a
   RuntimeWarning naming the layer; W, the record, the pair and the stage counter stay as they were
-  (the step counter goes on, the next stage end is tried after cascade_interval more steps).
+  (the step counter goes on, the next stage end is tried one stage length later).
 - What regenerates W, the record (host memory, in the state dict, so in adapter-only checkpoints):
   folded_A (K, r, d_in) and folded_B (K, d_out, r), the pair of each of the K folded stages as it
   was folded (K r (d_in + d_out) numbers, the pair's dtype), noise_seeds (K + 1,) int64 and
@@ -51,12 +52,18 @@ Choices where the paper is silent (our reading):
   current stage, noise not added yet). ``cascades`` = K. The record grows by r (d_in + d_out)
   numbers per stage (no SVD recompression: not in the paper). Loading replays what W lacks, in order
   (noise 0, fold 0, noise 1, ..., noise K) with the recorded pairs and stds, in W's dtype on W's
-  device: a model built from the pretrained weights gets the trained W bit for bit (its std must
-  match the record's to 1e-6 relative: the same on one device type). A W that already holds a prefix
-  of the record gets only the rest (loading a checkpoint twice applies nothing twice); a W of another
-  history is refused, unless the adapter keeps the pretrained copy: then W is restored from it and
-  the whole record replayed. A whole-model state dict (``model.load_state_dict``, a Trainer
-  resuming) holds the layer's W with its stages: that W is taken as it is, the record with it.
+  device: a model built from the pretrained weights gets the trained W bit for bit. The first noise
+  replayed onto W (or onto the kept copy) must have been drawn with that W's std, to 1e-6 relative (a
+  std computed on another device type may differ in its last bits), or for the same W in another
+  precision (a bf16/fp16 W: to its eps; a wider W: its bf16 or fp16 rounding's std to 1e-6; the
+  folded pairs are cast to the pair's dtype): a checkpoint trained on another base model of the same
+  shapes is refused, naming both stds, and so is a recorded std whose noise
+  bound intensity * std exceeds the largest value of W's dtype (it would write inf into W); both before
+  anything changes. A W that already holds a prefix of the record gets only the rest (loading a
+  checkpoint twice applies nothing twice); a W of another history is refused, unless the adapter
+  keeps the pretrained copy: then W is restored from it and the whole record replayed. A whole-model
+  state dict (``model.load_state_dict``, a Trainer resuming) holds the layer's W with its stages:
+  that W is taken as it is, the record with it.
 - Replay cost and its bound: each replayed stage draws a full d_out x d_in noise tensor on the CPU and
   adds a rank-r product, about 10-25 ns per weight element on one CPU core (measured: 256 stages of a
   512 x 512 layer load in 0.7 s, 16 stages of 2048 x 2048 in 0.8 s). A load that would replay more
@@ -73,18 +80,25 @@ Choices where the paper is silent (our reading):
   saved), and ``restore_pretrained()`` copies it back bit for bit and starts the record again at
   stage 0 (its noise pending). After ``next_task`` W is the next task's starting point: a fresh
   adapter records (and copies) from there.
-- Stage length: cascade_interval optimizer steps (default 100), or stages_per_run=K: the run's N
-  steps (Trainer's max_steps via FastLoraCallback, ``attach_training_hooks(..., total_steps=N)``;
-  kept in the persistent buffer ``run_steps``) split into K stages, ending at steps ceil(j N / K),
-  j < K (the hooks refuse to attach with no known length). The paper starts a stage every epoch: set
-  cascade_interval to the steps per epoch, stages_per_run to the epochs, or cascade_interval to None
-  and call ``cascade_step()`` at each epoch end.
+- Stage length: one epoch by default (cascade_interval "epoch"; the paper starts a fast pair every
+  epoch): a stage ends every E optimizer steps, E the epoch's length in optimizer steps, as Trainer
+  counts them (FastLoraCallback: ceil(batches per epoch / gradient_accumulation_steps), or max_steps
+  for a dataloader without a length, which Trainer runs as one epoch) or as the loop gives them
+  (``attach_training_hooks(..., steps_per_epoch=E)``); kept in the persistent buffer ``epoch_steps``,
+  so a resumed run keeps its stages (the hooks refuse to attach with no known E). Or cascade_interval
+  optimizer steps (an int), or stages_per_run=K: the run's N steps (Trainer's max_steps via
+  FastLoraCallback, ``attach_training_hooks(..., total_steps=N)``; kept in the persistent buffer
+  ``run_steps``) split into K stages, ending at steps ceil(j N / K), j < K (the hooks refuse to attach
+  with no known length), or cascade_interval None: a stage ends only where the loop calls
+  ``cascade_step()``. Checkpoints written before ``epoch_steps`` (or ``run_steps``) existed load
+  with the layer's own value (0: unknown).
 - The run's final step ends no stage (when the run's length is known): a fold there would add only
   (1 - m) of the last fast pair and start a fresh pair (B = 0) right before evaluation. The last
   stage stays the fast pair, evaluated as W + s B A; ``next_task`` folds it, ``merge`` adds it. A
-  run whose cascade_interval is not below its length thus ends no stage: attaching the hooks warns
-  (RuntimeWarning) that it trains plain LoRA on W with one stage's noise. With no known length
-  (hand-written loop without total_steps) every multiple of cascade_interval ends a stage.
+  run whose stage length (cascade_interval, or the epoch's) is not below its length (a one-epoch run
+  by default) thus ends no stage: attaching the hooks warns (RuntimeWarning) that it trains plain
+  LoRA on W with one stage's noise. With no known length (hand-written loop without total_steps)
+  every multiple of the stage length ends a stage.
 - Step counter and stage counter are persistent int64 buffers (optimizer_steps, cascades), so a
   checkpoint taken mid-stage resumes the schedule; whether the current stage's noise is in W is
   read from the record (noise_intensity > 0 and the last std 0: not yet).
@@ -111,6 +125,10 @@ _RECORD = ("folded_A", "folded_B", "noise_seeds", "noise_stds")
 _STD_RTOL = 1e-6  # a stage-0 std computed on another device type may differ in its last bits
 #: the most stages one layer's load may replay (each: a full-W noise draw and a rank-r product)
 MAX_REPLAY_STAGES = 256
+#: how a run gives "epoch" stages their length (or does without it)
+EPOCH_LENGTH_WAYS = ("pass attach_training_hooks(model, optimizer, steps_per_epoch=N) with the epoch's optimizer "
+                     "steps, train with FastLoraTrainer / FastLoraCallback (they take Trainer's steps per epoch), or "
+                     "set CascadeLoraConfig(cascade_interval=<steps per stage>) or CascadeLoraConfig(stages_per_run=K)")
 Record = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
@@ -120,6 +138,24 @@ class NonFiniteStageError(ValueError):
 
 def _refresh_after_load(module: "CascadeLoraAdapter", incompatible_keys) -> None:
     module.refresh_counters()
+
+
+def weight_std(weight: Tensor) -> float:
+    """std(W), unbiased over all its entries (gathered when sharded), in at least float32: what a stage's
+    noise is scaled by."""
+    return float(full_view(weight).to(torch.promote_types(weight.dtype, torch.float32)).std())
+
+
+def _drawn_for(recorded: float, base: Tensor) -> bool:
+    """Whether noise drawn with std ``recorded`` fits ``base`` (W, or its kept pretrained copy): std(base) to
+    _STD_RTOL, or the same pretrained W in another precision: a half-precision base to its own precision
+    (eps), a wider one rounded to bf16 or fp16 to _STD_RTOL (a checkpoint trained on the half copy)."""
+    actual = weight_std(base)
+    half = base.dtype in (torch.float16, torch.bfloat16)
+    if abs(recorded - actual) <= (torch.finfo(base.dtype).eps if half else _STD_RTOL) * actual:
+        return True
+    return not half and any(abs(recorded - std) <= _STD_RTOL * std
+                            for std in (weight_std(base.to(dtype)) for dtype in (torch.bfloat16, torch.float16)))
 
 
 def backbone_noise(shape: torch.Size, std: float, intensity: float, seed: int, dtype: torch.dtype) -> Tensor:
@@ -146,7 +182,7 @@ def add_stage_noise_(weight: Tensor, seed: int, intensity: float) -> float:
     intensity is 0: nothing added)."""
     if not intensity:
         return 0.0
-    std = float(full_view(weight).to(torch.promote_types(weight.dtype, torch.float32)).std())
+    std = weight_std(weight)
     add_noise_(weight, seed, std, intensity)
     return std
 
@@ -164,14 +200,16 @@ def _stage_noise_fake(weight: Tensor, std_out: Tensor, seed: Tensor, intensity: 
 
 
 class CascadeLoraAdapter(Adapter):
-    """lora_A (r, d_in) kaiming-uniform(a=sqrt 5), lora_B (d_out, r) zeros; persistent buffers
-    optimizer_steps and cascades (int64 counters); the stage record (CPU tensors, in the state
+    """lora_A (r, d_in) kaiming-uniform(a=sqrt 5), lora_B (d_out, r) zeros; persistent int64 buffers
+    optimizer_steps and cascades (counters), run_steps and epoch_steps (the run's and the epoch's
+    length in optimizer steps, 0: unknown); the stage record (CPU tensors, in the state
     dict); ``pretrained``: the CPU copy of W with keep_pretrained_copy, else None; ``pending_start``:
     whether the current stage's noise still waits for the stage's first training forward. Building
     it leaves ``weight`` as it is; stages reach W through the layer it is bound to.
     """
 
     variable_length_keys = frozenset(_RECORD)
+    optional_state_keys = frozenset({"run_steps", "epoch_steps"})  # checkpoints of earlier versions lack them
     #: the adapter writes its layer's W in place (inject refuses a W shared with another module)
     writes_weight = True
 
@@ -185,6 +223,7 @@ class CascadeLoraAdapter(Adapter):
         self.register_buffer("optimizer_steps", torch.zeros((), **counter))
         self.register_buffer("cascades", torch.zeros((), **counter))
         self.register_buffer("run_steps", torch.zeros((), **counter))
+        self.register_buffer("epoch_steps", torch.zeros((), **counter))
         self.register_load_state_dict_post_hook(_refresh_after_load)
         self.scale = config.scale
         self.keep = 1.0 - float(config.slow_momentum)
@@ -210,6 +249,7 @@ class CascadeLoraAdapter(Adapter):
         self._steps = 0
         self._cascades = 0
         self._run_steps = 0
+        self._epoch_steps = 0
         self.reset_parameters()
 
     @property
@@ -281,29 +321,45 @@ class CascadeLoraAdapter(Adapter):
 
     @torch.no_grad()
     def refresh_counters(self) -> None:
-        """Host copies of optimizer_steps and cascades <- the buffers (after a load)."""
+        """Host copies of the counters and lengths <- the buffers (after a load)."""
         self._steps = int(self.optimizer_steps)
         self._cascades = int(self.cascades)
         self._run_steps = int(self.run_steps)
+        self._epoch_steps = int(self.epoch_steps)
 
     @torch.no_grad()
     def set_run_steps(self, steps: int) -> None:
         """The run's length in optimizer steps (Trainer's max_steps, attach_training_hooks(total_steps=)),
         kept in the persistent buffer ``run_steps``: it places stages_per_run's stage ends and keeps
         the run's final step from ending a stage."""
+        self.run_steps.fill_(steps)
         self._run_steps = int(steps)
-        self.run_steps.fill_(self._run_steps)
+
+    @torch.no_grad()
+    def set_epoch_steps(self, steps: int) -> None:
+        """The epoch's length in optimizer steps (Trainer's steps per epoch,
+        attach_training_hooks(steps_per_epoch=)), kept in the persistent buffer ``epoch_steps``: the stage
+        length of cascade_interval "epoch"."""
+        self.epoch_steps.fill_(steps)
+        self._epoch_steps = int(steps)
 
     @property
     def scheduled(self) -> bool:
         """Whether the training hooks end stages (cascade_interval or stages_per_run set)."""
         return self.config.cascade_interval is not None or self.config.stages_per_run is not None
 
+    @property
+    def stage_steps(self) -> Optional[int]:
+        """Optimizer steps per stage: cascade_interval, or for "epoch" the epoch's length (None while
+        unknown); None with stages_per_run or loop-driven stages."""
+        interval = self.config.cascade_interval
+        return (self._epoch_steps or None) if interval == "epoch" else interval
+
     def stage_ends_at(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) ends a stage: never on the run's final step (when the
         run's length is known), with stages_per_run K at steps ceil(j N / K), j = 1 .. K - 1, of the
-        N-step run, else at every multiple of cascade_interval. Raises ValueError for stages_per_run
-        with no known run length."""
+        N-step run, else at every multiple of ``stage_steps``. Raises ValueError for stages_per_run
+        with no known run length, and for "epoch" stages with no known epoch length."""
         run, stages = self._run_steps, self.config.stages_per_run
         if stages is not None:
             if not run:
@@ -311,7 +367,10 @@ class CascadeLoraAdapter(Adapter):
                                  "FastLoraTrainer / FastLoraCallback (it takes Trainer's max_steps) or pass "
                                  "attach_training_hooks(model, optimizer, total_steps=N)")
             return step < run and step * stages // run > (step - 1) * stages // run
-        interval = self.config.cascade_interval
+        interval = self.stage_steps
+        if interval is None and self.config.cascade_interval == "epoch":
+            raise ValueError(f"CascadeLoraConfig(cascade_interval='epoch') needs the epoch's length: "
+                             f"{EPOCH_LENGTH_WAYS}")
         return interval is not None and step % interval == 0 and step != run
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
@@ -393,15 +452,19 @@ class CascadeLoraAdapter(Adapter):
                              f"{tuple(stds.shape)} is not (K, {r}, {d_in}), (K, {d_out}, {r}), (K + 1,), (K + 1,)")
         if "cascades" in state and int(state["cascades"]) != count:
             raise ValueError(f"LoRASC record holds {count} stages, its cascades counter {int(state['cascades'])}")
-        if seeds.is_floating_point() or not stds.is_floating_point() or bool((stds < 0).any()):
-            raise ValueError("LoRASC record: noise_seeds must be integers and noise_stds floats >= 0")
-        return folded_a, folded_b, seeds.to(torch.int64), stds.to(torch.float64)
+        if seeds.is_floating_point() or not stds.is_floating_point() or not bool(((stds >= 0) & stds.isfinite()).all()):
+            raise ValueError("LoRASC record: noise_seeds must be integers and noise_stds finite floats >= 0")
+        if not (bool(folded_a.isfinite().all()) and bool(folded_b.isfinite().all())):
+            raise ValueError("LoRASC record: folded_A and folded_B must be finite (a stage end folds only a "
+                             "finite pair)")
+        dtype = self.folded_A.dtype  # the pair's (a checkpoint of a model in another dtype holds its own)
+        return folded_a.to(dtype), folded_b.to(dtype), seeds.to(torch.int64), stds.to(torch.float64)
 
     def _held_stages(self, record: Record) -> Optional[int]:
         """How many of the record's stages W already holds (this adapter's record is its prefix; the
         current stage's noise may be pending here), or None when W holds another history that the
-        kept pretrained copy can replace; raises otherwise, and when the load would replay more than
-        MAX_REPLAY_STAGES stages."""
+        kept pretrained copy can replace; raises otherwise, when the load would replay more than
+        MAX_REPLAY_STAGES stages, and when its noise does not fit W (``_check_noise``)."""
         folded_a, folded_b, seeds, stds = record
         held, count = self.folded_A.shape[0], folded_a.shape[0]
         own = self.noise_stds
@@ -421,7 +484,31 @@ class CascadeLoraAdapter(Adapter):
                              f"{MAX_REPLAY_STAGES} (each stage costs a full-W noise draw and a rank-{self.config.r} "
                              f"product); raise fastlora.methods.cascade.MAX_REPLAY_STAGES to load it, or load "
                              f"the model's weights instead")
+        if not prefix:
+            self._check_noise(stds, 0, self.pretrained)
+        else:
+            self._check_noise(stds, held, self._weight() if self.pending_start else None)
         return held if prefix else None
+
+    def _check_noise(self, stds: Tensor, start: int, base: Optional[Tensor]) -> None:
+        """Refuse recorded noise stds that do not fit W: intensity * std above the largest value of W's
+        dtype (the noise would write inf into W), or a first replayed noise, stage ``start``'s added to
+        ``base`` (W, or the kept pretrained copy; None: W holds it already), whose std is not std(base)
+        to _STD_RTOL (a checkpoint of another base model)."""
+        if not self.intensity:
+            return
+        weight = self._weight()
+        limit = torch.finfo(weight.dtype).max
+        if bool((stds * self.intensity > limit).any()):
+            raise ValueError(f"{self.describe()}: LoRASC record: noise_stds up to {float(stds.max()):.6g} at "
+                             f"noise_intensity {self.intensity} would overflow W's {weight.dtype} (largest value "
+                             f"{limit:.6g}) with inf")
+        recorded = float(stds[start])
+        if base is None or recorded == 0 or _drawn_for(recorded, base):
+            return
+        raise ValueError(f"{self.describe()}: LoRASC record: stage {start}'s noise was drawn with std(W) = "
+                         f"{recorded:.9g}, but the W it would be added to has std {weight_std(base):.9g}: the "
+                         f"checkpoint was trained on another base model (load it into the model it was trained from)")
 
     def note_load(self, with_weight: bool) -> None:
         """A state dict that holds W too (loaded into W just before) brings the stages in W: none is replayed."""
