@@ -22,7 +22,9 @@ What each method keeps (its ``delta_weight``), then W <- W + ΔW and a fresh ada
 Choices (ours): the fresh adapters of task t (t = 1, 2, ... tasks done) are built with layer index
 t * L + k (L adapted layers, k the layer's position), so CURLoRA's sampler and LoRASC's noise draw new
 values per task and per layer, reproducibly; the count of tasks done is kept on each layer
-(``tasks_done``, not in checkpoints). W is updated for good: ``unmerge`` cannot go back past a
+(``tasks_done``, in the layer's state dict, so a run resumed from ``model.state_dict()`` draws what
+the uninterrupted run draws; adapter-only checkpoints do not hold it, and a LoRASC adapter takes its
+layer index from its record's seeds when loaded). W is updated for good: ``unmerge`` cannot go back past a
 ``next_task``.
 """
 from __future__ import annotations
@@ -59,7 +61,7 @@ def next_task(model: nn.Module) -> nn.Module:
     if hooks is not None:
         hooks.remove()
     for position, (_, layer) in enumerate(layers):
-        task = getattr(layer, "tasks_done", 0) + 1
+        task = layer.tasks_done + 1
         layer.weight_before_merge = None
         layer.merged = False
         layer.tasks_done = task

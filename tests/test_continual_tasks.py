@@ -1,5 +1,7 @@
 """next_task: per method, W gains what the method keeps (float64 formulas written here) and a fresh adapter
 starts the next task; a three-task sequence with real optimizers and hooks."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,3 +202,64 @@ def test_the_disabled_adapters_error_names_five_of_them():
     fastlora.set_adapters_enabled(model, False)
     with pytest.raises(ValueError, match=r"adapters of \['0', '1', '2', '3', '4'\] are disabled"):
         fastlora.next_task(model)
+
+
+@pytest.mark.parametrize("config", [CascadeLoraConfig(r=3, alpha=6.0, cascade_interval=3, noise_intensity=0.2),
+                                    CurLoraConfig(r=3)], ids=["lorasc", "curlora"])
+def test_a_run_resumed_from_the_model_state_dict_mid_task_draws_what_the_uninterrupted_run_draws(config):
+    """tasks_done is in each layer's state dict (its extra state) and a LoRASC adapter takes its layer index from
+    its record: resumed in the middle of task 2 from model.state_dict() + the optimizer's, the stages' noise seeds
+    and the next task's CURLoRA indices are the uninterrupted run's (before: task 0's seeds, W off by 0.03)."""
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(N, D_IN, generator=g, dtype=torch.float64),
+                torch.randn(N, D_OUT, generator=g, dtype=torch.float64)) for _ in range(8)]
+
+    def optimizer_of(model):
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.02)
+
+    def train(model, optimizer, part):
+        hooks = fastlora.attach_training_hooks(model, optimizer, total_steps=8)
+        for x, target in part:
+            optimizer.zero_grad()
+            F.mse_loss(model(x), target).backward()
+            optimizer.step()
+        hooks.remove()
+
+    run = _model(config)
+    train(run, optimizer_of(run), batches)
+    next_task(run)
+    optimizer = optimizer_of(run)
+    train(run, optimizer, batches[:4])
+    model_state, optimizer_state = copy.deepcopy((run.state_dict(), optimizer.state_dict()))  # as torch.save
+    resumed = _model(config)
+    resumed.load_state_dict(model_state)
+    resumed_optimizer = optimizer_of(resumed)
+    resumed_optimizer.load_state_dict(optimizer_state)
+    for model, opt in ((run, optimizer), (resumed, resumed_optimizer)):
+        torch.manual_seed(7)  # LoRASC's fresh pairs
+        train(model, opt, batches[4:])
+        next_task(model)
+    for a, b in zip((run[0], run[2]), (resumed[0], resumed[2])):
+        assert a.tasks_done == b.tasks_done == 2
+        assert torch.equal(a.weight, b.weight)
+        assert all(torch.equal(t, a.adapter.state_dict()[k]) for k, t in b.adapter.state_dict().items())
+    if isinstance(config, CascadeLoraConfig):
+        assert run[0].adapter.layer_index == resumed[0].adapter.layer_index == 4  # task 2 of 2 layers, first
+
+
+def test_a_state_dict_saved_while_merged_is_refused_by_an_unmerged_layer_and_the_converse():
+    """W + ΔW beside the adapter loaded into an unmerged layer added ΔW twice (off by up to 3.7, silently)."""
+    merged = _model(LoraConfig(r=3, alpha=6.0))
+    fastlora.merge(merged)
+    with pytest.raises(ValueError, match="layer 0: the state dict was saved while merged .* would add the update "
+                                         r"twice; merge the model first \(fastlora.merge\)"):
+        _model(LoraConfig(r=3, alpha=6.0)).load_state_dict(merged.state_dict())
+    target = _model(LoraConfig(r=3, alpha=6.0))
+    fastlora.merge(target)
+    target.load_state_dict(merged.state_dict())  # merged into merged: W is the saved W + ΔW
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+    assert torch.equal(target(x), merged(x))
+    with pytest.raises(ValueError, match="layer 0: the state dict was saved unmerged and this layer is merged"):
+        target.load_state_dict(_model(LoraConfig(r=3, alpha=6.0)).state_dict())
+    older = {k: v for k, v in _model(LoraConfig(r=3, alpha=6.0)).state_dict().items() if "_extra_state" not in k}
+    _model(LoraConfig(r=3, alpha=6.0)).load_state_dict(older)  # state dicts of earlier versions load (strict)

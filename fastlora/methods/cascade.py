@@ -146,6 +146,12 @@ def weight_std(weight: Tensor) -> float:
     return float(full_view(weight).to(torch.promote_types(weight.dtype, torch.float32)).std())
 
 
+def seed_layer_index(seed: int, noise_seed: int) -> int:
+    """The layer index whose stage-0 seed ``noise_seed_of(0)`` is ``seed``: (noise_seed * M + i) * M mod 2**63
+    inverted (M odd, so invertible mod 2**63)."""
+    return (seed * pow(_SEED_MIX, -1, 2**63) - noise_seed * _SEED_MIX) % 2**63
+
+
 def _drawn_for(recorded: float, base: Tensor) -> bool:
     """Whether noise drawn with std ``recorded`` fits ``base`` (W, or its kept pretrained copy): std(base) to
     _STD_RTOL, or the same pretrained W in another precision: a half-precision base to its own precision
@@ -321,11 +327,14 @@ class CascadeLoraAdapter(Adapter):
 
     @torch.no_grad()
     def refresh_counters(self) -> None:
-        """Host copies of the counters and lengths <- the buffers (after a load)."""
+        """Host copies of the counters and lengths <- the buffers (after a load); the layer index <- the one
+        the record's stage-0 seed was drawn with (a checkpoint of a later task's adapter continues its seeds)."""
         self._steps = int(self.optimizer_steps)
         self._cascades = int(self.cascades)
         self._run_steps = int(self.run_steps)
         self._epoch_steps = int(self.epoch_steps)
+        if self.noise_seeds.numel():
+            self.layer_index = seed_layer_index(int(self.noise_seeds[0]), self.config.noise_seed)
 
     @torch.no_grad()
     def set_run_steps(self, steps: int) -> None:
