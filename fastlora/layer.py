@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 import sys
 from typing import Optional, Union
 
@@ -92,7 +93,7 @@ class AdapterLinear(nn.Module):
                  config: AdapterConfig, device=None, dtype=None, layer_index: int = 0) -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"AdapterLinear {name} must be an int >= 0, got {value!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"AdapterLinear dtype must be a real floating-point dtype, got {dtype!r}")
@@ -118,8 +119,10 @@ class AdapterLinear(nn.Module):
                 layer_index: int, fan_in_fan_out: bool = False) -> None:
         if not weight.is_floating_point():
             raise ValueError(f"AdapterLinear needs a real floating-point weight, got {weight.dtype}")
-        if not isinstance(layer_index, int) or isinstance(layer_index, bool) or not 0 <= layer_index < 2**62:
+        index = layer_index
+        if not isinstance(index, numbers.Integral) or isinstance(index, bool) or not 0 <= index < 2**62:
             raise ValueError(f"layer_index must be an int in [0, 2**62), got {layer_index!r}")
+        layer_index = int(index)  # a numpy integer would wrap in the seeds' arithmetic
         self.fan_in_fan_out = fan_in_fan_out
         self.plain_type: type = nn.Linear
         self.in_features = weight.shape[1]

@@ -17,6 +17,7 @@ the backward, one op as ``nn.Dropout``'s; see ``unseeded_torch_dropout``.)
 """
 from __future__ import annotations
 
+import numbers
 import threading
 
 import torch
@@ -46,9 +47,9 @@ def dropout_mask(n: int, d_in: int, p: float, seed, device=None, dtype=torch.flo
     ``dtype``: a floating dtype.
     """
     for name, value in (("n", n), ("d_in", d_in)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+    if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0.0 <= p < 1.0:
         raise ValueError(f"p must be a number in [0, 1), got {p!r}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating dtype, got {dtype!r}")
