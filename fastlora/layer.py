@@ -195,13 +195,15 @@ class AdapterLinear(nn.Module):
         return adapted_linear(x, self.weight[start:stop], bias, dropout=dropout, backend=self.config.backend, **args)
 
     def _meta_forward(self, x: Tensor) -> Tensor:
-        """The output's shape and dtype for a layer on the meta device (as nn.Linear gives there): the
-        reference formula on meta tensors; an input with values is refused, naming the cause."""
+        """The output's shape and dtype for a layer on the meta device (as nn.Linear gives there): the base
+        linear's on meta tensors, which the update shares (the methods' own reads, Selective LoRA's gate
+        or NEAT's projection, have no values to work with); an input with values is refused, naming the
+        cause."""
         if not x.is_meta:
             raise ValueError(f"this AdapterLinear ({self.in_features} -> {self.out_features}) is on the meta device "
                              f"(no values) and the input on {x.device}: materialise the layer first (e.g. "
                              f"to_empty(device=...) and load its weights, or inject into a loaded model)")
-        return self.reference_forward(x)
+        return F.linear(x, self.weight, self.bias)
 
     def adapter_names(self) -> list[str]:
         """The active adapter's name, then the inactive ones' in the order they were added."""
@@ -268,6 +270,19 @@ class AdapterLinear(nn.Module):
     def set_extra_state(self, state: Tensor) -> None:
         self.tasks_done = int(state[0])
 
+    def _check_saved_active_adapter(self, state_dict, prefix: str) -> None:
+        """Refuse a state dict saved while another named adapter was active: the active adapter's tensors are
+        keyed "adapter.*" whatever its name, so it would load into this layer's active adapter."""
+        first = next(iter(self.adapter.state_dict()), None)
+        if first is None or prefix + f"inactive_adapters.{self.adapter_name}.{first}" not in state_dict:
+            return
+        saved_inactive = {name for name in self.adapter_names()
+                          if prefix + f"inactive_adapters.{name}.{first}" in state_dict}
+        active = [name for name in self.adapter_names() if name not in saved_inactive]
+        raise ValueError(f"layer {prefix.rstrip('.') or '(root)'}: the state dict was saved while another adapter was "
+                         f"active (adapter {self.adapter_name!r} is inactive there); set that adapter active first "
+                         f"(fastlora.set_adapter(model, {active[0] if active else '<its name>'!r}))")
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         extra = prefix + "_extra_state"
         if extra not in state_dict:  # saved before the extra state existed: keep this layer's
@@ -281,6 +296,7 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"layer {name}: the state dict was saved while merged (its W holds the adapter's "
                              f"update) and this layer is not: loading it would add the update twice; merge the "
                              f"model first (fastlora.merge), or save state dicts unmerged")
+        self._check_saved_active_adapter(state_dict, prefix)
         key = prefix + "weight"
         self.adapter.note_load(with_weight=key in state_dict)
         saved = state_dict.get(key)

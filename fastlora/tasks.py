@@ -46,12 +46,18 @@ def next_task(model: nn.Module) -> nn.Module:
     parameters: build a new optimizer and attach the training hooks again; live hooks of ``model``
     are removed). Returns ``model``.
 
-    Raises ValueError when the model has no adapters, when adapters are disabled (what should be
+    Raises ValueError when the model has no adapters, when it holds several named adapters (W, which
+    they share, would change under the inactive ones), when adapters are disabled (what should be
     kept is then ambiguous), or, as ``merge`` does, when a W is shared with another module.
     """
     layers = list(adapter_layers(model))
     if not layers:
         raise ValueError("model has no fastlora adapters; call fastlora.inject first")
+    names = layers[0][1].adapter_names()
+    if len(names) > 1:
+        raise ValueError(f"the model holds named adapters {names}: next_task folds the active one into W, which "
+                         f"the others share, so their outputs would change; delete_adapter the others first (save "
+                         f"them with save_adapter(model, path, adapter_name=...))")
     disabled = [name for name, layer in layers if not layer.adapter_enabled]
     if disabled:
         raise ValueError(f"adapters of {disabled[:5]} are disabled; enable them (set_adapters_enabled(model, "

@@ -263,3 +263,16 @@ def test_a_state_dict_saved_while_merged_is_refused_by_an_unmerged_layer_and_the
         target.load_state_dict(_model(LoraConfig(r=3, alpha=6.0)).state_dict())
     older = {k: v for k, v in _model(LoraConfig(r=3, alpha=6.0)).state_dict().items() if "_extra_state" not in k}
     _model(LoraConfig(r=3, alpha=6.0)).load_state_dict(older)  # state dicts of earlier versions load (strict)
+
+
+def test_next_task_refuses_a_model_with_several_named_adapters():
+    """Folding the active adapter into the W every named adapter shares moved an inactive one's outputs by 1.7."""
+    model = _model(LoraConfig(r=3, alpha=6.0))
+    fastlora.add_adapter(model, "other", LoraConfig(r=3, alpha=6.0))
+    weights = [layer.weight.detach().clone() for layer in (model[0], model[2])]
+    with pytest.raises(ValueError, match=r"the model holds named adapters \['default', 'other'\]: next_task folds"):
+        next_task(model)
+    assert all(torch.equal(layer.weight, w) for layer, w in zip((model[0], model[2]), weights))
+    fastlora.delete_adapter(model, "other")
+    next_task(model)
+    assert model[0].tasks_done == 1

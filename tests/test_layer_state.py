@@ -202,3 +202,17 @@ def test_a_curlora_layer_is_refused_on_the_meta_device_naming_why():
     with torch.device("meta"), pytest.raises(ValueError, match="CURLoRA draws its row and column indices from W's "
                                                                "values .* meta device"):
         AdapterLinear(16, 12, config=CurLoraConfig(r=4))
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=2), SelectiveLoraConfig(r=2), RankSelectiveLoraConfig(r=2),
+                                    NeatConfig(r=2, depth=1), CascadeLoraConfig(r=2)],
+                         ids=lambda config: type(config).__name__)
+def test_every_method_gives_meta_outputs_for_meta_inputs(config):
+    """As nn.Linear: the output's shape and dtype, in training mode too (Selective LoRA read its gate and NEAT
+    ran its projection on the meta tensors, and raised inside torch)."""
+    with torch.device("meta"):
+        layer = AdapterLinear(6, 5, config=config)
+    for x in (torch.empty(3, 6, device="meta"), torch.empty(2, 3, 6, device="meta", requires_grad=True)):
+        out = layer.train()(x)
+        assert out.is_meta and out.shape == (*x.shape[:-1], 5) and out.dtype == torch.float32
+    assert layer.forward_rows(torch.empty(3, 6, device="meta"), 1, 4).shape == (3, 3)

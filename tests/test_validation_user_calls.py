@@ -166,3 +166,26 @@ def test_the_op_refuses_bad_scalars_and_tensor_kinds_by_name(change, error, mess
     for backend in ("torch", "cublas"):
         with pytest.raises(error, match=message):
             adapted_linear(x, w, b, backend=backend, **arguments)
+
+
+def test_a_state_dict_saved_with_another_adapter_active_is_refused_naming_it():
+    """The active adapter's tensors are keyed "adapter.*" whatever its name: loaded into a model whose other
+    adapter is active, the saved "b" went into "default" (strict=False: silently, its outputs became b's)."""
+    def build():
+        model = fastlora.inject(_model(), LoraConfig(r=2, target_modules=["q_proj"]))
+        fastlora.add_adapter(model, "b", LoraConfig(r=2, target_modules=["q_proj"]))
+        return model
+
+    saved = build()
+    fastlora.set_adapter(saved, "b")
+    state = saved.state_dict()
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"layer 0.q_proj: the state dict was saved while another adapter was "
+                                             r"active \(adapter 'default' is inactive there\); set that adapter "
+                                             r"active first \(fastlora.set_adapter\(model, 'b'\)\)"):
+            build().load_state_dict(state, strict=strict)
+    model = build()
+    fastlora.set_adapter(model, "b")
+    model.load_state_dict(state)
+    x = torch.randn(3, 8)
+    assert torch.equal(model(x), saved(x))
