@@ -63,7 +63,7 @@ _READABLE_VERSIONS = (1, 2)
 # config fields that only shape initialisation or sampling (overwritten by the loaded tensors),
 # or how the same values are computed; every other field must match the model's layers
 _NON_COMPUTATION_FIELDS = frozenset({"target_modules", "backend", "score_init", "importance_init", "seed", "eps",
-                                     "keep_pretrained_copy", "modules_to_save"})
+                                     "keep_pretrained_copy", "modules_to_save", "task_type"})
 # the fields a checkpoint's layers may differ in when it is injected: pattern field -> config field
 _PER_LAYER_FIELDS = {"rank_pattern": "r", "alpha_pattern": "alpha"}
 # integer adapter tensors that index W: name -> the layer dimension bounding them

@@ -6,6 +6,7 @@ and cannot change afterwards (copy with ``dataclasses.replace``, which validates
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
@@ -18,6 +19,11 @@ from .safe_regex import check_regex
 TargetModules = Optional[Union[tuple[str, ...], list[str], str]]
 
 MAX_NEAT_DEPTH = 32
+#: PEFT's task types -> the heads its model wrapper trains in full for them (added to modules_to_save where the
+#: model has a module of that name and the config does not adapt it)
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score", "pre_classifier"), "TOKEN_CLS": ("classifier", "score", "pre_classifier"),
+    "QUESTION_ANS": ("qa_outputs",), "CAUSAL_LM": (), "SEQ_2_SEQ_LM": (), "FEATURE_EXTRACTION": ()}
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -50,10 +56,13 @@ class AdapterConfig:
     modules_to_save: names (exact or "." + suffix) of modules trained in full beside the adapters
     (a classifier head, as PEFT's field): ``inject`` unfreezes their parameters, ``save_adapter``
     saves them and ``load_adapter`` restores them. A name that matches no module is refused.
+    task_type: PEFT's task type ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", ...; a PEFT
+    ``TaskType`` too): as PEFT's model wrappers, SEQ_CLS and TOKEN_CLS also train the model's
+    "classifier" / "score" / "pre_classifier" in full, QUESTION_ANS its "qa_outputs" (``TASK_HEADS``:
+    those the model has and the config does not adapt); the others add nothing.
 
     PEFT's names are accepted as keywords when building a config (not stored): ``lora_dropout``
-    for dropout, ``lora_alpha`` for alpha (LoRA-family configs), ``task_type`` (ignored: fastlora
-    adapts the model it is given, PEFT uses it to choose a model wrapper).
+    for dropout, ``lora_alpha`` for alpha (LoRA-family configs).
     """
 
     method: ClassVar[str] = ""
@@ -72,9 +81,9 @@ class AdapterConfig:
     rank_pattern: Union[dict[str, int], tuple[tuple[str, int], ...]] = ()
     alpha_pattern: Union[dict[str, float], tuple[tuple[str, float], ...]] = ()
     modules_to_save: Optional[Union[tuple[str, ...], list[str]]] = None
+    task_type: Optional[str] = None
     lora_alpha: dataclasses.InitVar[Optional[float]] = None
     lora_dropout: dataclasses.InitVar[Optional[float]] = None
-    task_type: dataclasses.InitVar[Optional[str]] = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "AdapterConfig":
         _refuse_retired(cls, kwargs)
@@ -84,7 +93,7 @@ class AdapterConfig:
                 raise ValueError(f"{cls.__name__}: give {name} or PEFT's {alias}, not both")
         return super().__new__(cls)
 
-    def __post_init__(self, lora_alpha: Optional[float], lora_dropout: Optional[float], task_type: Any) -> None:
+    def __post_init__(self, lora_alpha: Optional[float], lora_dropout: Optional[float]) -> None:
         for alias, name, value in (("lora_alpha", "alpha", lora_alpha), ("lora_dropout", "dropout", lora_dropout)):
             if value is None:
                 continue
@@ -106,6 +115,11 @@ class AdapterConfig:
         _check_selection(self)
         object.__setattr__(self, "modules_to_save", _checked_module_names(self.modules_to_save,
                                                                           f"{type(self).__name__}.modules_to_save"))
+        task = self.task_type.value if isinstance(self.task_type, enum.Enum) else self.task_type  # PEFT's TaskType
+        if task is not None and (not isinstance(task, str) or task not in TASK_HEADS):
+            raise ValueError(f"{type(self).__name__}.task_type must be None or one of PEFT's task types "
+                             f"{sorted(TASK_HEADS)}, got {task!r}")
+        object.__setattr__(self, "task_type", task)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON values (tuples as lists, rank/alpha patterns as objects), plus "method"."""

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from fastlora.kernels.caller_warnings import warn_at_caller
 
 from .attention import AdapterMultiheadAttention, is_attention
-from .config import AdapterConfig
+from .config import TASK_HEADS, AdapterConfig
 from .layer import AdapterLinear, is_adaptable, linear_shape
 from .model_tree import adapter_layers, mark_saved_in_full, set_submodule
 from .shared_weights import shared_weight_owners
@@ -226,17 +226,22 @@ def _warn_skipped(model: nn.Module, targets, config: AdapterConfig, output_layer
 
 
 def _modules_to_save(model: nn.Module, config: AdapterConfig, chosen) -> list[nn.Module]:
-    """The modules ``config.modules_to_save`` names (exact name or "." + suffix, as target names),
-    trained in full; a name matching no module, or a module that is also an adapter target, is refused."""
-    if not config.modules_to_save:
+    """The modules ``config.modules_to_save`` names (exact name or "." + suffix, as target names), and
+    the task type's heads (``TASK_HEADS``) the model has and the config does not adapt, trained in full;
+    a listed name matching no module, or a listed module that is also an adapter target, is refused."""
+    listed = config.modules_to_save or ()
+    heads = [key for key in TASK_HEADS.get(config.task_type, ()) if key not in listed]
+    if not listed and not heads:
         return []
     adapted = {n for names, _, _ in chosen for n in names}
     found: dict[int, nn.Module] = {}
-    for key in config.modules_to_save:
+    for key in (*listed, *heads):
         matched = [(n, m) for n, m in model.named_modules() if n and matches_targets(n, [key])]
+        overlap = [n for n, _ in matched if any(a == n or a.startswith(n + ".") for a in adapted)]
+        if key in heads and (not matched or overlap):
+            continue  # PEFT's task heads: where the model has one the config leaves to train in full
         if not matched:
             raise ValueError(f"modules_to_save {key!r} matches no module of the model")
-        overlap = [n for n, _ in matched if any(a == n or a.startswith(n + ".") for a in adapted)]
         if overlap:
             raise ValueError(f"modules_to_save {key!r} names {overlap}, which the config also adapts (or which "
                              f"hold layers it adapts); a module is either trained in full or adapted")

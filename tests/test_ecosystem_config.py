@@ -5,7 +5,7 @@ import dataclasses
 import peft
 import pytest
 import torch
-from transformers import BertModel
+from transformers import BertForSequenceClassification, BertModel
 
 import fastlora
 from fastlora import CurLoraConfig, LoraConfig, NeatConfig, RankSelectiveLoraConfig
@@ -36,11 +36,36 @@ def test_peft_keywords_give_peft_outputs():
 
 def test_aliases_are_not_stored_and_survive_replace_and_json():
     config = LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1)
-    assert "lora_alpha" not in config.to_dict() and "task_type" not in config.to_dict()
+    assert "lora_alpha" not in config.to_dict() and config.to_dict()["task_type"] is None
     assert fastlora.AdapterConfig.from_dict(config.to_dict()) == config
     assert dataclasses.replace(config, r=8).alpha == 16
     assert RankSelectiveLoraConfig(lora_alpha=4.0).scale == 4.0 / 16
     assert NeatConfig(lora_dropout=0.2).dropout == 0.2
+
+
+@pytest.mark.parametrize("task_type, trained", [("SEQ_CLS", ["classifier.bias", "classifier.weight"]),
+                                                (peft.TaskType.SEQ_CLS, ["classifier.bias", "classifier.weight"]),
+                                                ("FEATURE_EXTRACTION", []), (None, [])])
+def test_task_type_trains_the_task_head_as_peft_does(task_type, trained):
+    """SEQ_CLS trains the classifier in full (PEFT's model wrapper adds it to modules_to_save); it was ignored, so
+    a new classification head stayed random and frozen. The head is saved and restored with the adapters."""
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(tiny_bert(num_labels=3))
+    reference = peft.get_peft_model(copy.deepcopy(bert), peft.LoraConfig(
+        r=4, target_modules=["query", "value"], **({} if task_type is None else {"task_type": task_type})))
+    config = LoraConfig(r=4, target_modules=["query", "value"], task_type=task_type)
+    assert config.task_type == (None if task_type is None else str(peft.TaskType(task_type).value))
+    model = fastlora.inject(bert, config)
+    ours = sorted(n for n, p in model.named_parameters() if p.requires_grad and ".adapter." not in n)
+    theirs = sorted(n.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+                    for n, p in reference.named_parameters() if p.requires_grad and "lora_" not in n)
+    assert ours == theirs == trained
+    assert fastlora.AdapterConfig.from_dict(config.to_dict()) == config
+
+
+def test_task_type_outside_peft_task_types_is_refused():
+    with pytest.raises(ValueError, match=r"LoraConfig.task_type must be None or one of PEFT's task types .*got 'SEQ'"):
+        LoraConfig(task_type="SEQ")
 
 
 @pytest.mark.parametrize("make, match", [
