@@ -372,7 +372,8 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     extra = saved_non_adapter_parameters(model)
     modules_to_save = sorted({name.rpartition(".")[0] for name in extra}) or None
     meta = {"peft_type": peft_type, "task_type": layers[0][1].config.task_type,
-            "base_model_name_or_path": base_model_name_or_path, "inference_mode": True, "target_modules": _peft_target_modules(model, [name for name, _ in modules]),
+            "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+            "target_modules": _peft_target_modules(model, [name for name, _ in modules]),
             "modules_to_save": modules_to_save, **_peft_layer_fields(fmt, modules)}
     if (peft_release(target) or (0, 0)) >= (0, 18):  # PEFT records its version since 0.18 (older: no field)
         meta["peft_version"] = target
