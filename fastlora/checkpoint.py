@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .atomic_files import PathLike, leftover_temp_files, write_files_atomically, write_json, write_safetensors
 from .attention import is_attention
 from .config import AdapterConfig
-from .heads import head_value, write_inactive_head_values
+from .heads import check_inactive_head_values, head_value, write_inactive_head_values
 from .inject import inject
 from .layer import check_adapter_name, is_adaptable
 from .methods import Adapter
@@ -453,13 +453,15 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
         layers = named_adapters(inner, adapter_name)
         by_layer = _check_fits(layers, configs, state)
         targets = check_saved_parameters(inner, saved)
+        inactive = _inactive_name(inner, adapter_name)
+        if inactive is not None:
+            check_inactive_head_values(inner, saved)
     except BaseException:
         if undo is not None:
             undo()
         raise
     for name, (_, adapter) in layers.items():
         adapter.load_state_dict(by_layer[name])
-    inactive = _inactive_name(inner, adapter_name)
     if inactive is None:
         restore_saved_parameters(inner, targets, saved)
     else:  # the head values of an inactive adapter (fastlora.heads): the ones in place stay the active one's

@@ -50,10 +50,12 @@ def _stored(owner: nn.Module) -> nn.ModuleDict:
 
 
 def _copy_of_parameters(owner: nn.Module, names: list[str]) -> nn.Module:
-    """A module holding a detached copy of ``owner``'s parameters ``names``, as buffers of the same names."""
+    """A module holding a detached copy of ``owner``'s parameters ``names``, as buffers of the same names:
+    normal tensors even under inference mode (a switch while serving), so later loads can write them."""
     values = nn.Module()
-    for name in names:
-        values.register_buffer(name, getattr(owner, name).detach().clone())
+    with torch.inference_mode(False):
+        for name in names:
+            values.register_buffer(name, getattr(owner, name).detach().clone())
     return values
 
 
@@ -99,15 +101,22 @@ def head_value(model: nn.Module, name: str, adapter: Optional[str]) -> Tensor:
     return getattr(owner, param_name)
 
 
-@torch.no_grad()
-def write_inactive_head_values(model: nn.Module, adapter: str, saved: dict[str, Tensor]) -> None:
-    """Store saved head parameters (qualified name -> tensor, checked to fit) as the inactive ``adapter``'s
-    values, marking their modules saved in full; the parameters in place are not touched."""
-    for name, tensor in saved.items():
-        owner, param_name = parameter_owner(model, name)
-        if owner is model:
+def check_inactive_head_values(model: nn.Module, saved: dict[str, Tensor]) -> None:
+    """Refuse saved head parameters (qualified name -> tensor) an inactive adapter cannot hold: one of the
+    root module's own (it has no owner below the model to keep the values)."""
+    for name in saved:
+        if parameter_owner(model, name)[0] is model:
             raise ValueError(f"checkpoint parameter {name!r} belongs to the model's root module, which cannot hold "
                              f"an inactive adapter's values; load this checkpoint into the active adapter")
+
+
+@torch.no_grad()
+def write_inactive_head_values(model: nn.Module, adapter: str, saved: dict[str, Tensor]) -> None:
+    """Store saved head parameters (qualified name -> tensor, checked to fit and by
+    ``check_inactive_head_values``) as the inactive ``adapter``'s values, marking their modules saved in
+    full; the parameters in place are not touched."""
+    for name, tensor in saved.items():
+        owner, param_name = parameter_owner(model, name)
         mark_saved_in_full(owner)
         stored = _stored(owner)
         if adapter not in stored:

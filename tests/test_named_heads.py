@@ -146,3 +146,46 @@ def test_tied_modules_saved_in_full_switch_as_one_parameter():
     assert model.lm_head.weight is model.embed.weight and torch.equal(model.embed.weight, default)
     fastlora.set_adapter(model, "b")
     assert torch.equal(model.lm_head.weight, trained_b)
+
+
+def test_a_switch_under_inference_mode_leaves_head_values_a_later_load_can_write(base, tmp_path):
+    """Serving loops switch adapters under torch.inference_mode: the inactive head values made there were
+    inference tensors, and a later load into that adapter failed inside torch after writing its factors."""
+    tasks = {name: _task_model(base, seed, tmp_path / name) for name, seed in (("a", 1), ("b", 2))}
+    model = fastlora.load_adapter(copy.deepcopy(base), tmp_path / "a", adapter_name="a")
+    fastlora.load_adapter(model, tmp_path / "b", adapter_name="b")
+    with torch.inference_mode():
+        fastlora.set_adapter(model, "b")
+    fastlora.load_adapter(model, tmp_path / "a", adapter_name="a")
+    fastlora.set_adapter(model, "a")
+    with torch.no_grad():
+        assert torch.equal(model(X), tasks["a"](X))
+
+
+class RootScaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(8, 8)
+        self.temperature = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.q_proj(x) * self.temperature
+
+
+def test_a_refused_load_into_an_inactive_or_new_adapter_leaves_the_model_as_it_was(tmp_path):
+    """A trainable parameter of the root module cannot be an inactive adapter's value: the refusal came after
+    the inactive adapter's factors were overwritten, or after the new adapter was added."""
+    torch.manual_seed(0)
+    source = fastlora.inject(RootScaled(), fastlora.LoraConfig(r=2, target_modules=["q_proj"]))
+    source.temperature.requires_grad_(True)  # saved beside the adapters
+    _randomise(source, 3)
+    fastlora.save_adapter(source, tmp_path)
+    model = fastlora.inject(RootScaled(), fastlora.LoraConfig(r=2, target_modules=["q_proj"]))
+    fastlora.add_adapter(model, "b", fastlora.LoraConfig(r=2, target_modules=["q_proj"]))
+    before = copy.deepcopy(model.state_dict())
+    for name in ("b", "c"):
+        with pytest.raises(ValueError, match="checkpoint parameter 'temperature' belongs to the model's root module"):
+            fastlora.load_adapter(model, tmp_path, adapter_name=name)
+    assert fastlora.adapter_names(model) == ["default", "b"]
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
