@@ -77,7 +77,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: boo
                          "use AdapterLinear.from_linear(model, config) instead")
     if any(isinstance(m, AdapterLinear) for m in model.modules()):
         raise ValueError("model already has fastlora adapters; merge_and_unload it first")
-    chosen = _chosen_linears(model, config)
+    chosen = _without_task_heads(model, config, _chosen_linears(model, config))
     saved_modules = _modules_to_save(model, config, chosen)
     untied = _check_weight_writes(model, config, chosen, untie_shared_weights)
     built = _build_layers(model, chosen, config)
@@ -225,12 +225,27 @@ def _warn_skipped(model: nn.Module, targets, config: AdapterConfig, output_layer
                        f"they are: {skipped[:5]}")
 
 
+def _task_heads(config: AdapterConfig) -> list[str]:
+    """The task type's head names (``TASK_HEADS``) that modules_to_save does not list already."""
+    return [key for key in TASK_HEADS.get(config.task_type, ()) if key not in (config.modules_to_save or ())]
+
+
+def _without_task_heads(model: nn.Module, config: AdapterConfig, chosen):
+    """The selection less the task type's heads and the layers inside them: as PEFT, a head its task type
+    names is trained in full, not adapted ("all-linear" over DistilBERT's pre_classifier, say)."""
+    keys = _task_heads(config)
+    heads = [n for n, _ in model.named_modules() if n and keys and matches_targets(n, keys)]
+    if not heads:
+        return chosen
+    return [entry for entry in chosen
+            if not any(n == head or n.startswith(head + ".") for n in entry[0] for head in heads)]
+
+
 def _modules_to_save(model: nn.Module, config: AdapterConfig, chosen) -> list[nn.Module]:
     """The modules ``config.modules_to_save`` names (exact name or "." + suffix, as target names), and
-    the task type's heads (``TASK_HEADS``) the model has and the config does not adapt, trained in full;
-    a listed name matching no module, or a listed module that is also an adapter target, is refused."""
-    listed = config.modules_to_save or ()
-    heads = [key for key in TASK_HEADS.get(config.task_type, ()) if key not in listed]
+    the task type's heads (``TASK_HEADS``) the model has, trained in full; a listed name matching no
+    module, or a listed module that is also an adapter target, is refused."""
+    listed, heads = config.modules_to_save or (), _task_heads(config)
     if not listed and not heads:
         return []
     adapted = {n for names, _, _ in chosen for n in names}
@@ -238,8 +253,8 @@ def _modules_to_save(model: nn.Module, config: AdapterConfig, chosen) -> list[nn
     for key in (*listed, *heads):
         matched = [(n, m) for n, m in model.named_modules() if n and matches_targets(n, [key])]
         overlap = [n for n, _ in matched if any(a == n or a.startswith(n + ".") for a in adapted)]
-        if key in heads and (not matched or overlap):
-            continue  # PEFT's task heads: where the model has one the config leaves to train in full
+        if key in heads and not matched:
+            continue  # PEFT's task heads: those the model has
         if not matched:
             raise ValueError(f"modules_to_save {key!r} matches no module of the model")
         if overlap:

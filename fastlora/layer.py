@@ -140,9 +140,13 @@ class AdapterLinear(nn.Module):
         self._inactive_flags: dict[str, list[bool]] = {}  # requires_grad of each inactive adapter's parameters
         self.merged = False
         self.merge_order = -1  # position of the latest merge among all layers' merges
-        self.tasks_done = 0  # fastlora.next_task's count (in state dicts: get_extra_state)
         self.adapter_enabled = True
         self.register_buffer("weight_before_merge", None, persistent=False)
+
+    @property
+    def tasks_done(self) -> int:
+        """How many tasks ``fastlora.next_task`` ended on this layer (the active adapter's count)."""
+        return int(self.adapter.tasks_done)
 
     def _base_weight(self) -> Tensor:
         """W without the adapter's update: the kept W while merged (copied to W's device when kept elsewhere)."""
@@ -261,15 +265,6 @@ class AdapterLinear(nn.Module):
         if self.fan_in_fan_out:  # Conv1D's layout, (d_in, d_out)
             destination[prefix + "weight"] = destination[prefix + "weight"].t()
 
-    def get_extra_state(self) -> Tensor:
-        """In state dicts: (tasks done, W holds the update: 1 while merged), int64 on the CPU. A state dict
-        saved while merged carries W + ΔW beside the adapter; loaded into an unmerged layer it would add ΔW
-        twice, so ``_load_from_state_dict`` refuses that (and the converse)."""
-        return torch.tensor([self.tasks_done, int(self.merged)], dtype=torch.int64)
-
-    def set_extra_state(self, state: Tensor) -> None:
-        self.tasks_done = int(state[0])
-
     def _check_saved_active_adapter(self, state_dict, prefix: str) -> None:
         """Refuse a state dict saved while another named adapter was active: the active adapter's tensors are
         keyed "adapter.*" whatever its name, so it would load into this layer's active adapter."""
@@ -284,18 +279,6 @@ class AdapterLinear(nn.Module):
                          f"(fastlora.set_adapter(model, {active[0] if active else '<its name>'!r}))")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        extra = prefix + "_extra_state"
-        if extra not in state_dict:  # saved before the extra state existed: keep this layer's
-            state_dict[extra] = self.get_extra_state()
-        elif bool(state_dict[extra][1]) != self.merged:
-            name = prefix.rstrip(".") or "(root)"
-            if self.merged:
-                raise ValueError(f"layer {name}: the state dict was saved unmerged and this layer is merged: its W "
-                                 f"would lack the adapter's update, which a merged layer skips; unmerge the model "
-                                 f"first (fastlora.unmerge)")
-            raise ValueError(f"layer {name}: the state dict was saved while merged (its W holds the adapter's "
-                             f"update) and this layer is not: loading it would add the update twice; merge the "
-                             f"model first (fastlora.merge), or save state dicts unmerged")
         self._check_saved_active_adapter(state_dict, prefix)
         key = prefix + "weight"
         self.adapter.note_load(with_weight=key in state_dict)

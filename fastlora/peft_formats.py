@@ -151,9 +151,10 @@ def _neat_state(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _peanut_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The inverse of ``_neat_state``: neat_A -> peanut_A.weight, encoders.0.weight -> peanut_encoders.0.weight."""
+    """The inverse of ``_neat_state``: neat_A -> peanut_A.weight, encoders.0.weight -> peanut_encoders.0.weight
+    (floating tensors: the adapter's integer bookkeeping, tasks_done, has no PEFT counterpart)."""
     names = {ours: theirs for theirs, ours in _PEANUT_FACTORS.items()}
-    return {names.get(key, "peanut_" + key): t for key, t in state.items()}
+    return {names.get(key, "peanut_" + key): t for key, t in state.items() if t.is_floating_point()}
 
 
 def _peanut_config(config: NeatConfig) -> dict[str, Any]:

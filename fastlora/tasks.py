@@ -22,8 +22,8 @@ What each method keeps (its ``delta_weight``), then W <- W + ΔW and a fresh ada
 Choices (ours): the fresh adapters of task t (t = 1, 2, ... tasks done) are built with layer index
 t * L + k (L adapted layers, k the layer's position), so CURLoRA's sampler and LoRASC's noise draw new
 values per task and per layer, reproducibly; the count of tasks done is kept on each layer
-(``tasks_done``, in the layer's state dict, so a run resumed from ``model.state_dict()`` draws what
-the uninterrupted run draws; adapter-only checkpoints do not hold it, and a LoRASC adapter takes its
+(``tasks_done``, a buffer of each adapter: in state dicts and adapter-only checkpoints, so a run resumed
+from them builds the next task's adapters as the uninterrupted run does; a LoRASC adapter takes its
 layer index from its record's seeds when loaded). W is updated for good: ``unmerge`` cannot go back past a
 ``next_task``.
 """
@@ -70,8 +70,8 @@ def next_task(model: nn.Module) -> nn.Module:
         task = layer.tasks_done + 1
         layer.weight_before_merge = None
         layer.merged = False
-        layer.tasks_done = task
         layer.adapter = build_adapter(layer.config, layer.in_features, layer.out_features, layer.weight.detach(),
                                       layer_index=task * len(layers) + position).train(layer.training)
+        layer.adapter.tasks_done.fill_(task)
         layer.adapter.bind(layer)
     return model

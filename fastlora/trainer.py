@@ -31,6 +31,7 @@ from .training import (
     TrainingHooks,
     attach_training_hooks,
     has_rule,
+    missing_epoch_length,
     regularization_loss,
     set_epoch_length,
     set_run_length,
@@ -78,10 +79,15 @@ class FastLoraCallback(TrainerCallback):
             self.hooks = None
         if state.max_steps and state.max_steps > 0:
             set_run_length(model, state.max_steps)
-        if train_dataloader is not None:
-            epoch = trainer_steps_per_epoch(train_dataloader, args.gradient_accumulation_steps, state.max_steps)
-            if epoch:
-                set_epoch_length(model, epoch)
+        epoch = None if train_dataloader is None else trainer_steps_per_epoch(train_dataloader,
+                                                                               args.gradient_accumulation_steps)
+        if epoch:
+            set_epoch_length(model, epoch)
+        elif any(missing_epoch_length(layer) for _, layer in layers):
+            raise ValueError("FastLoraCallback: LoRASC ends a stage every epoch (cascade_interval='epoch', the "
+                             "default), and Trainer's train dataloader gives no length (an IterableDataset), so "
+                             "the epoch's length is not known; set CascadeLoraConfig(cascade_interval=<steps "
+                             "per stage>) or CascadeLoraConfig(stages_per_run=K)")
         if any(has_rule(layer) for _, layer in layers):
             if optimizer is None:
                 raise ValueError("FastLoraCallback: Trainer passed no optimizer; the training rules cannot be attached")
@@ -108,14 +114,12 @@ class FastLoraCallback(TrainerCallback):
             save_adapter(model, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / ADAPTER_DIR)
 
 
-def trainer_steps_per_epoch(dataloader, accumulation: int, max_steps: int) -> Optional[int]:
+def trainer_steps_per_epoch(dataloader, accumulation: int) -> Optional[int]:
     """Optimizer steps per epoch as Trainer counts them: ceil(len(dataloader) / accumulation) (the last,
-    shorter accumulation of an epoch steps too), or, for a dataloader without a length, max_steps (Trainer
-    runs it as one epoch); None when neither is known."""
+    shorter accumulation of an epoch steps too); None for a dataloader without a length (an IterableDataset,
+    whose epochs end where its data does)."""
     length = len(dataloader) if has_length(dataloader) else None
-    if length:
-        return -(-length // accumulation)
-    return max_steps if max_steps and max_steps > 0 else None
+    return -(-length // accumulation) if length else None
 
 
 def _check_schedules(layers, max_steps: int) -> None:

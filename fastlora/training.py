@@ -270,7 +270,7 @@ def _missing_length(layer: AdapterLinear) -> bool:
         and not adapter._run_steps
 
 
-def _missing_epoch(layer: AdapterLinear) -> bool:
+def missing_epoch_length(layer: AdapterLinear) -> bool:
     """Whether the layer ends a stage every epoch and does not know the epoch's length."""
     adapter = layer.adapter
     return isinstance(adapter, CascadeLoraAdapter) and adapter.config.cascade_interval == "epoch" \
@@ -312,7 +312,7 @@ def _refuse_unknown_lengths(layers) -> None:
                          f"steps, train with FastLoraTrainer / FastLoraCallback (Trainer's max_steps), or fix the "
                          f"schedule in the config (RankSelectiveLoraConfig(total_steps=N), "
                          f"CascadeLoraConfig(cascade_interval=N))")
-    if any(_missing_epoch(layer) for layer in ruled):
+    if any(missing_epoch_length(layer) for layer in ruled):
         raise ValueError(f"cascade_lora layers end a stage every epoch (cascade_interval='epoch', the default), and "
                          f"the epoch's length is not known: {EPOCH_LENGTH_WAYS}")
 

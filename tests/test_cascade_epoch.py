@@ -134,14 +134,14 @@ class _Unsized:
         return iter(())
 
 
-@pytest.mark.parametrize("length, accumulation, max_steps, expected", [
-    (5, 2, 9, 3),      # ceil(5 / 2): the last, one-batch accumulation steps too
-    (4, 2, 6, 2), (7, 1, 7, 7), (1, 8, 3, 1),
-    (None, 2, 12, 12),  # no length: Trainer runs max_steps as one epoch
-    (None, 1, -1, None), (0, 2, 5, 5)])
-def test_steps_per_epoch_as_trainer_counts_them(length, accumulation, max_steps, expected):
+@pytest.mark.parametrize("length, accumulation, expected", [
+    (5, 2, 3),      # ceil(5 / 2): the last, one-batch accumulation steps too
+    (4, 2, 2), (7, 1, 7), (1, 8, 1),
+    (None, 2, None),  # no length (an IterableDataset): its epochs end where its data does, not known here
+    (0, 2, None)])
+def test_steps_per_epoch_as_trainer_counts_them(length, accumulation, expected):
     loader = _Unsized() if length is None else [None] * length
-    assert trainer_steps_per_epoch(loader, accumulation, max_steps) == expected
+    assert trainer_steps_per_epoch(loader, accumulation) == expected
 
 
 def test_the_callback_takes_the_epoch_length_from_the_dataloader_trainer_passes():
@@ -153,6 +153,9 @@ def test_the_callback_takes_the_epoch_length_from_the_dataloader_trainer_passes(
     callback = FastLoraCallback(save_adapters=False)
     with pytest.raises(ValueError, match=r"the epoch's length is not known"):
         callback.on_train_begin(args, State(), None, model=model, optimizer=optimizer)
+    with pytest.raises(ValueError, match=r"FastLoraCallback: LoRASC ends a stage every epoch .* train dataloader "
+                                         r"gives no length \(an IterableDataset\)"):  # was: max_steps as one epoch
+        callback.on_train_begin(args, State(), None, model=model, optimizer=optimizer, train_dataloader=_Unsized())
     callback.on_train_begin(args, State(), None, model=model, optimizer=optimizer, train_dataloader=[None] * 8)
     assert [int(layer.adapter.epoch_steps) for layer in _layers(model)] == [4, 4]
     callback.hooks.remove()

@@ -106,3 +106,22 @@ def test_configs_still_copy_replace_and_pickle():
     config = fastlora.CascadeLoraConfig(r=4, noise_intensity=0.1)
     assert dataclasses.replace(config, r=8).r == 8
     assert copy.deepcopy(config) == config == pickle.loads(pickle.dumps(config))
+
+
+def test_task_heads_are_trained_in_full_not_adapted_under_all_linear():
+    """DistilBERT's pre_classifier is a Linear that "all-linear" selects: with SEQ_CLS PEFT trains it in full (its
+    modules_to_save stay out of the targets); it was adapted over its frozen random weights."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = DistilBertForSequenceClassification(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=37,
+                                                                 vocab_size=50, num_labels=2))
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules="all-linear",
+                                                                          task_type="SEQ_CLS"))
+    fastlora.inject(model, LoraConfig(r=2, target_modules="all-linear", task_type="SEQ_CLS"))
+    ours = {n.removesuffix(".adapter.lora_A").removesuffix(".adapter.lora_B")
+            for n, p in model.named_parameters() if p.requires_grad}
+    theirs = {n.removeprefix("base_model.model.").replace(".modules_to_save.default", "").split(".lora_")[0]
+              for n, p in reference.named_parameters() if p.requires_grad}
+    assert ours == theirs and {"pre_classifier.weight", "classifier.weight"} <= ours
+    assert not isinstance(model.pre_classifier, fastlora.AdapterLinear)

@@ -93,7 +93,7 @@ def test_sampling_is_seeded_per_layer_and_stored_as_int64_buffers():
     assert a.row_index.dtype == a.col_index.dtype == torch.int64
     assert 0 <= int(a.row_index.min()) and int(a.row_index.max()) < D_OUT
     assert 0 <= int(a.col_index.min()) and int(a.col_index.max()) < D_IN
-    assert set(a.state_dict()) == {"U", "row_index", "col_index"}
+    assert set(a.state_dict()) == {"U", "row_index", "col_index", "tasks_done"}
     assert [n for n, _ in a.named_parameters()] == ["U"]
     # global RNG state does not affect the draw
     torch.manual_seed(123)

@@ -68,7 +68,7 @@ def test_shapes_names_and_initialisation():
     adapter = layer.adapter
     assert adapter.neat_A.shape == (6, D_OUT) and adapter.neat_B.shape == (D_OUT, 6)
     assert set(adapter.state_dict()) == {"neat_A", "neat_B", "encoders.0.weight", "encoders.1.weight",
-                                         "decoders.0.weight", "decoders.1.weight"}
+                                         "decoders.0.weight", "decoders.1.weight", "tasks_done"}
     assert all(e.bias is None and e.weight.shape == (6, 6) for e in (*adapter.encoders, *adapter.decoders))
     bound = 1.0 / math.sqrt(D_OUT)  # kaiming_uniform(a=sqrt 5) on fan_in = d_out
     assert bound * 0.5 < adapter.neat_A.abs().max() <= bound

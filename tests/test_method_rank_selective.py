@@ -103,7 +103,8 @@ def test_initialisation_and_zero_b_reproduces_base_exactly():
     assert adapter.lora_A.shape == (5, D_IN) and adapter.lora_A.abs().max() > 0
     assert adapter.lora_B.shape == (D_OUT, 5) and torch.count_nonzero(adapter.lora_B) == 0
     assert torch.equal(adapter.active_index, torch.arange(5)) and adapter.extra_stats()["active_ranks"] == 5.0
-    assert set(adapter.state_dict()) == {"importance", "lora_A", "lora_B", "optimizer_steps", "run_steps"}
+    assert set(adapter.state_dict()) == {"importance", "lora_A", "lora_B", "optimizer_steps", "run_steps",
+                                         "tasks_done"}
     x = torch.randn(N, D_IN, dtype=torch.float64)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 

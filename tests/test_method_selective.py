@@ -50,7 +50,7 @@ def test_initialisation_and_zero_b_reproduces_base_exactly():
     assert adapter.lora_A.shape == (5, D_IN) and adapter.lora_B.shape == (D_OUT, 5)
     assert adapter.score.shape == (1,) and adapter.score.item() == 0.7 and adapter.active  # FSDP2 shards dim 0
     assert torch.count_nonzero(adapter.lora_B) == 0 and adapter.lora_A.abs().max() > 0
-    assert set(adapter.state_dict()) == {"lora_A", "lora_B", "score", "optimizer_steps"}
+    assert set(adapter.state_dict()) == {"lora_A", "lora_B", "score", "optimizer_steps", "tasks_done"}
     x = torch.randn(N, D_IN, dtype=torch.float64)
     for mode in (True, False):
         layer.train(mode)

@@ -128,7 +128,7 @@ def test_compiled_training_compiles_once_per_penalty_phase_not_per_step(warmup):
 
 def test_the_gate_record_is_not_saved_and_follows_the_layer():
     layer = AdapterLinear(5, 4, config=SelectiveLoraConfig(r=2, threshold=0.1, score_init=0.5, backend="torch"))
-    assert set(layer.adapter.state_dict()) == {"lora_A", "lora_B", "score", "optimizer_steps"}
+    assert set(layer.adapter.state_dict()) == {"lora_A", "lora_B", "score", "optimizer_steps", "tasks_done"}
     with torch.device("meta"):
         meta = AdapterLinear(5, 4, config=SelectiveLoraConfig(r=2, threshold=0.1, score_init=0.5, backend="torch"))
     meta.to_empty(device="cpu")  # the record had no values: it starts afresh (gate on, no switch)

@@ -33,17 +33,30 @@ class Adapter(nn.Module):
     #: another module, and a model with it holds no other named adapter (they would share that W)
     writes_weight: bool = False
     #: state_dict keys that checkpoints of earlier versions lack: a load without one keeps the adapter's own value
-    optional_state_keys: frozenset[str] = frozenset()
+    optional_state_keys: frozenset[str] = frozenset({"tasks_done"})
 
-    def __init__(self, config: AdapterConfig, in_features: int, out_features: int) -> None:
+    def __init__(self, config: AdapterConfig, in_features: int, out_features: int,
+                 device: Optional[torch.device] = None) -> None:
         super().__init__()
         self.register_load_state_dict_pre_hook(_keep_missing_optional_state)
+        # the tasks fastlora.next_task ended before this adapter (in state dicts: a resumed task sequence
+        # builds the next task's adapters as the uninterrupted run does)
+        self.register_buffer("tasks_done", torch.zeros((), dtype=torch.int64, device=device))
         limit = min(in_features, out_features)
         if config.r > limit:
             raise ValueError(f"r={config.r} exceeds min(d_in={in_features}, d_out={out_features})={limit}")
         self.config = config
         self.in_features = in_features
         self.out_features = out_features
+
+    def _apply(self, fn, recurse: bool = True):
+        """A count without a value (built on the meta device, materialised by ``to_empty``) starts at 0."""
+        unset = self.tasks_done.is_meta
+        module = super()._apply(fn, recurse)
+        if unset and not self.tasks_done.is_meta:
+            with torch.no_grad():
+                self.tasks_done.zero_()
+        return module
 
     def bind(self, layer: nn.Module) -> None:
         """Called with the AdapterLinear that owns this adapter when it gets it (at build, and in

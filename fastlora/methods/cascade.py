@@ -82,8 +82,9 @@ Choices where the paper is silent (our reading):
   adapter records (and copies) from there.
 - Stage length: one epoch by default (cascade_interval "epoch"; the paper starts a fast pair every
   epoch): a stage ends every E optimizer steps, E the epoch's length in optimizer steps, as Trainer
-  counts them (FastLoraCallback: ceil(batches per epoch / gradient_accumulation_steps), or max_steps
-  for a dataloader without a length, which Trainer runs as one epoch) or as the loop gives them
+  counts them (FastLoraCallback: ceil(batches per epoch / gradient_accumulation_steps); a dataloader
+  without a length, an IterableDataset's, is refused: its epochs end where its data does) or as the
+  loop gives them
   (``attach_training_hooks(..., steps_per_epoch=E)``); kept in the persistent buffer ``epoch_steps``,
   so a resumed run keeps its stages (the hooks refuse to attach with no known E). Or cascade_interval
   optimizer steps (an int), or stages_per_run=K: the run's N steps (Trainer's max_steps via
@@ -215,13 +216,13 @@ class CascadeLoraAdapter(Adapter):
     """
 
     variable_length_keys = frozenset(_RECORD)
-    optional_state_keys = frozenset({"run_steps", "epoch_steps"})  # checkpoints of earlier versions lack them
+    optional_state_keys = Adapter.optional_state_keys | {"run_steps", "epoch_steps"}  # earlier checkpoints lack them
     #: the adapter writes its layer's W in place (inject refuses a W shared with another module)
     writes_weight = True
 
     def __init__(self, config: CascadeLoraConfig, in_features: int, out_features: int,
                  weight: Tensor, layer_index: int = 0) -> None:
-        super().__init__(config, in_features, out_features)
+        super().__init__(config, in_features, out_features, weight.device)
         factory = adapter_factory(weight)
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, **factory))

@@ -61,7 +61,7 @@ class CurLoraAdapter(Adapter):
 
     def __init__(self, config: CurLoraConfig, in_features: int, out_features: int,
                  weight: Tensor, layer_index: int = 0) -> None:
-        super().__init__(config, in_features, out_features)
+        super().__init__(config, in_features, out_features, weight.device)
         if weight.is_meta:
             raise ValueError("CURLoRA draws its row and column indices from W's values when the layer is built, and "
                              "this W is on the meta device (no values): build the layer from a Linear that holds "

@@ -18,7 +18,7 @@ class LoraAdapter(Adapter):
 
     def __init__(self, config: LoraConfig, in_features: int, out_features: int,
                  weight: Tensor, layer_index: int = 0) -> None:
-        super().__init__(config, in_features, out_features)
+        super().__init__(config, in_features, out_features, weight.device)
         factory = adapter_factory(weight)
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, **factory))

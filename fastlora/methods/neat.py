@@ -42,7 +42,7 @@ class NeatAdapter(Adapter):
 
     def __init__(self, config: NeatConfig, in_features: int, out_features: int,
                  weight: Tensor, layer_index: int = 0) -> None:
-        super().__init__(config, in_features, out_features)
+        super().__init__(config, in_features, out_features, weight.device)
         factory = adapter_factory(weight)
         r = config.r
         self.neat_A = nn.Parameter(torch.empty(r, out_features, **factory))

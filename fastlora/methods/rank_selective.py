@@ -85,7 +85,7 @@ class RankSelectiveLoraAdapter(LoraAdapter):
     ``refresh_active_ranks()``.
     """
 
-    optional_state_keys = frozenset({"run_steps"})  # checkpoints of earlier versions have no run length
+    optional_state_keys = LoraAdapter.optional_state_keys | {"run_steps"}  # earlier checkpoints have no run length
 
     def __init__(self, config: RankSelectiveLoraConfig, in_features: int, out_features: int,
                  weight: Tensor, layer_index: int = 0) -> None:
