@@ -31,7 +31,8 @@ def test_a_wrapped_models_checkpoint_loads_into_the_plain_model(tmp_path, wrap):
     fastlora.save_adapter(WRAPPERS[wrap](model), tmp_path)
     keys = load_file(tmp_path / "adapter_model.safetensors")
     assert sorted(keys) == ["classifier.bias", "classifier.weight", "encoder.0.adapter.lora_A",
-                            "encoder.0.adapter.lora_B", "encoder.2.adapter.lora_A", "encoder.2.adapter.lora_B"]
+                            "encoder.0.adapter.lora_B", "encoder.0.adapter.tasks_done", "encoder.2.adapter.lora_A",
+                            "encoder.2.adapter.lora_B", "encoder.2.adapter.tasks_done"]
     plain = fastlora.load_adapter(plain_head_classifier(model), tmp_path)
     x = torch.randn(5, 12)
     torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
