@@ -12,6 +12,7 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: host scalar types (torch.compile passes symbolic ones)
 _SCALARS = (numbers.Real, torch.SymInt, torch.SymFloat)
+_STRIDED = torch.strided
 
 
 def _check_index(name: str, index: Tensor, bound: int, what: str) -> None:
@@ -118,7 +119,7 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
                     ("middle", middle), ("rank_weights", rank_weights)):
         if t is None:
             continue
-        if not isinstance(t, Tensor) or t.layout != torch.strided:
+        if not isinstance(t, Tensor) or t.layout is not _STRIDED:
             raise TypeError(f"{name} must be a dense tensor, got {_kind(t)}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64), got dtype {t.dtype}")
@@ -127,11 +128,13 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(device.type):
         raise TypeError(f"x dtype {x.dtype} does not match weight dtype {weight.dtype} (as in nn.Linear)")
     for name, t in (("row_index", row_index), ("col_index", col_index), ("gate", gate)):
+        if t is None or type(t) is float:
+            continue
         if not isinstance(t, Tensor):
-            if name != "gate" and t is not None:
+            if name != "gate":  # a gate of another type is _host_gate's to refuse
                 raise TypeError(f"{name} must be a 1-D int32/int64 tensor, got {_kind(t)}")
             continue
-        if t.layout != torch.strided:
+        if t.layout is not _STRIDED:
             raise TypeError(f"{name} must be a dense tensor, got {_kind(t)}")
         if t.device != device:
             raise RuntimeError(f"{name} is on {t.device} but x is on {device}; all inputs must share one device")
@@ -149,11 +152,12 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
     if col_index is not None and col_index.shape[0] != r:
         raise ValueError(f"col_index must have r={r} entries, got {col_index.shape[0]}")
     host_gate = _host_gate(gate, gate_value)
-    if not isinstance(scale, (*_SCALARS, Tensor)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a float, got {_kind(scale)}")
-    if isinstance(scale, Tensor) and scale.numel() != 1:
-        raise ValueError(f"scale must be a scalar, got a tensor of shape {tuple(scale.shape)}")
-    if not isinstance(dropout, _SCALARS) or isinstance(dropout, bool):
+    if type(scale) is not float:  # the layers' own calls pass floats: one type check
+        if not isinstance(scale, (*_SCALARS, Tensor)) or isinstance(scale, bool):
+            raise TypeError(f"scale must be a float, got {_kind(scale)}")
+        if isinstance(scale, Tensor) and scale.numel() != 1:
+            raise ValueError(f"scale must be a scalar, got a tensor of shape {tuple(scale.shape)}")
+    if type(dropout) is not float and (not isinstance(dropout, _SCALARS) or isinstance(dropout, bool)):
         raise TypeError(f"dropout must be a float in [0, 1), got {_kind(dropout)}")
     if isinstance(scale, Tensor) and scale.requires_grad:
         raise TypeError("scale is a host scalar and gets no gradient; pass a float or a tensor "
