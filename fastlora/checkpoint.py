@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .atomic_files import PathLike, leftover_temp_files, write_files_atomically, write_json, write_safetensors
 from .attention import is_attention
 from .config import AdapterConfig
-from .heads import check_inactive_head_values, head_value, write_inactive_head_values
+from .heads import check_inactive_head_values, head_tensors, head_value, write_inactive_head_values
 from .inject import inject
 from .layer import check_adapter_name, is_adaptable
 from .methods import Adapter
@@ -95,12 +95,16 @@ def adapter_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> 
 def saved_non_adapter_parameters(model: nn.Module) -> dict[str, Tensor]:
     """Parameters outside the adapter layers' adapters that a checkpoint carries, keyed by qualified
     name: those that require grad (a head the user unfroze) and those of the modules marked saved in
-    full (``modules_to_save``; trainable or not)."""
+    full (``modules_to_save``; trainable or not), with those modules' persistent buffers (a BatchNorm's
+    running statistics)."""
     adapters = {id(p) for _, layer in adapter_layers(model) for n in layer.adapter_names()
                 for p in layer.named_adapter(n).parameters()}
     in_full = {id(p) for module in model.modules() if is_saved_in_full(module) for p in module.parameters()}
-    return {name: p for name, p in model.named_parameters()
-            if (p.requires_grad or id(p) in in_full) and id(p) not in adapters}
+    saved = {name: p for name, p in model.named_parameters()
+             if (p.requires_grad or id(p) in in_full) and id(p) not in adapters}
+    buffers = {f"{owner}.{n}" if owner else n: getattr(sub, n) for owner, sub, names in head_tensors(model)
+               for n in names if not isinstance(getattr(sub, n), nn.Parameter)}
+    return {**saved, **buffers}
 
 
 def save_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[str] = None) -> Path:
@@ -413,13 +417,16 @@ def _check_fits(layers: dict[str, tuple[nn.Module, Adapter]], configs: dict[str,
 
 
 def check_saved_parameters(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, nn.Parameter]:
-    """The model's parameters the checkpoint's saved non-adapter parameters go into (same shapes)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    """The model's parameters (or a saved module's buffers) the checkpoint's saved non-adapter tensors go
+    into (same shapes; floating for floating, integer for integer)."""
+    params = {**dict(model.named_buffers(remove_duplicate=False)),
+              **dict(model.named_parameters(remove_duplicate=False))}
     targets = {}
     for name, tensor in saved.items():
         if name not in params:
             raise ValueError(f"checkpoint parameter {name!r} (modules_to_save) is not a parameter of the model")
-        if tuple(tensor.shape) != tuple(params[name].shape) or not tensor.is_floating_point():
+        if (tuple(tensor.shape) != tuple(params[name].shape)
+                or tensor.is_floating_point() != params[name].is_floating_point()):
             raise ValueError(f"checkpoint parameter {name!r}: {tensor.dtype} {tuple(tensor.shape)} does not fit the "
                              f"model's {params[name].dtype} {tuple(params[name].shape)}")
         targets[name] = params[name]
@@ -503,7 +510,8 @@ def restore_saved_parameters(model: nn.Module, targets: dict[str, nn.Parameter],
     parameter of the root module only while it is trainable: marking the root would save every one)."""
     for name, param in targets.items():
         param.copy_(saved[name])
-        param.requires_grad_(True)
+        if isinstance(param, nn.Parameter):  # a buffer (running statistics) only takes the value
+            param.requires_grad_(True)
         owner, _ = parameter_owner(model, name)
         if owner is not model:
             mark_saved_in_full(owner)

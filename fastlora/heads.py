@@ -1,5 +1,5 @@
 """Modules trained in full beside the adapters (PEFT's ``modules_to_save``: a classifier head): each named
-adapter has its own values of them, as in PEFT.
+adapter has its own values of them (parameters and persistent buffers), as in PEFT.
 
 The active adapter's values are the modules' parameters themselves (what the forward reads and the
 optimizer steps). An inactive adapter's are frozen buffers of the module that owns each parameter,
@@ -23,23 +23,45 @@ from .model_tree import is_saved_in_full, mark_saved_in_full, parameter_owner
 INACTIVE = "inactive_heads"
 
 
-def head_owners(model: nn.Module) -> Iterator[tuple[nn.Module, list[str]]]:
-    """(module, names of its own parameters) of each module that directly owns parameters of the modules
-    saved in full, each parameter under its first owner only (a parameter two modules hold, tied weights,
-    has one set of values)."""
+def _own_values(sub: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """``sub``'s own parameters and persistent buffers (a BatchNorm's running statistics): its values as a
+    head (PEFT's modules_to_save copy the whole module)."""
+    yield from sub.named_parameters(recurse=False)
+    yield from ((n, b) for n, b in sub.named_buffers(recurse=False) if n not in sub._non_persistent_buffers_set)
+
+
+def _head_modules(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+    """(qualified name, module) of ``module`` and its submodules, less the inactive adapters' values."""
+    yield prefix, module
+    for name, child in module.named_children():
+        if name != INACTIVE:
+            yield from _head_modules(child, f"{prefix}.{name}" if prefix else name)
+
+
+def head_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, list[str]]]:
+    """(qualified name, module, names of its own parameters and persistent buffers) of each module that
+    directly owns values of the modules saved in full, each tensor under its first owner only (a parameter
+    two modules hold, tied weights, has one set of values)."""
     seen_modules: set[int] = set()
-    seen_params: set[int] = set()
-    for _, module in model.named_modules():
+    seen_tensors: set[int] = set()
+    for root, module in model.named_modules():
         if not is_saved_in_full(module):
             continue
-        for sub in module.modules():
+        for name, sub in _head_modules(module, root):
             if id(sub) in seen_modules:
                 continue
             seen_modules.add(id(sub))
-            names = [n for n, p in sub.named_parameters(recurse=False) if id(p) not in seen_params]
-            seen_params.update(id(getattr(sub, n)) for n in names)
+            names = [n for n, t in _own_values(sub) if id(t) not in seen_tensors]
+            seen_tensors.update(id(getattr(sub, n)) for n in names)
             if names:
-                yield sub, names
+                yield name, sub, names
+
+
+def head_owners(model: nn.Module) -> Iterator[tuple[nn.Module, list[str]]]:
+    """(module, names of its own parameters and persistent buffers) of each owner of head values
+    (``head_tensors``)."""
+    for _, sub, names in head_tensors(model):
+        yield sub, names
 
 
 def _stored(owner: nn.Module) -> nn.ModuleDict:
@@ -50,7 +72,7 @@ def _stored(owner: nn.Module) -> nn.ModuleDict:
 
 
 def _copy_of_parameters(owner: nn.Module, names: list[str]) -> nn.Module:
-    """A module holding a detached copy of ``owner``'s parameters ``names``, as buffers of the same names:
+    """A module holding a detached copy of ``owner``'s tensors ``names`` (parameters, buffers), as buffers:
     normal tensors even under inference mode (a switch while serving), so later loads can write them."""
     values = nn.Module()
     with torch.inference_mode(False):
@@ -120,5 +142,5 @@ def write_inactive_head_values(model: nn.Module, adapter: str, saved: dict[str, 
         mark_saved_in_full(owner)
         stored = _stored(owner)
         if adapter not in stored:
-            stored[adapter] = _copy_of_parameters(owner, [n for n, _ in owner.named_parameters(recurse=False)])
+            stored[adapter] = _copy_of_parameters(owner, [n for n, _ in _own_values(owner)])
         getattr(stored[adapter], param_name).copy_(tensor)

@@ -189,3 +189,42 @@ def test_a_refused_load_into_an_inactive_or_new_adapter_leaves_the_model_as_it_w
     assert fastlora.adapter_names(model) == ["default", "b"]
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+class NormedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16))
+        self.classifier = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.classifier(self.encoder(x))
+
+
+def _trained_forwards(model, seed):
+    """Training-mode forwards: the head's BatchNorm running statistics move."""
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(6, 12, generator=gen))
+    return model.eval()
+
+
+def test_a_head_with_buffers_keeps_them_per_adapter_and_through_checkpoints(tmp_path):
+    """PEFT's modules_to_save copy the whole module: a BatchNorm's running statistics were neither saved (the
+    reloaded eval outputs were off by 0.1) nor kept per adapter (training "b" moved "default"'s)."""
+    torch.manual_seed(0)
+    base = NormedHead()
+    model = fastlora.inject(copy.deepcopy(base), _config(modules_to_save=["classifier"]))
+    _randomise(model, 1)
+    _trained_forwards(model, 2)
+    expected = model(X)
+    fastlora.save_adapter(model, tmp_path)
+    assert "classifier.1.running_mean" in load_file(tmp_path / "adapter_model.safetensors")
+    assert torch.equal(fastlora.load_adapter(copy.deepcopy(base), tmp_path).eval()(X), expected)
+    fastlora.add_adapter(model, "b", _config())
+    fastlora.set_adapter(model, "b")
+    _trained_forwards(model, 3)
+    fastlora.set_adapter(model, "default")
+    assert torch.equal(model.eval()(X), expected)
