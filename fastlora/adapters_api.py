@@ -22,7 +22,7 @@ from .heads import add_head_values, drop_head_values, switch_head_values
 from .layer import AdapterLinear, check_adapter_name, is_adaptable
 from .methods import build_adapter
 from .model_tree import adapter_layers, set_submodule
-from .targets import is_selected, layer_config, output_layer_names, projection_config, resolved_targets
+from .targets import in_task_head, is_selected, layer_config, output_layer_names, projection_config, resolved_targets
 
 # stats summed over a method's layers (counts); every other stat is averaged
 _SUMMED_STATS = frozenset({"active", "active_ranks", "gate_changes"})
@@ -95,9 +95,10 @@ def _check_selection(model: nn.Module, name: str, config: AdapterConfig) -> None
     difference."""
     targets = resolved_targets(model, config)
     output_layers = output_layer_names(model) if targets == "all-linear" else set()
+    task_head = in_task_head(model, config)
 
     def chosen(module_name: str) -> bool:
-        return is_selected(module_name, targets, config, output_layers)
+        return is_selected(module_name, targets, config, output_layers) and not task_head(module_name)
 
     adapted, selected, done = set(), set(), []
     for module_name, module in model.named_modules(remove_duplicate=False):

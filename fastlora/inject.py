@@ -16,18 +16,20 @@ from torch import Tensor, nn
 from fastlora.kernels.caller_warnings import warn_at_caller
 
 from .attention import AdapterMultiheadAttention, is_attention
-from .config import TASK_HEADS, AdapterConfig
+from .config import AdapterConfig
 from .layer import AdapterLinear, is_adaptable, linear_shape
 from .model_tree import adapter_layers, mark_saved_in_full, set_submodule
 from .shared_weights import shared_weight_owners
 from .targets import (
     dotted_suffixes,
+    in_task_head,
     is_selected,
     layer_config,
     matches_targets,
     output_layer_names,
     projection_config,
     resolved_targets,
+    task_heads,
     unmatched_pattern_keys,
 )
 from .training import watch_training_rules
@@ -225,27 +227,22 @@ def _warn_skipped(model: nn.Module, targets, config: AdapterConfig, output_layer
                        f"they are: {skipped[:5]}")
 
 
-def _task_heads(config: AdapterConfig) -> list[str]:
-    """The task type's head names (``TASK_HEADS``) that modules_to_save does not list already."""
-    return [key for key in TASK_HEADS.get(config.task_type, ()) if key not in (config.modules_to_save or ())]
-
-
 def _without_task_heads(model: nn.Module, config: AdapterConfig, chosen):
-    """The selection less the task type's heads and the layers inside them: as PEFT, a head its task type
-    names is trained in full, not adapted ("all-linear" over DistilBERT's pre_classifier, say)."""
-    keys = _task_heads(config)
-    heads = [n for n, _ in model.named_modules() if n and keys and matches_targets(n, keys)]
-    if not heads:
-        return chosen
-    return [entry for entry in chosen
-            if not any(n == head or n.startswith(head + ".") for n in entry[0] for head in heads)]
+    """The selection less the task type's heads and the layers inside them (``in_task_head``); refused when
+    nothing else is left."""
+    inside = in_task_head(model, config)
+    kept = [entry for entry in chosen if not any(inside(n) for n in entry[0])]
+    if chosen and not kept:
+        raise ValueError(f"the selection (target_modules {config.target_modules!r}) adapts only the heads of "
+                         f"task_type {config.task_type!r}, which it trains in full; name other modules to adapt")
+    return kept
 
 
 def _modules_to_save(model: nn.Module, config: AdapterConfig, chosen) -> list[nn.Module]:
     """The modules ``config.modules_to_save`` names (exact name or "." + suffix, as target names), and
     the task type's heads (``TASK_HEADS``) the model has, trained in full; a listed name matching no
     module, or a listed module that is also an adapter target, is refused."""
-    listed, heads = config.modules_to_save or (), _task_heads(config)
+    listed, heads = config.modules_to_save or (), task_heads(config)
     if not listed and not heads:
         return []
     adapted = {n for names, _, _ in chosen for n in names}

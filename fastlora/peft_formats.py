@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 from torch import Tensor
 
-from .config import AdapterConfig, LoraConfig, NeatConfig
+from .config import TASK_HEADS, AdapterConfig, LoraConfig, NeatConfig
 
 # PEFT LoRA fields that change the computation in ways fastlora cannot represent, each with
 # the one value accepted (None / False also accept any empty value).
@@ -107,6 +107,12 @@ def _flag(peft: dict[str, Any], field: str) -> bool:
     return value
 
 
+def _task_type(peft: dict[str, Any]) -> Optional[str]:
+    """PEFT's task_type where fastlora knows it (``TASK_HEADS``), else None (a model-wrapper choice only)."""
+    task = peft.get("task_type")
+    return task if task in TASK_HEADS else None
+
+
 def _peft_targets(peft: dict[str, Any]):
     """PEFT's target_modules (saved from a set, so in arbitrary order) as a sorted list, or its regex."""
     targets = peft.get("target_modules")
@@ -118,7 +124,7 @@ def _lora_config(peft: dict[str, Any]) -> LoraConfig:
     (fastlora resolves them as PEFT does: the first key the module name ends with wins)."""
     _check_unsupported(peft, _LORA_UNSUPPORTED)
     return LoraConfig(r=peft.get("r", 8), alpha=_number(peft, "lora_alpha", 8), use_rslora=_flag(peft, "use_rslora"),
-                      dropout=_number(peft, "lora_dropout", 0.0),
+                      dropout=_number(peft, "lora_dropout", 0.0), task_type=_task_type(peft),
                       target_modules=_peft_targets(peft), rank_pattern=peft.get("rank_pattern") or {},
                       alpha_pattern=peft.get("alpha_pattern") or {})
 
@@ -133,7 +139,8 @@ def _neat_config(peft: dict[str, Any]) -> NeatConfig:
     if act_fn not in PEANUT_ACTIVATIONS:
         raise ValueError(f"PEFT PEANUT config has act_fn={act_fn!r}; fastlora supports {sorted(PEANUT_ACTIVATIONS)}")
     return NeatConfig(r=peft.get("r", 32), depth=peft.get("depth", 0), activation=PEANUT_ACTIVATIONS[act_fn],
-                      scale=_number(peft, "scaling", 1.0), target_modules=_peft_targets(peft))
+                      scale=_number(peft, "scaling", 1.0), target_modules=_peft_targets(peft),
+                      task_type=_task_type(peft))
 
 
 def _peanut_shapes(config: NeatConfig, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:

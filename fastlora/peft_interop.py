@@ -84,24 +84,15 @@ def _read_peft_checkpoint(directory: Union[str, os.PathLike]) -> tuple[dict[str,
             state = load_file(str(root / WEIGHTS_FILE))
         except Exception as error:  # safetensors raises its own error types for malformed files
             raise ValueError(f"{root / WEIGHTS_FILE}: not a readable safetensors file ({error})") from None
-        return config, _checked_tensors(root / WEIGHTS_FILE, state)
+        return config, check_finite(root / WEIGHTS_FILE, state)
     if (root / PICKLED_WEIGHTS_FILE).is_file():
         state = torch.load(root / PICKLED_WEIGHTS_FILE, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
                                                   for k, v in state.items()):
             raise ValueError(f"{root / PICKLED_WEIGHTS_FILE} does not hold a dict of named tensors")
-        return config, _checked_tensors(root / PICKLED_WEIGHTS_FILE, state)
+        return config, check_finite(root / PICKLED_WEIGHTS_FILE, state)
     raise FileNotFoundError(f"no {WEIGHTS_FILE} (or {PICKLED_WEIGHTS_FILE}) in {directory} (expected a PEFT "
                             f"save_pretrained directory)")
-
-
-def _checked_tensors(path: Path, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``state`` when every tensor is floating and finite (PEFT saves factors and module weights only), else
-    ValueError naming the file and tensor."""
-    for key, tensor in state.items():
-        if not tensor.is_floating_point():
-            raise ValueError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, not a floating dtype")
-    return check_finite(path, state)
 
 
 def _saved_module_tensors(peft: dict[str, Any], state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -117,13 +108,16 @@ def _saved_module_tensors(peft: dict[str, Any], state: dict[str, Tensor]) -> dic
 
 
 def _layer_tensors(state: dict[str, Tensor], names: list[str]) -> dict[str, dict[str, Tensor]]:
-    """Group "base_model.model.<path>.<name>" keys by module path; unknown keys raise."""
+    """Group "base_model.model.<path>.<name>" keys by module path; unknown keys and factors that are not
+    floating raise."""
     layers: dict[str, dict[str, Tensor]] = {}
     for key, tensor in state.items():
         name = next((n for n in names if key.endswith("." + n)), None)
         if not key.startswith(KEY_PREFIX) or name is None:
             raise ValueError(f"PEFT checkpoint tensor {key!r} is not one of {names} under {KEY_PREFIX!r}; "
                              f"fastlora cannot represent it")
+        if not tensor.is_floating_point():
+            raise ValueError(f"PEFT checkpoint tensor {key!r} has dtype {tensor.dtype}, not a floating dtype")
         layers.setdefault(key[len(KEY_PREFIX):-len(name) - 1], {})[name] = tensor
     return layers
 

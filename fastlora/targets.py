@@ -16,11 +16,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 from torch import nn
 
-from .config import AdapterConfig
+from .config import TASK_HEADS, AdapterConfig
 
 # PEFT's LoRA targets when target_modules is missing, by transformers model_type
 DEFAULT_TARGETS: dict[str, Union[str, tuple[str, ...]]] = {  # a str: a regex, matched as target_modules
@@ -175,6 +175,19 @@ def is_selected(name: str, targets: Targets, config: AdapterConfig, output_layer
     if config.layers_to_transform is None:
         return True
     return _layer_index(name, config.layers_pattern) in config.layers_to_transform
+
+
+def task_heads(config: AdapterConfig) -> list[str]:
+    """The task type's head names (``TASK_HEADS``) that modules_to_save does not list already."""
+    return [key for key in TASK_HEADS.get(config.task_type, ()) if key not in (config.modules_to_save or ())]
+
+
+def in_task_head(model: nn.Module, config: AdapterConfig) -> Callable[[str], bool]:
+    """Whether a module name is one of the task type's heads or inside one: as PEFT, a head its task type
+    names is trained in full, not adapted ("all-linear" over DistilBERT's pre_classifier, say)."""
+    keys = task_heads(config)
+    heads = [n for n, _ in model.named_modules() if n and keys and matches_targets(n, keys)]
+    return lambda name: any(name == head or name.startswith(head + ".") for head in heads)
 
 
 def exact_name_pattern(name: str) -> str:

@@ -125,3 +125,30 @@ def test_task_heads_are_trained_in_full_not_adapted_under_all_linear():
               for n, p in reference.named_parameters() if p.requires_grad}
     assert ours == theirs and {"pre_classifier.weight", "classifier.weight"} <= ours
     assert not isinstance(model.pre_classifier, fastlora.AdapterLinear)
+
+
+def test_task_heads_and_named_adapters_and_peft_round_trips():
+    """add_adapter takes the config inject took (it selected the head inject leaves out); a selection of task
+    heads only is refused (inject adapted nothing); a PEFT checkpoint's task_type is read back."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = DistilBertForSequenceClassification(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=37,
+                                                                 vocab_size=50, num_labels=2))
+    config = LoraConfig(r=2, target_modules="all-linear", task_type="SEQ_CLS")
+    fastlora.inject(model, config)
+    fastlora.add_adapter(model, "b", config)
+    assert fastlora.adapter_names(model) == ["default", "b"]
+    with pytest.raises(ValueError, match=r"adapts only the heads of task_type 'SEQ_CLS', which it trains in full"):
+        fastlora.inject(BertForSequenceClassification(tiny_bert(num_labels=2)),
+                        LoraConfig(r=2, target_modules=["classifier"], task_type="SEQ_CLS"))
+
+
+def test_a_peft_checkpoints_task_type_is_kept_on_import(tmp_path):
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(tiny_bert(num_labels=3))
+    peft.get_peft_model(copy.deepcopy(bert), peft.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS")
+                        ).save_pretrained(tmp_path)
+    model = fastlora.load_peft_adapter(copy.deepcopy(bert), tmp_path)
+    assert next(fastlora.adapter_layers(model))[1].config.task_type == "SEQ_CLS"
+    assert model.classifier.weight.requires_grad

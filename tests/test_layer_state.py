@@ -194,6 +194,9 @@ def test_reset_parameters_after_to_empty_gives_every_trainable_tensor_its_initia
         assert empty.adapter.score.tolist() == [0.25] and empty.adapter.active
     if isinstance(config, RankSelectiveLoraConfig):
         assert empty.adapter.importance.abs().min() > 0 and empty.adapter.active_index.tolist() == [0, 1, 2, 3]
+    counters = {name: int(b) for name, b in empty.adapter.state_dict().items() if b.dim() == 0
+                and not b.is_floating_point()}
+    assert counters and set(counters.values()) == {0}, counters  # uninitialised memory before (cascades ~1e14)
     x = torch.randn(3, 16)
     torch.testing.assert_close(empty.eval()(x), plain(x))  # B (NEAT's B_n) zeros: the base output
 

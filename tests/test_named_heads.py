@@ -228,3 +228,21 @@ def test_a_head_with_buffers_keeps_them_per_adapter_and_through_checkpoints(tmp_
     _trained_forwards(model, 3)
     fastlora.set_adapter(model, "default")
     assert torch.equal(model.eval()(X), expected)
+
+
+def test_a_peft_checkpoint_with_a_batchnorm_head_loads_its_integer_buffer(tmp_path):
+    """PEFT saves a BatchNorm head's num_batches_tracked (int64) with its modules_to_save: the import refused any
+    integer tensor, so fastlora's own export of such a head did not load back either."""
+    import peft
+
+    torch.manual_seed(0)
+    base = NormedHead()
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=TARGETS,
+                                                                        modules_to_save=["classifier"],
+                                                                        init_lora_weights=False))
+    _trained_forwards(reference, 2)
+    reference.save_pretrained(tmp_path / "peft")
+    model = fastlora.load_peft_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
+    assert torch.equal(model(X), reference.eval()(X))
+    fastlora.save_peft_adapter(model, tmp_path / "again")
+    assert torch.equal(fastlora.load_peft_adapter(copy.deepcopy(base), tmp_path / "again").eval()(X), model(X))

@@ -50,13 +50,21 @@ class Adapter(nn.Module):
         self.out_features = out_features
 
     def _apply(self, fn, recurse: bool = True):
-        """A count without a value (built on the meta device, materialised by ``to_empty``) starts at 0."""
-        unset = self.tasks_done.is_meta
+        """Counters without a value (integer buffers built on the meta device, materialised by ``to_empty``)
+        start at 0, and the host copies read from them follow (``refresh_host_copies``)."""
+        unset = [name for name, buffer in self.named_buffers(recurse=False)
+                 if buffer is not None and buffer.is_meta and not buffer.is_floating_point()]
         module = super()._apply(fn, recurse)
-        if unset and not self.tasks_done.is_meta:
+        counters = [getattr(self, name) for name in unset if not getattr(self, name).is_meta]
+        if counters:
             with torch.no_grad():
-                self.tasks_done.zero_()
+                for counter in counters:
+                    counter.zero_()
+            self.refresh_host_copies()
         return module
+
+    def refresh_host_copies(self) -> None:
+        """Read the host copies a method keeps of its counters again (after they changed outside a load)."""
 
     def bind(self, layer: nn.Module) -> None:
         """Called with the AdapterLinear that owns this adapter when it gets it (at build, and in

@@ -326,6 +326,9 @@ class CascadeLoraAdapter(Adapter):
         fast = lora_b.to(dtype) @ lora_a.to(dtype)
         local_view(weight).add_(local_part(fast * (self.keep * self.scale), weight))
 
+    def refresh_host_copies(self) -> None:
+        self.refresh_counters()
+
     @torch.no_grad()
     def refresh_counters(self) -> None:
         """Host copies of the counters and lengths <- the buffers (after a load); the layer index <- the one

@@ -130,6 +130,9 @@ class RankSelectiveLoraAdapter(LoraAdapter):
         """The proximal step follows the optimizer that moves w."""
         return self.importance
 
+    def refresh_host_copies(self) -> None:
+        self.refresh_active_ranks()
+
     @torch.no_grad()
     def refresh_active_ranks(self) -> None:
         """active_index <- the ranks whose w is nonzero (a sharded w is gathered); host step count

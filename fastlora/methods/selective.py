@@ -119,6 +119,9 @@ class SelectiveLoraAdapter(LoraAdapter):
         """Copies and pickles leave the recorded penalty (part of one forward's graph) behind."""
         return {**super().__getstate__(), "_penalty": None}
 
+    def refresh_host_copies(self) -> None:
+        self._set_steps(int(self.optimizer_steps))
+
     def _set_steps(self, steps: int) -> None:
         """The host count of optimizer steps, and whether the warm-up is over (what forwards read)."""
         self._steps = steps
