@@ -39,6 +39,7 @@ class Adapter(nn.Module):
                  device: Optional[torch.device] = None) -> None:
         super().__init__()
         self.register_load_state_dict_pre_hook(_keep_missing_optional_state)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
         # the tasks fastlora.next_task ended before this adapter (in state dicts: a resumed task sequence
         # builds the next task's adapters as the uninterrupted run does)
         self.register_buffer("tasks_done", torch.zeros((), dtype=torch.int64, device=device))
@@ -50,10 +51,11 @@ class Adapter(nn.Module):
         self.out_features = out_features
 
     def _apply(self, fn, recurse: bool = True):
-        """Counters without a value (integer buffers built on the meta device, materialised by ``to_empty``)
-        start at 0, and the host copies read from them follow (``refresh_host_copies``)."""
+        """Counters without a value (persistent integer buffers built on the meta device, materialised by
+        ``to_empty``) start at 0, and the host copies read from them follow (``refresh_host_copies``)."""
         unset = [name for name, buffer in self.named_buffers(recurse=False)
-                 if buffer is not None and buffer.is_meta and not buffer.is_floating_point()]
+                 if buffer is not None and buffer.is_meta and not buffer.is_floating_point()
+                 and name not in self._non_persistent_buffers_set]
         module = super()._apply(fn, recurse)
         counters = [getattr(self, name) for name in unset if not getattr(self, name).is_meta]
         if counters:
@@ -64,7 +66,8 @@ class Adapter(nn.Module):
         return module
 
     def refresh_host_copies(self) -> None:
-        """Read the host copies a method keeps of its counters again (after they changed outside a load)."""
+        """Read the host copies a method keeps of its buffers again: after a load and after ``to_empty`` (a
+        forward reads the host copies, not the device)."""
 
     def bind(self, layer: nn.Module) -> None:
         """Called with the AdapterLinear that owns this adapter when it gets it (at build, and in
@@ -126,6 +129,10 @@ class Adapter(nn.Module):
     def extra_stats(self) -> dict[str, float]:
         """Method-specific numbers for reports (active ranks, gate state...)."""
         return {}
+
+
+def _refresh_after_load(module: Adapter, incompatible_keys) -> None:
+    module.refresh_host_copies()
 
 
 def _keep_missing_optional_state(module: Adapter, state_dict: dict, prefix: str, *args) -> None:

@@ -137,10 +137,6 @@ class NonFiniteStageError(ValueError):
     """A stage end found a non-finite fast pair: nothing was folded (W and the record are unchanged)."""
 
 
-def _refresh_after_load(module: "CascadeLoraAdapter", incompatible_keys) -> None:
-    module.refresh_counters()
-
-
 def weight_std(weight: Tensor) -> float:
     """std(W), unbiased over all its entries (gathered when sharded), in at least float32: what a stage's
     noise is scaled by."""
@@ -231,7 +227,6 @@ class CascadeLoraAdapter(Adapter):
         self.register_buffer("cascades", torch.zeros((), **counter))
         self.register_buffer("run_steps", torch.zeros((), **counter))
         self.register_buffer("epoch_steps", torch.zeros((), **counter))
-        self.register_load_state_dict_post_hook(_refresh_after_load)
         self.scale = config.scale
         self.keep = 1.0 - float(config.slow_momentum)
         self.intensity = float(config.noise_intensity)
@@ -326,13 +321,10 @@ class CascadeLoraAdapter(Adapter):
         fast = lora_b.to(dtype) @ lora_a.to(dtype)
         local_view(weight).add_(local_part(fast * (self.keep * self.scale), weight))
 
-    def refresh_host_copies(self) -> None:
-        self.refresh_counters()
-
     @torch.no_grad()
-    def refresh_counters(self) -> None:
-        """Host copies of the counters and lengths <- the buffers (after a load); the layer index <- the one
-        the record's stage-0 seed was drawn with (a checkpoint of a later task's adapter continues its seeds)."""
+    def refresh_host_copies(self) -> None:
+        """Host copies of the counters and lengths <- the buffers; the layer index <- the one the record's
+        stage-0 seed was drawn with (a checkpoint of a later task's adapter continues its seeds)."""
         self._steps = int(self.optimizer_steps)
         self._cascades = int(self.cascades)
         self._run_steps = int(self.run_steps)

@@ -66,10 +66,6 @@ def soft_threshold(values: Tensor, threshold: float) -> Tensor:
     return values.sign() * (values.abs() - threshold).clamp_min(0)
 
 
-def _refresh_after_load(module: "RankSelectiveLoraAdapter", incompatible_keys) -> None:
-    module.refresh_active_ranks()
-
-
 def _initial_importance(config: RankSelectiveLoraConfig, **factory: Any) -> Tensor:
     """w (r,): N(0, 1) draws from the default generator for importance_init "randn", else the constant."""
     if config.importance_init == "randn":
@@ -94,7 +90,6 @@ class RankSelectiveLoraAdapter(LoraAdapter):
         self.register_buffer("active_index", torch.arange(config.r, device=weight.device), persistent=False)
         self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.int64, device=weight.device))
         self.register_buffer("run_steps", torch.zeros((), dtype=torch.int64, device=weight.device))
-        self.register_load_state_dict_post_hook(_refresh_after_load)
         self._steps = 0  # host copies of optimizer_steps and run_steps: no device read per forward
         self._run_steps = 0
 

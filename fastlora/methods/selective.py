@@ -46,12 +46,6 @@ from .base import adapter_factory
 from .lora import LoraAdapter
 
 
-def _steps_after_load(module: "SelectiveLoraAdapter", incompatible_keys) -> None:
-    module._set_steps(int(module.optimizer_steps))
-    if module._gate_seen.is_meta and not module.score.is_meta:  # load_state_dict(assign=True) onto a meta module:
-        module._start_gate_record(module.score.device)  # not in state dicts: it starts afresh beside the score
-
-
 def _score_as_vector(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """Checkpoints written while score was 0-dim load into the (1,) score."""
     score = state_dict.get(prefix + "score")
@@ -104,7 +98,6 @@ class SelectiveLoraAdapter(LoraAdapter):
         self.threshold = float(config.threshold)
         self.sparsity_weight = float(config.sparsity_weight)
         self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.int64, device=weight.device))
-        self.register_load_state_dict_post_hook(_steps_after_load)
         self._set_steps(0)  # _steps: host copy of optimizer_steps; _penalized: the warm-up is over
         self._penalty: Optional[Tensor] = None
         self._gate_key: Optional[tuple] = None
@@ -121,6 +114,8 @@ class SelectiveLoraAdapter(LoraAdapter):
 
     def refresh_host_copies(self) -> None:
         self._set_steps(int(self.optimizer_steps))
+        if self._gate_seen.is_meta and not self.score.is_meta:  # load_state_dict(assign=True) onto a meta module:
+            self._start_gate_record(self.score.device)  # not in state dicts: it starts afresh beside the score
 
     def _set_steps(self, steps: int) -> None:
         """The host count of optimizer steps, and whether the warm-up is over (what forwards read)."""
