@@ -48,7 +48,6 @@ from .layer import check_adapter_name, is_adaptable
 from .methods import Adapter
 from .model_tree import (
     adapter_layers,
-    is_saved_in_full,
     mark_saved_in_full,
     parameter_owner,
     set_submodule,
@@ -99,12 +98,10 @@ def saved_non_adapter_parameters(model: nn.Module) -> dict[str, Tensor]:
     running statistics)."""
     adapters = {id(p) for _, layer in adapter_layers(model) for n in layer.adapter_names()
                 for p in layer.named_adapter(n).parameters()}
-    in_full = {id(p) for module in model.modules() if is_saved_in_full(module) for p in module.parameters()}
-    saved = {name: p for name, p in model.named_parameters()
-             if (p.requires_grad or id(p) in in_full) and id(p) not in adapters}
-    buffers = {f"{owner}.{n}" if owner else n: getattr(sub, n) for owner, sub, names in head_tensors(model)
-               for n in names if not isinstance(getattr(sub, n), nn.Parameter)}
-    return {**saved, **buffers}
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in adapters}
+    in_full = {f"{owner}.{n}" if owner else n: getattr(sub, n) for owner, sub, names in head_tensors(model)
+               for n in names}
+    return {**trainable, **in_full}
 
 
 def save_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[str] = None) -> Path:
