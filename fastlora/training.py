@@ -221,27 +221,36 @@ def _check_steps(name: str, steps: int) -> None:
 
 
 def _give_length(adapters: list, held: str, setter: str, steps: int) -> set[tuple[str, int, int]]:
-    """Set ``steps`` on each adapter (``setter``) but those that already stepped under another value of
-    their host copy ``held``; returns (method, their value, their steps) of those."""
+    """Set ``steps`` on each adapter (``setter``) but those that already stepped in their run under another
+    value of their host copy ``held``; returns (method, their value, their steps) of those."""
     kept = set()
     for adapter in adapters:
         length = getattr(adapter, held)
-        if length and length != steps and adapter._steps > 0:
-            kept.add((adapter.config.method, length, adapter._steps))
+        if length and length != steps and adapter.steps_in_run > 0:
+            kept.add((adapter.config.method, length, adapter.steps_in_run))
             continue
         getattr(adapter, setter)(steps)
     return kept
 
 
-def set_run_length(model: nn.Module, total_steps: int) -> None:
+def set_run_length(model: nn.Module, total_steps: int, steps_done: Optional[int] = None) -> None:
     """Give the model's step-scheduled layers (CoDyRA, LoRASC) the run's length in optimizer steps:
     CoDyRA's schedule spans it when its config leaves total_steps None, LoRASC places stages_per_run's
-    stage ends by it and ends no stage on its final step. A layer that already stepped under another
-    length (a resumed run) keeps that one, with a warning. Refused (before any layer changes) unless
-    0 < total_steps < 2**63."""
+    stage ends by it and ends no stage on its final step. ``steps_done``: the run's steps already taken
+    (Trainer's global step: 0 when ``train()`` starts afresh), from which LoRASC layers count their
+    run (``begin_run``); None (a hand loop): a LoRASC layer whose run of known length is over begins a
+    new one, any other goes on. A layer that already stepped in its run under another length (a resumed
+    run; CoDyRA's one schedule) keeps that one, with a warning. Refused (before any layer changes)
+    unless 0 < total_steps < 2**63 and 0 <= steps_done."""
     _check_steps("total_steps", total_steps)
+    if steps_done is not None and not 0 <= steps_done < 2**63:
+        raise ValueError(f"steps_done must be an int >= 0 (the run's optimizer steps already taken), "
+                         f"got {steps_done!r}")
     adapters = [layer.adapter for _, layer in adapter_layers(model)
                 if isinstance(layer.adapter, (RankSelectiveLoraAdapter, CascadeLoraAdapter))]
+    for adapter in adapters:
+        if isinstance(adapter, CascadeLoraAdapter) and (steps_done is not None or adapter.run_over):
+            adapter.begin_run(steps_done or 0)
     for method, length, steps in sorted(_give_length(adapters, "_run_steps", "set_run_steps", total_steps)):
         warn_at_caller(f"fastlora: {method} layers have taken {steps} optimizer steps of a run of {length}; they keep "
                        f"that run's schedule, not total_steps={total_steps} (a new task starts a fresh schedule "

@@ -146,7 +146,7 @@ def test_steps_per_epoch_as_trainer_counts_them(length, accumulation, expected):
 
 def test_the_callback_takes_the_epoch_length_from_the_dataloader_trainer_passes():
     class State:
-        max_steps = 12
+        max_steps, global_step = 12, 0
     model = _model()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     args = type("Args", (), {"gradient_accumulation_steps": 2})()
@@ -237,15 +237,18 @@ def test_a_resumed_loop_keeps_the_saved_epoch_length(tmp_path):
     assert _same(again, whole)
 
 
+_NEWER_KEYS = ("epoch_steps", "run_steps", "run_start")
+
+
 def test_an_earlier_versions_checkpoint_keeps_its_100_step_stages(tmp_path):
     """Written before the epoch default: adapter_config.json says cascade_interval 100, the weights hold no
-    epoch_steps (nor run_steps). It loads (load_adapter and a strict load_state_dict alike), its layers end
+    epoch_steps (nor run_steps, run_start). It loads (load_adapter and a strict load_state_dict alike), its layers end
     a stage every 100 steps, and no epoch length is asked for."""
     model = _model(cascade_interval=100)
     _steps(model, 3, total_steps=250)
     fastlora.save_adapter(model, tmp_path)
     weights = tmp_path / WEIGHTS_FILE
-    save_file({k: v for k, v in load_file(weights).items() if not k.endswith(("epoch_steps", "run_steps"))}, weights)
+    save_file({k: v for k, v in load_file(weights).items() if not k.endswith(_NEWER_KEYS)}, weights)
     meta = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert meta["config"]["cascade_interval"] == 100
     meta["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -255,9 +258,9 @@ def test_an_earlier_versions_checkpoint_keeps_its_100_step_stages(tmp_path):
     assert [(layer.adapter._steps, layer.adapter._run_steps, layer.adapter._epoch_steps) for layer in _layers(old)] \
         == [(3, 0, 0), (3, 0, 0)]
     assert _steps(old, 198, first=4) == [100, 200]
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith(("epoch_steps", "run_steps"))}
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(_NEWER_KEYS)}
     other = _model(cascade_interval=100)
-    other.load_state_dict(state)  # strict: the two missing keys keep the layer's own values
+    other.load_state_dict(state)  # strict: the missing keys keep the layer's own values
     for a, b in zip(_layers(model), _layers(other)):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.adapter.lora_B, b.adapter.lora_B)
         assert (b.adapter._steps, b.adapter._run_steps, b.adapter._epoch_steps) == (3, 0, 0)

@@ -85,7 +85,7 @@ def test_stage_0_noise_enters_w_at_the_first_training_forward_and_zero_noise_rep
     assert adapter.lora_A.shape == (4, D_IN) and adapter.lora_A.abs().max() > 0
     assert torch.count_nonzero(adapter.lora_B) == 0 and torch.equal(layer.weight, _pretrained())
     assert set(adapter.state_dict()) == {"lora_A", "lora_B", "optimizer_steps", "cascades", "run_steps", "epoch_steps",
-                                         "tasks_done", "folded_A", "folded_B", "noise_seeds", "noise_stds"}
+                                         "run_start", "tasks_done", "folded_A", "folded_B", "noise_seeds", "noise_stds"}
     x = torch.randn(N, D_IN, dtype=torch.float64)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     assert not adapter.pending_start and torch.equal(layer.weight, _pretrained())

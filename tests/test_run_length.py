@@ -207,7 +207,7 @@ def test_a_started_layer_keeps_its_run_length():
 
 def test_the_trainer_callback_gives_the_run_length():
     class State:
-        max_steps = 48
+        max_steps, global_step = 48, 0
     model = _codyra()
     callback = FastLoraCallback(save_adapters=False)
     optimizer = torch.optim.SGD([model[0].adapter.importance], lr=0.0)

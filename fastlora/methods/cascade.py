@@ -93,6 +93,11 @@ Choices where the paper is silent (our reading):
   with no known length), or cascade_interval None: a stage ends only where the loop calls
   ``cascade_step()``. Checkpoints written before ``epoch_steps`` (or ``run_steps``) existed load
   with the layer's own value (0: unknown).
+- Stages are counted within the run: its steps from 1 at the step counter's value when the run began
+  (the persistent buffer ``run_start``): a run begins where Trainer's ``train()`` starts without
+  resuming (FastLoraCallback; a resumed one goes on from Trainer's global step), and where
+  ``attach_training_hooks(..., total_steps=N)`` finds the previous run of known length over. A second
+  run on a trained adapter thus places its stages as the first run did.
 - The run's final step ends no stage (when the run's length is known): a fold there would add only
   (1 - m) of the last fast pair and start a fresh pair (B = 0) right before evaluation. The last
   stage stays the fast pair, evaluated as W + s B A; ``next_task`` folds it, ``merge`` adds it. A
@@ -205,14 +210,16 @@ def _stage_noise_fake(weight: Tensor, std_out: Tensor, seed: Tensor, intensity: 
 class CascadeLoraAdapter(Adapter):
     """lora_A (r, d_in) kaiming-uniform(a=sqrt 5), lora_B (d_out, r) zeros; persistent int64 buffers
     optimizer_steps and cascades (counters), run_steps and epoch_steps (the run's and the epoch's
-    length in optimizer steps, 0: unknown); the stage record (CPU tensors, in the state
-    dict); ``pretrained``: the CPU copy of W with keep_pretrained_copy, else None; ``pending_start``:
-    whether the current stage's noise still waits for the stage's first training forward. Building
-    it leaves ``weight`` as it is; stages reach W through the layer it is bound to.
+    length in optimizer steps, 0: unknown), run_start (optimizer_steps when the run began); the stage
+    record (CPU tensors, in the state dict); ``pretrained``: the CPU copy of W with
+    keep_pretrained_copy, else None; ``pending_start``: whether the current stage's noise still waits
+    for the stage's first training forward. Building it leaves ``weight`` as it is; stages reach W
+    through the layer it is bound to.
     """
 
     variable_length_keys = frozenset(_RECORD)
-    optional_state_keys = Adapter.optional_state_keys | {"run_steps", "epoch_steps"}  # earlier checkpoints lack them
+    #: earlier checkpoints lack them
+    optional_state_keys = Adapter.optional_state_keys | {"run_steps", "epoch_steps", "run_start"}
     #: the adapter writes its layer's W in place (inject refuses a W shared with another module)
     writes_weight = True
 
@@ -227,6 +234,7 @@ class CascadeLoraAdapter(Adapter):
         self.register_buffer("cascades", torch.zeros((), **counter))
         self.register_buffer("run_steps", torch.zeros((), **counter))
         self.register_buffer("epoch_steps", torch.zeros((), **counter))
+        self.register_buffer("run_start", torch.zeros((), **counter))
         self.scale = config.scale
         self.keep = 1.0 - float(config.slow_momentum)
         self.intensity = float(config.noise_intensity)
@@ -252,6 +260,7 @@ class CascadeLoraAdapter(Adapter):
         self._cascades = 0
         self._run_steps = 0
         self._epoch_steps = 0
+        self._run_start = 0
         self.reset_parameters()
 
     @property
@@ -329,6 +338,7 @@ class CascadeLoraAdapter(Adapter):
         self._cascades = int(self.cascades)
         self._run_steps = int(self.run_steps)
         self._epoch_steps = int(self.epoch_steps)
+        self._run_start = int(self.run_start)
         if self.noise_seeds.numel():
             self.layer_index = seed_layer_index(int(self.noise_seeds[0]), self.config.noise_seed)
 
@@ -339,6 +349,23 @@ class CascadeLoraAdapter(Adapter):
         the run's final step from ending a stage."""
         self.run_steps.fill_(steps)
         self._run_steps = int(steps)
+
+    @torch.no_grad()
+    def begin_run(self, steps_done: int) -> None:
+        """The current run began ``steps_done`` optimizer steps ago (0: it begins now; Trainer's global
+        step on a resume): ``run_start`` <- optimizer_steps - steps_done, from where stages are counted."""
+        self._run_start = self._steps - steps_done
+        self.run_start.fill_(self._run_start)
+
+    @property
+    def steps_in_run(self) -> int:
+        """Optimizer steps taken in the current run."""
+        return self._steps - self._run_start
+
+    @property
+    def run_over(self) -> bool:
+        """Whether the current run, of known length, has taken all its steps."""
+        return bool(self._run_steps) and self.steps_in_run >= self._run_steps
 
     @torch.no_grad()
     def set_epoch_steps(self, steps: int) -> None:
@@ -361,10 +388,12 @@ class CascadeLoraAdapter(Adapter):
         return (self._epoch_steps or None) if interval == "epoch" else interval
 
     def stage_ends_at(self, step: int) -> bool:
-        """Whether optimizer step ``step`` (1-based) ends a stage: never on the run's final step (when the
-        run's length is known), with stages_per_run K at steps ceil(j N / K), j = 1 .. K - 1, of the
-        N-step run, else at every multiple of ``stage_steps``. Raises ValueError for stages_per_run
-        with no known run length, and for "epoch" stages with no known epoch length."""
+        """Whether optimizer step ``step`` (1-based, of the step counter) ends a stage, t = step - run_start
+        being its step in the run: never on the run's final step (when the run's length is known), with
+        stages_per_run K at t = ceil(j N / K), j = 1 .. K - 1, of the N-step run, else at every multiple
+        of ``stage_steps``. Raises ValueError for stages_per_run with no known run length, and for
+        "epoch" stages with no known epoch length."""
+        step -= self._run_start
         run, stages = self._run_steps, self.config.stages_per_run
         if stages is not None:
             if not run:

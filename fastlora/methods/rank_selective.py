@@ -105,6 +105,11 @@ class RankSelectiveLoraAdapter(LoraAdapter):
         total = self.total_steps
         return total is not None and self._steps >= total
 
+    @property
+    def steps_in_run(self) -> int:
+        """Optimizer steps taken under the schedule: all of them (its schedule is pruned once, over one run)."""
+        return self._steps
+
     @torch.no_grad()
     def set_run_steps(self, steps: int) -> None:
         """The run's length in optimizer steps (Trainer's max_steps, attach_training_hooks(total_steps=)),
