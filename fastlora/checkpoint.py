@@ -91,8 +91,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> 
     return state
 
 
-def saved_non_adapter_parameters(model: nn.Module) -> dict[str, Tensor]:
-    """Parameters outside the adapter layers' adapters that a checkpoint carries, keyed by qualified
+def saved_non_adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Tensors outside the adapter layers' adapters that a checkpoint carries, keyed by qualified
     name: those that require grad (a head the user unfroze) and those of the modules marked saved in
     full (``modules_to_save``; trainable or not), with those modules' persistent buffers (a BatchNorm's
     running statistics)."""
@@ -116,7 +116,7 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     state = adapter_state_dict(model, adapter_name)
     inactive = _inactive_name(model, adapter_name)
     extra = {name: head_value(model, name, inactive).detach().contiguous().cpu()
-             for name in saved_non_adapter_parameters(model)}
+             for name in saved_non_adapter_tensors(model)}
     state.update(extra)
     check_finite(f"save_adapter {UNSAVABLE}", state)
     configs = {name: adapter.config.to_dict() for name, (_, adapter) in layers.items()}

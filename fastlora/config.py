@@ -107,7 +107,7 @@ class AdapterConfig:
     def validate(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"{type(self).__name__}.r must be a positive int, got {self.r!r}")
-        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+        if not is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{type(self).__name__}.dropout must be a number in [0, 1), got {self.dropout!r}")
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
             raise ValueError(f"{type(self).__name__}.backend must be one of {BACKENDS}, got {self.backend!r}")
@@ -155,7 +155,7 @@ def _refuse_retired(cls: type, fields: dict[str, Any]) -> None:
         raise TypeError(f"{cls.__name__}: " + "; ".join(retired))
 
 
-def _is_real(value: Any) -> bool:
+def is_real(value: Any) -> bool:
     """An int or float, not a bool (True would silently read as 1)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -221,7 +221,7 @@ def _check_selection(config: AdapterConfig) -> None:
         raise ValueError(f"{name}: layers_pattern {list(patterns)} needs layers_to_transform (as in PEFT)")
     if config.alpha_pattern and "alpha" not in {f.name for f in dataclasses.fields(config)}:
         raise ValueError(f"{name} has no alpha, so no alpha_pattern")
-    for field, check in (("rank_pattern", _is_index), ("alpha_pattern", _is_real)):
+    for field, check in (("rank_pattern", _is_index), ("alpha_pattern", is_real)):
         pairs = getattr(config, field)
         pairs = tuple(pairs.items()) if isinstance(pairs, dict) else pairs
         if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
@@ -243,7 +243,7 @@ def _is_index(value: Any) -> bool:
 
 def _check_positive(config: AdapterConfig, name: str, allow_zero: bool = False) -> None:
     value = getattr(config, name)
-    ok = _is_real(value) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    ok = is_real(value) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{type(config).__name__}.{name} must be a finite number {bound}, got {value!r}")
@@ -252,7 +252,7 @@ def _check_positive(config: AdapterConfig, name: str, allow_zero: bool = False) 
 def _check_nonzero(config: AdapterConfig, name: str) -> None:
     """A factor of the adapter's output: finite, and nonzero (0 makes every adapter gradient 0)."""
     value = getattr(config, name)
-    if not _is_real(value) or not math.isfinite(value) or value == 0:
+    if not is_real(value) or not math.isfinite(value) or value == 0:
         raise ValueError(f"{type(config).__name__}.{name} must be finite and nonzero (an int or float; 0 makes every "
                          f"adapter gradient 0, so training would change nothing), got {value!r}")
 
@@ -310,7 +310,7 @@ class SelectiveLoraConfig(LoraConfig):
         _check_positive(self, "sparsity_weight", allow_zero=True)
         for name in ("threshold", "score_init"):
             value = getattr(self, name)
-            if not _is_real(value) or not math.isfinite(value):
+            if not is_real(value) or not math.isfinite(value):
                 raise ValueError(f"SelectiveLoraConfig.{name} must be a finite number, got {value!r}")
         if self.score_init < self.threshold:
             raise ValueError(f"SelectiveLoraConfig.score_init={self.score_init!r} must be >= "
@@ -373,7 +373,7 @@ class RankSelectiveLoraConfig(LoraConfig):
         else:
             super().validate()
         value = self.importance_init
-        if value != "randn" and (not _is_real(value) or not math.isfinite(value) or value == 0):
+        if value != "randn" and (not is_real(value) or not math.isfinite(value) or value == 0):
             raise ValueError(f"RankSelectiveLoraConfig.importance_init must be a finite nonzero number or 'randn' "
                              f"(0 would prune every rank before training), got {value!r}")
         for name in ("total_steps", "threshold_levels"):
@@ -382,7 +382,7 @@ class RankSelectiveLoraConfig(LoraConfig):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"RankSelectiveLoraConfig.{name} must be an int > 0, got {value!r}")
-        if not _is_real(self.dense_fraction) or not 0.0 <= self.dense_fraction < 1.0:
+        if not is_real(self.dense_fraction) or not 0.0 <= self.dense_fraction < 1.0:
             raise ValueError(f"RankSelectiveLoraConfig.dense_fraction must be a number in [0, 1), "
                              f"got {self.dense_fraction!r}")
         _check_positive(self, "kappa_max", allow_zero=True)
@@ -535,7 +535,7 @@ class CascadeLoraConfig(LoraConfig):
                 raise ValueError(f"CascadeLoraConfig.stages_per_run must be an int > 0 or None, got {stages!r}")
             object.__setattr__(self, "cascade_interval", None)  # left out (a given interval was refused)
         value = self.slow_momentum
-        if not _is_real(value) or not 0.0 <= value < 1.0:
+        if not is_real(value) or not 0.0 <= value < 1.0:
             raise ValueError(f"CascadeLoraConfig.slow_momentum must lie in [0, 1) (1 would discard every "
                              f"fast pair), got {value!r}")
         _check_positive(self, "noise_intensity", allow_zero=True)

@@ -31,6 +31,7 @@ from .targets import (
     resolved_targets,
     task_heads,
     unmatched_pattern_keys,
+    within,
 )
 from .training import watch_training_rules
 
@@ -249,7 +250,7 @@ def _modules_to_save(model: nn.Module, config: AdapterConfig, chosen) -> list[nn
     found: dict[int, nn.Module] = {}
     for key in (*listed, *heads):
         matched = [(n, m) for n, m in model.named_modules() if n and matches_targets(n, [key])]
-        overlap = [n for n, _ in matched if any(a == n or a.startswith(n + ".") for a in adapted)]
+        overlap = [n for n, _ in matched if any(within(a, n) for a in adapted)]
         if key in heads and not matched:
             continue  # PEFT's task heads: those the model has
         if not matched:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 from torch import Tensor
 
-from .config import TASK_HEADS, AdapterConfig, LoraConfig, NeatConfig
+from .config import TASK_HEADS, AdapterConfig, LoraConfig, NeatConfig, is_real
 
 # PEFT LoRA fields that change the computation in ways fastlora cannot represent, each with
 # the one value accepted (None / False also accept any empty value).
@@ -94,7 +94,7 @@ def _check_unsupported(peft: dict[str, Any], unsupported: dict[str, Any]) -> Non
 def _number(peft: dict[str, Any], field: str, default: float) -> float:
     """PEFT's numeric ``field`` (``default`` when absent) as a float; anything but an int or float is refused."""
     value = peft.get(field, default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not is_real(value):
         raise ValueError(f"PEFT {peft['peft_type']} config has {field}={value!r}, expected a number")
     return float(value)
 

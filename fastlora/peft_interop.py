@@ -50,7 +50,7 @@ from .checkpoint import (
     check_saved_parameters,
     differing_fields,
     restore_saved_parameters,
-    saved_non_adapter_parameters,
+    saved_non_adapter_tensors,
 )
 from .config import AdapterConfig
 from .inject import inject
@@ -363,7 +363,7 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     peft_type = fmt.peft_type
     target = _target_peft_version()
     modules, tensors = _peft_modules(model, fmt, layers, peft_out_proj_updates(target))
-    extra = saved_non_adapter_parameters(model)
+    extra = saved_non_adapter_tensors(model)
     modules_to_save = sorted({name.rpartition(".")[0] for name in extra}) or None
     meta = {"peft_type": peft_type, "task_type": layers[0][1].config.task_type,
             "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,

@@ -182,12 +182,17 @@ def task_heads(config: AdapterConfig) -> list[str]:
     return [key for key in TASK_HEADS.get(config.task_type, ()) if key not in (config.modules_to_save or ())]
 
 
+def within(name: str, outer: str) -> bool:
+    """Whether the module named ``name`` is the module named ``outer`` or inside it."""
+    return name == outer or name.startswith(outer + ".")
+
+
 def in_task_head(model: nn.Module, config: AdapterConfig) -> Callable[[str], bool]:
     """Whether a module name is one of the task type's heads or inside one: as PEFT, a head its task type
     names is trained in full, not adapted ("all-linear" over DistilBERT's pre_classifier, say)."""
     keys = task_heads(config)
     heads = [n for n, _ in model.named_modules() if n and keys and matches_targets(n, keys)]
-    return lambda name: any(name == head or name.startswith(head + ".") for head in heads)
+    return lambda name: any(within(name, head) for head in heads)
 
 
 def exact_name_pattern(name: str) -> str:

@@ -263,7 +263,7 @@ def set_epoch_length(model: nn.Module, steps_per_epoch: int) -> None:
     run) keeps that one, with a warning. Refused (before any layer changes) unless 0 < steps_per_epoch < 2**63."""
     _check_steps("steps_per_epoch", steps_per_epoch)
     adapters = [layer.adapter for _, layer in adapter_layers(model)
-                if isinstance(layer.adapter, CascadeLoraAdapter) and layer.config.cascade_interval == "epoch"]
+                if isinstance(layer.adapter, CascadeLoraAdapter) and layer.adapter.epoch_stages]
     for method, length, steps in sorted(_give_length(adapters, "_epoch_steps", "set_epoch_steps", steps_per_epoch)):
         warn_at_caller(f"fastlora: {method} layers have taken {steps} optimizer steps with epochs of {length} steps; "
                        f"they keep those stages, not steps_per_epoch={steps_per_epoch} (a new task starts afresh "
@@ -282,13 +282,12 @@ def _missing_length(layer: AdapterLinear) -> bool:
 def missing_epoch_length(layer: AdapterLinear) -> bool:
     """Whether the layer ends a stage every epoch and does not know the epoch's length."""
     adapter = layer.adapter
-    return isinstance(adapter, CascadeLoraAdapter) and adapter.config.cascade_interval == "epoch" \
-        and not adapter._epoch_steps
+    return isinstance(adapter, CascadeLoraAdapter) and adapter.epoch_stages and not adapter._epoch_steps
 
 
 def _stage_length(adapter: CascadeLoraAdapter) -> str:
     """The stage length as its config gives it: "cascade_interval=N", or the epoch's for "epoch"."""
-    if adapter.config.cascade_interval == "epoch":
+    if adapter.epoch_stages:
         return f"cascade_interval='epoch', {adapter.stage_steps} optimizer steps per epoch"
     return f"cascade_interval={adapter.stage_steps}"
 

@@ -381,11 +381,15 @@ class CascadeLoraAdapter(Adapter):
         return self.config.cascade_interval is not None or self.config.stages_per_run is not None
 
     @property
+    def epoch_stages(self) -> bool:
+        """Whether a stage is one epoch (cascade_interval "epoch")."""
+        return self.config.cascade_interval == "epoch"
+
+    @property
     def stage_steps(self) -> Optional[int]:
         """Optimizer steps per stage: cascade_interval, or for "epoch" the epoch's length (None while
         unknown); None with stages_per_run or loop-driven stages."""
-        interval = self.config.cascade_interval
-        return (self._epoch_steps or None) if interval == "epoch" else interval
+        return (self._epoch_steps or None) if self.epoch_stages else self.config.cascade_interval
 
     def stage_ends_at(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based, of the step counter) ends a stage, t = step - run_start
@@ -402,7 +406,7 @@ class CascadeLoraAdapter(Adapter):
                                  "attach_training_hooks(model, optimizer, total_steps=N)")
             return step < run and step * stages // run > (step - 1) * stages // run
         interval = self.stage_steps
-        if interval is None and self.config.cascade_interval == "epoch":
+        if interval is None and self.epoch_stages:
             raise ValueError(f"CascadeLoraConfig(cascade_interval='epoch') needs the epoch's length: "
                              f"{EPOCH_LENGTH_WAYS}")
         return interval is not None and step % interval == 0 and step != run
