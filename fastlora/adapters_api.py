@@ -5,7 +5,7 @@ unload(), method stats.
     fastlora.set_adapter(model, "b")             # one active adapter at a time ("default" from inject)
     with fastlora.disable_adapter(model):        # the base model's outputs
         ...
-    fastlora.trainable_parameters(model)         # TrainableParameters(trainable=..., total=..., percent=...)
+    fastlora.trainable_parameters(model)         # TrainableParameters(trainable=..., total=...); .percent
     fastlora.unload(model)                       # plain layers again, adapters dropped (no merge)
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ unchanged, train a few steps on bundled paraphrase pairs with the method's train
 rule, then compare the fused path with the pure-torch reference path (and report how far
 training moved the embeddings, so that comparison is of a real, nonzero update) and, for
 the methods Hugging Face peft has (LoRA, NEAT as PEANuT), with peft itself running the
-exported adapter. Progress goes to the "fastlora.demo" logger, one line per method.
+exported adapter. Progress goes to the "fastlora.demo" logger, a start and a done line per method.
 """
 from __future__ import annotations
 
