@@ -18,6 +18,7 @@ from torch import nn
 
 from .attention import AdapterMultiheadAttention, is_attention
 from .config import AdapterConfig
+from .encoder_paths import restore_fused_paths
 from .heads import add_head_values, drop_head_values, switch_head_values
 from .layer import AdapterLinear, check_adapter_name, is_adaptable
 from .methods import build_adapter
@@ -222,6 +223,7 @@ def unload(model: nn.Module) -> nn.Module:
         for name in attention_names:
             set_submodule(model, name, plain)
     drop_head_values(model)  # the active adapter's head values stay in place
+    restore_fused_paths(model)
     return model
 
 

@@ -17,6 +17,7 @@ from fastlora.kernels.caller_warnings import warn_at_caller
 
 from .attention import AdapterMultiheadAttention, is_attention
 from .config import AdapterConfig
+from .encoder_paths import keep_fused_paths_off
 from .layer import AdapterLinear, is_adaptable, linear_shape
 from .model_tree import adapter_layers, mark_saved_in_full, set_submodule
 from .shared_weights import shared_weight_owners
@@ -43,8 +44,8 @@ def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: boo
     in-projection and out_proj are AdapterLinear layers ("<name>.in_proj", "<name>.out_proj"; its
     out_proj alone when only "<name>.out_proj" is selected). Modules a selection matches but fastlora
     cannot adapt (nn.Linear subclasses, attention with separate q/k/v weights) are named in a warning.
-    Adapted layers inside an nn.TransformerEncoderLayer get a no-op forward pre-hook: it keeps torch's
-    fused encoder path, which reads the weights directly and would skip the adapters, off.
+    torch's fused nn.TransformerEncoder(Layer) inference paths, which would skip the adapters or pass
+    them nested tensors, are kept off around adapted layers (``fastlora.encoder_paths``).
 
     Selection and per-layer rank/alpha follow PEFT (``fastlora.targets``): target_modules
     (None: PEFT's default for a transformers model's architecture, every nn.Linear in another
@@ -98,8 +99,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: boo
     for (names, _, _), module in zip(chosen, built):
         for name in names:
             set_submodule(model, name, module)
-        if any(_inside_fused_encoder(model, name) for name in names):
-            module.register_forward_pre_hook(_no_fused_encoder_path)
+        keep_fused_paths_off(model, module, names)
     if untied:
         warn_at_caller(f"inject: {', '.join(f'{n!r} (shared with {o})' for n, o in untied.items())}: each of these "
                        f"layers now has its own copy of W, which {type(config).__name__} writes in place; the modules "
@@ -114,18 +114,6 @@ def _projections(name: str, module: nn.Module) -> list[tuple[str, AdapterLinear]
         return [(f"{name}.{part}", getattr(module, part)) for part in ("in_proj", "out_proj")
                 if isinstance(getattr(module, part), AdapterLinear)]
     return [(name, module)]
-
-
-def _no_fused_encoder_path(module: nn.Module, args) -> None:
-    """A forward pre-hook that does nothing: its presence keeps nn.TransformerEncoderLayer off its fused
-    inference path, which reads the layers' weights directly and would skip the adapters."""
-
-
-def _inside_fused_encoder(model: nn.Module, name: str) -> bool:
-    """Whether the module called ``name`` sits inside an nn.TransformerEncoderLayer (which has a fused path)."""
-    parts = name.split(".")
-    return any(isinstance(model.get_submodule(".".join(parts[:i])), nn.TransformerEncoderLayer)
-               for i in range(0, len(parts)))
 
 
 def _writes_weight(config: AdapterConfig) -> bool:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .attention import AdapterMultiheadAttention
+from .encoder_paths import restore_fused_paths
 from .heads import drop_head_values
 from .layer import AdapterLinear, checked_backup_device
 from .model_tree import adapter_layers, set_submodule
@@ -71,4 +72,5 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             for name in layer_names:
                 set_submodule(model, name, plain)
     drop_head_values(model)  # the active adapter's head values stay in place
+    restore_fused_paths(model)
     return model

@@ -338,6 +338,32 @@ def test_an_encoder_layer_injected_itself_keeps_the_adapters_in_inference():
     _assert_adapters_kept_in_inference(model)
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.method)
+def test_an_encoder_with_a_padding_mask_keeps_the_adapters_in_inference(config):
+    """nn.TransformerEncoder's nested-tensor path (eval, a padding mask) would hand the adapted layers a nested
+    tensor: inject turns it off on encoders holding adapted layers, unload and merge_and_unload turn it back on.
+    Each position the mask keeps gets the training path's output, that of the merged model's nested path."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, 2, 24, dropout=0.0, batch_first=True, dtype=F64)
+    model = nn.TransformerEncoder(layer, 2)
+    assert model.use_nested_tensor  # torch takes its nested path for this model
+    fastlora.inject(model, dataclasses.replace(config, target_modules="all-linear"))
+    assert not model.use_nested_tensor
+    _randomise(model)
+    x, mask = _x(B, L, E), torch.zeros(B, L, dtype=torch.bool)
+    mask[0, L // 2:] = True
+    training = model(x, src_key_padding_mask=mask).detach()
+    merged = fastlora.merge_and_unload(copy.deepcopy(model)).eval()
+    assert merged.use_nested_tensor
+    model.eval()
+    with torch.no_grad():
+        inference = model(x, src_key_padding_mask=mask)
+        merged_nested = merged(x, src_key_padding_mask=mask)
+    kept = ~mask
+    assert rel(inference[kept], training[kept]) < 1e-12 and rel(inference[kept], merged_nested[kept]) < 1e-10
+    assert fastlora.unload(model).use_nested_tensor
+
+
 def _assert_adapters_kept_in_inference(model):
     """With random factors: the eval no-grad output (where the fused path would run) is the training one, not
     the base model's."""
