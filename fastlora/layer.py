@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastlora.kernels import adapted_linear, adapted_linear_reference
+from fastlora.kernels.caller_warnings import warn_at_caller
 
 from .config import AdapterConfig
 from .methods import Adapter, CascadeLoraAdapter, build_adapter
@@ -261,6 +262,11 @@ class AdapterLinear(nn.Module):
         del self._inactive_flags[name]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        if self.merged:
+            warn_at_caller("fastlora: the state dict of a merged adapter layer holds W + ΔW beside the adapter, "
+                           "so loading it into unmerged adapter layers adds the update twice: unmerge before "
+                           "saving (fastlora.unmerge), or save the plain model (fastlora.merge_and_unload)",
+                           RuntimeWarning)
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.fan_in_fan_out:  # Conv1D's layout, (d_in, d_out)
             destination[prefix + "weight"] = destination[prefix + "weight"].t()

@@ -72,7 +72,7 @@ def test_the_adapter_holds_no_dense_tensor():
         assert all(t.numel() < d_out * d_in for t in tensors)
         state = adapter.state_dict()
         assert state["folded_A"].shape == (3, r, d_in) and state["folded_B"].shape == (3, d_out, r)
-        assert sum(t.numel() for t in state.values()) == (3 + 1) * r * (d_in + d_out) + 2 * (3 + 1) + 5  # 5 counters
+        assert sum(t.numel() for t in state.values()) == (3 + 1) * r * (d_in + d_out) + 2 * (3 + 1) + 6  # 6 counters
         assert adapter.pretrained is None
 
 

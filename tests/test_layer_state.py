@@ -2,6 +2,8 @@
 other objects, removal whatever the names' order, what a merged layer saves, an adapter-only load, a
 Conv1D layer refusing a weight of the wrong rank with load_state_dict's own message, from_linear's default layer
 index, forward_rows in each state, and a layer on the meta device."""
+import warnings
+
 import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
@@ -67,9 +69,16 @@ def test_a_merged_layer_saves_the_keys_of_an_unmerged_one_with_the_merged_weight
     keys = list(layer.state_dict())
     want = layer(x).detach()
     layer.merge()
-    state = layer.state_dict()
+    twice = r"state dict of a merged adapter layer holds W \+ ΔW beside the adapter, so loading it into unmerged"
+    with pytest.warns(RuntimeWarning, match=twice) as caught:
+        state = layer.state_dict()
+    assert [w.filename for w in caught] == [__file__]
     assert list(state) == keys  # the kept W (weight_before_merge) is not saved
     assert rel(x @ state["weight"].t() + state["bias"], want) < 1e-6
+    layer.unmerge()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.state_dict()
 
 
 def test_an_adapter_only_state_dict_loads_without_strict_and_reports_w_and_b_missing():
