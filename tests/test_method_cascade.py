@@ -131,6 +131,26 @@ def test_effective_weight_after_several_stages_matches_float64(intensity, moment
     assert layer.weight.grad is None and not layer.weight.requires_grad
 
 
+def test_a_functional_call_on_other_tensors_cannot_start_a_stage():
+    """torch.func.functional_call with other tensors: the pending noise is not added to them (refused, nothing
+    changed); on the layer's own parameters it starts the stage as a forward does; once started, other
+    tensors are read only."""
+    layer = _layer(noise_intensity=0.1).train()
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+    others = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    with pytest.raises(RuntimeError, match=r"stage 0: a stage's noise goes into the layer's own W .* runs on another "
+                                           r"W \(Tensor: torch.func.functional_call"):
+        torch.func.functional_call(layer, others, (x,))
+    assert torch.equal(others["weight"], _pretrained()) and torch.equal(layer.weight, _pretrained())
+    assert layer.adapter.pending_start and layer.adapter.noise_stds.tolist() == [0.0]
+    own = torch.func.functional_call(layer, dict(layer.named_parameters()), (x,))
+    noisy = _pretrained() + _noise(_pretrained(), 0.1, 0, 0, 0)
+    assert not layer.adapter.pending_start and rel(layer.weight, noisy) < 1e-12
+    assert rel(own, F.linear(x, noisy, layer.bias)) < 1e-12
+    torch.func.functional_call(layer, others, (x,))
+    assert torch.equal(others["weight"], _pretrained())
+
+
 def test_the_forward_stays_rank_r_whatever_the_stage(monkeypatch):
     layer = _layer(r=3)
     _stages(layer, 4, 0.15)
