@@ -5,7 +5,14 @@ import torch
 from torch import nn
 
 import fastlora
-from fastlora import CascadeLoraConfig, LoraConfig, RankSelectiveLoraConfig, SelectiveLoraConfig
+from fastlora import (
+    CascadeLoraConfig,
+    CurLoraConfig,
+    LoraConfig,
+    NeatConfig,
+    RankSelectiveLoraConfig,
+    SelectiveLoraConfig,
+)
 from fastlora.methods.rank_selective import soft_threshold
 
 D_IN, D_OUT = 10, 8
@@ -181,3 +188,35 @@ def test_hooks_attach_through_hugging_face_accelerates_optimizer_wrapper():
     assert kappa > 0
     torch.testing.assert_close(model[0].adapter.importance, soft_threshold(importance, kappa), rtol=0, atol=0)
     hooks.remove()
+
+
+INFERENCE_LOAD_CONFIGS = [LoraConfig(r=3), SelectiveLoraConfig(r=3), RankSelectiveLoraConfig(r=3, total_steps=4),
+                          CurLoraConfig(r=3), NeatConfig(r=3), CascadeLoraConfig(r=3, cascade_interval=2)]
+
+
+@pytest.mark.parametrize("config", INFERENCE_LOAD_CONFIGS, ids=lambda c: c.method)
+def test_a_state_dict_loaded_under_inference_mode_trains_as_one_loaded_outside_it(config):
+    """A load under torch.inference_mode (a serving habit) leaves no inference tensor behind: training after it
+    (past CoDyRA's schedule, with a pruned rank; across a LoRASC stage end) is that after a plain load."""
+    saved = _model(config)
+    if config.method == "rank_selective_lora":
+        with torch.no_grad():
+            saved[0].adapter.importance[0] = 0.0
+            saved[0].adapter.optimizer_steps.fill_(4)  # the schedule is done: rank 0 is dropped for good
+    state = saved.state_dict()
+    runs = []
+    for inference in (False, True):
+        model = _model(config)
+        with torch.inference_mode(inference):
+            model.load_state_dict(state)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        hooks = fastlora.attach_training_hooks(model, optimizer)
+        torch.manual_seed(5)
+        for _ in range(3):
+            _step(model, optimizer)
+        hooks.remove()
+        runs.append(model.state_dict())
+    if config.method == "rank_selective_lora":
+        assert model[0].adapter.active_index.tolist() == [1, 2]
+    assert all(t.isfinite().all() for t in runs[0].values() if t.is_floating_point())
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

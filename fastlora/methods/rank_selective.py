@@ -135,9 +135,11 @@ class RankSelectiveLoraAdapter(LoraAdapter):
 
     @torch.no_grad()
     def refresh_active_ranks(self) -> None:
-        """active_index <- the ranks whose w is nonzero (a sharded w is gathered); host step count
+        """active_index <- the ranks whose w is nonzero (a sharded w is gathered; a normal tensor even under
+        inference mode: a load there must not leave training an inference tensor); host step count
         <- optimizer_steps."""
-        self.active_index = torch.nonzero(full_view(self.importance)).flatten()
+        with torch.inference_mode(False):
+            self.active_index = torch.nonzero(full_view(self.importance)).flatten()
         self._steps = int(self.optimizer_steps)
         self._run_steps = int(self.run_steps)
 
