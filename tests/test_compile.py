@@ -210,3 +210,40 @@ def test_inductor_training_matches_eager(method):
     model = models.build_model(method, torch.float32)
     compiled = torch.compile(model, fullgraph=True)
     _assert_same_run(_training_run(model, compiled, x, target, steps=1), reference, f"inductor {method}")
+
+
+def test_codyra_pruning_ranks_during_its_schedule_does_not_recompile_per_step():
+    """12 optimizer steps (more than Dynamo's recompile limit, 8) in which the schedule prunes ranks one
+    after another: the training forward reads neither the step count nor the number of active ranks while
+    the schedule runs (fullgraph=True would fail at the limit), and the run is the eager one."""
+    def run(call_of):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
+        fastlora.inject(model, fastlora.RankSelectiveLoraConfig(r=6, total_steps=12, dense_fraction=0.0,
+                                                                threshold_levels=12, kappa_max=0.02))
+        with torch.no_grad():
+            for _, layer in fastlora.adapter_layers(model):
+                layer.adapter.importance.copy_(torch.linspace(0.01, 0.12, 6))
+                layer.adapter.lora_B.normal_()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        hooks = fastlora.attach_training_hooks(model, optimizer)
+        call, outputs, ranks = call_of(model), [], []
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(12):
+            x, target = torch.randn(8, 6, generator=generator), torch.randn(8, 6, generator=generator)
+            optimizer.zero_grad()
+            out = call(x)
+            F.mse_loss(out, target).backward()
+            optimizer.step()
+            outputs.append(out.detach())
+            ranks.append(int(model[0].adapter.active_index.numel()))
+        hooks.remove()
+        return outputs, ranks, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    eager = run(lambda model: model)
+    counters.clear()
+    compiled = run(lambda model: torch.compile(model, backend="aot_eager", fullgraph=True))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert compiled[1] == eager[1] and len(set(eager[1])) >= 4  # ranks pruned step after step
+    assert all(rel(a, b) < TOLERANCE for a, b in zip(compiled[0], eager[0]))
+    assert all(rel(compiled[2][n], eager[2][n], zero_ref_ok=True) < TOLERANCE for n in eager[2])

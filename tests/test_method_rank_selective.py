@@ -209,7 +209,8 @@ def test_no_active_rank_skips_the_low_rank_path():
     with torch.no_grad():
         assert adapter.op_arguments(layer.weight)["gate"] == 0.0 and adapter.extra_stats()["active_ranks"] == 0.0
     adapter.set_run_steps(5)  # a 5-step run (total_steps None: the run's length)
-    adapter._steps = 5  # schedule over: no revival, nothing computed with grad on
+    adapter.optimizer_steps.fill_(5)  # schedule over: no revival, nothing computed with grad on
+    adapter.refresh_host_copies()
     x = torch.randn(N, D_IN, dtype=torch.float64, requires_grad=True)
     out = layer(x)
     assert torch.equal(out, F.linear(x, layer.weight, layer.bias))

@@ -92,6 +92,9 @@ class RankSelectiveLoraAdapter(LoraAdapter):
         self.register_buffer("run_steps", torch.zeros((), dtype=torch.int64, device=weight.device))
         self._steps = 0  # host copies of optimizer_steps and run_steps: no device read per forward
         self._run_steps = 0
+        # whether the schedule is done, kept as a bool that flips once: a forward that read the step count
+        # would recompile a compiled model after every optimizer step (and fail at the limit under fullgraph)
+        self._schedule_done = False
 
     @property
     def total_steps(self) -> Optional[int]:
@@ -102,8 +105,12 @@ class RankSelectiveLoraAdapter(LoraAdapter):
     @property
     def schedule_done(self) -> bool:
         """Whether the schedule's optimizer steps are done (pruned ranks are then dropped for good)."""
+        return self._schedule_done
+
+    def _count_schedule(self) -> None:
+        """The host copy of schedule_done <- the step count against the schedule's length."""
         total = self.total_steps
-        return total is not None and self._steps >= total
+        self._schedule_done = total is not None and self._steps >= total
 
     @property
     def steps_in_run(self) -> int:
@@ -117,6 +124,7 @@ class RankSelectiveLoraAdapter(LoraAdapter):
         ``run_steps``."""
         self._run_steps = int(steps)
         self.run_steps.fill_(self._run_steps)
+        self._count_schedule()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -142,14 +150,16 @@ class RankSelectiveLoraAdapter(LoraAdapter):
             self.active_index = torch.nonzero(full_view(self.importance)).flatten()
         self._steps = int(self.optimizer_steps)
         self._run_steps = int(self.run_steps)
+        self._count_schedule()
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
         full = {"lora_a": self.lora_A, "lora_b": self.lora_B, "rank_weights": self.importance, "scale": self.scale}
+        if not self.schedule_done and torch.is_grad_enabled() and self.importance.requires_grad:
+            return full  # every rank gets its gradient: a rank at 0 can revive (nor is the count read: a
+            # compiled training forward is not specialised on it while the schedule prunes)
         active = self.active_index
         if active.numel() == self.config.r:
             return full
-        if not self.schedule_done and torch.is_grad_enabled() and self.importance.requires_grad:
-            return full  # every rank gets its gradient: a rank at 0 can revive
         if active.numel() == 0:
             return {**full, "gate": 0.0}
         return {"lora_a": self.lora_A.index_select(0, active), "lora_b": self.lora_B.index_select(1, active),
@@ -177,7 +187,7 @@ class RankSelectiveLoraAdapter(LoraAdapter):
         self._steps += 1
         self.optimizer_steps.fill_(self._steps)
         importance.copy_(soft_threshold(importance, self.config.kappa(self._steps, total)))
-        self.refresh_active_ranks()
+        self.refresh_active_ranks()  # the schedule's host copy too
         return ()
 
     def extra_stats(self) -> dict[str, float]:
