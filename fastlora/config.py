@@ -436,7 +436,7 @@ class CurLoraConfig(AdapterConfig):
 
     Learning rate: U starts at 0 and its update C U R is made of W's own (small) entries, so a step
     moves W far less than a LoRA step at the same lr; it needs a much larger one (under Adam,
-    benchmarks/continual selects 0.03-1 for CURLoRA where it selects 0.001-0.03 for LoRA).
+    benchmarks/continual selects 0.01-1 for CURLoRA where it selects 0.001-0.03 for LoRA).
     """
 
     method: ClassVar[str] = "curlora"
