@@ -216,6 +216,14 @@ def test_a_curlora_layer_is_refused_on_the_meta_device_naming_why():
         AdapterLinear(16, 12, config=CurLoraConfig(r=4))
 
 
+def test_a_lorasc_layer_keeping_a_pretrained_copy_is_refused_on_the_meta_device_naming_why():
+    with torch.device("meta"), pytest.raises(ValueError, match=r"keep_pretrained_copy=True\) copies W's values .* "
+                                                               r"meta device"):
+        AdapterLinear(16, 12, config=CascadeLoraConfig(r=4, keep_pretrained_copy=True))
+    with torch.device("meta"):
+        assert AdapterLinear(16, 12, config=CascadeLoraConfig(r=4)).adapter.pretrained is None
+
+
 @pytest.mark.parametrize("config", [LoraConfig(r=2), SelectiveLoraConfig(r=2), RankSelectiveLoraConfig(r=2),
                                     NeatConfig(r=2, depth=1), CascadeLoraConfig(r=2)],
                          ids=lambda config: type(config).__name__)

@@ -251,6 +251,10 @@ class CascadeLoraAdapter(Adapter):
         self._stage_std = torch.zeros(1, dtype=torch.float64, device=cpu)
         self._stage_seed = torch.tensor(self.noise_seed_of(0), dtype=torch.int64, device=cpu)
         self.pending_start = bool(self.intensity)
+        if config.keep_pretrained_copy and weight.is_meta:
+            raise ValueError("CascadeLoraConfig(keep_pretrained_copy=True) copies W's values when the layer is built, "
+                             "and this W is on the meta device (no values): build the layer from a Linear that "
+                             "holds its weights (AdapterLinear.from_linear, or inject into a loaded model)")
         self.pretrained: Optional[Tensor] = weight.detach().to("cpu", copy=True) if config.keep_pretrained_copy \
             else None
         self._tables: Optional[tuple[dict, dict]] = None
