@@ -23,6 +23,7 @@ from ..config import NeatConfig
 from ..peft_formats import PEANUT_FORMAT
 from ..registry import register_method
 from .base import Adapter, adapter_factory
+from .stamps import TensorStamp, trackable
 
 
 class NeatAdapter(Adapter):
@@ -51,8 +52,12 @@ class NeatAdapter(Adapter):
         self.decoders = nn.ModuleList(nn.Linear(r, r, bias=False, **factory) for _ in range(config.depth))
         self.activation = config.activation
         self.scale = config.scale
-        self._cache: Optional[tuple[tuple, Tensor]] = None
+        self._cache: Optional[tuple[TensorStamp, Tensor]] = None  # eval's H'^T and what it was formed from
         self.reset_parameters()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the cached projection (and its stamp of the original's tensors) behind."""
+        return {**super().__getstate__(), "_cache": None}
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -73,16 +78,6 @@ class NeatAdapter(Adapter):
             h = activation(self.activation, decoder(h)) + skip
         return h
 
-    def _state_key(self, weight: Tensor) -> Optional[tuple]:
-        """What H' depends on, or None when it cannot be tracked (inference tensors, or
-        under torch.compile, which traces the projection instead)."""
-        tensors = (weight, *self.parameters())
-        if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
-            return None
-        device = weight.device.type
-        autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
-        return (autocast, *((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
-
     def clear_cache(self) -> None:
         """Drop the cached H'^T (needed only after in-place edits through ``.data``, which
         tensor versions do not see; ``train()`` / ``eval()`` also clear it)."""
@@ -97,14 +92,16 @@ class NeatAdapter(Adapter):
         if self.training or torch.is_grad_enabled():
             self.clear_cache()
             return self.projection(weight).t()
-        key = self._state_key(weight)
-        if key is None:
+        tensors = (weight, *self.parameters())  # what H' depends on (see ``stamps.trackable``)
+        if not trackable(tensors):
             return self.projection(weight).t()
+        device = weight.device.type
+        autocast = (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device),)
         cache = self._cache  # one read: another thread may replace the pair meanwhile
-        if cache is not None and cache[0] == key:
+        if cache is not None and cache[0].matches(tensors, autocast):
             return cache[1]
         value = self.projection(weight).t()
-        self._cache = (key, value)
+        self._cache = (TensorStamp(tensors, autocast), value)
         return value
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:

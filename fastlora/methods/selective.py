@@ -39,11 +39,14 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from fastlora.kernels.transforms import functorch_active
+
 from ..config import SelectiveLoraConfig
 from ..distributed import full_view, is_dtensor
 from ..registry import register_method
 from .base import adapter_factory
 from .lora import LoraAdapter
+from .stamps import TensorStamp, trackable
 
 
 def _score_as_vector(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -100,8 +103,9 @@ class SelectiveLoraAdapter(LoraAdapter):
         self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.int64, device=weight.device))
         self._set_steps(0)  # _steps: host copy of optimizer_steps; _penalized: the warm-up is over
         self._penalty: Optional[Tensor] = None
-        self._gate_key: Optional[tuple] = None
-        self._gate_on = True  # host copy of the gate, valid while the score's key is _gate_key
+        self._penalty_in_transform = False
+        self._gate_stamp: Optional[TensorStamp] = None
+        self._gate_on = True  # host copy of the gate, valid while the score matches _gate_stamp
         # the gate the latest forward saw, and the switches the forwards saw (on -> off or off -> on)
         self.register_buffer("_gate_seen", None, persistent=False)
         self.register_buffer("_gate_switches", None, persistent=False)
@@ -109,8 +113,9 @@ class SelectiveLoraAdapter(LoraAdapter):
         self.register_load_state_dict_pre_hook(_score_as_vector)
 
     def __getstate__(self) -> dict[str, Any]:
-        """Copies and pickles leave the recorded penalty (part of one forward's graph) behind."""
-        return {**super().__getstate__(), "_penalty": None}
+        """Copies and pickles leave the recorded penalty (part of one forward's graph) and the gate's
+        stamp (of the original's score) behind."""
+        return {**super().__getstate__(), "_penalty": None, "_gate_stamp": None}
 
     def refresh_host_copies(self) -> None:
         self._set_steps(int(self.optimizer_steps))
@@ -154,18 +159,9 @@ class SelectiveLoraAdapter(LoraAdapter):
         """Whether the block is switched on: score >= threshold (gathered when sharded)."""
         return bool(full_view(self.score.detach()) >= self.threshold)
 
-    def _score_key(self) -> Optional[tuple]:
-        """What the gate's host value depends on (the score's identity, storage and version),
-        or None when it cannot be tracked (a sharded score, an inference tensor, or under
-        torch.compile, which traces the read instead)."""
-        score = self.score
-        if torch.compiler.is_compiling() or is_dtensor(score) or score.is_inference():
-            return None
-        return (id(score), score.data_ptr(), score._version, score.device)
-
     def refresh_gate(self) -> None:
         """Forget the cached gate: the next forward reads the score again."""
-        self._gate_key = None
+        self._gate_stamp = None
 
     def _note_gate(self, hard: Tensor) -> None:
         """Count a switch of the gate a forward sees (``hard``: 1[score >= threshold], a 0-dim bool tensor)
@@ -176,18 +172,22 @@ class SelectiveLoraAdapter(LoraAdapter):
         seen.copy_(hard)
 
     def _observed_gate(self) -> bool:
-        """The gate read from the score now (gathered when sharded), noted by ``_note_gate``."""
+        """The gate read from the score now (gathered when sharded), noted by ``_note_gate`` (not inside
+        a torch.func transform, whose forwards may not write the record)."""
         hard = full_view(self.score.detach()).reshape(()) >= self.threshold
-        self._note_gate(hard)
+        if not functorch_active():
+            self._note_gate(hard)
         return bool(hard)
 
     def gate_is_on(self) -> bool:
-        """``active``, read from the device only when the score changed since the last read."""
-        key = self._score_key()
-        if key is None:
+        """``active``, read from the device only when the score changed since the last read (always when
+        that cannot be followed: a sharded score, see ``stamps.trackable``)."""
+        score = (self.score,)
+        if is_dtensor(score[0]) or not trackable(score):
             return self._observed_gate()
-        if key != self._gate_key:
-            self._gate_on, self._gate_key = self._observed_gate(), key
+        stamp = self._gate_stamp
+        if stamp is None or not stamp.matches(score):
+            self._gate_on, self._gate_stamp = self._observed_gate(), TensorStamp(score)
         return self._gate_on
 
     def gate(self) -> Union[float, Tensor]:
@@ -226,7 +226,7 @@ class SelectiveLoraAdapter(LoraAdapter):
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
         """The fused op's arguments; with grad enabled, records this forward's penalty term."""
         if torch.is_grad_enabled() and self.score.requires_grad:
-            self._penalty = self._l1_penalty(self.score)
+            self._penalty, self._penalty_in_transform = self._l1_penalty(self.score), functorch_active()
         gate, gate_value = self._gate_and_value()
         arguments = {"lora_a": self.lora_A, "lora_b": self.lora_B, "gate": gate, "scale": self.scale}
         if gate_value is not None:
@@ -241,9 +241,12 @@ class SelectiveLoraAdapter(LoraAdapter):
 
     def regularization_loss(self) -> Optional[Tensor]:
         """sparsity_weight * |score| (0-dim, 0 during the warm-up): the term the latest forward
-        recorded (handed over once), else computed from the score now."""
+        recorded (handed over once; one recorded inside a torch.func transform only inside one), else
+        computed from the score now."""
         penalty, self._penalty = self._penalty, None
-        return penalty if penalty is not None else self._l1_penalty(full_view(self.score))
+        if penalty is None or (self._penalty_in_transform and not functorch_active()):
+            return self._l1_penalty(full_view(self.score))
+        return penalty
 
     def rule_parameter(self) -> nn.Parameter:
         """The post-step bookkeeping follows the optimizer that moves the score."""

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import custom_ops, dispatch
 from .activations import activation, check_activation
+from .transforms import functorch_active
 from .validation import check_frozen_weight
 
 
@@ -54,6 +55,9 @@ def neat_projection(weight: Tensor, a_n: Tensor, act: str = "relu", backend: str
     a_n = a_n if a_n.dtype == weight.dtype else a_n.to(weight.dtype)
     # auto on CUDA: the Triton projection kernel (activation fused into the skinny GEMM), not timed
     plan = dispatch.select_plan(backend, weight, weight.dtype, lambda: "triton")
+    if functorch_active():  # torch.func differentiates recorded torch ops, not the Function
+        with torch.autocast(weight.device.type, enabled=False):
+            return activation(act, weight.t() @ a_n.t())
     # in W's dtype under autocast too: an autocast GEMM here would give a half-precision Z that the
     # backward (run outside autocast) multiplies with W; reading W once in its dtype is also cheaper
     # than casting it (the GEMM is skinny, bound by W's bytes)

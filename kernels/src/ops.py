@@ -12,6 +12,7 @@ from .function import AdaptedLinearFunction, forward_without_grad
 from .masks import unseeded_torch_dropout
 from .philox import draw_seed, seed_tensor
 from .spec import LowRankTerm, in_dtype
+from .transforms import functorch_active
 from .validation import check_adapted_linear_inputs
 
 
@@ -71,8 +72,10 @@ def adapted_linear(
     rank = (lora_a if lora_a is not None else row_index).shape[0]
     plan = dispatch.select_plan(backend, x, dtype, lambda: _auto_plan(x, weight, bias, rank, dtype, dropout, gathered))
     gate_tensor = gate if isinstance(gate, Tensor) else None
-    # the torch plan with the low-rank path on runs as torch ops autograd records (a C++ backward)
-    recorded = plan == "torch" and bool(gate_value) and not torch.compiler.is_compiling()
+    # the torch plan with the low-rank path on runs as torch ops autograd records (a C++ backward), and so
+    # does every plan under a torch.func transform, which differentiates recorded ops only
+    functorch = functorch_active()
+    recorded = (plan == "torch" and bool(gate_value) or functorch) and not torch.compiler.is_compiling()
     if dropout == 0.0 or (recorded and dropout_seed is None and unseeded_torch_dropout()):
         seed = None
     else:
@@ -87,8 +90,11 @@ def adapted_linear(
         middle, rank_weights = in_dtype(middle, factor_dtype), in_dtype(rank_weights, factor_dtype)
     row_index, col_index = _as_long(row_index), _as_long(col_index)
     if recorded:  # its inputs are in ``dtype`` now: autocast's casts of its ops are no-ops, it may stay on
-        term = LowRankTerm(lora_a, lora_b, middle, rank_weights, row_index, col_index, float(scale), gate_value,
-                           float(dropout), seed, _gradient_gate(gate_tensor))
+        gradient_gate = _gradient_gate(gate_tensor)
+        # a gate at 0 that takes a gradient: the low-rank path runs, multiplied by it (as under compile)
+        host_gate = 1.0 if gradient_gate is not None and not gate_value else gate_value
+        term = LowRankTerm(lora_a, lora_b, middle, rank_weights, row_index, col_index, float(scale), host_gate,
+                           float(dropout), seed, gradient_gate)
         return torch_impl.forward_recorded(x, weight, bias, term)
     # the Function computes in ``dtype`` itself (fp32 partials included): autocast is switched off around
     # it; entering the context costs host time, so only when autocast is on. Where autograd records

@@ -17,6 +17,7 @@ from torch import Tensor
 from .activations import activation, activation_grad
 from .masks import draw_mask
 from .spec import Grads, GradsNeeded, LowRankTerm, fill_skipped_grads
+from .transforms import functorch_active
 
 
 def _mask(x: Tensor, term: LowRankTerm) -> Optional[Tensor]:
@@ -69,6 +70,8 @@ def _add_update(y: Tensor, v: Tensor, up: Tensor, sg) -> Tensor:
     both backward products, which unscaled (dy^T v, dy B) overflow fp16 where the scaled gradients fit."""
     if y.dtype == torch.float16:
         return y.add_((v @ up) * sg)
+    if functorch_active():  # vmap has no batching rule for addmm_
+        return torch.addmm(y, v, up, alpha=sg) if isinstance(sg, float) else torch.addmm(y, v * sg, up)
     return y.addmm_(v, up, alpha=sg) if isinstance(sg, float) else y.addmm_(v * sg, up)
 
 
