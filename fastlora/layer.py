@@ -348,14 +348,15 @@ class AdapterLinear(nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Module:
         """A plain layer of the kind this one wraps (nn.Linear, or Conv1D) holding W + ΔW in new
-        tensors (this layer is left as it is)."""
+        tensors, trainable as W and the bias are (frozen after inject); this layer is left as it is."""
         if self.merged:
             weight = self.weight.detach().clone()
         else:  # a new tensor: added in ΔW's dtype (at least fp32), rounded once to W's
             weight = (self.weight.detach() + self.adapter.delta_weight(self.weight)).to(self.weight.dtype)
         weight = (weight.t() if self.fan_in_fan_out else weight).contiguous()  # Conv1D's layout: one more copy
-        bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone())
-        return self.plain_layer(nn.Parameter(weight), bias)
+        bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone(),
+                                                           requires_grad=self.bias.requires_grad)
+        return self.plain_layer(nn.Parameter(weight, requires_grad=self.weight.requires_grad), bias)
 
     def plain_layer(self, weight: nn.Parameter, bias: Optional[nn.Parameter]) -> nn.Module:
         """An nn.Linear (a Conv1D for a layer built from one, the nn.Linear subclass it was built from)

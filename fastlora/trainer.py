@@ -30,11 +30,14 @@ from .model_tree import adapter_layers
 from .training import (
     TrainingHooks,
     attach_training_hooks,
+    check_optimizers_hold_trainables,
     has_rule,
     missing_epoch_length,
+    parameters_left_out,
     regularization_loss,
     set_epoch_length,
     set_run_length,
+    unwrapped_optimizer,
 )
 
 #: the folder of the adapter-only checkpoint inside each of Trainer's checkpoint-N folders
@@ -78,6 +81,10 @@ class FastLoraCallback(TrainerCallback):
         if self.hooks is not None:
             self.hooks.remove()
             self.hooks = None
+        if optimizer is not None:
+            check_optimizers_hold_trainables(model, [unwrapped_optimizer(optimizer)], "FastLoraCallback",
+                                             remedy="set trainer.optimizer = None before train(), and Trainer "
+                                                    "builds one for them (FastLoraTrainer does it itself)")
         if state.max_steps and state.max_steps > 0:
             set_run_length(model, state.max_steps, steps_done=state.global_step)
         epoch = None if train_dataloader is None else trainer_steps_per_epoch(
@@ -169,8 +176,18 @@ class FastLoraTrainer(Trainer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self._builds_optimizer = self.optimizer is None  # not given one: it builds (and rebuilds) its own
         if not any(isinstance(c, FastLoraCallback) for c in self.callback_handler.callbacks):
             self.add_callback(FastLoraCallback())
+
+    def create_optimizer(self):
+        """Trainer's optimizer, built again (with its state) when the one it built earlier misses some of
+        the model's trainable parameters: a ``train()`` after next_task, add_adapter or set_adapter trains
+        the new adapters (Trainer itself builds its optimizer once). One given to the Trainer is kept."""
+        if self._builds_optimizer and self.optimizer is not None and \
+                parameters_left_out(self.model, [unwrapped_optimizer(self.optimizer)])[0]:
+            self.optimizer = None
+        return super().create_optimizer()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)

@@ -131,7 +131,7 @@ def _warn_unruled(model: nn.Module) -> None:
                        f"to the loss, or train with FastLoraTrainer")
 
 
-def _unwrapped(optimizer):
+def unwrapped_optimizer(optimizer):
     """The torch optimizer inside a wrapper that steps it (Hugging Face accelerate's AcceleratedOptimizer:
     an Optimizer subclass without the step-hook registry of its own), else ``optimizer``."""
     inner = getattr(optimizer, "optimizer", None)
@@ -202,6 +202,35 @@ class TrainingHooks:
             _RULED.discard(layer)
         if attached_hooks(self.model) is self:
             del _ATTACHED[self.model]
+
+
+def parameters_left_out(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[list[str], int]:
+    """(names of the model's trainable parameters that none of ``optimizers`` holds, how many it has)."""
+    held = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [name for name, p in trainable if id(p) not in held], len(trainable)
+
+
+def check_optimizers_hold_trainables(model: nn.Module, optimizers: list[torch.optim.Optimizer], caller: str,
+                                     remedy: str = "build it from the model's trainable parameters now") -> list[str]:
+    """Raise ValueError when ``optimizers`` hold none of the model's trainable parameters (an optimizer built
+    before inject, load_adapter, add_adapter, set_adapter or next_task holds the tensors those replaced or
+    froze: the adapters would not train, silently). Returns the names of those they leave out."""
+    missing, count = parameters_left_out(model, optimizers)
+    if missing and len(missing) == count:
+        raise ValueError(f"{caller}: the optimizer holds none of the model's {count} trainable parameters (e.g. "
+                         f"{missing[0]}), so the adapters would not train: an optimizer built before "
+                         f"fastlora.inject, load_adapter, add_adapter, set_adapter or next_task holds the tensors "
+                         f"those replaced or froze; {remedy}")
+    return missing
+
+
+def _warn_left_out(missing: list[str]) -> None:
+    """Warn, naming the first five, that the trainable parameters ``missing`` are in none of the optimizers."""
+    warn_at_caller(f"fastlora: attach_training_hooks: {len(missing)} trainable parameters are in none of the "
+                   f"optimizers ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}), so they will not "
+                   f"train; pass every optimizer, or build them after the last inject / add_adapter / set_adapter / "
+                   f"next_task", RuntimeWarning)
 
 
 def attached_hooks(model: nn.Module) -> Optional["TrainingHooks"]:
@@ -339,14 +368,16 @@ def attach_training_hooks(model: nn.Module, optimizers: Optimizers, total_steps:
     them first: a second set would apply every rule twice), an optimizer is given twice, a
     trainable rule parameter is in none of the optimizers (its rule would never run), or a
     trainable parameter a rule restarts (LoRASC's A and B) is in none of them (its state could not
-    be dropped), a length is not an int in (0, 2**63), or a rule needs the run's or the epoch's
+    be dropped), the optimizers hold none of the model's trainable parameters (built before inject,
+    add_adapter, set_adapter or next_task: ``check_optimizers_hold_trainables``; some left out: a
+    warning), a length is not an int in (0, 2**63), or a rule needs the run's or the epoch's
     length and none is known. A rule parameter with requires_grad=False turns its rule off.
     """
     layers = list(adapter_layers(model))
     if not layers:
         raise ValueError("model has no fastlora adapters; call fastlora.inject first")
     optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
-    optimizers = [_unwrapped(o) for o in optimizers]
+    optimizers = [unwrapped_optimizer(o) for o in optimizers]
     if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
         raise TypeError(f"expected a torch optimizer or a list of them, got {optimizers!r}")
     if len({id(o) for o in optimizers}) != len(optimizers):
@@ -355,6 +386,7 @@ def attach_training_hooks(model: nn.Module, optimizers: Optimizers, total_steps:
     if existing is not None and existing.attached:
         raise ValueError("training hooks are already attached to this model (a second set would apply every rule "
                          "twice); call remove() on them first, or attach all optimizers in one call")
+    left_out = check_optimizers_hold_trainables(model, optimizers, "attach_training_hooks")
     all_groups = [_groups(o) for o in optimizers]
     for name, layer in layers:
         param = layer.adapter.rule_parameter()
@@ -377,4 +409,6 @@ def attach_training_hooks(model: nn.Module, optimizers: Optimizers, total_steps:
         set_epoch_length(model, steps_per_epoch)
     _refuse_unknown_lengths(layers)
     _warn_stageless(layers)
+    if left_out:
+        _warn_left_out(left_out)
     return TrainingHooks(model, optimizers)

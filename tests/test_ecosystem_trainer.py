@@ -230,3 +230,30 @@ def test_on_log_adds_the_stats_to_the_logs_and_to_this_steps_history_entry_only(
     state.log_history.append({"loss": 1.0, "step": 3})
     callback.on_log(None, state, TrainerControl(), logs={}, model=model)
     assert state.log_history[-1]["fastlora/selective_lora/gate_changes"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["lora", "codyra"])
+def test_a_train_after_next_task_trains_the_new_adapters(name, tmp_path):
+    """Trainer builds its optimizer once; after next_task its second train() would step the old adapters'
+    tensors (the new ones flat, silently): FastLoraTrainer builds it again for the new ones."""
+    model = model_with(CONFIGS[name])
+    trainer = FastLoraTrainer(model=model, args=arguments(tmp_path, save_strategy="no"), train_dataset=TokenLabels())
+    trainer.train()
+    first = trainer.optimizer
+    fastlora.next_task(model)
+    fresh = adapter_tensors(model)
+    trainer.train()
+    assert trainer.optimizer is not first
+    trained = adapter_tensors(model)
+    assert any(not torch.equal(fresh[k], trained[k]) for k in fresh if k.endswith(("lora_A", "lora_B")))
+
+
+def test_a_given_optimizer_that_holds_no_adapter_is_refused_naming_the_fix(tmp_path):
+    base = BertForSequenceClassification(tiny_bert(num_labels=2))
+    stale = torch.optim.AdamW(base.parameters(), lr=1e-3)  # built before inject: W's, frozen now
+    model = fastlora.inject(base, CONFIGS["lora"])
+    trainer = Trainer(model=model, args=arguments(tmp_path, save_strategy="no"), train_dataset=TokenLabels(),
+                      optimizers=(stale, None), callbacks=[FastLoraCallback(save_adapters=False)])
+    with pytest.raises(ValueError, match=r"FastLoraCallback: the optimizer holds none of the model's \d+ trainable "
+                                         r"parameters .* set trainer.optimizer = None before train\(\)"):
+        trainer.train()

@@ -73,6 +73,17 @@ def test_merge_and_unload_replaces_a_layer_under_every_name():
     assert type(model.a) is nn.Linear and model.a is model.b and torch.allclose(model.a(x), expected, atol=1e-5)
 
 
+def test_merge_and_unload_keeps_the_frozen_tensors_frozen():
+    """As PEFT's: the merged layers' W and b stay frozen as inject left them (an optimizer over the trainable
+    parameters would otherwise pick up the merged layers alone), attention's packed projections too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, 8), nn.Linear(8, 8), nn.MultiheadAttention(8, 2))
+    fastlora.inject(model, LoraConfig(r=2, target_modules=["0", "2"]))
+    fastlora.merge_and_unload(model)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.MultiheadAttention
+    assert not [name for name, p in model.named_parameters() if p.requires_grad]
+
+
 def test_merged_layers_refuse_a_load(tmp_path):
     torch.manual_seed(0)
     model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT)), LoraConfig(r=2))

@@ -1,5 +1,7 @@
 """Training hooks: one set per model, every rule parameter covered, state dropped in every optimizer,
 lr=None groups, no rule on merged layers."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -67,9 +69,10 @@ def test_a_rule_parameter_missing_from_every_optimizer_is_refused(config, name):
         fastlora.attach_training_hooks(model, torch.optim.SGD(others, lr=0.1))
     rule.requires_grad_(False)  # a frozen rule parameter turns its rule off
     fastlora.attach_training_hooks(model, torch.optim.SGD(others, lr=0.1)).remove()
-    # plain LoRA has no rule: nothing is required
+    # plain LoRA has no rule: nothing is required (a parameter left out only warns that it will not train)
     lora = _model(LoraConfig(r=3))
-    fastlora.attach_training_hooks(lora, torch.optim.SGD([lora[0].adapter.lora_B], lr=0.1)).remove()
+    with pytest.warns(RuntimeWarning, match=r"1 trainable parameters are in none of the optimizers"):
+        fastlora.attach_training_hooks(lora, torch.optim.SGD([lora[0].adapter.lora_B], lr=0.1)).remove()
 
 
 def test_a_restarted_pair_loses_its_state_in_every_optimizer():
@@ -220,3 +223,23 @@ def test_a_state_dict_loaded_under_inference_mode_trains_as_one_loaded_outside_i
         assert model[0].adapter.active_index.tolist() == [1, 2]
     assert all(t.isfinite().all() for t in runs[0].values() if t.is_floating_point())
     assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_an_optimizer_built_before_inject_is_refused_and_one_missing_some_parameters_warns():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(D_IN, D_OUT, dtype=torch.float64), nn.Tanh(), nn.Linear(D_OUT, 3,
+                                                                                            dtype=torch.float64))
+    stale = torch.optim.SGD(base.parameters(), lr=0.1)  # W and b: frozen by inject, the adapters not in it
+    model = fastlora.inject(base, LoraConfig(r=2))
+    with pytest.raises(ValueError, match=r"attach_training_hooks: the optimizer holds none of the model's 4 "
+                                         r"trainable parameters \(e.g. 0.adapter.lora_A\), so the adapters would "
+                                         r"not train: an optimizer built before fastlora.inject"):
+        fastlora.attach_training_hooks(model, stale)
+    first_layer = torch.optim.SGD(model[0].adapter.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match=r"attach_training_hooks: 2 trainable parameters are in none of the "
+                                            r"optimizers \(2.adapter.lora_A, 2.adapter.lora_B\)") as caught:
+        fastlora.attach_training_hooks(model, first_layer).remove()
+    assert [w.filename for w in caught] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastlora.attach_training_hooks(model, [first_layer, torch.optim.SGD(model[2].parameters(), lr=0.1)]).remove()
