@@ -24,6 +24,7 @@ from .layer import AdapterLinear, check_adapter_name, is_adaptable
 from .methods import build_adapter
 from .model_tree import adapter_layers, set_submodule
 from .targets import in_task_head, is_selected, layer_config, output_layer_names, projection_config, resolved_targets
+from .training import remove_attached_hooks
 
 # stats summed over a method's layers (counts); every other stat is averaged
 _SUMMED_STATS = frozenset({"active", "active_ranks", "gate_changes"})
@@ -76,8 +77,8 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
         own = projection_config(config, layer_name, attention) if attention in attentions else \
             layer_config(config, layer_name)
         try:
-            adapter = build_adapter(own, layer.in_features, layer.out_features,
-                                    layer.weight.detach(), layer_index=index).train(layer.training)
+            adapter = build_adapter(own, layer.in_features, layer.out_features,  # from the base W, merged or not
+                                    layer.base_weight().detach(), layer_index=index).train(layer.training)
         except (ValueError, TypeError) as error:
             raise type(error)(f"adapter {name!r}, layer {layer_name!r}: {error}") from error
         if adapter.writes_weight:
@@ -201,7 +202,8 @@ def unload(model: nn.Module) -> nn.Module:
     returns ``model``.
     A merged layer is unmerged first, so its W is the base W again. Parameters other than the
     adapters keep the requires_grad flags inject gave them (frozen); the modules trained in full keep the
-    active adapter's values (the inactive adapters' are dropped)."""
+    active adapter's values (the inactive adapters' are dropped); training hooks attached to ``model`` are
+    removed."""
     names: dict[nn.Module, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, AdapterLinear):
@@ -224,6 +226,7 @@ def unload(model: nn.Module) -> nn.Module:
             set_submodule(model, name, plain)
     drop_head_values(model)  # the active adapter's head values stay in place
     restore_fused_paths(model)
+    remove_attached_hooks(model)
     return model
 
 

@@ -149,7 +149,7 @@ class AdapterLinear(nn.Module):
         """How many tasks ``fastlora.next_task`` ended on this layer (the active adapter's count)."""
         return int(self.adapter.tasks_done)
 
-    def _base_weight(self) -> Tensor:
+    def base_weight(self) -> Tensor:
         """W without the adapter's update: the kept W while merged (copied to W's device when kept elsewhere)."""
         if not self.merged:
             return self.weight
@@ -157,7 +157,11 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or not self.adapter_enabled:
-            return F.linear(x, self.weight if self.adapter_enabled else self._base_weight(), self.bias)
+            if self.merged and self.adapter_enabled and self.training and torch.is_grad_enabled():
+                warn_at_caller("fastlora: a merged adapter layer ran a training forward: its update is part of W, "
+                               "so the adapter gets no gradient and does not train (fastlora.unmerge to train it)",
+                               RuntimeWarning)
+            return F.linear(x, self.weight if self.adapter_enabled else self.base_weight(), self.bias)
         # each module attribute read once: a parameter's or submodule's read (nn.Module.__getattr__) costs
         # ~0.7 us of host time per call on a CPU
         weight, adapter, config = self.weight, self.adapter, self.config
@@ -193,7 +197,7 @@ class AdapterLinear(nn.Module):
         """Output features start:stop of ``forward(x)`` (rows start:stop of W, b and the update), computed
         alone: one block of a packed projection (MultiheadAttention's q, k, v from different inputs)."""
         if self.merged or not self.adapter_enabled:
-            weight = self.weight if self.adapter_enabled else self._base_weight()
+            weight = self.weight if self.adapter_enabled else self.base_weight()
             return F.linear(x, weight[start:stop], None if self.bias is None else self.bias[start:stop])
         if self.weight.is_meta:
             return self._meta_forward(x)[..., start:stop]
@@ -313,7 +317,7 @@ class AdapterLinear(nn.Module):
         if self.merged and self.adapter_enabled:
             return F.linear(x, self.weight, self.bias)
         if not self.adapter_enabled:
-            return F.linear(x, self._base_weight(), self.bias)
+            return F.linear(x, self.base_weight(), self.bias)
         if not self.weight.is_meta:
             self._start_pending_stage(self.adapter)  # as ``forward``
         args = {"lora_a": None, "lora_b": None, **self.adapter.op_arguments(self.weight)}

@@ -18,6 +18,7 @@ from .heads import drop_head_values
 from .layer import AdapterLinear, checked_backup_device
 from .model_tree import adapter_layers, set_submodule
 from .shared_weights import shared_weight_owners
+from .training import remove_attached_hooks
 
 
 def _check_unshared_weights(model: nn.Module, layers: list[tuple[str, AdapterLinear]]) -> None:
@@ -61,7 +62,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     W + ΔW in a new weight, and every AdapterMultiheadAttention by an nn.MultiheadAttention holding
     its projections' W + ΔW (a merged layer's W as it is: ΔW is never added twice; a W tied to
     another module stays with that module unchanged); returns ``model``. The modules trained in full keep
-    the active adapter's values (the inactive adapters' are dropped)."""
+    the active adapter's values (the inactive adapters' are dropped); training hooks attached to ``model``
+    are removed."""
     for kind, convert in ((AdapterMultiheadAttention, "to_attention"), (AdapterLinear, "to_linear")):
         names: dict[nn.Module, list[str]] = {}
         for name, module in model.named_modules(remove_duplicate=False):
@@ -73,4 +75,5 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                 set_submodule(model, name, plain)
     drop_head_values(model)  # the active adapter's head values stay in place
     restore_fused_paths(model)
+    remove_attached_hooks(model)
     return model

@@ -35,7 +35,7 @@ from torch import nn
 from .merging import merge
 from .methods import build_adapter
 from .model_tree import adapter_layers
-from .training import attached_hooks
+from .training import remove_attached_hooks
 
 
 @torch.no_grad()
@@ -63,9 +63,7 @@ def next_task(model: nn.Module) -> nn.Module:
         raise ValueError(f"adapters of {disabled[:5]} are disabled; enable them (set_adapters_enabled(model, "
                          f"True)) before next_task, which keeps what they learned")
     merge(model, backup_device="cpu")
-    hooks = attached_hooks(model)
-    if hooks is not None:
-        hooks.remove()
+    remove_attached_hooks(model)
     for position, (_, layer) in enumerate(layers):
         task = layer.tasks_done + 1
         layer.weight_before_merge = None

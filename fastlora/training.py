@@ -238,6 +238,13 @@ def attached_hooks(model: nn.Module) -> Optional["TrainingHooks"]:
     return _ATTACHED.get(model, lambda: None)()
 
 
+def remove_attached_hooks(model: nn.Module) -> None:
+    """Remove the TrainingHooks attached to ``model``, if any (its adapters are replaced or gone)."""
+    hooks = attached_hooks(model)
+    if hooks is not None:
+        hooks.remove()
+
+
 #: the lengths the hooks take, in optimizer steps: keyword -> what it counts
 _LENGTHS = {"total_steps": "the run's optimizer steps", "steps_per_epoch": "optimizer steps per epoch"}
 

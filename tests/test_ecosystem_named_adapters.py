@@ -4,10 +4,11 @@ set_adapter is the reference for switching, and checkpoints act on one named ada
 import peft
 import pytest
 import torch
+from torch import nn
 from transformers import BertModel
 
 import fastlora
-from fastlora import CascadeLoraConfig, LoraConfig
+from fastlora import CascadeLoraConfig, CurLoraConfig, LoraConfig
 
 from utils import assert_close, tiny_bert
 
@@ -175,3 +176,20 @@ def test_single_adapter_model_keeps_its_state_dict_keys():
     model = two_adapters()
     fastlora.delete_adapter(model, "b")
     assert model.state_dict().keys() == plain
+
+
+def test_an_adapter_added_while_merged_is_built_from_the_base_weight():
+    """CURLoRA draws its indices from W's values: a second adapter added while the first is merged draws them
+    from the base W, as it would unmerged, not from W + the first adapter's update."""
+    def built(merged):
+        torch.manual_seed(0)
+        model = fastlora.inject(nn.Sequential(nn.Linear(12, 10)), CurLoraConfig(r=3))
+        with torch.no_grad():
+            model[0].adapter.U.normal_(std=30.0)  # a first adapter with a large update
+        if merged:
+            fastlora.merge(model)
+        fastlora.add_adapter(model, "second", CurLoraConfig(r=3))
+        other = model[0].named_adapter("second")
+        return other.row_index.clone(), other.col_index.clone()
+    unmerged, merged = built(False), built(True)
+    assert all(torch.equal(a, b) for a, b in zip(unmerged, merged))

@@ -140,6 +140,36 @@ def test_rules_do_not_act_on_merged_layers(config):
     hooks.remove()
 
 
+def test_a_training_forward_of_a_merged_layer_warns_that_the_adapter_does_not_train():
+    model = _model(LoraConfig(r=2))
+    fastlora.merge(model)
+    x = torch.randn(3, D_IN, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"a merged adapter layer ran a training forward: its update is part of W, "
+                                            r"so the adapter gets no gradient") as caught:
+        model.train()(x)
+    assert [w.filename for w in caught] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # evaluation, no_grad, a disabled adapter: nothing to warn
+        model.eval()(x)
+        with torch.no_grad():
+            model.train()(x)
+        with fastlora.disable_adapter(model):
+            model.train()(x)
+
+
+@pytest.mark.parametrize("remove", [fastlora.unload, fastlora.merge_and_unload], ids=lambda f: f.__name__)
+def test_unloading_the_adapters_removes_their_hooks(remove):
+    """Hooks left on a model whose adapters are gone would refuse the next attach as a second set."""
+    model = _model(RankSelectiveLoraConfig(r=3, total_steps=4))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    hooks = fastlora.attach_training_hooks(model, optimizer)
+    remove(model)
+    assert not hooks.attached
+    fastlora.inject(model, RankSelectiveLoraConfig(r=3, total_steps=4))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    fastlora.attach_training_hooks(model, optimizer).remove()
+
+
 def test_removed_hooks_are_detached_everywhere_and_the_rule_warning_comes_back():
     """After ``remove()``: ``attached`` is False, ``attached_hooks`` forgets them, and the layers count as
     unruled again (training on warns)."""
