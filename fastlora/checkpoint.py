@@ -400,6 +400,7 @@ def _check_fits(layers: dict[str, tuple[nn.Module, Adapter]], configs: dict[str,
         _check_tensor(key, tensor, *model_side)
         per_layer[name][adapter_key] = tensor
     for name, (_, adapter) in layers.items():
+        _check_tasks_done(name, adapter, per_layer[name])
         if _computation_fields_differ(adapter.config, configs[name]):
             ours, theirs = adapter.config.to_dict(), configs[name].to_dict()
             differing = differing_fields(ours, theirs, _NON_COMPUTATION_FIELDS)
@@ -411,6 +412,18 @@ def _check_fits(layers: dict[str, tuple[nn.Module, Adapter]], configs: dict[str,
         except ValueError as error:
             raise ValueError(f"layer {name}: {error}") from None
     return per_layer
+
+
+def _check_tasks_done(name: str, adapter: Adapter, state: dict[str, Tensor]) -> None:
+    """Refuse the adapter of another point of a task sequence for a layer that has ended tasks (next_task
+    folded them into its W): saved after fewer tasks, its update is already in W; after more, W lacks
+    theirs. (A layer that ended none takes any: an adapter-only checkpoint holds no W, so the W its
+    tasks left may have been loaded beside it.)"""
+    ended, saved = int(adapter.tasks_done), state.get("tasks_done")
+    if ended and saved is not None and int(saved) != ended:
+        raise ValueError(f"layer {name} has ended {ended} tasks (fastlora.next_task folded them into its W), and the "
+                         f"checkpoint's adapter was saved after {int(saved)}: it belongs with the W of that point of "
+                         f"the task sequence (an adapter-only checkpoint holds no W); load it into a model at it")
 
 
 def check_saved_parameters(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, nn.Parameter]:
@@ -445,8 +458,9 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     Raises (leaving the model as it was) on: a malformed or mixed checkpoint, non-finite values,
     missing or unexpected layers or tensors, shape or dtype mismatches, indices outside W, merged
     layers, a layer config that differs in a field that changes the computation (all but
-    target_modules, backend and init/sampling fields), or an adapter's own check (``check_state``:
-    LoRASC's stage record, whose stage count may differ from the model's).
+    target_modules, backend and init/sampling fields), a layer that has ended tasks (next_task) other
+    than the checkpoint's, or an adapter's own check (``check_state``: LoRASC's stage record, whose
+    stage count may differ from the model's).
     """
     if adapter_name is not None:
         check_adapter_name(adapter_name)

@@ -258,3 +258,29 @@ def test_next_task_refuses_a_model_with_several_named_adapters():
     fastlora.delete_adapter(model, "other")
     next_task(model)
     assert model[0].tasks_done == 1
+
+
+def test_an_adapter_checkpoint_of_another_task_is_refused_by_a_layer_that_ended_tasks(tmp_path):
+    """Loaded after next_task, the adapter saved during task 1 would add its update a second time (next_task
+    folded it into W); one saved after two tasks needs the W those tasks left. A model that ended no task takes
+    any (its W may have been loaded beside the adapter-only checkpoint)."""
+    model = _model(LoraConfig(r=3, alpha=6.0))
+    with torch.no_grad():
+        model[0].adapter.lora_B.normal_()
+    fastlora.save_adapter(model, tmp_path / "task1")
+    next_task(model)
+    fastlora.save_adapter(model, tmp_path / "task2")
+    weights = [layer.weight.detach().clone() for layer in (model[0], model[2])]
+    with pytest.raises(ValueError, match=r"layer 0 has ended 1 tasks \(fastlora.next_task folded them into its W\), "
+                                         r"and the checkpoint's adapter was saved after 0"):
+        fastlora.load_adapter(model, tmp_path / "task1")
+    assert int(model[0].adapter.tasks_done) == 1 and torch.count_nonzero(model[0].adapter.lora_B) == 0
+    next_task(model)
+    with pytest.raises(ValueError, match=r"has ended 2 tasks .* saved after 1"):
+        fastlora.load_adapter(model, tmp_path / "task2")
+    fresh = _model(LoraConfig(r=3, alpha=6.0))
+    with torch.no_grad():
+        for layer, weight in zip((fresh[0], fresh[2]), weights):
+            layer.weight.copy_(weight)  # the W task 1 left, loaded beside its adapter-only checkpoint
+    fastlora.load_adapter(fresh, tmp_path / "task2")
+    assert int(fresh[0].adapter.tasks_done) == 1
