@@ -8,6 +8,7 @@ weight in two Linear layers, a view of W held elsewhere), naming both owners;
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Optional
 
 import torch
@@ -81,6 +82,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: boo
                          "use AdapterLinear.from_linear(model, config) instead")
     if any(isinstance(m, AdapterLinear) for m in model.modules()):
         raise ValueError("model already has fastlora adapters; merge_and_unload it first")
+    _refuse_peft_layers(model)
     chosen = _without_task_heads(model, config, _chosen_linears(model, config))
     saved_modules = _modules_to_save(model, config, chosen)
     untied = _check_weight_writes(model, config, chosen, untie_shared_weights)
@@ -106,6 +108,19 @@ def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: boo
                        f"that shared it keep the original W, unchanged")
     watch_training_rules(model)
     return model
+
+
+def _refuse_peft_layers(model: nn.Module) -> None:
+    """Refuse a model holding PEFT adapter layers: inject would adapt PEFT's own modules (its lora_A / lora_B,
+    its base_layer) and freeze PEFT's adapter, which would still run."""
+    if "peft" not in sys.modules:  # a model cannot hold PEFT's layers without peft imported
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    found = next((name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)), None)
+    if found is not None:
+        raise ValueError(f"the model holds PEFT adapter layers (e.g. {found!r}); inject would adapt PEFT's own "
+                         f"modules and freeze its adapter: run PEFT's adapters through the fused op with "
+                         f"fastlora.accelerate(peft_model), or inject into the base model (peft_model.unload())")
 
 
 def _projections(name: str, module: nn.Module) -> list[tuple[str, AdapterLinear]]:

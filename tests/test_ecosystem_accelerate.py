@@ -397,3 +397,18 @@ def test_accelerate_warns_at_its_callers_line(base):
     with pytest.warns(UserWarning, match="stay on PEFT's path") as record:
         fastlora.accelerate(model)
     assert [w.filename for w in record] == [__file__]
+
+
+@pytest.mark.parametrize("accelerated", [False, True], ids=["peft", "accelerated"])
+def test_inject_refuses_a_peft_model_naming_accelerate(base, accelerated):
+    """all-linear over a PEFT model adapted PEFT's own lora_A / lora_B and base_layer and froze PEFT's adapter,
+    which still ran: refused, the model unchanged."""
+    model = peft_model(base, lora())
+    if accelerated:
+        fastlora.accelerate(model)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"the model holds PEFT adapter layers \(e.g. '.*query'\); inject would adapt "
+                                         r"PEFT's own modules .* fastlora.accelerate\(peft_model\)"):
+        fastlora.inject(model, fastlora.LoraConfig(r=2, target_modules="all-linear"))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert not list(fastlora.adapter_layers(model))
