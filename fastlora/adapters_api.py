@@ -22,7 +22,7 @@ from .encoder_paths import restore_fused_paths
 from .heads import add_head_values, drop_head_values, switch_head_values
 from .layer import AdapterLinear, check_adapter_name, is_adaptable
 from .methods import build_adapter
-from .model_tree import adapter_layers, set_submodule
+from .model_tree import adapter_layers, required_adapter_layers, set_submodule
 from .targets import in_task_head, is_selected, layer_config, output_layer_names, projection_config, resolved_targets
 from .training import remove_attached_hooks
 
@@ -30,21 +30,14 @@ from .training import remove_attached_hooks
 _SUMMED_STATS = frozenset({"active", "active_ranks", "gate_changes"})
 
 
-def _unique_layers(model: nn.Module) -> list[tuple[str, AdapterLinear]]:
-    layers = list(adapter_layers(model))
-    if not layers:
-        raise ValueError("model has no fastlora adapters; call fastlora.inject first")
-    return layers
-
-
 def active_adapter(model: nn.Module) -> str:
     """The name of the adapter the model computes with ("default": the one ``inject`` built)."""
-    return _unique_layers(model)[0][1].adapter_name
+    return required_adapter_layers(model)[0][1].adapter_name
 
 
 def adapter_names(model: nn.Module) -> list[str]:
     """Every adapter's name, the active one first."""
-    return _unique_layers(model)[0][1].adapter_names()
+    return required_adapter_layers(model)[0][1].adapter_names()
 
 
 def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module:
@@ -58,7 +51,7 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
     check_adapter_name(name)
-    layers = _unique_layers(model)
+    layers = required_adapter_layers(model)
     if name in layers[0][1].adapter_names():
         raise ValueError(f"the model has an adapter named {name!r} already (adapters: "
                          f"{layers[0][1].adapter_names()})")
@@ -127,7 +120,7 @@ def _check_selection(model: nn.Module, name: str, config: AdapterConfig) -> None
 def set_adapter(model: nn.Module, name: str) -> nn.Module:
     """Make ``name`` the adapter every adapted layer computes with (and trains: the others' parameters
     are frozen); returns ``model``. Refused, nothing switched, while a layer is merged."""
-    layers = _unique_layers(model)
+    layers = required_adapter_layers(model)
     if name not in layers[0][1].adapter_names():
         raise ValueError(f"no adapter named {name!r} (adapters: {layers[0][1].adapter_names()})")
     merged = [n for n, layer in layers if layer.merged]
@@ -144,7 +137,7 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """Drop the inactive adapter ``name`` from every layer; returns ``model``. The active adapter is
     refused: switch to another first (or ``unload`` to drop them all)."""
-    layers = _unique_layers(model)
+    layers = required_adapter_layers(model)
     if name not in layers[0][1].adapter_names():
         raise ValueError(f"no adapter named {name!r} (adapters: {layers[0][1].adapter_names()})")
     if name == layers[0][1].adapter_name:
@@ -204,6 +197,7 @@ def unload(model: nn.Module) -> nn.Module:
     adapters keep the requires_grad flags inject gave them (frozen); the modules trained in full keep the
     active adapter's values (the inactive adapters' are dropped); training hooks attached to ``model`` are
     removed."""
+    required_adapter_layers(model)
     names: dict[nn.Module, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, AdapterLinear):

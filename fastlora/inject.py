@@ -20,7 +20,7 @@ from .attention import AdapterMultiheadAttention, is_attention
 from .config import AdapterConfig
 from .encoder_paths import keep_fused_paths_off
 from .layer import AdapterLinear, is_adaptable, linear_shape
-from .model_tree import adapter_layers, mark_saved_in_full, set_submodule
+from .model_tree import mark_saved_in_full, required_adapter_layers, set_submodule
 from .shared_weights import shared_weight_owners
 from .targets import (
     dotted_suffixes,
@@ -378,7 +378,7 @@ def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
     ones from the W kept at merge time)."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-    for _, layer in adapter_layers(model):
+    for _, layer in required_adapter_layers(model):
         layer.adapter_enabled = enabled
 
 

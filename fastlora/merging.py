@@ -16,7 +16,7 @@ from .attention import AdapterMultiheadAttention
 from .encoder_paths import restore_fused_paths
 from .heads import drop_head_values
 from .layer import AdapterLinear, checked_backup_device
-from .model_tree import adapter_layers, set_submodule
+from .model_tree import required_adapter_layers, set_submodule
 from .shared_weights import shared_weight_owners
 from .training import remove_attached_hooks
 
@@ -37,7 +37,7 @@ def merge(model: nn.Module, backup_device: Optional[Union[str, torch.device]] = 
     already merged stay as they are. Each layer keeps the W it had for ``unmerge`` on
     ``backup_device`` (default: W's device; "cpu" keeps GPU memory free). Refused (nothing
     merged) when a layer's W is shared with another module's tensor."""
-    layers = [(n, layer) for n, layer in adapter_layers(model) if not layer.merged]
+    layers = [(n, layer) for n, layer in required_adapter_layers(model) if not layer.merged]
     _check_unshared_weights(model, layers)
     if backup_device is not None:
         backup_device = checked_backup_device(backup_device)
@@ -52,7 +52,7 @@ def merge(model: nn.Module, backup_device: Optional[Union[str, torch.device]] = 
 def unmerge(model: nn.Module) -> None:
     """Undo ``merge`` on every adapted layer: each W is restored bit for bit, latest merge
     first (so a W merged twice through shared storage ends as it was before both)."""
-    merged = [layer for _, layer in adapter_layers(model) if layer.merged]
+    merged = [layer for _, layer in required_adapter_layers(model) if layer.merged]
     for layer in sorted(merged, key=lambda layer: layer.merge_order, reverse=True):
         layer.unmerge()
 
@@ -64,6 +64,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     another module stays with that module unchanged); returns ``model``. The modules trained in full keep
     the active adapter's values (the inactive adapters' are dropped); training hooks attached to ``model``
     are removed."""
+    required_adapter_layers(model)
     for kind, convert in ((AdapterMultiheadAttention, "to_attention"), (AdapterLinear, "to_linear")):
         names: dict[nn.Module, list[str]] = {}
         for name, module in model.named_modules(remove_duplicate=False):

@@ -19,6 +19,16 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
             yield name, module
 
 
+def required_adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLinear]]:
+    """``adapter_layers(model)`` as a list; ValueError when there are none (a call that acts on the adapters
+    would silently do nothing)."""
+    layers = list(adapter_layers(model))
+    if not layers:
+        raise ValueError("model has no fastlora adapters; call fastlora.inject first (a PEFT model's adapters: "
+                         "PEFT's own calls, or fastlora.accelerate to run them fused)")
+    return layers
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` in ``model`` under the qualified name ``name`` ("encoder.layer.0.query")."""
     parent_name, _, child = name.rpartition(".")

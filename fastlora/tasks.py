@@ -34,7 +34,7 @@ from torch import nn
 
 from .merging import merge
 from .methods import build_adapter
-from .model_tree import adapter_layers
+from .model_tree import required_adapter_layers
 from .training import remove_attached_hooks
 
 
@@ -50,9 +50,7 @@ def next_task(model: nn.Module) -> nn.Module:
     they share, would change under the inactive ones), when adapters are disabled (what should be
     kept is then ambiguous), or, as ``merge`` does, when a W is shared with another module.
     """
-    layers = list(adapter_layers(model))
-    if not layers:
-        raise ValueError("model has no fastlora adapters; call fastlora.inject first")
+    layers = required_adapter_layers(model)
     names = layers[0][1].adapter_names()
     if len(names) > 1:
         raise ValueError(f"the model holds named adapters {names}: next_task folds the active one into W, which "

@@ -37,7 +37,7 @@ from .config import SelectiveLoraConfig
 from .layer import AdapterLinear
 from .methods import Adapter, CascadeLoraAdapter, RankSelectiveLoraAdapter
 from .methods.cascade import EPOCH_LENGTH_WAYS
-from .model_tree import adapter_layers
+from .model_tree import adapter_layers, required_adapter_layers
 
 Optimizers = Union[torch.optim.Optimizer, Iterable[torch.optim.Optimizer]]
 # model -> its live TrainingHooks (weakly: the optimizers' hook registries keep them alive)
@@ -380,9 +380,7 @@ def attach_training_hooks(model: nn.Module, optimizers: Optimizers, total_steps:
     warning), a length is not an int in (0, 2**63), or a rule needs the run's or the epoch's
     length and none is known. A rule parameter with requires_grad=False turns its rule off.
     """
-    layers = list(adapter_layers(model))
-    if not layers:
-        raise ValueError("model has no fastlora adapters; call fastlora.inject first")
+    layers = required_adapter_layers(model)
     optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
     optimizers = [unwrapped_optimizer(o) for o in optimizers]
     if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):

@@ -5,6 +5,7 @@ import copy
 import peft
 import pytest
 import torch
+from torch import nn
 from transformers import BertForSequenceClassification, BertModel
 
 import fastlora
@@ -149,3 +150,14 @@ def test_an_exported_head_loads_in_plain_peft(tmp_path):
     fastlora.save_peft_adapter(model, tmp_path)
     loaded = peft.PeftModel.from_pretrained(classifier(), str(tmp_path)).eval()
     assert torch.allclose(logits(loaded), logits(model), atol=1e-6)
+
+
+@pytest.mark.parametrize("call", [fastlora.merge, fastlora.unmerge, fastlora.merge_and_unload, fastlora.unload,
+                                  lambda model: fastlora.set_adapters_enabled(model, False)],
+                         ids=["merge", "unmerge", "merge_and_unload", "unload", "set_adapters_enabled"])
+def test_calls_on_the_adapters_refuse_a_model_without_any(call):
+    """They did nothing, silently (a PEFT model's merge_and_unload came back unmerged)."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"model has no fastlora adapters; call fastlora.inject first \(a PEFT "
+                                         r"model's adapters: PEFT's own calls"):
+        call(model)
