@@ -284,3 +284,42 @@ def test_an_adapter_checkpoint_of_another_task_is_refused_by_a_layer_that_ended_
             layer.weight.copy_(weight)  # the W task 1 left, loaded beside its adapter-only checkpoint
     fastlora.load_adapter(fresh, tmp_path / "task2")
     assert int(fresh[0].adapter.tasks_done) == 1
+
+
+@pytest.mark.parametrize("noise", [0.2, 0.0])
+def test_a_lorasc_checkpoint_of_a_later_task_loads_into_the_w_that_task_started_from(tmp_path, noise):
+    """Saved mid-task 2 (adapter-only), loaded into a fresh model holding the W task 2 started from: the record's
+    seeds (drawn with task 2's layer indices) need not be the fresh adapter's (task 0's) while W holds none of its
+    stages; the reloaded model is the saved one, and trains on as it does."""
+    config = CascadeLoraConfig(r=3, alpha=6.0, cascade_interval=2, noise_intensity=noise)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(N, D_IN, generator=g, dtype=torch.float64),
+                torch.randn(N, D_OUT, generator=g, dtype=torch.float64)) for _ in range(6)]
+
+    def train(model, part):
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        hooks = fastlora.attach_training_hooks(model, optimizer, total_steps=6)
+        for x, target in part:
+            optimizer.zero_grad()
+            F.mse_loss(model(x), target).backward()
+            torch.manual_seed(len(part))
+            optimizer.step()
+        hooks.remove()
+
+    model = _model(config)
+    train(model, batches[:4])
+    next_task(model)
+    start = {k: v.clone() for k, v in model.state_dict().items() if ".adapter." not in k}
+    train(model, batches[:3])  # one stage folded, the second's noise in W
+    fastlora.save_adapter(model, tmp_path)
+    plain = nn.Sequential(nn.Linear(D_IN, D_HID, dtype=torch.float64), nn.Tanh(),
+                          nn.Linear(D_HID, D_OUT, dtype=torch.float64))
+    plain.load_state_dict(start)
+    fastlora.load_adapter(plain, tmp_path)
+    for loaded in (False, True):
+        for a, b in zip((model[0], model[2]), (plain[0], plain[2])):
+            assert torch.equal(a.weight, b.weight) and a.adapter.layer_index == b.adapter.layer_index
+            assert all(torch.equal(t, a.adapter.state_dict()[k]) for k, t in b.adapter.state_dict().items())
+        if not loaded:
+            for trained in (model, plain):
+                train(trained, batches[3:])  # the rest of task 2: one more stage end, on the same draws

@@ -511,7 +511,10 @@ class CascadeLoraAdapter(Adapter):
         held, count = self.folded_A.shape[0], folded_a.shape[0]
         own = self.noise_stds
         close = lambda a, b: torch.allclose(a, b, rtol=_STD_RTOL, atol=0)  # noqa: E731
-        prefix = held <= count and torch.equal(seeds[:held + 1], self.noise_seeds) \
+        # W holds nothing of this adapter's record (no stage folded, stage 0's noise not in W): any record
+        # starts there, whatever layer index its seeds were drawn with (a later task's adapter, say)
+        bare = held == 0 and (self.pending_start or not bool(own[0]))
+        prefix = held <= count and (bare or torch.equal(seeds[:held + 1], self.noise_seeds)) \
             and close(stds[:held], own[:held]) and (self.pending_start or close(stds[held:held + 1], own[held:])) \
             and torch.equal(folded_a[:held].to(self.folded_A.dtype), self.folded_A) \
             and torch.equal(folded_b[:held].to(self.folded_B.dtype), self.folded_B)
