@@ -87,8 +87,8 @@ class FastLoraCallback(TrainerCallback):
                                                     "builds one for them (FastLoraTrainer does it itself)")
         if state.max_steps and state.max_steps > 0:
             set_run_length(model, state.max_steps, steps_done=state.global_step)
-        epoch = None if train_dataloader is None else trainer_steps_per_epoch(
-            train_dataloader, args.gradient_accumulation_steps, _sequence_parallel_size(args))
+        epoch = None if train_dataloader is None else trainer_steps_per_epoch(train_dataloader,
+                                                                               args.gradient_accumulation_steps)
         if epoch:
             set_epoch_length(model, epoch)
         elif any(missing_epoch_length(layer) for _, layer in layers):
@@ -122,18 +122,12 @@ class FastLoraCallback(TrainerCallback):
             save_adapter(model, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / ADAPTER_DIR)
 
 
-def trainer_steps_per_epoch(dataloader, accumulation: int, sequence_parallel: int = 1) -> Optional[int]:
-    """Optimizer steps per epoch as Trainer counts them: ceil(len(dataloader) * sequence_parallel /
-    accumulation) (the last, shorter accumulation of an epoch steps too; sequence parallelism splits each
-    batch into that many); None for a dataloader without a length (an IterableDataset, whose epochs end
-    where its data does)."""
-    length = len(dataloader) * sequence_parallel if has_length(dataloader) else None
+def trainer_steps_per_epoch(dataloader, accumulation: int) -> Optional[int]:
+    """Optimizer steps per epoch as Trainer counts them: ceil(len(dataloader) / accumulation) (the last,
+    shorter accumulation of an epoch steps too); None for a dataloader without a length (an IterableDataset,
+    whose epochs end where its data does)."""
+    length = len(dataloader) if has_length(dataloader) else None
     return -(-length // accumulation) if length else None
-
-
-def _sequence_parallel_size(args) -> int:
-    """The sequence-parallel size of Trainer's ``parallelism_config`` (1 without one)."""
-    return getattr(getattr(args, "parallelism_config", None), "sp_size", None) or 1
 
 
 def _check_schedules(layers, max_steps: int) -> None:

@@ -142,7 +142,6 @@ class _Unsized:
 def test_steps_per_epoch_as_trainer_counts_them(length, accumulation, expected):
     loader = _Unsized() if length is None else [None] * length
     assert trainer_steps_per_epoch(loader, accumulation) == expected
-    assert trainer_steps_per_epoch(loader, accumulation, 3) == (expected and -(-3 * length // accumulation))
 
 
 def test_the_callback_takes_the_epoch_length_from_the_dataloader_trainer_passes():
@@ -159,21 +158,6 @@ def test_the_callback_takes_the_epoch_length_from_the_dataloader_trainer_passes(
         callback.on_train_begin(args, State(), None, model=model, optimizer=optimizer, train_dataloader=_Unsized())
     callback.on_train_begin(args, State(), None, model=model, optimizer=optimizer, train_dataloader=[None] * 8)
     assert [int(layer.adapter.epoch_steps) for layer in _layers(model)] == [4, 4]
-    callback.hooks.remove()
-
-
-def test_sequence_parallelism_multiplies_the_epoch_as_trainer_counts_it():
-    """Trainer's sequence parallelism (parallelism_config.sp_size) splits each batch into sp_size: its epoch of
-    a dataloader of 5 batches with 2 accumulation steps and sp_size 3 is ceil(15 / 2) = 8 optimizer steps."""
-    class State:
-        max_steps, global_step = 40, 0
-    model = _model()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    args = type("Args", (), {"gradient_accumulation_steps": 2,
-                             "parallelism_config": type("Parallelism", (), {"sp_size": 3})()})()
-    callback = FastLoraCallback(save_adapters=False)
-    callback.on_train_begin(args, State(), None, model=model, optimizer=optimizer, train_dataloader=[None] * 5)
-    assert [int(layer.adapter.epoch_steps) for layer in _layers(model)] == [8, 8]
     callback.hooks.remove()
 
 
