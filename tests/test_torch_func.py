@@ -87,6 +87,21 @@ def test_grad_runs_every_plan_as_recorded_torch_ops(backend):
             assert rel(grads[name], p.grad) < 1e-5, name
 
 
+@pytest.mark.parametrize("backend", ["cublas", "torch"])
+def test_grad_of_a_half_precision_model_with_fp32_adapters(backend):
+    """fp32 factors over an fp16 W (the adapters of a half-precision model): inside a transform the recorded ops
+    cast them as the torch plan does, whichever plan the layer names (the cublas plan's kernels read them
+    uncast; recorded torch ops cannot)."""
+    model = _model(LoraConfig(r=3, backend=backend)).float()
+    for _, layer in fastlora.adapter_layers(model):
+        layer.weight.data = layer.weight.data.half()
+        layer.bias.data = layer.bias.data.half()
+    x, target = torch.randn(4, 7, dtype=torch.float16), torch.randn(4, 5, dtype=torch.float16)
+    trainable, frozen = _split(model)
+    grads = grad(_loss(model, frozen, x, target))(trainable)
+    assert all(g.dtype == torch.float32 and g.isfinite().all() for g in grads.values())
+
+
 def test_per_sample_gradients_by_vmap_of_grad():
     model = _model(LoraConfig(r=3))
     x, target = torch.randn(5, 7, dtype=F64), torch.randn(5, 5, dtype=F64)

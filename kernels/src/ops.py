@@ -80,8 +80,8 @@ def adapted_linear(
         seed = None
     else:
         seed = _seed(dropout_seed, x.device)
-    # the cublas plan reads factors of another float dtype as they are (see triton.impl)
-    factor_dtype = None if plan == "cublas" else dtype
+    # the cublas plan reads factors of another float dtype as they are (see triton.impl); recorded ops cast them
+    factor_dtype = None if plan == "cublas" and not recorded else dtype
     if autocasting:  # else x and W are in ``dtype`` already (validated)
         x, weight = in_dtype(x, dtype), in_dtype(weight, dtype)
     bias = in_dtype(bias, dtype)
