@@ -92,16 +92,19 @@ class NeatAdapter(Adapter):
         if self.training or torch.is_grad_enabled():
             self.clear_cache()
             return self.projection(weight).t()
-        tensors = (weight, *self.parameters())  # what H' depends on (see ``stamps.trackable``)
-        if not trackable(tensors):
+        if torch.compiler.is_compiling():  # traced: the projection is part of the graph
             return self.projection(weight).t()
+        tensors = (weight, *self.parameters())  # what H' depends on (see ``stamps.trackable``)
         device = weight.device.type
         autocast = (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device),)
         cache = self._cache  # one read: another thread may replace the pair meanwhile
-        if cache is not None and cache[0].matches(tensors, autocast):
+        if cache is not None and cache[0].matches(tensors, autocast):  # (stamps only where they can follow)
             return cache[1]
+        if not trackable(tensors):
+            return self.projection(weight).t()
+        stamp = TensorStamp(tensors, autocast)
         value = self.projection(weight).t()
-        self._cache = (TensorStamp(tensors, autocast), value)
+        self._cache = (stamp, value)
         return value
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:

@@ -104,8 +104,8 @@ class SelectiveLoraAdapter(LoraAdapter):
         self._set_steps(0)  # _steps: host copy of optimizer_steps; _penalized: the warm-up is over
         self._penalty: Optional[Tensor] = None
         self._penalty_in_transform = False
-        self._gate_stamp: Optional[TensorStamp] = None
-        self._gate_on = True  # host copy of the gate, valid while the score matches _gate_stamp
+        # the gate's host copy and the stamp of the score it was read from (one pair: one read per check)
+        self._gate_cache: Optional[tuple[TensorStamp, bool]] = None
         # the gate the latest forward saw, and the switches the forwards saw (on -> off or off -> on)
         self.register_buffer("_gate_seen", None, persistent=False)
         self.register_buffer("_gate_switches", None, persistent=False)
@@ -115,7 +115,7 @@ class SelectiveLoraAdapter(LoraAdapter):
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles leave the recorded penalty (part of one forward's graph) and the gate's
         stamp (of the original's score) behind."""
-        return {**super().__getstate__(), "_penalty": None, "_gate_stamp": None}
+        return {**super().__getstate__(), "_penalty": None, "_gate_cache": None}
 
     def refresh_host_copies(self) -> None:
         self._set_steps(int(self.optimizer_steps))
@@ -161,7 +161,7 @@ class SelectiveLoraAdapter(LoraAdapter):
 
     def refresh_gate(self) -> None:
         """Forget the cached gate: the next forward reads the score again."""
-        self._gate_stamp = None
+        self._gate_cache = None
 
     def _note_gate(self, hard: Tensor) -> None:
         """Count a switch of the gate a forward sees (``hard``: 1[score >= threshold], a 0-dim bool tensor)
@@ -183,12 +183,15 @@ class SelectiveLoraAdapter(LoraAdapter):
         """``active``, read from the device only when the score changed since the last read (always when
         that cannot be followed: a sharded score, see ``stamps.trackable``)."""
         score = (self.score,)
+        cache = self._gate_cache  # one read: another thread may replace the pair meanwhile
+        if cache is not None and cache[0].matches(score):  # (no stamp is taken where it cannot follow the score)
+            return cache[1]
         if is_dtensor(score[0]) or not trackable(score):
             return self._observed_gate()
-        stamp = self._gate_stamp
-        if stamp is None or not stamp.matches(score):
-            self._gate_on, self._gate_stamp = self._observed_gate(), TensorStamp(score)
-        return self._gate_on
+        stamp = TensorStamp(score)
+        on = self._observed_gate()
+        self._gate_cache = (stamp, on)
+        return on
 
     def gate(self) -> Union[float, Tensor]:
         """The hard gate; a 0-dim tensor carrying the straight-through gradient to score when grad

@@ -22,21 +22,24 @@ def trackable(tensors: Sequence[Tensor]) -> bool:
     return not (torch.compiler.is_compiling() or functorch_active() or any(t.is_inference() for t in tensors))
 
 
-def _mark(tensor: Tensor) -> tuple:
-    return tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device
-
-
 class TensorStamp:
-    """The state of ``tensors`` (and of the hashable ``extra``: autocast's dtype, say) now."""
+    """The state of ``tensors`` (and of the hashable ``extra``: autocast's dtype, say) now. Take it before
+    reading the value it stamps: a change between the two then makes the next check miss, not hit."""
 
     __slots__ = ("_refs", "_marks", "_extra")
 
     def __init__(self, tensors: Sequence[Tensor], extra: tuple = ()) -> None:
         self._refs = tuple(weakref.ref(t) for t in tensors)
-        self._marks = tuple(_mark(t) for t in tensors)
+        self._marks = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         self._extra = extra
 
     def matches(self, tensors: Sequence[Tensor], extra: tuple = ()) -> bool:
-        """Whether ``tensors`` are the stamped tensor objects, unchanged since, and ``extra`` the same."""
-        return (extra == self._extra and len(tensors) == len(self._refs)
-                and all(ref() is t and mark == _mark(t) for ref, mark, t in zip(self._refs, self._marks, tensors)))
+        """Whether ``tensors`` are the stamped tensor objects (checked first: another object may have no
+        storage to read), unchanged since, and ``extra`` the same."""
+        if extra != self._extra or len(tensors) != len(self._refs):
+            return False
+        for ref, (pointer, version, dtype, device), t in zip(self._refs, self._marks, tensors):
+            if ref() is not t or t._version != version or t.data_ptr() != pointer or t.dtype != dtype \
+                    or t.device != device:
+                return False
+        return True
