@@ -96,3 +96,19 @@ def test_a_trainer_run_after_an_early_stop_begins_a_new_run(tmp_path):
     trainer.train()  # afresh (no resume): a new run of 9 steps, its stages at its epochs' ends
     assert log.stage_ends == [3, 6]
     assert {int(layer.adapter.run_start) for layer in _layers(model)} == {4}
+
+
+def test_a_state_dict_without_run_start_counts_its_run_from_zero():
+    """Checkpoints written before run_start counted a run's steps from 0: loaded into a layer that began a later
+    run (run_start 4), a 3-step state of such a checkpoint takes run_start 0, not the layer's 4 (steps_in_run -1:
+    a stage would end on the run's final step)."""
+    saved = _model(cascade_interval=2)
+    _steps(saved, 3, total_steps=4)
+    state = {k: v for k, v in saved.state_dict().items() if not k.endswith("run_start")}
+    model = _model(cascade_interval=2)
+    _steps(model, 4, total_steps=4)
+    _steps(model, 4, first=5, total_steps=4)
+    assert {int(layer.adapter.run_start) for layer in _layers(model)} == {4}
+    model.load_state_dict(state)
+    assert {(int(layer.adapter.run_start), layer.adapter.steps_in_run) for layer in _layers(model)} == {(0, 3)}
+    assert _steps(model, 1, first=4) == []  # step 4: the run's final one ends no stage

@@ -34,6 +34,8 @@ class Adapter(nn.Module):
     writes_weight: bool = False
     #: state_dict keys that checkpoints of earlier versions lack: a load without one keeps the adapter's own value
     optional_state_keys: frozenset[str] = frozenset({"tasks_done"})
+    #: those of them whose absence means 0 (what earlier versions counted from), not the adapter's own value
+    zero_when_missing: frozenset[str] = frozenset()
 
     def __init__(self, config: AdapterConfig, in_features: int, out_features: int,
                  device: Optional[torch.device] = None) -> None:
@@ -136,8 +138,10 @@ def _refresh_after_load(module: Adapter, incompatible_keys) -> None:
 
 
 def _keep_missing_optional_state(module: Adapter, state_dict: dict, prefix: str, *args) -> None:
-    """A state dict without one of the adapter's ``optional_state_keys`` loads the adapter's own value there."""
+    """A state dict without one of the adapter's ``optional_state_keys`` loads the adapter's own value there
+    (0 for those of ``zero_when_missing``)."""
     own = module.state_dict(keep_vars=True)
     for key in module.optional_state_keys:
         if prefix + key not in state_dict:
-            state_dict[prefix + key] = own[key].detach().clone()
+            value = own[key].detach().clone()
+            state_dict[prefix + key] = value.zero_() if key in module.zero_when_missing else value

@@ -218,8 +218,9 @@ class CascadeLoraAdapter(Adapter):
     """
 
     variable_length_keys = frozenset(_RECORD)
-    #: earlier checkpoints lack them
+    #: earlier checkpoints lack them; they counted a run's steps from 0
     optional_state_keys = Adapter.optional_state_keys | {"run_steps", "epoch_steps", "run_start"}
+    zero_when_missing = frozenset({"run_start"})
     #: the adapter writes its layer's W in place (inject refuses a W shared with another module)
     writes_weight = True
 
