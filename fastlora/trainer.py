@@ -47,10 +47,10 @@ ADAPTER_DIR = "fastlora_adapter"
 class FastLoraCallback(TrainerCallback):
     """Connects a fastlora model to ``transformers.Trainer``.
 
-    - train begin: gives the step-scheduled layers the run's length, Trainer's ``max_steps``, and the
-      steps of it done, Trainer's global step (``set_run_length``: CoDyRA's schedule with
-      total_steps=None spans it, LoRASC's stages_per_run splits it, and no LoRASC stage ends on its
-      final step; a ``train()`` that does not resume begins a new LoRASC run), and the epoch's length
+    - train begin: gives the step-scheduled layers the run's length, Trainer's ``max_steps``
+      (``set_run_length``: CoDyRA's schedule with total_steps=None spans it, LoRASC's stages_per_run
+      splits it, and no LoRASC stage ends on its final step; a ``train()`` that does not resume begins
+      a new LoRASC run, a resumed one goes on), and the epoch's length
       in optimizer steps as Trainer counts it from its ``train_dataloader`` and
       gradient_accumulation_steps (``trainer_steps_per_epoch``, ``set_epoch_length``: the length of
       LoRASC's default stage), then attaches the post-step training rules (CoDyRA's proximal step,
@@ -86,7 +86,7 @@ class FastLoraCallback(TrainerCallback):
                                              remedy="set trainer.optimizer = None before train(), and Trainer "
                                                     "builds one for them (FastLoraTrainer does it itself)")
         if state.max_steps and state.max_steps > 0:
-            set_run_length(model, state.max_steps, steps_done=state.global_step)
+            set_run_length(model, state.max_steps, new_run=state.global_step == 0)
         epoch = None if train_dataloader is None else trainer_steps_per_epoch(train_dataloader,
                                                                                args.gradient_accumulation_steps)
         if epoch:

@@ -269,28 +269,33 @@ def _give_length(adapters: list, held: str, setter: str, steps: int) -> set[tupl
     return kept
 
 
-def set_run_length(model: nn.Module, total_steps: int, steps_done: Optional[int] = None) -> None:
+def set_run_length(model: nn.Module, total_steps: int, new_run: Optional[bool] = None) -> None:
     """Give the model's step-scheduled layers (CoDyRA, LoRASC) the run's length in optimizer steps:
     CoDyRA's schedule spans it when its config leaves total_steps None, LoRASC places stages_per_run's
-    stage ends by it and ends no stage on its final step. ``steps_done``: the run's steps already taken
-    (Trainer's global step: 0 when ``train()`` starts afresh), from which LoRASC layers count their
-    run (``begin_run``); None (a hand loop): a LoRASC layer whose run of known length is over begins a
-    new one, any other goes on. A layer that already stepped in its run under another length (a resumed
-    run; CoDyRA's one schedule) keeps that one, with a warning. Refused (before any layer changes)
-    unless 0 < total_steps < 2**63 and 0 <= steps_done."""
+    stage ends by it and ends no stage on its final step. ``new_run``: whether LoRASC layers begin a run
+    now (``begin_run``; True: Trainer's ``train()`` not resuming; False: a resumed run goes on from the
+    run_start its checkpoint holds); None (a hand loop): a LoRASC layer begins one when its previous run is
+    over (of known length, all its steps taken) or had no length and took steps, any other goes on. A
+    layer that already stepped in its run under another length (a resumed run; CoDyRA's one schedule)
+    keeps that one, with a warning. Refused (before any layer changes) unless 0 < total_steps < 2**63."""
     _check_steps("total_steps", total_steps)
-    if steps_done is not None and not 0 <= steps_done < 2**63:
-        raise ValueError(f"steps_done must be an int >= 0 (the run's optimizer steps already taken), "
-                         f"got {steps_done!r}")
+    if new_run is not None and not isinstance(new_run, bool):
+        raise TypeError(f"new_run must be a bool or None, got {type(new_run).__name__}")
     adapters = [layer.adapter for _, layer in adapter_layers(model)
                 if isinstance(layer.adapter, (RankSelectiveLoraAdapter, CascadeLoraAdapter))]
     for adapter in adapters:
-        if isinstance(adapter, CascadeLoraAdapter) and (steps_done is not None or adapter.run_over):
-            adapter.begin_run(steps_done or 0)
+        if isinstance(adapter, CascadeLoraAdapter) and (new_run or (new_run is None and _run_ended(adapter))):
+            adapter.begin_run()
     for method, length, steps in sorted(_give_length(adapters, "_run_steps", "set_run_steps", total_steps)):
         warn_at_caller(f"fastlora: {method} layers have taken {steps} optimizer steps of a run of {length}; they keep "
                        f"that run's schedule, not total_steps={total_steps} (a new task starts a fresh schedule "
                        f"after fastlora.next_task)", RuntimeWarning)
+
+
+def _run_ended(adapter: CascadeLoraAdapter) -> bool:
+    """Whether a hand loop attaching again with a run length starts another run: the last one took all of
+    its known length, or had no length and took steps."""
+    return adapter.run_over if adapter._run_steps else adapter.steps_in_run > 0
 
 
 def set_epoch_length(model: nn.Module, steps_per_epoch: int) -> None:

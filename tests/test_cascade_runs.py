@@ -67,12 +67,21 @@ def test_a_second_trainer_run_places_its_epoch_stages_as_the_first(tmp_path):
         assert torch.count_nonzero(adapter.lora_B) > 0  # the second run's last stage: still the fast pair
 
 
-@pytest.mark.parametrize("bad", [-1, 2**63])
-def test_steps_done_is_checked_before_anything_changes(bad):
+@pytest.mark.parametrize("bad", [0, 1, "yes"])
+def test_new_run_must_be_a_bool_and_is_checked_before_anything_changes(bad):
     model = _model(cascade_interval=2)
-    with pytest.raises(ValueError, match=rf"steps_done must be an int >= 0 .*got {bad}"):
-        set_run_length(model, 4, steps_done=bad)
+    with pytest.raises(TypeError, match=r"new_run must be a bool or None"):
+        set_run_length(model, 4, new_run=bad)
     assert [int(layer.adapter.run_steps) for layer in _layers(model)] == [0, 0]
+
+
+def test_a_hand_loop_attached_with_a_length_after_a_run_without_one_begins_a_new_run():
+    """The earlier run had no length (its stages every 2 steps, any final step): the next attach with
+    total_steps=4 begins a run of 4, which ends no stage on its final step (it went on counting, ending one)."""
+    model = _model(cascade_interval=2)
+    assert _steps(model, 4) == [2, 4]
+    assert _steps(model, 4, first=5, total_steps=4) == [6]
+    assert {(int(layer.adapter.run_start), layer.adapter.steps_in_run) for layer in _layers(model)} == {(4, 4)}
 
 
 class _StopAt(TrainerCallback):

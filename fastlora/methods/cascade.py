@@ -94,10 +94,11 @@ Choices where the paper is silent (our reading):
   ``cascade_step()``. Checkpoints written before ``epoch_steps`` (or ``run_steps``) existed load
   with the layer's own value (0: unknown).
 - Stages are counted within the run: its steps from 1 at the step counter's value when the run began
-  (the persistent buffer ``run_start``): a run begins where Trainer's ``train()`` starts without
-  resuming (FastLoraCallback; a resumed one goes on from Trainer's global step), and where
-  ``attach_training_hooks(..., total_steps=N)`` finds the previous run of known length over. A second
-  run on a trained adapter thus places its stages as the first run did.
+  (the persistent buffer ``run_start``; checkpoints written before it count from 0): a run begins where
+  Trainer's ``train()`` starts without resuming (FastLoraCallback; a resumed one goes on with its
+  checkpoint's run_start), and where ``attach_training_hooks(..., total_steps=N)`` finds the previous
+  run over (all of its known length taken, or of unknown length). A second run on a trained adapter
+  thus places its stages as the first run did.
 - The run's final step ends no stage (when the run's length is known): a fold there would add only
   (1 - m) of the last fast pair and start a fresh pair (B = 0) right before evaluation. The last
   stage stays the fast pair, evaluated as W + s B A; ``next_task`` folds it, ``merge`` adds it. A
@@ -356,10 +357,9 @@ class CascadeLoraAdapter(Adapter):
         self._run_steps = int(steps)
 
     @torch.no_grad()
-    def begin_run(self, steps_done: int) -> None:
-        """The current run began ``steps_done`` optimizer steps ago (0: it begins now; Trainer's global
-        step on a resume): ``run_start`` <- optimizer_steps - steps_done, from where stages are counted."""
-        self._run_start = self._steps - steps_done
+    def begin_run(self) -> None:
+        """A run begins now: ``run_start`` <- optimizer_steps, from where its stages are counted."""
+        self._run_start = self._steps
         self.run_start.fill_(self._run_start)
 
     @property
