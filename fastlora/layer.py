@@ -175,15 +175,17 @@ class AdapterLinear(nn.Module):
         """A LoRASC stage's first forward in training mode: the stage's noise into W. Under no_grad too:
         reentrant activation checkpointing runs the training forward under no_grad (and recomputes it
         in the backward, when the stage has started). ``adapter``: this layer's active adapter. Refused when
-        W is not the layer's parameter (torch.func.functional_call with other tensors): the noise belongs
-        in the layer's own W."""
+        W is not a parameter (torch.func.functional_call with plain tensors, a DataParallel replica): the
+        noise belongs in the layer's own W. (Parameters given to functional_call in place of the layer's
+        get it: the layer cannot tell them from its own.)"""
         if self.training and isinstance(adapter, CascadeLoraAdapter) and adapter.pending_start:
             if not isinstance(self.weight, nn.Parameter):
                 raise RuntimeError(
                     f"{adapter.describe()}: a stage's noise goes into the layer's own W at the stage's first "
-                    f"training forward, and this forward runs on another W ({type(self.weight).__name__}: "
-                    f"torch.func.functional_call with other tensors): run a training forward of the model itself "
-                    f"first (or call the adapter's start_training()), or call it in eval mode")
+                    f"training forward, and this forward runs on a W that is not a parameter "
+                    f"({type(self.weight).__name__}: torch.func.functional_call with other tensors, a replica of "
+                    f"nn.DataParallel): attach the training hooks (they add it before the forward), run a "
+                    f"training forward of the model itself first, or call the adapter's start_training()")
             if getattr(self, "_is_fsdp_managed_module", False):  # set by FSDP2's fully_shard
                 raise RuntimeError(
                     f"{adapter.describe()}: under FSDP2 a LoRASC stage's noise must reach W before the forward "
