@@ -157,10 +157,6 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or not self.adapter_enabled:
-            if self.merged and self.adapter_enabled and self.training and torch.is_grad_enabled():
-                warn_at_caller("fastlora: a merged adapter layer ran a training forward: its update is part of W, "
-                               "so the adapter gets no gradient and does not train (fastlora.unmerge to train it)",
-                               RuntimeWarning)
             return F.linear(x, self.weight if self.adapter_enabled else self.base_weight(), self.bias)
         # each module attribute read once: a parameter's or submodule's read (nn.Module.__getattr__) costs
         # ~0.7 us of host time per call on a CPU

@@ -38,6 +38,7 @@ from .training import (
     set_epoch_length,
     set_run_length,
     unwrapped_optimizer,
+    warn_merged,
 )
 
 #: the folder of the adapter-only checkpoint inside each of Trainer's checkpoint-N folders
@@ -100,6 +101,8 @@ class FastLoraCallback(TrainerCallback):
             if optimizer is None:
                 raise ValueError("FastLoraCallback: Trainer passed no optimizer; the training rules cannot be attached")
             self.hooks = attach_training_hooks(model, optimizer)
+        else:
+            warn_merged(layers, "FastLoraCallback")
         _check_schedules(layers, state.max_steps)
 
     def on_train_end(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):

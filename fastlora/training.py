@@ -350,6 +350,16 @@ def _warn_stageless(layers) -> None:
                        f"stages, or a cascade_interval below the run's length", RuntimeWarning)
 
 
+def warn_merged(layers, caller: str) -> None:
+    """Warn when adapted layers about to train are merged: their update is part of W, their adapters get
+    no gradient."""
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        warn_at_caller(f"fastlora: {caller}: adapter layers {merged[:3]}{' ...' if len(merged) > 3 else ''} are "
+                       f"merged: their update is part of W, so their adapters get no gradient and do not train "
+                       f"(fastlora.unmerge first)", RuntimeWarning)
+
+
 def _refuse_unknown_lengths(layers) -> None:
     """Raise ValueError when a trainable rule needs the run's length or the epoch's and it is not known."""
     ruled = [layer for _, layer in layers if has_rule(layer) and layer.adapter.rule_parameter() is not None
@@ -419,6 +429,7 @@ def attach_training_hooks(model: nn.Module, optimizers: Optimizers, total_steps:
         set_epoch_length(model, steps_per_epoch)
     _refuse_unknown_lengths(layers)
     _warn_stageless(layers)
+    warn_merged(layers, "attach_training_hooks")
     if left_out:
         _warn_left_out(left_out)
     return TrainingHooks(model, optimizers)

@@ -1,4 +1,6 @@
 """CURLoRA against its paper and its authors' code: inverted-probability sampling, U-only training, float64 formulas."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -229,3 +231,19 @@ def test_bad_weights_and_ranks_raise_clear_errors():
         CurLoraAdapter(CurLoraConfig(r=4), D_IN, D_OUT, torch.zeros(D_OUT, D_IN))
     with pytest.raises(ValueError, match="exceeds min"):
         fastlora.inject(_tiny_model(), CurLoraConfig(r=14, target_modules=["down"]))
+
+
+def test_pretrained_weights_loaded_after_inject_warn_that_the_indices_are_from_the_old_w():
+    """CURLoRA samples its indices from W at inject: weights loaded afterwards (strict=False, without the
+    indices) leave them drawn from the random W; a state dict with the indices loads quietly."""
+    torch.manual_seed(0)
+    pretrained = nn.Sequential(nn.Linear(D_IN, D_OUT))
+    model = fastlora.inject(nn.Sequential(nn.Linear(D_IN, D_OUT)), CurLoraConfig(r=3))
+    with pytest.warns(RuntimeWarning, match=r"a load replaced the W of CURLoRA layers but not their row and column "
+                                            r"indices, which were drawn .* inject after loading") as caught:
+        model.load_state_dict(pretrained.state_dict(), strict=False)
+    assert [w.filename for w in caught] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.load_state_dict(model.state_dict())
+        model[0].adapter.load_state_dict(model[0].adapter.state_dict())

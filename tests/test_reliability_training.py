@@ -140,21 +140,19 @@ def test_rules_do_not_act_on_merged_layers(config):
     hooks.remove()
 
 
-def test_a_training_forward_of_a_merged_layer_warns_that_the_adapter_does_not_train():
+def test_attaching_the_hooks_to_merged_layers_warns_that_their_adapters_do_not_train():
     model = _model(LoraConfig(r=2))
     fastlora.merge(model)
-    x = torch.randn(3, D_IN, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match=r"a merged adapter layer ran a training forward: its update is part of W, "
-                                            r"so the adapter gets no gradient") as caught:
-        model.train()(x)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with pytest.warns(RuntimeWarning, match=r"attach_training_hooks: adapter layers \['0'\] are merged: their "
+                                            r"update is part of W, so their adapters get no gradient") as caught:
+        fastlora.attach_training_hooks(model, optimizer).remove()
     assert [w.filename for w in caught] == [__file__]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # evaluation, no_grad, a disabled adapter: nothing to warn
-        model.eval()(x)
-        with torch.no_grad():
-            model.train()(x)
-        with fastlora.disable_adapter(model):
-            model.train()(x)
+        warnings.simplefilter("error")
+        model.train()(torch.randn(3, D_IN, dtype=torch.float64))  # a merged model evaluated in train mode: quiet
+        fastlora.unmerge(model)
+        fastlora.attach_training_hooks(model, optimizer).remove()
 
 
 @pytest.mark.parametrize("remove", [fastlora.unload, fastlora.merge_and_unload], ids=lambda f: f.__name__)

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastlora.kernels.caller_warnings import warn_at_caller
+
 from ..config import CurLoraConfig
 from ..registry import register_method
 from .base import Adapter, adapter_factory
@@ -76,6 +78,19 @@ class CurLoraAdapter(Adapter):
     def reset_parameters(self) -> None:
         """U zeros (the indices stay: they are W's, drawn at build)."""
         nn.init.zeros_(self.U)
+
+    def note_load(self, with_weight: bool) -> None:
+        self._loading_weight = with_weight
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A load that replaces W without the indices (pretrained weights loaded after inject, strict=False)
+        leaves indices drawn from another W: warned, naming the order that draws them from the loaded one."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if getattr(self, "_loading_weight", False) and prefix + "row_index" not in state_dict:
+            warn_at_caller("fastlora: a load replaced the W of CURLoRA layers but not their row and column indices, "
+                           "which were drawn from the W they had when built: inject after loading the pretrained "
+                           "weights, so that CURLoRA samples them from those", RuntimeWarning)
+        self._loading_weight = False
 
     def op_arguments(self, weight: Tensor) -> dict[str, Any]:
         return {"lora_a": None, "row_index": self.row_index, "lora_b": None, "col_index": self.col_index,
