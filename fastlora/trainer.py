@@ -38,6 +38,7 @@ from .training import (
     set_epoch_length,
     set_run_length,
     unwrapped_optimizer,
+    warn_left_out,
     warn_merged,
 )
 
@@ -82,10 +83,10 @@ class FastLoraCallback(TrainerCallback):
         if self.hooks is not None:
             self.hooks.remove()
             self.hooks = None
-        if optimizer is not None:
-            check_optimizers_hold_trainables(model, [unwrapped_optimizer(optimizer)], "FastLoraCallback",
-                                             remedy="set trainer.optimizer = None before train(), and Trainer "
-                                                    "builds one for them (FastLoraTrainer does it itself)")
+        left_out = [] if optimizer is None else check_optimizers_hold_trainables(
+            model, [unwrapped_optimizer(optimizer)], "FastLoraCallback",
+            remedy="set trainer.optimizer = None before train(), and Trainer builds one for them (FastLoraTrainer "
+                   "does it itself)")
         if state.max_steps and state.max_steps > 0:
             set_run_length(model, state.max_steps, new_run=state.global_step == 0)
         epoch = None if train_dataloader is None else trainer_steps_per_epoch(train_dataloader,
@@ -100,9 +101,10 @@ class FastLoraCallback(TrainerCallback):
         if any(has_rule(layer) for _, layer in layers):
             if optimizer is None:
                 raise ValueError("FastLoraCallback: Trainer passed no optimizer; the training rules cannot be attached")
-            self.hooks = attach_training_hooks(model, optimizer)
+            self.hooks = attach_training_hooks(model, optimizer)  # it warns of what it finds
         else:
             warn_merged(layers, "FastLoraCallback")
+            warn_left_out(left_out, "FastLoraCallback")
         _check_schedules(layers, state.max_steps)
 
     def on_train_end(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
@@ -177,14 +179,16 @@ class FastLoraTrainer(Trainer):
         if not any(isinstance(c, FastLoraCallback) for c in self.callback_handler.callbacks):
             self.add_callback(FastLoraCallback())
 
-    def create_optimizer(self):
+    def create_optimizer(self, *args, **kwargs):
         """Trainer's optimizer, built again (with its state) when the one it built earlier misses some of
         the model's trainable parameters: a ``train()`` after next_task, add_adapter or set_adapter trains
-        the new adapters (Trainer itself builds its optimizer once). One given to the Trainer is kept."""
+        the new adapters (Trainer itself builds its optimizer once). One given to the Trainer is kept, and
+        so is one whose tensors are not the parameters (DeepSpeed's partitions)."""
+        model = args[0] if args else kwargs.get("model")
         if self._builds_optimizer and self.optimizer is not None and \
-                parameters_left_out(self.model, [unwrapped_optimizer(self.optimizer)])[0]:
+                parameters_left_out(model or self.model, [unwrapped_optimizer(self.optimizer)]):
             self.optimizer = None
-        return super().create_optimizer()
+        return super().create_optimizer(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)

@@ -204,33 +204,44 @@ class TrainingHooks:
             del _ATTACHED[self.model]
 
 
-def parameters_left_out(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[list[str], int]:
-    """(names of the model's trainable parameters that none of ``optimizers`` holds, how many it has)."""
-    held = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    return [name for name, p in trainable if id(p) not in held], len(trainable)
+def parameters_left_out(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> Optional[list[str]]:
+    """Names of the model's trainable parameters that none of ``optimizers`` holds; None when the optimizers
+    hold other tensors than parameters (DeepSpeed's flat partitions, a layer-wise dummy: which parameters
+    they stand for cannot be told)."""
+    held = [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
+    if not all(isinstance(p, nn.Parameter) for p in held):
+        return None
+    ids = {id(p) for p in held}
+    return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
 
 
 def check_optimizers_hold_trainables(model: nn.Module, optimizers: list[torch.optim.Optimizer], caller: str,
                                      remedy: str = "build it from the model's trainable parameters now") -> list[str]:
-    """Raise ValueError when ``optimizers`` hold none of the model's trainable parameters (an optimizer built
-    before inject, load_adapter, add_adapter, set_adapter or next_task holds the tensors those replaced or
-    froze: the adapters would not train, silently). Returns the names of those they leave out."""
-    missing, count = parameters_left_out(model, optimizers)
-    if missing and len(missing) == count:
-        raise ValueError(f"{caller}: the optimizer holds none of the model's {count} trainable parameters (e.g. "
-                         f"{missing[0]}), so the adapters would not train: an optimizer built before "
-                         f"fastlora.inject, load_adapter, add_adapter, set_adapter or next_task holds the tensors "
-                         f"those replaced or froze; {remedy}")
+    """Raise ValueError when ``optimizers`` hold none of the active adapters' trainable parameters (an
+    optimizer built before inject, load_adapter, add_adapter, set_adapter or next_task holds the tensors those
+    replaced or froze: the adapters would not train, silently, whatever else it holds: a head). Returns the
+    trainable parameters they leave out (``warn_left_out``)."""
+    missing = parameters_left_out(model, optimizers)
+    if not missing:
+        return []
+    prefixes = tuple(f"{name}.adapter." if name else "adapter." for name, _ in adapter_layers(model))
+    adapters = [name for name, p in model.named_parameters() if p.requires_grad and name.startswith(prefixes)]
+    if adapters and set(adapters) <= set(missing):
+        raise ValueError(f"{caller}: the optimizer holds none of the adapters' {len(adapters)} trainable parameters "
+                         f"(e.g. {adapters[0]}), so they would not train: an optimizer built before fastlora.inject, "
+                         f"load_adapter, add_adapter, set_adapter or next_task holds the tensors those replaced or "
+                         f"froze; {remedy}")
     return missing
 
 
-def _warn_left_out(missing: list[str]) -> None:
+def warn_left_out(missing: list[str], caller: str) -> None:
     """Warn, naming the first five, that the trainable parameters ``missing`` are in none of the optimizers."""
-    warn_at_caller(f"fastlora: attach_training_hooks: {len(missing)} trainable parameters are in none of the "
-                   f"optimizers ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}), so they will not "
-                   f"train; pass every optimizer, or build them after the last inject / add_adapter / set_adapter / "
-                   f"next_task", RuntimeWarning)
+    if not missing:
+        return
+    warn_at_caller(f"fastlora: {caller}: {len(missing)} trainable parameters are in none of the optimizers "
+                   f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}), so they will not train; pass "
+                   f"every optimizer, or build them after the last inject / add_adapter / set_adapter / next_task",
+                   RuntimeWarning)
 
 
 def attached_hooks(model: nn.Module) -> Optional["TrainingHooks"]:
@@ -430,6 +441,5 @@ def attach_training_hooks(model: nn.Module, optimizers: Optimizers, total_steps:
     _refuse_unknown_lengths(layers)
     _warn_stageless(layers)
     warn_merged(layers, "attach_training_hooks")
-    if left_out:
-        _warn_left_out(left_out)
+    warn_left_out(left_out, "attach_training_hooks")
     return TrainingHooks(model, optimizers)

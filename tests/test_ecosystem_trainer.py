@@ -254,6 +254,41 @@ def test_a_given_optimizer_that_holds_no_adapter_is_refused_naming_the_fix(tmp_p
     model = fastlora.inject(base, CONFIGS["lora"])
     trainer = Trainer(model=model, args=arguments(tmp_path, save_strategy="no"), train_dataset=TokenLabels(),
                       optimizers=(stale, None), callbacks=[FastLoraCallback(save_adapters=False)])
-    with pytest.raises(ValueError, match=r"FastLoraCallback: the optimizer holds none of the model's \d+ trainable "
+    with pytest.raises(ValueError, match=r"FastLoraCallback: the optimizer holds none of the adapters' \d+ trainable "
                                          r"parameters .* set trainer.optimizer = None before train\(\)"):
+        trainer.train()
+
+
+def test_a_trainer_optimizer_holding_a_head_but_not_the_new_adapters_is_refused(tmp_path):
+    """After next_task a plain Trainer keeps its first optimizer: it still holds the trained-in-full head, not
+    the new adapters, which would not train (silently)."""
+    model = model_with(LoraConfig(r=2, alpha=4.0, target_modules=TARGETS, modules_to_save=["classifier"]))
+    trainer = Trainer(model=model, args=arguments(tmp_path, save_strategy="no"), train_dataset=TokenLabels(),
+                      callbacks=[FastLoraCallback(save_adapters=False)])
+    trainer.train()
+    fastlora.next_task(model)
+    with pytest.raises(ValueError, match=r"holds none of the adapters' \d+ trainable parameters"):
+        trainer.train()
+    trainer.optimizer = None
+    trainer.train()
+
+
+def test_fast_lora_trainer_takes_the_model_argument_of_delayed_optimizer_creation(tmp_path):
+    """Trainer calls create_optimizer(model) where it delays the optimizer (FSDP, SageMaker MP)."""
+    model = model_with(CONFIGS["lora"])
+    trainer = FastLoraTrainer(model=model, args=arguments(tmp_path, save_strategy="no"), train_dataset=TokenLabels())
+    optimizer = trainer.create_optimizer(model)
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} >= \
+        {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_a_trainer_optimizer_leaving_some_trainable_parameters_out_warns(tmp_path):
+    model = model_with(CONFIGS["lora"])
+    first = next(layer for _, layer in fastlora.adapter_layers(model))
+    partial = torch.optim.AdamW(first.adapter.parameters(), lr=1e-3)
+    trainer = Trainer(model=model, args=arguments(tmp_path, save_strategy="no", max_steps=1),
+                      train_dataset=TokenLabels(), optimizers=(partial, None),
+                      callbacks=[FastLoraCallback(save_adapters=False)])
+    with pytest.warns(RuntimeWarning, match=r"FastLoraCallback: \d+ trainable parameters are in none of the "
+                                            r"optimizers .* so they will not train"):
         trainer.train()

@@ -259,10 +259,16 @@ def test_an_optimizer_built_before_inject_is_refused_and_one_missing_some_parame
                                                                                             dtype=torch.float64))
     stale = torch.optim.SGD(base.parameters(), lr=0.1)  # W and b: frozen by inject, the adapters not in it
     model = fastlora.inject(base, LoraConfig(r=2))
-    with pytest.raises(ValueError, match=r"attach_training_hooks: the optimizer holds none of the model's 4 "
-                                         r"trainable parameters \(e.g. 0.adapter.lora_A\), so the adapters would "
-                                         r"not train: an optimizer built before fastlora.inject"):
+    with pytest.raises(ValueError, match=r"attach_training_hooks: the optimizer holds none of the adapters' 4 "
+                                         r"trainable parameters \(e.g. 0.adapter.lora_A\), so they would not "
+                                         r"train: an optimizer built before fastlora.inject"):
         fastlora.attach_training_hooks(model, stale)
+    model[2].bias.requires_grad_(True)  # a trainable tensor besides the adapters (a head's, a LayerNorm's)
+    with pytest.raises(ValueError, match=r"holds none of the adapters' 4 trainable parameters"):
+        fastlora.attach_training_hooks(model, stale)  # it holds that bias, none of the adapters
+    model[2].bias.requires_grad_(False)
+    flat = torch.optim.SGD([torch.zeros(3, requires_grad=True)], lr=0.1)  # DeepSpeed's flat partitions, say
+    fastlora.attach_training_hooks(model, flat).remove()  # which parameters they stand for cannot be told
     first_layer = torch.optim.SGD(model[0].adapter.parameters(), lr=0.1)
     with pytest.warns(RuntimeWarning, match=r"attach_training_hooks: 2 trainable parameters are in none of the "
                                             r"optimizers \(2.adapter.lora_A, 2.adapter.lora_B\)") as caught:
