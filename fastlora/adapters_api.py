@@ -77,6 +77,7 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
         if adapter.writes_weight:
             raise ValueError(f"adapter {name!r}: LoRASC writes its stages into W, which every named adapter "
                              f"shares; it cannot be one of several named adapters")
+        adapter.tasks_done.copy_(layer.adapter.tasks_done)  # built on the W those tasks left
         built.append(adapter)
     for (_, layer), adapter in zip(layers, built):
         layer.add_named_adapter(name, adapter)

@@ -180,8 +180,9 @@ class AdapterLinear(nn.Module):
                     f"{adapter.describe()}: a stage's noise goes into the layer's own W at the stage's first "
                     f"training forward, and this forward runs on a W that is not a parameter "
                     f"({type(self.weight).__name__}: torch.func.functional_call with other tensors, a replica of "
-                    f"nn.DataParallel): attach the training hooks (they add it before the forward), run a "
-                    f"training forward of the model itself first, or call the adapter's start_training()")
+                    f"nn.DataParallel): attach the training hooks to the model you call (the DataParallel wrapper; "
+                    f"they add it before the forward), run a training forward of the model itself first, or call "
+                    f"the adapter's start_training()")
             if getattr(self, "_is_fsdp_managed_module", False):  # set by FSDP2's fully_shard
                 raise RuntimeError(
                     f"{adapter.describe()}: under FSDP2 a LoRASC stage's noise must reach W before the forward "

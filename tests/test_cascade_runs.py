@@ -121,3 +121,6 @@ def test_a_state_dict_without_run_start_counts_its_run_from_zero():
     model.load_state_dict(state)
     assert {(int(layer.adapter.run_start), layer.adapter.steps_in_run) for layer in _layers(model)} == {(0, 3)}
     assert _steps(model, 1, first=4) == []  # step 4: the run's final one ends no stage
+    _steps(model, 4, first=5, total_steps=4)
+    model.load_state_dict({"2.bias": model[2].bias.detach().clone()}, strict=False)  # a partial load: no record
+    assert {int(layer.adapter.run_start) for layer in _layers(model)} == {4}

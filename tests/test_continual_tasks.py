@@ -278,6 +278,9 @@ def test_an_adapter_checkpoint_of_another_task_is_refused_by_a_layer_that_ended_
     next_task(model)
     with pytest.raises(ValueError, match=r"has ended 2 tasks .* saved after 1"):
         fastlora.load_adapter(model, tmp_path / "task2")
+    with pytest.raises(ValueError, match=r"has ended 2 tasks .* saved after 0"):  # a named adapter: the same
+        fastlora.load_adapter(model, tmp_path / "task1", adapter_name="old")
+    assert fastlora.adapter_names(model) == ["default"]
     fresh = _model(LoraConfig(r=3, alpha=6.0))
     with torch.no_grad():
         for layer, weight in zip((fresh[0], fresh[2]), weights):

@@ -146,3 +146,17 @@ def test_an_adapter_with_a_filled_cache_pickles(config):
     copy = pickle.loads(pickle.dumps(model))
     with torch.no_grad():
         assert torch.equal(copy(x), out)
+
+
+def test_vmap_over_the_adapters_of_a_half_precision_layer():
+    """vmap over stacked adapter factors (an ensemble of adapters on one frozen W): the fp16 update is added out
+    of place (in place, the batched update would not fit the unbatched base output)."""
+    model = _model(LoraConfig(r=3)).half()
+    x = torch.randn(4, 7, dtype=torch.float16)
+    trainable, frozen = _split(model)
+    stacked = {name: torch.stack([p, 2 * p]) for name, p in trainable.items()}
+    outputs = vmap(lambda params: functional_call(model, {**frozen, **params}, (x,)))(stacked)
+    for i, factor in enumerate((1, 2)):
+        with torch.no_grad():
+            expected = functional_call(model, {**frozen, **{n: factor * p for n, p in trainable.items()}}, (x,))
+        assert rel(outputs[i].float(), expected.float()) < 2e-3  # fp16: batched and plain GEMMs round apart

@@ -139,9 +139,11 @@ def _refresh_after_load(module: Adapter, incompatible_keys) -> None:
 
 def _keep_missing_optional_state(module: Adapter, state_dict: dict, prefix: str, *args) -> None:
     """A state dict without one of the adapter's ``optional_state_keys`` loads the adapter's own value there
-    (0 for those of ``zero_when_missing``)."""
+    (0 for those of ``zero_when_missing`` when it carries the adapter's other tensors: an earlier version's
+    record; a partial load, of a head say, leaves them as they are)."""
     own = module.state_dict(keep_vars=True)
+    record = any(prefix + key in state_dict for key in own if key not in module.optional_state_keys)
     for key in module.optional_state_keys:
         if prefix + key not in state_dict:
             value = own[key].detach().clone()
-            state_dict[prefix + key] = value.zero_() if key in module.zero_when_missing else value
+            state_dict[prefix + key] = value.zero_() if record and key in module.zero_when_missing else value

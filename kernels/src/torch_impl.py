@@ -68,10 +68,12 @@ def _add_update(y: Tensor, v: Tensor, up: Tensor, sg) -> Tensor:
 
     In fp16 the scale multiplies the (N, d_out) product, as PEFT orders it: autograd then scales dy before
     both backward products, which unscaled (dy^T v, dy B) overflow fp16 where the scaled gradients fit."""
+    if functorch_active():  # out of place: under vmap the update may be batched where y is not
+        if y.dtype == torch.float16:
+            return y + (v @ up) * sg
+        return torch.addmm(y, v, up, alpha=sg) if isinstance(sg, float) else torch.addmm(y, v * sg, up)
     if y.dtype == torch.float16:
         return y.add_((v @ up) * sg)
-    if functorch_active():  # vmap has no batching rule for addmm_
-        return torch.addmm(y, v, up, alpha=sg) if isinstance(sg, float) else torch.addmm(y, v * sg, up)
     return y.addmm_(v, up, alpha=sg) if isinstance(sg, float) else y.addmm_(v * sg, up)
 
 
