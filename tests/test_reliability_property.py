@@ -57,11 +57,18 @@ class Run:
         fastlora.set_adapters_enabled(self.model, self.enabled)
         self.injected = True
 
+    def _on_adapters(self, call, *args):
+        """``call(model, *args)``; refused before inject (a model without adapters)."""
+        if self.injected:
+            return call(self.model, *args)
+        with pytest.raises(ValueError, match="model has no fastlora adapters"):
+            call(self.model, *args)
+
     def merge(self):
-        fastlora.merge(self.model)
+        self._on_adapters(fastlora.merge)
 
     def unmerge(self):
-        fastlora.unmerge(self.model)
+        self._on_adapters(fastlora.unmerge)
 
     def train(self):
         if not self.injected:
@@ -89,11 +96,11 @@ class Run:
 
     def enable(self):
         self.enabled = True
-        fastlora.set_adapters_enabled(self.model, True)
+        self._on_adapters(fastlora.set_adapters_enabled, True)
 
     def disable(self):
         self.enabled = False
-        fastlora.set_adapters_enabled(self.model, False)
+        self._on_adapters(fastlora.set_adapters_enabled, False)
 
     def check(self, where):
         kept = {f"{name}.weight": layer.weight_before_merge if layer.merged else layer.weight
