@@ -9,11 +9,13 @@
 Only the forward of each accelerated layer changes (an instance attribute shadowing the class's
 ``forward``). Per call, a layer whose state the fused op cannot compute takes PEFT's forward:
 adapters disabled or merged, several active adapters, a mixed batch (``adapter_names``), a LoRA
-variant (DoRA, ...) on the active adapter, hooks on the layer's submodules (ZeRO-3, FSDP), extra forward
+variant (DoRA, ...) on the active adapter, forward or backward hooks on the layer's submodules (ZeRO-3,
+FSDP) and torch's global module hooks, a parametrized lora_A / lora_B, lora_dropout 1, extra forward
 arguments, a trainable base weight, an input dtype the base weight does not share outside autocast. A
 trainable base bias (PEFT's ``bias="all"`` / ``"lora_only"``) gets its gradient from the fused op, and so does
 ``lora_bias``'s bias of lora_B.
-Layers it never computes (Embedding, Conv, quantized or other tuner layers) are listed once in a
+Layers it never computes (Embedding, Conv, quantized or other tuner layers, a LoRA layer over another
+tuner layer in a mixed model) are listed once in a
 warning at ``accelerate`` time. Layers added later (a new adapter targeting new modules) are
 accelerated by calling ``accelerate`` again.
 
@@ -78,12 +80,15 @@ def _active_adapter(layer: nn.Module, factors: nn.ModuleDict) -> tuple[Optional[
 
 
 def _base_layer(layer: nn.Module) -> nn.Module:
-    """The innermost ``base_layer`` of a PEFT layer (PEFT's ``get_base_layer``, without its ``hasattr``
-    walk, which raises and catches an AttributeError per call)."""
-    base = layer
-    while "base_layer" in base._modules:
-        base = base._modules["base_layer"]
-    return base
+    """The layer a PEFT layer wraps, the one its forward calls: an nn.Linear, or in a mixed model another
+    tuner layer (LoRA over LoHa), whose update the fused op would skip (``_common_reason`` refuses it)."""
+    return layer._modules["base_layer"]
+
+
+#: torch's hooks on every module (torch.nn.modules.module.register_module_*_hook): they would miss the
+#: submodule calls the fused path skips
+_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, name) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 def _common_reason(base: nn.Module, x: Tensor, modules: tuple[nn.Module, ...], args, kwargs) -> Optional[str]:
@@ -94,8 +99,11 @@ def _common_reason(base: nn.Module, x: Tensor, modules: tuple[nn.Module, ...], a
     if not is_adaptable(base):
         return f"base layer is a {type(base).__name__}, not an nn.Linear or Conv1D"
     for module in (base, *modules):
-        if module._forward_hooks or module._forward_pre_hooks:
+        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks \
+                or module._backward_pre_hooks:
             return "hooks on the layer's submodules (ZeRO-3, FSDP or user hooks read them there)"
+    if any(_GLOBAL_HOOKS):
+        return "global module hooks (torch.nn.modules.module.register_module_*_hook)"
     weight = base._parameters["weight"]
     if weight.requires_grad:
         return "base weight is trainable"
@@ -122,7 +130,11 @@ def _lora_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str, 
     reason = _common_reason(base, x, (lora_a, lora_b, dropout), args, kwargs)
     if reason is not None:
         return reason
+    if "weight" not in lora_a._parameters or "weight" not in lora_b._parameters:
+        return "a parametrized lora_A / lora_B weight (weight_norm, spectral_norm, ...)"
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    if p >= 1.0:
+        return f"lora_dropout p={p} (the update is zero)"
     bias = base._parameters.get("bias")
     if layer.lora_bias.get(name, False):
         scaled = lora_b._parameters["bias"] * scale
@@ -198,7 +210,7 @@ def accelerate(model: nn.Module, backend: str = "auto") -> nn.Module:
             setattr(module, _BACKEND, backend)
             continue
         call, bases = calls.get(type(module), (None, ()))
-        base = module.get_base_layer()
+        base = _base_layer(module) if "base_layer" in module._modules else module.get_base_layer()
         if call is None or type(base) not in bases:
             skipped.append(f"{name} ({type(module).__module__.rsplit('.', 2)[-2]}.{type(module).__name__} "
                            f"over {type(base).__name__})")

@@ -412,3 +412,60 @@ def test_inject_refuses_a_peft_model_naming_accelerate(base, accelerated):
         fastlora.inject(model, fastlora.LoraConfig(r=2, target_modules="all-linear"))
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     assert not list(fastlora.adapter_layers(model))
+
+
+def test_a_lora_layer_over_another_tuner_layer_stays_on_peft_path(base, ids):
+    """A mixed model nests LoRA over LoHa over the nn.Linear: the fused op would compute over the nn.Linear and
+    drop LoHa's update (the accelerated output equalled PEFT's with LoHa off)."""
+    torch.manual_seed(3)
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoHaConfig(r=2, alpha=4, target_modules=["query"],
+                                                                    init_weights=False), adapter_name="loha",
+                                mixed=True)
+    model.add_adapter("lora", lora(target_modules=["query"]))
+    model.set_adapter(["loha", "lora"])
+    model.eval()
+    want = hidden(model, ids)
+    with pytest.warns(UserWarning, match=r"stay on PEFT's path .* \(lora.Linear over Linear\)"):
+        fastlora.accelerate(model)
+    assert not fastlora.accelerated_layers(model)
+    assert torch.equal(hidden(model, ids), want)
+
+
+def _query_layer(model):
+    return next(m for n, m in model.named_modules() if n.endswith("attention.self.query"))
+
+
+@pytest.mark.parametrize("case", ["backward hook", "global hook", "parametrized lora_B", "dropout 1"])
+def test_calls_the_fused_path_would_change_run_on_peft_path(base, ids, case):
+    """Backward hooks on the layer's submodules and torch's global module hooks fire as under PEFT; a parametrized
+    factor (weight_norm, ...) and lora_dropout 1 run PEFT's own forward (a KeyError and a refusal before)."""
+    config = lora(lora_dropout=1.0) if case == "dropout 1" else lora()
+    runs = []
+    for accelerated in (False, True):
+        model = peft_model(base, config).train()
+        fired = []
+        lora_b = _query_layer(model).lora_B["default"]
+        handle = None
+        if case == "backward hook":
+            lora_b.register_full_backward_hook(lambda *args: fired.append(1))
+        elif case == "global hook":
+            handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: fired.append(1))
+        elif case == "parametrized lora_B":
+            torch.nn.utils.parametrize.register_parametrization(lora_b, "weight", torch.nn.Identity())
+        if accelerated:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fastlora.accelerate(model)
+        torch.manual_seed(0)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = hidden(model, ids)
+                out.sum().backward()
+        finally:
+            if handle is not None:
+                handle.remove()
+        runs.append((out.detach(), len(fired), caught))
+    (want, want_fired, _), (got, got_fired, caught) = runs
+    assert rel(got, want) < TOL and got_fired == want_fired  # the other layers run fused
+    assert any("ran on PEFT's path" in str(w.message) for w in caught)
