@@ -130,8 +130,8 @@ def _lora_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str, 
     reason = _common_reason(base, x, (lora_a, lora_b, dropout), args, kwargs)
     if reason is not None:
         return reason
-    if "weight" not in lora_a._parameters or "weight" not in lora_b._parameters:
-        return "a parametrized lora_A / lora_B weight (weight_norm, spectral_norm, ...)"
+    if "parametrizations" in lora_a._modules or "parametrizations" in lora_b._modules:
+        return "a parametrized lora_A / lora_B (weight_norm, spectral_norm, ...)"
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     if p >= 1.0:
         return f"lora_dropout p={p} (the update is zero)"
@@ -186,6 +186,12 @@ def accelerated_layers(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if getattr(module, _MARK, False)]
 
 
+def _kind(module: nn.Module) -> str:
+    """A module's class as a warning names it: PEFT's tuner layers with their tuner ("lora.Linear")."""
+    path = type(module).__module__
+    return f"{path.rsplit('.', 2)[-2]}.{type(module).__name__}" if path.startswith("peft.") else type(module).__name__
+
+
 def accelerate(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Make every PEFT LoRA ``Linear`` layer (over an nn.Linear or GPT-2's Conv1D) and PEANuT ``Linear``
     layer of ``model`` (a PeftModel or any module holding PEFT layers) compute its forward with
@@ -212,8 +218,7 @@ def accelerate(model: nn.Module, backend: str = "auto") -> nn.Module:
         call, bases = calls.get(type(module), (None, ()))
         base = _base_layer(module) if "base_layer" in module._modules else module.get_base_layer()
         if call is None or type(base) not in bases:
-            skipped.append(f"{name} ({type(module).__module__.rsplit('.', 2)[-2]}.{type(module).__name__} "
-                           f"over {type(base).__name__})")
+            skipped.append(f"{name} ({_kind(module)} over {_kind(base)})")
             continue
         module.forward = functools.partial(_fused_forward, call, module)
         setattr(module, _BACKEND, backend)

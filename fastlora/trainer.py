@@ -186,7 +186,7 @@ class FastLoraTrainer(Trainer):
         so is one whose tensors are not the parameters (DeepSpeed's partitions)."""
         model = args[0] if args else kwargs.get("model")
         if self._builds_optimizer and self.optimizer is not None and \
-                parameters_left_out(model or self.model, [unwrapped_optimizer(self.optimizer)]):
+                parameters_left_out(self.model if model is None else model, [unwrapped_optimizer(self.optimizer)]):
             self.optimizer = None
         return super().create_optimizer(*args, **kwargs)
 

@@ -206,12 +206,12 @@ class TrainingHooks:
 
 def parameters_left_out(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> Optional[list[str]]:
     """Names of the model's trainable parameters that none of ``optimizers`` holds; None when the optimizers
-    hold other tensors than parameters (DeepSpeed's flat partitions, a layer-wise dummy: which parameters
-    they stand for cannot be told)."""
+    hold tensors but no parameters (DeepSpeed's flat partitions, a layer-wise dummy: which parameters they
+    stand for cannot be told)."""
     held = [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
-    if not all(isinstance(p, nn.Parameter) for p in held):
+    ids = {id(p) for p in held if isinstance(p, nn.Parameter)}
+    if held and not ids:
         return None
-    ids = {id(p) for p in held}
     return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
 
 
@@ -224,7 +224,8 @@ def check_optimizers_hold_trainables(model: nn.Module, optimizers: list[torch.op
     missing = parameters_left_out(model, optimizers)
     if not missing:
         return []
-    prefixes = tuple(f"{name}.adapter." if name else "adapter." for name, _ in adapter_layers(model))
+    prefixes = tuple(f"{name}.adapter." if name else "adapter." for name, layer in adapter_layers(model)
+                     if layer.adapter_enabled and not layer.merged)  # others get no gradient anyway
     adapters = [name for name, p in model.named_parameters() if p.requires_grad and name.startswith(prefixes)]
     if adapters and set(adapters) <= set(missing):
         raise ValueError(f"{caller}: the optimizer holds none of the adapters' {len(adapters)} trainable parameters "
@@ -401,9 +402,9 @@ def attach_training_hooks(model: nn.Module, optimizers: Optimizers, total_steps:
     them first: a second set would apply every rule twice), an optimizer is given twice, a
     trainable rule parameter is in none of the optimizers (its rule would never run), or a
     trainable parameter a rule restarts (LoRASC's A and B) is in none of them (its state could not
-    be dropped), the optimizers hold none of the model's trainable parameters (built before inject,
-    add_adapter, set_adapter or next_task: ``check_optimizers_hold_trainables``; some left out: a
-    warning), a length is not an int in (0, 2**63), or a rule needs the run's or the epoch's
+    be dropped), the optimizers hold none of the enabled adapters' trainable parameters (built before
+    inject, add_adapter, set_adapter or next_task: ``check_optimizers_hold_trainables``; trainable
+    parameters left out: a warning), a length is not an int in (0, 2**63), or a rule needs the run's or the epoch's
     length and none is known. A rule parameter with requires_grad=False turns its rule off.
     """
     layers = required_adapter_layers(model)

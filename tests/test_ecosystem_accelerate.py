@@ -425,7 +425,7 @@ def test_a_lora_layer_over_another_tuner_layer_stays_on_peft_path(base, ids):
     model.set_adapter(["loha", "lora"])
     model.eval()
     want = hidden(model, ids)
-    with pytest.warns(UserWarning, match=r"stay on PEFT's path .* \(lora.Linear over Linear\)"):
+    with pytest.warns(UserWarning, match=r"stay on PEFT's path .* \(lora.Linear over loha.Linear\)"):
         fastlora.accelerate(model)
     assert not fastlora.accelerated_layers(model)
     assert torch.equal(hidden(model, ids), want)
@@ -435,11 +435,13 @@ def _query_layer(model):
     return next(m for n, m in model.named_modules() if n.endswith("attention.self.query"))
 
 
-@pytest.mark.parametrize("case", ["backward hook", "global hook", "parametrized lora_B", "dropout 1"])
+@pytest.mark.parametrize("case", ["backward hook", "global hook", "parametrized lora_B", "parametrized lora_B bias",
+                                  "dropout 1"])
 def test_calls_the_fused_path_would_change_run_on_peft_path(base, ids, case):
     """Backward hooks on the layer's submodules and torch's global module hooks fire as under PEFT; a parametrized
     factor (weight_norm, ...) and lora_dropout 1 run PEFT's own forward (a KeyError and a refusal before)."""
-    config = lora(lora_dropout=1.0) if case == "dropout 1" else lora()
+    config = lora(lora_dropout=1.0) if case == "dropout 1" else \
+        lora(lora_bias=True) if case == "parametrized lora_B bias" else lora()
     runs = []
     for accelerated in (False, True):
         model = peft_model(base, config).train()
@@ -450,8 +452,9 @@ def test_calls_the_fused_path_would_change_run_on_peft_path(base, ids, case):
             lora_b.register_full_backward_hook(lambda *args: fired.append(1))
         elif case == "global hook":
             handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: fired.append(1))
-        elif case == "parametrized lora_B":
-            torch.nn.utils.parametrize.register_parametrization(lora_b, "weight", torch.nn.Identity())
+        elif case.startswith("parametrized"):
+            name = "bias" if case.endswith("bias") else "weight"
+            torch.nn.utils.parametrize.register_parametrization(lora_b, name, torch.nn.Identity())
         if accelerated:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -269,6 +269,17 @@ def test_an_optimizer_built_before_inject_is_refused_and_one_missing_some_parame
     model[2].bias.requires_grad_(False)
     flat = torch.optim.SGD([torch.zeros(3, requires_grad=True)], lr=0.1)  # DeepSpeed's flat partitions, say
     fastlora.attach_training_hooks(model, flat).remove()  # which parameters they stand for cannot be told
+    with pytest.raises(ValueError, match=r"holds none of the adapters' 4 trainable parameters"):  # a plain tensor
+        fastlora.attach_training_hooks(model, [stale, flat])  # beside stale parameters: those are judged
+    head = torch.optim.SGD([model[2].bias.requires_grad_(True)], lr=0.1)  # a head-only phase:
+    for switch_off, switch_on in ((lambda: fastlora.set_adapters_enabled(model, False),
+                                   lambda: fastlora.set_adapters_enabled(model, True)),
+                                  (lambda: fastlora.merge(model), lambda: fastlora.unmerge(model))):
+        switch_off()  # adapters off or merged get no gradient anyway: not refused (left out: warned)
+        with pytest.warns(RuntimeWarning, match=r"4 trainable parameters are in none of the optimizers"):
+            fastlora.attach_training_hooks(model, head).remove()
+        switch_on()
+    model[2].bias.requires_grad_(False)
     first_layer = torch.optim.SGD(model[0].adapter.parameters(), lr=0.1)
     with pytest.warns(RuntimeWarning, match=r"attach_training_hooks: 2 trainable parameters are in none of the "
                                             r"optimizers \(2.adapter.lora_A, 2.adapter.lora_B\)") as caught:
