@@ -22,8 +22,16 @@ from .encoder_paths import restore_fused_paths
 from .heads import add_head_values, drop_head_values, switch_head_values
 from .layer import AdapterLinear, check_adapter_name, is_adaptable
 from .methods import build_adapter
-from .model_tree import adapter_layers, required_adapter_layers, set_submodule
-from .targets import in_task_head, is_selected, layer_config, output_layer_names, projection_config, resolved_targets
+from .model_tree import adapter_layers, is_saved_in_full, required_adapter_layers, set_submodule
+from .targets import (
+    in_task_head,
+    is_selected,
+    layer_config,
+    output_layer_names,
+    projection_config,
+    resolved_targets,
+    within,
+)
 from .training import remove_attached_hooks
 
 # stats summed over a method's layers (counts); every other stat is averaged
@@ -92,9 +100,11 @@ def _check_selection(model: nn.Module, name: str, config: AdapterConfig) -> None
     targets = resolved_targets(model, config)
     output_layers = output_layer_names(model) if targets == "all-linear" else set()
     task_head = in_task_head(model, config)
+    in_full = [n for n, m in model.named_modules() if n and is_saved_in_full(m)]  # inject's modules_to_save
 
     def chosen(module_name: str) -> bool:
-        return is_selected(module_name, targets, config, output_layers) and not task_head(module_name)
+        return is_selected(module_name, targets, config, output_layers) and not task_head(module_name) \
+            and not any(within(module_name, n) for n in in_full)
 
     adapted, selected, done = set(), set(), []
     for module_name, module in model.named_modules(remove_duplicate=False):

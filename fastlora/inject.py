@@ -232,10 +232,16 @@ def _warn_skipped(model: nn.Module, targets, config: AdapterConfig, output_layer
 
 
 def _without_task_heads(model: nn.Module, config: AdapterConfig, chosen):
-    """The selection less the task type's heads and the layers inside them (``in_task_head``); refused when
-    nothing else is left."""
+    """The selection less the task type's heads and the layers inside them (``in_task_head``), and, when the
+    targets are implicit ("all-linear" or the method's default), less the modules ``modules_to_save``
+    names, as PEFT trains those in full and adapts the rest; refused when nothing else is left."""
     inside = in_task_head(model, config)
-    kept = [entry for entry in chosen if not any(inside(n) for n in entry[0])]
+    implicit = config.target_modules is None or (isinstance(config.target_modules, str)
+                                                  and config.target_modules.lower() == "all-linear")
+    saved = [n for n, _ in model.named_modules() if n and implicit and config.modules_to_save
+             and matches_targets(n, list(config.modules_to_save))]
+    kept = [entry for entry in chosen
+            if not any(inside(n) or any(within(n, s) for s in saved) for n in entry[0])]
     if chosen and not kept:
         raise ValueError(f"the selection (target_modules {config.target_modules!r}) adapts only the heads of "
                          f"task_type {config.task_type!r}, which it trains in full; name other modules to adapt")
@@ -260,7 +266,8 @@ def _modules_to_save(model: nn.Module, config: AdapterConfig, chosen) -> list[nn
             raise ValueError(f"modules_to_save {key!r} matches no module of the model")
         if overlap:
             raise ValueError(f"modules_to_save {key!r} names {overlap}, which the config also adapts (or which "
-                             f"hold layers it adapts); a module is either trained in full or adapted")
+                             f"hold layers it adapts); a module is either trained in full or adapted: drop it "
+                             f"from target_modules (or list it in exclude_modules)")
         found.update((id(m), m) for _, m in matched)
     _refuse_tied_saved_modules(model, config, found)
     return list(found.values())

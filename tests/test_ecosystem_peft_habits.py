@@ -161,3 +161,32 @@ def test_calls_on_the_adapters_refuse_a_model_without_any(call):
     with pytest.raises(ValueError, match=r"model has no fastlora adapters; call fastlora.inject first \(a PEFT "
                                          r"model's adapters: PEFT's own calls"):
         call(model)
+
+
+class _WithHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = BertModel(tiny_bert())
+        self.head = nn.Linear(self.body.config.hidden_size, 3)
+
+    def forward(self, input_ids):
+        return self.head(self.body(input_ids=input_ids).last_hidden_state)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", None])
+def test_implicit_targets_leave_modules_to_save_out_as_peft_does(targets):
+    """PEFT trains a modules_to_save module in full and adapts the other layers all-linear (or the default)
+    selects; fastlora refused the overlap. An explicit list naming it stays refused, naming the fix."""
+    config = LoraConfig(r=2, target_modules=targets, modules_to_save=["head"])
+    model = fastlora.inject(_WithHead(), config)
+    peft_model = peft.get_peft_model(_WithHead(), peft.LoraConfig(r=2, target_modules="all-linear",
+                                                                  modules_to_save=["head"]))
+    peft_adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                    if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert {n for n, _ in fastlora.adapter_layers(model)} == peft_adapted and "head" not in peft_adapted
+    assert model.head.weight.requires_grad
+    fastlora.add_adapter(model, "second", LoraConfig(r=2, target_modules=targets))  # the same layers, head left out
+    with pytest.raises(ValueError, match=r"a module is either trained in full or adapted: drop it from "
+                                         r"target_modules"):
+        fastlora.inject(_WithHead(), LoraConfig(r=2, target_modules=["query", "head"], modules_to_save=["head"]))
