@@ -3,7 +3,7 @@ good and start fresh adapters for the next task, in one call.
 
     for task in tasks:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=...)
-        hooks = fastlora.attach_training_hooks(model, optimizer)
+        hooks = fastlora.attach_training_hooks(model, optimizer, total_steps=..., steps_per_epoch=...)
         train(model, optimizer, task)
         fastlora.next_task(model)        # also removes the hooks: the next task needs a new optimizer
 
