@@ -112,7 +112,7 @@ class FastLoraCallback(TrainerCallback):
             self.hooks.remove()
             self.hooks = None
         if model is not None:
-            warn_if_no_gate_moved(model, state.global_step, args.learning_rate)
+            warn_if_no_gate_moved(model, state.global_step, _mean_learning_rate(state, args.learning_rate))
 
     def on_log(self, args, state, control, logs: Optional[dict] = None, model: Optional[nn.Module] = None,
                **kwargs):
@@ -155,8 +155,16 @@ def _check_schedules(layers, max_steps: int) -> None:
                        f"RankSelectiveLoraConfig(total_steps={max_steps})")
 
 
+def _mean_learning_rate(state, peak: float) -> float:
+    """The mean of the learning rates Trainer logged in the run (its schedule: the default linear decay
+    halves it), else ``peak``."""
+    rates = [entry["learning_rate"] for entry in state.log_history if "learning_rate" in entry]
+    return sum(rates) / len(rates) if rates else peak
+
+
 def warn_if_no_gate_moved(model: nn.Module, steps: int, learning_rate: float) -> None:
-    """Warn when a run of ``steps`` optimizer steps switched no Selective LoRA gate: it trained plain LoRA."""
+    """Warn when a run of ``steps`` optimizer steps switched no Selective LoRA gate: it trained plain LoRA.
+    ``learning_rate``: the run's mean rate (a score moves about that much per step under AdamW)."""
     configs = [layer.config for _, layer in adapter_layers(model) if isinstance(layer.config, SelectiveLoraConfig)]
     stats = adapter_stats(model)
     if not configs or steps == 0 or stats.get("fastlora/selective_lora/gate_changes", 0) > 0:
@@ -164,8 +172,9 @@ def warn_if_no_gate_moved(model: nn.Module, steps: int, learning_rate: float) ->
     margin = max(c.score_init - c.threshold for c in configs)
     warn_at_caller(f"FastLoraCallback: no Selective LoRA gate switched in this run of {steps} optimizer steps, so it "
                    f"trained as plain LoRA: a score must fall by score_init - threshold = {margin:.3g}, about lr per "
-                   f"step under AdamW, i.e. about {margin / learning_rate:.0f} steps at lr {learning_rate:g}; "
-                   f"train longer or at a larger learning rate")
+                   f"step under AdamW, i.e. about {margin / learning_rate:.0f} steps at this run's mean lr "
+                   f"{learning_rate:g}; train longer or at a larger learning rate (a decaying schedule lowers the "
+                   f"mean: Trainer's default linear decay halves it)")
 
 
 class FastLoraTrainer(Trainer):
