@@ -39,6 +39,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from torch import Tensor, nn
 
+from fastlora.kernels.caller_warnings import warn_at_caller
+
 from .atomic_files import PathLike, leftover_temp_files, write_files_atomically, write_json, write_safetensors
 from .attention import is_attention
 from .config import AdapterConfig
@@ -399,8 +401,14 @@ def _check_fits(layers: dict[str, tuple[nn.Module, Adapter]], configs: dict[str,
         name, adapter_key, *model_side = expected[key]
         _check_tensor(key, tensor, *model_side)
         per_layer[name][adapter_key] = tensor
+    tasks_behind = max(_check_tasks_done(name, adapter, per_layer[name]) for name, (_, adapter) in layers.items())
+    if tasks_behind:
+        warn_at_caller(f"fastlora: the checkpoint's adapters were saved after {tasks_behind} tasks "
+                       f"(fastlora.next_task) whose updates are in the W they trained on, which an adapter-only "
+                       f"checkpoint does not hold: "
+                       f"load the weights those tasks left into the model first (as you may have); over the "
+                       f"pretrained weights the tasks' updates are missing", RuntimeWarning)
     for name, (_, adapter) in layers.items():
-        _check_tasks_done(name, adapter, per_layer[name])
         if _computation_fields_differ(adapter.config, configs[name]):
             ours, theirs = adapter.config.to_dict(), configs[name].to_dict()
             differing = differing_fields(ours, theirs, _NON_COMPUTATION_FIELDS)
@@ -414,16 +422,22 @@ def _check_fits(layers: dict[str, tuple[nn.Module, Adapter]], configs: dict[str,
     return per_layer
 
 
-def _check_tasks_done(name: str, adapter: Adapter, state: dict[str, Tensor]) -> None:
+def _check_tasks_done(name: str, adapter: Adapter, state: dict[str, Tensor]) -> int:
     """Refuse the adapter of another point of a task sequence for a layer that has ended tasks (next_task
     folded them into its W): saved after fewer tasks, its update is already in W; after more, W lacks
-    theirs. (A layer that ended none takes any: an adapter-only checkpoint holds no W, so the W its
-    tasks left may have been loaded beside it.)"""
+    theirs. A layer that ended none takes any (an adapter-only checkpoint holds no W, so the W its tasks
+    left may have been loaded beside it): returns the tasks the checkpoint ended then (0 otherwise), for
+    ``load_adapter`` to warn of."""
     ended, saved = int(adapter.tasks_done), state.get("tasks_done")
-    if ended and saved is not None and int(saved) != ended:
+    if saved is None:
+        return 0
+    if not ended:
+        return int(saved)
+    if int(saved) != ended:
         raise ValueError(f"layer {name} has ended {ended} tasks (fastlora.next_task folded them into its W), and the "
                          f"checkpoint's adapter was saved after {int(saved)}: it belongs with the W of that point of "
                          f"the task sequence (an adapter-only checkpoint holds no W); load it into a model at it")
+    return 0
 
 
 def check_saved_parameters(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, nn.Parameter]:
