@@ -214,8 +214,8 @@ def test_the_trainer_callback_gives_the_run_length():
     callback.on_train_begin(None, State(), None, model=model, optimizer=optimizer)
     for _ in range(48):
         optimizer.step()
-    callback.on_train_end(type("Args", (), {"learning_rate": 0.0})(), type("S", (), {"global_step": 48})(), None,
-                          model=model)
+    callback.on_train_end(type("Args", (), {"learning_rate": 0.0})(),
+                          type("S", (), {"global_step": 48, "log_history": []})(), None, model=model)
     assert model[0].adapter.total_steps == 48
     assert int((model[0].adapter.importance != 0).sum()) == 3
 
