@@ -57,13 +57,6 @@ def head_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, list[str]]]
                 yield name, sub, names
 
 
-def head_owners(model: nn.Module) -> Iterator[tuple[nn.Module, list[str]]]:
-    """(module, names of its own parameters and persistent buffers) of each owner of head values
-    (``head_tensors``)."""
-    for _, sub, names in head_tensors(model):
-        yield sub, names
-
-
 def _stored(owner: nn.Module) -> nn.ModuleDict:
     """The owner's inactive values by adapter name (created empty when missing)."""
     if INACTIVE not in owner._modules:
@@ -83,7 +76,7 @@ def _copy_of_parameters(owner: nn.Module, names: list[str]) -> nn.Module:
 
 def add_head_values(model: nn.Module, adapter: str) -> None:
     """Give the new inactive ``adapter`` its own values of every head module: the ones in place now."""
-    for owner, names in list(head_owners(model)):
+    for _, owner, names in list(head_tensors(model)):
         _stored(owner)[adapter] = _copy_of_parameters(owner, names)
 
 
@@ -91,7 +84,7 @@ def add_head_values(model: nn.Module, adapter: str) -> None:
 def switch_head_values(model: nn.Module, active: str, new: str) -> None:
     """Keep the values in place as ``active``'s and put ``new``'s in their place, on every head module
     where ``new`` has values of its own."""
-    for owner, names in list(head_owners(model)):
+    for _, owner, names in list(head_tensors(model)):
         stored = owner._modules.get(INACTIVE)
         if stored is None or new not in stored:
             continue
@@ -103,7 +96,7 @@ def switch_head_values(model: nn.Module, active: str, new: str) -> None:
 
 def drop_head_values(model: nn.Module, adapter: Optional[str] = None) -> None:
     """Forget ``adapter``'s values (every inactive adapter's when None)."""
-    for owner, _ in list(head_owners(model)):
+    for _, owner, _ in list(head_tensors(model)):
         stored = owner._modules.get(INACTIVE)
         if stored is None:
             continue

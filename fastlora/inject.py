@@ -83,7 +83,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: boo
     if any(isinstance(m, AdapterLinear) for m in model.modules()):
         raise ValueError("model already has fastlora adapters; merge_and_unload it first")
     _refuse_peft_layers(model)
-    chosen = _without_task_heads(model, config, _chosen_linears(model, config))
+    chosen = _without_modules_in_full(model, config, _chosen_linears(model, config))
     saved_modules = _modules_to_save(model, config, chosen)
     untied = _check_weight_writes(model, config, chosen, untie_shared_weights)
     built = _build_layers(model, chosen, config)
@@ -231,20 +231,21 @@ def _warn_skipped(model: nn.Module, targets, config: AdapterConfig, output_layer
                        f"they are: {skipped[:5]}")
 
 
-def _without_task_heads(model: nn.Module, config: AdapterConfig, chosen):
-    """The selection less the task type's heads and the layers inside them (``in_task_head``), and, when the
-    targets are implicit ("all-linear" or the method's default), less the modules ``modules_to_save``
-    names, as PEFT trains those in full and adapts the rest; refused when nothing else is left."""
-    inside = in_task_head(model, config)
-    implicit = config.target_modules is None or (isinstance(config.target_modules, str)
-                                                  and config.target_modules.lower() == "all-linear")
+def _without_modules_in_full(model: nn.Module, config: AdapterConfig, chosen):
+    """The selection less the modules trained in full and the layers inside them: the task type's heads
+    (``in_task_head``) and, when the targets are implicit ("all-linear" or the method's default), the
+    modules ``modules_to_save`` names, as PEFT trains those in full and adapts the rest; refused when
+    nothing else is left."""
+    in_head = in_task_head(model, config)
+    implicit = config.target_modules in (None, "all-linear")  # the config keeps "all-linear" in lower case
     saved = [n for n, _ in model.named_modules() if n and implicit and config.modules_to_save
              and matches_targets(n, list(config.modules_to_save))]
-    kept = [entry for entry in chosen
-            if not any(inside(n) or any(within(n, s) for s in saved) for n in entry[0])]
+    kept = [entry for entry in chosen if not any(in_head(n) or any(within(n, s) for s in saved) for n in entry[0])]
     if chosen and not kept:
-        raise ValueError(f"the selection (target_modules {config.target_modules!r}) adapts only the heads of "
-                         f"task_type {config.task_type!r}, which it trains in full; name other modules to adapt")
+        trained = f"the heads of task_type {config.task_type!r}" if any(in_head(n) for e in chosen for n in e[0]) \
+            else f"modules_to_save {list(config.modules_to_save)}"
+        raise ValueError(f"the selection (target_modules {config.target_modules!r}) adapts only {trained}, which it "
+                         f"trains in full; name other modules to adapt")
     return kept
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import custom_ops, dispatch
+from . import custom_ops, dispatch, torch_impl
 from .activations import activation, check_activation
 from .transforms import functorch_active
 from .validation import check_frozen_weight
@@ -57,7 +57,7 @@ def neat_projection(weight: Tensor, a_n: Tensor, act: str = "relu", backend: str
     plan = dispatch.select_plan(backend, weight, weight.dtype, lambda: "triton")
     if functorch_active():  # torch.func differentiates recorded torch ops, not the Function
         with torch.autocast(weight.device.type, enabled=False):
-            return activation(act, weight.t() @ a_n.t())
+            return torch_impl.neat_forward(weight, a_n, act)[0]
     # in W's dtype under autocast too: an autocast GEMM here would give a half-precision Z that the
     # backward (run outside autocast) multiplies with W; reading W once in its dtype is also cheaper
     # than casting it (the GEMM is skinny, bound by W's bytes)
