@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastlora.kernels import adapted_linear, adapted_linear_reference
-from fastlora.kernels.caller_warnings import warn_at_caller
 
 from .config import AdapterConfig
 from .methods import Adapter, CascadeLoraAdapter, build_adapter
@@ -59,6 +58,14 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return (d_in, d_out) if type(module) is conv1d_type() else (d_out, d_in)
 
 
+def _merge_again_after_load(layer: "AdapterLinear", incompatible_keys) -> None:
+    """A layer that was merged when a state dict was loaded into it is merged again with the loaded
+    adapter (its tensors load after the layer's own, hence a post-hook)."""
+    backup_device = layer.__dict__.pop("_merge_after_load", None)
+    if backup_device is not None:
+        layer.merge(backup_device=backup_device)
+
+
 class AdapterLinear(nn.Module):
     """y = x W^T + b + the adapter's low-rank update, with W and b frozen.
 
@@ -73,7 +80,9 @@ class AdapterLinear(nn.Module):
     ``merge_and_unload`` keep none). ``unmerge()`` copies that W back, bit for bit,
     whatever changed meanwhile (an optimizer step, a training rule, a gate flip, a hand edit
     of the adapter, a write into the merged W itself, which is lost). While merged the layer
-    computes x W^T + b with the merged W, or with the kept W when its adapter is disabled.
+    computes x W^T + b with the merged W, or with the kept W when its adapter is disabled. Its state
+    dict holds the merged W as ``weight`` and the kept W as ``weight_before_merge``: it loads exactly into
+    merged and unmerged layers (a merged layer loads as unmerged and merges again).
 
     GPT-2's Conv1D (weight stored (d_in, d_out), y = x W + b) is wrapped by ``from_linear``
     too (``fan_in_fan_out``): ``weight`` is then the (d_out, d_in) transposed view of its weight
@@ -143,6 +152,7 @@ class AdapterLinear(nn.Module):
         self.merge_order = -1  # position of the latest merge among all layers' merges
         self.adapter_enabled = True
         self.register_buffer("weight_before_merge", None, persistent=False)
+        self.register_load_state_dict_post_hook(_merge_again_after_load)
 
     @property
     def tasks_done(self) -> int:
@@ -273,14 +283,14 @@ class AdapterLinear(nn.Module):
         del self._inactive_flags[name]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        if self.merged:
-            warn_at_caller("fastlora: the state dict of a merged adapter layer holds W + ΔW beside the adapter, "
-                           "so loading it into unmerged adapter layers adds the update twice: unmerge before "
-                           "saving (fastlora.unmerge), or save the plain model (fastlora.merge_and_unload)",
-                           RuntimeWarning)
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:  # beside W + ΔW, the W the merge replaced: the state dict loads exactly, merged or not
+            kept = self.weight_before_merge
+            destination[prefix + "weight_before_merge"] = kept if keep_vars else kept.detach()
         if self.fan_in_fan_out:  # Conv1D's layout, (d_in, d_out)
-            destination[prefix + "weight"] = destination[prefix + "weight"].t()
+            for key in (prefix + "weight", prefix + "weight_before_merge"):
+                if key in destination:
+                    destination[key] = destination[key].t()
 
     def _check_saved_active_adapter(self, state_dict, prefix: str) -> None:
         """Refuse a state dict saved while another named adapter was active: the active adapter's tensors are
@@ -296,17 +306,31 @@ class AdapterLinear(nn.Module):
                          f"(fastlora.set_adapter(model, {active[0] if active else '<its name>'!r}))")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A state dict loads as the unmerged layer's: a merged layer's (``weight_before_merge`` beside
+        W + ΔW) gives its W before the merge. A merged layer is unmerged here and merged again, with the
+        loaded adapter, once its adapter's tensors are in (``_merge_again_after_load``)."""
         self._check_saved_active_adapter(state_dict, prefix)
-        key = prefix + "weight"
-        self.adapter.note_load(with_weight=key in state_dict)
-        saved = state_dict.get(key)
-        if self.fan_in_fan_out and isinstance(saved, Tensor) and saved.dim() == 2:
-            state_dict[key] = saved.t()  # Conv1D's layout back to this layer's (d_out, d_in)
+        key, kept_key = prefix + "weight", prefix + "weight_before_merge"
+        saved, kept = state_dict.get(key), state_dict.pop(kept_key, None)
+        base = saved if kept is None else kept
+        if self.merged:
+            self._merge_after_load = self.weight_before_merge.device
+            self.unmerge()
+            if isinstance(base, Tensor) and args and args[0].get("assign_to_params_buffers"):
+                base = base.clone()  # assigned, then merged in place: not into the caller's tensor
+        self.adapter.note_load(with_weight=base is not None)
+        if base is not None:
+            state_dict[key] = base.t() if self.fan_in_fan_out and isinstance(base, Tensor) and base.dim() == 2 \
+                else base  # Conv1D's layout back to this layer's (d_out, d_in)
         try:
             super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         finally:
-            if saved is not None:
+            if saved is None:
+                state_dict.pop(key, None)
+            else:
                 state_dict[key] = saved
+            if kept is not None:
+                state_dict[kept_key] = kept
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """The same output computed by the pure-torch reference formula (no fusion, no

@@ -1,8 +1,7 @@
 """AdapterLinear's adapter bookkeeping and state dict at their edges: adapters named by equal strings that are
-other objects, removal whatever the names' order, what a merged layer saves, an adapter-only load, a
+other objects, removal whatever the names' order, an adapter-only load, a
 Conv1D layer refusing a weight of the wrong rank with load_state_dict's own message, from_linear's default layer
 index, forward_rows in each state, and a layer on the meta device."""
-import warnings
 
 import pytest
 import torch
@@ -61,24 +60,6 @@ def test_an_inactive_adapter_is_removed_whatever_its_name_sorts_against_the_acti
     assert layer.adapter_names() == ["default"]
     with pytest.raises(ValueError, match="'default' is the active adapter"):
         layer.remove_adapter("".join(["def", "ault"]))
-
-
-def test_a_merged_layer_saves_the_keys_of_an_unmerged_one_with_the_merged_weight():
-    layer = _layer()
-    x = torch.randn(3, 6)
-    keys = list(layer.state_dict())
-    want = layer(x).detach()
-    layer.merge()
-    twice = r"state dict of a merged adapter layer holds W \+ ΔW beside the adapter, so loading it into unmerged"
-    with pytest.warns(RuntimeWarning, match=twice) as caught:
-        state = layer.state_dict()
-    assert [w.filename for w in caught] == [__file__]
-    assert list(state) == keys  # the kept W (weight_before_merge) is not saved
-    assert rel(x @ state["weight"].t() + state["bias"], want) < 1e-6
-    layer.unmerge()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        layer.state_dict()
 
 
 def test_an_adapter_only_state_dict_loads_without_strict_and_reports_w_and_b_missing():
