@@ -1,7 +1,7 @@
 """Where the cublas plan starts to pay: one adapted layer's training calls run back to back over a
 ladder of widths and token counts, PEFT against fastlora on the cublas and on the torch plan.
 
-    python -m benchmarks.bench_crossover [--device cuda|cpu] [--quick] [--out PATH]
+    python -m benchmarks.bench_crossover [--device cuda|cpu] [--quick] [--out PATH] [--budget-s S]
 
 Setup of a training run with PEFT's defaults (as bench_model's): a d -> d layer of bf16 weights with
 fp32 adapters, r = 16, dropout 0.05, under bf16 autocast (on the CPU: fp32, the torch plan only, a
@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import functools
 import statistics
+import time
 import traceback
 from pathlib import Path
 from typing import Callable, Optional
@@ -46,6 +47,8 @@ WARMUP, ROUNDS, CALLS = 3, 5, 20
 QUICK_REPEATS = (1, 2, 3)
 #: seconds that must be left to start gpu_check's child process (imports, first compiles)
 RESERVE_S = {"cuda": 20.0, "cpu": 5.0}
+#: seconds of the section's time kept back from the sweep for the child's exit and its JSON
+EXIT_MARGIN_S = 3.0
 
 
 def _layers(n: int, d: int, device: torch.device, plans: tuple[str, ...]) -> tuple[dict, torch.Tensor, torch.Tensor]:
@@ -127,58 +130,84 @@ def size_rule(rows: list[dict]) -> Optional[int]:
 def summary_of(report: dict) -> str:
     rows = report["rows"]
     failed = f"; {len(report['errors'])} shapes failed" if report.get("errors") else ""
+    cut = f"; {report['cut']}" if "cut" in report else ""
     if not any("cublas" in row["ms"] for row in rows):
         return f"{len(rows)} shapes, torch plan vs PEFT " + ", ".join(
-            f"N={row['n']} d={row['d']} {row['vs_peft']['torch']:.2f}x" for row in rows) + failed
+            f"N={row['n']} d={row['d']} {row['vs_peft']['torch']:.2f}x" for row in rows) + failed + cut
     return ("cublas faster than PEFT from d = " + ", ".join(f"{d} (N={n})" for n, d in report["vs_peft"].items())
             + "; than the torch plan from d = " + ", ".join(f"{d} (N={n})" for n, d in report["vs_torch"].items())
-            + f"; size rule: torch_below = {report['size_rule']}" + failed)
+            + f"; size rule: torch_below = {report['size_rule']}" + failed + cut)
 
 
-def run(device: torch.device, quick: bool, out: Path) -> dict:
+def shapes(quick: bool) -> list[tuple[int, int]]:
+    """(tokens, width) of the sweep, smallest base GEMM first: a sweep cut for time keeps the small sizes, where
+    the size rule is decided."""
     widths, tokens = (QUICK_WIDTHS, QUICK_TOKENS) if quick else (WIDTHS, TOKENS)
+    return sorted(((n, d) for n in tokens for d in widths), key=lambda shape: (shape[0] * shape[1] ** 2, shape))
+
+
+def _derive(report: dict, cuda: bool) -> None:
+    """The sweep's conclusions from the rows so far (a sweep killed midway leaves them in its JSON)."""
+    if cuda:
+        report["vs_peft"], report["vs_torch"] = crossover(report["rows"], "peft"), crossover(report["rows"], "torch")
+        report["size_rule"] = size_rule(report["rows"])
+    report["summary"] = summary_of(report)
+
+
+def run(device: torch.device, quick: bool, out: Path, budget_s: Optional[float] = None) -> dict:
+    """The sweep, the JSON rewritten to ``out`` after every shape; with ``budget_s``, the shapes whose turn
+    comes after that many seconds (counting the last shape's time as the next one's) are left out ("cut")."""
+    deadline = None if budget_s is None else time.monotonic() + budget_s
     repeats = QUICK_REPEATS if quick else (WARMUP, ROUNDS, CALLS)
     report = {"device": device_name(device), "torch": torch.__version__, "plans": list(compared_plans(device)),
               "setup": {"r": R, "scale": SCALE, "dropout": DROPOUT, "weights": "bfloat16" if device.type == "cuda"
                         else "float32", "adapters": "float32", "repeats": dict(zip(("warmup", "rounds", "calls"),
                                                                                   repeats))},
               "rows": []}
-    for n in tokens:
-        for d in widths:
-            try:
-                row = measure_shape(n, d, device, repeats)
-            except Exception:  # noqa: BLE001 - one failing shape is recorded, the sweep goes on
-                report.setdefault("errors", {})[f"N={n} d={d}"] = traceback.format_exc(limit=-8)
-                print(f"N={n} d={d}: failed", flush=True)
-                write_json(out, report)
-                continue
+    sweep, last_s = shapes(quick), 0.0
+    for done, (n, d) in enumerate(sweep):
+        if deadline is not None and time.monotonic() + last_s > deadline:
+            report["cut"] = f"{done} of {len(sweep)} shapes measured (time budget): up to N={sweep[done - 1][0]} " \
+                            f"d={sweep[done - 1][1]}" if done else f"0 of {len(sweep)} shapes measured (time budget)"
+            print(report["cut"], flush=True)
+            break
+        began = time.monotonic()
+        try:
+            row = measure_shape(n, d, device, repeats)
+        except Exception:  # noqa: BLE001 - one failing shape is recorded, the sweep goes on
+            report.setdefault("errors", {})[f"N={n} d={d}"] = traceback.format_exc(limit=-8)
+            print(f"N={n} d={d}: failed", flush=True)
+        else:
             report["rows"].append(row)
             print(f"N={n} d={d}: " + ", ".join(f"{k} {v:.3f} ms ({row['host_us'][k]:.0f} us host)"
                                                for k, v in row["ms"].items()), flush=True)
-            write_json(out, report)
-    if device.type == "cuda":
-        report["vs_peft"], report["vs_torch"] = crossover(report["rows"], "peft"), crossover(report["rows"], "torch")
-        report["size_rule"] = size_rule(report["rows"])
-    report["summary"] = summary_of(report)
+        last_s = time.monotonic() - began
+        _derive(report, device.type == "cuda")
+        write_json(out, report)
+    _derive(report, device.type == "cuda")
     write_json(out, report)
     return report
 
 
 def section(ctx) -> dict:
-    """gpu_check section "crossover": this sweep in a child process."""
+    """gpu_check section "crossover": this sweep in a child process, given the section's time less
+    ``EXIT_MARGIN_S``; a child killed at the deadline still gives the shapes it measured."""
     if not ctx.has(RESERVE_S[ctx.device.type]):
         return {"status": "skipped", "reason": "time budget", "summary": "skipped for time"}
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="fastlora_crossover_") as tmp:
         out = Path(tmp) / "crossover.json"
-        args = ["--device", ctx.device.type, "--out", str(out), *(["--quick"] if ctx.quick else [])]
+        args = ["--device", ctx.device.type, "--out", str(out), "--budget-s", f"{ctx.left() - EXIT_MARGIN_S:.1f}",
+                *(["--quick"] if ctx.quick else [])]
         child = run_child("benchmarks.bench_crossover", args, out, timeout_s=ctx.left())
     report = child["result"]
-    if report is None or child["returncode"] != 0:
-        return {"status": "error", "partial": report, "summary": f"exit status {child['returncode']}",
-                "output": child["output"]}
-    return {"status": "ok", **report}
+    if report is not None and report["rows"] and (child["returncode"] == 0 or child["timed_out"]):
+        if child["timed_out"]:
+            report["cut"] = report["summary"] = report["summary"] + "; killed at the section's deadline"
+        return {"status": "ok", **report}
+    return {"status": "error", "partial": report, "summary": f"exit status {child['returncode']}",
+            "output": child["output"]}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -187,11 +216,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--quick", action="store_true", help="two tiny shapes, few repetitions (a check of the script)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: see the module docstring)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="leave out the shapes whose turn comes after this many seconds (default: none left out)")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     out = args.out or RESULTS / f"crossover_{slug(device_name(device))}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = run(device, args.quick, out)
+    report = run(device, args.quick, out, args.budget_s)
     print(report["summary"])
     print(f"wrote {out}")
     return report

@@ -44,9 +44,10 @@ def size_rule(report: dict) -> dict:
     setting = "fastlora.kernels.plans.SIZE_RULE"
     if section.get("status") != "ok" or not section.get("rows"):
         return {"setting": setting, "value": None, "why": "section crossover did not run"}
+    cut = f" (sweep {section['cut']})" if section.get("cut") else ""
     if rule is None:
         return {"setting": setting, "value": None, "why": "the cublas plan beats the torch plan at every measured "
-                                                          "size, or at no size consistently"}
+                                                          "size, or at no size consistently" + cut}
     below = [row for row in section["rows"] if row["n"] * row["d"] ** 2 < rule and "torch" in row["vs_peft"]]
     slower = [f"N={row['n']} d={row['d']} {row['vs_peft']['torch']:.2f}x" for row in below
               if row["vs_peft"]["torch"] > 1.0 + MARGIN]
@@ -55,7 +56,7 @@ def size_rule(report: dict) -> dict:
                 "why": f"torch_below = {rule} would send layers to a torch plan slower than PEFT: {', '.join(slower)}"}
     return {"setting": setting, "value": rule,
             "why": f"the cublas plan wins from {rule} multiply-adds on; below it the torch plan is at least PEFT's "
-                   f"speed ({len(below)} sizes)"}
+                   f"speed ({len(below)} sizes){cut}"}
 
 
 def _by_gemm_everywhere(rows: list[tuple[str, float]]) -> Optional[bool]:

@@ -47,7 +47,7 @@ still run; the JSON report is rewritten to --out after every item):
 
 Time budget (--budget-s, counted from start): a section gets at most its share of the
 budget (the rest rolls over) and skips, with the reason, the items that no longer fit. Shares
-(``SECTIONS``; of the default 450 s): env 4% (18 s), bench_model 30% (135 s), host 8%, crossover 6%,
+(``SECTIONS``; of the default 450 s): env 4% (18 s), bench_model 30% (135 s), host 8%, crossover 8%,
 order 2%, compile 25%, products 3%, speed 25%, correctness 30%, graphs 8%, gemm 5%, skinny 4%, trace 3%;
 they add up to more than the whole, so the earlier sections come first and the later ones get what is left.
 Sections run in this process share its CUDA context: after one of them reports a CUDA fault
@@ -94,7 +94,7 @@ from benchmarks import (  # noqa: E402
     onepass_bisect,
 )
 from benchmarks.bench_adapted_linear import RESULTS, device_name, pick_device, slug  # noqa: E402
-from benchmarks.isolated import is_cuda_fault  # noqa: E402
+from benchmarks.isolated import is_cuda_fault, kill_live_children, write_text  # noqa: E402
 from fastlora.kernels import PLANS  # noqa: E402
 from fastlora.kernels.eligibility import triton_interpreter_on  # noqa: E402
 from fastlora.kernels.plans import AUTO_CANDIDATES  # noqa: E402
@@ -115,7 +115,7 @@ SECTIONS = (
     Section("env", check_env.run, 0.04, False, False, False),
     Section("bench_model", bench_model.section, 0.3, True, False, True),
     Section("host", bench_host.section, 0.08, False, False, True),
-    Section("crossover", bench_crossover.section, 0.06, False, False, True),
+    Section("crossover", bench_crossover.section, 0.08, False, False, True),
     Section("order", check_kernels.order, 0.02, False, True, False),
     Section("compile", compile_check.section, 0.25, False, True, False),
     Section("products", check_kernels.products, 0.03, False, True, False),
@@ -225,7 +225,7 @@ def main(argv: Optional[list[str]] = None, start: Optional[float] = None) -> int
         text = json.dumps(report, indent=2, default=str) + "\n"
         for prefix in (str(ROOT) + os.sep, sysconfig.get_paths()["purelib"] + os.sep):
             text = text.replace(json.dumps(prefix)[1:-1], "")
-        out.write_text(text)
+        write_text(out, text)  # atomic: a kill mid-write keeps the previous report
 
     budget_end = start + args.budget_s
     ctx = Context(device, args.quick, plans, budget_end, report, save, start=start)
@@ -239,6 +239,7 @@ def main(argv: Optional[list[str]] = None, start: Optional[float] = None) -> int
             save()
     except (Terminated, KeyboardInterrupt) as stop:  # keep what finished: the running section stays "running"
         report["terminated"] = f"{type(stop).__name__} {stop} in section {ctx.name}"
+        kill_live_children()  # and what they started: nothing outlives the run on the GPU
     failed = [name for name, sec in report["sections"].items()
               if name in CHECKS and sec["status"] in ("fail", "error")]
     report["failed_checks"] = failed

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,8 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 TAIL_LINES = 40
+#: the ``Child`` processes started and not yet seen ended
+LIVE: set = set()
 #: substrings of an error after which the process's CUDA context is unusable (every later CUDA call fails)
 CUDA_FAULT_MARKERS = ("illegal memory access", "misaligned address", "illegal instruction", "device-side assert",
                       "unspecified launch failure", "CUDA error: an illegal", "cudaErrorIllegalAddress")
@@ -36,11 +39,45 @@ def read_json(path: Path) -> Optional[dict]:
         return None
 
 
-def write_json(path: Path, data: dict) -> None:
-    """``data`` to ``path`` through a temporary file and a rename: a reader never sees half a file."""
+def write_text(path: Path, text: str) -> None:
+    """``text`` to ``path`` through a temporary file and a rename: a reader (or a kill mid-write) never
+    leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """``data`` to ``path`` as JSON, atomically (``write_text``)."""
+    write_text(path, json.dumps(data, indent=1, default=str) + "\n")
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes descended from ``pid`` (read from Linux's /proc; none elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after the command name: state, ppid
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and every process it started (a benchmark's own children: first-step processes)."""
+    for pid in descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    proc.kill()
+    proc.wait()
 
 
 def child_command(module: str, args: list[str], prefix: tuple[str, ...] = ()) -> list[str]:
@@ -66,6 +103,12 @@ def tail(text: str, lines: int = TAIL_LINES) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def kill_live_children() -> None:
+    """Kill every ``Child`` still running, with the processes each started (a run being stopped)."""
+    for child in list(LIVE):
+        child.kill()
+
+
 class Child:
     """``python -m module args`` started from the repository root (under ``prefix`` when given), its
     output going to ``<out>.log``."""
@@ -79,10 +122,12 @@ class Child:
                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.timed_out = False
         self.end: Optional[float] = None
+        LIVE.add(self)
 
     def running(self) -> bool:
         if self.end is None and self.proc.poll() is not None:
             self.end = time.monotonic()
+            LIVE.discard(self)
         return self.end is None
 
     def wait(self, timeout_s: float) -> None:
@@ -97,8 +142,7 @@ class Child:
         """Stop it (counted as out of time) if it is still running."""
         if self.running():
             self.timed_out = True
-            self.proc.kill()
-            self.proc.wait()
+            _kill_tree(self.proc)
             self.running()
 
     def output(self) -> str:

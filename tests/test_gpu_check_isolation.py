@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,26 @@ def test_onepass_bisect_is_not_in_the_default_run_and_needs_cuda(tmp_path):
     assert gpu_check.main(["--device", "cpu", "--quick", "--only", "onepass_bisect", "--out", str(out)]) == 0
     section = json.loads(out.read_text())["sections"]["onepass_bisect"]
     assert section == {"status": "skipped", "reason": "needs a CUDA device"}
+
+
+def test_a_child_killed_for_time_takes_the_processes_it_started_with_it(tmp_path):
+    from benchmarks import isolated
+
+    pid_file = tmp_path / "grandchild.pid"
+    script = f"sleep 300 & echo $! > {pid_file}; wait"  # the child (a shell here) starts a process of its own
+    child = isolated.Child("benchmarks.isolated", [], tmp_path / "out.json", prefix=("bash", "-c", script, "shell"))
+    for _ in range(200):
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+        time.sleep(0.05)
+    grandchild = int(pid_file.read_text())
+    assert child in isolated.LIVE and grandchild in isolated.descendants(child.proc.pid)
+    isolated.kill_live_children()
+    assert child.report()["timed_out"] and child not in isolated.LIVE
+    for _ in range(100):  # SIGKILL is delivered at once; the zombie is reaped by init
+        state = Path(f"/proc/{grandchild}/stat")
+        if not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"process {grandchild} started by the child is still running")

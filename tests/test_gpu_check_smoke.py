@@ -453,3 +453,25 @@ def test_a_failing_crossover_shape_is_recorded_and_the_sweep_goes_on(tmp_path, m
     assert [row["d"] for row in report["rows"]] == [64]
     assert "RuntimeError: boom" in report["errors"]["N=16 d=32"]
     assert report["summary"].endswith("; 1 shapes failed")
+
+
+def test_the_crossover_sweep_goes_from_the_smallest_gemm_up_and_stops_at_its_budget(tmp_path, monkeypatch):
+    import time
+
+    from benchmarks import bench_crossover
+
+    sizes = [n * d * d for n, d in bench_crossover.shapes(quick=False)]
+    assert sizes == sorted(sizes) and len(sizes) == len(bench_crossover.WIDTHS) * len(bench_crossover.TOKENS)
+    measure = bench_crossover.measure_shape
+
+    def slow(n, d, device, repeats):
+        time.sleep(0.3)
+        return measure(n, d, device, repeats)
+
+    monkeypatch.setattr(bench_crossover, "measure_shape", slow)
+    out = tmp_path / "crossover.json"
+    report = bench_crossover.run(torch.device("cpu"), True, out, budget_s=0.2)
+    assert [row["d"] for row in report["rows"]] == [32]  # the second shape's turn comes after the budget
+    assert report["cut"] == "1 of 2 shapes measured (time budget): up to N=16 d=32"
+    assert json.loads(out.read_text())["summary"].endswith("; " + report["cut"])
+    assert bench_crossover.run(torch.device("cpu"), True, out, budget_s=0.0)["rows"] == []
