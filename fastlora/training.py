@@ -156,6 +156,8 @@ class TrainingHooks:
         self.model = model
         self.optimizers = optimizers
         self._handles = [optimizer.register_step_post_hook(self._after_step) for optimizer in optimizers]
+        self._handles += [optimizer.register_step_pre_hook(self._skip_restarted) for optimizer in optimizers]
+        self._stale_grads: dict[int, tuple[Tensor, int]] = {}  # id(restarted factor) -> (its zero grad, version)
         self._ruled = [layer for _, layer in adapter_layers(model) if has_rule(layer)]
         self._staged = [layer for layer in self._ruled if isinstance(layer.adapter, CascadeLoraAdapter)]
         self._starts_pending = True  # a stage's noise may wait (stage 0, or a checkpoint saved on a stage end)
@@ -169,6 +171,9 @@ class TrainingHooks:
         return bool(self._handles)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and bool(found_inf):  # a loss scaler's skipped step of a fused optimizer: it ran
+            return                                      # and changed nothing, so it is no step for the rules
         groups = _groups(optimizer)
         for name, layer in adapter_layers(self.model):
             if layer.merged or not has_rule(layer):
@@ -178,9 +183,26 @@ class TrainingHooks:
                 continue
             for restarted in layer.adapter.after_optimizer_step(_learning_rate(group)):
                 self._starts_pending = True
-                restarted.grad = None  # an optimizer stepping after this one skips it
+                # the old pair's gradient must not step the new pair. In another optimizer, which may step after
+                # this one: a zero gradient (a loss scaler's unscale there needs some gradient), which it skips
+                if id(restarted) in groups:
+                    restarted.grad = None
+                else:
+                    restarted.grad = torch.zeros_like(restarted)
+                    self._stale_grads[id(restarted)] = (restarted.grad, restarted.grad._version)
                 for other in self.optimizers:
                     other.state.pop(restarted, None)
+
+    def _skip_restarted(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        """Before a step: a factor restarted by a fold since its last gradient (its zero gradient untouched,
+        no backward accumulated into it) gets no gradient, so this optimizer skips it."""
+        if not self._stale_grads:
+            return
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                stale = self._stale_grads.pop(id(param), None)
+                if stale is not None and param.grad is stale[0] and param.grad._version == stale[1]:
+                    param.grad = None
 
     def _before_forward(self, model: nn.Module, args) -> None:
         """A LoRASC stage's pending noise into W before the model's first training forward of the stage

@@ -304,7 +304,8 @@ def test_a_stage_end_leaves_every_optimizer_without_state_or_gradient_for_the_fr
     for adapter in adapters:  # the stage ended after step 2: a fresh pair, whichever optimizer stepped last
         assert adapter.extra_stats()["cascades"] == 1.0
         assert torch.count_nonzero(adapter.lora_B) == 0
-        assert adapter.lora_A.grad is None and adapter.lora_B.grad is None
+        for factor in (adapter.lora_A, adapter.lora_B):  # no gradient, or the zero one a later optimizer skips
+            assert factor.grad is None or torch.count_nonzero(factor.grad) == 0
         assert adapter.lora_A not in opt_a.state and adapter.lora_B not in opt_b.state
 
 

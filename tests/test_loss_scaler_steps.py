@@ -1,0 +1,88 @@
+"""The training rules under a loss scaler (torch.amp.GradScaler): a step the scaler skips is no step for the
+rules whether the optimizer is fused (its step runs and changes nothing: the hooks read its ``found_inf``)
+or not (its step is not called), and LoRASC with A and B in two optimizers folds under a scaler (the
+optimizer stepping after the fold needs a gradient for the scaler's unscale, and skips the new pair)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastlora
+from fastlora import CascadeLoraConfig, RankSelectiveLoraConfig, SelectiveLoraConfig
+
+STEPS, OVERFLOWING = 12, {7, 8}
+CONFIGS = [RankSelectiveLoraConfig(r=4), CascadeLoraConfig(r=2, cascade_interval=4), SelectiveLoraConfig(r=2)]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    return model
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(4, 8, generator=generator), torch.randn(4, 8, generator=generator)
+
+
+def _loss(model, step: int) -> torch.Tensor:
+    x, y = _batch(step)
+    return F.mse_loss(model(x), y) + fastlora.regularization_loss(model)
+
+
+def _run_with_overflows(config, fused: bool) -> nn.Module:
+    """STEPS scaled steps, the loss infinite on the OVERFLOWING ones (the scaler skips them)."""
+    model = fastlora.inject(_model(), config).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=fused)
+    hooks = fastlora.attach_training_hooks(model, optimizer, total_steps=STEPS)
+    scaler = torch.amp.GradScaler("cpu")
+    for step in range(1, STEPS + 1):
+        optimizer.zero_grad()
+        loss = _loss(model, step) * (float("inf") if step in OVERFLOWING else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    hooks.remove()
+    return model
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: type(c).__name__)
+def test_a_step_a_loss_scaler_skips_is_no_step_for_the_rules_with_a_fused_optimizer_too(config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the scaler's own notes; the rules' warnings are not what is checked
+        plain, fused = _run_with_overflows(config, fused=False), _run_with_overflows(config, fused=True)
+    for (_, a), (_, b) in zip(fastlora.adapter_layers(plain), fastlora.adapter_layers(fused)):
+        assert a.adapter.extra_stats() == b.adapter.extra_stats()
+        assert a.adapter.extra_stats()["optimizer_steps"] == STEPS - len(OVERFLOWING)
+        for key, value in a.state_dict().items():
+            if value.is_floating_point():
+                torch.testing.assert_close(b.state_dict()[key], value, rtol=1e-5, atol=1e-6)  # fused AdamW's rounding
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_lorasc_with_a_and_b_in_two_optimizers_folds_under_a_loss_scaler_as_without_one(scaled):
+    """A scale of a power of two is exact in fp32: with no overflow, the scaled run is the unscaled one."""
+    def run(use_scaler: bool) -> nn.Module:
+        model = fastlora.inject(_model(), CascadeLoraConfig(r=2, cascade_interval=3)).train()
+        named = dict(model.named_parameters())
+        opt_a = torch.optim.AdamW([p for n, p in named.items() if n.endswith("lora_A")], lr=1e-2)
+        opt_b = torch.optim.AdamW([p for n, p in named.items() if n.endswith("lora_B")], lr=1e-2)
+        hooks = fastlora.attach_training_hooks(model, [opt_a, opt_b], total_steps=STEPS)
+        scaler = torch.amp.GradScaler("cpu", enabled=use_scaler)
+        for step in range(1, STEPS + 1):
+            opt_a.zero_grad()
+            opt_b.zero_grad()
+            scaler.scale(_loss(model, step)).backward()
+            scaler.step(opt_a)
+            scaler.step(opt_b)
+            scaler.update()
+        hooks.remove()
+        return model
+
+    reference, model = run(False), run(scaled)
+    for (_, a), (_, b) in zip(fastlora.adapter_layers(reference), fastlora.adapter_layers(model)):
+        assert b.adapter.extra_stats()["cascades"] == (STEPS - 1) // 3  # no stage ends on the run's final step
+        for key, value in a.state_dict().items():
+            assert torch.equal(b.state_dict()[key], value), key
