@@ -23,6 +23,7 @@ from .heads import add_head_values, drop_head_values, switch_head_values
 from .layer import AdapterLinear, check_adapter_name, is_adaptable
 from .methods import build_adapter
 from .model_tree import adapter_layers, is_saved_in_full, required_adapter_layers, set_submodule
+from .parallel_guards import refuse_new_adapters
 from .targets import (
     in_task_head,
     is_selected,
@@ -63,6 +64,7 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
     if name in layers[0][1].adapter_names():
         raise ValueError(f"the model has an adapter named {name!r} already (adapters: "
                          f"{layers[0][1].adapter_names()})")
+    refuse_new_adapters(model, "add_adapter")
     if config.modules_to_save:
         raise ValueError(f"adapter {name!r}: modules_to_save={list(config.modules_to_save)} is not taken by "
                          f"add_adapter: every named adapter gets its own values of the modules inject's config "

@@ -55,6 +55,7 @@ from .model_tree import (
     set_submodule,
     unwrapped,
 )
+from .parallel_guards import refuse_new_adapters
 from .targets import exact_name_pattern, matches_targets
 
 CONFIG_FILE = "adapter_config.json"
@@ -480,7 +481,7 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
         check_adapter_name(adapter_name)
     configs, state, saved = _read_checkpoint(directory)
     inner = unwrapped(model)
-    undo = _add_checkpoint_adapter(inner, configs, adapter_name)
+    undo = _add_checkpoint_adapter(inner, configs, adapter_name, wrapper=model)
     try:
         layers = named_adapters(inner, adapter_name)
         by_layer = _check_fits(layers, configs, state)
@@ -507,12 +508,14 @@ def _inactive_name(model: nn.Module, adapter_name: Optional[str]) -> Optional[st
     return adapter_name if adapter_name is not None and adapter_name != active else None
 
 
-def _add_checkpoint_adapter(model: nn.Module, configs: dict[str, AdapterConfig],
-                            adapter_name: Optional[str]) -> Optional[Callable[[], None]]:
+def _add_checkpoint_adapter(model: nn.Module, configs: dict[str, AdapterConfig], adapter_name: Optional[str],
+                            wrapper: nn.Module) -> Optional[Callable[[], None]]:
     """Build the adapter a checkpoint loads into when the model lacks it: inject into a model
     without adapters, ``add_adapter`` for a new name; returns the function that undoes it (None:
-    nothing built)."""
+    nothing built). Refused inside a data-parallel ``wrapper`` (``fastlora.parallel_guards``)."""
     first = next(adapter_layers(model), None)
+    if first is None or (adapter_name is not None and adapter_name not in first[1].adapter_names()):
+        refuse_new_adapters(wrapper, "load_adapter")
     if first is None:
         undo = _inject_checkpoint_layers(model, configs)
         if adapter_name is not None:

@@ -21,6 +21,7 @@ from .config import AdapterConfig
 from .encoder_paths import keep_fused_paths_off
 from .layer import AdapterLinear, is_adaptable, linear_shape
 from .model_tree import mark_saved_in_full, required_adapter_layers, set_submodule
+from .parallel_guards import refuse_new_adapters
 from .shared_weights import shared_weight_owners
 from .targets import (
     dotted_suffixes,
@@ -82,6 +83,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, untie_shared_weights: boo
                          "use AdapterLinear.from_linear(model, config) instead")
     if any(isinstance(m, AdapterLinear) for m in model.modules()):
         raise ValueError("model already has fastlora adapters; merge_and_unload it first")
+    refuse_new_adapters(model, "inject")
     _refuse_peft_layers(model)
     chosen = _without_modules_in_full(model, config, _chosen_linears(model, config))
     saved_modules = _modules_to_save(model, config, chosen)

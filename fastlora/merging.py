@@ -17,6 +17,7 @@ from .encoder_paths import restore_fused_paths
 from .heads import drop_head_values
 from .layer import AdapterLinear, checked_backup_device
 from .model_tree import required_adapter_layers, set_submodule
+from .parallel_guards import refuse_weight_writes
 from .shared_weights import shared_weight_owners
 from .training import remove_attached_hooks
 
@@ -38,6 +39,7 @@ def merge(model: nn.Module, backup_device: Optional[Union[str, torch.device]] = 
     ``backup_device`` (default: W's device; "cpu" keeps GPU memory free). Refused (nothing
     merged) when a layer's W is shared with another module's tensor."""
     layers = [(n, layer) for n, layer in required_adapter_layers(model) if not layer.merged]
+    refuse_weight_writes(model, "merge")
     _check_unshared_weights(model, layers)
     if backup_device is not None:
         backup_device = checked_backup_device(backup_device)
@@ -53,6 +55,8 @@ def unmerge(model: nn.Module) -> None:
     """Undo ``merge`` on every adapted layer: each W is restored bit for bit, latest merge
     first (so a W merged twice through shared storage ends as it was before both)."""
     merged = [layer for _, layer in required_adapter_layers(model) if layer.merged]
+    if merged:
+        refuse_weight_writes(model, "unmerge")
     for layer in sorted(merged, key=lambda layer: layer.merge_order, reverse=True):
         layer.unmerge()
 

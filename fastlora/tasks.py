@@ -35,6 +35,7 @@ from torch import nn
 from .merging import merge
 from .methods import build_adapter
 from .model_tree import required_adapter_layers
+from .parallel_guards import refuse_new_adapters
 from .training import remove_attached_hooks
 
 
@@ -51,6 +52,7 @@ def next_task(model: nn.Module) -> nn.Module:
     kept is then ambiguous), or, as ``merge`` does, when a W is shared with another module.
     """
     layers = required_adapter_layers(model)
+    refuse_new_adapters(model, "next_task")
     names = layers[0][1].adapter_names()
     if len(names) > 1:
         raise ValueError(f"the model holds named adapters {names}: next_task folds the active one into W, which "

@@ -1,0 +1,75 @@
+"""What a data-parallel wrapper rules out is refused, naming the way that works: adapters built after
+DistributedDataParallel was built (it would not sync them) or after fully_shard (they would not be sharded),
+and a merge in place of a W that FSDP holds as shards. One process, a gloo group of one rank."""
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+import fastlora
+from fastlora import LoraConfig
+from fastlora.parallel_guards import parallel_wrapping
+
+CONFIG = LoraConfig(r=2, target_modules=["0", "2"])
+
+
+@pytest.fixture
+def process_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _plain() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 4))
+
+
+def _adapted() -> nn.Module:
+    return fastlora.inject(_plain(), CONFIG)
+
+
+def test_without_a_process_group_nothing_is_wrapped():
+    assert parallel_wrapping(_adapted()) is None
+
+
+def test_adapters_built_inside_ddp_are_refused_and_loading_into_its_adapters_is_not(process_group, tmp_path):
+    with pytest.raises(ValueError, match=r"fastlora.inject: the model is wrapped in DistributedDataParallel, which "
+                                         r"syncs only .* call fastlora.inject on the plain model before wrapping it"):
+        fastlora.inject(DistributedDataParallel(_plain()), CONFIG)
+    wrapped = DistributedDataParallel(_adapted())
+    assert parallel_wrapping(torch.compile(wrapped)) == "DistributedDataParallel"
+    with pytest.raises(ValueError, match=r"fastlora.next_task: .* call fastlora.next_task\(model.module\), then wrap "
+                                         r"model.module in a new DistributedDataParallel"):
+        fastlora.next_task(wrapped)
+    with pytest.raises(ValueError, match=r"fastlora.add_adapter: the model is wrapped in DistributedDataParallel"):
+        fastlora.add_adapter(wrapped, "other", CONFIG)
+    fastlora.save_adapter(_adapted(), tmp_path / "saved")
+    with pytest.raises(ValueError, match=r"fastlora.load_adapter: the model is wrapped in DistributedDataParallel"):
+        fastlora.load_adapter(DistributedDataParallel(_plain()), tmp_path / "saved")
+    fastlora.load_adapter(wrapped, tmp_path / "saved")  # into the adapters DDP knows: nothing built
+    fastlora.merge(wrapped)  # W written in place on every rank alike
+    assert all(layer.merged for _, layer in fastlora.adapter_layers(wrapped))
+
+
+def test_adapters_built_or_w_merged_under_fsdp_are_refused(process_group):
+    with pytest.raises(ValueError, match=r"fastlora.inject: the model is sharded by FSDP, .* call fastlora.inject on "
+                                         r"the model before fully_shard"):
+        fastlora.inject(fully_shard(_plain()), CONFIG)
+    model = fully_shard(_adapted())
+    x = torch.randn(3, 6)
+    want = model(x).detach()
+    with pytest.raises(ValueError, match=r"fastlora.merge: the model is sharded by FSDP, which holds W as shards .* "
+                                         r"fastlora.merge_and_unload\(model\) works on the sharded model"):
+        fastlora.merge(model)
+    with pytest.raises(ValueError, match=r"fastlora.next_task: the model is sharded by FSDP.* gather a full state "
+                                         r"dict into an unsharded copy"):
+        fastlora.next_task(model)
+    assert not any(layer.merged for _, layer in fastlora.adapter_layers(model))
+    torch.testing.assert_close(model(x), want)
+    merged_before = _adapted()
+    fastlora.merge(merged_before)
+    with pytest.raises(ValueError, match=r"fastlora.unmerge: the model is sharded by FSDP"):
+        fastlora.unmerge(fully_shard(merged_before))
