@@ -44,6 +44,7 @@ from fastlora.kernels.caller_warnings import warn_at_caller
 from .atomic_files import PathLike, leftover_temp_files, write_files_atomically, write_json, write_safetensors
 from .attention import is_attention
 from .config import AdapterConfig
+from .distributed import copy_full_, full_view, is_dtensor, placed_like
 from .heads import check_inactive_head_values, head_tensors, head_value, write_inactive_head_values
 from .inject import inject
 from .layer import check_adapter_name, is_adaptable
@@ -86,11 +87,12 @@ def named_adapters(model: nn.Module, adapter_name: Optional[str] = None) -> dict
 
 def adapter_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, Tensor]:
     """Every tensor (parameters and persistent buffers) of the adapter ``adapter_name`` (None: the
-    active one), keyed "<layer name>.adapter.<tensor name>" whatever the adapter's name."""
+    active one), keyed "<layer name>.adapter.<tensor name>" whatever the adapter's name, whole on the
+    CPU (FSDP2's shards gathered: every rank calls it)."""
     state = {}
     for name, (_, adapter) in named_adapters(model, adapter_name).items():
         for key, tensor in adapter.state_dict().items():
-            state[f"{name}.adapter.{key}"] = tensor.detach().contiguous().cpu()
+            state[f"{name}.adapter.{key}"] = full_view(tensor.detach()).contiguous().cpu()
     return state
 
 
@@ -111,14 +113,16 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     """Write the model's active adapter (or the one called ``adapter_name``: tensors and each layer's
     config) and its trainable parameters outside the adapters (``modules_to_save``: a classifier
     head) into ``directory``, created when missing; other files in it are left alone. Returns the
-    directory's path."""
+    directory's path. Under FSDP2 every rank calls it: the shards are gathered (a collective), rank 0
+    writes and the others wait for it."""
     model = unwrapped(model)
     if next(adapter_layers(model), None) is None:
         raise ValueError("model has no fastlora adapters to save")
     layers = named_adapters(model, adapter_name)
     state = adapter_state_dict(model, adapter_name)
     inactive = _inactive_name(model, adapter_name)
-    extra = {name: head_value(model, name, inactive).detach().contiguous().cpu()
+    sharded = any(is_dtensor(p) for _, (_, adapter) in layers.items() for p in adapter.parameters())
+    extra = {name: full_view(head_value(model, name, inactive).detach()).contiguous().cpu()
              for name in saved_non_adapter_tensors(model)}
     state.update(extra)
     check_finite(f"save_adapter {UNSAVABLE}", state)
@@ -133,7 +137,13 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     def write_config(path: str) -> None:
         write_json(path, {**meta, "weights_sha256": digest["sha256"]})
 
-    return write_files_atomically(directory, [(WEIGHTS_FILE, write_weights), (CONFIG_FILE, write_config)])
+    try:
+        if sharded and torch.distributed.get_rank() != 0:
+            return Path(directory).expanduser()
+        return write_files_atomically(directory, [(WEIGHTS_FILE, write_weights), (CONFIG_FILE, write_config)])
+    finally:
+        if sharded:  # the files are whole when any rank goes on (to load them, say)
+            torch.distributed.barrier()
 
 
 def _read_meta(directory: PathLike) -> tuple[Path, dict[str, Any]]:
@@ -494,7 +504,9 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
             undo()
         raise
     for name, (_, adapter) in layers.items():
-        adapter.load_state_dict(by_layer[name])
+        current = adapter.state_dict()  # FSDP2's sharded tensors take this rank's part of the saved ones
+        adapter.load_state_dict({key: placed_like(value, current[key]) if key in current else value
+                                 for key, value in by_layer[name].items()})
     if inactive is None:
         restore_saved_parameters(inner, targets, saved)
     else:  # the head values of an inactive adapter (fastlora.heads): the ones in place stay the active one's
@@ -537,7 +549,7 @@ def restore_saved_parameters(model: nn.Module, targets: dict[str, nn.Parameter],
     which becomes trainable, as it was when saved, and its module saved in full from now on (a
     parameter of the root module only while it is trainable: marking the root would save every one)."""
     for name, param in targets.items():
-        param.copy_(saved[name])
+        copy_full_(param, saved[name].to(param.device))
         if isinstance(param, nn.Parameter):  # a buffer (running statistics) only takes the value
             param.requires_grad_(True)
         owner, _ = parameter_owner(model, name)

@@ -7,6 +7,7 @@ written against these views run unchanged on plain tensors (single process, DDP)
     local_view(p)              this rank's shard, writable in place (p itself when plain)
     full_view(p)               the whole value as a plain tensor (all-gather: every rank calls it)
     local_part(full, p)        the part of a plain whole value ``full`` that p's shard holds
+    placed_like(full, p)       ``full`` as a DTensor laid out as p (this rank's part; no communication)
     copy_full_(p, full)        p <- full, each rank writing its own shard (no communication)
 """
 from __future__ import annotations
@@ -44,6 +45,14 @@ def local_part(full: Tensor, like: Tensor) -> Tensor:
         raise ValueError(f"full value of shape {tuple(full.shape)} does not match the parameter's "
                          f"global shape {tuple(like.shape)}")
     return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def placed_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` (a plain tensor of like's global shape, equal on every rank) laid out as ``like``: a DTensor
+    holding this rank's part of it when like is one (no communication), ``full`` itself otherwise."""
+    if not is_dtensor(like):
+        return full
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
 def copy_full_(tensor: Tensor, full: Tensor) -> Tensor:

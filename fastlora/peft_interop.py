@@ -53,9 +53,11 @@ from .checkpoint import (
     saved_non_adapter_tensors,
 )
 from .config import AdapterConfig
+from .distributed import is_dtensor
 from .inject import inject
 from .layer import AdapterLinear, is_adaptable, linear_shape
 from .model_tree import adapter_layers, unwrapped
+from .parallel_guards import refuse_new_adapters
 from .peft_formats import NEWEST_KNOWN_PEFT, PeftFormat, peft_out_proj_updates, peft_release
 from .registry import method_of, peft_methods
 from .targets import exact_name_pattern, layer_config, matches_targets
@@ -216,6 +218,7 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
     wrapper, model = model, unwrapped(model)
     if next(adapter_layers(model), None) is not None:
         raise ValueError("model already has fastlora adapters; load a PEFT checkpoint into a plain model")
+    refuse_new_adapters(wrapper, "load_peft_adapter")
     peft, state = _read_peft_checkpoint(directory)
     peft_type, methods = peft.get("peft_type"), peft_methods()
     if peft_type not in methods:
@@ -349,6 +352,9 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     layers = list(adapter_layers(model))
     if not layers:
         raise ValueError("model has no fastlora adapters to export")
+    if any(is_dtensor(p) for _, layer in layers for p in layer.adapter.parameters()):
+        raise ValueError("save_peft_adapter: the adapters are sharded by FSDP; export from an unsharded copy, or "
+                         "write fastlora's format with fastlora.save_adapter called on every rank")
     for name, layer in layers:
         if method_of(layer.config).peft_format is None:
             supported = " and ".join(m.peft_format.description for m in peft_methods().values())

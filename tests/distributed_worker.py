@@ -9,8 +9,9 @@ the single-process run on the full batch. A rank writes, per wrapper and method,
 
     {"grads": [{name: grad} per step], "params": {name: value after the steps}}
 
-or {"error": traceback} to ``<out>/rank<k>.pt``, and under ("fsdp2_without_hooks", "cascade_lora") what
-``cascade_without_hooks`` returns. Adapters are built before wrapping.
+or {"error": traceback} to ``<out>/rank<k>.pt``, under ("fsdp2_saved_and_loaded", method) what
+``saved_and_loaded`` returns, and under ("fsdp2_without_hooks", "cascade_lora") what ``cascade_without_hooks``
+returns. Adapters are built before wrapping.
 
     python -m torch.distributed.run --nproc_per_node=2 tests/distributed_worker.py --out DIR
 """
@@ -150,6 +151,22 @@ def run_rank(method: str, wrapper: str) -> dict:
     return train(model, _wrap(model, wrapper), x[shard], target[shard])
 
 
+def saved_and_loaded(method: str, out: str) -> dict:
+    """Under FSDP2: this rank's run, ``save_adapter`` on every rank, then ``load_adapter`` on every rank into a
+    fresh sharded model; that model's whole state dict (W, bias, adapter tensors) after the load."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, target = full_batch()
+    shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    model = build_model(method)
+    wrapped = _wrap(model, "fsdp2")
+    train(model, wrapped, x[shard], target[shard])
+    path = os.path.join(out, f"fsdp2_{method}")
+    fastlora.save_adapter(wrapped, path)
+    fresh = build_model(method)
+    fastlora.load_adapter(_wrap(fresh, "fsdp2"), path)
+    return {"state": {name: _full(tensor) for name, tensor in fresh.state_dict().items()}}
+
+
 def cascade_without_hooks() -> dict:
     """LoRASC under FSDP2 without the training hooks: {"refusal": the error of a training forward with the
     stage's noise pending (None: it ran), "weights": both layers' whole W after ``start_training()`` called
@@ -188,6 +205,11 @@ def main() -> None:
             except Exception:  # reported per case by the test
                 results[wrapper, method] = {"error": traceback.format_exc()}
     if wrappers["fsdp2"] is None:
+        for method in registered_methods():
+            try:
+                results["fsdp2_saved_and_loaded", method] = saved_and_loaded(method, args.out)
+            except Exception:  # reported per case by the test
+                results["fsdp2_saved_and_loaded", method] = {"error": traceback.format_exc()}
         try:
             results["fsdp2_without_hooks", "cascade_lora"] = cascade_without_hooks()
         except Exception:  # reported by the test

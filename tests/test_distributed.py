@@ -70,6 +70,29 @@ def test_data_parallel_matches_single_process(rank_results, wrapper, method):
         _assert_close(result, reference, f"{wrapper}/{method} rank {rank}")
 
 
+@pytest.mark.parametrize("method", list(worker.METHODS))
+def test_an_adapter_saved_and_loaded_under_fsdp2_is_the_one_process_trained(rank_results, method):
+    """save_adapter on every rank gathers the shards (rank 0 writes), load_adapter gives each rank its part:
+    the fresh sharded model then holds what one process trained (LoRASC: W with its stages replayed)."""
+    if method not in worker.registered_methods():
+        pytest.skip(f"{method}: no adapter registered in fastlora.methods.ADAPTER_TYPES")
+    reference = worker.build_model(method)
+    worker.train(reference, reference, *worker.full_batch())
+    for rank, results in enumerate(rank_results):
+        result = results.get(("fsdp2_saved_and_loaded", method))
+        if result is None:
+            pytest.skip("FSDP2 cannot run here")
+        assert "error" not in result, f"{method} failed on rank {rank}:\n{result['error']}"
+        want = reference.state_dict()
+        assert result["state"].keys() == want.keys()
+        for name, value in want.items():
+            if value.is_floating_point():
+                err = rel(result["state"][name], value, zero_ref_ok=True)
+                assert err < TOLERANCE, f"{method} rank {rank}: {name} after the load: rel err {err:.2e}"
+            else:
+                assert torch.equal(result["state"][name], value), f"{method} rank {rank}: {name}"
+
+
 def test_lorasc_under_fsdp2_without_hooks_refuses_to_lose_its_noise(rank_results):
     """Without the hooks a stage's noise would go into FSDP2's gathered copy of W (discarded after the
     forward): the forward refuses, naming the hooks; start_training() outside the forward puts the same

@@ -73,3 +73,13 @@ def test_adapters_built_or_w_merged_under_fsdp_are_refused(process_group):
     fastlora.merge(merged_before)
     with pytest.raises(ValueError, match=r"fastlora.unmerge: the model is sharded by FSDP"):
         fastlora.unmerge(fully_shard(merged_before))
+
+
+def test_peft_format_under_a_wrapper_is_refused_naming_fastloras_format(process_group, tmp_path):
+    fastlora.save_peft_adapter(_adapted(), tmp_path / "peft")
+    with pytest.raises(ValueError, match=r"fastlora.load_peft_adapter: the model is wrapped in DistributedDataParallel"):
+        fastlora.load_peft_adapter(DistributedDataParallel(_plain()), tmp_path / "peft")
+    with pytest.raises(ValueError, match=r"save_peft_adapter: the adapters are sharded by FSDP; export from an "
+                                         r"unsharded copy, or write fastlora's format with fastlora.save_adapter"):
+        fastlora.save_peft_adapter(fully_shard(_adapted()), tmp_path / "other")
+    assert not (tmp_path / "other").exists()
