@@ -109,6 +109,12 @@ def saved_non_adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
     return {**trainable, **in_full}
 
 
+def adapters_sharded(model: nn.Module) -> bool:
+    """Whether the model's adapters are sharded by FSDP2 (DTensor parameters): ``save_adapter`` is then a
+    collective, called on every rank."""
+    return any(is_dtensor(p) for _, layer in adapter_layers(unwrapped(model)) for p in layer.adapter.parameters())
+
+
 def save_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[str] = None) -> Path:
     """Write the model's active adapter (or the one called ``adapter_name``: tensors and each layer's
     config) and its trainable parameters outside the adapters (``modules_to_save``: a classifier
@@ -121,7 +127,7 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     layers = named_adapters(model, adapter_name)
     state = adapter_state_dict(model, adapter_name)
     inactive = _inactive_name(model, adapter_name)
-    sharded = any(is_dtensor(p) for _, (_, adapter) in layers.items() for p in adapter.parameters())
+    sharded = adapters_sharded(model)
     extra = {name: full_view(head_value(model, name, inactive).detach()).contiguous().cpu()
              for name in saved_non_adapter_tensors(model)}
     state.update(extra)

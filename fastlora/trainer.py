@@ -24,7 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 from fastlora.kernels.caller_warnings import warn_at_caller
 
 from .adapters_api import adapter_stats
-from .checkpoint import save_adapter
+from .checkpoint import adapters_sharded, save_adapter
 from .config import RankSelectiveLoraConfig, SelectiveLoraConfig
 from .model_tree import adapter_layers
 from .training import (
@@ -64,7 +64,8 @@ class FastLoraCallback(TrainerCallback):
     - every log: each method's ``extra_stats`` over its layers ("fastlora/<method>/<stat>",
       ``adapter_stats``) join the logged values and ``state.log_history``.
     - every save (``save_adapters``): ``save_adapter`` writes the adapters into
-      ``<output_dir>/checkpoint-<step>/fastlora_adapter`` (``load_adapter`` reads it).
+      ``<output_dir>/checkpoint-<step>/fastlora_adapter`` (``load_adapter`` reads it): on the main process, on
+      every rank when the adapters are sharded (FSDP2: the shards are gathered).
 
     The regulariser (Selective LoRA's L1) is a term of the loss, which a callback cannot change:
     use ``FastLoraTrainer`` (it adds this callback too) or add it in your ``compute_loss``.
@@ -123,7 +124,8 @@ class FastLoraCallback(TrainerCallback):
             state.log_history[-1].update(stats)
 
     def on_save(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
-        if self.save_adapters and state.is_world_process_zero and next(adapter_layers(model), None) is not None:
+        if self.save_adapters and next(adapter_layers(model), None) is not None and \
+                (state.is_world_process_zero or adapters_sharded(model)):  # FSDP2: every rank gathers, rank 0 writes
             save_adapter(model, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / ADAPTER_DIR)
 
 

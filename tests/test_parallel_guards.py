@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import fastlora
 from fastlora import LoraConfig
+from fastlora.distributed import full_view
 from fastlora.parallel_guards import parallel_wrapping
 
 CONFIG = LoraConfig(r=2, target_modules=["0", "2"])
@@ -77,9 +78,26 @@ def test_adapters_built_or_w_merged_under_fsdp_are_refused(process_group):
 
 def test_peft_format_under_a_wrapper_is_refused_naming_fastloras_format(process_group, tmp_path):
     fastlora.save_peft_adapter(_adapted(), tmp_path / "peft")
-    with pytest.raises(ValueError, match=r"fastlora.load_peft_adapter: the model is wrapped in DistributedDataParallel"):
+    with pytest.raises(ValueError, match=r"fastlora.load_peft_adapter: the model is wrapped in DistributedData"):
         fastlora.load_peft_adapter(DistributedDataParallel(_plain()), tmp_path / "peft")
     with pytest.raises(ValueError, match=r"save_peft_adapter: the adapters are sharded by FSDP; export from an "
                                          r"unsharded copy, or write fastlora's format with fastlora.save_adapter"):
         fastlora.save_peft_adapter(fully_shard(_adapted()), tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+def test_trainers_checkpoint_saves_sharded_adapters_on_every_rank_and_plain_ones_on_the_main_one(process_group,
+                                                                                                   tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    state = TrainerState(global_step=3, is_world_process_zero=False)  # a rank other than the main one
+    callback = fastlora.FastLoraCallback()
+    callback.on_save(args, state, TrainerControl(), model=_adapted())
+    assert not (tmp_path / "checkpoint-3").exists()  # plain adapters: the main process writes them
+    sharded = fully_shard(_adapted())
+    callback.on_save(args, state, TrainerControl(), model=sharded)  # a collective: this rank gathers (and, as
+    loaded = fastlora.load_adapter(_plain(), tmp_path / "checkpoint-3" / "fastlora_adapter")  # rank 0 of 1, writes)
+    for (_, layer), (_, saved) in zip(fastlora.adapter_layers(loaded), fastlora.adapter_layers(sharded)):
+        for key, value in layer.adapter.state_dict().items():
+            torch.testing.assert_close(value, full_view(saved.adapter.state_dict()[key]))
