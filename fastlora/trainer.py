@@ -103,10 +103,15 @@ class FastLoraCallback(TrainerCallback):
             if optimizer is None:
                 raise ValueError("FastLoraCallback: Trainer passed no optimizer; the training rules cannot be attached")
             self.hooks = attach_training_hooks(model, optimizer)  # it warns of what it finds
+            self._global_step_at_begin = state.global_step
         else:
             warn_merged(layers, "FastLoraCallback")
             warn_left_out(left_out, "FastLoraCallback")
         _check_schedules(layers, state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.hooks is not None:  # steps a loss scaler skipped count as Trainer counts them (max_steps, epochs)
+            self.hooks.count_skipped_steps(state.global_step - self._global_step_at_begin)
 
     def on_train_end(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
         if self.hooks is not None:

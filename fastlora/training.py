@@ -159,6 +159,9 @@ class TrainingHooks:
         self._handles += [optimizer.register_step_pre_hook(self._skip_restarted) for optimizer in optimizers]
         self._stale_grads: dict[int, tuple[Tensor, int]] = {}  # id(restarted factor) -> (its zero grad, version)
         self._ruled = [layer for _, layer in adapter_layers(model) if has_rule(layer)]
+        held = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+        self._counted_at_start = {layer: layer.adapter.step_count for layer in self._ruled  # rules that step
+                                  if id(layer.adapter.rule_parameter()) in held}
         self._staged = [layer for layer in self._ruled if isinstance(layer.adapter, CascadeLoraAdapter)]
         self._starts_pending = True  # a stage's noise may wait (stage 0, or a checkpoint saved on a stage end)
         if self._staged:
@@ -181,17 +184,31 @@ class TrainingHooks:
             group = groups.get(id(layer.adapter.rule_parameter()))
             if group is None:
                 continue
-            for restarted in layer.adapter.after_optimizer_step(_learning_rate(group)):
-                self._starts_pending = True
-                # the old pair's gradient must not step the new pair. In another optimizer, which may step after
-                # this one: a zero gradient (a loss scaler's unscale there needs some gradient), which it skips
-                if id(restarted) in groups:
-                    restarted.grad = None
-                else:
-                    restarted.grad = torch.zeros_like(restarted)
-                    self._stale_grads[id(restarted)] = (restarted.grad, restarted.grad._version)
-                for other in self.optimizers:
-                    other.state.pop(restarted, None)
+            self._restarted(layer.adapter.after_optimizer_step(_learning_rate(group)), groups)
+
+    def _restarted(self, parameters: tuple[nn.Parameter, ...], stepped: dict[int, dict]) -> None:
+        """Parameters a rule restarted: no optimizer state, and the old pair's gradient does not step the new
+        pair. In an optimizer other than the one that stepped (``stepped``: its param groups), which may step
+        after it: a zero gradient (a loss scaler's unscale there needs some gradient), which it skips."""
+        for restarted in parameters:
+            self._starts_pending = True
+            if id(restarted) in stepped:
+                restarted.grad = None
+            else:
+                restarted.grad = torch.zeros_like(restarted)
+                self._stale_grads[id(restarted)] = (restarted.grad, restarted.grad._version)
+            for other in self.optimizers:
+                other.state.pop(restarted, None)
+
+    def count_skipped_steps(self, steps: int) -> None:
+        """After the run's ``steps``-th step (as Trainer counts them since these hooks were attached, a step a
+        loss scaler skipped included): each ruled layer counts the steps its optimizer did not take
+        (``after_skipped_step``), so that step-indexed schedules follow the run's count."""
+        for layer, counted in self._counted_at_start.items():
+            if layer.merged:
+                continue
+            for _ in range(counted + steps - layer.adapter.step_count):
+                self._restarted(layer.adapter.after_skipped_step(), {})
 
     def _skip_restarted(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         """Before a step: a factor restarted by a fold since its last gradient (its zero gradient untouched,

@@ -86,3 +86,46 @@ def test_lorasc_with_a_and_b_in_two_optimizers_folds_under_a_loss_scaler_as_with
         assert b.adapter.extra_stats()["cascades"] == (STEPS - 1) // 3  # no stage ends on the run's final step
         for key, value in a.state_dict().items():
             assert torch.equal(b.state_dict()[key], value), key
+
+
+class _Overflowing(fastlora.FastLoraTrainer):
+    """Global steps 1-3 overflow (an fp16 loss scaler's first steps): the scaler skips them, Trainer counts them."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        if model.training and self.state.global_step < 3:
+            loss = loss * float("inf")
+        return (loss, outputs) if return_outputs else loss
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
+@pytest.mark.parametrize("config", [CascadeLoraConfig(r=2, target_modules=["query", "value"]),
+                                    RankSelectiveLoraConfig(r=4, target_modules=["query", "value"])],
+                         ids=lambda c: type(c).__name__)
+def test_under_trainer_the_rules_count_the_steps_a_loss_scaler_skips_as_trainer_does(tmp_path, config, optim):
+    """3 epochs of 3 steps: LoRASC's epoch stages end at global steps 3 and 6, not on the final step, and CoDyRA's
+    schedule (max_steps long) is done at the end, as in a run without skipped steps."""
+    from transformers import BertForSequenceClassification, TrainingArguments
+
+    from utils import TokenLabels, tiny_bert
+
+    torch.manual_seed(0)
+    model = fastlora.inject(BertForSequenceClassification(tiny_bert(num_labels=2)), config)
+    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=3, per_device_train_batch_size=4,
+                             learning_rate=5e-2, use_cpu=True, report_to=[], save_strategy="no", max_grad_norm=0.0,
+                             disable_tqdm=True, optim=optim)
+    trainer = _Overflowing(model=model, args=args, train_dataset=TokenLabels(12))
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")  # what accelerate builds for fp16 on a GPU
+    trainer.accelerator.native_amp = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert trainer.state.global_step == 9 and trainer.accelerator.scaler.get_scale() < 65536.0  # steps were skipped
+    for _, layer in fastlora.adapter_layers(model):
+        adapter = layer.adapter
+        assert adapter.step_count == 9
+        if isinstance(adapter, fastlora.methods.CascadeLoraAdapter):
+            assert adapter.extra_stats()["cascades"] == 2.0
+            assert torch.count_nonzero(adapter.lora_B) > 0 and not adapter.pending_start  # the last stage trained
+        else:
+            assert adapter.schedule_done and adapter.extra_stats()["kappa"] == 0.0

@@ -29,6 +29,7 @@ class Adapter(nn.Module):
 
     # state_dict keys whose first dimension counts stages (LoRASC's record): a checkpoint may hold another count
     variable_length_keys: frozenset[str] = frozenset()
+    _steps: int = 0  # host copy of the optimizer steps a method's rule counts (its own buffer optimizer_steps)
     #: the method writes its layer's W in place (LoRASC's stages and noise): inject refuses a W shared with
     #: another module, and a model with it holds no other named adapter (they would share that W)
     writes_weight: bool = False
@@ -126,6 +127,18 @@ class Adapter(nn.Module):
         Returns the parameters the rule restarted (a fresh cascade pair): the training
         hooks drop their optimizer state so stale moments do not carry over.
         """
+        return ()
+
+    @property
+    def step_count(self) -> int:
+        """The optimizer steps the rule has counted (0 for a method without a rule)."""
+        return self._steps
+
+    @torch.no_grad()
+    def after_skipped_step(self) -> tuple[nn.Parameter, ...]:
+        """A step the run counts that the optimizer did not take (a loss scaler's skipped step under Trainer,
+        whose max_steps and epochs count it): the rule's step-indexed schedule advances as on a step, and
+        nothing is learned from it. Returns what ``after_optimizer_step`` returns."""
         return ()
 
     def extra_stats(self) -> dict[str, float]:

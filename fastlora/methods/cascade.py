@@ -466,6 +466,10 @@ class CascadeLoraAdapter(Adapter):
             return ()
         return (self.lora_A, self.lora_B)
 
+    def after_skipped_step(self) -> tuple[nn.Parameter, ...]:
+        """Stages end by the step count: one due at this step ends, folding the pair the last step taken left."""
+        return self.after_optimizer_step(0.0)
+
     @torch.no_grad()
     def restore_pretrained(self) -> None:
         """W <- the copy kept at build time (keep_pretrained_copy), bit for bit; the record then holds

@@ -264,6 +264,13 @@ class SelectiveLoraAdapter(LoraAdapter):
         self.refresh_gate()
         return ()
 
+    def after_skipped_step(self) -> tuple[nn.Parameter, ...]:
+        """The warm-up counts the step; the score did not move."""
+        self._set_steps(self._steps + 1)
+        self.optimizer_steps.fill_(self._steps)
+        self._penalty = None
+        return ()
+
     def extra_stats(self) -> dict[str, float]:
         return {"active": float(self.active), "score": float(full_view(self.score.detach())),
                 "optimizer_steps": float(self._steps), "gate_changes": float(self._gate_switches)}
