@@ -171,7 +171,10 @@ def _peanut_call(layer: nn.Module, x: Tensor, args, kwargs) -> Union[Tensor, str
 
 
 def _fused_forward(call: Callable, layer: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    """The accelerated forward: the fused op, or PEFT's forward with a one-time warning saying why."""
+    """The accelerated forward: the fused op, or PEFT's forward with a one-time warning saying why (silently
+    on the meta device: shapes only, as PEFT gives them)."""
+    if x.is_meta:
+        return type(layer).forward(layer, x, *args, **kwargs)
     out = call(layer, x, args, kwargs)
     if isinstance(out, Tensor):
         return out

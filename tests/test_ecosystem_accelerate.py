@@ -472,3 +472,18 @@ def test_calls_the_fused_path_would_change_run_on_peft_path(base, ids, case):
     (want, want_fired, _), (got, got_fired, caught) = runs
     assert rel(got, want) < TOL and got_fired == want_fired  # the other layers run fused
     assert any("ran on PEFT's path" in str(w.message) for w in caught)
+
+
+def test_a_model_on_the_meta_device_gives_peft_s_meta_outputs():
+    """Shape inference (init_empty_weights, FLOP counters): the accelerated layers answer as PEFT's do."""
+    with torch.device("meta"):
+        base = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
+    fastlora.accelerate(model)
+    x = torch.randn(3, 8, device="meta", requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "ran on PEFT's path" warning: nothing is lost on meta
+        out = model(x)
+    assert out.is_meta and out.shape == (3, 5)
+    out.sum().backward()
+    assert x.grad.is_meta and x.grad.shape == (3, 8)

@@ -342,3 +342,9 @@ def test_neat_integer_dtype(name):
     t[name] = t[name].to(torch.int64)
     with pytest.raises(TypeError, match=rf"{name} must be a floating tensor"):
         neat_projection(t["weight"], t["a_n"], "relu", backend="torch")
+
+
+def test_meta_inputs_are_refused_pointing_to_the_layers():
+    meta = {name: t.to("meta") for name, t in good().items()}
+    with pytest.raises(RuntimeError, match=r"x is on the meta device \(no values\): .* call the layer \(AdapterLinear"):
+        call(meta)

@@ -125,6 +125,9 @@ def check_adapted_linear_inputs(x, weight, bias, lora_a, lora_b, middle, rank_we
             raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64), got dtype {t.dtype}")
         if t.device != device:
             raise RuntimeError(f"{name} is on {t.device} but x is on {device}; all inputs must share one device")
+    if device.type == "meta":
+        raise RuntimeError("x is on the meta device (no values): the fused op computes values; for shapes, call "
+                           "the layer (AdapterLinear, or an accelerated PEFT layer: meta in, meta out)")
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(device.type):
         raise TypeError(f"x dtype {x.dtype} does not match weight dtype {weight.dtype} (as in nn.Linear)")
     for name, t in (("row_index", row_index), ("col_index", col_index), ("gate", gate)):
