@@ -489,6 +489,26 @@ def test_dropout_without_seed_is_torchs_own_dropout(monkeypatch):
     assert rel(y, F.linear(x, w, b) + 1.5 * (x @ a.t()) @ lb.t()) > 1e-3  # the dropout acted
 
 
+@pytest.mark.parametrize("layout", ["permuted", "channels_last"])
+def test_dropout_without_seed_draws_over_a_non_contiguous_input_as_laid_out(layout, monkeypatch):
+    """A (B, H, W, C) view of NCHW data, or a channels_last 4-D input: the mask is F.dropout's over x as it
+    is laid out (nn.Dropout's draw before PEFT's Linear), not over the row copy the flattening makes."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    g = torch.Generator().manual_seed(26)
+    if layout == "permuted":
+        x = torch.randn(2, D_IN, 3, 4, generator=g, dtype=F64).permute(0, 2, 3, 1)
+    else:
+        x = torch.randn(2, 3, 4, D_IN, generator=g, dtype=F64).contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    inputs = make_inputs(F64, (13, D_IN), seed=27)
+    w, b, a, lb = (inputs[k] for k in ("weight", "bias", "lora_a", "lora_b"))
+    torch.manual_seed(12)
+    y = adapted_linear(x, w, b, a, lb, scale=1.5, dropout=0.3, backend="torch")
+    torch.manual_seed(12)
+    expected = F.linear(x, w, b) + 1.5 * (F.dropout(x, 0.3) @ a.t()) @ lb.t()
+    assert rel(y, expected) < 1e-12
+
+
 # --------------------------------------------------------------------------- gradcheck
 
 def _small(seed, *, bias=True, middle=True, rank_weights=True):

@@ -38,25 +38,28 @@ def _mixed(t: Tensor, term: LowRankTerm) -> tuple[Tensor, Tensor]:
     return u, v
 
 
-def shrink(x: Tensor, weight: Tensor, term: LowRankTerm, y0: Optional[Tensor] = None) -> Tensor:
-    """t = dropout(x) A^T (N, r). With gathered rows and no dropout, t = Y0[:, I]."""
+def shrink(x: Tensor, weight: Tensor, term: LowRankTerm, y0: Optional[Tensor] = None,
+           dropped: Optional[Tensor] = None) -> Tensor:
+    """t = dropout(x) A^T (N, r) (``dropped``: dropout(x) drawn already). With gathered rows and no dropout,
+    t = Y0[:, I]."""
     if term.row_index is not None and term.dropout_p == 0.0 and y0 is not None:
         return y0.index_select(1, term.row_index)
     if term.dropout_p != 0.0 and term.dropout_seed is None:  # recorded: torch's own dropout
-        return F.dropout(x, term.dropout_p) @ term.down(weight).t()
+        return (F.dropout(x, term.dropout_p) if dropped is None else dropped) @ term.down(weight).t()
     return _dropped(x, _mask(x, term)) @ term.down(weight).t()
 
 
-def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm,
-            keep_t: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """y = x W^T + bias + scale*gate*v B^T; returns (y, t) with t None unless computed.
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm, keep_t: bool,
+            dropped: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """y = x W^T + bias + scale*gate*v B^T; returns (y, t) with t None unless computed (``dropped``: torch's
+    dropout of x drawn already, see ``shrink``).
 
     The base is F.linear itself, so a zero update reproduces nn.Linear bit for bit.
     """
     y = F.linear(x, weight, bias)
     t = None
     if term.lowrank_on or keep_t:
-        t = shrink(x, weight, term, y0=y if bias is None else None)
+        t = shrink(x, weight, term, y0=y if bias is None else None, dropped=dropped)
     if term.lowrank_on:
         _, v = _mixed(t, term)
         y = _add_update(y, v, term.up(weight).t(), term.scaled_gate())
@@ -87,7 +90,11 @@ def forward_recorded(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: Lo
     """
     if x.dim() == 2:
         return forward(x, weight, bias, term, keep_t=False)[0]
-    y, _ = forward(x.reshape(-1, x.shape[-1]), weight, bias, term, keep_t=False)
+    dropped = None
+    if term.dropout_p != 0.0 and term.dropout_seed is None and not x.is_contiguous():
+        # torch's mask drawn over x as laid out (nn.Dropout's draw), not over the row copy reshape makes
+        dropped = F.dropout(x, term.dropout_p).reshape(-1, x.shape[-1])
+    y, _ = forward(x.reshape(-1, x.shape[-1]), weight, bias, term, keep_t=False, dropped=dropped)
     return torch.ops.aten._unsafe_view.default(y, (*x.shape[:-1], y.shape[-1]))
 
 
