@@ -23,7 +23,7 @@ from .heads import add_head_values, drop_head_values, switch_head_values
 from .layer import AdapterLinear, check_adapter_name, is_adaptable
 from .methods import build_adapter
 from .model_tree import adapter_layers, is_saved_in_full, required_adapter_layers, set_submodule
-from .parallel_guards import refuse_new_adapters
+from .parallel_guards import DDP, parallel_wrapping, refuse_new_adapters
 from .targets import (
     in_task_head,
     is_selected,
@@ -140,6 +140,8 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
     if merged and name != layers[0][1].adapter_name:
         raise ValueError(f"cannot switch to adapter {name!r} while adapter {layers[0][1].adapter_name!r} is merged "
                          f"into {merged[:3]}; unmerge first")
+    if name != layers[0][1].adapter_name and parallel_wrapping(model) == DDP:
+        refuse_new_adapters(model, "set_adapter")
     if name != layers[0][1].adapter_name:
         switch_head_values(model, layers[0][1].adapter_name, name)
     for _, layer in layers:

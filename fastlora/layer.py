@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from fastlora.kernels import adapted_linear, adapted_linear_reference
 
 from .config import AdapterConfig
+from .distributed import is_dtensor
 from .methods import Adapter, CascadeLoraAdapter, build_adapter
 
 _MERGE_COUNTER = itertools.count()
@@ -58,12 +59,12 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return (d_in, d_out) if type(module) is conv1d_type() else (d_out, d_in)
 
 
-def _merge_again_after_load(layer: "AdapterLinear", incompatible_keys) -> None:
+def _merge_again_after_load(layer: "AdapterLinear", incompatible_keys=None) -> None:
     """A layer that was merged when a state dict was loaded into it is merged again with the loaded
-    adapter (its tensors load after the layer's own, hence a post-hook)."""
-    backup_device = layer.__dict__.pop("_merge_after_load", None)
-    if backup_device is not None:
-        layer.merge(backup_device=backup_device)
+    adapter (its tensors load after the layer's own, hence a post-hook), its kept W where it was."""
+    pending = layer.__dict__.pop("_merge_after_load", None)  # (backup device; None: W's device)
+    if pending is not None:
+        layer.merge(backup_device=pending[0])
 
 
 class AdapterLinear(nn.Module):
@@ -308,13 +309,20 @@ class AdapterLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """A state dict loads as the unmerged layer's: a merged layer's (``weight_before_merge`` beside
         W + ΔW) gives its W before the merge. A merged layer is unmerged here and merged again, with the
-        loaded adapter, once its adapter's tensors are in (``_merge_again_after_load``)."""
+        loaded adapter, once its adapter's tensors are in (``_merge_again_after_load``); a load that raises
+        in the adapter's own checks leaves it unmerged (the same outputs). Refused on a merged layer
+        whose W is sharded (FSDP2): W would be written in place."""
+        self.__dict__.pop("_merge_after_load", None)  # left by a load that raised before its post-hooks
         self._check_saved_active_adapter(state_dict, prefix)
         key, kept_key = prefix + "weight", prefix + "weight_before_merge"
         saved, kept = state_dict.get(key), state_dict.pop(kept_key, None)
         base = saved if kept is None else kept
         if self.merged:
-            self._merge_after_load = self.weight_before_merge.device
+            if is_dtensor(self.weight):
+                raise ValueError(f"layer {prefix.rstrip('.') or '(root)'} is merged and FSDP shards its W: a load "
+                                 f"would write W in place; unmerge it before fully_shard")
+            backup = self.weight_before_merge.device
+            self._merge_after_load = (None if backup.type == "meta" else backup,)  # meta: W's device after it
             self.unmerge()
             if isinstance(base, Tensor) and args and args[0].get("assign_to_params_buffers"):
                 base = base.clone()  # assigned, then merged in place: not into the caller's tensor
@@ -324,6 +332,9 @@ class AdapterLinear(nn.Module):
                 else base  # Conv1D's layout back to this layer's (d_out, d_in)
         try:
             super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        except BaseException:
+            _merge_again_after_load(self)
+            raise
         finally:
             if saved is None:
                 state_dict.pop(key, None)

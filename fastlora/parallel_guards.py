@@ -3,9 +3,10 @@
 DistributedDataParallel syncs the gradients of the parameters it found when it was built, and FSDP
 shards the parameters it found when ``fully_shard`` ran (gathering W for each forward): adapters
 built after wrapping (``inject``, ``add_adapter``, ``next_task``, ``load_adapter`` into a model
-without adapters) would train apart on each rank, or fail inside the first sharded forward. A merge
-writes W in place, which FSDP holds as shards (``merge_and_unload`` builds new tensors and works).
-DDP is seen only when the wrapper itself is given (the module inside it cannot tell).
+without adapters) or switched in (``set_adapter``: an inactive adapter is frozen, so DDP left it out)
+would train apart on each rank, or fail inside the first sharded forward. A merge writes W in place,
+which FSDP holds as shards. DDP is seen only when the wrapper itself is given (the module inside it
+cannot tell).
 """
 from __future__ import annotations
 
@@ -23,31 +24,47 @@ def parallel_wrapping(model: nn.Module) -> Optional[str]:
     (at once without a process group: both wrappers need one)."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
     while isinstance(getattr(model, "_orig_mod", None), nn.Module):
         model = model._orig_mod
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return DDP
-    if any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules()):
+    if any(isinstance(module, _fsdp_types()) for module in model.modules()):
         return FSDP
     return None
+
+
+def _fsdp_types() -> tuple[type, ...]:
+    """FSDP's module types: FullyShardedDataParallel, and fully_shard's FSDPModule (torch.distributed.fsdp from
+    torch 2.6, its composable package before)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return (FullyShardedDataParallel,)
+    return (FSDPModule, FullyShardedDataParallel)
 
 
 def refuse_new_adapters(model: nn.Module, caller: str) -> None:
     """ValueError when ``caller`` would build adapters the model's wrapper does not know."""
     wrapping = parallel_wrapping(model)
     if wrapping == DDP:
-        remedy = ("call fastlora.next_task(model.module), then wrap model.module in a new DistributedDataParallel "
-                  "(and build its optimizer and training hooks)" if caller == "next_task" else
-                  f"call fastlora.{caller} on the plain model before wrapping it")
+        remedy = (f"call fastlora.{caller}(model.module{', ...' if caller == 'set_adapter' else ''}), then wrap "
+                  f"model.module in a new "
+                  f"DistributedDataParallel (and build its optimizer and training hooks)"
+                  if caller in ("next_task", "set_adapter") else f"call fastlora.{caller} on the plain model before "
+                                                                 f"wrapping it")
+        what = "the adapter it switches in (frozen then)" if caller == "set_adapter" else "adapters built now"
         raise ValueError(f"fastlora.{caller}: the model is wrapped in DistributedDataParallel, which syncs only the "
-                         f"gradients of the parameters it found when it was built: adapters built now would train "
+                         f"gradients of the parameters it found trainable when it was built: {what} would train "
                          f"apart on each rank; {remedy}")
     if wrapping == FSDP:
-        remedy = ("gather a full state dict into an unsharded copy (torch.distributed.checkpoint.state_dict."
-                  "get_model_state_dict with full_state_dict=True), call next_task there and shard it again"
-                  if caller == "next_task" else f"call fastlora.{caller} on the model before fully_shard")
+        remedy = (f"gather a full state dict into an unsharded copy (torch.distributed.checkpoint.state_dict."
+                  f"get_model_state_dict with full_state_dict=True), call {caller} there and shard it again"
+                  if caller in ("next_task", "set_adapter") else f"call fastlora.{caller} on the model before "
+                                                                 f"fully_shard")
         raise ValueError(f"fastlora.{caller}: the model is sharded by FSDP, which shards the parameters it found "
                          f"when it was applied: adapters built now would not be sharded with them; {remedy}")
 
@@ -56,5 +73,6 @@ def refuse_weight_writes(model: nn.Module, caller: str) -> None:
     """ValueError when ``caller`` would write W in place in a model sharded by FSDP."""
     if parallel_wrapping(model) == FSDP:
         raise ValueError(f"fastlora.{caller}: the model is sharded by FSDP, which holds W as shards and gathers it "
-                         f"for each forward: W cannot be changed in place here; fastlora.merge_and_unload(model) "
-                         f"works on the sharded model (it builds new tensors), or merge an unsharded copy")
+                         f"for each forward: W cannot be changed in place here; gather a full state dict into an "
+                         f"unsharded copy (torch.distributed.checkpoint.state_dict.get_model_state_dict with "
+                         f"full_state_dict=True) and {caller} there")

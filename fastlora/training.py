@@ -159,9 +159,9 @@ class TrainingHooks:
         self._handles += [optimizer.register_step_pre_hook(self._skip_restarted) for optimizer in optimizers]
         self._stale_grads: dict[int, tuple[Tensor, int]] = {}  # id(restarted factor) -> (its zero grad, version)
         self._ruled = [layer for _, layer in adapter_layers(model) if has_rule(layer)]
-        held = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
-        self._counted_at_start = {layer: layer.adapter.step_count for layer in self._ruled  # rules that step
-                                  if id(layer.adapter.rule_parameter()) in held}
+        groups = {key: group for optimizer in reversed(optimizers) for key, group in _groups(optimizer).items()}
+        self._counted_at_start = {layer: (layer.adapter.step_count, groups[id(layer.adapter.rule_parameter())])
+                                  for layer in self._ruled if id(layer.adapter.rule_parameter()) in groups}
         self._staged = [layer for layer in self._ruled if isinstance(layer.adapter, CascadeLoraAdapter)]
         self._starts_pending = True  # a stage's noise may wait (stage 0, or a checkpoint saved on a stage end)
         if self._staged:
@@ -202,13 +202,18 @@ class TrainingHooks:
 
     def count_skipped_steps(self, steps: int) -> None:
         """After the run's ``steps``-th step (as Trainer counts them since these hooks were attached, a step a
-        loss scaler skipped included): each ruled layer counts the steps its optimizer did not take
-        (``after_skipped_step``), so that step-indexed schedules follow the run's count."""
-        for layer, counted in self._counted_at_start.items():
+        loss scaler skipped included): each ruled layer's rule runs once for every step its optimizer did not
+        take, as after a step without an update, so that step-indexed schedules follow the run's count. A
+        merged layer's rule waits (its count too: it does not catch up once unmerged)."""
+        if not self.attached:
+            return
+        for layer, (counted, group) in self._counted_at_start.items():  # group: the rule parameter's
             if layer.merged:
+                self._counted_at_start[layer] = (layer.adapter.step_count - steps, group)
                 continue
             for _ in range(counted + steps - layer.adapter.step_count):
-                self._restarted(layer.adapter.after_skipped_step(), {})
+                restarted = layer.adapter.after_optimizer_step(_learning_rate(group))
+                self._restarted(restarted, {id(p): group for p in restarted})  # no optimizer steps after it
 
     def _skip_restarted(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         """Before a step: a factor restarted by a fold since its last gradient (its zero gradient untouched,

@@ -129,3 +129,21 @@ def test_under_trainer_the_rules_count_the_steps_a_loss_scaler_skips_as_trainer_
             assert torch.count_nonzero(adapter.lora_B) > 0 and not adapter.pending_start  # the last stage trained
         else:
             assert adapter.schedule_done and adapter.extra_stats()["kappa"] == 0.0
+
+
+def test_counting_skipped_steps_waits_while_a_layer_is_merged_and_stops_with_the_hooks():
+    model = fastlora.inject(_model(), RankSelectiveLoraConfig(r=4)).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    hooks = fastlora.attach_training_hooks(model, optimizer, total_steps=20)
+    layers = [layer for _, layer in fastlora.adapter_layers(model)]
+    hooks.count_skipped_steps(3)  # three steps Trainer counted, none taken
+    assert [layer.adapter.step_count for layer in layers] == [3, 3]
+    fastlora.merge(model)
+    hooks.count_skipped_steps(5)
+    fastlora.unmerge(model)
+    assert [layer.adapter.step_count for layer in layers] == [3, 3]  # merged: no rule, no count
+    hooks.count_skipped_steps(6)
+    assert [layer.adapter.step_count for layer in layers] == [4, 4]  # the step after the unmerge only
+    hooks.remove()
+    hooks.count_skipped_steps(10)
+    assert [layer.adapter.step_count for layer in layers] == [4, 4]

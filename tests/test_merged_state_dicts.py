@@ -122,7 +122,7 @@ def test_an_attention_in_projections_merged_state_dict_loads_into_an_unmerged_at
     assert not any(layer.merged for _, layer in fastlora.adapter_layers(target))
 
 
-def test_a_layer_keeps_its_backup_device_and_a_state_dict_with_a_shape_error_leaves_it_merged_as_it_was():
+def test_a_state_dict_with_a_shape_error_leaves_a_merged_layer_merged_as_it_was():
     layer = AdapterLinear(6, 5, config=LoraConfig(r=2)).double()
     randomize_adapters(layer)
     x = torch.randn(3, 6, dtype=torch.float64)
@@ -146,3 +146,40 @@ def test_a_state_dict_assigned_into_a_merged_layer_is_not_merged_in_place_into_t
     assert all(torch.equal(state[key], value) for key, value in given.items())
     torch.testing.assert_close(target(x), want, rtol=1e-12, atol=1e-12)
     assert target[0].merged
+
+
+def test_a_load_that_raises_in_the_adapters_checks_leaves_the_layer_unmerged_with_the_same_outputs():
+    """LoRASC's record refuses a W of another base model while the adapter's tensors load (after the layer's
+    own): the layer stays unmerged (no post-hook ran), and a later load does not merge it behind the user."""
+    torch.manual_seed(0)
+    source = AdapterLinear(16, 12, config=CascadeLoraConfig(r=2, cascade_interval=None)).double().train()
+    source(torch.randn(3, 16, dtype=torch.float64))  # stage 0's noise into W
+    source.adapter.cascade_step()
+    adapter_only = {k: v.clone() for k, v in source.state_dict().items() if k.startswith("adapter.")}
+    torch.manual_seed(1)
+    target = AdapterLinear(16, 12, config=CascadeLoraConfig(r=2, cascade_interval=None)).double()
+    with torch.no_grad():
+        target.weight.mul_(3.0)  # another base model: another std(W)
+    target.eval()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    want = target(x)
+    target.merge()
+    with pytest.raises(ValueError, match=r"stage 0's noise was drawn with std\(W\)"):
+        target.load_state_dict(adapter_only, strict=False)
+    assert not target.merged
+    torch.testing.assert_close(target(x), want, rtol=1e-12, atol=1e-12)
+    target.load_state_dict({k: v.clone() for k, v in target.state_dict().items()})
+    assert not target.merged
+
+
+def test_a_merged_meta_layer_filled_by_an_assigning_load_is_merged_with_its_kept_w_beside_the_new_w():
+    source = _model(LoraConfig(r=2), seed=0)[0]
+    x = torch.randn(3, 6, dtype=torch.float64)
+    want = source(x)
+    layer = AdapterLinear(6, 7, config=LoraConfig(r=2), device="meta", dtype=torch.float64)
+    layer.merge()
+    layer.load_state_dict({k: v.clone() for k, v in source.state_dict().items()}, assign=True)
+    assert layer.merged and layer.weight.device.type == layer.weight_before_merge.device.type == "cpu"
+    torch.testing.assert_close(layer.eval()(x), want, rtol=1e-12, atol=1e-12)
+    layer.unmerge()
+    assert torch.equal(layer.weight, source.weight)

@@ -47,6 +47,13 @@ def test_adapters_built_inside_ddp_are_refused_and_loading_into_its_adapters_is_
         fastlora.next_task(wrapped)
     with pytest.raises(ValueError, match=r"fastlora.add_adapter: the model is wrapped in DistributedDataParallel"):
         fastlora.add_adapter(wrapped, "other", CONFIG)
+    named = _adapted()
+    fastlora.add_adapter(named, "other", CONFIG)
+    named = DistributedDataParallel(named)
+    with pytest.raises(ValueError, match=r"fastlora.set_adapter: .* the adapter it switches in \(frozen then\) would "
+                                         r"train apart on each rank; call fastlora.set_adapter\(model.module, ...\)"):
+        fastlora.set_adapter(named, "other")
+    fastlora.set_adapter(named, "default")  # the active one: nothing switched
     fastlora.save_adapter(_adapted(), tmp_path / "saved")
     with pytest.raises(ValueError, match=r"fastlora.load_adapter: the model is wrapped in DistributedDataParallel"):
         fastlora.load_adapter(DistributedDataParallel(_plain()), tmp_path / "saved")
@@ -63,7 +70,7 @@ def test_adapters_built_or_w_merged_under_fsdp_are_refused(process_group):
     x = torch.randn(3, 6)
     want = model(x).detach()
     with pytest.raises(ValueError, match=r"fastlora.merge: the model is sharded by FSDP, which holds W as shards .* "
-                                         r"fastlora.merge_and_unload\(model\) works on the sharded model"):
+                                         r"gather a full state dict into an unsharded copy .* and merge there"):
         fastlora.merge(model)
     with pytest.raises(ValueError, match=r"fastlora.next_task: the model is sharded by FSDP.* gather a full state "
                                          r"dict into an unsharded copy"):
@@ -72,8 +79,13 @@ def test_adapters_built_or_w_merged_under_fsdp_are_refused(process_group):
     torch.testing.assert_close(model(x), want)
     merged_before = _adapted()
     fastlora.merge(merged_before)
+    sharded = fully_shard(merged_before)
     with pytest.raises(ValueError, match=r"fastlora.unmerge: the model is sharded by FSDP"):
-        fastlora.unmerge(fully_shard(merged_before))
+        fastlora.unmerge(sharded)
+    with pytest.raises(ValueError, match=r"layer 0 is merged and FSDP shards its W: a load would write W in place; "
+                                         r"unmerge it before fully_shard"):
+        sharded.load_state_dict(sharded.state_dict())
+    assert all(layer.merged for _, layer in fastlora.adapter_layers(sharded))
 
 
 def test_peft_format_under_a_wrapper_is_refused_naming_fastloras_format(process_group, tmp_path):

@@ -134,13 +134,6 @@ class Adapter(nn.Module):
         """The optimizer steps the rule has counted (0 for a method without a rule)."""
         return self._steps
 
-    @torch.no_grad()
-    def after_skipped_step(self) -> tuple[nn.Parameter, ...]:
-        """A step the run counts that the optimizer did not take (a loss scaler's skipped step under Trainer,
-        whose max_steps and epochs count it): the rule's step-indexed schedule advances as on a step, and
-        nothing is learned from it. Returns what ``after_optimizer_step`` returns."""
-        return ()
-
     def extra_stats(self) -> dict[str, float]:
         """Method-specific numbers for reports (active ranks, gate state...)."""
         return {}

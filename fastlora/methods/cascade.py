@@ -92,7 +92,8 @@ Choices where the paper is silent (our reading):
   ``run_steps``) split into K stages, ending at steps ceil(j N / K), j < K (the hooks refuse to attach
   with no known length), or cascade_interval None: a stage ends only where the loop calls
   ``cascade_step()``. Checkpoints written before ``epoch_steps`` (or ``run_steps``) existed load
-  with the layer's own value (0: unknown).
+  with the layer's own value (0: unknown). Under FastLoraCallback a step a loss scaler skipped counts, as
+  Trainer counts it (a stage due then ends); in a hand loop it is no step.
 - Stages are counted within the run: its steps from 1 at the step counter's value when the run began
   (the persistent buffer ``run_start``; checkpoints written before it count from 0): a run begins where
   Trainer's ``train()`` starts without resuming (FastLoraCallback; a resumed one goes on with its
@@ -465,10 +466,6 @@ class CascadeLoraAdapter(Adapter):
             warn_at_caller(f"fastlora: {error}; the stage goes on", RuntimeWarning)
             return ()
         return (self.lora_A, self.lora_B)
-
-    def after_skipped_step(self) -> tuple[nn.Parameter, ...]:
-        """Stages end by the step count: one due at this step ends, folding the pair the last step taken left."""
-        return self.after_optimizer_step(0.0)
 
     @torch.no_grad()
     def restore_pretrained(self) -> None:

@@ -36,8 +36,8 @@ Choices where the paper and the authors' code are silent (ours):
 - The step count t is the number of steps of the optimizer holding w (the training hooks), kept
   in the persistent buffer ``optimizer_steps`` so a checkpoint resumes the schedule. Our choice where
   the authors are silent: under Trainer a step a loss scaler skipped (fp16) counts too, as Trainer's
-  max_steps counts it (``after_skipped_step``: t moves on, w is not thresholded), so that the schedule
-  ends with the run; a step skipped in a hand loop is no step.
+  max_steps counts it: a step without an update, after which the proximal step thresholds w by kappa(t)
+  as after any step, so that the schedule ends with the run; a step skipped in a hand loop is no step.
 - The schedule's length: total_steps=None (the default) spans the run, whose length
   FastLoraCallback takes from Trainer's max_steps and ``attach_training_hooks(..., total_steps=N)``
   from N; it is kept in the persistent buffer ``run_steps`` (a resumed run continues the same
@@ -191,14 +191,6 @@ class RankSelectiveLoraAdapter(LoraAdapter):
         self.optimizer_steps.fill_(self._steps)
         importance.copy_(soft_threshold(importance, self.config.kappa(self._steps, total)))
         self.refresh_active_ranks()  # the schedule's host copy too
-        return ()
-
-    @torch.no_grad()
-    def after_skipped_step(self) -> tuple[nn.Parameter, ...]:
-        """The schedule counts the step (kappa moves on); w is not thresholded, as no gradient step moved it."""
-        self._steps += 1
-        self.optimizer_steps.fill_(self._steps)
-        self._count_schedule()
         return ()
 
     def extra_stats(self) -> dict[str, float]:

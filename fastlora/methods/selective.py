@@ -67,7 +67,8 @@ class SelectiveLoraAdapter(LoraAdapter):
       model divides it by the number L of Selective LoRA layers when normalize_penalty (TAPS).
     - Warm-up: the penalty is 0 (its gradient too) while fewer than sparsity_warmup_steps steps of
       the optimizer holding the score are done (counted by the training hooks in the persistent
-      buffer optimizer_steps, so a checkpoint resumes it). The default 0 turns it on at once:
+      buffer optimizer_steps, so a checkpoint resumes it; under FastLoraCallback Trainer's steps, a loss
+      scaler's skipped ones included). The default 0 turns it on at once:
       TAPS waits 2 epochs, whose length only the training loop knows.
     - score has shape (1,), not (): FSDP2 shards parameters along dim 0 and refuses 0-dim
       ones. Checkpoints with a 0-dim score still load.
@@ -262,13 +263,6 @@ class SelectiveLoraAdapter(LoraAdapter):
         self.optimizer_steps.fill_(self._steps)
         self._penalty = None
         self.refresh_gate()
-        return ()
-
-    def after_skipped_step(self) -> tuple[nn.Parameter, ...]:
-        """The warm-up counts the step; the score did not move."""
-        self._set_steps(self._steps + 1)
-        self.optimizer_steps.fill_(self._steps)
-        self._penalty = None
         return ()
 
     def extra_stats(self) -> dict[str, float]:
