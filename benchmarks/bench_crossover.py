@@ -167,8 +167,8 @@ def run(device: torch.device, quick: bool, out: Path, budget_s: Optional[float] 
     sweep, last_s = shapes(quick), 0.0
     for done, (n, d) in enumerate(sweep):
         if deadline is not None and time.monotonic() + last_s > deadline:
-            report["cut"] = f"{done} of {len(sweep)} shapes measured (time budget): up to N={sweep[done - 1][0]} " \
-                            f"d={sweep[done - 1][1]}" if done else f"0 of {len(sweep)} shapes measured (time budget)"
+            report["cut"] = f"{done} of {len(sweep)} shapes run (time budget): up to N={sweep[done - 1][0]} " \
+                            f"d={sweep[done - 1][1]}" if done else f"0 of {len(sweep)} shapes run (time budget)"
             print(report["cut"], flush=True)
             break
         began = time.monotonic()

@@ -110,9 +110,11 @@ def saved_non_adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 
 def adapters_sharded(model: nn.Module) -> bool:
-    """Whether the model's adapters are sharded by FSDP2 (DTensor parameters): ``save_adapter`` is then a
-    collective, called on every rank."""
-    return any(is_dtensor(p) for _, layer in adapter_layers(unwrapped(model)) for p in layer.adapter.parameters())
+    """Whether what ``save_adapter`` writes (the adapters, the modules saved in full) is sharded by FSDP2
+    (DTensors): ``save_adapter`` is then a collective, called on every rank."""
+    model = unwrapped(model)
+    adapters = (p for _, layer in adapter_layers(model) for p in layer.adapter.parameters())
+    return any(is_dtensor(t) for t in (*adapters, *saved_non_adapter_tensors(model).values()))
 
 
 def save_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[str] = None) -> Path:

@@ -472,6 +472,6 @@ def test_the_crossover_sweep_goes_from_the_smallest_gemm_up_and_stops_at_its_bud
     out = tmp_path / "crossover.json"
     report = bench_crossover.run(torch.device("cpu"), True, out, budget_s=0.2)
     assert [row["d"] for row in report["rows"]] == [32]  # the second shape's turn comes after the budget
-    assert report["cut"] == "1 of 2 shapes measured (time budget): up to N=16 d=32"
+    assert report["cut"] == "1 of 2 shapes run (time budget): up to N=16 d=32"
     assert json.loads(out.read_text())["summary"].endswith("; " + report["cut"])
     assert bench_crossover.run(torch.device("cpu"), True, out, budget_s=0.0)["rows"] == []

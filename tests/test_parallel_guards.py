@@ -113,3 +113,12 @@ def test_trainers_checkpoint_saves_sharded_adapters_on_every_rank_and_plain_ones
     for (_, layer), (_, saved) in zip(fastlora.adapter_layers(loaded), fastlora.adapter_layers(sharded)):
         for key, value in layer.adapter.state_dict().items():
             torch.testing.assert_close(value, full_view(saved.adapter.state_dict()[key]))
+
+
+def test_a_sharded_head_alone_makes_saving_a_collective(process_group):
+    from fastlora.checkpoint import adapters_sharded
+
+    model = fastlora.inject(_plain(), LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"]))
+    assert not adapters_sharded(model)
+    fully_shard(model[2])  # the head trained in full, sharded; the adapters plain
+    assert adapters_sharded(model)
