@@ -23,7 +23,7 @@ from .heads import add_head_values, drop_head_values, switch_head_values
 from .layer import AdapterLinear, check_adapter_name, is_adaptable
 from .methods import build_adapter
 from .model_tree import adapter_layers, is_saved_in_full, required_adapter_layers, set_submodule
-from .parallel_guards import DDP, parallel_wrapping, refuse_new_adapters
+from .parallel_guards import DDP, parallel_wrapping, refuse_module_swaps, refuse_new_adapters
 from .targets import (
     in_task_head,
     is_selected,
@@ -213,6 +213,7 @@ def unload(model: nn.Module) -> nn.Module:
     active adapter's values (the inactive adapters' are dropped); training hooks attached to ``model`` are
     removed."""
     required_adapter_layers(model)
+    refuse_module_swaps(model, "unload")
     names: dict[nn.Module, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, AdapterLinear):

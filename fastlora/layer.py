@@ -59,7 +59,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return (d_in, d_out) if type(module) is conv1d_type() else (d_out, d_in)
 
 
-def _merge_again_after_load(layer: "AdapterLinear", incompatible_keys=None) -> None:
+def _merge_again_after_load(layer: "AdapterLinear", incompatible_keys) -> None:
     """A layer that was merged when a state dict was loaded into it is merged again with the loaded
     adapter (its tensors load after the layer's own, hence a post-hook), its kept W where it was."""
     pending = layer.__dict__.pop("_merge_after_load", None)  # (backup device; None: W's device)
@@ -310,8 +310,8 @@ class AdapterLinear(nn.Module):
         """A state dict loads as the unmerged layer's: a merged layer's (``weight_before_merge`` beside
         W + ΔW) gives its W before the merge. A merged layer is unmerged here and merged again, with the
         loaded adapter, once its adapter's tensors are in (``_merge_again_after_load``); a load that raises
-        in the adapter's own checks leaves it unmerged (the same outputs). Refused on a merged layer
-        whose W is sharded (FSDP2): W would be written in place."""
+        in the adapter's own checks leaves it unmerged (with what loaded before the error, as torch's
+        loads do). Refused on a merged layer whose W is sharded (FSDP2): W would be written in place."""
         self.__dict__.pop("_merge_after_load", None)  # left by a load that raised before its post-hooks
         self._check_saved_active_adapter(state_dict, prefix)
         key, kept_key = prefix + "weight", prefix + "weight_before_merge"
@@ -332,9 +332,6 @@ class AdapterLinear(nn.Module):
                 else base  # Conv1D's layout back to this layer's (d_out, d_in)
         try:
             super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        except BaseException:
-            _merge_again_after_load(self)
-            raise
         finally:
             if saved is None:
                 state_dict.pop(key, None)

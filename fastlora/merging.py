@@ -17,7 +17,7 @@ from .encoder_paths import restore_fused_paths
 from .heads import drop_head_values
 from .layer import AdapterLinear, checked_backup_device
 from .model_tree import required_adapter_layers, set_submodule
-from .parallel_guards import refuse_weight_writes
+from .parallel_guards import refuse_module_swaps, refuse_weight_writes
 from .shared_weights import shared_weight_owners
 from .training import remove_attached_hooks
 
@@ -69,6 +69,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     the active adapter's values (the inactive adapters' are dropped); training hooks attached to ``model``
     are removed."""
     required_adapter_layers(model)
+    refuse_module_swaps(model, "merge_and_unload")
     for kind, convert in ((AdapterMultiheadAttention, "to_attention"), (AdapterLinear, "to_linear")):
         names: dict[nn.Module, list[str]] = {}
         for name, module in model.named_modules(remove_duplicate=False):

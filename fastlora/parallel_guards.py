@@ -3,10 +3,11 @@
 DistributedDataParallel syncs the gradients of the parameters it found when it was built, and FSDP
 shards the parameters it found when ``fully_shard`` ran (gathering W for each forward): adapters
 built after wrapping (``inject``, ``add_adapter``, ``next_task``, ``load_adapter`` into a model
-without adapters) or switched in (``set_adapter``: an inactive adapter is frozen, so DDP left it out)
-would train apart on each rank, or fail inside the first sharded forward. A merge writes W in place,
-which FSDP holds as shards. DDP is seen only when the wrapper itself is given (the module inside it
-cannot tell).
+without adapters) or switched in inside DDP (``set_adapter``: an inactive adapter is frozen, so DDP
+left it out) would train apart on each rank, or fail inside the first sharded forward. A merge writes
+W in place, which FSDP holds as shards, and ``merge_and_unload`` / ``unload`` put modules FSDP does not
+manage in place of the adapted layers. DDP is seen only when the wrapper itself is given (the module
+inside it cannot tell).
 """
 from __future__ import annotations
 
@@ -63,8 +64,7 @@ def refuse_new_adapters(model: nn.Module, caller: str) -> None:
     if wrapping == FSDP:
         remedy = (f"gather a full state dict into an unsharded copy (torch.distributed.checkpoint.state_dict."
                   f"get_model_state_dict with full_state_dict=True), call {caller} there and shard it again"
-                  if caller in ("next_task", "set_adapter") else f"call fastlora.{caller} on the model before "
-                                                                 f"fully_shard")
+                  if caller == "next_task" else f"call fastlora.{caller} on the model before fully_shard")
         raise ValueError(f"fastlora.{caller}: the model is sharded by FSDP, which shards the parameters it found "
                          f"when it was applied: adapters built now would not be sharded with them; {remedy}")
 
@@ -76,3 +76,12 @@ def refuse_weight_writes(model: nn.Module, caller: str) -> None:
                          f"for each forward: W cannot be changed in place here; gather a full state dict into an "
                          f"unsharded copy (torch.distributed.checkpoint.state_dict.get_model_state_dict with "
                          f"full_state_dict=True) and {caller} there")
+
+
+def refuse_module_swaps(model: nn.Module, caller: str) -> None:
+    """ValueError when ``caller`` would replace the adapted layers of a model sharded by FSDP."""
+    if parallel_wrapping(model) == FSDP:
+        raise ValueError(f"fastlora.{caller}: the model is sharded by FSDP, which manages the modules and parameters "
+                         f"it found when it was applied: layers put in their place would hold parameters outside it; "
+                         f"gather a full state dict into an unsharded copy (torch.distributed.checkpoint.state_dict."
+                         f"get_model_state_dict with full_state_dict=True) and {caller} there")

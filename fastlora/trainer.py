@@ -61,6 +61,9 @@ class FastLoraCallback(TrainerCallback):
       no stage in the run). Warns when an explicit CoDyRA ``total_steps`` is longer than
       ``max_steps`` (it would stop before kappa_max; a longer run is fine: the pruned set is final
       after total_steps).
+    - every step end: the rules run for a step Trainer counted that a loss scaler skipped (fp16), as
+      after a step without an update (``TrainingHooks.catch_up_to_run_step``), so that step-indexed
+      schedules follow Trainer's count.
     - every log: each method's ``extra_stats`` over its layers ("fastlora/<method>/<stat>",
       ``adapter_stats``) join the logged values and ``state.log_history``.
     - every save (``save_adapters``): ``save_adapter`` writes the adapters into
@@ -111,7 +114,7 @@ class FastLoraCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.hooks is not None:  # steps a loss scaler skipped count as Trainer counts them (max_steps, epochs)
-            self.hooks.count_skipped_steps(state.global_step - self._global_step_at_begin)
+            self.hooks.catch_up_to_run_step(state.global_step - self._global_step_at_begin)
 
     def on_train_end(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
         if self.hooks is not None:

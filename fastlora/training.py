@@ -11,9 +11,13 @@ optimizer holds runs ``after_optimizer_step(lr)`` with that parameter's param-gr
 rate (CoDyRA's proximal step, LoRASC's cascade schedule, Selective LoRA's gate refresh).
 Parameters a rule restarts lose their state (Adam moments) in every attached optimizer and their
 gradients, as a freshly created parameter would have none: with LoRASC's A in one optimizer and B
-in another, the optimizer that steps after the stage end finds B without a gradient and skips it
-(a restartable parameter held by no attached optimizer is refused when the hooks are attached).
-Merged layers are skipped: no rule acts on them.
+in another, the optimizer that steps after the stage end skips B (it finds a zero gradient the
+fold left, which a loss scaler's unscale needs, and drops it: ``_skip_restarted``; a restartable
+parameter held by no attached optimizer is refused when the hooks are attached).
+Merged layers are skipped: no rule acts on them. A step a loss scaler skipped is no step: the
+optimizer's step is not called, or a fused one's runs with ``found_inf`` set and changes nothing.
+Trainer counts such steps (max_steps, epochs): ``catch_up_to_run_step``, which FastLoraCallback
+calls after every step, runs the rules for them as after a step without an update.
 
 The hooks also add a LoRASC stage's pending noise at the model's next forward in training mode, in
 a forward pre-hook placed ahead of the model's other pre-hooks (FSDP2's included: W is still
@@ -159,9 +163,11 @@ class TrainingHooks:
         self._handles += [optimizer.register_step_pre_hook(self._skip_restarted) for optimizer in optimizers]
         self._stale_grads: dict[int, tuple[Tensor, int]] = {}  # id(restarted factor) -> (its zero grad, version)
         self._ruled = [layer for _, layer in adapter_layers(model) if has_rule(layer)]
-        groups = {key: group for optimizer in reversed(optimizers) for key, group in _groups(optimizer).items()}
-        self._counted_at_start = {layer: (layer.adapter.step_count, groups[id(layer.adapter.rule_parameter())])
-                                  for layer in self._ruled if id(layer.adapter.rule_parameter()) in groups}
+        self._rule_groups = {key: group for optimizer in reversed(optimizers)  # id(parameter) -> its group
+                             for key, group in _groups(optimizer).items()}
+        # layer -> (its adapter, that adapter's count minus the run's steps, its count) when last seen
+        self._step_offsets = {layer: (layer.adapter, layer.adapter.step_count, layer.adapter.step_count)
+                              for layer in self._ruled}
         self._staged = [layer for layer in self._ruled if isinstance(layer.adapter, CascadeLoraAdapter)]
         self._starts_pending = True  # a stage's noise may wait (stage 0, or a checkpoint saved on a stage end)
         if self._staged:
@@ -200,20 +206,23 @@ class TrainingHooks:
             for other in self.optimizers:
                 other.state.pop(restarted, None)
 
-    def count_skipped_steps(self, steps: int) -> None:
-        """After the run's ``steps``-th step (as Trainer counts them since these hooks were attached, a step a
-        loss scaler skipped included): each ruled layer's rule runs once for every step its optimizer did not
-        take, as after a step without an update, so that step-indexed schedules follow the run's count. A
-        merged layer's rule waits (its count too: it does not catch up once unmerged)."""
+    def catch_up_to_run_step(self, run_steps: int) -> None:
+        """After the run's ``run_steps``-th step, as Trainer counts them since these hooks were attached (steps a
+        loss scaler skipped included): each ruled layer's rule runs once for every step since it was last seen
+        that its optimizer did not take, as after a step without an update, so that step-indexed schedules
+        follow the run's count. A merged layer, an adapter switched in, or a count gone back (an earlier
+        checkpoint loaded) starts counting from here instead."""
         if not self.attached:
             return
-        for layer, (counted, group) in self._counted_at_start.items():  # group: the rule parameter's
-            if layer.merged:
-                self._counted_at_start[layer] = (layer.adapter.step_count - steps, group)
-                continue
-            for _ in range(counted + steps - layer.adapter.step_count):
-                restarted = layer.adapter.after_optimizer_step(_learning_rate(group))
-                self._restarted(restarted, {id(p): group for p in restarted})  # no optimizer steps after it
+        for layer in self._ruled:
+            adapter = layer.adapter
+            group = self._rule_groups.get(id(adapter.rule_parameter()))
+            seen, offset, count = self._step_offsets.get(layer, (None, 0, 0))
+            if group is not None and seen is adapter and not layer.merged and adapter.step_count >= count:
+                for _ in range(offset + run_steps - adapter.step_count):
+                    restarted = adapter.after_optimizer_step(_learning_rate(group))
+                    self._restarted(restarted, {id(p): group for p in restarted})  # no optimizer steps after it
+            self._step_offsets[layer] = (adapter, adapter.step_count - run_steps, adapter.step_count)
 
     def _skip_restarted(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         """Before a step: a factor restarted by a fold since its last gradient (its zero gradient untouched,

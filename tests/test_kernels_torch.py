@@ -509,6 +509,16 @@ def test_dropout_without_seed_draws_over_a_non_contiguous_input_as_laid_out(layo
     assert rel(y, expected) < 1e-12
 
 
+def test_a_gate_of_zero_draws_no_dropout_over_a_non_contiguous_input_under_vmap(monkeypatch):
+    """The low-rank path is off: nothing random runs (vmap's default refuses random ops), as for a contiguous x."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # torch's own dropout, not a seed drawn for the kernels'
+    inputs = make_inputs(F64, (13, D_IN), seed=28)
+    w, b, a, lb = (inputs[k] for k in ("weight", "bias", "lora_a", "lora_b"))
+    x = torch.randn(2, D_IN, 3, 4, dtype=F64).permute(0, 2, 3, 1)
+    y = torch.func.vmap(lambda xi: adapted_linear(xi, w, b, a, lb, gate=0.0, dropout=0.3, backend="torch"))(x)
+    assert rel(y, F.linear(x, w, b)) < 1e-12
+
+
 # --------------------------------------------------------------------------- gradcheck
 
 def _small(seed, *, bias=True, middle=True, rank_weights=True):

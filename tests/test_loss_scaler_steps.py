@@ -136,14 +136,36 @@ def test_counting_skipped_steps_waits_while_a_layer_is_merged_and_stops_with_the
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     hooks = fastlora.attach_training_hooks(model, optimizer, total_steps=20)
     layers = [layer for _, layer in fastlora.adapter_layers(model)]
-    hooks.count_skipped_steps(3)  # three steps Trainer counted, none taken
+    hooks.catch_up_to_run_step(3)  # three steps Trainer counted, none taken
     assert [layer.adapter.step_count for layer in layers] == [3, 3]
     fastlora.merge(model)
-    hooks.count_skipped_steps(5)
+    hooks.catch_up_to_run_step(5)
     fastlora.unmerge(model)
     assert [layer.adapter.step_count for layer in layers] == [3, 3]  # merged: no rule, no count
-    hooks.count_skipped_steps(6)
+    hooks.catch_up_to_run_step(6)
     assert [layer.adapter.step_count for layer in layers] == [4, 4]  # the step after the unmerge only
     hooks.remove()
-    hooks.count_skipped_steps(10)
+    hooks.catch_up_to_run_step(10)
     assert [layer.adapter.step_count for layer in layers] == [4, 4]
+
+
+def test_an_adapter_switched_in_or_a_count_gone_back_starts_counting_from_there():
+    model = fastlora.inject(_model(), RankSelectiveLoraConfig(r=4, total_steps=20)).train()
+    fastlora.add_adapter(model, "other", RankSelectiveLoraConfig(r=4, total_steps=20))
+    optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if ".adapter." in n or "inactive" in n],
+                                lr=0.1)
+    hooks = fastlora.attach_training_hooks(model, optimizer)
+    layer = next(layer for _, layer in fastlora.adapter_layers(model))
+    hooks.catch_up_to_run_step(2)
+    assert layer.adapter.step_count == 2
+    fastlora.set_adapter(model, "other")  # its count is 0: the run's earlier steps were not its own
+    hooks.catch_up_to_run_step(2)
+    hooks.catch_up_to_run_step(3)  # one step skipped since
+    assert layer.adapter.step_count == 1
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks.catch_up_to_run_step(5)
+    assert layer.adapter.step_count == 3
+    model.load_state_dict(saved)  # back to a count of 1 mid-run: no burst of steps to catch up
+    hooks.catch_up_to_run_step(5)
+    hooks.catch_up_to_run_step(6)
+    assert layer.adapter.step_count == 2

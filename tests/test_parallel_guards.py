@@ -75,7 +75,12 @@ def test_adapters_built_or_w_merged_under_fsdp_are_refused(process_group):
     with pytest.raises(ValueError, match=r"fastlora.next_task: the model is sharded by FSDP.* gather a full state "
                                          r"dict into an unsharded copy"):
         fastlora.next_task(model)
+    for call in (fastlora.merge_and_unload, fastlora.unload):
+        with pytest.raises(ValueError, match=rf"fastlora.{call.__name__}: the model is sharded by FSDP, which manages "
+                                             rf"the modules .* and {call.__name__} there"):
+            call(model)
     assert not any(layer.merged for _, layer in fastlora.adapter_layers(model))
+    assert len(list(fastlora.adapter_layers(model))) == 2
     torch.testing.assert_close(model(x), want)
     merged_before = _adapted()
     fastlora.merge(merged_before)

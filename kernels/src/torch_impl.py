@@ -91,7 +91,7 @@ def forward_recorded(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: Lo
     if x.dim() == 2:
         return forward(x, weight, bias, term, keep_t=False)[0]
     dropped = None
-    if term.dropout_p != 0.0 and term.dropout_seed is None and not x.is_contiguous():
+    if term.lowrank_on and term.dropout_p != 0.0 and term.dropout_seed is None and not x.is_contiguous():
         # torch's mask drawn over x as laid out (nn.Dropout's draw), not over the row copy reshape makes
         dropped = F.dropout(x, term.dropout_p).reshape(-1, x.shape[-1])
     y, _ = forward(x.reshape(-1, x.shape[-1]), weight, bias, term, keep_t=False, dropped=dropped)
