@@ -49,13 +49,18 @@ def shrink(x: Tensor, weight: Tensor, term: LowRankTerm, y0: Optional[Tensor] = 
     return _dropped(x, _mask(x, term)) @ term.down(weight).t()
 
 
-def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm, keep_t: bool,
-            dropped: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """y = x W^T + bias + scale*gate*v B^T; returns (y, t) with t None unless computed (``dropped``: torch's
-    dropout of x drawn already, see ``shrink``).
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm,
+            keep_t: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """y = x W^T + bias + scale*gate*v B^T; returns (y, t) with t None unless computed.
 
     The base is F.linear itself, so a zero update reproduces nn.Linear bit for bit.
     """
+    return _forward(x, weight, bias, term, keep_t)
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: LowRankTerm, keep_t: bool,
+             dropped: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """``forward``, torch's dropout of x drawn already when ``dropped`` is given (see ``shrink``)."""
     y = F.linear(x, weight, bias)
     t = None
     if term.lowrank_on or keep_t:
@@ -94,7 +99,7 @@ def forward_recorded(x: Tensor, weight: Tensor, bias: Optional[Tensor], term: Lo
     if term.lowrank_on and term.dropout_p != 0.0 and term.dropout_seed is None and not x.is_contiguous():
         # torch's mask drawn over x as laid out (nn.Dropout's draw), not over the row copy reshape makes
         dropped = F.dropout(x, term.dropout_p).reshape(-1, x.shape[-1])
-    y, _ = forward(x.reshape(-1, x.shape[-1]), weight, bias, term, keep_t=False, dropped=dropped)
+    y, _ = _forward(x.reshape(-1, x.shape[-1]), weight, bias, term, keep_t=False, dropped=dropped)
     return torch.ops.aten._unsafe_view.default(y, (*x.shape[:-1], y.shape[-1]))
 
 
