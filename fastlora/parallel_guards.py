@@ -17,6 +17,9 @@ import torch.distributed as dist
 from torch import nn
 
 DDP, FSDP = "DistributedDataParallel", "FSDP"
+#: the way to what FSDP rules out
+UNSHARDED_COPY = ("gather a full state dict into an unsharded copy (torch.distributed.checkpoint.state_dict."
+                  "get_model_state_dict with full_state_dict=True)")
 
 
 def parallel_wrapping(model: nn.Module) -> Optional[str]:
@@ -52,36 +55,33 @@ def refuse_new_adapters(model: nn.Module, caller: str) -> None:
     """ValueError when ``caller`` would build adapters the model's wrapper does not know."""
     wrapping = parallel_wrapping(model)
     if wrapping == DDP:
+        rewrap = caller in ("next_task", "set_adapter")
         remedy = (f"call fastlora.{caller}(model.module{', ...' if caller == 'set_adapter' else ''}), then wrap "
-                  f"model.module in a new "
-                  f"DistributedDataParallel (and build its optimizer and training hooks)"
-                  if caller in ("next_task", "set_adapter") else f"call fastlora.{caller} on the plain model before "
-                                                                 f"wrapping it")
+                  f"model.module in a new DistributedDataParallel (and build its optimizer and training hooks)"
+                  if rewrap else f"call fastlora.{caller} on the plain model before wrapping it")
         what = "the adapter it switches in (frozen then)" if caller == "set_adapter" else "adapters built now"
         raise ValueError(f"fastlora.{caller}: the model is wrapped in DistributedDataParallel, which syncs only the "
                          f"gradients of the parameters it found trainable when it was built: {what} would train "
                          f"apart on each rank; {remedy}")
     if wrapping == FSDP:
-        remedy = (f"gather a full state dict into an unsharded copy (torch.distributed.checkpoint.state_dict."
-                  f"get_model_state_dict with full_state_dict=True), call {caller} there and shard it again"
-                  if caller == "next_task" else f"call fastlora.{caller} on the model before fully_shard")
+        remedy = (f"{UNSHARDED_COPY}, call {caller} there and shard it again" if caller == "next_task"
+                  else f"call fastlora.{caller} on the model before fully_shard")
         raise ValueError(f"fastlora.{caller}: the model is sharded by FSDP, which shards the parameters it found "
                          f"when it was applied: adapters built now would not be sharded with them; {remedy}")
 
 
 def refuse_weight_writes(model: nn.Module, caller: str) -> None:
     """ValueError when ``caller`` would write W in place in a model sharded by FSDP."""
-    if parallel_wrapping(model) == FSDP:
-        raise ValueError(f"fastlora.{caller}: the model is sharded by FSDP, which holds W as shards and gathers it "
-                         f"for each forward: W cannot be changed in place here; gather a full state dict into an "
-                         f"unsharded copy (torch.distributed.checkpoint.state_dict.get_model_state_dict with "
-                         f"full_state_dict=True) and {caller} there")
+    _refuse_under_fsdp(model, caller, "which holds W as shards and gathers it for each forward: W cannot be changed "
+                                      "in place here")
 
 
 def refuse_module_swaps(model: nn.Module, caller: str) -> None:
     """ValueError when ``caller`` would replace the adapted layers of a model sharded by FSDP."""
+    _refuse_under_fsdp(model, caller, "which manages the modules and parameters it found when it was applied: "
+                                      "layers put in their place would hold parameters outside it")
+
+
+def _refuse_under_fsdp(model: nn.Module, caller: str, why: str) -> None:
     if parallel_wrapping(model) == FSDP:
-        raise ValueError(f"fastlora.{caller}: the model is sharded by FSDP, which manages the modules and parameters "
-                         f"it found when it was applied: layers put in their place would hold parameters outside it; "
-                         f"gather a full state dict into an unsharded copy (torch.distributed.checkpoint.state_dict."
-                         f"get_model_state_dict with full_state_dict=True) and {caller} there")
+        raise ValueError(f"fastlora.{caller}: the model is sharded by FSDP, {why}; {UNSHARDED_COPY} and {caller} there")
