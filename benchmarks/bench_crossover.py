@@ -204,7 +204,8 @@ def section(ctx) -> dict:
     report = child["result"]
     if report is not None and report["rows"] and (child["returncode"] == 0 or child["timed_out"]):
         if child["timed_out"]:
-            report["cut"] = report["summary"] = report["summary"] + "; killed at the section's deadline"
+            report["cut"] = report.get("cut", "killed at the section's deadline")
+            report["summary"] = summary_of(report)
         return {"status": "ok", **report}
     return {"status": "error", "partial": report, "summary": f"exit status {child['returncode']}",
             "output": child["output"]}

@@ -46,6 +46,7 @@ from .checkpoint import (
     CONFIG_FILE,
     UNSAVABLE,
     WEIGHTS_FILE,
+    adapters_sharded,
     check_finite,
     check_saved_parameters,
     differing_fields,
@@ -53,7 +54,6 @@ from .checkpoint import (
     saved_non_adapter_tensors,
 )
 from .config import AdapterConfig
-from .distributed import is_dtensor
 from .inject import inject
 from .layer import AdapterLinear, is_adaptable, linear_shape
 from .model_tree import adapter_layers, unwrapped
@@ -352,7 +352,7 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     layers = list(adapter_layers(model))
     if not layers:
         raise ValueError("model has no fastlora adapters to export")
-    if any(is_dtensor(p) for _, layer in layers for p in layer.adapter.parameters()):
+    if adapters_sharded(model):
         raise ValueError("save_peft_adapter: the adapters are sharded by FSDP; export from an unsharded copy, or "
                          "write fastlora's format with fastlora.save_adapter called on every rank")
     for name, layer in layers:

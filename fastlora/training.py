@@ -192,13 +192,14 @@ class TrainingHooks:
                 continue
             self._restarted(layer.adapter.after_optimizer_step(_learning_rate(group)), groups)
 
-    def _restarted(self, parameters: tuple[nn.Parameter, ...], stepped: dict[int, dict]) -> None:
+    def _restarted(self, parameters: tuple[nn.Parameter, ...], stepped: Optional[dict[int, dict]]) -> None:
         """Parameters a rule restarted: no optimizer state, and the old pair's gradient does not step the new
-        pair. In an optimizer other than the one that stepped (``stepped``: its param groups), which may step
-        after it: a zero gradient (a loss scaler's unscale there needs some gradient), which it skips."""
+        pair. In an optimizer other than the one that stepped (``stepped``: its param groups; None: no
+        optimizer steps after the rule), which may step after it: a zero gradient (a loss scaler's unscale
+        there needs some gradient), which it skips."""
         for restarted in parameters:
             self._starts_pending = True
-            if id(restarted) in stepped:
+            if stepped is None or id(restarted) in stepped:
                 restarted.grad = None
             else:
                 restarted.grad = torch.zeros_like(restarted)
@@ -220,8 +221,7 @@ class TrainingHooks:
             seen, offset, count = self._step_offsets.get(layer, (None, 0, 0))
             if group is not None and seen is adapter and not layer.merged and adapter.step_count >= count:
                 for _ in range(offset + run_steps - adapter.step_count):
-                    restarted = adapter.after_optimizer_step(_learning_rate(group))
-                    self._restarted(restarted, {id(p): group for p in restarted})  # no optimizer steps after it
+                    self._restarted(adapter.after_optimizer_step(_learning_rate(group)), None)
             self._step_offsets[layer] = (adapter, adapter.step_count - run_steps, adapter.step_count)
 
     def _skip_restarted(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
